@@ -1,0 +1,100 @@
+"""The ``lopt-gen`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+
+def _fail(msg: str, code: int = 2):
+    click.echo(msg, err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lopt-gen")
+def main():
+    """lopt-gen: compile declarative learned-optimizer specs into optimizer steps."""
+
+
+@main.command()
+@click.argument("specs", nargs=-1, required=True)
+def validate(specs):
+    """Check SPECS (files or shipped names); print FILE: field.path: reason per problem.
+
+    Exits 0 when every spec is valid and 2 otherwise."""
+    from .spec import SpecError, load_spec
+
+    bad = 0
+    for s in specs:
+        try:
+            spec = load_spec(s)
+        except SpecError as exc:
+            bad += 1
+            for path, reason in exc.problems:
+                click.echo(f"{exc.source or s}: {path or '<spec>'}: {reason}")
+            continue
+        click.echo(f"{s}: ok ({spec.name})")
+    sys.exit(2 if bad else 0)
+
+
+@main.command()
+@click.argument("spec")
+def show(spec):
+    """Print SPEC's features, network, meta-parameter count and stage plan."""
+    from .report import show_text
+    from .spec import SpecError, load_spec
+
+    try:
+        s = load_spec(spec)
+    except SpecError as exc:
+        _fail(str(exc))
+    click.echo(show_text(s))
+
+
+@main.command("compile")
+@click.argument("specs", nargs=-1)
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
+              help="output folder (default: the project's generated/)")
+@click.option("--check", is_flag=True, help="write nothing; exit 1 if the output folder is stale")
+def compile_cmd(specs, out, check):
+    """Compile SPECS (default: every shipped spec) into OUT/<name>/."""
+    from .compiler import GENERATED_DIR, render, stale_files, write_files
+    from .spec import SpecError, load_spec, shipped_specs
+
+    out_dir = Path(out) if out else GENERATED_DIR
+    sources = list(specs) or [str(p) for p in shipped_specs().values()]
+    stale, names = [], set()
+    for src in sources:
+        try:
+            spec = load_spec(src)
+        except SpecError as exc:
+            _fail(str(exc))
+        if spec.name in names:
+            _fail(f"{src}: two specs are named {spec.name!r}; names must be unique")
+        names.add(spec.name)
+        path = Path(src) if Path(src).exists() else shipped_specs().get(src)
+        files = render(spec, path)
+        target = out_dir / spec.name
+        if check:
+            stale += stale_files(files, target)
+        else:
+            changed = write_files(files, target)
+            click.echo(f"{spec.name}: {target} ({len(changed)} file(s) changed)")
+    if check:
+        if not specs and out_dir.exists():
+            extra = sorted(d.name for d in out_dir.iterdir() if d.is_dir() and d.name not in names
+                           and d.name != "__pycache__")
+            stale += [str(out_dir / d) + " (no spec)" for d in extra]
+        if stale:
+            click.echo("stale generated files (run `lopt-gen compile`):\n  " + "\n  ".join(stale), err=True)
+            sys.exit(1)
+        click.echo(f"{out_dir}: up to date ({len(names)} spec(s))")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Code generation: printers and template rendering per target."""

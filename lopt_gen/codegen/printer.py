@@ -1,0 +1,149 @@
+"""Printers from IR sympy expressions to target source text.
+
+Each node type the IR can hold has an explicit ``_print_*`` rule; anything else raises
+:class:`UnsupportedError` instead of silently inheriting a target's semantics.  The
+torch printer emits plain operators on tensors (Python scalars for constants) and
+``torch.*`` calls for functions; constant sub-expressions are folded to floats.
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from ..symbolic import ClipST, Sigmoid
+
+
+class UnsupportedError(NotImplementedError):
+    pass
+
+
+def fmt_float(x) -> str:
+    f = float(x)
+    r = repr(f)
+    return r if ("e" in r or "." in r or "inf" in r or "nan" in r) else r + ".0"
+
+
+class TorchPrinter:
+    """sympy -> torch expression text.  ``names`` maps symbol names to source text."""
+
+    func_names = {
+        sympy.exp: "torch.exp",
+        sympy.log: "torch.log",
+        sympy.tanh: "torch.tanh",
+        sympy.asinh: "torch.asinh",
+        sympy.Abs: "torch.abs",
+        sympy.sign: "torch.sign",
+        Sigmoid: "torch.sigmoid",
+    }
+
+    def __init__(self, names: dict[str, str] | None = None):
+        self.names = names if names is not None else {}
+
+    # precedence: 0 lowest
+    def doprint(self, e) -> str:
+        return self._p(sympy.sympify(e))[0]
+
+    def _wrap(self, e, prec: int) -> str:
+        s, p = self._p(e)
+        return f"({s})" if p < prec else s
+
+    def _p(self, e) -> tuple[str, int]:
+        if not e.free_symbols and not isinstance(e, sympy.logic.boolalg.Boolean):
+            v = complex(e.evalf(30))
+            if v.imag != 0:
+                raise UnsupportedError(f"complex constant {e}")
+            s = fmt_float(v.real)
+            return (s, 0 if s.startswith("-") else 100)
+        if isinstance(e, sympy.Symbol):
+            return self.names.get(e.name, e.name), 100
+        if isinstance(e, sympy.Add):
+            return self._add(e), 10
+        if isinstance(e, sympy.Mul):
+            return self._mul(e)
+        if isinstance(e, sympy.Pow):
+            return self._pow(e)
+        if isinstance(e, ClipST):
+            x, lo, hi = (self.doprint(a) for a in e.args)
+            return f"ops.clip_st({x}, {lo}, {hi})", 100
+        if isinstance(e, (sympy.Max, sympy.Min)):
+            return self._minmax(e), 100
+        if isinstance(e, sympy.Piecewise):
+            return self._piecewise(e.args), 100
+        if isinstance(e, sympy.core.relational.Relational):
+            ops_ = {sympy.StrictLessThan: "<", sympy.LessThan: "<=", sympy.StrictGreaterThan: ">",
+                    sympy.GreaterThan: ">=", sympy.Equality: "==", sympy.Unequality: "!="}
+            op = ops_.get(type(e))
+            if op is None:
+                raise UnsupportedError(f"relation {type(e).__name__}")
+            return f"{self._wrap(e.lhs, 11)} {op} {self._wrap(e.rhs, 11)}", 5
+        for f, name in self.func_names.items():
+            if isinstance(e, f):
+                return f"{name}({self.doprint(e.args[0])})", 100
+        raise UnsupportedError(f"the torch printer has no rule for {type(e).__name__}: {e}")
+
+    def _add(self, e) -> str:
+        terms = list(e.as_ordered_terms())
+        out = ""
+        for i, t in enumerate(terms):
+            coeff, rest = t.as_coeff_Mul()
+            if coeff.is_Number and coeff < 0 and i > 0:
+                s = self._wrap(-t, 11)
+                out += f" - {s}"
+            else:
+                s = self._wrap(t, 10)
+                out += s if i == 0 else f" + {s}"
+        return out
+
+    def _mul(self, e) -> tuple[str, int]:
+        coeff, rest = e.as_coeff_Mul()
+        if coeff == -1:
+            s = self._wrap(rest, 20)
+            return f"-{s}", 15
+        num, den = [], []
+        for a in sympy.Mul.make_args(e):
+            if isinstance(a, sympy.Pow) and a.exp.is_Number and a.exp < 0 and not (a.exp == sympy.Rational(-1, 2)):
+                den.append(a.base if a.exp == -1 else sympy.Pow(a.base, -a.exp))
+            else:
+                num.append(a)
+        ns = " * ".join(self._wrap(a, 20) for a in num) if num else "1.0"
+        if not den:
+            return ns, 20
+        ds = self._wrap(den[0], 21) if len(den) == 1 else "(" + " * ".join(self._wrap(a, 20) for a in den) + ")"
+        if len(num) > 1:
+            ns = f"({ns})"
+        return f"{ns} / {ds}", 20
+
+    def _pow(self, e) -> tuple[str, int]:
+        b, x = e.base, e.exp
+        if x == sympy.Rational(1, 2):
+            return f"torch.sqrt({self.doprint(b)})", 100
+        if x == sympy.Rational(-1, 2):
+            return f"torch.rsqrt({self.doprint(b)})", 100
+        if x == -1:
+            return f"1.0 / {self._wrap(b, 21)}", 20
+        if x.is_Integer and 2 <= int(x) <= 4:
+            s = self._wrap(b, 21)
+            return " * ".join([s] * int(x)), 20
+        if x.is_Number and float(x) == 1.0:
+            return self._p(b)
+        return f"{self._wrap(b, 31)} ** {self._wrap(x, 31)}", 30
+
+    def _minmax(self, e) -> str:
+        fn = "torch.maximum" if isinstance(e, sympy.Max) else "torch.minimum"
+        clamp = "min" if isinstance(e, sympy.Max) else "max"
+        args = list(e.args)
+        consts = [a for a in args if not a.free_symbols]
+        syms = [a for a in args if a.free_symbols]
+        s = self.doprint(syms[0])
+        for a in syms[1:]:
+            s = f"{fn}({s}, {self.doprint(a)})"
+        for c in consts:
+            s = f"torch.clamp({s}, {clamp}={fmt_float(c.evalf(30))})"
+        return s
+
+    def _piecewise(self, pieces) -> str:
+        (x, c), rest = pieces[0], pieces[1:]
+        if c is sympy.true:
+            return self.doprint(x)
+        other = self._piecewise(rest) if rest else "float('nan')"
+        return f"torch.where({self.doprint(c)}, {self.doprint(x)}, {other})"

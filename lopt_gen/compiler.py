@@ -1,0 +1,74 @@
+"""The compiler driver: spec -> IR -> passes -> rendered files, written only when changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from . import __version__
+from .lower import lower
+from .passes import run_passes
+from .spec import REPO_ROOT, Spec
+
+GENERATED_DIR = REPO_ROOT / "generated"
+
+
+def compile_program(spec: Spec):
+    """Lower and run every pass; the result is a scheduled, verified :class:`~lopt_gen.ir.Program`."""
+    return run_passes(lower(spec))
+
+
+def source_label(path: str | Path | None) -> str:
+    """How a spec's origin is named in generated headers: stable across checkouts."""
+    if path is None:
+        return "<in-memory spec>"
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return p.name
+
+
+def render(spec: Spec, source: str | Path | None = None, prog=None) -> dict[str, str]:
+    """Every generated file of one spec, name -> text."""
+    from .codegen.torch_backend import render_torch
+
+    prog = prog if prog is not None else compile_program(spec)
+    label = source_label(source)
+    files = {"torch_step.py": render_torch(prog, label)}
+    manifest = {
+        "spec": spec.name,
+        "spec_hash": spec.spec_hash(),
+        "source": label,
+        "generator": f"lopt_gen {__version__}",
+        "files": {k: hashlib.sha256(v.encode()).hexdigest() for k, v in sorted(files.items())},
+        "meta_parameters": prog.meta_count,
+        "stages": prog.num_stages,
+    }
+    files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    return files
+
+
+def write_files(files: dict[str, str], out_dir: Path) -> list[Path]:
+    """Write files into ``out_dir``; only files whose text changes are touched.  Returns those."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    changed = []
+    for name, text in sorted(files.items()):
+        path = out_dir / name
+        if path.exists() and path.read_text() == text:
+            continue
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        changed.append(path)
+    return changed
+
+
+def stale_files(files: dict[str, str], out_dir: Path) -> list[str]:
+    out = []
+    for name, text in sorted(files.items()):
+        path = out_dir / name
+        if not path.exists() or path.read_text() != text:
+            out.append(str(path))
+    return out

@@ -1,0 +1,1 @@
+"""Runtime: loading compiled steps and running them (functional engine + torch.optim front end)."""

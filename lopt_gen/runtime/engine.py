@@ -1,0 +1,354 @@
+"""The runtime: runs a compiled step over a list of tensors.
+
+:class:`Engine` is functional at heart: ``step`` takes meta-parameters φ, parameters,
+gradients and states and returns new ones, differentiably (plain torch autograd).
+``inplace=True`` writes results into the given tensors instead (what the
+``torch.optim.Optimizer`` front end uses, under ``no_grad``).
+
+Per tensor, per-element work runs on chunks along the tensor's largest axis, so
+peak memory is bounded by the chunk size, not by the model size.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import ChainMap
+
+import torch
+
+from .loader import load_step_module
+
+DEFAULT_CHUNK_ELEMS = 1 << 18
+
+
+class NonFiniteGradientError(FloatingPointError):
+    pass
+
+
+def _dims_of(shape) -> tuple[int, int | None, int | None]:
+    """(chunk axis, largest axis, second-largest axis) of a shape of rank >= 1."""
+    rank = len(shape)
+    if rank < 2:
+        return 0, None, None
+    order = sorted(range(rank), key=lambda d: (shape[d], d))
+    return order[-1], order[-1], order[-2]
+
+
+class TensorPlan:
+    """Shapes, chunking and reduction axes of one parameter tensor."""
+
+    def __init__(self, shape, chunk_elems: int):
+        self.orig_shape = tuple(shape)
+        self.shape = tuple(shape) if len(shape) else (1,)
+        self.rank = len(self.shape)
+        self.numel = math.prod(self.shape)
+        cd, big, second = _dims_of(self.shape)
+        self.cd = cd
+        all_dims = tuple(range(self.rank))
+        self.dims = {
+            "row": (big,) if big is not None else (),
+            "col": (second,) if second is not None else all_dims,
+            "tensor": None,
+            "all": None,
+        }
+        self.count = {
+            "row": self.shape[big] if big is not None else 1,
+            "col": self.shape[second] if second is not None else self.numel,
+            "tensor": self.numel,
+        }
+        per_slice = self.numel // self.shape[cd]
+        step = max(1, chunk_elems // max(per_slice, 1))
+        self.chunks = [(s, min(step, self.shape[cd] - s)) for s in range(0, self.shape[cd], step)]
+
+    def reduced_shape(self, level: str) -> tuple:
+        dims = self.dims[level]
+        if dims is None:
+            return ()
+        return tuple(1 if d in dims else n for d, n in enumerate(self.shape))
+
+    def sums_over_chunks(self, over: str) -> bool:
+        dims = self.dims[over]
+        return dims is None or self.cd in dims
+
+
+class Engine:
+    """A compiled spec ready to run.  Obtain one with :func:`get_engine`."""
+
+    def __init__(self, spec, module=None):
+        self.spec = spec
+        self.module = module if module is not None else load_step_module(spec)
+        self.info = self.module.INFO
+        self.states = self.info["states"]
+        self.meta = self.info["meta"]
+        self._warned = False
+        self._leaf_by_kind: dict[str, list] = {}
+        for leaf in self.info["leaves"]:
+            self._leaf_by_kind.setdefault(leaf["kind"], []).append(leaf)
+        self.elem_state_leaves = [lf for lf in self._leaf_by_kind.get("state", []) if lf["level"] == "elem"]
+        self.host_state_leaves = [lf for lf in self._leaf_by_kind.get("state", []) if lf["level"] != "elem"]
+
+    # ------------------------------------------------------------------ state
+    def state_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.info["state_dtype"] == "bfloat16" else torch.float32
+
+    def init_tensor_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        plan = TensorPlan(p.shape, DEFAULT_CHUNK_ELEMS)
+        st: dict[str, torch.Tensor] = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
+        dt = self.state_dtype()
+        for key, d in self.states.items():
+            if d["level"] == "global":
+                continue
+            if d["level"] == "tensor":
+                shape = (d["width"],)
+            elif d["level"] == "elem":
+                shape = (d["width"],) + plan.shape
+            else:
+                shape = (d["width"],) + plan.reduced_shape(d["level"])
+            if d["init"] == "param":
+                st[key] = p.detach().reshape(plan.shape).to(torch.float32).clone().unsqueeze(0)
+            else:
+                st[key] = torch.full(shape, float(d["init"]), dtype=dt if d["level"] == "elem" else torch.float32,
+                                     device=p.device)
+        return st
+
+    def init_global_state(self, device=None) -> dict[str, torch.Tensor]:
+        return {key: torch.full((d["width"],), float(d["init"]), dtype=torch.float32, device=device)
+                for key, d in self.states.items() if d["level"] == "global"}
+
+    # ------------------------------------------------------------------ the step
+    def step(self, phi, params, grads, tstates, gstate, scalars, loss=None, *, inplace=False,
+             nonfinite="skip", chunk_elems=DEFAULT_CHUNK_ELEMS):
+        """One optimizer step over ``params`` (a list of tensors).
+
+        ``scalars[i]`` holds ``lr``, ``wd`` and every hyper-parameter for tensor ``i``.
+        Returns ``(new_params, new_tstates, new_gstate)``; with ``inplace`` the inputs
+        are updated and returned.
+        """
+        info = self.info
+        n = len(params)
+        if info["uses_loss"] and loss is None:
+            raise ValueError(f"the {info['spec_name']} spec reads the loss: call step(loss=...)")
+        plans = [TensorPlan(p.shape, chunk_elems) for p in params]
+        ok = self._finite_flags(grads, nonfinite)
+        dev = params[0].device if n else torch.device("cpu")
+
+        G: dict = {}
+        T: list[dict] = [dict() for _ in range(n)]
+        for leaf in info["leaves"]:
+            name, kind, level = leaf["name"], leaf["kind"], leaf["level"]
+            if kind == "meta":
+                w = phi[leaf["source"]]
+                G[name] = w if leaf["index"] is None else w[leaf["index"]]
+            elif kind == "input" and name == "loss":
+                G[name] = torch.as_tensor(loss, dtype=torch.float32, device=dev).detach().reshape(())
+            elif kind == "input" and name in ("t", "lr", "wd"):
+                for i in range(n):
+                    if name == "t":
+                        T[i][name] = tstates[i]["step"].to(torch.float64)
+                    else:
+                        T[i][name] = torch.tensor(float(scalars[i][name]), dtype=torch.float64, device=dev)
+            elif kind == "hyper":
+                for i in range(n):
+                    T[i][name] = torch.tensor(float(scalars[i][name]), dtype=torch.float64, device=dev)
+            elif kind == "state" and level == "global":
+                G[name] = gstate[leaf["source"]][leaf["index"]]
+            elif kind == "state" and level != "elem":
+                for i in range(n):
+                    T[i][name] = tstates[i][leaf["source"]][leaf["index"]].float()
+
+        flat_p = [p.reshape(pl.shape) for p, pl in zip(params, plans)]
+        flat_g = [g.reshape(pl.shape) if ok[i] else torch.zeros_like(g).reshape(pl.shape)
+                  for i, (g, pl) in enumerate(zip(grads, plans))]
+        collected: list[dict] = [dict() for _ in range(n)]
+        final = info["num_stages"] - 1
+        partials: list[dict] = [dict() for _ in range(n)]
+        for stage in info["stages"]:
+            self._host_phase(stage, T, G, phi, plans, partials)
+            partials = [dict() for _ in range(n)]
+            fn = getattr(self.module, stage["elem_fn"])
+            for i in range(n):
+                pl = plans[i]
+                Ti = T[i]
+                for (s, length) in pl.chunks:
+                    V = ChainMap(self._chunk_leaves(i, pl, s, length, flat_p, flat_g, tstates),
+                                 self._slice_host(Ti, pl, s, length), G)
+                    out = fn(V, phi, pl.dims)
+                    for r in stage["reductions"]:
+                        partials[i].setdefault(r["name"], []).append(out[r["name"]])
+                    if stage["index"] == final:
+                        self._sink(i, pl, s, length, out, params, tstates, inplace, ok[i], collected[i])
+        return self._finish(params, tstates, gstate, T, G, plans, collected, inplace, ok)
+
+    def _finite_flags(self, grads, mode):
+        if mode == "ignore" or not grads:
+            return [True] * len(grads)
+        flags = torch.stack([torch.isfinite(g.detach()).all() for g in grads]).tolist()
+        if not all(flags):
+            bad = [i for i, f in enumerate(flags) if not f]
+            msg = (f"non-finite gradient in parameter tensor(s) {bad}: "
+                   + ("their step was skipped (state and parameters left unchanged)" if mode == "skip" else ""))
+            if mode == "raise":
+                raise NonFiniteGradientError(msg.rstrip(": ") + "; pass nonfinite='skip' to skip such steps")
+            if not self._warned:
+                warnings.warn(msg + " This warning is shown once.", RuntimeWarning, stacklevel=4)
+                self._warned = True
+        return flags
+
+    def _host_phase(self, stage, T, G, phi, plans, partials):
+        n = len(T)
+        for seg in stage["host"]:
+            kind = seg["kind"]
+            if kind == "tensor":
+                fn = getattr(self.module, seg["fn"])
+                for i in range(n):
+                    fn(ChainMap(T[i], G), phi)
+            elif kind == "global":
+                getattr(self.module, seg["fn"])(G, phi)
+            elif kind == "finalize":
+                for r in seg["reductions"]:
+                    if r["over"] == "all":
+                        total = sum(pl.numel for pl in plans)
+                        G[r["name"]] = sum(torch.stack(partials[i][r["name"]]).sum() for i in range(n)) / total
+                        continue
+                    for i in range(n):
+                        pl = plans[i]
+                        parts = partials[i][r["name"]]
+                        if pl.sums_over_chunks(r["over"]):
+                            acc = parts[0]
+                            for x in parts[1:]:
+                                acc = acc + x
+                        else:
+                            acc = torch.cat([torch.broadcast_to(x, self._chunk_shape(pl, length, r["over"]))
+                                             for x, (_, length) in zip(parts, pl.chunks)], pl.cd)
+                        T[i][r["name"]] = acc / pl.count[r["over"]]
+            elif kind == "tensors":
+                for r in seg["reductions"]:
+                    G[r["name"]] = torch.stack([T[i][r["arg"]] for i in range(n)]).mean(0) if n else \
+                        torch.zeros(())
+
+    @staticmethod
+    def _chunk_shape(pl, length, over):
+        shape = list(pl.reduced_shape(over))
+        shape[pl.cd] = length
+        return tuple(shape)
+
+    def _chunk_leaves(self, i, pl, s, length, flat_p, flat_g, tstates) -> dict:
+        cd = pl.cd
+        E = {"g": flat_g[i].narrow(cd, s, length).float(), "p": flat_p[i].narrow(cd, s, length).float()}
+        st = tstates[i]
+        for lf in self.elem_state_leaves:
+            E[lf["name"]] = st[lf["source"]][lf["index"]].narrow(cd, s, length).float()
+        return E
+
+    @staticmethod
+    def _slice_host(Ti: dict, pl, s, length) -> dict:
+        if len(pl.chunks) == 1:
+            return Ti
+        out = {}
+        for k, v in Ti.items():
+            if isinstance(v, torch.Tensor) and v.dim() == pl.rank and v.shape[pl.cd] > 1:
+                out[k] = v.narrow(pl.cd, s, length)
+            else:
+                out[k] = v
+        return out
+
+    def _sink(self, i, pl, s, length, out, params, tstates, inplace, ok, coll):
+        info = self.info
+        target = info["lookahead"] or info["p_new"]
+        cshape = list(pl.shape)
+        cshape[pl.cd] = length
+        cshape = tuple(cshape)
+        if inplace:
+            if not ok:
+                return
+            p = params[i]
+            p.view(pl.shape).narrow(pl.cd, s, length).copy_(torch.broadcast_to(out[target], cshape))
+            for w in info["writes"]:
+                if w["level"] != "elem":
+                    continue
+                dst = tstates[i][w["state"]]
+                for c, v in enumerate(w["values"]):
+                    dst[c].narrow(pl.cd, s, length).copy_(torch.broadcast_to(out[v], cshape))
+            return
+        coll.setdefault("__p__", []).append(torch.broadcast_to(out[target], cshape))
+        for w in info["writes"]:
+            if w["level"] == "elem":
+                coll.setdefault(w["state"], []).append(
+                    torch.stack([torch.broadcast_to(out[v], cshape) for v in w["values"]]))
+
+    def _finish(self, params, tstates, gstate, T, G, plans, collected, inplace, ok):
+        info = self.info
+        n = len(params)
+        new_params, new_tstates = [], []
+        for i in range(n):
+            pl = plans[i]
+            st = tstates[i]
+            if inplace:
+                if ok[i]:
+                    for w in info["writes"]:
+                        if w["level"] in ("global", "elem"):
+                            continue
+                        vals = torch.stack([torch.broadcast_to(T[i][v], st[w["state"]].shape[1:]) for v in w["values"]])
+                        st[w["state"]].copy_(vals)
+                    st["step"].add_(1)
+                new_params.append(params[i])
+                new_tstates.append(st)
+                continue
+            if not ok[i]:
+                new_params.append(params[i])
+                new_tstates.append(dict(st))
+                continue
+            coll = collected[i]
+            p_new = torch.cat(coll["__p__"], pl.cd) if len(coll["__p__"]) > 1 else coll["__p__"][0]
+            new_params.append(p_new.reshape(pl.orig_shape).to(params[i].dtype))
+            nst = dict(st)
+            for w in info["writes"]:
+                key = w["state"]
+                if w["level"] == "elem":
+                    parts = coll[key]
+                    val = torch.cat(parts, pl.cd + 1) if len(parts) > 1 else parts[0]
+                    nst[key] = val.to(st[key].dtype)
+                elif w["level"] != "global":
+                    nst[key] = torch.stack([torch.broadcast_to(T[i][v], st[key].shape[1:]) for v in w["values"]]).to(st[key].dtype)
+            nst["step"] = st["step"] + 1
+            new_tstates.append(nst)
+        new_g = dict(gstate) if not inplace else gstate
+        for w in info["writes"]:
+            if w["level"] == "global":
+                val = torch.stack([G[v].reshape(()) for v in w["values"]]).to(torch.float32)
+                if inplace:
+                    gstate[w["state"]].copy_(val)
+                else:
+                    new_g[w["state"]] = val
+        return new_params, new_tstates, new_g
+
+    # ------------------------------------------------------------------ weights
+    def init_weights(self, seed: int = 0, device=None) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(int(seed))
+        out = {}
+        for name in sorted(self.meta):
+            m = self.meta[name]
+            shape = tuple(m["shape"])
+            if m["init"] == "normal":
+                t = torch.randn(shape, generator=gen) * m["value"]
+            elif m["init"] == "normal_rows":
+                scale = torch.tensor(m["values"], dtype=torch.float32).reshape(-1, *([1] * (len(shape) - 1)))
+                t = torch.randn(shape, generator=gen) * m["value"] * scale
+            elif m["init"] == "values":
+                t = torch.tensor(m["values"], dtype=torch.float32).reshape(shape)
+            else:
+                t = torch.full(shape, float(m["value"]))
+            out[name] = t.to(torch.float32).to(device) if device is not None else t.to(torch.float32)
+        return out
+
+
+_ENGINES: dict[str, Engine] = {}
+
+
+def get_engine(spec) -> Engine:
+    """The (cached) engine of a validated spec."""
+    h = spec.spec_hash()
+    if h not in _ENGINES:
+        _ENGINES[h] = Engine(spec)
+    return _ENGINES[h]

@@ -1,0 +1,148 @@
+"""``LearnedOptimizer``: a compiled spec as a drop-in ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..spec import load_spec
+from .engine import DEFAULT_CHUNK_ELEMS, get_engine
+
+GLOBAL_KEY = "__global__"
+_BACKENDS = ("auto", "torch", "triton")
+_NONFINITE = ("skip", "raise", "ignore")
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    """Run the optimizer described by ``spec`` on ``params``.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim`` optimizer.
+            A group may set its own ``lr``, ``weight_decay`` and any hyper-parameter of the spec.
+        spec: a :class:`~lopt_gen.Spec`, a path to a YAML spec, or a shipped name (``"adam"``).
+        weights: the meta-parameters φ: a dict of tensors, a path to a weights file, or None
+            for the spec's initial weights (seed 0).
+        backend: ``"auto"`` (torch on CPU), ``"torch"``, or ``"triton"``.
+        lr: learning-rate multiplier; None takes the spec's ``defaults.lr``.
+        weight_decay: None takes the spec's ``defaults.weight_decay``.
+        nonfinite: what a NaN/Inf gradient does: ``"skip"`` (that tensor's step is skipped,
+            its state left unchanged, a warning shown once), ``"raise"``, or ``"ignore"``.
+        **hyper: values for the spec's hyper-parameters (e.g. ``beta1=0.95``).
+    """
+
+    def __init__(self, params, spec, weights=None, backend="auto", lr=None, weight_decay=None,
+                 nonfinite="skip", chunk_elems=DEFAULT_CHUNK_ELEMS, **hyper):
+        self.spec = load_spec(spec)
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if backend == "triton":
+            raise NotImplementedError("backend='triton' is not available in this version; use backend='torch'")
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        unknown = sorted(set(hyper) - set(self.spec.hyper))
+        if unknown:
+            known = ", ".join(sorted(self.spec.hyper)) or "none"
+            raise TypeError(f"spec {self.spec.name!r} has no hyper-parameter(s) {unknown}; it has: {known}")
+        self.backend = "torch"
+        self.engine = get_engine(self.spec)
+        self.nonfinite = nonfinite
+        self.chunk_elems = int(chunk_elems)
+        defaults = {"lr": self.spec.defaults.lr if lr is None else float(lr),
+                    "weight_decay": self.spec.defaults.weight_decay if weight_decay is None else float(weight_decay)}
+        for k, v in self.spec.hyper.items():
+            defaults[k] = float(hyper.get(k, v))
+        if defaults["lr"] < 0:
+            raise ValueError(f"lr must be >= 0, got {defaults['lr']}")
+        super().__init__(params, defaults)
+        self.weights = self._resolve_weights(weights)
+
+    # ------------------------------------------------------------------ weights
+    def _resolve_weights(self, weights):
+        from ..weights import check_weights, load_weights
+
+        if weights is None:
+            return self.engine.init_weights(0)
+        if isinstance(weights, (str, Path)):
+            _, weights = load_weights(weights, self.spec)
+            return weights
+        if not isinstance(weights, dict):
+            raise TypeError(f"weights must be a dict of tensors, a path, or None; got {type(weights).__name__}")
+        check_weights(self.spec, weights)
+        return {k: v.detach().to(torch.float32) for k, v in weights.items()}
+
+    @classmethod
+    def from_pretrained(cls, params, name_or_path, **kwargs):
+        """An optimizer from a weights file (its embedded spec is used)."""
+        from ..weights import load_weights
+
+        spec, weights = load_weights(name_or_path)
+        return cls(params, spec, weights=weights, **kwargs)
+
+    # ------------------------------------------------------------------ state
+    def _global_state(self, device):
+        st = self.state.get(GLOBAL_KEY)
+        if st is None:
+            st = self.engine.init_global_state(device)
+            self.state[GLOBAL_KEY] = st
+        return st
+
+    @torch.no_grad()
+    def step(self, closure=None, loss=None):
+        """One step for every parameter with a gradient.  Returns the closure's loss, if any."""
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params, grads, tstates, scalars = [], [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LearnedOptimizer does not support sparse gradients")
+                st = self.state[p]
+                if len(st) == 0:
+                    st.update(self.engine.init_tensor_state(p))
+                params.append(p)
+                grads.append(p.grad)
+                tstates.append(st)
+                sc = {"lr": group["lr"], "wd": group["weight_decay"]}
+                for k in self.spec.hyper:
+                    sc[k] = group[k]
+                scalars.append(sc)
+        if not params:
+            return loss
+        device = params[0].device
+        weights = self.weights
+        if next(iter(weights.values()), torch.empty(0)).device != device:
+            self.weights = weights = {k: v.to(device) for k, v in weights.items()}
+        self.engine.step(weights, params, grads, tstates, self._global_state(device), scalars, loss,
+                         inplace=True, nonfinite=self.nonfinite, chunk_elems=self.chunk_elems)
+        return loss
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["lopt_gen"] = {"spec_name": self.spec.name, "spec_hash": self.spec.spec_hash()}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        info = state_dict.get("lopt_gen")
+        if info is None:
+            raise ValueError("this state_dict was not made by a LearnedOptimizer (no 'lopt_gen' entry)")
+        if info.get("spec_hash") != self.spec.spec_hash():
+            raise ValueError(f"this state_dict belongs to spec {info.get('spec_name')!r} "
+                             f"(hash {str(info.get('spec_hash'))[:12]}), not to spec {self.spec.name!r} "
+                             f"(hash {self.spec.spec_hash()[:12]})")
+        state_dict = {k: v for k, v in state_dict.items() if k != "lopt_gen"}
+        super().load_state_dict(state_dict)
+        # torch casts state to the parameter's dtype; states keep their own dtype here
+        elem_dtype = self.engine.state_dtype()
+        for key, st in self.state.items():
+            if not isinstance(st, dict):
+                continue
+            for name, v in list(st.items()):
+                if not isinstance(v, torch.Tensor):
+                    continue
+                decl = self.engine.states.get(name)
+                want = elem_dtype if decl is not None and decl["level"] == "elem" else torch.float32
+                st[name] = v.to(want)

@@ -1,0 +1,1 @@
+"""Small, self-contained studies for comparing optimizers (hand-written or generated)."""
