@@ -121,7 +121,8 @@ class Engine:
              nonfinite="skip", chunk_elems=DEFAULT_CHUNK_ELEMS):
         """One optimizer step over ``params`` (a list of tensors).
 
-        ``scalars[i]`` holds ``lr``, ``wd`` and every hyper-parameter for tensor ``i``.
+        ``scalars[i]`` holds ``lr`` (default 1), ``wd`` (default 0) and hyper-parameters for
+        tensor ``i`` (a missing one takes the spec's value).
         Returns ``(new_params, new_tstates, new_gstate)``; with ``inplace`` the inputs
         are updated and returned.
         """
@@ -147,10 +148,12 @@ class Engine:
                     if name == "t":
                         T[i][name] = tstates[i]["step"].to(torch.float64)
                     else:
-                        T[i][name] = torch.tensor(float(scalars[i][name]), dtype=torch.float64, device=dev)
+                        T[i][name] = torch.tensor(float(scalars[i].get(name, 0.0 if name == "wd" else 1.0)),
+                                                  dtype=torch.float64, device=dev)
             elif kind == "hyper":
+                default = info["hyper"][name]
                 for i in range(n):
-                    T[i][name] = torch.tensor(float(scalars[i][name]), dtype=torch.float64, device=dev)
+                    T[i][name] = torch.tensor(float(scalars[i].get(name, default)), dtype=torch.float64, device=dev)
             elif kind == "state" and level == "global":
                 G[name] = gstate[leaf["source"]][leaf["index"]]
             elif kind == "state" and level != "elem":
