@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from . import __version__
@@ -20,23 +21,26 @@ def compile_program(spec: Spec):
 
 
 def source_label(path: str | Path | None) -> str:
-    """How a spec's origin is named in generated headers: stable across checkouts."""
+    """How a spec's origin is named in generated headers: stable across checkouts, and made
+    of safe characters only (a file name never reaches generated code verbatim)."""
     if path is None:
         return "<in-memory spec>"
     p = Path(path).resolve()
     try:
-        return p.relative_to(REPO_ROOT).as_posix()
+        label = p.relative_to(REPO_ROOT).as_posix()
     except ValueError:
-        return p.name
+        label = p.name
+    return re.sub(r"[^A-Za-z0-9_./+-]", "_", label)
 
 
 def render(spec: Spec, source: str | Path | None = None, prog=None) -> dict[str, str]:
     """Every generated file of one spec, name -> text."""
     from .codegen.torch_backend import render_torch
+    from .codegen.triton_backend import render_triton
 
     prog = prog if prog is not None else compile_program(spec)
     label = source_label(source)
-    files = {"torch_step.py": render_torch(prog, label)}
+    files = {"torch_step.py": render_torch(prog, label), "triton_kernels.py": render_triton(prog, label)}
     manifest = {
         "spec": spec.name,
         "spec_hash": spec.spec_hash(),
@@ -54,7 +58,8 @@ def write_files(files: dict[str, str], out_dir: Path) -> list[Path]:
     """Write files into ``out_dir``; only files whose text changes are touched.  Returns those."""
     out_dir.mkdir(parents=True, exist_ok=True)
     changed = []
-    for name, text in sorted(files.items()):
+    # the manifest goes last: its presence marks a complete output folder
+    for name, text in sorted(files.items(), key=lambda kv: (kv[0] == "manifest.json", kv[0])):
         path = out_dir / name
         if path.exists() and path.read_text() == text:
             continue

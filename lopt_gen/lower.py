@@ -22,6 +22,8 @@ GATES = {"gru": 3, "lstm": 4}
 
 class LowerError(ValueError):
     def __init__(self, problems: list[tuple[str, str]]):
+        seen: set = set()
+        problems = [p for p in problems if not (p in seen or seen.add(p))]
         self.problems = problems
         super().__init__("; ".join(f"{p}: {m}" for p, m in problems))
 
@@ -123,7 +125,8 @@ class Builder:
             if ir.rank(lv) <= ir.rank("global"):
                 return e
             if lv != "elem":
-                raise _Fail(path, f"mean_all takes a per-element value (this one is per-{lv})")
+                hint = "; use mean_tensors for per-tensor values" if lv == "tensor" else ""
+                raise _Fail(path, f"mean_all takes a per-element value (this one is per-{lv}){hint}")
             result_level = "global"
         else:  # tensors
             if ir.rank(lv) <= ir.rank("global"):
@@ -142,7 +145,8 @@ class Builder:
         if name in self.resolved:
             return self.resolved[name]
         if name in self.stack:
-            cycle = " -> ".join(self.stack[self.stack.index(name):] + [name])
+            chain = [x if x != "__network__" else "<network>" for x in self.stack[self.stack.index(name):]]
+            cycle = " -> ".join(chain + [name])
             raise _Fail(path, f"circular definition: {cycle}")
         self.stack.append(name)
         try:
@@ -229,8 +233,6 @@ class Builder:
                     out.append(self.let(f"_decay_{a.name}_{j}", 1 - num(1.0 - b0) * sympy.exp(10 * theta)))
                 return out
             return [num(b) for b in a.decay]
-        if isinstance(a.decay, float):
-            return [num(a.decay)]
         return self.lower_expr(E.parse(a.decay), f"{path}.decay")
 
     def lower_accumulator(self, name: str) -> list:
@@ -263,9 +265,10 @@ class Builder:
             field = "ema" if a.ema is not None else "sum"
             src = self.lower_expr(E.parse(getattr(a, field)), f"{path}.{field}", extra={"decay": decays},
                                   self_name=name)
-            w = max(len(decays), len(src))
-            if w not in (1, width):
-                raise _Fail(f"{path}.{field}", f"width {w} does not fit the accumulator's width {width}")
+            for what, vec in (("decay", decays), (field, src)):
+                if len(vec) not in (1, width):
+                    raise _Fail(f"{path}.{what}", f"'{what}' has width {len(vec)} but the accumulator has width "
+                                                  f"{width} (set 'width: {len(vec)}')")
             decays = self.broadcast(decays, width, f"{path}.decay")
             src = self.broadcast(src, width, f"{path}.{field}")
             if field == "ema":
@@ -358,12 +361,13 @@ class Builder:
                 h = self.dense(f"mlp.{li}", h, width, net.activation, "elem")
             total = sum(hd.width for hd in net.outputs.values())
             li = len(net.hidden)
-            self.init_dense(f"mlp.{li}", total, len(h), net.head_scale)
-            bias_vals = []
+            scales, bias_vals = [], []
             for hd in net.outputs.values():
+                scales += [hd.weight_scale] * hd.width
                 bias_vals += [hd.bias_init] * hd.width
-            if any(bias_vals):
-                self.meta[f"mlp.{li}.bias"] = MetaDecl(f"mlp.{li}.bias", (total,), "values", 0.0, tuple(bias_vals))
+            self.meta[f"mlp.{li}.weight"] = MetaDecl(f"mlp.{li}.weight", (total, len(h)), "normal_rows",
+                                                     net.head_scale / math.sqrt(len(h)), tuple(scales))
+            self.meta[f"mlp.{li}.bias"] = MetaDecl(f"mlp.{li}.bias", (total,), "values", 0.0, tuple(bias_vals))
             vals = self.dense(f"mlp.{li}", h, total, "none", "elem")
             out, start = {}, 0
             for hname, hd in net.outputs.items():

@@ -168,7 +168,12 @@ def schedule(prog: Program) -> Program:
                 stage[o] = s
     num = 1 + max((stage[n.arg] for n in prog.nodes if isinstance(n, Reduce) and n.splits_step), default=-1)
     num = max(num, 1 + max((stage[v] for v in roots(prog)), default=0))
-    return dataclasses.replace(prog, stage_of=stage, num_stages=num)
+    return _verified(dataclasses.replace(prog, stage_of=stage, num_stages=num))
+
+
+def _verified(prog: Program) -> Program:
+    ir.verify(prog)
+    return prog
 
 
 def _scope(node) -> str:

@@ -23,18 +23,19 @@ def fmt_float(x) -> str:
     return r if ("e" in r or "." in r or "inf" in r or "nan" in r) else r + ".0"
 
 
-class TorchPrinter:
-    """sympy -> torch expression text.  ``names`` maps symbol names to source text."""
+class ExprPrinter:
+    """sympy -> source text for one target.  ``names`` maps symbol names to source text.
 
-    func_names = {
-        sympy.exp: "torch.exp",
-        sympy.log: "torch.log",
-        sympy.tanh: "torch.tanh",
-        sympy.asinh: "torch.asinh",
-        sympy.Abs: "torch.abs",
-        sympy.sign: "torch.sign",
-        Sigmoid: "torch.sigmoid",
-    }
+    Subclasses name the target's primitives; every sympy node type has one rule here."""
+
+    func_names: dict = {}
+    SQRT = RSQRT = WHERE = MAXIMUM = MINIMUM = POW = ""
+
+    def clamp(self, x: str, lo: str | None, hi: str | None) -> str:
+        raise NotImplementedError
+
+    def clip_st(self, x: str, lo: str, hi: str) -> str:
+        raise NotImplementedError
 
     def __init__(self, names: dict[str, str] | None = None):
         self.names = names if names is not None else {}
@@ -64,7 +65,7 @@ class TorchPrinter:
             return self._pow(e)
         if isinstance(e, ClipST):
             x, lo, hi = (self.doprint(a) for a in e.args)
-            return f"ops.clip_st({x}, {lo}, {hi})", 100
+            return self.clip_st(x, lo, hi), 100
         if isinstance(e, (sympy.Max, sympy.Min)):
             return self._minmax(e), 100
         if isinstance(e, sympy.Piecewise):
@@ -116,9 +117,9 @@ class TorchPrinter:
     def _pow(self, e) -> tuple[str, int]:
         b, x = e.base, e.exp
         if x == sympy.Rational(1, 2):
-            return f"torch.sqrt({self.doprint(b)})", 100
+            return f"{self.SQRT}({self.doprint(b)})", 100
         if x == sympy.Rational(-1, 2):
-            return f"torch.rsqrt({self.doprint(b)})", 100
+            return f"{self.RSQRT}({self.doprint(b)})", 100
         if x == -1:
             return f"1.0 / {self._wrap(b, 21)}", 20
         if x.is_Integer and 2 <= int(x) <= 4:
@@ -126,11 +127,13 @@ class TorchPrinter:
             return " * ".join([s] * int(x)), 20
         if x.is_Number and float(x) == 1.0:
             return self._p(b)
+        if self.POW:
+            return f"{self.POW}({self.doprint(b)}, {self.doprint(x)})", 100
         return f"{self._wrap(b, 31)} ** {self._wrap(x, 31)}", 30
 
     def _minmax(self, e) -> str:
-        fn = "torch.maximum" if isinstance(e, sympy.Max) else "torch.minimum"
-        clamp = "min" if isinstance(e, sympy.Max) else "max"
+        is_max = isinstance(e, sympy.Max)
+        fn = self.MAXIMUM if is_max else self.MINIMUM
         args = list(e.args)
         consts = [a for a in args if not a.free_symbols]
         syms = [a for a in args if a.free_symbols]
@@ -138,7 +141,8 @@ class TorchPrinter:
         for a in syms[1:]:
             s = f"{fn}({s}, {self.doprint(a)})"
         for c in consts:
-            s = f"torch.clamp({s}, {clamp}={fmt_float(c.evalf(30))})"
+            v = fmt_float(c.evalf(30))
+            s = self.clamp(s, v, None) if is_max else self.clamp(s, None, v)
         return s
 
     def _piecewise(self, pieces) -> str:
@@ -146,4 +150,59 @@ class TorchPrinter:
         if c is sympy.true:
             return self.doprint(x)
         other = self._piecewise(rest) if rest else "float('nan')"
-        return f"torch.where({self.doprint(c)}, {self.doprint(x)}, {other})"
+        return f"{self.WHERE}({self.condition(c)}, {self.doprint(x)}, {other})"
+
+    def condition(self, c) -> str:
+        return self.doprint(c)
+
+
+class TorchPrinter(ExprPrinter):
+    """sympy -> torch expression text (tensors and Python scalars)."""
+
+    func_names = {
+        sympy.exp: "torch.exp",
+        sympy.log: "torch.log",
+        sympy.tanh: "torch.tanh",
+        sympy.asinh: "torch.asinh",
+        sympy.Abs: "torch.abs",
+        sympy.sign: "torch.sign",
+        Sigmoid: "torch.sigmoid",
+    }
+    SQRT, RSQRT, WHERE, MAXIMUM, MINIMUM, POW = "torch.sqrt", "torch.rsqrt", "torch.where", "torch.maximum", \
+        "torch.minimum", ""
+
+    def clamp(self, x, lo, hi):
+        return f"torch.clamp({x}, min={lo})" if lo is not None else f"torch.clamp({x}, max={hi})"
+
+    def clip_st(self, x, lo, hi):
+        return f"ops.clip_st({x}, {lo}, {hi})"
+
+
+class TritonPrinter(ExprPrinter):
+    """sympy -> Triton (``tl``) expression text; helpers without a core instruction come
+    from :mod:`lopt_gen.runtime.triton_ops` (imported as ``tops``)."""
+
+    func_names = {
+        sympy.exp: "tl.exp",
+        sympy.log: "tl.log",
+        sympy.tanh: "tops.tanh",
+        sympy.asinh: "tops.asinh",
+        sympy.Abs: "tl.abs",
+        sympy.sign: "tops.sign",
+        Sigmoid: "tops.sigmoid",
+    }
+    SQRT, RSQRT, WHERE, MAXIMUM, MINIMUM, POW = "tl.sqrt", "tl.rsqrt", "tl.where", "tl.maximum", "tl.minimum", \
+        "tops.pow_"
+
+    def clamp(self, x, lo, hi):
+        return f"tl.maximum({x}, {lo})" if lo is not None else f"tl.minimum({x}, {hi})"
+
+    def condition(self, c) -> str:
+        # a condition hoisted out of the kernel arrives as a number (1.0 / 0.0)
+        if isinstance(c, sympy.Symbol):
+            return f"({self.doprint(c)} != 0.0)"
+        return self.doprint(c)
+
+    def clip_st(self, x, lo, hi):
+        # forward value only: the straight-through gradient lives in the backward pass
+        return f"tl.minimum(tl.maximum({x}, {lo}), {hi})"

@@ -81,7 +81,8 @@ class Engine:
         self.info = self.module.INFO
         self.states = self.info["states"]
         self.meta = self.info["meta"]
-        self._warned = False
+        self._warn_state: dict = {}
+        self._runner = None
         self._leaf_by_kind: dict[str, list] = {}
         for leaf in self.info["leaves"]:
             self._leaf_by_kind.setdefault(leaf["kind"], []).append(leaf)
@@ -117,10 +118,21 @@ class Engine:
                 for key, d in self.states.items() if d["level"] == "global"}
 
     # ------------------------------------------------------------------ the step
+    def triton_runner(self):
+        """The Triton kernels of this spec (compiled on first use)."""
+        if self._runner is None:
+            from .loader import load_kernel_module
+            from .triton_runner import TritonRunner
+
+            self._runner = TritonRunner(load_kernel_module(self.spec))
+        return self._runner
+
     def step(self, phi, params, grads, tstates, gstate, scalars, loss=None, *, inplace=False,
-             nonfinite="skip", chunk_elems=DEFAULT_CHUNK_ELEMS):
+             nonfinite="skip", chunk_elems=DEFAULT_CHUNK_ELEMS, backend="torch", warn_state=None):
         """One optimizer step over ``params`` (a list of tensors).
 
+        ``warn_state`` is a dict that remembers whether the non-finite warning was shown (one per
+        optimizer); without it the warning is shown once per engine.
         ``scalars[i]`` holds ``lr`` (default 1), ``wd`` (default 0) and hyper-parameters for
         tensor ``i`` (a missing one takes the spec's value).
         Returns ``(new_params, new_tstates, new_gstate)``; with ``inplace`` the inputs
@@ -131,7 +143,7 @@ class Engine:
         if info["uses_loss"] and loss is None:
             raise ValueError(f"the {info['spec_name']} spec reads the loss: call step(loss=...)")
         plans = [TensorPlan(p.shape, chunk_elems) for p in params]
-        ok = self._finite_flags(grads, nonfinite)
+        ok = self._finite_flags(grads, nonfinite, self._warn_state if warn_state is None else warn_state)
         dev = params[0].device if n else torch.device("cpu")
 
         G: dict = {}
@@ -169,6 +181,21 @@ class Engine:
         for stage in info["stages"]:
             self._host_phase(stage, T, G, phi, plans, partials)
             partials = [dict() for _ in range(n)]
+            if backend == "triton":
+                runner = self.triton_runner()
+                for i in range(n):
+                    final_now = stage["index"] == final
+                    if final_now and inplace and not ok[i]:
+                        continue
+                    outs = self._triton_outputs(i, plans[i], params, tstates, inplace, collected[i]) \
+                        if final_now else (None, None)
+                    res = runner.run(stage["index"], plans[i], ChainMap(T[i], G), phi, flat_g[i], flat_p[i],
+                                     tstates[i], *outs)
+                    if final_now and inplace and outs[0] is not params[i]:
+                        params[i].copy_(outs[0].view(params[i].shape))
+                    for name, val in res.items():
+                        partials[i][name] = [val]
+                continue
             fn = getattr(self.module, stage["elem_fn"])
             for i in range(n):
                 pl = plans[i]
@@ -183,7 +210,22 @@ class Engine:
                         self._sink(i, pl, s, length, out, params, tstates, inplace, ok[i], collected[i])
         return self._finish(params, tstates, gstate, T, G, plans, collected, inplace, ok)
 
-    def _finite_flags(self, grads, mode):
+    def _triton_outputs(self, i, pl, params, tstates, inplace, coll):
+        """Where the final Triton kernel writes: in place, or into new tensors (functional)."""
+        p = params[i]
+        elem_keys = [w["state"] for w in self.info["writes"] if w["level"] == "elem"]
+        if inplace:
+            out_p = p if p.is_contiguous() else torch.empty(pl.numel, dtype=p.dtype, device=p.device)
+            return out_p, {k: tstates[i][k] for k in elem_keys}
+        # poisoned: an element the kernel fails to write shows up as NaN
+        out_p = torch.full(pl.shape, float("nan"), dtype=torch.float32, device=p.device)
+        outs = {k: torch.full_like(tstates[i][k], float("nan")) for k in elem_keys}
+        coll["__p__"] = [out_p]
+        for k, v in outs.items():
+            coll[k] = [v]
+        return out_p, outs
+
+    def _finite_flags(self, grads, mode, warn_state):
         if mode == "ignore" or not grads:
             return [True] * len(grads)
         flags = torch.stack([torch.isfinite(g.detach()).all() for g in grads]).tolist()
@@ -193,9 +235,9 @@ class Engine:
                    + ("their step was skipped (state and parameters left unchanged)" if mode == "skip" else ""))
             if mode == "raise":
                 raise NonFiniteGradientError(msg.rstrip(": ") + "; pass nonfinite='skip' to skip such steps")
-            if not self._warned:
+            if not warn_state.get("warned"):
                 warnings.warn(msg + " This warning is shown once.", RuntimeWarning, stacklevel=4)
-                self._warned = True
+                warn_state["warned"] = True
         return flags
 
     def _host_phase(self, stage, T, G, phi, plans, partials):
@@ -217,7 +259,9 @@ class Engine:
                     for i in range(n):
                         pl = plans[i]
                         parts = partials[i][r["name"]]
-                        if pl.sums_over_chunks(r["over"]):
+                        if len(parts) == 1:
+                            acc = torch.broadcast_to(parts[0], pl.reduced_shape(r["over"]))
+                        elif pl.sums_over_chunks(r["over"]):
                             acc = parts[0]
                             for x in parts[1:]:
                                 acc = acc + x

@@ -33,7 +33,7 @@ def _import(path: Path, modname: str):
     return module
 
 
-def _shipped(spec) -> Path | None:
+def _shipped(spec, filename: str = "torch_step.py") -> Path | None:
     from ..compiler import GENERATED_DIR
 
     d = GENERATED_DIR / spec.name
@@ -42,27 +42,36 @@ def _shipped(spec) -> Path | None:
     except (OSError, ValueError):
         return None
     if manifest.get("spec_hash") == spec.spec_hash() and manifest.get("generator") == f"lopt_gen {__version__}":
-        return d / "torch_step.py"
+        return d / filename
     return None
 
 
-def load_step_module(spec):
-    """The generated torch-step module of ``spec`` (compiled on first use)."""
+def _load(spec, filename: str):
     h = spec.spec_hash()
-    key = f"{h}:{__version__}"
+    key = f"{h}:{__version__}:{filename}"
     if key in _MODULES:
         return _MODULES[key]
-    modname = f"lopt_gen_generated_{spec.name}_{h[:12]}"
-    path = _shipped(spec)
+    modname = f"lopt_gen_generated_{spec.name}_{h[:12]}_{filename.split('.')[0]}"
+    path = _shipped(spec, filename)
     if path is None:
         from ..compiler import render, write_files
 
         d = cache_dir() / f"{spec.name}-{h[:16]}-{__version__}"
         d.mkdir(parents=True, exist_ok=True)
         with FileLock(str(d) + ".lock"):
-            if not (d / "torch_step.py").exists():
+            if not (d / "manifest.json").exists():
                 write_files(render(spec, None), d)
-        path = d / "torch_step.py"
+        path = d / filename
     module = _import(path, modname)
     _MODULES[key] = module
     return module
+
+
+def load_step_module(spec):
+    """The generated torch-step module of ``spec`` (compiled on first use)."""
+    return _load(spec, "torch_step.py")
+
+
+def load_kernel_module(spec):
+    """The generated Triton kernels of ``spec`` (compiled on first use; needs triton)."""
+    return _load(spec, "triton_kernels.py")

@@ -23,7 +23,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         spec: a :class:`~lopt_gen.Spec`, a path to a YAML spec, or a shipped name (``"adam"``).
         weights: the meta-parameters φ: a dict of tensors, a path to a weights file, or None
             for the spec's initial weights (seed 0).
-        backend: ``"auto"`` (torch on CPU), ``"torch"``, or ``"triton"``.
+        backend: ``"auto"`` (Triton kernels on CUDA tensors, torch otherwise), ``"torch"``, or
+            ``"triton"`` (on CPU tensors this runs the kernels in the Triton interpreter: slow,
+            for tests; set ``TRITON_INTERPRET=1`` before Python starts).
         lr: learning-rate multiplier; None takes the spec's ``defaults.lr``.
         weight_decay: None takes the spec's ``defaults.weight_decay``.
         nonfinite: what a NaN/Inf gradient does: ``"skip"`` (that tensor's step is skipped,
@@ -36,17 +38,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.spec = load_spec(spec)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        if backend == "triton":
-            raise NotImplementedError("backend='triton' is not available in this version; use backend='torch'")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         unknown = sorted(set(hyper) - set(self.spec.hyper))
         if unknown:
             known = ", ".join(sorted(self.spec.hyper)) or "none"
             raise TypeError(f"spec {self.spec.name!r} has no hyper-parameter(s) {unknown}; it has: {known}")
-        self.backend = "torch"
+        self.backend_choice = backend
+        self.backend = None  # decided at the first step, from the parameters' device
         self.engine = get_engine(self.spec)
         self.nonfinite = nonfinite
+        self._warn_state: dict = {}
         self.chunk_elems = int(chunk_elems)
         defaults = {"lr": self.spec.defaults.lr if lr is None else float(lr),
                     "weight_decay": self.spec.defaults.weight_decay if weight_decay is None else float(weight_decay)}
@@ -113,12 +115,31 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if not params:
             return loss
         device = params[0].device
+        if self.backend is None:
+            self.backend = self._pick_backend(device)
         weights = self.weights
         if next(iter(weights.values()), torch.empty(0)).device != device:
             self.weights = weights = {k: v.to(device) for k, v in weights.items()}
         self.engine.step(weights, params, grads, tstates, self._global_state(device), scalars, loss,
-                         inplace=True, nonfinite=self.nonfinite, chunk_elems=self.chunk_elems)
+                         inplace=True, nonfinite=self.nonfinite, chunk_elems=self.chunk_elems,
+                         backend=self.backend, warn_state=self._warn_state)
         return loss
+
+    def _pick_backend(self, device) -> str:
+        from .triton_runner import ensure_triton
+
+        if self.backend_choice == "torch":
+            return "torch"
+        if self.backend_choice == "triton":
+            ensure_triton(device)
+            return "triton"
+        if device.type == "cuda":  # auto
+            try:
+                ensure_triton(device)
+                return "triton"
+            except RuntimeError:
+                return "torch"
+        return "torch"
 
     def state_dict(self):
         sd = super().state_dict()

@@ -1,0 +1,348 @@
+"""Render the per-element work of each stage as a Triton kernel (templates/triton_kernels.py.j2).
+
+One kernel per stage.  A program handles ``BLOCK`` consecutive elements of one tensor
+(flattened, contiguous).  Per-element values are ``[BLOCK]`` registers; vectors that feed a
+dense layer or a recurrent cell wider than :data:`UNROLL_MAX` outputs live in
+``[BLOCK, PAD]`` tiles (PAD a power of two >= 16) and use ``tl.dot`` when both widths are at
+least 16, a broadcast multiply-add otherwise; narrower layers are unrolled into scalar
+multiply-adds.  Per-tensor / per-step values arrive packed in one fp32 buffer (``hv``), row
+and column statistics through their own buffers indexed from the element's coordinates.
+Reductions of the whole tensor write one fp32 partial sum per program (summed afterwards,
+deterministically); row / column reductions write their argument to a scratch buffer that the
+runtime reduces.  Nothing is accumulated with atomics.
+
+The kernel's argument list is described by data (``KERNELS``) so that one generic runner
+(:mod:`lopt_gen.runtime.triton_runner`) can launch any generated kernel.
+"""
+
+from __future__ import annotations
+
+from ..ir import Cell, Dense, Leaf, Let
+from ..passes import plan
+from .printer import TritonPrinter
+from .torch_backend import _env, local
+
+UNROLL_MAX = 8
+
+
+def _pad(n: int) -> int:
+    p = 16
+    while p < n:
+        p *= 2
+    return p
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+class _KBody:
+    def __init__(self, prog, stage, levels, leaves):
+        self.prog = prog
+        self.stage = stage
+        self.levels = levels
+        self.leaves = leaves
+        self.lines: list[str] = []
+        self.names: dict[str, str] = {}
+        self.tiles: dict[tuple, tuple[str, int]] = {}  # values -> (tile var, PAD)
+        self.tile_cols: dict[str, tuple[str, int, int]] = {}  # value -> (tile var, column, PAD) for lazy extraction
+        self.n = 0
+        self.args: list[tuple] = []  # kernel argument descriptions
+        self.arg_names: list[str] = []
+        self.hv: list[str] = []  # host values packed in hv
+        self.hv_groups: list[tuple] = []
+        self.weights: dict[str, str] = {}
+        self.states_in: dict[str, str] = {}
+        self.rowcol: dict[str, str] = {}
+        self.uses_coords = False
+
+    # -- arguments ------------------------------------------------------------------------------
+    def arg(self, desc: tuple, name: str) -> str:
+        if name not in self.arg_names:
+            self.arg_names.append(name)
+            self.args.append(desc)
+        return name
+
+    def weight(self, meta: str) -> str:
+        if meta not in self.weights:
+            self.weights[meta] = self.arg(("weight", meta), f"w_{_safe(meta)}")
+        return self.weights[meta]
+
+    def state_ptr(self, key: str) -> str:
+        if key not in self.states_in:
+            self.states_in[key] = self.arg(("state", key), f"st_{_safe(key)}")
+        return self.states_in[key]
+
+    def hv_index(self, value: str) -> int:
+        if value not in self.hv:
+            self.hv.append(value)
+        return self.hv.index(value)
+
+    def hv_group(self, values: tuple) -> int:
+        """Index of the first of ``values``, laid out consecutively in hv."""
+        n = len(values)
+        for i in range(len(self.hv) - n + 1):
+            if tuple(self.hv[i:i + n]) == tuple(values):
+                return i
+        start = len(self.hv)
+        self.hv.extend(values)
+        return start
+
+    # -- values ---------------------------------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        self.n += 1
+        return f"{hint}{self.n}"
+
+    def ref(self, v: str) -> str:
+        if v in self.names:
+            return self.names[v]
+        if v in self.tile_cols:
+            tile, j, pad = self.tile_cols[v]
+            var = self.fresh("col")
+            self.lines.append(f"{var} = tops.column({tile}, {j}, {pad})")
+            self.names[v] = var
+            return var
+        return self.load_input(v)
+
+    def load_input(self, v: str) -> str:
+        lv = self.levels[v]
+        leaf = self.leaves.get(v)
+        var = local(v)
+        if leaf is not None and leaf.level == "elem":
+            if leaf.kind == "input":
+                ptr = self.arg(("input", v), f"{v}_ptr")
+                self.lines.append(f"{var} = tl.load({ptr} + offs, mask=mask, other=0.0).to(tl.float32)")
+            else:
+                ptr = self.state_ptr(leaf.source)
+                self.lines.append(f"{var} = tl.load({ptr} + {leaf.index} * numel + offs, mask=mask, other=0.0)"
+                                  f".to(tl.float32)")
+        elif lv in ("row", "col"):
+            self.uses_coords = True
+            ptr = self.arg((lv, v), f"{lv}_{_safe(v)}")
+            self.lines.append(f"{var} = tl.load({ptr} + {lv}_idx, mask=mask, other=0.0)")
+        else:
+            k = self.hv_index(v)
+            self.lines.append(f"{var} = tl.load(hv_ptr + {k})")
+        self.names[v] = var
+        return var
+
+    def printer(self):
+        body = self
+
+        class _N(dict):
+            def get(self, k, default=None):
+                return body.ref(k)
+
+        return TritonPrinter(_N())
+
+    def tile_of(self, values: tuple) -> tuple[str, int]:
+        """A [BLOCK, PAD] tile holding ``values`` as columns."""
+        values = tuple(values)
+        if values in self.tiles:
+            return self.tiles[values]
+        pad = _pad(len(values))
+        leaves = [self.leaves.get(v) for v in values]
+        if all(lf is not None and lf.kind == "state" and lf.level == "elem" for lf in leaves) \
+                and len({lf.source for lf in leaves}) == 1 and [lf.index for lf in leaves] == list(range(len(values))):
+            var = self.fresh("tile")
+            ptr = self.state_ptr(leaves[0].source)
+            self.lines.append(f"{var} = tops.load_tile({ptr}, numel, offs, mask, {len(values)}, {pad})")
+        else:
+            var = self.fresh("tile")
+            self.lines.append(f"{var} = tl.zeros((BLOCK, {pad}), dtype=tl.float32)")
+            for j, v in enumerate(values):
+                self.lines.append(f"{var} += tops.place({self.ref(v)}, {j}, {pad})")
+        self.tiles[values] = (var, pad)
+        return var, pad
+
+    def is_tile(self, values) -> bool:
+        return tuple(values) in self.tiles or self._is_state_group(values)
+
+    def _is_state_group(self, values) -> bool:
+        leaves = [self.leaves.get(v) for v in values]
+        return len(values) > UNROLL_MAX and all(lf is not None and lf.kind == "state" and lf.level == "elem"
+                                                for lf in leaves)
+
+    def bind_tile(self, outs, var: str, pad: int) -> None:
+        self.tiles[tuple(outs)] = (var, pad)
+        for j, o in enumerate(outs):
+            self.tile_cols[o] = (var, j, pad)
+
+    # -- nodes ----------------------------------------------------------------------------------
+    def emit(self, node) -> None:
+        if isinstance(node, Let):
+            text = self.printer().doprint(node.expr)
+            if not node.expr.free_symbols:
+                text = f"tl.full((BLOCK,), {text}, tl.float32)"
+            self.lines.append(f"{local(node.name)} = {text}")
+            self.names[node.name] = local(node.name)
+        elif isinstance(node, Dense):
+            self.emit_dense(node)
+        elif isinstance(node, Cell):
+            self.emit_cell(node)
+        else:
+            raise TypeError(f"no Triton rule for {type(node).__name__} in per-element code")
+
+    def _act(self, x: str, act: str) -> str:
+        return {"none": x, "relu": f"tl.maximum({x}, 0.0)", "tanh": f"tops.tanh({x})",
+                "sigmoid": f"tops.sigmoid({x})", "silu": f"tops.silu({x})", "gelu": f"tops.gelu({x})"}[act]
+
+    def emit_dense(self, n: Dense) -> None:
+        meta = self.prog.meta[n.weight]
+        ld = meta.shape[1]
+        w = self.weight(n.weight)
+        b = self.weight(n.bias) if n.bias else None
+        row0 = n.rows[0] if n.rows else 0
+        n_out = len(n.outs)
+        ins_tile = self.is_tile(n.ins)
+        if n_out <= UNROLL_MAX:
+            if ins_tile:
+                xt, pad = self.tile_of(n.ins)
+                col0 = n.cols[0]
+                assert list(n.cols) == list(range(col0, col0 + len(n.cols))), "tile input needs contiguous columns"
+            for o, out in enumerate(n.outs):
+                r = row0 + o
+                terms = []
+                if b:
+                    terms.append(f"tl.load({b} + {r})")
+                if n.extra_bias:
+                    terms.append(self.ref(n.extra_bias[o]))
+                if ins_tile:
+                    terms.append(f"tl.sum({xt} * tops.weight_row({w}, {ld}, {r}, {col0}, {len(n.ins)}, {pad})[None, :], axis=1)")
+                else:
+                    for c, x in zip(n.cols, n.ins):
+                        terms.append(f"tl.load({w} + {r * ld + c}) * {self.ref(x)}")
+                var = local(out)
+                body = "(\n    " + "\n    + ".join(terms) + "\n)" if len(terms) > 1 else (terms[0] if terms else "0.0")
+                self.lines.append(f"{var} = {self._act(body, n.act)}")
+                self.names[out] = var
+            return
+        opad = _pad(n_out)
+        acc = self.fresh("dense")
+        if b:
+            self.lines.append(f"{acc} = tops.weight_vec({b}, {row0}, {n_out}, {opad})[None, :] + tl.zeros((BLOCK, {opad}), dtype=tl.float32)")
+        else:
+            self.lines.append(f"{acc} = tl.zeros((BLOCK, {opad}), dtype=tl.float32)")
+        if n.extra_bias:
+            k = self.hv_group(tuple(n.extra_bias))
+            self.lines.append(f"{acc} += tops.weight_vec(hv_ptr, {k}, {n_out}, {opad})[None, :]")
+        self._matmul_into(acc, n.ins, w, ld, row0, list(n.cols), n_out, opad)
+        if n.act != "none":
+            self.lines.append(f"{acc} = {self._act(acc, n.act)}")
+        self.bind_tile(n.outs, acc, opad)
+
+    def _matmul_into(self, acc, ins, w, ld, row0, cols, n_out, opad):
+        if self.is_tile(ins) and cols == list(range(cols[0], cols[0] + len(cols))):
+            xt, ipad = self.tile_of(ins)
+            dot = "True" if min(len(ins), n_out) >= 16 else "False"
+            self.lines.append(f"{acc} += tops.matmul({xt}, {w}, {ld}, {row0}, {cols[0]}, {n_out}, {len(ins)}, "
+                              f"{ipad}, {opad}, {dot})")
+        else:
+            for c, x in zip(cols, ins):
+                self.lines.append(f"{acc} += {self.ref(x)}[:, None] * tops.weight_col({w}, {ld}, {row0}, {c}, "
+                                  f"{n_out}, {opad})[None, :]")
+
+    def emit_cell(self, n: Cell) -> None:
+        hid = len(n.h)
+        pad = _pad(hid)
+        w_ih = self.weight(f"{n.prefix}.weight_ih")
+        w_hh = self.weight(f"{n.prefix}.weight_hh")
+        bias = self.weight(f"{n.prefix}.bias")
+        n_in = len(n.x)
+        gates = ("r", "u", "c") if n.kind == "gru" else ("i", "f", "g", "o")
+        ht, _ = self.tile_of(n.h)
+        pre = {}
+        for gi, gname in enumerate(gates):
+            acc = self.fresh(f"gate_{gname}")
+            self.lines.append(f"{acc} = tops.weight_vec({bias}, {gi * hid}, {hid}, {pad})[None, :] + tl.zeros((BLOCK, {pad}), dtype=tl.float32)")
+            if n.extra_bias:
+                k = self.hv_group(tuple(n.extra_bias))
+                self.lines.append(f"{acc} += tops.weight_vec(hv_ptr, {k + gi * hid}, {hid}, {pad})[None, :]")
+            self._matmul_into(acc, n.x, w_ih, n_in, gi * hid, list(range(n_in)), hid, pad)
+            pre[gname] = acc
+        dot = "True" if hid >= 16 else "False"
+
+        def hmm(tile, gi):
+            return f"tops.matmul({tile}, {w_hh}, {hid}, {gi * hid}, 0, {hid}, {hid}, {pad}, {pad}, {dot})"
+
+        if n.kind == "gru":
+            r, u, c = (self.fresh(x) for x in ("r", "u", "c"))
+            self.lines.append(f"{r} = tops.sigmoid({pre['r']} + {hmm(ht, 0)})")
+            self.lines.append(f"{u} = tops.sigmoid({pre['u']} + {hmm(ht, 1)})")
+            self.lines.append(f"{c} = tops.tanh({pre['c']} + {hmm(f'({r} * {ht})', 2)})")
+            hn = self.fresh("h_new")
+            self.lines.append(f"{hn} = {u} * {ht} + (1.0 - {u}) * {c}")
+            self.bind_tile(n.out_h, hn, pad)
+        else:
+            ct, _ = self.tile_of(n.c)
+            i, f, g, o = (self.fresh(x) for x in ("i", "f", "g", "o"))
+            self.lines.append(f"{i} = tops.sigmoid({pre['i']} + {hmm(ht, 0)})")
+            self.lines.append(f"{f} = tops.sigmoid({pre['f']} + {hmm(ht, 1)})")
+            self.lines.append(f"{g} = tops.tanh({pre['g']} + {hmm(ht, 2)})")
+            self.lines.append(f"{o} = tops.sigmoid({pre['o']} + {hmm(ht, 3)})")
+            cn, hn = self.fresh("c_new"), self.fresh("h_new")
+            self.lines.append(f"{cn} = {f} * {ct} + {i} * {g}")
+            self.lines.append(f"{hn} = {o} * tops.tanh({cn})")
+            self.bind_tile(n.out_h, hn, pad)
+            self.bind_tile(n.out_c, cn, pad)
+
+
+def _kernel(prog, stage, levels, leaves, final: bool) -> dict:
+    body = _KBody(prog, stage, levels, leaves)
+    for n in stage.elem_nodes:
+        body.emit(n)
+    epilogue: list[str] = []
+    reds = []
+    for k, r in enumerate(stage.reductions):
+        text = body.ref(r.arg)
+        if r.over in ("tensor", "all"):
+            epilogue.append(f"tl.store(part_ptr + pid * {len(stage.reductions)} + {k}, "
+                            f"tl.sum(tl.where(mask, {text}, 0.0), axis=0))")
+        else:
+            ptr = body.arg(("scratch", r.name), f"scratch_{_safe(r.name)}")
+            epilogue.append(f"tl.store({ptr} + offs, {text}, mask=mask)")
+        reds.append(dict(name=r.name, over=r.over, slot=k))
+    writes = []
+    if final:
+        info_target = prog.lookahead or prog.p_new
+        ptr = body.arg(("out_param",), "p_out_ptr")
+        epilogue.append(f"tl.store({ptr} + offs, {body.ref(info_target)}.to({ptr}.dtype.element_ty), mask=mask)")
+        from ..ir import StateWrite
+
+        for n in prog.nodes:
+            if isinstance(n, StateWrite) and n.level == "elem":
+                optr = body.arg(("out_state", n.state), f"out_{_safe(n.state)}")
+                vals = tuple(n.values)
+                if vals in body.tiles:
+                    tile, pad = body.tiles[vals]
+                    epilogue.append(f"tops.store_tile({optr}, numel, offs, mask, {tile}, {len(vals)}, {pad})")
+                else:
+                    for c, v in enumerate(vals):
+                        epilogue.append(f"tl.store({optr} + {c} * numel + offs, {body.ref(v)}.to({optr}.dtype.element_ty), "
+                                        f"mask=mask)")
+                writes.append(n.state)
+    lines = body.lines + epilogue
+    if any("tops.load_tile" in ln or "BLOCK, " in ln for ln in lines):
+        block = 64
+    else:
+        block = 512
+    args = list(body.args)
+    names = list(body.arg_names)
+    return dict(name=f"stage{stage.index}_kernel", index=stage.index, lines=lines, args=args, arg_names=names,
+                hv=list(body.hv), uses_coords=body.uses_coords, reductions=reds, block=block)
+
+
+def render_triton(prog, spec_source: str) -> str:
+    from .. import __version__
+
+    levels = prog.level_of()
+    leaves = {n.name: n for n in prog.nodes if isinstance(n, Leaf)}
+    stages = plan(prog)
+    kernels = [_kernel(prog, st, levels, leaves, st.index == len(stages) - 1) for st in stages]
+    meta = [dict(name=k["name"], index=k["index"], args=k["args"], hv=k["hv"], uses_coords=k["uses_coords"],
+                 reductions=k["reductions"], block=k["block"]) for k in kernels]
+    import pprint
+
+    return _env().get_template("triton_kernels.py.j2").render(
+        version=__version__, spec_source=spec_source, spec_name=prog.spec_name, spec_hash=prog.spec_hash,
+        kernels=kernels, kernels_text=pprint.pformat(meta, width=100, sort_dicts=True))

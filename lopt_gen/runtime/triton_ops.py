@@ -1,0 +1,126 @@
+"""Device helpers that generated Triton kernels call.
+
+Written with core ``tl`` operations only, so that the same kernels run on a GPU and in
+the Triton interpreter (``TRITON_INTERPRET=1``) on CPU tensors.  Functions without a
+core instruction (tanh, asinh) switch to a short Taylor series near zero, where the
+closed form loses precision in fp32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    r = tl.where(ax < 0.1, small, big)
+    return tl.where(x < 0.0, -r, r)
+
+
+@triton.jit
+def asinh(x):
+    ax = tl.abs(x)
+    x2 = x * x
+    mid = tl.log(ax + tl.sqrt(x2 + 1.0))
+    large = tl.log(2.0 * ax)
+    small = ax * (1.0 + x2 * (-1.0 / 6.0 + x2 * (3.0 / 40.0 + x2 * (-15.0 / 336.0 + x2 * (105.0 / 3456.0)))))
+    r = tl.where(ax < 0.1, small, tl.where(ax > 1.0e8, large, mid))
+    return tl.where(x < 0.0, -r, r)
+
+
+@triton.jit
+def sign(x):
+    return tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, 0.0))
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def pow_(x, y):
+    return tl.exp(y * tl.log(x))
+
+
+@triton.jit
+def silu(x):
+    return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def gelu(x):
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+# ---------------------------------------------------------------------------------- tiles
+@triton.jit
+def place(v, j, PAD: tl.constexpr):
+    """A [BLOCK, PAD] tile holding ``v`` in column ``j`` and zeros elsewhere."""
+    cols = tl.arange(0, PAD)
+    return tl.where(cols[None, :] == j, v[:, None], 0.0)
+
+
+@triton.jit
+def column(tile, j, PAD: tl.constexpr):
+    """Column ``j`` of a [BLOCK, PAD] tile as a [BLOCK] vector."""
+    cols = tl.arange(0, PAD)
+    return tl.sum(tl.where(cols[None, :] == j, tile, 0.0), axis=1)
+
+
+@triton.jit
+def load_tile(ptr, numel, offs, mask, W, PAD: tl.constexpr):
+    """Channels 0..W-1 of a (W, numel) state as a [BLOCK, PAD] tile (zero padded)."""
+    cols = tl.arange(0, PAD)
+    m = mask[:, None] & (cols[None, :] < W)
+    return tl.load(ptr + cols[None, :] * numel + offs[:, None], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_tile(ptr, numel, offs, mask, tile, W, PAD: tl.constexpr):
+    cols = tl.arange(0, PAD)
+    m = mask[:, None] & (cols[None, :] < W)
+    tl.store(ptr + cols[None, :] * numel + offs[:, None], tile.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def weight_vec(ptr, start, N, PAD: tl.constexpr):
+    """ptr[start : start + N] as a [PAD] vector (zero padded)."""
+    k = tl.arange(0, PAD)
+    return tl.load(ptr + start + k, mask=k < N, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def weight_col(w_ptr, ld, row0, col, N, PAD: tl.constexpr):
+    """W[row0 : row0 + N, col] of a row-major matrix with leading dimension ``ld``."""
+    k = tl.arange(0, PAD)
+    return tl.load(w_ptr + (row0 + k) * ld + col, mask=k < N, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def weight_row(w_ptr, ld, row, col0, N, PAD: tl.constexpr):
+    """W[row, col0 : col0 + N]."""
+    k = tl.arange(0, PAD)
+    return tl.load(w_ptr + row * ld + col0 + k, mask=k < N, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def matmul(x, w_ptr, ld, row0, col0, N_OUT, N_IN, IPAD: tl.constexpr, OPAD: tl.constexpr, DOT: tl.constexpr):
+    """x @ W[row0:row0+N_OUT, col0:col0+N_IN].T for a [BLOCK, IPAD] tile x -> [BLOCK, OPAD].
+
+    ``DOT`` selects tl.dot (fp32, exact IEEE products) over a broadcast multiply-add."""
+    i = tl.arange(0, IPAD)
+    o = tl.arange(0, OPAD)
+    wt = tl.load(w_ptr + (row0 + o[None, :]) * ld + col0 + i[:, None],
+                 mask=(i[:, None] < N_IN) & (o[None, :] < N_OUT), other=0.0).to(tl.float32)
+    if DOT:
+        out = tl.dot(x, wt, input_precision="ieee")
+    else:
+        out = tl.sum(x[:, :, None] * wt[None, :, :], axis=1)
+    return out

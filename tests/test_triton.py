@@ -1,0 +1,86 @@
+"""Triton backend (run in the Triton interpreter on CPU): the kernels' step equals the torch step."""
+
+import pytest
+import torch
+
+import lopt_gen
+from lopt_gen import LearnedOptimizer, get_engine, load_spec, shipped_specs
+
+SHAPES = [(1,), (7,), (1023,), (3, 5, 7), (2, 3, 4, 5), ()]
+STEPS = {"hrnn": 12, "l2l_lstm": 12}
+
+
+def _non_contiguous(g):
+    if g.dim() < 2:
+        return g
+    return g.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+@pytest.mark.parametrize("name", sorted(shipped_specs()))
+def test_triton_trajectory_equals_torch(name):
+    gen = torch.Generator().manual_seed(hash(name) % 1000)
+    params = [torch.randn(s, generator=gen) for s in SHAPES]
+    a = [p.clone().requires_grad_() for p in params]
+    b = [p.clone().requires_grad_() for p in params]
+    w = lopt_gen.init_weights(name, seed=2)
+    lr = {"adam": 1e-2, "adamw": 1e-2, "rmsprop": 1e-2, "sgd_momentum": 1e-2}.get(name)
+    oa = LearnedOptimizer(a, name, weights=w, backend="torch", lr=lr)
+    ob = LearnedOptimizer(b, name, weights=w, backend="triton", lr=lr)
+    for step in range(STEPS.get(name, 20)):
+        for x, y in zip(a, b):
+            g = torch.randn(x.shape, generator=gen)
+            x.grad = g.clone()
+            y.grad = _non_contiguous(g.clone()) if step % 2 else g.clone()
+        oa.step()
+        ob.step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-5, atol=1e-6)
+    for x, y in zip(a, b):
+        for k in oa.state[x]:
+            torch.testing.assert_close(ob.state[y][k], oa.state[x][k], rtol=1e-4, atol=1e-5, msg=k)
+    assert ob.backend == "triton" and oa.backend == "torch"
+
+
+@pytest.mark.parametrize("name", ["small_fc_lopt", "mulo", "hrnn", "l2l_lstm"])
+def test_functional_triton_step_writes_every_output(name):
+    """Functional mode allocates NaN-poisoned outputs: every element must be written."""
+    engine = get_engine(load_spec(name))
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5, 9), (33,), ()]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    phi = engine.init_weights(seed=0)
+    ts = [engine.init_tensor_state(p) for p in params]
+    gs = engine.init_global_state()
+    sc = [dict(lr=1.0, wd=0.0) for _ in shapes]
+    pt, tt, gt = engine.step(phi, params, grads, ts, gs, sc, backend="torch")
+    px, tx, gx = engine.step(phi, params, grads, ts, gs, sc, backend="triton")
+    for a, b in zip(pt, px):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for sa, sb in zip(tt, tx):
+        for k in sa:
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_triton_nonfinite_gradient_skips_tensor():
+    p = torch.randn(4, 3, requires_grad=True)
+    q = torch.randn(5, requires_grad=True)
+    opt = LearnedOptimizer([p, q], "small_fc_lopt", backend="triton")
+    p.grad, q.grad = torch.randn(4, 3), torch.randn(5)
+    opt.step()
+    before = p.detach().clone()
+    p.grad = torch.full((4, 3), float("nan"))
+    q.grad = torch.randn(5)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    assert torch.isfinite(q).all()
+
+
+def test_triton_rejects_rank_above_four_clearly():
+    p = torch.randn(1, 2, 1, 2, 3, requires_grad=True)
+    opt = LearnedOptimizer([p], "adam", backend="triton")
+    p.grad = torch.randn(p.shape)
+    with pytest.raises(NotImplementedError, match="rank <= 4"):
+        opt.step()
