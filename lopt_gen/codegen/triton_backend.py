@@ -1,7 +1,8 @@
 """Render the per-element work of each stage as a Triton kernel (templates/triton_kernels.py.j2).
 
-One kernel per stage.  A program handles ``BLOCK`` consecutive elements of one tensor
-(flattened, contiguous).  Per-element values are ``[BLOCK]`` registers; vectors that feed a
+One kernel per stage, launched once for every tensor of the step (a multi-tensor launch): a
+program handles ``BLOCK`` consecutive elements of one tensor (flattened, contiguous), found
+through a program table; each tensor's buffers come from a table of addresses.  Per-element values are ``[BLOCK]`` registers; vectors that feed a
 dense layer or a recurrent cell wider than :data:`UNROLL_MAX` outputs live in
 ``[BLOCK, PAD]`` tiles (PAD a power of two >= 16) and use ``tl.dot`` when both widths are at
 least 16, a broadcast multiply-add otherwise; narrower layers are unrolled into scalar
@@ -65,7 +66,7 @@ class _KBody:
 
     def weight(self, meta: str) -> str:
         if meta not in self.weights:
-            self.weights[meta] = self.arg(("weight", meta), f"w_{_safe(meta)}")
+            self.weights[meta] = f"w_{_safe(meta)}"
         return self.weights[meta]
 
     def state_ptr(self, key: str) -> str:
@@ -328,7 +329,11 @@ def _kernel(prog, stage, levels, leaves, final: bool) -> dict:
         block = 512
     args = list(body.args)
     names = list(body.arg_names)
-    return dict(name=f"stage{stage.index}_kernel", index=stage.index, lines=lines, args=args, arg_names=names,
+    state_dt = "tl.bfloat16" if prog.state_dtype == "bfloat16" else "tl.float32"
+    slots = [(nm, state_dt if d[0] in ("state", "out_state") else "tl.float32") for nm, d in zip(names, args)]
+    weights = sorted(body.weights.items())
+    return dict(name=f"stage{stage.index}_kernel", index=stage.index, lines=lines, args=args, slots=slots,
+                weights=[dict(meta=m, arg=a) for m, a in weights],
                 hv=list(body.hv), uses_coords=body.uses_coords, reductions=reds, block=block)
 
 
@@ -340,7 +345,8 @@ def render_triton(prog, spec_source: str) -> str:
     stages = plan(prog)
     kernels = [_kernel(prog, st, levels, leaves, st.index == len(stages) - 1) for st in stages]
     meta = [dict(name=k["name"], index=k["index"], args=k["args"], hv=k["hv"], uses_coords=k["uses_coords"],
-                 reductions=k["reductions"], block=k["block"]) for k in kernels]
+                 reductions=k["reductions"], block=k["block"], weights=[w["meta"] for w in k["weights"]])
+            for k in kernels]
     import pprint
 
     return _env().get_template("triton_kernels.py.j2").render(

@@ -182,17 +182,18 @@ class Engine:
             self._host_phase(stage, T, G, phi, plans, partials)
             partials = [dict() for _ in range(n)]
             if backend == "triton":
-                runner = self.triton_runner()
+                from .triton_runner import StageItem
+
+                final_now = stage["index"] == final
+                items, idx = [], []
                 for i in range(n):
-                    final_now = stage["index"] == final
                     if final_now and inplace and not ok[i]:
                         continue
                     outs = self._triton_outputs(i, plans[i], params, tstates, inplace, collected[i]) \
                         if final_now else (None, None)
-                    res = runner.run(stage["index"], plans[i], ChainMap(T[i], G), phi, flat_g[i], flat_p[i],
-                                     tstates[i], *outs)
-                    if final_now and inplace and outs[0] is not params[i]:
-                        params[i].copy_(outs[0].view(params[i].shape))
+                    items.append(StageItem(plans[i], ChainMap(T[i], G), flat_g[i], flat_p[i], tstates[i], *outs))
+                    idx.append(i)
+                for i, res in zip(idx, self.triton_runner().run(stage["index"], items, phi)):
                     for name, val in res.items():
                         partials[i][name] = [val]
                 continue
@@ -214,9 +215,8 @@ class Engine:
         """Where the final Triton kernel writes: in place, or into new tensors (functional)."""
         p = params[i]
         elem_keys = [w["state"] for w in self.info["writes"] if w["level"] == "elem"]
-        if inplace:
-            out_p = p if p.is_contiguous() else torch.empty(pl.numel, dtype=p.dtype, device=p.device)
-            return out_p, {k: tstates[i][k] for k in elem_keys}
+        if inplace:  # the runner writes through a copy when p is not fp32 and contiguous
+            return p, {k: tstates[i][k] for k in elem_keys}
         # poisoned: an element the kernel fails to write shows up as NaN
         out_p = torch.full(pl.shape, float("nan"), dtype=torch.float32, device=p.device)
         outs = {k: torch.full_like(tstates[i][k], float("nan")) for k in elem_keys}
