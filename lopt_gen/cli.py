@@ -96,5 +96,35 @@ def compile_cmd(specs, out, check):
         click.echo(f"{out_dir}: up to date ({len(names)} spec(s))")
 
 
+@main.command()
+@click.argument("spec")
+@click.option("--examples", default=10, show_default=True, help="random examples (shapes, seeds) to try")
+@click.option("--steps", default=3, show_default=True, help="optimizer steps per example")
+@click.option("--no-gradients", is_flag=True, help="compare forward values only")
+@click.option("--seed", default=0, show_default=True)
+def check(spec, examples, steps, no_gradients, seed):
+    """Property-test SPEC: its Triton kernels against its torch step (values and gradients).
+
+    On CPU the kernels run in the Triton interpreter.  Exits 1 and prints the smallest
+    failing example when the backends disagree."""
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .check import check_spec
+    from .spec import SpecError, load_spec
+
+    try:
+        s = load_spec(spec)
+    except SpecError as exc:
+        _fail(str(exc))
+    res = check_spec(s, max_examples=examples, steps=steps, gradients=not no_gradients, seed=seed)
+    if res.ok:
+        click.echo(f"{s.name}: Triton and torch agree on {res.examples} random example(s) "
+                   f"({steps} step(s) each{', values only' if no_gradients else ', values and gradients'})")
+        return
+    click.echo(f"{s.name}: the backends disagree\n{res.message}", err=True)
+    sys.exit(1)
+
+
 if __name__ == "__main__":
     main()
