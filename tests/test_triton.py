@@ -139,3 +139,24 @@ def test_gradients_through_triton_function_equal_torch_autograd(name, first_orde
                 assert a.grad is None and b.grad is None
             else:
                 close(b.grad, a.grad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_state_storage_option(backend):
+    """state_dtype: bfloat16 stores per-element states in bf16; arithmetic stays fp32."""
+    spec = load_spec("adam").model_copy(update={"name": "adam_bf16_state", "state_dtype": "bfloat16"})
+    gen = torch.Generator().manual_seed(5)
+    p0 = torch.randn(33, 7, generator=gen)
+    a = p0.clone().requires_grad_()
+    b = p0.clone().requires_grad_()
+    oa = LearnedOptimizer([a], spec, lr=1e-2, backend=backend)
+    ob = torch.optim.Adam([b], lr=1e-2)
+    for _ in range(10):
+        g = torch.randn(33, 7, generator=gen)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    assert oa.state[a]["m"].dtype == torch.bfloat16
+    assert oa.state[a]["v"].dtype == torch.bfloat16
+    assert (a.detach() - b.detach()).abs().max() < 2e-3  # bf16 rounding of the moments only
+    assert (a.detach() - b.detach()).abs().max() > 0, "states really are rounded to bf16"
