@@ -126,5 +126,14 @@ def check(spec, examples, steps, no_gradients, seed):
     sys.exit(1)
 
 
+def _register_meta_train():
+    from .meta.cli import meta_train_cmd
+
+    main.add_command(meta_train_cmd, "meta-train")
+
+
+_register_meta_train()
+
+
 if __name__ == "__main__":
     main()
