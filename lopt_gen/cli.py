@@ -126,6 +126,50 @@ def check(spec, examples, steps, no_gradients, seed):
     sys.exit(1)
 
 
+@main.command("eval")
+@click.argument("optimizer")
+@click.option("--task", default="digits_mlp", show_default=True, help="a registered task (lopt_gen.meta.TASKS)")
+@click.option("--baselines", default="adam,rmsprop,sgd", show_default=True, help="comma-separated, or 'none'")
+@click.option("--steps", default=1000, show_default=True)
+@click.option("--seeds", default=3, show_default=True)
+@click.option("--lr", type=float, default=None, help="lr multiplier of the evaluated optimizer")
+@click.option("--lr-grid", is_flag=True, help="run every baseline over a 7-point learning-rate grid")
+@click.option("--out", type=click.Path(file_okay=False), default="out/eval", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True)
+def eval_cmd(optimizer, task, baselines, steps, seeds, lr, lr_grid, out, threads):
+    """Train TASK with OPTIMIZER (shipped name, spec file, weights file or meta-train run folder)
+    beside baselines; print a table and save a plot of the loss curves."""
+    import json
+
+    import torch
+
+    from .meta.evaluate import evaluate, format_table, plot, summarize
+    from .meta.tasks import TASKS
+    from .spec import SpecError
+    from .weights import WeightsError
+
+    torch.set_num_threads(threads)
+    if task not in TASKS:
+        _fail(f"unknown task {task!r}; registered: {', '.join(sorted(TASKS))}")
+    names = [] if baselines.strip().lower() == "none" else [b.strip() for b in baselines.split(",") if b.strip()]
+    try:
+        runs = evaluate(optimizer, task=task, baselines=names, steps=steps, seeds=seeds, lr_grid=lr_grid, lr=lr)
+    except (SpecError, WeightsError, ValueError) as exc:
+        _fail(str(exc))
+    rows = summarize(runs, reference="adam" if "adam" in runs else None)
+    table = format_table(rows)
+    click.echo(table)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.md").write_text(table + "\n")
+    (out_dir / "runs.json").write_text(json.dumps({k: [r.__dict__ for r in v] for k, v in runs.items()}))
+    try:
+        plot(runs, out_dir / f"{task}.png", title=f"{task}: {steps} steps, {seeds} seed(s)")
+        click.echo(f"plot: {out_dir / (task + '.png')}")
+    except RuntimeError as exc:
+        click.echo(f"(no plot: {exc})")
+
+
 def _register_meta_train():
     from .meta.cli import meta_train_cmd
 

@@ -1,0 +1,51 @@
+"""lopt-gen eval: learned optimizers beside baselines on a registered task."""
+
+import json
+import math
+import subprocess
+import sys
+
+
+from lopt_gen.meta.evaluate import Run, evaluate, steps_to_reach, summarize
+
+from .conftest import ROOT
+
+
+def test_adam_spec_matches_adam_baseline_on_a_task():
+    runs = evaluate("adam", task="quadratic", baselines=["adam"], steps=60, seeds=2, progress=False)
+    assert set(runs) == {"lopt_gen:adam", "adam"}
+    for a, b in zip(runs["lopt_gen:adam"], runs["adam"]):
+        assert len(a.losses) == len(b.losses) == 60
+        for x, y in zip(a.losses, b.losses):
+            assert math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6)
+
+
+def test_summary_speedup_and_divergence():
+    slow = Run("adam", 0, 1e-3, losses=[1.0 - 0.001 * i for i in range(100)])
+    fast = Run("x", 0, 1.0, losses=[1.0 - 0.002 * i for i in range(100)])
+    bad = Run("y", 0, 1.0, losses=[1.0], diverged=True)
+    rows = {r["optimizer"]: r for r in summarize({"adam": [slow], "x": [fast], "y": [bad]})}
+    assert rows["adam"]["speedup"] == 1.0
+    assert 1.6 < rows["x"]["speedup"] < 2.2  # twice as fast, seen through a 20-step trailing mean
+    assert rows["y"]["diverged"] == 1 and math.isnan(rows["y"]["final_loss"])
+    assert steps_to_reach([3, 2, 1], 2, k=1) == 2
+    assert steps_to_reach([3, 2, 1], 0.5, k=1) is None
+
+
+def test_divergent_optimizer_is_reported_not_raised():
+    runs = evaluate("sgd_momentum", task="rosenbrock", baselines=[], steps=50, seeds=1, lr=10.0, progress=False)
+    assert runs["lopt_gen:sgd_momentum"][0].diverged
+
+
+def test_eval_cli_writes_table_and_plot(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lopt_gen.cli", "eval", "small_fc_lopt", "--task", "digits_mlp",
+                        "--baselines", "adam", "--steps", "15", "--seeds", "1", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "lopt_gen:small_fc_lopt" in r.stdout and "| adam" in r.stdout
+    assert (tmp_path / "digits_mlp.png").stat().st_size > 1000
+    data = json.loads((tmp_path / "runs.json").read_text())
+    assert len(data["adam"][0]["losses"]) == 15
+    bad = subprocess.run([sys.executable, "-m", "lopt_gen.cli", "eval", "adam", "--task", "nope"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown task 'nope'" in bad.stderr and "Traceback" not in bad.stderr
