@@ -10,8 +10,30 @@ import torch
 from .spec import Spec, load_spec, spec_from_dict
 
 
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+
+
 class WeightsError(ValueError):
     pass
+
+
+def shipped_pretrained() -> dict[str, Path]:
+    """Meta-trained weights that ship with the package, by name."""
+    return {p.stem: p for p in sorted(PRETRAINED_DIR.glob("*.safetensors"))}
+
+
+def resolve_pretrained(name_or_path) -> Path:
+    """A weights file from a shipped name, a file path, or a meta-train output folder."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "weights.safetensors"
+    if path.exists():
+        return path
+    shipped = shipped_pretrained()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise WeightsError(f"no weights file {str(name_or_path)!r} and no shipped pretrained optimizer of that name "
+                       f"(shipped: {', '.join(shipped) or 'none'})")
 
 
 def init_weights(spec, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -203,3 +203,20 @@ def test_hrnn_lookahead_keeps_true_parameter_in_state():
     theta = opt.state[p]["theta"][0]
     assert theta.shape == p.shape
     assert not torch.equal(theta, p.detach()), "p holds the lookahead point, theta the parameter"
+
+
+def test_from_pretrained_resolves_names_files_and_run_folders(tmp_path, monkeypatch):
+    from lopt_gen import weights as W
+
+    w = lopt_gen.init_weights("small_fc_lopt", seed=8)
+    shipped = tmp_path / "pretrained"
+    lopt_gen.save_weights(shipped / "my_lopt.safetensors", "small_fc_lopt", w)
+    monkeypatch.setattr(W, "PRETRAINED_DIR", shipped)
+    p = torch.zeros(3, requires_grad=True)
+    opt = LearnedOptimizer.from_pretrained([p], "my_lopt")
+    assert torch.equal(opt.weights["mlp.0.weight"], w["mlp.0.weight"])
+    run = tmp_path / "run"
+    lopt_gen.save_weights(run / "weights.safetensors", "small_fc_lopt", w)
+    assert LearnedOptimizer.from_pretrained([p], run).spec.name == "small_fc_lopt"
+    with pytest.raises(lopt_gen.WeightsError, match="no shipped pretrained optimizer.*shipped: my_lopt"):
+        LearnedOptimizer.from_pretrained([p], "nope")

@@ -75,10 +75,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def from_pretrained(cls, params, name_or_path, **kwargs):
-        """An optimizer from a weights file (its embedded spec is used)."""
-        from ..weights import load_weights
+        """An optimizer from a shipped pretrained name (``"small_fc_lopt"``), a weights file, or a
+        ``lopt-gen meta-train`` output folder; the spec embedded in the weights is used."""
+        from ..weights import load_weights, resolve_pretrained
 
-        spec, weights = load_weights(name_or_path)
+        spec, weights = load_weights(resolve_pretrained(name_or_path))
         return cls(params, spec, weights=weights, **kwargs)
 
     # ------------------------------------------------------------------ state
