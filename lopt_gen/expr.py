@@ -71,7 +71,10 @@ class ExprError(ValueError):
 def _number(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ExprError(f"only numbers are allowed as constants, got {value!r}")
-    f = float(value)
+    try:
+        f = float(value)
+    except OverflowError:
+        raise ExprError(f"constant {value} is too large") from None
     if not math.isfinite(f):
         raise ExprError(f"constant {value!r} is not finite")
     return f
@@ -186,6 +189,8 @@ def parse(text: str | int | float) -> tuple:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
         raise ExprError(f"syntax error: {exc.msg} at column {exc.offset}") from None
+    except (RecursionError, MemoryError):
+        raise ExprError(f"expression nests deeper than {MAX_DEPTH} levels") from None
     return _walk(tree.body, 0)
 
 

@@ -33,6 +33,34 @@ class _Fail(Exception):
         self.path, self.msg = path, msg
 
 
+def _power(x, y, path: str):
+    """x ** y, folding two numbers in floating point (sympy would fold 10 ** 10 ** 10 exactly)."""
+    x, y = sympy.sympify(x), sympy.sympify(y)
+    if x.is_number and y.is_number and not x.free_symbols and not y.free_symbols:
+        try:
+            v = float(x) ** float(y)
+        except (OverflowError, ZeroDivisionError):
+            raise _Fail(path, f"constant {x} ** {y} is not a finite number") from None
+        if isinstance(v, complex) or not math.isfinite(v):
+            raise _Fail(path, f"constant {x} ** {y} is not a finite real number")
+        return num(v)
+    return x ** y
+
+
+def _check_constants(e, path: str) -> None:
+    """Every constant sub-expression must be a finite real number (exp(1000), sqrt(-1) are not)."""
+    if not isinstance(e, sympy.Basic):
+        return
+    for sub in sympy.preorder_traversal(e):
+        if sub.is_number and not sub.free_symbols and not isinstance(sub, sympy.logic.boolalg.Boolean):
+            try:
+                v = complex(sub.evalf(30))
+            except (TypeError, ValueError, OverflowError):
+                raise _Fail(path, f"constant {sub} cannot be evaluated") from None
+            if v.imag != 0 or not math.isfinite(v.real):
+                raise _Fail(path, f"constant {sub} is not a finite real number")
+
+
 def _channel_names(base: str, width: int) -> list[str]:
     return [base] if width == 1 else [f"{base}_{i}" for i in range(width)]
 
@@ -104,11 +132,14 @@ class Builder:
         names = []
         for i, v in enumerate(values):
             v = sympy.sympify(v)
-            if isinstance(v, sympy.Symbol):
+            if isinstance(v, sympy.Symbol) and self.levels.get(v.name) == decl.level:
                 names.append(v.name)
             else:
+                # computed here, or broadcast from a lower level (a constant, lr, a per-tensor mean)
                 safe = key.replace(".", "_")
-                names.append(self.let(f"_{safe}_new" + (f"_{i}" if decl.width > 1 else ""), v, decl.level).name)
+                name = f"_{safe}_new" + (f"_{i}" if decl.width > 1 else "")
+                self.add(Let(name, decl.level, v))
+                names.append(name)
         self.pending_writes.append(StateWrite(key, decl.level, tuple(names)))
 
     def reduce(self, e, over: str, path: str):
@@ -538,7 +569,7 @@ class Builder:
                     return zip2(a, b, lambda x, y: x * y)
                 if op == "/":
                     return zip2(a, b, lambda x, y: x / y)
-                return zip2(a, b, lambda x, y: x ** y)
+                return zip2(a, b, lambda x, y: _power(x, y, path))
             if kind == "index":
                 xs = rec(n[1])
                 if not 0 <= n[2] < len(xs):
@@ -556,6 +587,11 @@ class Builder:
 
         def cond(c):
             op, a, b = c[1], rec(c[2]), rec(c[3])
+            # a where() inside a comparison would become a sympy ITE: give it a name first
+            a = [self.let(self.fresh("cond"), x) if isinstance(x, sympy.Basic) and x.has(sympy.Piecewise) else x
+                 for x in a]
+            b = [self.let(self.fresh("cond"), x) if isinstance(x, sympy.Basic) and x.has(sympy.Piecewise) else x
+                 for x in b]
             rel = {"<": sympy.Lt, "<=": sympy.Le, ">": sympy.Gt, ">=": sympy.Ge, "==": sympy.Eq, "!=": sympy.Ne}[op]
             return zip2(a, b, lambda x, y: rel(x, y))
 
@@ -606,6 +642,7 @@ class Builder:
         for e in out:
             if isinstance(e, sympy.Basic) and (e.has(sympy.zoo) or e.has(sympy.nan) or e.has(sympy.oo)):
                 raise _Fail(path, "the expression is not finite (a division by zero or log(0) in constants?)")
+            _check_constants(e, path)
         return out
 
     # ------------------------------------------------------------------ the whole step
@@ -633,6 +670,8 @@ class Builder:
                 problems.append((f.path, f.msg))
             except RecursionError:
                 problems.append((path, "definitions nest too deeply"))
+            except (ValueError, TypeError, OverflowError, ArithmeticError) as exc:
+                problems.append((path, f"cannot be evaluated: {type(exc).__name__}: {exc}"))
             return None
 
         update = attempt(lambda: self.lower_expr(E.parse(spec.update), "update"), "update")

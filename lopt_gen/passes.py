@@ -116,6 +116,12 @@ def fold_dense(prog: Program) -> Program:
             continue
         ele = [(c, x) for c, x in zip(n.cols, n.ins) if ir.rank(levels[x]) > ir.rank("tensor")]
         blv = ir.join_all(levels[x] for _, x in uni)
+        if not ele and not n.extra_bias:
+            # every input is per-tensor: the whole layer is per-tensor
+            out.append(dataclasses.replace(n, level=blv))
+            for o in n.outs:
+                levels[o] = blv
+            continue
         width = len(n.outs)
         bias_names = tuple(f"{o}_bias" for o in n.outs)
         out.append(Dense(bias_names, blv, tuple(x for _, x in uni), n.weight, tuple(c for c, _ in uni), n.bias,

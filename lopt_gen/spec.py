@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import keyword
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -37,6 +39,12 @@ RESERVED = {
     "wd": "the weight decay of the parameter group",
     "loss": "the loss passed to step(loss=...)",
     "decay": "(inside an accumulator) its decay",
+    # keys the runtime itself uses in optimizer state and parameter groups
+    "step": "the per-tensor step counter in the optimizer state",
+    "theta": "the parameter kept in state by specs with a lookahead",
+    "params": "a parameter group's parameter list",
+    "weight_decay": "a parameter group's weight decay (use wd in expressions)",
+    "initial_lr": "the key learning-rate schedulers keep in parameter groups",
 }
 
 
@@ -64,6 +72,8 @@ def _identifier(value: str) -> str:
         raise ValueError(f"{value!r} is reserved: it means {RESERVED[value]}")
     if value.startswith("_"):
         raise ValueError(f"{value!r}: names starting with '_' are reserved for the compiler")
+    if keyword.iskeyword(value):
+        raise ValueError(f"{value!r} is a Python keyword")
     return value
 
 
@@ -77,7 +87,7 @@ Identifier = Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True, allow_inf_nan=False)
 
 
 class Expr(str):
@@ -88,8 +98,12 @@ def _check_expr(value: Any) -> str:
     if isinstance(value, bool):
         raise ValueError("expected an expression, got a boolean")
     if isinstance(value, (int, float)):
-        _finite(float(value))
-        return repr(float(value))
+        try:
+            f = float(value)
+        except OverflowError:
+            raise ValueError(f"number {value} is too large") from None
+        _finite(f)
+        return repr(f)
     if not isinstance(value, str):
         raise ValueError(f"expected an expression string, got {type(value).__name__}")
     try:
@@ -147,11 +161,19 @@ class Accumulator(_Strict):
             for x in v:
                 if isinstance(x, bool) or not isinstance(x, (int, float)):
                     raise ValueError(f"decays must be numbers, got {x!r}")
+                if len(v) > 256:
+                    raise ValueError("at most 256 decays")
+                try:
+                    float(x)
+                except OverflowError:
+                    raise ValueError(f"decay {x} is not in (0, 1)") from None
                 if not 0.0 < float(x) < 1.0:
                     raise ValueError(f"decay {x} is not in (0, 1)")
                 out.append(float(x))
             return out
         if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if isinstance(v, int) and abs(v) > 1:
+                raise ValueError(f"decay {v} is not in (0, 1)")
             if not 0.0 < float(v) < 1.0:
                 raise ValueError(f"decay {v} is not in (0, 1)")
             return [float(v)]
@@ -214,7 +236,7 @@ class Hierarchy(_Strict):
     tensor: LevelRNN
     global_: LevelRNN | None = Field(default=None, alias="global")
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class Network(_Strict):
@@ -344,6 +366,13 @@ class Spec(_Strict):
         if self.network is not None:
             for k in self.network.outputs:
                 claim(k, "network.outputs")
+        # a vector named x has channels x_0, x_1, ...: no other name may look like one of them
+        for name in seen:
+            m = re.fullmatch(r"(.+)_(\d+)", name)
+            if m and m.group(1) in seen:
+                raise ValueError(f"name {name!r} could be a channel of {m.group(1)!r} ({seen[m.group(1)]}); "
+                                 f"rename one of them")
+        if self.network is not None:
             if not self.features:
                 raise ValueError("a network needs at least one entry in 'features'")
         elif self.features:
@@ -352,7 +381,16 @@ class Spec(_Strict):
 
     # ------------------------------------------------------------------ helpers
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json", by_alias=True)
+        if data.get("network"):
+            # the order of the heads decides which rows of the read-out each one uses
+            data["network"]["outputs"] = [[k, v] for k, v in data["network"]["outputs"].items()]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    def to_json(self) -> str:
+        """The spec as JSON that :func:`spec_from_dict` reads back (key order kept: it matters for
+        the order of network heads)."""
+        return json.dumps(self.model_dump(mode="json", by_alias=True), separators=(",", ":"))
 
     def spec_hash(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
@@ -407,6 +445,8 @@ def spec_from_dict(data: Any, source: str | None = None, check: bool = True) -> 
         spec = Spec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(_pydantic_problems(exc), source) from None
+    except (RecursionError, OverflowError, ValueError, TypeError) as exc:
+        raise SpecError([("", f"cannot be read as a spec: {type(exc).__name__}: {exc}")], source) from None
     if check:
         from .lower import LowerError, lower
 
@@ -419,6 +459,19 @@ def spec_from_dict(data: Any, source: str | None = None, check: bool = True) -> 
 
 def shipped_specs() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SPEC_DIR.glob("*.yaml"))}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML loader that refuses a mapping with the same key twice (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_spec(path_or_name: str | Path | Spec | dict) -> Spec:
@@ -440,11 +493,15 @@ def load_spec(path_or_name: str | Path | Spec | dict) -> Spec:
             )
     source = str(text_path)
     try:
-        text = text_path.read_text()
+        text = text_path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError([("", f"cannot read the file: {exc.strerror or exc}")], source) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError([("", f"the file is not UTF-8 text (byte {exc.start})")], source) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        raise SpecError([("", "the YAML nests too deeply")], source) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -36,6 +36,12 @@ class ClipST(sympy.Function):
     def fdiff(self, argindex=1):
         return sympy.Integer(1) if argindex == 1 else sympy.Integer(0)
 
+    @classmethod
+    def eval(cls, x, lo, hi):
+        if x.is_Number and lo.is_Number and hi.is_Number:
+            return sympy.Min(sympy.Max(x, lo), hi)
+        return None
+
 
 def num(value: float) -> sympy.Expr:
     """A sympy number holding exactly the given float (integers stay integers)."""

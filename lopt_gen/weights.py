@@ -78,7 +78,7 @@ def save_weights(path, spec, weights: dict[str, torch.Tensor], extra: dict | Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "lopt_gen.weights/1", "spec_name": spec.name, "spec_hash": spec.spec_hash(),
-            "spec": spec.canonical_json()}
+            "spec": spec.to_json()}
     if extra:
         meta["extra"] = json.dumps(extra, sort_keys=True)
     tmp = path.with_name(path.name + ".tmp")

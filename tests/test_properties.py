@@ -8,10 +8,8 @@
   the broken field; nothing but SpecError ever leaves ``spec_from_dict``;
 * names and expressions cannot inject code into the generated step.
 
-Known compiler bugs are pinned at the end as strict xfails (each with a minimal spec);
-the generators in lopt_gen.testing stay clear of them so that the properties test the
-rest.  When a bug is fixed its xfail starts passing and fails the run: delete the xfail
-mark, and widen the generator (``_KNOWN_BAD_NAMES`` etc. in lopt_gen/testing.py).
+The bugs these properties found are kept at the end as regression tests, each with the
+minimal spec that showed it.
 
 The examples are derandomized so that the suite is reproducible and stays fast; set
 ``LOPT_GEN_PROPERTY_SCALE=10`` for a longer, randomized run.
@@ -461,7 +459,8 @@ def test_spec_file_name_with_quotes_cannot_inject(tmp_path):
     _assert_clean_code(text)
 
 
-# ------------------------------------------------------------------------------ known bugs (strict xfails)
+# ------------------------------------------------------------------------------ bugs found by these tests
+# Each was a minimal spec that broke the compiler; all are fixed and stay as regression tests.
 # Each case is a minimal spec dict.  The library must be fixed for these to pass.
 
 
@@ -471,63 +470,49 @@ def _same_as_renamed(data: dict, mapping: dict[str, str]) -> None:
     assert _close(a, b)
 
 
-@pytest.mark.xfail(strict=True, reason="an accumulator named 'step' shares the state key of the step counter: "
-                                       "the counter is overwritten (and the accumulator gets +1 per step)")
 def test_bug_accumulator_named_step():
-    _same_as_renamed({"name": "x", "accumulators": [{"name": "step", "ema": "g", "decay": 0.9}], "update": "step"},
-                     {"step": "mom"})
+    """'step' is the runtime's step counter: the name is refused, with the field named."""
+    with pytest.raises(SpecError, match=r"accumulators\[0\]\.name.*reserved.*step counter"):
+        spec_from_dict({"name": "x", "accumulators": [{"name": "step", "ema": "g", "decay": 0.9}], "update": "step"})
 
 
-@pytest.mark.xfail(strict=True, reason="an accumulator named 'theta' collides with the lookahead's 'theta' state")
 def test_bug_accumulator_named_theta_with_lookahead():
-    _same_as_renamed({"name": "x", "accumulators": [{"name": "theta", "ema": "g", "decay": 0.9}], "update": "theta",
-                      "lookahead": "g"}, {"theta": "mom"})
+    with pytest.raises(SpecError, match=r"accumulators\[0\]\.name.*reserved.*lookahead"):
+        spec_from_dict({"name": "x", "accumulators": [{"name": "theta", "ema": "g", "decay": 0.9}],
+                        "update": "theta", "lookahead": "g"})
 
 
-@pytest.mark.xfail(strict=True, reason="a hyper-parameter named 'params' collides with the param group's "
-                                       "'params' list: TypeError at step")
 def test_bug_hyper_named_params():
-    assert_finite_steps({"name": "x", "hyper": {"params": 0.5}, "update": "params * g"})
+    with pytest.raises(SpecError, match=r"hyper.*'params' is reserved"):
+        spec_from_dict({"name": "x", "hyper": {"params": 0.5}, "update": "params * g"})
 
 
-@pytest.mark.xfail(strict=True, reason="a hyper-parameter named 'weight_decay' silently replaces the group's "
-                                       "weight decay")
 def test_bug_hyper_named_weight_decay():
-    _same_as_renamed({"name": "x", "hyper": {"weight_decay": 0.5}, "update": "weight_decay * g"},
-                     {"weight_decay": "k"})
+    with pytest.raises(SpecError, match=r"hyper.*'weight_decay' is reserved"):
+        spec_from_dict({"name": "x", "hyper": {"weight_decay": 0.5}, "update": "weight_decay * g"})
 
 
-@pytest.mark.xfail(strict=True, reason="a let named like a generated matrix variable (dense1, dense2, ...) is "
-                                       "overwritten by the dense layer's output: RuntimeError at step")
 def test_bug_let_named_dense2():
     assert_finite_steps({"name": "x", "features": [{"name": "f", "expr": "g"}], "let": {"dense2": "g * 2 + p"},
                          "network": {"kind": "mlp", "hidden": [4], "outputs": {"o": 1}},
                          "update": "o * dense2 + dense2 * dense2"})
 
 
-@pytest.mark.xfail(strict=True, reason="a name 'slice' shadows the builtin that the generated dense-layer "
-                                       "calls use: TypeError at step")
 def test_bug_feature_named_slice():
     assert_finite_steps({"name": "x", "features": [{"name": "slice", "expr": "g * 2 + p"}],
                          "network": {"kind": "mlp", "hidden": [4], "outputs": {"o": 1}}, "update": "o"})
 
 
-@pytest.mark.xfail(strict=True, reason="lets 'ops' and 'ops_' both become the Python variable ops_ "
-                                       "(keywords and the generator's own names get a '_' suffix): wrong results")
 def test_bug_lets_ops_and_ops_underscore_collide():
     _same_as_renamed({"name": "x", "let": {"ops": "g * 2 + p", "ops_": "g * 3 - p"}, "update": "ops * ops_ + ops"},
                      {"ops": "aa", "ops_": "bb"})
 
 
-@pytest.mark.xfail(strict=True, reason="a vector let 'a' has channels named a_0, a_1 that clash with a user "
-                                       "let 'a_1': IRError (not SpecError) when compiling")
 def test_bug_vector_channel_names_clash_with_user_names():
-    spec = spec_from_dict({"name": "x", "let": {"a": "[1, 2] * g", "a_1": "g * 2"}, "update": "a[0] + a_1"})
-    render(spec)
+    with pytest.raises(SpecError, match=r"'a_1' could be a channel of 'a'"):
+        spec_from_dict({"name": "x", "let": {"a": "[1, 2] * g", "a_1": "g * 2"}, "update": "a[0] + a_1"})
 
 
-@pytest.mark.xfail(strict=True, reason="constants that overflow when folded (exp(1000), 10.0 ** 400) are "
-                                       "accepted and compile to the undefined name 'inf'")
 @pytest.mark.parametrize("update", ["g * exp(1000)", "g * 10.0 ** 400", "g * max(1e308 * 10, 1)"])
 def test_bug_overflowing_constants_are_accepted(update):
     data = {"name": "x", "update": update}
@@ -538,8 +523,6 @@ def test_bug_overflowing_constants_are_accepted(update):
     assert_finite_steps(spec, steps=1)
 
 
-@pytest.mark.xfail(strict=True, reason="complex constants (sqrt(-1), log(-1)) are accepted and fail to compile "
-                                       "with UnsupportedError instead of a SpecError")
 @pytest.mark.parametrize("update", ["g * sqrt(-1)", "g * log(-1)", "g * (-8) ** 0.5"])
 def test_bug_complex_constants_are_accepted(update):
     try:
@@ -549,8 +532,6 @@ def test_bug_complex_constants_are_accepted(update):
     render(spec)
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, TypeError, OverflowError, RecursionError),
-                   reason="spec_from_dict lets exceptions other than SpecError escape")
 @pytest.mark.parametrize("data", [
     {"name": "x", "update": "relu(log(-1))"},                      # ValueError from sympy Max
     {"name": "x", "update": "max(sqrt(-1), g)"},                   # ValueError from sympy Max
@@ -572,8 +553,6 @@ def test_bug_non_spec_errors_escape(data):
         pytest.fail("accepted")
 
 
-@pytest.mark.xfail(strict=True, reason="Python keywords are accepted as names although no expression can "
-                                       "refer to them")
 @pytest.mark.parametrize("data", [
     {"name": "x", "let": {"lambda": "g"}, "update": "g"},
     {"name": "class", "update": "g"},
@@ -588,8 +567,6 @@ def test_bug_keyword_names_are_accepted(data):
 _NET = {"kind": "mlp", "hidden": [4], "outputs": {"o": 1}}
 
 
-@pytest.mark.xfail(strict=True, reason="non-finite network / default settings are accepted (then NameError "
-                                       "'inf'/'nan' in the generated step, or non-finite steps)")
 @pytest.mark.parametrize("data", [
     {"name": "x", "features": [{"name": "f", "expr": "g"}], "network": {**_NET, "init_scale": math.inf},
      "update": "o"},
@@ -607,28 +584,20 @@ def test_bug_non_finite_settings_are_accepted(data):
         spec_from_dict(data)
 
 
-@pytest.mark.xfail(strict=True, reason="a network whose features are all per-tensor (none per-element) "
-                                       "crashes at step: IndexError in ops.stack([])")
 def test_bug_network_without_per_element_features():
     assert_finite_steps({"name": "x", "features": [{"name": "f", "expr": "t"}], "network": _NET, "update": "o * g"})
 
 
-@pytest.mark.xfail(strict=True, reason="an 'update' accumulator whose new value is not per-element "
-                                       "(a constant, lr, mean_tensor(g)) crashes at step: KeyError")
 @pytest.mark.parametrize("new", ["1.0", "lr", "mean_tensor(g)"])
 def test_bug_update_accumulator_not_per_element(new):
     assert_finite_steps({"name": "x", "accumulators": [{"name": "m", "update": new}], "update": "g + m"})
 
 
-@pytest.mark.xfail(strict=True, reason="where() inside the condition of where() becomes a sympy ITE that the "
-                                       "torch printer cannot print: UnsupportedError at render")
 def test_bug_where_inside_where_condition():
     render(spec_from_dict({"name": "x", "update": "where(where(g != 0, g, 1) > 0, g, p)"}))
+    assert_finite_steps({"name": "x", "update": "where(where(g != 0, g, 1) > 0, g, p)"})
 
 
-@pytest.mark.xfail(strict=True, reason="spec_hash ignores the order of network.outputs, but the order decides "
-                                       "which rows of head.weight each head reads: two different optimizers share "
-                                       "a hash (compiled-module cache, weights files)")
 def test_bug_output_order_not_in_spec_hash():
     base = {"name": "x", "features": [{"name": "f", "expr": "g"}], "update": "a + b[0]"}
     a = spec_from_dict({**base, "network": {"kind": "mlp", "hidden": [2], "outputs": {"a": 1, "b": 2}}})
@@ -636,8 +605,6 @@ def test_bug_output_order_not_in_spec_hash():
     assert a.spec_hash() != b.spec_hash() or render(a) == render(b)
 
 
-@pytest.mark.xfail(strict=True, reason="integer power towers are folded exactly by sympy: validating "
-                                       "'g * 10 ** 10 ** 10' does not finish (denial of service)")
 def test_bug_power_tower_hangs_validation():
     code = ("from lopt_gen.spec import spec_from_dict, SpecError\n"
             "try:\n    spec_from_dict({'name': 'x', 'update': 'g * 10 ** 10 ** 10'})\n"
@@ -648,8 +615,6 @@ def test_bug_power_tower_hangs_validation():
         pytest.fail("spec_from_dict did not finish within 8 s")
 
 
-@pytest.mark.xfail(strict=True, reason="clip_st of an argument that sympy folds to a constant cannot be printed: "
-                                       "TypeError at render")
 @pytest.mark.parametrize("update", ["g * clip_st(0.5, -1, 1)", "g + clip_st(g - g, -3, 3)"])
 def test_bug_clip_st_of_a_constant(update):
     render(spec_from_dict({"name": "x", "update": update}))

@@ -7,6 +7,7 @@ function that the runtime calls on chunks of each tensor.
 
 from __future__ import annotations
 
+import builtins
 import keyword
 import pprint
 
@@ -19,7 +20,9 @@ from ..spec import REPO_ROOT
 from .printer import TorchPrinter
 
 TEMPLATE_DIR = REPO_ROOT / "templates"
-RESERVED_LOCALS = {"torch", "ops", "V", "phi", "dims", "out", "math"}
+RESERVED_LOCALS = {"torch", "ops", "tops", "tl", "triton", "V", "phi", "dims", "out", "math", "INFO", "KERNELS",
+                   "ptrs", "info", "progs", "hv", "N_PTR", "N_HV", "BLOCK"} \
+    | set(dir(builtins))
 
 
 def _env() -> jinja2.Environment:
@@ -33,8 +36,10 @@ def _env() -> jinja2.Environment:
 
 
 def local(name: str) -> str:
-    if keyword.iskeyword(name) or name in RESERVED_LOCALS:
-        return name + "_"
+    """The Python variable holding value ``name``.  Spec names cannot start with '_', so the
+    '_kw_' prefix (and every compiler temporary, which starts with '_') never collides with one."""
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name) or name in RESERVED_LOCALS:
+        return "_kw_" + name
     return name
 
 
@@ -64,7 +69,7 @@ class _Body:
 
     def matrix(self, outs, rhs: str, hint: str) -> str:
         self.n += 1
-        var = f"{hint}{self.n}"
+        var = f"_{hint}{self.n}"
         self.lines.append(f"{var} = {rhs}")
         self.matrices[tuple(outs)] = var
         for i, o in enumerate(outs):
@@ -93,7 +98,7 @@ class _Body:
                 del var
             else:
                 self.n += 1
-                hv, cv = f"lstm_h{self.n}", f"lstm_c{self.n}"
+                hv, cv = f"_lstm_h{self.n}", f"_lstm_c{self.n}"
                 self.lines.append(f"{hv}, {cv} = ops.lstm_cell({self.vec(node.x)}, {self.vec(node.h)}, "
                                   f"{self.vec(node.c)}, {w}, extra={extra})")
                 for name, var, outs in (("h", hv, node.out_h), ("c", cv, node.out_c)):

@@ -66,12 +66,12 @@ class _KBody:
 
     def weight(self, meta: str) -> str:
         if meta not in self.weights:
-            self.weights[meta] = f"w_{_safe(meta)}"
+            self.weights[meta] = f"_w_{_safe(meta)}"
         return self.weights[meta]
 
     def state_ptr(self, key: str) -> str:
         if key not in self.states_in:
-            self.states_in[key] = self.arg(("state", key), f"st_{_safe(key)}")
+            self.states_in[key] = self.arg(("state", key), f"_st_{_safe(key)}")
         return self.states_in[key]
 
     def hv_index(self, value: str) -> int:
@@ -92,7 +92,7 @@ class _KBody:
     # -- values ---------------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
         self.n += 1
-        return f"{hint}{self.n}"
+        return f"_{hint}{self.n}"
 
     def ref(self, v: str) -> str:
         if v in self.names:
@@ -111,19 +111,19 @@ class _KBody:
         var = local(v)
         if leaf is not None and leaf.level == "elem":
             if leaf.kind == "input":
-                ptr = self.arg(("input", v), f"{v}_ptr")
-                self.lines.append(f"{var} = tl.load({ptr} + offs, mask=mask, other=0.0).to(tl.float32)")
+                ptr = self.arg(("input", v), f"_{v}_ptr")
+                self.lines.append(f"{var} = tl.load({ptr} + _offs, mask=_mask, other=0.0).to(tl.float32)")
             else:
                 ptr = self.state_ptr(leaf.source)
-                self.lines.append(f"{var} = tl.load({ptr} + {leaf.index} * numel + offs, mask=mask, other=0.0)"
+                self.lines.append(f"{var} = tl.load({ptr} + {leaf.index} * _numel + _offs, mask=_mask, other=0.0)"
                                   f".to(tl.float32)")
         elif lv in ("row", "col"):
             self.uses_coords = True
-            ptr = self.arg((lv, v), f"{lv}_{_safe(v)}")
-            self.lines.append(f"{var} = tl.load({ptr} + {lv}_idx, mask=mask, other=0.0)")
+            ptr = self.arg((lv, v), f"_{lv}_{_safe(v)}")
+            self.lines.append(f"{var} = tl.load({ptr} + _{lv}_idx, mask=_mask, other=0.0)")
         else:
             k = self.hv_index(v)
-            self.lines.append(f"{var} = tl.load(hv_ptr + {k})")
+            self.lines.append(f"{var} = tl.load(_hv_ptr + {k})")
         self.names[v] = var
         return var
 
@@ -147,7 +147,7 @@ class _KBody:
                 and len({lf.source for lf in leaves}) == 1 and [lf.index for lf in leaves] == list(range(len(values))):
             var = self.fresh("tile")
             ptr = self.state_ptr(leaves[0].source)
-            self.lines.append(f"{var} = tops.load_tile({ptr}, numel, offs, mask, {len(values)}, {pad})")
+            self.lines.append(f"{var} = tops.load_tile({ptr}, _numel, _offs, _mask, {len(values)}, {pad})")
         else:
             var = self.fresh("tile")
             self.lines.append(f"{var} = tl.zeros((BLOCK, {pad}), dtype=tl.float32)")
@@ -226,7 +226,7 @@ class _KBody:
             self.lines.append(f"{acc} = tl.zeros((BLOCK, {opad}), dtype=tl.float32)")
         if n.extra_bias:
             k = self.hv_group(tuple(n.extra_bias))
-            self.lines.append(f"{acc} += tops.weight_vec(hv_ptr, {k}, {n_out}, {opad})[None, :]")
+            self.lines.append(f"{acc} += tops.weight_vec(_hv_ptr, {k}, {n_out}, {opad})[None, :]")
         self._matmul_into(acc, n.ins, w, ld, row0, list(n.cols), n_out, opad)
         if n.act != "none":
             self.lines.append(f"{acc} = {self._act(acc, n.act)}")
@@ -258,7 +258,7 @@ class _KBody:
             self.lines.append(f"{acc} = tops.weight_vec({bias}, {gi * hid}, {hid}, {pad})[None, :] + tl.zeros((BLOCK, {pad}), dtype=tl.float32)")
             if n.extra_bias:
                 k = self.hv_group(tuple(n.extra_bias))
-                self.lines.append(f"{acc} += tops.weight_vec(hv_ptr, {k + gi * hid}, {hid}, {pad})[None, :]")
+                self.lines.append(f"{acc} += tops.weight_vec(_hv_ptr, {k + gi * hid}, {hid}, {pad})[None, :]")
             self._matmul_into(acc, n.x, w_ih, n_in, gi * hid, list(range(n_in)), hid, pad)
             pre[gname] = acc
         dot = "True" if hid >= 16 else "False"
@@ -297,30 +297,30 @@ def _kernel(prog, stage, levels, leaves, final: bool) -> dict:
     for k, r in enumerate(stage.reductions):
         text = body.ref(r.arg)
         if r.over in ("tensor", "all"):
-            epilogue.append(f"tl.store(part_ptr + pid * {len(stage.reductions)} + {k}, "
-                            f"tl.sum(tl.where(mask, {text}, 0.0), axis=0))")
+            epilogue.append(f"tl.store(_part_ptr + _pid * {len(stage.reductions)} + {k}, "
+                            f"tl.sum(tl.where(_mask, {text}, 0.0), axis=0))")
         else:
-            ptr = body.arg(("scratch", r.name), f"scratch_{_safe(r.name)}")
-            epilogue.append(f"tl.store({ptr} + offs, {text}, mask=mask)")
+            ptr = body.arg(("scratch", r.name), f"_scratch_{_safe(r.name)}")
+            epilogue.append(f"tl.store({ptr} + _offs, {text}, mask=_mask)")
         reds.append(dict(name=r.name, over=r.over, slot=k))
     writes = []
     if final:
         info_target = prog.lookahead or prog.p_new
-        ptr = body.arg(("out_param",), "p_out_ptr")
-        epilogue.append(f"tl.store({ptr} + offs, {body.ref(info_target)}.to({ptr}.dtype.element_ty), mask=mask)")
+        ptr = body.arg(("out_param",), "_p_out_ptr")
+        epilogue.append(f"tl.store({ptr} + _offs, {body.ref(info_target)}.to({ptr}.dtype.element_ty), mask=_mask)")
         from ..ir import StateWrite
 
         for n in prog.nodes:
             if isinstance(n, StateWrite) and n.level == "elem":
-                optr = body.arg(("out_state", n.state), f"out_{_safe(n.state)}")
+                optr = body.arg(("out_state", n.state), f"_out_{_safe(n.state)}")
                 vals = tuple(n.values)
                 if vals in body.tiles:
                     tile, pad = body.tiles[vals]
-                    epilogue.append(f"tops.store_tile({optr}, numel, offs, mask, {tile}, {len(vals)}, {pad})")
+                    epilogue.append(f"tops.store_tile({optr}, _numel, _offs, _mask, {tile}, {len(vals)}, {pad})")
                 else:
                     for c, v in enumerate(vals):
-                        epilogue.append(f"tl.store({optr} + {c} * numel + offs, {body.ref(v)}.to({optr}.dtype.element_ty), "
-                                        f"mask=mask)")
+                        epilogue.append(f"tl.store({optr} + {c} * _numel + _offs, {body.ref(v)}.to({optr}.dtype.element_ty), "
+                                        f"mask=_mask)")
                 writes.append(n.state)
     lines = body.lines + epilogue
     if any("tops.load_tile" in ln or "BLOCK, " in ln for ln in lines):

@@ -21,6 +21,30 @@ from .. import __version__
 _MODULES: dict[str, object] = {}
 
 
+_FINGERPRINT: str | None = None
+
+
+def generator_fingerprint() -> str:
+    """A hash of the compiler's own source (lowering, passes, printers, templates, runtime helpers
+    the generated code calls), so the cache never serves code made by a different compiler."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        import hashlib
+
+        from ..spec import REPO_ROOT
+
+        pkg = Path(__file__).resolve().parent.parent
+        files = sorted(pkg.glob("*.py")) + sorted((pkg / "codegen").glob("*.py")) \
+            + [pkg / "runtime" / "ops.py", pkg / "runtime" / "triton_ops.py"] + sorted((REPO_ROOT / "templates").glob("*.j2"))
+        h = hashlib.sha256()
+        for f in files:
+            if f.exists():
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+        _FINGERPRINT = h.hexdigest()[:12]
+    return _FINGERPRINT
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("LOPT_GEN_CACHE", Path.home() / ".cache" / "lopt_gen"))
 
@@ -56,7 +80,7 @@ def _load(spec, filename: str):
     if path is None:
         from ..compiler import render, write_files
 
-        d = cache_dir() / f"{spec.name}-{h[:16]}-{__version__}"
+        d = cache_dir() / f"{spec.name}-{h[:16]}-{__version__}-{generator_fingerprint()}"
         d.mkdir(parents=True, exist_ok=True)
         with FileLock(str(d) + ".lock"):
             if not (d / "manifest.json").exists():
