@@ -1,0 +1,77 @@
+"""Smoke test of benchmarks/step_bench.py: a tiny run on the CPU writes a complete CSV and a plot."""
+
+import csv
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("step_bench", ROOT / "benchmarks" / "step_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_bench()
+
+
+def test_model_shapes_hit_the_target(bench):
+    for n in (10_000, 123_457, 1_000_000, 4_000_000):
+        shapes = bench.model_shapes(n)
+        assert sum(math.prod(s) for s in shapes) == n
+        assert any(len(s) == 2 for s in shapes) and any(len(s) == 1 for s in shapes)
+    assert bench.parse_size("10k") == 10_000
+    assert bench.parse_size("256M") == 256_000_000
+    assert bench.size_label(4_000_000) == "4M"
+
+
+def test_tiny_cpu_run_writes_csv_and_png(bench, tmp_path):
+    rows = bench.main([
+        "--sizes", "10k", "--specs", "mulo,adam", "--device", "cpu", "--threads", "1",
+        "--steps", "2", "--warmup", "1", "--no-compile", "--copy-bytes", "4M",
+        "--out", str(tmp_path), "--quiet",
+    ])
+    csv_path = tmp_path / "step_bench.csv"
+    assert csv_path.exists()
+    assert (tmp_path / "step_bench.png").stat().st_size > 0
+    assert (tmp_path / "step_bench.md").exists()
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == bench.CSV_COLUMNS
+        got = list(reader)
+    assert len(got) == len(rows)
+    by_key = {(r["contender"], r["spec"]): r for r in got}
+    expected = {("lopt-torch", "mulo"), ("lopt-torch", "adam"), ("lopt-triton", "mulo"), ("lopt-triton", "adam"),
+                ("lopt-compile", "mulo"), ("lopt-compile", "adam"), ("naive-eager", "mulo"),
+                ("adamw-foreach", "adamw"), ("adamw-fused", "adamw")}
+    assert set(by_key) == expected
+    for key in [("lopt-torch", "mulo"), ("lopt-torch", "adam"), ("naive-eager", "mulo"), ("adamw-foreach", "adamw")]:
+        r = by_key[key]
+        assert r["status"] == "ok", r
+        assert float(r["step_ms"]) > 0 and float(r["params_per_s"]) > 0
+        assert int(r["steps_timed"]) == 2
+        assert int(r["n_params"]) == 10_000 and r["threads"] == "1"
+    assert by_key[("lopt-compile", "mulo")]["status"] == "skipped"
+    assert by_key[("lopt-triton", "mulo")]["status"] == "skipped"
+    assert int(by_key[("lopt-torch", "mulo")]["bytes_per_param"]) == 84
+    assert float(by_key[("lopt-torch", "mulo")]["speedup_vs_naive"]) > 0
+    assert float(by_key[("lopt-torch", "mulo")]["step_over_floor"]) > 0
+    assert float(by_key[("adamw-foreach", "adamw")]["ratio_to_adamw"]) == pytest.approx(1.0)
+
+
+def test_failures_become_notes(bench, tmp_path):
+    rows = bench.main([
+        "--sizes", "10k", "--specs", "no_such_spec", "--contenders", "lopt-torch,adamw-foreach",
+        "--device", "cpu", "--threads", "1", "--steps", "1", "--warmup", "0", "--no-compile",
+        "--no-plot", "--no-floor", "--copy-bytes", "1M", "--out", str(tmp_path), "--quiet",
+    ])
+    bad = [r for r in rows if r["spec"] == "no_such_spec"]
+    assert len(bad) == 1 and bad[0]["status"] == "failed" and bad[0]["note"]
+    assert any(r["contender"] == "adamw-foreach" and r["status"] == "ok" for r in rows)
