@@ -185,17 +185,21 @@ def time_quietly(fn, sync, args, warmup: int, steps: int | None = None):
     """``time_fn`` with the machine's other work watched: returns (times, others_busy, attempts,
     busy_before, load1_before) of the quietest attempt.
 
-    With ``--wait-idle`` each attempt first waits for idle CPUs; an attempt during which other
-    processes used more than ``--others-threshold`` of the CPUs is repeated (``--retries``)."""
+    The warm-up steps run first; then, with ``--wait-idle``, each attempt waits for idle CPUs
+    before its timed steps.  An attempt during which other processes used more than
+    ``--others-threshold`` of the CPUs is repeated (``--retries``)."""
     steps = args.steps if steps is None else steps
     best = None
     attempts = 0
     for attempt in range(1 + max(0, args.retries)):
         attempts = attempt + 1
+        for _ in range(warmup if attempt == 0 else min(warmup, 1)):  # compilation happens here
+            fn()
+            sync()
         busy = wait_for_idle(args.wait_idle, args.idle_threshold) if args.wait_idle > 0 else None
         load = load1()
         meter = OthersMeter().start()
-        times = time_fn(fn, sync, warmup if attempt == 0 else min(warmup, 1), steps, args.max_seconds)
+        times = time_fn(fn, sync, 0, steps, args.max_seconds)
         others = meter.stop()
         if best is None or not (others >= best[1]):
             best = (times, others, busy, load)
@@ -450,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--profile-only", action="store_true", help="run only the --profile part")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>/)")
     ap.add_argument("--no-plot", action="store_true", help="write no PNG")
+    ap.add_argument("--replot", default=None, metavar="CSV",
+                    help="measure nothing: redraw the PNG and markdown table of an earlier run's CSV "
+                         "(written next to it unless --out is given)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 
@@ -545,19 +552,26 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if r["status"] == "ok"]
-    series: dict[str, list[dict]] = {}
+    series: dict[tuple, list[dict]] = {}
     for r in ok:
-        label = r["contender"] if r["contender"].startswith("adamw") else f"{r['contender']} {r['spec']}"
-        series.setdefault(label, []).append(r)
+        series.setdefault((r["spec"], r["contender"]), []).append(r)
+    # colour by spec, line style and marker by contender
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    specs = sorted({spec for spec, _ in series if spec != "adamw"})
+    colour = {spec: palette[i % len(palette)] for i, spec in enumerate(specs)}
+    colour["adamw"] = "black"
+    style = {"lopt-torch": ("-", "o"), "lopt-triton": (":", "s"), "lopt-compile": ("-.", "^"),
+             "naive-eager": ("--", "x"), "adamw-foreach": ("-", "."), "adamw-fused": (":", ".")}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    for label, rs in sorted(series.items()):
+    for (spec, contender), rs in sorted(series.items()):
         rs = sorted(rs, key=lambda r: r["n_params"])
+        label = contender if spec == "adamw" else f"{contender} {spec}"
+        ls, marker = style.get(contender, ("-", "o"))
         xs = [r["n_params"] for r in rs]
-        style = "--" if label.startswith("naive") else ("-." if label.startswith("adamw") else "-")
-        line, = ax1.plot(xs, [r["step_ms"] for r in rs], style, marker="o", label=label)
+        ax1.plot(xs, [r["step_ms"] for r in rs], ls, marker=marker, color=colour[spec], label=label)
         ratio = [(r["n_params"], r["ratio_to_adamw"]) for r in rs if isinstance(r.get("ratio_to_adamw"), float)]
         if ratio:
-            ax2.plot([a for a, _ in ratio], [b for _, b in ratio], style, marker="o", color=line.get_color(),
+            ax2.plot([a for a, _ in ratio], [b for _, b in ratio], ls, marker=marker, color=colour[spec],
                      label=label)
     ax1.set_xscale("log")
     ax1.set_yscale("log")
@@ -638,8 +652,51 @@ def profile_step(args, device, spec: str, n: int, out_dir: Path) -> Path:
     return path
 
 
+_NUMERIC = {"threads", "n_params", "n_tensors", "steps_timed", "bytes_per_param", "attempts"}
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a CSV written by this script, numbers as numbers."""
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            out = {}
+            for k, v in r.items():
+                if v in ("", None) or k in ("date_utc", "device", "device_name", "torch_version", "size_label",
+                                             "contender", "spec", "status", "note"):
+                    out[k] = v if v != "" else None
+                elif k in _NUMERIC:
+                    out[k] = int(float(v))
+                else:
+                    out[k] = float(v)
+            if out.get("note") is None:
+                out["note"] = ""
+            rows.append(out)
+    return rows
+
+
+def replot(csv_path: Path, out_dir: Path | None) -> list[dict]:
+    rows = read_csv(csv_path)
+    out_dir = out_dir or csv_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = rows[0] if rows else {}
+    copy_bw = next((r["copy_bw_gbs"] for r in rows if isinstance(r.get("copy_bw_gbs"), float)), None)
+    header = (f"device: {first.get('device_name')}; threads: {first.get('threads')}; torch "
+              f"{first.get('torch_version')}; {first.get('date_utc')}"
+              + (f"; copy bandwidth {copy_bw:.1f} GB/s" if copy_bw else ""))
+    title = header.replace("device: ", "").replace("; ", ", ")
+    plot(rows, out_dir / "step_bench.png", title)
+    table = markdown_table(rows, first.get("device") == "cuda")
+    (out_dir / "step_bench.md").write_text(header + "\n\n" + table + "\n")
+    print(header + "\n\n" + table)
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     """Run the benchmark (``argv`` as on the command line); returns the rows of the CSV."""
+    pre = build_parser().parse_args(argv)
+    if pre.replot:
+        return replot(Path(pre.replot), Path(pre.out) if pre.out else None)
     args, device = resolve_args(argv)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
