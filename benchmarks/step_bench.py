@@ -503,6 +503,9 @@ def _fmt(x, digits=3):
     return str(x)
 
 
+_FIXED = {"busy_before": 3, "others_busy": 3, "frac_copy_bw": 4, "load1_before": 2}
+
+
 def markdown_table(rows: list[dict], cuda: bool) -> str:
     cols = [("size", "size_label"), ("contender", "contender"), ("spec", "spec"), ("step ms", "step_ms"),
             ("Mparam/s", "mparams"), ("B/param", "bytes_per_param"), ("GB/s", "bandwidth_gbs"),
@@ -527,6 +530,8 @@ def markdown_table(rows: list[dict], cuda: bool) -> str:
                 vals.append(_fmt(v / 1e6) if isinstance(v, float) else "")
             elif key == "note":
                 vals.append(str(r.get("note", "")).replace("|", "/")[:80])
+            elif key in _FIXED and isinstance(r.get(key), float) and not math.isnan(r[key]):
+                vals.append(f"{r[key]:.{_FIXED[key]}f}")
             else:
                 vals.append(_fmt(r.get(key)))
         lines.append("| " + " | ".join(vals) + " |")
@@ -641,13 +646,21 @@ def profile_step(args, device, spec: str, n: int, out_dir: Path) -> Path:
             fn()
         sync()
     others_tp = meter.stop()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    keys = ["self_device_time_total", "self_cuda_time_total"] if device.type == "cuda" else []
+    table, key = None, "self_cpu_time_total"
+    for k in keys + ["self_cpu_time_total"]:
+        try:
+            table = tp.key_averages().table(sort_by=k, row_limit=30)
+            key = k
+            break
+        except (AttributeError, KeyError, ValueError, RuntimeError):
+            continue
     buf.write(f"\n## torch.profiler over {args.profile_steps} step(s), sorted by {key} "
               f"(other processes used {others_tp} of the CPUs)\n")
-    buf.write(tp.key_averages().table(sort_by=key, row_limit=30))
+    buf.write(table or "(no table)\n")
     path = out_dir / f"profile_{spec}_{size_label(n)}.txt"
     path.write_text(buf.getvalue())
-    del keep, prob
+    del fn, keep, prob
     free_memory(device)
     return path
 
@@ -675,7 +688,7 @@ def read_csv(path: Path) -> list[dict]:
     return rows
 
 
-def replot(csv_path: Path, out_dir: Path | None) -> list[dict]:
+def replot(csv_path: Path, out_dir: Path | None, draw: bool = True) -> list[dict]:
     rows = read_csv(csv_path)
     out_dir = out_dir or csv_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -685,7 +698,8 @@ def replot(csv_path: Path, out_dir: Path | None) -> list[dict]:
               f"{first.get('torch_version')}; {first.get('date_utc')}"
               + (f"; copy bandwidth {copy_bw:.1f} GB/s" if copy_bw else ""))
     title = header.replace("device: ", "").replace("; ", ", ")
-    plot(rows, out_dir / "step_bench.png", title)
+    if draw:
+        plot(rows, out_dir / "step_bench.png", title)
     table = markdown_table(rows, first.get("device") == "cuda")
     (out_dir / "step_bench.md").write_text(header + "\n\n" + table + "\n")
     print(header + "\n\n" + table)
@@ -696,7 +710,7 @@ def main(argv=None) -> list[dict]:
     """Run the benchmark (``argv`` as on the command line); returns the rows of the CSV."""
     pre = build_parser().parse_args(argv)
     if pre.replot:
-        return replot(Path(pre.replot), Path(pre.out) if pre.out else None)
+        return replot(Path(pre.replot), Path(pre.out) if pre.out else None, draw=not pre.no_plot)
     args, device = resolve_args(argv)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -707,7 +721,7 @@ def main(argv=None) -> list[dict]:
 
 
 def _run(args, device) -> list[dict]:
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     out_dir = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -775,7 +789,7 @@ def _run(args, device) -> list[dict]:
                 if bar:
                     bar.update(1)
                 continue
-            keep = None
+            fn = keep = None
             try:
                 fn, keep = make_step_fn(c, s, prob, args)
                 times, others, attempts, busy, load = time_quietly(fn, sync, args, args.warmup)
@@ -797,7 +811,7 @@ def _run(args, device) -> list[dict]:
                     traceback.print_exc()
             finally:
                 row["load1_after"] = load1()
-                del keep
+                fn = keep = None  # the step function holds the optimizer and its state
                 free_memory(device)
             size_rows.append(row)
             if bar:
