@@ -231,11 +231,6 @@ class Builder:
         return out
 
     # ------------------------------------------------------------------ accumulators
-    def acc_width(self, a) -> int:
-        if isinstance(a.decay, list):
-            return len(a.decay)
-        return a.width if getattr(a, "width", None) else 1
-
     def old_of(self, name: str, path: str) -> list:
         if name in self.old_cache:
             return self.old_cache[name]
@@ -384,7 +379,6 @@ class Builder:
     def _build_network(self) -> dict[str, list]:
         net = self.spec.network
         xs = self.net_inputs()
-        n_in = len(xs)
         if net.kind == "mlp":
             h = xs
             for li, width in enumerate(net.hidden):
@@ -411,7 +405,6 @@ class Builder:
         h = xs
         last_h_old = None
         for li, width in enumerate(net.hidden):
-            gates = GATES[net.kind]
             prefix = f"{net.kind}.{li}"
             self.declare_cell(prefix, net.kind, len(h), width, net.init_scale)
             h_old = self.declare_state(f"net.h{li}", "elem", width, 0.0, f"hidden state of layer {li}")
@@ -422,7 +415,6 @@ class Builder:
             self.add(Cell(net.kind, "elem", prefix, tuple(s.name for s in h), tuple(s.name for s in h_old),
                           tuple(s.name for s in c_old), out_h, out_c,
                           tuple(s.name for s in extra) if li == 0 else ()))
-            assert gates * width == gates * width
             h = [sympy.Symbol(o, real=True) for o in out_h]
             self.write_state(f"net.h{li}", h)
             if out_c:

@@ -94,8 +94,7 @@ class _Body:
             w = f'phi["{node.prefix}.weight_ih"], phi["{node.prefix}.weight_hh"], phi["{node.prefix}.bias"]'
             extra = self.vec(node.extra_bias) if node.extra_bias else "None"
             if node.kind == "gru":
-                var = self.matrix(node.out_h, f"ops.gru_cell({self.vec(node.x)}, {self.vec(node.h)}, {w}, extra={extra})", "gru")
-                del var
+                self.matrix(node.out_h, f"ops.gru_cell({self.vec(node.x)}, {self.vec(node.h)}, {w}, extra={extra})", "gru")
             else:
                 self.n += 1
                 hv, cv = f"_lstm_h{self.n}", f"_lstm_c{self.n}"

@@ -18,7 +18,7 @@ _ACT = {
 def stack(values) -> torch.Tensor:
     """Stack channels on a new last axis, broadcasting per-row / per-tensor channels."""
     vals = [v if isinstance(v, torch.Tensor) else torch.tensor(float(v)) for v in values]
-    dtype = torch.promote_types(vals[0].dtype, vals[0].dtype)
+    dtype = vals[0].dtype
     for v in vals[1:]:
         dtype = torch.promote_types(dtype, v.dtype)
     if any(v.shape != vals[0].shape for v in vals):
