@@ -49,3 +49,18 @@ def test_eval_cli_writes_table_and_plot(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lopt_gen.cli", "eval", "adam", "--task", "nope"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown task 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_synthetic_validation_scores_held_out_draws():
+    from lopt_gen.meta.evaluate import synthetic_validation
+
+    sgd = synthetic_validation("sgd_momentum", n_tasks=3, steps=15, progress=False)
+    assert sgd["n_tasks"] == 3 and len(sgd["per_task"]) == 3
+    assert all(math.isfinite(v) and v <= math.log(10.0) for v in sgd["per_task"].values())
+    # the same stream of tasks every time (held-out draws are deterministic)
+    again = synthetic_validation("sgd_momentum", n_tasks=3, steps=15, progress=False)
+    assert again["per_task"] == sgd["per_task"]
+    # an optimizer that blows tasks up scores the divergence ceiling on them
+    wild = synthetic_validation("sgd_momentum", n_tasks=3, steps=15, lr=1e12, progress=False)
+    assert max(wild["per_task"].values()) == math.log(10.0)
+    assert wild["score"] > sgd["score"] + 1.0
