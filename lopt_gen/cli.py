@@ -179,5 +179,25 @@ def _register_meta_train():
 _register_meta_train()
 
 
+def _register_ablate():
+    from .study.ablate import ablate_cmd
+
+    main.add_command(ablate_cmd, "ablate")
+
+
+_register_ablate()
+
+
+def _register_studies():
+    from .study.lr_sweep import lr_sweep_cmd
+    from .study.wallclock import wallclock_cmd
+
+    main.add_command(lr_sweep_cmd, "lr-sweep")
+    main.add_command(wallclock_cmd, "wallclock")
+
+
+_register_studies()
+
+
 if __name__ == "__main__":
     main()
