@@ -48,8 +48,9 @@ LOPT_CONTENDERS = ("lopt-torch", "lopt-triton", "lopt-compile")
 CSV_COLUMNS = [
     "date_utc", "device", "device_name", "torch_version", "threads", "size_label", "n_params",
     "n_tensors", "contender", "spec", "status", "step_ms", "step_ms_min", "step_ms_max",
-    "steps_timed", "params_per_s", "bytes_per_param", "bandwidth_gbs", "copy_bw_gbs",
+    "steps_timed", "cpu_ms", "params_per_s", "bytes_per_param", "bandwidth_gbs", "copy_bw_gbs",
     "frac_copy_bw", "ratio_to_adamw", "speedup_vs_naive", "mlp_floor_ms", "step_over_floor", "floor_others_busy",
+    "mlp_floor_tiled_ms", "step_over_tiled_floor",
     "load1_before", "load1_after", "busy_before", "others_busy", "attempts", "note",
 ]
 
@@ -183,7 +184,7 @@ def wait_for_idle(max_wait: float, threshold: float) -> float:
 
 def time_quietly(fn, sync, args, warmup: int, steps: int | None = None):
     """``time_fn`` with the machine's other work watched: returns (times, others_busy, attempts,
-    busy_before, load1_before) of the quietest attempt.
+    busy_before, load1_before, cpu_times) of the quietest attempt.
 
     The warm-up steps run first; then, with ``--wait-idle``, each attempt waits for idle CPUs
     before its timed steps.  An attempt during which other processes used more than
@@ -199,14 +200,15 @@ def time_quietly(fn, sync, args, warmup: int, steps: int | None = None):
         busy = wait_for_idle(args.wait_idle, args.idle_threshold) if args.wait_idle > 0 else None
         load = load1()
         meter = OthersMeter().start()
-        times = time_fn(fn, sync, 0, steps, args.max_seconds)
+        cpu: list[float] = []
+        times = time_fn(fn, sync, 0, steps, args.max_seconds, cpu=cpu)
         others = meter.stop()
         if best is None or not (others >= best[1]):
-            best = (times, others, busy, load)
+            best = (times, others, busy, load, cpu)
         if not (others > args.others_threshold):  # quiet enough (or unknown): keep it
             break
-    times, others, busy, load = best
-    return times, others, attempts, busy, load
+    times, others, busy, load, cpu = best
+    return times, others, attempts, busy, load, cpu
 
 
 def device_name(device: torch.device) -> str:
@@ -235,11 +237,13 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def time_fn(fn, sync, warmup: int, steps: int, max_seconds: float, min_steps: int = 2) -> list[float]:
+def time_fn(fn, sync, warmup: int, steps: int, max_seconds: float, min_steps: int = 2,
+            cpu: list | None = None) -> list[float]:
     """Seconds per call of ``fn`` for up to ``steps`` timed calls after ``warmup`` untimed ones.
 
     Timing stops early once ``max_seconds`` have been spent on timed calls and at least
-    ``min_steps`` were taken."""
+    ``min_steps`` were taken.  With ``cpu`` (a list), the process CPU time of each timed call
+    (all threads) is appended to it."""
     for _ in range(warmup):
         fn()
         sync()
@@ -247,10 +251,13 @@ def time_fn(fn, sync, warmup: int, steps: int, max_seconds: float, min_steps: in
     spent = 0.0
     for _ in range(max(1, steps)):
         sync()
+        c0 = time.process_time()
         t0 = time.perf_counter()
         fn()
         sync()
         dt = time.perf_counter() - t0
+        if cpu is not None:
+            cpu.append(time.process_time() - c0)
         times.append(dt)
         spent += dt
         if spent > max_seconds and len(times) >= min(min_steps, steps):
@@ -291,8 +298,37 @@ def matmul_floor_ms(widths: list[int], n: int, device: torch.device, sync, chunk
             for x, w, o in zip(xs, ws, outs):
                 torch.mm(x[:length], w, out=o[:length])
 
-    times, others, _, _, _ = time_quietly(run, sync, args, args.warmup)
+    times, others, _, _, _, _ = time_quietly(run, sync, args, args.warmup)
     del xs, ws, outs
+    return statistics.median(times) * 1e3, others
+
+
+def matmul_floor_tiled_ms(widths: list[int], n: int, device: torch.device, sync, args):
+    """Median time (ms) of the same matmuls laid out as the torch step runs them: features as
+    rows, ``W @ X`` over column tiles of the step's tile size, hidden activations in
+    reused tile buffers, each engine chunk's inputs in one preallocated ``(w0, chunk)`` block."""
+    from lopt_gen.runtime import ops
+    from lopt_gen.runtime.engine import DEFAULT_CHUNK_ELEMS
+
+    chunk = min(n, args.chunk_elems or DEFAULT_CHUNK_ELEMS)
+    tile = min(chunk, ops.MLP_TILE or ops.MLP_TILE_PER_THREAD * torch.get_num_threads())
+    x = torch.randn(widths[0], chunk, device=device)
+    ws = [torch.randn(b, a, device=device) / math.sqrt(a) for a, b in zip(widths[:-1], widths[1:])]
+    hidden = [torch.empty(b, tile, device=device) for b in widths[1:-1]]
+    out = torch.empty(widths[-1], chunk, device=device)
+    chunks = [min(chunk, n - s) for s in range(0, n, chunk)]
+
+    def run():
+        for length in chunks:
+            for t0 in range(0, length, tile):
+                t1 = min(length, t0 + tile)
+                h = x[:, t0:t1]
+                for w, buf in zip(ws[:-1], hidden):
+                    h = torch.mm(w, h, out=buf[:, : t1 - t0])
+                torch.mm(ws[-1], h, out=out[:, t0:t1])
+
+    times, others, _, _, _, _ = time_quietly(run, sync, args, args.warmup)
+    del x, ws, hidden, out
     return statistics.median(times) * 1e3, others
 
 
@@ -447,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="non-finite gradient handling of the lopt_gen contenders")
     ap.add_argument("--chunk-elems", type=int, default=None,
                     help="chunk size of the lopt_gen torch engine (default: the engine's)")
+    ap.add_argument("--mlp-tile", type=int, default=None,
+                    help="elements per tile of the torch step's MLP chains (lopt_gen.runtime.ops.MLP_TILE; "
+                         "default: 8192 per thread)")
     ap.add_argument("--profile", default=None, metavar="SPEC@SIZE",
                     help="afterwards, profile the lopt-torch step of SPEC at SIZE (e.g. mulo@4M) "
                          "with cProfile and torch.profiler; writes profile_SPEC_SIZE.txt")
@@ -487,6 +526,12 @@ def resolve_args(argv=None):
         from lopt_gen.runtime.engine import DEFAULT_CHUNK_ELEMS
 
         args.chunk_elems = DEFAULT_CHUNK_ELEMS
+    if args.mlp_tile is not None:
+        from lopt_gen.runtime import ops
+
+        if args.mlp_tile < 1:
+            raise SystemExit("--mlp-tile must be at least 1")
+        ops.MLP_TILE = args.mlp_tile
     out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / device.type
     args.out_dir = out
     return args, device
@@ -510,7 +555,8 @@ def markdown_table(rows: list[dict], cuda: bool) -> str:
     cols = [("size", "size_label"), ("contender", "contender"), ("spec", "spec"), ("step ms", "step_ms"),
             ("Mparam/s", "mparams"), ("B/param", "bytes_per_param"), ("GB/s", "bandwidth_gbs"),
             ("x AdamW", "ratio_to_adamw"), ("speed-up vs naive", "speedup_vs_naive"),
-            ("step/floor", "step_over_floor"), ("load1", "load1_before")]
+            ("step/floor", "step_over_floor"), ("step/tiled floor", "step_over_tiled_floor"),
+            ("load1", "load1_before")]
     if cuda or any(r.get("frac_copy_bw") not in ("", None) for r in rows):
         cols.insert(7, ("frac copy BW", "frac_copy_bw"))
     if any(r.get("busy_before") not in ("", None) for r in rows):
@@ -614,7 +660,7 @@ def profile_step(args, device, spec: str, n: int, out_dir: Path) -> Path:
     for _ in range(max(1, args.warmup)):
         fn()
     sync()
-    times, others, _, busy, load_before = time_quietly(fn, sync, args, 0, steps=args.profile_steps)
+    times, others, _, busy, load_before, _ = time_quietly(fn, sync, args, 0, steps=args.profile_steps)
     buf = io.StringIO()
     buf.write(f"# lopt-torch {spec} at {size_label(n)} ({n:,} params, {len(prob.shapes)} tensors), "
               f"{args.threads} threads, {device_name(device)}, torch {torch.__version__}\n")
@@ -792,10 +838,11 @@ def _run(args, device) -> list[dict]:
             fn = keep = None
             try:
                 fn, keep = make_step_fn(c, s, prob, args)
-                times, others, attempts, busy, load = time_quietly(fn, sync, args, args.warmup)
+                times, others, attempts, busy, load, cpu = time_quietly(fn, sync, args, args.warmup)
                 row.update(others_busy=others, attempts=attempts, busy_before=busy, load1_before=load)
                 med = statistics.median(times)
                 row.update(status="ok", step_ms=med * 1e3, step_ms_min=min(times) * 1e3,
+                           cpu_ms=statistics.median(cpu) * 1e3 if cpu else None,
                            step_ms_max=max(times) * 1e3, steps_timed=len(times), params_per_s=n / med,
                            note="")
                 if row["bytes_per_param"]:
@@ -837,6 +884,16 @@ def _run(args, device) -> list[dict]:
                         r["mlp_floor_ms"] = floor
                         r["floor_others_busy"] = floor_others
                         r["step_over_floor"] = r["step_ms"] / floor
+                try:
+                    tiled, _ = matmul_floor_tiled_ms(widths, n, device, sync, args)
+                except Exception as exc:
+                    print(f"note: tiled matmul floor of {s} at {label} failed: {exc}", file=sys.stderr)
+                    free_memory(device)
+                    continue
+                for r in size_rows:
+                    if r["spec"] == s and r["status"] == "ok":
+                        r["mlp_floor_tiled_ms"] = tiled
+                        r["step_over_tiled_floor"] = r["step_ms"] / tiled
         # ratios within this size
         adamw = next((r for r in size_rows if r["contender"] == "adamw-foreach" and r["status"] == "ok"), None)
         naive = {r["spec"]: r for r in size_rows if r["contender"] == "naive-eager" and r["status"] == "ok"}

@@ -37,10 +37,12 @@ def render(spec: Spec, source: str | Path | None = None, prog=None) -> dict[str,
     """Every generated file of one spec, name -> text."""
     from .codegen.torch_backend import render_torch
     from .codegen.triton_backend import render_triton
+    from .codegen.triton_backward import render_triton_backward
 
     prog = prog if prog is not None else compile_program(spec)
     label = source_label(source)
-    files = {"torch_step.py": render_torch(prog, label), "triton_kernels.py": render_triton(prog, label)}
+    files = {"torch_step.py": render_torch(prog, label), "triton_kernels.py": render_triton(prog, label),
+             "triton_backward.py": render_triton_backward(prog, label)}
     manifest = {
         "spec": spec.name,
         "spec_hash": spec.spec_hash(),

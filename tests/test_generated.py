@@ -39,7 +39,7 @@ def test_codegen_is_deterministic_across_processes(tmp_path):
                        check=True, capture_output=True)
         outs.append({p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()})
     assert outs[0] == outs[1]
-    assert len(outs[0]) == 3 * len(shipped_specs())
+    assert len(outs[0]) == 4 * len(shipped_specs())
 
 
 def test_spec_file_name_cannot_inject_code(tmp_path):

@@ -86,7 +86,7 @@ def test_triton_rejects_rank_above_four_clearly():
         opt.step()
 
 
-@pytest.mark.parametrize("name", ["small_fc_lopt", "mulo", "hrnn", "l2l_lstm", "adam"])
+@pytest.mark.parametrize("name", ["small_fc_lopt", "mulo", pytest.param("hrnn", marks=pytest.mark.slow), "l2l_lstm", "adam"])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_gradients_through_triton_function_equal_torch_autograd(name, first_order):
     """Two unrolled steps: d(loss)/d(phi, params, grads, states) through the Triton autograd

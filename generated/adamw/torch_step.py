@@ -7,6 +7,8 @@ Do not edit: change the spec and run `lopt-gen compile`.
 The step runs in 1 stage(s). Each stage first runs its host
 segments (per-tensor / per-step values such as bias corrections, reductions and
 small RNNs), then its per-element function on chunks of every tensor.
+Per-element functions take a workspace `ws` (reused buffers) when nothing is
+differentiated, and allocate fresh tensors when `ws` is None.
 """
 
 import torch
@@ -69,8 +71,9 @@ def host_0_0(V, phi):
     wd = V["wd"]
     _u1 = 1.0 - beta1
     _u2 = 1.0 - beta2
-    _u3 = torch.rsqrt(1.0 - beta2 ** (t + 1.0))
-    _u4 = 1.0 / (1.0 - beta1 ** (t + 1.0))
+    _t_shift = t + 1.0
+    _u3 = torch.rsqrt(1.0 - beta2 ** _t_shift)
+    _u4 = 1.0 / (1.0 - beta1 ** _t_shift)
     _u5 = -lr * wd + 1.0
     V["_u1"] = _u1
     V["_u2"] = _u2
@@ -79,7 +82,7 @@ def host_0_0(V, phi):
     V["_u5"] = _u5
 
 
-def elem_stage_0(V, phi, dims):
+def elem_stage_0(V, phi, dims, ws=None):
     """Per-element work of stage 0 on one chunk of one tensor."""
     _m_old = V["_m_old"]
     _u1 = V["_u1"]

@@ -7,6 +7,8 @@ Do not edit: change the spec and run `lopt-gen compile`.
 The step runs in 3 stage(s). Each stage first runs its host
 segments (per-tensor / per-step values such as bias corrections, reductions and
 small RNNs), then its per-element function on chunks of every tensor.
+Per-element functions take a workspace `ws` (reused buffers) when nothing is
+differentiated, and allocate fresh tensors when `ws` is None.
 """
 
 import torch
@@ -1140,37 +1142,43 @@ def host_0_9(V, phi):
     _tensor_rnn_h_old_17 = V["_tensor_rnn_h_old_17"]
     _tensor_rnn_h_old_18 = V["_tensor_rnn_h_old_18"]
     _tensor_rnn_h_old_19 = V["_tensor_rnn_h_old_19"]
-    _dense1 = ops.dense(ops.stack([_tensor_rnn_h_old_0, _tensor_rnn_h_old_1, _tensor_rnn_h_old_2, _tensor_rnn_h_old_3, _tensor_rnn_h_old_4, _tensor_rnn_h_old_5, _tensor_rnn_h_old_6, _tensor_rnn_h_old_7, _tensor_rnn_h_old_8, _tensor_rnn_h_old_9, _tensor_rnn_h_old_10, _tensor_rnn_h_old_11, _tensor_rnn_h_old_12, _tensor_rnn_h_old_13, _tensor_rnn_h_old_14, _tensor_rnn_h_old_15, _tensor_rnn_h_old_16, _tensor_rnn_h_old_17, _tensor_rnn_h_old_18, _tensor_rnn_h_old_19]), phi["tensor_to_param.weight"], cols=slice(0, 20), rows=None, bias=phi["tensor_to_param.bias"], extra=None, act="none")
-    V["_tensor_to_param_out7"] = _dense1[..., 0]
-    V["_tensor_to_param_out8"] = _dense1[..., 1]
-    V["_tensor_to_param_out9"] = _dense1[..., 2]
-    V["_tensor_to_param_out10"] = _dense1[..., 3]
-    V["_tensor_to_param_out11"] = _dense1[..., 4]
-    V["_tensor_to_param_out12"] = _dense1[..., 5]
-    V["_tensor_to_param_out13"] = _dense1[..., 6]
-    V["_tensor_to_param_out14"] = _dense1[..., 7]
-    V["_tensor_to_param_out15"] = _dense1[..., 8]
-    V["_tensor_to_param_out16"] = _dense1[..., 9]
-    V["_tensor_to_param_out17"] = _dense1[..., 10]
-    V["_tensor_to_param_out18"] = _dense1[..., 11]
-    V["_tensor_to_param_out19"] = _dense1[..., 12]
-    V["_tensor_to_param_out20"] = _dense1[..., 13]
-    V["_tensor_to_param_out21"] = _dense1[..., 14]
-    V["_tensor_to_param_out22"] = _dense1[..., 15]
-    V["_tensor_to_param_out23"] = _dense1[..., 16]
-    V["_tensor_to_param_out24"] = _dense1[..., 17]
-    V["_tensor_to_param_out25"] = _dense1[..., 18]
-    V["_tensor_to_param_out26"] = _dense1[..., 19]
-    V["_tensor_to_param_out27"] = _dense1[..., 20]
-    V["_tensor_to_param_out28"] = _dense1[..., 21]
-    V["_tensor_to_param_out29"] = _dense1[..., 22]
-    V["_tensor_to_param_out30"] = _dense1[..., 23]
-    V["_tensor_to_param_out31"] = _dense1[..., 24]
-    V["_tensor_to_param_out32"] = _dense1[..., 25]
-    V["_tensor_to_param_out33"] = _dense1[..., 26]
-    V["_tensor_to_param_out34"] = _dense1[..., 27]
-    V["_tensor_to_param_out35"] = _dense1[..., 28]
-    V["_tensor_to_param_out36"] = _dense1[..., 29]
+    _x1 = ops.features(
+        [_tensor_rnn_h_old_0, _tensor_rnn_h_old_1, _tensor_rnn_h_old_2, _tensor_rnn_h_old_3, _tensor_rnn_h_old_4,
+         _tensor_rnn_h_old_5, _tensor_rnn_h_old_6, _tensor_rnn_h_old_7, _tensor_rnn_h_old_8, _tensor_rnn_h_old_9,
+         _tensor_rnn_h_old_10, _tensor_rnn_h_old_11, _tensor_rnn_h_old_12, _tensor_rnn_h_old_13, _tensor_rnn_h_old_14,
+         _tensor_rnn_h_old_15, _tensor_rnn_h_old_16, _tensor_rnn_h_old_17, _tensor_rnn_h_old_18, _tensor_rnn_h_old_19],
+    )
+    _dense2 = ops.linear(_x1, phi["tensor_to_param.weight"], cols=slice(0, 20), bias=phi["tensor_to_param.bias"])
+    V["_tensor_to_param_out7"] = _dense2[0]
+    V["_tensor_to_param_out8"] = _dense2[1]
+    V["_tensor_to_param_out9"] = _dense2[2]
+    V["_tensor_to_param_out10"] = _dense2[3]
+    V["_tensor_to_param_out11"] = _dense2[4]
+    V["_tensor_to_param_out12"] = _dense2[5]
+    V["_tensor_to_param_out13"] = _dense2[6]
+    V["_tensor_to_param_out14"] = _dense2[7]
+    V["_tensor_to_param_out15"] = _dense2[8]
+    V["_tensor_to_param_out16"] = _dense2[9]
+    V["_tensor_to_param_out17"] = _dense2[10]
+    V["_tensor_to_param_out18"] = _dense2[11]
+    V["_tensor_to_param_out19"] = _dense2[12]
+    V["_tensor_to_param_out20"] = _dense2[13]
+    V["_tensor_to_param_out21"] = _dense2[14]
+    V["_tensor_to_param_out22"] = _dense2[15]
+    V["_tensor_to_param_out23"] = _dense2[16]
+    V["_tensor_to_param_out24"] = _dense2[17]
+    V["_tensor_to_param_out25"] = _dense2[18]
+    V["_tensor_to_param_out26"] = _dense2[19]
+    V["_tensor_to_param_out27"] = _dense2[20]
+    V["_tensor_to_param_out28"] = _dense2[21]
+    V["_tensor_to_param_out29"] = _dense2[22]
+    V["_tensor_to_param_out30"] = _dense2[23]
+    V["_tensor_to_param_out31"] = _dense2[24]
+    V["_tensor_to_param_out32"] = _dense2[25]
+    V["_tensor_to_param_out33"] = _dense2[26]
+    V["_tensor_to_param_out34"] = _dense2[27]
+    V["_tensor_to_param_out35"] = _dense2[28]
+    V["_tensor_to_param_out36"] = _dense2[29]
 
 
 def host_0_10(V, phi):
@@ -1195,37 +1203,43 @@ def host_0_10(V, phi):
     _global_rnn_h_old_17 = V["_global_rnn_h_old_17"]
     _global_rnn_h_old_18 = V["_global_rnn_h_old_18"]
     _global_rnn_h_old_19 = V["_global_rnn_h_old_19"]
-    _dense1 = ops.dense(ops.stack([_global_rnn_h_old_0, _global_rnn_h_old_1, _global_rnn_h_old_2, _global_rnn_h_old_3, _global_rnn_h_old_4, _global_rnn_h_old_5, _global_rnn_h_old_6, _global_rnn_h_old_7, _global_rnn_h_old_8, _global_rnn_h_old_9, _global_rnn_h_old_10, _global_rnn_h_old_11, _global_rnn_h_old_12, _global_rnn_h_old_13, _global_rnn_h_old_14, _global_rnn_h_old_15, _global_rnn_h_old_16, _global_rnn_h_old_17, _global_rnn_h_old_18, _global_rnn_h_old_19]), phi["global_to_param.weight"], cols=slice(0, 20), rows=None, bias=phi["global_to_param.bias"], extra=None, act="none")
-    V["_global_to_param_out37"] = _dense1[..., 0]
-    V["_global_to_param_out38"] = _dense1[..., 1]
-    V["_global_to_param_out39"] = _dense1[..., 2]
-    V["_global_to_param_out40"] = _dense1[..., 3]
-    V["_global_to_param_out41"] = _dense1[..., 4]
-    V["_global_to_param_out42"] = _dense1[..., 5]
-    V["_global_to_param_out43"] = _dense1[..., 6]
-    V["_global_to_param_out44"] = _dense1[..., 7]
-    V["_global_to_param_out45"] = _dense1[..., 8]
-    V["_global_to_param_out46"] = _dense1[..., 9]
-    V["_global_to_param_out47"] = _dense1[..., 10]
-    V["_global_to_param_out48"] = _dense1[..., 11]
-    V["_global_to_param_out49"] = _dense1[..., 12]
-    V["_global_to_param_out50"] = _dense1[..., 13]
-    V["_global_to_param_out51"] = _dense1[..., 14]
-    V["_global_to_param_out52"] = _dense1[..., 15]
-    V["_global_to_param_out53"] = _dense1[..., 16]
-    V["_global_to_param_out54"] = _dense1[..., 17]
-    V["_global_to_param_out55"] = _dense1[..., 18]
-    V["_global_to_param_out56"] = _dense1[..., 19]
-    V["_global_to_param_out57"] = _dense1[..., 20]
-    V["_global_to_param_out58"] = _dense1[..., 21]
-    V["_global_to_param_out59"] = _dense1[..., 22]
-    V["_global_to_param_out60"] = _dense1[..., 23]
-    V["_global_to_param_out61"] = _dense1[..., 24]
-    V["_global_to_param_out62"] = _dense1[..., 25]
-    V["_global_to_param_out63"] = _dense1[..., 26]
-    V["_global_to_param_out64"] = _dense1[..., 27]
-    V["_global_to_param_out65"] = _dense1[..., 28]
-    V["_global_to_param_out66"] = _dense1[..., 29]
+    _x1 = ops.features(
+        [_global_rnn_h_old_0, _global_rnn_h_old_1, _global_rnn_h_old_2, _global_rnn_h_old_3, _global_rnn_h_old_4,
+         _global_rnn_h_old_5, _global_rnn_h_old_6, _global_rnn_h_old_7, _global_rnn_h_old_8, _global_rnn_h_old_9,
+         _global_rnn_h_old_10, _global_rnn_h_old_11, _global_rnn_h_old_12, _global_rnn_h_old_13, _global_rnn_h_old_14,
+         _global_rnn_h_old_15, _global_rnn_h_old_16, _global_rnn_h_old_17, _global_rnn_h_old_18, _global_rnn_h_old_19],
+    )
+    _dense2 = ops.linear(_x1, phi["global_to_param.weight"], cols=slice(0, 20), bias=phi["global_to_param.bias"])
+    V["_global_to_param_out37"] = _dense2[0]
+    V["_global_to_param_out38"] = _dense2[1]
+    V["_global_to_param_out39"] = _dense2[2]
+    V["_global_to_param_out40"] = _dense2[3]
+    V["_global_to_param_out41"] = _dense2[4]
+    V["_global_to_param_out42"] = _dense2[5]
+    V["_global_to_param_out43"] = _dense2[6]
+    V["_global_to_param_out44"] = _dense2[7]
+    V["_global_to_param_out45"] = _dense2[8]
+    V["_global_to_param_out46"] = _dense2[9]
+    V["_global_to_param_out47"] = _dense2[10]
+    V["_global_to_param_out48"] = _dense2[11]
+    V["_global_to_param_out49"] = _dense2[12]
+    V["_global_to_param_out50"] = _dense2[13]
+    V["_global_to_param_out51"] = _dense2[14]
+    V["_global_to_param_out52"] = _dense2[15]
+    V["_global_to_param_out53"] = _dense2[16]
+    V["_global_to_param_out54"] = _dense2[17]
+    V["_global_to_param_out55"] = _dense2[18]
+    V["_global_to_param_out56"] = _dense2[19]
+    V["_global_to_param_out57"] = _dense2[20]
+    V["_global_to_param_out58"] = _dense2[21]
+    V["_global_to_param_out59"] = _dense2[22]
+    V["_global_to_param_out60"] = _dense2[23]
+    V["_global_to_param_out61"] = _dense2[24]
+    V["_global_to_param_out62"] = _dense2[25]
+    V["_global_to_param_out63"] = _dense2[26]
+    V["_global_to_param_out64"] = _dense2[27]
+    V["_global_to_param_out65"] = _dense2[28]
+    V["_global_to_param_out66"] = _dense2[29]
 
 
 def host_0_11(V, phi):
@@ -1375,69 +1389,75 @@ def host_0_12(V, phi):
     _global_rnn_h_old_18 = V["_global_rnn_h_old_18"]
     _global_rnn_h_old_19 = V["_global_rnn_h_old_19"]
     _phi_lr_ema_logit = V["_phi_lr_ema_logit"]
-    _dense1 = ops.dense(ops.stack([_global_rnn_h_old_0, _global_rnn_h_old_1, _global_rnn_h_old_2, _global_rnn_h_old_3, _global_rnn_h_old_4, _global_rnn_h_old_5, _global_rnn_h_old_6, _global_rnn_h_old_7, _global_rnn_h_old_8, _global_rnn_h_old_9, _global_rnn_h_old_10, _global_rnn_h_old_11, _global_rnn_h_old_12, _global_rnn_h_old_13, _global_rnn_h_old_14, _global_rnn_h_old_15, _global_rnn_h_old_16, _global_rnn_h_old_17, _global_rnn_h_old_18, _global_rnn_h_old_19]), phi["global_to_tensor.weight"], cols=slice(0, 20), rows=None, bias=phi["global_to_tensor.bias"], extra=None, act="none")
+    _x1 = ops.features(
+        [_global_rnn_h_old_0, _global_rnn_h_old_1, _global_rnn_h_old_2, _global_rnn_h_old_3, _global_rnn_h_old_4,
+         _global_rnn_h_old_5, _global_rnn_h_old_6, _global_rnn_h_old_7, _global_rnn_h_old_8, _global_rnn_h_old_9,
+         _global_rnn_h_old_10, _global_rnn_h_old_11, _global_rnn_h_old_12, _global_rnn_h_old_13, _global_rnn_h_old_14,
+         _global_rnn_h_old_15, _global_rnn_h_old_16, _global_rnn_h_old_17, _global_rnn_h_old_18, _global_rnn_h_old_19],
+    )
+    _dense2 = ops.linear(_x1, phi["global_to_tensor.weight"], cols=slice(0, 20), bias=phi["global_to_tensor.bias"])
     lr_ema = torch.sigmoid(_phi_lr_ema_logit)
     _u10 = 1.0 - lr_ema
-    V["_global_to_tensor_out155"] = _dense1[..., 0]
-    V["_global_to_tensor_out156"] = _dense1[..., 1]
-    V["_global_to_tensor_out157"] = _dense1[..., 2]
-    V["_global_to_tensor_out158"] = _dense1[..., 3]
-    V["_global_to_tensor_out159"] = _dense1[..., 4]
-    V["_global_to_tensor_out160"] = _dense1[..., 5]
-    V["_global_to_tensor_out161"] = _dense1[..., 6]
-    V["_global_to_tensor_out162"] = _dense1[..., 7]
-    V["_global_to_tensor_out163"] = _dense1[..., 8]
-    V["_global_to_tensor_out164"] = _dense1[..., 9]
-    V["_global_to_tensor_out165"] = _dense1[..., 10]
-    V["_global_to_tensor_out166"] = _dense1[..., 11]
-    V["_global_to_tensor_out167"] = _dense1[..., 12]
-    V["_global_to_tensor_out168"] = _dense1[..., 13]
-    V["_global_to_tensor_out169"] = _dense1[..., 14]
-    V["_global_to_tensor_out170"] = _dense1[..., 15]
-    V["_global_to_tensor_out171"] = _dense1[..., 16]
-    V["_global_to_tensor_out172"] = _dense1[..., 17]
-    V["_global_to_tensor_out173"] = _dense1[..., 18]
-    V["_global_to_tensor_out174"] = _dense1[..., 19]
-    V["_global_to_tensor_out175"] = _dense1[..., 20]
-    V["_global_to_tensor_out176"] = _dense1[..., 21]
-    V["_global_to_tensor_out177"] = _dense1[..., 22]
-    V["_global_to_tensor_out178"] = _dense1[..., 23]
-    V["_global_to_tensor_out179"] = _dense1[..., 24]
-    V["_global_to_tensor_out180"] = _dense1[..., 25]
-    V["_global_to_tensor_out181"] = _dense1[..., 26]
-    V["_global_to_tensor_out182"] = _dense1[..., 27]
-    V["_global_to_tensor_out183"] = _dense1[..., 28]
-    V["_global_to_tensor_out184"] = _dense1[..., 29]
-    V["_global_to_tensor_out185"] = _dense1[..., 30]
-    V["_global_to_tensor_out186"] = _dense1[..., 31]
-    V["_global_to_tensor_out187"] = _dense1[..., 32]
-    V["_global_to_tensor_out188"] = _dense1[..., 33]
-    V["_global_to_tensor_out189"] = _dense1[..., 34]
-    V["_global_to_tensor_out190"] = _dense1[..., 35]
-    V["_global_to_tensor_out191"] = _dense1[..., 36]
-    V["_global_to_tensor_out192"] = _dense1[..., 37]
-    V["_global_to_tensor_out193"] = _dense1[..., 38]
-    V["_global_to_tensor_out194"] = _dense1[..., 39]
-    V["_global_to_tensor_out195"] = _dense1[..., 40]
-    V["_global_to_tensor_out196"] = _dense1[..., 41]
-    V["_global_to_tensor_out197"] = _dense1[..., 42]
-    V["_global_to_tensor_out198"] = _dense1[..., 43]
-    V["_global_to_tensor_out199"] = _dense1[..., 44]
-    V["_global_to_tensor_out200"] = _dense1[..., 45]
-    V["_global_to_tensor_out201"] = _dense1[..., 46]
-    V["_global_to_tensor_out202"] = _dense1[..., 47]
-    V["_global_to_tensor_out203"] = _dense1[..., 48]
-    V["_global_to_tensor_out204"] = _dense1[..., 49]
-    V["_global_to_tensor_out205"] = _dense1[..., 50]
-    V["_global_to_tensor_out206"] = _dense1[..., 51]
-    V["_global_to_tensor_out207"] = _dense1[..., 52]
-    V["_global_to_tensor_out208"] = _dense1[..., 53]
-    V["_global_to_tensor_out209"] = _dense1[..., 54]
-    V["_global_to_tensor_out210"] = _dense1[..., 55]
-    V["_global_to_tensor_out211"] = _dense1[..., 56]
-    V["_global_to_tensor_out212"] = _dense1[..., 57]
-    V["_global_to_tensor_out213"] = _dense1[..., 58]
-    V["_global_to_tensor_out214"] = _dense1[..., 59]
+    V["_global_to_tensor_out155"] = _dense2[0]
+    V["_global_to_tensor_out156"] = _dense2[1]
+    V["_global_to_tensor_out157"] = _dense2[2]
+    V["_global_to_tensor_out158"] = _dense2[3]
+    V["_global_to_tensor_out159"] = _dense2[4]
+    V["_global_to_tensor_out160"] = _dense2[5]
+    V["_global_to_tensor_out161"] = _dense2[6]
+    V["_global_to_tensor_out162"] = _dense2[7]
+    V["_global_to_tensor_out163"] = _dense2[8]
+    V["_global_to_tensor_out164"] = _dense2[9]
+    V["_global_to_tensor_out165"] = _dense2[10]
+    V["_global_to_tensor_out166"] = _dense2[11]
+    V["_global_to_tensor_out167"] = _dense2[12]
+    V["_global_to_tensor_out168"] = _dense2[13]
+    V["_global_to_tensor_out169"] = _dense2[14]
+    V["_global_to_tensor_out170"] = _dense2[15]
+    V["_global_to_tensor_out171"] = _dense2[16]
+    V["_global_to_tensor_out172"] = _dense2[17]
+    V["_global_to_tensor_out173"] = _dense2[18]
+    V["_global_to_tensor_out174"] = _dense2[19]
+    V["_global_to_tensor_out175"] = _dense2[20]
+    V["_global_to_tensor_out176"] = _dense2[21]
+    V["_global_to_tensor_out177"] = _dense2[22]
+    V["_global_to_tensor_out178"] = _dense2[23]
+    V["_global_to_tensor_out179"] = _dense2[24]
+    V["_global_to_tensor_out180"] = _dense2[25]
+    V["_global_to_tensor_out181"] = _dense2[26]
+    V["_global_to_tensor_out182"] = _dense2[27]
+    V["_global_to_tensor_out183"] = _dense2[28]
+    V["_global_to_tensor_out184"] = _dense2[29]
+    V["_global_to_tensor_out185"] = _dense2[30]
+    V["_global_to_tensor_out186"] = _dense2[31]
+    V["_global_to_tensor_out187"] = _dense2[32]
+    V["_global_to_tensor_out188"] = _dense2[33]
+    V["_global_to_tensor_out189"] = _dense2[34]
+    V["_global_to_tensor_out190"] = _dense2[35]
+    V["_global_to_tensor_out191"] = _dense2[36]
+    V["_global_to_tensor_out192"] = _dense2[37]
+    V["_global_to_tensor_out193"] = _dense2[38]
+    V["_global_to_tensor_out194"] = _dense2[39]
+    V["_global_to_tensor_out195"] = _dense2[40]
+    V["_global_to_tensor_out196"] = _dense2[41]
+    V["_global_to_tensor_out197"] = _dense2[42]
+    V["_global_to_tensor_out198"] = _dense2[43]
+    V["_global_to_tensor_out199"] = _dense2[44]
+    V["_global_to_tensor_out200"] = _dense2[45]
+    V["_global_to_tensor_out201"] = _dense2[46]
+    V["_global_to_tensor_out202"] = _dense2[47]
+    V["_global_to_tensor_out203"] = _dense2[48]
+    V["_global_to_tensor_out204"] = _dense2[49]
+    V["_global_to_tensor_out205"] = _dense2[50]
+    V["_global_to_tensor_out206"] = _dense2[51]
+    V["_global_to_tensor_out207"] = _dense2[52]
+    V["_global_to_tensor_out208"] = _dense2[53]
+    V["_global_to_tensor_out209"] = _dense2[54]
+    V["_global_to_tensor_out210"] = _dense2[55]
+    V["_global_to_tensor_out211"] = _dense2[56]
+    V["_global_to_tensor_out212"] = _dense2[57]
+    V["_global_to_tensor_out213"] = _dense2[58]
+    V["_global_to_tensor_out214"] = _dense2[59]
     V["lr_ema"] = lr_ema
     V["_u10"] = _u10
 
@@ -1561,27 +1581,56 @@ def host_2_13(V, phi):
     _global_to_tensor_out212 = V["_global_to_tensor_out212"]
     _global_to_tensor_out213 = V["_global_to_tensor_out213"]
     _global_to_tensor_out214 = V["_global_to_tensor_out214"]
-    _gru1 = ops.gru_cell(ops.stack([_mean_tensor112, _mean_tensor114, _mean_tensor116, _mean_tensor118, _mean_tensor120, _mean_tensor122, _mean_tensor124, _mean_tensor126, _mean_tensor128, _mean_tensor130, _mean_tensor132, _mean_tensor134, _mean_tensor136, _mean_tensor138, _mean_tensor140, _mean_tensor142, _mean_tensor144, _mean_tensor146, _mean_tensor148, _mean_tensor150, _mean_tensor152, _mean_tensor154]), ops.stack([_tensor_rnn_h_old_0, _tensor_rnn_h_old_1, _tensor_rnn_h_old_2, _tensor_rnn_h_old_3, _tensor_rnn_h_old_4, _tensor_rnn_h_old_5, _tensor_rnn_h_old_6, _tensor_rnn_h_old_7, _tensor_rnn_h_old_8, _tensor_rnn_h_old_9, _tensor_rnn_h_old_10, _tensor_rnn_h_old_11, _tensor_rnn_h_old_12, _tensor_rnn_h_old_13, _tensor_rnn_h_old_14, _tensor_rnn_h_old_15, _tensor_rnn_h_old_16, _tensor_rnn_h_old_17, _tensor_rnn_h_old_18, _tensor_rnn_h_old_19]), phi["tensor_rnn.weight_ih"], phi["tensor_rnn.weight_hh"], phi["tensor_rnn.bias"], extra=ops.stack([_global_to_tensor_out155, _global_to_tensor_out156, _global_to_tensor_out157, _global_to_tensor_out158, _global_to_tensor_out159, _global_to_tensor_out160, _global_to_tensor_out161, _global_to_tensor_out162, _global_to_tensor_out163, _global_to_tensor_out164, _global_to_tensor_out165, _global_to_tensor_out166, _global_to_tensor_out167, _global_to_tensor_out168, _global_to_tensor_out169, _global_to_tensor_out170, _global_to_tensor_out171, _global_to_tensor_out172, _global_to_tensor_out173, _global_to_tensor_out174, _global_to_tensor_out175, _global_to_tensor_out176, _global_to_tensor_out177, _global_to_tensor_out178, _global_to_tensor_out179, _global_to_tensor_out180, _global_to_tensor_out181, _global_to_tensor_out182, _global_to_tensor_out183, _global_to_tensor_out184, _global_to_tensor_out185, _global_to_tensor_out186, _global_to_tensor_out187, _global_to_tensor_out188, _global_to_tensor_out189, _global_to_tensor_out190, _global_to_tensor_out191, _global_to_tensor_out192, _global_to_tensor_out193, _global_to_tensor_out194, _global_to_tensor_out195, _global_to_tensor_out196, _global_to_tensor_out197, _global_to_tensor_out198, _global_to_tensor_out199, _global_to_tensor_out200, _global_to_tensor_out201, _global_to_tensor_out202, _global_to_tensor_out203, _global_to_tensor_out204, _global_to_tensor_out205, _global_to_tensor_out206, _global_to_tensor_out207, _global_to_tensor_out208, _global_to_tensor_out209, _global_to_tensor_out210, _global_to_tensor_out211, _global_to_tensor_out212, _global_to_tensor_out213, _global_to_tensor_out214]))
-    V["_tensor_rnn_h215"] = _gru1[..., 0]
-    V["_tensor_rnn_h216"] = _gru1[..., 1]
-    V["_tensor_rnn_h217"] = _gru1[..., 2]
-    V["_tensor_rnn_h218"] = _gru1[..., 3]
-    V["_tensor_rnn_h219"] = _gru1[..., 4]
-    V["_tensor_rnn_h220"] = _gru1[..., 5]
-    V["_tensor_rnn_h221"] = _gru1[..., 6]
-    V["_tensor_rnn_h222"] = _gru1[..., 7]
-    V["_tensor_rnn_h223"] = _gru1[..., 8]
-    V["_tensor_rnn_h224"] = _gru1[..., 9]
-    V["_tensor_rnn_h225"] = _gru1[..., 10]
-    V["_tensor_rnn_h226"] = _gru1[..., 11]
-    V["_tensor_rnn_h227"] = _gru1[..., 12]
-    V["_tensor_rnn_h228"] = _gru1[..., 13]
-    V["_tensor_rnn_h229"] = _gru1[..., 14]
-    V["_tensor_rnn_h230"] = _gru1[..., 15]
-    V["_tensor_rnn_h231"] = _gru1[..., 16]
-    V["_tensor_rnn_h232"] = _gru1[..., 17]
-    V["_tensor_rnn_h233"] = _gru1[..., 18]
-    V["_tensor_rnn_h234"] = _gru1[..., 19]
+    _bias1 = ops.features(
+        [_global_to_tensor_out155, _global_to_tensor_out156, _global_to_tensor_out157, _global_to_tensor_out158,
+         _global_to_tensor_out159, _global_to_tensor_out160, _global_to_tensor_out161, _global_to_tensor_out162,
+         _global_to_tensor_out163, _global_to_tensor_out164, _global_to_tensor_out165, _global_to_tensor_out166,
+         _global_to_tensor_out167, _global_to_tensor_out168, _global_to_tensor_out169, _global_to_tensor_out170,
+         _global_to_tensor_out171, _global_to_tensor_out172, _global_to_tensor_out173, _global_to_tensor_out174,
+         _global_to_tensor_out175, _global_to_tensor_out176, _global_to_tensor_out177, _global_to_tensor_out178,
+         _global_to_tensor_out179, _global_to_tensor_out180, _global_to_tensor_out181, _global_to_tensor_out182,
+         _global_to_tensor_out183, _global_to_tensor_out184, _global_to_tensor_out185, _global_to_tensor_out186,
+         _global_to_tensor_out187, _global_to_tensor_out188, _global_to_tensor_out189, _global_to_tensor_out190,
+         _global_to_tensor_out191, _global_to_tensor_out192, _global_to_tensor_out193, _global_to_tensor_out194,
+         _global_to_tensor_out195, _global_to_tensor_out196, _global_to_tensor_out197, _global_to_tensor_out198,
+         _global_to_tensor_out199, _global_to_tensor_out200, _global_to_tensor_out201, _global_to_tensor_out202,
+         _global_to_tensor_out203, _global_to_tensor_out204, _global_to_tensor_out205, _global_to_tensor_out206,
+         _global_to_tensor_out207, _global_to_tensor_out208, _global_to_tensor_out209, _global_to_tensor_out210,
+         _global_to_tensor_out211, _global_to_tensor_out212, _global_to_tensor_out213, _global_to_tensor_out214],
+    )
+    _x2 = ops.features(
+        [_mean_tensor112, _mean_tensor114, _mean_tensor116, _mean_tensor118, _mean_tensor120, _mean_tensor122,
+         _mean_tensor124, _mean_tensor126, _mean_tensor128, _mean_tensor130, _mean_tensor132, _mean_tensor134,
+         _mean_tensor136, _mean_tensor138, _mean_tensor140, _mean_tensor142, _mean_tensor144, _mean_tensor146,
+         _mean_tensor148, _mean_tensor150, _mean_tensor152, _mean_tensor154],
+    )
+    _h_old3 = ops.features(
+        [_tensor_rnn_h_old_0, _tensor_rnn_h_old_1, _tensor_rnn_h_old_2, _tensor_rnn_h_old_3, _tensor_rnn_h_old_4,
+         _tensor_rnn_h_old_5, _tensor_rnn_h_old_6, _tensor_rnn_h_old_7, _tensor_rnn_h_old_8, _tensor_rnn_h_old_9,
+         _tensor_rnn_h_old_10, _tensor_rnn_h_old_11, _tensor_rnn_h_old_12, _tensor_rnn_h_old_13, _tensor_rnn_h_old_14,
+         _tensor_rnn_h_old_15, _tensor_rnn_h_old_16, _tensor_rnn_h_old_17, _tensor_rnn_h_old_18, _tensor_rnn_h_old_19],
+    )
+    _gru4 = ops.gru_cell(_x2, _h_old3, phi["tensor_rnn.weight_ih"], phi["tensor_rnn.weight_hh"], phi["tensor_rnn.bias"], extra=_bias1)
+    V["_tensor_rnn_h215"] = _gru4[0]
+    V["_tensor_rnn_h216"] = _gru4[1]
+    V["_tensor_rnn_h217"] = _gru4[2]
+    V["_tensor_rnn_h218"] = _gru4[3]
+    V["_tensor_rnn_h219"] = _gru4[4]
+    V["_tensor_rnn_h220"] = _gru4[5]
+    V["_tensor_rnn_h221"] = _gru4[6]
+    V["_tensor_rnn_h222"] = _gru4[7]
+    V["_tensor_rnn_h223"] = _gru4[8]
+    V["_tensor_rnn_h224"] = _gru4[9]
+    V["_tensor_rnn_h225"] = _gru4[10]
+    V["_tensor_rnn_h226"] = _gru4[11]
+    V["_tensor_rnn_h227"] = _gru4[12]
+    V["_tensor_rnn_h228"] = _gru4[13]
+    V["_tensor_rnn_h229"] = _gru4[14]
+    V["_tensor_rnn_h230"] = _gru4[15]
+    V["_tensor_rnn_h231"] = _gru4[16]
+    V["_tensor_rnn_h232"] = _gru4[17]
+    V["_tensor_rnn_h233"] = _gru4[18]
+    V["_tensor_rnn_h234"] = _gru4[19]
 
 
 def host_2_34(V, phi):
@@ -1626,27 +1675,39 @@ def host_2_34(V, phi):
     _global_rnn_h_old_17 = V["_global_rnn_h_old_17"]
     _global_rnn_h_old_18 = V["_global_rnn_h_old_18"]
     _global_rnn_h_old_19 = V["_global_rnn_h_old_19"]
-    _gru1 = ops.gru_cell(ops.stack([_mean_tensors236, _mean_tensors238, _mean_tensors240, _mean_tensors242, _mean_tensors244, _mean_tensors246, _mean_tensors248, _mean_tensors250, _mean_tensors252, _mean_tensors254, _mean_tensors256, _mean_tensors258, _mean_tensors260, _mean_tensors262, _mean_tensors264, _mean_tensors266, _mean_tensors268, _mean_tensors270, _mean_tensors272, _mean_tensors274]), ops.stack([_global_rnn_h_old_0, _global_rnn_h_old_1, _global_rnn_h_old_2, _global_rnn_h_old_3, _global_rnn_h_old_4, _global_rnn_h_old_5, _global_rnn_h_old_6, _global_rnn_h_old_7, _global_rnn_h_old_8, _global_rnn_h_old_9, _global_rnn_h_old_10, _global_rnn_h_old_11, _global_rnn_h_old_12, _global_rnn_h_old_13, _global_rnn_h_old_14, _global_rnn_h_old_15, _global_rnn_h_old_16, _global_rnn_h_old_17, _global_rnn_h_old_18, _global_rnn_h_old_19]), phi["global_rnn.weight_ih"], phi["global_rnn.weight_hh"], phi["global_rnn.bias"], extra=None)
-    V["_global_rnn_h275"] = _gru1[..., 0]
-    V["_global_rnn_h276"] = _gru1[..., 1]
-    V["_global_rnn_h277"] = _gru1[..., 2]
-    V["_global_rnn_h278"] = _gru1[..., 3]
-    V["_global_rnn_h279"] = _gru1[..., 4]
-    V["_global_rnn_h280"] = _gru1[..., 5]
-    V["_global_rnn_h281"] = _gru1[..., 6]
-    V["_global_rnn_h282"] = _gru1[..., 7]
-    V["_global_rnn_h283"] = _gru1[..., 8]
-    V["_global_rnn_h284"] = _gru1[..., 9]
-    V["_global_rnn_h285"] = _gru1[..., 10]
-    V["_global_rnn_h286"] = _gru1[..., 11]
-    V["_global_rnn_h287"] = _gru1[..., 12]
-    V["_global_rnn_h288"] = _gru1[..., 13]
-    V["_global_rnn_h289"] = _gru1[..., 14]
-    V["_global_rnn_h290"] = _gru1[..., 15]
-    V["_global_rnn_h291"] = _gru1[..., 16]
-    V["_global_rnn_h292"] = _gru1[..., 17]
-    V["_global_rnn_h293"] = _gru1[..., 18]
-    V["_global_rnn_h294"] = _gru1[..., 19]
+    _x1 = ops.features(
+        [_mean_tensors236, _mean_tensors238, _mean_tensors240, _mean_tensors242, _mean_tensors244, _mean_tensors246,
+         _mean_tensors248, _mean_tensors250, _mean_tensors252, _mean_tensors254, _mean_tensors256, _mean_tensors258,
+         _mean_tensors260, _mean_tensors262, _mean_tensors264, _mean_tensors266, _mean_tensors268, _mean_tensors270,
+         _mean_tensors272, _mean_tensors274],
+    )
+    _h_old2 = ops.features(
+        [_global_rnn_h_old_0, _global_rnn_h_old_1, _global_rnn_h_old_2, _global_rnn_h_old_3, _global_rnn_h_old_4,
+         _global_rnn_h_old_5, _global_rnn_h_old_6, _global_rnn_h_old_7, _global_rnn_h_old_8, _global_rnn_h_old_9,
+         _global_rnn_h_old_10, _global_rnn_h_old_11, _global_rnn_h_old_12, _global_rnn_h_old_13, _global_rnn_h_old_14,
+         _global_rnn_h_old_15, _global_rnn_h_old_16, _global_rnn_h_old_17, _global_rnn_h_old_18, _global_rnn_h_old_19],
+    )
+    _gru3 = ops.gru_cell(_x1, _h_old2, phi["global_rnn.weight_ih"], phi["global_rnn.weight_hh"], phi["global_rnn.bias"])
+    V["_global_rnn_h275"] = _gru3[0]
+    V["_global_rnn_h276"] = _gru3[1]
+    V["_global_rnn_h277"] = _gru3[2]
+    V["_global_rnn_h278"] = _gru3[3]
+    V["_global_rnn_h279"] = _gru3[4]
+    V["_global_rnn_h280"] = _gru3[5]
+    V["_global_rnn_h281"] = _gru3[6]
+    V["_global_rnn_h282"] = _gru3[7]
+    V["_global_rnn_h283"] = _gru3[8]
+    V["_global_rnn_h284"] = _gru3[9]
+    V["_global_rnn_h285"] = _gru3[10]
+    V["_global_rnn_h286"] = _gru3[11]
+    V["_global_rnn_h287"] = _gru3[12]
+    V["_global_rnn_h288"] = _gru3[13]
+    V["_global_rnn_h289"] = _gru3[14]
+    V["_global_rnn_h290"] = _gru3[15]
+    V["_global_rnn_h291"] = _gru3[16]
+    V["_global_rnn_h292"] = _gru3[17]
+    V["_global_rnn_h293"] = _gru3[18]
+    V["_global_rnn_h294"] = _gru3[19]
 
 
 def host_2_35(V, phi):
@@ -1659,7 +1720,7 @@ def host_2_35(V, phi):
     V["_u13"] = _u13
 
 
-def elem_stage_0(V, phi, dims):
+def elem_stage_0(V, phi, dims, ws=None):
     """Per-element work of stage 0 on one chunk of one tensor."""
     _acc_old_0 = V["_acc_old_0"]
     _acc_old_1 = V["_acc_old_1"]
@@ -1690,15 +1751,28 @@ def elem_stage_0(V, phi, dims):
     _u8 = V["_u8"]
     g = V["g"]
     ms_decay = V["ms_decay"]
-    _dense1 = ops.dense(ops.stack([_net_h0_old_0, _net_h0_old_1, _net_h0_old_2, _net_h0_old_3, _net_h0_old_4, _net_h0_old_5, _net_h0_old_6, _net_h0_old_7, _net_h0_old_8, _net_h0_old_9]), phi["head.weight"], cols=slice(0, 10), rows=slice(3, 4), bias=phi["head.bias"], extra=None, act="none")
-    acc_0 = _acc_old_0 * torch.sigmoid(_dense1[..., 0]) + g * (1.0 - torch.sigmoid(_dense1[..., 0]))
-    acc_1 = _acc_old_1 * torch.sigmoid(_dense1[..., 0]) ** 0.5 + g * (1.0 - torch.sigmoid(_dense1[..., 0]) ** 0.5)
-    acc_2 = _acc_old_2 * torch.sigmoid(_dense1[..., 0]) ** 0.25 + g * (1.0 - torch.sigmoid(_dense1[..., 0]) ** 0.25)
-    acc_3 = _acc_old_3 * torch.sigmoid(_dense1[..., 0]) ** 0.125 + g * (1.0 - torch.sigmoid(_dense1[..., 0]) ** 0.125)
-    ms_0 = torch.where(_u1, acc_0 * acc_0 + 1e-12, _ms_old_0 * ms_decay + _u2 * (acc_0 * acc_0 + 1e-12))
-    ms_1 = torch.where(_u3, acc_1 * acc_1 + 1e-12, _ms_old_1 * ms_decay + _u4 * (acc_1 * acc_1 + 1e-12))
-    ms_2 = torch.where(_u5, acc_2 * acc_2 + 1e-12, _ms_old_2 * ms_decay + _u6 * (acc_2 * acc_2 + 1e-12))
-    ms_3 = torch.where(_u7, acc_3 * acc_3 + 1e-12, _ms_old_3 * ms_decay + _u8 * (acc_3 * acc_3 + 1e-12))
+    _x1 = ops.features(
+        [_net_h0_old_0, _net_h0_old_1, _net_h0_old_2, _net_h0_old_3, _net_h0_old_4, _net_h0_old_5, _net_h0_old_6,
+         _net_h0_old_7, _net_h0_old_8, _net_h0_old_9],
+        ws=ws, key="_x1",
+    )
+    _dense2 = ops.linear(_x1, phi["head.weight"], cols=slice(0, 10), rows=slice(3, 4), bias=phi["head.bias"], ws=ws)
+    _sigmoid_head_out4 = torch.sigmoid(_dense2[0])
+    acc_0 = _acc_old_0 * _sigmoid_head_out4 + g * (1.0 - _sigmoid_head_out4)
+    _sigmoid_head_out4_pow_0p5 = _sigmoid_head_out4 ** 0.5
+    acc_1 = _acc_old_1 * _sigmoid_head_out4_pow_0p5 + g * (1.0 - _sigmoid_head_out4_pow_0p5)
+    _sigmoid_head_out4_pow_0p25 = _sigmoid_head_out4 ** 0.25
+    acc_2 = _acc_old_2 * _sigmoid_head_out4_pow_0p25 + g * (1.0 - _sigmoid_head_out4_pow_0p25)
+    _sigmoid_head_out4_pow_0p125 = _sigmoid_head_out4 ** 0.125
+    acc_3 = _acc_old_3 * _sigmoid_head_out4_pow_0p125 + g * (1.0 - _sigmoid_head_out4_pow_0p125)
+    _acc_0_sq_eps = acc_0 * acc_0 + 1e-12
+    ms_0 = torch.where(_u1, _acc_0_sq_eps, _ms_old_0 * ms_decay + _u2 * _acc_0_sq_eps)
+    _acc_1_sq_eps = acc_1 * acc_1 + 1e-12
+    ms_1 = torch.where(_u3, _acc_1_sq_eps, _ms_old_1 * ms_decay + _u4 * _acc_1_sq_eps)
+    _acc_2_sq_eps = acc_2 * acc_2 + 1e-12
+    ms_2 = torch.where(_u5, _acc_2_sq_eps, _ms_old_2 * ms_decay + _u6 * _acc_2_sq_eps)
+    _acc_3_sq_eps = acc_3 * acc_3 + 1e-12
+    ms_3 = torch.where(_u7, _acc_3_sq_eps, _ms_old_3 * ms_decay + _u8 * _acc_3_sq_eps)
     scaled_0 = torch.asinh(acc_0 * torch.rsqrt(ms_0 + 1e-16))
     scaled_1 = torch.asinh(acc_1 * torch.rsqrt(ms_1 + 1e-16))
     scaled_2 = torch.asinh(acc_2 * torch.rsqrt(ms_2 + 1e-16))
@@ -1706,10 +1780,18 @@ def elem_stage_0(V, phi, dims):
     grad_products_0 = scaled_0 * scaled_1
     grad_products_1 = scaled_1 * scaled_2
     grad_products_2 = scaled_2 * scaled_3
-    rel_log_magnitude_0 = 0.75 * torch.log(ms_0) - 0.25 * torch.log(ms_1) - 0.25 * torch.log(ms_2) - 0.25 * torch.log(ms_3)
-    rel_log_magnitude_1 = (-0.25) * torch.log(ms_0) + 0.75 * torch.log(ms_1) - 0.25 * torch.log(ms_2) - 0.25 * torch.log(ms_3)
-    rel_log_magnitude_2 = (-0.25) * torch.log(ms_0) - 0.25 * torch.log(ms_1) + 0.75 * torch.log(ms_2) - 0.25 * torch.log(ms_3)
-    rel_log_magnitude_3 = (-0.25) * torch.log(ms_0) - 0.25 * torch.log(ms_1) - 0.25 * torch.log(ms_2) + 0.75 * torch.log(ms_3)
+    _log_ms_0 = torch.log(ms_0)
+    _log_ms_1 = torch.log(ms_1)
+    _log_ms_1_scaled = 0.25 * _log_ms_1
+    _log_ms_2 = torch.log(ms_2)
+    _log_ms_2_scaled = 0.25 * _log_ms_2
+    _log_ms_3 = torch.log(ms_3)
+    _log_ms_3_scaled = 0.25 * _log_ms_3
+    rel_log_magnitude_0 = 0.75 * _log_ms_0 - _log_ms_1_scaled - _log_ms_2_scaled - _log_ms_3_scaled
+    _log_ms_0_scaled = (-0.25) * _log_ms_0
+    rel_log_magnitude_1 = _log_ms_0_scaled + 0.75 * _log_ms_1 - _log_ms_2_scaled - _log_ms_3_scaled
+    rel_log_magnitude_2 = _log_ms_0_scaled - _log_ms_1_scaled + 0.75 * _log_ms_2 - _log_ms_3_scaled
+    rel_log_magnitude_3 = _log_ms_0_scaled - _log_ms_1_scaled - _log_ms_2_scaled + 0.75 * _log_ms_3
     out = {}
     out["_mean_all6"] = ops.partial_sum(_log_lr_old, dims["all"])
     out["_mean_tensor132"] = ops.partial_sum(scaled_0, dims["tensor"])
@@ -1726,7 +1808,7 @@ def elem_stage_0(V, phi, dims):
     return out
 
 
-def elem_stage_1(V, phi, dims):
+def elem_stage_1(V, phi, dims, ws=None):
     """Per-element work of stage 1 on one chunk of one tensor."""
     _acc_old_0 = V["_acc_old_0"]
     _acc_old_1 = V["_acc_old_1"]
@@ -1792,15 +1874,28 @@ def elem_stage_1(V, phi, dims):
     _u9 = V["_u9"]
     g = V["g"]
     ms_decay = V["ms_decay"]
-    _dense1 = ops.dense(ops.stack([_net_h0_old_0, _net_h0_old_1, _net_h0_old_2, _net_h0_old_3, _net_h0_old_4, _net_h0_old_5, _net_h0_old_6, _net_h0_old_7, _net_h0_old_8, _net_h0_old_9]), phi["head.weight"], cols=slice(0, 10), rows=slice(3, 4), bias=phi["head.bias"], extra=None, act="none")
-    acc_0 = _acc_old_0 * torch.sigmoid(_dense1[..., 0]) + g * (1.0 - torch.sigmoid(_dense1[..., 0]))
-    acc_1 = _acc_old_1 * torch.sigmoid(_dense1[..., 0]) ** 0.5 + g * (1.0 - torch.sigmoid(_dense1[..., 0]) ** 0.5)
-    acc_2 = _acc_old_2 * torch.sigmoid(_dense1[..., 0]) ** 0.25 + g * (1.0 - torch.sigmoid(_dense1[..., 0]) ** 0.25)
-    acc_3 = _acc_old_3 * torch.sigmoid(_dense1[..., 0]) ** 0.125 + g * (1.0 - torch.sigmoid(_dense1[..., 0]) ** 0.125)
-    ms_0 = torch.where(_u1, acc_0 * acc_0 + 1e-12, _ms_old_0 * ms_decay + _u2 * (acc_0 * acc_0 + 1e-12))
-    ms_1 = torch.where(_u3, acc_1 * acc_1 + 1e-12, _ms_old_1 * ms_decay + _u4 * (acc_1 * acc_1 + 1e-12))
-    ms_2 = torch.where(_u5, acc_2 * acc_2 + 1e-12, _ms_old_2 * ms_decay + _u6 * (acc_2 * acc_2 + 1e-12))
-    ms_3 = torch.where(_u7, acc_3 * acc_3 + 1e-12, _ms_old_3 * ms_decay + _u8 * (acc_3 * acc_3 + 1e-12))
+    _x1 = ops.features(
+        [_net_h0_old_0, _net_h0_old_1, _net_h0_old_2, _net_h0_old_3, _net_h0_old_4, _net_h0_old_5, _net_h0_old_6,
+         _net_h0_old_7, _net_h0_old_8, _net_h0_old_9],
+        ws=ws, key="_x1",
+    )
+    _dense2 = ops.linear(_x1, phi["head.weight"], cols=slice(0, 10), rows=slice(3, 4), bias=phi["head.bias"], ws=ws)
+    _sigmoid_head_out4 = torch.sigmoid(_dense2[0])
+    acc_0 = _acc_old_0 * _sigmoid_head_out4 + g * (1.0 - _sigmoid_head_out4)
+    _sigmoid_head_out4_pow_0p5 = _sigmoid_head_out4 ** 0.5
+    acc_1 = _acc_old_1 * _sigmoid_head_out4_pow_0p5 + g * (1.0 - _sigmoid_head_out4_pow_0p5)
+    _sigmoid_head_out4_pow_0p25 = _sigmoid_head_out4 ** 0.25
+    acc_2 = _acc_old_2 * _sigmoid_head_out4_pow_0p25 + g * (1.0 - _sigmoid_head_out4_pow_0p25)
+    _sigmoid_head_out4_pow_0p125 = _sigmoid_head_out4 ** 0.125
+    acc_3 = _acc_old_3 * _sigmoid_head_out4_pow_0p125 + g * (1.0 - _sigmoid_head_out4_pow_0p125)
+    _acc_0_sq_eps = acc_0 * acc_0 + 1e-12
+    ms_0 = torch.where(_u1, _acc_0_sq_eps, _ms_old_0 * ms_decay + _u2 * _acc_0_sq_eps)
+    _acc_1_sq_eps = acc_1 * acc_1 + 1e-12
+    ms_1 = torch.where(_u3, _acc_1_sq_eps, _ms_old_1 * ms_decay + _u4 * _acc_1_sq_eps)
+    _acc_2_sq_eps = acc_2 * acc_2 + 1e-12
+    ms_2 = torch.where(_u5, _acc_2_sq_eps, _ms_old_2 * ms_decay + _u6 * _acc_2_sq_eps)
+    _acc_3_sq_eps = acc_3 * acc_3 + 1e-12
+    ms_3 = torch.where(_u7, _acc_3_sq_eps, _ms_old_3 * ms_decay + _u8 * _acc_3_sq_eps)
     scaled_0 = torch.asinh(acc_0 * torch.rsqrt(ms_0 + 1e-16))
     scaled_1 = torch.asinh(acc_1 * torch.rsqrt(ms_1 + 1e-16))
     scaled_2 = torch.asinh(acc_2 * torch.rsqrt(ms_2 + 1e-16))
@@ -1808,36 +1903,62 @@ def elem_stage_1(V, phi, dims):
     grad_products_0 = scaled_0 * scaled_1
     grad_products_1 = scaled_1 * scaled_2
     grad_products_2 = scaled_2 * scaled_3
-    rel_log_magnitude_0 = 0.75 * torch.log(ms_0) - 0.25 * torch.log(ms_1) - 0.25 * torch.log(ms_2) - 0.25 * torch.log(ms_3)
-    rel_log_magnitude_1 = (-0.25) * torch.log(ms_0) + 0.75 * torch.log(ms_1) - 0.25 * torch.log(ms_2) - 0.25 * torch.log(ms_3)
-    rel_log_magnitude_2 = (-0.25) * torch.log(ms_0) - 0.25 * torch.log(ms_1) + 0.75 * torch.log(ms_2) - 0.25 * torch.log(ms_3)
-    rel_log_magnitude_3 = (-0.25) * torch.log(ms_0) - 0.25 * torch.log(ms_1) - 0.25 * torch.log(ms_2) + 0.75 * torch.log(ms_3)
+    _log_ms_0 = torch.log(ms_0)
+    _log_ms_1 = torch.log(ms_1)
+    _log_ms_1_scaled = 0.25 * _log_ms_1
+    _log_ms_2 = torch.log(ms_2)
+    _log_ms_2_scaled = 0.25 * _log_ms_2
+    _log_ms_3 = torch.log(ms_3)
+    _log_ms_3_scaled = 0.25 * _log_ms_3
+    rel_log_magnitude_0 = 0.75 * _log_ms_0 - _log_ms_1_scaled - _log_ms_2_scaled - _log_ms_3_scaled
+    _log_ms_0_scaled = (-0.25) * _log_ms_0
+    rel_log_magnitude_1 = _log_ms_0_scaled + 0.75 * _log_ms_1 - _log_ms_2_scaled - _log_ms_3_scaled
+    rel_log_magnitude_2 = _log_ms_0_scaled - _log_ms_1_scaled + 0.75 * _log_ms_2 - _log_ms_3_scaled
+    rel_log_magnitude_3 = _log_ms_0_scaled - _log_ms_1_scaled - _log_ms_2_scaled + 0.75 * _log_ms_3
     rel_log_lr = _log_lr_old + _u9
-    _gru2 = ops.gru_cell(ops.stack([scaled_0, scaled_1, scaled_2, scaled_3, grad_products_0, grad_products_1, grad_products_2, rel_log_magnitude_0, rel_log_magnitude_1, rel_log_magnitude_2, rel_log_magnitude_3, rel_log_lr]), ops.stack([_net_h0_old_0, _net_h0_old_1, _net_h0_old_2, _net_h0_old_3, _net_h0_old_4, _net_h0_old_5, _net_h0_old_6, _net_h0_old_7, _net_h0_old_8, _net_h0_old_9]), phi["gru.0.weight_ih"], phi["gru.0.weight_hh"], phi["gru.0.bias"], extra=ops.stack([_param_rnn_bias67, _param_rnn_bias68, _param_rnn_bias69, _param_rnn_bias70, _param_rnn_bias71, _param_rnn_bias72, _param_rnn_bias73, _param_rnn_bias74, _param_rnn_bias75, _param_rnn_bias76, _param_rnn_bias77, _param_rnn_bias78, _param_rnn_bias79, _param_rnn_bias80, _param_rnn_bias81, _param_rnn_bias82, _param_rnn_bias83, _param_rnn_bias84, _param_rnn_bias85, _param_rnn_bias86, _param_rnn_bias87, _param_rnn_bias88, _param_rnn_bias89, _param_rnn_bias90, _param_rnn_bias91, _param_rnn_bias92, _param_rnn_bias93, _param_rnn_bias94, _param_rnn_bias95, _param_rnn_bias96]))
-    _dense3 = ops.dense(_gru2, phi["head.weight"], cols=slice(0, 10), rows=slice(0, 1), bias=phi["head.bias"], extra=None, act="none")
-    _dense4 = ops.dense(_gru2, phi["head.weight"], cols=slice(0, 10), rows=slice(1, 2), bias=phi["head.bias"], extra=None, act="none")
-    delta = _dense3[..., 0] + _phi_shortcut_0 * scaled_0 + _phi_shortcut_1 * scaled_1 + _phi_shortcut_2 * scaled_2 + _phi_shortcut_3 * scaled_3
+    _bias3 = ops.features(
+        [_param_rnn_bias67, _param_rnn_bias68, _param_rnn_bias69, _param_rnn_bias70, _param_rnn_bias71,
+         _param_rnn_bias72, _param_rnn_bias73, _param_rnn_bias74, _param_rnn_bias75, _param_rnn_bias76,
+         _param_rnn_bias77, _param_rnn_bias78, _param_rnn_bias79, _param_rnn_bias80, _param_rnn_bias81,
+         _param_rnn_bias82, _param_rnn_bias83, _param_rnn_bias84, _param_rnn_bias85, _param_rnn_bias86,
+         _param_rnn_bias87, _param_rnn_bias88, _param_rnn_bias89, _param_rnn_bias90, _param_rnn_bias91,
+         _param_rnn_bias92, _param_rnn_bias93, _param_rnn_bias94, _param_rnn_bias95, _param_rnn_bias96],
+        ws=ws, key="_bias3",
+    )
+    _x4 = ops.features(
+        [scaled_0, scaled_1, scaled_2, scaled_3, grad_products_0, grad_products_1, grad_products_2, rel_log_magnitude_0,
+         rel_log_magnitude_1, rel_log_magnitude_2, rel_log_magnitude_3, rel_log_lr],
+        ws=ws, key="_x4",
+    )
+    _gru5 = ops.gru_cell(_x4, _x1, phi["gru.0.weight_ih"], phi["gru.0.weight_hh"], phi["gru.0.bias"], extra=_bias3)
+    _dense6 = ops.linear(_gru5, phi["head.weight"], cols=slice(0, 10), rows=slice(0, 1), bias=phi["head.bias"], ws=ws)
+    _dense7 = ops.linear(_gru5, phi["head.weight"], cols=slice(0, 10), rows=slice(1, 2), bias=phi["head.bias"], ws=ws)
+    _phi_shortcut_0_scaled_0 = _phi_shortcut_0 * scaled_0
+    _phi_shortcut_1_scaled_1 = _phi_shortcut_1 * scaled_1
+    _phi_shortcut_2_scaled_2 = _phi_shortcut_2 * scaled_2
+    _phi_shortcut_3_scaled_3 = _phi_shortcut_3 * scaled_3
+    delta = _dense6[0] + _phi_shortcut_0_scaled_0 + _phi_shortcut_1_scaled_1 + _phi_shortcut_2_scaled_2 + _phi_shortcut_3_scaled_3
     _mean_tensor_arg295 = delta * delta
-    delta_att = _dense4[..., 0] + _phi_shortcut_0 * scaled_0 + _phi_shortcut_1 * scaled_1 + _phi_shortcut_2 * scaled_2 + _phi_shortcut_3 * scaled_3
+    delta_att = _dense7[0] + _phi_shortcut_0_scaled_0 + _phi_shortcut_1_scaled_1 + _phi_shortcut_2_scaled_2 + _phi_shortcut_3_scaled_3
     _mean_tensor_arg297 = delta_att * delta_att
     out = {}
-    out["_mean_tensor112"] = ops.partial_sum(_gru2[..., 0], dims["tensor"])
-    out["_mean_tensor114"] = ops.partial_sum(_gru2[..., 1], dims["tensor"])
-    out["_mean_tensor116"] = ops.partial_sum(_gru2[..., 2], dims["tensor"])
-    out["_mean_tensor118"] = ops.partial_sum(_gru2[..., 3], dims["tensor"])
-    out["_mean_tensor120"] = ops.partial_sum(_gru2[..., 4], dims["tensor"])
-    out["_mean_tensor122"] = ops.partial_sum(_gru2[..., 5], dims["tensor"])
-    out["_mean_tensor124"] = ops.partial_sum(_gru2[..., 6], dims["tensor"])
-    out["_mean_tensor126"] = ops.partial_sum(_gru2[..., 7], dims["tensor"])
-    out["_mean_tensor128"] = ops.partial_sum(_gru2[..., 8], dims["tensor"])
-    out["_mean_tensor130"] = ops.partial_sum(_gru2[..., 9], dims["tensor"])
+    out["_mean_tensor112"] = ops.partial_sum(_gru5[0], dims["tensor"])
+    out["_mean_tensor114"] = ops.partial_sum(_gru5[1], dims["tensor"])
+    out["_mean_tensor116"] = ops.partial_sum(_gru5[2], dims["tensor"])
+    out["_mean_tensor118"] = ops.partial_sum(_gru5[3], dims["tensor"])
+    out["_mean_tensor120"] = ops.partial_sum(_gru5[4], dims["tensor"])
+    out["_mean_tensor122"] = ops.partial_sum(_gru5[5], dims["tensor"])
+    out["_mean_tensor124"] = ops.partial_sum(_gru5[6], dims["tensor"])
+    out["_mean_tensor126"] = ops.partial_sum(_gru5[7], dims["tensor"])
+    out["_mean_tensor128"] = ops.partial_sum(_gru5[8], dims["tensor"])
+    out["_mean_tensor130"] = ops.partial_sum(_gru5[9], dims["tensor"])
     out["_mean_tensor154"] = ops.partial_sum(rel_log_lr, dims["tensor"])
     out["_mean_tensor296"] = ops.partial_sum(_mean_tensor_arg295, dims["tensor"])
     out["_mean_tensor298"] = ops.partial_sum(_mean_tensor_arg297, dims["tensor"])
     return out
 
 
-def elem_stage_2(V, phi, dims):
+def elem_stage_2(V, phi, dims, ws=None):
     """Per-element work of stage 2 on one chunk of one tensor."""
     _acc_old_0 = V["_acc_old_0"]
     _acc_old_1 = V["_acc_old_1"]
@@ -1911,15 +2032,28 @@ def elem_stage_2(V, phi, dims):
     lr = V["lr"]
     lr_ema = V["lr_ema"]
     ms_decay = V["ms_decay"]
-    _dense1 = ops.dense(ops.stack([_net_h0_old_0, _net_h0_old_1, _net_h0_old_2, _net_h0_old_3, _net_h0_old_4, _net_h0_old_5, _net_h0_old_6, _net_h0_old_7, _net_h0_old_8, _net_h0_old_9]), phi["head.weight"], cols=slice(0, 10), rows=slice(3, 4), bias=phi["head.bias"], extra=None, act="none")
-    acc_0 = _acc_old_0 * torch.sigmoid(_dense1[..., 0]) + g * (1.0 - torch.sigmoid(_dense1[..., 0]))
-    acc_1 = _acc_old_1 * torch.sigmoid(_dense1[..., 0]) ** 0.5 + g * (1.0 - torch.sigmoid(_dense1[..., 0]) ** 0.5)
-    acc_2 = _acc_old_2 * torch.sigmoid(_dense1[..., 0]) ** 0.25 + g * (1.0 - torch.sigmoid(_dense1[..., 0]) ** 0.25)
-    acc_3 = _acc_old_3 * torch.sigmoid(_dense1[..., 0]) ** 0.125 + g * (1.0 - torch.sigmoid(_dense1[..., 0]) ** 0.125)
-    ms_0 = torch.where(_u1, acc_0 * acc_0 + 1e-12, _ms_old_0 * ms_decay + _u2 * (acc_0 * acc_0 + 1e-12))
-    ms_1 = torch.where(_u3, acc_1 * acc_1 + 1e-12, _ms_old_1 * ms_decay + _u4 * (acc_1 * acc_1 + 1e-12))
-    ms_2 = torch.where(_u5, acc_2 * acc_2 + 1e-12, _ms_old_2 * ms_decay + _u6 * (acc_2 * acc_2 + 1e-12))
-    ms_3 = torch.where(_u7, acc_3 * acc_3 + 1e-12, _ms_old_3 * ms_decay + _u8 * (acc_3 * acc_3 + 1e-12))
+    _x1 = ops.features(
+        [_net_h0_old_0, _net_h0_old_1, _net_h0_old_2, _net_h0_old_3, _net_h0_old_4, _net_h0_old_5, _net_h0_old_6,
+         _net_h0_old_7, _net_h0_old_8, _net_h0_old_9],
+        ws=ws, key="_x1",
+    )
+    _dense2 = ops.linear(_x1, phi["head.weight"], cols=slice(0, 10), rows=slice(3, 4), bias=phi["head.bias"], ws=ws)
+    _sigmoid_head_out4 = torch.sigmoid(_dense2[0])
+    acc_0 = _acc_old_0 * _sigmoid_head_out4 + g * (1.0 - _sigmoid_head_out4)
+    _sigmoid_head_out4_pow_0p5 = _sigmoid_head_out4 ** 0.5
+    acc_1 = _acc_old_1 * _sigmoid_head_out4_pow_0p5 + g * (1.0 - _sigmoid_head_out4_pow_0p5)
+    _sigmoid_head_out4_pow_0p25 = _sigmoid_head_out4 ** 0.25
+    acc_2 = _acc_old_2 * _sigmoid_head_out4_pow_0p25 + g * (1.0 - _sigmoid_head_out4_pow_0p25)
+    _sigmoid_head_out4_pow_0p125 = _sigmoid_head_out4 ** 0.125
+    acc_3 = _acc_old_3 * _sigmoid_head_out4_pow_0p125 + g * (1.0 - _sigmoid_head_out4_pow_0p125)
+    _acc_0_sq_eps = acc_0 * acc_0 + 1e-12
+    ms_0 = torch.where(_u1, _acc_0_sq_eps, _ms_old_0 * ms_decay + _u2 * _acc_0_sq_eps)
+    _acc_1_sq_eps = acc_1 * acc_1 + 1e-12
+    ms_1 = torch.where(_u3, _acc_1_sq_eps, _ms_old_1 * ms_decay + _u4 * _acc_1_sq_eps)
+    _acc_2_sq_eps = acc_2 * acc_2 + 1e-12
+    ms_2 = torch.where(_u5, _acc_2_sq_eps, _ms_old_2 * ms_decay + _u6 * _acc_2_sq_eps)
+    _acc_3_sq_eps = acc_3 * acc_3 + 1e-12
+    ms_3 = torch.where(_u7, _acc_3_sq_eps, _ms_old_3 * ms_decay + _u8 * _acc_3_sq_eps)
     scaled_0 = torch.asinh(acc_0 * torch.rsqrt(ms_0 + 1e-16))
     scaled_1 = torch.asinh(acc_1 * torch.rsqrt(ms_1 + 1e-16))
     scaled_2 = torch.asinh(acc_2 * torch.rsqrt(ms_2 + 1e-16))
@@ -1927,34 +2061,61 @@ def elem_stage_2(V, phi, dims):
     grad_products_0 = scaled_0 * scaled_1
     grad_products_1 = scaled_1 * scaled_2
     grad_products_2 = scaled_2 * scaled_3
-    rel_log_magnitude_0 = 0.75 * torch.log(ms_0) - 0.25 * torch.log(ms_1) - 0.25 * torch.log(ms_2) - 0.25 * torch.log(ms_3)
-    rel_log_magnitude_1 = (-0.25) * torch.log(ms_0) + 0.75 * torch.log(ms_1) - 0.25 * torch.log(ms_2) - 0.25 * torch.log(ms_3)
-    rel_log_magnitude_2 = (-0.25) * torch.log(ms_0) - 0.25 * torch.log(ms_1) + 0.75 * torch.log(ms_2) - 0.25 * torch.log(ms_3)
-    rel_log_magnitude_3 = (-0.25) * torch.log(ms_0) - 0.25 * torch.log(ms_1) - 0.25 * torch.log(ms_2) + 0.75 * torch.log(ms_3)
+    _log_ms_0 = torch.log(ms_0)
+    _log_ms_1 = torch.log(ms_1)
+    _log_ms_1_scaled = 0.25 * _log_ms_1
+    _log_ms_2 = torch.log(ms_2)
+    _log_ms_2_scaled = 0.25 * _log_ms_2
+    _log_ms_3 = torch.log(ms_3)
+    _log_ms_3_scaled = 0.25 * _log_ms_3
+    rel_log_magnitude_0 = 0.75 * _log_ms_0 - _log_ms_1_scaled - _log_ms_2_scaled - _log_ms_3_scaled
+    _log_ms_0_scaled = (-0.25) * _log_ms_0
+    rel_log_magnitude_1 = _log_ms_0_scaled + 0.75 * _log_ms_1 - _log_ms_2_scaled - _log_ms_3_scaled
+    rel_log_magnitude_2 = _log_ms_0_scaled - _log_ms_1_scaled + 0.75 * _log_ms_2 - _log_ms_3_scaled
+    rel_log_magnitude_3 = _log_ms_0_scaled - _log_ms_1_scaled - _log_ms_2_scaled + 0.75 * _log_ms_3
     rel_log_lr = _log_lr_old + _u9
-    _gru2 = ops.gru_cell(ops.stack([scaled_0, scaled_1, scaled_2, scaled_3, grad_products_0, grad_products_1, grad_products_2, rel_log_magnitude_0, rel_log_magnitude_1, rel_log_magnitude_2, rel_log_magnitude_3, rel_log_lr]), ops.stack([_net_h0_old_0, _net_h0_old_1, _net_h0_old_2, _net_h0_old_3, _net_h0_old_4, _net_h0_old_5, _net_h0_old_6, _net_h0_old_7, _net_h0_old_8, _net_h0_old_9]), phi["gru.0.weight_ih"], phi["gru.0.weight_hh"], phi["gru.0.bias"], extra=ops.stack([_param_rnn_bias67, _param_rnn_bias68, _param_rnn_bias69, _param_rnn_bias70, _param_rnn_bias71, _param_rnn_bias72, _param_rnn_bias73, _param_rnn_bias74, _param_rnn_bias75, _param_rnn_bias76, _param_rnn_bias77, _param_rnn_bias78, _param_rnn_bias79, _param_rnn_bias80, _param_rnn_bias81, _param_rnn_bias82, _param_rnn_bias83, _param_rnn_bias84, _param_rnn_bias85, _param_rnn_bias86, _param_rnn_bias87, _param_rnn_bias88, _param_rnn_bias89, _param_rnn_bias90, _param_rnn_bias91, _param_rnn_bias92, _param_rnn_bias93, _param_rnn_bias94, _param_rnn_bias95, _param_rnn_bias96]))
-    _dense3 = ops.dense(_gru2, phi["head.weight"], cols=slice(0, 10), rows=slice(0, 1), bias=phi["head.bias"], extra=None, act="none")
-    _dense4 = ops.dense(_gru2, phi["head.weight"], cols=slice(0, 10), rows=slice(1, 2), bias=phi["head.bias"], extra=None, act="none")
-    _dense5 = ops.dense(_gru2, phi["head.weight"], cols=slice(0, 10), rows=slice(2, 3), bias=phi["head.bias"], extra=None, act="none")
-    step_log_lr = ops.clip_st(_dense5[..., 0] + _log_lr_old, -33.0, 33.0)
-    delta = _dense3[..., 0] + _phi_shortcut_0 * scaled_0 + _phi_shortcut_1 * scaled_1 + _phi_shortcut_2 * scaled_2 + _phi_shortcut_3 * scaled_3
-    delta_att = _dense4[..., 0] + _phi_shortcut_0 * scaled_0 + _phi_shortcut_1 * scaled_1 + _phi_shortcut_2 * scaled_2 + _phi_shortcut_3 * scaled_3
+    _bias3 = ops.features(
+        [_param_rnn_bias67, _param_rnn_bias68, _param_rnn_bias69, _param_rnn_bias70, _param_rnn_bias71,
+         _param_rnn_bias72, _param_rnn_bias73, _param_rnn_bias74, _param_rnn_bias75, _param_rnn_bias76,
+         _param_rnn_bias77, _param_rnn_bias78, _param_rnn_bias79, _param_rnn_bias80, _param_rnn_bias81,
+         _param_rnn_bias82, _param_rnn_bias83, _param_rnn_bias84, _param_rnn_bias85, _param_rnn_bias86,
+         _param_rnn_bias87, _param_rnn_bias88, _param_rnn_bias89, _param_rnn_bias90, _param_rnn_bias91,
+         _param_rnn_bias92, _param_rnn_bias93, _param_rnn_bias94, _param_rnn_bias95, _param_rnn_bias96],
+        ws=ws, key="_bias3",
+    )
+    _x4 = ops.features(
+        [scaled_0, scaled_1, scaled_2, scaled_3, grad_products_0, grad_products_1, grad_products_2, rel_log_magnitude_0,
+         rel_log_magnitude_1, rel_log_magnitude_2, rel_log_magnitude_3, rel_log_lr],
+        ws=ws, key="_x4",
+    )
+    _gru5 = ops.gru_cell(_x4, _x1, phi["gru.0.weight_ih"], phi["gru.0.weight_hh"], phi["gru.0.bias"], extra=_bias3)
+    _dense6 = ops.linear(_gru5, phi["head.weight"], cols=slice(0, 10), rows=slice(0, 1), bias=phi["head.bias"], ws=ws)
+    _dense7 = ops.linear(_gru5, phi["head.weight"], cols=slice(0, 10), rows=slice(1, 2), bias=phi["head.bias"], ws=ws)
+    _dense8 = ops.linear(_gru5, phi["head.weight"], cols=slice(0, 10), rows=slice(2, 3), bias=phi["head.bias"], ws=ws)
+    step_log_lr = ops.clip_st(_dense8[0] + _log_lr_old, -33.0, 33.0)
+    _phi_shortcut_0_scaled_0 = _phi_shortcut_0 * scaled_0
+    _phi_shortcut_1_scaled_1 = _phi_shortcut_1 * scaled_1
+    _phi_shortcut_2_scaled_2 = _phi_shortcut_2 * scaled_2
+    _phi_shortcut_3_scaled_3 = _phi_shortcut_3 * scaled_3
+    delta = _dense6[0] + _phi_shortcut_0_scaled_0 + _phi_shortcut_1_scaled_1 + _phi_shortcut_2_scaled_2 + _phi_shortcut_3_scaled_3
+    delta_att = _dense7[0] + _phi_shortcut_0_scaled_0 + _phi_shortcut_1_scaled_1 + _phi_shortcut_2_scaled_2 + _phi_shortcut_3_scaled_3
     log_lr = _log_lr_old * lr_ema + _u10 * step_log_lr
-    _update = _u11 * delta * torch.exp(log_lr_offset + step_log_lr)
+    _exp_log_lr_offset_plus_step_log_lr = torch.exp(log_lr_offset + step_log_lr)
+    _update = _u11 * delta * _exp_log_lr_offset_plus_step_log_lr
     _p_new = _theta_old * _u12 - _update * lr
-    _lookahead = _u13 * delta_att * torch.exp(log_lr_offset + step_log_lr)
+    _lookahead = _u13 * delta_att * _exp_log_lr_offset_plus_step_log_lr
     _p_lookahead = -_lookahead * lr + _theta_old
     out = {}
-    out["_h0_100"] = _gru2[..., 3]
-    out["_h0_101"] = _gru2[..., 4]
-    out["_h0_102"] = _gru2[..., 5]
-    out["_h0_103"] = _gru2[..., 6]
-    out["_h0_104"] = _gru2[..., 7]
-    out["_h0_105"] = _gru2[..., 8]
-    out["_h0_106"] = _gru2[..., 9]
-    out["_h0_97"] = _gru2[..., 0]
-    out["_h0_98"] = _gru2[..., 1]
-    out["_h0_99"] = _gru2[..., 2]
+    out["_h0_100"] = _gru5[3]
+    out["_h0_101"] = _gru5[4]
+    out["_h0_102"] = _gru5[5]
+    out["_h0_103"] = _gru5[6]
+    out["_h0_104"] = _gru5[7]
+    out["_h0_105"] = _gru5[8]
+    out["_h0_106"] = _gru5[9]
+    out["_h0_97"] = _gru5[0]
+    out["_h0_98"] = _gru5[1]
+    out["_h0_99"] = _gru5[2]
     out["_p_lookahead"] = _p_lookahead
     out["_p_new"] = _p_new
     out["acc_0"] = acc_0

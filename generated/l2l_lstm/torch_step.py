@@ -7,6 +7,8 @@ Do not edit: change the spec and run `lopt-gen compile`.
 The step runs in 1 stage(s). Each stage first runs its host
 segments (per-tensor / per-step values such as bias corrections, reductions and
 small RNNs), then its per-element function on chunks of every tensor.
+Per-element functions take a workspace `ws` (reused buffers) when nothing is
+differentiated, and allocate fresh tensors when `ws` is None.
 """
 
 import torch
@@ -901,7 +903,7 @@ def host_0_0(V, phi):
     V["_u1"] = _u1
 
 
-def elem_stage_0(V, phi, dims):
+def elem_stage_0(V, phi, dims, ws=None):
     """Per-element work of stage 0 on one chunk of one tensor."""
     _net_c0_old_0 = V["_net_c0_old_0"]
     _net_c0_old_1 = V["_net_c0_old_1"]
@@ -987,93 +989,120 @@ def elem_stage_0(V, phi, dims):
     g = V["g"]
     lr = V["lr"]
     p = V["p"]
-    log_magnitude = torch.where(torch.abs(g) >= 4.5399929762484854e-05, 0.1 * torch.log(torch.clamp(torch.abs(g), min=4.5399929762484854e-05)), -1.0)
-    sign_or_scaled = torch.where(torch.abs(g) >= 4.5399929762484854e-05, torch.sign(g), g * 22026.465794806718)
-    _lstm_h1, _lstm_c1 = ops.lstm_cell(ops.stack([log_magnitude, sign_or_scaled]), ops.stack([_net_h0_old_0, _net_h0_old_1, _net_h0_old_2, _net_h0_old_3, _net_h0_old_4, _net_h0_old_5, _net_h0_old_6, _net_h0_old_7, _net_h0_old_8, _net_h0_old_9, _net_h0_old_10, _net_h0_old_11, _net_h0_old_12, _net_h0_old_13, _net_h0_old_14, _net_h0_old_15, _net_h0_old_16, _net_h0_old_17, _net_h0_old_18, _net_h0_old_19]), ops.stack([_net_c0_old_0, _net_c0_old_1, _net_c0_old_2, _net_c0_old_3, _net_c0_old_4, _net_c0_old_5, _net_c0_old_6, _net_c0_old_7, _net_c0_old_8, _net_c0_old_9, _net_c0_old_10, _net_c0_old_11, _net_c0_old_12, _net_c0_old_13, _net_c0_old_14, _net_c0_old_15, _net_c0_old_16, _net_c0_old_17, _net_c0_old_18, _net_c0_old_19]), phi["lstm.0.weight_ih"], phi["lstm.0.weight_hh"], phi["lstm.0.bias"], extra=None)
-    _lstm_h2, _lstm_c2 = ops.lstm_cell(_lstm_h1, ops.stack([_net_h1_old_0, _net_h1_old_1, _net_h1_old_2, _net_h1_old_3, _net_h1_old_4, _net_h1_old_5, _net_h1_old_6, _net_h1_old_7, _net_h1_old_8, _net_h1_old_9, _net_h1_old_10, _net_h1_old_11, _net_h1_old_12, _net_h1_old_13, _net_h1_old_14, _net_h1_old_15, _net_h1_old_16, _net_h1_old_17, _net_h1_old_18, _net_h1_old_19]), ops.stack([_net_c1_old_0, _net_c1_old_1, _net_c1_old_2, _net_c1_old_3, _net_c1_old_4, _net_c1_old_5, _net_c1_old_6, _net_c1_old_7, _net_c1_old_8, _net_c1_old_9, _net_c1_old_10, _net_c1_old_11, _net_c1_old_12, _net_c1_old_13, _net_c1_old_14, _net_c1_old_15, _net_c1_old_16, _net_c1_old_17, _net_c1_old_18, _net_c1_old_19]), phi["lstm.1.weight_ih"], phi["lstm.1.weight_hh"], phi["lstm.1.bias"], extra=None)
-    _dense3 = ops.dense(_lstm_h2, phi["head.weight"], cols=slice(0, 20), rows=slice(0, 1), bias=phi["head.bias"], extra=None, act="none")
-    _update = (-0.1) * _dense3[..., 0]
+    _abs_g = torch.abs(g)
+    _abs_g_ge = _abs_g >= 4.5399929762484854e-05
+    log_magnitude = torch.where(_abs_g_ge, 0.1 * torch.log(torch.clamp(_abs_g, min=4.5399929762484854e-05)), -1.0)
+    sign_or_scaled = torch.where(_abs_g_ge, torch.sign(g), g * 22026.465794806718)
+    _x1 = ops.features([log_magnitude, sign_or_scaled], ws=ws, key="_x1")
+    _h_old2 = ops.features(
+        [_net_h0_old_0, _net_h0_old_1, _net_h0_old_2, _net_h0_old_3, _net_h0_old_4, _net_h0_old_5, _net_h0_old_6,
+         _net_h0_old_7, _net_h0_old_8, _net_h0_old_9, _net_h0_old_10, _net_h0_old_11, _net_h0_old_12, _net_h0_old_13,
+         _net_h0_old_14, _net_h0_old_15, _net_h0_old_16, _net_h0_old_17, _net_h0_old_18, _net_h0_old_19],
+        ws=ws, key="_h_old2",
+    )
+    _c_old3 = ops.features(
+        [_net_c0_old_0, _net_c0_old_1, _net_c0_old_2, _net_c0_old_3, _net_c0_old_4, _net_c0_old_5, _net_c0_old_6,
+         _net_c0_old_7, _net_c0_old_8, _net_c0_old_9, _net_c0_old_10, _net_c0_old_11, _net_c0_old_12, _net_c0_old_13,
+         _net_c0_old_14, _net_c0_old_15, _net_c0_old_16, _net_c0_old_17, _net_c0_old_18, _net_c0_old_19],
+        ws=ws, key="_c_old3",
+    )
+    _lstm_h4, _lstm_c4 = ops.lstm_cell(_x1, _h_old2, _c_old3, phi["lstm.0.weight_ih"], phi["lstm.0.weight_hh"], phi["lstm.0.bias"])
+    _h_old5 = ops.features(
+        [_net_h1_old_0, _net_h1_old_1, _net_h1_old_2, _net_h1_old_3, _net_h1_old_4, _net_h1_old_5, _net_h1_old_6,
+         _net_h1_old_7, _net_h1_old_8, _net_h1_old_9, _net_h1_old_10, _net_h1_old_11, _net_h1_old_12, _net_h1_old_13,
+         _net_h1_old_14, _net_h1_old_15, _net_h1_old_16, _net_h1_old_17, _net_h1_old_18, _net_h1_old_19],
+        ws=ws, key="_h_old5",
+    )
+    _c_old6 = ops.features(
+        [_net_c1_old_0, _net_c1_old_1, _net_c1_old_2, _net_c1_old_3, _net_c1_old_4, _net_c1_old_5, _net_c1_old_6,
+         _net_c1_old_7, _net_c1_old_8, _net_c1_old_9, _net_c1_old_10, _net_c1_old_11, _net_c1_old_12, _net_c1_old_13,
+         _net_c1_old_14, _net_c1_old_15, _net_c1_old_16, _net_c1_old_17, _net_c1_old_18, _net_c1_old_19],
+        ws=ws, key="_c_old6",
+    )
+    _lstm_h7, _lstm_c7 = ops.lstm_cell(_lstm_h4, _h_old5, _c_old6, phi["lstm.1.weight_ih"], phi["lstm.1.weight_hh"], phi["lstm.1.bias"])
+    _dense8 = ops.linear(_lstm_h7, phi["head.weight"], cols=slice(0, 20), rows=slice(0, 1), bias=phi["head.bias"], ws=ws)
+    _update = (-0.1) * _dense8[0]
     _p_new = _u1 * p - _update * lr
     out = {}
-    out["_c0_21"] = _lstm_c1[..., 0]
-    out["_c0_22"] = _lstm_c1[..., 1]
-    out["_c0_23"] = _lstm_c1[..., 2]
-    out["_c0_24"] = _lstm_c1[..., 3]
-    out["_c0_25"] = _lstm_c1[..., 4]
-    out["_c0_26"] = _lstm_c1[..., 5]
-    out["_c0_27"] = _lstm_c1[..., 6]
-    out["_c0_28"] = _lstm_c1[..., 7]
-    out["_c0_29"] = _lstm_c1[..., 8]
-    out["_c0_30"] = _lstm_c1[..., 9]
-    out["_c0_31"] = _lstm_c1[..., 10]
-    out["_c0_32"] = _lstm_c1[..., 11]
-    out["_c0_33"] = _lstm_c1[..., 12]
-    out["_c0_34"] = _lstm_c1[..., 13]
-    out["_c0_35"] = _lstm_c1[..., 14]
-    out["_c0_36"] = _lstm_c1[..., 15]
-    out["_c0_37"] = _lstm_c1[..., 16]
-    out["_c0_38"] = _lstm_c1[..., 17]
-    out["_c0_39"] = _lstm_c1[..., 18]
-    out["_c0_40"] = _lstm_c1[..., 19]
-    out["_c1_61"] = _lstm_c2[..., 0]
-    out["_c1_62"] = _lstm_c2[..., 1]
-    out["_c1_63"] = _lstm_c2[..., 2]
-    out["_c1_64"] = _lstm_c2[..., 3]
-    out["_c1_65"] = _lstm_c2[..., 4]
-    out["_c1_66"] = _lstm_c2[..., 5]
-    out["_c1_67"] = _lstm_c2[..., 6]
-    out["_c1_68"] = _lstm_c2[..., 7]
-    out["_c1_69"] = _lstm_c2[..., 8]
-    out["_c1_70"] = _lstm_c2[..., 9]
-    out["_c1_71"] = _lstm_c2[..., 10]
-    out["_c1_72"] = _lstm_c2[..., 11]
-    out["_c1_73"] = _lstm_c2[..., 12]
-    out["_c1_74"] = _lstm_c2[..., 13]
-    out["_c1_75"] = _lstm_c2[..., 14]
-    out["_c1_76"] = _lstm_c2[..., 15]
-    out["_c1_77"] = _lstm_c2[..., 16]
-    out["_c1_78"] = _lstm_c2[..., 17]
-    out["_c1_79"] = _lstm_c2[..., 18]
-    out["_c1_80"] = _lstm_c2[..., 19]
-    out["_h0_1"] = _lstm_h1[..., 0]
-    out["_h0_10"] = _lstm_h1[..., 9]
-    out["_h0_11"] = _lstm_h1[..., 10]
-    out["_h0_12"] = _lstm_h1[..., 11]
-    out["_h0_13"] = _lstm_h1[..., 12]
-    out["_h0_14"] = _lstm_h1[..., 13]
-    out["_h0_15"] = _lstm_h1[..., 14]
-    out["_h0_16"] = _lstm_h1[..., 15]
-    out["_h0_17"] = _lstm_h1[..., 16]
-    out["_h0_18"] = _lstm_h1[..., 17]
-    out["_h0_19"] = _lstm_h1[..., 18]
-    out["_h0_2"] = _lstm_h1[..., 1]
-    out["_h0_20"] = _lstm_h1[..., 19]
-    out["_h0_3"] = _lstm_h1[..., 2]
-    out["_h0_4"] = _lstm_h1[..., 3]
-    out["_h0_5"] = _lstm_h1[..., 4]
-    out["_h0_6"] = _lstm_h1[..., 5]
-    out["_h0_7"] = _lstm_h1[..., 6]
-    out["_h0_8"] = _lstm_h1[..., 7]
-    out["_h0_9"] = _lstm_h1[..., 8]
-    out["_h1_41"] = _lstm_h2[..., 0]
-    out["_h1_42"] = _lstm_h2[..., 1]
-    out["_h1_43"] = _lstm_h2[..., 2]
-    out["_h1_44"] = _lstm_h2[..., 3]
-    out["_h1_45"] = _lstm_h2[..., 4]
-    out["_h1_46"] = _lstm_h2[..., 5]
-    out["_h1_47"] = _lstm_h2[..., 6]
-    out["_h1_48"] = _lstm_h2[..., 7]
-    out["_h1_49"] = _lstm_h2[..., 8]
-    out["_h1_50"] = _lstm_h2[..., 9]
-    out["_h1_51"] = _lstm_h2[..., 10]
-    out["_h1_52"] = _lstm_h2[..., 11]
-    out["_h1_53"] = _lstm_h2[..., 12]
-    out["_h1_54"] = _lstm_h2[..., 13]
-    out["_h1_55"] = _lstm_h2[..., 14]
-    out["_h1_56"] = _lstm_h2[..., 15]
-    out["_h1_57"] = _lstm_h2[..., 16]
-    out["_h1_58"] = _lstm_h2[..., 17]
-    out["_h1_59"] = _lstm_h2[..., 18]
-    out["_h1_60"] = _lstm_h2[..., 19]
+    out["_c0_21"] = _lstm_c4[0]
+    out["_c0_22"] = _lstm_c4[1]
+    out["_c0_23"] = _lstm_c4[2]
+    out["_c0_24"] = _lstm_c4[3]
+    out["_c0_25"] = _lstm_c4[4]
+    out["_c0_26"] = _lstm_c4[5]
+    out["_c0_27"] = _lstm_c4[6]
+    out["_c0_28"] = _lstm_c4[7]
+    out["_c0_29"] = _lstm_c4[8]
+    out["_c0_30"] = _lstm_c4[9]
+    out["_c0_31"] = _lstm_c4[10]
+    out["_c0_32"] = _lstm_c4[11]
+    out["_c0_33"] = _lstm_c4[12]
+    out["_c0_34"] = _lstm_c4[13]
+    out["_c0_35"] = _lstm_c4[14]
+    out["_c0_36"] = _lstm_c4[15]
+    out["_c0_37"] = _lstm_c4[16]
+    out["_c0_38"] = _lstm_c4[17]
+    out["_c0_39"] = _lstm_c4[18]
+    out["_c0_40"] = _lstm_c4[19]
+    out["_c1_61"] = _lstm_c7[0]
+    out["_c1_62"] = _lstm_c7[1]
+    out["_c1_63"] = _lstm_c7[2]
+    out["_c1_64"] = _lstm_c7[3]
+    out["_c1_65"] = _lstm_c7[4]
+    out["_c1_66"] = _lstm_c7[5]
+    out["_c1_67"] = _lstm_c7[6]
+    out["_c1_68"] = _lstm_c7[7]
+    out["_c1_69"] = _lstm_c7[8]
+    out["_c1_70"] = _lstm_c7[9]
+    out["_c1_71"] = _lstm_c7[10]
+    out["_c1_72"] = _lstm_c7[11]
+    out["_c1_73"] = _lstm_c7[12]
+    out["_c1_74"] = _lstm_c7[13]
+    out["_c1_75"] = _lstm_c7[14]
+    out["_c1_76"] = _lstm_c7[15]
+    out["_c1_77"] = _lstm_c7[16]
+    out["_c1_78"] = _lstm_c7[17]
+    out["_c1_79"] = _lstm_c7[18]
+    out["_c1_80"] = _lstm_c7[19]
+    out["_h0_1"] = _lstm_h4[0]
+    out["_h0_10"] = _lstm_h4[9]
+    out["_h0_11"] = _lstm_h4[10]
+    out["_h0_12"] = _lstm_h4[11]
+    out["_h0_13"] = _lstm_h4[12]
+    out["_h0_14"] = _lstm_h4[13]
+    out["_h0_15"] = _lstm_h4[14]
+    out["_h0_16"] = _lstm_h4[15]
+    out["_h0_17"] = _lstm_h4[16]
+    out["_h0_18"] = _lstm_h4[17]
+    out["_h0_19"] = _lstm_h4[18]
+    out["_h0_2"] = _lstm_h4[1]
+    out["_h0_20"] = _lstm_h4[19]
+    out["_h0_3"] = _lstm_h4[2]
+    out["_h0_4"] = _lstm_h4[3]
+    out["_h0_5"] = _lstm_h4[4]
+    out["_h0_6"] = _lstm_h4[5]
+    out["_h0_7"] = _lstm_h4[6]
+    out["_h0_8"] = _lstm_h4[7]
+    out["_h0_9"] = _lstm_h4[8]
+    out["_h1_41"] = _lstm_h7[0]
+    out["_h1_42"] = _lstm_h7[1]
+    out["_h1_43"] = _lstm_h7[2]
+    out["_h1_44"] = _lstm_h7[3]
+    out["_h1_45"] = _lstm_h7[4]
+    out["_h1_46"] = _lstm_h7[5]
+    out["_h1_47"] = _lstm_h7[6]
+    out["_h1_48"] = _lstm_h7[7]
+    out["_h1_49"] = _lstm_h7[8]
+    out["_h1_50"] = _lstm_h7[9]
+    out["_h1_51"] = _lstm_h7[10]
+    out["_h1_52"] = _lstm_h7[11]
+    out["_h1_53"] = _lstm_h7[12]
+    out["_h1_54"] = _lstm_h7[13]
+    out["_h1_55"] = _lstm_h7[14]
+    out["_h1_56"] = _lstm_h7[15]
+    out["_h1_57"] = _lstm_h7[16]
+    out["_h1_58"] = _lstm_h7[17]
+    out["_h1_59"] = _lstm_h7[18]
+    out["_h1_60"] = _lstm_h7[19]
     out["_p_new"] = _p_new
     return out

@@ -7,6 +7,8 @@ Do not edit: change the spec and run `lopt-gen compile`.
 The step runs in 1 stage(s). Each stage first runs its host
 segments (per-tensor / per-step values such as bias corrections, reductions and
 small RNNs), then its per-element function on chunks of every tensor.
+Per-element functions take a workspace `ws` (reused buffers) when nothing is
+differentiated, and allocate fresh tensors when `ws` is None.
 """
 
 import torch
@@ -53,7 +55,7 @@ def host_0_0(V, phi):
     V["_u1"] = _u1
 
 
-def elem_stage_0(V, phi, dims):
+def elem_stage_0(V, phi, dims, ws=None):
     """Per-element work of stage 0 on one chunk of one tensor."""
     _u1 = V["_u1"]
     _v_old = V["_v_old"]

@@ -7,6 +7,8 @@ Do not edit: change the spec and run `lopt-gen compile`.
 The step runs in 3 stage(s). Each stage first runs its host
 segments (per-tensor / per-step values such as bias corrections, reductions and
 small RNNs), then its per-element function on chunks of every tensor.
+Per-element functions take a workspace `ws` (reused buffers) when nothing is
+differentiated, and allocate fresh tensors when `ws` is None.
 """
 
 import torch
@@ -659,12 +661,9 @@ def host_0_0(V, phi):
     _decay_af_0 = 1.0 - 0.09999999999999998 * torch.exp(10.0 * _phi_decay_af_0)
     _decay_af_1 = 1.0 - 0.010000000000000009 * torch.exp(10.0 * _phi_decay_af_1)
     _decay_af_2 = 1.0 - 0.0010000000000000009 * torch.exp(10.0 * _phi_decay_af_2)
-    _u15 = 1.0 - _decay_af_0
-    _u16 = 1.0 - _decay_af_1
-    _u17 = 1.0 - _decay_af_2
-    _u18 = 1.0 - _decay_af_0
-    _u19 = 1.0 - _decay_af_1
-    _u20 = 1.0 - _decay_af_2
+    _decay_af_0_scaled_shift = 1.0 - _decay_af_0
+    _decay_af_1_scaled_shift = 1.0 - _decay_af_1
+    _decay_af_2_scaled_shift = 1.0 - _decay_af_2
     V["_decay_m_0"] = _decay_m_0
     V["_decay_m_1"] = _decay_m_1
     V["_decay_m_2"] = _decay_m_2
@@ -676,12 +675,12 @@ def host_0_0(V, phi):
     V["_decay_af_0"] = _decay_af_0
     V["_decay_af_1"] = _decay_af_1
     V["_decay_af_2"] = _decay_af_2
-    V["_u15"] = _u15
-    V["_u16"] = _u16
-    V["_u17"] = _u17
-    V["_u18"] = _u18
-    V["_u19"] = _u19
-    V["_u20"] = _u20
+    V["_u15"] = _decay_af_0_scaled_shift
+    V["_u16"] = _decay_af_1_scaled_shift
+    V["_u17"] = _decay_af_2_scaled_shift
+    V["_u18"] = _decay_af_0_scaled_shift
+    V["_u19"] = _decay_af_1_scaled_shift
+    V["_u20"] = _decay_af_2_scaled_shift
 
 
 def host_0_1(V, phi):
@@ -700,7 +699,10 @@ def host_0_1(V, phi):
     f_time_8 = torch.tanh(0.0001 * t - 1.0)
     f_time_9 = torch.tanh(3.3333333333333335e-05 * t - 1.0)
     f_time_10 = torch.tanh(1e-05 * t - 1.0)
-    _dense1 = ops.dense(ops.stack([f_time_0, f_time_1, f_time_2, f_time_3, f_time_4, f_time_5, f_time_6, f_time_7, f_time_8, f_time_9, f_time_10]), phi["mlp.0.weight"], cols=slice(28, 39), rows=None, bias=phi["mlp.0.bias"], extra=None, act="none")
+    _x1 = ops.features(
+        [f_time_0, f_time_1, f_time_2, f_time_3, f_time_4, f_time_5, f_time_6, f_time_7, f_time_8, f_time_9, f_time_10],
+    )
+    _dense2 = ops.linear(_x1, phi["mlp.0.weight"], cols=slice(28, 39), bias=phi["mlp.0.bias"])
     _u54 = -lr * wd + 1.0
     V["f_time_0"] = f_time_0
     V["f_time_1"] = f_time_1
@@ -713,10 +715,10 @@ def host_0_1(V, phi):
     V["f_time_8"] = f_time_8
     V["f_time_9"] = f_time_9
     V["f_time_10"] = f_time_10
-    V["_mlp_0_out75_bias"] = _dense1[..., 0]
-    V["_mlp_0_out76_bias"] = _dense1[..., 1]
-    V["_mlp_0_out77_bias"] = _dense1[..., 2]
-    V["_mlp_0_out78_bias"] = _dense1[..., 3]
+    V["_mlp_0_out75_bias"] = _dense2[0]
+    V["_mlp_0_out76_bias"] = _dense2[1]
+    V["_mlp_0_out77_bias"] = _dense2[2]
+    V["_mlp_0_out78_bias"] = _dense2[3]
     V["_u54"] = _u54
 
 
@@ -781,12 +783,12 @@ def host_1_16(V, phi):
     colfac_0 = torch.rsqrt(torch.clamp(af_col_0, min=1e-09))
     colfac_1 = torch.rsqrt(torch.clamp(af_col_1, min=1e-09))
     colfac_2 = torch.rsqrt(torch.clamp(af_col_2, min=1e-09))
-    _u24 = colfac_0 * colfac_0
-    _u25 = rowfac_0 * rowfac_0
-    _u26 = colfac_1 * colfac_1
-    _u27 = rowfac_1 * rowfac_1
-    _u28 = colfac_2 * colfac_2
-    _u29 = rowfac_2 * rowfac_2
+    _colfac_0_sq = colfac_0 * colfac_0
+    _rowfac_0_sq = rowfac_0 * rowfac_0
+    _colfac_1_sq = colfac_1 * colfac_1
+    _rowfac_1_sq = rowfac_1 * rowfac_1
+    _colfac_2_sq = colfac_2 * colfac_2
+    _rowfac_2_sq = rowfac_2 * rowfac_2
     _mean_tensor_arg45 = af_row_0 * af_row_0
     _mean_tensor46 = ops.mean(_mean_tensor_arg45)
     _mean_tensor_arg47 = af_row_1 * af_row_1
@@ -811,36 +813,36 @@ def host_1_16(V, phi):
     f_col_1 = _u37 * af_col_1
     _u38 = torch.rsqrt(_mean_tensor56 + 1e-05)
     f_col_2 = _u38 * af_col_2
-    _mean_tensor_arg57 = 1.0 / (af_row_0 + 1e-08)
+    _af_row_0_eps = af_row_0 + 1e-08
+    _mean_tensor_arg57 = 1.0 / _af_row_0_eps
     _mean_tensor58 = ops.mean(_mean_tensor_arg57)
-    _mean_tensor_arg59 = 1.0 / (af_row_1 + 1e-08)
+    _af_row_1_eps = af_row_1 + 1e-08
+    _mean_tensor_arg59 = 1.0 / _af_row_1_eps
     _mean_tensor60 = ops.mean(_mean_tensor_arg59)
-    _mean_tensor_arg61 = 1.0 / (af_row_2 + 1e-08)
+    _af_row_2_eps = af_row_2 + 1e-08
+    _mean_tensor_arg61 = 1.0 / _af_row_2_eps
     _mean_tensor62 = ops.mean(_mean_tensor_arg61)
     _u39 = torch.rsqrt(_mean_tensor58 + 1e-05)
-    f_row_rsqrt_0 = _u39 * torch.rsqrt(af_row_0 + 1e-08)
+    f_row_rsqrt_0 = _u39 * torch.rsqrt(_af_row_0_eps)
     _u40 = torch.rsqrt(_mean_tensor60 + 1e-05)
-    f_row_rsqrt_1 = _u40 * torch.rsqrt(af_row_1 + 1e-08)
+    f_row_rsqrt_1 = _u40 * torch.rsqrt(_af_row_1_eps)
     _u41 = torch.rsqrt(_mean_tensor62 + 1e-05)
-    f_row_rsqrt_2 = _u41 * torch.rsqrt(af_row_2 + 1e-08)
-    _mean_tensor_arg63 = 1.0 / (af_col_0 + 1e-08)
+    f_row_rsqrt_2 = _u41 * torch.rsqrt(_af_row_2_eps)
+    _af_col_0_eps = af_col_0 + 1e-08
+    _mean_tensor_arg63 = 1.0 / _af_col_0_eps
     _mean_tensor64 = ops.mean(_mean_tensor_arg63)
-    _mean_tensor_arg65 = 1.0 / (af_col_1 + 1e-08)
+    _af_col_1_eps = af_col_1 + 1e-08
+    _mean_tensor_arg65 = 1.0 / _af_col_1_eps
     _mean_tensor66 = ops.mean(_mean_tensor_arg65)
-    _mean_tensor_arg67 = 1.0 / (af_col_2 + 1e-08)
+    _af_col_2_eps = af_col_2 + 1e-08
+    _mean_tensor_arg67 = 1.0 / _af_col_2_eps
     _mean_tensor68 = ops.mean(_mean_tensor_arg67)
     _u42 = torch.rsqrt(_mean_tensor64 + 1e-05)
-    f_col_rsqrt_0 = _u42 * torch.rsqrt(af_col_0 + 1e-08)
+    f_col_rsqrt_0 = _u42 * torch.rsqrt(_af_col_0_eps)
     _u43 = torch.rsqrt(_mean_tensor66 + 1e-05)
-    f_col_rsqrt_1 = _u43 * torch.rsqrt(af_col_1 + 1e-08)
+    f_col_rsqrt_1 = _u43 * torch.rsqrt(_af_col_1_eps)
     _u44 = torch.rsqrt(_mean_tensor68 + 1e-05)
-    f_col_rsqrt_2 = _u44 * torch.rsqrt(af_col_2 + 1e-08)
-    _u45 = colfac_0 * colfac_0
-    _u46 = rowfac_0 * rowfac_0
-    _u47 = colfac_1 * colfac_1
-    _u48 = rowfac_1 * rowfac_1
-    _u49 = colfac_2 * colfac_2
-    _u50 = rowfac_2 * rowfac_2
+    f_col_rsqrt_2 = _u44 * torch.rsqrt(_af_col_2_eps)
     V["_u1"] = _u1
     V["_u2"] = _u2
     V["_u6"] = _u6
@@ -869,12 +871,12 @@ def host_1_16(V, phi):
     V["colfac_0"] = colfac_0
     V["colfac_1"] = colfac_1
     V["colfac_2"] = colfac_2
-    V["_u24"] = _u24
-    V["_u25"] = _u25
-    V["_u26"] = _u26
-    V["_u27"] = _u27
-    V["_u28"] = _u28
-    V["_u29"] = _u29
+    V["_u24"] = _colfac_0_sq
+    V["_u25"] = _rowfac_0_sq
+    V["_u26"] = _colfac_1_sq
+    V["_u27"] = _rowfac_1_sq
+    V["_u28"] = _colfac_2_sq
+    V["_u29"] = _rowfac_2_sq
     V["_mean_tensor_arg45"] = _mean_tensor_arg45
     V["_mean_tensor46"] = _mean_tensor46
     V["_mean_tensor_arg47"] = _mean_tensor_arg47
@@ -923,12 +925,12 @@ def host_1_16(V, phi):
     V["f_col_rsqrt_1"] = f_col_rsqrt_1
     V["_u44"] = _u44
     V["f_col_rsqrt_2"] = f_col_rsqrt_2
-    V["_u45"] = _u45
-    V["_u46"] = _u46
-    V["_u47"] = _u47
-    V["_u48"] = _u48
-    V["_u49"] = _u49
-    V["_u50"] = _u50
+    V["_u45"] = _colfac_0_sq
+    V["_u46"] = _rowfac_0_sq
+    V["_u47"] = _colfac_1_sq
+    V["_u48"] = _rowfac_1_sq
+    V["_u49"] = _colfac_2_sq
+    V["_u50"] = _rowfac_2_sq
 
 
 def host_2_6(V, phi):
@@ -953,7 +955,7 @@ def host_2_6(V, phi):
     V["_u53"] = _u53
 
 
-def elem_stage_0(V, phi, dims):
+def elem_stage_0(V, phi, dims, ws=None):
     """Per-element work of stage 0 on one chunk of one tensor."""
     _decay_m_0 = V["_decay_m_0"]
     _decay_m_1 = V["_decay_m_1"]
@@ -969,47 +971,39 @@ def elem_stage_0(V, phi, dims):
     _v_old = V["_v_old"]
     g = V["g"]
     p = V["p"]
-    _mean_tensor_arg1 = g * g
+    _g_sq = g * g
     _mean_tensor_arg3 = p * p
     m_0 = _decay_m_0 * _m_old_0 + _u3 * g
     m_1 = _decay_m_1 * _m_old_1 + _u4 * g
     m_2 = _decay_m_2 * _m_old_2 + _u5 * g
-    _mean_tensor_arg5 = m_0 * m_0
-    _mean_tensor_arg7 = m_1 * m_1
-    _mean_tensor_arg9 = m_2 * m_2
-    v = _decay_v_0 * _v_old + _u9 * g * g
+    _m_0_sq = m_0 * m_0
+    _m_1_sq = m_1 * m_1
+    _m_2_sq = m_2 * m_2
+    v = _decay_v_0 * _v_old + _u9 * _g_sq
     _mean_tensor_arg11 = v * v
-    _mean_tensor_arg13 = m_0 * m_0 / (v + 1e-06)
-    _mean_tensor_arg15 = m_1 * m_1 / (v + 1e-06)
-    _mean_tensor_arg17 = m_2 * m_2 / (v + 1e-06)
-    _mean_tensor_arg19 = 1.0 / (v + 1e-06)
-    _mean_row_arg21 = g * g + 1e-30
-    _mean_row_arg23 = g * g + 1e-30
-    _mean_row_arg25 = g * g + 1e-30
-    _mean_col_arg27 = g * g + 1e-30
-    _mean_col_arg29 = g * g + 1e-30
-    _mean_col_arg31 = g * g + 1e-30
+    _v_eps = v + 1e-06
+    _mean_tensor_arg13 = _m_0_sq / _v_eps
+    _mean_tensor_arg15 = _m_1_sq / _v_eps
+    _mean_tensor_arg17 = _m_2_sq / _v_eps
+    _mean_tensor_arg19 = 1.0 / _v_eps
+    _g_sq_eps = _g_sq + 1e-30
     out = {}
-    out["_mean_tensor2"] = ops.partial_sum(_mean_tensor_arg1, dims["tensor"])
+    out["_mean_tensor2"] = ops.partial_sum(_g_sq, dims["tensor"])
     out["_mean_tensor4"] = ops.partial_sum(_mean_tensor_arg3, dims["tensor"])
-    out["_mean_tensor6"] = ops.partial_sum(_mean_tensor_arg5, dims["tensor"])
-    out["_mean_tensor8"] = ops.partial_sum(_mean_tensor_arg7, dims["tensor"])
-    out["_mean_tensor10"] = ops.partial_sum(_mean_tensor_arg9, dims["tensor"])
+    out["_mean_tensor6"] = ops.partial_sum(_m_0_sq, dims["tensor"])
+    out["_mean_tensor8"] = ops.partial_sum(_m_1_sq, dims["tensor"])
+    out["_mean_tensor10"] = ops.partial_sum(_m_2_sq, dims["tensor"])
     out["_mean_tensor12"] = ops.partial_sum(_mean_tensor_arg11, dims["tensor"])
     out["_mean_tensor14"] = ops.partial_sum(_mean_tensor_arg13, dims["tensor"])
     out["_mean_tensor16"] = ops.partial_sum(_mean_tensor_arg15, dims["tensor"])
     out["_mean_tensor18"] = ops.partial_sum(_mean_tensor_arg17, dims["tensor"])
     out["_mean_tensor20"] = ops.partial_sum(_mean_tensor_arg19, dims["tensor"])
-    out["_mean_row22"] = ops.partial_sum(_mean_row_arg21, dims["row"])
-    out["_mean_row24"] = ops.partial_sum(_mean_row_arg23, dims["row"])
-    out["_mean_row26"] = ops.partial_sum(_mean_row_arg25, dims["row"])
-    out["_mean_col28"] = ops.partial_sum(_mean_col_arg27, dims["col"])
-    out["_mean_col30"] = ops.partial_sum(_mean_col_arg29, dims["col"])
-    out["_mean_col32"] = ops.partial_sum(_mean_col_arg31, dims["col"])
+    out["_mean_row22"] = out["_mean_row24"] = out["_mean_row26"] = ops.partial_sum(_g_sq_eps, dims["row"])
+    out["_mean_col28"] = out["_mean_col30"] = out["_mean_col32"] = ops.partial_sum(_g_sq_eps, dims["col"])
     return out
 
 
-def elem_stage_1(V, phi, dims):
+def elem_stage_1(V, phi, dims, ws=None):
     """Per-element work of stage 1 on one chunk of one tensor."""
     _decay_m_0 = V["_decay_m_0"]
     _decay_m_1 = V["_decay_m_1"]
@@ -1036,9 +1030,10 @@ def elem_stage_1(V, phi, dims):
     m_0 = _decay_m_0 * _m_old_0 + _u3 * g
     m_1 = _decay_m_1 * _m_old_1 + _u4 * g
     m_2 = _decay_m_2 * _m_old_2 + _u5 * g
-    _mean_tensor_arg39 = _u24 * _u25 * g * g
-    _mean_tensor_arg41 = _u26 * _u27 * g * g
-    _mean_tensor_arg43 = _u28 * _u29 * g * g
+    _g_sq = g * g
+    _mean_tensor_arg39 = _u24 * _u25 * _g_sq
+    _mean_tensor_arg41 = _u26 * _u27 * _g_sq
+    _mean_tensor_arg43 = _u28 * _u29 * _g_sq
     _mean_tensor_arg69 = _u45 * _u46 * m_0 * m_0
     _mean_tensor_arg71 = _u47 * _u48 * m_1 * m_1
     _mean_tensor_arg73 = _u49 * _u50 * m_2 * m_2
@@ -1052,7 +1047,7 @@ def elem_stage_1(V, phi, dims):
     return out
 
 
-def elem_stage_2(V, phi, dims):
+def elem_stage_2(V, phi, dims, ws=None):
     """Per-element work of stage 2 on one chunk of one tensor."""
     _decay_m_0 = V["_decay_m_0"]
     _decay_m_1 = V["_decay_m_1"]
@@ -1118,20 +1113,47 @@ def elem_stage_2(V, phi, dims):
     f_mom_2 = _u8 * m_2
     v = _decay_v_0 * _v_old + _u9 * g * g
     f_rms = _u10 * v
-    f_mom_rsqrt_0 = _u11 * m_0 * torch.rsqrt(v + 1e-06)
-    f_mom_rsqrt_1 = _u12 * m_1 * torch.rsqrt(v + 1e-06)
-    f_mom_rsqrt_2 = _u13 * m_2 * torch.rsqrt(v + 1e-06)
-    f_rsqrt = _u14 * torch.rsqrt(v + 1e-06)
+    _rsqrt_v_eps = torch.rsqrt(v + 1e-06)
+    f_mom_rsqrt_0 = _u11 * m_0 * _rsqrt_v_eps
+    f_mom_rsqrt_1 = _u12 * m_1 * _rsqrt_v_eps
+    f_mom_rsqrt_2 = _u13 * m_2 * _rsqrt_v_eps
+    f_rsqrt = _u14 * _rsqrt_v_eps
     f_fac_grad_0 = _u30 * colfac_0 * g * rowfac_0
     f_fac_grad_1 = _u31 * colfac_1 * g * rowfac_1
     f_fac_grad_2 = _u32 * colfac_2 * g * rowfac_2
     f_fac_mom_0 = _u51 * colfac_0 * m_0 * rowfac_0
     f_fac_mom_1 = _u52 * colfac_1 * m_1 * rowfac_1
     f_fac_mom_2 = _u53 * colfac_2 * m_2 * rowfac_2
-    _dense1 = ops.dense(ops.stack([f_grad, f_param, f_mom_0, f_mom_1, f_mom_2, f_rms, f_mom_rsqrt_0, f_mom_rsqrt_1, f_mom_rsqrt_2, f_rsqrt, f_fac_grad_0, f_fac_grad_1, f_fac_grad_2, f_row_0, f_row_1, f_row_2, f_col_0, f_col_1, f_col_2, f_row_rsqrt_0, f_row_rsqrt_1, f_row_rsqrt_2, f_col_rsqrt_0, f_col_rsqrt_1, f_col_rsqrt_2, f_fac_mom_0, f_fac_mom_1, f_fac_mom_2]), phi["mlp.0.weight"], cols=slice(0, 28), rows=None, bias=None, extra=ops.stack([_mlp_0_out75_bias, _mlp_0_out76_bias, _mlp_0_out77_bias, _mlp_0_out78_bias]), act="relu")
-    _dense2 = ops.dense(_dense1, phi["mlp.1.weight"], cols=slice(0, 4), rows=None, bias=phi["mlp.1.bias"], extra=None, act="relu")
-    _dense3 = ops.dense(_dense2, phi["mlp.2.weight"], cols=slice(0, 4), rows=None, bias=phi["mlp.2.bias"], extra=None, act="none")
-    _update = 0.001 * _dense3[..., 0] * torch.exp(0.001 * _dense3[..., 1])
+    _bias1 = ops.features(
+        [_mlp_0_out75_bias, _mlp_0_out76_bias, _mlp_0_out77_bias, _mlp_0_out78_bias],
+        ws=ws, key="_bias1",
+    )
+    _row_x3 = ops.features(
+        [f_row_0, f_row_1, f_row_2, f_row_rsqrt_0, f_row_rsqrt_1, f_row_rsqrt_2],
+        ws=ws, key="_row_x3",
+    )
+    _row_term2 = ops.linear(_row_x3, phi["mlp.0.weight"], cols=[13, 14, 15, 19, 20, 21], extra=_bias1)
+    _col_x5 = ops.features(
+        [f_col_0, f_col_1, f_col_2, f_col_rsqrt_0, f_col_rsqrt_1, f_col_rsqrt_2],
+        ws=ws, key="_col_x5",
+    )
+    _col_term4 = ops.linear(_col_x5, phi["mlp.0.weight"], cols=[16, 17, 18, 22, 23, 24])
+    _x6 = ops.features(
+        [f_grad, f_param, f_mom_0, f_mom_1, f_mom_2, f_rms, f_mom_rsqrt_0, f_mom_rsqrt_1, f_mom_rsqrt_2, f_rsqrt,
+         f_fac_grad_0, f_fac_grad_1, f_fac_grad_2, f_fac_mom_0, f_fac_mom_1, f_fac_mom_2],
+        ws=ws, key="_x6",
+    )
+    _mlp7 = ops.mlp(
+        _x6,
+        [
+            ops.layer(phi["mlp.0.weight"], cols=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 25, 26, 27], act="relu"),
+            ops.layer(phi["mlp.1.weight"], cols=slice(0, 4), bias=phi["mlp.1.bias"], act="relu"),
+            ops.layer(phi["mlp.2.weight"], cols=slice(0, 4), bias=phi["mlp.2.bias"]),
+        ],
+        extra=[_row_term2, _col_term4],
+        ws=ws,
+    )
+    _update = 0.001 * _mlp7[0] * torch.exp(0.001 * _mlp7[1])
     _p_new = _u54 * p - _update * lr
     out = {}
     out["_p_new"] = _p_new

@@ -38,6 +38,8 @@ def _safe(name: str) -> str:
 
 
 class _KBody:
+    printer_cls = TritonPrinter
+
     def __init__(self, prog, stage, levels, leaves):
         self.prog = prog
         self.stage = stage
@@ -134,7 +136,7 @@ class _KBody:
             def get(self, k, default=None):
                 return body.ref(k)
 
-        return TritonPrinter(_N())
+        return self.printer_cls(_N())
 
     def tile_of(self, values: tuple) -> tuple[str, int]:
         """A [BLOCK, PAD] tile holding ``values`` as columns."""

@@ -7,16 +7,31 @@ gradients and states and returns new ones, differentiably (plain torch autograd)
 
 Per tensor, per-element work runs on chunks along the tensor's largest axis, so
 peak memory is bounded by the chunk size, not by the model size.
+
+When nothing is differentiated (``torch.no_grad``, or no input requires a gradient), the
+per-element functions get a :class:`~lopt_gen.runtime.ops.Workspace`: their feature
+matrices and hidden activations live in buffers that are reused across chunks, tensors and
+steps (one workspace per engine and thread, kept between steps; :meth:`Engine.release_workspace`
+frees it).  Under autograd they get none and allocate fresh tensors.
+
+Non-finite gradients (``nonfinite``): ``"skip"`` leaves a tensor whose gradient has a NaN
+or an Inf untouched (parameter, state and step count) and lets it take part in cross-tensor
+reductions with a zero gradient; ``"raise"`` raises :class:`NonFiniteGradientError`;
+``"ignore"`` does not look.  The check is one fused pass over all gradients (the 2-norm of
+each, which is non-finite whenever an element is; a non-finite norm of finite values, an
+overflow, is re-checked element by element) and one device synchronisation.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections import ChainMap
 
 import torch
 
+from . import ops
 from .loader import load_step_module
 
 DEFAULT_CHUNK_ELEMS = 1 << 18
@@ -24,6 +39,37 @@ DEFAULT_CHUNK_ELEMS = 1 << 18
 
 class NonFiniteGradientError(FloatingPointError):
     pass
+
+
+def finite_flags(grads) -> list[bool]:
+    """Per tensor, whether every element of it is finite (one fused pass, one sync)."""
+    gs = [g.detach() for g in grads]
+    if not gs:
+        return []
+    if len({g.device for g in gs}) == 1 and all(g.is_floating_point() for g in gs):
+        norms = torch._foreach_norm(gs, 2)
+        flags = torch.isfinite(torch.stack([x.float() for x in norms])).tolist()
+        # a NaN or an Inf always makes the norm non-finite; a huge finite gradient can too
+        # (the norm overflows), so a non-finite norm is confirmed element by element
+        return [f or bool(torch.isfinite(g).all()) for f, g in zip(flags, gs)]
+    return torch.stack([torch.isfinite(g).all().to(torch.device("cpu")) for g in gs]).tolist()
+
+
+def _requires_grad(*trees) -> bool:
+    for tree in trees:
+        items = tree.values() if isinstance(tree, dict) else tree
+        for x in items:
+            if isinstance(x, dict):
+                if _requires_grad(x):
+                    return True
+            elif isinstance(x, torch.Tensor) and x.requires_grad:
+                return True
+    return False
+
+
+def _takes_workspace(fn) -> bool:
+    code = getattr(fn, "__code__", None)
+    return code is not None and "ws" in code.co_varnames[:code.co_argcount]
 
 
 def _dims_of(shape) -> tuple[int, int | None, int | None]:
@@ -83,6 +129,8 @@ class Engine:
         self.meta = self.info["meta"]
         self._warn_state: dict = {}
         self._runner = None
+        self._local = threading.local()
+        self._cache: dict = {}
         self._leaf_by_kind: dict[str, list] = {}
         for leaf in self.info["leaves"]:
             self._leaf_by_kind.setdefault(leaf["kind"], []).append(leaf)
@@ -118,6 +166,21 @@ class Engine:
                 for key, d in self.states.items() if d["level"] == "global"}
 
     # ------------------------------------------------------------------ the step
+    def workspace(self) -> ops.Workspace:
+        """This thread's reusable buffers for the per-element functions (a separate set under
+        ``torch.inference_mode``, whose tensors cannot be written outside it)."""
+        attr = "ws_inference" if torch.is_inference_mode_enabled() else "ws"
+        ws = getattr(self._local, attr, None)
+        if ws is None:
+            ws = ops.Workspace()
+            setattr(self._local, attr, ws)
+        return ws
+
+    def release_workspace(self) -> None:
+        """Free this thread's workspaces (they are rebuilt by the next step that needs them)."""
+        self._local.ws = None
+        self._local.ws_inference = None
+
     def triton_runner(self):
         """The Triton kernels of this spec (compiled on first use)."""
         if self._runner is None:
@@ -128,13 +191,15 @@ class Engine:
         return self._runner
 
     def step(self, phi, params, grads, tstates, gstate, scalars, loss=None, *, inplace=False,
-             nonfinite="skip", chunk_elems=DEFAULT_CHUNK_ELEMS, backend="torch", warn_state=None):
+             nonfinite="skip", chunk_elems=DEFAULT_CHUNK_ELEMS, backend="torch", warn_state=None, workspace=None):
         """One optimizer step over ``params`` (a list of tensors).
 
         ``warn_state`` is a dict that remembers whether the non-finite warning was shown (one per
         optimizer); without it the warning is shown once per engine.
         ``scalars[i]`` holds ``lr`` (default 1), ``wd`` (default 0) and hyper-parameters for
         tensor ``i`` (a missing one takes the spec's value).
+        ``workspace``: None uses this thread's reusable buffers whenever nothing is
+        differentiated; False never does (every temporary is a fresh tensor).
         Returns ``(new_params, new_tstates, new_gstate)``; with ``inplace`` the inputs
         are updated and returned.
         """
@@ -172,6 +237,10 @@ class Engine:
                 for i in range(n):
                     T[i][name] = tstates[i][leaf["source"]][leaf["index"]].float()
 
+        ws = None
+        if workspace is not False and backend != "triton" and not torch.compiler.is_compiling() and not (
+                torch.is_grad_enabled() and _requires_grad(phi, params, grads, tstates, gstate, [loss])):
+            ws = self.workspace()
         flat_p = [p.reshape(pl.shape) for p, pl in zip(params, plans)]
         flat_g = [g.reshape(pl.shape) if ok[i] else torch.zeros_like(g).reshape(pl.shape)
                   for i, (g, pl) in enumerate(zip(grads, plans))]
@@ -198,13 +267,17 @@ class Engine:
                         partials[i][name] = [val]
                 continue
             fn = getattr(self.module, stage["elem_fn"])
+            fn_ws = ws if ws is not None and _takes_workspace(fn) else None
+            host_names = self._host_inputs(stage)
             for i in range(n):
                 pl = plans[i]
-                Ti = T[i]
+                host, sliced = self._host_values(host_names, T[i], G, pl)
                 for (s, length) in pl.chunks:
-                    V = ChainMap(self._chunk_leaves(i, pl, s, length, flat_p, flat_g, tstates),
-                                 self._slice_host(Ti, pl, s, length), G)
-                    out = fn(V, phi, pl.dims)
+                    V = self._chunk_leaves(i, pl, s, length, flat_p, flat_g, tstates)
+                    V.update(host)
+                    for name in sliced:
+                        V[name] = host[name].narrow(pl.cd, s, length)
+                    out = fn(V, phi, pl.dims) if fn_ws is None else fn(V, phi, pl.dims, fn_ws)
                     for r in stage["reductions"]:
                         partials[i].setdefault(r["name"], []).append(out[r["name"]])
                     if stage["index"] == final:
@@ -228,7 +301,7 @@ class Engine:
     def _finite_flags(self, grads, mode, warn_state):
         if mode == "ignore" or not grads:
             return [True] * len(grads)
-        flags = torch.stack([torch.isfinite(g.detach()).all() for g in grads]).tolist()
+        flags = finite_flags(grads)
         if not all(flags):
             bad = [i for i, f in enumerate(flags) if not f]
             msg = (f"non-finite gradient in parameter tensor(s) {bad}: "
@@ -240,8 +313,37 @@ class Engine:
                 warn_state["warned"] = True
         return flags
 
+    def _host_inputs(self, stage) -> list[str]:
+        """The inputs of a stage's per-element function that are not per-element leaves."""
+        key = ("host_inputs", stage["index"])
+        names = self._cache.get(key)
+        if names is None:
+            leaves = {"g", "p"} | {lf["name"] for lf in self.elem_state_leaves}
+            names = [v for v in stage["elem_inputs"] if v not in leaves]
+            self._cache[key] = names
+        return names
+
+    @staticmethod
+    def _host_values(names, Ti, G, pl):
+        """The host values a stage's per-element function reads for one tensor, and the names
+        among them that vary along the chunk axis (sliced per chunk).  Float64 scalars (step
+        count, hyper-parameters and what is computed from them) become float32 once here:
+        every per-element operation would cast them to float32 anyway."""
+        host, sliced = {}, []
+        multi = len(pl.chunks) > 1
+        for name in names:
+            v = Ti[name] if name in Ti else G[name]
+            if isinstance(v, torch.Tensor):
+                if v.dtype == torch.float64 and v.dim() == 0:
+                    v = v.float()
+                if multi and v.dim() == pl.rank and v.shape[pl.cd] > 1:
+                    sliced.append(name)
+            host[name] = v
+        return host, sliced
+
     def _host_phase(self, stage, T, G, phi, plans, partials):
         n = len(T)
+        done: dict = {}  # reductions of the same partial sums (shared by the generated code)
         for seg in stage["host"]:
             kind = seg["kind"]
             if kind == "tensor":
@@ -259,6 +361,10 @@ class Engine:
                     for i in range(n):
                         pl = plans[i]
                         parts = partials[i][r["name"]]
+                        key = (i, r["over"], tuple(id(x) for x in parts))
+                        if key in done:
+                            T[i][r["name"]] = done[key]
+                            continue
                         if len(parts) == 1:
                             acc = torch.broadcast_to(parts[0], pl.reduced_shape(r["over"]))
                         elif pl.sums_over_chunks(r["over"]):
@@ -268,7 +374,7 @@ class Engine:
                         else:
                             acc = torch.cat([torch.broadcast_to(x, self._chunk_shape(pl, length, r["over"]))
                                              for x, (_, length) in zip(parts, pl.chunks)], pl.cd)
-                        T[i][r["name"]] = acc / pl.count[r["over"]]
+                        T[i][r["name"]] = done[key] = acc / pl.count[r["over"]]
             elif kind == "tensors":
                 for r in seg["reductions"]:
                     G[r["name"]] = torch.stack([T[i][r["arg"]] for i in range(n)]).mean(0) if n else \
@@ -287,18 +393,6 @@ class Engine:
         for lf in self.elem_state_leaves:
             E[lf["name"]] = st[lf["source"]][lf["index"]].narrow(cd, s, length).float()
         return E
-
-    @staticmethod
-    def _slice_host(Ti: dict, pl, s, length) -> dict:
-        if len(pl.chunks) == 1:
-            return Ti
-        out = {}
-        for k, v in Ti.items():
-            if isinstance(v, torch.Tensor) and v.dim() == pl.rank and v.shape[pl.cd] > 1:
-                out[k] = v.narrow(pl.cd, s, length)
-            else:
-                out[k] = v
-        return out
 
     def _sink(self, i, pl, s, length, out, params, tstates, inplace, ok, coll):
         info = self.info

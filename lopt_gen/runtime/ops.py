@@ -1,6 +1,26 @@
-"""Small tensor helpers that generated torch steps call.  All are differentiable."""
+"""Small tensor helpers that generated torch steps call.
+
+Values that feed a dense layer or a recurrent cell are laid out **feature-major**: ``F`` values
+over a chunk of shape ``S`` form one tensor of shape ``[F, *S]`` (one contiguous row per
+feature), and a layer computes ``W @ X`` with the elements on the long axis.  Outputs are
+``[out, *S]``, so ``y[k]`` is the ``k``-th output as a contiguous tensor of shape ``S``.
+
+Every helper has two paths, chosen by its ``ws`` argument:
+
+* ``ws=None`` (the differentiable path): plain out-of-place torch operations, so autograd
+  works through them;
+* ``ws`` a :class:`Workspace` (the runtime passes one only when nothing is differentiated):
+  intermediate buffers come from the workspace and are reused across chunks, tensors and
+  steps, activations are applied in place, and :func:`mlp` runs a chain of dense layers
+  tile by tile so that its hidden activations stay in cache.
+
+Results never live in a workspace buffer: a helper returns a fresh tensor (or a view of
+its inputs), so nothing a generated function hands back can be overwritten later.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -13,71 +33,352 @@ _ACT = {
     "gelu": F.gelu,
     "silu": F.silu,
 }
+# activations that may overwrite their argument (the argument is a buffer nobody else reads)
+_ACT_INPLACE = {
+    "relu": torch.relu_,
+    "tanh": torch.tanh_,
+    "sigmoid": torch.sigmoid_,
+}
+
+#: elements per tile of :func:`mlp` on the workspace path, per intra-op thread: a
+#: ``[32, 8192]`` fp32 activation is 1 MiB, so each thread's share of a tile stays in its cache.
+MLP_TILE_PER_THREAD = 8192
+#: elements per tile; None means ``MLP_TILE_PER_THREAD * torch.get_num_threads()``
+MLP_TILE: int | None = None
+
+#: below this many elements per value, :func:`features` always copies (checking whether the
+#: values are already one strided block costs more than copying them)
+_BLOCK_MIN_NUMEL = 4096
 
 
-def stack(values) -> torch.Tensor:
-    """Stack channels on a new last axis, broadcasting per-row / per-tensor channels."""
-    vals = [v if isinstance(v, torch.Tensor) else torch.tensor(float(v)) for v in values]
+class Workspace:
+    """Reusable buffers, one per key, each grown to the largest size asked for.
+
+    ``take(key, shape, ...)`` returns a view of the key's buffer with that shape; the
+    previous contents are garbage.  A buffer handed out under a key is valid until the next
+    ``take`` of the same key, which is why the helpers below use it only for values that
+    they consume themselves."""
+
+    def __init__(self):
+        self._buffers: dict = {}
+        self._views: dict = {}  # the last view handed out per (key, shape, dtype, device)
+
+    def take(self, key: str, shape, dtype=torch.float32, device=None) -> torch.Tensor:
+        shape = tuple(shape)
+        slot = (key, dtype, device)
+        view = self._views.get((slot, shape))
+        if view is not None:
+            return view
+        n = math.prod(shape)
+        buf = self._buffers.get(slot)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 1), dtype=dtype, device=device)
+            self._buffers[slot] = buf
+            self._views = {k: v for k, v in self._views.items() if k[0] != slot}
+        view = buf[:n].view(shape)
+        if len(self._views) > 4096:  # many distinct shapes: forget the old views
+            self._views.clear()
+        self._views[(slot, shape)] = view
+        return view
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
+        self._views.clear()
+
+
+def _tensors(values):
+    return [v if isinstance(v, torch.Tensor) else torch.tensor(float(v)) for v in values]
+
+
+def _common_dtype(vals):
     dtype = vals[0].dtype
     for v in vals[1:]:
         dtype = torch.promote_types(dtype, v.dtype)
-    if any(v.shape != vals[0].shape for v in vals):
+    return dtype
+
+
+def _as_block(vals):
+    """``vals`` as one ``[F, *S]`` view when they already are equally spaced slices of one
+    tensor (the channels of a state, say); None otherwise."""
+    v0 = vals[0]
+    if v0.dim() == 0 or v0.numel() < _BLOCK_MIN_NUMEL:
+        return None
+    if len(vals) == 1:
+        return v0.unsqueeze(0)
+    step = vals[1].storage_offset() - v0.storage_offset()
+    if step <= 0:
+        return None
+    base = v0.untyped_storage().data_ptr()
+    for k, v in enumerate(vals):
+        if (v.shape != v0.shape or v.stride() != v0.stride() or v.dtype != v0.dtype
+                or v.untyped_storage().data_ptr() != base or v.storage_offset() != v0.storage_offset() + k * step):
+            return None
+    return v0.as_strided((len(vals),) + tuple(v0.shape), (step,) + tuple(v0.stride()), v0.storage_offset())
+
+
+def features(values, ws=None, key="features") -> torch.Tensor:
+    """Stack values on a new leading axis, ``[F, *S]``, broadcasting per-row / per-tensor
+    values to the common shape ``S``.  With ``ws``, into the workspace buffer ``key`` (or as a
+    view when the values already form one strided block)."""
+    vals = _tensors(values)
+    dtype = _common_dtype(vals)
+    shape = vals[0].shape
+    if any(v.shape != shape for v in vals):
         vals = torch.broadcast_tensors(*vals)
-    return torch.stack([v.to(dtype) for v in vals], -1)
+    if any(v.dtype != dtype for v in vals):
+        vals = [v.to(dtype) for v in vals]
+    if ws is None:
+        return torch.stack(vals, 0)
+    block = _as_block(vals)
+    if block is not None:
+        return block
+    out = ws.take(key, (len(vals),) + tuple(vals[0].shape), dtype, vals[0].device)
+    return torch.stack(vals, 0, out=out)
 
 
-def dense(x, weight, cols=None, rows=None, bias=None, extra=None, act="none"):
-    """act(x @ W[rows, cols].T + bias[rows] + extra) on the last axis of ``x``.
-
-    ``rows`` and ``cols`` are slices or lists of indices (or None for all)."""
+def _weight(weight, rows, cols):
     w = weight
     if rows is not None:
         w = w[rows]
     if cols is not None:
         w = w[:, cols]
-    x = x.to(w.dtype)
-    y = x @ w.T
-    if bias is not None:
-        y = y + (bias if rows is None else bias[rows])
-    if extra is not None:
-        y = y + extra.to(y.dtype)
-    return _ACT[act](y)
+    return w
+
+
+def _lead(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A ``[out, *Sb]`` term padded with trailing unit axes to ``ndim`` dimensions, so that
+    it broadcasts against ``[out, *S]`` (per-tensor terms are ``[out]``)."""
+    if t.dim() < ndim:
+        return t.reshape(tuple(t.shape) + (1,) * (ndim - t.dim()))
+    return t
+
+
+def _is_column(t: torch.Tensor) -> bool:
+    return all(s == 1 for s in t.shape[1:])
+
+
+def linear(x, weight, cols=None, rows=None, bias=None, extra=None, act="none", ws=None):
+    """``act(W[rows, cols] @ x + bias[rows] + extra)`` over the leading axis:
+    ``[in, *S] -> [out, *S]``.
+
+    ``rows`` and ``cols`` are slices or lists of indices (or None for all); ``extra`` is a
+    tensor ``[out, *Sb]`` (or a list of them) broadcastable to ``[out, *S]``."""
+    w = _weight(weight, rows, cols)
+    b = None if bias is None else (bias if rows is None else bias[rows])
+    extras = [] if extra is None else (list(extra) if isinstance(extra, (list, tuple)) else [extra])
+    return _layer_chain(x, [(w, b, act)], extras, ws, tile=None)
+
+
+def _split_terms(terms, out: int, ndim: int, bias):
+    """Per-output column bias ``[out, 1]`` (bias plus every term constant over the elements)
+    and the remaining terms that vary over the elements, padded to ``ndim`` dimensions."""
+    col = None if bias is None else bias.reshape(out, 1)
+    varying = []
+    for t in terms:
+        if _is_column(t):
+            c = t.reshape(out, 1)
+            col = c if col is None else col + c
+        else:
+            varying.append(_lead(t, ndim))
+    return col, varying
+
+
+def _layer_chain(x, layers, terms, ws, tile):
+    """The chain ``h <- act_k(W_k h + b_k)`` (``terms`` added to the first layer) on a
+    feature-major ``x``; returns ``[out_last, *S]``.  With ``ws`` and a ``tile``, it runs tile
+    by tile with the hidden activations in workspace buffers."""
+    x = _tensors([x])[0]
+    w0 = layers[0][0]
+    shape = tuple(x.shape[1:])
+    ndim = 1 + len(shape)
+    n = math.prod(shape)
+    n_in = x.shape[0]
+    dtype = w0.dtype
+    x2 = x.reshape(n_in, n).to(dtype)
+    out0 = w0.shape[0]
+    col, varying = _split_terms(terms, out0, ndim, layers[0][1])
+    if ws is None or tile is None:
+        h = None
+        for i, (w, b, act) in enumerate(layers):
+            if i == 0:
+                y = _mm_bias(col, w, x2, n)
+                if varying:
+                    y = y.reshape((out0,) + shape)
+                    for t in varying:
+                        y = y + t.to(y.dtype)
+                    y = y.reshape(out0, n)
+            else:
+                y = _mm_bias(None if b is None else b.reshape(-1, 1), w, h, n)
+            if act != "none":
+                y = _ACT_INPLACE[act](y) if (ws is not None and act in _ACT_INPLACE) else _ACT[act](y)
+            h = y
+        return h.reshape((h.shape[0],) + shape)
+    return _tiled_chain(x2, shape, layers, col, varying, ws, tile)
+
+
+def _mm_bias(col, w, x2, n):
+    if w.shape[1] == 0:  # no inputs: the bias alone
+        z = torch.zeros((w.shape[0], n), dtype=w.dtype, device=w.device)
+        return z if col is None else z + col
+    if col is None:
+        return w @ x2
+    return torch.addmm(col.to(w.dtype), w, x2)
+
+
+def _tiles(shape, target):
+    """Boxes of at most ``target`` elements that cover ``shape`` and are contiguous runs of
+    its row-major order: ``(first, last, index)`` with ``index`` a tuple of ints and one slice
+    (trailing axes whole)."""
+    rank = len(shape)
+    if rank == 0:
+        yield 0, 1, ()
+        return
+    k, inner = rank - 1, 1
+    while k > 0 and inner * shape[k] <= target:
+        inner *= shape[k]
+        k -= 1
+    if inner * shape[k] <= target:  # the whole shape fits
+        yield 0, math.prod(shape), (slice(None),)
+        return
+    count = -(-shape[k] // max(1, target // inner))  # tiles along axis k
+    step = -(-shape[k] // count)  # of even length, so there is no short tail
+    outer = shape[:k]
+    span = shape[k] * inner
+    for flat_outer, idx in enumerate(_ndindex(outer)):
+        base = flat_outer * span
+        for m0 in range(0, shape[k], step):
+            m1 = min(shape[k], m0 + step)
+            yield base + m0 * inner, base + m1 * inner, idx + (slice(m0, m1),)
+
+
+def _ndindex(shape):
+    if not shape:
+        yield ()
+        return
+    for i in range(shape[0]):
+        for rest in _ndindex(shape[1:]):
+            yield (i,) + rest
+
+
+def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
+    n = x2.shape[1]
+    out_last = layers[-1][0].shape[0]
+    dev, dtype = x2.device, x2.dtype
+    result = torch.empty((out_last, n), dtype=dtype, device=dev)
+    if varying and col is not None:  # add the column bias to the smallest varying term, once
+        j = min(range(len(varying)), key=lambda i: varying[i].numel())
+        varying = list(varying)
+        varying[j] = varying[j] + _lead(col, varying[j].dim())
+        col = None
+    expanded = [t.to(dtype).expand((t.shape[0],) + shape) for t in varying]
+    biases = [col] + [None if b is None else b.reshape(-1, 1).to(dtype) for _, b, _ in layers[1:]]
+    for first, last, index in _tiles(shape, tile):
+        length = last - first
+        h = x2[:, first:last]
+        for i, (w, _, act) in enumerate(layers):
+            is_last = i == len(layers) - 1
+            dst = result[:, first:last] if is_last else ws.take(f"mlp.h{i}", (w.shape[0], length), dtype, dev)
+            if i == 0 and expanded:
+                box = dst.view((w.shape[0],) + _box_shape(shape, index))
+                sel = (slice(None),) + index
+                if len(expanded) == 1:
+                    box.copy_(expanded[0][sel])
+                else:
+                    torch.add(expanded[0][sel], expanded[1][sel], out=box)
+                    for t in expanded[2:]:
+                        box.add_(t[sel])
+                torch.addmm(dst, w, h, out=dst)
+            elif biases[i] is not None:
+                torch.addmm(biases[i], w, h, out=dst)
+            else:
+                torch.mm(w, h, out=dst)
+            if act != "none":
+                if act in _ACT_INPLACE:
+                    _ACT_INPLACE[act](dst)
+                else:
+                    dst.copy_(_ACT[act](dst))
+            h = dst
+    return result.view((out_last,) + shape)
+
+
+def _box_shape(shape, index):
+    """Shape of ``torch.empty(shape)[index]`` (ints drop an axis, a slice keeps it)."""
+    out = []
+    for d, ix in enumerate(index):
+        if isinstance(ix, slice):
+            start, stop, _ = ix.indices(shape[d])
+            out.append(stop - start)
+    out.extend(shape[len(index):])
+    return tuple(out)
+
+
+def layer(weight, cols=None, rows=None, bias=None, act="none") -> tuple:
+    """A layer of :func:`mlp`, ``act(W[rows, cols] @ h + bias[rows])``, as
+    ``(weight, bias, act)`` with the rows and columns already selected."""
+    w = _weight(weight, rows, cols)
+    b = None if bias is None else (bias if rows is None else bias[rows])
+    return (w, b, act)
+
+
+def mlp(x, layers, extra=None, ws=None, tile=None):
+    """A chain of dense layers on feature-major ``x`` (``[in, *S] -> [out_last, *S]``);
+    ``extra`` (a tensor or a list of them, each ``[out_0, *Sb]`` broadcastable to
+    ``[out_0, *S]``) is added to the first layer before its activation.
+
+    With ``ws`` the chain runs tile by tile (``tile`` elements at a time, default
+    :data:`MLP_TILE`, see there): every layer's
+    activation of one tile stays in a workspace buffer, in cache, until the next layer reads
+    it; only the last layer's output is written out."""
+    extras = [] if extra is None else (list(extra) if isinstance(extra, (list, tuple)) else [extra])
+    if tile is None:
+        tile = MLP_TILE if MLP_TILE is not None else MLP_TILE_PER_THREAD * torch.get_num_threads()
+    return _layer_chain(x, list(layers), extras, ws, tile)
 
 
 def gru_cell(x, h, w_ih, w_hh, bias, extra=None):
-    """GRU with gate order (r, u, c); ``extra`` is an additional bias for all three gates.
+    """GRU with gate order (r, u, c) on feature-major ``x`` ``[in, *S]`` and ``h`` ``[H, *S]``;
+    ``extra`` is an additional bias for the gates (``[3H, *Sb]``).
 
     r = σ(W_ir x + W_hr h + b_r), u = σ(W_iu x + W_hu h + b_u),
     c = tanh(W_ic x + W_hc (r ⊙ h) + b_c), h' = u ⊙ h + (1 - u) ⊙ c
     """
-    x = x.to(w_ih.dtype)
-    h = h.to(w_ih.dtype)
-    hid = h.shape[-1]
-    gi = x @ w_ih.T + bias
+    x, h = _tensors([x, h])
+    shape = tuple(h.shape[1:])
+    hid = h.shape[0]
+    n = math.prod(shape)
+    h2 = h.reshape(hid, n).to(w_ih.dtype)
+    gi = _mm_bias(bias.reshape(-1, 1), w_ih, x.reshape(x.shape[0], n).to(w_ih.dtype), n)
     if extra is not None:
-        gi = gi + extra.to(gi.dtype)
-    gh = h @ w_hh[: 2 * hid].T
-    ru = torch.sigmoid(gi[..., : 2 * hid] + gh)
-    r, u = ru[..., :hid], ru[..., hid:]
-    c = torch.tanh(gi[..., 2 * hid:] + (r * h) @ w_hh[2 * hid:].T)
-    return u * h + (1 - u) * c
+        gi = (gi.reshape((gi.shape[0],) + shape) + _lead(extra, 1 + len(shape)).to(gi.dtype)).reshape(gi.shape[0], n)
+    gh = w_hh[: 2 * hid] @ h2
+    ru = torch.sigmoid(gi[: 2 * hid] + gh)
+    r, u = ru[:hid], ru[hid:]
+    c = torch.tanh(gi[2 * hid:] + w_hh[2 * hid:] @ (r * h2))
+    return (u * h2 + (1 - u) * c).reshape((hid,) + shape)
 
 
 def lstm_cell(x, h, c, w_ih, w_hh, bias, extra=None):
-    """LSTM with gate order (i, f, g, o); returns (h', c')."""
-    x = x.to(w_ih.dtype)
-    h = h.to(w_ih.dtype)
-    c = c.to(w_ih.dtype)
-    hid = h.shape[-1]
-    gates = x @ w_ih.T + h @ w_hh.T + bias
+    """LSTM with gate order (i, f, g, o) on feature-major values; returns (h', c')."""
+    x, h, c = _tensors([x, h, c])
+    shape = tuple(h.shape[1:])
+    hid = h.shape[0]
+    n = math.prod(shape)
+    h2 = h.reshape(hid, n).to(w_ih.dtype)
+    c2 = torch.broadcast_to(c, (hid,) + shape).reshape(hid, n).to(w_ih.dtype)
+    gates = _mm_bias(bias.reshape(-1, 1), w_ih, x.reshape(x.shape[0], n).to(w_ih.dtype), n) + w_hh @ h2
     if extra is not None:
-        gates = gates + extra.to(gates.dtype)
-    i = torch.sigmoid(gates[..., :hid])
-    f = torch.sigmoid(gates[..., hid:2 * hid])
-    g = torch.tanh(gates[..., 2 * hid:3 * hid])
-    o = torch.sigmoid(gates[..., 3 * hid:])
-    c_new = f * c + i * g
-    return o * torch.tanh(c_new), c_new
+        gates = (gates.reshape((gates.shape[0],) + shape)
+                 + _lead(extra, 1 + len(shape)).to(gates.dtype)).reshape(gates.shape[0], n)
+    i = torch.sigmoid(gates[:hid])
+    f = torch.sigmoid(gates[hid:2 * hid])
+    g = torch.tanh(gates[2 * hid:3 * hid])
+    o = torch.sigmoid(gates[3 * hid:])
+    c_new = f * c2 + i * g
+    return (o * torch.tanh(c_new)).reshape((hid,) + shape), c_new.reshape((hid,) + shape)
 
 
 def partial_sum(x, dims):

@@ -59,6 +59,12 @@ def gelu(x):
     return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
 
 
+@triton.jit
+def per_element(x, BLOCK: tl.constexpr):
+    """``x`` as a [BLOCK] vector (an adjoint that happens not to vary per element is a scalar)."""
+    return x + tl.zeros((BLOCK,), dtype=tl.float32)
+
+
 # ---------------------------------------------------------------------------------- tiles
 @triton.jit
 def place(v, j, PAD: tl.constexpr):

@@ -60,9 +60,30 @@ class StageItem:
 
 
 class TritonRunner:
-    def __init__(self, kernel_module):
+    def __init__(self, kernel_module, backward_module=None):
         self.module = kernel_module
         self.kernels = {k["index"]: (k, getattr(kernel_module, k["name"])) for k in kernel_module.KERNELS}
+        self._backward_module = backward_module
+
+    # ------------------------------------------------------------------ backward kernels
+    @property
+    def backward_module(self):
+        """The generated backward kernels (``triton_backward.py`` beside the forward kernels)."""
+        if self._backward_module is None:
+            self._backward_module = _load_sibling(self.module, "triton_backward.py")
+        return self._backward_module
+
+    def backward_unsupported(self) -> dict:
+        """{stage index: reason} for the stages without a backward kernel ({} when all have one)."""
+        mod = self.backward_module
+        if mod is False:
+            return {k: "no triton_backward.py beside the forward kernels" for k in self.kernels}
+        missing = {k: "no backward kernel" for k in self.kernels if k not in {m["index"] for m in mod.KERNELS}}
+        missing.update(mod.UNSUPPORTED)
+        return missing
+
+    def backward_available(self) -> bool:
+        return not self.backward_unsupported()
 
     def run(self, stage_index: int, items: list, phi) -> list[dict]:
         """Launch stage ``stage_index`` once over every tensor in ``items``.
@@ -73,6 +94,8 @@ class TritonRunner:
         meta, kernel = self.kernels[stage_index]
         if not items:
             return []
+        if torch.is_grad_enabled() and self.backward_available() and _wants_grad(items, phi, meta):
+            return self._run_differentiable(stage_index, items, phi)
         device = items[0].p.device
         block = meta["block"]
         if INTERPRETED:
@@ -126,6 +149,58 @@ class TritonRunner:
             results.append(out)
         return results
 
+    def _run_differentiable(self, stage_index, items, phi):
+        """One launch as an autograd node whose backward runs the generated backward kernel."""
+        meta, _ = self.kernels[stage_index]
+        block = meta["block"]
+        if INTERPRETED:
+            block = max(block, INTERPRETER_BLOCK)
+        for it in items:
+            if it.pl.rank > MAX_RANK:
+                raise NotImplementedError(f"the Triton backend handles tensors of rank <= {MAX_RANK}; "
+                                          f"got shape {it.pl.orig_shape} (use backend='torch')")
+        launch = _Launch(self, stage_index, items, block)
+        device = launch.device
+        hv_names = launch.bmeta["hv"]
+        flat = []
+        for it in items:
+            for d in launch.in_descs:
+                kind = d[0]
+                if kind == "input":
+                    flat.append((it.g if d[1] == "g" else it.p).contiguous().float())
+                elif kind == "state":
+                    flat.append(it.tstate[d[1]].contiguous())
+                else:
+                    val = torch.as_tensor(it.V[d[1]], dtype=torch.float32, device=device)
+                    flat.append(torch.broadcast_to(val.float(), it.pl.reduced_shape(kind)).contiguous())
+        flat += [phi[m] for m in launch.weights]
+        if hv_names:
+            hv = torch.stack([torch.stack([torch.as_tensor(it.V[n], device=device).reshape(()).float() for n in hv_names])
+                              for it in items])
+        else:
+            hv = torch.zeros((len(items), 1), dtype=torch.float32, device=device)
+        out = _KernelStage.apply(launch, hv, *flat)
+        part, rest = out[0], out[1:]
+        n_out = len(launch.out_descs)
+        results = []
+        for t, (it, (a, b)) in enumerate(zip(items, launch.spans)):
+            mine = dict(zip(launch.out_descs, rest[t * n_out:(t + 1) * n_out]))
+            for d, val in mine.items():
+                if d[0] == "out_param":
+                    it.out_param.copy_(val.view(it.out_param.shape))
+                elif d[0] == "out_state":
+                    it.out_states[d[1]].copy_(val)
+            res = {}
+            for r in meta["reductions"]:
+                if r["over"] in ("tensor", "all"):
+                    res[r["name"]] = part[a:b, r["slot"]].sum()
+                else:
+                    dims = it.pl.dims[r["over"]]
+                    x = mine[("scratch", r["name"])].view(it.pl.shape)
+                    res[r["name"]] = x if not dims else x.sum(dim=dims, keepdim=True)
+            results.append(res)
+        return results
+
     @staticmethod
     def _buffer(desc, it, scratch, fixups):
         """The buffer behind one pointer slot: fp32 and contiguous, or a copy that is written back."""
@@ -153,3 +228,226 @@ class TritonRunner:
             fixups.append((tmp, dst))
             return tmp
         raise ValueError(f"unknown kernel buffer kind {kind!r}")  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------------------
+# differentiable launches: forward kernel + generated backward kernel as one autograd node
+def _load_sibling(kernel_module, filename: str):
+    from pathlib import Path
+
+    path = Path(getattr(kernel_module, "__file__", "") or "").with_name(filename)
+    if not path.is_file():
+        return False
+    import importlib.util
+
+    name = f"{kernel_module.__name__}_{filename.split('.')[0]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_INPUT_KINDS = ("input", "state", "row", "col")
+
+
+def _wants_grad(items, phi, meta) -> bool:
+    for it in items:
+        if it.g.requires_grad or it.p.requires_grad:
+            return True
+        if any(isinstance(v, torch.Tensor) and v.requires_grad for v in it.tstate.values()):
+            return True
+        if any(isinstance(it.V[n], torch.Tensor) and it.V[n].requires_grad for n in meta["hv"]):
+            return True
+        if any(d[0] in ("row", "col") and isinstance(it.V[d[1]], torch.Tensor) and it.V[d[1]].requires_grad
+               for d in meta["args"]):
+            return True
+    return any(phi[m].requires_grad for m in meta["weights"])
+
+
+class _Launch:
+    """What one differentiable stage launch needs besides its tensors."""
+
+    def __init__(self, runner, stage_index, items, block):
+        self.meta, self.kernel = runner.kernels[stage_index]
+        bmod = runner.backward_module
+        self.bmeta = next(k for k in bmod.KERNELS if k["index"] == stage_index)
+        self.bkernel = getattr(bmod, self.bmeta["name"])
+        self.plans = [it.pl for it in items]
+        self.state_like = [{k: (v.shape, v.dtype) for k, v in it.tstate.items() if isinstance(v, torch.Tensor)}
+                           for it in items]
+        self.out_like = []
+        for it in items:
+            outs = {}
+            if it.out_param is not None:
+                outs[("out_param",)] = (tuple(it.pl.shape), torch.float32)
+            for k, v in (it.out_states or {}).items():
+                outs[("out_state", k)] = (tuple(v.shape), v.dtype)
+            self.out_like.append(outs)
+        self.device = items[0].p.device
+        self.block = block
+        descs = []
+        for d in list(self.meta["args"]) + list(self.bmeta["args"]):
+            if d[0] in _INPUT_KINDS and d not in descs:
+                descs.append(d)
+        self.in_descs = descs
+        self.out_descs = [d for d in self.meta["args"] if d[0] in ("scratch", "out_param", "out_state")]
+        self.weights = list(dict.fromkeys(list(self.meta["weights"]) + list(self.bmeta["weights"])))
+        self.progs, self.spans = [], []
+        for t, pl in enumerate(self.plans):
+            first = len(self.progs)
+            self.progs += [(t, s_) for s_ in range(0, pl.numel, block)]
+            self.spans.append((first, len(self.progs)))
+        self.n_in = len(self.in_descs)
+
+    def split(self, flat):
+        n = len(self.plans) * self.n_in
+        per_item = [dict(zip(self.in_descs, flat[i * self.n_in:(i + 1) * self.n_in])) for i in range(len(self.plans))]
+        weights = dict(zip(self.weights, flat[n:]))
+        return per_item, weights
+
+    def _tables(self, rows, infos):
+        dev = self.device
+        return (torch.tensor(rows, dtype=torch.int64, device=dev), torch.tensor(infos, dtype=torch.int64, device=dev),
+                torch.tensor(self.progs, dtype=torch.int32, device=dev))
+
+    def _info(self, pl):
+        return [pl.numel, *_pad4(pl.shape), *_strides4(pl.reduced_shape("row")), *_strides4(pl.reduced_shape("col"))]
+
+    def forward(self, hv, flat):
+        per_item, weights = self.split(flat)
+        keep, rows, infos, outs = [], [], [], []
+        for t, pl in enumerate(self.plans):
+            row, mine = [], {}
+            for d in self.meta["args"]:
+                if d[0] in _INPUT_KINDS:
+                    buf = per_item[t][d]
+                elif d[0] == "scratch":
+                    buf = torch.empty(pl.numel, dtype=torch.float32, device=self.device)
+                else:
+                    shape, dtype = self.out_like[t][d]
+                    buf = torch.empty(shape, dtype=dtype, device=self.device)
+                mine[d] = buf
+                keep.append(buf)
+                row.append(buf.data_ptr())
+            rows.append(row or [0])
+            infos.append(self._info(pl))
+            outs.append(mine)
+        ptrs, info, prog_table = self._tables(rows, infos)
+        nred = max(1, len(self.meta["reductions"]))
+        part = torch.empty((len(self.progs), nred), dtype=torch.float32, device=self.device)
+        ws = [weights[m].detach().float().contiguous() for m in self.meta["weights"]]
+        self.kernel[(len(self.progs),)](ptrs, info, prog_table, hv.detach().contiguous(), part, *ws,
+                                        N_PTR=max(1, len(self.meta["args"])), N_HV=hv.shape[1], BLOCK=self.block)
+        result = [part]
+        for mine in outs:
+            result += [mine[d] for d in self.out_descs]
+        return result
+
+    def backward(self, hv, flat, gouts):
+        per_item, weights = self.split(flat)
+        dev = self.device
+        gpart_slots = self.bmeta["grad_slots"]
+        nred = max(1, len(self.meta["reductions"]))
+        dpart = gouts[0] if gouts[0] is not None else torch.zeros((len(self.progs), nred), device=dev)
+        dpart = dpart.float().contiguous()
+        n_out = len(self.out_descs)
+        keep, rows, infos, grads_out = [], [], [], []
+        for t, pl in enumerate(self.plans):
+            g_of = dict(zip(self.out_descs, gouts[1 + t * n_out:1 + (t + 1) * n_out]))
+            row, mine = [], {}
+            for d in self.bmeta["args"]:
+                kind = d[0]
+                if kind in _INPUT_KINDS:
+                    buf = per_item[t][d]
+                elif kind == "seed":
+                    buf = self._seed(d[1], g_of, pl)
+                elif kind == "seed_scratch":
+                    g = g_of.get(("scratch", d[1]))
+                    buf = torch.zeros(pl.numel, device=dev) if g is None else g.float().reshape(-1).contiguous()
+                elif kind == "grad_state":
+                    shape, _ = self.state_like[t][d[1]]
+                    buf = torch.zeros(shape, dtype=torch.float32, device=dev)
+                else:  # grad_input, grad_rowcol: every element is written
+                    buf = torch.empty(pl.numel, dtype=torch.float32, device=dev)
+                mine[d] = buf
+                keep.append(buf)
+                row.append(buf.data_ptr())
+            rows.append(row or [0])
+            infos.append(self._info(pl))
+            grads_out.append(mine)
+        ptrs, info, prog_table = self._tables(rows, infos)
+        gpart = torch.empty((len(self.progs), max(1, len(gpart_slots))), dtype=torch.float32, device=dev)
+        ws = [weights[m].detach().float().contiguous() for m in self.bmeta["weights"]]
+        self.bkernel[(len(self.progs),)](ptrs, info, prog_table, hv.detach().contiguous(), dpart, gpart, *ws,
+                                         N_PTR=max(1, len(self.bmeta["args"])), N_HV=hv.shape[1], BLOCK=self.block)
+        # per-element adjoints of the inputs
+        d_inputs = []
+        for t, pl in enumerate(self.plans):
+            mine = grads_out[t]
+            for d in self.in_descs:
+                x = per_item[t][d]
+                kind = d[0]
+                if kind == "input":
+                    g = mine.get(("grad_input", d[1]))
+                    d_inputs.append(None if g is None else g.view(x.shape))
+                elif kind == "state":
+                    g = mine.get(("grad_state", d[1]))
+                    d_inputs.append(None if g is None else g.view(x.shape).to(x.dtype))
+                else:
+                    g = mine.get(("grad_rowcol", d[1]))
+                    d_inputs.append(None if g is None else g.view(pl.shape).sum_to_size(x.shape))
+        # per-tensor values: each tensor's slice of the per-program partial sums
+        hv_names = self.bmeta["hv"]
+        d_hv = torch.zeros((len(self.plans), hv.shape[1]), dtype=torch.float32, device=dev)
+        cols = [(k, hv_names.index(s[1])) for k, s in enumerate(gpart_slots) if s[0] == "hv"]
+        if cols:
+            src = torch.tensor([k for k, _ in cols], device=dev)
+            dst = [j for _, j in cols]
+            for t, (a, b) in enumerate(self.spans):
+                d_hv[t, dst] = gpart[a:b].index_select(1, src).sum(0)
+        # meta-parameters: every program's partial sums, summed in a fixed order
+        d_weights = []
+        totals = gpart.sum(0)
+        for m in self.weights:
+            w = weights[m]
+            ks = [(k, s[2]) for k, s in enumerate(gpart_slots) if s[0] == "weight" and s[1] == m]
+            if not ks:
+                d_weights.append(None)
+                continue
+            out = torch.zeros(w.numel(), dtype=torch.float32, device=dev)
+            out[torch.tensor([f for _, f in ks], device=dev)] = totals[torch.tensor([k for k, _ in ks], device=dev)]
+            d_weights.append(out.view(w.shape).to(w.dtype))
+        return d_hv.to(hv.dtype), d_inputs, d_weights
+
+    def _seed(self, value, g_of, pl):
+        """The adjoint of per-element value ``value``: the sum over the outputs it is written to."""
+        seed = next(s for s in self.bmeta["seeds"] if s["kind"] == "output" and s["value"] == value)
+        acc = torch.zeros(pl.numel, dtype=torch.float32, device=self.device)
+        for kind, key, channel in seed["sources"]:
+            g = g_of.get(("out_param",)) if kind == "out_param" else g_of.get(("out_state", key))
+            if g is None:
+                continue
+            g = g.float()
+            acc += (g.reshape(-1) if kind == "out_param" else g[channel].reshape(-1))
+        return acc
+
+
+class _KernelStage(torch.autograd.Function):
+    """A stage launch as one autograd node: forward kernel forward, generated backward kernel
+    backward (forward values are recomputed there, not stored)."""
+
+    @staticmethod
+    def forward(ctx, launch, hv, *flat):
+        ctx.launch = launch
+        ctx.save_for_backward(hv, *flat)
+        out = launch.forward(hv, flat)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *gouts):
+        hv, *flat = ctx.saved_tensors
+        d_hv, d_inputs, d_weights = ctx.launch.backward(hv, flat, gouts)
+        return (None, d_hv) + tuple(d_inputs) + tuple(d_weights)

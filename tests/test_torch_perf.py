@@ -1,0 +1,331 @@
+"""The torch backend's performance machinery keeps the step's values: shared
+subexpressions, feature-major layers, tiled MLP chains, row/column bias folding, reused
+workspaces and the fused non-finite check."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lopt_gen
+from lopt_gen import LearnedOptimizer, load_spec
+from lopt_gen.codegen import torch_backend
+from lopt_gen.compiler import compile_program
+from lopt_gen.runtime import ops
+from lopt_gen.runtime.engine import Engine, finite_flags
+from lopt_gen.runtime.loader import _import
+from lopt_gen.spec import spec_from_dict
+from lopt_gen.testing import specs
+
+SHAPES = [(5, 3), (7,), (), (2, 3, 4), (40, 9), (1, 1, 2, 3, 2), (64, 1)]
+
+
+def _module(spec, tmp_path, tag, **flags):
+    """The torch step module of ``spec`` rendered with torch_backend flags set."""
+    old = {k: getattr(torch_backend, k) for k in flags}
+    try:
+        for k, v in flags.items():
+            setattr(torch_backend, k, v)
+        text = torch_backend.render_torch(compile_program(spec), "<test>")
+    finally:
+        for k, v in old.items():
+            setattr(torch_backend, k, v)
+    path = tmp_path / f"step_{tag}.py"
+    path.write_text(text)
+    return _import(path, f"lopt_gen_test_{spec.name}_{tag}_{abs(hash(str(tmp_path))) % 10**8}")
+
+
+def _problem(engine, shapes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    return params, grads
+
+
+def _run(engine, phi, params, grads, steps=3, **kw):
+    """``steps`` functional steps (no autograd); returns the parameters and states."""
+    tstates = [engine.init_tensor_state(p) for p in params]
+    gstate = engine.init_global_state()
+    scalars = [{"lr": 0.1, "wd": 0.01} for _ in params]
+    with torch.no_grad():
+        for k in range(steps):
+            gk = [g * (1.0 + 0.3 * k) for g in grads]
+            params, tstates, gstate = engine.step(phi, params, gk, tstates, gstate, scalars, loss=torch.tensor(1.5),
+                                                  **kw)
+    return params, tstates, gstate
+
+
+def _assert_same(a, b, rtol=1e-5, atol=1e-6):
+    pa, ta, ga = a
+    pb, tb, gb = b
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+    for sa, sb in zip(ta, tb):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sa[k].float(), sb[k].float(), rtol=rtol, atol=atol, msg=k)
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=rtol, atol=atol, msg=k)
+
+
+# ------------------------------------------------------------------------------ workspaces
+@pytest.mark.parametrize("name", ["mulo", "small_fc_lopt", "hrnn", "l2l_lstm", "adam"])
+def test_workspace_matches_fresh_tensors(name):
+    """Reused buffers (no_grad) and fresh tensors give the same steps, over several steps and
+    tensors of different shapes (buffers are re-viewed at every size), in place and not."""
+    engine = lopt_gen.get_engine(load_spec(name))
+    phi = engine.init_weights(seed=3)
+    params, grads = _problem(engine, SHAPES, seed=0)
+    fresh = _run(engine, phi, [p.clone() for p in params], grads, workspace=False)
+    reused = _run(engine, phi, [p.clone() for p in params], grads, chunk_elems=37)
+    _assert_same(fresh, reused)
+    again = _run(engine, phi, [p.clone() for p in params], grads)
+    _assert_same(fresh, again)
+
+
+def test_workspace_outputs_never_alias_its_buffers():
+    engine = lopt_gen.get_engine(load_spec("mulo"))
+    phi = engine.init_weights(seed=1)
+    params, grads = _problem(engine, [(40, 9), (12,), (3, 5, 7)], seed=4)
+    new_p, new_ts, _ = _run(engine, phi, params, grads, steps=2, chunk_elems=16)
+    ws = engine.workspace()
+    assert ws.nbytes > 0, "the no_grad step uses the workspace"
+    spans = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in ws._buffers.values()]
+    outs = list(new_p) + [v for st_ in new_ts for v in st_.values()]
+    for t in outs:
+        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        assert not any(lo < b_hi and b_lo < hi for b_lo, b_hi in spans), "an output lives in the workspace"
+    kept = [t.clone() for t in outs]
+    _run(engine, phi, params, [g * 2 for g in grads], steps=1, chunk_elems=16)  # reuses every buffer
+    for a, b in zip(outs, kept):
+        assert torch.equal(a, b)
+
+
+def test_workspace_is_not_used_under_autograd():
+    engine = lopt_gen.get_engine(load_spec("small_fc_lopt"))
+    phi = {k: v.requires_grad_() for k, v in engine.init_weights(seed=0).items()}
+    params, grads = _problem(engine, [(6, 4), (5,)], seed=2)
+    engine.release_workspace()
+    tstates = [engine.init_tensor_state(p) for p in params]
+    new_p, _, _ = engine.step(phi, params, grads, tstates, engine.init_global_state(), [{"lr": 1.0}] * 2)
+    assert engine.workspace().nbytes == 0
+    sum(p.sum() for p in new_p).backward()
+    assert phi["mlp.0.weight"].grad is not None and phi["mlp.0.weight"].grad.abs().sum() > 0
+
+
+def test_two_optimizers_share_an_engine_and_its_workspace():
+    """Interleaved steps of two optimizers on different shapes (one engine, one workspace)
+    equal the same steps run apart."""
+    gen = torch.Generator().manual_seed(9)
+    a0 = [torch.randn(s, generator=gen) for s in [(33, 7), (5,)]]
+    b0 = [torch.randn(s, generator=gen) for s in [(2, 50), (4, 4, 4)]]
+    ga = [torch.randn(p.shape, generator=gen) for p in a0]
+    gb = [torch.randn(p.shape, generator=gen) for p in b0]
+
+    def make(ps, gs):
+        ps = [torch.nn.Parameter(p.clone()) for p in ps]
+        for p, g in zip(ps, gs):
+            p.grad = g
+        return ps, LearnedOptimizer(ps, "mulo", chunk_elems=20)
+
+    pa, oa = make(a0, ga)
+    pb, ob = make(b0, gb)
+    for _ in range(3):
+        oa.step()
+        ob.step()
+    qa, ra = make(a0, ga)
+    for _ in range(3):
+        ra.step()
+    qb, rb = make(b0, gb)
+    for _ in range(3):
+        rb.step()
+    for x, y in zip(pa + pb, qa + qb):
+        assert torch.equal(x, y)
+
+
+# ------------------------------------------------------------------------------ generated code
+@pytest.mark.parametrize("name", ["mulo", "small_fc_lopt", "hrnn", "l2l_lstm", "adam", "sgd_momentum"])
+def test_sharing_and_folding_leave_the_step_unchanged(name, tmp_path):
+    spec = load_spec(name)
+    plain = Engine(spec, module=_module(spec, tmp_path, "plain", SHARE_SUBEXPRESSIONS=False, FOLD_ROW_COL=False))
+    engine = lopt_gen.get_engine(spec)
+    phi = engine.init_weights(seed=5)
+    params, grads = _problem(engine, SHAPES, seed=1)
+    want = _run(plain, phi, [p.clone() for p in params], grads, workspace=False)
+    _assert_same(want, _run(engine, phi, [p.clone() for p in params], grads))
+    _assert_same(want, _run(engine, phi, [p.clone() for p in params], grads, workspace=False))
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(specs(), st.integers(0, 3))
+def test_sharing_leaves_random_specs_unchanged(data, seed):
+    import tempfile
+    from pathlib import Path
+
+    spec = spec_from_dict(dict(data, state_dtype="float32"))
+    with tempfile.TemporaryDirectory() as d:
+        plain = Engine(spec, module=_module(spec, Path(d), "plain", SHARE_SUBEXPRESSIONS=False, FOLD_ROW_COL=False))
+        shared = Engine(spec, module=_module(spec, Path(d), "shared"))
+    phi = plain.init_weights(seed=seed)
+    params, grads = _problem(plain, [(4, 3), (5,), (2, 1, 3)], seed=seed)
+    want = _run(plain, phi, [p.clone() for p in params], grads, workspace=False)
+    got = _run(shared, phi, [p.clone() for p in params], grads, chunk_elems=5)
+    _assert_same(want, got, rtol=1e-4, atol=1e-5)
+
+
+def test_repeated_subexpressions_are_computed_once():
+    text = (lopt_gen.compiler.GENERATED_DIR / "mulo" / "torch_step.py").read_text()
+    stage0 = text.split("def elem_stage_0")[1].split("\ndef ")[0]
+    assert stage0.count("+ 1e-30") == 1, "g * g + 1e-30 feeds six reductions"
+    assert stage0.count('ops.partial_sum(') == 12, "row and column means of one value share a partial sum"
+    stage2 = text.split("def elem_stage_2")[1].split("\ndef ")[0]
+    assert stage2.count("torch.rsqrt(") == 1
+    assert "ops.mlp(" in stage2 and "ops.features(" in stage2
+    assert "ws=ws" in stage2
+
+
+def test_generated_mlp_folds_row_and_column_features():
+    text = (lopt_gen.compiler.GENERATED_DIR / "mulo" / "torch_step.py").read_text()
+    stage2 = text.split("def elem_stage_2")[1].split("\ndef ")[0]
+    assert "f_row_0" not in stage2.split("ops.mlp(")[1], "row features are bias terms, not matrix rows"
+    assert stage2.count("ops.linear(") == 2  # the row term and the column term
+
+
+# ------------------------------------------------------------------------------ ops
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 5), (1, 1), (4, 100), (100, 3), (7, 1, 9), ()])
+@pytest.mark.parametrize("target", [1, 2, 6, 10, 1000])
+def test_tiles_cover_the_chunk_in_order(shape, target):
+    full = torch.arange(math.prod(shape)).view(shape)
+    seen = []
+    for first, last, index in ops._tiles(shape, target):
+        box = full[index]
+        assert box.flatten().tolist() == list(range(first, last))
+        assert ops._box_shape(shape, index) == tuple(box.shape)
+        assert last - first <= max(target, 1) or len(shape) == 0
+        seen += list(range(first, last))
+    assert seen == list(range(math.prod(shape)))
+
+
+@pytest.mark.parametrize("shape", [(6, 50), (300,), (4, 3, 20), ()])
+@pytest.mark.parametrize("tile", [1, 7, 64, None])
+def test_tiled_mlp_matches_the_layers_one_by_one(shape, tile):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((5,) + shape, generator=gen)
+    w1, w2, w3 = (torch.randn(s, generator=gen) for s in [(7, 9), (7, 7), (2, 7)])
+    b2, b3 = torch.randn(7, generator=gen), torch.randn(2, generator=gen)
+    cols = [0, 2, 3, 6, 8]
+    extra = [torch.randn(7, generator=gen)]
+    if len(shape) >= 2:
+        extra.append(torch.randn((7, shape[0]) + (1,) * (len(shape) - 1), generator=gen))
+        extra.append(torch.randn((7, 1) + shape[1:], generator=gen))
+
+    def lin(w, h):
+        return torch.einsum("of,f...->o...", w, h)
+
+    h = lin(w1[:, cols], x)
+    for e in extra:
+        h = h + ops._lead(e, h.dim())
+    h = torch.relu(lin(w2, torch.relu(h)) + ops._lead(b2, h.dim()))
+    want = lin(w3, h) + ops._lead(b3, h.dim())
+    layers = [ops.layer(w1, cols=cols, act="relu"), ops.layer(w2, bias=b2, act="relu"), ops.layer(w3, bias=b3)]
+    ws = ops.Workspace()
+    for _ in range(2):
+        got = ops.mlp(x, layers, extra=extra, ws=ws, tile=tile)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ops.mlp(x, layers, extra=extra), want, rtol=1e-4, atol=1e-4)
+
+
+def test_features_of_state_channels_are_a_view_with_a_workspace():
+    state = torch.randn(6, 80, 70)
+    chunk = state.narrow(2, 10, 60)
+    chans = [chunk[k] for k in range(6)]
+    ws = ops.Workspace()
+    x = ops.features(chans, ws=ws, key="h")
+    assert x.data_ptr() == chunk.data_ptr() and torch.equal(x, torch.stack(chans))
+    assert ws.nbytes == 0
+    y = ops.features([chans[0], chans[2]], ws=ws, key="h2")  # every other channel: still one strided block
+    assert torch.equal(y, torch.stack([chans[0], chans[2]]))
+    z = ops.features([chans[3], chans[1]], ws=ws, key="h3")
+    assert torch.equal(z, torch.stack([chans[3], chans[1]])) and ws.nbytes > 0
+
+
+def test_workspace_take_grows_and_reviews():
+    ws = ops.Workspace()
+    a = ws.take("k", (3, 4))
+    b = ws.take("k", (3, 4))
+    assert a.data_ptr() == b.data_ptr() and a.shape == (3, 4)
+    c = ws.take("k", (5, 5))
+    assert c.shape == (5, 5) and ws.nbytes >= 25 * 4
+    d = ws.take("k", (2,))
+    assert d.data_ptr() == c.data_ptr()
+
+
+# ------------------------------------------------------------------------------ non-finite check
+def _cases():
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for n in (1, 7, 16, 33, 1000, 4099):
+        for val in (float("nan"), float("inf"), -float("inf")):
+            for pos in {0, n // 2, n - 1}:
+                g = torch.randn(n, generator=gen)
+                g[pos] = val
+                out.append(g)
+    out.append(torch.full((10,), 3e38))  # finite, but its norm overflows
+    out.append(torch.empty(0))
+    out.append(torch.randn(4, 6, generator=gen).t())  # not contiguous
+    big = torch.randn(64, generator=gen).to(torch.bfloat16) * 1e30
+    out.append(big)
+    bad16 = torch.randn(9, generator=gen).half()
+    bad16[3] = float("nan")
+    out.append(bad16)
+    out.append(torch.full((5,), 6e4, dtype=torch.float16))  # norm overflows fp16
+    return out
+
+
+def test_finite_flags_match_isfinite_all():
+    gs = _cases()
+    assert finite_flags(gs) == [bool(torch.isfinite(g).all()) for g in gs]
+    assert finite_flags([]) == []
+    assert finite_flags([torch.tensor([1.0, 2.0], dtype=torch.float64) * 1e300]) == [True]
+
+
+@pytest.mark.parametrize("name", ["adam", "mulo"])
+def test_fused_check_keeps_per_tensor_skip(name):
+    gen = torch.Generator().manual_seed(1)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(4, 3), (5,), (2, 2, 2)]]
+    opt = LearnedOptimizer(ps, name)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    steps = [opt.state[p]["step"].clone() for p in ps]
+    ps[0].grad = torch.full((4, 3), 3e38)  # huge but finite: steps
+    ps[1].grad = torch.randn(5, generator=gen)
+    ps[1].grad[4] = -float("inf")  # skipped
+    ps[2].grad = torch.randn(2, 2, 2, generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        opt.step()
+    assert torch.equal(ps[1].detach(), before[1]) and torch.equal(opt.state[ps[1]]["step"], steps[1])
+    assert not torch.equal(ps[2].detach(), before[2])
+    assert torch.equal(opt.state[ps[0]]["step"], steps[0] + 1)
+
+
+def test_inference_mode_and_no_grad_steps_mix():
+    gen = torch.Generator().manual_seed(2)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(9, 4), (6,)]]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt = LearnedOptimizer(ps, "mulo")
+    opt.engine.release_workspace()
+    opt.step()  # the state exists before inference mode (tensors made there stay inference tensors)
+    with torch.inference_mode():
+        opt.step()
+    opt.step()  # the workspace buffers made under inference mode are not reused here
+    with torch.inference_mode():
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in ps)
