@@ -102,14 +102,27 @@ def compile_cmd(specs, out, check):
 @click.option("--steps", default=3, show_default=True, help="optimizer steps per example")
 @click.option("--no-gradients", is_flag=True, help="compare forward values only")
 @click.option("--seed", default=0, show_default=True)
-def check(spec, examples, steps, no_gradients, seed):
+@click.option("--device", default="cpu", show_default=True,
+              help="where both backends run: cpu (Triton interpreter) or cuda[:N] (compiled kernels)")
+def check(spec, examples, steps, no_gradients, seed, device):
     """Property-test SPEC: its Triton kernels against its torch step (values and gradients).
 
     On CPU the kernels run in the Triton interpreter.  Exits 1 and prints the smallest
     failing example when the backends disagree."""
     import os
 
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        _fail(f"--device {device!r}: {exc}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device {device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        _fail(f"--device {device}: only cpu and cuda are supported")
+    if dev.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     from .check import check_spec
     from .spec import SpecError, load_spec
 
@@ -117,7 +130,7 @@ def check(spec, examples, steps, no_gradients, seed):
         s = load_spec(spec)
     except SpecError as exc:
         _fail(str(exc))
-    res = check_spec(s, max_examples=examples, steps=steps, gradients=not no_gradients, seed=seed)
+    res = check_spec(s, max_examples=examples, steps=steps, gradients=not no_gradients, seed=seed, device=dev)
     if res.ok:
         click.echo(f"{s.name}: Triton and torch agree on {res.examples} random example(s) "
                    f"({steps} step(s) each{', values only' if no_gradients else ', values and gradients'})")

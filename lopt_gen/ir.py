@@ -213,6 +213,15 @@ class Program:
     stage_of: dict[str, int] = field(default_factory=dict)
     num_stages: int = 1
 
+    def storage_dtype(self, key: str) -> str:
+        """How state ``key`` is stored: ``state_dtype`` for per-element statistics; float32 for
+        every coarser level and for a copy of the parameter (the lookahead's ``theta``), as
+        the engine's ``init_tensor_state`` allocates them."""
+        decl = self.states[key]
+        if decl.level != "elem" or decl.init == "param":
+            return "float32"
+        return self.state_dtype
+
     def node_of(self) -> dict[str, Node]:
         out = {}
         for n in self.nodes:

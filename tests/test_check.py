@@ -40,3 +40,87 @@ def test_check_cli_on_a_shipped_spec():
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "agree on 2 random example(s)" in r.stdout
+
+
+# ----------------------------------------------------------------- random specs, both backends
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from lopt_gen.check import BackendMismatch, _close, assert_backends_agree  # noqa: E402
+from lopt_gen.testing import specs  # noqa: E402
+
+
+def _agree(d, seed):
+    assert_backends_agree(spec_from_dict(d), [(7,), (3, 5), ()], seed=seed, steps=2, gradients=True)
+
+
+@settings(max_examples=6, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(d=specs(), seed=st.integers(0, 2 ** 16))
+def test_random_specs_triton_equals_torch(d, seed):
+    """Any valid spec: Triton kernels (interpreted) and the torch step agree, values and gradients."""
+    _agree(d, seed)
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(d=specs(), seed=st.integers(0, 2 ** 16))
+def test_many_random_specs_triton_equals_torch(d, seed):
+    _agree(d, seed)
+
+
+@pytest.mark.parametrize("d", [
+    # a copy of the parameter (the lookahead's theta) stays float32 under bf16 state storage
+    {"name": "la_bf16", "state_dtype": "bfloat16", "update": "tanh(g)", "lookahead": "0.001 * g",
+     "accumulators": [{"name": "m", "decay": [0.5], "ema": "g"}]},
+    # a spec that reads the loss gets one per step
+    {"name": "reads_loss", "update": "tanh(tanh(loss) * g)"},
+    # bf16 state: one unit in the last place of a stored state is not a mismatch
+    {"name": "bf16_ema", "state_dtype": "bfloat16", "update": "clip_st(m, -1, 1)",
+     "accumulators": [{"name": "m", "decay": [0.5], "ema": "g"}]},
+    # a per-tensor value (lr) as a feature of a per-element GRU: broadcast before filling a tile
+    {"name": "scalar_feature", "state_dtype": "bfloat16", "params": {"k": {"shape": [2], "init": 0.0}},
+     "features": [{"name": "head", "expr": "vmean(tanh(k)) * g"}, {"name": "self", "expr": "lr"}],
+     "network": {"kind": "gru", "hidden": [1], "outputs": {"state": 1, "case": 1, "v": 1}, "init_scale": 0.5,
+                 "hierarchy": {"tensor": {"cell": "gru", "hidden": 1}, "global": {"cell": "gru", "hidden": 4}}},
+     "update": "tanh(state + state)"},
+    # bf16 per-element GRU state feeding a tensor GRU: a tiny tensor state, bf16-sized differences
+    {"name": "bf16_tensor_rnn", "state_dtype": "bfloat16",
+     "features": [{"name": "head", "expr": "p"}, {"name": "self", "expr": "asinh(p)"}],
+     "network": {"kind": "gru", "hidden": [1], "outputs": {"state": 1, "case": 1, "v": {"width": 1, "bias_init": 2.2}},
+                 "init_scale": 1.0, "head_scale": 0.0, "hierarchy": {"tensor": {"cell": "gru", "hidden": 1}}},
+     "update": "(v * state) / (1 + abs(v * state))"},
+    # a learnable decay on a statistic that stays zero: no gradient and a zero gradient agree
+    {"name": "dead_decay", "update": "clip_st(g, -1, 1)",
+     "accumulators": [{"name": "m", "decay": [0.5], "learnable": True, "ema": "wd"}]},
+])
+def test_backends_agree_on_former_counterexamples(d):
+    for seed in (0, 1):
+        _agree(d, seed)
+
+
+def test_close_rules():
+    z = torch.zeros(3)
+    _close(None, z, "dead path", 1e-4)  # no gradient == an all-zero one
+    with pytest.raises(BackendMismatch, match="no gradient"):
+        _close(None, torch.ones(3), "g", 1e-4)
+    with pytest.raises(BackendMismatch, match="dtypes"):
+        _close(z, z.double(), "g", 1e-4)
+    a = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
+    b = torch.tensor([1.0078125, 2.0], dtype=torch.bfloat16)  # one bf16 ulp at 1.0
+    _close(a, b, "bf16 state", 1e-4)
+    with pytest.raises(BackendMismatch, match="max difference"):
+        _close(a.float(), b.float(), "fp32 state", 1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is missing")
+def test_check_cli_device_errors():
+    from click.testing import CliRunner
+
+    from lopt_gen.cli import main
+
+    res = CliRunner().invoke(main, ["check", "adam", "--device", "cuda"])
+    assert res.exit_code == 2 and "CUDA is not available" in res.output
+    res = CliRunner().invoke(main, ["check", "adam", "--device", "nonsense"])
+    assert res.exit_code == 2 and "--device 'nonsense'" in res.output

@@ -25,6 +25,8 @@ from .torch_backend import _env, local
 
 UNROLL_MAX = 8
 
+_TL_DTYPE = {"float32": "tl.float32", "bfloat16": "tl.bfloat16"}
+
 
 def _pad(n: int) -> int:
     p = 16
@@ -107,6 +109,13 @@ class _KBody:
             return var
         return self.load_input(v)
 
+    def vec(self, v: str) -> str:
+        """``v`` as a [BLOCK] vector: per-element values are one already; a per-tensor or
+        per-model value (a scalar in the kernel) is broadcast, so that it can fill a tile column."""
+        r = self.ref(v)
+        level = self.levels.get(v)  # None: made inside the kernel (a lowered cell's gates): per element
+        return r if level in (None, "elem", "row", "col") else f"tops.per_element({r}, BLOCK)"
+
     def load_input(self, v: str) -> str:
         lv = self.levels[v]
         leaf = self.leaves.get(v)
@@ -154,7 +163,7 @@ class _KBody:
             var = self.fresh("tile")
             self.lines.append(f"{var} = tl.zeros((BLOCK, {pad}), dtype=tl.float32)")
             for j, v in enumerate(values):
-                self.lines.append(f"{var} += tops.place({self.ref(v)}, {j}, {pad})")
+                self.lines.append(f"{var} += tops.place({self.vec(v)}, {j}, {pad})")
         self.tiles[values] = (var, pad)
         return var, pad
 
@@ -242,7 +251,7 @@ class _KBody:
                               f"{ipad}, {opad}, {dot})")
         else:
             for c, x in zip(cols, ins):
-                self.lines.append(f"{acc} += {self.ref(x)}[:, None] * tops.weight_col({w}, {ld}, {row0}, {c}, "
+                self.lines.append(f"{acc} += {self.vec(x)}[:, None] * tops.weight_col({w}, {ld}, {row0}, {c}, "
                                   f"{n_out}, {opad})[None, :]")
 
     def emit_cell(self, n: Cell) -> None:
@@ -331,8 +340,8 @@ def _kernel(prog, stage, levels, leaves, final: bool) -> dict:
         block = 512
     args = list(body.args)
     names = list(body.arg_names)
-    state_dt = "tl.bfloat16" if prog.state_dtype == "bfloat16" else "tl.float32"
-    slots = [(nm, state_dt if d[0] in ("state", "out_state") else "tl.float32") for nm, d in zip(names, args)]
+    slots = [(nm, _TL_DTYPE[prog.storage_dtype(d[1])] if d[0] in ("state", "out_state") else "tl.float32")
+             for nm, d in zip(names, args)]
     weights = sorted(body.weights.items())
     return dict(name=f"stage{stage.index}_kernel", index=stage.index, lines=lines, args=args, slots=slots,
                 weights=[dict(meta=m, arg=a) for m, a in weights],

@@ -36,6 +36,8 @@ from .triton_backend import _kernel, _KBody, _safe
 
 MAX_WEIGHT_SLOTS = 768
 
+_TL_DTYPE = {"float32": "tl.float32", "bfloat16": "tl.bfloat16"}
+
 
 class _BackwardBody(_KBody):
     printer_cls = backward_printer(TritonPrinter, "tl.math.erf")
@@ -127,8 +129,8 @@ def _backward_kernel(prog, stage, sg: StageGrad, fwd: dict, levels: dict, leaves
 
     lines = body.lines + epilogue
     block = 64 if any("tops.load_tile" in ln or "BLOCK, " in ln for ln in lines) else 256
-    state_dt = "tl.bfloat16" if prog.state_dtype == "bfloat16" else "tl.float32"
-    slot_types = [(nm, state_dt if d[0] == "state" else "tl.float32") for nm, d in zip(body.arg_names, body.args)]
+    slot_types = [(nm, _TL_DTYPE[prog.storage_dtype(d[1])] if d[0] == "state" else "tl.float32")
+                  for nm, d in zip(body.arg_names, body.args)]
     weights = sorted(body.weights.items())
     return dict(name=f"stage{stage.index}_backward_kernel", index=stage.index, lines=lines, args=list(body.args),
                 slots=slot_types, weights=[dict(meta=m, arg=a) for m, a in weights], hv=list(body.hv),
