@@ -42,14 +42,15 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 NAIVE_SPECS = ("small_fc_lopt", "mulo")
-ALL_CONTENDERS = ("lopt-torch", "lopt-triton", "lopt-compile", "naive-eager", "adamw-foreach", "adamw-fused")
-LOPT_CONTENDERS = ("lopt-torch", "lopt-triton", "lopt-compile")
+ALL_CONTENDERS = ("lopt-torch", "lopt-triton", "lopt-triton-graph", "lopt-compile", "naive-eager", "adamw-foreach",
+                  "adamw-fused")
+LOPT_CONTENDERS = ("lopt-torch", "lopt-triton", "lopt-triton-graph", "lopt-compile")
 
 CSV_COLUMNS = [
     "date_utc", "device", "device_name", "torch_version", "threads", "size_label", "n_params",
     "n_tensors", "contender", "spec", "status", "step_ms", "step_ms_min", "step_ms_max",
     "steps_timed", "cpu_ms", "params_per_s", "bytes_per_param", "bandwidth_gbs", "copy_bw_gbs",
-    "frac_copy_bw", "ratio_to_adamw", "speedup_vs_naive", "mlp_floor_ms", "step_over_floor", "floor_others_busy",
+    "frac_copy_bw", "ratio_to_adamw", "ratio_to_fused_adamw", "speedup_vs_compile", "speedup_vs_naive", "mlp_floor_ms", "step_over_floor", "floor_others_busy",
     "mlp_floor_tiled_ms", "step_over_tiled_floor",
     "load1_before", "load1_after", "busy_before", "others_busy", "attempts", "note",
 ]
@@ -367,11 +368,11 @@ def make_step_fn(contender: str, spec: str | None, prob: Problem, args):
     import lopt_gen
 
     dev = prob.device
-    if contender in ("lopt-torch", "lopt-triton"):
+    if contender in ("lopt-torch", "lopt-triton", "lopt-triton-graph"):
         backend = "torch" if contender == "lopt-torch" else "triton"
         params = prob.fresh_params()
         opt = lopt_gen.LearnedOptimizer(params, spec, backend=backend, lr=args.lr, nonfinite=args.nonfinite,
-                                        chunk_elems=args.chunk_elems)
+                                        chunk_elems=args.chunk_elems, cuda_graph=contender.endswith("-graph"))
         return opt.step, (opt, params)
     if contender == "lopt-compile":
         engine = lopt_gen.get_engine(lopt_gen.load_spec(spec))
@@ -432,7 +433,7 @@ def plan_runs(args, device: torch.device) -> list[tuple[str, str | None]]:
 
 
 def skip_reason(contender: str, device: torch.device, args) -> str | None:
-    if contender == "lopt-triton" and device.type != "cuda":
+    if contender in ("lopt-triton", "lopt-triton-graph") and device.type != "cuda":
         return "triton backend runs on CUDA only"
     if contender == "lopt-compile" and args.no_compile:
         return "skipped: --no-compile"
@@ -488,8 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: 8192 per thread)")
     ap.add_argument("--profile", default=None, metavar="SPEC@SIZE",
                     help="afterwards, profile the lopt-torch step of SPEC at SIZE (e.g. mulo@4M) "
-                         "with cProfile and torch.profiler; writes profile_SPEC_SIZE.txt")
+                         "with cProfile and torch.profiler; writes profile_CONTENDER_SPEC_SIZE.txt")
     ap.add_argument("--profile-steps", type=int, default=2)
+    ap.add_argument("--profile-contender", default="lopt-torch", choices=("lopt-torch", "lopt-triton",
+                                                                          "lopt-triton-graph"),
+                    help="the contender --profile profiles")
     ap.add_argument("--profile-only", action="store_true", help="run only the --profile part")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>/)")
     ap.add_argument("--no-plot", action="store_true", help="write no PNG")
@@ -523,9 +527,9 @@ def resolve_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     args.copy_bytes = args.copy_bytes if args.copy_bytes is not None else (2 * 10**9 if cuda else 256 * 10**6)
     if args.chunk_elems is None:
-        from lopt_gen.runtime.engine import DEFAULT_CHUNK_ELEMS
+        from lopt_gen.runtime.engine import default_chunk_elems
 
-        args.chunk_elems = DEFAULT_CHUNK_ELEMS
+        args.chunk_elems = default_chunk_elems("cuda" if cuda else "cpu")
     if args.mlp_tile is not None:
         from lopt_gen.runtime import ops
 
@@ -559,6 +563,8 @@ def markdown_table(rows: list[dict], cuda: bool) -> str:
             ("load1", "load1_before")]
     if cuda or any(r.get("frac_copy_bw") not in ("", None) for r in rows):
         cols.insert(7, ("frac copy BW", "frac_copy_bw"))
+        cols.insert(9, ("x fused AdamW", "ratio_to_fused_adamw"))
+        cols.insert(10, ("speed-up vs compile", "speedup_vs_compile"))
     if any(r.get("busy_before") not in ("", None) for r in rows):
         cols.insert(len(cols), ("busy before", "busy_before"))
     cols.insert(len(cols), ("others busy", "others_busy"))
@@ -611,7 +617,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     specs = sorted({spec for spec, _ in series if spec != "adamw"})
     colour = {spec: palette[i % len(palette)] for i, spec in enumerate(specs)}
     colour["adamw"] = "black"
-    style = {"lopt-torch": ("-", "o"), "lopt-triton": (":", "s"), "lopt-compile": ("-.", "^"),
+    style = {"lopt-torch": ("-", "o"), "lopt-triton": (":", "s"), "lopt-triton-graph": ("--", "D"),
+             "lopt-compile": ("-.", "^"),
              "naive-eager": ("--", "x"), "adamw-foreach": ("-", "."), "adamw-fused": (":", ".")}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     for (spec, contender), rs in sorted(series.items()):
@@ -647,7 +654,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def profile_step(args, device, spec: str, n: int, out_dir: Path) -> Path:
-    """cProfile (Python functions) and torch.profiler (aten ops) of the lopt-torch step."""
+    """cProfile (Python functions) and torch.profiler (aten ops) of one contender's step
+    (``--profile-contender``, default lopt-torch)."""
     import cProfile
     import io
     import pstats
@@ -655,14 +663,15 @@ def profile_step(args, device, spec: str, n: int, out_dir: Path) -> Path:
     from torch.profiler import ProfilerActivity, profile
 
     prob = Problem(n, device)
-    fn, keep = make_step_fn("lopt-torch", spec, prob, args)
+    contender = args.profile_contender
+    fn, keep = make_step_fn(contender, spec, prob, args)
     sync = synchronizer(device)
     for _ in range(max(1, args.warmup)):
         fn()
     sync()
     times, others, _, busy, load_before, _ = time_quietly(fn, sync, args, 0, steps=args.profile_steps)
     buf = io.StringIO()
-    buf.write(f"# lopt-torch {spec} at {size_label(n)} ({n:,} params, {len(prob.shapes)} tensors), "
+    buf.write(f"# {contender} {spec} at {size_label(n)} ({n:,} params, {len(prob.shapes)} tensors), "
               f"{args.threads} threads, {device_name(device)}, torch {torch.__version__}\n")
     buf.write(f"# unprofiled step times (ms): {', '.join(f'{t * 1e3:.1f}' for t in times)}; "
               f"load1 before {load_before}, after {load1()}; CPU busy before {busy}; "
@@ -704,7 +713,7 @@ def profile_step(args, device, spec: str, n: int, out_dir: Path) -> Path:
     buf.write(f"\n## torch.profiler over {args.profile_steps} step(s), sorted by {key} "
               f"(other processes used {others_tp} of the CPUs)\n")
     buf.write(table or "(no table)\n")
-    path = out_dir / f"profile_{spec}_{size_label(n)}.txt"
+    path = out_dir / f"profile_{contender}_{spec}_{size_label(n)}.txt"
     path.write_text(buf.getvalue())
     del fn, keep, prob
     free_memory(device)
@@ -896,12 +905,18 @@ def _run(args, device) -> list[dict]:
                         r["step_over_tiled_floor"] = r["step_ms"] / tiled
         # ratios within this size
         adamw = next((r for r in size_rows if r["contender"] == "adamw-foreach" and r["status"] == "ok"), None)
+        fused = next((r for r in size_rows if r["contender"] == "adamw-fused" and r["status"] == "ok"), None)
         naive = {r["spec"]: r for r in size_rows if r["contender"] == "naive-eager" and r["status"] == "ok"}
+        compiled = {r["spec"]: r for r in size_rows if r["contender"] == "lopt-compile" and r["status"] == "ok"}
         for r in size_rows:
             if r["status"] != "ok":
                 continue
             if adamw:
                 r["ratio_to_adamw"] = r["step_ms"] / adamw["step_ms"]
+            if fused:
+                r["ratio_to_fused_adamw"] = r["step_ms"] / fused["step_ms"]
+            if r["contender"] in LOPT_CONTENDERS and r["contender"] != "lopt-compile" and r["spec"] in compiled:
+                r["speedup_vs_compile"] = compiled[r["spec"]]["step_ms"] / r["step_ms"]
             if r["contender"] in LOPT_CONTENDERS and r["spec"] in naive:
                 r["speedup_vs_naive"] = naive[r["spec"]]["step_ms"] / r["step_ms"]
         rows += size_rows

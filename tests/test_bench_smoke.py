@@ -49,7 +49,7 @@ def test_tiny_cpu_run_writes_csv_and_png(bench, tmp_path):
     assert len(got) == len(rows)
     by_key = {(r["contender"], r["spec"]): r for r in got}
     expected = {("lopt-torch", "mulo"), ("lopt-torch", "adam"), ("lopt-triton", "mulo"), ("lopt-triton", "adam"),
-                ("lopt-compile", "mulo"), ("lopt-compile", "adam"), ("naive-eager", "mulo"),
+                ("lopt-triton-graph", "mulo"), ("lopt-triton-graph", "adam"), ("lopt-compile", "mulo"), ("lopt-compile", "adam"), ("naive-eager", "mulo"),
                 ("adamw-foreach", "adamw"), ("adamw-fused", "adamw")}
     assert set(by_key) == expected
     for key in [("lopt-torch", "mulo"), ("lopt-torch", "adam"), ("naive-eager", "mulo"), ("adamw-foreach", "adamw")]:

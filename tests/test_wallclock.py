@@ -168,6 +168,7 @@ def test_cli_end_to_end(tmp_path):
     (["--hidden", "wide"], "hidden widths"),
     (["--task", "digits_conv", "--hidden", "8"], "does not take these options"),
     (["--backend", "triton"], "needs --device cuda"),
+    (["--cuda-graph"], "--cuda-graph needs --device cuda"),
 ])
 def test_cli_bad_input_exits_2_with_a_message(tmp_path, args, message):
     res = CliRunner().invoke(main, ["wallclock", *args, "--steps", "1", "--warmup", "0", "--out", str(tmp_path),

@@ -12,7 +12,9 @@ When nothing is differentiated (``torch.no_grad``, or no input requires a gradie
 per-element functions get a :class:`~lopt_gen.runtime.ops.Workspace`: their feature
 matrices and hidden activations live in buffers that are reused across chunks, tensors and
 steps (one workspace per engine and thread, kept between steps; :meth:`Engine.release_workspace`
-frees it).  Under autograd they get none and allocate fresh tensors.
+frees it).  Under autograd they get none and allocate fresh tensors.  The first such step on
+CPU tensors also raises glibc's heap-trim threshold once (see :func:`_prime_cpu_allocator`),
+so that the remaining chunk-sized temporaries are not page-faulted afresh for every chunk.
 
 Non-finite gradients (``nonfinite``): ``"skip"`` leaves a tensor whose gradient has a NaN
 or an Inf untouched (parameter, state and step count) and lets it take part in cross-tensor
@@ -35,6 +37,14 @@ from . import ops
 from .loader import load_step_module
 
 DEFAULT_CHUNK_ELEMS = 1 << 18
+CUDA_CHUNK_ELEMS = 1 << 23
+
+
+def default_chunk_elems(device) -> int:
+    """Elements per chunk of the torch step when none is given: 2**18 on the CPU (the
+    temporaries stay in cache), 2**23 on a GPU (a chunk's dozens of launches must each fill
+    the device; a feature matrix of 39 columns is then 1.3 GB)."""
+    return CUDA_CHUNK_ELEMS if torch.device(device).type == "cuda" else DEFAULT_CHUNK_ELEMS
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -53,6 +63,33 @@ def finite_flags(grads) -> list[bool]:
         # (the norm overflows), so a non-finite norm is confirmed element by element
         return [f or bool(torch.isfinite(g).all()) for f, g in zip(flags, gs)]
     return torch.stack([torch.isfinite(g).all().to(torch.device("cpu")) for g in gs]).tolist()
+
+
+def _scalar(value, device) -> torch.Tensor:
+    """A float64 0-dim tensor on ``device``, made by a fill kernel: unlike a host-to-device copy
+    this neither waits for the device nor breaks a CUDA graph capture (a 0-dim tensor given as
+    a value is used as it is)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float64).reshape(())
+    return torch.full((), float(value), dtype=torch.float64, device=device)
+
+
+_ALLOCATOR_PRIMED = False
+
+
+def _prime_cpu_allocator() -> None:
+    """Keep freed chunk-sized temporaries in the heap (once per process).
+
+    glibc's malloc returns the free top of its heap to the system as soon as more than its trim
+    threshold is free (128 KiB, or twice the largest mmap-served block freed so far), so the
+    temporaries that per-element code allocates and frees chunk after chunk are page-faulted
+    afresh every time.  Freeing one 24 MiB block (served by mmap) raises the thresholds to
+    24 MiB (mmap) and 48 MiB (trim), the dynamic adjustment any program that frees a large
+    buffer gets; afterwards up to 48 MiB of freed memory stay in the heap for reuse."""
+    global _ALLOCATOR_PRIMED
+    if not _ALLOCATOR_PRIMED:
+        _ALLOCATOR_PRIMED = True
+        torch.empty(24 << 20, dtype=torch.uint8)
 
 
 def _requires_grad(*trees) -> bool:
@@ -191,7 +228,7 @@ class Engine:
         return self._runner
 
     def step(self, phi, params, grads, tstates, gstate, scalars, loss=None, *, inplace=False,
-             nonfinite="skip", chunk_elems=DEFAULT_CHUNK_ELEMS, backend="torch", warn_state=None, workspace=None):
+             nonfinite="skip", chunk_elems=None, backend="torch", warn_state=None, workspace=None):
         """One optimizer step over ``params`` (a list of tensors).
 
         ``warn_state`` is a dict that remembers whether the non-finite warning was shown (one per
@@ -207,9 +244,16 @@ class Engine:
         n = len(params)
         if info["uses_loss"] and loss is None:
             raise ValueError(f"the {info['spec_name']} spec reads the loss: call step(loss=...)")
+        dev = params[0].device if n else torch.device("cpu")
+        if chunk_elems is None:
+            chunk_elems = default_chunk_elems(dev)
+        for what, tree in (("meta-parameter", phi), ("global state", gstate)):
+            for k, v in tree.items():
+                if isinstance(v, torch.Tensor) and v.device != dev:
+                    raise ValueError(f"{what} {k!r} is on {v.device} but the parameters are on {dev}: move it "
+                                     f"there (engine.init_weights(..., device=...), engine.init_global_state(device))")
         plans = [TensorPlan(p.shape, chunk_elems) for p in params]
         ok = self._finite_flags(grads, nonfinite, self._warn_state if warn_state is None else warn_state)
-        dev = params[0].device if n else torch.device("cpu")
 
         G: dict = {}
         T: list[dict] = [dict() for _ in range(n)]
@@ -225,12 +269,11 @@ class Engine:
                     if name == "t":
                         T[i][name] = tstates[i]["step"].to(torch.float64)
                     else:
-                        T[i][name] = torch.tensor(float(scalars[i].get(name, 0.0 if name == "wd" else 1.0)),
-                                                  dtype=torch.float64, device=dev)
+                        T[i][name] = _scalar(scalars[i].get(name, 0.0 if name == "wd" else 1.0), dev)
             elif kind == "hyper":
                 default = info["hyper"][name]
                 for i in range(n):
-                    T[i][name] = torch.tensor(float(scalars[i].get(name, default)), dtype=torch.float64, device=dev)
+                    T[i][name] = _scalar(scalars[i].get(name, default), dev)
             elif kind == "state" and level == "global":
                 G[name] = gstate[leaf["source"]][leaf["index"]]
             elif kind == "state" and level != "elem":
@@ -241,6 +284,8 @@ class Engine:
         if workspace is not False and backend != "triton" and not torch.compiler.is_compiling() and not (
                 torch.is_grad_enabled() and _requires_grad(phi, params, grads, tstates, gstate, [loss])):
             ws = self.workspace()
+            if dev.type == "cpu":
+                _prime_cpu_allocator()
         flat_p = [p.reshape(pl.shape) for p, pl in zip(params, plans)]
         flat_g = [g.reshape(pl.shape) if ok[i] else torch.zeros_like(g).reshape(pl.shape)
                   for i, (g, pl) in enumerate(zip(grads, plans))]

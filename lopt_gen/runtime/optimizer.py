@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..spec import load_spec
-from .engine import DEFAULT_CHUNK_ELEMS, get_engine
+from .engine import get_engine
 
 GLOBAL_KEY = "__global__"
 _BACKENDS = ("auto", "torch", "triton")
@@ -28,13 +28,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
             for tests; set ``TRITON_INTERPRET=1`` before Python starts).
         lr: learning-rate multiplier; None takes the spec's ``defaults.lr``.
         weight_decay: None takes the spec's ``defaults.weight_decay``.
+        chunk_elems: elements per chunk of the torch step (None: 2**18 on the CPU, 2**23 on a GPU).
+        cuda_graph: on CUDA tensors, capture the step in a CUDA graph and replay it, so that the
+            step's many small launches (per-tensor scalars, host phases) cost no Python time.
+            The first step with a given set of tensors and hyper-parameter values runs eagerly,
+            the second is captured; a change of those values (a scheduled lr, a new parameter
+            with a gradient, a loaded state) captures again.  Gradients are copied into
+            buffers the graph owns.  Unless ``nonfinite="ignore"``, every step first checks its
+            gradients (one device synchronisation) and runs eagerly when one is not finite.
         nonfinite: what a NaN/Inf gradient does: ``"skip"`` (that tensor's step is skipped,
             its state left unchanged, a warning shown once), ``"raise"``, or ``"ignore"``.
         **hyper: values for the spec's hyper-parameters (e.g. ``beta1=0.95``).
     """
 
     def __init__(self, params, spec, weights=None, backend="auto", lr=None, weight_decay=None,
-                 nonfinite="skip", chunk_elems=DEFAULT_CHUNK_ELEMS, **hyper):
+                 nonfinite="skip", chunk_elems=None, cuda_graph=False, **hyper):
         self.spec = load_spec(spec)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -49,7 +57,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.engine = get_engine(self.spec)
         self.nonfinite = nonfinite
         self._warn_state: dict = {}
-        self.chunk_elems = int(chunk_elems)
+        self.chunk_elems = None if chunk_elems is None else int(chunk_elems)
+        self.cuda_graph = bool(cuda_graph)
+        self._graph = None  # (key, graph, static grads, static loss, kept buffers)
+        self._graph_seen = None  # (key, static grads, static loss) of the last eager step
+        self.graph_captures = 0
         defaults = {"lr": self.spec.defaults.lr if lr is None else float(lr),
                     "weight_decay": self.spec.defaults.weight_decay if weight_decay is None else float(weight_decay)}
         for k, v in self.spec.hyper.items():
@@ -121,10 +133,90 @@ class LearnedOptimizer(torch.optim.Optimizer):
         weights = self.weights
         if next(iter(weights.values()), torch.empty(0)).device != device:
             self.weights = weights = {k: v.to(device) for k, v in weights.items()}
+        if self.cuda_graph:
+            if device.type != "cuda":
+                raise ValueError(f"cuda_graph=True needs parameters on a CUDA device; they are on {device}")
+            self._graphed_step(weights, params, grads, tstates, scalars, loss, device)
+            return loss
         self.engine.step(weights, params, grads, tstates, self._global_state(device), scalars, loss,
                          inplace=True, nonfinite=self.nonfinite, chunk_elems=self.chunk_elems,
                          backend=self.backend, warn_state=self._warn_state)
         return loss
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _graph_key(self, weights, params, grads, tstates, scalars, loss, gstate):
+        """What a captured graph depends on: the tensors it reads and writes (by address), the
+        gradients' layouts, and every hyper-parameter value baked into it."""
+        return (
+            tuple((p.data_ptr(), tuple(p.shape), p.dtype) for p in params),
+            tuple((tuple(g.shape), g.dtype, g.stride()) for g in grads),
+            tuple(tuple(v.data_ptr() for v in st.values() if isinstance(v, torch.Tensor)) for st in tstates),
+            tuple(v.data_ptr() for v in gstate.values()),
+            tuple((k, v.data_ptr()) for k, v in weights.items()),
+            tuple(tuple(sorted((k, float(v)) for k, v in sc.items())) for sc in scalars),
+            loss is None, self.backend, self.chunk_elems,
+        )
+
+    def _graphed_step(self, weights, params, grads, tstates, scalars, loss, device):
+        from . import triton_runner
+        from .engine import finite_flags
+
+        if self.nonfinite != "ignore" and not all(finite_flags(grads)):
+            # the eager step skips (or raises for) the tensors with a non-finite gradient
+            self.engine.step(weights, params, grads, tstates, self._global_state(device), scalars, loss,
+                             inplace=True, nonfinite=self.nonfinite, chunk_elems=self.chunk_elems,
+                             backend=self.backend, warn_state=self._warn_state)
+            return
+        if loss is not None and not isinstance(loss, torch.Tensor):
+            loss = torch.tensor(float(loss))
+        gstate = self._global_state(device)
+        key = self._graph_key(weights, params, grads, tstates, scalars, loss, gstate)
+        if self._graph is not None and self._graph[0] == key:
+            _, graph, static_grads, static_loss, _ = self._graph
+            self._fill_static(static_grads, static_loss, grads, loss)
+            graph.replay()
+            return
+        self._graph = None
+        if self._graph_seen is None or self._graph_seen[0] != key:
+            # first step with these tensors and values: eager, on a side stream and on the
+            # buffers the graph will read (kernels compile for them, caches fill)
+            static_grads = [torch.empty_like(g) for g in grads]
+            static_loss = None if loss is None else torch.empty((), dtype=torch.float32, device=device)
+            self._graph_seen = (key, static_grads, static_loss)
+            self._fill_static(static_grads, static_loss, grads, loss)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                self.engine.step(weights, params, static_grads, tstates, gstate, scalars, static_loss,
+                                 inplace=True, nonfinite="ignore", chunk_elems=self.chunk_elems,
+                                 backend=self.backend, warn_state=self._warn_state)
+            torch.cuda.current_stream(device).wait_stream(side)
+            return
+        _, static_grads, static_loss = self._graph_seen
+        self._graph_seen = None
+        self._fill_static(static_grads, static_loss, grads, loss)
+        graph = torch.cuda.CUDAGraph()
+        triton_runner.CAPTURE_KEEP.clear()
+        torch.cuda.synchronize(device)
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.engine.step(weights, params, static_grads, tstates, gstate, scalars, static_loss,
+                                 inplace=True, nonfinite="ignore", chunk_elems=self.chunk_elems,
+                                 backend=self.backend, warn_state=self._warn_state)
+        finally:
+            kept = list(triton_runner.CAPTURE_KEEP)
+            triton_runner.CAPTURE_KEEP.clear()
+        self._graph = (key, graph, static_grads, static_loss, kept)
+        self.graph_captures += 1
+        graph.replay()  # capturing records the step without running it
+
+    @staticmethod
+    def _fill_static(static_grads, static_loss, grads, loss):
+        for buf, g in zip(static_grads, grads):
+            if buf.data_ptr() != g.data_ptr():
+                buf.copy_(g)
+        if static_loss is not None:
+            static_loss.copy_(loss.detach().reshape(()))
 
     def _pick_backend(self, device) -> str:
         from .triton_runner import ensure_triton

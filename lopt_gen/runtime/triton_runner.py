@@ -49,6 +49,105 @@ def _strides4(reduced_shape) -> tuple:
     return tuple(strides)
 
 
+_PROGRAM_TABLES: dict = {}
+_INFO_TABLES: dict = {}
+_TABLE_CACHE_SIZE = 64
+
+
+def _remember(cache: dict, key, make):
+    val = cache.get(key)
+    if val is None:
+        if len(cache) >= _TABLE_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        val = cache[key] = make()
+    return val
+
+
+def program_table(numels, block: int, device) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The launch's program table and each tensor's span of programs in it.
+
+    Row ``k`` of the ``(programs, 2)`` int32 table is (tensor, first element) of program ``k``;
+    tensor ``t`` owns programs ``spans[t][0]:spans[t][1]``.  Built with tensor operations
+    (one program per ``block`` elements: millions of rows at hundreds of millions of
+    parameters) and cached per (sizes, block, device), so a step whose tensors keep their
+    sizes builds none."""
+    numels = tuple(int(n) for n in numels)
+    device = torch.device(device)
+
+    def make():
+        counts = [-(-n // block) for n in numels]
+        spans, first = [], 0
+        for c in counts:
+            spans.append((first, first + c))
+            first += c
+        cnt = torch.tensor(counts, dtype=torch.int64)
+        tensor_of = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), cnt)
+        firsts = torch.tensor([a for a, _ in spans], dtype=torch.int64)
+        start = (torch.arange(first, dtype=torch.int64) - firsts[tensor_of]) * block
+        table = torch.stack([tensor_of, start], 1).to(torch.int32).contiguous()
+        if _capturing(device):
+            table = table.pin_memory()
+            CAPTURE_KEEP.append(table)
+        return table.to(device, non_blocking=True), spans
+
+    return _remember(_PROGRAM_TABLES, (numels, block, device), make)
+
+
+def info_table(plans, device) -> torch.Tensor:
+    """``(tensors, 13)`` int64 rows: numel, the shape padded to rank 4, and the element strides
+    of its row- and column-reduced shapes (cached per list of shapes)."""
+    key = (tuple(tuple(pl.shape) for pl in plans), torch.device(device))
+
+    def make():
+        rows = [[pl.numel, *_pad4(pl.shape), *_strides4(pl.reduced_shape("row")),
+                 *_strides4(pl.reduced_shape("col"))] for pl in plans]
+        return _to_device_table(rows, device)
+
+    return _remember(_INFO_TABLES, key, make)
+
+
+# Host buffers and cached tables a CUDA graph being captured reads from: they must live as long
+# as the graph (see LearnedOptimizer(cuda_graph=True)), which takes them from here after capture.
+CAPTURE_KEEP: list = []
+
+
+def _capturing(device) -> bool:
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _to_device_table(rows, device) -> torch.Tensor:
+    """An int64 table built on the host, sent to ``device`` without waiting for it.  While a CUDA
+    graph is captured the host copy is pinned and kept alive (the graph copies from it)."""
+    host = torch.tensor(rows, dtype=torch.int64)
+    if _capturing(device):
+        host = host.pin_memory()
+        CAPTURE_KEEP.append(host)
+    return host.to(device, non_blocking=True)
+
+
+def _keep_for_capture(device, *tensors) -> None:
+    if _capturing(device):
+        CAPTURE_KEEP.extend(tensors)
+
+
+def _as_f32(v, device) -> torch.Tensor:
+    """A per-tensor value as a float32 tensor on ``device`` (numbers by a fill kernel)."""
+    if isinstance(v, torch.Tensor):
+        return v.to(device=device, dtype=torch.float32)
+    return torch.full((), float(v), dtype=torch.float32, device=device)
+
+
+def _host_values_table(items, names, device) -> torch.Tensor:
+    """``(tensors, max(1, len(names)))`` float32: the per-tensor scalar values a kernel reads."""
+    if not names:
+        return torch.zeros((len(items), 1), dtype=torch.float32, device=device)
+    vals = []
+    for it in items:
+        for n in names:
+            vals.append(_as_f32(it.V[n], device).reshape(()))
+    return torch.stack(vals).view(len(items), len(names))
+
+
 class StageItem:
     """One tensor's part in a stage launch."""
 
@@ -103,7 +202,7 @@ class TritonRunner:
             block = max(block, INTERPRETER_BLOCK)
         n_ptr = max(1, len(meta["args"]))
         n_hv = max(1, len(meta["hv"]))
-        keep, fixups, ptr_rows, info_rows, hv_rows, progs, spans, scratches = [], [], [], [], [], [], [], []
+        keep, fixups, ptr_rows, scratches = [], [], [], []
         for t, it in enumerate(items):
             pl = it.pl
             if pl.rank > MAX_RANK:
@@ -116,24 +215,17 @@ class TritonRunner:
                 row.append(buf.data_ptr())
             ptr_rows.append(row or [0])
             scratches.append(scratch)
-            info_rows.append([pl.numel, *_pad4(pl.shape), *_strides4(pl.reduced_shape("row")),
-                              *_strides4(pl.reduced_shape("col"))])
-            if meta["hv"]:
-                hv_rows.append(torch.stack([torch.as_tensor(it.V[n], device=device).detach().reshape(()).float()
-                                            for n in meta["hv"]]))
-            else:
-                hv_rows.append(torch.zeros(1, dtype=torch.float32, device=device))
-            first = len(progs)
-            progs += [(t, s) for s in range(0, pl.numel, block)]
-            spans.append((first, len(progs)))
-        ptrs = torch.tensor(ptr_rows, dtype=torch.int64, device=device)
-        info = torch.tensor(info_rows, dtype=torch.int64, device=device)
-        prog_table = torch.tensor(progs, dtype=torch.int32, device=device)
-        hv = torch.stack(hv_rows).contiguous()
+        prog_table, spans = program_table([it.pl.numel for it in items], block, device)
+        n_progs = prog_table.shape[0]
+        ptrs = _to_device_table(ptr_rows, device)
+        info = info_table([it.pl for it in items], device)
+        _keep_for_capture(device, prog_table, info)
+        with torch.no_grad():
+            hv = _host_values_table(items, meta["hv"], device)
         nred = max(1, len(meta["reductions"]))
-        part = torch.empty((len(progs), nred), dtype=torch.float32, device=device)
+        part = torch.empty((n_progs, nred), dtype=torch.float32, device=device)
         weights = [phi[m].detach().float().contiguous() for m in meta["weights"]]
-        kernel[(len(progs),)](ptrs, info, prog_table, hv, part, *weights, N_PTR=n_ptr, N_HV=n_hv, BLOCK=block)
+        kernel[(n_progs,)](ptrs, info, prog_table, hv, part, *weights, N_PTR=n_ptr, N_HV=n_hv, BLOCK=block)
         for tmp, dst in fixups:
             dst.copy_(tmp.view(dst.shape).to(dst.dtype))
         results = []
@@ -171,7 +263,7 @@ class TritonRunner:
                 elif kind == "state":
                     flat.append(it.tstate[d[1]].contiguous())
                 else:
-                    val = torch.as_tensor(it.V[d[1]], dtype=torch.float32, device=device)
+                    val = _as_f32(it.V[d[1]], device)
                     flat.append(torch.broadcast_to(val.float(), it.pl.reduced_shape(kind)).contiguous())
         flat += [phi[m] for m in launch.weights]
         if hv_names:
@@ -213,7 +305,7 @@ class TritonRunner:
         if kind == "state":
             return it.tstate[desc[1]].contiguous()
         if kind in ("row", "col"):
-            val = torch.as_tensor(it.V[desc[1]], dtype=torch.float32, device=device)
+            val = _as_f32(it.V[desc[1]], device)
             return torch.broadcast_to(val.float(), pl.reduced_shape(kind)).contiguous()
         if kind == "scratch":
             buf = torch.empty(pl.numel, dtype=torch.float32, device=device)
@@ -295,11 +387,8 @@ class _Launch:
         self.in_descs = descs
         self.out_descs = [d for d in self.meta["args"] if d[0] in ("scratch", "out_param", "out_state")]
         self.weights = list(dict.fromkeys(list(self.meta["weights"]) + list(self.bmeta["weights"])))
-        self.progs, self.spans = [], []
-        for t, pl in enumerate(self.plans):
-            first = len(self.progs)
-            self.progs += [(t, s_) for s_ in range(0, pl.numel, block)]
-            self.spans.append((first, len(self.progs)))
+        self.prog_table, self.spans = program_table([pl.numel for pl in self.plans], block, self.device)
+        self.n_progs = self.prog_table.shape[0]
         self.n_in = len(self.in_descs)
 
     def split(self, flat):
@@ -310,8 +399,9 @@ class _Launch:
 
     def _tables(self, rows, infos):
         dev = self.device
-        return (torch.tensor(rows, dtype=torch.int64, device=dev), torch.tensor(infos, dtype=torch.int64, device=dev),
-                torch.tensor(self.progs, dtype=torch.int32, device=dev))
+        info = info_table(self.plans, dev)
+        _keep_for_capture(dev, info, self.prog_table)
+        return _to_device_table(rows, dev), info, self.prog_table
 
     def _info(self, pl):
         return [pl.numel, *_pad4(pl.shape), *_strides4(pl.reduced_shape("row")), *_strides4(pl.reduced_shape("col"))]
@@ -337,9 +427,9 @@ class _Launch:
             outs.append(mine)
         ptrs, info, prog_table = self._tables(rows, infos)
         nred = max(1, len(self.meta["reductions"]))
-        part = torch.empty((len(self.progs), nred), dtype=torch.float32, device=self.device)
+        part = torch.empty((self.n_progs, nred), dtype=torch.float32, device=self.device)
         ws = [weights[m].detach().float().contiguous() for m in self.meta["weights"]]
-        self.kernel[(len(self.progs),)](ptrs, info, prog_table, hv.detach().contiguous(), part, *ws,
+        self.kernel[(self.n_progs,)](ptrs, info, prog_table, hv.detach().contiguous(), part, *ws,
                                         N_PTR=max(1, len(self.meta["args"])), N_HV=hv.shape[1], BLOCK=self.block)
         result = [part]
         for mine in outs:
@@ -351,7 +441,7 @@ class _Launch:
         dev = self.device
         gpart_slots = self.bmeta["grad_slots"]
         nred = max(1, len(self.meta["reductions"]))
-        dpart = gouts[0] if gouts[0] is not None else torch.zeros((len(self.progs), nred), device=dev)
+        dpart = gouts[0] if gouts[0] is not None else torch.zeros((self.n_progs, nred), device=dev)
         dpart = dpart.float().contiguous()
         n_out = len(self.out_descs)
         keep, rows, infos, grads_out = [], [], [], []
@@ -379,9 +469,9 @@ class _Launch:
             infos.append(self._info(pl))
             grads_out.append(mine)
         ptrs, info, prog_table = self._tables(rows, infos)
-        gpart = torch.empty((len(self.progs), max(1, len(gpart_slots))), dtype=torch.float32, device=dev)
+        gpart = torch.empty((self.n_progs, max(1, len(gpart_slots))), dtype=torch.float32, device=dev)
         ws = [weights[m].detach().float().contiguous() for m in self.bmeta["weights"]]
-        self.bkernel[(len(self.progs),)](ptrs, info, prog_table, hv.detach().contiguous(), dpart, gpart, *ws,
+        self.bkernel[(self.n_progs,)](ptrs, info, prog_table, hv.detach().contiguous(), dpart, gpart, *ws,
                                          N_PTR=max(1, len(self.bmeta["args"])), N_HV=hv.shape[1], BLOCK=self.block)
         # per-element adjoints of the inputs
         d_inputs = []

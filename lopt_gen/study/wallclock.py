@@ -121,7 +121,7 @@ def parse_hidden(text: str | None) -> tuple[int, ...] | None:
     return widths
 
 
-def optimizer_factory(name: str, backend: str = "auto") -> tuple[str, Callable]:
+def optimizer_factory(name: str, backend: str = "auto", cuda_graph: bool = False) -> tuple[str, Callable]:
     """``(label, make_optimizer(params))`` for a baseline or learned optimizer name.
 
     The learned optimizer is built once on a dummy parameter so that a name that does not
@@ -135,10 +135,10 @@ def optimizer_factory(name: str, backend: str = "auto") -> tuple[str, Callable]:
     path = Path(source)
     if source.endswith(".safetensors") or path.is_dir():
         def make(ps):
-            return LearnedOptimizer.from_pretrained(ps, path, backend=backend)
+            return LearnedOptimizer.from_pretrained(ps, path, backend=backend, cuda_graph=cuda_graph)
     else:
         def make(ps):
-            return LearnedOptimizer(ps, source, backend=backend)
+            return LearnedOptimizer(ps, source, backend=backend, cuda_graph=cuda_graph)
     make([torch.zeros(1, requires_grad=True)])
     label = LEARNED_PREFIX + (path.stem if path.suffix else path.name)
     return label, make
@@ -198,13 +198,15 @@ def time_training_steps(task, make_optimizer: Callable, batch_size: int, steps: 
 def wallclock(optimizers: Sequence[str] = DEFAULT_OPTIMIZERS, task: str = "digits_mlp",
               batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, steps: int = 30, warmup: int = 5,
               device: str = "cpu", backend: str = "auto", hidden: Sequence[int] | None = None,
-              task_kwargs: dict | None = None, seed: int = 0, progress: bool = True) -> list[Timing]:
+              task_kwargs: dict | None = None, seed: int = 0, progress: bool = True,
+              cuda_graph: bool = False) -> list[Timing]:
     """Time every optimizer at every batch size on ``task``; one :class:`Timing` per pair.
 
     ``task`` must draw minibatches from a data set (digits_mlp, digits_conv,
     softmax_regression, mlp_classification, mlp_regression). ``hidden`` sets the hidden
     widths of an MLP task. ``backend`` is the ``LearnedOptimizer`` backend (``"triton"``
-    needs ``device="cuda"``). Bad input raises ``ValueError``.
+    needs ``device="cuda"``); ``cuda_graph`` makes learned optimizers replay their step as a
+    CUDA graph (``device="cuda"`` only). Bad input raises ``ValueError``.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; registered: {', '.join(sorted(TASKS))}")
@@ -223,6 +225,8 @@ def wallclock(optimizers: Sequence[str] = DEFAULT_OPTIMIZERS, task: str = "digit
         raise ValueError(f"backend must be auto, torch or triton, got {backend!r}")
     if backend == "triton" and device != "cuda":
         raise ValueError("the triton backend needs --device cuda (on CPU it would run in the Triton interpreter)")
+    if cuda_graph and device != "cuda":
+        raise ValueError("--cuda-graph needs --device cuda")
     kwargs = dict(task_kwargs or {})
     if hidden is not None:
         kwargs["hidden"] = tuple(int(h) for h in hidden)
@@ -235,7 +239,7 @@ def wallclock(optimizers: Sequence[str] = DEFAULT_OPTIMIZERS, task: str = "digit
         raise ValueError(f"task {task!r} has no data set to draw minibatches from; use one of: "
                          f"{', '.join(minibatched)}")
     t = t.to(device)
-    jobs = [optimizer_factory(name, backend) for name in optimizers]
+    jobs = [optimizer_factory(name, backend, cuda_graph) for name in optimizers]
     labels = [label for label, _ in jobs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"optimizers {list(optimizers)} name the same optimizer twice")
@@ -410,13 +414,14 @@ def write_outputs(rows: Sequence[Timing], out_dir) -> dict:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True,
               help="LearnedOptimizer backend (auto: Triton on CUDA, torch on CPU)")
+@click.option("--cuda-graph", is_flag=True, help="learned optimizers replay their step as a CUDA graph (--device cuda)")
 @click.option("--hidden", default=None, help="hidden widths of an MLP task, e.g. 256,256 (a wider model)")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch intra-op threads")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="out/wallclock", show_default=True)
 @click.option("--no-progress", is_flag=True, help="no progress bar")
-def wallclock_cmd(task, batch_sizes, optimizers, steps, warmup, device, backend, hidden, threads, seed, out,
-                  no_progress):
+def wallclock_cmd(task, batch_sizes, optimizers, steps, warmup, device, backend, cuda_graph, hidden, threads, seed,
+                  out, no_progress):
     """Time forward+backward and optimizer.step() separately per optimizer and batch size;
     report the optimizer step's share of a training step.
 
@@ -428,7 +433,7 @@ def wallclock_cmd(task, batch_sizes, optimizers, steps, warmup, device, backend,
     try:
         rows = wallclock(names, task=task, batch_sizes=parse_batch_sizes(batch_sizes), steps=steps, warmup=warmup,
                          device=device, backend=backend, hidden=parse_hidden(hidden), seed=seed,
-                         progress=not no_progress)
+                         progress=not no_progress, cuda_graph=cuda_graph)
     except ValueError as exc:  # SpecError and WeightsError are ValueErrors
         _fail(f"error: {exc}")
     paths = write_outputs(rows, out)
