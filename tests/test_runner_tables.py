@@ -87,3 +87,34 @@ def test_cuda_graph_step_equals_eager_step():
     for p, q in zip(ps, qs):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
     assert b.graph_captures == 1
+
+
+def test_graph_key_tracks_what_a_captured_graph_depends_on():
+    """The key decides when a captured CUDA graph may be replayed; it is plain Python, so its
+    rules are checked here on CPU tensors."""
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in [(4, 3), (5,)]]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt = LearnedOptimizer(ps, "adam")
+    opt.step()  # creates the states
+
+    def key(**over):
+        grads = over.get("grads", [p.grad for p in ps])
+        tstates = [opt.state[p] for p in ps]
+        scalars = over.get("scalars", [{"lr": 0.1, "wd": 0.0} for _ in ps])
+        return opt._graph_key(opt.weights, ps, grads, tstates, scalars, over.get("loss"),
+                              opt._global_state(torch.device("cpu")))
+
+    base = key()
+    assert key() == base
+    # new gradient tensors with the same layout replay the graph (they are copied in)
+    assert key(grads=[torch.randn_like(p) for p in ps]) == base
+    # a changed hyper-parameter value, a different gradient layout, a loss: capture again
+    assert key(scalars=[{"lr": 0.2, "wd": 0.0}, {"lr": 0.1, "wd": 0.0}]) != base
+    assert key(grads=[ps[0].grad.t().contiguous().t(), ps[1].grad]) != base
+    assert key(loss=torch.tensor(1.0)) != base
+    # a replaced state tensor (load_state_dict, say) moves an address the graph wrote to
+    st = opt.state[ps[1]]
+    name = next(k for k, v in st.items() if isinstance(v, torch.Tensor) and v.numel() > 1)
+    st[name] = st[name].clone()
+    assert key() != base
