@@ -397,18 +397,15 @@ class _Launch:
         weights = dict(zip(self.weights, flat[n:]))
         return per_item, weights
 
-    def _tables(self, rows, infos):
+    def _tables(self, rows):
         dev = self.device
         info = info_table(self.plans, dev)
         _keep_for_capture(dev, info, self.prog_table)
         return _to_device_table(rows, dev), info, self.prog_table
 
-    def _info(self, pl):
-        return [pl.numel, *_pad4(pl.shape), *_strides4(pl.reduced_shape("row")), *_strides4(pl.reduced_shape("col"))]
-
     def forward(self, hv, flat):
         per_item, weights = self.split(flat)
-        keep, rows, infos, outs = [], [], [], []
+        keep, rows, outs = [], [], []
         for t, pl in enumerate(self.plans):
             row, mine = [], {}
             for d in self.meta["args"]:
@@ -423,9 +420,8 @@ class _Launch:
                 keep.append(buf)
                 row.append(buf.data_ptr())
             rows.append(row or [0])
-            infos.append(self._info(pl))
             outs.append(mine)
-        ptrs, info, prog_table = self._tables(rows, infos)
+        ptrs, info, prog_table = self._tables(rows)
         nred = max(1, len(self.meta["reductions"]))
         part = torch.empty((self.n_progs, nred), dtype=torch.float32, device=self.device)
         ws = [weights[m].detach().float().contiguous() for m in self.meta["weights"]]
@@ -444,7 +440,7 @@ class _Launch:
         dpart = gouts[0] if gouts[0] is not None else torch.zeros((self.n_progs, nred), device=dev)
         dpart = dpart.float().contiguous()
         n_out = len(self.out_descs)
-        keep, rows, infos, grads_out = [], [], [], []
+        keep, rows, grads_out = [], [], []
         for t, pl in enumerate(self.plans):
             g_of = dict(zip(self.out_descs, gouts[1 + t * n_out:1 + (t + 1) * n_out]))
             row, mine = [], {}
@@ -466,9 +462,8 @@ class _Launch:
                 keep.append(buf)
                 row.append(buf.data_ptr())
             rows.append(row or [0])
-            infos.append(self._info(pl))
             grads_out.append(mine)
-        ptrs, info, prog_table = self._tables(rows, infos)
+        ptrs, info, prog_table = self._tables(rows)
         gpart = torch.empty((self.n_progs, max(1, len(gpart_slots))), dtype=torch.float32, device=dev)
         ws = [weights[m].detach().float().contiguous() for m in self.bmeta["weights"]]
         self.bkernel[(self.n_progs,)](ptrs, info, prog_table, hv.detach().contiguous(), dpart, gpart, *ws,
