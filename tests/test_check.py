@@ -91,6 +91,8 @@ def test_many_random_specs_triton_equals_torch(d, seed):
      "network": {"kind": "gru", "hidden": [1], "outputs": {"state": 1, "case": 1, "v": {"width": 1, "bias_init": 2.2}},
                  "init_scale": 1.0, "head_scale": 0.0, "hierarchy": {"tensor": {"cell": "gru", "hidden": 1}}},
      "update": "(v * state) / (1 + abs(v * state))"},
+    # an integer power above 4 of a negative value (the forward here; derivatives make many)
+    {"name": "pow5", "update": "0.001 * g ** 5 + 0.01 * tanh(g) ** 6"},
     # a learnable decay on a statistic that stays zero: no gradient and a zero gradient agree
     {"name": "dead_decay", "update": "clip_st(g, -1, 1)",
      "accumulators": [{"name": "m", "decay": [0.5], "learnable": True, "ema": "wd"}]},
@@ -124,3 +126,17 @@ def test_check_cli_device_errors():
     assert res.exit_code == 2 and "CUDA is not available" in res.output
     res = CliRunner().invoke(main, ["check", "adam", "--device", "nonsense"])
     assert res.exit_code == 2 and "--device 'nonsense'" in res.output
+
+
+@triton.jit
+def _pow_kernel(x_ptr, y_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, triton_ops.pow_(tl.load(x_ptr + offs), tl.load(y_ptr + offs)))
+
+
+def test_pow_matches_torch_pow_on_negative_bases_and_zero():
+    x = torch.tensor([-2.0, -2.0, -2.0, -0.5, 0.0, 0.0, 0.0, 3.0, 3.0, -3.0, 2.0, -1.5, 1.0, -4.0, 0.25, -0.25])
+    y = torch.tensor([5.0, 6.0, 2.5, -3.0, 2.0, -1.0, 0.0, 0.5, -2.0, 0.0, 7.0, 1.5, 9.0, 3.0, -0.5, 4.0])
+    out = torch.empty_like(x)
+    _pow_kernel[(1,)](x, y, out, N=16)
+    torch.testing.assert_close(out, torch.pow(x, y), rtol=1e-6, atol=0.0, equal_nan=True)

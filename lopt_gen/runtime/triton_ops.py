@@ -46,7 +46,17 @@ def sigmoid(x):
 
 @triton.jit
 def pow_(x, y):
-    return tl.exp(y * tl.log(x))
+    """``x ** y`` as ``torch.pow`` computes it: a negative base is defined for an integer
+    exponent (negative for odd ones) and NaN otherwise, and ``x ** 0 == 1``.  Derivatives of
+    polynomial-like updates bring exponents above 4 that the printer does not unroll."""
+    y = y + tl.zeros_like(x)
+    r = tl.exp(y * tl.log(tl.abs(x)))
+    yi = tl.floor(y)
+    odd = (yi - 2.0 * tl.floor(yi * 0.5)) != 0.0
+    # a negative base: -r for odd integer exponents, r for even ones, NaN (sqrt of x < 0) otherwise
+    neg = tl.where(yi == y, tl.where(odd, -r, r), tl.sqrt(x))
+    r = tl.where(x < 0.0, neg, r)
+    return tl.where(y == 0.0, 1.0, r)
 
 
 @triton.jit
