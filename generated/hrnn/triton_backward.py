@@ -1857,11 +1857,11 @@ def stage0_backward_kernel(
     g = tl.load(_g_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
     acc_0 = _acc_old_0 * tops.sigmoid(_head_out4) + g * (1.0 - tops.sigmoid(_head_out4))
     _acc_old_1 = tl.load(_st_acc + 1 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    acc_1 = _acc_old_1 * tops.pow_(tops.sigmoid(_head_out4), 0.5) + g * (1.0 - tops.pow_(tops.sigmoid(_head_out4), 0.5))
+    acc_1 = _acc_old_1 * tl.sqrt(tops.sigmoid(_head_out4)) + g * (1.0 - tl.sqrt(tops.sigmoid(_head_out4)))
     _acc_old_2 = tl.load(_st_acc + 2 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    acc_2 = _acc_old_2 * tops.pow_(tops.sigmoid(_head_out4), 0.25) + g * (1.0 - tops.pow_(tops.sigmoid(_head_out4), 0.25))
+    acc_2 = _acc_old_2 * tl.sqrt(tl.sqrt(tops.sigmoid(_head_out4))) + g * (1.0 - tl.sqrt(tl.sqrt(tops.sigmoid(_head_out4))))
     _acc_old_3 = tl.load(_st_acc + 3 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    acc_3 = _acc_old_3 * tops.pow_(tops.sigmoid(_head_out4), 0.125) + g * (1.0 - tops.pow_(tops.sigmoid(_head_out4), 0.125))
+    acc_3 = _acc_old_3 * tl.sqrt(tl.sqrt(tl.sqrt(tops.sigmoid(_head_out4)))) + g * (1.0 - tl.sqrt(tl.sqrt(tl.sqrt(tops.sigmoid(_head_out4)))))
     _ms_old_0 = tl.load(_st_ms + 0 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
     ms_decay = tl.load(_hv_ptr + 0)
     _u2 = tl.load(_hv_ptr + 1)
@@ -1936,9 +1936,9 @@ def stage0_backward_kernel(
     _adj_acc_0 = _adj_ms_0 * tl.where((_u1 != 0.0), _bk20, _bk20 * _u2) + _bk16 * tl.rsqrt(_bk15)
     _bk21 = tops.sigmoid(_head_out4)
     _bk22 = _bk21 * (1.0 - _bk21)
-    _bk23 = tops.pow_(_bk21, 0.5) * (0.5 - 0.5 * _bk21)
-    _bk24 = tops.pow_(_bk21, 0.25) * (0.25 - 0.25 * _bk21)
-    _bk25 = tops.pow_(_bk21, 0.125) * (0.125 - 0.125 * _bk21)
+    _bk23 = tl.sqrt(_bk21) * (0.5 - 0.5 * _bk21)
+    _bk24 = tl.sqrt(tl.sqrt(_bk21)) * (0.25 - 0.25 * _bk21)
+    _bk25 = tl.sqrt(tl.sqrt(tl.sqrt(_bk21))) * (0.125 - 0.125 * _bk21)
     _adj__head_out4 = _adj_acc_0 * (_acc_old_0 * _bk22 - _bk22 * g) + _adj_acc_1 * (_acc_old_1 * _bk23 - _bk23 * g) + _adj_acc_2 * (_acc_old_2 * _bk24 - _bk24 * g) + _adj_acc_3 * (_acc_old_3 * _bk25 - _bk25 * g)
     _adj_in__net_h0_old_0_1 = tl.load(_w_head_weight + 30) * _adj__head_out4
     _adj_in__net_h0_old_1_2 = tl.load(_w_head_weight + 31) * _adj__head_out4
@@ -1952,11 +1952,11 @@ def stage0_backward_kernel(
     _adj_in__net_h0_old_9_10 = tl.load(_w_head_weight + 39) * _adj__head_out4
     _bk26 = tops.sigmoid(_head_out4)
     _adj__acc_old_0 = _adj_acc_0 * _bk26
-    _bk27 = tops.pow_(_bk26, 0.5)
+    _bk27 = tl.sqrt(_bk26)
     _adj__acc_old_1 = _adj_acc_1 * _bk27
-    _bk28 = tops.pow_(_bk26, 0.25)
+    _bk28 = tl.sqrt(tl.sqrt(_bk26))
     _adj__acc_old_2 = _adj_acc_2 * _bk28
-    _bk29 = tops.pow_(_bk26, 0.125)
+    _bk29 = tl.sqrt(tl.sqrt(tl.sqrt(_bk26)))
     _adj__acc_old_3 = _adj_acc_3 * _bk29
     _adj__ms_old_0 = _adj_ms_0 * tl.where((_u1 != 0.0), 0.0, ms_decay)
     _adj__ms_old_1 = _adj_ms_1 * tl.where((_u3 != 0.0), 0.0, ms_decay)
@@ -2058,11 +2058,11 @@ def stage1_backward_kernel(
     g = tl.load(_g_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
     acc_0 = _acc_old_0 * tops.sigmoid(_head_out4) + g * (1.0 - tops.sigmoid(_head_out4))
     _acc_old_1 = tl.load(_st_acc + 1 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    acc_1 = _acc_old_1 * tops.pow_(tops.sigmoid(_head_out4), 0.5) + g * (1.0 - tops.pow_(tops.sigmoid(_head_out4), 0.5))
+    acc_1 = _acc_old_1 * tl.sqrt(tops.sigmoid(_head_out4)) + g * (1.0 - tl.sqrt(tops.sigmoid(_head_out4)))
     _acc_old_2 = tl.load(_st_acc + 2 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    acc_2 = _acc_old_2 * tops.pow_(tops.sigmoid(_head_out4), 0.25) + g * (1.0 - tops.pow_(tops.sigmoid(_head_out4), 0.25))
+    acc_2 = _acc_old_2 * tl.sqrt(tl.sqrt(tops.sigmoid(_head_out4))) + g * (1.0 - tl.sqrt(tl.sqrt(tops.sigmoid(_head_out4))))
     _acc_old_3 = tl.load(_st_acc + 3 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    acc_3 = _acc_old_3 * tops.pow_(tops.sigmoid(_head_out4), 0.125) + g * (1.0 - tops.pow_(tops.sigmoid(_head_out4), 0.125))
+    acc_3 = _acc_old_3 * tl.sqrt(tl.sqrt(tl.sqrt(tops.sigmoid(_head_out4)))) + g * (1.0 - tl.sqrt(tl.sqrt(tl.sqrt(tops.sigmoid(_head_out4)))))
     _ms_old_0 = tl.load(_st_ms + 0 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
     ms_decay = tl.load(_hv_ptr + 0)
     _u2 = tl.load(_hv_ptr + 1)
@@ -3169,9 +3169,9 @@ def stage1_backward_kernel(
     _adj_acc_0 = _adj_ms_0 * tl.where((_u1 != 0.0), _bk20, _bk20 * _u2) + _bk16 * tl.rsqrt(_bk15)
     _bk21 = tops.sigmoid(_head_out4)
     _bk22 = _bk21 * (1.0 - _bk21)
-    _bk23 = tops.pow_(_bk21, 0.5) * (0.5 - 0.5 * _bk21)
-    _bk24 = tops.pow_(_bk21, 0.25) * (0.25 - 0.25 * _bk21)
-    _bk25 = tops.pow_(_bk21, 0.125) * (0.125 - 0.125 * _bk21)
+    _bk23 = tl.sqrt(_bk21) * (0.5 - 0.5 * _bk21)
+    _bk24 = tl.sqrt(tl.sqrt(_bk21)) * (0.25 - 0.25 * _bk21)
+    _bk25 = tl.sqrt(tl.sqrt(tl.sqrt(_bk21))) * (0.125 - 0.125 * _bk21)
     _adj__head_out4 = _adj_acc_0 * (_acc_old_0 * _bk22 - _bk22 * g) + _adj_acc_1 * (_acc_old_1 * _bk23 - _bk23 * g) + _adj_acc_2 * (_acc_old_2 * _bk24 - _bk24 * g) + _adj_acc_3 * (_acc_old_3 * _bk25 - _bk25 * g)
     _adj_in__net_h0_old_0_53 = tl.load(_w_head_weight + 30) * _adj__head_out4
     _adj_in__net_h0_old_1_54 = tl.load(_w_head_weight + 31) * _adj__head_out4
@@ -3185,11 +3185,11 @@ def stage1_backward_kernel(
     _adj_in__net_h0_old_9_62 = tl.load(_w_head_weight + 39) * _adj__head_out4
     _bk26 = tops.sigmoid(_head_out4)
     _adj__acc_old_0 = _adj_acc_0 * _bk26
-    _bk27 = tops.pow_(_bk26, 0.5)
+    _bk27 = tl.sqrt(_bk26)
     _adj__acc_old_1 = _adj_acc_1 * _bk27
-    _bk28 = tops.pow_(_bk26, 0.25)
+    _bk28 = tl.sqrt(tl.sqrt(_bk26))
     _adj__acc_old_2 = _adj_acc_2 * _bk28
-    _bk29 = tops.pow_(_bk26, 0.125)
+    _bk29 = tl.sqrt(tl.sqrt(tl.sqrt(_bk26)))
     _adj__acc_old_3 = _adj_acc_3 * _bk29
     _adj__ms_old_0 = _adj_ms_0 * tl.where((_u1 != 0.0), 0.0, ms_decay)
     _adj__ms_old_1 = _adj_ms_1 * tl.where((_u3 != 0.0), 0.0, ms_decay)
@@ -4065,11 +4065,11 @@ def stage2_backward_kernel(
     g = tl.load(_g_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
     acc_0 = _acc_old_0 * tops.sigmoid(_head_out4) + g * (1.0 - tops.sigmoid(_head_out4))
     _acc_old_1 = tl.load(_st_acc + 1 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    acc_1 = _acc_old_1 * tops.pow_(tops.sigmoid(_head_out4), 0.5) + g * (1.0 - tops.pow_(tops.sigmoid(_head_out4), 0.5))
+    acc_1 = _acc_old_1 * tl.sqrt(tops.sigmoid(_head_out4)) + g * (1.0 - tl.sqrt(tops.sigmoid(_head_out4)))
     _acc_old_2 = tl.load(_st_acc + 2 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    acc_2 = _acc_old_2 * tops.pow_(tops.sigmoid(_head_out4), 0.25) + g * (1.0 - tops.pow_(tops.sigmoid(_head_out4), 0.25))
+    acc_2 = _acc_old_2 * tl.sqrt(tl.sqrt(tops.sigmoid(_head_out4))) + g * (1.0 - tl.sqrt(tl.sqrt(tops.sigmoid(_head_out4))))
     _acc_old_3 = tl.load(_st_acc + 3 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    acc_3 = _acc_old_3 * tops.pow_(tops.sigmoid(_head_out4), 0.125) + g * (1.0 - tops.pow_(tops.sigmoid(_head_out4), 0.125))
+    acc_3 = _acc_old_3 * tl.sqrt(tl.sqrt(tl.sqrt(tops.sigmoid(_head_out4)))) + g * (1.0 - tl.sqrt(tl.sqrt(tl.sqrt(tops.sigmoid(_head_out4)))))
     _ms_old_0 = tl.load(_st_ms + 0 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
     ms_decay = tl.load(_hv_ptr + 0)
     _u2 = tl.load(_hv_ptr + 1)
@@ -5222,9 +5222,9 @@ def stage2_backward_kernel(
     _adj_acc_0 = _adj_ms_0 * tl.where((_u1 != 0.0), _bk21, _bk21 * _u2) + _seed_acc_0 + _bk17 * tl.rsqrt(_bk16)
     _bk22 = tops.sigmoid(_head_out4)
     _bk23 = _bk22 * (1.0 - _bk22)
-    _bk24 = tops.pow_(_bk22, 0.5) * (0.5 - 0.5 * _bk22)
-    _bk25 = tops.pow_(_bk22, 0.25) * (0.25 - 0.25 * _bk22)
-    _bk26 = tops.pow_(_bk22, 0.125) * (0.125 - 0.125 * _bk22)
+    _bk24 = tl.sqrt(_bk22) * (0.5 - 0.5 * _bk22)
+    _bk25 = tl.sqrt(tl.sqrt(_bk22)) * (0.25 - 0.25 * _bk22)
+    _bk26 = tl.sqrt(tl.sqrt(tl.sqrt(_bk22))) * (0.125 - 0.125 * _bk22)
     _adj__head_out4 = _adj_acc_0 * (_acc_old_0 * _bk23 - _bk23 * g) + _adj_acc_1 * (_acc_old_1 * _bk24 - _bk24 * g) + _adj_acc_2 * (_acc_old_2 * _bk25 - _bk25 * g) + _adj_acc_3 * (_acc_old_3 * _bk26 - _bk26 * g)
     _adj_in__net_h0_old_0_63 = tl.load(_w_head_weight + 30) * _adj__head_out4
     _adj_in__net_h0_old_1_64 = tl.load(_w_head_weight + 31) * _adj__head_out4
@@ -5238,11 +5238,11 @@ def stage2_backward_kernel(
     _adj_in__net_h0_old_9_72 = tl.load(_w_head_weight + 39) * _adj__head_out4
     _bk27 = tops.sigmoid(_head_out4)
     _adj__acc_old_0 = _adj_acc_0 * _bk27
-    _bk28 = tops.pow_(_bk27, 0.5)
+    _bk28 = tl.sqrt(_bk27)
     _adj__acc_old_1 = _adj_acc_1 * _bk28
-    _bk29 = tops.pow_(_bk27, 0.25)
+    _bk29 = tl.sqrt(tl.sqrt(_bk27))
     _adj__acc_old_2 = _adj_acc_2 * _bk29
-    _bk30 = tops.pow_(_bk27, 0.125)
+    _bk30 = tl.sqrt(tl.sqrt(tl.sqrt(_bk27)))
     _adj__acc_old_3 = _adj_acc_3 * _bk30
     _adj__log_lr_old = _adj_in_rel_log_lr_62 + _adj_step_log_lr + _seed_log_lr * lr_ema
     _adj__ms_old_0 = _adj_ms_0 * tl.where((_u1 != 0.0), 0.0, ms_decay)

@@ -118,8 +118,15 @@ class ExprPrinter:
         b, x = e.base, e.exp
         if x == sympy.Rational(1, 2):
             return f"{self.SQRT}({self.doprint(b)})", 100
-        if x == sympy.Rational(-1, 2):
+        if x.is_Number and float(x) == -0.5:
             return f"{self.RSQRT}({self.doprint(b)})", 100
+        if x.is_Number and float(x) in (0.5, 0.25, 0.125):
+            # (repeated) square roots, correctly rounded, rather than exp(y * log(x)), whose
+            # fast device versions err by several units in the last place
+            s = self.doprint(b)
+            for _ in range({0.5: 1, 0.25: 2, 0.125: 3}[float(x)]):
+                s = f"{self.SQRT}({s})"
+            return s, 100
         if x == -1:
             return f"1.0 / {self._wrap(b, 21)}", 20
         if x.is_Integer and 2 <= int(x) <= 4:
