@@ -138,10 +138,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"cuda_graph=True needs parameters on a CUDA device; they are on {device}")
             self._graphed_step(weights, params, grads, tstates, scalars, loss, device)
             return loss
-        self.engine.step(weights, params, grads, tstates, self._global_state(device), scalars, loss,
-                         inplace=True, nonfinite=self.nonfinite, chunk_elems=self.chunk_elems,
-                         backend=self.backend, warn_state=self._warn_state)
+        self._engine_step(weights, params, grads, tstates, self._global_state(device), scalars, loss, self.nonfinite)
         return loss
+
+    def _engine_step(self, weights, params, grads, tstates, gstate, scalars, loss, nonfinite):
+        """The engine's in-place step with this optimizer's options."""
+        self.engine.step(weights, params, grads, tstates, gstate, scalars, loss, inplace=True, nonfinite=nonfinite,
+                         chunk_elems=self.chunk_elems, backend=self.backend, warn_state=self._warn_state)
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graph_key(self, weights, params, grads, tstates, scalars, loss, gstate):
@@ -163,9 +166,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         if self.nonfinite != "ignore" and not all(finite_flags(grads)):
             # the eager step skips (or raises for) the tensors with a non-finite gradient
-            self.engine.step(weights, params, grads, tstates, self._global_state(device), scalars, loss,
-                             inplace=True, nonfinite=self.nonfinite, chunk_elems=self.chunk_elems,
-                             backend=self.backend, warn_state=self._warn_state)
+            self._engine_step(weights, params, grads, tstates, self._global_state(device), scalars, loss,
+                              self.nonfinite)
             return
         if loss is not None and not isinstance(loss, torch.Tensor):
             loss = torch.tensor(float(loss))
@@ -187,9 +189,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
-                self.engine.step(weights, params, static_grads, tstates, gstate, scalars, static_loss,
-                                 inplace=True, nonfinite="ignore", chunk_elems=self.chunk_elems,
-                                 backend=self.backend, warn_state=self._warn_state)
+                self._engine_step(weights, params, static_grads, tstates, gstate, scalars, static_loss, "ignore")
             torch.cuda.current_stream(device).wait_stream(side)
             return
         _, static_grads, static_loss = self._graph_seen
@@ -200,9 +200,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         torch.cuda.synchronize(device)
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.engine.step(weights, params, static_grads, tstates, gstate, scalars, static_loss,
-                                 inplace=True, nonfinite="ignore", chunk_elems=self.chunk_elems,
-                                 backend=self.backend, warn_state=self._warn_state)
+                self._engine_step(weights, params, static_grads, tstates, gstate, scalars, static_loss, "ignore")
         finally:
             kept = list(triton_runner.CAPTURE_KEEP)
             triton_runner.CAPTURE_KEEP.clear()

@@ -84,11 +84,7 @@ def program_table(numels, block: int, device) -> tuple[torch.Tensor, list[tuple[
         tensor_of = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), cnt)
         firsts = torch.tensor([a for a, _ in spans], dtype=torch.int64)
         start = (torch.arange(first, dtype=torch.int64) - firsts[tensor_of]) * block
-        table = torch.stack([tensor_of, start], 1).to(torch.int32).contiguous()
-        if _capturing(device):
-            table = table.pin_memory()
-            CAPTURE_KEEP.append(table)
-        return table.to(device, non_blocking=True), spans
+        return _send(torch.stack([tensor_of, start], 1).to(torch.int32).contiguous(), device), spans
 
     return _remember(_PROGRAM_TABLES, (numels, block, device), make)
 
@@ -115,14 +111,18 @@ def _capturing(device) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _to_device_table(rows, device) -> torch.Tensor:
-    """An int64 table built on the host, sent to ``device`` without waiting for it.  While a CUDA
-    graph is captured the host copy is pinned and kept alive (the graph copies from it)."""
-    host = torch.tensor(rows, dtype=torch.int64)
+def _send(host: torch.Tensor, device) -> torch.Tensor:
+    """A table built on the host, sent to ``device`` without waiting for it.  While a CUDA graph
+    is captured the host copy is pinned and kept alive (the graph copies from it)."""
     if _capturing(device):
         host = host.pin_memory()
         CAPTURE_KEEP.append(host)
     return host.to(device, non_blocking=True)
+
+
+def _to_device_table(rows, device) -> torch.Tensor:
+    """An int64 table from nested lists of ints, on ``device`` (see :func:`_send`)."""
+    return _send(torch.tensor(rows, dtype=torch.int64), device)
 
 
 def _keep_for_capture(device, *tensors) -> None:
@@ -146,6 +146,22 @@ def _host_values_table(items, names, device) -> torch.Tensor:
         for n in names:
             vals.append(_as_f32(it.V[n], device).reshape(()))
     return torch.stack(vals).view(len(items), len(names))
+
+
+def _reduction_values(meta, part, span, pl, scratch_of) -> dict:
+    """One tensor's reductions of a launch: whole-tensor and whole-model ones summed from its
+    slice ``span`` of the per-program partial sums (a deterministic second pass), row and
+    column ones reduced from the per-element scratch buffer ``scratch_of(name)``."""
+    a, b = span
+    out = {}
+    for r in meta["reductions"]:
+        if r["over"] in ("tensor", "all"):
+            out[r["name"]] = part[a:b, r["slot"]].sum()
+        else:
+            dims = pl.dims[r["over"]]
+            x = scratch_of(r["name"]).view(pl.shape)
+            out[r["name"]] = x if not dims else x.sum(dim=dims, keepdim=True)
+    return out
 
 
 class StageItem:
@@ -228,18 +244,8 @@ class TritonRunner:
         kernel[(n_progs,)](ptrs, info, prog_table, hv, part, *weights, N_PTR=n_ptr, N_HV=n_hv, BLOCK=block)
         for tmp, dst in fixups:
             dst.copy_(tmp.view(dst.shape).to(dst.dtype))
-        results = []
-        for it, (a, b), scratch in zip(items, spans, scratches):
-            out = {}
-            for r in meta["reductions"]:
-                if r["over"] in ("tensor", "all"):
-                    out[r["name"]] = part[a:b, r["slot"]].sum()  # deterministic second pass
-                else:
-                    dims = it.pl.dims[r["over"]]
-                    x = scratch[r["name"]].view(it.pl.shape)
-                    out[r["name"]] = x if not dims else x.sum(dim=dims, keepdim=True)
-            results.append(out)
-        return results
+        return [_reduction_values(meta, part, span, it.pl, scratch.__getitem__)
+                for it, span, scratch in zip(items, spans, scratches)]
 
     def _run_differentiable(self, stage_index, items, phi):
         """One launch as an autograd node whose backward runs the generated backward kernel."""
@@ -253,7 +259,6 @@ class TritonRunner:
                                           f"got shape {it.pl.orig_shape} (use backend='torch')")
         launch = _Launch(self, stage_index, items, block)
         device = launch.device
-        hv_names = launch.bmeta["hv"]
         flat = []
         for it in items:
             for d in launch.in_descs:
@@ -264,33 +269,21 @@ class TritonRunner:
                     flat.append(it.tstate[d[1]].contiguous())
                 else:
                     val = _as_f32(it.V[d[1]], device)
-                    flat.append(torch.broadcast_to(val.float(), it.pl.reduced_shape(kind)).contiguous())
+                    flat.append(torch.broadcast_to(val, it.pl.reduced_shape(kind)).contiguous())
         flat += [phi[m] for m in launch.weights]
-        if hv_names:
-            hv = torch.stack([torch.stack([torch.as_tensor(it.V[n], device=device).reshape(()).float() for n in hv_names])
-                              for it in items])
-        else:
-            hv = torch.zeros((len(items), 1), dtype=torch.float32, device=device)
+        hv = _host_values_table(items, launch.bmeta["hv"], device)  # differentiable: the adjoints flow back
         out = _KernelStage.apply(launch, hv, *flat)
         part, rest = out[0], out[1:]
         n_out = len(launch.out_descs)
         results = []
-        for t, (it, (a, b)) in enumerate(zip(items, launch.spans)):
+        for t, (it, span) in enumerate(zip(items, launch.spans)):
             mine = dict(zip(launch.out_descs, rest[t * n_out:(t + 1) * n_out]))
             for d, val in mine.items():
                 if d[0] == "out_param":
                     it.out_param.copy_(val.view(it.out_param.shape))
                 elif d[0] == "out_state":
                     it.out_states[d[1]].copy_(val)
-            res = {}
-            for r in meta["reductions"]:
-                if r["over"] in ("tensor", "all"):
-                    res[r["name"]] = part[a:b, r["slot"]].sum()
-                else:
-                    dims = it.pl.dims[r["over"]]
-                    x = mine[("scratch", r["name"])].view(it.pl.shape)
-                    res[r["name"]] = x if not dims else x.sum(dim=dims, keepdim=True)
-            results.append(res)
+            results.append(_reduction_values(meta, part, span, it.pl, lambda name, mine=mine: mine[("scratch", name)]))
         return results
 
     @staticmethod
@@ -306,7 +299,7 @@ class TritonRunner:
             return it.tstate[desc[1]].contiguous()
         if kind in ("row", "col"):
             val = _as_f32(it.V[desc[1]], device)
-            return torch.broadcast_to(val.float(), pl.reduced_shape(kind)).contiguous()
+            return torch.broadcast_to(val, pl.reduced_shape(kind)).contiguous()
         if kind == "scratch":
             buf = torch.empty(pl.numel, dtype=torch.float32, device=device)
             scratch[desc[1]] = buf
