@@ -150,8 +150,10 @@ def check(spec, examples, steps, no_gradients, seed, device):
 @click.option("--out", type=click.Path(file_okay=False), default="out/eval", show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True)
 def eval_cmd(optimizer, task, baselines, steps, seeds, lr, lr_grid, out, threads):
-    """Train TASK with OPTIMIZER (shipped name, spec file, weights file or meta-train run folder)
-    beside baselines; print a table and save a plot of the loss curves."""
+    """Train TASK with OPTIMIZER beside baselines; print a table and save a plot of the loss curves.
+
+    OPTIMIZER is a spec name or file (its initial weights), pretrained:NAME (a shipped
+    meta-trained optimizer, e.g. pretrained:hrnn), a weights file or a meta-train run folder."""
     import json
 
     import torch
@@ -185,8 +187,10 @@ def eval_cmd(optimizer, task, baselines, steps, seeds, lr, lr_grid, out, threads
 
 def _register_meta_train():
     from .meta.cli import meta_train_cmd
+    from .meta.validate import select_cmd
 
     main.add_command(meta_train_cmd, "meta-train")
+    main.add_command(select_cmd, "select")
 
 
 _register_meta_train()

@@ -170,11 +170,26 @@ def plot(runs: dict[str, list[Run]], path, title: str = "") -> None:
     plt.close(fig)
 
 
+#: prefix naming a shipped meta-trained optimizer (``"pretrained:hrnn"``); a bare spec name
+#: (``"hrnn"``) is the spec at its initial weights
+PRETRAINED_PREFIX = "pretrained:"
+
+
 def learned_factory(spec_or_path, lr: float | None = None):
-    """An optimizer factory from a shipped name, a spec file or a weights file."""
+    """An optimizer factory from a spec (shipped name or file: its initial weights), a shipped
+    meta-trained optimizer (``"pretrained:NAME"``), a weights file or a meta-train run folder."""
     from ..runtime.optimizer import LearnedOptimizer
 
     text = str(spec_or_path)
+    if text.startswith(PRETRAINED_PREFIX):
+        from ..weights import resolve_pretrained, shipped_pretrained
+
+        name = text[len(PRETRAINED_PREFIX):]
+        if name not in shipped_pretrained():
+            raise ValueError(f"no shipped pretrained optimizer {name!r} "
+                             f"(shipped: {', '.join(shipped_pretrained()) or 'none'})")
+        path = resolve_pretrained(name)
+        return lambda ps: LearnedOptimizer.from_pretrained(ps, path, lr=lr)
     if text.endswith(".safetensors") or Path(text).is_dir():
         path = Path(text)
         if path.is_dir():
@@ -186,7 +201,7 @@ def learned_factory(spec_or_path, lr: float | None = None):
 def evaluate(optimizer, task: str = "digits_mlp", baselines=("adam",), steps: int = 1000, seeds: int = 3,
              lr_grid: bool = False, task_seed: int = 0, lr: float | None = None, progress: bool = True,
              task_kwargs: dict | None = None) -> dict[str, list[Run]]:
-    """Train ``task`` with ``optimizer`` (shipped name, spec file, weights file or run folder) and the
+    """Train ``task`` with ``optimizer`` (anything :func:`learned_factory` takes) and the
     baselines; with ``lr_grid`` every baseline runs at each rate of :data:`LR_GRID`."""
     from tqdm.auto import tqdm
 
@@ -222,43 +237,10 @@ def best_baseline(runs: dict[str, list[Run]], prefix: str) -> str | None:
     return best
 
 
-#: Seed of the validation stream of synthetic tasks: a generator no meta-training run uses
-#: (meta-training draws its tasks from generators seeded by the run's ``--seed``).
-VALIDATION_SEED = 2_147_483_629
-
-
-def synthetic_validation(optimizer, n_tasks: int = 16, steps: int = 1000, seed: int = VALIDATION_SEED,
+def synthetic_validation(optimizer, n_tasks: int = 16, steps: int = 1000, seed: int | None = None,
                          lr: float | None = None, progress: bool = True) -> dict:
-    """Score ``optimizer`` (shipped name, spec file, weights file or run folder) on ``n_tasks``
-    held-out draws of the synthetic training distribution, each trained for ``steps`` steps.
+    """:func:`lopt_gen.meta.validate.validate` on the synthetic meta-training mix (``family="mix"``)."""
+    from .validate import VALIDATION_SEED, validate
 
-    The score of one task is ``log((f_final − m) / (f_0 − m) + 1e-6)`` with ``f_final`` the
-    trailing mean of the last 20 losses, ``f_0`` the loss before the first update and ``m`` the task's known
-    minimum or lower bound (else 0), the same normalisation as the log relative meta-objective;
-    a diverged task scores ``log(10)`` (ten times its initial excess). Lower is better. This is
-    how checkpoints are compared without looking at the evaluation tasks (digits).
-    """
-    from tqdm.auto import tqdm
-
-    from .tasks import synthetic_mix
-    from .unroll import _loss_shift
-
-    family = synthetic_mix()
-    gen = torch.Generator().manual_seed(int(seed))
-    tasks = [family.sample_task(gen) for _ in range(int(n_tasks))]
-    make = learned_factory(optimizer, lr)
-    scores, names = [], []
-    for i, task in enumerate(tqdm(tasks, disable=not progress, desc="synthetic validation")):
-        run = run_task(task, make, steps, seed=i, name=str(task))
-        shift = _loss_shift(task)
-        if run.diverged or not run.losses:
-            score = math.log(10.0)
-        else:
-            den = max(run.losses[0] - shift, 1e-12)          # the loss before the first update
-            score = math.log(max(_smooth_final(run.losses) - shift, 0.0) / den + 1e-6)
-        scores.append(min(score, math.log(10.0)))
-        names.append(getattr(task, "name", type(task).__name__))
-    mean = sum(scores) / len(scores)
-    std = (sum((s - mean) ** 2 for s in scores) / len(scores)) ** 0.5
-    return {"score": mean, "std": std, "n_tasks": len(scores), "steps": int(steps), "seed": int(seed),
-            "per_task": dict(zip([f"{i}:{n}" for i, n in enumerate(names)], scores))}
+    return validate(optimizer, family="mix", n_tasks=n_tasks, steps=steps,
+                    seed=VALIDATION_SEED if seed is None else seed, lr=lr, progress=progress)

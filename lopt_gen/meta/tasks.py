@@ -57,7 +57,7 @@ __all__ = [
     # registry
     "TASKS", "register_task", "make_task", "CLASSIC_FUNCTIONS",
     # sampling
-    "FamilyEntry", "TaskFamily", "synthetic_mix", "sample_task",
+    "FamilyEntry", "TaskFamily", "synthetic_mix", "mlp_classifiers", "sample_task",
     # losses
     "normalize_loss", "loss_ceiling",
 ]
@@ -1342,6 +1342,26 @@ def synthetic_mix(*, max_dim: int = 20, **transform_probs: Any) -> TaskFamily:
              "p_sparse": 0.05, "name": "synthetic_mix"}
     probs.update(transform_probs)
     return TaskFamily(entries, **probs)
+
+
+def mlp_classifiers() -> TaskFamily:
+    """Small teacher-student MLP classifiers, for choosing checkpoints (not for meta-training).
+
+    Wider than the synthetic mix's ``mlp_classification`` entry: 8–32 inputs, one or two
+    hidden layers of 16–64 units with ReLU or sigmoid, 3–10 classes, 256–1,024 examples in
+    minibatches of 32 or 64, no transformations. It is the family of problems the shipped
+    optimizers are evaluated on (small classifiers trained to a low training loss) without any
+    real data set in it.
+    """
+
+    def classifier(g):
+        width = _randint(g, 16, 64)
+        hidden = (width,) if _bernoulli(g, 0.6) else (width, _randint(g, 16, 64))
+        return {"in_dim": _randint(g, 8, 32), "hidden": hidden, "teacher_hidden": (_randint(g, 8, 32),),
+                "n_classes": _randint(g, 3, 10), "activation": _choice(g, ["relu", "sigmoid"]),
+                "n_samples": _randint(g, 256, 1024), "batch_size": _choice(g, [32, 64])}
+
+    return TaskFamily([FamilyEntry("mlp_classification", 1.0, classifier)], name="mlp_classifiers")
 
 
 def sample_task(generator: torch.Generator, family: TaskFamily | None = None) -> Task:

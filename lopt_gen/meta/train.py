@@ -55,7 +55,7 @@ from .unroll import OBJECTIVES, InnerState, unroll
 
 __all__ = [
     "meta_train", "MetaTrainResult", "CheckpointError", "TaskSource", "resolve_tasks",
-    "load_checkpoint", "CHECKPOINT_FORMAT",
+    "load_checkpoint", "CHECKPOINT_FORMAT", "snapshot_path",
 ]
 
 CHECKPOINT_FORMAT = "lopt_gen.meta.checkpoint/1"
@@ -64,7 +64,7 @@ METRIC_COLUMNS = ["step", "meta_loss", "grad_norm", "clipped", "nonfinite", "res
                   "inner_steps", "outer_lr", "seconds", "eval_loss", "eval_final_loss"]
 # configuration entries a resumed run may change without changing its results
 _RESUMABLE_CHANGES = {"steps", "progress", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_tasks",
-                      "eval_steps", "init_weights"}
+                      "eval_steps", "init_weights", "snapshot_every"}
 
 
 class CheckpointError(ValueError):
@@ -159,6 +159,11 @@ def _json_default(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     return str(x)
+
+
+def snapshot_path(step: int) -> str:
+    """Where ``snapshot_every`` keeps the weights of meta-step ``step``, relative to the run folder."""
+    return f"snapshots/weights-{step:08d}.safetensors"
 
 
 def _step_dir(step: int) -> str:
@@ -292,7 +297,7 @@ class _Trainer:
     def __init__(self, spec, *, estimator, out_dir, seed, tasks, unroll_length, truncation_schedule, outer_lr,
                  clip, tasks_per_step, objective, first_order, num_particles, sigma, inner_lr,
                  schedule_scale, outer_optimizer, clip_mode, checkpoint_every, keep_checkpoints, eval_every,
-                 eval_tasks, eval_steps, init_weights, backend, progress, callback):
+                 eval_tasks, eval_steps, init_weights, backend, progress, callback, snapshot_every=None):
         from ..runtime.engine import get_engine
 
         self.spec = load_spec(spec)
@@ -318,6 +323,9 @@ class _Trainer:
         self.clip, self.clip_mode = (None if clip is None or clip <= 0 else float(clip)), clip_mode
         self.checkpoint_every = max(1, int(checkpoint_every))
         self.keep = max(1, int(keep_checkpoints))
+        if snapshot_every is not None and int(snapshot_every) < 1:
+            raise ValueError(f"snapshot_every must be >= 1 (or None), got {snapshot_every}")
+        self.snapshot_every = int(snapshot_every) if snapshot_every else None
         self.eval_every = int(eval_every) if eval_every else None
         self.eval_tasks, self.eval_steps = int(eval_tasks), int(eval_steps or 4 * unroll_length)
         self.objective = objective
@@ -504,11 +512,14 @@ class _Trainer:
                     row.update(self._evaluate(phi))
                 self._write_metrics(row)
                 history.append(row)
+                extra = {"meta_train": {"step": step, "estimator": self.estimator.name, "seed": self.seed,
+                                        "tasks": self.source.name, "objective": self.objective}}
                 if step % self.checkpoint_every == 0 or step == steps:
-                    extra = {"meta_train": {"step": step, "estimator": self.estimator.name, "seed": self.seed,
-                                            "tasks": self.source.name, "objective": self.objective}}
                     _write_checkpoint(out, step, self.spec, {k: v.detach() for k, v in phi.items()},
                                       self._state(step, opt, gen, slots), extra, self.keep)
+                if self.snapshot_every and step % self.snapshot_every == 0:
+                    save_weights(out / snapshot_path(step), self.spec, {k: v.detach() for k, v in phi.items()},
+                                 extra=extra)
                 bar.update(1)
                 bar.set_postfix(meta_loss=f"{row['meta_loss']:.4g}", gnorm=f"{gnorm:.3g}")
                 if self.callback is not None:
@@ -531,7 +542,7 @@ def meta_train(spec, *, estimator: str | Estimator = "tbptt", steps: int, out_di
                outer_optimizer: str = "adam", clip_mode: str = "norm", checkpoint_every: int = 10,
                keep_checkpoints: int = 2, eval_tasks: int = 4, eval_steps: int | None = None,
                init_weights: str | Path | dict | None = None, backend: str = "torch",
-               num_threads: int | None = None,
+               num_threads: int | None = None, snapshot_every: int | None = None,
                callback: Callable[[int, dict], None] | None = None) -> MetaTrainResult:
     """Meta-train the meta-parameters of ``spec`` for ``steps`` outer steps (see the module docstring).
 
@@ -548,7 +559,10 @@ def meta_train(spec, *, estimator: str | Estimator = "tbptt", steps: int, out_di
     evaluates φ on ``eval_tasks`` fixed episodes of ``eval_steps`` steps (default
     4·``unroll_length``). ``num_threads`` sets torch's intra-op threads for the run (and
     restores them after): inner problems are tiny, and one thread is often fastest.
-    ``callback(step, metrics)`` runs after every meta-step.
+    ``snapshot_every`` keeps the weights of every such meta-step in
+    ``out_dir/snapshots/`` (never pruned), for choosing a checkpoint afterwards with
+    :func:`lopt_gen.meta.validate.validate_many` (``lopt-gen select``). ``callback(step, metrics)`` runs after every
+    meta-step.
     """
     trainer = _Trainer(spec, estimator=estimator, out_dir=out_dir, seed=seed, tasks=tasks,
                        unroll_length=unroll_length, truncation_schedule=truncation_schedule, outer_lr=outer_lr,
@@ -557,7 +571,7 @@ def meta_train(spec, *, estimator: str | Estimator = "tbptt", steps: int, out_di
                        outer_optimizer=outer_optimizer, clip_mode=clip_mode, checkpoint_every=checkpoint_every,
                        keep_checkpoints=keep_checkpoints, eval_every=eval_every, eval_tasks=eval_tasks,
                        eval_steps=eval_steps, init_weights=init_weights, backend=backend, progress=progress,
-                       callback=callback)
+                       callback=callback, snapshot_every=snapshot_every)
     if num_threads is None:
         return trainer.run(int(steps), bool(resume))
     before = torch.get_num_threads()
