@@ -97,6 +97,11 @@ def test_candidates_expand_run_folders_and_shipped_names(run_dir, tmp_path):
     cands = V.validation_candidates([run_dir, f"pretrained:{name}", "adam"])
     assert [c["step"] for c in cands] == [2, 4, None, None]
     assert cands[0]["label"] == "sfl@2" and cands[2]["path"] == str(shipped_pretrained()[name])
+    assert [c["step"] for c in V.validation_candidates([run_dir], every=4)] == [4]
+    one = V.validation_candidates([run_dir / "snapshots" / "weights-00000002.safetensors"])[0]
+    assert (one["label"], one["source"], one["step"]) == ("sfl@2", "sfl", 2)
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        V.validation_candidates([run_dir], every=0)
     bare = tmp_path / "empty"
     bare.mkdir()
     with pytest.raises(ValueError, match="not a meta-training run folder"):

@@ -100,19 +100,24 @@ def _weights_step(path: Path) -> int | None:
         return None
 
 
-def validation_candidates(items) -> list[dict]:
+def validation_candidates(items, every: int | None = None) -> list[dict]:
     """Expand ``items`` into candidates ``{"label", "source", "path", "step"}``.
 
     A meta-training run folder gives one candidate per snapshot in ``snapshots/`` (or its
     ``weights.safetensors`` when it kept none); a weights file gives itself;
     ``"pretrained:NAME"`` the shipped weights file of NAME; anything else (a spec name or file:
-    its initial weights) is passed through to :func:`validate` as it is."""
+    its initial weights) is passed through to :func:`validate` as it is. ``every`` keeps only the
+    snapshots of a run folder whose meta-step is a multiple of it."""
+    if every is not None and int(every) < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
     out = []
     for item in items:
         text = str(item)
         path = Path(text)
         if path.is_dir():
             snaps = sorted(path.glob("snapshots/weights-*.safetensors"))
+            if every:
+                snaps = [p for p in snaps if (_weights_step(p) or 0) % int(every) == 0]
             if not snaps:
                 if not (path / "weights.safetensors").exists():
                     raise ValueError(f"{path} holds neither snapshots/ nor weights.safetensors: "
@@ -125,7 +130,12 @@ def validation_candidates(items) -> list[dict]:
         elif text.endswith(".safetensors"):
             if not path.is_file():
                 raise ValueError(f"no such weights file: {path}")
-            out.append({"label": path.stem, "source": path.stem, "path": text, "step": _weights_step(path)})
+            step = _weights_step(path)
+            if path.parent.name == "snapshots" and step is not None:   # one snapshot of a run folder
+                source = path.parent.parent.name
+                out.append({"label": f"{source}@{step}", "source": source, "path": text, "step": step})
+            else:
+                out.append({"label": path.stem, "source": path.stem, "path": text, "step": step})
         elif text.startswith(PRETRAINED_PREFIX):
             from ..weights import shipped_pretrained
 
@@ -146,7 +156,8 @@ def _cache_key(candidate: dict, family: str, n_tasks: int, steps: int, seed: int
 
 
 def validate_many(items, family: str = "mlp", n_tasks: int = 12, steps: int = 1000, seed: int = VALIDATION_SEED,
-                  lr: float | None = None, cache: str | Path | None = None, progress: bool = True) -> list[dict]:
+                  lr: float | None = None, cache: str | Path | None = None, every: int | None = None,
+                  progress: bool = True) -> list[dict]:
     """Score every candidate of :func:`validation_candidates` (``items``) with :func:`validate`.
 
     Each row is the candidate plus ``score``, ``std``, ``diverged`` and ``per_task``; the row with
@@ -155,7 +166,7 @@ def validate_many(items, family: str = "mlp", n_tasks: int = 12, steps: int = 10
     """
     from tqdm.auto import tqdm
 
-    candidates = validation_candidates(items)
+    candidates = validation_candidates(items, every=every)
     if not candidates:
         raise ValueError("nothing to validate")
     store: dict = {}
@@ -237,8 +248,10 @@ def plot_validation(rows: list[dict], path, title: str = "") -> bool:
 @click.option("--lr", type=float, default=None, help="lr multiplier of the learned optimizers")
 @click.option("--out", type=click.Path(file_okay=False), default="out/select", show_default=True,
               help="folder for validation.md, validation.json, the plot and the score cache")
+@click.option("--every", type=click.IntRange(min=1), default=None,
+              help="score only the snapshots of a run folder whose meta-step is a multiple of N")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-def select_cmd(candidates, family, n_tasks, steps, seed, lr, out, threads):
+def select_cmd(candidates, family, n_tasks, steps, seed, lr, out, every, threads):
     """Score CANDIDATES on held-out tasks and name the best.
 
     A candidate is a spec name or file (its initial weights), pretrained:NAME (a shipped
@@ -251,7 +264,7 @@ def select_cmd(candidates, family, n_tasks, steps, seed, lr, out, threads):
     out_dir = Path(out)
     try:
         rows = validate_many(candidates, family=family, n_tasks=n_tasks, steps=steps, seed=seed, lr=lr,
-                             cache=out_dir / "cache.json")
+                             cache=out_dir / "cache.json", every=every)
     except (SpecError, WeightsError, ValueError, KeyError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         click.echo(f"error: {msg}", err=True)
