@@ -75,3 +75,20 @@ def test_failures_become_notes(bench, tmp_path):
     bad = [r for r in rows if r["spec"] == "no_such_spec"]
     assert len(bad) == 1 and bad[0]["status"] == "failed" and bad[0]["note"]
     assert any(r["contender"] == "adamw-foreach" and r["status"] == "ok" for r in rows)
+
+
+def test_host_batching_bench_counts_fewer_host_operations(capsys):
+    spec = importlib.util.spec_from_file_location("host_batching", ROOT / "benchmarks" / "host_batching.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import lopt_gen.runtime.engine as E
+
+    before = E.MIN_BATCHED_TENSORS
+    module.main(["--specs", "small_fc_lopt", "--tensors", "8", "--size", "4", "--steps", "1"])
+    assert E.MIN_BATCHED_TENSORS == before
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if "small_fc_lopt" in line]
+    modes = {r[2].strip(): r for r in rows}
+    assert set(modes) == {"batched", "per tensor"}
+    host = {m: int(r[5]) for m, r in modes.items()}
+    # two groups of four tensors: the host code runs twice instead of eight times
+    assert 0 < host["batched"] * 3 < host["per tensor"]

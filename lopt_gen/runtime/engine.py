@@ -16,6 +16,12 @@ frees it).  Under autograd they get none and allocate fresh tensors.  The first 
 CPU tensors also raises glibc's heap-trim threshold once (see :func:`_prime_cpu_allocator`),
 so that the remaining chunk-sized temporaries are not page-faulted afresh for every chunk.
 
+Per-tensor host code (bias corrections, per-tensor features, the tensor-level RNN of hrnn)
+runs once for every group of at least :data:`MIN_BATCHED_TENSORS` tensors of the same shape,
+with the group's values stacked on a trailing axis (:func:`~lopt_gen.runtime.ops.batched_over_tensors`),
+instead of once per tensor.  A value that does not fit that layout makes the group fall back to
+the per-tensor loop.
+
 Non-finite gradients (``nonfinite``): ``"skip"`` leaves a tensor whose gradient has a NaN
 or an Inf untouched (parameter, state and step count) and lets it take part in cross-tensor
 reductions with a zero gradient; ``"raise"`` raises :class:`NonFiniteGradientError`;
@@ -90,6 +96,86 @@ def _prime_cpu_allocator() -> None:
     if not _ALLOCATOR_PRIMED:
         _ALLOCATOR_PRIMED = True
         torch.empty(24 << 20, dtype=torch.uint8)
+
+
+#: per-tensor host code runs once for every group of at least this many same-shaped tensors
+#: (below it, stacking and splitting the values costs more than the calls it saves on a CPU)
+MIN_BATCHED_TENSORS = 4
+
+
+def _shape_groups(plans) -> list[list[int]]:
+    """Indices of the tensors grouped by shape (first appearance order)."""
+    groups: dict = {}
+    for i, pl in enumerate(plans):
+        groups.setdefault(pl.shape, []).append(i)
+    return list(groups.values())
+
+
+class _Unbatchable(Exception):
+    """A host value that the batched layout cannot hold (the caller loops over tensors)."""
+
+
+class _BatchedValues:
+    """The host values of several same-shaped tensors, stacked on a trailing axis on first
+    read (see :func:`lopt_gen.runtime.ops.batched_over_tensors`); writes are kept apart
+    until :func:`_run_batched` splits them back per tensor."""
+
+    __slots__ = ("Ts", "G", "read", "out")
+
+    def __init__(self, Ts, G):
+        self.Ts, self.G = Ts, G
+        self.read: dict = {}
+        self.out: dict = {}
+
+    def __getitem__(self, name):
+        if name in self.out:
+            return self.out[name]
+        if name in self.read:
+            return self.read[name]
+        first = self.Ts[0]
+        if name not in first:
+            v = self.G[name]
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                raise _Unbatchable(name)
+            return v
+        vals = [T[name] for T in self.Ts]
+        if not all(isinstance(v, torch.Tensor) and v.shape == vals[0].shape for v in vals):
+            raise _Unbatchable(name)
+        v = self.read[name] = torch.stack(vals, dim=-1)
+        return v
+
+    def __setitem__(self, name, value):
+        self.out[name] = value
+
+    def __contains__(self, name):
+        return name in self.out or name in self.Ts[0] or name in self.G
+
+
+def _run_batched(fn, Ts, G, phi) -> bool:
+    """Run the per-tensor host function ``fn`` once for the same-shaped tensors whose values
+    are ``Ts``, writing each output back into every ``Ts[j]``.  False (nothing written) when a
+    value does not fit the batched layout; the caller then runs ``fn`` per tensor."""
+    V = _BatchedValues(Ts, G)
+    B = len(Ts)
+    try:
+        with ops.batched_over_tensors():
+            fn(V, phi)
+    except _Unbatchable:
+        return False
+    split = {}
+    for name, v in V.out.items():
+        if not isinstance(v, torch.Tensor):
+            split[name] = [v] * B
+        elif v.dim() >= 1 and v.shape[-1] == B:
+            split[name] = v.unbind(-1)
+        elif v.dim() == 0:  # computed from values shared by every tensor
+            split[name] = [v] * B
+        else:
+            return False
+    for name, parts in split.items():
+        for T, part in zip(Ts, parts):
+            T[name] = part
+    return True
 
 
 def _requires_grad(*trees) -> bool:
@@ -393,8 +479,10 @@ class Engine:
             kind = seg["kind"]
             if kind == "tensor":
                 fn = getattr(self.module, seg["fn"])
-                for i in range(n):
-                    fn(ChainMap(T[i], G), phi)
+                for idx in _shape_groups(plans):
+                    if len(idx) < MIN_BATCHED_TENSORS or not _run_batched(fn, [T[i] for i in idx], G, phi):
+                        for i in idx:
+                            fn(ChainMap(T[i], G), phi)
             elif kind == "global":
                 getattr(self.module, seg["fn"])(G, phi)
             elif kind == "finalize":

@@ -20,6 +20,8 @@ its inputs), so nothing a generated function hands back can be overwritten later
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -33,6 +35,8 @@ _ACT = {
     "gelu": F.gelu,
     "silu": F.silu,
 }
+# set while host code runs batched over tensors (see batched_over_tensors)
+_BATCHED: contextvars.ContextVar[bool] = contextvars.ContextVar("lopt_gen_batched_host", default=False)
 # activations that may overwrite their argument (the argument is a buffer nobody else reads)
 _ACT_INPLACE = {
     "relu": torch.relu_,
@@ -150,9 +154,13 @@ def _weight(weight, rows, cols):
 
 
 def _lead(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """A ``[out, *Sb]`` term padded with trailing unit axes to ``ndim`` dimensions, so that
-    it broadcasts against ``[out, *S]`` (per-tensor terms are ``[out]``)."""
+    """A ``[out, *Sb]`` term padded with unit axes to ``ndim`` dimensions, so that it
+    broadcasts against ``[out, *S]`` (per-tensor terms are ``[out]``).  Inside
+    :func:`batched_over_tensors` the per-tensor terms are ``[out, B]``, and the axes go
+    before the tensor axis ``B``."""
     if t.dim() < ndim:
+        if _BATCHED.get() and t.dim() > 1:
+            return t.reshape((t.shape[0],) + (1,) * (ndim - t.dim()) + tuple(t.shape[1:]))
         return t.reshape(tuple(t.shape) + (1,) * (ndim - t.dim()))
     return t
 
@@ -396,7 +404,27 @@ def partial_sum(x, dims):
 
 
 def mean(x):
-    return x.mean() if isinstance(x, torch.Tensor) else torch.tensor(float(x))
+    """The mean of a per-tensor value over its elements (over all axes but the trailing tensor
+    axis inside :func:`batched_over_tensors`)."""
+    if not isinstance(x, torch.Tensor):
+        return torch.tensor(float(x))
+    if _BATCHED.get():
+        return x if x.dim() <= 1 else x.mean(dim=tuple(range(x.dim() - 1)))
+    return x.mean()
+
+
+@contextlib.contextmanager
+def batched_over_tensors():
+    """Within this block, host code runs for several same-shaped tensors at once: every
+    per-tensor value carries the tensors on one extra trailing axis (a scalar of each tensor
+    becomes a vector ``[B]``, a row statistic ``[rows, 1]`` becomes ``[rows, 1, B]``), so
+    elementwise broadcasting is exactly that of one tensor.  :func:`mean` and the padding of
+    per-tensor terms in :func:`linear` and the cells follow that layout."""
+    token = _BATCHED.set(True)
+    try:
+        yield
+    finally:
+        _BATCHED.reset(token)
 
 
 def clip_st(x, lo, hi):
