@@ -51,6 +51,25 @@ def _close(a, b, what: str, rtol: float, atol: float = 1e-6):
         raise BackendMismatch(f"{what}: max difference {err:.3g} (scale {scale:.3g}, rtol {rtol})")
 
 
+def tolerances(spec, rtol: float = 1e-4, atol: float = 1e-6) -> tuple[float, float]:
+    """``(rtol, atol)`` for comparing the Triton and torch steps of ``spec``, widened for the
+    spec's reduced-precision options."""
+    spec = load_spec(spec)
+    if str(getattr(spec, "state_dtype", "float32")) in ("bfloat16", "bf16"):
+        # bf16 state: the backends may round a state to neighbouring bf16 values (2**-8
+        # relative apart), and that difference flows on into parameters, gradients and
+        # whatever is computed from the states (a tensor RNN's input is their mean, which
+        # can be far smaller than the states themselves: hence an absolute floor too)
+        rtol, atol = max(rtol, 2.0 ** -6), max(atol, 2.0 ** -8)
+    precision = getattr(getattr(spec, "network", None), "matmul_precision", "ieee")
+    if precision == "tf32":
+        # tf32 products keep 10 mantissa bits (2**-11 relative rounding of each input)
+        rtol, atol = max(rtol, 2.0 ** -6), max(atol, 2.0 ** -8)
+    elif precision == "tf32x3":
+        rtol = max(rtol, 2.0 ** -13)
+    return rtol, atol
+
+
 def assert_backends_agree(spec, shapes, seed: int = 0, steps: int = 3, gradients: bool = True,
                           rtol: float = 1e-4, lr: float = 0.1, device="cpu") -> None:
     """Raise :class:`BackendMismatch` unless Triton and torch agree on ``steps`` steps.
@@ -67,14 +86,7 @@ def assert_backends_agree(spec, shapes, seed: int = 0, steps: int = 3, gradients
     grads0 = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(steps)]
     probe = [torch.randn(s, generator=gen).to(device) for s in shapes]
     sc = [dict(lr=lr, wd=0.0) for _ in shapes]
-    atol = 1e-6
-    if str(getattr(spec, "state_dtype", "float32")) in ("bfloat16", "bf16"):
-        # bf16 state: the backends may round a state to neighbouring bf16 values (2**-8
-        # relative apart), and that difference flows on into parameters, gradients and
-        # whatever is computed from the states (a tensor RNN's input is their mean, which
-        # can be far smaller than the states themselves: hence an absolute floor too)
-        rtol = max(rtol, 2.0 ** -6)
-        atol = 2.0 ** -8
+    rtol, atol = tolerances(spec, rtol)
     # a spec that reads the loss gets a random positive one per step
     losses = [torch.rand((), generator=gen).to(device) + 0.1 if engine.info["uses_loss"] else None
               for _ in range(steps)]

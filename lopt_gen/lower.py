@@ -708,6 +708,8 @@ class Builder:
                        "tensor": spec.network.hierarchy.tensor.model_dump(),
                        "global": None if spec.network.hierarchy.global_ is None
                        else spec.network.hierarchy.global_.model_dump()}}
+            if spec.network.matmul_precision != "ieee":  # absent at the default: generated files unchanged
+                net["matmul_precision"] = spec.network.matmul_precision
         feats = []
         for f in spec.features:
             for (nm, w, norm, lv) in self.features:

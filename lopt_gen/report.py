@@ -55,6 +55,8 @@ def show_text(spec) -> str:
         net = prog.network
         line = f"network: {net['kind']} {net['inputs']} -> " + " -> ".join(map(str, net["hidden"]))
         line += " -> heads " + ", ".join(f"{k}[{w}]" for k, w in net["outputs"].items())
+        if net.get("matmul_precision", "ieee") != "ieee":
+            line += f" (Triton products of width >= 16 in {net['matmul_precision']})"
         out.append(line)
         if net.get("hierarchy"):
             h = net["hierarchy"]

@@ -239,6 +239,10 @@ class Hierarchy(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
+#: network fields added after the first release, with their defaults (see Spec.canonical_json)
+_LATER_NETWORK_DEFAULTS = {"matmul_precision": "ieee"}
+
+
 class Network(_Strict):
     kind: Literal["mlp", "gru", "lstm"]
     hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(min_length=1, max_length=8)
@@ -247,6 +251,7 @@ class Network(_Strict):
     hierarchy: Hierarchy | None = None
     init_scale: float = Field(default=1.0, gt=0.0)
     head_scale: float = Field(default=1.0, ge=0.0)
+    matmul_precision: Literal["ieee", "tf32x3", "tf32"] = "ieee"
 
     @field_validator("outputs", mode="before")
     @classmethod
@@ -383,6 +388,11 @@ class Spec(_Strict):
     def canonical_json(self) -> str:
         data = self.model_dump(mode="json", by_alias=True)
         if data.get("network"):
+            # fields added after the first release are left out at their default, so that the
+            # hash of every existing spec (and so its weights, caches and runs) stays valid
+            for key, default in _LATER_NETWORK_DEFAULTS.items():
+                if data["network"].get(key) == default:
+                    del data["network"][key]
             # the order of the heads decides which rows of the read-out each one uses
             data["network"]["outputs"] = [[k, v] for k, v in data["network"]["outputs"].items()]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))

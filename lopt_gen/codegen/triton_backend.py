@@ -39,6 +39,10 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
+#: ``tops.matmul``'s DOT argument per ``network.matmul_precision`` (True is exact fp32)
+DOT_MODES = {"ieee": "True", "tf32x3": "3", "tf32": "2"}
+
+
 class _KBody:
     printer_cls = TritonPrinter
 
@@ -243,10 +247,17 @@ class _KBody:
             self.lines.append(f"{acc} = {self._act(acc, n.act)}")
         self.bind_tile(n.outs, acc, opad)
 
+    def dot_mode(self, width: int) -> str:
+        """``tops.matmul``'s DOT argument for a product whose smaller side is ``width``: a
+        broadcast multiply-add below 16, else ``tl.dot`` in the network's matmul precision."""
+        if width < 16:
+            return "False"
+        return DOT_MODES[(self.prog.network or {}).get("matmul_precision", "ieee")]
+
     def _matmul_into(self, acc, ins, w, ld, row0, cols, n_out, opad):
         if self.is_tile(ins) and cols == list(range(cols[0], cols[0] + len(cols))):
             xt, ipad = self.tile_of(ins)
-            dot = "True" if min(len(ins), n_out) >= 16 else "False"
+            dot = self.dot_mode(min(len(ins), n_out))
             self.lines.append(f"{acc} += tops.matmul({xt}, {w}, {ld}, {row0}, {cols[0]}, {n_out}, {len(ins)}, "
                               f"{ipad}, {opad}, {dot})")
         else:
@@ -272,7 +283,7 @@ class _KBody:
                 self.lines.append(f"{acc} += tops.weight_vec(_hv_ptr, {k + gi * hid}, {hid}, {pad})[None, :]")
             self._matmul_into(acc, n.x, w_ih, n_in, gi * hid, list(range(n_in)), hid, pad)
             pre[gname] = acc
-        dot = "True" if hid >= 16 else "False"
+        dot = self.dot_mode(hid)
 
         def hmm(tile, gi):
             return f"tops.matmul({tile}, {w_hh}, {hid}, {gi * hid}, 0, {hid}, {hid}, {pad}, {pad}, {dot})"

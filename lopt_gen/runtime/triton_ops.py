@@ -130,12 +130,18 @@ def weight_row(w_ptr, ld, row, col0, N, PAD: tl.constexpr):
 def matmul(x, w_ptr, ld, row0, col0, N_OUT, N_IN, IPAD: tl.constexpr, OPAD: tl.constexpr, DOT: tl.constexpr):
     """x @ W[row0:row0+N_OUT, col0:col0+N_IN].T for a [BLOCK, IPAD] tile x -> [BLOCK, OPAD].
 
-    ``DOT`` selects tl.dot (fp32, exact IEEE products) over a broadcast multiply-add."""
+    ``DOT`` selects tl.dot over a broadcast multiply-add (False): True for exact fp32 (IEEE)
+    products, 2 for tf32 tensor cores, 3 for tf32x3 (three tf32 products, close to fp32).
+    The interpreter computes every mode in fp32."""
     i = tl.arange(0, IPAD)
     o = tl.arange(0, OPAD)
     wt = tl.load(w_ptr + (row0 + o[None, :]) * ld + col0 + i[:, None],
                  mask=(i[:, None] < N_IN) & (o[None, :] < N_OUT), other=0.0).to(tl.float32)
-    if DOT:
+    if DOT == 2:
+        out = tl.dot(x, wt, input_precision="tf32")
+    elif DOT == 3:
+        out = tl.dot(x, wt, input_precision="tf32x3")
+    elif DOT:
         out = tl.dot(x, wt, input_precision="ieee")
     else:
         out = tl.sum(x[:, :, None] * wt[None, :, :], axis=1)
