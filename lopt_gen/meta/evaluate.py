@@ -140,13 +140,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(runs: dict[str, list[Run]], path, title: str = "") -> None:
-    try:
-        import matplotlib
+    from ..plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - optional dependency
-        raise RuntimeError("plots need matplotlib: pip install 'lopt_gen[demo]'") from exc
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, rs in runs.items():
         curves = [r.losses for r in rs if r.losses]

@@ -212,13 +212,9 @@ def plot_validation(rows: list[dict], path, title: str = "") -> bool:
     series = {k: sorted(v) for k, v in series.items() if len(v) >= 2}
     if not series:
         return False
-    try:
-        import matplotlib
+    from ..plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - optional dependency
-        raise RuntimeError("plots need matplotlib: pip install 'lopt_gen[demo]'") from exc
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, pts in series.items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)

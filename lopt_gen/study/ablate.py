@@ -538,13 +538,12 @@ def format_report(results: dict[str, Any]) -> str:
 
 def _plots(out: Path, results: dict[str, Any]) -> list[str]:
     """Write the loss-curve and final-loss plots; return what could not be drawn."""
-    try:
-        import matplotlib
+    from ..plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - optional dependency
-        return ["plots need matplotlib: pip install 'lopt_gen[demo]'"]
+    try:
+        plt = pyplot()
+    except RuntimeError as exc:  # pragma: no cover - optional dependency
+        return [str(exc)]
     ok = [v for v in results["variants"] if v["status"] == "ok"]
     ref = results["reference"]
 

@@ -427,13 +427,9 @@ def plot_curves(results: dict[str, list[TrainResult]], path, title: str = "") ->
     The y axis is logarithmic. The figure is written as a PNG
     to ``path``; parent folders are created as needed.
     """
-    try:
-        import matplotlib
+    from ..plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RuntimeError(f"plotting needs matplotlib: {_DEMO_HINT}") from exc
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

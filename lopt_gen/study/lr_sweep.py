@@ -398,15 +398,11 @@ def plot_sweep(result: SweepResult, path, title: str | None = None) -> None:
     colour, one row of marks per optimizer so that they do not hide each other. Raises
     ``RuntimeError`` when matplotlib is missing.
     """
-    try:
-        import matplotlib
+    from ..plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.lines import Line2D
-        from matplotlib.ticker import FuncFormatter, NullFormatter
-    except ImportError as exc:
-        raise RuntimeError("plots need matplotlib: pip install 'lopt_gen[demo]'") from exc
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
     try:

@@ -336,14 +336,10 @@ def plot_wallclock(rows: Sequence[Timing], path, title: str | None = None) -> No
     training step (solid) and per optimizer step (dashed) against batch size (log-log), in
     the same colours.
     Raises ``RuntimeError`` when matplotlib is missing."""
-    try:
-        import matplotlib
+    from ..plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.lines import Line2D
-    except ImportError as exc:
-        raise RuntimeError("plots need matplotlib: pip install 'lopt_gen[demo]'") from exc
+    plt = pyplot()
+    from matplotlib.lines import Line2D
 
     fig, (ax, ax_ms) = plt.subplots(1, 2, figsize=(11, 4.5))
     try:
