@@ -204,20 +204,28 @@ def format_validation(rows: list[dict]) -> str:
 
 
 def plot_validation(rows: list[dict], path, title: str = "") -> bool:
-    """Score against meta-step, one line per run folder; returns False when no source has two steps."""
+    """Score against meta-step: a line per run folder, a marker per single weights file with a
+    known step, a dashed level per candidate without one. False (nothing drawn) when no source
+    has two steps."""
     series: dict[str, list[tuple[int, float, float]]] = {}
     for r in rows:
         if r["step"] is not None:
             series.setdefault(r["source"], []).append((r["step"], r["score"], r["std"]))
-    series = {k: sorted(v) for k, v in series.items() if len(v) >= 2}
-    if not series:
+    if not any(len(v) >= 2 for v in series.values()):
         return False
     from ..plotting import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, pts in series.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        pts = sorted(pts)
+        style = {"marker": "o"} if len(pts) >= 2 else {"marker": "s", "linestyle": "none"}
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
+    for r in rows:  # candidates without a meta-step (a spec's initial weights, a shipped name)
+        if r["step"] is None:
+            ax.axhline(r["score"], linestyle="--", linewidth=1, color="0.5")
+            ax.annotate(r["label"], (ax.get_xlim()[0], r["score"]), fontsize=8, color="0.3",
+                        xytext=(4, 3), textcoords="offset points")
     best = min(rows, key=lambda r: r["score"])
     if best["step"] is not None:
         ax.scatter([best["step"]], [best["score"]], s=160, facecolors="none", edgecolors="k", label="best")
