@@ -329,3 +329,24 @@ def test_inference_mode_and_no_grad_steps_mix():
     with torch.inference_mode():
         opt.step()
     assert all(torch.isfinite(p).all() for p in ps)
+
+
+def test_cpu_allocator_priming_sets_glibc_thresholds_once_and_can_be_switched_off(monkeypatch):
+    import lopt_gen.runtime.engine as E
+
+    real_mallopt = E._mallopt
+    calls = []
+    monkeypatch.setattr(E, "_mallopt", lambda param, value: calls.append((param, value)) or True)
+    monkeypatch.setattr(E, "_ALLOCATOR_PRIMED", False)
+    monkeypatch.delenv("LOPT_GEN_MALLOPT", raising=False)
+    E._prime_cpu_allocator()
+    E._prime_cpu_allocator()  # once per process
+    assert calls == [(-1, E.TRIM_THRESHOLD), (-3, E.MMAP_THRESHOLD)]
+    calls.clear()
+    monkeypatch.setattr(E, "_ALLOCATOR_PRIMED", False)
+    monkeypatch.setenv("LOPT_GEN_MALLOPT", "0")
+    E._prime_cpu_allocator()
+    assert calls == [] and E._ALLOCATOR_PRIMED
+    # without glibc the call reports failure instead of raising
+    monkeypatch.setattr(E.sys, "platform", "darwin")
+    assert real_mallopt(-1, 1) is False

@@ -13,7 +13,7 @@ per-element functions get a :class:`~lopt_gen.runtime.ops.Workspace`: their feat
 matrices and hidden activations live in buffers that are reused across chunks, tensors and
 steps (one workspace per engine and thread, kept between steps; :meth:`Engine.release_workspace`
 frees it).  Under autograd they get none and allocate fresh tensors.  The first such step on
-CPU tensors also raises glibc's heap-trim threshold once (see :func:`_prime_cpu_allocator`),
+CPU tensors also sets glibc's mmap and heap-trim thresholds once (see :func:`_prime_cpu_allocator`),
 so that the remaining chunk-sized temporaries are not page-faulted afresh for every chunk.
 
 Per-tensor host code (bias corrections, per-tensor features, the tensor-level RNN of hrnn)
@@ -33,6 +33,8 @@ overflow, is re-checked element by element) and one device synchronisation.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import threading
 import warnings
 from collections import ChainMap
@@ -83,19 +85,42 @@ def _scalar(value, device) -> torch.Tensor:
 _ALLOCATOR_PRIMED = False
 
 
+#: glibc's thresholds set once by :func:`_prime_cpu_allocator` (bytes)
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 256 << 20
+
+
 def _prime_cpu_allocator() -> None:
     """Keep freed chunk-sized temporaries in the heap (once per process).
 
-    glibc's malloc returns the free top of its heap to the system as soon as more than its trim
-    threshold is free (128 KiB, or twice the largest mmap-served block freed so far), so the
-    temporaries that per-element code allocates and frees chunk after chunk are page-faulted
-    afresh every time.  Freeing one 24 MiB block (served by mmap) raises the thresholds to
-    24 MiB (mmap) and 48 MiB (trim), the dynamic adjustment any program that frees a large
-    buffer gets; afterwards up to 48 MiB of freed memory stay in the heap for reuse."""
+    glibc's malloc serves blocks above its mmap threshold (128 KiB at first) with a fresh
+    ``mmap`` and returns the free top of its heap to the system as soon as more than its trim
+    threshold is free, so the temporaries that per-element code allocates and frees chunk after
+    chunk are page-faulted afresh every time.  With glibc this sets both thresholds once, to
+    :data:`MMAP_THRESHOLD` (32 MiB, glibc's own ceiling for its dynamic adjustment) and
+    :data:`TRIM_THRESHOLD` (256 MiB of freed memory kept for reuse).  ``LOPT_GEN_MALLOPT=0``
+    leaves glibc alone; elsewhere (or when ``mallopt`` is not found) freeing one 24 MiB block
+    gets glibc's dynamic adjustment to 24 MiB / 48 MiB instead."""
     global _ALLOCATOR_PRIMED
-    if not _ALLOCATOR_PRIMED:
-        _ALLOCATOR_PRIMED = True
-        torch.empty(24 << 20, dtype=torch.uint8)
+    if _ALLOCATOR_PRIMED:
+        return
+    _ALLOCATOR_PRIMED = True
+    if os.environ.get("LOPT_GEN_MALLOPT", "1") != "0" and _mallopt(-1, TRIM_THRESHOLD) and _mallopt(-3, MMAP_THRESHOLD):
+        return  # M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3
+    torch.empty(24 << 20, dtype=torch.uint8)
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's ``mallopt(param, value)``; False where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)))
+    except (OSError, AttributeError):
+        return False
 
 
 #: per-tensor host code runs once for every group of at least this many same-shaped tensors
