@@ -32,11 +32,9 @@ from ..ir import Leaf, Let, StateWrite
 from ..passes import plan
 from .printer import TritonPrinter, UnsupportedError
 from .torch_backend import _env, local
-from .triton_backend import _kernel, _KBody, _safe
+from .triton_backend import _TL_DTYPE, _kernel, _KBody, _safe
 
 MAX_WEIGHT_SLOTS = 768
-
-_TL_DTYPE = {"float32": "tl.float32", "bfloat16": "tl.bfloat16"}
 
 
 class _BackwardBody(_KBody):

@@ -171,27 +171,35 @@ def plot(runs: dict[str, list[Run]], path, title: str = "") -> None:
 PRETRAINED_PREFIX = "pretrained:"
 
 
-def learned_factory(spec_or_path, lr: float | None = None):
+def pretrained_file(text: str) -> Path | None:
+    """The shipped weights file that ``"pretrained:NAME"`` names (ValueError for an unknown NAME);
+    None for any other text."""
+    if not text.startswith(PRETRAINED_PREFIX):
+        return None
+    from ..weights import shipped_pretrained
+
+    name = text[len(PRETRAINED_PREFIX):]
+    shipped = shipped_pretrained()
+    if name not in shipped:
+        raise ValueError(f"no shipped pretrained optimizer {name!r} (shipped: {', '.join(shipped) or 'none'})")
+    return shipped[name]
+
+
+def learned_factory(spec_or_path, lr: float | None = None, **options):
     """An optimizer factory from a spec (shipped name or file: its initial weights), a shipped
-    meta-trained optimizer (``"pretrained:NAME"``), a weights file or a meta-train run folder."""
+    meta-trained optimizer (``"pretrained:NAME"``), a weights file or a meta-train run folder.
+    ``options`` (``backend``, ``cuda_graph``, ...) go to :class:`LearnedOptimizer`."""
     from ..runtime.optimizer import LearnedOptimizer
 
     text = str(spec_or_path)
-    if text.startswith(PRETRAINED_PREFIX):
-        from ..weights import resolve_pretrained, shipped_pretrained
-
-        name = text[len(PRETRAINED_PREFIX):]
-        if name not in shipped_pretrained():
-            raise ValueError(f"no shipped pretrained optimizer {name!r} "
-                             f"(shipped: {', '.join(shipped_pretrained()) or 'none'})")
-        path = resolve_pretrained(name)
-        return lambda ps: LearnedOptimizer.from_pretrained(ps, path, lr=lr)
-    if text.endswith(".safetensors") or Path(text).is_dir():
+    path = pretrained_file(text)
+    if path is None and (text.endswith(".safetensors") or Path(text).is_dir()):
         path = Path(text)
         if path.is_dir():
             path = path / "weights.safetensors"
-        return lambda ps: LearnedOptimizer.from_pretrained(ps, path, lr=lr)
-    return lambda ps: LearnedOptimizer(ps, spec_or_path, lr=lr)
+    if path is not None:
+        return lambda ps: LearnedOptimizer.from_pretrained(ps, path, lr=lr, **options)
+    return lambda ps: LearnedOptimizer(ps, spec_or_path, lr=lr, **options)
 
 
 def evaluate(optimizer, task: str = "digits_mlp", baselines=("adam",), steps: int = 1000, seeds: int = 3,

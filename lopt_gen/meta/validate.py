@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 import torch
 
-from .evaluate import PRETRAINED_PREFIX, _smooth_final, learned_factory, run_task
+from .evaluate import _smooth_final, learned_factory, pretrained_file, run_task
 from .tasks import mlp_classifiers, synthetic_mix
 
 __all__ = ["VALIDATION_SEED", "VALIDATION_FAMILIES", "validate", "validation_candidates", "validate_many",
@@ -136,14 +136,8 @@ def validation_candidates(items, every: int | None = None) -> list[dict]:
                 out.append({"label": f"{source}@{step}", "source": source, "path": text, "step": step})
             else:
                 out.append({"label": path.stem, "source": path.stem, "path": text, "step": step})
-        elif text.startswith(PRETRAINED_PREFIX):
-            from ..weights import shipped_pretrained
-
-            name = text[len(PRETRAINED_PREFIX):]
-            if name not in shipped_pretrained():
-                raise ValueError(f"no shipped pretrained optimizer {name!r} "
-                                 f"(shipped: {', '.join(shipped_pretrained()) or 'none'})")
-            out.append({"label": text, "source": text, "path": str(shipped_pretrained()[name]), "step": None})
+        elif pretrained_file(text) is not None:
+            out.append({"label": text, "source": text, "path": str(pretrained_file(text)), "step": None})
         else:
             out.append({"label": text, "source": text, "path": text, "step": None})
     return out

@@ -172,9 +172,6 @@ class _BatchedValues:
     def __setitem__(self, name, value):
         self.out[name] = value
 
-    def __contains__(self, name):
-        return name in self.out or name in self.Ts[0] or name in self.G
-
 
 def _run_batched(fn, Ts, G, phi) -> bool:
     """Run the per-tensor host function ``fn`` once for the same-shaped tensors whose values
@@ -189,12 +186,10 @@ def _run_batched(fn, Ts, G, phi) -> bool:
         return False
     split = {}
     for name, v in V.out.items():
-        if not isinstance(v, torch.Tensor):
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:  # computed from values shared by every tensor
             split[name] = [v] * B
-        elif v.dim() >= 1 and v.shape[-1] == B:
+        elif v.shape[-1] == B:
             split[name] = v.unbind(-1)
-        elif v.dim() == 0:  # computed from values shared by every tensor
-            split[name] = [v] * B
         else:
             return False
     for name, parts in split.items():

@@ -125,9 +125,13 @@ def _to_device_table(rows, device) -> torch.Tensor:
     return _send(torch.tensor(rows, dtype=torch.int64), device)
 
 
-def _keep_for_capture(device, *tensors) -> None:
+def launch_tables(ptr_rows, plans, prog_table, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A launch's pointer table (from ``ptr_rows``) and info table (cached per shape list); the
+    cached info and program tables are kept alive while a CUDA graph is captured."""
+    info = info_table(plans, device)
     if _capturing(device):
-        CAPTURE_KEEP.extend(tensors)
+        CAPTURE_KEEP.extend((prog_table, info))
+    return _to_device_table(ptr_rows, device), info
 
 
 def _as_f32(v, device) -> torch.Tensor:
@@ -135,6 +139,21 @@ def _as_f32(v, device) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
         return v.to(device=device, dtype=torch.float32)
     return torch.full((), float(v), dtype=torch.float32, device=device)
+
+
+def _launch_block(meta, items) -> int:
+    """Elements per program of a launch over ``items`` (whose ranks it checks)."""
+    for it in items:
+        if it.pl.rank > MAX_RANK:
+            raise NotImplementedError(f"the Triton backend handles tensors of rank <= {MAX_RANK}; "
+                                      f"got shape {it.pl.orig_shape} (use backend='torch')")
+    # the interpreter's cost is per program, not per element: use few, large programs
+    return max(meta["block"], INTERPRETER_BLOCK) if INTERPRETED else meta["block"]
+
+
+def _reduced_value(it, name: str, level: str, device) -> torch.Tensor:
+    """Item ``it``'s row or column value ``name`` as a contiguous float32 tensor of its reduced shape."""
+    return torch.broadcast_to(_as_f32(it.V[name], device), it.pl.reduced_shape(level)).contiguous()
 
 
 def _host_values_table(items, names, device) -> torch.Tensor:
@@ -212,18 +231,11 @@ class TritonRunner:
         if torch.is_grad_enabled() and self.backward_available() and _wants_grad(items, phi, meta):
             return self._run_differentiable(stage_index, items, phi)
         device = items[0].p.device
-        block = meta["block"]
-        if INTERPRETED:
-            # the interpreter's cost is per program, not per element: use few, large programs
-            block = max(block, INTERPRETER_BLOCK)
+        block = _launch_block(meta, items)
         n_ptr = max(1, len(meta["args"]))
         n_hv = max(1, len(meta["hv"]))
         keep, fixups, ptr_rows, scratches = [], [], [], []
-        for t, it in enumerate(items):
-            pl = it.pl
-            if pl.rank > MAX_RANK:
-                raise NotImplementedError(f"the Triton backend handles tensors of rank <= {MAX_RANK}; "
-                                          f"got shape {pl.orig_shape} (use backend='torch')")
+        for it in items:
             row, scratch = [], {}
             for desc in meta["args"]:
                 buf = self._buffer(desc, it, scratch, fixups)
@@ -233,9 +245,7 @@ class TritonRunner:
             scratches.append(scratch)
         prog_table, spans = program_table([it.pl.numel for it in items], block, device)
         n_progs = prog_table.shape[0]
-        ptrs = _to_device_table(ptr_rows, device)
-        info = info_table([it.pl for it in items], device)
-        _keep_for_capture(device, prog_table, info)
+        ptrs, info = launch_tables(ptr_rows, [it.pl for it in items], prog_table, device)
         with torch.no_grad():
             hv = _host_values_table(items, meta["hv"], device)
         nred = max(1, len(meta["reductions"]))
@@ -250,14 +260,7 @@ class TritonRunner:
     def _run_differentiable(self, stage_index, items, phi):
         """One launch as an autograd node whose backward runs the generated backward kernel."""
         meta, _ = self.kernels[stage_index]
-        block = meta["block"]
-        if INTERPRETED:
-            block = max(block, INTERPRETER_BLOCK)
-        for it in items:
-            if it.pl.rank > MAX_RANK:
-                raise NotImplementedError(f"the Triton backend handles tensors of rank <= {MAX_RANK}; "
-                                          f"got shape {it.pl.orig_shape} (use backend='torch')")
-        launch = _Launch(self, stage_index, items, block)
+        launch = _Launch(self, stage_index, items, _launch_block(meta, items))
         device = launch.device
         flat = []
         for it in items:
@@ -268,8 +271,7 @@ class TritonRunner:
                 elif kind == "state":
                     flat.append(it.tstate[d[1]].contiguous())
                 else:
-                    val = _as_f32(it.V[d[1]], device)
-                    flat.append(torch.broadcast_to(val, it.pl.reduced_shape(kind)).contiguous())
+                    flat.append(_reduced_value(it, d[1], kind, device))
         flat += [phi[m] for m in launch.weights]
         hv = _host_values_table(items, launch.bmeta["hv"], device)  # differentiable: the adjoints flow back
         out = _KernelStage.apply(launch, hv, *flat)
@@ -298,8 +300,7 @@ class TritonRunner:
         if kind == "state":
             return it.tstate[desc[1]].contiguous()
         if kind in ("row", "col"):
-            val = _as_f32(it.V[desc[1]], device)
-            return torch.broadcast_to(val, pl.reduced_shape(kind)).contiguous()
+            return _reduced_value(it, desc[1], kind, device)
         if kind == "scratch":
             buf = torch.empty(pl.numel, dtype=torch.float32, device=device)
             scratch[desc[1]] = buf
@@ -391,10 +392,7 @@ class _Launch:
         return per_item, weights
 
     def _tables(self, rows):
-        dev = self.device
-        info = info_table(self.plans, dev)
-        _keep_for_capture(dev, info, self.prog_table)
-        return _to_device_table(rows, dev), info, self.prog_table
+        return (*launch_tables(rows, self.plans, self.prog_table, self.device), self.prog_table)
 
     def forward(self, hv, flat):
         per_item, weights = self.split(flat)

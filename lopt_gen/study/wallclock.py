@@ -126,19 +126,14 @@ def optimizer_factory(name: str, backend: str = "auto", cuda_graph: bool = False
 
     The learned optimizer is built once on a dummy parameter so that a name that does not
     load fails here (``SpecError`` / ``WeightsError``, both ``ValueError``s)."""
-    from ..runtime.optimizer import LearnedOptimizer
+    from ..meta.evaluate import learned_factory
 
     if name in BASELINES:
         lr = DEFAULT_LR[name]
         return name, lambda ps: BASELINES[name](ps, lr)
     source = name[len(LEARNED_PREFIX):] if name.startswith(LEARNED_PREFIX) else name
     path = Path(source)
-    if source.endswith(".safetensors") or path.is_dir():
-        def make(ps):
-            return LearnedOptimizer.from_pretrained(ps, path, backend=backend, cuda_graph=cuda_graph)
-    else:
-        def make(ps):
-            return LearnedOptimizer(ps, source, backend=backend, cuda_graph=cuda_graph)
+    make = learned_factory(source, backend=backend, cuda_graph=cuda_graph)
     make([torch.zeros(1, requires_grad=True)])
     label = LEARNED_PREFIX + (path.stem if path.suffix else path.name)
     return label, make
