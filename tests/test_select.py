@@ -102,6 +102,8 @@ def test_candidates_expand_run_folders_and_shipped_names(run_dir, tmp_path):
     assert (one["label"], one["source"], one["step"]) == ("sfl@2", "sfl", 2)
     with pytest.raises(ValueError, match="every must be >= 1"):
         V.validation_candidates([run_dir], every=0)
+    with pytest.raises(ValueError, match=r"every=3 keeps none of the snapshots .*meta-steps 2, 4"):
+        V.validation_candidates([run_dir], every=3)
     bare = tmp_path / "empty"
     bare.mkdir()
     with pytest.raises(ValueError, match="not a meta-training run folder"):

@@ -116,8 +116,13 @@ def validation_candidates(items, every: int | None = None) -> list[dict]:
         path = Path(text)
         if path.is_dir():
             snaps = sorted(path.glob("snapshots/weights-*.safetensors"))
-            if every:
-                snaps = [p for p in snaps if (_weights_step(p) or 0) % int(every) == 0]
+            if every and snaps:
+                kept = [p for p in snaps if (_weights_step(p) or 0) % int(every) == 0]
+                if not kept:
+                    steps = ", ".join(str(_weights_step(p)) for p in snaps)
+                    raise ValueError(f"every={every} keeps none of the snapshots of {path} "
+                                     f"(meta-steps {steps}); choose a divisor of one of them")
+                snaps = kept
             if not snaps:
                 if not (path / "weights.safetensors").exists():
                     raise ValueError(f"{path} holds neither snapshots/ nor weights.safetensors: "
