@@ -47,13 +47,15 @@ def _label(module, name, label, phase, undo):
     setattr(module, name, wrapped)
 
 
-def _optimizer(spec, n, size):
+def _optimizer(spec, n, size, backend="torch"):
+    """An optimizer (shipped weights where there are some) over ``n`` tensors, alternately a
+    ``size×size`` matrix and a ``size`` vector, each with a gradient."""
     params = [torch.randn(size, size, requires_grad=True) if i % 2 == 0 else torch.randn(size, requires_grad=True)
               for i in range(n)]
     if spec in shipped_pretrained():
-        opt = lopt_gen.LearnedOptimizer.from_pretrained(params, spec)
+        opt = lopt_gen.LearnedOptimizer.from_pretrained(params, spec, backend=backend)
     else:
-        opt = lopt_gen.LearnedOptimizer(params, spec)
+        opt = lopt_gen.LearnedOptimizer(params, spec, backend=backend)
     for p in params:
         p.grad = torch.randn_like(p)
     return opt

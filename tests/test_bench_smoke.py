@@ -92,3 +92,21 @@ def test_host_batching_bench_counts_fewer_host_operations(capsys):
     host = {m: int(r[5]) for m, r in modes.items()}
     # two groups of four tensors: the host code runs twice instead of eight times
     assert 0 < host["batched"] * 3 < host["per tensor"]
+
+
+@pytest.mark.parametrize("spec_name", ["small_fc_lopt", "hrnn"])
+def test_triton_step_launches_do_not_grow_with_the_number_of_tensors(spec_name, capsys):
+    """Host operations that launch a kernel, per Triton step: the same for 8 and for 16
+    tensors of the same two shapes (they grow with the number of shapes, not of tensors)."""
+    spec = importlib.util.spec_from_file_location("triton_host_ops", ROOT / "benchmarks" / "triton_host_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    counts = {}
+    for n in (8, 16):
+        opt = module._optimizer(spec_name, n, 4)
+        opt.step()
+        counts[n] = module.count_step(opt)
+    assert counts[8]["aten_kernels"] == counts[16]["aten_kernels"] > 0
+    assert counts[8]["stage_launches"] == counts[16]["stage_launches"] == len(opt.engine.info["stages"])
+    module.main(["--specs", spec_name, "--tensors", "4"])
+    assert f"| {spec_name} | 4 |" in capsys.readouterr().out

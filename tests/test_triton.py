@@ -18,19 +18,37 @@ def _non_contiguous(g):
 
 @pytest.mark.parametrize("name", sorted(shipped_specs()))
 def test_triton_trajectory_equals_torch(name):
-    gen = torch.Generator().manual_seed(hash(name) % 1000)
-    params = [torch.randn(s, generator=gen) for s in SHAPES]
+    lr = {"adam": 1e-2, "adamw": 1e-2, "rmsprop": 1e-2, "sgd_momentum": 1e-2}.get(name)
+    _trajectories_agree(name, SHAPES, STEPS.get(name, 20), seed=hash(name) % 1000, weight_seed=2, lr=lr,
+                        non_contiguous=True)
+
+
+# four tensors of each of two shapes and a lone third (groups for the batched host code, the
+# grouped row/column reductions and the multi-tensor state writes), interleaved
+GROUPED = [(5, 7), (9,), (5, 7), (), (5, 7), (9,), (5, 7), (3, 4, 2), (9,), (9,), ()]
+
+
+@pytest.mark.parametrize("name", ["small_fc_lopt", "mulo", "hrnn"])
+def test_triton_trajectory_with_shape_groups_equals_torch(name):
+    _trajectories_agree(name, GROUPED, 6, seed=5, weight_seed=3)
+
+
+def _trajectories_agree(name, shapes, steps, seed, weight_seed, lr=None, non_contiguous=False):
+    """In-place steps of the Triton and the torch optimizer from the same start agree: the
+    parameters after every step, every state at the end (odd steps may hand the Triton
+    optimizer non-contiguous gradients)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen) for s in shapes]
     a = [p.clone().requires_grad_() for p in params]
     b = [p.clone().requires_grad_() for p in params]
-    w = lopt_gen.init_weights(name, seed=2)
-    lr = {"adam": 1e-2, "adamw": 1e-2, "rmsprop": 1e-2, "sgd_momentum": 1e-2}.get(name)
+    w = lopt_gen.init_weights(name, seed=weight_seed)
     oa = LearnedOptimizer(a, name, weights=w, backend="torch", lr=lr)
     ob = LearnedOptimizer(b, name, weights=w, backend="triton", lr=lr)
-    for step in range(STEPS.get(name, 20)):
+    for step in range(steps):
         for x, y in zip(a, b):
             g = torch.randn(x.shape, generator=gen)
             x.grad = g.clone()
-            y.grad = _non_contiguous(g.clone()) if step % 2 else g.clone()
+            y.grad = _non_contiguous(g.clone()) if non_contiguous and step % 2 else g.clone()
         oa.step()
         ob.step()
         for x, y in zip(a, b):
@@ -91,11 +109,22 @@ def test_triton_rejects_rank_above_four_clearly():
 def test_gradients_through_triton_function_equal_torch_autograd(name, first_order):
     """Two unrolled steps: d(loss)/d(phi, params, grads, states) through the Triton autograd
     Function equals plain autograd through the torch step."""
+    _gradients_agree(name, first_order, [(4, 6), (5,), ()])
+
+
+@pytest.mark.parametrize("name", ["small_fc_lopt", "mulo"])
+def test_gradients_through_triton_function_with_shape_groups(name):
+    """The same with four tensors of each of two shapes, interleaved: the batched host code,
+    the grouped row/column reductions and the second pass of whole-tensor sums are
+    differentiated too."""
+    _gradients_agree(name, False, [(3, 4), (5,)] * 4)
+
+
+def _gradients_agree(name, first_order, shapes):
     from lopt_gen.runtime.autograd import differentiable_step
 
     engine = get_engine(load_spec(name))
     gen = torch.Generator().manual_seed(21)
-    shapes = [(4, 6), (5,), ()]
     phi0 = engine.init_weights(seed=4)
     params0 = [torch.randn(s, generator=gen) for s in shapes]
     grads0 = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(2)]

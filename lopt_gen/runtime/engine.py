@@ -189,7 +189,9 @@ def _run_batched(fn, Ts, G, phi) -> bool:
         if not isinstance(v, torch.Tensor) or v.dim() == 0:  # computed from values shared by every tensor
             split[name] = [v] * B
         elif v.shape[-1] == B:
-            split[name] = v.unbind(-1)
+            # row/column values: one copy for the group makes each tensor's part contiguous,
+            # the layout a kernel reads (instead of one copy per tensor there)
+            split[name] = v.unbind(-1) if v.dim() == 1 else v.movedim(-1, 0).contiguous().unbind(0)
         else:
             return False
     for name, parts in split.items():
@@ -363,6 +365,16 @@ class Engine:
 
         G: dict = {}
         T: list[dict] = [dict() for _ in range(n)]
+        fills: dict = {}  # one fill per distinct number (tensors of a group share lr, wd, ...)
+
+        def scalar(value):
+            if isinstance(value, torch.Tensor):
+                return _scalar(value, dev)
+            v = fills.get(float(value))
+            if v is None:
+                v = fills[float(value)] = _scalar(value, dev)
+            return v
+
         for leaf in info["leaves"]:
             name, kind, level = leaf["name"], leaf["kind"], leaf["level"]
             if kind == "meta":
@@ -370,16 +382,17 @@ class Engine:
                 G[name] = w if leaf["index"] is None else w[leaf["index"]]
             elif kind == "input" and name == "loss":
                 G[name] = torch.as_tensor(loss, dtype=torch.float32, device=dev).detach().reshape(())
-            elif kind == "input" and name in ("t", "lr", "wd"):
+            elif kind == "input" and name == "t":
+                if n:  # one conversion for all tensors
+                    for i, t in enumerate(torch.stack([st["step"] for st in tstates]).to(torch.float64).unbind(0)):
+                        T[i][name] = t
+            elif kind == "input" and name in ("lr", "wd"):
                 for i in range(n):
-                    if name == "t":
-                        T[i][name] = tstates[i]["step"].to(torch.float64)
-                    else:
-                        T[i][name] = _scalar(scalars[i].get(name, 0.0 if name == "wd" else 1.0), dev)
+                    T[i][name] = scalar(scalars[i].get(name, 0.0 if name == "wd" else 1.0))
             elif kind == "hyper":
                 default = info["hyper"][name]
                 for i in range(n):
-                    T[i][name] = _scalar(scalars[i].get(name, default), dev)
+                    T[i][name] = scalar(scalars[i].get(name, default))
             elif kind == "state" and level == "global":
                 G[name] = gstate[leaf["source"]][leaf["index"]]
             elif kind == "state" and level != "elem":
@@ -398,9 +411,11 @@ class Engine:
         collected: list[dict] = [dict() for _ in range(n)]
         final = info["num_stages"] - 1
         partials: list[dict] = [dict() for _ in range(n)]
+        launched = None  # (tensor indices, LaunchSums) of the previous stage's Triton launch
         for stage in info["stages"]:
-            self._host_phase(stage, T, G, phi, plans, partials)
+            self._host_phase(stage, T, G, phi, plans, partials, launched)
             partials = [dict() for _ in range(n)]
+            launched = None
             if backend == "triton":
                 from .triton_runner import StageItem
 
@@ -413,9 +428,7 @@ class Engine:
                         if final_now else (None, None)
                     items.append(StageItem(plans[i], ChainMap(T[i], G), flat_g[i], flat_p[i], tstates[i], *outs))
                     idx.append(i)
-                for i, res in zip(idx, self.triton_runner().run(stage["index"], items, phi)):
-                    for name, val in res.items():
-                        partials[i][name] = [val]
+                launched = (idx, self.triton_runner().run(stage["index"], items, phi))
                 continue
             fn = getattr(self.module, stage["elem_fn"])
             fn_ws = ws if ws is not None and _takes_workspace(fn) else None
@@ -492,7 +505,7 @@ class Engine:
             host[name] = v
         return host, sliced
 
-    def _host_phase(self, stage, T, G, phi, plans, partials):
+    def _host_phase(self, stage, T, G, phi, plans, partials, launched=None):
         n = len(T)
         done: dict = {}  # reductions of the same partial sums (shared by the generated code)
         for seg in stage["host"]:
@@ -507,6 +520,9 @@ class Engine:
                 getattr(self.module, seg["fn"])(G, phi)
             elif kind == "finalize":
                 for r in seg["reductions"]:
+                    if launched is not None and r["name"] in launched[1]:
+                        self._finalize_launched(r, launched, T, G, plans, done)
+                        continue
                     if r["over"] == "all":
                         total = sum(pl.numel for pl in plans)
                         G[r["name"]] = sum(torch.stack(partials[i][r["name"]]).sum() for i in range(n)) / total
@@ -532,6 +548,28 @@ class Engine:
                 for r in seg["reductions"]:
                     G[r["name"]] = torch.stack([T[i][r["arg"]] for i in range(n)]).mean(0) if n else \
                         torch.zeros(())
+
+    @staticmethod
+    def _finalize_launched(r, launched, T, G, plans, done):
+        """Divide reduction ``r`` of a Triton launch by its counts, for every tensor at once:
+        one operation per reduction (per shape group for row and column ones), not per tensor."""
+        idx, sums = launched
+        name, over = r["name"], r["over"]
+        if over == "all":
+            G[name] = sums.tensor[name].sum() / sum(pl.numel for pl in plans)
+            return
+        if over == "tensor":
+            vec = sums.tensor[name]
+            key = ("tensor", id(vec))  # reductions sharing a slot share the result
+            if key not in done:
+                done[key] = (vec / sums.numel).unbind(0)
+            for i, v in zip(idx, done[key]):
+                T[i][name] = v
+            return
+        for positions, x in sums.rowcol[name]:
+            res = (x / plans[idx[positions[0]]].count[over]).unbind(0)
+            for pos, v in zip(positions, res):
+                T[idx[pos]][name] = v
 
     @staticmethod
     def _chunk_shape(pl, length, over):
@@ -575,17 +613,28 @@ class Engine:
         info = self.info
         n = len(params)
         new_params, new_tstates = [], []
+        if inplace:  # every tensor's state written by one multi-tensor copy, its step by one add
+            dsts, srcs, steps = [], [], []
+            for i in range(n):
+                if not ok[i]:
+                    continue
+                st = tstates[i]
+                for w in info["writes"]:
+                    if w["level"] in ("global", "elem"):
+                        continue
+                    dst = st[w["state"]]
+                    for j, v in enumerate(w["values"]):
+                        dsts.append(dst[j])
+                        srcs.append(torch.broadcast_to(T[i][v], dst.shape[1:]).to(dst.dtype))
+                steps.append(st["step"])
+            if dsts:
+                torch._foreach_copy_(dsts, srcs)
+            if steps:
+                torch._foreach_add_(steps, 1)
         for i in range(n):
             pl = plans[i]
             st = tstates[i]
             if inplace:
-                if ok[i]:
-                    for w in info["writes"]:
-                        if w["level"] in ("global", "elem"):
-                            continue
-                        vals = torch.stack([torch.broadcast_to(T[i][v], st[w["state"]].shape[1:]) for v in w["values"]])
-                        st[w["state"]].copy_(vals)
-                    st["step"].add_(1)
                 new_params.append(params[i])
                 new_tstates.append(st)
                 continue

@@ -89,6 +89,22 @@ def program_table(numels, block: int, device) -> tuple[torch.Tensor, list[tuple[
     return _remember(_PROGRAM_TABLES, (numels, block, device), make)
 
 
+_SPAN_TABLES: dict = {}
+
+
+def span_table(numels, block: int, device) -> torch.Tensor:
+    """``(tensors, 2)`` int32 on ``device``: each tensor's first and past-the-last row of the
+    program table (:func:`program_table`), for the second pass of whole-tensor reductions."""
+    numels = tuple(int(n) for n in numels)
+    device = torch.device(device)
+
+    def make():
+        _, spans = program_table(numels, block, device)
+        return _send(torch.tensor(spans, dtype=torch.int32).reshape(len(numels), 2), device)
+
+    return _remember(_SPAN_TABLES, (numels, block, device), make)
+
+
 def info_table(plans, device) -> torch.Tensor:
     """``(tensors, 13)`` int64 rows: numel, the shape padded to rank 4, and the element strides
     of its row- and column-reduced shapes (cached per list of shapes)."""
@@ -153,33 +169,76 @@ def _launch_block(meta, items) -> int:
 
 def _reduced_value(it, name: str, level: str, device) -> torch.Tensor:
     """Item ``it``'s row or column value ``name`` as a contiguous float32 tensor of its reduced shape."""
-    return torch.broadcast_to(_as_f32(it.V[name], device), it.pl.reduced_shape(level)).contiguous()
+    v = _as_f32(it.V[name], device)
+    shape = it.pl.reduced_shape(level)
+    return v if v.shape == shape and v.is_contiguous() else torch.broadcast_to(v, shape).contiguous()
 
 
 def _host_values_table(items, names, device) -> torch.Tensor:
-    """``(tensors, max(1, len(names)))`` float32: the per-tensor scalar values a kernel reads."""
+    """``(tensors, max(1, len(names)))`` float32: the per-tensor scalar values a kernel reads
+    (one column per name, each stacked over the tensors at once)."""
     if not names:
         return torch.zeros((len(items), 1), dtype=torch.float32, device=device)
-    vals = []
-    for it in items:
-        for n in names:
-            vals.append(_as_f32(it.V[n], device).reshape(()))
-    return torch.stack(vals).view(len(items), len(names))
+    cols = []
+    for n in names:
+        vals = [it.V[n] for it in items]
+        if all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in vals):
+            cols.append(torch.stack(vals).to(device=device, dtype=torch.float32))
+        else:
+            cols.append(torch.stack([_as_f32(v, device).reshape(()) for v in vals]))
+    return torch.stack(cols, 1)
 
 
-def _reduction_values(meta, part, span, pl, scratch_of) -> dict:
-    """One tensor's reductions of a launch: whole-tensor and whole-model ones summed from its
-    slice ``span`` of the per-program partial sums (a deterministic second pass), row and
-    column ones reduced from the per-element scratch buffer ``scratch_of(name)``."""
-    a, b = span
-    out = {}
+class LaunchSums:
+    """A launch's reductions, summed over their axes but not yet divided by their counts.
+
+    ``tensor``: ``{name: (items,) float32}`` for whole-tensor and whole-model reductions, from
+    one second pass over the per-program partial sums (:mod:`.triton_segments`);
+    ``rowcol``: ``{name: [(positions, sums)]}`` for row and column reductions, one entry per
+    group of same-shaped items: ``sums[b]`` is item ``positions[b]``'s sum, of its reduced shape;
+    ``numel``: ``(items,)`` int64, each item's element count (the whole-tensor count)."""
+
+    __slots__ = ("tensor", "rowcol", "numel")
+
+    def __init__(self, numel):
+        self.tensor: dict = {}
+        self.rowcol: dict = {}
+        self.numel = numel
+
+    def __contains__(self, name) -> bool:
+        return name in self.tensor or name in self.rowcol
+
+
+def _shape_groups(items) -> list[list[int]]:
+    """Positions of ``items`` grouped by shape (first appearance order)."""
+    groups: dict = {}
+    for k, it in enumerate(items):
+        groups.setdefault(it.pl.shape, []).append(k)
+    return list(groups.values())
+
+
+def _launch_sums(meta, part, items, numel, spans, tensor_of, rowcol_groups, differentiable=False) -> LaunchSums:
+    """Every reduction of a launch: whole-tensor and whole-model ones from one deterministic
+    second pass over ``part``; row and column ones summed group by group from the per-element
+    scratch values, ``rowcol_groups(name)`` giving ``[(positions, (len(positions), numel) values)]``."""
+    out = LaunchSums(numel)
+    slots = [(r["name"], r["slot"]) for r in meta["reductions"] if r["over"] in ("tensor", "all")]
+    if slots:
+        from .triton_segments import SegmentSums, segment_sums
+
+        seg = SegmentSums.apply(part, spans, tensor_of) if differentiable else segment_sums(part, spans)
+        for name, slot in slots:
+            out.tensor[name] = seg[:, slot]
     for r in meta["reductions"]:
         if r["over"] in ("tensor", "all"):
-            out[r["name"]] = part[a:b, r["slot"]].sum()
-        else:
+            continue
+        groups = []
+        for positions, x in rowcol_groups(r["name"]):
+            pl = items[positions[0]].pl
+            x = x.view((len(positions),) + pl.shape)
             dims = pl.dims[r["over"]]
-            x = scratch_of(r["name"]).view(pl.shape)
-            out[r["name"]] = x if not dims else x.sum(dim=dims, keepdim=True)
+            groups.append((positions, x.sum(dim=tuple(d + 1 for d in dims), keepdim=True) if dims else x))
+        out.rowcol[r["name"]] = groups
     return out
 
 
@@ -234,18 +293,34 @@ class TritonRunner:
         block = _launch_block(meta, items)
         n_ptr = max(1, len(meta["args"]))
         n_hv = max(1, len(meta["hv"]))
-        keep, fixups, ptr_rows, scratches = [], [], [], []
-        for it in items:
-            row, scratch = [], {}
+        keep, fixups, ptr_rows = [], [], []
+        # scratch (per-element values of row/column reductions): one buffer per group of
+        # same-shaped tensors, so that each group is reduced at once after the launch
+        groups = _shape_groups(items)
+        scratches = [dict() for _ in items]
+        group_scratch: dict = {}
+        for desc in meta["args"]:
+            if desc[0] != "scratch":
+                continue
+            for positions in groups:
+                buf = torch.empty((len(positions), items[positions[0]].pl.numel), dtype=torch.float32, device=device)
+                group_scratch.setdefault(desc[1], []).append((positions, buf))
+                for b, k in enumerate(positions):
+                    scratches[k][desc[1]] = buf[b]
+        for it, scratch in zip(items, scratches):
+            row = []
             for desc in meta["args"]:
                 buf = self._buffer(desc, it, scratch, fixups)
                 keep.append(buf)
                 row.append(buf.data_ptr())
             ptr_rows.append(row or [0])
-            scratches.append(scratch)
-        prog_table, spans = program_table([it.pl.numel for it in items], block, device)
+        numels = [it.pl.numel for it in items]
+        prog_table, _ = program_table(numels, block, device)
+        spans = span_table(numels, block, device)
         n_progs = prog_table.shape[0]
         ptrs, info = launch_tables(ptr_rows, [it.pl for it in items], prog_table, device)
+        if _capturing(device):
+            CAPTURE_KEEP.append(spans)
         with torch.no_grad():
             hv = _host_values_table(items, meta["hv"], device)
         nred = max(1, len(meta["reductions"]))
@@ -254,8 +329,7 @@ class TritonRunner:
         kernel[(n_progs,)](ptrs, info, prog_table, hv, part, *weights, N_PTR=n_ptr, N_HV=n_hv, BLOCK=block)
         for tmp, dst in fixups:
             dst.copy_(tmp.view(dst.shape).to(dst.dtype))
-        return [_reduction_values(meta, part, span, it.pl, scratch.__getitem__)
-                for it, span, scratch in zip(items, spans, scratches)]
+        return _launch_sums(meta, part, items, info[:, 0], spans, None, group_scratch.__getitem__)
 
     def _run_differentiable(self, stage_index, items, phi):
         """One launch as an autograd node whose backward runs the generated backward kernel."""
@@ -277,16 +351,18 @@ class TritonRunner:
         out = _KernelStage.apply(launch, hv, *flat)
         part, rest = out[0], out[1:]
         n_out = len(launch.out_descs)
-        results = []
-        for t, (it, span) in enumerate(zip(items, launch.spans)):
+        scratch: dict = {}
+        for t, it in enumerate(items):
             mine = dict(zip(launch.out_descs, rest[t * n_out:(t + 1) * n_out]))
             for d, val in mine.items():
                 if d[0] == "out_param":
                     it.out_param.copy_(val.view(it.out_param.shape))
                 elif d[0] == "out_state":
                     it.out_states[d[1]].copy_(val)
-            results.append(_reduction_values(meta, part, span, it.pl, lambda name, mine=mine: mine[("scratch", name)]))
-        return results
+                elif d[0] == "scratch":  # one group per item: these are separate autograd outputs
+                    scratch.setdefault(d[1], []).append(([t], val.view(1, -1)))
+        return _launch_sums(meta, part, items, info_table(launch.plans, device)[:, 0], launch.span_table,
+                            launch.tensor_of, scratch.__getitem__, differentiable=True)
 
     @staticmethod
     def _buffer(desc, it, scratch, fixups):
@@ -302,9 +378,7 @@ class TritonRunner:
         if kind in ("row", "col"):
             return _reduced_value(it, desc[1], kind, device)
         if kind == "scratch":
-            buf = torch.empty(pl.numel, dtype=torch.float32, device=device)
-            scratch[desc[1]] = buf
-            return buf
+            return scratch[desc[1]]
         if kind in ("out_param", "out_state"):
             dst = it.out_param if kind == "out_param" else it.out_states[desc[1]]
             want = torch.float32 if kind == "out_param" else dst.dtype
@@ -381,7 +455,10 @@ class _Launch:
         self.in_descs = descs
         self.out_descs = [d for d in self.meta["args"] if d[0] in ("scratch", "out_param", "out_state")]
         self.weights = list(dict.fromkeys(list(self.meta["weights"]) + list(self.bmeta["weights"])))
-        self.prog_table, self.spans = program_table([pl.numel for pl in self.plans], block, self.device)
+        numels = [pl.numel for pl in self.plans]
+        self.prog_table, self.spans = program_table(numels, block, self.device)
+        self.span_table = span_table(numels, block, self.device)
+        self.tensor_of = self.prog_table[:, 0].contiguous()
         self.n_progs = self.prog_table.shape[0]
         self.n_in = len(self.in_descs)
 

@@ -1,0 +1,113 @@
+"""Host operations around the Triton kernels of one optimizer step, counted on the CPU.
+
+On a GPU every aten operation that computes something is a kernel launch, and every
+operation at all costs Python and dispatcher time in an eager step; a CUDA graph removes the
+second cost but not the first.  This script counts both for ``backend="triton"`` steps in the
+Triton interpreter (``TRITON_INTERPRET=1``), so the launch count can be tracked on a machine
+without a GPU.  Operations issued from inside an interpreted kernel are not counted (on a GPU
+the kernel is one launch); the generated kernels' own launches are counted separately.
+
+    python benchmarks/triton_host_ops.py --specs small_fc_lopt,hrnn,mulo --tensors 98
+
+The model is ``--tensors`` tensors, alternately a ``size×size`` matrix and a ``size`` vector
+(two shape groups), so the counts depend on the number of tensors, not on their size.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host_batching import _optimizer as _model_optimizer  # noqa: E402
+
+#: aten operations that only make a view or allocate (no kernel on a GPU)
+NO_KERNEL = {
+    "view", "_unsafe_view", "expand", "select", "slice", "as_strided", "unsqueeze", "squeeze", "permute",
+    "t", "transpose", "detach", "alias", "unbind", "split", "split_with_sizes", "_reshape_alias", "empty",
+    "empty_strided", "set_", "promote_types", "new_empty", "lift_fresh", "movedim", "diagonal", "unfold",
+    "is_same_size", "result_type", "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel",
+    "sym_storage_offset", "sym_is_contiguous", "is_nonzero",
+}
+
+
+def _in_interpreter() -> bool:
+    f = sys._getframe(2)
+    while f is not None:
+        name = f.f_code.co_filename
+        if "triton/runtime/interpreter" in name or "triton/language" in name:
+            return True
+        f = f.f_back
+    return False
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not _in_interpreter():
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _optimizer(spec, n, size):
+    return _model_optimizer(spec, n, size, backend="triton")
+
+
+def count_step(opt) -> dict:
+    """aten operations of one step (outside kernels), kernel-launching ones, and kernel launches."""
+    runner = opt.engine.triton_runner()
+    launches = [0]
+    originals = {}
+    for idx, (meta, kernel) in list(runner.kernels.items()):
+        originals[idx] = (meta, kernel)
+
+        class _Counted:
+            def __init__(self, k):
+                self.k = k
+
+            def __getitem__(self, grid):
+                launches[0] += 1
+                return self.k[grid]
+
+        runner.kernels[idx] = (meta, _Counted(kernel))
+    try:
+        with _Count() as c:
+            opt.step()
+    finally:
+        runner.kernels.update(originals)
+    total = sum(c.ops.values())
+    kernels = sum(v for k, v in c.ops.items() if k not in NO_KERNEL)
+    return {"aten": total, "aten_kernels": kernels, "stage_launches": launches[0], "top": c.ops.most_common(8)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--specs", default="small_fc_lopt,hrnn,mulo")
+    ap.add_argument("--tensors", default="98", help="comma-separated tensor counts")
+    ap.add_argument("--size", type=int, default=8, help="matrices are size×size, vectors size")
+    ap.add_argument("--top", action="store_true", help="also list the most frequent operations")
+    args = ap.parse_args(argv)
+    print("| spec | tensors | aten ops/step | of which launch a kernel | stage-kernel launches |")
+    print("|---|---:|---:|---:|---:|")
+    for spec in args.specs.split(","):
+        for n in (int(x) for x in args.tensors.split(",")):
+            opt = _optimizer(spec, n, args.size)
+            for _ in range(2):
+                opt.step()
+            c = count_step(opt)
+            print(f"| {spec} | {n} | {c['aten']} | {c['aten_kernels']} | {c['stage_launches']} |")
+            if args.top:
+                print("|  | most frequent: " + ", ".join(f"{k} {v}" for k, v in c["top"]) + " | | | |")
+
+
+if __name__ == "__main__":
+    main()
