@@ -58,8 +58,31 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _optimizer(spec, n, size):
-    return _model_optimizer(spec, n, size, backend="triton")
+def _optimizer(spec, n, size, layout="alternating"):
+    if layout == "alternating":
+        return _model_optimizer(spec, n, size, backend="triton")
+    import lopt_gen
+    from lopt_gen.weights import shipped_pretrained
+
+    params = [torch.randn(s, requires_grad=True) for s in transformer_shapes(n, size)]
+    opt = (lopt_gen.LearnedOptimizer.from_pretrained(params, spec, backend="triton") if spec in shipped_pretrained()
+           else lopt_gen.LearnedOptimizer(params, spec, backend="triton"))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return opt
+
+
+def transformer_shapes(n: int, d: int) -> list[tuple[int, ...]]:
+    """The shape pattern of ``step_bench.py``'s transformer-like models at width ``d``: blocks of
+    four (d, d), a (4d, d) and a (d, 4d) matrix, four (d,), a (4d,) and a (d,) vector, then an
+    embedding-like (2d, d) matrix and a vector, cut or padded with blocks to ``n`` tensors
+    (98 tensors: 8 blocks, the shapes of the 64M model up to the width)."""
+    block = [(d, d)] * 4 + [(4 * d, d), (d, 4 * d)] + [(d,)] * 4 + [(4 * d,), (d,)]
+    shapes = []
+    while len(shapes) + len(block) + 2 <= n:
+        shapes += block
+    shapes += [(2 * d, d), (3,)]
+    return (shapes + block * n)[:n]
 
 
 def count_step(opt) -> dict:
@@ -94,13 +117,16 @@ def main(argv=None):
     ap.add_argument("--specs", default="small_fc_lopt,hrnn,mulo")
     ap.add_argument("--tensors", default="98", help="comma-separated tensor counts")
     ap.add_argument("--size", type=int, default=8, help="matrices are size×size, vectors size")
+    ap.add_argument("--layout", choices=("alternating", "transformer"), default="alternating",
+                    help="alternately a matrix and a vector (two shapes), or the transformer-like "
+                         "shape pattern of step_bench.py (seven shapes)")
     ap.add_argument("--top", action="store_true", help="also list the most frequent operations")
     args = ap.parse_args(argv)
     print("| spec | tensors | aten ops/step | of which launch a kernel | stage-kernel launches |")
     print("|---|---:|---:|---:|---:|")
     for spec in args.specs.split(","):
         for n in (int(x) for x in args.tensors.split(",")):
-            opt = _optimizer(spec, n, args.size)
+            opt = _optimizer(spec, n, args.size, args.layout)
             for _ in range(2):
                 opt.step()
             c = count_step(opt)
