@@ -227,8 +227,9 @@ def _launch_sums(meta, part, items, numel, spans, tensor_of, rowcol_groups, diff
         from .triton_segments import SegmentSums, segment_sums
 
         seg = SegmentSums.apply(part, spans, tensor_of) if differentiable else segment_sums(part, spans)
-        for name, slot in slots:
-            out.tensor[name] = seg[:, slot]
+        columns: dict = {}
+        for name, slot in slots:  # reductions of one slot share one column (and its division)
+            out.tensor[name] = columns.setdefault(slot, seg[:, slot])
     for r in meta["reductions"]:
         if r["over"] in ("tensor", "all"):
             continue
