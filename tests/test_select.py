@@ -126,6 +126,12 @@ def test_validate_many_marks_the_best_and_reuses_its_cache(run_dir, tmp_path, mo
     assert len(calls) == 3 and sum(r["best"] for r in rows) == 1
     best = min(rows, key=lambda r: r["score"])
     assert best["best"]
+    # every row compared with the best on the same tasks
+    assert best["vs_best"]["mean"] == 0 and best["vs_best"]["lower_on"] == 0
+    for r in rows:
+        want = sum(r["per_task"][k] - best["per_task"][k] for k in best["per_task"]) / len(best["per_task"])
+        assert r["vs_best"]["tasks"] == len(best["per_task"])
+        assert abs(r["vs_best"]["mean"] - want) < 1e-12 and r["vs_best"]["mean"] >= 0
     again = V.validate_many([run_dir, "sgd_momentum"], **kw)
     assert len(calls) == 3  # every score came from the cache
     assert [r["score"] for r in again] == [r["score"] for r in rows]
@@ -133,6 +139,13 @@ def test_validate_many_marks_the_best_and_reuses_its_cache(run_dir, tmp_path, mo
     (tmp_path / "cache.json").write_text("{not json")
     V.validate_many(["sgd_momentum"], **kw)
     assert len(calls) == 4
+
+
+def test_paired_difference_against_a_reference():
+    d = V.paired_difference({"a": 1.0, "b": -2.0, "c": 0.5, "x": 9.0}, {"a": 0.0, "b": -1.0, "c": 0.5})
+    assert d["tasks"] == 3 and d["lower_on"] == 1
+    assert abs(d["mean"] - 0.0) < 1e-12
+    assert abs(d["se"] - (((1.0 ** 2 + 1.0 ** 2 + 0.0) / 2) / 3) ** 0.5) < 1e-12
 
 
 def test_select_cli_writes_table_json_and_plot(run_dir, tmp_path):
