@@ -47,11 +47,12 @@ def _label(module, name, label, phase, undo):
     setattr(module, name, wrapped)
 
 
-def _optimizer(spec, n, size, backend="torch"):
+def _optimizer(spec, n, size, backend="torch", shapes=None):
     """An optimizer (shipped weights where there are some) over ``n`` tensors, alternately a
-    ``size×size`` matrix and a ``size`` vector, each with a gradient."""
-    params = [torch.randn(size, size, requires_grad=True) if i % 2 == 0 else torch.randn(size, requires_grad=True)
-              for i in range(n)]
+    ``size×size`` matrix and a ``size`` vector (or of ``shapes``), each with a gradient."""
+    if shapes is None:
+        shapes = [(size, size) if i % 2 == 0 else (size,) for i in range(n)]
+    params = [torch.randn(s, requires_grad=True) for s in shapes]
     if spec in shipped_pretrained():
         opt = lopt_gen.LearnedOptimizer.from_pretrained(params, spec, backend=backend)
     else:

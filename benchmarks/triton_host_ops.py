@@ -59,17 +59,8 @@ class _Count(TorchDispatchMode):
 
 
 def _optimizer(spec, n, size, layout="alternating"):
-    if layout == "alternating":
-        return _model_optimizer(spec, n, size, backend="triton")
-    import lopt_gen
-    from lopt_gen.weights import shipped_pretrained
-
-    params = [torch.randn(s, requires_grad=True) for s in transformer_shapes(n, size)]
-    opt = (lopt_gen.LearnedOptimizer.from_pretrained(params, spec, backend="triton") if spec in shipped_pretrained()
-           else lopt_gen.LearnedOptimizer(params, spec, backend="triton"))
-    for p in params:
-        p.grad = torch.randn_like(p)
-    return opt
+    shapes = transformer_shapes(n, size) if layout == "transformer" else None
+    return _model_optimizer(spec, n, size, backend="triton", shapes=shapes)
 
 
 def transformer_shapes(n: int, d: int) -> list[tuple[int, ...]]:

@@ -141,8 +141,8 @@ def validation_candidates(items, every: int | None = None) -> list[dict]:
                 out.append({"label": f"{source}@{step}", "source": source, "path": text, "step": step})
             else:
                 out.append({"label": path.stem, "source": path.stem, "path": text, "step": step})
-        elif pretrained_file(text) is not None:
-            out.append({"label": text, "source": text, "path": str(pretrained_file(text)), "step": None})
+        elif (shipped := pretrained_file(text)) is not None:
+            out.append({"label": text, "source": text, "path": str(shipped), "step": None})
         else:
             out.append({"label": text, "source": text, "path": text, "step": None})
     return out

@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from .engine import _shape_groups
+
 MAX_RANK = 4
 INTERPRETER_BLOCK = 1024
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -141,12 +143,13 @@ def _to_device_table(rows, device) -> torch.Tensor:
     return _send(torch.tensor(rows, dtype=torch.int64), device)
 
 
-def launch_tables(ptr_rows, plans, prog_table, device) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_tables(ptr_rows, plans, prog_table, device, *cached) -> tuple[torch.Tensor, torch.Tensor]:
     """A launch's pointer table (from ``ptr_rows``) and info table (cached per shape list); the
-    cached info and program tables are kept alive while a CUDA graph is captured."""
+    cached info and program tables, and any other ``cached`` table the launch reads, are kept
+    alive while a CUDA graph is captured."""
     info = info_table(plans, device)
     if _capturing(device):
-        CAPTURE_KEEP.extend((prog_table, info))
+        CAPTURE_KEEP.extend((prog_table, info, *cached))
     return _to_device_table(ptr_rows, device), info
 
 
@@ -207,14 +210,6 @@ class LaunchSums:
 
     def __contains__(self, name) -> bool:
         return name in self.tensor or name in self.rowcol
-
-
-def _shape_groups(items) -> list[list[int]]:
-    """Positions of ``items`` grouped by shape (first appearance order)."""
-    groups: dict = {}
-    for k, it in enumerate(items):
-        groups.setdefault(it.pl.shape, []).append(k)
-    return list(groups.values())
 
 
 def _launch_sums(meta, part, items, numel, spans, tensor_of, rowcol_groups, differentiable=False) -> LaunchSums:
@@ -297,7 +292,7 @@ class TritonRunner:
         keep, fixups, ptr_rows = [], [], []
         # scratch (per-element values of row/column reductions): one buffer per group of
         # same-shaped tensors, so that each group is reduced at once after the launch
-        groups = _shape_groups(items)
+        groups = _shape_groups([it.pl for it in items])
         scratches = [dict() for _ in items]
         group_scratch: dict = {}
         for desc in meta["args"]:
@@ -319,9 +314,7 @@ class TritonRunner:
         prog_table, _ = program_table(numels, block, device)
         spans = span_table(numels, block, device)
         n_progs = prog_table.shape[0]
-        ptrs, info = launch_tables(ptr_rows, [it.pl for it in items], prog_table, device)
-        if _capturing(device):
-            CAPTURE_KEEP.append(spans)
+        ptrs, info = launch_tables(ptr_rows, [it.pl for it in items], prog_table, device, spans)
         with torch.no_grad():
             hv = _host_values_table(items, meta["hv"], device)
         nred = max(1, len(meta["reductions"]))
