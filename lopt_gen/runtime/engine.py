@@ -128,6 +128,11 @@ def _mallopt(param: int, value: int) -> bool:
 MIN_BATCHED_TENSORS = 4
 
 
+def _total_numel(plans) -> int:
+    """Elements over all tensors: the count of a reduction over everything."""
+    return sum(pl.numel for pl in plans)
+
+
 def _shape_groups(plans) -> list[list[int]]:
     """Indices of the tensors grouped by shape (first appearance order)."""
     groups: dict = {}
@@ -524,8 +529,8 @@ class Engine:
                         self._finalize_launched(r, launched, T, G, plans, done)
                         continue
                     if r["over"] == "all":
-                        total = sum(pl.numel for pl in plans)
-                        G[r["name"]] = sum(torch.stack(partials[i][r["name"]]).sum() for i in range(n)) / total
+                        G[r["name"]] = sum(torch.stack(partials[i][r["name"]]).sum() for i in range(n)) \
+                            / _total_numel(plans)
                         continue
                     for i in range(n):
                         pl = plans[i]
@@ -556,7 +561,7 @@ class Engine:
         idx, sums = launched
         name, over = r["name"], r["over"]
         if over == "all":
-            G[name] = sums.tensor[name].sum() / sum(pl.numel for pl in plans)
+            G[name] = sums.tensor[name].sum() / _total_numel(plans)
             return
         if over == "tensor":
             vec = sums.tensor[name]
