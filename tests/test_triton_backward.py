@@ -3,35 +3,43 @@ Triton step equal torch autograd through the generated torch step, with respect 
 (learnable decays included), the parameters, every step's gradients and the incoming
 per-element, row/column and global states, over multi-step unrolls."""
 
+import types
+
 import pytest
 import torch
 
 from lopt_gen import get_engine, load_spec, shipped_specs
+from lopt_gen.spec import spec_from_dict
 from lopt_gen.compiler import GENERATED_DIR
 from lopt_gen.runtime.autograd import differentiable_step
 
 
-def _grads(name, shapes, steps, backend, triton_backward="auto", seed=0):
-    eng = get_engine(load_spec(name))
+def _grads(name, shapes, steps, backend, triton_backward="auto", seed=0, dtype=torch.float32):
+    """Gradients of a probe loss after ``steps`` steps with respect to everything that feeds
+    them.  The inputs are drawn in fp32 and then cast to ``dtype``, so that an fp64 run
+    computes the same example exactly."""
+    eng = get_engine(name if not isinstance(name, str) else load_spec(name))
     gen = torch.Generator().manual_seed(seed)
-    phi = {k: v.requires_grad_() for k, v in eng.init_weights(seed=seed + 1).items()}
-    ps = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
-    gs = [[torch.randn(s, generator=gen).requires_grad_() for s in shapes] for _ in range(steps)]
+    phi = {k: v.to(dtype).requires_grad_() for k, v in eng.init_weights(seed=seed + 1).items()}
+    ps = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+    gs = [[torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes] for _ in range(steps)]
     ts0 = []
     for p in ps:
-        st = eng.init_tensor_state(p.detach())
+        st = eng.init_tensor_state(p.detach().float())
         for k in st:
             if k != "step":
-                st[k] = (st[k].float() + 0.1 * torch.rand(st[k].shape, generator=gen)).to(st[k].dtype).requires_grad_()
+                st[k] = (st[k].float() + 0.1 * torch.rand(st[k].shape, generator=gen)).to(st[k].dtype)
+                st[k] = (st[k] if dtype == torch.float32 else st[k].to(dtype)).requires_grad_()
         ts0.append(st)
-    gst0 = {k: (v + 0.1).requires_grad_() for k, v in eng.init_global_state().items()}
-    probe = [torch.randn(s, generator=gen) for s in shapes]
+    gst0 = {k: (v + 0.1).to(dtype).requires_grad_() for k, v in eng.init_global_state().items()}
+    probe = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
     cur, ts, gst = ps, ts0, gst0
     for step in gs:
         cur, ts, gst = differentiable_step(eng, phi, cur, step, ts, gst, [dict(lr=0.1, wd=0.01)] * len(shapes),
-                                           loss=torch.tensor(0.5), backend=backend, triton_backward=triton_backward)
+                                           loss=torch.tensor(0.5, dtype=dtype), backend=backend,
+                                           triton_backward=triton_backward)
     loss = sum((c * pr).sum() for c, pr in zip(cur, probe))
-    loss = loss + sum(torch.tanh(v.float()).sum() for st in ts for k, v in st.items() if k != "step")
+    loss = loss + sum(torch.tanh(v.to(dtype)).sum() for st in ts for k, v in st.items() if k != "step")
     loss = loss + sum(v.sum() for v in gst.values())
     named = list(phi.items()) + [(f"param {i}", p) for i, p in enumerate(ps)]
     named += [(f"step-{j} grad {i}", g) for j, step in enumerate(gs) for i, g in enumerate(step)]
@@ -57,6 +65,8 @@ def _assert_close(ref, got, rtol=1e-4):
     ("adam", [(), (7,), (3, 5, 7), (1,)]),
     ("rmsprop", [(1,), (3, 5)]),
     ("small_fc_lopt", [(2, 3)]),
+    ("mulo", [(2, 3), (5,)]),  # tiled: 39 -> 32 -> 32 -> 2 with Adafactor rows and columns
+    ("l2l_lstm", [(3,), (2, 2)]),  # tiled: two LSTM layers of 20 units (80 gates each)
 ])
 def test_backward_kernels_equal_torch_autograd(name, shapes):
     assert get_engine(load_spec(name)).triton_runner().backward_available()
@@ -68,11 +78,32 @@ def test_backward_kernels_equal_torch_autograd(name, shapes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["adamw", "sgd_momentum", "small_fc_lopt", "hrnn"])  # minutes each
+@pytest.mark.parametrize("name", ["adamw", "sgd_momentum", "small_fc_lopt", "hrnn", "mulo", "l2l_lstm"])  # minutes each
 def test_backward_kernels_equal_torch_autograd_more_shapes(name):
     shapes = [(), (7,), (2, 3, 4), (1,)]
     _assert_close(_grads(name, shapes, steps=3, backend="torch", seed=4),
                   _grads(name, shapes, steps=3, backend="triton", triton_backward="kernels", seed=4))
+
+
+def test_backward_kernels_are_about_as_accurate_as_the_torch_step():
+    """Some gradients are ill-conditioned in fp32: for hrnn on this 1,000-element tensor the
+    torch step itself is 1e-4 (relative) away from the fp64 result on the head's weights and
+    on the incoming states, so the kernels cannot be held to 1e-4 of it.  Both are held to the
+    fp64 result instead: the kernels' error is at most a small multiple of the torch step's."""
+    shapes = [(1000,)]
+    exact = _grads("hrnn", shapes, steps=1, backend="torch", dtype=torch.float64)
+    ref = _grads("hrnn", shapes, steps=1, backend="torch")
+    got = _grads("hrnn", shapes, steps=1, backend="triton", triton_backward="kernels")
+    worst = 0.0
+    for name, z in exact.items():
+        if z is None or z.abs().max() == 0:
+            continue
+        scale = z.abs().max().item()
+        err_torch = (ref[name].double() - z).abs().max().item() / scale
+        err_kernels = (got[name].double() - z).abs().max().item() / scale
+        worst = max(worst, err_torch)
+        assert err_kernels <= 10 * err_torch + 1e-6, f"{name}: kernels {err_kernels:.2g}, torch step {err_torch:.2g}"
+    assert worst > 5e-5  # the example is ill-conditioned (else the test above would do)
 
 
 def test_backward_kernels_are_deterministic():
@@ -82,14 +113,49 @@ def test_backward_kernels_are_deterministic():
         assert (a[k] is None and b[k] is None) or torch.equal(a[k], b[k]), k
 
 
-def test_unsupported_spec_falls_back_to_the_torch_backward():
-    runner = get_engine(load_spec("l2l_lstm")).triton_runner()
-    reasons = runner.backward_unsupported()
-    assert reasons and "weight partial sums" in " ".join(reasons.values())
+def test_a_stage_without_backward_kernels_falls_back_to_the_torch_backward(monkeypatch):
+    """A generated file whose UNSUPPORTED names a stage (and has no kernels) makes the
+    gradients come from the torch step; ``triton_backward="kernels"`` refuses instead."""
+    runner = get_engine(load_spec("rmsprop")).triton_runner()
+    fake = types.SimpleNamespace(UNSUPPORTED={0: "stage 0: no backward rule for a test"}, KERNELS=[])
+    monkeypatch.setattr(runner, "_backward_module", fake)
+    assert runner.backward_unsupported() == {0: "stage 0: no backward rule for a test"}
     with pytest.raises(NotImplementedError, match="no backward kernels"):
-        _grads("l2l_lstm", [(3,)], steps=1, backend="triton", triton_backward="kernels")
-    _assert_close(_grads("l2l_lstm", [(3,)], steps=1, backend="torch"),
-                  _grads("l2l_lstm", [(3,)], steps=1, backend="triton"))
+        _grads("rmsprop", [(3,)], steps=1, backend="triton", triton_backward="kernels")
+    _assert_close(_grads("rmsprop", [(3,)], steps=1, backend="torch"),
+                  _grads("rmsprop", [(3,)], steps=1, backend="triton"))
+
+
+def test_too_many_unrolled_weight_sums_is_named(monkeypatch):
+    """Layers of at most 8 units are unrolled, one partial sum per weight entry; past a cap the
+    stage gets no kernel and the reason says why (no valid spec reaches the real cap: nine
+    unrolled layers need at most 648)."""
+    from lopt_gen.codegen import triton_backward as tb
+    from lopt_gen.compiler import compile_program
+
+    monkeypatch.setattr(tb, "MAX_WEIGHT_SLOTS", 10)
+    spec = spec_from_dict({"name": "narrow", "features": [{"name": "f_grad", "expr": "g"}],
+                           "network": {"kind": "mlp", "hidden": [4], "outputs": {"direction": 1}},
+                           "update": "0.1 * direction"})
+    kernels, unsupported = tb.backward_kernels(compile_program(spec))
+    assert not kernels
+    assert unsupported == {0: "stage 0: its dense layers need 13 weight partial sums per program; "
+                              "unrolled backward kernels stop at 10"}
+
+
+def test_weight_entries_with_several_partial_sums_are_added_in_a_fixed_order():
+    from lopt_gen.runtime.triton_runner import _Launch
+
+    slots = [("weight", "w", 3), ("hv", "x"), ("weight", "w", 1), ("weight", "w", 3), ("weight", "v", 0),
+             ("weight", "w", 3), ("weight", "w", 0)]
+    fake = types.SimpleNamespace(bmeta={"grad_slots": slots}, device=torch.device("cpu"))
+    rounds = _Launch._weight_slots(fake, "w")
+    assert [(f.tolist(), k.tolist()) for f, k in rounds] == [([3, 1, 0], [0, 2, 6]), ([3], [3]), ([3], [5])]
+    totals = torch.arange(1.0, 8.0)
+    out = torch.zeros(4)
+    for flat, ks in rounds:
+        out[flat] += totals[ks]
+    assert out.tolist() == [7.0, 3.0, 0.0, 1.0 + 4.0 + 6.0]
 
 
 def test_double_backward_uses_the_torch_step():
@@ -130,7 +196,6 @@ def test_generated_backward_file(name):
     text = (GENERATED_DIR / name / "triton_backward.py").read_text()
     assert f"Backward Triton kernels for the `{name}` optimizer" in text
     assert "with templates/triton_backward.py.j2" in text
-    if name in ("mulo", "l2l_lstm"):
-        assert "UNSUPPORTED = {" in text and "weight partial sums" in text
-    else:
-        assert "UNSUPPORTED = {}" in text and "_backward_kernel(" in text
+    assert "UNSUPPORTED = {}" in text and "_backward_kernel(" in text
+    if name in ("mulo", "l2l_lstm", "small_fc_lopt", "hrnn"):  # layers wider than 8 units use tiles
+        assert "tops.outer_sum(" in text and "tops.store_block(" in text

@@ -462,7 +462,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 9],
                            ['weight', 'gru.0.weight_ih', 10],
                            ['weight', 'gru.0.weight_ih', 11],
-                           ['weight', 'gru.0.bias', 0],
                            ['weight', 'gru.0.weight_ih', 12],
                            ['weight', 'gru.0.weight_ih', 13],
                            ['weight', 'gru.0.weight_ih', 14],
@@ -475,7 +474,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 21],
                            ['weight', 'gru.0.weight_ih', 22],
                            ['weight', 'gru.0.weight_ih', 23],
-                           ['weight', 'gru.0.bias', 1],
                            ['weight', 'gru.0.weight_ih', 24],
                            ['weight', 'gru.0.weight_ih', 25],
                            ['weight', 'gru.0.weight_ih', 26],
@@ -488,7 +486,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 33],
                            ['weight', 'gru.0.weight_ih', 34],
                            ['weight', 'gru.0.weight_ih', 35],
-                           ['weight', 'gru.0.bias', 2],
                            ['weight', 'gru.0.weight_ih', 36],
                            ['weight', 'gru.0.weight_ih', 37],
                            ['weight', 'gru.0.weight_ih', 38],
@@ -501,7 +498,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 45],
                            ['weight', 'gru.0.weight_ih', 46],
                            ['weight', 'gru.0.weight_ih', 47],
-                           ['weight', 'gru.0.bias', 3],
                            ['weight', 'gru.0.weight_ih', 48],
                            ['weight', 'gru.0.weight_ih', 49],
                            ['weight', 'gru.0.weight_ih', 50],
@@ -514,7 +510,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 57],
                            ['weight', 'gru.0.weight_ih', 58],
                            ['weight', 'gru.0.weight_ih', 59],
-                           ['weight', 'gru.0.bias', 4],
                            ['weight', 'gru.0.weight_ih', 60],
                            ['weight', 'gru.0.weight_ih', 61],
                            ['weight', 'gru.0.weight_ih', 62],
@@ -527,7 +522,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 69],
                            ['weight', 'gru.0.weight_ih', 70],
                            ['weight', 'gru.0.weight_ih', 71],
-                           ['weight', 'gru.0.bias', 5],
                            ['weight', 'gru.0.weight_ih', 72],
                            ['weight', 'gru.0.weight_ih', 73],
                            ['weight', 'gru.0.weight_ih', 74],
@@ -540,7 +534,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 81],
                            ['weight', 'gru.0.weight_ih', 82],
                            ['weight', 'gru.0.weight_ih', 83],
-                           ['weight', 'gru.0.bias', 6],
                            ['weight', 'gru.0.weight_ih', 84],
                            ['weight', 'gru.0.weight_ih', 85],
                            ['weight', 'gru.0.weight_ih', 86],
@@ -553,7 +546,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 93],
                            ['weight', 'gru.0.weight_ih', 94],
                            ['weight', 'gru.0.weight_ih', 95],
-                           ['weight', 'gru.0.bias', 7],
                            ['weight', 'gru.0.weight_ih', 96],
                            ['weight', 'gru.0.weight_ih', 97],
                            ['weight', 'gru.0.weight_ih', 98],
@@ -566,7 +558,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 105],
                            ['weight', 'gru.0.weight_ih', 106],
                            ['weight', 'gru.0.weight_ih', 107],
-                           ['weight', 'gru.0.bias', 8],
                            ['weight', 'gru.0.weight_ih', 108],
                            ['weight', 'gru.0.weight_ih', 109],
                            ['weight', 'gru.0.weight_ih', 110],
@@ -579,7 +570,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 117],
                            ['weight', 'gru.0.weight_ih', 118],
                            ['weight', 'gru.0.weight_ih', 119],
-                           ['weight', 'gru.0.bias', 9],
                            ['weight', 'gru.0.weight_ih', 120],
                            ['weight', 'gru.0.weight_ih', 121],
                            ['weight', 'gru.0.weight_ih', 122],
@@ -592,7 +582,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 129],
                            ['weight', 'gru.0.weight_ih', 130],
                            ['weight', 'gru.0.weight_ih', 131],
-                           ['weight', 'gru.0.bias', 10],
                            ['weight', 'gru.0.weight_ih', 132],
                            ['weight', 'gru.0.weight_ih', 133],
                            ['weight', 'gru.0.weight_ih', 134],
@@ -605,7 +594,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 141],
                            ['weight', 'gru.0.weight_ih', 142],
                            ['weight', 'gru.0.weight_ih', 143],
-                           ['weight', 'gru.0.bias', 11],
                            ['weight', 'gru.0.weight_ih', 144],
                            ['weight', 'gru.0.weight_ih', 145],
                            ['weight', 'gru.0.weight_ih', 146],
@@ -618,7 +606,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 153],
                            ['weight', 'gru.0.weight_ih', 154],
                            ['weight', 'gru.0.weight_ih', 155],
-                           ['weight', 'gru.0.bias', 12],
                            ['weight', 'gru.0.weight_ih', 156],
                            ['weight', 'gru.0.weight_ih', 157],
                            ['weight', 'gru.0.weight_ih', 158],
@@ -631,7 +618,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 165],
                            ['weight', 'gru.0.weight_ih', 166],
                            ['weight', 'gru.0.weight_ih', 167],
-                           ['weight', 'gru.0.bias', 13],
                            ['weight', 'gru.0.weight_ih', 168],
                            ['weight', 'gru.0.weight_ih', 169],
                            ['weight', 'gru.0.weight_ih', 170],
@@ -644,7 +630,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 177],
                            ['weight', 'gru.0.weight_ih', 178],
                            ['weight', 'gru.0.weight_ih', 179],
-                           ['weight', 'gru.0.bias', 14],
                            ['weight', 'gru.0.weight_ih', 180],
                            ['weight', 'gru.0.weight_ih', 181],
                            ['weight', 'gru.0.weight_ih', 182],
@@ -657,7 +642,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 189],
                            ['weight', 'gru.0.weight_ih', 190],
                            ['weight', 'gru.0.weight_ih', 191],
-                           ['weight', 'gru.0.bias', 15],
                            ['weight', 'gru.0.weight_ih', 192],
                            ['weight', 'gru.0.weight_ih', 193],
                            ['weight', 'gru.0.weight_ih', 194],
@@ -670,7 +654,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 201],
                            ['weight', 'gru.0.weight_ih', 202],
                            ['weight', 'gru.0.weight_ih', 203],
-                           ['weight', 'gru.0.bias', 16],
                            ['weight', 'gru.0.weight_ih', 204],
                            ['weight', 'gru.0.weight_ih', 205],
                            ['weight', 'gru.0.weight_ih', 206],
@@ -683,7 +666,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 213],
                            ['weight', 'gru.0.weight_ih', 214],
                            ['weight', 'gru.0.weight_ih', 215],
-                           ['weight', 'gru.0.bias', 17],
                            ['weight', 'gru.0.weight_ih', 216],
                            ['weight', 'gru.0.weight_ih', 217],
                            ['weight', 'gru.0.weight_ih', 218],
@@ -696,7 +678,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 225],
                            ['weight', 'gru.0.weight_ih', 226],
                            ['weight', 'gru.0.weight_ih', 227],
-                           ['weight', 'gru.0.bias', 18],
                            ['weight', 'gru.0.weight_ih', 228],
                            ['weight', 'gru.0.weight_ih', 229],
                            ['weight', 'gru.0.weight_ih', 230],
@@ -709,7 +690,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 237],
                            ['weight', 'gru.0.weight_ih', 238],
                            ['weight', 'gru.0.weight_ih', 239],
-                           ['weight', 'gru.0.bias', 19],
                            ['weight', 'gru.0.weight_ih', 240],
                            ['weight', 'gru.0.weight_ih', 241],
                            ['weight', 'gru.0.weight_ih', 242],
@@ -722,7 +702,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 249],
                            ['weight', 'gru.0.weight_ih', 250],
                            ['weight', 'gru.0.weight_ih', 251],
-                           ['weight', 'gru.0.bias', 20],
                            ['weight', 'gru.0.weight_ih', 252],
                            ['weight', 'gru.0.weight_ih', 253],
                            ['weight', 'gru.0.weight_ih', 254],
@@ -735,7 +714,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 261],
                            ['weight', 'gru.0.weight_ih', 262],
                            ['weight', 'gru.0.weight_ih', 263],
-                           ['weight', 'gru.0.bias', 21],
                            ['weight', 'gru.0.weight_ih', 264],
                            ['weight', 'gru.0.weight_ih', 265],
                            ['weight', 'gru.0.weight_ih', 266],
@@ -748,7 +726,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 273],
                            ['weight', 'gru.0.weight_ih', 274],
                            ['weight', 'gru.0.weight_ih', 275],
-                           ['weight', 'gru.0.bias', 22],
                            ['weight', 'gru.0.weight_ih', 276],
                            ['weight', 'gru.0.weight_ih', 277],
                            ['weight', 'gru.0.weight_ih', 278],
@@ -761,7 +738,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 285],
                            ['weight', 'gru.0.weight_ih', 286],
                            ['weight', 'gru.0.weight_ih', 287],
-                           ['weight', 'gru.0.bias', 23],
                            ['weight', 'gru.0.weight_ih', 288],
                            ['weight', 'gru.0.weight_ih', 289],
                            ['weight', 'gru.0.weight_ih', 290],
@@ -774,7 +750,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 297],
                            ['weight', 'gru.0.weight_ih', 298],
                            ['weight', 'gru.0.weight_ih', 299],
-                           ['weight', 'gru.0.bias', 24],
                            ['weight', 'gru.0.weight_ih', 300],
                            ['weight', 'gru.0.weight_ih', 301],
                            ['weight', 'gru.0.weight_ih', 302],
@@ -787,7 +762,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 309],
                            ['weight', 'gru.0.weight_ih', 310],
                            ['weight', 'gru.0.weight_ih', 311],
-                           ['weight', 'gru.0.bias', 25],
                            ['weight', 'gru.0.weight_ih', 312],
                            ['weight', 'gru.0.weight_ih', 313],
                            ['weight', 'gru.0.weight_ih', 314],
@@ -800,7 +774,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 321],
                            ['weight', 'gru.0.weight_ih', 322],
                            ['weight', 'gru.0.weight_ih', 323],
-                           ['weight', 'gru.0.bias', 26],
                            ['weight', 'gru.0.weight_ih', 324],
                            ['weight', 'gru.0.weight_ih', 325],
                            ['weight', 'gru.0.weight_ih', 326],
@@ -813,7 +786,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 333],
                            ['weight', 'gru.0.weight_ih', 334],
                            ['weight', 'gru.0.weight_ih', 335],
-                           ['weight', 'gru.0.bias', 27],
                            ['weight', 'gru.0.weight_ih', 336],
                            ['weight', 'gru.0.weight_ih', 337],
                            ['weight', 'gru.0.weight_ih', 338],
@@ -826,7 +798,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 345],
                            ['weight', 'gru.0.weight_ih', 346],
                            ['weight', 'gru.0.weight_ih', 347],
-                           ['weight', 'gru.0.bias', 28],
                            ['weight', 'gru.0.weight_ih', 348],
                            ['weight', 'gru.0.weight_ih', 349],
                            ['weight', 'gru.0.weight_ih', 350],
@@ -839,6 +810,35 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 357],
                            ['weight', 'gru.0.weight_ih', 358],
                            ['weight', 'gru.0.weight_ih', 359],
+                           ['weight', 'gru.0.bias', 0],
+                           ['weight', 'gru.0.bias', 1],
+                           ['weight', 'gru.0.bias', 2],
+                           ['weight', 'gru.0.bias', 3],
+                           ['weight', 'gru.0.bias', 4],
+                           ['weight', 'gru.0.bias', 5],
+                           ['weight', 'gru.0.bias', 6],
+                           ['weight', 'gru.0.bias', 7],
+                           ['weight', 'gru.0.bias', 8],
+                           ['weight', 'gru.0.bias', 9],
+                           ['weight', 'gru.0.bias', 10],
+                           ['weight', 'gru.0.bias', 11],
+                           ['weight', 'gru.0.bias', 12],
+                           ['weight', 'gru.0.bias', 13],
+                           ['weight', 'gru.0.bias', 14],
+                           ['weight', 'gru.0.bias', 15],
+                           ['weight', 'gru.0.bias', 16],
+                           ['weight', 'gru.0.bias', 17],
+                           ['weight', 'gru.0.bias', 18],
+                           ['weight', 'gru.0.bias', 19],
+                           ['weight', 'gru.0.bias', 20],
+                           ['weight', 'gru.0.bias', 21],
+                           ['weight', 'gru.0.bias', 22],
+                           ['weight', 'gru.0.bias', 23],
+                           ['weight', 'gru.0.bias', 24],
+                           ['weight', 'gru.0.bias', 25],
+                           ['weight', 'gru.0.bias', 26],
+                           ['weight', 'gru.0.bias', 27],
+                           ['weight', 'gru.0.bias', 28],
                            ['weight', 'gru.0.bias', 29],
                            ['weight', 'head.weight', 30],
                            ['weight', 'head.weight', 31],
@@ -1351,7 +1351,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 9],
                            ['weight', 'gru.0.weight_ih', 10],
                            ['weight', 'gru.0.weight_ih', 11],
-                           ['weight', 'gru.0.bias', 0],
                            ['weight', 'gru.0.weight_ih', 12],
                            ['weight', 'gru.0.weight_ih', 13],
                            ['weight', 'gru.0.weight_ih', 14],
@@ -1364,7 +1363,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 21],
                            ['weight', 'gru.0.weight_ih', 22],
                            ['weight', 'gru.0.weight_ih', 23],
-                           ['weight', 'gru.0.bias', 1],
                            ['weight', 'gru.0.weight_ih', 24],
                            ['weight', 'gru.0.weight_ih', 25],
                            ['weight', 'gru.0.weight_ih', 26],
@@ -1377,7 +1375,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 33],
                            ['weight', 'gru.0.weight_ih', 34],
                            ['weight', 'gru.0.weight_ih', 35],
-                           ['weight', 'gru.0.bias', 2],
                            ['weight', 'gru.0.weight_ih', 36],
                            ['weight', 'gru.0.weight_ih', 37],
                            ['weight', 'gru.0.weight_ih', 38],
@@ -1390,7 +1387,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 45],
                            ['weight', 'gru.0.weight_ih', 46],
                            ['weight', 'gru.0.weight_ih', 47],
-                           ['weight', 'gru.0.bias', 3],
                            ['weight', 'gru.0.weight_ih', 48],
                            ['weight', 'gru.0.weight_ih', 49],
                            ['weight', 'gru.0.weight_ih', 50],
@@ -1403,7 +1399,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 57],
                            ['weight', 'gru.0.weight_ih', 58],
                            ['weight', 'gru.0.weight_ih', 59],
-                           ['weight', 'gru.0.bias', 4],
                            ['weight', 'gru.0.weight_ih', 60],
                            ['weight', 'gru.0.weight_ih', 61],
                            ['weight', 'gru.0.weight_ih', 62],
@@ -1416,7 +1411,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 69],
                            ['weight', 'gru.0.weight_ih', 70],
                            ['weight', 'gru.0.weight_ih', 71],
-                           ['weight', 'gru.0.bias', 5],
                            ['weight', 'gru.0.weight_ih', 72],
                            ['weight', 'gru.0.weight_ih', 73],
                            ['weight', 'gru.0.weight_ih', 74],
@@ -1429,7 +1423,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 81],
                            ['weight', 'gru.0.weight_ih', 82],
                            ['weight', 'gru.0.weight_ih', 83],
-                           ['weight', 'gru.0.bias', 6],
                            ['weight', 'gru.0.weight_ih', 84],
                            ['weight', 'gru.0.weight_ih', 85],
                            ['weight', 'gru.0.weight_ih', 86],
@@ -1442,7 +1435,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 93],
                            ['weight', 'gru.0.weight_ih', 94],
                            ['weight', 'gru.0.weight_ih', 95],
-                           ['weight', 'gru.0.bias', 7],
                            ['weight', 'gru.0.weight_ih', 96],
                            ['weight', 'gru.0.weight_ih', 97],
                            ['weight', 'gru.0.weight_ih', 98],
@@ -1455,7 +1447,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 105],
                            ['weight', 'gru.0.weight_ih', 106],
                            ['weight', 'gru.0.weight_ih', 107],
-                           ['weight', 'gru.0.bias', 8],
                            ['weight', 'gru.0.weight_ih', 108],
                            ['weight', 'gru.0.weight_ih', 109],
                            ['weight', 'gru.0.weight_ih', 110],
@@ -1468,7 +1459,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 117],
                            ['weight', 'gru.0.weight_ih', 118],
                            ['weight', 'gru.0.weight_ih', 119],
-                           ['weight', 'gru.0.bias', 9],
                            ['weight', 'gru.0.weight_ih', 120],
                            ['weight', 'gru.0.weight_ih', 121],
                            ['weight', 'gru.0.weight_ih', 122],
@@ -1481,7 +1471,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 129],
                            ['weight', 'gru.0.weight_ih', 130],
                            ['weight', 'gru.0.weight_ih', 131],
-                           ['weight', 'gru.0.bias', 10],
                            ['weight', 'gru.0.weight_ih', 132],
                            ['weight', 'gru.0.weight_ih', 133],
                            ['weight', 'gru.0.weight_ih', 134],
@@ -1494,7 +1483,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 141],
                            ['weight', 'gru.0.weight_ih', 142],
                            ['weight', 'gru.0.weight_ih', 143],
-                           ['weight', 'gru.0.bias', 11],
                            ['weight', 'gru.0.weight_ih', 144],
                            ['weight', 'gru.0.weight_ih', 145],
                            ['weight', 'gru.0.weight_ih', 146],
@@ -1507,7 +1495,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 153],
                            ['weight', 'gru.0.weight_ih', 154],
                            ['weight', 'gru.0.weight_ih', 155],
-                           ['weight', 'gru.0.bias', 12],
                            ['weight', 'gru.0.weight_ih', 156],
                            ['weight', 'gru.0.weight_ih', 157],
                            ['weight', 'gru.0.weight_ih', 158],
@@ -1520,7 +1507,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 165],
                            ['weight', 'gru.0.weight_ih', 166],
                            ['weight', 'gru.0.weight_ih', 167],
-                           ['weight', 'gru.0.bias', 13],
                            ['weight', 'gru.0.weight_ih', 168],
                            ['weight', 'gru.0.weight_ih', 169],
                            ['weight', 'gru.0.weight_ih', 170],
@@ -1533,7 +1519,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 177],
                            ['weight', 'gru.0.weight_ih', 178],
                            ['weight', 'gru.0.weight_ih', 179],
-                           ['weight', 'gru.0.bias', 14],
                            ['weight', 'gru.0.weight_ih', 180],
                            ['weight', 'gru.0.weight_ih', 181],
                            ['weight', 'gru.0.weight_ih', 182],
@@ -1546,7 +1531,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 189],
                            ['weight', 'gru.0.weight_ih', 190],
                            ['weight', 'gru.0.weight_ih', 191],
-                           ['weight', 'gru.0.bias', 15],
                            ['weight', 'gru.0.weight_ih', 192],
                            ['weight', 'gru.0.weight_ih', 193],
                            ['weight', 'gru.0.weight_ih', 194],
@@ -1559,7 +1543,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 201],
                            ['weight', 'gru.0.weight_ih', 202],
                            ['weight', 'gru.0.weight_ih', 203],
-                           ['weight', 'gru.0.bias', 16],
                            ['weight', 'gru.0.weight_ih', 204],
                            ['weight', 'gru.0.weight_ih', 205],
                            ['weight', 'gru.0.weight_ih', 206],
@@ -1572,7 +1555,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 213],
                            ['weight', 'gru.0.weight_ih', 214],
                            ['weight', 'gru.0.weight_ih', 215],
-                           ['weight', 'gru.0.bias', 17],
                            ['weight', 'gru.0.weight_ih', 216],
                            ['weight', 'gru.0.weight_ih', 217],
                            ['weight', 'gru.0.weight_ih', 218],
@@ -1585,7 +1567,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 225],
                            ['weight', 'gru.0.weight_ih', 226],
                            ['weight', 'gru.0.weight_ih', 227],
-                           ['weight', 'gru.0.bias', 18],
                            ['weight', 'gru.0.weight_ih', 228],
                            ['weight', 'gru.0.weight_ih', 229],
                            ['weight', 'gru.0.weight_ih', 230],
@@ -1598,7 +1579,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 237],
                            ['weight', 'gru.0.weight_ih', 238],
                            ['weight', 'gru.0.weight_ih', 239],
-                           ['weight', 'gru.0.bias', 19],
                            ['weight', 'gru.0.weight_ih', 240],
                            ['weight', 'gru.0.weight_ih', 241],
                            ['weight', 'gru.0.weight_ih', 242],
@@ -1611,7 +1591,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 249],
                            ['weight', 'gru.0.weight_ih', 250],
                            ['weight', 'gru.0.weight_ih', 251],
-                           ['weight', 'gru.0.bias', 20],
                            ['weight', 'gru.0.weight_ih', 252],
                            ['weight', 'gru.0.weight_ih', 253],
                            ['weight', 'gru.0.weight_ih', 254],
@@ -1624,7 +1603,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 261],
                            ['weight', 'gru.0.weight_ih', 262],
                            ['weight', 'gru.0.weight_ih', 263],
-                           ['weight', 'gru.0.bias', 21],
                            ['weight', 'gru.0.weight_ih', 264],
                            ['weight', 'gru.0.weight_ih', 265],
                            ['weight', 'gru.0.weight_ih', 266],
@@ -1637,7 +1615,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 273],
                            ['weight', 'gru.0.weight_ih', 274],
                            ['weight', 'gru.0.weight_ih', 275],
-                           ['weight', 'gru.0.bias', 22],
                            ['weight', 'gru.0.weight_ih', 276],
                            ['weight', 'gru.0.weight_ih', 277],
                            ['weight', 'gru.0.weight_ih', 278],
@@ -1650,7 +1627,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 285],
                            ['weight', 'gru.0.weight_ih', 286],
                            ['weight', 'gru.0.weight_ih', 287],
-                           ['weight', 'gru.0.bias', 23],
                            ['weight', 'gru.0.weight_ih', 288],
                            ['weight', 'gru.0.weight_ih', 289],
                            ['weight', 'gru.0.weight_ih', 290],
@@ -1663,7 +1639,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 297],
                            ['weight', 'gru.0.weight_ih', 298],
                            ['weight', 'gru.0.weight_ih', 299],
-                           ['weight', 'gru.0.bias', 24],
                            ['weight', 'gru.0.weight_ih', 300],
                            ['weight', 'gru.0.weight_ih', 301],
                            ['weight', 'gru.0.weight_ih', 302],
@@ -1676,7 +1651,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 309],
                            ['weight', 'gru.0.weight_ih', 310],
                            ['weight', 'gru.0.weight_ih', 311],
-                           ['weight', 'gru.0.bias', 25],
                            ['weight', 'gru.0.weight_ih', 312],
                            ['weight', 'gru.0.weight_ih', 313],
                            ['weight', 'gru.0.weight_ih', 314],
@@ -1689,7 +1663,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 321],
                            ['weight', 'gru.0.weight_ih', 322],
                            ['weight', 'gru.0.weight_ih', 323],
-                           ['weight', 'gru.0.bias', 26],
                            ['weight', 'gru.0.weight_ih', 324],
                            ['weight', 'gru.0.weight_ih', 325],
                            ['weight', 'gru.0.weight_ih', 326],
@@ -1702,7 +1675,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 333],
                            ['weight', 'gru.0.weight_ih', 334],
                            ['weight', 'gru.0.weight_ih', 335],
-                           ['weight', 'gru.0.bias', 27],
                            ['weight', 'gru.0.weight_ih', 336],
                            ['weight', 'gru.0.weight_ih', 337],
                            ['weight', 'gru.0.weight_ih', 338],
@@ -1715,7 +1687,6 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 345],
                            ['weight', 'gru.0.weight_ih', 346],
                            ['weight', 'gru.0.weight_ih', 347],
-                           ['weight', 'gru.0.bias', 28],
                            ['weight', 'gru.0.weight_ih', 348],
                            ['weight', 'gru.0.weight_ih', 349],
                            ['weight', 'gru.0.weight_ih', 350],
@@ -1728,6 +1699,35 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['weight', 'gru.0.weight_ih', 357],
                            ['weight', 'gru.0.weight_ih', 358],
                            ['weight', 'gru.0.weight_ih', 359],
+                           ['weight', 'gru.0.bias', 0],
+                           ['weight', 'gru.0.bias', 1],
+                           ['weight', 'gru.0.bias', 2],
+                           ['weight', 'gru.0.bias', 3],
+                           ['weight', 'gru.0.bias', 4],
+                           ['weight', 'gru.0.bias', 5],
+                           ['weight', 'gru.0.bias', 6],
+                           ['weight', 'gru.0.bias', 7],
+                           ['weight', 'gru.0.bias', 8],
+                           ['weight', 'gru.0.bias', 9],
+                           ['weight', 'gru.0.bias', 10],
+                           ['weight', 'gru.0.bias', 11],
+                           ['weight', 'gru.0.bias', 12],
+                           ['weight', 'gru.0.bias', 13],
+                           ['weight', 'gru.0.bias', 14],
+                           ['weight', 'gru.0.bias', 15],
+                           ['weight', 'gru.0.bias', 16],
+                           ['weight', 'gru.0.bias', 17],
+                           ['weight', 'gru.0.bias', 18],
+                           ['weight', 'gru.0.bias', 19],
+                           ['weight', 'gru.0.bias', 20],
+                           ['weight', 'gru.0.bias', 21],
+                           ['weight', 'gru.0.bias', 22],
+                           ['weight', 'gru.0.bias', 23],
+                           ['weight', 'gru.0.bias', 24],
+                           ['weight', 'gru.0.bias', 25],
+                           ['weight', 'gru.0.bias', 26],
+                           ['weight', 'gru.0.bias', 27],
+                           ['weight', 'gru.0.bias', 28],
                            ['weight', 'gru.0.bias', 29],
                            ['weight', 'head.weight', 30],
                            ['weight', 'head.weight', 31],
@@ -1940,16 +1940,8 @@ def stage0_backward_kernel(
     _bk24 = tl.sqrt(tl.sqrt(_bk21)) * (0.25 - 0.25 * _bk21)
     _bk25 = tl.sqrt(tl.sqrt(tl.sqrt(_bk21))) * (0.125 - 0.125 * _bk21)
     _adj__head_out4 = _adj_acc_0 * (_acc_old_0 * _bk22 - _bk22 * g) + _adj_acc_1 * (_acc_old_1 * _bk23 - _bk23 * g) + _adj_acc_2 * (_acc_old_2 * _bk24 - _bk24 * g) + _adj_acc_3 * (_acc_old_3 * _bk25 - _bk25 * g)
-    _adj_in__net_h0_old_0_1 = tl.load(_w_head_weight + 30) * _adj__head_out4
-    _adj_in__net_h0_old_1_2 = tl.load(_w_head_weight + 31) * _adj__head_out4
-    _adj_in__net_h0_old_2_3 = tl.load(_w_head_weight + 32) * _adj__head_out4
-    _adj_in__net_h0_old_3_4 = tl.load(_w_head_weight + 33) * _adj__head_out4
-    _adj_in__net_h0_old_4_5 = tl.load(_w_head_weight + 34) * _adj__head_out4
-    _adj_in__net_h0_old_5_6 = tl.load(_w_head_weight + 35) * _adj__head_out4
-    _adj_in__net_h0_old_6_7 = tl.load(_w_head_weight + 36) * _adj__head_out4
-    _adj_in__net_h0_old_7_8 = tl.load(_w_head_weight + 37) * _adj__head_out4
-    _adj_in__net_h0_old_8_9 = tl.load(_w_head_weight + 38) * _adj__head_out4
-    _adj_in__net_h0_old_9_10 = tl.load(_w_head_weight + 39) * _adj__head_out4
+    _dense_t2 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _dense_t2 += _adj__head_out4[:, None] * tops.weight_row(_w_head_weight, 10, 3, 0, 10, 16)[None, :]
     _bk26 = tops.sigmoid(_head_out4)
     _adj__acc_old_0 = _adj_acc_0 * _bk26
     _bk27 = tl.sqrt(_bk26)
@@ -1968,16 +1960,20 @@ def stage0_backward_kernel(
     _adj__u8 = _adj_ms_3 * tl.where((_u7 != 0.0), 0.0, acc_3 * acc_3 + 1e-12)
     _adj_g = _adj_acc_0 * (1.0 - _bk26) + _adj_acc_1 * (1.0 - _bk27) + _adj_acc_2 * (1.0 - _bk28) + _adj_acc_3 * (1.0 - _bk29)
     _adj_ms_decay = _adj_ms_0 * tl.where((_u1 != 0.0), 0.0, _ms_old_0) + _adj_ms_1 * tl.where((_u3 != 0.0), 0.0, _ms_old_1) + _adj_ms_2 * tl.where((_u5 != 0.0), 0.0, _ms_old_2) + _adj_ms_3 * tl.where((_u7 != 0.0), 0.0, _ms_old_3)
-    _net_h0_old_0 = tl.load(_st_net_h0 + 0 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _net_h0_old_1 = tl.load(_st_net_h0 + 1 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _net_h0_old_2 = tl.load(_st_net_h0 + 2 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _net_h0_old_3 = tl.load(_st_net_h0 + 3 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _net_h0_old_4 = tl.load(_st_net_h0 + 4 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _net_h0_old_5 = tl.load(_st_net_h0 + 5 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _net_h0_old_6 = tl.load(_st_net_h0 + 6 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _net_h0_old_7 = tl.load(_st_net_h0 + 7 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _net_h0_old_8 = tl.load(_st_net_h0 + 8 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _net_h0_old_9 = tl.load(_st_net_h0 + 9 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _col3 = tops.column(_dense_t2, 0, 16)
+    _col4 = tops.column(_dense_t2, 1, 16)
+    _col5 = tops.column(_dense_t2, 2, 16)
+    _col6 = tops.column(_dense_t2, 3, 16)
+    _col7 = tops.column(_dense_t2, 4, 16)
+    _col8 = tops.column(_dense_t2, 5, 16)
+    _col9 = tops.column(_dense_t2, 6, 16)
+    _col10 = tops.column(_dense_t2, 7, 16)
+    _col11 = tops.column(_dense_t2, 8, 16)
+    _col12 = tops.column(_dense_t2, 9, 16)
+    _tile13 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile13 += tops.place(_adj__head_out4, 0, 16)
+    _masked14 = tl.where(_mask[:, None], _tile13, 0.0)
+    _masked15 = tl.where(_mask[:, None], _tile1, 0.0)
     tl.store(_grad_st_acc + 0 * _numel + _offs, tops.per_element(_adj__acc_old_0, BLOCK), mask=_mask)
     tl.store(_grad_st_acc + 1 * _numel + _offs, tops.per_element(_adj__acc_old_1, BLOCK), mask=_mask)
     tl.store(_grad_st_acc + 2 * _numel + _offs, tops.per_element(_adj__acc_old_2, BLOCK), mask=_mask)
@@ -1987,33 +1983,24 @@ def stage0_backward_kernel(
     tl.store(_grad_st_ms + 1 * _numel + _offs, tops.per_element(_adj__ms_old_1, BLOCK), mask=_mask)
     tl.store(_grad_st_ms + 2 * _numel + _offs, tops.per_element(_adj__ms_old_2, BLOCK), mask=_mask)
     tl.store(_grad_st_ms + 3 * _numel + _offs, tops.per_element(_adj__ms_old_3, BLOCK), mask=_mask)
-    tl.store(_grad_st_net_h0 + 0 * _numel + _offs, tops.per_element(_adj_in__net_h0_old_0_1, BLOCK), mask=_mask)
-    tl.store(_grad_st_net_h0 + 1 * _numel + _offs, tops.per_element(_adj_in__net_h0_old_1_2, BLOCK), mask=_mask)
-    tl.store(_grad_st_net_h0 + 2 * _numel + _offs, tops.per_element(_adj_in__net_h0_old_2_3, BLOCK), mask=_mask)
-    tl.store(_grad_st_net_h0 + 3 * _numel + _offs, tops.per_element(_adj_in__net_h0_old_3_4, BLOCK), mask=_mask)
-    tl.store(_grad_st_net_h0 + 4 * _numel + _offs, tops.per_element(_adj_in__net_h0_old_4_5, BLOCK), mask=_mask)
-    tl.store(_grad_st_net_h0 + 5 * _numel + _offs, tops.per_element(_adj_in__net_h0_old_5_6, BLOCK), mask=_mask)
-    tl.store(_grad_st_net_h0 + 6 * _numel + _offs, tops.per_element(_adj_in__net_h0_old_6_7, BLOCK), mask=_mask)
-    tl.store(_grad_st_net_h0 + 7 * _numel + _offs, tops.per_element(_adj_in__net_h0_old_7_8, BLOCK), mask=_mask)
-    tl.store(_grad_st_net_h0 + 8 * _numel + _offs, tops.per_element(_adj_in__net_h0_old_8_9, BLOCK), mask=_mask)
-    tl.store(_grad_st_net_h0 + 9 * _numel + _offs, tops.per_element(_adj_in__net_h0_old_9_10, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 0 * _numel + _offs, tops.per_element(_col3, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 1 * _numel + _offs, tops.per_element(_col4, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 2 * _numel + _offs, tops.per_element(_col5, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 3 * _numel + _offs, tops.per_element(_col6, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 4 * _numel + _offs, tops.per_element(_col7, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 5 * _numel + _offs, tops.per_element(_col8, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 6 * _numel + _offs, tops.per_element(_col9, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 7 * _numel + _offs, tops.per_element(_col10, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 8 * _numel + _offs, tops.per_element(_col11, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 9 * _numel + _offs, tops.per_element(_col12, BLOCK), mask=_mask)
     tl.store(_grad_g_ptr + _offs, tops.per_element(_adj_g, BLOCK), mask=_mask)
+    tops.store_block(_gpart_ptr + _pid * 16 + 5, tops.outer_sum(_masked14, _masked15, True), 1, 10, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 16 + 15, tl.sum(_masked14, axis=0), 1, 16)
     tl.store(_gpart_ptr + _pid * 16 + 0, tl.sum(tl.where(_mask, _adj__u2, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 16 + 1, tl.sum(tl.where(_mask, _adj__u4, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 16 + 2, tl.sum(tl.where(_mask, _adj__u6, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 16 + 3, tl.sum(tl.where(_mask, _adj__u8, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 16 + 4, tl.sum(tl.where(_mask, _adj_ms_decay, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 16 + 5, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 16 + 6, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 16 + 7, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 16 + 8, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 16 + 9, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 16 + 10, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 16 + 11, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 16 + 12, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 16 + 13, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 16 + 14, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 16 + 15, tl.sum(tl.where(_mask, _adj__head_out4, 0.0), axis=0))
 
 
 @triton.jit
@@ -2290,45 +2277,49 @@ def stage1_backward_kernel(
     _seed__mean_tensor298 = tl.load(_dpart_ptr + _pid * 13 + 12)
     _adj_delta_att = 2.0 * _seed__mean_tensor298 * delta_att
     _adj_delta = 2.0 * _seed__mean_tensor296 * delta
-    _adj_in__h0_97_1 = tl.load(_w_head_weight + 10) * _adj_delta_att
-    _adj_in__h0_98_2 = tl.load(_w_head_weight + 11) * _adj_delta_att
-    _adj_in__h0_99_3 = tl.load(_w_head_weight + 12) * _adj_delta_att
-    _adj_in__h0_100_4 = tl.load(_w_head_weight + 13) * _adj_delta_att
-    _adj_in__h0_101_5 = tl.load(_w_head_weight + 14) * _adj_delta_att
-    _adj_in__h0_102_6 = tl.load(_w_head_weight + 15) * _adj_delta_att
-    _adj_in__h0_103_7 = tl.load(_w_head_weight + 16) * _adj_delta_att
-    _adj_in__h0_104_8 = tl.load(_w_head_weight + 17) * _adj_delta_att
-    _adj_in__h0_105_9 = tl.load(_w_head_weight + 18) * _adj_delta_att
-    _adj_in__h0_106_10 = tl.load(_w_head_weight + 19) * _adj_delta_att
-    _adj_in__h0_97_11 = tl.load(_w_head_weight + 0) * _adj_delta
-    _adj_in__h0_98_12 = tl.load(_w_head_weight + 1) * _adj_delta
-    _adj_in__h0_99_13 = tl.load(_w_head_weight + 2) * _adj_delta
-    _adj_in__h0_100_14 = tl.load(_w_head_weight + 3) * _adj_delta
-    _adj_in__h0_101_15 = tl.load(_w_head_weight + 4) * _adj_delta
-    _adj_in__h0_102_16 = tl.load(_w_head_weight + 5) * _adj_delta
-    _adj_in__h0_103_17 = tl.load(_w_head_weight + 6) * _adj_delta
-    _adj_in__h0_104_18 = tl.load(_w_head_weight + 7) * _adj_delta
-    _adj_in__h0_105_19 = tl.load(_w_head_weight + 8) * _adj_delta
-    _adj_in__h0_106_20 = tl.load(_w_head_weight + 9) * _adj_delta
-    _adj__h0_106 = _adj_in__h0_106_10 + _adj_in__h0_106_20 + _seed__mean_tensor130
+    _dense_t65 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _dense_t65 += _adj_delta_att[:, None] * tops.weight_row(_w_head_weight, 10, 1, 0, 10, 16)[None, :]
+    _dense_t66 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _dense_t66 += _adj_delta[:, None] * tops.weight_row(_w_head_weight, 10, 0, 0, 10, 16)[None, :]
+    _col67 = tops.column(_dense_t65, 9, 16)
+    _col68 = tops.column(_dense_t66, 9, 16)
+    _adj__h0_106 = _col67 + _col68 + _seed__mean_tensor130
     _adj__cell100_c9 = _adj__h0_106 * (1.0 - _cell70_u9)
-    _adj__h0_105 = _adj_in__h0_105_19 + _adj_in__h0_105_9 + _seed__mean_tensor128
+    _col69 = tops.column(_dense_t66, 8, 16)
+    _col70 = tops.column(_dense_t65, 8, 16)
+    _adj__h0_105 = _col69 + _col70 + _seed__mean_tensor128
     _adj__cell99_c8 = _adj__h0_105 * (1.0 - _cell69_u8)
-    _adj__h0_104 = _adj_in__h0_104_18 + _adj_in__h0_104_8 + _seed__mean_tensor126
+    _col71 = tops.column(_dense_t66, 7, 16)
+    _col72 = tops.column(_dense_t65, 7, 16)
+    _adj__h0_104 = _col71 + _col72 + _seed__mean_tensor126
     _adj__cell98_c7 = _adj__h0_104 * (1.0 - _cell68_u7)
-    _adj__h0_103 = _adj_in__h0_103_17 + _adj_in__h0_103_7 + _seed__mean_tensor124
+    _col73 = tops.column(_dense_t66, 6, 16)
+    _col74 = tops.column(_dense_t65, 6, 16)
+    _adj__h0_103 = _col73 + _col74 + _seed__mean_tensor124
     _adj__cell97_c6 = _adj__h0_103 * (1.0 - _cell67_u6)
-    _adj__h0_102 = _adj_in__h0_102_16 + _adj_in__h0_102_6 + _seed__mean_tensor122
+    _col75 = tops.column(_dense_t66, 5, 16)
+    _col76 = tops.column(_dense_t65, 5, 16)
+    _adj__h0_102 = _col75 + _col76 + _seed__mean_tensor122
     _adj__cell96_c5 = _adj__h0_102 * (1.0 - _cell66_u5)
-    _adj__h0_101 = _adj_in__h0_101_15 + _adj_in__h0_101_5 + _seed__mean_tensor120
+    _col77 = tops.column(_dense_t66, 4, 16)
+    _col78 = tops.column(_dense_t65, 4, 16)
+    _adj__h0_101 = _col77 + _col78 + _seed__mean_tensor120
     _adj__cell95_c4 = _adj__h0_101 * (1.0 - _cell65_u4)
-    _adj__h0_100 = _adj_in__h0_100_14 + _adj_in__h0_100_4 + _seed__mean_tensor118
+    _col79 = tops.column(_dense_t66, 3, 16)
+    _col80 = tops.column(_dense_t65, 3, 16)
+    _adj__h0_100 = _col79 + _col80 + _seed__mean_tensor118
     _adj__cell94_c3 = _adj__h0_100 * (1.0 - _cell64_u3)
-    _adj__h0_99 = _adj_in__h0_99_13 + _adj_in__h0_99_3 + _seed__mean_tensor116
+    _col81 = tops.column(_dense_t66, 2, 16)
+    _col82 = tops.column(_dense_t65, 2, 16)
+    _adj__h0_99 = _col81 + _col82 + _seed__mean_tensor116
     _adj__cell93_c2 = _adj__h0_99 * (1.0 - _cell63_u2)
-    _adj__h0_98 = _adj_in__h0_98_12 + _adj_in__h0_98_2 + _seed__mean_tensor114
+    _col83 = tops.column(_dense_t66, 1, 16)
+    _col84 = tops.column(_dense_t65, 1, 16)
+    _adj__h0_98 = _col83 + _col84 + _seed__mean_tensor114
     _adj__cell92_c1 = _adj__h0_98 * (1.0 - _cell62_u1)
-    _adj__h0_97 = _adj_in__h0_97_1 + _adj_in__h0_97_11 + _seed__mean_tensor112
+    _col85 = tops.column(_dense_t65, 0, 16)
+    _col86 = tops.column(_dense_t66, 0, 16)
+    _adj__h0_97 = _col85 + _col86 + _seed__mean_tensor112
     _adj__cell91_c0 = _adj__h0_97 * (1.0 - _cell61_u0)
     _adj__cell81_bc0 = _adj__cell91_c0 * (1.0 - _cell91_c0 * _cell91_c0)
     _adj__cell82_bc1 = _adj__cell92_c1 * (1.0 - _cell92_c1 * _cell92_c1)
@@ -2340,146 +2331,48 @@ def stage1_backward_kernel(
     _adj__cell88_bc7 = _adj__cell98_c7 * (1.0 - _cell98_c7 * _cell98_c7)
     _adj__cell89_bc8 = _adj__cell99_c8 * (1.0 - _cell99_c8 * _cell99_c8)
     _adj__cell90_bc9 = _adj__cell100_c9 * (1.0 - _cell100_c9 * _cell100_c9)
-    _adj_in__cell71_rh0_21 = (
-        tl.load(_w_gru_0_weight_hh + 200) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 210) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 220) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 230) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 240) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 250) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 260) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 270) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 280) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 290) * _adj__cell90_bc9
-    )
-    _adj_in__cell72_rh1_22 = (
-        tl.load(_w_gru_0_weight_hh + 201) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 211) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 221) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 231) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 241) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 251) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 261) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 271) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 281) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 291) * _adj__cell90_bc9
-    )
-    _adj_in__cell73_rh2_23 = (
-        tl.load(_w_gru_0_weight_hh + 202) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 212) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 222) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 232) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 242) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 252) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 262) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 272) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 282) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 292) * _adj__cell90_bc9
-    )
-    _adj_in__cell74_rh3_24 = (
-        tl.load(_w_gru_0_weight_hh + 203) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 213) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 223) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 233) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 243) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 253) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 263) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 273) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 283) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 293) * _adj__cell90_bc9
-    )
-    _adj_in__cell75_rh4_25 = (
-        tl.load(_w_gru_0_weight_hh + 204) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 214) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 224) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 234) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 244) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 254) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 264) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 274) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 284) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 294) * _adj__cell90_bc9
-    )
-    _adj_in__cell76_rh5_26 = (
-        tl.load(_w_gru_0_weight_hh + 205) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 215) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 225) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 235) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 245) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 255) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 265) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 275) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 285) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 295) * _adj__cell90_bc9
-    )
-    _adj_in__cell77_rh6_27 = (
-        tl.load(_w_gru_0_weight_hh + 206) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 216) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 226) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 236) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 246) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 256) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 266) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 276) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 286) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 296) * _adj__cell90_bc9
-    )
-    _adj_in__cell78_rh7_28 = (
-        tl.load(_w_gru_0_weight_hh + 207) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 217) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 227) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 237) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 247) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 257) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 267) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 277) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 287) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 297) * _adj__cell90_bc9
-    )
-    _adj_in__cell79_rh8_29 = (
-        tl.load(_w_gru_0_weight_hh + 208) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 218) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 228) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 238) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 248) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 258) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 268) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 278) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 288) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 298) * _adj__cell90_bc9
-    )
-    _adj_in__cell80_rh9_30 = (
-        tl.load(_w_gru_0_weight_hh + 209) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 219) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 229) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 239) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 249) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 259) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 269) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 279) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 289) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 299) * _adj__cell90_bc9
-    )
+    _tile88 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile88 += tops.place(_adj__cell81_bc0, 0, 16)
+    _tile88 += tops.place(_adj__cell82_bc1, 1, 16)
+    _tile88 += tops.place(_adj__cell83_bc2, 2, 16)
+    _tile88 += tops.place(_adj__cell84_bc3, 3, 16)
+    _tile88 += tops.place(_adj__cell85_bc4, 4, 16)
+    _tile88 += tops.place(_adj__cell86_bc5, 5, 16)
+    _tile88 += tops.place(_adj__cell87_bc6, 6, 16)
+    _tile88 += tops.place(_adj__cell88_bc7, 7, 16)
+    _tile88 += tops.place(_adj__cell89_bc8, 8, 16)
+    _tile88 += tops.place(_adj__cell90_bc9, 9, 16)
+    _dense_t87 = tops.matmul_t(_tile88, _w_gru_0_weight_hh, 10, 20, 0, 10, 10, 16, 16, True)
     _adj__cell70_u9 = _adj__h0_106 * (-_cell100_c9 + _net_h0_old_9)
-    _adj__cell60_r9 = _adj_in__cell80_rh9_30 * _net_h0_old_9
+    _col89 = tops.column(_dense_t87, 9, 16)
+    _adj__cell60_r9 = _col89 * _net_h0_old_9
     _adj__cell69_u8 = _adj__h0_105 * (-_cell99_c8 + _net_h0_old_8)
-    _adj__cell59_r8 = _adj_in__cell79_rh8_29 * _net_h0_old_8
+    _col90 = tops.column(_dense_t87, 8, 16)
+    _adj__cell59_r8 = _col90 * _net_h0_old_8
     _adj__cell68_u7 = _adj__h0_104 * (-_cell98_c7 + _net_h0_old_7)
-    _adj__cell58_r7 = _adj_in__cell78_rh7_28 * _net_h0_old_7
+    _col91 = tops.column(_dense_t87, 7, 16)
+    _adj__cell58_r7 = _col91 * _net_h0_old_7
     _adj__cell67_u6 = _adj__h0_103 * (-_cell97_c6 + _net_h0_old_6)
-    _adj__cell57_r6 = _adj_in__cell77_rh6_27 * _net_h0_old_6
+    _col92 = tops.column(_dense_t87, 6, 16)
+    _adj__cell57_r6 = _col92 * _net_h0_old_6
     _adj__cell66_u5 = _adj__h0_102 * (-_cell96_c5 + _net_h0_old_5)
-    _adj__cell56_r5 = _adj_in__cell76_rh5_26 * _net_h0_old_5
+    _col93 = tops.column(_dense_t87, 5, 16)
+    _adj__cell56_r5 = _col93 * _net_h0_old_5
     _adj__cell65_u4 = _adj__h0_101 * (-_cell95_c4 + _net_h0_old_4)
-    _adj__cell55_r4 = _adj_in__cell75_rh4_25 * _net_h0_old_4
+    _col94 = tops.column(_dense_t87, 4, 16)
+    _adj__cell55_r4 = _col94 * _net_h0_old_4
     _adj__cell64_u3 = _adj__h0_100 * (-_cell94_c3 + _net_h0_old_3)
-    _adj__cell54_r3 = _adj_in__cell74_rh3_24 * _net_h0_old_3
+    _col95 = tops.column(_dense_t87, 3, 16)
+    _adj__cell54_r3 = _col95 * _net_h0_old_3
     _adj__cell63_u2 = _adj__h0_99 * (-_cell93_c2 + _net_h0_old_2)
-    _adj__cell53_r2 = _adj_in__cell73_rh2_23 * _net_h0_old_2
+    _col96 = tops.column(_dense_t87, 2, 16)
+    _adj__cell53_r2 = _col96 * _net_h0_old_2
     _adj__cell62_u1 = _adj__h0_98 * (-_cell92_c1 + _net_h0_old_1)
-    _adj__cell52_r1 = _adj_in__cell72_rh1_22 * _net_h0_old_1
+    _col97 = tops.column(_dense_t87, 1, 16)
+    _adj__cell52_r1 = _col97 * _net_h0_old_1
     _adj__cell61_u0 = _adj__h0_97 * (-_cell91_c0 + _net_h0_old_0)
-    _adj__cell51_r0 = _adj_in__cell71_rh0_21 * _net_h0_old_0
+    _col98 = tops.column(_dense_t87, 0, 16)
+    _adj__cell51_r0 = _col98 * _net_h0_old_0
     _adj__cell31_b0 = _adj__cell51_r0 * _cell51_r0 * (1.0 - _cell51_r0)
     _adj__cell32_b1 = _adj__cell52_r1 * _cell52_r1 * (1.0 - _cell52_r1)
     _adj__cell33_b2 = _adj__cell53_r2 * _cell53_r2 * (1.0 - _cell53_r2)
@@ -2500,226 +2393,28 @@ def stage1_backward_kernel(
     _adj__cell48_b17 = _adj__cell68_u7 * _cell68_u7 * (1.0 - _cell68_u7)
     _adj__cell49_b18 = _adj__cell69_u8 * _cell69_u8 * (1.0 - _cell69_u8)
     _adj__cell50_b19 = _adj__cell70_u9 * _cell70_u9 * (1.0 - _cell70_u9)
-    _adj_in__net_h0_old_0_31 = (
-        tl.load(_w_gru_0_weight_hh + 0) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 10) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 20) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 30) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 40) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 50) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 60) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 70) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 80) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 90) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 100) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 110) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 120) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 130) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 140) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 150) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 160) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 170) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 180) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 190) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_1_32 = (
-        tl.load(_w_gru_0_weight_hh + 1) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 11) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 21) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 31) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 41) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 51) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 61) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 71) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 81) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 91) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 101) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 111) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 121) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 131) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 141) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 151) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 161) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 171) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 181) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 191) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_2_33 = (
-        tl.load(_w_gru_0_weight_hh + 2) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 12) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 22) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 32) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 42) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 52) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 62) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 72) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 82) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 92) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 102) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 112) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 122) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 132) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 142) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 152) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 162) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 172) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 182) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 192) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_3_34 = (
-        tl.load(_w_gru_0_weight_hh + 3) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 13) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 23) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 33) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 43) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 53) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 63) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 73) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 83) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 93) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 103) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 113) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 123) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 133) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 143) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 153) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 163) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 173) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 183) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 193) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_4_35 = (
-        tl.load(_w_gru_0_weight_hh + 4) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 14) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 24) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 34) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 44) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 54) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 64) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 74) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 84) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 94) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 104) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 114) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 124) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 134) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 144) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 154) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 164) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 174) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 184) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 194) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_5_36 = (
-        tl.load(_w_gru_0_weight_hh + 5) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 15) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 25) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 35) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 45) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 55) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 65) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 75) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 85) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 95) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 105) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 115) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 125) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 135) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 145) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 155) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 165) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 175) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 185) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 195) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_6_37 = (
-        tl.load(_w_gru_0_weight_hh + 6) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 16) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 26) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 36) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 46) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 56) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 66) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 76) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 86) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 96) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 106) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 116) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 126) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 136) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 146) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 156) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 166) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 176) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 186) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 196) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_7_38 = (
-        tl.load(_w_gru_0_weight_hh + 7) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 17) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 27) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 37) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 47) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 57) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 67) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 77) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 87) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 97) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 107) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 117) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 127) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 137) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 147) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 157) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 167) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 177) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 187) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 197) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_8_39 = (
-        tl.load(_w_gru_0_weight_hh + 8) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 18) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 28) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 38) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 48) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 58) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 68) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 78) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 88) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 98) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 108) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 118) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 128) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 138) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 148) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 158) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 168) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 178) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 188) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 198) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_9_40 = (
-        tl.load(_w_gru_0_weight_hh + 9) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 19) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 29) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 39) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 49) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 59) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 69) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 79) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 89) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 99) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 109) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 119) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 129) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 139) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 149) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 159) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 169) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 179) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 189) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 199) * _adj__cell50_b19
-    )
+    _tile100 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile100 += tops.place(_adj__cell31_b0, 0, 32)
+    _tile100 += tops.place(_adj__cell32_b1, 1, 32)
+    _tile100 += tops.place(_adj__cell33_b2, 2, 32)
+    _tile100 += tops.place(_adj__cell34_b3, 3, 32)
+    _tile100 += tops.place(_adj__cell35_b4, 4, 32)
+    _tile100 += tops.place(_adj__cell36_b5, 5, 32)
+    _tile100 += tops.place(_adj__cell37_b6, 6, 32)
+    _tile100 += tops.place(_adj__cell38_b7, 7, 32)
+    _tile100 += tops.place(_adj__cell39_b8, 8, 32)
+    _tile100 += tops.place(_adj__cell40_b9, 9, 32)
+    _tile100 += tops.place(_adj__cell41_b10, 10, 32)
+    _tile100 += tops.place(_adj__cell42_b11, 11, 32)
+    _tile100 += tops.place(_adj__cell43_b12, 12, 32)
+    _tile100 += tops.place(_adj__cell44_b13, 13, 32)
+    _tile100 += tops.place(_adj__cell45_b14, 14, 32)
+    _tile100 += tops.place(_adj__cell46_b15, 15, 32)
+    _tile100 += tops.place(_adj__cell47_b16, 16, 32)
+    _tile100 += tops.place(_adj__cell48_b17, 17, 32)
+    _tile100 += tops.place(_adj__cell49_b18, 18, 32)
+    _tile100 += tops.place(_adj__cell50_b19, 19, 32)
+    _dense_t99 = tops.matmul_t(_tile100, _w_gru_0_weight_hh, 10, 0, 0, 20, 10, 32, 16, True)
     _adj__cell1_a0 = _adj__cell51_r0 * _cell51_r0 * (1.0 - _cell51_r0)
     _adj__cell2_a1 = _adj__cell52_r1 * _cell52_r1 * (1.0 - _cell52_r1)
     _adj__cell3_a2 = _adj__cell53_r2 * _cell53_r2 * (1.0 - _cell53_r2)
@@ -2750,415 +2445,75 @@ def stage1_backward_kernel(
     _adj__cell28_a27 = _adj__cell98_c7 * (1.0 - _cell98_c7 * _cell98_c7)
     _adj__cell29_a28 = _adj__cell99_c8 * (1.0 - _cell99_c8 * _cell99_c8)
     _adj__cell30_a29 = _adj__cell100_c9 * (1.0 - _cell100_c9 * _cell100_c9)
-    _adj_in_scaled_0_41 = (
-        tl.load(_w_gru_0_weight_ih + 0) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 12) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 24) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 36) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 48) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 60) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 72) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 84) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 96) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 108) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 120) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 132) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 144) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 156) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 168) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 180) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 192) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 204) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 216) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 228) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 240) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 252) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 264) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 276) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 288) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 300) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 312) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 324) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 336) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 348) * _adj__cell30_a29
-    )
-    _adj_in_scaled_1_42 = (
-        tl.load(_w_gru_0_weight_ih + 1) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 13) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 25) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 37) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 49) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 61) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 73) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 85) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 97) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 109) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 121) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 133) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 145) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 157) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 169) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 181) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 193) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 205) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 217) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 229) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 241) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 253) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 265) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 277) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 289) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 301) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 313) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 325) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 337) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 349) * _adj__cell30_a29
-    )
-    _adj_in_scaled_2_43 = (
-        tl.load(_w_gru_0_weight_ih + 2) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 14) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 26) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 38) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 50) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 62) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 74) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 86) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 98) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 110) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 122) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 134) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 146) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 158) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 170) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 182) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 194) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 206) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 218) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 230) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 242) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 254) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 266) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 278) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 290) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 302) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 314) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 326) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 338) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 350) * _adj__cell30_a29
-    )
-    _adj_in_scaled_3_44 = (
-        tl.load(_w_gru_0_weight_ih + 3) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 15) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 27) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 39) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 51) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 63) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 75) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 87) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 99) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 111) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 123) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 135) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 147) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 159) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 171) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 183) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 195) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 207) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 219) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 231) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 243) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 255) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 267) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 279) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 291) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 303) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 315) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 327) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 339) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 351) * _adj__cell30_a29
-    )
-    _adj_in_grad_products_0_45 = (
-        tl.load(_w_gru_0_weight_ih + 4) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 16) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 28) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 40) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 52) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 64) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 76) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 88) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 100) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 112) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 124) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 136) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 148) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 160) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 172) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 184) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 196) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 208) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 220) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 232) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 244) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 256) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 268) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 280) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 292) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 304) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 316) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 328) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 340) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 352) * _adj__cell30_a29
-    )
-    _adj_in_grad_products_1_46 = (
-        tl.load(_w_gru_0_weight_ih + 5) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 17) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 29) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 41) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 53) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 65) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 77) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 89) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 101) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 113) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 125) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 137) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 149) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 161) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 173) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 185) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 197) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 209) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 221) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 233) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 245) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 257) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 269) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 281) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 293) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 305) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 317) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 329) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 341) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 353) * _adj__cell30_a29
-    )
-    _adj_in_grad_products_2_47 = (
-        tl.load(_w_gru_0_weight_ih + 6) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 18) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 30) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 42) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 54) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 66) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 78) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 90) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 102) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 114) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 126) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 138) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 150) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 162) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 174) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 186) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 198) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 210) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 222) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 234) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 246) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 258) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 270) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 282) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 294) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 306) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 318) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 330) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 342) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 354) * _adj__cell30_a29
-    )
-    _adj_in_rel_log_magnitude_0_48 = (
-        tl.load(_w_gru_0_weight_ih + 7) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 19) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 31) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 43) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 55) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 67) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 79) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 91) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 103) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 115) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 127) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 139) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 151) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 163) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 175) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 187) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 199) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 211) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 223) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 235) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 247) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 259) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 271) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 283) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 295) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 307) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 319) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 331) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 343) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 355) * _adj__cell30_a29
-    )
-    _adj_in_rel_log_magnitude_1_49 = (
-        tl.load(_w_gru_0_weight_ih + 8) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 20) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 32) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 44) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 56) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 68) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 80) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 92) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 104) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 116) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 128) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 140) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 152) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 164) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 176) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 188) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 200) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 212) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 224) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 236) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 248) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 260) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 272) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 284) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 296) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 308) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 320) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 332) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 344) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 356) * _adj__cell30_a29
-    )
-    _adj_in_rel_log_magnitude_2_50 = (
-        tl.load(_w_gru_0_weight_ih + 9) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 21) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 33) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 45) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 57) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 69) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 81) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 93) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 105) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 117) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 129) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 141) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 153) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 165) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 177) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 189) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 201) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 213) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 225) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 237) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 249) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 261) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 273) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 285) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 297) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 309) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 321) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 333) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 345) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 357) * _adj__cell30_a29
-    )
-    _adj_in_rel_log_magnitude_3_51 = (
-        tl.load(_w_gru_0_weight_ih + 10) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 22) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 34) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 46) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 58) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 70) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 82) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 94) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 106) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 118) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 130) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 142) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 154) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 166) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 178) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 190) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 202) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 214) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 226) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 238) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 250) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 262) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 274) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 286) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 298) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 310) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 322) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 334) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 346) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 358) * _adj__cell30_a29
-    )
-    _adj_in_rel_log_lr_52 = (
-        tl.load(_w_gru_0_weight_ih + 11) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 23) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 35) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 47) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 59) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 71) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 83) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 95) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 107) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 119) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 131) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 143) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 155) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 167) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 179) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 191) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 203) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 215) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 227) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 239) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 251) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 263) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 275) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 287) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 299) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 311) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 323) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 335) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 347) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 359) * _adj__cell30_a29
-    )
-    _adj_rel_log_lr = _adj_in_rel_log_lr_52 + _seed__mean_tensor154
-    _adj_scaled_3 = _adj_delta * _phi_shortcut_3 + _adj_delta_att * _phi_shortcut_3 + _adj_in_grad_products_2_47 * scaled_2 + _adj_in_scaled_3_44
-    _adj_scaled_2 = _adj_delta * _phi_shortcut_2 + _adj_delta_att * _phi_shortcut_2 + _adj_in_grad_products_1_46 * scaled_1 + _adj_in_grad_products_2_47 * scaled_3 + _adj_in_scaled_2_43
-    _adj_scaled_1 = _adj_delta * _phi_shortcut_1 + _adj_delta_att * _phi_shortcut_1 + _adj_in_grad_products_0_45 * scaled_0 + _adj_in_grad_products_1_46 * scaled_2 + _adj_in_scaled_1_42
-    _adj_scaled_0 = _adj_delta * _phi_shortcut_0 + _adj_delta_att * _phi_shortcut_0 + _adj_in_grad_products_0_45 * scaled_1 + _adj_in_scaled_0_41
+    _tile102 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile102 += tops.place(_adj__cell1_a0, 0, 32)
+    _tile102 += tops.place(_adj__cell2_a1, 1, 32)
+    _tile102 += tops.place(_adj__cell3_a2, 2, 32)
+    _tile102 += tops.place(_adj__cell4_a3, 3, 32)
+    _tile102 += tops.place(_adj__cell5_a4, 4, 32)
+    _tile102 += tops.place(_adj__cell6_a5, 5, 32)
+    _tile102 += tops.place(_adj__cell7_a6, 6, 32)
+    _tile102 += tops.place(_adj__cell8_a7, 7, 32)
+    _tile102 += tops.place(_adj__cell9_a8, 8, 32)
+    _tile102 += tops.place(_adj__cell10_a9, 9, 32)
+    _tile102 += tops.place(_adj__cell11_a10, 10, 32)
+    _tile102 += tops.place(_adj__cell12_a11, 11, 32)
+    _tile102 += tops.place(_adj__cell13_a12, 12, 32)
+    _tile102 += tops.place(_adj__cell14_a13, 13, 32)
+    _tile102 += tops.place(_adj__cell15_a14, 14, 32)
+    _tile102 += tops.place(_adj__cell16_a15, 15, 32)
+    _tile102 += tops.place(_adj__cell17_a16, 16, 32)
+    _tile102 += tops.place(_adj__cell18_a17, 17, 32)
+    _tile102 += tops.place(_adj__cell19_a18, 18, 32)
+    _tile102 += tops.place(_adj__cell20_a19, 19, 32)
+    _tile102 += tops.place(_adj__cell21_a20, 20, 32)
+    _tile102 += tops.place(_adj__cell22_a21, 21, 32)
+    _tile102 += tops.place(_adj__cell23_a22, 22, 32)
+    _tile102 += tops.place(_adj__cell24_a23, 23, 32)
+    _tile102 += tops.place(_adj__cell25_a24, 24, 32)
+    _tile102 += tops.place(_adj__cell26_a25, 25, 32)
+    _tile102 += tops.place(_adj__cell27_a26, 26, 32)
+    _tile102 += tops.place(_adj__cell28_a27, 27, 32)
+    _tile102 += tops.place(_adj__cell29_a28, 28, 32)
+    _tile102 += tops.place(_adj__cell30_a29, 29, 32)
+    _dense_t101 = tops.matmul_t(_tile102, _w_gru_0_weight_ih, 12, 0, 0, 30, 12, 32, 16, True)
+    _col103 = tops.column(_dense_t101, 11, 16)
+    _adj_rel_log_lr = _col103 + _seed__mean_tensor154
+    _col104 = tops.column(_dense_t101, 6, 16)
+    _col105 = tops.column(_dense_t101, 3, 16)
+    _adj_scaled_3 = _adj_delta * _phi_shortcut_3 + _adj_delta_att * _phi_shortcut_3 + _col104 * scaled_2 + _col105
+    _col106 = tops.column(_dense_t101, 5, 16)
+    _col107 = tops.column(_dense_t101, 2, 16)
+    _adj_scaled_2 = _adj_delta * _phi_shortcut_2 + _adj_delta_att * _phi_shortcut_2 + _col106 * scaled_1 + _col104 * scaled_3 + _col107
+    _col108 = tops.column(_dense_t101, 4, 16)
+    _col109 = tops.column(_dense_t101, 1, 16)
+    _adj_scaled_1 = _adj_delta * _phi_shortcut_1 + _adj_delta_att * _phi_shortcut_1 + _col108 * scaled_0 + _col106 * scaled_2 + _col109
+    _col110 = tops.column(_dense_t101, 0, 16)
+    _adj_scaled_0 = _adj_delta * _phi_shortcut_0 + _adj_delta_att * _phi_shortcut_0 + _col108 * scaled_1 + _col110
     _bk1 = 1.0 / ms_3
     _bk2 = 0.25 * _bk1
     _bk3 = ms_3 + 1e-16
     _bk4 = _adj_scaled_3 * tl.rsqrt(1.0 + acc_3 * acc_3 / _bk3)
-    _adj_ms_3 = -_adj_in_rel_log_magnitude_0_48 * _bk2 - _adj_in_rel_log_magnitude_1_49 * _bk2 - _adj_in_rel_log_magnitude_2_50 * _bk2 + 0.75 * _adj_in_rel_log_magnitude_3_51 * _bk1 - (0.5 * _bk4 * acc_3) / tops.pow_(_bk3, 1.5)
+    _col111 = tops.column(_dense_t101, 7, 16)
+    _col112 = tops.column(_dense_t101, 8, 16)
+    _col113 = tops.column(_dense_t101, 9, 16)
+    _col114 = tops.column(_dense_t101, 10, 16)
+    _adj_ms_3 = -_col111 * _bk2 - _col112 * _bk2 - _col113 * _bk2 + 0.75 * _col114 * _bk1 - (0.5 * _bk4 * acc_3) / tops.pow_(_bk3, 1.5)
     _bk5 = 1.0 / ms_2
     _bk6 = 0.25 * _bk5
     _bk7 = ms_2 + 1e-16
     _bk8 = _adj_scaled_2 * tl.rsqrt(1.0 + acc_2 * acc_2 / _bk7)
-    _adj_ms_2 = -_adj_in_rel_log_magnitude_0_48 * _bk6 - _adj_in_rel_log_magnitude_1_49 * _bk6 + 0.75 * _adj_in_rel_log_magnitude_2_50 * _bk5 - _adj_in_rel_log_magnitude_3_51 * _bk6 - (0.5 * _bk8 * acc_2) / tops.pow_(_bk7, 1.5)
+    _adj_ms_2 = -_col111 * _bk6 - _col112 * _bk6 + 0.75 * _col113 * _bk5 - _col114 * _bk6 - (0.5 * _bk8 * acc_2) / tops.pow_(_bk7, 1.5)
     _bk9 = 1.0 / ms_1
     _bk10 = 0.25 * _bk9
     _bk11 = ms_1 + 1e-16
     _bk12 = _adj_scaled_1 * tl.rsqrt(1.0 + acc_1 * acc_1 / _bk11)
-    _adj_ms_1 = -_adj_in_rel_log_magnitude_0_48 * _bk10 + 0.75 * _adj_in_rel_log_magnitude_1_49 * _bk9 - _adj_in_rel_log_magnitude_2_50 * _bk10 - _adj_in_rel_log_magnitude_3_51 * _bk10 - (0.5 * _bk12 * acc_1) / tops.pow_(_bk11, 1.5)
+    _adj_ms_1 = -_col111 * _bk10 + 0.75 * _col112 * _bk9 - _col113 * _bk10 - _col114 * _bk10 - (0.5 * _bk12 * acc_1) / tops.pow_(_bk11, 1.5)
     _bk13 = 1.0 / ms_0
     _bk14 = 0.25 * _bk13
     _bk15 = ms_0 + 1e-16
     _bk16 = _adj_scaled_0 * tl.rsqrt(1.0 + acc_0 * acc_0 / _bk15)
-    _adj_ms_0 = 0.75 * _adj_in_rel_log_magnitude_0_48 * _bk13 - _adj_in_rel_log_magnitude_1_49 * _bk14 - _adj_in_rel_log_magnitude_2_50 * _bk14 - _adj_in_rel_log_magnitude_3_51 * _bk14 - (0.5 * _bk16 * acc_0) / tops.pow_(_bk15, 1.5)
+    _adj_ms_0 = 0.75 * _col111 * _bk13 - _col112 * _bk14 - _col113 * _bk14 - _col114 * _bk14 - (0.5 * _bk16 * acc_0) / tops.pow_(_bk15, 1.5)
     _bk17 = 2.0 * acc_3
     _adj_acc_3 = _adj_ms_3 * tl.where((_u7 != 0.0), _bk17, _bk17 * _u8) + _bk4 * tl.rsqrt(_bk3)
     _bk18 = 2.0 * acc_2
@@ -3173,16 +2528,8 @@ def stage1_backward_kernel(
     _bk24 = tl.sqrt(tl.sqrt(_bk21)) * (0.25 - 0.25 * _bk21)
     _bk25 = tl.sqrt(tl.sqrt(tl.sqrt(_bk21))) * (0.125 - 0.125 * _bk21)
     _adj__head_out4 = _adj_acc_0 * (_acc_old_0 * _bk22 - _bk22 * g) + _adj_acc_1 * (_acc_old_1 * _bk23 - _bk23 * g) + _adj_acc_2 * (_acc_old_2 * _bk24 - _bk24 * g) + _adj_acc_3 * (_acc_old_3 * _bk25 - _bk25 * g)
-    _adj_in__net_h0_old_0_53 = tl.load(_w_head_weight + 30) * _adj__head_out4
-    _adj_in__net_h0_old_1_54 = tl.load(_w_head_weight + 31) * _adj__head_out4
-    _adj_in__net_h0_old_2_55 = tl.load(_w_head_weight + 32) * _adj__head_out4
-    _adj_in__net_h0_old_3_56 = tl.load(_w_head_weight + 33) * _adj__head_out4
-    _adj_in__net_h0_old_4_57 = tl.load(_w_head_weight + 34) * _adj__head_out4
-    _adj_in__net_h0_old_5_58 = tl.load(_w_head_weight + 35) * _adj__head_out4
-    _adj_in__net_h0_old_6_59 = tl.load(_w_head_weight + 36) * _adj__head_out4
-    _adj_in__net_h0_old_7_60 = tl.load(_w_head_weight + 37) * _adj__head_out4
-    _adj_in__net_h0_old_8_61 = tl.load(_w_head_weight + 38) * _adj__head_out4
-    _adj_in__net_h0_old_9_62 = tl.load(_w_head_weight + 39) * _adj__head_out4
+    _dense_t115 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _dense_t115 += _adj__head_out4[:, None] * tops.weight_row(_w_head_weight, 10, 3, 0, 10, 16)[None, :]
     _bk26 = tops.sigmoid(_head_out4)
     _adj__acc_old_0 = _adj_acc_0 * _bk26
     _bk27 = tl.sqrt(_bk26)
@@ -3195,16 +2542,36 @@ def stage1_backward_kernel(
     _adj__ms_old_1 = _adj_ms_1 * tl.where((_u3 != 0.0), 0.0, ms_decay)
     _adj__ms_old_2 = _adj_ms_2 * tl.where((_u5 != 0.0), 0.0, ms_decay)
     _adj__ms_old_3 = _adj_ms_3 * tl.where((_u7 != 0.0), 0.0, ms_decay)
-    _adj__net_h0_old_0 = _adj__h0_97 * _cell61_u0 + _adj_in__cell71_rh0_21 * _cell51_r0 + _adj_in__net_h0_old_0_31 + _adj_in__net_h0_old_0_53
-    _adj__net_h0_old_1 = _adj__h0_98 * _cell62_u1 + _adj_in__cell72_rh1_22 * _cell52_r1 + _adj_in__net_h0_old_1_32 + _adj_in__net_h0_old_1_54
-    _adj__net_h0_old_2 = _adj__h0_99 * _cell63_u2 + _adj_in__cell73_rh2_23 * _cell53_r2 + _adj_in__net_h0_old_2_33 + _adj_in__net_h0_old_2_55
-    _adj__net_h0_old_3 = _adj__h0_100 * _cell64_u3 + _adj_in__cell74_rh3_24 * _cell54_r3 + _adj_in__net_h0_old_3_34 + _adj_in__net_h0_old_3_56
-    _adj__net_h0_old_4 = _adj__h0_101 * _cell65_u4 + _adj_in__cell75_rh4_25 * _cell55_r4 + _adj_in__net_h0_old_4_35 + _adj_in__net_h0_old_4_57
-    _adj__net_h0_old_5 = _adj__h0_102 * _cell66_u5 + _adj_in__cell76_rh5_26 * _cell56_r5 + _adj_in__net_h0_old_5_36 + _adj_in__net_h0_old_5_58
-    _adj__net_h0_old_6 = _adj__h0_103 * _cell67_u6 + _adj_in__cell77_rh6_27 * _cell57_r6 + _adj_in__net_h0_old_6_37 + _adj_in__net_h0_old_6_59
-    _adj__net_h0_old_7 = _adj__h0_104 * _cell68_u7 + _adj_in__cell78_rh7_28 * _cell58_r7 + _adj_in__net_h0_old_7_38 + _adj_in__net_h0_old_7_60
-    _adj__net_h0_old_8 = _adj__h0_105 * _cell69_u8 + _adj_in__cell79_rh8_29 * _cell59_r8 + _adj_in__net_h0_old_8_39 + _adj_in__net_h0_old_8_61
-    _adj__net_h0_old_9 = _adj__h0_106 * _cell70_u9 + _adj_in__cell80_rh9_30 * _cell60_r9 + _adj_in__net_h0_old_9_40 + _adj_in__net_h0_old_9_62
+    _col116 = tops.column(_dense_t99, 0, 16)
+    _col117 = tops.column(_dense_t115, 0, 16)
+    _adj__net_h0_old_0 = _adj__h0_97 * _cell61_u0 + _col98 * _cell51_r0 + _col116 + _col117
+    _col118 = tops.column(_dense_t99, 1, 16)
+    _col119 = tops.column(_dense_t115, 1, 16)
+    _adj__net_h0_old_1 = _adj__h0_98 * _cell62_u1 + _col97 * _cell52_r1 + _col118 + _col119
+    _col120 = tops.column(_dense_t99, 2, 16)
+    _col121 = tops.column(_dense_t115, 2, 16)
+    _adj__net_h0_old_2 = _adj__h0_99 * _cell63_u2 + _col96 * _cell53_r2 + _col120 + _col121
+    _col122 = tops.column(_dense_t99, 3, 16)
+    _col123 = tops.column(_dense_t115, 3, 16)
+    _adj__net_h0_old_3 = _adj__h0_100 * _cell64_u3 + _col95 * _cell54_r3 + _col122 + _col123
+    _col124 = tops.column(_dense_t99, 4, 16)
+    _col125 = tops.column(_dense_t115, 4, 16)
+    _adj__net_h0_old_4 = _adj__h0_101 * _cell65_u4 + _col94 * _cell55_r4 + _col124 + _col125
+    _col126 = tops.column(_dense_t99, 5, 16)
+    _col127 = tops.column(_dense_t115, 5, 16)
+    _adj__net_h0_old_5 = _adj__h0_102 * _cell66_u5 + _col93 * _cell56_r5 + _col126 + _col127
+    _col128 = tops.column(_dense_t99, 6, 16)
+    _col129 = tops.column(_dense_t115, 6, 16)
+    _adj__net_h0_old_6 = _adj__h0_103 * _cell67_u6 + _col92 * _cell57_r6 + _col128 + _col129
+    _col130 = tops.column(_dense_t99, 7, 16)
+    _col131 = tops.column(_dense_t115, 7, 16)
+    _adj__net_h0_old_7 = _adj__h0_104 * _cell68_u7 + _col91 * _cell58_r7 + _col130 + _col131
+    _col132 = tops.column(_dense_t99, 8, 16)
+    _col133 = tops.column(_dense_t115, 8, 16)
+    _adj__net_h0_old_8 = _adj__h0_105 * _cell69_u8 + _col90 * _cell59_r8 + _col132 + _col133
+    _col134 = tops.column(_dense_t99, 9, 16)
+    _col135 = tops.column(_dense_t115, 9, 16)
+    _adj__net_h0_old_9 = _adj__h0_106 * _cell70_u9 + _col89 * _cell60_r9 + _col134 + _col135
     _adj__phi_shortcut_0 = _adj_delta * scaled_0 + _adj_delta_att * scaled_0
     _adj__phi_shortcut_1 = _adj_delta * scaled_1 + _adj_delta_att * scaled_1
     _adj__phi_shortcut_2 = _adj_delta * scaled_2 + _adj_delta_att * scaled_2
@@ -3215,6 +2582,120 @@ def stage1_backward_kernel(
     _adj__u8 = _adj_ms_3 * tl.where((_u7 != 0.0), 0.0, acc_3 * acc_3 + 1e-12)
     _adj_g = _adj_acc_0 * (1.0 - _bk26) + _adj_acc_1 * (1.0 - _bk27) + _adj_acc_2 * (1.0 - _bk28) + _adj_acc_3 * (1.0 - _bk29)
     _adj_ms_decay = _adj_ms_0 * tl.where((_u1 != 0.0), 0.0, _ms_old_0) + _adj_ms_1 * tl.where((_u3 != 0.0), 0.0, _ms_old_1) + _adj_ms_2 * tl.where((_u5 != 0.0), 0.0, _ms_old_2) + _adj_ms_3 * tl.where((_u7 != 0.0), 0.0, _ms_old_3)
+    _tile136 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile136 += tops.place(_adj_delta_att, 0, 16)
+    _masked137 = tl.where(_mask[:, None], _tile136, 0.0)
+    _tile138 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile138 += tops.place(_h0_97, 0, 16)
+    _tile138 += tops.place(_h0_98, 1, 16)
+    _tile138 += tops.place(_h0_99, 2, 16)
+    _tile138 += tops.place(_h0_100, 3, 16)
+    _tile138 += tops.place(_h0_101, 4, 16)
+    _tile138 += tops.place(_h0_102, 5, 16)
+    _tile138 += tops.place(_h0_103, 6, 16)
+    _tile138 += tops.place(_h0_104, 7, 16)
+    _tile138 += tops.place(_h0_105, 8, 16)
+    _tile138 += tops.place(_h0_106, 9, 16)
+    _masked139 = tl.where(_mask[:, None], _tile138, 0.0)
+    _tile140 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile140 += tops.place(_adj_delta, 0, 16)
+    _masked141 = tl.where(_mask[:, None], _tile140, 0.0)
+    _tile142 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile142 += tops.place(_adj__cell81_bc0, 0, 16)
+    _tile142 += tops.place(_adj__cell82_bc1, 1, 16)
+    _tile142 += tops.place(_adj__cell83_bc2, 2, 16)
+    _tile142 += tops.place(_adj__cell84_bc3, 3, 16)
+    _tile142 += tops.place(_adj__cell85_bc4, 4, 16)
+    _tile142 += tops.place(_adj__cell86_bc5, 5, 16)
+    _tile142 += tops.place(_adj__cell87_bc6, 6, 16)
+    _tile142 += tops.place(_adj__cell88_bc7, 7, 16)
+    _tile142 += tops.place(_adj__cell89_bc8, 8, 16)
+    _tile142 += tops.place(_adj__cell90_bc9, 9, 16)
+    _masked143 = tl.where(_mask[:, None], _tile142, 0.0)
+    _tile144 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile144 += tops.place(_cell71_rh0, 0, 16)
+    _tile144 += tops.place(_cell72_rh1, 1, 16)
+    _tile144 += tops.place(_cell73_rh2, 2, 16)
+    _tile144 += tops.place(_cell74_rh3, 3, 16)
+    _tile144 += tops.place(_cell75_rh4, 4, 16)
+    _tile144 += tops.place(_cell76_rh5, 5, 16)
+    _tile144 += tops.place(_cell77_rh6, 6, 16)
+    _tile144 += tops.place(_cell78_rh7, 7, 16)
+    _tile144 += tops.place(_cell79_rh8, 8, 16)
+    _tile144 += tops.place(_cell80_rh9, 9, 16)
+    _masked145 = tl.where(_mask[:, None], _tile144, 0.0)
+    _tile146 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile146 += tops.place(_adj__cell31_b0, 0, 32)
+    _tile146 += tops.place(_adj__cell32_b1, 1, 32)
+    _tile146 += tops.place(_adj__cell33_b2, 2, 32)
+    _tile146 += tops.place(_adj__cell34_b3, 3, 32)
+    _tile146 += tops.place(_adj__cell35_b4, 4, 32)
+    _tile146 += tops.place(_adj__cell36_b5, 5, 32)
+    _tile146 += tops.place(_adj__cell37_b6, 6, 32)
+    _tile146 += tops.place(_adj__cell38_b7, 7, 32)
+    _tile146 += tops.place(_adj__cell39_b8, 8, 32)
+    _tile146 += tops.place(_adj__cell40_b9, 9, 32)
+    _tile146 += tops.place(_adj__cell41_b10, 10, 32)
+    _tile146 += tops.place(_adj__cell42_b11, 11, 32)
+    _tile146 += tops.place(_adj__cell43_b12, 12, 32)
+    _tile146 += tops.place(_adj__cell44_b13, 13, 32)
+    _tile146 += tops.place(_adj__cell45_b14, 14, 32)
+    _tile146 += tops.place(_adj__cell46_b15, 15, 32)
+    _tile146 += tops.place(_adj__cell47_b16, 16, 32)
+    _tile146 += tops.place(_adj__cell48_b17, 17, 32)
+    _tile146 += tops.place(_adj__cell49_b18, 18, 32)
+    _tile146 += tops.place(_adj__cell50_b19, 19, 32)
+    _masked147 = tl.where(_mask[:, None], _tile146, 0.0)
+    _masked148 = tl.where(_mask[:, None], _tile1, 0.0)
+    _tile149 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile149 += tops.place(_adj__cell1_a0, 0, 32)
+    _tile149 += tops.place(_adj__cell2_a1, 1, 32)
+    _tile149 += tops.place(_adj__cell3_a2, 2, 32)
+    _tile149 += tops.place(_adj__cell4_a3, 3, 32)
+    _tile149 += tops.place(_adj__cell5_a4, 4, 32)
+    _tile149 += tops.place(_adj__cell6_a5, 5, 32)
+    _tile149 += tops.place(_adj__cell7_a6, 6, 32)
+    _tile149 += tops.place(_adj__cell8_a7, 7, 32)
+    _tile149 += tops.place(_adj__cell9_a8, 8, 32)
+    _tile149 += tops.place(_adj__cell10_a9, 9, 32)
+    _tile149 += tops.place(_adj__cell11_a10, 10, 32)
+    _tile149 += tops.place(_adj__cell12_a11, 11, 32)
+    _tile149 += tops.place(_adj__cell13_a12, 12, 32)
+    _tile149 += tops.place(_adj__cell14_a13, 13, 32)
+    _tile149 += tops.place(_adj__cell15_a14, 14, 32)
+    _tile149 += tops.place(_adj__cell16_a15, 15, 32)
+    _tile149 += tops.place(_adj__cell17_a16, 16, 32)
+    _tile149 += tops.place(_adj__cell18_a17, 17, 32)
+    _tile149 += tops.place(_adj__cell19_a18, 18, 32)
+    _tile149 += tops.place(_adj__cell20_a19, 19, 32)
+    _tile149 += tops.place(_adj__cell21_a20, 20, 32)
+    _tile149 += tops.place(_adj__cell22_a21, 21, 32)
+    _tile149 += tops.place(_adj__cell23_a22, 22, 32)
+    _tile149 += tops.place(_adj__cell24_a23, 23, 32)
+    _tile149 += tops.place(_adj__cell25_a24, 24, 32)
+    _tile149 += tops.place(_adj__cell26_a25, 25, 32)
+    _tile149 += tops.place(_adj__cell27_a26, 26, 32)
+    _tile149 += tops.place(_adj__cell28_a27, 27, 32)
+    _tile149 += tops.place(_adj__cell29_a28, 28, 32)
+    _tile149 += tops.place(_adj__cell30_a29, 29, 32)
+    _masked150 = tl.where(_mask[:, None], _tile149, 0.0)
+    _tile151 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile151 += tops.place(scaled_0, 0, 16)
+    _tile151 += tops.place(scaled_1, 1, 16)
+    _tile151 += tops.place(scaled_2, 2, 16)
+    _tile151 += tops.place(scaled_3, 3, 16)
+    _tile151 += tops.place(grad_products_0, 4, 16)
+    _tile151 += tops.place(grad_products_1, 5, 16)
+    _tile151 += tops.place(grad_products_2, 6, 16)
+    _tile151 += tops.place(rel_log_magnitude_0, 7, 16)
+    _tile151 += tops.place(rel_log_magnitude_1, 8, 16)
+    _tile151 += tops.place(rel_log_magnitude_2, 9, 16)
+    _tile151 += tops.place(rel_log_magnitude_3, 10, 16)
+    _tile151 += tops.place(rel_log_lr, 11, 16)
+    _masked152 = tl.where(_mask[:, None], _tile151, 0.0)
+    _tile153 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile153 += tops.place(_adj__head_out4, 0, 16)
+    _masked154 = tl.where(_mask[:, None], _tile153, 0.0)
     tl.store(_grad_st_acc + 0 * _numel + _offs, tops.per_element(_adj__acc_old_0, BLOCK), mask=_mask)
     tl.store(_grad_st_acc + 1 * _numel + _offs, tops.per_element(_adj__acc_old_1, BLOCK), mask=_mask)
     tl.store(_grad_st_acc + 2 * _numel + _offs, tops.per_element(_adj__acc_old_2, BLOCK), mask=_mask)
@@ -3235,6 +2716,16 @@ def stage1_backward_kernel(
     tl.store(_grad_st_net_h0 + 8 * _numel + _offs, tops.per_element(_adj__net_h0_old_8, BLOCK), mask=_mask)
     tl.store(_grad_st_net_h0 + 9 * _numel + _offs, tops.per_element(_adj__net_h0_old_9, BLOCK), mask=_mask)
     tl.store(_grad_g_ptr + _offs, tops.per_element(_adj_g, BLOCK), mask=_mask)
+    tops.store_block(_gpart_ptr + _pid * 763 + 40, tops.outer_sum(_masked137, _masked139, True), 1, 10, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 763 + 50, tl.sum(_masked137, axis=0), 1, 16)
+    tops.store_block(_gpart_ptr + _pid * 763 + 51, tops.outer_sum(_masked141, _masked139, True), 1, 10, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 763 + 61, tl.sum(_masked141, axis=0), 1, 16)
+    tops.store_block(_gpart_ptr + _pid * 763 + 62, tops.outer_sum(_masked143, _masked145, True), 10, 10, 16, 16)
+    tops.store_block(_gpart_ptr + _pid * 763 + 162, tops.outer_sum(_masked147, _masked148, True), 20, 10, 32, 16)
+    tops.store_block(_gpart_ptr + _pid * 763 + 362, tops.outer_sum(_masked150, _masked152, True), 30, 12, 32, 16)
+    tops.store_vec(_gpart_ptr + _pid * 763 + 722, tl.sum(_masked150, axis=0), 30, 32)
+    tops.store_block(_gpart_ptr + _pid * 763 + 752, tops.outer_sum(_masked154, _masked148, True), 1, 10, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 763 + 762, tl.sum(_masked154, axis=0), 1, 16)
     tl.store(_gpart_ptr + _pid * 763 + 0, tl.sum(tl.where(_mask, _adj__cell1_a0, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 763 + 1, tl.sum(tl.where(_mask, _adj__cell2_a1, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 763 + 2, tl.sum(tl.where(_mask, _adj__cell3_a2, 0.0), axis=0))
@@ -3275,729 +2766,6 @@ def stage1_backward_kernel(
     tl.store(_gpart_ptr + _pid * 763 + 37, tl.sum(tl.where(_mask, _adj__u8, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 763 + 38, tl.sum(tl.where(_mask, _adj_rel_log_lr, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 763 + 39, tl.sum(tl.where(_mask, _adj_ms_decay, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 40, tl.sum(tl.where(_mask, _adj_delta_att * _h0_97, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 41, tl.sum(tl.where(_mask, _adj_delta_att * _h0_98, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 42, tl.sum(tl.where(_mask, _adj_delta_att * _h0_99, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 43, tl.sum(tl.where(_mask, _adj_delta_att * _h0_100, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 44, tl.sum(tl.where(_mask, _adj_delta_att * _h0_101, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 45, tl.sum(tl.where(_mask, _adj_delta_att * _h0_102, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 46, tl.sum(tl.where(_mask, _adj_delta_att * _h0_103, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 47, tl.sum(tl.where(_mask, _adj_delta_att * _h0_104, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 48, tl.sum(tl.where(_mask, _adj_delta_att * _h0_105, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 49, tl.sum(tl.where(_mask, _adj_delta_att * _h0_106, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 50, tl.sum(tl.where(_mask, _adj_delta_att, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 51, tl.sum(tl.where(_mask, _adj_delta * _h0_97, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 52, tl.sum(tl.where(_mask, _adj_delta * _h0_98, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 53, tl.sum(tl.where(_mask, _adj_delta * _h0_99, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 54, tl.sum(tl.where(_mask, _adj_delta * _h0_100, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 55, tl.sum(tl.where(_mask, _adj_delta * _h0_101, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 56, tl.sum(tl.where(_mask, _adj_delta * _h0_102, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 57, tl.sum(tl.where(_mask, _adj_delta * _h0_103, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 58, tl.sum(tl.where(_mask, _adj_delta * _h0_104, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 59, tl.sum(tl.where(_mask, _adj_delta * _h0_105, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 60, tl.sum(tl.where(_mask, _adj_delta * _h0_106, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 61, tl.sum(tl.where(_mask, _adj_delta, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 62, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 63, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 64, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 65, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 66, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 67, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 68, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 69, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 70, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 71, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 72, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 73, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 74, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 75, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 76, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 77, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 78, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 79, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 80, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 81, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 82, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 83, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 84, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 85, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 86, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 87, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 88, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 89, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 90, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 91, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 92, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 93, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 94, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 95, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 96, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 97, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 98, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 99, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 100, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 101, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 102, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 103, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 104, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 105, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 106, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 107, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 108, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 109, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 110, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 111, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 112, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 113, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 114, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 115, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 116, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 117, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 118, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 119, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 120, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 121, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 122, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 123, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 124, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 125, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 126, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 127, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 128, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 129, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 130, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 131, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 132, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 133, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 134, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 135, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 136, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 137, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 138, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 139, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 140, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 141, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 142, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 143, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 144, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 145, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 146, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 147, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 148, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 149, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 150, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 151, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 152, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 153, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 154, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 155, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 156, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 157, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 158, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 159, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 160, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 161, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 162, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 163, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 164, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 165, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 166, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 167, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 168, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 169, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 170, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 171, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 172, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 173, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 174, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 175, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 176, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 177, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 178, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 179, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 180, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 181, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 182, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 183, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 184, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 185, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 186, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 187, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 188, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 189, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 190, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 191, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 192, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 193, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 194, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 195, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 196, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 197, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 198, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 199, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 200, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 201, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 202, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 203, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 204, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 205, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 206, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 207, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 208, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 209, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 210, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 211, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 212, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 213, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 214, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 215, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 216, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 217, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 218, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 219, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 220, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 221, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 222, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 223, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 224, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 225, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 226, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 227, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 228, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 229, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 230, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 231, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 232, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 233, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 234, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 235, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 236, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 237, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 238, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 239, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 240, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 241, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 242, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 243, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 244, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 245, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 246, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 247, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 248, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 249, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 250, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 251, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 252, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 253, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 254, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 255, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 256, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 257, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 258, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 259, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 260, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 261, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 262, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 263, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 264, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 265, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 266, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 267, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 268, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 269, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 270, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 271, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 272, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 273, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 274, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 275, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 276, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 277, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 278, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 279, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 280, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 281, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 282, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 283, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 284, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 285, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 286, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 287, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 288, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 289, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 290, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 291, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 292, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 293, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 294, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 295, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 296, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 297, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 298, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 299, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 300, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 301, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 302, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 303, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 304, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 305, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 306, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 307, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 308, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 309, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 310, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 311, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 312, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 313, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 314, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 315, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 316, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 317, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 318, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 319, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 320, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 321, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 322, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 323, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 324, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 325, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 326, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 327, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 328, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 329, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 330, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 331, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 332, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 333, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 334, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 335, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 336, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 337, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 338, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 339, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 340, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 341, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 342, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 343, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 344, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 345, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 346, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 347, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 348, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 349, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 350, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 351, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 352, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 353, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 354, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 355, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 356, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 357, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 358, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 359, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 360, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 361, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 362, tl.sum(tl.where(_mask, _adj__cell1_a0 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 363, tl.sum(tl.where(_mask, _adj__cell1_a0 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 364, tl.sum(tl.where(_mask, _adj__cell1_a0 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 365, tl.sum(tl.where(_mask, _adj__cell1_a0 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 366, tl.sum(tl.where(_mask, _adj__cell1_a0 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 367, tl.sum(tl.where(_mask, _adj__cell1_a0 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 368, tl.sum(tl.where(_mask, _adj__cell1_a0 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 369, tl.sum(tl.where(_mask, _adj__cell1_a0 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 370, tl.sum(tl.where(_mask, _adj__cell1_a0 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 371, tl.sum(tl.where(_mask, _adj__cell1_a0 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 372, tl.sum(tl.where(_mask, _adj__cell1_a0 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 373, tl.sum(tl.where(_mask, _adj__cell1_a0 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 374, tl.sum(tl.where(_mask, _adj__cell1_a0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 375, tl.sum(tl.where(_mask, _adj__cell2_a1 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 376, tl.sum(tl.where(_mask, _adj__cell2_a1 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 377, tl.sum(tl.where(_mask, _adj__cell2_a1 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 378, tl.sum(tl.where(_mask, _adj__cell2_a1 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 379, tl.sum(tl.where(_mask, _adj__cell2_a1 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 380, tl.sum(tl.where(_mask, _adj__cell2_a1 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 381, tl.sum(tl.where(_mask, _adj__cell2_a1 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 382, tl.sum(tl.where(_mask, _adj__cell2_a1 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 383, tl.sum(tl.where(_mask, _adj__cell2_a1 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 384, tl.sum(tl.where(_mask, _adj__cell2_a1 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 385, tl.sum(tl.where(_mask, _adj__cell2_a1 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 386, tl.sum(tl.where(_mask, _adj__cell2_a1 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 387, tl.sum(tl.where(_mask, _adj__cell2_a1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 388, tl.sum(tl.where(_mask, _adj__cell3_a2 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 389, tl.sum(tl.where(_mask, _adj__cell3_a2 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 390, tl.sum(tl.where(_mask, _adj__cell3_a2 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 391, tl.sum(tl.where(_mask, _adj__cell3_a2 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 392, tl.sum(tl.where(_mask, _adj__cell3_a2 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 393, tl.sum(tl.where(_mask, _adj__cell3_a2 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 394, tl.sum(tl.where(_mask, _adj__cell3_a2 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 395, tl.sum(tl.where(_mask, _adj__cell3_a2 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 396, tl.sum(tl.where(_mask, _adj__cell3_a2 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 397, tl.sum(tl.where(_mask, _adj__cell3_a2 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 398, tl.sum(tl.where(_mask, _adj__cell3_a2 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 399, tl.sum(tl.where(_mask, _adj__cell3_a2 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 400, tl.sum(tl.where(_mask, _adj__cell3_a2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 401, tl.sum(tl.where(_mask, _adj__cell4_a3 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 402, tl.sum(tl.where(_mask, _adj__cell4_a3 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 403, tl.sum(tl.where(_mask, _adj__cell4_a3 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 404, tl.sum(tl.where(_mask, _adj__cell4_a3 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 405, tl.sum(tl.where(_mask, _adj__cell4_a3 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 406, tl.sum(tl.where(_mask, _adj__cell4_a3 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 407, tl.sum(tl.where(_mask, _adj__cell4_a3 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 408, tl.sum(tl.where(_mask, _adj__cell4_a3 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 409, tl.sum(tl.where(_mask, _adj__cell4_a3 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 410, tl.sum(tl.where(_mask, _adj__cell4_a3 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 411, tl.sum(tl.where(_mask, _adj__cell4_a3 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 412, tl.sum(tl.where(_mask, _adj__cell4_a3 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 413, tl.sum(tl.where(_mask, _adj__cell4_a3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 414, tl.sum(tl.where(_mask, _adj__cell5_a4 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 415, tl.sum(tl.where(_mask, _adj__cell5_a4 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 416, tl.sum(tl.where(_mask, _adj__cell5_a4 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 417, tl.sum(tl.where(_mask, _adj__cell5_a4 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 418, tl.sum(tl.where(_mask, _adj__cell5_a4 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 419, tl.sum(tl.where(_mask, _adj__cell5_a4 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 420, tl.sum(tl.where(_mask, _adj__cell5_a4 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 421, tl.sum(tl.where(_mask, _adj__cell5_a4 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 422, tl.sum(tl.where(_mask, _adj__cell5_a4 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 423, tl.sum(tl.where(_mask, _adj__cell5_a4 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 424, tl.sum(tl.where(_mask, _adj__cell5_a4 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 425, tl.sum(tl.where(_mask, _adj__cell5_a4 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 426, tl.sum(tl.where(_mask, _adj__cell5_a4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 427, tl.sum(tl.where(_mask, _adj__cell6_a5 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 428, tl.sum(tl.where(_mask, _adj__cell6_a5 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 429, tl.sum(tl.where(_mask, _adj__cell6_a5 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 430, tl.sum(tl.where(_mask, _adj__cell6_a5 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 431, tl.sum(tl.where(_mask, _adj__cell6_a5 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 432, tl.sum(tl.where(_mask, _adj__cell6_a5 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 433, tl.sum(tl.where(_mask, _adj__cell6_a5 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 434, tl.sum(tl.where(_mask, _adj__cell6_a5 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 435, tl.sum(tl.where(_mask, _adj__cell6_a5 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 436, tl.sum(tl.where(_mask, _adj__cell6_a5 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 437, tl.sum(tl.where(_mask, _adj__cell6_a5 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 438, tl.sum(tl.where(_mask, _adj__cell6_a5 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 439, tl.sum(tl.where(_mask, _adj__cell6_a5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 440, tl.sum(tl.where(_mask, _adj__cell7_a6 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 441, tl.sum(tl.where(_mask, _adj__cell7_a6 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 442, tl.sum(tl.where(_mask, _adj__cell7_a6 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 443, tl.sum(tl.where(_mask, _adj__cell7_a6 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 444, tl.sum(tl.where(_mask, _adj__cell7_a6 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 445, tl.sum(tl.where(_mask, _adj__cell7_a6 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 446, tl.sum(tl.where(_mask, _adj__cell7_a6 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 447, tl.sum(tl.where(_mask, _adj__cell7_a6 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 448, tl.sum(tl.where(_mask, _adj__cell7_a6 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 449, tl.sum(tl.where(_mask, _adj__cell7_a6 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 450, tl.sum(tl.where(_mask, _adj__cell7_a6 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 451, tl.sum(tl.where(_mask, _adj__cell7_a6 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 452, tl.sum(tl.where(_mask, _adj__cell7_a6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 453, tl.sum(tl.where(_mask, _adj__cell8_a7 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 454, tl.sum(tl.where(_mask, _adj__cell8_a7 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 455, tl.sum(tl.where(_mask, _adj__cell8_a7 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 456, tl.sum(tl.where(_mask, _adj__cell8_a7 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 457, tl.sum(tl.where(_mask, _adj__cell8_a7 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 458, tl.sum(tl.where(_mask, _adj__cell8_a7 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 459, tl.sum(tl.where(_mask, _adj__cell8_a7 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 460, tl.sum(tl.where(_mask, _adj__cell8_a7 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 461, tl.sum(tl.where(_mask, _adj__cell8_a7 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 462, tl.sum(tl.where(_mask, _adj__cell8_a7 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 463, tl.sum(tl.where(_mask, _adj__cell8_a7 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 464, tl.sum(tl.where(_mask, _adj__cell8_a7 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 465, tl.sum(tl.where(_mask, _adj__cell8_a7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 466, tl.sum(tl.where(_mask, _adj__cell9_a8 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 467, tl.sum(tl.where(_mask, _adj__cell9_a8 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 468, tl.sum(tl.where(_mask, _adj__cell9_a8 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 469, tl.sum(tl.where(_mask, _adj__cell9_a8 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 470, tl.sum(tl.where(_mask, _adj__cell9_a8 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 471, tl.sum(tl.where(_mask, _adj__cell9_a8 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 472, tl.sum(tl.where(_mask, _adj__cell9_a8 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 473, tl.sum(tl.where(_mask, _adj__cell9_a8 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 474, tl.sum(tl.where(_mask, _adj__cell9_a8 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 475, tl.sum(tl.where(_mask, _adj__cell9_a8 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 476, tl.sum(tl.where(_mask, _adj__cell9_a8 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 477, tl.sum(tl.where(_mask, _adj__cell9_a8 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 478, tl.sum(tl.where(_mask, _adj__cell9_a8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 479, tl.sum(tl.where(_mask, _adj__cell10_a9 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 480, tl.sum(tl.where(_mask, _adj__cell10_a9 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 481, tl.sum(tl.where(_mask, _adj__cell10_a9 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 482, tl.sum(tl.where(_mask, _adj__cell10_a9 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 483, tl.sum(tl.where(_mask, _adj__cell10_a9 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 484, tl.sum(tl.where(_mask, _adj__cell10_a9 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 485, tl.sum(tl.where(_mask, _adj__cell10_a9 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 486, tl.sum(tl.where(_mask, _adj__cell10_a9 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 487, tl.sum(tl.where(_mask, _adj__cell10_a9 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 488, tl.sum(tl.where(_mask, _adj__cell10_a9 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 489, tl.sum(tl.where(_mask, _adj__cell10_a9 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 490, tl.sum(tl.where(_mask, _adj__cell10_a9 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 491, tl.sum(tl.where(_mask, _adj__cell10_a9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 492, tl.sum(tl.where(_mask, _adj__cell11_a10 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 493, tl.sum(tl.where(_mask, _adj__cell11_a10 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 494, tl.sum(tl.where(_mask, _adj__cell11_a10 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 495, tl.sum(tl.where(_mask, _adj__cell11_a10 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 496, tl.sum(tl.where(_mask, _adj__cell11_a10 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 497, tl.sum(tl.where(_mask, _adj__cell11_a10 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 498, tl.sum(tl.where(_mask, _adj__cell11_a10 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 499, tl.sum(tl.where(_mask, _adj__cell11_a10 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 500, tl.sum(tl.where(_mask, _adj__cell11_a10 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 501, tl.sum(tl.where(_mask, _adj__cell11_a10 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 502, tl.sum(tl.where(_mask, _adj__cell11_a10 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 503, tl.sum(tl.where(_mask, _adj__cell11_a10 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 504, tl.sum(tl.where(_mask, _adj__cell11_a10, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 505, tl.sum(tl.where(_mask, _adj__cell12_a11 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 506, tl.sum(tl.where(_mask, _adj__cell12_a11 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 507, tl.sum(tl.where(_mask, _adj__cell12_a11 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 508, tl.sum(tl.where(_mask, _adj__cell12_a11 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 509, tl.sum(tl.where(_mask, _adj__cell12_a11 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 510, tl.sum(tl.where(_mask, _adj__cell12_a11 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 511, tl.sum(tl.where(_mask, _adj__cell12_a11 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 512, tl.sum(tl.where(_mask, _adj__cell12_a11 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 513, tl.sum(tl.where(_mask, _adj__cell12_a11 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 514, tl.sum(tl.where(_mask, _adj__cell12_a11 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 515, tl.sum(tl.where(_mask, _adj__cell12_a11 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 516, tl.sum(tl.where(_mask, _adj__cell12_a11 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 517, tl.sum(tl.where(_mask, _adj__cell12_a11, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 518, tl.sum(tl.where(_mask, _adj__cell13_a12 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 519, tl.sum(tl.where(_mask, _adj__cell13_a12 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 520, tl.sum(tl.where(_mask, _adj__cell13_a12 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 521, tl.sum(tl.where(_mask, _adj__cell13_a12 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 522, tl.sum(tl.where(_mask, _adj__cell13_a12 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 523, tl.sum(tl.where(_mask, _adj__cell13_a12 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 524, tl.sum(tl.where(_mask, _adj__cell13_a12 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 525, tl.sum(tl.where(_mask, _adj__cell13_a12 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 526, tl.sum(tl.where(_mask, _adj__cell13_a12 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 527, tl.sum(tl.where(_mask, _adj__cell13_a12 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 528, tl.sum(tl.where(_mask, _adj__cell13_a12 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 529, tl.sum(tl.where(_mask, _adj__cell13_a12 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 530, tl.sum(tl.where(_mask, _adj__cell13_a12, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 531, tl.sum(tl.where(_mask, _adj__cell14_a13 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 532, tl.sum(tl.where(_mask, _adj__cell14_a13 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 533, tl.sum(tl.where(_mask, _adj__cell14_a13 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 534, tl.sum(tl.where(_mask, _adj__cell14_a13 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 535, tl.sum(tl.where(_mask, _adj__cell14_a13 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 536, tl.sum(tl.where(_mask, _adj__cell14_a13 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 537, tl.sum(tl.where(_mask, _adj__cell14_a13 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 538, tl.sum(tl.where(_mask, _adj__cell14_a13 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 539, tl.sum(tl.where(_mask, _adj__cell14_a13 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 540, tl.sum(tl.where(_mask, _adj__cell14_a13 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 541, tl.sum(tl.where(_mask, _adj__cell14_a13 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 542, tl.sum(tl.where(_mask, _adj__cell14_a13 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 543, tl.sum(tl.where(_mask, _adj__cell14_a13, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 544, tl.sum(tl.where(_mask, _adj__cell15_a14 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 545, tl.sum(tl.where(_mask, _adj__cell15_a14 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 546, tl.sum(tl.where(_mask, _adj__cell15_a14 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 547, tl.sum(tl.where(_mask, _adj__cell15_a14 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 548, tl.sum(tl.where(_mask, _adj__cell15_a14 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 549, tl.sum(tl.where(_mask, _adj__cell15_a14 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 550, tl.sum(tl.where(_mask, _adj__cell15_a14 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 551, tl.sum(tl.where(_mask, _adj__cell15_a14 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 552, tl.sum(tl.where(_mask, _adj__cell15_a14 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 553, tl.sum(tl.where(_mask, _adj__cell15_a14 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 554, tl.sum(tl.where(_mask, _adj__cell15_a14 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 555, tl.sum(tl.where(_mask, _adj__cell15_a14 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 556, tl.sum(tl.where(_mask, _adj__cell15_a14, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 557, tl.sum(tl.where(_mask, _adj__cell16_a15 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 558, tl.sum(tl.where(_mask, _adj__cell16_a15 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 559, tl.sum(tl.where(_mask, _adj__cell16_a15 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 560, tl.sum(tl.where(_mask, _adj__cell16_a15 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 561, tl.sum(tl.where(_mask, _adj__cell16_a15 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 562, tl.sum(tl.where(_mask, _adj__cell16_a15 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 563, tl.sum(tl.where(_mask, _adj__cell16_a15 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 564, tl.sum(tl.where(_mask, _adj__cell16_a15 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 565, tl.sum(tl.where(_mask, _adj__cell16_a15 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 566, tl.sum(tl.where(_mask, _adj__cell16_a15 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 567, tl.sum(tl.where(_mask, _adj__cell16_a15 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 568, tl.sum(tl.where(_mask, _adj__cell16_a15 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 569, tl.sum(tl.where(_mask, _adj__cell16_a15, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 570, tl.sum(tl.where(_mask, _adj__cell17_a16 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 571, tl.sum(tl.where(_mask, _adj__cell17_a16 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 572, tl.sum(tl.where(_mask, _adj__cell17_a16 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 573, tl.sum(tl.where(_mask, _adj__cell17_a16 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 574, tl.sum(tl.where(_mask, _adj__cell17_a16 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 575, tl.sum(tl.where(_mask, _adj__cell17_a16 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 576, tl.sum(tl.where(_mask, _adj__cell17_a16 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 577, tl.sum(tl.where(_mask, _adj__cell17_a16 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 578, tl.sum(tl.where(_mask, _adj__cell17_a16 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 579, tl.sum(tl.where(_mask, _adj__cell17_a16 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 580, tl.sum(tl.where(_mask, _adj__cell17_a16 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 581, tl.sum(tl.where(_mask, _adj__cell17_a16 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 582, tl.sum(tl.where(_mask, _adj__cell17_a16, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 583, tl.sum(tl.where(_mask, _adj__cell18_a17 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 584, tl.sum(tl.where(_mask, _adj__cell18_a17 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 585, tl.sum(tl.where(_mask, _adj__cell18_a17 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 586, tl.sum(tl.where(_mask, _adj__cell18_a17 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 587, tl.sum(tl.where(_mask, _adj__cell18_a17 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 588, tl.sum(tl.where(_mask, _adj__cell18_a17 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 589, tl.sum(tl.where(_mask, _adj__cell18_a17 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 590, tl.sum(tl.where(_mask, _adj__cell18_a17 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 591, tl.sum(tl.where(_mask, _adj__cell18_a17 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 592, tl.sum(tl.where(_mask, _adj__cell18_a17 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 593, tl.sum(tl.where(_mask, _adj__cell18_a17 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 594, tl.sum(tl.where(_mask, _adj__cell18_a17 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 595, tl.sum(tl.where(_mask, _adj__cell18_a17, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 596, tl.sum(tl.where(_mask, _adj__cell19_a18 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 597, tl.sum(tl.where(_mask, _adj__cell19_a18 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 598, tl.sum(tl.where(_mask, _adj__cell19_a18 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 599, tl.sum(tl.where(_mask, _adj__cell19_a18 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 600, tl.sum(tl.where(_mask, _adj__cell19_a18 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 601, tl.sum(tl.where(_mask, _adj__cell19_a18 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 602, tl.sum(tl.where(_mask, _adj__cell19_a18 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 603, tl.sum(tl.where(_mask, _adj__cell19_a18 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 604, tl.sum(tl.where(_mask, _adj__cell19_a18 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 605, tl.sum(tl.where(_mask, _adj__cell19_a18 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 606, tl.sum(tl.where(_mask, _adj__cell19_a18 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 607, tl.sum(tl.where(_mask, _adj__cell19_a18 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 608, tl.sum(tl.where(_mask, _adj__cell19_a18, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 609, tl.sum(tl.where(_mask, _adj__cell20_a19 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 610, tl.sum(tl.where(_mask, _adj__cell20_a19 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 611, tl.sum(tl.where(_mask, _adj__cell20_a19 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 612, tl.sum(tl.where(_mask, _adj__cell20_a19 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 613, tl.sum(tl.where(_mask, _adj__cell20_a19 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 614, tl.sum(tl.where(_mask, _adj__cell20_a19 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 615, tl.sum(tl.where(_mask, _adj__cell20_a19 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 616, tl.sum(tl.where(_mask, _adj__cell20_a19 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 617, tl.sum(tl.where(_mask, _adj__cell20_a19 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 618, tl.sum(tl.where(_mask, _adj__cell20_a19 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 619, tl.sum(tl.where(_mask, _adj__cell20_a19 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 620, tl.sum(tl.where(_mask, _adj__cell20_a19 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 621, tl.sum(tl.where(_mask, _adj__cell20_a19, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 622, tl.sum(tl.where(_mask, _adj__cell21_a20 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 623, tl.sum(tl.where(_mask, _adj__cell21_a20 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 624, tl.sum(tl.where(_mask, _adj__cell21_a20 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 625, tl.sum(tl.where(_mask, _adj__cell21_a20 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 626, tl.sum(tl.where(_mask, _adj__cell21_a20 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 627, tl.sum(tl.where(_mask, _adj__cell21_a20 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 628, tl.sum(tl.where(_mask, _adj__cell21_a20 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 629, tl.sum(tl.where(_mask, _adj__cell21_a20 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 630, tl.sum(tl.where(_mask, _adj__cell21_a20 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 631, tl.sum(tl.where(_mask, _adj__cell21_a20 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 632, tl.sum(tl.where(_mask, _adj__cell21_a20 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 633, tl.sum(tl.where(_mask, _adj__cell21_a20 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 634, tl.sum(tl.where(_mask, _adj__cell21_a20, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 635, tl.sum(tl.where(_mask, _adj__cell22_a21 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 636, tl.sum(tl.where(_mask, _adj__cell22_a21 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 637, tl.sum(tl.where(_mask, _adj__cell22_a21 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 638, tl.sum(tl.where(_mask, _adj__cell22_a21 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 639, tl.sum(tl.where(_mask, _adj__cell22_a21 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 640, tl.sum(tl.where(_mask, _adj__cell22_a21 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 641, tl.sum(tl.where(_mask, _adj__cell22_a21 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 642, tl.sum(tl.where(_mask, _adj__cell22_a21 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 643, tl.sum(tl.where(_mask, _adj__cell22_a21 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 644, tl.sum(tl.where(_mask, _adj__cell22_a21 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 645, tl.sum(tl.where(_mask, _adj__cell22_a21 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 646, tl.sum(tl.where(_mask, _adj__cell22_a21 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 647, tl.sum(tl.where(_mask, _adj__cell22_a21, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 648, tl.sum(tl.where(_mask, _adj__cell23_a22 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 649, tl.sum(tl.where(_mask, _adj__cell23_a22 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 650, tl.sum(tl.where(_mask, _adj__cell23_a22 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 651, tl.sum(tl.where(_mask, _adj__cell23_a22 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 652, tl.sum(tl.where(_mask, _adj__cell23_a22 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 653, tl.sum(tl.where(_mask, _adj__cell23_a22 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 654, tl.sum(tl.where(_mask, _adj__cell23_a22 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 655, tl.sum(tl.where(_mask, _adj__cell23_a22 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 656, tl.sum(tl.where(_mask, _adj__cell23_a22 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 657, tl.sum(tl.where(_mask, _adj__cell23_a22 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 658, tl.sum(tl.where(_mask, _adj__cell23_a22 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 659, tl.sum(tl.where(_mask, _adj__cell23_a22 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 660, tl.sum(tl.where(_mask, _adj__cell23_a22, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 661, tl.sum(tl.where(_mask, _adj__cell24_a23 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 662, tl.sum(tl.where(_mask, _adj__cell24_a23 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 663, tl.sum(tl.where(_mask, _adj__cell24_a23 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 664, tl.sum(tl.where(_mask, _adj__cell24_a23 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 665, tl.sum(tl.where(_mask, _adj__cell24_a23 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 666, tl.sum(tl.where(_mask, _adj__cell24_a23 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 667, tl.sum(tl.where(_mask, _adj__cell24_a23 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 668, tl.sum(tl.where(_mask, _adj__cell24_a23 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 669, tl.sum(tl.where(_mask, _adj__cell24_a23 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 670, tl.sum(tl.where(_mask, _adj__cell24_a23 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 671, tl.sum(tl.where(_mask, _adj__cell24_a23 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 672, tl.sum(tl.where(_mask, _adj__cell24_a23 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 673, tl.sum(tl.where(_mask, _adj__cell24_a23, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 674, tl.sum(tl.where(_mask, _adj__cell25_a24 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 675, tl.sum(tl.where(_mask, _adj__cell25_a24 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 676, tl.sum(tl.where(_mask, _adj__cell25_a24 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 677, tl.sum(tl.where(_mask, _adj__cell25_a24 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 678, tl.sum(tl.where(_mask, _adj__cell25_a24 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 679, tl.sum(tl.where(_mask, _adj__cell25_a24 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 680, tl.sum(tl.where(_mask, _adj__cell25_a24 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 681, tl.sum(tl.where(_mask, _adj__cell25_a24 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 682, tl.sum(tl.where(_mask, _adj__cell25_a24 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 683, tl.sum(tl.where(_mask, _adj__cell25_a24 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 684, tl.sum(tl.where(_mask, _adj__cell25_a24 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 685, tl.sum(tl.where(_mask, _adj__cell25_a24 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 686, tl.sum(tl.where(_mask, _adj__cell25_a24, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 687, tl.sum(tl.where(_mask, _adj__cell26_a25 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 688, tl.sum(tl.where(_mask, _adj__cell26_a25 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 689, tl.sum(tl.where(_mask, _adj__cell26_a25 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 690, tl.sum(tl.where(_mask, _adj__cell26_a25 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 691, tl.sum(tl.where(_mask, _adj__cell26_a25 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 692, tl.sum(tl.where(_mask, _adj__cell26_a25 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 693, tl.sum(tl.where(_mask, _adj__cell26_a25 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 694, tl.sum(tl.where(_mask, _adj__cell26_a25 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 695, tl.sum(tl.where(_mask, _adj__cell26_a25 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 696, tl.sum(tl.where(_mask, _adj__cell26_a25 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 697, tl.sum(tl.where(_mask, _adj__cell26_a25 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 698, tl.sum(tl.where(_mask, _adj__cell26_a25 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 699, tl.sum(tl.where(_mask, _adj__cell26_a25, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 700, tl.sum(tl.where(_mask, _adj__cell27_a26 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 701, tl.sum(tl.where(_mask, _adj__cell27_a26 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 702, tl.sum(tl.where(_mask, _adj__cell27_a26 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 703, tl.sum(tl.where(_mask, _adj__cell27_a26 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 704, tl.sum(tl.where(_mask, _adj__cell27_a26 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 705, tl.sum(tl.where(_mask, _adj__cell27_a26 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 706, tl.sum(tl.where(_mask, _adj__cell27_a26 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 707, tl.sum(tl.where(_mask, _adj__cell27_a26 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 708, tl.sum(tl.where(_mask, _adj__cell27_a26 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 709, tl.sum(tl.where(_mask, _adj__cell27_a26 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 710, tl.sum(tl.where(_mask, _adj__cell27_a26 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 711, tl.sum(tl.where(_mask, _adj__cell27_a26 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 712, tl.sum(tl.where(_mask, _adj__cell27_a26, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 713, tl.sum(tl.where(_mask, _adj__cell28_a27 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 714, tl.sum(tl.where(_mask, _adj__cell28_a27 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 715, tl.sum(tl.where(_mask, _adj__cell28_a27 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 716, tl.sum(tl.where(_mask, _adj__cell28_a27 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 717, tl.sum(tl.where(_mask, _adj__cell28_a27 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 718, tl.sum(tl.where(_mask, _adj__cell28_a27 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 719, tl.sum(tl.where(_mask, _adj__cell28_a27 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 720, tl.sum(tl.where(_mask, _adj__cell28_a27 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 721, tl.sum(tl.where(_mask, _adj__cell28_a27 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 722, tl.sum(tl.where(_mask, _adj__cell28_a27 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 723, tl.sum(tl.where(_mask, _adj__cell28_a27 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 724, tl.sum(tl.where(_mask, _adj__cell28_a27 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 725, tl.sum(tl.where(_mask, _adj__cell28_a27, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 726, tl.sum(tl.where(_mask, _adj__cell29_a28 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 727, tl.sum(tl.where(_mask, _adj__cell29_a28 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 728, tl.sum(tl.where(_mask, _adj__cell29_a28 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 729, tl.sum(tl.where(_mask, _adj__cell29_a28 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 730, tl.sum(tl.where(_mask, _adj__cell29_a28 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 731, tl.sum(tl.where(_mask, _adj__cell29_a28 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 732, tl.sum(tl.where(_mask, _adj__cell29_a28 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 733, tl.sum(tl.where(_mask, _adj__cell29_a28 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 734, tl.sum(tl.where(_mask, _adj__cell29_a28 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 735, tl.sum(tl.where(_mask, _adj__cell29_a28 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 736, tl.sum(tl.where(_mask, _adj__cell29_a28 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 737, tl.sum(tl.where(_mask, _adj__cell29_a28 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 738, tl.sum(tl.where(_mask, _adj__cell29_a28, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 739, tl.sum(tl.where(_mask, _adj__cell30_a29 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 740, tl.sum(tl.where(_mask, _adj__cell30_a29 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 741, tl.sum(tl.where(_mask, _adj__cell30_a29 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 742, tl.sum(tl.where(_mask, _adj__cell30_a29 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 743, tl.sum(tl.where(_mask, _adj__cell30_a29 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 744, tl.sum(tl.where(_mask, _adj__cell30_a29 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 745, tl.sum(tl.where(_mask, _adj__cell30_a29 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 746, tl.sum(tl.where(_mask, _adj__cell30_a29 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 747, tl.sum(tl.where(_mask, _adj__cell30_a29 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 748, tl.sum(tl.where(_mask, _adj__cell30_a29 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 749, tl.sum(tl.where(_mask, _adj__cell30_a29 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 750, tl.sum(tl.where(_mask, _adj__cell30_a29 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 751, tl.sum(tl.where(_mask, _adj__cell30_a29, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 752, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 753, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 754, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 755, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 756, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 757, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 758, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 759, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 760, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 761, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 762, tl.sum(tl.where(_mask, _adj__head_out4, 0.0), axis=0))
 
 
 @triton.jit
@@ -4334,55 +3102,61 @@ def stage2_backward_kernel(
     _adj_delta_att = _adj__lookahead * _bk1 * _u13
     _adj_delta = _adj__update * _bk1 * _u11
     _adj_step_log_lr = _adj__lookahead * _lookahead + _adj__update * _update + _seed_log_lr * _u10
-    _adj_in__h0_97_1 = tl.load(_w_head_weight + 20) * _adj_step_log_lr
-    _adj_in__h0_98_2 = tl.load(_w_head_weight + 21) * _adj_step_log_lr
-    _adj_in__h0_99_3 = tl.load(_w_head_weight + 22) * _adj_step_log_lr
-    _adj_in__h0_100_4 = tl.load(_w_head_weight + 23) * _adj_step_log_lr
-    _adj_in__h0_101_5 = tl.load(_w_head_weight + 24) * _adj_step_log_lr
-    _adj_in__h0_102_6 = tl.load(_w_head_weight + 25) * _adj_step_log_lr
-    _adj_in__h0_103_7 = tl.load(_w_head_weight + 26) * _adj_step_log_lr
-    _adj_in__h0_104_8 = tl.load(_w_head_weight + 27) * _adj_step_log_lr
-    _adj_in__h0_105_9 = tl.load(_w_head_weight + 28) * _adj_step_log_lr
-    _adj_in__h0_106_10 = tl.load(_w_head_weight + 29) * _adj_step_log_lr
-    _adj_in__h0_97_11 = tl.load(_w_head_weight + 10) * _adj_delta_att
-    _adj_in__h0_98_12 = tl.load(_w_head_weight + 11) * _adj_delta_att
-    _adj_in__h0_99_13 = tl.load(_w_head_weight + 12) * _adj_delta_att
-    _adj_in__h0_100_14 = tl.load(_w_head_weight + 13) * _adj_delta_att
-    _adj_in__h0_101_15 = tl.load(_w_head_weight + 14) * _adj_delta_att
-    _adj_in__h0_102_16 = tl.load(_w_head_weight + 15) * _adj_delta_att
-    _adj_in__h0_103_17 = tl.load(_w_head_weight + 16) * _adj_delta_att
-    _adj_in__h0_104_18 = tl.load(_w_head_weight + 17) * _adj_delta_att
-    _adj_in__h0_105_19 = tl.load(_w_head_weight + 18) * _adj_delta_att
-    _adj_in__h0_106_20 = tl.load(_w_head_weight + 19) * _adj_delta_att
-    _adj_in__h0_97_21 = tl.load(_w_head_weight + 0) * _adj_delta
-    _adj_in__h0_98_22 = tl.load(_w_head_weight + 1) * _adj_delta
-    _adj_in__h0_99_23 = tl.load(_w_head_weight + 2) * _adj_delta
-    _adj_in__h0_100_24 = tl.load(_w_head_weight + 3) * _adj_delta
-    _adj_in__h0_101_25 = tl.load(_w_head_weight + 4) * _adj_delta
-    _adj_in__h0_102_26 = tl.load(_w_head_weight + 5) * _adj_delta
-    _adj_in__h0_103_27 = tl.load(_w_head_weight + 6) * _adj_delta
-    _adj_in__h0_104_28 = tl.load(_w_head_weight + 7) * _adj_delta
-    _adj_in__h0_105_29 = tl.load(_w_head_weight + 8) * _adj_delta
-    _adj_in__h0_106_30 = tl.load(_w_head_weight + 9) * _adj_delta
-    _adj__h0_106 = _adj_in__h0_106_10 + _adj_in__h0_106_20 + _adj_in__h0_106_30 + _seed__h0_106
+    _dense_t65 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _dense_t65 += _adj_step_log_lr[:, None] * tops.weight_row(_w_head_weight, 10, 2, 0, 10, 16)[None, :]
+    _dense_t66 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _dense_t66 += _adj_delta_att[:, None] * tops.weight_row(_w_head_weight, 10, 1, 0, 10, 16)[None, :]
+    _dense_t67 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _dense_t67 += _adj_delta[:, None] * tops.weight_row(_w_head_weight, 10, 0, 0, 10, 16)[None, :]
+    _col68 = tops.column(_dense_t65, 9, 16)
+    _col69 = tops.column(_dense_t66, 9, 16)
+    _col70 = tops.column(_dense_t67, 9, 16)
+    _adj__h0_106 = _col68 + _col69 + _col70 + _seed__h0_106
     _adj__cell100_c9 = _adj__h0_106 * (1.0 - _cell70_u9)
-    _adj__h0_105 = _adj_in__h0_105_19 + _adj_in__h0_105_29 + _adj_in__h0_105_9 + _seed__h0_105
+    _col71 = tops.column(_dense_t66, 8, 16)
+    _col72 = tops.column(_dense_t67, 8, 16)
+    _col73 = tops.column(_dense_t65, 8, 16)
+    _adj__h0_105 = _col71 + _col72 + _col73 + _seed__h0_105
     _adj__cell99_c8 = _adj__h0_105 * (1.0 - _cell69_u8)
-    _adj__h0_104 = _adj_in__h0_104_18 + _adj_in__h0_104_28 + _adj_in__h0_104_8 + _seed__h0_104
+    _col74 = tops.column(_dense_t66, 7, 16)
+    _col75 = tops.column(_dense_t67, 7, 16)
+    _col76 = tops.column(_dense_t65, 7, 16)
+    _adj__h0_104 = _col74 + _col75 + _col76 + _seed__h0_104
     _adj__cell98_c7 = _adj__h0_104 * (1.0 - _cell68_u7)
-    _adj__h0_103 = _adj_in__h0_103_17 + _adj_in__h0_103_27 + _adj_in__h0_103_7 + _seed__h0_103
+    _col77 = tops.column(_dense_t66, 6, 16)
+    _col78 = tops.column(_dense_t67, 6, 16)
+    _col79 = tops.column(_dense_t65, 6, 16)
+    _adj__h0_103 = _col77 + _col78 + _col79 + _seed__h0_103
     _adj__cell97_c6 = _adj__h0_103 * (1.0 - _cell67_u6)
-    _adj__h0_102 = _adj_in__h0_102_16 + _adj_in__h0_102_26 + _adj_in__h0_102_6 + _seed__h0_102
+    _col80 = tops.column(_dense_t66, 5, 16)
+    _col81 = tops.column(_dense_t67, 5, 16)
+    _col82 = tops.column(_dense_t65, 5, 16)
+    _adj__h0_102 = _col80 + _col81 + _col82 + _seed__h0_102
     _adj__cell96_c5 = _adj__h0_102 * (1.0 - _cell66_u5)
-    _adj__h0_101 = _adj_in__h0_101_15 + _adj_in__h0_101_25 + _adj_in__h0_101_5 + _seed__h0_101
+    _col83 = tops.column(_dense_t66, 4, 16)
+    _col84 = tops.column(_dense_t67, 4, 16)
+    _col85 = tops.column(_dense_t65, 4, 16)
+    _adj__h0_101 = _col83 + _col84 + _col85 + _seed__h0_101
     _adj__cell95_c4 = _adj__h0_101 * (1.0 - _cell65_u4)
-    _adj__h0_100 = _adj_in__h0_100_14 + _adj_in__h0_100_24 + _adj_in__h0_100_4 + _seed__h0_100
+    _col86 = tops.column(_dense_t66, 3, 16)
+    _col87 = tops.column(_dense_t67, 3, 16)
+    _col88 = tops.column(_dense_t65, 3, 16)
+    _adj__h0_100 = _col86 + _col87 + _col88 + _seed__h0_100
     _adj__cell94_c3 = _adj__h0_100 * (1.0 - _cell64_u3)
-    _adj__h0_99 = _adj_in__h0_99_13 + _adj_in__h0_99_23 + _adj_in__h0_99_3 + _seed__h0_99
+    _col89 = tops.column(_dense_t66, 2, 16)
+    _col90 = tops.column(_dense_t67, 2, 16)
+    _col91 = tops.column(_dense_t65, 2, 16)
+    _adj__h0_99 = _col89 + _col90 + _col91 + _seed__h0_99
     _adj__cell93_c2 = _adj__h0_99 * (1.0 - _cell63_u2)
-    _adj__h0_98 = _adj_in__h0_98_12 + _adj_in__h0_98_2 + _adj_in__h0_98_22 + _seed__h0_98
+    _col92 = tops.column(_dense_t66, 1, 16)
+    _col93 = tops.column(_dense_t65, 1, 16)
+    _col94 = tops.column(_dense_t67, 1, 16)
+    _adj__h0_98 = _col92 + _col93 + _col94 + _seed__h0_98
     _adj__cell92_c1 = _adj__h0_98 * (1.0 - _cell62_u1)
-    _adj__h0_97 = _adj_in__h0_97_1 + _adj_in__h0_97_11 + _adj_in__h0_97_21 + _seed__h0_97
+    _col95 = tops.column(_dense_t65, 0, 16)
+    _col96 = tops.column(_dense_t66, 0, 16)
+    _col97 = tops.column(_dense_t67, 0, 16)
+    _adj__h0_97 = _col95 + _col96 + _col97 + _seed__h0_97
     _adj__cell91_c0 = _adj__h0_97 * (1.0 - _cell61_u0)
     _adj__cell81_bc0 = _adj__cell91_c0 * (1.0 - _cell91_c0 * _cell91_c0)
     _adj__cell82_bc1 = _adj__cell92_c1 * (1.0 - _cell92_c1 * _cell92_c1)
@@ -4394,146 +3168,48 @@ def stage2_backward_kernel(
     _adj__cell88_bc7 = _adj__cell98_c7 * (1.0 - _cell98_c7 * _cell98_c7)
     _adj__cell89_bc8 = _adj__cell99_c8 * (1.0 - _cell99_c8 * _cell99_c8)
     _adj__cell90_bc9 = _adj__cell100_c9 * (1.0 - _cell100_c9 * _cell100_c9)
-    _adj_in__cell71_rh0_31 = (
-        tl.load(_w_gru_0_weight_hh + 200) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 210) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 220) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 230) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 240) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 250) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 260) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 270) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 280) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 290) * _adj__cell90_bc9
-    )
-    _adj_in__cell72_rh1_32 = (
-        tl.load(_w_gru_0_weight_hh + 201) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 211) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 221) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 231) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 241) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 251) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 261) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 271) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 281) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 291) * _adj__cell90_bc9
-    )
-    _adj_in__cell73_rh2_33 = (
-        tl.load(_w_gru_0_weight_hh + 202) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 212) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 222) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 232) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 242) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 252) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 262) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 272) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 282) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 292) * _adj__cell90_bc9
-    )
-    _adj_in__cell74_rh3_34 = (
-        tl.load(_w_gru_0_weight_hh + 203) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 213) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 223) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 233) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 243) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 253) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 263) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 273) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 283) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 293) * _adj__cell90_bc9
-    )
-    _adj_in__cell75_rh4_35 = (
-        tl.load(_w_gru_0_weight_hh + 204) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 214) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 224) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 234) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 244) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 254) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 264) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 274) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 284) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 294) * _adj__cell90_bc9
-    )
-    _adj_in__cell76_rh5_36 = (
-        tl.load(_w_gru_0_weight_hh + 205) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 215) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 225) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 235) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 245) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 255) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 265) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 275) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 285) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 295) * _adj__cell90_bc9
-    )
-    _adj_in__cell77_rh6_37 = (
-        tl.load(_w_gru_0_weight_hh + 206) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 216) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 226) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 236) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 246) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 256) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 266) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 276) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 286) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 296) * _adj__cell90_bc9
-    )
-    _adj_in__cell78_rh7_38 = (
-        tl.load(_w_gru_0_weight_hh + 207) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 217) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 227) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 237) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 247) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 257) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 267) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 277) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 287) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 297) * _adj__cell90_bc9
-    )
-    _adj_in__cell79_rh8_39 = (
-        tl.load(_w_gru_0_weight_hh + 208) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 218) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 228) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 238) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 248) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 258) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 268) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 278) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 288) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 298) * _adj__cell90_bc9
-    )
-    _adj_in__cell80_rh9_40 = (
-        tl.load(_w_gru_0_weight_hh + 209) * _adj__cell81_bc0
-        + tl.load(_w_gru_0_weight_hh + 219) * _adj__cell82_bc1
-        + tl.load(_w_gru_0_weight_hh + 229) * _adj__cell83_bc2
-        + tl.load(_w_gru_0_weight_hh + 239) * _adj__cell84_bc3
-        + tl.load(_w_gru_0_weight_hh + 249) * _adj__cell85_bc4
-        + tl.load(_w_gru_0_weight_hh + 259) * _adj__cell86_bc5
-        + tl.load(_w_gru_0_weight_hh + 269) * _adj__cell87_bc6
-        + tl.load(_w_gru_0_weight_hh + 279) * _adj__cell88_bc7
-        + tl.load(_w_gru_0_weight_hh + 289) * _adj__cell89_bc8
-        + tl.load(_w_gru_0_weight_hh + 299) * _adj__cell90_bc9
-    )
+    _tile99 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile99 += tops.place(_adj__cell81_bc0, 0, 16)
+    _tile99 += tops.place(_adj__cell82_bc1, 1, 16)
+    _tile99 += tops.place(_adj__cell83_bc2, 2, 16)
+    _tile99 += tops.place(_adj__cell84_bc3, 3, 16)
+    _tile99 += tops.place(_adj__cell85_bc4, 4, 16)
+    _tile99 += tops.place(_adj__cell86_bc5, 5, 16)
+    _tile99 += tops.place(_adj__cell87_bc6, 6, 16)
+    _tile99 += tops.place(_adj__cell88_bc7, 7, 16)
+    _tile99 += tops.place(_adj__cell89_bc8, 8, 16)
+    _tile99 += tops.place(_adj__cell90_bc9, 9, 16)
+    _dense_t98 = tops.matmul_t(_tile99, _w_gru_0_weight_hh, 10, 20, 0, 10, 10, 16, 16, True)
     _adj__cell70_u9 = _adj__h0_106 * (-_cell100_c9 + _net_h0_old_9)
-    _adj__cell60_r9 = _adj_in__cell80_rh9_40 * _net_h0_old_9
+    _col100 = tops.column(_dense_t98, 9, 16)
+    _adj__cell60_r9 = _col100 * _net_h0_old_9
     _adj__cell69_u8 = _adj__h0_105 * (-_cell99_c8 + _net_h0_old_8)
-    _adj__cell59_r8 = _adj_in__cell79_rh8_39 * _net_h0_old_8
+    _col101 = tops.column(_dense_t98, 8, 16)
+    _adj__cell59_r8 = _col101 * _net_h0_old_8
     _adj__cell68_u7 = _adj__h0_104 * (-_cell98_c7 + _net_h0_old_7)
-    _adj__cell58_r7 = _adj_in__cell78_rh7_38 * _net_h0_old_7
+    _col102 = tops.column(_dense_t98, 7, 16)
+    _adj__cell58_r7 = _col102 * _net_h0_old_7
     _adj__cell67_u6 = _adj__h0_103 * (-_cell97_c6 + _net_h0_old_6)
-    _adj__cell57_r6 = _adj_in__cell77_rh6_37 * _net_h0_old_6
+    _col103 = tops.column(_dense_t98, 6, 16)
+    _adj__cell57_r6 = _col103 * _net_h0_old_6
     _adj__cell66_u5 = _adj__h0_102 * (-_cell96_c5 + _net_h0_old_5)
-    _adj__cell56_r5 = _adj_in__cell76_rh5_36 * _net_h0_old_5
+    _col104 = tops.column(_dense_t98, 5, 16)
+    _adj__cell56_r5 = _col104 * _net_h0_old_5
     _adj__cell65_u4 = _adj__h0_101 * (-_cell95_c4 + _net_h0_old_4)
-    _adj__cell55_r4 = _adj_in__cell75_rh4_35 * _net_h0_old_4
+    _col105 = tops.column(_dense_t98, 4, 16)
+    _adj__cell55_r4 = _col105 * _net_h0_old_4
     _adj__cell64_u3 = _adj__h0_100 * (-_cell94_c3 + _net_h0_old_3)
-    _adj__cell54_r3 = _adj_in__cell74_rh3_34 * _net_h0_old_3
+    _col106 = tops.column(_dense_t98, 3, 16)
+    _adj__cell54_r3 = _col106 * _net_h0_old_3
     _adj__cell63_u2 = _adj__h0_99 * (-_cell93_c2 + _net_h0_old_2)
-    _adj__cell53_r2 = _adj_in__cell73_rh2_33 * _net_h0_old_2
+    _col107 = tops.column(_dense_t98, 2, 16)
+    _adj__cell53_r2 = _col107 * _net_h0_old_2
     _adj__cell62_u1 = _adj__h0_98 * (-_cell92_c1 + _net_h0_old_1)
-    _adj__cell52_r1 = _adj_in__cell72_rh1_32 * _net_h0_old_1
+    _col108 = tops.column(_dense_t98, 1, 16)
+    _adj__cell52_r1 = _col108 * _net_h0_old_1
     _adj__cell61_u0 = _adj__h0_97 * (-_cell91_c0 + _net_h0_old_0)
-    _adj__cell51_r0 = _adj_in__cell71_rh0_31 * _net_h0_old_0
+    _col109 = tops.column(_dense_t98, 0, 16)
+    _adj__cell51_r0 = _col109 * _net_h0_old_0
     _adj__cell31_b0 = _adj__cell51_r0 * _cell51_r0 * (1.0 - _cell51_r0)
     _adj__cell32_b1 = _adj__cell52_r1 * _cell52_r1 * (1.0 - _cell52_r1)
     _adj__cell33_b2 = _adj__cell53_r2 * _cell53_r2 * (1.0 - _cell53_r2)
@@ -4554,226 +3230,28 @@ def stage2_backward_kernel(
     _adj__cell48_b17 = _adj__cell68_u7 * _cell68_u7 * (1.0 - _cell68_u7)
     _adj__cell49_b18 = _adj__cell69_u8 * _cell69_u8 * (1.0 - _cell69_u8)
     _adj__cell50_b19 = _adj__cell70_u9 * _cell70_u9 * (1.0 - _cell70_u9)
-    _adj_in__net_h0_old_0_41 = (
-        tl.load(_w_gru_0_weight_hh + 0) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 10) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 20) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 30) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 40) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 50) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 60) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 70) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 80) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 90) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 100) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 110) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 120) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 130) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 140) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 150) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 160) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 170) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 180) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 190) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_1_42 = (
-        tl.load(_w_gru_0_weight_hh + 1) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 11) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 21) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 31) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 41) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 51) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 61) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 71) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 81) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 91) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 101) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 111) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 121) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 131) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 141) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 151) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 161) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 171) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 181) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 191) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_2_43 = (
-        tl.load(_w_gru_0_weight_hh + 2) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 12) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 22) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 32) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 42) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 52) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 62) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 72) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 82) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 92) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 102) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 112) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 122) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 132) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 142) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 152) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 162) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 172) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 182) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 192) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_3_44 = (
-        tl.load(_w_gru_0_weight_hh + 3) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 13) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 23) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 33) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 43) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 53) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 63) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 73) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 83) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 93) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 103) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 113) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 123) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 133) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 143) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 153) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 163) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 173) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 183) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 193) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_4_45 = (
-        tl.load(_w_gru_0_weight_hh + 4) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 14) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 24) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 34) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 44) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 54) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 64) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 74) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 84) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 94) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 104) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 114) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 124) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 134) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 144) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 154) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 164) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 174) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 184) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 194) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_5_46 = (
-        tl.load(_w_gru_0_weight_hh + 5) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 15) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 25) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 35) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 45) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 55) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 65) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 75) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 85) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 95) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 105) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 115) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 125) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 135) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 145) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 155) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 165) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 175) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 185) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 195) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_6_47 = (
-        tl.load(_w_gru_0_weight_hh + 6) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 16) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 26) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 36) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 46) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 56) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 66) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 76) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 86) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 96) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 106) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 116) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 126) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 136) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 146) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 156) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 166) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 176) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 186) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 196) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_7_48 = (
-        tl.load(_w_gru_0_weight_hh + 7) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 17) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 27) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 37) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 47) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 57) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 67) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 77) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 87) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 97) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 107) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 117) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 127) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 137) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 147) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 157) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 167) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 177) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 187) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 197) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_8_49 = (
-        tl.load(_w_gru_0_weight_hh + 8) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 18) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 28) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 38) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 48) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 58) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 68) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 78) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 88) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 98) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 108) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 118) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 128) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 138) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 148) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 158) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 168) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 178) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 188) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 198) * _adj__cell50_b19
-    )
-    _adj_in__net_h0_old_9_50 = (
-        tl.load(_w_gru_0_weight_hh + 9) * _adj__cell31_b0
-        + tl.load(_w_gru_0_weight_hh + 19) * _adj__cell32_b1
-        + tl.load(_w_gru_0_weight_hh + 29) * _adj__cell33_b2
-        + tl.load(_w_gru_0_weight_hh + 39) * _adj__cell34_b3
-        + tl.load(_w_gru_0_weight_hh + 49) * _adj__cell35_b4
-        + tl.load(_w_gru_0_weight_hh + 59) * _adj__cell36_b5
-        + tl.load(_w_gru_0_weight_hh + 69) * _adj__cell37_b6
-        + tl.load(_w_gru_0_weight_hh + 79) * _adj__cell38_b7
-        + tl.load(_w_gru_0_weight_hh + 89) * _adj__cell39_b8
-        + tl.load(_w_gru_0_weight_hh + 99) * _adj__cell40_b9
-        + tl.load(_w_gru_0_weight_hh + 109) * _adj__cell41_b10
-        + tl.load(_w_gru_0_weight_hh + 119) * _adj__cell42_b11
-        + tl.load(_w_gru_0_weight_hh + 129) * _adj__cell43_b12
-        + tl.load(_w_gru_0_weight_hh + 139) * _adj__cell44_b13
-        + tl.load(_w_gru_0_weight_hh + 149) * _adj__cell45_b14
-        + tl.load(_w_gru_0_weight_hh + 159) * _adj__cell46_b15
-        + tl.load(_w_gru_0_weight_hh + 169) * _adj__cell47_b16
-        + tl.load(_w_gru_0_weight_hh + 179) * _adj__cell48_b17
-        + tl.load(_w_gru_0_weight_hh + 189) * _adj__cell49_b18
-        + tl.load(_w_gru_0_weight_hh + 199) * _adj__cell50_b19
-    )
+    _tile111 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile111 += tops.place(_adj__cell31_b0, 0, 32)
+    _tile111 += tops.place(_adj__cell32_b1, 1, 32)
+    _tile111 += tops.place(_adj__cell33_b2, 2, 32)
+    _tile111 += tops.place(_adj__cell34_b3, 3, 32)
+    _tile111 += tops.place(_adj__cell35_b4, 4, 32)
+    _tile111 += tops.place(_adj__cell36_b5, 5, 32)
+    _tile111 += tops.place(_adj__cell37_b6, 6, 32)
+    _tile111 += tops.place(_adj__cell38_b7, 7, 32)
+    _tile111 += tops.place(_adj__cell39_b8, 8, 32)
+    _tile111 += tops.place(_adj__cell40_b9, 9, 32)
+    _tile111 += tops.place(_adj__cell41_b10, 10, 32)
+    _tile111 += tops.place(_adj__cell42_b11, 11, 32)
+    _tile111 += tops.place(_adj__cell43_b12, 12, 32)
+    _tile111 += tops.place(_adj__cell44_b13, 13, 32)
+    _tile111 += tops.place(_adj__cell45_b14, 14, 32)
+    _tile111 += tops.place(_adj__cell46_b15, 15, 32)
+    _tile111 += tops.place(_adj__cell47_b16, 16, 32)
+    _tile111 += tops.place(_adj__cell48_b17, 17, 32)
+    _tile111 += tops.place(_adj__cell49_b18, 18, 32)
+    _tile111 += tops.place(_adj__cell50_b19, 19, 32)
+    _dense_t110 = tops.matmul_t(_tile111, _w_gru_0_weight_hh, 10, 0, 0, 20, 10, 32, 16, True)
     _adj__cell1_a0 = _adj__cell51_r0 * _cell51_r0 * (1.0 - _cell51_r0)
     _adj__cell2_a1 = _adj__cell52_r1 * _cell52_r1 * (1.0 - _cell52_r1)
     _adj__cell3_a2 = _adj__cell53_r2 * _cell53_r2 * (1.0 - _cell53_r2)
@@ -4804,414 +3282,73 @@ def stage2_backward_kernel(
     _adj__cell28_a27 = _adj__cell98_c7 * (1.0 - _cell98_c7 * _cell98_c7)
     _adj__cell29_a28 = _adj__cell99_c8 * (1.0 - _cell99_c8 * _cell99_c8)
     _adj__cell30_a29 = _adj__cell100_c9 * (1.0 - _cell100_c9 * _cell100_c9)
-    _adj_in_scaled_0_51 = (
-        tl.load(_w_gru_0_weight_ih + 0) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 12) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 24) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 36) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 48) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 60) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 72) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 84) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 96) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 108) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 120) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 132) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 144) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 156) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 168) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 180) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 192) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 204) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 216) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 228) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 240) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 252) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 264) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 276) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 288) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 300) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 312) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 324) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 336) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 348) * _adj__cell30_a29
-    )
-    _adj_in_scaled_1_52 = (
-        tl.load(_w_gru_0_weight_ih + 1) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 13) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 25) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 37) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 49) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 61) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 73) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 85) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 97) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 109) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 121) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 133) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 145) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 157) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 169) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 181) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 193) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 205) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 217) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 229) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 241) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 253) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 265) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 277) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 289) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 301) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 313) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 325) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 337) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 349) * _adj__cell30_a29
-    )
-    _adj_in_scaled_2_53 = (
-        tl.load(_w_gru_0_weight_ih + 2) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 14) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 26) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 38) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 50) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 62) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 74) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 86) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 98) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 110) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 122) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 134) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 146) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 158) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 170) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 182) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 194) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 206) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 218) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 230) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 242) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 254) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 266) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 278) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 290) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 302) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 314) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 326) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 338) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 350) * _adj__cell30_a29
-    )
-    _adj_in_scaled_3_54 = (
-        tl.load(_w_gru_0_weight_ih + 3) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 15) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 27) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 39) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 51) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 63) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 75) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 87) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 99) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 111) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 123) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 135) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 147) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 159) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 171) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 183) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 195) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 207) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 219) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 231) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 243) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 255) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 267) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 279) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 291) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 303) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 315) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 327) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 339) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 351) * _adj__cell30_a29
-    )
-    _adj_in_grad_products_0_55 = (
-        tl.load(_w_gru_0_weight_ih + 4) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 16) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 28) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 40) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 52) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 64) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 76) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 88) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 100) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 112) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 124) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 136) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 148) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 160) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 172) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 184) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 196) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 208) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 220) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 232) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 244) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 256) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 268) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 280) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 292) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 304) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 316) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 328) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 340) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 352) * _adj__cell30_a29
-    )
-    _adj_in_grad_products_1_56 = (
-        tl.load(_w_gru_0_weight_ih + 5) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 17) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 29) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 41) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 53) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 65) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 77) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 89) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 101) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 113) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 125) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 137) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 149) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 161) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 173) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 185) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 197) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 209) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 221) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 233) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 245) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 257) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 269) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 281) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 293) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 305) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 317) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 329) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 341) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 353) * _adj__cell30_a29
-    )
-    _adj_in_grad_products_2_57 = (
-        tl.load(_w_gru_0_weight_ih + 6) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 18) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 30) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 42) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 54) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 66) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 78) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 90) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 102) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 114) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 126) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 138) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 150) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 162) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 174) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 186) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 198) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 210) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 222) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 234) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 246) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 258) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 270) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 282) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 294) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 306) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 318) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 330) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 342) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 354) * _adj__cell30_a29
-    )
-    _adj_in_rel_log_magnitude_0_58 = (
-        tl.load(_w_gru_0_weight_ih + 7) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 19) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 31) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 43) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 55) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 67) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 79) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 91) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 103) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 115) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 127) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 139) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 151) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 163) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 175) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 187) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 199) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 211) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 223) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 235) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 247) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 259) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 271) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 283) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 295) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 307) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 319) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 331) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 343) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 355) * _adj__cell30_a29
-    )
-    _adj_in_rel_log_magnitude_1_59 = (
-        tl.load(_w_gru_0_weight_ih + 8) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 20) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 32) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 44) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 56) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 68) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 80) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 92) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 104) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 116) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 128) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 140) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 152) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 164) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 176) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 188) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 200) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 212) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 224) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 236) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 248) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 260) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 272) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 284) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 296) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 308) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 320) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 332) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 344) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 356) * _adj__cell30_a29
-    )
-    _adj_in_rel_log_magnitude_2_60 = (
-        tl.load(_w_gru_0_weight_ih + 9) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 21) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 33) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 45) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 57) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 69) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 81) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 93) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 105) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 117) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 129) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 141) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 153) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 165) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 177) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 189) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 201) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 213) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 225) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 237) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 249) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 261) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 273) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 285) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 297) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 309) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 321) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 333) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 345) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 357) * _adj__cell30_a29
-    )
-    _adj_in_rel_log_magnitude_3_61 = (
-        tl.load(_w_gru_0_weight_ih + 10) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 22) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 34) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 46) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 58) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 70) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 82) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 94) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 106) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 118) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 130) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 142) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 154) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 166) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 178) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 190) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 202) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 214) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 226) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 238) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 250) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 262) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 274) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 286) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 298) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 310) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 322) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 334) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 346) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 358) * _adj__cell30_a29
-    )
-    _adj_in_rel_log_lr_62 = (
-        tl.load(_w_gru_0_weight_ih + 11) * _adj__cell1_a0
-        + tl.load(_w_gru_0_weight_ih + 23) * _adj__cell2_a1
-        + tl.load(_w_gru_0_weight_ih + 35) * _adj__cell3_a2
-        + tl.load(_w_gru_0_weight_ih + 47) * _adj__cell4_a3
-        + tl.load(_w_gru_0_weight_ih + 59) * _adj__cell5_a4
-        + tl.load(_w_gru_0_weight_ih + 71) * _adj__cell6_a5
-        + tl.load(_w_gru_0_weight_ih + 83) * _adj__cell7_a6
-        + tl.load(_w_gru_0_weight_ih + 95) * _adj__cell8_a7
-        + tl.load(_w_gru_0_weight_ih + 107) * _adj__cell9_a8
-        + tl.load(_w_gru_0_weight_ih + 119) * _adj__cell10_a9
-        + tl.load(_w_gru_0_weight_ih + 131) * _adj__cell11_a10
-        + tl.load(_w_gru_0_weight_ih + 143) * _adj__cell12_a11
-        + tl.load(_w_gru_0_weight_ih + 155) * _adj__cell13_a12
-        + tl.load(_w_gru_0_weight_ih + 167) * _adj__cell14_a13
-        + tl.load(_w_gru_0_weight_ih + 179) * _adj__cell15_a14
-        + tl.load(_w_gru_0_weight_ih + 191) * _adj__cell16_a15
-        + tl.load(_w_gru_0_weight_ih + 203) * _adj__cell17_a16
-        + tl.load(_w_gru_0_weight_ih + 215) * _adj__cell18_a17
-        + tl.load(_w_gru_0_weight_ih + 227) * _adj__cell19_a18
-        + tl.load(_w_gru_0_weight_ih + 239) * _adj__cell20_a19
-        + tl.load(_w_gru_0_weight_ih + 251) * _adj__cell21_a20
-        + tl.load(_w_gru_0_weight_ih + 263) * _adj__cell22_a21
-        + tl.load(_w_gru_0_weight_ih + 275) * _adj__cell23_a22
-        + tl.load(_w_gru_0_weight_ih + 287) * _adj__cell24_a23
-        + tl.load(_w_gru_0_weight_ih + 299) * _adj__cell25_a24
-        + tl.load(_w_gru_0_weight_ih + 311) * _adj__cell26_a25
-        + tl.load(_w_gru_0_weight_ih + 323) * _adj__cell27_a26
-        + tl.load(_w_gru_0_weight_ih + 335) * _adj__cell28_a27
-        + tl.load(_w_gru_0_weight_ih + 347) * _adj__cell29_a28
-        + tl.load(_w_gru_0_weight_ih + 359) * _adj__cell30_a29
-    )
-    _adj_scaled_3 = _adj_delta * _phi_shortcut_3 + _adj_delta_att * _phi_shortcut_3 + _adj_in_grad_products_2_57 * scaled_2 + _adj_in_scaled_3_54
-    _adj_scaled_2 = _adj_delta * _phi_shortcut_2 + _adj_delta_att * _phi_shortcut_2 + _adj_in_grad_products_1_56 * scaled_1 + _adj_in_grad_products_2_57 * scaled_3 + _adj_in_scaled_2_53
-    _adj_scaled_1 = _adj_delta * _phi_shortcut_1 + _adj_delta_att * _phi_shortcut_1 + _adj_in_grad_products_0_55 * scaled_0 + _adj_in_grad_products_1_56 * scaled_2 + _adj_in_scaled_1_52
-    _adj_scaled_0 = _adj_delta * _phi_shortcut_0 + _adj_delta_att * _phi_shortcut_0 + _adj_in_grad_products_0_55 * scaled_1 + _adj_in_scaled_0_51
+    _tile113 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile113 += tops.place(_adj__cell1_a0, 0, 32)
+    _tile113 += tops.place(_adj__cell2_a1, 1, 32)
+    _tile113 += tops.place(_adj__cell3_a2, 2, 32)
+    _tile113 += tops.place(_adj__cell4_a3, 3, 32)
+    _tile113 += tops.place(_adj__cell5_a4, 4, 32)
+    _tile113 += tops.place(_adj__cell6_a5, 5, 32)
+    _tile113 += tops.place(_adj__cell7_a6, 6, 32)
+    _tile113 += tops.place(_adj__cell8_a7, 7, 32)
+    _tile113 += tops.place(_adj__cell9_a8, 8, 32)
+    _tile113 += tops.place(_adj__cell10_a9, 9, 32)
+    _tile113 += tops.place(_adj__cell11_a10, 10, 32)
+    _tile113 += tops.place(_adj__cell12_a11, 11, 32)
+    _tile113 += tops.place(_adj__cell13_a12, 12, 32)
+    _tile113 += tops.place(_adj__cell14_a13, 13, 32)
+    _tile113 += tops.place(_adj__cell15_a14, 14, 32)
+    _tile113 += tops.place(_adj__cell16_a15, 15, 32)
+    _tile113 += tops.place(_adj__cell17_a16, 16, 32)
+    _tile113 += tops.place(_adj__cell18_a17, 17, 32)
+    _tile113 += tops.place(_adj__cell19_a18, 18, 32)
+    _tile113 += tops.place(_adj__cell20_a19, 19, 32)
+    _tile113 += tops.place(_adj__cell21_a20, 20, 32)
+    _tile113 += tops.place(_adj__cell22_a21, 21, 32)
+    _tile113 += tops.place(_adj__cell23_a22, 22, 32)
+    _tile113 += tops.place(_adj__cell24_a23, 23, 32)
+    _tile113 += tops.place(_adj__cell25_a24, 24, 32)
+    _tile113 += tops.place(_adj__cell26_a25, 25, 32)
+    _tile113 += tops.place(_adj__cell27_a26, 26, 32)
+    _tile113 += tops.place(_adj__cell28_a27, 27, 32)
+    _tile113 += tops.place(_adj__cell29_a28, 28, 32)
+    _tile113 += tops.place(_adj__cell30_a29, 29, 32)
+    _dense_t112 = tops.matmul_t(_tile113, _w_gru_0_weight_ih, 12, 0, 0, 30, 12, 32, 16, True)
+    _col114 = tops.column(_dense_t112, 6, 16)
+    _col115 = tops.column(_dense_t112, 3, 16)
+    _adj_scaled_3 = _adj_delta * _phi_shortcut_3 + _adj_delta_att * _phi_shortcut_3 + _col114 * scaled_2 + _col115
+    _col116 = tops.column(_dense_t112, 5, 16)
+    _col117 = tops.column(_dense_t112, 2, 16)
+    _adj_scaled_2 = _adj_delta * _phi_shortcut_2 + _adj_delta_att * _phi_shortcut_2 + _col116 * scaled_1 + _col114 * scaled_3 + _col117
+    _col118 = tops.column(_dense_t112, 4, 16)
+    _col119 = tops.column(_dense_t112, 1, 16)
+    _adj_scaled_1 = _adj_delta * _phi_shortcut_1 + _adj_delta_att * _phi_shortcut_1 + _col118 * scaled_0 + _col116 * scaled_2 + _col119
+    _col120 = tops.column(_dense_t112, 0, 16)
+    _adj_scaled_0 = _adj_delta * _phi_shortcut_0 + _adj_delta_att * _phi_shortcut_0 + _col118 * scaled_1 + _col120
     _bk2 = 1.0 / ms_3
     _bk3 = 0.25 * _bk2
     _bk4 = ms_3 + 1e-16
     _bk5 = _adj_scaled_3 * tl.rsqrt(1.0 + acc_3 * acc_3 / _bk4)
-    _adj_ms_3 = -_adj_in_rel_log_magnitude_0_58 * _bk3 - _adj_in_rel_log_magnitude_1_59 * _bk3 - _adj_in_rel_log_magnitude_2_60 * _bk3 + 0.75 * _adj_in_rel_log_magnitude_3_61 * _bk2 + _seed_ms_3 - (0.5 * _bk5 * acc_3) / tops.pow_(_bk4, 1.5)
+    _col121 = tops.column(_dense_t112, 7, 16)
+    _col122 = tops.column(_dense_t112, 8, 16)
+    _col123 = tops.column(_dense_t112, 9, 16)
+    _col124 = tops.column(_dense_t112, 10, 16)
+    _adj_ms_3 = -_col121 * _bk3 - _col122 * _bk3 - _col123 * _bk3 + 0.75 * _col124 * _bk2 + _seed_ms_3 - (0.5 * _bk5 * acc_3) / tops.pow_(_bk4, 1.5)
     _bk6 = 1.0 / ms_2
     _bk7 = 0.25 * _bk6
     _bk8 = ms_2 + 1e-16
     _bk9 = _adj_scaled_2 * tl.rsqrt(1.0 + acc_2 * acc_2 / _bk8)
-    _adj_ms_2 = -_adj_in_rel_log_magnitude_0_58 * _bk7 - _adj_in_rel_log_magnitude_1_59 * _bk7 + 0.75 * _adj_in_rel_log_magnitude_2_60 * _bk6 - _adj_in_rel_log_magnitude_3_61 * _bk7 + _seed_ms_2 - (0.5 * _bk9 * acc_2) / tops.pow_(_bk8, 1.5)
+    _adj_ms_2 = -_col121 * _bk7 - _col122 * _bk7 + 0.75 * _col123 * _bk6 - _col124 * _bk7 + _seed_ms_2 - (0.5 * _bk9 * acc_2) / tops.pow_(_bk8, 1.5)
     _bk10 = 1.0 / ms_1
     _bk11 = 0.25 * _bk10
     _bk12 = ms_1 + 1e-16
     _bk13 = _adj_scaled_1 * tl.rsqrt(1.0 + acc_1 * acc_1 / _bk12)
-    _adj_ms_1 = -_adj_in_rel_log_magnitude_0_58 * _bk11 + 0.75 * _adj_in_rel_log_magnitude_1_59 * _bk10 - _adj_in_rel_log_magnitude_2_60 * _bk11 - _adj_in_rel_log_magnitude_3_61 * _bk11 + _seed_ms_1 - (0.5 * _bk13 * acc_1) / tops.pow_(_bk12, 1.5)
+    _adj_ms_1 = -_col121 * _bk11 + 0.75 * _col122 * _bk10 - _col123 * _bk11 - _col124 * _bk11 + _seed_ms_1 - (0.5 * _bk13 * acc_1) / tops.pow_(_bk12, 1.5)
     _bk14 = 1.0 / ms_0
     _bk15 = 0.25 * _bk14
     _bk16 = ms_0 + 1e-16
     _bk17 = _adj_scaled_0 * tl.rsqrt(1.0 + acc_0 * acc_0 / _bk16)
-    _adj_ms_0 = 0.75 * _adj_in_rel_log_magnitude_0_58 * _bk14 - _adj_in_rel_log_magnitude_1_59 * _bk15 - _adj_in_rel_log_magnitude_2_60 * _bk15 - _adj_in_rel_log_magnitude_3_61 * _bk15 + _seed_ms_0 - (0.5 * _bk17 * acc_0) / tops.pow_(_bk16, 1.5)
+    _adj_ms_0 = 0.75 * _col121 * _bk14 - _col122 * _bk15 - _col123 * _bk15 - _col124 * _bk15 + _seed_ms_0 - (0.5 * _bk17 * acc_0) / tops.pow_(_bk16, 1.5)
     _bk18 = 2.0 * acc_3
     _adj_acc_3 = _adj_ms_3 * tl.where((_u7 != 0.0), _bk18, _bk18 * _u8) + _seed_acc_3 + _bk5 * tl.rsqrt(_bk4)
     _bk19 = 2.0 * acc_2
@@ -5226,16 +3363,8 @@ def stage2_backward_kernel(
     _bk25 = tl.sqrt(tl.sqrt(_bk22)) * (0.25 - 0.25 * _bk22)
     _bk26 = tl.sqrt(tl.sqrt(tl.sqrt(_bk22))) * (0.125 - 0.125 * _bk22)
     _adj__head_out4 = _adj_acc_0 * (_acc_old_0 * _bk23 - _bk23 * g) + _adj_acc_1 * (_acc_old_1 * _bk24 - _bk24 * g) + _adj_acc_2 * (_acc_old_2 * _bk25 - _bk25 * g) + _adj_acc_3 * (_acc_old_3 * _bk26 - _bk26 * g)
-    _adj_in__net_h0_old_0_63 = tl.load(_w_head_weight + 30) * _adj__head_out4
-    _adj_in__net_h0_old_1_64 = tl.load(_w_head_weight + 31) * _adj__head_out4
-    _adj_in__net_h0_old_2_65 = tl.load(_w_head_weight + 32) * _adj__head_out4
-    _adj_in__net_h0_old_3_66 = tl.load(_w_head_weight + 33) * _adj__head_out4
-    _adj_in__net_h0_old_4_67 = tl.load(_w_head_weight + 34) * _adj__head_out4
-    _adj_in__net_h0_old_5_68 = tl.load(_w_head_weight + 35) * _adj__head_out4
-    _adj_in__net_h0_old_6_69 = tl.load(_w_head_weight + 36) * _adj__head_out4
-    _adj_in__net_h0_old_7_70 = tl.load(_w_head_weight + 37) * _adj__head_out4
-    _adj_in__net_h0_old_8_71 = tl.load(_w_head_weight + 38) * _adj__head_out4
-    _adj_in__net_h0_old_9_72 = tl.load(_w_head_weight + 39) * _adj__head_out4
+    _dense_t125 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _dense_t125 += _adj__head_out4[:, None] * tops.weight_row(_w_head_weight, 10, 3, 0, 10, 16)[None, :]
     _bk27 = tops.sigmoid(_head_out4)
     _adj__acc_old_0 = _adj_acc_0 * _bk27
     _bk28 = tl.sqrt(_bk27)
@@ -5244,21 +3373,42 @@ def stage2_backward_kernel(
     _adj__acc_old_2 = _adj_acc_2 * _bk29
     _bk30 = tl.sqrt(tl.sqrt(tl.sqrt(_bk27)))
     _adj__acc_old_3 = _adj_acc_3 * _bk30
-    _adj__log_lr_old = _adj_in_rel_log_lr_62 + _adj_step_log_lr + _seed_log_lr * lr_ema
+    _col126 = tops.column(_dense_t112, 11, 16)
+    _adj__log_lr_old = _col126 + _adj_step_log_lr + _seed_log_lr * lr_ema
     _adj__ms_old_0 = _adj_ms_0 * tl.where((_u1 != 0.0), 0.0, ms_decay)
     _adj__ms_old_1 = _adj_ms_1 * tl.where((_u3 != 0.0), 0.0, ms_decay)
     _adj__ms_old_2 = _adj_ms_2 * tl.where((_u5 != 0.0), 0.0, ms_decay)
     _adj__ms_old_3 = _adj_ms_3 * tl.where((_u7 != 0.0), 0.0, ms_decay)
-    _adj__net_h0_old_0 = _adj__h0_97 * _cell61_u0 + _adj_in__cell71_rh0_31 * _cell51_r0 + _adj_in__net_h0_old_0_41 + _adj_in__net_h0_old_0_63
-    _adj__net_h0_old_1 = _adj__h0_98 * _cell62_u1 + _adj_in__cell72_rh1_32 * _cell52_r1 + _adj_in__net_h0_old_1_42 + _adj_in__net_h0_old_1_64
-    _adj__net_h0_old_2 = _adj__h0_99 * _cell63_u2 + _adj_in__cell73_rh2_33 * _cell53_r2 + _adj_in__net_h0_old_2_43 + _adj_in__net_h0_old_2_65
-    _adj__net_h0_old_3 = _adj__h0_100 * _cell64_u3 + _adj_in__cell74_rh3_34 * _cell54_r3 + _adj_in__net_h0_old_3_44 + _adj_in__net_h0_old_3_66
-    _adj__net_h0_old_4 = _adj__h0_101 * _cell65_u4 + _adj_in__cell75_rh4_35 * _cell55_r4 + _adj_in__net_h0_old_4_45 + _adj_in__net_h0_old_4_67
-    _adj__net_h0_old_5 = _adj__h0_102 * _cell66_u5 + _adj_in__cell76_rh5_36 * _cell56_r5 + _adj_in__net_h0_old_5_46 + _adj_in__net_h0_old_5_68
-    _adj__net_h0_old_6 = _adj__h0_103 * _cell67_u6 + _adj_in__cell77_rh6_37 * _cell57_r6 + _adj_in__net_h0_old_6_47 + _adj_in__net_h0_old_6_69
-    _adj__net_h0_old_7 = _adj__h0_104 * _cell68_u7 + _adj_in__cell78_rh7_38 * _cell58_r7 + _adj_in__net_h0_old_7_48 + _adj_in__net_h0_old_7_70
-    _adj__net_h0_old_8 = _adj__h0_105 * _cell69_u8 + _adj_in__cell79_rh8_39 * _cell59_r8 + _adj_in__net_h0_old_8_49 + _adj_in__net_h0_old_8_71
-    _adj__net_h0_old_9 = _adj__h0_106 * _cell70_u9 + _adj_in__cell80_rh9_40 * _cell60_r9 + _adj_in__net_h0_old_9_50 + _adj_in__net_h0_old_9_72
+    _col127 = tops.column(_dense_t110, 0, 16)
+    _col128 = tops.column(_dense_t125, 0, 16)
+    _adj__net_h0_old_0 = _adj__h0_97 * _cell61_u0 + _col109 * _cell51_r0 + _col127 + _col128
+    _col129 = tops.column(_dense_t110, 1, 16)
+    _col130 = tops.column(_dense_t125, 1, 16)
+    _adj__net_h0_old_1 = _adj__h0_98 * _cell62_u1 + _col108 * _cell52_r1 + _col129 + _col130
+    _col131 = tops.column(_dense_t110, 2, 16)
+    _col132 = tops.column(_dense_t125, 2, 16)
+    _adj__net_h0_old_2 = _adj__h0_99 * _cell63_u2 + _col107 * _cell53_r2 + _col131 + _col132
+    _col133 = tops.column(_dense_t110, 3, 16)
+    _col134 = tops.column(_dense_t125, 3, 16)
+    _adj__net_h0_old_3 = _adj__h0_100 * _cell64_u3 + _col106 * _cell54_r3 + _col133 + _col134
+    _col135 = tops.column(_dense_t110, 4, 16)
+    _col136 = tops.column(_dense_t125, 4, 16)
+    _adj__net_h0_old_4 = _adj__h0_101 * _cell65_u4 + _col105 * _cell55_r4 + _col135 + _col136
+    _col137 = tops.column(_dense_t110, 5, 16)
+    _col138 = tops.column(_dense_t125, 5, 16)
+    _adj__net_h0_old_5 = _adj__h0_102 * _cell66_u5 + _col104 * _cell56_r5 + _col137 + _col138
+    _col139 = tops.column(_dense_t110, 6, 16)
+    _col140 = tops.column(_dense_t125, 6, 16)
+    _adj__net_h0_old_6 = _adj__h0_103 * _cell67_u6 + _col103 * _cell57_r6 + _col139 + _col140
+    _col141 = tops.column(_dense_t110, 7, 16)
+    _col142 = tops.column(_dense_t125, 7, 16)
+    _adj__net_h0_old_7 = _adj__h0_104 * _cell68_u7 + _col102 * _cell58_r7 + _col141 + _col142
+    _col143 = tops.column(_dense_t110, 8, 16)
+    _col144 = tops.column(_dense_t125, 8, 16)
+    _adj__net_h0_old_8 = _adj__h0_105 * _cell69_u8 + _col101 * _cell59_r8 + _col143 + _col144
+    _col145 = tops.column(_dense_t110, 9, 16)
+    _col146 = tops.column(_dense_t125, 9, 16)
+    _adj__net_h0_old_9 = _adj__h0_106 * _cell70_u9 + _col100 * _cell60_r9 + _col145 + _col146
     _adj__phi_shortcut_0 = _adj_delta * scaled_0 + _adj_delta_att * scaled_0
     _adj__phi_shortcut_1 = _adj_delta * scaled_1 + _adj_delta_att * scaled_1
     _adj__phi_shortcut_2 = _adj_delta * scaled_2 + _adj_delta_att * scaled_2
@@ -5278,6 +3428,123 @@ def stage2_backward_kernel(
     _adj_lr = -_lookahead * _seed__p_lookahead - _seed__p_new * _update
     _adj_lr_ema = _log_lr_old * _seed_log_lr
     _adj_ms_decay = _adj_ms_0 * tl.where((_u1 != 0.0), 0.0, _ms_old_0) + _adj_ms_1 * tl.where((_u3 != 0.0), 0.0, _ms_old_1) + _adj_ms_2 * tl.where((_u5 != 0.0), 0.0, _ms_old_2) + _adj_ms_3 * tl.where((_u7 != 0.0), 0.0, _ms_old_3)
+    _tile147 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile147 += tops.place(_adj_step_log_lr, 0, 16)
+    _masked148 = tl.where(_mask[:, None], _tile147, 0.0)
+    _tile149 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile149 += tops.place(_h0_97, 0, 16)
+    _tile149 += tops.place(_h0_98, 1, 16)
+    _tile149 += tops.place(_h0_99, 2, 16)
+    _tile149 += tops.place(_h0_100, 3, 16)
+    _tile149 += tops.place(_h0_101, 4, 16)
+    _tile149 += tops.place(_h0_102, 5, 16)
+    _tile149 += tops.place(_h0_103, 6, 16)
+    _tile149 += tops.place(_h0_104, 7, 16)
+    _tile149 += tops.place(_h0_105, 8, 16)
+    _tile149 += tops.place(_h0_106, 9, 16)
+    _masked150 = tl.where(_mask[:, None], _tile149, 0.0)
+    _tile151 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile151 += tops.place(_adj_delta_att, 0, 16)
+    _masked152 = tl.where(_mask[:, None], _tile151, 0.0)
+    _tile153 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile153 += tops.place(_adj_delta, 0, 16)
+    _masked154 = tl.where(_mask[:, None], _tile153, 0.0)
+    _tile155 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile155 += tops.place(_adj__cell81_bc0, 0, 16)
+    _tile155 += tops.place(_adj__cell82_bc1, 1, 16)
+    _tile155 += tops.place(_adj__cell83_bc2, 2, 16)
+    _tile155 += tops.place(_adj__cell84_bc3, 3, 16)
+    _tile155 += tops.place(_adj__cell85_bc4, 4, 16)
+    _tile155 += tops.place(_adj__cell86_bc5, 5, 16)
+    _tile155 += tops.place(_adj__cell87_bc6, 6, 16)
+    _tile155 += tops.place(_adj__cell88_bc7, 7, 16)
+    _tile155 += tops.place(_adj__cell89_bc8, 8, 16)
+    _tile155 += tops.place(_adj__cell90_bc9, 9, 16)
+    _masked156 = tl.where(_mask[:, None], _tile155, 0.0)
+    _tile157 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile157 += tops.place(_cell71_rh0, 0, 16)
+    _tile157 += tops.place(_cell72_rh1, 1, 16)
+    _tile157 += tops.place(_cell73_rh2, 2, 16)
+    _tile157 += tops.place(_cell74_rh3, 3, 16)
+    _tile157 += tops.place(_cell75_rh4, 4, 16)
+    _tile157 += tops.place(_cell76_rh5, 5, 16)
+    _tile157 += tops.place(_cell77_rh6, 6, 16)
+    _tile157 += tops.place(_cell78_rh7, 7, 16)
+    _tile157 += tops.place(_cell79_rh8, 8, 16)
+    _tile157 += tops.place(_cell80_rh9, 9, 16)
+    _masked158 = tl.where(_mask[:, None], _tile157, 0.0)
+    _tile159 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile159 += tops.place(_adj__cell31_b0, 0, 32)
+    _tile159 += tops.place(_adj__cell32_b1, 1, 32)
+    _tile159 += tops.place(_adj__cell33_b2, 2, 32)
+    _tile159 += tops.place(_adj__cell34_b3, 3, 32)
+    _tile159 += tops.place(_adj__cell35_b4, 4, 32)
+    _tile159 += tops.place(_adj__cell36_b5, 5, 32)
+    _tile159 += tops.place(_adj__cell37_b6, 6, 32)
+    _tile159 += tops.place(_adj__cell38_b7, 7, 32)
+    _tile159 += tops.place(_adj__cell39_b8, 8, 32)
+    _tile159 += tops.place(_adj__cell40_b9, 9, 32)
+    _tile159 += tops.place(_adj__cell41_b10, 10, 32)
+    _tile159 += tops.place(_adj__cell42_b11, 11, 32)
+    _tile159 += tops.place(_adj__cell43_b12, 12, 32)
+    _tile159 += tops.place(_adj__cell44_b13, 13, 32)
+    _tile159 += tops.place(_adj__cell45_b14, 14, 32)
+    _tile159 += tops.place(_adj__cell46_b15, 15, 32)
+    _tile159 += tops.place(_adj__cell47_b16, 16, 32)
+    _tile159 += tops.place(_adj__cell48_b17, 17, 32)
+    _tile159 += tops.place(_adj__cell49_b18, 18, 32)
+    _tile159 += tops.place(_adj__cell50_b19, 19, 32)
+    _masked160 = tl.where(_mask[:, None], _tile159, 0.0)
+    _masked161 = tl.where(_mask[:, None], _tile1, 0.0)
+    _tile162 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile162 += tops.place(_adj__cell1_a0, 0, 32)
+    _tile162 += tops.place(_adj__cell2_a1, 1, 32)
+    _tile162 += tops.place(_adj__cell3_a2, 2, 32)
+    _tile162 += tops.place(_adj__cell4_a3, 3, 32)
+    _tile162 += tops.place(_adj__cell5_a4, 4, 32)
+    _tile162 += tops.place(_adj__cell6_a5, 5, 32)
+    _tile162 += tops.place(_adj__cell7_a6, 6, 32)
+    _tile162 += tops.place(_adj__cell8_a7, 7, 32)
+    _tile162 += tops.place(_adj__cell9_a8, 8, 32)
+    _tile162 += tops.place(_adj__cell10_a9, 9, 32)
+    _tile162 += tops.place(_adj__cell11_a10, 10, 32)
+    _tile162 += tops.place(_adj__cell12_a11, 11, 32)
+    _tile162 += tops.place(_adj__cell13_a12, 12, 32)
+    _tile162 += tops.place(_adj__cell14_a13, 13, 32)
+    _tile162 += tops.place(_adj__cell15_a14, 14, 32)
+    _tile162 += tops.place(_adj__cell16_a15, 15, 32)
+    _tile162 += tops.place(_adj__cell17_a16, 16, 32)
+    _tile162 += tops.place(_adj__cell18_a17, 17, 32)
+    _tile162 += tops.place(_adj__cell19_a18, 18, 32)
+    _tile162 += tops.place(_adj__cell20_a19, 19, 32)
+    _tile162 += tops.place(_adj__cell21_a20, 20, 32)
+    _tile162 += tops.place(_adj__cell22_a21, 21, 32)
+    _tile162 += tops.place(_adj__cell23_a22, 22, 32)
+    _tile162 += tops.place(_adj__cell24_a23, 23, 32)
+    _tile162 += tops.place(_adj__cell25_a24, 24, 32)
+    _tile162 += tops.place(_adj__cell26_a25, 25, 32)
+    _tile162 += tops.place(_adj__cell27_a26, 26, 32)
+    _tile162 += tops.place(_adj__cell28_a27, 27, 32)
+    _tile162 += tops.place(_adj__cell29_a28, 28, 32)
+    _tile162 += tops.place(_adj__cell30_a29, 29, 32)
+    _masked163 = tl.where(_mask[:, None], _tile162, 0.0)
+    _tile164 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile164 += tops.place(scaled_0, 0, 16)
+    _tile164 += tops.place(scaled_1, 1, 16)
+    _tile164 += tops.place(scaled_2, 2, 16)
+    _tile164 += tops.place(scaled_3, 3, 16)
+    _tile164 += tops.place(grad_products_0, 4, 16)
+    _tile164 += tops.place(grad_products_1, 5, 16)
+    _tile164 += tops.place(grad_products_2, 6, 16)
+    _tile164 += tops.place(rel_log_magnitude_0, 7, 16)
+    _tile164 += tops.place(rel_log_magnitude_1, 8, 16)
+    _tile164 += tops.place(rel_log_magnitude_2, 9, 16)
+    _tile164 += tops.place(rel_log_magnitude_3, 10, 16)
+    _tile164 += tops.place(rel_log_lr, 11, 16)
+    _masked165 = tl.where(_mask[:, None], _tile164, 0.0)
+    _tile166 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile166 += tops.place(_adj__head_out4, 0, 16)
+    _masked167 = tl.where(_mask[:, None], _tile166, 0.0)
     tl.store(_grad_st_acc + 0 * _numel + _offs, tops.per_element(_adj__acc_old_0, BLOCK), mask=_mask)
     tl.store(_grad_st_acc + 1 * _numel + _offs, tops.per_element(_adj__acc_old_1, BLOCK), mask=_mask)
     tl.store(_grad_st_acc + 2 * _numel + _offs, tops.per_element(_adj__acc_old_2, BLOCK), mask=_mask)
@@ -5299,6 +3566,18 @@ def stage2_backward_kernel(
     tl.store(_grad_st_net_h0 + 9 * _numel + _offs, tops.per_element(_adj__net_h0_old_9, BLOCK), mask=_mask)
     tl.store(_grad_st_theta + 0 * _numel + _offs, tops.per_element(_adj__theta_old, BLOCK), mask=_mask)
     tl.store(_grad_g_ptr + _offs, tops.per_element(_adj_g, BLOCK), mask=_mask)
+    tops.store_block(_gpart_ptr + _pid * 781 + 47, tops.outer_sum(_masked148, _masked150, True), 1, 10, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 781 + 57, tl.sum(_masked148, axis=0), 1, 16)
+    tops.store_block(_gpart_ptr + _pid * 781 + 58, tops.outer_sum(_masked152, _masked150, True), 1, 10, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 781 + 68, tl.sum(_masked152, axis=0), 1, 16)
+    tops.store_block(_gpart_ptr + _pid * 781 + 69, tops.outer_sum(_masked154, _masked150, True), 1, 10, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 781 + 79, tl.sum(_masked154, axis=0), 1, 16)
+    tops.store_block(_gpart_ptr + _pid * 781 + 80, tops.outer_sum(_masked156, _masked158, True), 10, 10, 16, 16)
+    tops.store_block(_gpart_ptr + _pid * 781 + 180, tops.outer_sum(_masked160, _masked161, True), 20, 10, 32, 16)
+    tops.store_block(_gpart_ptr + _pid * 781 + 380, tops.outer_sum(_masked163, _masked165, True), 30, 12, 32, 16)
+    tops.store_vec(_gpart_ptr + _pid * 781 + 740, tl.sum(_masked163, axis=0), 30, 32)
+    tops.store_block(_gpart_ptr + _pid * 781 + 770, tops.outer_sum(_masked167, _masked161, True), 1, 10, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 781 + 780, tl.sum(_masked167, axis=0), 1, 16)
     tl.store(_gpart_ptr + _pid * 781 + 0, tl.sum(tl.where(_mask, _adj__cell1_a0, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 781 + 1, tl.sum(tl.where(_mask, _adj__cell2_a1, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 781 + 2, tl.sum(tl.where(_mask, _adj__cell3_a2, 0.0), axis=0))
@@ -5341,742 +3620,8 @@ def stage2_backward_kernel(
     tl.store(_gpart_ptr + _pid * 781 + 39, tl.sum(tl.where(_mask, _adj__u4, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 781 + 40, tl.sum(tl.where(_mask, _adj__u6, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 781 + 41, tl.sum(tl.where(_mask, _adj__u8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 42, tl.sum(tl.where(_mask, _adj_in_rel_log_lr_62, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 42, tl.sum(tl.where(_mask, _col126, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 781 + 43, tl.sum(tl.where(_mask, _adj_log_lr_offset, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 781 + 44, tl.sum(tl.where(_mask, _adj_lr, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 781 + 45, tl.sum(tl.where(_mask, _adj_lr_ema, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 781 + 46, tl.sum(tl.where(_mask, _adj_ms_decay, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 47, tl.sum(tl.where(_mask, _adj_step_log_lr * _h0_97, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 48, tl.sum(tl.where(_mask, _adj_step_log_lr * _h0_98, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 49, tl.sum(tl.where(_mask, _adj_step_log_lr * _h0_99, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 50, tl.sum(tl.where(_mask, _adj_step_log_lr * _h0_100, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 51, tl.sum(tl.where(_mask, _adj_step_log_lr * _h0_101, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 52, tl.sum(tl.where(_mask, _adj_step_log_lr * _h0_102, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 53, tl.sum(tl.where(_mask, _adj_step_log_lr * _h0_103, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 54, tl.sum(tl.where(_mask, _adj_step_log_lr * _h0_104, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 55, tl.sum(tl.where(_mask, _adj_step_log_lr * _h0_105, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 56, tl.sum(tl.where(_mask, _adj_step_log_lr * _h0_106, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 57, tl.sum(tl.where(_mask, _adj_step_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 58, tl.sum(tl.where(_mask, _adj_delta_att * _h0_97, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 59, tl.sum(tl.where(_mask, _adj_delta_att * _h0_98, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 60, tl.sum(tl.where(_mask, _adj_delta_att * _h0_99, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 61, tl.sum(tl.where(_mask, _adj_delta_att * _h0_100, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 62, tl.sum(tl.where(_mask, _adj_delta_att * _h0_101, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 63, tl.sum(tl.where(_mask, _adj_delta_att * _h0_102, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 64, tl.sum(tl.where(_mask, _adj_delta_att * _h0_103, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 65, tl.sum(tl.where(_mask, _adj_delta_att * _h0_104, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 66, tl.sum(tl.where(_mask, _adj_delta_att * _h0_105, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 67, tl.sum(tl.where(_mask, _adj_delta_att * _h0_106, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 68, tl.sum(tl.where(_mask, _adj_delta_att, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 69, tl.sum(tl.where(_mask, _adj_delta * _h0_97, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 70, tl.sum(tl.where(_mask, _adj_delta * _h0_98, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 71, tl.sum(tl.where(_mask, _adj_delta * _h0_99, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 72, tl.sum(tl.where(_mask, _adj_delta * _h0_100, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 73, tl.sum(tl.where(_mask, _adj_delta * _h0_101, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 74, tl.sum(tl.where(_mask, _adj_delta * _h0_102, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 75, tl.sum(tl.where(_mask, _adj_delta * _h0_103, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 76, tl.sum(tl.where(_mask, _adj_delta * _h0_104, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 77, tl.sum(tl.where(_mask, _adj_delta * _h0_105, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 78, tl.sum(tl.where(_mask, _adj_delta * _h0_106, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 79, tl.sum(tl.where(_mask, _adj_delta, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 80, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 81, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 82, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 83, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 84, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 85, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 86, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 87, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 88, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 89, tl.sum(tl.where(_mask, _adj__cell81_bc0 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 90, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 91, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 92, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 93, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 94, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 95, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 96, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 97, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 98, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 99, tl.sum(tl.where(_mask, _adj__cell82_bc1 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 100, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 101, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 102, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 103, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 104, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 105, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 106, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 107, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 108, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 109, tl.sum(tl.where(_mask, _adj__cell83_bc2 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 110, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 111, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 112, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 113, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 114, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 115, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 116, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 117, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 118, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 119, tl.sum(tl.where(_mask, _adj__cell84_bc3 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 120, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 121, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 122, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 123, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 124, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 125, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 126, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 127, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 128, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 129, tl.sum(tl.where(_mask, _adj__cell85_bc4 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 130, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 131, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 132, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 133, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 134, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 135, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 136, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 137, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 138, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 139, tl.sum(tl.where(_mask, _adj__cell86_bc5 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 140, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 141, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 142, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 143, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 144, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 145, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 146, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 147, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 148, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 149, tl.sum(tl.where(_mask, _adj__cell87_bc6 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 150, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 151, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 152, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 153, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 154, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 155, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 156, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 157, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 158, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 159, tl.sum(tl.where(_mask, _adj__cell88_bc7 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 160, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 161, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 162, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 163, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 164, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 165, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 166, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 167, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 168, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 169, tl.sum(tl.where(_mask, _adj__cell89_bc8 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 170, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell71_rh0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 171, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell72_rh1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 172, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell73_rh2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 173, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell74_rh3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 174, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell75_rh4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 175, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell76_rh5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 176, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell77_rh6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 177, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell78_rh7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 178, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell79_rh8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 179, tl.sum(tl.where(_mask, _adj__cell90_bc9 * _cell80_rh9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 180, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 181, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 182, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 183, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 184, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 185, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 186, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 187, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 188, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 189, tl.sum(tl.where(_mask, _adj__cell31_b0 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 190, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 191, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 192, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 193, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 194, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 195, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 196, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 197, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 198, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 199, tl.sum(tl.where(_mask, _adj__cell32_b1 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 200, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 201, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 202, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 203, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 204, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 205, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 206, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 207, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 208, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 209, tl.sum(tl.where(_mask, _adj__cell33_b2 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 210, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 211, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 212, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 213, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 214, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 215, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 216, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 217, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 218, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 219, tl.sum(tl.where(_mask, _adj__cell34_b3 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 220, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 221, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 222, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 223, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 224, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 225, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 226, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 227, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 228, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 229, tl.sum(tl.where(_mask, _adj__cell35_b4 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 230, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 231, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 232, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 233, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 234, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 235, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 236, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 237, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 238, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 239, tl.sum(tl.where(_mask, _adj__cell36_b5 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 240, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 241, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 242, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 243, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 244, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 245, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 246, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 247, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 248, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 249, tl.sum(tl.where(_mask, _adj__cell37_b6 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 250, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 251, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 252, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 253, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 254, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 255, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 256, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 257, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 258, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 259, tl.sum(tl.where(_mask, _adj__cell38_b7 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 260, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 261, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 262, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 263, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 264, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 265, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 266, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 267, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 268, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 269, tl.sum(tl.where(_mask, _adj__cell39_b8 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 270, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 271, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 272, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 273, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 274, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 275, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 276, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 277, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 278, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 279, tl.sum(tl.where(_mask, _adj__cell40_b9 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 280, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 281, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 282, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 283, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 284, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 285, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 286, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 287, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 288, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 289, tl.sum(tl.where(_mask, _adj__cell41_b10 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 290, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 291, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 292, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 293, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 294, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 295, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 296, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 297, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 298, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 299, tl.sum(tl.where(_mask, _adj__cell42_b11 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 300, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 301, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 302, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 303, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 304, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 305, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 306, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 307, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 308, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 309, tl.sum(tl.where(_mask, _adj__cell43_b12 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 310, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 311, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 312, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 313, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 314, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 315, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 316, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 317, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 318, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 319, tl.sum(tl.where(_mask, _adj__cell44_b13 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 320, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 321, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 322, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 323, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 324, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 325, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 326, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 327, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 328, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 329, tl.sum(tl.where(_mask, _adj__cell45_b14 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 330, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 331, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 332, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 333, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 334, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 335, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 336, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 337, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 338, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 339, tl.sum(tl.where(_mask, _adj__cell46_b15 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 340, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 341, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 342, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 343, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 344, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 345, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 346, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 347, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 348, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 349, tl.sum(tl.where(_mask, _adj__cell47_b16 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 350, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 351, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 352, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 353, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 354, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 355, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 356, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 357, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 358, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 359, tl.sum(tl.where(_mask, _adj__cell48_b17 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 360, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 361, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 362, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 363, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 364, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 365, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 366, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 367, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 368, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 369, tl.sum(tl.where(_mask, _adj__cell49_b18 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 370, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 371, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 372, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 373, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 374, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 375, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 376, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 377, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 378, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 379, tl.sum(tl.where(_mask, _adj__cell50_b19 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 380, tl.sum(tl.where(_mask, _adj__cell1_a0 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 381, tl.sum(tl.where(_mask, _adj__cell1_a0 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 382, tl.sum(tl.where(_mask, _adj__cell1_a0 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 383, tl.sum(tl.where(_mask, _adj__cell1_a0 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 384, tl.sum(tl.where(_mask, _adj__cell1_a0 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 385, tl.sum(tl.where(_mask, _adj__cell1_a0 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 386, tl.sum(tl.where(_mask, _adj__cell1_a0 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 387, tl.sum(tl.where(_mask, _adj__cell1_a0 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 388, tl.sum(tl.where(_mask, _adj__cell1_a0 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 389, tl.sum(tl.where(_mask, _adj__cell1_a0 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 390, tl.sum(tl.where(_mask, _adj__cell1_a0 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 391, tl.sum(tl.where(_mask, _adj__cell1_a0 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 392, tl.sum(tl.where(_mask, _adj__cell1_a0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 393, tl.sum(tl.where(_mask, _adj__cell2_a1 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 394, tl.sum(tl.where(_mask, _adj__cell2_a1 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 395, tl.sum(tl.where(_mask, _adj__cell2_a1 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 396, tl.sum(tl.where(_mask, _adj__cell2_a1 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 397, tl.sum(tl.where(_mask, _adj__cell2_a1 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 398, tl.sum(tl.where(_mask, _adj__cell2_a1 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 399, tl.sum(tl.where(_mask, _adj__cell2_a1 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 400, tl.sum(tl.where(_mask, _adj__cell2_a1 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 401, tl.sum(tl.where(_mask, _adj__cell2_a1 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 402, tl.sum(tl.where(_mask, _adj__cell2_a1 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 403, tl.sum(tl.where(_mask, _adj__cell2_a1 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 404, tl.sum(tl.where(_mask, _adj__cell2_a1 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 405, tl.sum(tl.where(_mask, _adj__cell2_a1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 406, tl.sum(tl.where(_mask, _adj__cell3_a2 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 407, tl.sum(tl.where(_mask, _adj__cell3_a2 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 408, tl.sum(tl.where(_mask, _adj__cell3_a2 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 409, tl.sum(tl.where(_mask, _adj__cell3_a2 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 410, tl.sum(tl.where(_mask, _adj__cell3_a2 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 411, tl.sum(tl.where(_mask, _adj__cell3_a2 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 412, tl.sum(tl.where(_mask, _adj__cell3_a2 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 413, tl.sum(tl.where(_mask, _adj__cell3_a2 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 414, tl.sum(tl.where(_mask, _adj__cell3_a2 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 415, tl.sum(tl.where(_mask, _adj__cell3_a2 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 416, tl.sum(tl.where(_mask, _adj__cell3_a2 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 417, tl.sum(tl.where(_mask, _adj__cell3_a2 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 418, tl.sum(tl.where(_mask, _adj__cell3_a2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 419, tl.sum(tl.where(_mask, _adj__cell4_a3 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 420, tl.sum(tl.where(_mask, _adj__cell4_a3 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 421, tl.sum(tl.where(_mask, _adj__cell4_a3 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 422, tl.sum(tl.where(_mask, _adj__cell4_a3 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 423, tl.sum(tl.where(_mask, _adj__cell4_a3 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 424, tl.sum(tl.where(_mask, _adj__cell4_a3 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 425, tl.sum(tl.where(_mask, _adj__cell4_a3 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 426, tl.sum(tl.where(_mask, _adj__cell4_a3 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 427, tl.sum(tl.where(_mask, _adj__cell4_a3 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 428, tl.sum(tl.where(_mask, _adj__cell4_a3 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 429, tl.sum(tl.where(_mask, _adj__cell4_a3 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 430, tl.sum(tl.where(_mask, _adj__cell4_a3 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 431, tl.sum(tl.where(_mask, _adj__cell4_a3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 432, tl.sum(tl.where(_mask, _adj__cell5_a4 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 433, tl.sum(tl.where(_mask, _adj__cell5_a4 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 434, tl.sum(tl.where(_mask, _adj__cell5_a4 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 435, tl.sum(tl.where(_mask, _adj__cell5_a4 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 436, tl.sum(tl.where(_mask, _adj__cell5_a4 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 437, tl.sum(tl.where(_mask, _adj__cell5_a4 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 438, tl.sum(tl.where(_mask, _adj__cell5_a4 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 439, tl.sum(tl.where(_mask, _adj__cell5_a4 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 440, tl.sum(tl.where(_mask, _adj__cell5_a4 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 441, tl.sum(tl.where(_mask, _adj__cell5_a4 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 442, tl.sum(tl.where(_mask, _adj__cell5_a4 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 443, tl.sum(tl.where(_mask, _adj__cell5_a4 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 444, tl.sum(tl.where(_mask, _adj__cell5_a4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 445, tl.sum(tl.where(_mask, _adj__cell6_a5 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 446, tl.sum(tl.where(_mask, _adj__cell6_a5 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 447, tl.sum(tl.where(_mask, _adj__cell6_a5 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 448, tl.sum(tl.where(_mask, _adj__cell6_a5 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 449, tl.sum(tl.where(_mask, _adj__cell6_a5 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 450, tl.sum(tl.where(_mask, _adj__cell6_a5 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 451, tl.sum(tl.where(_mask, _adj__cell6_a5 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 452, tl.sum(tl.where(_mask, _adj__cell6_a5 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 453, tl.sum(tl.where(_mask, _adj__cell6_a5 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 454, tl.sum(tl.where(_mask, _adj__cell6_a5 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 455, tl.sum(tl.where(_mask, _adj__cell6_a5 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 456, tl.sum(tl.where(_mask, _adj__cell6_a5 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 457, tl.sum(tl.where(_mask, _adj__cell6_a5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 458, tl.sum(tl.where(_mask, _adj__cell7_a6 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 459, tl.sum(tl.where(_mask, _adj__cell7_a6 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 460, tl.sum(tl.where(_mask, _adj__cell7_a6 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 461, tl.sum(tl.where(_mask, _adj__cell7_a6 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 462, tl.sum(tl.where(_mask, _adj__cell7_a6 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 463, tl.sum(tl.where(_mask, _adj__cell7_a6 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 464, tl.sum(tl.where(_mask, _adj__cell7_a6 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 465, tl.sum(tl.where(_mask, _adj__cell7_a6 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 466, tl.sum(tl.where(_mask, _adj__cell7_a6 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 467, tl.sum(tl.where(_mask, _adj__cell7_a6 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 468, tl.sum(tl.where(_mask, _adj__cell7_a6 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 469, tl.sum(tl.where(_mask, _adj__cell7_a6 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 470, tl.sum(tl.where(_mask, _adj__cell7_a6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 471, tl.sum(tl.where(_mask, _adj__cell8_a7 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 472, tl.sum(tl.where(_mask, _adj__cell8_a7 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 473, tl.sum(tl.where(_mask, _adj__cell8_a7 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 474, tl.sum(tl.where(_mask, _adj__cell8_a7 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 475, tl.sum(tl.where(_mask, _adj__cell8_a7 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 476, tl.sum(tl.where(_mask, _adj__cell8_a7 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 477, tl.sum(tl.where(_mask, _adj__cell8_a7 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 478, tl.sum(tl.where(_mask, _adj__cell8_a7 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 479, tl.sum(tl.where(_mask, _adj__cell8_a7 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 480, tl.sum(tl.where(_mask, _adj__cell8_a7 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 481, tl.sum(tl.where(_mask, _adj__cell8_a7 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 482, tl.sum(tl.where(_mask, _adj__cell8_a7 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 483, tl.sum(tl.where(_mask, _adj__cell8_a7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 484, tl.sum(tl.where(_mask, _adj__cell9_a8 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 485, tl.sum(tl.where(_mask, _adj__cell9_a8 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 486, tl.sum(tl.where(_mask, _adj__cell9_a8 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 487, tl.sum(tl.where(_mask, _adj__cell9_a8 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 488, tl.sum(tl.where(_mask, _adj__cell9_a8 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 489, tl.sum(tl.where(_mask, _adj__cell9_a8 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 490, tl.sum(tl.where(_mask, _adj__cell9_a8 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 491, tl.sum(tl.where(_mask, _adj__cell9_a8 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 492, tl.sum(tl.where(_mask, _adj__cell9_a8 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 493, tl.sum(tl.where(_mask, _adj__cell9_a8 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 494, tl.sum(tl.where(_mask, _adj__cell9_a8 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 495, tl.sum(tl.where(_mask, _adj__cell9_a8 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 496, tl.sum(tl.where(_mask, _adj__cell9_a8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 497, tl.sum(tl.where(_mask, _adj__cell10_a9 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 498, tl.sum(tl.where(_mask, _adj__cell10_a9 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 499, tl.sum(tl.where(_mask, _adj__cell10_a9 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 500, tl.sum(tl.where(_mask, _adj__cell10_a9 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 501, tl.sum(tl.where(_mask, _adj__cell10_a9 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 502, tl.sum(tl.where(_mask, _adj__cell10_a9 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 503, tl.sum(tl.where(_mask, _adj__cell10_a9 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 504, tl.sum(tl.where(_mask, _adj__cell10_a9 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 505, tl.sum(tl.where(_mask, _adj__cell10_a9 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 506, tl.sum(tl.where(_mask, _adj__cell10_a9 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 507, tl.sum(tl.where(_mask, _adj__cell10_a9 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 508, tl.sum(tl.where(_mask, _adj__cell10_a9 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 509, tl.sum(tl.where(_mask, _adj__cell10_a9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 510, tl.sum(tl.where(_mask, _adj__cell11_a10 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 511, tl.sum(tl.where(_mask, _adj__cell11_a10 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 512, tl.sum(tl.where(_mask, _adj__cell11_a10 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 513, tl.sum(tl.where(_mask, _adj__cell11_a10 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 514, tl.sum(tl.where(_mask, _adj__cell11_a10 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 515, tl.sum(tl.where(_mask, _adj__cell11_a10 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 516, tl.sum(tl.where(_mask, _adj__cell11_a10 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 517, tl.sum(tl.where(_mask, _adj__cell11_a10 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 518, tl.sum(tl.where(_mask, _adj__cell11_a10 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 519, tl.sum(tl.where(_mask, _adj__cell11_a10 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 520, tl.sum(tl.where(_mask, _adj__cell11_a10 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 521, tl.sum(tl.where(_mask, _adj__cell11_a10 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 522, tl.sum(tl.where(_mask, _adj__cell11_a10, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 523, tl.sum(tl.where(_mask, _adj__cell12_a11 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 524, tl.sum(tl.where(_mask, _adj__cell12_a11 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 525, tl.sum(tl.where(_mask, _adj__cell12_a11 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 526, tl.sum(tl.where(_mask, _adj__cell12_a11 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 527, tl.sum(tl.where(_mask, _adj__cell12_a11 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 528, tl.sum(tl.where(_mask, _adj__cell12_a11 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 529, tl.sum(tl.where(_mask, _adj__cell12_a11 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 530, tl.sum(tl.where(_mask, _adj__cell12_a11 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 531, tl.sum(tl.where(_mask, _adj__cell12_a11 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 532, tl.sum(tl.where(_mask, _adj__cell12_a11 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 533, tl.sum(tl.where(_mask, _adj__cell12_a11 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 534, tl.sum(tl.where(_mask, _adj__cell12_a11 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 535, tl.sum(tl.where(_mask, _adj__cell12_a11, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 536, tl.sum(tl.where(_mask, _adj__cell13_a12 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 537, tl.sum(tl.where(_mask, _adj__cell13_a12 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 538, tl.sum(tl.where(_mask, _adj__cell13_a12 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 539, tl.sum(tl.where(_mask, _adj__cell13_a12 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 540, tl.sum(tl.where(_mask, _adj__cell13_a12 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 541, tl.sum(tl.where(_mask, _adj__cell13_a12 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 542, tl.sum(tl.where(_mask, _adj__cell13_a12 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 543, tl.sum(tl.where(_mask, _adj__cell13_a12 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 544, tl.sum(tl.where(_mask, _adj__cell13_a12 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 545, tl.sum(tl.where(_mask, _adj__cell13_a12 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 546, tl.sum(tl.where(_mask, _adj__cell13_a12 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 547, tl.sum(tl.where(_mask, _adj__cell13_a12 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 548, tl.sum(tl.where(_mask, _adj__cell13_a12, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 549, tl.sum(tl.where(_mask, _adj__cell14_a13 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 550, tl.sum(tl.where(_mask, _adj__cell14_a13 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 551, tl.sum(tl.where(_mask, _adj__cell14_a13 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 552, tl.sum(tl.where(_mask, _adj__cell14_a13 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 553, tl.sum(tl.where(_mask, _adj__cell14_a13 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 554, tl.sum(tl.where(_mask, _adj__cell14_a13 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 555, tl.sum(tl.where(_mask, _adj__cell14_a13 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 556, tl.sum(tl.where(_mask, _adj__cell14_a13 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 557, tl.sum(tl.where(_mask, _adj__cell14_a13 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 558, tl.sum(tl.where(_mask, _adj__cell14_a13 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 559, tl.sum(tl.where(_mask, _adj__cell14_a13 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 560, tl.sum(tl.where(_mask, _adj__cell14_a13 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 561, tl.sum(tl.where(_mask, _adj__cell14_a13, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 562, tl.sum(tl.where(_mask, _adj__cell15_a14 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 563, tl.sum(tl.where(_mask, _adj__cell15_a14 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 564, tl.sum(tl.where(_mask, _adj__cell15_a14 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 565, tl.sum(tl.where(_mask, _adj__cell15_a14 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 566, tl.sum(tl.where(_mask, _adj__cell15_a14 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 567, tl.sum(tl.where(_mask, _adj__cell15_a14 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 568, tl.sum(tl.where(_mask, _adj__cell15_a14 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 569, tl.sum(tl.where(_mask, _adj__cell15_a14 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 570, tl.sum(tl.where(_mask, _adj__cell15_a14 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 571, tl.sum(tl.where(_mask, _adj__cell15_a14 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 572, tl.sum(tl.where(_mask, _adj__cell15_a14 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 573, tl.sum(tl.where(_mask, _adj__cell15_a14 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 574, tl.sum(tl.where(_mask, _adj__cell15_a14, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 575, tl.sum(tl.where(_mask, _adj__cell16_a15 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 576, tl.sum(tl.where(_mask, _adj__cell16_a15 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 577, tl.sum(tl.where(_mask, _adj__cell16_a15 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 578, tl.sum(tl.where(_mask, _adj__cell16_a15 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 579, tl.sum(tl.where(_mask, _adj__cell16_a15 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 580, tl.sum(tl.where(_mask, _adj__cell16_a15 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 581, tl.sum(tl.where(_mask, _adj__cell16_a15 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 582, tl.sum(tl.where(_mask, _adj__cell16_a15 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 583, tl.sum(tl.where(_mask, _adj__cell16_a15 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 584, tl.sum(tl.where(_mask, _adj__cell16_a15 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 585, tl.sum(tl.where(_mask, _adj__cell16_a15 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 586, tl.sum(tl.where(_mask, _adj__cell16_a15 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 587, tl.sum(tl.where(_mask, _adj__cell16_a15, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 588, tl.sum(tl.where(_mask, _adj__cell17_a16 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 589, tl.sum(tl.where(_mask, _adj__cell17_a16 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 590, tl.sum(tl.where(_mask, _adj__cell17_a16 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 591, tl.sum(tl.where(_mask, _adj__cell17_a16 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 592, tl.sum(tl.where(_mask, _adj__cell17_a16 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 593, tl.sum(tl.where(_mask, _adj__cell17_a16 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 594, tl.sum(tl.where(_mask, _adj__cell17_a16 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 595, tl.sum(tl.where(_mask, _adj__cell17_a16 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 596, tl.sum(tl.where(_mask, _adj__cell17_a16 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 597, tl.sum(tl.where(_mask, _adj__cell17_a16 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 598, tl.sum(tl.where(_mask, _adj__cell17_a16 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 599, tl.sum(tl.where(_mask, _adj__cell17_a16 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 600, tl.sum(tl.where(_mask, _adj__cell17_a16, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 601, tl.sum(tl.where(_mask, _adj__cell18_a17 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 602, tl.sum(tl.where(_mask, _adj__cell18_a17 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 603, tl.sum(tl.where(_mask, _adj__cell18_a17 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 604, tl.sum(tl.where(_mask, _adj__cell18_a17 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 605, tl.sum(tl.where(_mask, _adj__cell18_a17 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 606, tl.sum(tl.where(_mask, _adj__cell18_a17 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 607, tl.sum(tl.where(_mask, _adj__cell18_a17 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 608, tl.sum(tl.where(_mask, _adj__cell18_a17 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 609, tl.sum(tl.where(_mask, _adj__cell18_a17 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 610, tl.sum(tl.where(_mask, _adj__cell18_a17 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 611, tl.sum(tl.where(_mask, _adj__cell18_a17 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 612, tl.sum(tl.where(_mask, _adj__cell18_a17 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 613, tl.sum(tl.where(_mask, _adj__cell18_a17, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 614, tl.sum(tl.where(_mask, _adj__cell19_a18 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 615, tl.sum(tl.where(_mask, _adj__cell19_a18 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 616, tl.sum(tl.where(_mask, _adj__cell19_a18 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 617, tl.sum(tl.where(_mask, _adj__cell19_a18 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 618, tl.sum(tl.where(_mask, _adj__cell19_a18 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 619, tl.sum(tl.where(_mask, _adj__cell19_a18 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 620, tl.sum(tl.where(_mask, _adj__cell19_a18 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 621, tl.sum(tl.where(_mask, _adj__cell19_a18 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 622, tl.sum(tl.where(_mask, _adj__cell19_a18 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 623, tl.sum(tl.where(_mask, _adj__cell19_a18 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 624, tl.sum(tl.where(_mask, _adj__cell19_a18 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 625, tl.sum(tl.where(_mask, _adj__cell19_a18 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 626, tl.sum(tl.where(_mask, _adj__cell19_a18, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 627, tl.sum(tl.where(_mask, _adj__cell20_a19 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 628, tl.sum(tl.where(_mask, _adj__cell20_a19 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 629, tl.sum(tl.where(_mask, _adj__cell20_a19 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 630, tl.sum(tl.where(_mask, _adj__cell20_a19 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 631, tl.sum(tl.where(_mask, _adj__cell20_a19 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 632, tl.sum(tl.where(_mask, _adj__cell20_a19 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 633, tl.sum(tl.where(_mask, _adj__cell20_a19 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 634, tl.sum(tl.where(_mask, _adj__cell20_a19 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 635, tl.sum(tl.where(_mask, _adj__cell20_a19 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 636, tl.sum(tl.where(_mask, _adj__cell20_a19 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 637, tl.sum(tl.where(_mask, _adj__cell20_a19 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 638, tl.sum(tl.where(_mask, _adj__cell20_a19 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 639, tl.sum(tl.where(_mask, _adj__cell20_a19, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 640, tl.sum(tl.where(_mask, _adj__cell21_a20 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 641, tl.sum(tl.where(_mask, _adj__cell21_a20 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 642, tl.sum(tl.where(_mask, _adj__cell21_a20 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 643, tl.sum(tl.where(_mask, _adj__cell21_a20 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 644, tl.sum(tl.where(_mask, _adj__cell21_a20 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 645, tl.sum(tl.where(_mask, _adj__cell21_a20 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 646, tl.sum(tl.where(_mask, _adj__cell21_a20 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 647, tl.sum(tl.where(_mask, _adj__cell21_a20 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 648, tl.sum(tl.where(_mask, _adj__cell21_a20 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 649, tl.sum(tl.where(_mask, _adj__cell21_a20 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 650, tl.sum(tl.where(_mask, _adj__cell21_a20 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 651, tl.sum(tl.where(_mask, _adj__cell21_a20 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 652, tl.sum(tl.where(_mask, _adj__cell21_a20, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 653, tl.sum(tl.where(_mask, _adj__cell22_a21 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 654, tl.sum(tl.where(_mask, _adj__cell22_a21 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 655, tl.sum(tl.where(_mask, _adj__cell22_a21 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 656, tl.sum(tl.where(_mask, _adj__cell22_a21 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 657, tl.sum(tl.where(_mask, _adj__cell22_a21 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 658, tl.sum(tl.where(_mask, _adj__cell22_a21 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 659, tl.sum(tl.where(_mask, _adj__cell22_a21 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 660, tl.sum(tl.where(_mask, _adj__cell22_a21 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 661, tl.sum(tl.where(_mask, _adj__cell22_a21 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 662, tl.sum(tl.where(_mask, _adj__cell22_a21 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 663, tl.sum(tl.where(_mask, _adj__cell22_a21 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 664, tl.sum(tl.where(_mask, _adj__cell22_a21 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 665, tl.sum(tl.where(_mask, _adj__cell22_a21, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 666, tl.sum(tl.where(_mask, _adj__cell23_a22 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 667, tl.sum(tl.where(_mask, _adj__cell23_a22 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 668, tl.sum(tl.where(_mask, _adj__cell23_a22 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 669, tl.sum(tl.where(_mask, _adj__cell23_a22 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 670, tl.sum(tl.where(_mask, _adj__cell23_a22 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 671, tl.sum(tl.where(_mask, _adj__cell23_a22 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 672, tl.sum(tl.where(_mask, _adj__cell23_a22 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 673, tl.sum(tl.where(_mask, _adj__cell23_a22 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 674, tl.sum(tl.where(_mask, _adj__cell23_a22 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 675, tl.sum(tl.where(_mask, _adj__cell23_a22 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 676, tl.sum(tl.where(_mask, _adj__cell23_a22 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 677, tl.sum(tl.where(_mask, _adj__cell23_a22 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 678, tl.sum(tl.where(_mask, _adj__cell23_a22, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 679, tl.sum(tl.where(_mask, _adj__cell24_a23 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 680, tl.sum(tl.where(_mask, _adj__cell24_a23 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 681, tl.sum(tl.where(_mask, _adj__cell24_a23 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 682, tl.sum(tl.where(_mask, _adj__cell24_a23 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 683, tl.sum(tl.where(_mask, _adj__cell24_a23 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 684, tl.sum(tl.where(_mask, _adj__cell24_a23 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 685, tl.sum(tl.where(_mask, _adj__cell24_a23 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 686, tl.sum(tl.where(_mask, _adj__cell24_a23 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 687, tl.sum(tl.where(_mask, _adj__cell24_a23 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 688, tl.sum(tl.where(_mask, _adj__cell24_a23 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 689, tl.sum(tl.where(_mask, _adj__cell24_a23 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 690, tl.sum(tl.where(_mask, _adj__cell24_a23 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 691, tl.sum(tl.where(_mask, _adj__cell24_a23, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 692, tl.sum(tl.where(_mask, _adj__cell25_a24 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 693, tl.sum(tl.where(_mask, _adj__cell25_a24 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 694, tl.sum(tl.where(_mask, _adj__cell25_a24 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 695, tl.sum(tl.where(_mask, _adj__cell25_a24 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 696, tl.sum(tl.where(_mask, _adj__cell25_a24 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 697, tl.sum(tl.where(_mask, _adj__cell25_a24 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 698, tl.sum(tl.where(_mask, _adj__cell25_a24 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 699, tl.sum(tl.where(_mask, _adj__cell25_a24 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 700, tl.sum(tl.where(_mask, _adj__cell25_a24 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 701, tl.sum(tl.where(_mask, _adj__cell25_a24 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 702, tl.sum(tl.where(_mask, _adj__cell25_a24 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 703, tl.sum(tl.where(_mask, _adj__cell25_a24 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 704, tl.sum(tl.where(_mask, _adj__cell25_a24, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 705, tl.sum(tl.where(_mask, _adj__cell26_a25 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 706, tl.sum(tl.where(_mask, _adj__cell26_a25 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 707, tl.sum(tl.where(_mask, _adj__cell26_a25 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 708, tl.sum(tl.where(_mask, _adj__cell26_a25 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 709, tl.sum(tl.where(_mask, _adj__cell26_a25 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 710, tl.sum(tl.where(_mask, _adj__cell26_a25 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 711, tl.sum(tl.where(_mask, _adj__cell26_a25 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 712, tl.sum(tl.where(_mask, _adj__cell26_a25 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 713, tl.sum(tl.where(_mask, _adj__cell26_a25 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 714, tl.sum(tl.where(_mask, _adj__cell26_a25 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 715, tl.sum(tl.where(_mask, _adj__cell26_a25 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 716, tl.sum(tl.where(_mask, _adj__cell26_a25 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 717, tl.sum(tl.where(_mask, _adj__cell26_a25, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 718, tl.sum(tl.where(_mask, _adj__cell27_a26 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 719, tl.sum(tl.where(_mask, _adj__cell27_a26 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 720, tl.sum(tl.where(_mask, _adj__cell27_a26 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 721, tl.sum(tl.where(_mask, _adj__cell27_a26 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 722, tl.sum(tl.where(_mask, _adj__cell27_a26 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 723, tl.sum(tl.where(_mask, _adj__cell27_a26 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 724, tl.sum(tl.where(_mask, _adj__cell27_a26 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 725, tl.sum(tl.where(_mask, _adj__cell27_a26 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 726, tl.sum(tl.where(_mask, _adj__cell27_a26 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 727, tl.sum(tl.where(_mask, _adj__cell27_a26 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 728, tl.sum(tl.where(_mask, _adj__cell27_a26 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 729, tl.sum(tl.where(_mask, _adj__cell27_a26 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 730, tl.sum(tl.where(_mask, _adj__cell27_a26, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 731, tl.sum(tl.where(_mask, _adj__cell28_a27 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 732, tl.sum(tl.where(_mask, _adj__cell28_a27 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 733, tl.sum(tl.where(_mask, _adj__cell28_a27 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 734, tl.sum(tl.where(_mask, _adj__cell28_a27 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 735, tl.sum(tl.where(_mask, _adj__cell28_a27 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 736, tl.sum(tl.where(_mask, _adj__cell28_a27 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 737, tl.sum(tl.where(_mask, _adj__cell28_a27 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 738, tl.sum(tl.where(_mask, _adj__cell28_a27 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 739, tl.sum(tl.where(_mask, _adj__cell28_a27 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 740, tl.sum(tl.where(_mask, _adj__cell28_a27 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 741, tl.sum(tl.where(_mask, _adj__cell28_a27 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 742, tl.sum(tl.where(_mask, _adj__cell28_a27 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 743, tl.sum(tl.where(_mask, _adj__cell28_a27, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 744, tl.sum(tl.where(_mask, _adj__cell29_a28 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 745, tl.sum(tl.where(_mask, _adj__cell29_a28 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 746, tl.sum(tl.where(_mask, _adj__cell29_a28 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 747, tl.sum(tl.where(_mask, _adj__cell29_a28 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 748, tl.sum(tl.where(_mask, _adj__cell29_a28 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 749, tl.sum(tl.where(_mask, _adj__cell29_a28 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 750, tl.sum(tl.where(_mask, _adj__cell29_a28 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 751, tl.sum(tl.where(_mask, _adj__cell29_a28 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 752, tl.sum(tl.where(_mask, _adj__cell29_a28 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 753, tl.sum(tl.where(_mask, _adj__cell29_a28 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 754, tl.sum(tl.where(_mask, _adj__cell29_a28 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 755, tl.sum(tl.where(_mask, _adj__cell29_a28 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 756, tl.sum(tl.where(_mask, _adj__cell29_a28, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 757, tl.sum(tl.where(_mask, _adj__cell30_a29 * scaled_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 758, tl.sum(tl.where(_mask, _adj__cell30_a29 * scaled_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 759, tl.sum(tl.where(_mask, _adj__cell30_a29 * scaled_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 760, tl.sum(tl.where(_mask, _adj__cell30_a29 * scaled_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 761, tl.sum(tl.where(_mask, _adj__cell30_a29 * grad_products_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 762, tl.sum(tl.where(_mask, _adj__cell30_a29 * grad_products_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 763, tl.sum(tl.where(_mask, _adj__cell30_a29 * grad_products_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 764, tl.sum(tl.where(_mask, _adj__cell30_a29 * rel_log_magnitude_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 765, tl.sum(tl.where(_mask, _adj__cell30_a29 * rel_log_magnitude_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 766, tl.sum(tl.where(_mask, _adj__cell30_a29 * rel_log_magnitude_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 767, tl.sum(tl.where(_mask, _adj__cell30_a29 * rel_log_magnitude_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 768, tl.sum(tl.where(_mask, _adj__cell30_a29 * rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 769, tl.sum(tl.where(_mask, _adj__cell30_a29, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 770, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 771, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 772, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 773, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 774, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 775, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 776, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 777, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 778, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 779, tl.sum(tl.where(_mask, _adj__head_out4 * _net_h0_old_9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 780, tl.sum(tl.where(_mask, _adj__head_out4, 0.0), axis=0))

@@ -20,7 +20,7729 @@ import triton.language as tl
 
 from lopt_gen.runtime import triton_ops as tops
 
-UNSUPPORTED = {0: 'stage 0: its dense layers need 5141 weight partial sums per program; unrolled backward '
-                  'kernels stop at 768'}
+UNSUPPORTED = {}
 
-KERNELS = []
+KERNELS = [{'args': [('input', 'g'),
+                     ('state', 'net.h0'),
+                     ('state', 'net.c0'),
+                     ('state', 'net.h1'),
+                     ('state', 'net.c1'),
+                     ('input', 'p'),
+                     ('seed', '_c0_21'),
+                     ('seed', '_c0_22'),
+                     ('seed', '_c0_23'),
+                     ('seed', '_c0_24'),
+                     ('seed', '_c0_25'),
+                     ('seed', '_c0_26'),
+                     ('seed', '_c0_27'),
+                     ('seed', '_c0_28'),
+                     ('seed', '_c0_29'),
+                     ('seed', '_c0_30'),
+                     ('seed', '_c0_31'),
+                     ('seed', '_c0_32'),
+                     ('seed', '_c0_33'),
+                     ('seed', '_c0_34'),
+                     ('seed', '_c0_35'),
+                     ('seed', '_c0_36'),
+                     ('seed', '_c0_37'),
+                     ('seed', '_c0_38'),
+                     ('seed', '_c0_39'),
+                     ('seed', '_c0_40'),
+                     ('seed', '_c1_61'),
+                     ('seed', '_c1_62'),
+                     ('seed', '_c1_63'),
+                     ('seed', '_c1_64'),
+                     ('seed', '_c1_65'),
+                     ('seed', '_c1_66'),
+                     ('seed', '_c1_67'),
+                     ('seed', '_c1_68'),
+                     ('seed', '_c1_69'),
+                     ('seed', '_c1_70'),
+                     ('seed', '_c1_71'),
+                     ('seed', '_c1_72'),
+                     ('seed', '_c1_73'),
+                     ('seed', '_c1_74'),
+                     ('seed', '_c1_75'),
+                     ('seed', '_c1_76'),
+                     ('seed', '_c1_77'),
+                     ('seed', '_c1_78'),
+                     ('seed', '_c1_79'),
+                     ('seed', '_c1_80'),
+                     ('seed', '_h0_1'),
+                     ('seed', '_h0_10'),
+                     ('seed', '_h0_11'),
+                     ('seed', '_h0_12'),
+                     ('seed', '_h0_13'),
+                     ('seed', '_h0_14'),
+                     ('seed', '_h0_15'),
+                     ('seed', '_h0_16'),
+                     ('seed', '_h0_17'),
+                     ('seed', '_h0_18'),
+                     ('seed', '_h0_19'),
+                     ('seed', '_h0_2'),
+                     ('seed', '_h0_20'),
+                     ('seed', '_h0_3'),
+                     ('seed', '_h0_4'),
+                     ('seed', '_h0_5'),
+                     ('seed', '_h0_6'),
+                     ('seed', '_h0_7'),
+                     ('seed', '_h0_8'),
+                     ('seed', '_h0_9'),
+                     ('seed', '_h1_41'),
+                     ('seed', '_h1_42'),
+                     ('seed', '_h1_43'),
+                     ('seed', '_h1_44'),
+                     ('seed', '_h1_45'),
+                     ('seed', '_h1_46'),
+                     ('seed', '_h1_47'),
+                     ('seed', '_h1_48'),
+                     ('seed', '_h1_49'),
+                     ('seed', '_h1_50'),
+                     ('seed', '_h1_51'),
+                     ('seed', '_h1_52'),
+                     ('seed', '_h1_53'),
+                     ('seed', '_h1_54'),
+                     ('seed', '_h1_55'),
+                     ('seed', '_h1_56'),
+                     ('seed', '_h1_57'),
+                     ('seed', '_h1_58'),
+                     ('seed', '_h1_59'),
+                     ('seed', '_h1_60'),
+                     ('seed', '_p_new'),
+                     ('grad_state', 'net.c0'),
+                     ('grad_state', 'net.c1'),
+                     ('grad_state', 'net.h0'),
+                     ('grad_state', 'net.h1'),
+                     ('grad_input', 'g'),
+                     ('grad_input', 'p')],
+            'block': 64,
+            'grad_slots': [['hv', '_u1'],
+                           ['hv', 'lr'],
+                           ['weight', 'head.weight', 0],
+                           ['weight', 'head.weight', 1],
+                           ['weight', 'head.weight', 2],
+                           ['weight', 'head.weight', 3],
+                           ['weight', 'head.weight', 4],
+                           ['weight', 'head.weight', 5],
+                           ['weight', 'head.weight', 6],
+                           ['weight', 'head.weight', 7],
+                           ['weight', 'head.weight', 8],
+                           ['weight', 'head.weight', 9],
+                           ['weight', 'head.weight', 10],
+                           ['weight', 'head.weight', 11],
+                           ['weight', 'head.weight', 12],
+                           ['weight', 'head.weight', 13],
+                           ['weight', 'head.weight', 14],
+                           ['weight', 'head.weight', 15],
+                           ['weight', 'head.weight', 16],
+                           ['weight', 'head.weight', 17],
+                           ['weight', 'head.weight', 18],
+                           ['weight', 'head.weight', 19],
+                           ['weight', 'head.bias', 0],
+                           ['weight', 'lstm.1.weight_hh', 0],
+                           ['weight', 'lstm.1.weight_hh', 1],
+                           ['weight', 'lstm.1.weight_hh', 2],
+                           ['weight', 'lstm.1.weight_hh', 3],
+                           ['weight', 'lstm.1.weight_hh', 4],
+                           ['weight', 'lstm.1.weight_hh', 5],
+                           ['weight', 'lstm.1.weight_hh', 6],
+                           ['weight', 'lstm.1.weight_hh', 7],
+                           ['weight', 'lstm.1.weight_hh', 8],
+                           ['weight', 'lstm.1.weight_hh', 9],
+                           ['weight', 'lstm.1.weight_hh', 10],
+                           ['weight', 'lstm.1.weight_hh', 11],
+                           ['weight', 'lstm.1.weight_hh', 12],
+                           ['weight', 'lstm.1.weight_hh', 13],
+                           ['weight', 'lstm.1.weight_hh', 14],
+                           ['weight', 'lstm.1.weight_hh', 15],
+                           ['weight', 'lstm.1.weight_hh', 16],
+                           ['weight', 'lstm.1.weight_hh', 17],
+                           ['weight', 'lstm.1.weight_hh', 18],
+                           ['weight', 'lstm.1.weight_hh', 19],
+                           ['weight', 'lstm.1.weight_hh', 20],
+                           ['weight', 'lstm.1.weight_hh', 21],
+                           ['weight', 'lstm.1.weight_hh', 22],
+                           ['weight', 'lstm.1.weight_hh', 23],
+                           ['weight', 'lstm.1.weight_hh', 24],
+                           ['weight', 'lstm.1.weight_hh', 25],
+                           ['weight', 'lstm.1.weight_hh', 26],
+                           ['weight', 'lstm.1.weight_hh', 27],
+                           ['weight', 'lstm.1.weight_hh', 28],
+                           ['weight', 'lstm.1.weight_hh', 29],
+                           ['weight', 'lstm.1.weight_hh', 30],
+                           ['weight', 'lstm.1.weight_hh', 31],
+                           ['weight', 'lstm.1.weight_hh', 32],
+                           ['weight', 'lstm.1.weight_hh', 33],
+                           ['weight', 'lstm.1.weight_hh', 34],
+                           ['weight', 'lstm.1.weight_hh', 35],
+                           ['weight', 'lstm.1.weight_hh', 36],
+                           ['weight', 'lstm.1.weight_hh', 37],
+                           ['weight', 'lstm.1.weight_hh', 38],
+                           ['weight', 'lstm.1.weight_hh', 39],
+                           ['weight', 'lstm.1.weight_hh', 40],
+                           ['weight', 'lstm.1.weight_hh', 41],
+                           ['weight', 'lstm.1.weight_hh', 42],
+                           ['weight', 'lstm.1.weight_hh', 43],
+                           ['weight', 'lstm.1.weight_hh', 44],
+                           ['weight', 'lstm.1.weight_hh', 45],
+                           ['weight', 'lstm.1.weight_hh', 46],
+                           ['weight', 'lstm.1.weight_hh', 47],
+                           ['weight', 'lstm.1.weight_hh', 48],
+                           ['weight', 'lstm.1.weight_hh', 49],
+                           ['weight', 'lstm.1.weight_hh', 50],
+                           ['weight', 'lstm.1.weight_hh', 51],
+                           ['weight', 'lstm.1.weight_hh', 52],
+                           ['weight', 'lstm.1.weight_hh', 53],
+                           ['weight', 'lstm.1.weight_hh', 54],
+                           ['weight', 'lstm.1.weight_hh', 55],
+                           ['weight', 'lstm.1.weight_hh', 56],
+                           ['weight', 'lstm.1.weight_hh', 57],
+                           ['weight', 'lstm.1.weight_hh', 58],
+                           ['weight', 'lstm.1.weight_hh', 59],
+                           ['weight', 'lstm.1.weight_hh', 60],
+                           ['weight', 'lstm.1.weight_hh', 61],
+                           ['weight', 'lstm.1.weight_hh', 62],
+                           ['weight', 'lstm.1.weight_hh', 63],
+                           ['weight', 'lstm.1.weight_hh', 64],
+                           ['weight', 'lstm.1.weight_hh', 65],
+                           ['weight', 'lstm.1.weight_hh', 66],
+                           ['weight', 'lstm.1.weight_hh', 67],
+                           ['weight', 'lstm.1.weight_hh', 68],
+                           ['weight', 'lstm.1.weight_hh', 69],
+                           ['weight', 'lstm.1.weight_hh', 70],
+                           ['weight', 'lstm.1.weight_hh', 71],
+                           ['weight', 'lstm.1.weight_hh', 72],
+                           ['weight', 'lstm.1.weight_hh', 73],
+                           ['weight', 'lstm.1.weight_hh', 74],
+                           ['weight', 'lstm.1.weight_hh', 75],
+                           ['weight', 'lstm.1.weight_hh', 76],
+                           ['weight', 'lstm.1.weight_hh', 77],
+                           ['weight', 'lstm.1.weight_hh', 78],
+                           ['weight', 'lstm.1.weight_hh', 79],
+                           ['weight', 'lstm.1.weight_hh', 80],
+                           ['weight', 'lstm.1.weight_hh', 81],
+                           ['weight', 'lstm.1.weight_hh', 82],
+                           ['weight', 'lstm.1.weight_hh', 83],
+                           ['weight', 'lstm.1.weight_hh', 84],
+                           ['weight', 'lstm.1.weight_hh', 85],
+                           ['weight', 'lstm.1.weight_hh', 86],
+                           ['weight', 'lstm.1.weight_hh', 87],
+                           ['weight', 'lstm.1.weight_hh', 88],
+                           ['weight', 'lstm.1.weight_hh', 89],
+                           ['weight', 'lstm.1.weight_hh', 90],
+                           ['weight', 'lstm.1.weight_hh', 91],
+                           ['weight', 'lstm.1.weight_hh', 92],
+                           ['weight', 'lstm.1.weight_hh', 93],
+                           ['weight', 'lstm.1.weight_hh', 94],
+                           ['weight', 'lstm.1.weight_hh', 95],
+                           ['weight', 'lstm.1.weight_hh', 96],
+                           ['weight', 'lstm.1.weight_hh', 97],
+                           ['weight', 'lstm.1.weight_hh', 98],
+                           ['weight', 'lstm.1.weight_hh', 99],
+                           ['weight', 'lstm.1.weight_hh', 100],
+                           ['weight', 'lstm.1.weight_hh', 101],
+                           ['weight', 'lstm.1.weight_hh', 102],
+                           ['weight', 'lstm.1.weight_hh', 103],
+                           ['weight', 'lstm.1.weight_hh', 104],
+                           ['weight', 'lstm.1.weight_hh', 105],
+                           ['weight', 'lstm.1.weight_hh', 106],
+                           ['weight', 'lstm.1.weight_hh', 107],
+                           ['weight', 'lstm.1.weight_hh', 108],
+                           ['weight', 'lstm.1.weight_hh', 109],
+                           ['weight', 'lstm.1.weight_hh', 110],
+                           ['weight', 'lstm.1.weight_hh', 111],
+                           ['weight', 'lstm.1.weight_hh', 112],
+                           ['weight', 'lstm.1.weight_hh', 113],
+                           ['weight', 'lstm.1.weight_hh', 114],
+                           ['weight', 'lstm.1.weight_hh', 115],
+                           ['weight', 'lstm.1.weight_hh', 116],
+                           ['weight', 'lstm.1.weight_hh', 117],
+                           ['weight', 'lstm.1.weight_hh', 118],
+                           ['weight', 'lstm.1.weight_hh', 119],
+                           ['weight', 'lstm.1.weight_hh', 120],
+                           ['weight', 'lstm.1.weight_hh', 121],
+                           ['weight', 'lstm.1.weight_hh', 122],
+                           ['weight', 'lstm.1.weight_hh', 123],
+                           ['weight', 'lstm.1.weight_hh', 124],
+                           ['weight', 'lstm.1.weight_hh', 125],
+                           ['weight', 'lstm.1.weight_hh', 126],
+                           ['weight', 'lstm.1.weight_hh', 127],
+                           ['weight', 'lstm.1.weight_hh', 128],
+                           ['weight', 'lstm.1.weight_hh', 129],
+                           ['weight', 'lstm.1.weight_hh', 130],
+                           ['weight', 'lstm.1.weight_hh', 131],
+                           ['weight', 'lstm.1.weight_hh', 132],
+                           ['weight', 'lstm.1.weight_hh', 133],
+                           ['weight', 'lstm.1.weight_hh', 134],
+                           ['weight', 'lstm.1.weight_hh', 135],
+                           ['weight', 'lstm.1.weight_hh', 136],
+                           ['weight', 'lstm.1.weight_hh', 137],
+                           ['weight', 'lstm.1.weight_hh', 138],
+                           ['weight', 'lstm.1.weight_hh', 139],
+                           ['weight', 'lstm.1.weight_hh', 140],
+                           ['weight', 'lstm.1.weight_hh', 141],
+                           ['weight', 'lstm.1.weight_hh', 142],
+                           ['weight', 'lstm.1.weight_hh', 143],
+                           ['weight', 'lstm.1.weight_hh', 144],
+                           ['weight', 'lstm.1.weight_hh', 145],
+                           ['weight', 'lstm.1.weight_hh', 146],
+                           ['weight', 'lstm.1.weight_hh', 147],
+                           ['weight', 'lstm.1.weight_hh', 148],
+                           ['weight', 'lstm.1.weight_hh', 149],
+                           ['weight', 'lstm.1.weight_hh', 150],
+                           ['weight', 'lstm.1.weight_hh', 151],
+                           ['weight', 'lstm.1.weight_hh', 152],
+                           ['weight', 'lstm.1.weight_hh', 153],
+                           ['weight', 'lstm.1.weight_hh', 154],
+                           ['weight', 'lstm.1.weight_hh', 155],
+                           ['weight', 'lstm.1.weight_hh', 156],
+                           ['weight', 'lstm.1.weight_hh', 157],
+                           ['weight', 'lstm.1.weight_hh', 158],
+                           ['weight', 'lstm.1.weight_hh', 159],
+                           ['weight', 'lstm.1.weight_hh', 160],
+                           ['weight', 'lstm.1.weight_hh', 161],
+                           ['weight', 'lstm.1.weight_hh', 162],
+                           ['weight', 'lstm.1.weight_hh', 163],
+                           ['weight', 'lstm.1.weight_hh', 164],
+                           ['weight', 'lstm.1.weight_hh', 165],
+                           ['weight', 'lstm.1.weight_hh', 166],
+                           ['weight', 'lstm.1.weight_hh', 167],
+                           ['weight', 'lstm.1.weight_hh', 168],
+                           ['weight', 'lstm.1.weight_hh', 169],
+                           ['weight', 'lstm.1.weight_hh', 170],
+                           ['weight', 'lstm.1.weight_hh', 171],
+                           ['weight', 'lstm.1.weight_hh', 172],
+                           ['weight', 'lstm.1.weight_hh', 173],
+                           ['weight', 'lstm.1.weight_hh', 174],
+                           ['weight', 'lstm.1.weight_hh', 175],
+                           ['weight', 'lstm.1.weight_hh', 176],
+                           ['weight', 'lstm.1.weight_hh', 177],
+                           ['weight', 'lstm.1.weight_hh', 178],
+                           ['weight', 'lstm.1.weight_hh', 179],
+                           ['weight', 'lstm.1.weight_hh', 180],
+                           ['weight', 'lstm.1.weight_hh', 181],
+                           ['weight', 'lstm.1.weight_hh', 182],
+                           ['weight', 'lstm.1.weight_hh', 183],
+                           ['weight', 'lstm.1.weight_hh', 184],
+                           ['weight', 'lstm.1.weight_hh', 185],
+                           ['weight', 'lstm.1.weight_hh', 186],
+                           ['weight', 'lstm.1.weight_hh', 187],
+                           ['weight', 'lstm.1.weight_hh', 188],
+                           ['weight', 'lstm.1.weight_hh', 189],
+                           ['weight', 'lstm.1.weight_hh', 190],
+                           ['weight', 'lstm.1.weight_hh', 191],
+                           ['weight', 'lstm.1.weight_hh', 192],
+                           ['weight', 'lstm.1.weight_hh', 193],
+                           ['weight', 'lstm.1.weight_hh', 194],
+                           ['weight', 'lstm.1.weight_hh', 195],
+                           ['weight', 'lstm.1.weight_hh', 196],
+                           ['weight', 'lstm.1.weight_hh', 197],
+                           ['weight', 'lstm.1.weight_hh', 198],
+                           ['weight', 'lstm.1.weight_hh', 199],
+                           ['weight', 'lstm.1.weight_hh', 200],
+                           ['weight', 'lstm.1.weight_hh', 201],
+                           ['weight', 'lstm.1.weight_hh', 202],
+                           ['weight', 'lstm.1.weight_hh', 203],
+                           ['weight', 'lstm.1.weight_hh', 204],
+                           ['weight', 'lstm.1.weight_hh', 205],
+                           ['weight', 'lstm.1.weight_hh', 206],
+                           ['weight', 'lstm.1.weight_hh', 207],
+                           ['weight', 'lstm.1.weight_hh', 208],
+                           ['weight', 'lstm.1.weight_hh', 209],
+                           ['weight', 'lstm.1.weight_hh', 210],
+                           ['weight', 'lstm.1.weight_hh', 211],
+                           ['weight', 'lstm.1.weight_hh', 212],
+                           ['weight', 'lstm.1.weight_hh', 213],
+                           ['weight', 'lstm.1.weight_hh', 214],
+                           ['weight', 'lstm.1.weight_hh', 215],
+                           ['weight', 'lstm.1.weight_hh', 216],
+                           ['weight', 'lstm.1.weight_hh', 217],
+                           ['weight', 'lstm.1.weight_hh', 218],
+                           ['weight', 'lstm.1.weight_hh', 219],
+                           ['weight', 'lstm.1.weight_hh', 220],
+                           ['weight', 'lstm.1.weight_hh', 221],
+                           ['weight', 'lstm.1.weight_hh', 222],
+                           ['weight', 'lstm.1.weight_hh', 223],
+                           ['weight', 'lstm.1.weight_hh', 224],
+                           ['weight', 'lstm.1.weight_hh', 225],
+                           ['weight', 'lstm.1.weight_hh', 226],
+                           ['weight', 'lstm.1.weight_hh', 227],
+                           ['weight', 'lstm.1.weight_hh', 228],
+                           ['weight', 'lstm.1.weight_hh', 229],
+                           ['weight', 'lstm.1.weight_hh', 230],
+                           ['weight', 'lstm.1.weight_hh', 231],
+                           ['weight', 'lstm.1.weight_hh', 232],
+                           ['weight', 'lstm.1.weight_hh', 233],
+                           ['weight', 'lstm.1.weight_hh', 234],
+                           ['weight', 'lstm.1.weight_hh', 235],
+                           ['weight', 'lstm.1.weight_hh', 236],
+                           ['weight', 'lstm.1.weight_hh', 237],
+                           ['weight', 'lstm.1.weight_hh', 238],
+                           ['weight', 'lstm.1.weight_hh', 239],
+                           ['weight', 'lstm.1.weight_hh', 240],
+                           ['weight', 'lstm.1.weight_hh', 241],
+                           ['weight', 'lstm.1.weight_hh', 242],
+                           ['weight', 'lstm.1.weight_hh', 243],
+                           ['weight', 'lstm.1.weight_hh', 244],
+                           ['weight', 'lstm.1.weight_hh', 245],
+                           ['weight', 'lstm.1.weight_hh', 246],
+                           ['weight', 'lstm.1.weight_hh', 247],
+                           ['weight', 'lstm.1.weight_hh', 248],
+                           ['weight', 'lstm.1.weight_hh', 249],
+                           ['weight', 'lstm.1.weight_hh', 250],
+                           ['weight', 'lstm.1.weight_hh', 251],
+                           ['weight', 'lstm.1.weight_hh', 252],
+                           ['weight', 'lstm.1.weight_hh', 253],
+                           ['weight', 'lstm.1.weight_hh', 254],
+                           ['weight', 'lstm.1.weight_hh', 255],
+                           ['weight', 'lstm.1.weight_hh', 256],
+                           ['weight', 'lstm.1.weight_hh', 257],
+                           ['weight', 'lstm.1.weight_hh', 258],
+                           ['weight', 'lstm.1.weight_hh', 259],
+                           ['weight', 'lstm.1.weight_hh', 260],
+                           ['weight', 'lstm.1.weight_hh', 261],
+                           ['weight', 'lstm.1.weight_hh', 262],
+                           ['weight', 'lstm.1.weight_hh', 263],
+                           ['weight', 'lstm.1.weight_hh', 264],
+                           ['weight', 'lstm.1.weight_hh', 265],
+                           ['weight', 'lstm.1.weight_hh', 266],
+                           ['weight', 'lstm.1.weight_hh', 267],
+                           ['weight', 'lstm.1.weight_hh', 268],
+                           ['weight', 'lstm.1.weight_hh', 269],
+                           ['weight', 'lstm.1.weight_hh', 270],
+                           ['weight', 'lstm.1.weight_hh', 271],
+                           ['weight', 'lstm.1.weight_hh', 272],
+                           ['weight', 'lstm.1.weight_hh', 273],
+                           ['weight', 'lstm.1.weight_hh', 274],
+                           ['weight', 'lstm.1.weight_hh', 275],
+                           ['weight', 'lstm.1.weight_hh', 276],
+                           ['weight', 'lstm.1.weight_hh', 277],
+                           ['weight', 'lstm.1.weight_hh', 278],
+                           ['weight', 'lstm.1.weight_hh', 279],
+                           ['weight', 'lstm.1.weight_hh', 280],
+                           ['weight', 'lstm.1.weight_hh', 281],
+                           ['weight', 'lstm.1.weight_hh', 282],
+                           ['weight', 'lstm.1.weight_hh', 283],
+                           ['weight', 'lstm.1.weight_hh', 284],
+                           ['weight', 'lstm.1.weight_hh', 285],
+                           ['weight', 'lstm.1.weight_hh', 286],
+                           ['weight', 'lstm.1.weight_hh', 287],
+                           ['weight', 'lstm.1.weight_hh', 288],
+                           ['weight', 'lstm.1.weight_hh', 289],
+                           ['weight', 'lstm.1.weight_hh', 290],
+                           ['weight', 'lstm.1.weight_hh', 291],
+                           ['weight', 'lstm.1.weight_hh', 292],
+                           ['weight', 'lstm.1.weight_hh', 293],
+                           ['weight', 'lstm.1.weight_hh', 294],
+                           ['weight', 'lstm.1.weight_hh', 295],
+                           ['weight', 'lstm.1.weight_hh', 296],
+                           ['weight', 'lstm.1.weight_hh', 297],
+                           ['weight', 'lstm.1.weight_hh', 298],
+                           ['weight', 'lstm.1.weight_hh', 299],
+                           ['weight', 'lstm.1.weight_hh', 300],
+                           ['weight', 'lstm.1.weight_hh', 301],
+                           ['weight', 'lstm.1.weight_hh', 302],
+                           ['weight', 'lstm.1.weight_hh', 303],
+                           ['weight', 'lstm.1.weight_hh', 304],
+                           ['weight', 'lstm.1.weight_hh', 305],
+                           ['weight', 'lstm.1.weight_hh', 306],
+                           ['weight', 'lstm.1.weight_hh', 307],
+                           ['weight', 'lstm.1.weight_hh', 308],
+                           ['weight', 'lstm.1.weight_hh', 309],
+                           ['weight', 'lstm.1.weight_hh', 310],
+                           ['weight', 'lstm.1.weight_hh', 311],
+                           ['weight', 'lstm.1.weight_hh', 312],
+                           ['weight', 'lstm.1.weight_hh', 313],
+                           ['weight', 'lstm.1.weight_hh', 314],
+                           ['weight', 'lstm.1.weight_hh', 315],
+                           ['weight', 'lstm.1.weight_hh', 316],
+                           ['weight', 'lstm.1.weight_hh', 317],
+                           ['weight', 'lstm.1.weight_hh', 318],
+                           ['weight', 'lstm.1.weight_hh', 319],
+                           ['weight', 'lstm.1.weight_hh', 320],
+                           ['weight', 'lstm.1.weight_hh', 321],
+                           ['weight', 'lstm.1.weight_hh', 322],
+                           ['weight', 'lstm.1.weight_hh', 323],
+                           ['weight', 'lstm.1.weight_hh', 324],
+                           ['weight', 'lstm.1.weight_hh', 325],
+                           ['weight', 'lstm.1.weight_hh', 326],
+                           ['weight', 'lstm.1.weight_hh', 327],
+                           ['weight', 'lstm.1.weight_hh', 328],
+                           ['weight', 'lstm.1.weight_hh', 329],
+                           ['weight', 'lstm.1.weight_hh', 330],
+                           ['weight', 'lstm.1.weight_hh', 331],
+                           ['weight', 'lstm.1.weight_hh', 332],
+                           ['weight', 'lstm.1.weight_hh', 333],
+                           ['weight', 'lstm.1.weight_hh', 334],
+                           ['weight', 'lstm.1.weight_hh', 335],
+                           ['weight', 'lstm.1.weight_hh', 336],
+                           ['weight', 'lstm.1.weight_hh', 337],
+                           ['weight', 'lstm.1.weight_hh', 338],
+                           ['weight', 'lstm.1.weight_hh', 339],
+                           ['weight', 'lstm.1.weight_hh', 340],
+                           ['weight', 'lstm.1.weight_hh', 341],
+                           ['weight', 'lstm.1.weight_hh', 342],
+                           ['weight', 'lstm.1.weight_hh', 343],
+                           ['weight', 'lstm.1.weight_hh', 344],
+                           ['weight', 'lstm.1.weight_hh', 345],
+                           ['weight', 'lstm.1.weight_hh', 346],
+                           ['weight', 'lstm.1.weight_hh', 347],
+                           ['weight', 'lstm.1.weight_hh', 348],
+                           ['weight', 'lstm.1.weight_hh', 349],
+                           ['weight', 'lstm.1.weight_hh', 350],
+                           ['weight', 'lstm.1.weight_hh', 351],
+                           ['weight', 'lstm.1.weight_hh', 352],
+                           ['weight', 'lstm.1.weight_hh', 353],
+                           ['weight', 'lstm.1.weight_hh', 354],
+                           ['weight', 'lstm.1.weight_hh', 355],
+                           ['weight', 'lstm.1.weight_hh', 356],
+                           ['weight', 'lstm.1.weight_hh', 357],
+                           ['weight', 'lstm.1.weight_hh', 358],
+                           ['weight', 'lstm.1.weight_hh', 359],
+                           ['weight', 'lstm.1.weight_hh', 360],
+                           ['weight', 'lstm.1.weight_hh', 361],
+                           ['weight', 'lstm.1.weight_hh', 362],
+                           ['weight', 'lstm.1.weight_hh', 363],
+                           ['weight', 'lstm.1.weight_hh', 364],
+                           ['weight', 'lstm.1.weight_hh', 365],
+                           ['weight', 'lstm.1.weight_hh', 366],
+                           ['weight', 'lstm.1.weight_hh', 367],
+                           ['weight', 'lstm.1.weight_hh', 368],
+                           ['weight', 'lstm.1.weight_hh', 369],
+                           ['weight', 'lstm.1.weight_hh', 370],
+                           ['weight', 'lstm.1.weight_hh', 371],
+                           ['weight', 'lstm.1.weight_hh', 372],
+                           ['weight', 'lstm.1.weight_hh', 373],
+                           ['weight', 'lstm.1.weight_hh', 374],
+                           ['weight', 'lstm.1.weight_hh', 375],
+                           ['weight', 'lstm.1.weight_hh', 376],
+                           ['weight', 'lstm.1.weight_hh', 377],
+                           ['weight', 'lstm.1.weight_hh', 378],
+                           ['weight', 'lstm.1.weight_hh', 379],
+                           ['weight', 'lstm.1.weight_hh', 380],
+                           ['weight', 'lstm.1.weight_hh', 381],
+                           ['weight', 'lstm.1.weight_hh', 382],
+                           ['weight', 'lstm.1.weight_hh', 383],
+                           ['weight', 'lstm.1.weight_hh', 384],
+                           ['weight', 'lstm.1.weight_hh', 385],
+                           ['weight', 'lstm.1.weight_hh', 386],
+                           ['weight', 'lstm.1.weight_hh', 387],
+                           ['weight', 'lstm.1.weight_hh', 388],
+                           ['weight', 'lstm.1.weight_hh', 389],
+                           ['weight', 'lstm.1.weight_hh', 390],
+                           ['weight', 'lstm.1.weight_hh', 391],
+                           ['weight', 'lstm.1.weight_hh', 392],
+                           ['weight', 'lstm.1.weight_hh', 393],
+                           ['weight', 'lstm.1.weight_hh', 394],
+                           ['weight', 'lstm.1.weight_hh', 395],
+                           ['weight', 'lstm.1.weight_hh', 396],
+                           ['weight', 'lstm.1.weight_hh', 397],
+                           ['weight', 'lstm.1.weight_hh', 398],
+                           ['weight', 'lstm.1.weight_hh', 399],
+                           ['weight', 'lstm.1.weight_hh', 400],
+                           ['weight', 'lstm.1.weight_hh', 401],
+                           ['weight', 'lstm.1.weight_hh', 402],
+                           ['weight', 'lstm.1.weight_hh', 403],
+                           ['weight', 'lstm.1.weight_hh', 404],
+                           ['weight', 'lstm.1.weight_hh', 405],
+                           ['weight', 'lstm.1.weight_hh', 406],
+                           ['weight', 'lstm.1.weight_hh', 407],
+                           ['weight', 'lstm.1.weight_hh', 408],
+                           ['weight', 'lstm.1.weight_hh', 409],
+                           ['weight', 'lstm.1.weight_hh', 410],
+                           ['weight', 'lstm.1.weight_hh', 411],
+                           ['weight', 'lstm.1.weight_hh', 412],
+                           ['weight', 'lstm.1.weight_hh', 413],
+                           ['weight', 'lstm.1.weight_hh', 414],
+                           ['weight', 'lstm.1.weight_hh', 415],
+                           ['weight', 'lstm.1.weight_hh', 416],
+                           ['weight', 'lstm.1.weight_hh', 417],
+                           ['weight', 'lstm.1.weight_hh', 418],
+                           ['weight', 'lstm.1.weight_hh', 419],
+                           ['weight', 'lstm.1.weight_hh', 420],
+                           ['weight', 'lstm.1.weight_hh', 421],
+                           ['weight', 'lstm.1.weight_hh', 422],
+                           ['weight', 'lstm.1.weight_hh', 423],
+                           ['weight', 'lstm.1.weight_hh', 424],
+                           ['weight', 'lstm.1.weight_hh', 425],
+                           ['weight', 'lstm.1.weight_hh', 426],
+                           ['weight', 'lstm.1.weight_hh', 427],
+                           ['weight', 'lstm.1.weight_hh', 428],
+                           ['weight', 'lstm.1.weight_hh', 429],
+                           ['weight', 'lstm.1.weight_hh', 430],
+                           ['weight', 'lstm.1.weight_hh', 431],
+                           ['weight', 'lstm.1.weight_hh', 432],
+                           ['weight', 'lstm.1.weight_hh', 433],
+                           ['weight', 'lstm.1.weight_hh', 434],
+                           ['weight', 'lstm.1.weight_hh', 435],
+                           ['weight', 'lstm.1.weight_hh', 436],
+                           ['weight', 'lstm.1.weight_hh', 437],
+                           ['weight', 'lstm.1.weight_hh', 438],
+                           ['weight', 'lstm.1.weight_hh', 439],
+                           ['weight', 'lstm.1.weight_hh', 440],
+                           ['weight', 'lstm.1.weight_hh', 441],
+                           ['weight', 'lstm.1.weight_hh', 442],
+                           ['weight', 'lstm.1.weight_hh', 443],
+                           ['weight', 'lstm.1.weight_hh', 444],
+                           ['weight', 'lstm.1.weight_hh', 445],
+                           ['weight', 'lstm.1.weight_hh', 446],
+                           ['weight', 'lstm.1.weight_hh', 447],
+                           ['weight', 'lstm.1.weight_hh', 448],
+                           ['weight', 'lstm.1.weight_hh', 449],
+                           ['weight', 'lstm.1.weight_hh', 450],
+                           ['weight', 'lstm.1.weight_hh', 451],
+                           ['weight', 'lstm.1.weight_hh', 452],
+                           ['weight', 'lstm.1.weight_hh', 453],
+                           ['weight', 'lstm.1.weight_hh', 454],
+                           ['weight', 'lstm.1.weight_hh', 455],
+                           ['weight', 'lstm.1.weight_hh', 456],
+                           ['weight', 'lstm.1.weight_hh', 457],
+                           ['weight', 'lstm.1.weight_hh', 458],
+                           ['weight', 'lstm.1.weight_hh', 459],
+                           ['weight', 'lstm.1.weight_hh', 460],
+                           ['weight', 'lstm.1.weight_hh', 461],
+                           ['weight', 'lstm.1.weight_hh', 462],
+                           ['weight', 'lstm.1.weight_hh', 463],
+                           ['weight', 'lstm.1.weight_hh', 464],
+                           ['weight', 'lstm.1.weight_hh', 465],
+                           ['weight', 'lstm.1.weight_hh', 466],
+                           ['weight', 'lstm.1.weight_hh', 467],
+                           ['weight', 'lstm.1.weight_hh', 468],
+                           ['weight', 'lstm.1.weight_hh', 469],
+                           ['weight', 'lstm.1.weight_hh', 470],
+                           ['weight', 'lstm.1.weight_hh', 471],
+                           ['weight', 'lstm.1.weight_hh', 472],
+                           ['weight', 'lstm.1.weight_hh', 473],
+                           ['weight', 'lstm.1.weight_hh', 474],
+                           ['weight', 'lstm.1.weight_hh', 475],
+                           ['weight', 'lstm.1.weight_hh', 476],
+                           ['weight', 'lstm.1.weight_hh', 477],
+                           ['weight', 'lstm.1.weight_hh', 478],
+                           ['weight', 'lstm.1.weight_hh', 479],
+                           ['weight', 'lstm.1.weight_hh', 480],
+                           ['weight', 'lstm.1.weight_hh', 481],
+                           ['weight', 'lstm.1.weight_hh', 482],
+                           ['weight', 'lstm.1.weight_hh', 483],
+                           ['weight', 'lstm.1.weight_hh', 484],
+                           ['weight', 'lstm.1.weight_hh', 485],
+                           ['weight', 'lstm.1.weight_hh', 486],
+                           ['weight', 'lstm.1.weight_hh', 487],
+                           ['weight', 'lstm.1.weight_hh', 488],
+                           ['weight', 'lstm.1.weight_hh', 489],
+                           ['weight', 'lstm.1.weight_hh', 490],
+                           ['weight', 'lstm.1.weight_hh', 491],
+                           ['weight', 'lstm.1.weight_hh', 492],
+                           ['weight', 'lstm.1.weight_hh', 493],
+                           ['weight', 'lstm.1.weight_hh', 494],
+                           ['weight', 'lstm.1.weight_hh', 495],
+                           ['weight', 'lstm.1.weight_hh', 496],
+                           ['weight', 'lstm.1.weight_hh', 497],
+                           ['weight', 'lstm.1.weight_hh', 498],
+                           ['weight', 'lstm.1.weight_hh', 499],
+                           ['weight', 'lstm.1.weight_hh', 500],
+                           ['weight', 'lstm.1.weight_hh', 501],
+                           ['weight', 'lstm.1.weight_hh', 502],
+                           ['weight', 'lstm.1.weight_hh', 503],
+                           ['weight', 'lstm.1.weight_hh', 504],
+                           ['weight', 'lstm.1.weight_hh', 505],
+                           ['weight', 'lstm.1.weight_hh', 506],
+                           ['weight', 'lstm.1.weight_hh', 507],
+                           ['weight', 'lstm.1.weight_hh', 508],
+                           ['weight', 'lstm.1.weight_hh', 509],
+                           ['weight', 'lstm.1.weight_hh', 510],
+                           ['weight', 'lstm.1.weight_hh', 511],
+                           ['weight', 'lstm.1.weight_hh', 512],
+                           ['weight', 'lstm.1.weight_hh', 513],
+                           ['weight', 'lstm.1.weight_hh', 514],
+                           ['weight', 'lstm.1.weight_hh', 515],
+                           ['weight', 'lstm.1.weight_hh', 516],
+                           ['weight', 'lstm.1.weight_hh', 517],
+                           ['weight', 'lstm.1.weight_hh', 518],
+                           ['weight', 'lstm.1.weight_hh', 519],
+                           ['weight', 'lstm.1.weight_hh', 520],
+                           ['weight', 'lstm.1.weight_hh', 521],
+                           ['weight', 'lstm.1.weight_hh', 522],
+                           ['weight', 'lstm.1.weight_hh', 523],
+                           ['weight', 'lstm.1.weight_hh', 524],
+                           ['weight', 'lstm.1.weight_hh', 525],
+                           ['weight', 'lstm.1.weight_hh', 526],
+                           ['weight', 'lstm.1.weight_hh', 527],
+                           ['weight', 'lstm.1.weight_hh', 528],
+                           ['weight', 'lstm.1.weight_hh', 529],
+                           ['weight', 'lstm.1.weight_hh', 530],
+                           ['weight', 'lstm.1.weight_hh', 531],
+                           ['weight', 'lstm.1.weight_hh', 532],
+                           ['weight', 'lstm.1.weight_hh', 533],
+                           ['weight', 'lstm.1.weight_hh', 534],
+                           ['weight', 'lstm.1.weight_hh', 535],
+                           ['weight', 'lstm.1.weight_hh', 536],
+                           ['weight', 'lstm.1.weight_hh', 537],
+                           ['weight', 'lstm.1.weight_hh', 538],
+                           ['weight', 'lstm.1.weight_hh', 539],
+                           ['weight', 'lstm.1.weight_hh', 540],
+                           ['weight', 'lstm.1.weight_hh', 541],
+                           ['weight', 'lstm.1.weight_hh', 542],
+                           ['weight', 'lstm.1.weight_hh', 543],
+                           ['weight', 'lstm.1.weight_hh', 544],
+                           ['weight', 'lstm.1.weight_hh', 545],
+                           ['weight', 'lstm.1.weight_hh', 546],
+                           ['weight', 'lstm.1.weight_hh', 547],
+                           ['weight', 'lstm.1.weight_hh', 548],
+                           ['weight', 'lstm.1.weight_hh', 549],
+                           ['weight', 'lstm.1.weight_hh', 550],
+                           ['weight', 'lstm.1.weight_hh', 551],
+                           ['weight', 'lstm.1.weight_hh', 552],
+                           ['weight', 'lstm.1.weight_hh', 553],
+                           ['weight', 'lstm.1.weight_hh', 554],
+                           ['weight', 'lstm.1.weight_hh', 555],
+                           ['weight', 'lstm.1.weight_hh', 556],
+                           ['weight', 'lstm.1.weight_hh', 557],
+                           ['weight', 'lstm.1.weight_hh', 558],
+                           ['weight', 'lstm.1.weight_hh', 559],
+                           ['weight', 'lstm.1.weight_hh', 560],
+                           ['weight', 'lstm.1.weight_hh', 561],
+                           ['weight', 'lstm.1.weight_hh', 562],
+                           ['weight', 'lstm.1.weight_hh', 563],
+                           ['weight', 'lstm.1.weight_hh', 564],
+                           ['weight', 'lstm.1.weight_hh', 565],
+                           ['weight', 'lstm.1.weight_hh', 566],
+                           ['weight', 'lstm.1.weight_hh', 567],
+                           ['weight', 'lstm.1.weight_hh', 568],
+                           ['weight', 'lstm.1.weight_hh', 569],
+                           ['weight', 'lstm.1.weight_hh', 570],
+                           ['weight', 'lstm.1.weight_hh', 571],
+                           ['weight', 'lstm.1.weight_hh', 572],
+                           ['weight', 'lstm.1.weight_hh', 573],
+                           ['weight', 'lstm.1.weight_hh', 574],
+                           ['weight', 'lstm.1.weight_hh', 575],
+                           ['weight', 'lstm.1.weight_hh', 576],
+                           ['weight', 'lstm.1.weight_hh', 577],
+                           ['weight', 'lstm.1.weight_hh', 578],
+                           ['weight', 'lstm.1.weight_hh', 579],
+                           ['weight', 'lstm.1.weight_hh', 580],
+                           ['weight', 'lstm.1.weight_hh', 581],
+                           ['weight', 'lstm.1.weight_hh', 582],
+                           ['weight', 'lstm.1.weight_hh', 583],
+                           ['weight', 'lstm.1.weight_hh', 584],
+                           ['weight', 'lstm.1.weight_hh', 585],
+                           ['weight', 'lstm.1.weight_hh', 586],
+                           ['weight', 'lstm.1.weight_hh', 587],
+                           ['weight', 'lstm.1.weight_hh', 588],
+                           ['weight', 'lstm.1.weight_hh', 589],
+                           ['weight', 'lstm.1.weight_hh', 590],
+                           ['weight', 'lstm.1.weight_hh', 591],
+                           ['weight', 'lstm.1.weight_hh', 592],
+                           ['weight', 'lstm.1.weight_hh', 593],
+                           ['weight', 'lstm.1.weight_hh', 594],
+                           ['weight', 'lstm.1.weight_hh', 595],
+                           ['weight', 'lstm.1.weight_hh', 596],
+                           ['weight', 'lstm.1.weight_hh', 597],
+                           ['weight', 'lstm.1.weight_hh', 598],
+                           ['weight', 'lstm.1.weight_hh', 599],
+                           ['weight', 'lstm.1.weight_hh', 600],
+                           ['weight', 'lstm.1.weight_hh', 601],
+                           ['weight', 'lstm.1.weight_hh', 602],
+                           ['weight', 'lstm.1.weight_hh', 603],
+                           ['weight', 'lstm.1.weight_hh', 604],
+                           ['weight', 'lstm.1.weight_hh', 605],
+                           ['weight', 'lstm.1.weight_hh', 606],
+                           ['weight', 'lstm.1.weight_hh', 607],
+                           ['weight', 'lstm.1.weight_hh', 608],
+                           ['weight', 'lstm.1.weight_hh', 609],
+                           ['weight', 'lstm.1.weight_hh', 610],
+                           ['weight', 'lstm.1.weight_hh', 611],
+                           ['weight', 'lstm.1.weight_hh', 612],
+                           ['weight', 'lstm.1.weight_hh', 613],
+                           ['weight', 'lstm.1.weight_hh', 614],
+                           ['weight', 'lstm.1.weight_hh', 615],
+                           ['weight', 'lstm.1.weight_hh', 616],
+                           ['weight', 'lstm.1.weight_hh', 617],
+                           ['weight', 'lstm.1.weight_hh', 618],
+                           ['weight', 'lstm.1.weight_hh', 619],
+                           ['weight', 'lstm.1.weight_hh', 620],
+                           ['weight', 'lstm.1.weight_hh', 621],
+                           ['weight', 'lstm.1.weight_hh', 622],
+                           ['weight', 'lstm.1.weight_hh', 623],
+                           ['weight', 'lstm.1.weight_hh', 624],
+                           ['weight', 'lstm.1.weight_hh', 625],
+                           ['weight', 'lstm.1.weight_hh', 626],
+                           ['weight', 'lstm.1.weight_hh', 627],
+                           ['weight', 'lstm.1.weight_hh', 628],
+                           ['weight', 'lstm.1.weight_hh', 629],
+                           ['weight', 'lstm.1.weight_hh', 630],
+                           ['weight', 'lstm.1.weight_hh', 631],
+                           ['weight', 'lstm.1.weight_hh', 632],
+                           ['weight', 'lstm.1.weight_hh', 633],
+                           ['weight', 'lstm.1.weight_hh', 634],
+                           ['weight', 'lstm.1.weight_hh', 635],
+                           ['weight', 'lstm.1.weight_hh', 636],
+                           ['weight', 'lstm.1.weight_hh', 637],
+                           ['weight', 'lstm.1.weight_hh', 638],
+                           ['weight', 'lstm.1.weight_hh', 639],
+                           ['weight', 'lstm.1.weight_hh', 640],
+                           ['weight', 'lstm.1.weight_hh', 641],
+                           ['weight', 'lstm.1.weight_hh', 642],
+                           ['weight', 'lstm.1.weight_hh', 643],
+                           ['weight', 'lstm.1.weight_hh', 644],
+                           ['weight', 'lstm.1.weight_hh', 645],
+                           ['weight', 'lstm.1.weight_hh', 646],
+                           ['weight', 'lstm.1.weight_hh', 647],
+                           ['weight', 'lstm.1.weight_hh', 648],
+                           ['weight', 'lstm.1.weight_hh', 649],
+                           ['weight', 'lstm.1.weight_hh', 650],
+                           ['weight', 'lstm.1.weight_hh', 651],
+                           ['weight', 'lstm.1.weight_hh', 652],
+                           ['weight', 'lstm.1.weight_hh', 653],
+                           ['weight', 'lstm.1.weight_hh', 654],
+                           ['weight', 'lstm.1.weight_hh', 655],
+                           ['weight', 'lstm.1.weight_hh', 656],
+                           ['weight', 'lstm.1.weight_hh', 657],
+                           ['weight', 'lstm.1.weight_hh', 658],
+                           ['weight', 'lstm.1.weight_hh', 659],
+                           ['weight', 'lstm.1.weight_hh', 660],
+                           ['weight', 'lstm.1.weight_hh', 661],
+                           ['weight', 'lstm.1.weight_hh', 662],
+                           ['weight', 'lstm.1.weight_hh', 663],
+                           ['weight', 'lstm.1.weight_hh', 664],
+                           ['weight', 'lstm.1.weight_hh', 665],
+                           ['weight', 'lstm.1.weight_hh', 666],
+                           ['weight', 'lstm.1.weight_hh', 667],
+                           ['weight', 'lstm.1.weight_hh', 668],
+                           ['weight', 'lstm.1.weight_hh', 669],
+                           ['weight', 'lstm.1.weight_hh', 670],
+                           ['weight', 'lstm.1.weight_hh', 671],
+                           ['weight', 'lstm.1.weight_hh', 672],
+                           ['weight', 'lstm.1.weight_hh', 673],
+                           ['weight', 'lstm.1.weight_hh', 674],
+                           ['weight', 'lstm.1.weight_hh', 675],
+                           ['weight', 'lstm.1.weight_hh', 676],
+                           ['weight', 'lstm.1.weight_hh', 677],
+                           ['weight', 'lstm.1.weight_hh', 678],
+                           ['weight', 'lstm.1.weight_hh', 679],
+                           ['weight', 'lstm.1.weight_hh', 680],
+                           ['weight', 'lstm.1.weight_hh', 681],
+                           ['weight', 'lstm.1.weight_hh', 682],
+                           ['weight', 'lstm.1.weight_hh', 683],
+                           ['weight', 'lstm.1.weight_hh', 684],
+                           ['weight', 'lstm.1.weight_hh', 685],
+                           ['weight', 'lstm.1.weight_hh', 686],
+                           ['weight', 'lstm.1.weight_hh', 687],
+                           ['weight', 'lstm.1.weight_hh', 688],
+                           ['weight', 'lstm.1.weight_hh', 689],
+                           ['weight', 'lstm.1.weight_hh', 690],
+                           ['weight', 'lstm.1.weight_hh', 691],
+                           ['weight', 'lstm.1.weight_hh', 692],
+                           ['weight', 'lstm.1.weight_hh', 693],
+                           ['weight', 'lstm.1.weight_hh', 694],
+                           ['weight', 'lstm.1.weight_hh', 695],
+                           ['weight', 'lstm.1.weight_hh', 696],
+                           ['weight', 'lstm.1.weight_hh', 697],
+                           ['weight', 'lstm.1.weight_hh', 698],
+                           ['weight', 'lstm.1.weight_hh', 699],
+                           ['weight', 'lstm.1.weight_hh', 700],
+                           ['weight', 'lstm.1.weight_hh', 701],
+                           ['weight', 'lstm.1.weight_hh', 702],
+                           ['weight', 'lstm.1.weight_hh', 703],
+                           ['weight', 'lstm.1.weight_hh', 704],
+                           ['weight', 'lstm.1.weight_hh', 705],
+                           ['weight', 'lstm.1.weight_hh', 706],
+                           ['weight', 'lstm.1.weight_hh', 707],
+                           ['weight', 'lstm.1.weight_hh', 708],
+                           ['weight', 'lstm.1.weight_hh', 709],
+                           ['weight', 'lstm.1.weight_hh', 710],
+                           ['weight', 'lstm.1.weight_hh', 711],
+                           ['weight', 'lstm.1.weight_hh', 712],
+                           ['weight', 'lstm.1.weight_hh', 713],
+                           ['weight', 'lstm.1.weight_hh', 714],
+                           ['weight', 'lstm.1.weight_hh', 715],
+                           ['weight', 'lstm.1.weight_hh', 716],
+                           ['weight', 'lstm.1.weight_hh', 717],
+                           ['weight', 'lstm.1.weight_hh', 718],
+                           ['weight', 'lstm.1.weight_hh', 719],
+                           ['weight', 'lstm.1.weight_hh', 720],
+                           ['weight', 'lstm.1.weight_hh', 721],
+                           ['weight', 'lstm.1.weight_hh', 722],
+                           ['weight', 'lstm.1.weight_hh', 723],
+                           ['weight', 'lstm.1.weight_hh', 724],
+                           ['weight', 'lstm.1.weight_hh', 725],
+                           ['weight', 'lstm.1.weight_hh', 726],
+                           ['weight', 'lstm.1.weight_hh', 727],
+                           ['weight', 'lstm.1.weight_hh', 728],
+                           ['weight', 'lstm.1.weight_hh', 729],
+                           ['weight', 'lstm.1.weight_hh', 730],
+                           ['weight', 'lstm.1.weight_hh', 731],
+                           ['weight', 'lstm.1.weight_hh', 732],
+                           ['weight', 'lstm.1.weight_hh', 733],
+                           ['weight', 'lstm.1.weight_hh', 734],
+                           ['weight', 'lstm.1.weight_hh', 735],
+                           ['weight', 'lstm.1.weight_hh', 736],
+                           ['weight', 'lstm.1.weight_hh', 737],
+                           ['weight', 'lstm.1.weight_hh', 738],
+                           ['weight', 'lstm.1.weight_hh', 739],
+                           ['weight', 'lstm.1.weight_hh', 740],
+                           ['weight', 'lstm.1.weight_hh', 741],
+                           ['weight', 'lstm.1.weight_hh', 742],
+                           ['weight', 'lstm.1.weight_hh', 743],
+                           ['weight', 'lstm.1.weight_hh', 744],
+                           ['weight', 'lstm.1.weight_hh', 745],
+                           ['weight', 'lstm.1.weight_hh', 746],
+                           ['weight', 'lstm.1.weight_hh', 747],
+                           ['weight', 'lstm.1.weight_hh', 748],
+                           ['weight', 'lstm.1.weight_hh', 749],
+                           ['weight', 'lstm.1.weight_hh', 750],
+                           ['weight', 'lstm.1.weight_hh', 751],
+                           ['weight', 'lstm.1.weight_hh', 752],
+                           ['weight', 'lstm.1.weight_hh', 753],
+                           ['weight', 'lstm.1.weight_hh', 754],
+                           ['weight', 'lstm.1.weight_hh', 755],
+                           ['weight', 'lstm.1.weight_hh', 756],
+                           ['weight', 'lstm.1.weight_hh', 757],
+                           ['weight', 'lstm.1.weight_hh', 758],
+                           ['weight', 'lstm.1.weight_hh', 759],
+                           ['weight', 'lstm.1.weight_hh', 760],
+                           ['weight', 'lstm.1.weight_hh', 761],
+                           ['weight', 'lstm.1.weight_hh', 762],
+                           ['weight', 'lstm.1.weight_hh', 763],
+                           ['weight', 'lstm.1.weight_hh', 764],
+                           ['weight', 'lstm.1.weight_hh', 765],
+                           ['weight', 'lstm.1.weight_hh', 766],
+                           ['weight', 'lstm.1.weight_hh', 767],
+                           ['weight', 'lstm.1.weight_hh', 768],
+                           ['weight', 'lstm.1.weight_hh', 769],
+                           ['weight', 'lstm.1.weight_hh', 770],
+                           ['weight', 'lstm.1.weight_hh', 771],
+                           ['weight', 'lstm.1.weight_hh', 772],
+                           ['weight', 'lstm.1.weight_hh', 773],
+                           ['weight', 'lstm.1.weight_hh', 774],
+                           ['weight', 'lstm.1.weight_hh', 775],
+                           ['weight', 'lstm.1.weight_hh', 776],
+                           ['weight', 'lstm.1.weight_hh', 777],
+                           ['weight', 'lstm.1.weight_hh', 778],
+                           ['weight', 'lstm.1.weight_hh', 779],
+                           ['weight', 'lstm.1.weight_hh', 780],
+                           ['weight', 'lstm.1.weight_hh', 781],
+                           ['weight', 'lstm.1.weight_hh', 782],
+                           ['weight', 'lstm.1.weight_hh', 783],
+                           ['weight', 'lstm.1.weight_hh', 784],
+                           ['weight', 'lstm.1.weight_hh', 785],
+                           ['weight', 'lstm.1.weight_hh', 786],
+                           ['weight', 'lstm.1.weight_hh', 787],
+                           ['weight', 'lstm.1.weight_hh', 788],
+                           ['weight', 'lstm.1.weight_hh', 789],
+                           ['weight', 'lstm.1.weight_hh', 790],
+                           ['weight', 'lstm.1.weight_hh', 791],
+                           ['weight', 'lstm.1.weight_hh', 792],
+                           ['weight', 'lstm.1.weight_hh', 793],
+                           ['weight', 'lstm.1.weight_hh', 794],
+                           ['weight', 'lstm.1.weight_hh', 795],
+                           ['weight', 'lstm.1.weight_hh', 796],
+                           ['weight', 'lstm.1.weight_hh', 797],
+                           ['weight', 'lstm.1.weight_hh', 798],
+                           ['weight', 'lstm.1.weight_hh', 799],
+                           ['weight', 'lstm.1.weight_hh', 800],
+                           ['weight', 'lstm.1.weight_hh', 801],
+                           ['weight', 'lstm.1.weight_hh', 802],
+                           ['weight', 'lstm.1.weight_hh', 803],
+                           ['weight', 'lstm.1.weight_hh', 804],
+                           ['weight', 'lstm.1.weight_hh', 805],
+                           ['weight', 'lstm.1.weight_hh', 806],
+                           ['weight', 'lstm.1.weight_hh', 807],
+                           ['weight', 'lstm.1.weight_hh', 808],
+                           ['weight', 'lstm.1.weight_hh', 809],
+                           ['weight', 'lstm.1.weight_hh', 810],
+                           ['weight', 'lstm.1.weight_hh', 811],
+                           ['weight', 'lstm.1.weight_hh', 812],
+                           ['weight', 'lstm.1.weight_hh', 813],
+                           ['weight', 'lstm.1.weight_hh', 814],
+                           ['weight', 'lstm.1.weight_hh', 815],
+                           ['weight', 'lstm.1.weight_hh', 816],
+                           ['weight', 'lstm.1.weight_hh', 817],
+                           ['weight', 'lstm.1.weight_hh', 818],
+                           ['weight', 'lstm.1.weight_hh', 819],
+                           ['weight', 'lstm.1.weight_hh', 820],
+                           ['weight', 'lstm.1.weight_hh', 821],
+                           ['weight', 'lstm.1.weight_hh', 822],
+                           ['weight', 'lstm.1.weight_hh', 823],
+                           ['weight', 'lstm.1.weight_hh', 824],
+                           ['weight', 'lstm.1.weight_hh', 825],
+                           ['weight', 'lstm.1.weight_hh', 826],
+                           ['weight', 'lstm.1.weight_hh', 827],
+                           ['weight', 'lstm.1.weight_hh', 828],
+                           ['weight', 'lstm.1.weight_hh', 829],
+                           ['weight', 'lstm.1.weight_hh', 830],
+                           ['weight', 'lstm.1.weight_hh', 831],
+                           ['weight', 'lstm.1.weight_hh', 832],
+                           ['weight', 'lstm.1.weight_hh', 833],
+                           ['weight', 'lstm.1.weight_hh', 834],
+                           ['weight', 'lstm.1.weight_hh', 835],
+                           ['weight', 'lstm.1.weight_hh', 836],
+                           ['weight', 'lstm.1.weight_hh', 837],
+                           ['weight', 'lstm.1.weight_hh', 838],
+                           ['weight', 'lstm.1.weight_hh', 839],
+                           ['weight', 'lstm.1.weight_hh', 840],
+                           ['weight', 'lstm.1.weight_hh', 841],
+                           ['weight', 'lstm.1.weight_hh', 842],
+                           ['weight', 'lstm.1.weight_hh', 843],
+                           ['weight', 'lstm.1.weight_hh', 844],
+                           ['weight', 'lstm.1.weight_hh', 845],
+                           ['weight', 'lstm.1.weight_hh', 846],
+                           ['weight', 'lstm.1.weight_hh', 847],
+                           ['weight', 'lstm.1.weight_hh', 848],
+                           ['weight', 'lstm.1.weight_hh', 849],
+                           ['weight', 'lstm.1.weight_hh', 850],
+                           ['weight', 'lstm.1.weight_hh', 851],
+                           ['weight', 'lstm.1.weight_hh', 852],
+                           ['weight', 'lstm.1.weight_hh', 853],
+                           ['weight', 'lstm.1.weight_hh', 854],
+                           ['weight', 'lstm.1.weight_hh', 855],
+                           ['weight', 'lstm.1.weight_hh', 856],
+                           ['weight', 'lstm.1.weight_hh', 857],
+                           ['weight', 'lstm.1.weight_hh', 858],
+                           ['weight', 'lstm.1.weight_hh', 859],
+                           ['weight', 'lstm.1.weight_hh', 860],
+                           ['weight', 'lstm.1.weight_hh', 861],
+                           ['weight', 'lstm.1.weight_hh', 862],
+                           ['weight', 'lstm.1.weight_hh', 863],
+                           ['weight', 'lstm.1.weight_hh', 864],
+                           ['weight', 'lstm.1.weight_hh', 865],
+                           ['weight', 'lstm.1.weight_hh', 866],
+                           ['weight', 'lstm.1.weight_hh', 867],
+                           ['weight', 'lstm.1.weight_hh', 868],
+                           ['weight', 'lstm.1.weight_hh', 869],
+                           ['weight', 'lstm.1.weight_hh', 870],
+                           ['weight', 'lstm.1.weight_hh', 871],
+                           ['weight', 'lstm.1.weight_hh', 872],
+                           ['weight', 'lstm.1.weight_hh', 873],
+                           ['weight', 'lstm.1.weight_hh', 874],
+                           ['weight', 'lstm.1.weight_hh', 875],
+                           ['weight', 'lstm.1.weight_hh', 876],
+                           ['weight', 'lstm.1.weight_hh', 877],
+                           ['weight', 'lstm.1.weight_hh', 878],
+                           ['weight', 'lstm.1.weight_hh', 879],
+                           ['weight', 'lstm.1.weight_hh', 880],
+                           ['weight', 'lstm.1.weight_hh', 881],
+                           ['weight', 'lstm.1.weight_hh', 882],
+                           ['weight', 'lstm.1.weight_hh', 883],
+                           ['weight', 'lstm.1.weight_hh', 884],
+                           ['weight', 'lstm.1.weight_hh', 885],
+                           ['weight', 'lstm.1.weight_hh', 886],
+                           ['weight', 'lstm.1.weight_hh', 887],
+                           ['weight', 'lstm.1.weight_hh', 888],
+                           ['weight', 'lstm.1.weight_hh', 889],
+                           ['weight', 'lstm.1.weight_hh', 890],
+                           ['weight', 'lstm.1.weight_hh', 891],
+                           ['weight', 'lstm.1.weight_hh', 892],
+                           ['weight', 'lstm.1.weight_hh', 893],
+                           ['weight', 'lstm.1.weight_hh', 894],
+                           ['weight', 'lstm.1.weight_hh', 895],
+                           ['weight', 'lstm.1.weight_hh', 896],
+                           ['weight', 'lstm.1.weight_hh', 897],
+                           ['weight', 'lstm.1.weight_hh', 898],
+                           ['weight', 'lstm.1.weight_hh', 899],
+                           ['weight', 'lstm.1.weight_hh', 900],
+                           ['weight', 'lstm.1.weight_hh', 901],
+                           ['weight', 'lstm.1.weight_hh', 902],
+                           ['weight', 'lstm.1.weight_hh', 903],
+                           ['weight', 'lstm.1.weight_hh', 904],
+                           ['weight', 'lstm.1.weight_hh', 905],
+                           ['weight', 'lstm.1.weight_hh', 906],
+                           ['weight', 'lstm.1.weight_hh', 907],
+                           ['weight', 'lstm.1.weight_hh', 908],
+                           ['weight', 'lstm.1.weight_hh', 909],
+                           ['weight', 'lstm.1.weight_hh', 910],
+                           ['weight', 'lstm.1.weight_hh', 911],
+                           ['weight', 'lstm.1.weight_hh', 912],
+                           ['weight', 'lstm.1.weight_hh', 913],
+                           ['weight', 'lstm.1.weight_hh', 914],
+                           ['weight', 'lstm.1.weight_hh', 915],
+                           ['weight', 'lstm.1.weight_hh', 916],
+                           ['weight', 'lstm.1.weight_hh', 917],
+                           ['weight', 'lstm.1.weight_hh', 918],
+                           ['weight', 'lstm.1.weight_hh', 919],
+                           ['weight', 'lstm.1.weight_hh', 920],
+                           ['weight', 'lstm.1.weight_hh', 921],
+                           ['weight', 'lstm.1.weight_hh', 922],
+                           ['weight', 'lstm.1.weight_hh', 923],
+                           ['weight', 'lstm.1.weight_hh', 924],
+                           ['weight', 'lstm.1.weight_hh', 925],
+                           ['weight', 'lstm.1.weight_hh', 926],
+                           ['weight', 'lstm.1.weight_hh', 927],
+                           ['weight', 'lstm.1.weight_hh', 928],
+                           ['weight', 'lstm.1.weight_hh', 929],
+                           ['weight', 'lstm.1.weight_hh', 930],
+                           ['weight', 'lstm.1.weight_hh', 931],
+                           ['weight', 'lstm.1.weight_hh', 932],
+                           ['weight', 'lstm.1.weight_hh', 933],
+                           ['weight', 'lstm.1.weight_hh', 934],
+                           ['weight', 'lstm.1.weight_hh', 935],
+                           ['weight', 'lstm.1.weight_hh', 936],
+                           ['weight', 'lstm.1.weight_hh', 937],
+                           ['weight', 'lstm.1.weight_hh', 938],
+                           ['weight', 'lstm.1.weight_hh', 939],
+                           ['weight', 'lstm.1.weight_hh', 940],
+                           ['weight', 'lstm.1.weight_hh', 941],
+                           ['weight', 'lstm.1.weight_hh', 942],
+                           ['weight', 'lstm.1.weight_hh', 943],
+                           ['weight', 'lstm.1.weight_hh', 944],
+                           ['weight', 'lstm.1.weight_hh', 945],
+                           ['weight', 'lstm.1.weight_hh', 946],
+                           ['weight', 'lstm.1.weight_hh', 947],
+                           ['weight', 'lstm.1.weight_hh', 948],
+                           ['weight', 'lstm.1.weight_hh', 949],
+                           ['weight', 'lstm.1.weight_hh', 950],
+                           ['weight', 'lstm.1.weight_hh', 951],
+                           ['weight', 'lstm.1.weight_hh', 952],
+                           ['weight', 'lstm.1.weight_hh', 953],
+                           ['weight', 'lstm.1.weight_hh', 954],
+                           ['weight', 'lstm.1.weight_hh', 955],
+                           ['weight', 'lstm.1.weight_hh', 956],
+                           ['weight', 'lstm.1.weight_hh', 957],
+                           ['weight', 'lstm.1.weight_hh', 958],
+                           ['weight', 'lstm.1.weight_hh', 959],
+                           ['weight', 'lstm.1.weight_hh', 960],
+                           ['weight', 'lstm.1.weight_hh', 961],
+                           ['weight', 'lstm.1.weight_hh', 962],
+                           ['weight', 'lstm.1.weight_hh', 963],
+                           ['weight', 'lstm.1.weight_hh', 964],
+                           ['weight', 'lstm.1.weight_hh', 965],
+                           ['weight', 'lstm.1.weight_hh', 966],
+                           ['weight', 'lstm.1.weight_hh', 967],
+                           ['weight', 'lstm.1.weight_hh', 968],
+                           ['weight', 'lstm.1.weight_hh', 969],
+                           ['weight', 'lstm.1.weight_hh', 970],
+                           ['weight', 'lstm.1.weight_hh', 971],
+                           ['weight', 'lstm.1.weight_hh', 972],
+                           ['weight', 'lstm.1.weight_hh', 973],
+                           ['weight', 'lstm.1.weight_hh', 974],
+                           ['weight', 'lstm.1.weight_hh', 975],
+                           ['weight', 'lstm.1.weight_hh', 976],
+                           ['weight', 'lstm.1.weight_hh', 977],
+                           ['weight', 'lstm.1.weight_hh', 978],
+                           ['weight', 'lstm.1.weight_hh', 979],
+                           ['weight', 'lstm.1.weight_hh', 980],
+                           ['weight', 'lstm.1.weight_hh', 981],
+                           ['weight', 'lstm.1.weight_hh', 982],
+                           ['weight', 'lstm.1.weight_hh', 983],
+                           ['weight', 'lstm.1.weight_hh', 984],
+                           ['weight', 'lstm.1.weight_hh', 985],
+                           ['weight', 'lstm.1.weight_hh', 986],
+                           ['weight', 'lstm.1.weight_hh', 987],
+                           ['weight', 'lstm.1.weight_hh', 988],
+                           ['weight', 'lstm.1.weight_hh', 989],
+                           ['weight', 'lstm.1.weight_hh', 990],
+                           ['weight', 'lstm.1.weight_hh', 991],
+                           ['weight', 'lstm.1.weight_hh', 992],
+                           ['weight', 'lstm.1.weight_hh', 993],
+                           ['weight', 'lstm.1.weight_hh', 994],
+                           ['weight', 'lstm.1.weight_hh', 995],
+                           ['weight', 'lstm.1.weight_hh', 996],
+                           ['weight', 'lstm.1.weight_hh', 997],
+                           ['weight', 'lstm.1.weight_hh', 998],
+                           ['weight', 'lstm.1.weight_hh', 999],
+                           ['weight', 'lstm.1.weight_hh', 1000],
+                           ['weight', 'lstm.1.weight_hh', 1001],
+                           ['weight', 'lstm.1.weight_hh', 1002],
+                           ['weight', 'lstm.1.weight_hh', 1003],
+                           ['weight', 'lstm.1.weight_hh', 1004],
+                           ['weight', 'lstm.1.weight_hh', 1005],
+                           ['weight', 'lstm.1.weight_hh', 1006],
+                           ['weight', 'lstm.1.weight_hh', 1007],
+                           ['weight', 'lstm.1.weight_hh', 1008],
+                           ['weight', 'lstm.1.weight_hh', 1009],
+                           ['weight', 'lstm.1.weight_hh', 1010],
+                           ['weight', 'lstm.1.weight_hh', 1011],
+                           ['weight', 'lstm.1.weight_hh', 1012],
+                           ['weight', 'lstm.1.weight_hh', 1013],
+                           ['weight', 'lstm.1.weight_hh', 1014],
+                           ['weight', 'lstm.1.weight_hh', 1015],
+                           ['weight', 'lstm.1.weight_hh', 1016],
+                           ['weight', 'lstm.1.weight_hh', 1017],
+                           ['weight', 'lstm.1.weight_hh', 1018],
+                           ['weight', 'lstm.1.weight_hh', 1019],
+                           ['weight', 'lstm.1.weight_hh', 1020],
+                           ['weight', 'lstm.1.weight_hh', 1021],
+                           ['weight', 'lstm.1.weight_hh', 1022],
+                           ['weight', 'lstm.1.weight_hh', 1023],
+                           ['weight', 'lstm.1.weight_hh', 1024],
+                           ['weight', 'lstm.1.weight_hh', 1025],
+                           ['weight', 'lstm.1.weight_hh', 1026],
+                           ['weight', 'lstm.1.weight_hh', 1027],
+                           ['weight', 'lstm.1.weight_hh', 1028],
+                           ['weight', 'lstm.1.weight_hh', 1029],
+                           ['weight', 'lstm.1.weight_hh', 1030],
+                           ['weight', 'lstm.1.weight_hh', 1031],
+                           ['weight', 'lstm.1.weight_hh', 1032],
+                           ['weight', 'lstm.1.weight_hh', 1033],
+                           ['weight', 'lstm.1.weight_hh', 1034],
+                           ['weight', 'lstm.1.weight_hh', 1035],
+                           ['weight', 'lstm.1.weight_hh', 1036],
+                           ['weight', 'lstm.1.weight_hh', 1037],
+                           ['weight', 'lstm.1.weight_hh', 1038],
+                           ['weight', 'lstm.1.weight_hh', 1039],
+                           ['weight', 'lstm.1.weight_hh', 1040],
+                           ['weight', 'lstm.1.weight_hh', 1041],
+                           ['weight', 'lstm.1.weight_hh', 1042],
+                           ['weight', 'lstm.1.weight_hh', 1043],
+                           ['weight', 'lstm.1.weight_hh', 1044],
+                           ['weight', 'lstm.1.weight_hh', 1045],
+                           ['weight', 'lstm.1.weight_hh', 1046],
+                           ['weight', 'lstm.1.weight_hh', 1047],
+                           ['weight', 'lstm.1.weight_hh', 1048],
+                           ['weight', 'lstm.1.weight_hh', 1049],
+                           ['weight', 'lstm.1.weight_hh', 1050],
+                           ['weight', 'lstm.1.weight_hh', 1051],
+                           ['weight', 'lstm.1.weight_hh', 1052],
+                           ['weight', 'lstm.1.weight_hh', 1053],
+                           ['weight', 'lstm.1.weight_hh', 1054],
+                           ['weight', 'lstm.1.weight_hh', 1055],
+                           ['weight', 'lstm.1.weight_hh', 1056],
+                           ['weight', 'lstm.1.weight_hh', 1057],
+                           ['weight', 'lstm.1.weight_hh', 1058],
+                           ['weight', 'lstm.1.weight_hh', 1059],
+                           ['weight', 'lstm.1.weight_hh', 1060],
+                           ['weight', 'lstm.1.weight_hh', 1061],
+                           ['weight', 'lstm.1.weight_hh', 1062],
+                           ['weight', 'lstm.1.weight_hh', 1063],
+                           ['weight', 'lstm.1.weight_hh', 1064],
+                           ['weight', 'lstm.1.weight_hh', 1065],
+                           ['weight', 'lstm.1.weight_hh', 1066],
+                           ['weight', 'lstm.1.weight_hh', 1067],
+                           ['weight', 'lstm.1.weight_hh', 1068],
+                           ['weight', 'lstm.1.weight_hh', 1069],
+                           ['weight', 'lstm.1.weight_hh', 1070],
+                           ['weight', 'lstm.1.weight_hh', 1071],
+                           ['weight', 'lstm.1.weight_hh', 1072],
+                           ['weight', 'lstm.1.weight_hh', 1073],
+                           ['weight', 'lstm.1.weight_hh', 1074],
+                           ['weight', 'lstm.1.weight_hh', 1075],
+                           ['weight', 'lstm.1.weight_hh', 1076],
+                           ['weight', 'lstm.1.weight_hh', 1077],
+                           ['weight', 'lstm.1.weight_hh', 1078],
+                           ['weight', 'lstm.1.weight_hh', 1079],
+                           ['weight', 'lstm.1.weight_hh', 1080],
+                           ['weight', 'lstm.1.weight_hh', 1081],
+                           ['weight', 'lstm.1.weight_hh', 1082],
+                           ['weight', 'lstm.1.weight_hh', 1083],
+                           ['weight', 'lstm.1.weight_hh', 1084],
+                           ['weight', 'lstm.1.weight_hh', 1085],
+                           ['weight', 'lstm.1.weight_hh', 1086],
+                           ['weight', 'lstm.1.weight_hh', 1087],
+                           ['weight', 'lstm.1.weight_hh', 1088],
+                           ['weight', 'lstm.1.weight_hh', 1089],
+                           ['weight', 'lstm.1.weight_hh', 1090],
+                           ['weight', 'lstm.1.weight_hh', 1091],
+                           ['weight', 'lstm.1.weight_hh', 1092],
+                           ['weight', 'lstm.1.weight_hh', 1093],
+                           ['weight', 'lstm.1.weight_hh', 1094],
+                           ['weight', 'lstm.1.weight_hh', 1095],
+                           ['weight', 'lstm.1.weight_hh', 1096],
+                           ['weight', 'lstm.1.weight_hh', 1097],
+                           ['weight', 'lstm.1.weight_hh', 1098],
+                           ['weight', 'lstm.1.weight_hh', 1099],
+                           ['weight', 'lstm.1.weight_hh', 1100],
+                           ['weight', 'lstm.1.weight_hh', 1101],
+                           ['weight', 'lstm.1.weight_hh', 1102],
+                           ['weight', 'lstm.1.weight_hh', 1103],
+                           ['weight', 'lstm.1.weight_hh', 1104],
+                           ['weight', 'lstm.1.weight_hh', 1105],
+                           ['weight', 'lstm.1.weight_hh', 1106],
+                           ['weight', 'lstm.1.weight_hh', 1107],
+                           ['weight', 'lstm.1.weight_hh', 1108],
+                           ['weight', 'lstm.1.weight_hh', 1109],
+                           ['weight', 'lstm.1.weight_hh', 1110],
+                           ['weight', 'lstm.1.weight_hh', 1111],
+                           ['weight', 'lstm.1.weight_hh', 1112],
+                           ['weight', 'lstm.1.weight_hh', 1113],
+                           ['weight', 'lstm.1.weight_hh', 1114],
+                           ['weight', 'lstm.1.weight_hh', 1115],
+                           ['weight', 'lstm.1.weight_hh', 1116],
+                           ['weight', 'lstm.1.weight_hh', 1117],
+                           ['weight', 'lstm.1.weight_hh', 1118],
+                           ['weight', 'lstm.1.weight_hh', 1119],
+                           ['weight', 'lstm.1.weight_hh', 1120],
+                           ['weight', 'lstm.1.weight_hh', 1121],
+                           ['weight', 'lstm.1.weight_hh', 1122],
+                           ['weight', 'lstm.1.weight_hh', 1123],
+                           ['weight', 'lstm.1.weight_hh', 1124],
+                           ['weight', 'lstm.1.weight_hh', 1125],
+                           ['weight', 'lstm.1.weight_hh', 1126],
+                           ['weight', 'lstm.1.weight_hh', 1127],
+                           ['weight', 'lstm.1.weight_hh', 1128],
+                           ['weight', 'lstm.1.weight_hh', 1129],
+                           ['weight', 'lstm.1.weight_hh', 1130],
+                           ['weight', 'lstm.1.weight_hh', 1131],
+                           ['weight', 'lstm.1.weight_hh', 1132],
+                           ['weight', 'lstm.1.weight_hh', 1133],
+                           ['weight', 'lstm.1.weight_hh', 1134],
+                           ['weight', 'lstm.1.weight_hh', 1135],
+                           ['weight', 'lstm.1.weight_hh', 1136],
+                           ['weight', 'lstm.1.weight_hh', 1137],
+                           ['weight', 'lstm.1.weight_hh', 1138],
+                           ['weight', 'lstm.1.weight_hh', 1139],
+                           ['weight', 'lstm.1.weight_hh', 1140],
+                           ['weight', 'lstm.1.weight_hh', 1141],
+                           ['weight', 'lstm.1.weight_hh', 1142],
+                           ['weight', 'lstm.1.weight_hh', 1143],
+                           ['weight', 'lstm.1.weight_hh', 1144],
+                           ['weight', 'lstm.1.weight_hh', 1145],
+                           ['weight', 'lstm.1.weight_hh', 1146],
+                           ['weight', 'lstm.1.weight_hh', 1147],
+                           ['weight', 'lstm.1.weight_hh', 1148],
+                           ['weight', 'lstm.1.weight_hh', 1149],
+                           ['weight', 'lstm.1.weight_hh', 1150],
+                           ['weight', 'lstm.1.weight_hh', 1151],
+                           ['weight', 'lstm.1.weight_hh', 1152],
+                           ['weight', 'lstm.1.weight_hh', 1153],
+                           ['weight', 'lstm.1.weight_hh', 1154],
+                           ['weight', 'lstm.1.weight_hh', 1155],
+                           ['weight', 'lstm.1.weight_hh', 1156],
+                           ['weight', 'lstm.1.weight_hh', 1157],
+                           ['weight', 'lstm.1.weight_hh', 1158],
+                           ['weight', 'lstm.1.weight_hh', 1159],
+                           ['weight', 'lstm.1.weight_hh', 1160],
+                           ['weight', 'lstm.1.weight_hh', 1161],
+                           ['weight', 'lstm.1.weight_hh', 1162],
+                           ['weight', 'lstm.1.weight_hh', 1163],
+                           ['weight', 'lstm.1.weight_hh', 1164],
+                           ['weight', 'lstm.1.weight_hh', 1165],
+                           ['weight', 'lstm.1.weight_hh', 1166],
+                           ['weight', 'lstm.1.weight_hh', 1167],
+                           ['weight', 'lstm.1.weight_hh', 1168],
+                           ['weight', 'lstm.1.weight_hh', 1169],
+                           ['weight', 'lstm.1.weight_hh', 1170],
+                           ['weight', 'lstm.1.weight_hh', 1171],
+                           ['weight', 'lstm.1.weight_hh', 1172],
+                           ['weight', 'lstm.1.weight_hh', 1173],
+                           ['weight', 'lstm.1.weight_hh', 1174],
+                           ['weight', 'lstm.1.weight_hh', 1175],
+                           ['weight', 'lstm.1.weight_hh', 1176],
+                           ['weight', 'lstm.1.weight_hh', 1177],
+                           ['weight', 'lstm.1.weight_hh', 1178],
+                           ['weight', 'lstm.1.weight_hh', 1179],
+                           ['weight', 'lstm.1.weight_hh', 1180],
+                           ['weight', 'lstm.1.weight_hh', 1181],
+                           ['weight', 'lstm.1.weight_hh', 1182],
+                           ['weight', 'lstm.1.weight_hh', 1183],
+                           ['weight', 'lstm.1.weight_hh', 1184],
+                           ['weight', 'lstm.1.weight_hh', 1185],
+                           ['weight', 'lstm.1.weight_hh', 1186],
+                           ['weight', 'lstm.1.weight_hh', 1187],
+                           ['weight', 'lstm.1.weight_hh', 1188],
+                           ['weight', 'lstm.1.weight_hh', 1189],
+                           ['weight', 'lstm.1.weight_hh', 1190],
+                           ['weight', 'lstm.1.weight_hh', 1191],
+                           ['weight', 'lstm.1.weight_hh', 1192],
+                           ['weight', 'lstm.1.weight_hh', 1193],
+                           ['weight', 'lstm.1.weight_hh', 1194],
+                           ['weight', 'lstm.1.weight_hh', 1195],
+                           ['weight', 'lstm.1.weight_hh', 1196],
+                           ['weight', 'lstm.1.weight_hh', 1197],
+                           ['weight', 'lstm.1.weight_hh', 1198],
+                           ['weight', 'lstm.1.weight_hh', 1199],
+                           ['weight', 'lstm.1.weight_hh', 1200],
+                           ['weight', 'lstm.1.weight_hh', 1201],
+                           ['weight', 'lstm.1.weight_hh', 1202],
+                           ['weight', 'lstm.1.weight_hh', 1203],
+                           ['weight', 'lstm.1.weight_hh', 1204],
+                           ['weight', 'lstm.1.weight_hh', 1205],
+                           ['weight', 'lstm.1.weight_hh', 1206],
+                           ['weight', 'lstm.1.weight_hh', 1207],
+                           ['weight', 'lstm.1.weight_hh', 1208],
+                           ['weight', 'lstm.1.weight_hh', 1209],
+                           ['weight', 'lstm.1.weight_hh', 1210],
+                           ['weight', 'lstm.1.weight_hh', 1211],
+                           ['weight', 'lstm.1.weight_hh', 1212],
+                           ['weight', 'lstm.1.weight_hh', 1213],
+                           ['weight', 'lstm.1.weight_hh', 1214],
+                           ['weight', 'lstm.1.weight_hh', 1215],
+                           ['weight', 'lstm.1.weight_hh', 1216],
+                           ['weight', 'lstm.1.weight_hh', 1217],
+                           ['weight', 'lstm.1.weight_hh', 1218],
+                           ['weight', 'lstm.1.weight_hh', 1219],
+                           ['weight', 'lstm.1.weight_hh', 1220],
+                           ['weight', 'lstm.1.weight_hh', 1221],
+                           ['weight', 'lstm.1.weight_hh', 1222],
+                           ['weight', 'lstm.1.weight_hh', 1223],
+                           ['weight', 'lstm.1.weight_hh', 1224],
+                           ['weight', 'lstm.1.weight_hh', 1225],
+                           ['weight', 'lstm.1.weight_hh', 1226],
+                           ['weight', 'lstm.1.weight_hh', 1227],
+                           ['weight', 'lstm.1.weight_hh', 1228],
+                           ['weight', 'lstm.1.weight_hh', 1229],
+                           ['weight', 'lstm.1.weight_hh', 1230],
+                           ['weight', 'lstm.1.weight_hh', 1231],
+                           ['weight', 'lstm.1.weight_hh', 1232],
+                           ['weight', 'lstm.1.weight_hh', 1233],
+                           ['weight', 'lstm.1.weight_hh', 1234],
+                           ['weight', 'lstm.1.weight_hh', 1235],
+                           ['weight', 'lstm.1.weight_hh', 1236],
+                           ['weight', 'lstm.1.weight_hh', 1237],
+                           ['weight', 'lstm.1.weight_hh', 1238],
+                           ['weight', 'lstm.1.weight_hh', 1239],
+                           ['weight', 'lstm.1.weight_hh', 1240],
+                           ['weight', 'lstm.1.weight_hh', 1241],
+                           ['weight', 'lstm.1.weight_hh', 1242],
+                           ['weight', 'lstm.1.weight_hh', 1243],
+                           ['weight', 'lstm.1.weight_hh', 1244],
+                           ['weight', 'lstm.1.weight_hh', 1245],
+                           ['weight', 'lstm.1.weight_hh', 1246],
+                           ['weight', 'lstm.1.weight_hh', 1247],
+                           ['weight', 'lstm.1.weight_hh', 1248],
+                           ['weight', 'lstm.1.weight_hh', 1249],
+                           ['weight', 'lstm.1.weight_hh', 1250],
+                           ['weight', 'lstm.1.weight_hh', 1251],
+                           ['weight', 'lstm.1.weight_hh', 1252],
+                           ['weight', 'lstm.1.weight_hh', 1253],
+                           ['weight', 'lstm.1.weight_hh', 1254],
+                           ['weight', 'lstm.1.weight_hh', 1255],
+                           ['weight', 'lstm.1.weight_hh', 1256],
+                           ['weight', 'lstm.1.weight_hh', 1257],
+                           ['weight', 'lstm.1.weight_hh', 1258],
+                           ['weight', 'lstm.1.weight_hh', 1259],
+                           ['weight', 'lstm.1.weight_hh', 1260],
+                           ['weight', 'lstm.1.weight_hh', 1261],
+                           ['weight', 'lstm.1.weight_hh', 1262],
+                           ['weight', 'lstm.1.weight_hh', 1263],
+                           ['weight', 'lstm.1.weight_hh', 1264],
+                           ['weight', 'lstm.1.weight_hh', 1265],
+                           ['weight', 'lstm.1.weight_hh', 1266],
+                           ['weight', 'lstm.1.weight_hh', 1267],
+                           ['weight', 'lstm.1.weight_hh', 1268],
+                           ['weight', 'lstm.1.weight_hh', 1269],
+                           ['weight', 'lstm.1.weight_hh', 1270],
+                           ['weight', 'lstm.1.weight_hh', 1271],
+                           ['weight', 'lstm.1.weight_hh', 1272],
+                           ['weight', 'lstm.1.weight_hh', 1273],
+                           ['weight', 'lstm.1.weight_hh', 1274],
+                           ['weight', 'lstm.1.weight_hh', 1275],
+                           ['weight', 'lstm.1.weight_hh', 1276],
+                           ['weight', 'lstm.1.weight_hh', 1277],
+                           ['weight', 'lstm.1.weight_hh', 1278],
+                           ['weight', 'lstm.1.weight_hh', 1279],
+                           ['weight', 'lstm.1.weight_hh', 1280],
+                           ['weight', 'lstm.1.weight_hh', 1281],
+                           ['weight', 'lstm.1.weight_hh', 1282],
+                           ['weight', 'lstm.1.weight_hh', 1283],
+                           ['weight', 'lstm.1.weight_hh', 1284],
+                           ['weight', 'lstm.1.weight_hh', 1285],
+                           ['weight', 'lstm.1.weight_hh', 1286],
+                           ['weight', 'lstm.1.weight_hh', 1287],
+                           ['weight', 'lstm.1.weight_hh', 1288],
+                           ['weight', 'lstm.1.weight_hh', 1289],
+                           ['weight', 'lstm.1.weight_hh', 1290],
+                           ['weight', 'lstm.1.weight_hh', 1291],
+                           ['weight', 'lstm.1.weight_hh', 1292],
+                           ['weight', 'lstm.1.weight_hh', 1293],
+                           ['weight', 'lstm.1.weight_hh', 1294],
+                           ['weight', 'lstm.1.weight_hh', 1295],
+                           ['weight', 'lstm.1.weight_hh', 1296],
+                           ['weight', 'lstm.1.weight_hh', 1297],
+                           ['weight', 'lstm.1.weight_hh', 1298],
+                           ['weight', 'lstm.1.weight_hh', 1299],
+                           ['weight', 'lstm.1.weight_hh', 1300],
+                           ['weight', 'lstm.1.weight_hh', 1301],
+                           ['weight', 'lstm.1.weight_hh', 1302],
+                           ['weight', 'lstm.1.weight_hh', 1303],
+                           ['weight', 'lstm.1.weight_hh', 1304],
+                           ['weight', 'lstm.1.weight_hh', 1305],
+                           ['weight', 'lstm.1.weight_hh', 1306],
+                           ['weight', 'lstm.1.weight_hh', 1307],
+                           ['weight', 'lstm.1.weight_hh', 1308],
+                           ['weight', 'lstm.1.weight_hh', 1309],
+                           ['weight', 'lstm.1.weight_hh', 1310],
+                           ['weight', 'lstm.1.weight_hh', 1311],
+                           ['weight', 'lstm.1.weight_hh', 1312],
+                           ['weight', 'lstm.1.weight_hh', 1313],
+                           ['weight', 'lstm.1.weight_hh', 1314],
+                           ['weight', 'lstm.1.weight_hh', 1315],
+                           ['weight', 'lstm.1.weight_hh', 1316],
+                           ['weight', 'lstm.1.weight_hh', 1317],
+                           ['weight', 'lstm.1.weight_hh', 1318],
+                           ['weight', 'lstm.1.weight_hh', 1319],
+                           ['weight', 'lstm.1.weight_hh', 1320],
+                           ['weight', 'lstm.1.weight_hh', 1321],
+                           ['weight', 'lstm.1.weight_hh', 1322],
+                           ['weight', 'lstm.1.weight_hh', 1323],
+                           ['weight', 'lstm.1.weight_hh', 1324],
+                           ['weight', 'lstm.1.weight_hh', 1325],
+                           ['weight', 'lstm.1.weight_hh', 1326],
+                           ['weight', 'lstm.1.weight_hh', 1327],
+                           ['weight', 'lstm.1.weight_hh', 1328],
+                           ['weight', 'lstm.1.weight_hh', 1329],
+                           ['weight', 'lstm.1.weight_hh', 1330],
+                           ['weight', 'lstm.1.weight_hh', 1331],
+                           ['weight', 'lstm.1.weight_hh', 1332],
+                           ['weight', 'lstm.1.weight_hh', 1333],
+                           ['weight', 'lstm.1.weight_hh', 1334],
+                           ['weight', 'lstm.1.weight_hh', 1335],
+                           ['weight', 'lstm.1.weight_hh', 1336],
+                           ['weight', 'lstm.1.weight_hh', 1337],
+                           ['weight', 'lstm.1.weight_hh', 1338],
+                           ['weight', 'lstm.1.weight_hh', 1339],
+                           ['weight', 'lstm.1.weight_hh', 1340],
+                           ['weight', 'lstm.1.weight_hh', 1341],
+                           ['weight', 'lstm.1.weight_hh', 1342],
+                           ['weight', 'lstm.1.weight_hh', 1343],
+                           ['weight', 'lstm.1.weight_hh', 1344],
+                           ['weight', 'lstm.1.weight_hh', 1345],
+                           ['weight', 'lstm.1.weight_hh', 1346],
+                           ['weight', 'lstm.1.weight_hh', 1347],
+                           ['weight', 'lstm.1.weight_hh', 1348],
+                           ['weight', 'lstm.1.weight_hh', 1349],
+                           ['weight', 'lstm.1.weight_hh', 1350],
+                           ['weight', 'lstm.1.weight_hh', 1351],
+                           ['weight', 'lstm.1.weight_hh', 1352],
+                           ['weight', 'lstm.1.weight_hh', 1353],
+                           ['weight', 'lstm.1.weight_hh', 1354],
+                           ['weight', 'lstm.1.weight_hh', 1355],
+                           ['weight', 'lstm.1.weight_hh', 1356],
+                           ['weight', 'lstm.1.weight_hh', 1357],
+                           ['weight', 'lstm.1.weight_hh', 1358],
+                           ['weight', 'lstm.1.weight_hh', 1359],
+                           ['weight', 'lstm.1.weight_hh', 1360],
+                           ['weight', 'lstm.1.weight_hh', 1361],
+                           ['weight', 'lstm.1.weight_hh', 1362],
+                           ['weight', 'lstm.1.weight_hh', 1363],
+                           ['weight', 'lstm.1.weight_hh', 1364],
+                           ['weight', 'lstm.1.weight_hh', 1365],
+                           ['weight', 'lstm.1.weight_hh', 1366],
+                           ['weight', 'lstm.1.weight_hh', 1367],
+                           ['weight', 'lstm.1.weight_hh', 1368],
+                           ['weight', 'lstm.1.weight_hh', 1369],
+                           ['weight', 'lstm.1.weight_hh', 1370],
+                           ['weight', 'lstm.1.weight_hh', 1371],
+                           ['weight', 'lstm.1.weight_hh', 1372],
+                           ['weight', 'lstm.1.weight_hh', 1373],
+                           ['weight', 'lstm.1.weight_hh', 1374],
+                           ['weight', 'lstm.1.weight_hh', 1375],
+                           ['weight', 'lstm.1.weight_hh', 1376],
+                           ['weight', 'lstm.1.weight_hh', 1377],
+                           ['weight', 'lstm.1.weight_hh', 1378],
+                           ['weight', 'lstm.1.weight_hh', 1379],
+                           ['weight', 'lstm.1.weight_hh', 1380],
+                           ['weight', 'lstm.1.weight_hh', 1381],
+                           ['weight', 'lstm.1.weight_hh', 1382],
+                           ['weight', 'lstm.1.weight_hh', 1383],
+                           ['weight', 'lstm.1.weight_hh', 1384],
+                           ['weight', 'lstm.1.weight_hh', 1385],
+                           ['weight', 'lstm.1.weight_hh', 1386],
+                           ['weight', 'lstm.1.weight_hh', 1387],
+                           ['weight', 'lstm.1.weight_hh', 1388],
+                           ['weight', 'lstm.1.weight_hh', 1389],
+                           ['weight', 'lstm.1.weight_hh', 1390],
+                           ['weight', 'lstm.1.weight_hh', 1391],
+                           ['weight', 'lstm.1.weight_hh', 1392],
+                           ['weight', 'lstm.1.weight_hh', 1393],
+                           ['weight', 'lstm.1.weight_hh', 1394],
+                           ['weight', 'lstm.1.weight_hh', 1395],
+                           ['weight', 'lstm.1.weight_hh', 1396],
+                           ['weight', 'lstm.1.weight_hh', 1397],
+                           ['weight', 'lstm.1.weight_hh', 1398],
+                           ['weight', 'lstm.1.weight_hh', 1399],
+                           ['weight', 'lstm.1.weight_hh', 1400],
+                           ['weight', 'lstm.1.weight_hh', 1401],
+                           ['weight', 'lstm.1.weight_hh', 1402],
+                           ['weight', 'lstm.1.weight_hh', 1403],
+                           ['weight', 'lstm.1.weight_hh', 1404],
+                           ['weight', 'lstm.1.weight_hh', 1405],
+                           ['weight', 'lstm.1.weight_hh', 1406],
+                           ['weight', 'lstm.1.weight_hh', 1407],
+                           ['weight', 'lstm.1.weight_hh', 1408],
+                           ['weight', 'lstm.1.weight_hh', 1409],
+                           ['weight', 'lstm.1.weight_hh', 1410],
+                           ['weight', 'lstm.1.weight_hh', 1411],
+                           ['weight', 'lstm.1.weight_hh', 1412],
+                           ['weight', 'lstm.1.weight_hh', 1413],
+                           ['weight', 'lstm.1.weight_hh', 1414],
+                           ['weight', 'lstm.1.weight_hh', 1415],
+                           ['weight', 'lstm.1.weight_hh', 1416],
+                           ['weight', 'lstm.1.weight_hh', 1417],
+                           ['weight', 'lstm.1.weight_hh', 1418],
+                           ['weight', 'lstm.1.weight_hh', 1419],
+                           ['weight', 'lstm.1.weight_hh', 1420],
+                           ['weight', 'lstm.1.weight_hh', 1421],
+                           ['weight', 'lstm.1.weight_hh', 1422],
+                           ['weight', 'lstm.1.weight_hh', 1423],
+                           ['weight', 'lstm.1.weight_hh', 1424],
+                           ['weight', 'lstm.1.weight_hh', 1425],
+                           ['weight', 'lstm.1.weight_hh', 1426],
+                           ['weight', 'lstm.1.weight_hh', 1427],
+                           ['weight', 'lstm.1.weight_hh', 1428],
+                           ['weight', 'lstm.1.weight_hh', 1429],
+                           ['weight', 'lstm.1.weight_hh', 1430],
+                           ['weight', 'lstm.1.weight_hh', 1431],
+                           ['weight', 'lstm.1.weight_hh', 1432],
+                           ['weight', 'lstm.1.weight_hh', 1433],
+                           ['weight', 'lstm.1.weight_hh', 1434],
+                           ['weight', 'lstm.1.weight_hh', 1435],
+                           ['weight', 'lstm.1.weight_hh', 1436],
+                           ['weight', 'lstm.1.weight_hh', 1437],
+                           ['weight', 'lstm.1.weight_hh', 1438],
+                           ['weight', 'lstm.1.weight_hh', 1439],
+                           ['weight', 'lstm.1.weight_hh', 1440],
+                           ['weight', 'lstm.1.weight_hh', 1441],
+                           ['weight', 'lstm.1.weight_hh', 1442],
+                           ['weight', 'lstm.1.weight_hh', 1443],
+                           ['weight', 'lstm.1.weight_hh', 1444],
+                           ['weight', 'lstm.1.weight_hh', 1445],
+                           ['weight', 'lstm.1.weight_hh', 1446],
+                           ['weight', 'lstm.1.weight_hh', 1447],
+                           ['weight', 'lstm.1.weight_hh', 1448],
+                           ['weight', 'lstm.1.weight_hh', 1449],
+                           ['weight', 'lstm.1.weight_hh', 1450],
+                           ['weight', 'lstm.1.weight_hh', 1451],
+                           ['weight', 'lstm.1.weight_hh', 1452],
+                           ['weight', 'lstm.1.weight_hh', 1453],
+                           ['weight', 'lstm.1.weight_hh', 1454],
+                           ['weight', 'lstm.1.weight_hh', 1455],
+                           ['weight', 'lstm.1.weight_hh', 1456],
+                           ['weight', 'lstm.1.weight_hh', 1457],
+                           ['weight', 'lstm.1.weight_hh', 1458],
+                           ['weight', 'lstm.1.weight_hh', 1459],
+                           ['weight', 'lstm.1.weight_hh', 1460],
+                           ['weight', 'lstm.1.weight_hh', 1461],
+                           ['weight', 'lstm.1.weight_hh', 1462],
+                           ['weight', 'lstm.1.weight_hh', 1463],
+                           ['weight', 'lstm.1.weight_hh', 1464],
+                           ['weight', 'lstm.1.weight_hh', 1465],
+                           ['weight', 'lstm.1.weight_hh', 1466],
+                           ['weight', 'lstm.1.weight_hh', 1467],
+                           ['weight', 'lstm.1.weight_hh', 1468],
+                           ['weight', 'lstm.1.weight_hh', 1469],
+                           ['weight', 'lstm.1.weight_hh', 1470],
+                           ['weight', 'lstm.1.weight_hh', 1471],
+                           ['weight', 'lstm.1.weight_hh', 1472],
+                           ['weight', 'lstm.1.weight_hh', 1473],
+                           ['weight', 'lstm.1.weight_hh', 1474],
+                           ['weight', 'lstm.1.weight_hh', 1475],
+                           ['weight', 'lstm.1.weight_hh', 1476],
+                           ['weight', 'lstm.1.weight_hh', 1477],
+                           ['weight', 'lstm.1.weight_hh', 1478],
+                           ['weight', 'lstm.1.weight_hh', 1479],
+                           ['weight', 'lstm.1.weight_hh', 1480],
+                           ['weight', 'lstm.1.weight_hh', 1481],
+                           ['weight', 'lstm.1.weight_hh', 1482],
+                           ['weight', 'lstm.1.weight_hh', 1483],
+                           ['weight', 'lstm.1.weight_hh', 1484],
+                           ['weight', 'lstm.1.weight_hh', 1485],
+                           ['weight', 'lstm.1.weight_hh', 1486],
+                           ['weight', 'lstm.1.weight_hh', 1487],
+                           ['weight', 'lstm.1.weight_hh', 1488],
+                           ['weight', 'lstm.1.weight_hh', 1489],
+                           ['weight', 'lstm.1.weight_hh', 1490],
+                           ['weight', 'lstm.1.weight_hh', 1491],
+                           ['weight', 'lstm.1.weight_hh', 1492],
+                           ['weight', 'lstm.1.weight_hh', 1493],
+                           ['weight', 'lstm.1.weight_hh', 1494],
+                           ['weight', 'lstm.1.weight_hh', 1495],
+                           ['weight', 'lstm.1.weight_hh', 1496],
+                           ['weight', 'lstm.1.weight_hh', 1497],
+                           ['weight', 'lstm.1.weight_hh', 1498],
+                           ['weight', 'lstm.1.weight_hh', 1499],
+                           ['weight', 'lstm.1.weight_hh', 1500],
+                           ['weight', 'lstm.1.weight_hh', 1501],
+                           ['weight', 'lstm.1.weight_hh', 1502],
+                           ['weight', 'lstm.1.weight_hh', 1503],
+                           ['weight', 'lstm.1.weight_hh', 1504],
+                           ['weight', 'lstm.1.weight_hh', 1505],
+                           ['weight', 'lstm.1.weight_hh', 1506],
+                           ['weight', 'lstm.1.weight_hh', 1507],
+                           ['weight', 'lstm.1.weight_hh', 1508],
+                           ['weight', 'lstm.1.weight_hh', 1509],
+                           ['weight', 'lstm.1.weight_hh', 1510],
+                           ['weight', 'lstm.1.weight_hh', 1511],
+                           ['weight', 'lstm.1.weight_hh', 1512],
+                           ['weight', 'lstm.1.weight_hh', 1513],
+                           ['weight', 'lstm.1.weight_hh', 1514],
+                           ['weight', 'lstm.1.weight_hh', 1515],
+                           ['weight', 'lstm.1.weight_hh', 1516],
+                           ['weight', 'lstm.1.weight_hh', 1517],
+                           ['weight', 'lstm.1.weight_hh', 1518],
+                           ['weight', 'lstm.1.weight_hh', 1519],
+                           ['weight', 'lstm.1.weight_hh', 1520],
+                           ['weight', 'lstm.1.weight_hh', 1521],
+                           ['weight', 'lstm.1.weight_hh', 1522],
+                           ['weight', 'lstm.1.weight_hh', 1523],
+                           ['weight', 'lstm.1.weight_hh', 1524],
+                           ['weight', 'lstm.1.weight_hh', 1525],
+                           ['weight', 'lstm.1.weight_hh', 1526],
+                           ['weight', 'lstm.1.weight_hh', 1527],
+                           ['weight', 'lstm.1.weight_hh', 1528],
+                           ['weight', 'lstm.1.weight_hh', 1529],
+                           ['weight', 'lstm.1.weight_hh', 1530],
+                           ['weight', 'lstm.1.weight_hh', 1531],
+                           ['weight', 'lstm.1.weight_hh', 1532],
+                           ['weight', 'lstm.1.weight_hh', 1533],
+                           ['weight', 'lstm.1.weight_hh', 1534],
+                           ['weight', 'lstm.1.weight_hh', 1535],
+                           ['weight', 'lstm.1.weight_hh', 1536],
+                           ['weight', 'lstm.1.weight_hh', 1537],
+                           ['weight', 'lstm.1.weight_hh', 1538],
+                           ['weight', 'lstm.1.weight_hh', 1539],
+                           ['weight', 'lstm.1.weight_hh', 1540],
+                           ['weight', 'lstm.1.weight_hh', 1541],
+                           ['weight', 'lstm.1.weight_hh', 1542],
+                           ['weight', 'lstm.1.weight_hh', 1543],
+                           ['weight', 'lstm.1.weight_hh', 1544],
+                           ['weight', 'lstm.1.weight_hh', 1545],
+                           ['weight', 'lstm.1.weight_hh', 1546],
+                           ['weight', 'lstm.1.weight_hh', 1547],
+                           ['weight', 'lstm.1.weight_hh', 1548],
+                           ['weight', 'lstm.1.weight_hh', 1549],
+                           ['weight', 'lstm.1.weight_hh', 1550],
+                           ['weight', 'lstm.1.weight_hh', 1551],
+                           ['weight', 'lstm.1.weight_hh', 1552],
+                           ['weight', 'lstm.1.weight_hh', 1553],
+                           ['weight', 'lstm.1.weight_hh', 1554],
+                           ['weight', 'lstm.1.weight_hh', 1555],
+                           ['weight', 'lstm.1.weight_hh', 1556],
+                           ['weight', 'lstm.1.weight_hh', 1557],
+                           ['weight', 'lstm.1.weight_hh', 1558],
+                           ['weight', 'lstm.1.weight_hh', 1559],
+                           ['weight', 'lstm.1.weight_hh', 1560],
+                           ['weight', 'lstm.1.weight_hh', 1561],
+                           ['weight', 'lstm.1.weight_hh', 1562],
+                           ['weight', 'lstm.1.weight_hh', 1563],
+                           ['weight', 'lstm.1.weight_hh', 1564],
+                           ['weight', 'lstm.1.weight_hh', 1565],
+                           ['weight', 'lstm.1.weight_hh', 1566],
+                           ['weight', 'lstm.1.weight_hh', 1567],
+                           ['weight', 'lstm.1.weight_hh', 1568],
+                           ['weight', 'lstm.1.weight_hh', 1569],
+                           ['weight', 'lstm.1.weight_hh', 1570],
+                           ['weight', 'lstm.1.weight_hh', 1571],
+                           ['weight', 'lstm.1.weight_hh', 1572],
+                           ['weight', 'lstm.1.weight_hh', 1573],
+                           ['weight', 'lstm.1.weight_hh', 1574],
+                           ['weight', 'lstm.1.weight_hh', 1575],
+                           ['weight', 'lstm.1.weight_hh', 1576],
+                           ['weight', 'lstm.1.weight_hh', 1577],
+                           ['weight', 'lstm.1.weight_hh', 1578],
+                           ['weight', 'lstm.1.weight_hh', 1579],
+                           ['weight', 'lstm.1.weight_hh', 1580],
+                           ['weight', 'lstm.1.weight_hh', 1581],
+                           ['weight', 'lstm.1.weight_hh', 1582],
+                           ['weight', 'lstm.1.weight_hh', 1583],
+                           ['weight', 'lstm.1.weight_hh', 1584],
+                           ['weight', 'lstm.1.weight_hh', 1585],
+                           ['weight', 'lstm.1.weight_hh', 1586],
+                           ['weight', 'lstm.1.weight_hh', 1587],
+                           ['weight', 'lstm.1.weight_hh', 1588],
+                           ['weight', 'lstm.1.weight_hh', 1589],
+                           ['weight', 'lstm.1.weight_hh', 1590],
+                           ['weight', 'lstm.1.weight_hh', 1591],
+                           ['weight', 'lstm.1.weight_hh', 1592],
+                           ['weight', 'lstm.1.weight_hh', 1593],
+                           ['weight', 'lstm.1.weight_hh', 1594],
+                           ['weight', 'lstm.1.weight_hh', 1595],
+                           ['weight', 'lstm.1.weight_hh', 1596],
+                           ['weight', 'lstm.1.weight_hh', 1597],
+                           ['weight', 'lstm.1.weight_hh', 1598],
+                           ['weight', 'lstm.1.weight_hh', 1599],
+                           ['weight', 'lstm.1.weight_ih', 0],
+                           ['weight', 'lstm.1.weight_ih', 1],
+                           ['weight', 'lstm.1.weight_ih', 2],
+                           ['weight', 'lstm.1.weight_ih', 3],
+                           ['weight', 'lstm.1.weight_ih', 4],
+                           ['weight', 'lstm.1.weight_ih', 5],
+                           ['weight', 'lstm.1.weight_ih', 6],
+                           ['weight', 'lstm.1.weight_ih', 7],
+                           ['weight', 'lstm.1.weight_ih', 8],
+                           ['weight', 'lstm.1.weight_ih', 9],
+                           ['weight', 'lstm.1.weight_ih', 10],
+                           ['weight', 'lstm.1.weight_ih', 11],
+                           ['weight', 'lstm.1.weight_ih', 12],
+                           ['weight', 'lstm.1.weight_ih', 13],
+                           ['weight', 'lstm.1.weight_ih', 14],
+                           ['weight', 'lstm.1.weight_ih', 15],
+                           ['weight', 'lstm.1.weight_ih', 16],
+                           ['weight', 'lstm.1.weight_ih', 17],
+                           ['weight', 'lstm.1.weight_ih', 18],
+                           ['weight', 'lstm.1.weight_ih', 19],
+                           ['weight', 'lstm.1.weight_ih', 20],
+                           ['weight', 'lstm.1.weight_ih', 21],
+                           ['weight', 'lstm.1.weight_ih', 22],
+                           ['weight', 'lstm.1.weight_ih', 23],
+                           ['weight', 'lstm.1.weight_ih', 24],
+                           ['weight', 'lstm.1.weight_ih', 25],
+                           ['weight', 'lstm.1.weight_ih', 26],
+                           ['weight', 'lstm.1.weight_ih', 27],
+                           ['weight', 'lstm.1.weight_ih', 28],
+                           ['weight', 'lstm.1.weight_ih', 29],
+                           ['weight', 'lstm.1.weight_ih', 30],
+                           ['weight', 'lstm.1.weight_ih', 31],
+                           ['weight', 'lstm.1.weight_ih', 32],
+                           ['weight', 'lstm.1.weight_ih', 33],
+                           ['weight', 'lstm.1.weight_ih', 34],
+                           ['weight', 'lstm.1.weight_ih', 35],
+                           ['weight', 'lstm.1.weight_ih', 36],
+                           ['weight', 'lstm.1.weight_ih', 37],
+                           ['weight', 'lstm.1.weight_ih', 38],
+                           ['weight', 'lstm.1.weight_ih', 39],
+                           ['weight', 'lstm.1.weight_ih', 40],
+                           ['weight', 'lstm.1.weight_ih', 41],
+                           ['weight', 'lstm.1.weight_ih', 42],
+                           ['weight', 'lstm.1.weight_ih', 43],
+                           ['weight', 'lstm.1.weight_ih', 44],
+                           ['weight', 'lstm.1.weight_ih', 45],
+                           ['weight', 'lstm.1.weight_ih', 46],
+                           ['weight', 'lstm.1.weight_ih', 47],
+                           ['weight', 'lstm.1.weight_ih', 48],
+                           ['weight', 'lstm.1.weight_ih', 49],
+                           ['weight', 'lstm.1.weight_ih', 50],
+                           ['weight', 'lstm.1.weight_ih', 51],
+                           ['weight', 'lstm.1.weight_ih', 52],
+                           ['weight', 'lstm.1.weight_ih', 53],
+                           ['weight', 'lstm.1.weight_ih', 54],
+                           ['weight', 'lstm.1.weight_ih', 55],
+                           ['weight', 'lstm.1.weight_ih', 56],
+                           ['weight', 'lstm.1.weight_ih', 57],
+                           ['weight', 'lstm.1.weight_ih', 58],
+                           ['weight', 'lstm.1.weight_ih', 59],
+                           ['weight', 'lstm.1.weight_ih', 60],
+                           ['weight', 'lstm.1.weight_ih', 61],
+                           ['weight', 'lstm.1.weight_ih', 62],
+                           ['weight', 'lstm.1.weight_ih', 63],
+                           ['weight', 'lstm.1.weight_ih', 64],
+                           ['weight', 'lstm.1.weight_ih', 65],
+                           ['weight', 'lstm.1.weight_ih', 66],
+                           ['weight', 'lstm.1.weight_ih', 67],
+                           ['weight', 'lstm.1.weight_ih', 68],
+                           ['weight', 'lstm.1.weight_ih', 69],
+                           ['weight', 'lstm.1.weight_ih', 70],
+                           ['weight', 'lstm.1.weight_ih', 71],
+                           ['weight', 'lstm.1.weight_ih', 72],
+                           ['weight', 'lstm.1.weight_ih', 73],
+                           ['weight', 'lstm.1.weight_ih', 74],
+                           ['weight', 'lstm.1.weight_ih', 75],
+                           ['weight', 'lstm.1.weight_ih', 76],
+                           ['weight', 'lstm.1.weight_ih', 77],
+                           ['weight', 'lstm.1.weight_ih', 78],
+                           ['weight', 'lstm.1.weight_ih', 79],
+                           ['weight', 'lstm.1.weight_ih', 80],
+                           ['weight', 'lstm.1.weight_ih', 81],
+                           ['weight', 'lstm.1.weight_ih', 82],
+                           ['weight', 'lstm.1.weight_ih', 83],
+                           ['weight', 'lstm.1.weight_ih', 84],
+                           ['weight', 'lstm.1.weight_ih', 85],
+                           ['weight', 'lstm.1.weight_ih', 86],
+                           ['weight', 'lstm.1.weight_ih', 87],
+                           ['weight', 'lstm.1.weight_ih', 88],
+                           ['weight', 'lstm.1.weight_ih', 89],
+                           ['weight', 'lstm.1.weight_ih', 90],
+                           ['weight', 'lstm.1.weight_ih', 91],
+                           ['weight', 'lstm.1.weight_ih', 92],
+                           ['weight', 'lstm.1.weight_ih', 93],
+                           ['weight', 'lstm.1.weight_ih', 94],
+                           ['weight', 'lstm.1.weight_ih', 95],
+                           ['weight', 'lstm.1.weight_ih', 96],
+                           ['weight', 'lstm.1.weight_ih', 97],
+                           ['weight', 'lstm.1.weight_ih', 98],
+                           ['weight', 'lstm.1.weight_ih', 99],
+                           ['weight', 'lstm.1.weight_ih', 100],
+                           ['weight', 'lstm.1.weight_ih', 101],
+                           ['weight', 'lstm.1.weight_ih', 102],
+                           ['weight', 'lstm.1.weight_ih', 103],
+                           ['weight', 'lstm.1.weight_ih', 104],
+                           ['weight', 'lstm.1.weight_ih', 105],
+                           ['weight', 'lstm.1.weight_ih', 106],
+                           ['weight', 'lstm.1.weight_ih', 107],
+                           ['weight', 'lstm.1.weight_ih', 108],
+                           ['weight', 'lstm.1.weight_ih', 109],
+                           ['weight', 'lstm.1.weight_ih', 110],
+                           ['weight', 'lstm.1.weight_ih', 111],
+                           ['weight', 'lstm.1.weight_ih', 112],
+                           ['weight', 'lstm.1.weight_ih', 113],
+                           ['weight', 'lstm.1.weight_ih', 114],
+                           ['weight', 'lstm.1.weight_ih', 115],
+                           ['weight', 'lstm.1.weight_ih', 116],
+                           ['weight', 'lstm.1.weight_ih', 117],
+                           ['weight', 'lstm.1.weight_ih', 118],
+                           ['weight', 'lstm.1.weight_ih', 119],
+                           ['weight', 'lstm.1.weight_ih', 120],
+                           ['weight', 'lstm.1.weight_ih', 121],
+                           ['weight', 'lstm.1.weight_ih', 122],
+                           ['weight', 'lstm.1.weight_ih', 123],
+                           ['weight', 'lstm.1.weight_ih', 124],
+                           ['weight', 'lstm.1.weight_ih', 125],
+                           ['weight', 'lstm.1.weight_ih', 126],
+                           ['weight', 'lstm.1.weight_ih', 127],
+                           ['weight', 'lstm.1.weight_ih', 128],
+                           ['weight', 'lstm.1.weight_ih', 129],
+                           ['weight', 'lstm.1.weight_ih', 130],
+                           ['weight', 'lstm.1.weight_ih', 131],
+                           ['weight', 'lstm.1.weight_ih', 132],
+                           ['weight', 'lstm.1.weight_ih', 133],
+                           ['weight', 'lstm.1.weight_ih', 134],
+                           ['weight', 'lstm.1.weight_ih', 135],
+                           ['weight', 'lstm.1.weight_ih', 136],
+                           ['weight', 'lstm.1.weight_ih', 137],
+                           ['weight', 'lstm.1.weight_ih', 138],
+                           ['weight', 'lstm.1.weight_ih', 139],
+                           ['weight', 'lstm.1.weight_ih', 140],
+                           ['weight', 'lstm.1.weight_ih', 141],
+                           ['weight', 'lstm.1.weight_ih', 142],
+                           ['weight', 'lstm.1.weight_ih', 143],
+                           ['weight', 'lstm.1.weight_ih', 144],
+                           ['weight', 'lstm.1.weight_ih', 145],
+                           ['weight', 'lstm.1.weight_ih', 146],
+                           ['weight', 'lstm.1.weight_ih', 147],
+                           ['weight', 'lstm.1.weight_ih', 148],
+                           ['weight', 'lstm.1.weight_ih', 149],
+                           ['weight', 'lstm.1.weight_ih', 150],
+                           ['weight', 'lstm.1.weight_ih', 151],
+                           ['weight', 'lstm.1.weight_ih', 152],
+                           ['weight', 'lstm.1.weight_ih', 153],
+                           ['weight', 'lstm.1.weight_ih', 154],
+                           ['weight', 'lstm.1.weight_ih', 155],
+                           ['weight', 'lstm.1.weight_ih', 156],
+                           ['weight', 'lstm.1.weight_ih', 157],
+                           ['weight', 'lstm.1.weight_ih', 158],
+                           ['weight', 'lstm.1.weight_ih', 159],
+                           ['weight', 'lstm.1.weight_ih', 160],
+                           ['weight', 'lstm.1.weight_ih', 161],
+                           ['weight', 'lstm.1.weight_ih', 162],
+                           ['weight', 'lstm.1.weight_ih', 163],
+                           ['weight', 'lstm.1.weight_ih', 164],
+                           ['weight', 'lstm.1.weight_ih', 165],
+                           ['weight', 'lstm.1.weight_ih', 166],
+                           ['weight', 'lstm.1.weight_ih', 167],
+                           ['weight', 'lstm.1.weight_ih', 168],
+                           ['weight', 'lstm.1.weight_ih', 169],
+                           ['weight', 'lstm.1.weight_ih', 170],
+                           ['weight', 'lstm.1.weight_ih', 171],
+                           ['weight', 'lstm.1.weight_ih', 172],
+                           ['weight', 'lstm.1.weight_ih', 173],
+                           ['weight', 'lstm.1.weight_ih', 174],
+                           ['weight', 'lstm.1.weight_ih', 175],
+                           ['weight', 'lstm.1.weight_ih', 176],
+                           ['weight', 'lstm.1.weight_ih', 177],
+                           ['weight', 'lstm.1.weight_ih', 178],
+                           ['weight', 'lstm.1.weight_ih', 179],
+                           ['weight', 'lstm.1.weight_ih', 180],
+                           ['weight', 'lstm.1.weight_ih', 181],
+                           ['weight', 'lstm.1.weight_ih', 182],
+                           ['weight', 'lstm.1.weight_ih', 183],
+                           ['weight', 'lstm.1.weight_ih', 184],
+                           ['weight', 'lstm.1.weight_ih', 185],
+                           ['weight', 'lstm.1.weight_ih', 186],
+                           ['weight', 'lstm.1.weight_ih', 187],
+                           ['weight', 'lstm.1.weight_ih', 188],
+                           ['weight', 'lstm.1.weight_ih', 189],
+                           ['weight', 'lstm.1.weight_ih', 190],
+                           ['weight', 'lstm.1.weight_ih', 191],
+                           ['weight', 'lstm.1.weight_ih', 192],
+                           ['weight', 'lstm.1.weight_ih', 193],
+                           ['weight', 'lstm.1.weight_ih', 194],
+                           ['weight', 'lstm.1.weight_ih', 195],
+                           ['weight', 'lstm.1.weight_ih', 196],
+                           ['weight', 'lstm.1.weight_ih', 197],
+                           ['weight', 'lstm.1.weight_ih', 198],
+                           ['weight', 'lstm.1.weight_ih', 199],
+                           ['weight', 'lstm.1.weight_ih', 200],
+                           ['weight', 'lstm.1.weight_ih', 201],
+                           ['weight', 'lstm.1.weight_ih', 202],
+                           ['weight', 'lstm.1.weight_ih', 203],
+                           ['weight', 'lstm.1.weight_ih', 204],
+                           ['weight', 'lstm.1.weight_ih', 205],
+                           ['weight', 'lstm.1.weight_ih', 206],
+                           ['weight', 'lstm.1.weight_ih', 207],
+                           ['weight', 'lstm.1.weight_ih', 208],
+                           ['weight', 'lstm.1.weight_ih', 209],
+                           ['weight', 'lstm.1.weight_ih', 210],
+                           ['weight', 'lstm.1.weight_ih', 211],
+                           ['weight', 'lstm.1.weight_ih', 212],
+                           ['weight', 'lstm.1.weight_ih', 213],
+                           ['weight', 'lstm.1.weight_ih', 214],
+                           ['weight', 'lstm.1.weight_ih', 215],
+                           ['weight', 'lstm.1.weight_ih', 216],
+                           ['weight', 'lstm.1.weight_ih', 217],
+                           ['weight', 'lstm.1.weight_ih', 218],
+                           ['weight', 'lstm.1.weight_ih', 219],
+                           ['weight', 'lstm.1.weight_ih', 220],
+                           ['weight', 'lstm.1.weight_ih', 221],
+                           ['weight', 'lstm.1.weight_ih', 222],
+                           ['weight', 'lstm.1.weight_ih', 223],
+                           ['weight', 'lstm.1.weight_ih', 224],
+                           ['weight', 'lstm.1.weight_ih', 225],
+                           ['weight', 'lstm.1.weight_ih', 226],
+                           ['weight', 'lstm.1.weight_ih', 227],
+                           ['weight', 'lstm.1.weight_ih', 228],
+                           ['weight', 'lstm.1.weight_ih', 229],
+                           ['weight', 'lstm.1.weight_ih', 230],
+                           ['weight', 'lstm.1.weight_ih', 231],
+                           ['weight', 'lstm.1.weight_ih', 232],
+                           ['weight', 'lstm.1.weight_ih', 233],
+                           ['weight', 'lstm.1.weight_ih', 234],
+                           ['weight', 'lstm.1.weight_ih', 235],
+                           ['weight', 'lstm.1.weight_ih', 236],
+                           ['weight', 'lstm.1.weight_ih', 237],
+                           ['weight', 'lstm.1.weight_ih', 238],
+                           ['weight', 'lstm.1.weight_ih', 239],
+                           ['weight', 'lstm.1.weight_ih', 240],
+                           ['weight', 'lstm.1.weight_ih', 241],
+                           ['weight', 'lstm.1.weight_ih', 242],
+                           ['weight', 'lstm.1.weight_ih', 243],
+                           ['weight', 'lstm.1.weight_ih', 244],
+                           ['weight', 'lstm.1.weight_ih', 245],
+                           ['weight', 'lstm.1.weight_ih', 246],
+                           ['weight', 'lstm.1.weight_ih', 247],
+                           ['weight', 'lstm.1.weight_ih', 248],
+                           ['weight', 'lstm.1.weight_ih', 249],
+                           ['weight', 'lstm.1.weight_ih', 250],
+                           ['weight', 'lstm.1.weight_ih', 251],
+                           ['weight', 'lstm.1.weight_ih', 252],
+                           ['weight', 'lstm.1.weight_ih', 253],
+                           ['weight', 'lstm.1.weight_ih', 254],
+                           ['weight', 'lstm.1.weight_ih', 255],
+                           ['weight', 'lstm.1.weight_ih', 256],
+                           ['weight', 'lstm.1.weight_ih', 257],
+                           ['weight', 'lstm.1.weight_ih', 258],
+                           ['weight', 'lstm.1.weight_ih', 259],
+                           ['weight', 'lstm.1.weight_ih', 260],
+                           ['weight', 'lstm.1.weight_ih', 261],
+                           ['weight', 'lstm.1.weight_ih', 262],
+                           ['weight', 'lstm.1.weight_ih', 263],
+                           ['weight', 'lstm.1.weight_ih', 264],
+                           ['weight', 'lstm.1.weight_ih', 265],
+                           ['weight', 'lstm.1.weight_ih', 266],
+                           ['weight', 'lstm.1.weight_ih', 267],
+                           ['weight', 'lstm.1.weight_ih', 268],
+                           ['weight', 'lstm.1.weight_ih', 269],
+                           ['weight', 'lstm.1.weight_ih', 270],
+                           ['weight', 'lstm.1.weight_ih', 271],
+                           ['weight', 'lstm.1.weight_ih', 272],
+                           ['weight', 'lstm.1.weight_ih', 273],
+                           ['weight', 'lstm.1.weight_ih', 274],
+                           ['weight', 'lstm.1.weight_ih', 275],
+                           ['weight', 'lstm.1.weight_ih', 276],
+                           ['weight', 'lstm.1.weight_ih', 277],
+                           ['weight', 'lstm.1.weight_ih', 278],
+                           ['weight', 'lstm.1.weight_ih', 279],
+                           ['weight', 'lstm.1.weight_ih', 280],
+                           ['weight', 'lstm.1.weight_ih', 281],
+                           ['weight', 'lstm.1.weight_ih', 282],
+                           ['weight', 'lstm.1.weight_ih', 283],
+                           ['weight', 'lstm.1.weight_ih', 284],
+                           ['weight', 'lstm.1.weight_ih', 285],
+                           ['weight', 'lstm.1.weight_ih', 286],
+                           ['weight', 'lstm.1.weight_ih', 287],
+                           ['weight', 'lstm.1.weight_ih', 288],
+                           ['weight', 'lstm.1.weight_ih', 289],
+                           ['weight', 'lstm.1.weight_ih', 290],
+                           ['weight', 'lstm.1.weight_ih', 291],
+                           ['weight', 'lstm.1.weight_ih', 292],
+                           ['weight', 'lstm.1.weight_ih', 293],
+                           ['weight', 'lstm.1.weight_ih', 294],
+                           ['weight', 'lstm.1.weight_ih', 295],
+                           ['weight', 'lstm.1.weight_ih', 296],
+                           ['weight', 'lstm.1.weight_ih', 297],
+                           ['weight', 'lstm.1.weight_ih', 298],
+                           ['weight', 'lstm.1.weight_ih', 299],
+                           ['weight', 'lstm.1.weight_ih', 300],
+                           ['weight', 'lstm.1.weight_ih', 301],
+                           ['weight', 'lstm.1.weight_ih', 302],
+                           ['weight', 'lstm.1.weight_ih', 303],
+                           ['weight', 'lstm.1.weight_ih', 304],
+                           ['weight', 'lstm.1.weight_ih', 305],
+                           ['weight', 'lstm.1.weight_ih', 306],
+                           ['weight', 'lstm.1.weight_ih', 307],
+                           ['weight', 'lstm.1.weight_ih', 308],
+                           ['weight', 'lstm.1.weight_ih', 309],
+                           ['weight', 'lstm.1.weight_ih', 310],
+                           ['weight', 'lstm.1.weight_ih', 311],
+                           ['weight', 'lstm.1.weight_ih', 312],
+                           ['weight', 'lstm.1.weight_ih', 313],
+                           ['weight', 'lstm.1.weight_ih', 314],
+                           ['weight', 'lstm.1.weight_ih', 315],
+                           ['weight', 'lstm.1.weight_ih', 316],
+                           ['weight', 'lstm.1.weight_ih', 317],
+                           ['weight', 'lstm.1.weight_ih', 318],
+                           ['weight', 'lstm.1.weight_ih', 319],
+                           ['weight', 'lstm.1.weight_ih', 320],
+                           ['weight', 'lstm.1.weight_ih', 321],
+                           ['weight', 'lstm.1.weight_ih', 322],
+                           ['weight', 'lstm.1.weight_ih', 323],
+                           ['weight', 'lstm.1.weight_ih', 324],
+                           ['weight', 'lstm.1.weight_ih', 325],
+                           ['weight', 'lstm.1.weight_ih', 326],
+                           ['weight', 'lstm.1.weight_ih', 327],
+                           ['weight', 'lstm.1.weight_ih', 328],
+                           ['weight', 'lstm.1.weight_ih', 329],
+                           ['weight', 'lstm.1.weight_ih', 330],
+                           ['weight', 'lstm.1.weight_ih', 331],
+                           ['weight', 'lstm.1.weight_ih', 332],
+                           ['weight', 'lstm.1.weight_ih', 333],
+                           ['weight', 'lstm.1.weight_ih', 334],
+                           ['weight', 'lstm.1.weight_ih', 335],
+                           ['weight', 'lstm.1.weight_ih', 336],
+                           ['weight', 'lstm.1.weight_ih', 337],
+                           ['weight', 'lstm.1.weight_ih', 338],
+                           ['weight', 'lstm.1.weight_ih', 339],
+                           ['weight', 'lstm.1.weight_ih', 340],
+                           ['weight', 'lstm.1.weight_ih', 341],
+                           ['weight', 'lstm.1.weight_ih', 342],
+                           ['weight', 'lstm.1.weight_ih', 343],
+                           ['weight', 'lstm.1.weight_ih', 344],
+                           ['weight', 'lstm.1.weight_ih', 345],
+                           ['weight', 'lstm.1.weight_ih', 346],
+                           ['weight', 'lstm.1.weight_ih', 347],
+                           ['weight', 'lstm.1.weight_ih', 348],
+                           ['weight', 'lstm.1.weight_ih', 349],
+                           ['weight', 'lstm.1.weight_ih', 350],
+                           ['weight', 'lstm.1.weight_ih', 351],
+                           ['weight', 'lstm.1.weight_ih', 352],
+                           ['weight', 'lstm.1.weight_ih', 353],
+                           ['weight', 'lstm.1.weight_ih', 354],
+                           ['weight', 'lstm.1.weight_ih', 355],
+                           ['weight', 'lstm.1.weight_ih', 356],
+                           ['weight', 'lstm.1.weight_ih', 357],
+                           ['weight', 'lstm.1.weight_ih', 358],
+                           ['weight', 'lstm.1.weight_ih', 359],
+                           ['weight', 'lstm.1.weight_ih', 360],
+                           ['weight', 'lstm.1.weight_ih', 361],
+                           ['weight', 'lstm.1.weight_ih', 362],
+                           ['weight', 'lstm.1.weight_ih', 363],
+                           ['weight', 'lstm.1.weight_ih', 364],
+                           ['weight', 'lstm.1.weight_ih', 365],
+                           ['weight', 'lstm.1.weight_ih', 366],
+                           ['weight', 'lstm.1.weight_ih', 367],
+                           ['weight', 'lstm.1.weight_ih', 368],
+                           ['weight', 'lstm.1.weight_ih', 369],
+                           ['weight', 'lstm.1.weight_ih', 370],
+                           ['weight', 'lstm.1.weight_ih', 371],
+                           ['weight', 'lstm.1.weight_ih', 372],
+                           ['weight', 'lstm.1.weight_ih', 373],
+                           ['weight', 'lstm.1.weight_ih', 374],
+                           ['weight', 'lstm.1.weight_ih', 375],
+                           ['weight', 'lstm.1.weight_ih', 376],
+                           ['weight', 'lstm.1.weight_ih', 377],
+                           ['weight', 'lstm.1.weight_ih', 378],
+                           ['weight', 'lstm.1.weight_ih', 379],
+                           ['weight', 'lstm.1.weight_ih', 380],
+                           ['weight', 'lstm.1.weight_ih', 381],
+                           ['weight', 'lstm.1.weight_ih', 382],
+                           ['weight', 'lstm.1.weight_ih', 383],
+                           ['weight', 'lstm.1.weight_ih', 384],
+                           ['weight', 'lstm.1.weight_ih', 385],
+                           ['weight', 'lstm.1.weight_ih', 386],
+                           ['weight', 'lstm.1.weight_ih', 387],
+                           ['weight', 'lstm.1.weight_ih', 388],
+                           ['weight', 'lstm.1.weight_ih', 389],
+                           ['weight', 'lstm.1.weight_ih', 390],
+                           ['weight', 'lstm.1.weight_ih', 391],
+                           ['weight', 'lstm.1.weight_ih', 392],
+                           ['weight', 'lstm.1.weight_ih', 393],
+                           ['weight', 'lstm.1.weight_ih', 394],
+                           ['weight', 'lstm.1.weight_ih', 395],
+                           ['weight', 'lstm.1.weight_ih', 396],
+                           ['weight', 'lstm.1.weight_ih', 397],
+                           ['weight', 'lstm.1.weight_ih', 398],
+                           ['weight', 'lstm.1.weight_ih', 399],
+                           ['weight', 'lstm.1.weight_ih', 400],
+                           ['weight', 'lstm.1.weight_ih', 401],
+                           ['weight', 'lstm.1.weight_ih', 402],
+                           ['weight', 'lstm.1.weight_ih', 403],
+                           ['weight', 'lstm.1.weight_ih', 404],
+                           ['weight', 'lstm.1.weight_ih', 405],
+                           ['weight', 'lstm.1.weight_ih', 406],
+                           ['weight', 'lstm.1.weight_ih', 407],
+                           ['weight', 'lstm.1.weight_ih', 408],
+                           ['weight', 'lstm.1.weight_ih', 409],
+                           ['weight', 'lstm.1.weight_ih', 410],
+                           ['weight', 'lstm.1.weight_ih', 411],
+                           ['weight', 'lstm.1.weight_ih', 412],
+                           ['weight', 'lstm.1.weight_ih', 413],
+                           ['weight', 'lstm.1.weight_ih', 414],
+                           ['weight', 'lstm.1.weight_ih', 415],
+                           ['weight', 'lstm.1.weight_ih', 416],
+                           ['weight', 'lstm.1.weight_ih', 417],
+                           ['weight', 'lstm.1.weight_ih', 418],
+                           ['weight', 'lstm.1.weight_ih', 419],
+                           ['weight', 'lstm.1.weight_ih', 420],
+                           ['weight', 'lstm.1.weight_ih', 421],
+                           ['weight', 'lstm.1.weight_ih', 422],
+                           ['weight', 'lstm.1.weight_ih', 423],
+                           ['weight', 'lstm.1.weight_ih', 424],
+                           ['weight', 'lstm.1.weight_ih', 425],
+                           ['weight', 'lstm.1.weight_ih', 426],
+                           ['weight', 'lstm.1.weight_ih', 427],
+                           ['weight', 'lstm.1.weight_ih', 428],
+                           ['weight', 'lstm.1.weight_ih', 429],
+                           ['weight', 'lstm.1.weight_ih', 430],
+                           ['weight', 'lstm.1.weight_ih', 431],
+                           ['weight', 'lstm.1.weight_ih', 432],
+                           ['weight', 'lstm.1.weight_ih', 433],
+                           ['weight', 'lstm.1.weight_ih', 434],
+                           ['weight', 'lstm.1.weight_ih', 435],
+                           ['weight', 'lstm.1.weight_ih', 436],
+                           ['weight', 'lstm.1.weight_ih', 437],
+                           ['weight', 'lstm.1.weight_ih', 438],
+                           ['weight', 'lstm.1.weight_ih', 439],
+                           ['weight', 'lstm.1.weight_ih', 440],
+                           ['weight', 'lstm.1.weight_ih', 441],
+                           ['weight', 'lstm.1.weight_ih', 442],
+                           ['weight', 'lstm.1.weight_ih', 443],
+                           ['weight', 'lstm.1.weight_ih', 444],
+                           ['weight', 'lstm.1.weight_ih', 445],
+                           ['weight', 'lstm.1.weight_ih', 446],
+                           ['weight', 'lstm.1.weight_ih', 447],
+                           ['weight', 'lstm.1.weight_ih', 448],
+                           ['weight', 'lstm.1.weight_ih', 449],
+                           ['weight', 'lstm.1.weight_ih', 450],
+                           ['weight', 'lstm.1.weight_ih', 451],
+                           ['weight', 'lstm.1.weight_ih', 452],
+                           ['weight', 'lstm.1.weight_ih', 453],
+                           ['weight', 'lstm.1.weight_ih', 454],
+                           ['weight', 'lstm.1.weight_ih', 455],
+                           ['weight', 'lstm.1.weight_ih', 456],
+                           ['weight', 'lstm.1.weight_ih', 457],
+                           ['weight', 'lstm.1.weight_ih', 458],
+                           ['weight', 'lstm.1.weight_ih', 459],
+                           ['weight', 'lstm.1.weight_ih', 460],
+                           ['weight', 'lstm.1.weight_ih', 461],
+                           ['weight', 'lstm.1.weight_ih', 462],
+                           ['weight', 'lstm.1.weight_ih', 463],
+                           ['weight', 'lstm.1.weight_ih', 464],
+                           ['weight', 'lstm.1.weight_ih', 465],
+                           ['weight', 'lstm.1.weight_ih', 466],
+                           ['weight', 'lstm.1.weight_ih', 467],
+                           ['weight', 'lstm.1.weight_ih', 468],
+                           ['weight', 'lstm.1.weight_ih', 469],
+                           ['weight', 'lstm.1.weight_ih', 470],
+                           ['weight', 'lstm.1.weight_ih', 471],
+                           ['weight', 'lstm.1.weight_ih', 472],
+                           ['weight', 'lstm.1.weight_ih', 473],
+                           ['weight', 'lstm.1.weight_ih', 474],
+                           ['weight', 'lstm.1.weight_ih', 475],
+                           ['weight', 'lstm.1.weight_ih', 476],
+                           ['weight', 'lstm.1.weight_ih', 477],
+                           ['weight', 'lstm.1.weight_ih', 478],
+                           ['weight', 'lstm.1.weight_ih', 479],
+                           ['weight', 'lstm.1.weight_ih', 480],
+                           ['weight', 'lstm.1.weight_ih', 481],
+                           ['weight', 'lstm.1.weight_ih', 482],
+                           ['weight', 'lstm.1.weight_ih', 483],
+                           ['weight', 'lstm.1.weight_ih', 484],
+                           ['weight', 'lstm.1.weight_ih', 485],
+                           ['weight', 'lstm.1.weight_ih', 486],
+                           ['weight', 'lstm.1.weight_ih', 487],
+                           ['weight', 'lstm.1.weight_ih', 488],
+                           ['weight', 'lstm.1.weight_ih', 489],
+                           ['weight', 'lstm.1.weight_ih', 490],
+                           ['weight', 'lstm.1.weight_ih', 491],
+                           ['weight', 'lstm.1.weight_ih', 492],
+                           ['weight', 'lstm.1.weight_ih', 493],
+                           ['weight', 'lstm.1.weight_ih', 494],
+                           ['weight', 'lstm.1.weight_ih', 495],
+                           ['weight', 'lstm.1.weight_ih', 496],
+                           ['weight', 'lstm.1.weight_ih', 497],
+                           ['weight', 'lstm.1.weight_ih', 498],
+                           ['weight', 'lstm.1.weight_ih', 499],
+                           ['weight', 'lstm.1.weight_ih', 500],
+                           ['weight', 'lstm.1.weight_ih', 501],
+                           ['weight', 'lstm.1.weight_ih', 502],
+                           ['weight', 'lstm.1.weight_ih', 503],
+                           ['weight', 'lstm.1.weight_ih', 504],
+                           ['weight', 'lstm.1.weight_ih', 505],
+                           ['weight', 'lstm.1.weight_ih', 506],
+                           ['weight', 'lstm.1.weight_ih', 507],
+                           ['weight', 'lstm.1.weight_ih', 508],
+                           ['weight', 'lstm.1.weight_ih', 509],
+                           ['weight', 'lstm.1.weight_ih', 510],
+                           ['weight', 'lstm.1.weight_ih', 511],
+                           ['weight', 'lstm.1.weight_ih', 512],
+                           ['weight', 'lstm.1.weight_ih', 513],
+                           ['weight', 'lstm.1.weight_ih', 514],
+                           ['weight', 'lstm.1.weight_ih', 515],
+                           ['weight', 'lstm.1.weight_ih', 516],
+                           ['weight', 'lstm.1.weight_ih', 517],
+                           ['weight', 'lstm.1.weight_ih', 518],
+                           ['weight', 'lstm.1.weight_ih', 519],
+                           ['weight', 'lstm.1.weight_ih', 520],
+                           ['weight', 'lstm.1.weight_ih', 521],
+                           ['weight', 'lstm.1.weight_ih', 522],
+                           ['weight', 'lstm.1.weight_ih', 523],
+                           ['weight', 'lstm.1.weight_ih', 524],
+                           ['weight', 'lstm.1.weight_ih', 525],
+                           ['weight', 'lstm.1.weight_ih', 526],
+                           ['weight', 'lstm.1.weight_ih', 527],
+                           ['weight', 'lstm.1.weight_ih', 528],
+                           ['weight', 'lstm.1.weight_ih', 529],
+                           ['weight', 'lstm.1.weight_ih', 530],
+                           ['weight', 'lstm.1.weight_ih', 531],
+                           ['weight', 'lstm.1.weight_ih', 532],
+                           ['weight', 'lstm.1.weight_ih', 533],
+                           ['weight', 'lstm.1.weight_ih', 534],
+                           ['weight', 'lstm.1.weight_ih', 535],
+                           ['weight', 'lstm.1.weight_ih', 536],
+                           ['weight', 'lstm.1.weight_ih', 537],
+                           ['weight', 'lstm.1.weight_ih', 538],
+                           ['weight', 'lstm.1.weight_ih', 539],
+                           ['weight', 'lstm.1.weight_ih', 540],
+                           ['weight', 'lstm.1.weight_ih', 541],
+                           ['weight', 'lstm.1.weight_ih', 542],
+                           ['weight', 'lstm.1.weight_ih', 543],
+                           ['weight', 'lstm.1.weight_ih', 544],
+                           ['weight', 'lstm.1.weight_ih', 545],
+                           ['weight', 'lstm.1.weight_ih', 546],
+                           ['weight', 'lstm.1.weight_ih', 547],
+                           ['weight', 'lstm.1.weight_ih', 548],
+                           ['weight', 'lstm.1.weight_ih', 549],
+                           ['weight', 'lstm.1.weight_ih', 550],
+                           ['weight', 'lstm.1.weight_ih', 551],
+                           ['weight', 'lstm.1.weight_ih', 552],
+                           ['weight', 'lstm.1.weight_ih', 553],
+                           ['weight', 'lstm.1.weight_ih', 554],
+                           ['weight', 'lstm.1.weight_ih', 555],
+                           ['weight', 'lstm.1.weight_ih', 556],
+                           ['weight', 'lstm.1.weight_ih', 557],
+                           ['weight', 'lstm.1.weight_ih', 558],
+                           ['weight', 'lstm.1.weight_ih', 559],
+                           ['weight', 'lstm.1.weight_ih', 560],
+                           ['weight', 'lstm.1.weight_ih', 561],
+                           ['weight', 'lstm.1.weight_ih', 562],
+                           ['weight', 'lstm.1.weight_ih', 563],
+                           ['weight', 'lstm.1.weight_ih', 564],
+                           ['weight', 'lstm.1.weight_ih', 565],
+                           ['weight', 'lstm.1.weight_ih', 566],
+                           ['weight', 'lstm.1.weight_ih', 567],
+                           ['weight', 'lstm.1.weight_ih', 568],
+                           ['weight', 'lstm.1.weight_ih', 569],
+                           ['weight', 'lstm.1.weight_ih', 570],
+                           ['weight', 'lstm.1.weight_ih', 571],
+                           ['weight', 'lstm.1.weight_ih', 572],
+                           ['weight', 'lstm.1.weight_ih', 573],
+                           ['weight', 'lstm.1.weight_ih', 574],
+                           ['weight', 'lstm.1.weight_ih', 575],
+                           ['weight', 'lstm.1.weight_ih', 576],
+                           ['weight', 'lstm.1.weight_ih', 577],
+                           ['weight', 'lstm.1.weight_ih', 578],
+                           ['weight', 'lstm.1.weight_ih', 579],
+                           ['weight', 'lstm.1.weight_ih', 580],
+                           ['weight', 'lstm.1.weight_ih', 581],
+                           ['weight', 'lstm.1.weight_ih', 582],
+                           ['weight', 'lstm.1.weight_ih', 583],
+                           ['weight', 'lstm.1.weight_ih', 584],
+                           ['weight', 'lstm.1.weight_ih', 585],
+                           ['weight', 'lstm.1.weight_ih', 586],
+                           ['weight', 'lstm.1.weight_ih', 587],
+                           ['weight', 'lstm.1.weight_ih', 588],
+                           ['weight', 'lstm.1.weight_ih', 589],
+                           ['weight', 'lstm.1.weight_ih', 590],
+                           ['weight', 'lstm.1.weight_ih', 591],
+                           ['weight', 'lstm.1.weight_ih', 592],
+                           ['weight', 'lstm.1.weight_ih', 593],
+                           ['weight', 'lstm.1.weight_ih', 594],
+                           ['weight', 'lstm.1.weight_ih', 595],
+                           ['weight', 'lstm.1.weight_ih', 596],
+                           ['weight', 'lstm.1.weight_ih', 597],
+                           ['weight', 'lstm.1.weight_ih', 598],
+                           ['weight', 'lstm.1.weight_ih', 599],
+                           ['weight', 'lstm.1.weight_ih', 600],
+                           ['weight', 'lstm.1.weight_ih', 601],
+                           ['weight', 'lstm.1.weight_ih', 602],
+                           ['weight', 'lstm.1.weight_ih', 603],
+                           ['weight', 'lstm.1.weight_ih', 604],
+                           ['weight', 'lstm.1.weight_ih', 605],
+                           ['weight', 'lstm.1.weight_ih', 606],
+                           ['weight', 'lstm.1.weight_ih', 607],
+                           ['weight', 'lstm.1.weight_ih', 608],
+                           ['weight', 'lstm.1.weight_ih', 609],
+                           ['weight', 'lstm.1.weight_ih', 610],
+                           ['weight', 'lstm.1.weight_ih', 611],
+                           ['weight', 'lstm.1.weight_ih', 612],
+                           ['weight', 'lstm.1.weight_ih', 613],
+                           ['weight', 'lstm.1.weight_ih', 614],
+                           ['weight', 'lstm.1.weight_ih', 615],
+                           ['weight', 'lstm.1.weight_ih', 616],
+                           ['weight', 'lstm.1.weight_ih', 617],
+                           ['weight', 'lstm.1.weight_ih', 618],
+                           ['weight', 'lstm.1.weight_ih', 619],
+                           ['weight', 'lstm.1.weight_ih', 620],
+                           ['weight', 'lstm.1.weight_ih', 621],
+                           ['weight', 'lstm.1.weight_ih', 622],
+                           ['weight', 'lstm.1.weight_ih', 623],
+                           ['weight', 'lstm.1.weight_ih', 624],
+                           ['weight', 'lstm.1.weight_ih', 625],
+                           ['weight', 'lstm.1.weight_ih', 626],
+                           ['weight', 'lstm.1.weight_ih', 627],
+                           ['weight', 'lstm.1.weight_ih', 628],
+                           ['weight', 'lstm.1.weight_ih', 629],
+                           ['weight', 'lstm.1.weight_ih', 630],
+                           ['weight', 'lstm.1.weight_ih', 631],
+                           ['weight', 'lstm.1.weight_ih', 632],
+                           ['weight', 'lstm.1.weight_ih', 633],
+                           ['weight', 'lstm.1.weight_ih', 634],
+                           ['weight', 'lstm.1.weight_ih', 635],
+                           ['weight', 'lstm.1.weight_ih', 636],
+                           ['weight', 'lstm.1.weight_ih', 637],
+                           ['weight', 'lstm.1.weight_ih', 638],
+                           ['weight', 'lstm.1.weight_ih', 639],
+                           ['weight', 'lstm.1.weight_ih', 640],
+                           ['weight', 'lstm.1.weight_ih', 641],
+                           ['weight', 'lstm.1.weight_ih', 642],
+                           ['weight', 'lstm.1.weight_ih', 643],
+                           ['weight', 'lstm.1.weight_ih', 644],
+                           ['weight', 'lstm.1.weight_ih', 645],
+                           ['weight', 'lstm.1.weight_ih', 646],
+                           ['weight', 'lstm.1.weight_ih', 647],
+                           ['weight', 'lstm.1.weight_ih', 648],
+                           ['weight', 'lstm.1.weight_ih', 649],
+                           ['weight', 'lstm.1.weight_ih', 650],
+                           ['weight', 'lstm.1.weight_ih', 651],
+                           ['weight', 'lstm.1.weight_ih', 652],
+                           ['weight', 'lstm.1.weight_ih', 653],
+                           ['weight', 'lstm.1.weight_ih', 654],
+                           ['weight', 'lstm.1.weight_ih', 655],
+                           ['weight', 'lstm.1.weight_ih', 656],
+                           ['weight', 'lstm.1.weight_ih', 657],
+                           ['weight', 'lstm.1.weight_ih', 658],
+                           ['weight', 'lstm.1.weight_ih', 659],
+                           ['weight', 'lstm.1.weight_ih', 660],
+                           ['weight', 'lstm.1.weight_ih', 661],
+                           ['weight', 'lstm.1.weight_ih', 662],
+                           ['weight', 'lstm.1.weight_ih', 663],
+                           ['weight', 'lstm.1.weight_ih', 664],
+                           ['weight', 'lstm.1.weight_ih', 665],
+                           ['weight', 'lstm.1.weight_ih', 666],
+                           ['weight', 'lstm.1.weight_ih', 667],
+                           ['weight', 'lstm.1.weight_ih', 668],
+                           ['weight', 'lstm.1.weight_ih', 669],
+                           ['weight', 'lstm.1.weight_ih', 670],
+                           ['weight', 'lstm.1.weight_ih', 671],
+                           ['weight', 'lstm.1.weight_ih', 672],
+                           ['weight', 'lstm.1.weight_ih', 673],
+                           ['weight', 'lstm.1.weight_ih', 674],
+                           ['weight', 'lstm.1.weight_ih', 675],
+                           ['weight', 'lstm.1.weight_ih', 676],
+                           ['weight', 'lstm.1.weight_ih', 677],
+                           ['weight', 'lstm.1.weight_ih', 678],
+                           ['weight', 'lstm.1.weight_ih', 679],
+                           ['weight', 'lstm.1.weight_ih', 680],
+                           ['weight', 'lstm.1.weight_ih', 681],
+                           ['weight', 'lstm.1.weight_ih', 682],
+                           ['weight', 'lstm.1.weight_ih', 683],
+                           ['weight', 'lstm.1.weight_ih', 684],
+                           ['weight', 'lstm.1.weight_ih', 685],
+                           ['weight', 'lstm.1.weight_ih', 686],
+                           ['weight', 'lstm.1.weight_ih', 687],
+                           ['weight', 'lstm.1.weight_ih', 688],
+                           ['weight', 'lstm.1.weight_ih', 689],
+                           ['weight', 'lstm.1.weight_ih', 690],
+                           ['weight', 'lstm.1.weight_ih', 691],
+                           ['weight', 'lstm.1.weight_ih', 692],
+                           ['weight', 'lstm.1.weight_ih', 693],
+                           ['weight', 'lstm.1.weight_ih', 694],
+                           ['weight', 'lstm.1.weight_ih', 695],
+                           ['weight', 'lstm.1.weight_ih', 696],
+                           ['weight', 'lstm.1.weight_ih', 697],
+                           ['weight', 'lstm.1.weight_ih', 698],
+                           ['weight', 'lstm.1.weight_ih', 699],
+                           ['weight', 'lstm.1.weight_ih', 700],
+                           ['weight', 'lstm.1.weight_ih', 701],
+                           ['weight', 'lstm.1.weight_ih', 702],
+                           ['weight', 'lstm.1.weight_ih', 703],
+                           ['weight', 'lstm.1.weight_ih', 704],
+                           ['weight', 'lstm.1.weight_ih', 705],
+                           ['weight', 'lstm.1.weight_ih', 706],
+                           ['weight', 'lstm.1.weight_ih', 707],
+                           ['weight', 'lstm.1.weight_ih', 708],
+                           ['weight', 'lstm.1.weight_ih', 709],
+                           ['weight', 'lstm.1.weight_ih', 710],
+                           ['weight', 'lstm.1.weight_ih', 711],
+                           ['weight', 'lstm.1.weight_ih', 712],
+                           ['weight', 'lstm.1.weight_ih', 713],
+                           ['weight', 'lstm.1.weight_ih', 714],
+                           ['weight', 'lstm.1.weight_ih', 715],
+                           ['weight', 'lstm.1.weight_ih', 716],
+                           ['weight', 'lstm.1.weight_ih', 717],
+                           ['weight', 'lstm.1.weight_ih', 718],
+                           ['weight', 'lstm.1.weight_ih', 719],
+                           ['weight', 'lstm.1.weight_ih', 720],
+                           ['weight', 'lstm.1.weight_ih', 721],
+                           ['weight', 'lstm.1.weight_ih', 722],
+                           ['weight', 'lstm.1.weight_ih', 723],
+                           ['weight', 'lstm.1.weight_ih', 724],
+                           ['weight', 'lstm.1.weight_ih', 725],
+                           ['weight', 'lstm.1.weight_ih', 726],
+                           ['weight', 'lstm.1.weight_ih', 727],
+                           ['weight', 'lstm.1.weight_ih', 728],
+                           ['weight', 'lstm.1.weight_ih', 729],
+                           ['weight', 'lstm.1.weight_ih', 730],
+                           ['weight', 'lstm.1.weight_ih', 731],
+                           ['weight', 'lstm.1.weight_ih', 732],
+                           ['weight', 'lstm.1.weight_ih', 733],
+                           ['weight', 'lstm.1.weight_ih', 734],
+                           ['weight', 'lstm.1.weight_ih', 735],
+                           ['weight', 'lstm.1.weight_ih', 736],
+                           ['weight', 'lstm.1.weight_ih', 737],
+                           ['weight', 'lstm.1.weight_ih', 738],
+                           ['weight', 'lstm.1.weight_ih', 739],
+                           ['weight', 'lstm.1.weight_ih', 740],
+                           ['weight', 'lstm.1.weight_ih', 741],
+                           ['weight', 'lstm.1.weight_ih', 742],
+                           ['weight', 'lstm.1.weight_ih', 743],
+                           ['weight', 'lstm.1.weight_ih', 744],
+                           ['weight', 'lstm.1.weight_ih', 745],
+                           ['weight', 'lstm.1.weight_ih', 746],
+                           ['weight', 'lstm.1.weight_ih', 747],
+                           ['weight', 'lstm.1.weight_ih', 748],
+                           ['weight', 'lstm.1.weight_ih', 749],
+                           ['weight', 'lstm.1.weight_ih', 750],
+                           ['weight', 'lstm.1.weight_ih', 751],
+                           ['weight', 'lstm.1.weight_ih', 752],
+                           ['weight', 'lstm.1.weight_ih', 753],
+                           ['weight', 'lstm.1.weight_ih', 754],
+                           ['weight', 'lstm.1.weight_ih', 755],
+                           ['weight', 'lstm.1.weight_ih', 756],
+                           ['weight', 'lstm.1.weight_ih', 757],
+                           ['weight', 'lstm.1.weight_ih', 758],
+                           ['weight', 'lstm.1.weight_ih', 759],
+                           ['weight', 'lstm.1.weight_ih', 760],
+                           ['weight', 'lstm.1.weight_ih', 761],
+                           ['weight', 'lstm.1.weight_ih', 762],
+                           ['weight', 'lstm.1.weight_ih', 763],
+                           ['weight', 'lstm.1.weight_ih', 764],
+                           ['weight', 'lstm.1.weight_ih', 765],
+                           ['weight', 'lstm.1.weight_ih', 766],
+                           ['weight', 'lstm.1.weight_ih', 767],
+                           ['weight', 'lstm.1.weight_ih', 768],
+                           ['weight', 'lstm.1.weight_ih', 769],
+                           ['weight', 'lstm.1.weight_ih', 770],
+                           ['weight', 'lstm.1.weight_ih', 771],
+                           ['weight', 'lstm.1.weight_ih', 772],
+                           ['weight', 'lstm.1.weight_ih', 773],
+                           ['weight', 'lstm.1.weight_ih', 774],
+                           ['weight', 'lstm.1.weight_ih', 775],
+                           ['weight', 'lstm.1.weight_ih', 776],
+                           ['weight', 'lstm.1.weight_ih', 777],
+                           ['weight', 'lstm.1.weight_ih', 778],
+                           ['weight', 'lstm.1.weight_ih', 779],
+                           ['weight', 'lstm.1.weight_ih', 780],
+                           ['weight', 'lstm.1.weight_ih', 781],
+                           ['weight', 'lstm.1.weight_ih', 782],
+                           ['weight', 'lstm.1.weight_ih', 783],
+                           ['weight', 'lstm.1.weight_ih', 784],
+                           ['weight', 'lstm.1.weight_ih', 785],
+                           ['weight', 'lstm.1.weight_ih', 786],
+                           ['weight', 'lstm.1.weight_ih', 787],
+                           ['weight', 'lstm.1.weight_ih', 788],
+                           ['weight', 'lstm.1.weight_ih', 789],
+                           ['weight', 'lstm.1.weight_ih', 790],
+                           ['weight', 'lstm.1.weight_ih', 791],
+                           ['weight', 'lstm.1.weight_ih', 792],
+                           ['weight', 'lstm.1.weight_ih', 793],
+                           ['weight', 'lstm.1.weight_ih', 794],
+                           ['weight', 'lstm.1.weight_ih', 795],
+                           ['weight', 'lstm.1.weight_ih', 796],
+                           ['weight', 'lstm.1.weight_ih', 797],
+                           ['weight', 'lstm.1.weight_ih', 798],
+                           ['weight', 'lstm.1.weight_ih', 799],
+                           ['weight', 'lstm.1.weight_ih', 800],
+                           ['weight', 'lstm.1.weight_ih', 801],
+                           ['weight', 'lstm.1.weight_ih', 802],
+                           ['weight', 'lstm.1.weight_ih', 803],
+                           ['weight', 'lstm.1.weight_ih', 804],
+                           ['weight', 'lstm.1.weight_ih', 805],
+                           ['weight', 'lstm.1.weight_ih', 806],
+                           ['weight', 'lstm.1.weight_ih', 807],
+                           ['weight', 'lstm.1.weight_ih', 808],
+                           ['weight', 'lstm.1.weight_ih', 809],
+                           ['weight', 'lstm.1.weight_ih', 810],
+                           ['weight', 'lstm.1.weight_ih', 811],
+                           ['weight', 'lstm.1.weight_ih', 812],
+                           ['weight', 'lstm.1.weight_ih', 813],
+                           ['weight', 'lstm.1.weight_ih', 814],
+                           ['weight', 'lstm.1.weight_ih', 815],
+                           ['weight', 'lstm.1.weight_ih', 816],
+                           ['weight', 'lstm.1.weight_ih', 817],
+                           ['weight', 'lstm.1.weight_ih', 818],
+                           ['weight', 'lstm.1.weight_ih', 819],
+                           ['weight', 'lstm.1.weight_ih', 820],
+                           ['weight', 'lstm.1.weight_ih', 821],
+                           ['weight', 'lstm.1.weight_ih', 822],
+                           ['weight', 'lstm.1.weight_ih', 823],
+                           ['weight', 'lstm.1.weight_ih', 824],
+                           ['weight', 'lstm.1.weight_ih', 825],
+                           ['weight', 'lstm.1.weight_ih', 826],
+                           ['weight', 'lstm.1.weight_ih', 827],
+                           ['weight', 'lstm.1.weight_ih', 828],
+                           ['weight', 'lstm.1.weight_ih', 829],
+                           ['weight', 'lstm.1.weight_ih', 830],
+                           ['weight', 'lstm.1.weight_ih', 831],
+                           ['weight', 'lstm.1.weight_ih', 832],
+                           ['weight', 'lstm.1.weight_ih', 833],
+                           ['weight', 'lstm.1.weight_ih', 834],
+                           ['weight', 'lstm.1.weight_ih', 835],
+                           ['weight', 'lstm.1.weight_ih', 836],
+                           ['weight', 'lstm.1.weight_ih', 837],
+                           ['weight', 'lstm.1.weight_ih', 838],
+                           ['weight', 'lstm.1.weight_ih', 839],
+                           ['weight', 'lstm.1.weight_ih', 840],
+                           ['weight', 'lstm.1.weight_ih', 841],
+                           ['weight', 'lstm.1.weight_ih', 842],
+                           ['weight', 'lstm.1.weight_ih', 843],
+                           ['weight', 'lstm.1.weight_ih', 844],
+                           ['weight', 'lstm.1.weight_ih', 845],
+                           ['weight', 'lstm.1.weight_ih', 846],
+                           ['weight', 'lstm.1.weight_ih', 847],
+                           ['weight', 'lstm.1.weight_ih', 848],
+                           ['weight', 'lstm.1.weight_ih', 849],
+                           ['weight', 'lstm.1.weight_ih', 850],
+                           ['weight', 'lstm.1.weight_ih', 851],
+                           ['weight', 'lstm.1.weight_ih', 852],
+                           ['weight', 'lstm.1.weight_ih', 853],
+                           ['weight', 'lstm.1.weight_ih', 854],
+                           ['weight', 'lstm.1.weight_ih', 855],
+                           ['weight', 'lstm.1.weight_ih', 856],
+                           ['weight', 'lstm.1.weight_ih', 857],
+                           ['weight', 'lstm.1.weight_ih', 858],
+                           ['weight', 'lstm.1.weight_ih', 859],
+                           ['weight', 'lstm.1.weight_ih', 860],
+                           ['weight', 'lstm.1.weight_ih', 861],
+                           ['weight', 'lstm.1.weight_ih', 862],
+                           ['weight', 'lstm.1.weight_ih', 863],
+                           ['weight', 'lstm.1.weight_ih', 864],
+                           ['weight', 'lstm.1.weight_ih', 865],
+                           ['weight', 'lstm.1.weight_ih', 866],
+                           ['weight', 'lstm.1.weight_ih', 867],
+                           ['weight', 'lstm.1.weight_ih', 868],
+                           ['weight', 'lstm.1.weight_ih', 869],
+                           ['weight', 'lstm.1.weight_ih', 870],
+                           ['weight', 'lstm.1.weight_ih', 871],
+                           ['weight', 'lstm.1.weight_ih', 872],
+                           ['weight', 'lstm.1.weight_ih', 873],
+                           ['weight', 'lstm.1.weight_ih', 874],
+                           ['weight', 'lstm.1.weight_ih', 875],
+                           ['weight', 'lstm.1.weight_ih', 876],
+                           ['weight', 'lstm.1.weight_ih', 877],
+                           ['weight', 'lstm.1.weight_ih', 878],
+                           ['weight', 'lstm.1.weight_ih', 879],
+                           ['weight', 'lstm.1.weight_ih', 880],
+                           ['weight', 'lstm.1.weight_ih', 881],
+                           ['weight', 'lstm.1.weight_ih', 882],
+                           ['weight', 'lstm.1.weight_ih', 883],
+                           ['weight', 'lstm.1.weight_ih', 884],
+                           ['weight', 'lstm.1.weight_ih', 885],
+                           ['weight', 'lstm.1.weight_ih', 886],
+                           ['weight', 'lstm.1.weight_ih', 887],
+                           ['weight', 'lstm.1.weight_ih', 888],
+                           ['weight', 'lstm.1.weight_ih', 889],
+                           ['weight', 'lstm.1.weight_ih', 890],
+                           ['weight', 'lstm.1.weight_ih', 891],
+                           ['weight', 'lstm.1.weight_ih', 892],
+                           ['weight', 'lstm.1.weight_ih', 893],
+                           ['weight', 'lstm.1.weight_ih', 894],
+                           ['weight', 'lstm.1.weight_ih', 895],
+                           ['weight', 'lstm.1.weight_ih', 896],
+                           ['weight', 'lstm.1.weight_ih', 897],
+                           ['weight', 'lstm.1.weight_ih', 898],
+                           ['weight', 'lstm.1.weight_ih', 899],
+                           ['weight', 'lstm.1.weight_ih', 900],
+                           ['weight', 'lstm.1.weight_ih', 901],
+                           ['weight', 'lstm.1.weight_ih', 902],
+                           ['weight', 'lstm.1.weight_ih', 903],
+                           ['weight', 'lstm.1.weight_ih', 904],
+                           ['weight', 'lstm.1.weight_ih', 905],
+                           ['weight', 'lstm.1.weight_ih', 906],
+                           ['weight', 'lstm.1.weight_ih', 907],
+                           ['weight', 'lstm.1.weight_ih', 908],
+                           ['weight', 'lstm.1.weight_ih', 909],
+                           ['weight', 'lstm.1.weight_ih', 910],
+                           ['weight', 'lstm.1.weight_ih', 911],
+                           ['weight', 'lstm.1.weight_ih', 912],
+                           ['weight', 'lstm.1.weight_ih', 913],
+                           ['weight', 'lstm.1.weight_ih', 914],
+                           ['weight', 'lstm.1.weight_ih', 915],
+                           ['weight', 'lstm.1.weight_ih', 916],
+                           ['weight', 'lstm.1.weight_ih', 917],
+                           ['weight', 'lstm.1.weight_ih', 918],
+                           ['weight', 'lstm.1.weight_ih', 919],
+                           ['weight', 'lstm.1.weight_ih', 920],
+                           ['weight', 'lstm.1.weight_ih', 921],
+                           ['weight', 'lstm.1.weight_ih', 922],
+                           ['weight', 'lstm.1.weight_ih', 923],
+                           ['weight', 'lstm.1.weight_ih', 924],
+                           ['weight', 'lstm.1.weight_ih', 925],
+                           ['weight', 'lstm.1.weight_ih', 926],
+                           ['weight', 'lstm.1.weight_ih', 927],
+                           ['weight', 'lstm.1.weight_ih', 928],
+                           ['weight', 'lstm.1.weight_ih', 929],
+                           ['weight', 'lstm.1.weight_ih', 930],
+                           ['weight', 'lstm.1.weight_ih', 931],
+                           ['weight', 'lstm.1.weight_ih', 932],
+                           ['weight', 'lstm.1.weight_ih', 933],
+                           ['weight', 'lstm.1.weight_ih', 934],
+                           ['weight', 'lstm.1.weight_ih', 935],
+                           ['weight', 'lstm.1.weight_ih', 936],
+                           ['weight', 'lstm.1.weight_ih', 937],
+                           ['weight', 'lstm.1.weight_ih', 938],
+                           ['weight', 'lstm.1.weight_ih', 939],
+                           ['weight', 'lstm.1.weight_ih', 940],
+                           ['weight', 'lstm.1.weight_ih', 941],
+                           ['weight', 'lstm.1.weight_ih', 942],
+                           ['weight', 'lstm.1.weight_ih', 943],
+                           ['weight', 'lstm.1.weight_ih', 944],
+                           ['weight', 'lstm.1.weight_ih', 945],
+                           ['weight', 'lstm.1.weight_ih', 946],
+                           ['weight', 'lstm.1.weight_ih', 947],
+                           ['weight', 'lstm.1.weight_ih', 948],
+                           ['weight', 'lstm.1.weight_ih', 949],
+                           ['weight', 'lstm.1.weight_ih', 950],
+                           ['weight', 'lstm.1.weight_ih', 951],
+                           ['weight', 'lstm.1.weight_ih', 952],
+                           ['weight', 'lstm.1.weight_ih', 953],
+                           ['weight', 'lstm.1.weight_ih', 954],
+                           ['weight', 'lstm.1.weight_ih', 955],
+                           ['weight', 'lstm.1.weight_ih', 956],
+                           ['weight', 'lstm.1.weight_ih', 957],
+                           ['weight', 'lstm.1.weight_ih', 958],
+                           ['weight', 'lstm.1.weight_ih', 959],
+                           ['weight', 'lstm.1.weight_ih', 960],
+                           ['weight', 'lstm.1.weight_ih', 961],
+                           ['weight', 'lstm.1.weight_ih', 962],
+                           ['weight', 'lstm.1.weight_ih', 963],
+                           ['weight', 'lstm.1.weight_ih', 964],
+                           ['weight', 'lstm.1.weight_ih', 965],
+                           ['weight', 'lstm.1.weight_ih', 966],
+                           ['weight', 'lstm.1.weight_ih', 967],
+                           ['weight', 'lstm.1.weight_ih', 968],
+                           ['weight', 'lstm.1.weight_ih', 969],
+                           ['weight', 'lstm.1.weight_ih', 970],
+                           ['weight', 'lstm.1.weight_ih', 971],
+                           ['weight', 'lstm.1.weight_ih', 972],
+                           ['weight', 'lstm.1.weight_ih', 973],
+                           ['weight', 'lstm.1.weight_ih', 974],
+                           ['weight', 'lstm.1.weight_ih', 975],
+                           ['weight', 'lstm.1.weight_ih', 976],
+                           ['weight', 'lstm.1.weight_ih', 977],
+                           ['weight', 'lstm.1.weight_ih', 978],
+                           ['weight', 'lstm.1.weight_ih', 979],
+                           ['weight', 'lstm.1.weight_ih', 980],
+                           ['weight', 'lstm.1.weight_ih', 981],
+                           ['weight', 'lstm.1.weight_ih', 982],
+                           ['weight', 'lstm.1.weight_ih', 983],
+                           ['weight', 'lstm.1.weight_ih', 984],
+                           ['weight', 'lstm.1.weight_ih', 985],
+                           ['weight', 'lstm.1.weight_ih', 986],
+                           ['weight', 'lstm.1.weight_ih', 987],
+                           ['weight', 'lstm.1.weight_ih', 988],
+                           ['weight', 'lstm.1.weight_ih', 989],
+                           ['weight', 'lstm.1.weight_ih', 990],
+                           ['weight', 'lstm.1.weight_ih', 991],
+                           ['weight', 'lstm.1.weight_ih', 992],
+                           ['weight', 'lstm.1.weight_ih', 993],
+                           ['weight', 'lstm.1.weight_ih', 994],
+                           ['weight', 'lstm.1.weight_ih', 995],
+                           ['weight', 'lstm.1.weight_ih', 996],
+                           ['weight', 'lstm.1.weight_ih', 997],
+                           ['weight', 'lstm.1.weight_ih', 998],
+                           ['weight', 'lstm.1.weight_ih', 999],
+                           ['weight', 'lstm.1.weight_ih', 1000],
+                           ['weight', 'lstm.1.weight_ih', 1001],
+                           ['weight', 'lstm.1.weight_ih', 1002],
+                           ['weight', 'lstm.1.weight_ih', 1003],
+                           ['weight', 'lstm.1.weight_ih', 1004],
+                           ['weight', 'lstm.1.weight_ih', 1005],
+                           ['weight', 'lstm.1.weight_ih', 1006],
+                           ['weight', 'lstm.1.weight_ih', 1007],
+                           ['weight', 'lstm.1.weight_ih', 1008],
+                           ['weight', 'lstm.1.weight_ih', 1009],
+                           ['weight', 'lstm.1.weight_ih', 1010],
+                           ['weight', 'lstm.1.weight_ih', 1011],
+                           ['weight', 'lstm.1.weight_ih', 1012],
+                           ['weight', 'lstm.1.weight_ih', 1013],
+                           ['weight', 'lstm.1.weight_ih', 1014],
+                           ['weight', 'lstm.1.weight_ih', 1015],
+                           ['weight', 'lstm.1.weight_ih', 1016],
+                           ['weight', 'lstm.1.weight_ih', 1017],
+                           ['weight', 'lstm.1.weight_ih', 1018],
+                           ['weight', 'lstm.1.weight_ih', 1019],
+                           ['weight', 'lstm.1.weight_ih', 1020],
+                           ['weight', 'lstm.1.weight_ih', 1021],
+                           ['weight', 'lstm.1.weight_ih', 1022],
+                           ['weight', 'lstm.1.weight_ih', 1023],
+                           ['weight', 'lstm.1.weight_ih', 1024],
+                           ['weight', 'lstm.1.weight_ih', 1025],
+                           ['weight', 'lstm.1.weight_ih', 1026],
+                           ['weight', 'lstm.1.weight_ih', 1027],
+                           ['weight', 'lstm.1.weight_ih', 1028],
+                           ['weight', 'lstm.1.weight_ih', 1029],
+                           ['weight', 'lstm.1.weight_ih', 1030],
+                           ['weight', 'lstm.1.weight_ih', 1031],
+                           ['weight', 'lstm.1.weight_ih', 1032],
+                           ['weight', 'lstm.1.weight_ih', 1033],
+                           ['weight', 'lstm.1.weight_ih', 1034],
+                           ['weight', 'lstm.1.weight_ih', 1035],
+                           ['weight', 'lstm.1.weight_ih', 1036],
+                           ['weight', 'lstm.1.weight_ih', 1037],
+                           ['weight', 'lstm.1.weight_ih', 1038],
+                           ['weight', 'lstm.1.weight_ih', 1039],
+                           ['weight', 'lstm.1.weight_ih', 1040],
+                           ['weight', 'lstm.1.weight_ih', 1041],
+                           ['weight', 'lstm.1.weight_ih', 1042],
+                           ['weight', 'lstm.1.weight_ih', 1043],
+                           ['weight', 'lstm.1.weight_ih', 1044],
+                           ['weight', 'lstm.1.weight_ih', 1045],
+                           ['weight', 'lstm.1.weight_ih', 1046],
+                           ['weight', 'lstm.1.weight_ih', 1047],
+                           ['weight', 'lstm.1.weight_ih', 1048],
+                           ['weight', 'lstm.1.weight_ih', 1049],
+                           ['weight', 'lstm.1.weight_ih', 1050],
+                           ['weight', 'lstm.1.weight_ih', 1051],
+                           ['weight', 'lstm.1.weight_ih', 1052],
+                           ['weight', 'lstm.1.weight_ih', 1053],
+                           ['weight', 'lstm.1.weight_ih', 1054],
+                           ['weight', 'lstm.1.weight_ih', 1055],
+                           ['weight', 'lstm.1.weight_ih', 1056],
+                           ['weight', 'lstm.1.weight_ih', 1057],
+                           ['weight', 'lstm.1.weight_ih', 1058],
+                           ['weight', 'lstm.1.weight_ih', 1059],
+                           ['weight', 'lstm.1.weight_ih', 1060],
+                           ['weight', 'lstm.1.weight_ih', 1061],
+                           ['weight', 'lstm.1.weight_ih', 1062],
+                           ['weight', 'lstm.1.weight_ih', 1063],
+                           ['weight', 'lstm.1.weight_ih', 1064],
+                           ['weight', 'lstm.1.weight_ih', 1065],
+                           ['weight', 'lstm.1.weight_ih', 1066],
+                           ['weight', 'lstm.1.weight_ih', 1067],
+                           ['weight', 'lstm.1.weight_ih', 1068],
+                           ['weight', 'lstm.1.weight_ih', 1069],
+                           ['weight', 'lstm.1.weight_ih', 1070],
+                           ['weight', 'lstm.1.weight_ih', 1071],
+                           ['weight', 'lstm.1.weight_ih', 1072],
+                           ['weight', 'lstm.1.weight_ih', 1073],
+                           ['weight', 'lstm.1.weight_ih', 1074],
+                           ['weight', 'lstm.1.weight_ih', 1075],
+                           ['weight', 'lstm.1.weight_ih', 1076],
+                           ['weight', 'lstm.1.weight_ih', 1077],
+                           ['weight', 'lstm.1.weight_ih', 1078],
+                           ['weight', 'lstm.1.weight_ih', 1079],
+                           ['weight', 'lstm.1.weight_ih', 1080],
+                           ['weight', 'lstm.1.weight_ih', 1081],
+                           ['weight', 'lstm.1.weight_ih', 1082],
+                           ['weight', 'lstm.1.weight_ih', 1083],
+                           ['weight', 'lstm.1.weight_ih', 1084],
+                           ['weight', 'lstm.1.weight_ih', 1085],
+                           ['weight', 'lstm.1.weight_ih', 1086],
+                           ['weight', 'lstm.1.weight_ih', 1087],
+                           ['weight', 'lstm.1.weight_ih', 1088],
+                           ['weight', 'lstm.1.weight_ih', 1089],
+                           ['weight', 'lstm.1.weight_ih', 1090],
+                           ['weight', 'lstm.1.weight_ih', 1091],
+                           ['weight', 'lstm.1.weight_ih', 1092],
+                           ['weight', 'lstm.1.weight_ih', 1093],
+                           ['weight', 'lstm.1.weight_ih', 1094],
+                           ['weight', 'lstm.1.weight_ih', 1095],
+                           ['weight', 'lstm.1.weight_ih', 1096],
+                           ['weight', 'lstm.1.weight_ih', 1097],
+                           ['weight', 'lstm.1.weight_ih', 1098],
+                           ['weight', 'lstm.1.weight_ih', 1099],
+                           ['weight', 'lstm.1.weight_ih', 1100],
+                           ['weight', 'lstm.1.weight_ih', 1101],
+                           ['weight', 'lstm.1.weight_ih', 1102],
+                           ['weight', 'lstm.1.weight_ih', 1103],
+                           ['weight', 'lstm.1.weight_ih', 1104],
+                           ['weight', 'lstm.1.weight_ih', 1105],
+                           ['weight', 'lstm.1.weight_ih', 1106],
+                           ['weight', 'lstm.1.weight_ih', 1107],
+                           ['weight', 'lstm.1.weight_ih', 1108],
+                           ['weight', 'lstm.1.weight_ih', 1109],
+                           ['weight', 'lstm.1.weight_ih', 1110],
+                           ['weight', 'lstm.1.weight_ih', 1111],
+                           ['weight', 'lstm.1.weight_ih', 1112],
+                           ['weight', 'lstm.1.weight_ih', 1113],
+                           ['weight', 'lstm.1.weight_ih', 1114],
+                           ['weight', 'lstm.1.weight_ih', 1115],
+                           ['weight', 'lstm.1.weight_ih', 1116],
+                           ['weight', 'lstm.1.weight_ih', 1117],
+                           ['weight', 'lstm.1.weight_ih', 1118],
+                           ['weight', 'lstm.1.weight_ih', 1119],
+                           ['weight', 'lstm.1.weight_ih', 1120],
+                           ['weight', 'lstm.1.weight_ih', 1121],
+                           ['weight', 'lstm.1.weight_ih', 1122],
+                           ['weight', 'lstm.1.weight_ih', 1123],
+                           ['weight', 'lstm.1.weight_ih', 1124],
+                           ['weight', 'lstm.1.weight_ih', 1125],
+                           ['weight', 'lstm.1.weight_ih', 1126],
+                           ['weight', 'lstm.1.weight_ih', 1127],
+                           ['weight', 'lstm.1.weight_ih', 1128],
+                           ['weight', 'lstm.1.weight_ih', 1129],
+                           ['weight', 'lstm.1.weight_ih', 1130],
+                           ['weight', 'lstm.1.weight_ih', 1131],
+                           ['weight', 'lstm.1.weight_ih', 1132],
+                           ['weight', 'lstm.1.weight_ih', 1133],
+                           ['weight', 'lstm.1.weight_ih', 1134],
+                           ['weight', 'lstm.1.weight_ih', 1135],
+                           ['weight', 'lstm.1.weight_ih', 1136],
+                           ['weight', 'lstm.1.weight_ih', 1137],
+                           ['weight', 'lstm.1.weight_ih', 1138],
+                           ['weight', 'lstm.1.weight_ih', 1139],
+                           ['weight', 'lstm.1.weight_ih', 1140],
+                           ['weight', 'lstm.1.weight_ih', 1141],
+                           ['weight', 'lstm.1.weight_ih', 1142],
+                           ['weight', 'lstm.1.weight_ih', 1143],
+                           ['weight', 'lstm.1.weight_ih', 1144],
+                           ['weight', 'lstm.1.weight_ih', 1145],
+                           ['weight', 'lstm.1.weight_ih', 1146],
+                           ['weight', 'lstm.1.weight_ih', 1147],
+                           ['weight', 'lstm.1.weight_ih', 1148],
+                           ['weight', 'lstm.1.weight_ih', 1149],
+                           ['weight', 'lstm.1.weight_ih', 1150],
+                           ['weight', 'lstm.1.weight_ih', 1151],
+                           ['weight', 'lstm.1.weight_ih', 1152],
+                           ['weight', 'lstm.1.weight_ih', 1153],
+                           ['weight', 'lstm.1.weight_ih', 1154],
+                           ['weight', 'lstm.1.weight_ih', 1155],
+                           ['weight', 'lstm.1.weight_ih', 1156],
+                           ['weight', 'lstm.1.weight_ih', 1157],
+                           ['weight', 'lstm.1.weight_ih', 1158],
+                           ['weight', 'lstm.1.weight_ih', 1159],
+                           ['weight', 'lstm.1.weight_ih', 1160],
+                           ['weight', 'lstm.1.weight_ih', 1161],
+                           ['weight', 'lstm.1.weight_ih', 1162],
+                           ['weight', 'lstm.1.weight_ih', 1163],
+                           ['weight', 'lstm.1.weight_ih', 1164],
+                           ['weight', 'lstm.1.weight_ih', 1165],
+                           ['weight', 'lstm.1.weight_ih', 1166],
+                           ['weight', 'lstm.1.weight_ih', 1167],
+                           ['weight', 'lstm.1.weight_ih', 1168],
+                           ['weight', 'lstm.1.weight_ih', 1169],
+                           ['weight', 'lstm.1.weight_ih', 1170],
+                           ['weight', 'lstm.1.weight_ih', 1171],
+                           ['weight', 'lstm.1.weight_ih', 1172],
+                           ['weight', 'lstm.1.weight_ih', 1173],
+                           ['weight', 'lstm.1.weight_ih', 1174],
+                           ['weight', 'lstm.1.weight_ih', 1175],
+                           ['weight', 'lstm.1.weight_ih', 1176],
+                           ['weight', 'lstm.1.weight_ih', 1177],
+                           ['weight', 'lstm.1.weight_ih', 1178],
+                           ['weight', 'lstm.1.weight_ih', 1179],
+                           ['weight', 'lstm.1.weight_ih', 1180],
+                           ['weight', 'lstm.1.weight_ih', 1181],
+                           ['weight', 'lstm.1.weight_ih', 1182],
+                           ['weight', 'lstm.1.weight_ih', 1183],
+                           ['weight', 'lstm.1.weight_ih', 1184],
+                           ['weight', 'lstm.1.weight_ih', 1185],
+                           ['weight', 'lstm.1.weight_ih', 1186],
+                           ['weight', 'lstm.1.weight_ih', 1187],
+                           ['weight', 'lstm.1.weight_ih', 1188],
+                           ['weight', 'lstm.1.weight_ih', 1189],
+                           ['weight', 'lstm.1.weight_ih', 1190],
+                           ['weight', 'lstm.1.weight_ih', 1191],
+                           ['weight', 'lstm.1.weight_ih', 1192],
+                           ['weight', 'lstm.1.weight_ih', 1193],
+                           ['weight', 'lstm.1.weight_ih', 1194],
+                           ['weight', 'lstm.1.weight_ih', 1195],
+                           ['weight', 'lstm.1.weight_ih', 1196],
+                           ['weight', 'lstm.1.weight_ih', 1197],
+                           ['weight', 'lstm.1.weight_ih', 1198],
+                           ['weight', 'lstm.1.weight_ih', 1199],
+                           ['weight', 'lstm.1.weight_ih', 1200],
+                           ['weight', 'lstm.1.weight_ih', 1201],
+                           ['weight', 'lstm.1.weight_ih', 1202],
+                           ['weight', 'lstm.1.weight_ih', 1203],
+                           ['weight', 'lstm.1.weight_ih', 1204],
+                           ['weight', 'lstm.1.weight_ih', 1205],
+                           ['weight', 'lstm.1.weight_ih', 1206],
+                           ['weight', 'lstm.1.weight_ih', 1207],
+                           ['weight', 'lstm.1.weight_ih', 1208],
+                           ['weight', 'lstm.1.weight_ih', 1209],
+                           ['weight', 'lstm.1.weight_ih', 1210],
+                           ['weight', 'lstm.1.weight_ih', 1211],
+                           ['weight', 'lstm.1.weight_ih', 1212],
+                           ['weight', 'lstm.1.weight_ih', 1213],
+                           ['weight', 'lstm.1.weight_ih', 1214],
+                           ['weight', 'lstm.1.weight_ih', 1215],
+                           ['weight', 'lstm.1.weight_ih', 1216],
+                           ['weight', 'lstm.1.weight_ih', 1217],
+                           ['weight', 'lstm.1.weight_ih', 1218],
+                           ['weight', 'lstm.1.weight_ih', 1219],
+                           ['weight', 'lstm.1.weight_ih', 1220],
+                           ['weight', 'lstm.1.weight_ih', 1221],
+                           ['weight', 'lstm.1.weight_ih', 1222],
+                           ['weight', 'lstm.1.weight_ih', 1223],
+                           ['weight', 'lstm.1.weight_ih', 1224],
+                           ['weight', 'lstm.1.weight_ih', 1225],
+                           ['weight', 'lstm.1.weight_ih', 1226],
+                           ['weight', 'lstm.1.weight_ih', 1227],
+                           ['weight', 'lstm.1.weight_ih', 1228],
+                           ['weight', 'lstm.1.weight_ih', 1229],
+                           ['weight', 'lstm.1.weight_ih', 1230],
+                           ['weight', 'lstm.1.weight_ih', 1231],
+                           ['weight', 'lstm.1.weight_ih', 1232],
+                           ['weight', 'lstm.1.weight_ih', 1233],
+                           ['weight', 'lstm.1.weight_ih', 1234],
+                           ['weight', 'lstm.1.weight_ih', 1235],
+                           ['weight', 'lstm.1.weight_ih', 1236],
+                           ['weight', 'lstm.1.weight_ih', 1237],
+                           ['weight', 'lstm.1.weight_ih', 1238],
+                           ['weight', 'lstm.1.weight_ih', 1239],
+                           ['weight', 'lstm.1.weight_ih', 1240],
+                           ['weight', 'lstm.1.weight_ih', 1241],
+                           ['weight', 'lstm.1.weight_ih', 1242],
+                           ['weight', 'lstm.1.weight_ih', 1243],
+                           ['weight', 'lstm.1.weight_ih', 1244],
+                           ['weight', 'lstm.1.weight_ih', 1245],
+                           ['weight', 'lstm.1.weight_ih', 1246],
+                           ['weight', 'lstm.1.weight_ih', 1247],
+                           ['weight', 'lstm.1.weight_ih', 1248],
+                           ['weight', 'lstm.1.weight_ih', 1249],
+                           ['weight', 'lstm.1.weight_ih', 1250],
+                           ['weight', 'lstm.1.weight_ih', 1251],
+                           ['weight', 'lstm.1.weight_ih', 1252],
+                           ['weight', 'lstm.1.weight_ih', 1253],
+                           ['weight', 'lstm.1.weight_ih', 1254],
+                           ['weight', 'lstm.1.weight_ih', 1255],
+                           ['weight', 'lstm.1.weight_ih', 1256],
+                           ['weight', 'lstm.1.weight_ih', 1257],
+                           ['weight', 'lstm.1.weight_ih', 1258],
+                           ['weight', 'lstm.1.weight_ih', 1259],
+                           ['weight', 'lstm.1.weight_ih', 1260],
+                           ['weight', 'lstm.1.weight_ih', 1261],
+                           ['weight', 'lstm.1.weight_ih', 1262],
+                           ['weight', 'lstm.1.weight_ih', 1263],
+                           ['weight', 'lstm.1.weight_ih', 1264],
+                           ['weight', 'lstm.1.weight_ih', 1265],
+                           ['weight', 'lstm.1.weight_ih', 1266],
+                           ['weight', 'lstm.1.weight_ih', 1267],
+                           ['weight', 'lstm.1.weight_ih', 1268],
+                           ['weight', 'lstm.1.weight_ih', 1269],
+                           ['weight', 'lstm.1.weight_ih', 1270],
+                           ['weight', 'lstm.1.weight_ih', 1271],
+                           ['weight', 'lstm.1.weight_ih', 1272],
+                           ['weight', 'lstm.1.weight_ih', 1273],
+                           ['weight', 'lstm.1.weight_ih', 1274],
+                           ['weight', 'lstm.1.weight_ih', 1275],
+                           ['weight', 'lstm.1.weight_ih', 1276],
+                           ['weight', 'lstm.1.weight_ih', 1277],
+                           ['weight', 'lstm.1.weight_ih', 1278],
+                           ['weight', 'lstm.1.weight_ih', 1279],
+                           ['weight', 'lstm.1.weight_ih', 1280],
+                           ['weight', 'lstm.1.weight_ih', 1281],
+                           ['weight', 'lstm.1.weight_ih', 1282],
+                           ['weight', 'lstm.1.weight_ih', 1283],
+                           ['weight', 'lstm.1.weight_ih', 1284],
+                           ['weight', 'lstm.1.weight_ih', 1285],
+                           ['weight', 'lstm.1.weight_ih', 1286],
+                           ['weight', 'lstm.1.weight_ih', 1287],
+                           ['weight', 'lstm.1.weight_ih', 1288],
+                           ['weight', 'lstm.1.weight_ih', 1289],
+                           ['weight', 'lstm.1.weight_ih', 1290],
+                           ['weight', 'lstm.1.weight_ih', 1291],
+                           ['weight', 'lstm.1.weight_ih', 1292],
+                           ['weight', 'lstm.1.weight_ih', 1293],
+                           ['weight', 'lstm.1.weight_ih', 1294],
+                           ['weight', 'lstm.1.weight_ih', 1295],
+                           ['weight', 'lstm.1.weight_ih', 1296],
+                           ['weight', 'lstm.1.weight_ih', 1297],
+                           ['weight', 'lstm.1.weight_ih', 1298],
+                           ['weight', 'lstm.1.weight_ih', 1299],
+                           ['weight', 'lstm.1.weight_ih', 1300],
+                           ['weight', 'lstm.1.weight_ih', 1301],
+                           ['weight', 'lstm.1.weight_ih', 1302],
+                           ['weight', 'lstm.1.weight_ih', 1303],
+                           ['weight', 'lstm.1.weight_ih', 1304],
+                           ['weight', 'lstm.1.weight_ih', 1305],
+                           ['weight', 'lstm.1.weight_ih', 1306],
+                           ['weight', 'lstm.1.weight_ih', 1307],
+                           ['weight', 'lstm.1.weight_ih', 1308],
+                           ['weight', 'lstm.1.weight_ih', 1309],
+                           ['weight', 'lstm.1.weight_ih', 1310],
+                           ['weight', 'lstm.1.weight_ih', 1311],
+                           ['weight', 'lstm.1.weight_ih', 1312],
+                           ['weight', 'lstm.1.weight_ih', 1313],
+                           ['weight', 'lstm.1.weight_ih', 1314],
+                           ['weight', 'lstm.1.weight_ih', 1315],
+                           ['weight', 'lstm.1.weight_ih', 1316],
+                           ['weight', 'lstm.1.weight_ih', 1317],
+                           ['weight', 'lstm.1.weight_ih', 1318],
+                           ['weight', 'lstm.1.weight_ih', 1319],
+                           ['weight', 'lstm.1.weight_ih', 1320],
+                           ['weight', 'lstm.1.weight_ih', 1321],
+                           ['weight', 'lstm.1.weight_ih', 1322],
+                           ['weight', 'lstm.1.weight_ih', 1323],
+                           ['weight', 'lstm.1.weight_ih', 1324],
+                           ['weight', 'lstm.1.weight_ih', 1325],
+                           ['weight', 'lstm.1.weight_ih', 1326],
+                           ['weight', 'lstm.1.weight_ih', 1327],
+                           ['weight', 'lstm.1.weight_ih', 1328],
+                           ['weight', 'lstm.1.weight_ih', 1329],
+                           ['weight', 'lstm.1.weight_ih', 1330],
+                           ['weight', 'lstm.1.weight_ih', 1331],
+                           ['weight', 'lstm.1.weight_ih', 1332],
+                           ['weight', 'lstm.1.weight_ih', 1333],
+                           ['weight', 'lstm.1.weight_ih', 1334],
+                           ['weight', 'lstm.1.weight_ih', 1335],
+                           ['weight', 'lstm.1.weight_ih', 1336],
+                           ['weight', 'lstm.1.weight_ih', 1337],
+                           ['weight', 'lstm.1.weight_ih', 1338],
+                           ['weight', 'lstm.1.weight_ih', 1339],
+                           ['weight', 'lstm.1.weight_ih', 1340],
+                           ['weight', 'lstm.1.weight_ih', 1341],
+                           ['weight', 'lstm.1.weight_ih', 1342],
+                           ['weight', 'lstm.1.weight_ih', 1343],
+                           ['weight', 'lstm.1.weight_ih', 1344],
+                           ['weight', 'lstm.1.weight_ih', 1345],
+                           ['weight', 'lstm.1.weight_ih', 1346],
+                           ['weight', 'lstm.1.weight_ih', 1347],
+                           ['weight', 'lstm.1.weight_ih', 1348],
+                           ['weight', 'lstm.1.weight_ih', 1349],
+                           ['weight', 'lstm.1.weight_ih', 1350],
+                           ['weight', 'lstm.1.weight_ih', 1351],
+                           ['weight', 'lstm.1.weight_ih', 1352],
+                           ['weight', 'lstm.1.weight_ih', 1353],
+                           ['weight', 'lstm.1.weight_ih', 1354],
+                           ['weight', 'lstm.1.weight_ih', 1355],
+                           ['weight', 'lstm.1.weight_ih', 1356],
+                           ['weight', 'lstm.1.weight_ih', 1357],
+                           ['weight', 'lstm.1.weight_ih', 1358],
+                           ['weight', 'lstm.1.weight_ih', 1359],
+                           ['weight', 'lstm.1.weight_ih', 1360],
+                           ['weight', 'lstm.1.weight_ih', 1361],
+                           ['weight', 'lstm.1.weight_ih', 1362],
+                           ['weight', 'lstm.1.weight_ih', 1363],
+                           ['weight', 'lstm.1.weight_ih', 1364],
+                           ['weight', 'lstm.1.weight_ih', 1365],
+                           ['weight', 'lstm.1.weight_ih', 1366],
+                           ['weight', 'lstm.1.weight_ih', 1367],
+                           ['weight', 'lstm.1.weight_ih', 1368],
+                           ['weight', 'lstm.1.weight_ih', 1369],
+                           ['weight', 'lstm.1.weight_ih', 1370],
+                           ['weight', 'lstm.1.weight_ih', 1371],
+                           ['weight', 'lstm.1.weight_ih', 1372],
+                           ['weight', 'lstm.1.weight_ih', 1373],
+                           ['weight', 'lstm.1.weight_ih', 1374],
+                           ['weight', 'lstm.1.weight_ih', 1375],
+                           ['weight', 'lstm.1.weight_ih', 1376],
+                           ['weight', 'lstm.1.weight_ih', 1377],
+                           ['weight', 'lstm.1.weight_ih', 1378],
+                           ['weight', 'lstm.1.weight_ih', 1379],
+                           ['weight', 'lstm.1.weight_ih', 1380],
+                           ['weight', 'lstm.1.weight_ih', 1381],
+                           ['weight', 'lstm.1.weight_ih', 1382],
+                           ['weight', 'lstm.1.weight_ih', 1383],
+                           ['weight', 'lstm.1.weight_ih', 1384],
+                           ['weight', 'lstm.1.weight_ih', 1385],
+                           ['weight', 'lstm.1.weight_ih', 1386],
+                           ['weight', 'lstm.1.weight_ih', 1387],
+                           ['weight', 'lstm.1.weight_ih', 1388],
+                           ['weight', 'lstm.1.weight_ih', 1389],
+                           ['weight', 'lstm.1.weight_ih', 1390],
+                           ['weight', 'lstm.1.weight_ih', 1391],
+                           ['weight', 'lstm.1.weight_ih', 1392],
+                           ['weight', 'lstm.1.weight_ih', 1393],
+                           ['weight', 'lstm.1.weight_ih', 1394],
+                           ['weight', 'lstm.1.weight_ih', 1395],
+                           ['weight', 'lstm.1.weight_ih', 1396],
+                           ['weight', 'lstm.1.weight_ih', 1397],
+                           ['weight', 'lstm.1.weight_ih', 1398],
+                           ['weight', 'lstm.1.weight_ih', 1399],
+                           ['weight', 'lstm.1.weight_ih', 1400],
+                           ['weight', 'lstm.1.weight_ih', 1401],
+                           ['weight', 'lstm.1.weight_ih', 1402],
+                           ['weight', 'lstm.1.weight_ih', 1403],
+                           ['weight', 'lstm.1.weight_ih', 1404],
+                           ['weight', 'lstm.1.weight_ih', 1405],
+                           ['weight', 'lstm.1.weight_ih', 1406],
+                           ['weight', 'lstm.1.weight_ih', 1407],
+                           ['weight', 'lstm.1.weight_ih', 1408],
+                           ['weight', 'lstm.1.weight_ih', 1409],
+                           ['weight', 'lstm.1.weight_ih', 1410],
+                           ['weight', 'lstm.1.weight_ih', 1411],
+                           ['weight', 'lstm.1.weight_ih', 1412],
+                           ['weight', 'lstm.1.weight_ih', 1413],
+                           ['weight', 'lstm.1.weight_ih', 1414],
+                           ['weight', 'lstm.1.weight_ih', 1415],
+                           ['weight', 'lstm.1.weight_ih', 1416],
+                           ['weight', 'lstm.1.weight_ih', 1417],
+                           ['weight', 'lstm.1.weight_ih', 1418],
+                           ['weight', 'lstm.1.weight_ih', 1419],
+                           ['weight', 'lstm.1.weight_ih', 1420],
+                           ['weight', 'lstm.1.weight_ih', 1421],
+                           ['weight', 'lstm.1.weight_ih', 1422],
+                           ['weight', 'lstm.1.weight_ih', 1423],
+                           ['weight', 'lstm.1.weight_ih', 1424],
+                           ['weight', 'lstm.1.weight_ih', 1425],
+                           ['weight', 'lstm.1.weight_ih', 1426],
+                           ['weight', 'lstm.1.weight_ih', 1427],
+                           ['weight', 'lstm.1.weight_ih', 1428],
+                           ['weight', 'lstm.1.weight_ih', 1429],
+                           ['weight', 'lstm.1.weight_ih', 1430],
+                           ['weight', 'lstm.1.weight_ih', 1431],
+                           ['weight', 'lstm.1.weight_ih', 1432],
+                           ['weight', 'lstm.1.weight_ih', 1433],
+                           ['weight', 'lstm.1.weight_ih', 1434],
+                           ['weight', 'lstm.1.weight_ih', 1435],
+                           ['weight', 'lstm.1.weight_ih', 1436],
+                           ['weight', 'lstm.1.weight_ih', 1437],
+                           ['weight', 'lstm.1.weight_ih', 1438],
+                           ['weight', 'lstm.1.weight_ih', 1439],
+                           ['weight', 'lstm.1.weight_ih', 1440],
+                           ['weight', 'lstm.1.weight_ih', 1441],
+                           ['weight', 'lstm.1.weight_ih', 1442],
+                           ['weight', 'lstm.1.weight_ih', 1443],
+                           ['weight', 'lstm.1.weight_ih', 1444],
+                           ['weight', 'lstm.1.weight_ih', 1445],
+                           ['weight', 'lstm.1.weight_ih', 1446],
+                           ['weight', 'lstm.1.weight_ih', 1447],
+                           ['weight', 'lstm.1.weight_ih', 1448],
+                           ['weight', 'lstm.1.weight_ih', 1449],
+                           ['weight', 'lstm.1.weight_ih', 1450],
+                           ['weight', 'lstm.1.weight_ih', 1451],
+                           ['weight', 'lstm.1.weight_ih', 1452],
+                           ['weight', 'lstm.1.weight_ih', 1453],
+                           ['weight', 'lstm.1.weight_ih', 1454],
+                           ['weight', 'lstm.1.weight_ih', 1455],
+                           ['weight', 'lstm.1.weight_ih', 1456],
+                           ['weight', 'lstm.1.weight_ih', 1457],
+                           ['weight', 'lstm.1.weight_ih', 1458],
+                           ['weight', 'lstm.1.weight_ih', 1459],
+                           ['weight', 'lstm.1.weight_ih', 1460],
+                           ['weight', 'lstm.1.weight_ih', 1461],
+                           ['weight', 'lstm.1.weight_ih', 1462],
+                           ['weight', 'lstm.1.weight_ih', 1463],
+                           ['weight', 'lstm.1.weight_ih', 1464],
+                           ['weight', 'lstm.1.weight_ih', 1465],
+                           ['weight', 'lstm.1.weight_ih', 1466],
+                           ['weight', 'lstm.1.weight_ih', 1467],
+                           ['weight', 'lstm.1.weight_ih', 1468],
+                           ['weight', 'lstm.1.weight_ih', 1469],
+                           ['weight', 'lstm.1.weight_ih', 1470],
+                           ['weight', 'lstm.1.weight_ih', 1471],
+                           ['weight', 'lstm.1.weight_ih', 1472],
+                           ['weight', 'lstm.1.weight_ih', 1473],
+                           ['weight', 'lstm.1.weight_ih', 1474],
+                           ['weight', 'lstm.1.weight_ih', 1475],
+                           ['weight', 'lstm.1.weight_ih', 1476],
+                           ['weight', 'lstm.1.weight_ih', 1477],
+                           ['weight', 'lstm.1.weight_ih', 1478],
+                           ['weight', 'lstm.1.weight_ih', 1479],
+                           ['weight', 'lstm.1.weight_ih', 1480],
+                           ['weight', 'lstm.1.weight_ih', 1481],
+                           ['weight', 'lstm.1.weight_ih', 1482],
+                           ['weight', 'lstm.1.weight_ih', 1483],
+                           ['weight', 'lstm.1.weight_ih', 1484],
+                           ['weight', 'lstm.1.weight_ih', 1485],
+                           ['weight', 'lstm.1.weight_ih', 1486],
+                           ['weight', 'lstm.1.weight_ih', 1487],
+                           ['weight', 'lstm.1.weight_ih', 1488],
+                           ['weight', 'lstm.1.weight_ih', 1489],
+                           ['weight', 'lstm.1.weight_ih', 1490],
+                           ['weight', 'lstm.1.weight_ih', 1491],
+                           ['weight', 'lstm.1.weight_ih', 1492],
+                           ['weight', 'lstm.1.weight_ih', 1493],
+                           ['weight', 'lstm.1.weight_ih', 1494],
+                           ['weight', 'lstm.1.weight_ih', 1495],
+                           ['weight', 'lstm.1.weight_ih', 1496],
+                           ['weight', 'lstm.1.weight_ih', 1497],
+                           ['weight', 'lstm.1.weight_ih', 1498],
+                           ['weight', 'lstm.1.weight_ih', 1499],
+                           ['weight', 'lstm.1.weight_ih', 1500],
+                           ['weight', 'lstm.1.weight_ih', 1501],
+                           ['weight', 'lstm.1.weight_ih', 1502],
+                           ['weight', 'lstm.1.weight_ih', 1503],
+                           ['weight', 'lstm.1.weight_ih', 1504],
+                           ['weight', 'lstm.1.weight_ih', 1505],
+                           ['weight', 'lstm.1.weight_ih', 1506],
+                           ['weight', 'lstm.1.weight_ih', 1507],
+                           ['weight', 'lstm.1.weight_ih', 1508],
+                           ['weight', 'lstm.1.weight_ih', 1509],
+                           ['weight', 'lstm.1.weight_ih', 1510],
+                           ['weight', 'lstm.1.weight_ih', 1511],
+                           ['weight', 'lstm.1.weight_ih', 1512],
+                           ['weight', 'lstm.1.weight_ih', 1513],
+                           ['weight', 'lstm.1.weight_ih', 1514],
+                           ['weight', 'lstm.1.weight_ih', 1515],
+                           ['weight', 'lstm.1.weight_ih', 1516],
+                           ['weight', 'lstm.1.weight_ih', 1517],
+                           ['weight', 'lstm.1.weight_ih', 1518],
+                           ['weight', 'lstm.1.weight_ih', 1519],
+                           ['weight', 'lstm.1.weight_ih', 1520],
+                           ['weight', 'lstm.1.weight_ih', 1521],
+                           ['weight', 'lstm.1.weight_ih', 1522],
+                           ['weight', 'lstm.1.weight_ih', 1523],
+                           ['weight', 'lstm.1.weight_ih', 1524],
+                           ['weight', 'lstm.1.weight_ih', 1525],
+                           ['weight', 'lstm.1.weight_ih', 1526],
+                           ['weight', 'lstm.1.weight_ih', 1527],
+                           ['weight', 'lstm.1.weight_ih', 1528],
+                           ['weight', 'lstm.1.weight_ih', 1529],
+                           ['weight', 'lstm.1.weight_ih', 1530],
+                           ['weight', 'lstm.1.weight_ih', 1531],
+                           ['weight', 'lstm.1.weight_ih', 1532],
+                           ['weight', 'lstm.1.weight_ih', 1533],
+                           ['weight', 'lstm.1.weight_ih', 1534],
+                           ['weight', 'lstm.1.weight_ih', 1535],
+                           ['weight', 'lstm.1.weight_ih', 1536],
+                           ['weight', 'lstm.1.weight_ih', 1537],
+                           ['weight', 'lstm.1.weight_ih', 1538],
+                           ['weight', 'lstm.1.weight_ih', 1539],
+                           ['weight', 'lstm.1.weight_ih', 1540],
+                           ['weight', 'lstm.1.weight_ih', 1541],
+                           ['weight', 'lstm.1.weight_ih', 1542],
+                           ['weight', 'lstm.1.weight_ih', 1543],
+                           ['weight', 'lstm.1.weight_ih', 1544],
+                           ['weight', 'lstm.1.weight_ih', 1545],
+                           ['weight', 'lstm.1.weight_ih', 1546],
+                           ['weight', 'lstm.1.weight_ih', 1547],
+                           ['weight', 'lstm.1.weight_ih', 1548],
+                           ['weight', 'lstm.1.weight_ih', 1549],
+                           ['weight', 'lstm.1.weight_ih', 1550],
+                           ['weight', 'lstm.1.weight_ih', 1551],
+                           ['weight', 'lstm.1.weight_ih', 1552],
+                           ['weight', 'lstm.1.weight_ih', 1553],
+                           ['weight', 'lstm.1.weight_ih', 1554],
+                           ['weight', 'lstm.1.weight_ih', 1555],
+                           ['weight', 'lstm.1.weight_ih', 1556],
+                           ['weight', 'lstm.1.weight_ih', 1557],
+                           ['weight', 'lstm.1.weight_ih', 1558],
+                           ['weight', 'lstm.1.weight_ih', 1559],
+                           ['weight', 'lstm.1.weight_ih', 1560],
+                           ['weight', 'lstm.1.weight_ih', 1561],
+                           ['weight', 'lstm.1.weight_ih', 1562],
+                           ['weight', 'lstm.1.weight_ih', 1563],
+                           ['weight', 'lstm.1.weight_ih', 1564],
+                           ['weight', 'lstm.1.weight_ih', 1565],
+                           ['weight', 'lstm.1.weight_ih', 1566],
+                           ['weight', 'lstm.1.weight_ih', 1567],
+                           ['weight', 'lstm.1.weight_ih', 1568],
+                           ['weight', 'lstm.1.weight_ih', 1569],
+                           ['weight', 'lstm.1.weight_ih', 1570],
+                           ['weight', 'lstm.1.weight_ih', 1571],
+                           ['weight', 'lstm.1.weight_ih', 1572],
+                           ['weight', 'lstm.1.weight_ih', 1573],
+                           ['weight', 'lstm.1.weight_ih', 1574],
+                           ['weight', 'lstm.1.weight_ih', 1575],
+                           ['weight', 'lstm.1.weight_ih', 1576],
+                           ['weight', 'lstm.1.weight_ih', 1577],
+                           ['weight', 'lstm.1.weight_ih', 1578],
+                           ['weight', 'lstm.1.weight_ih', 1579],
+                           ['weight', 'lstm.1.weight_ih', 1580],
+                           ['weight', 'lstm.1.weight_ih', 1581],
+                           ['weight', 'lstm.1.weight_ih', 1582],
+                           ['weight', 'lstm.1.weight_ih', 1583],
+                           ['weight', 'lstm.1.weight_ih', 1584],
+                           ['weight', 'lstm.1.weight_ih', 1585],
+                           ['weight', 'lstm.1.weight_ih', 1586],
+                           ['weight', 'lstm.1.weight_ih', 1587],
+                           ['weight', 'lstm.1.weight_ih', 1588],
+                           ['weight', 'lstm.1.weight_ih', 1589],
+                           ['weight', 'lstm.1.weight_ih', 1590],
+                           ['weight', 'lstm.1.weight_ih', 1591],
+                           ['weight', 'lstm.1.weight_ih', 1592],
+                           ['weight', 'lstm.1.weight_ih', 1593],
+                           ['weight', 'lstm.1.weight_ih', 1594],
+                           ['weight', 'lstm.1.weight_ih', 1595],
+                           ['weight', 'lstm.1.weight_ih', 1596],
+                           ['weight', 'lstm.1.weight_ih', 1597],
+                           ['weight', 'lstm.1.weight_ih', 1598],
+                           ['weight', 'lstm.1.weight_ih', 1599],
+                           ['weight', 'lstm.1.bias', 0],
+                           ['weight', 'lstm.1.bias', 1],
+                           ['weight', 'lstm.1.bias', 2],
+                           ['weight', 'lstm.1.bias', 3],
+                           ['weight', 'lstm.1.bias', 4],
+                           ['weight', 'lstm.1.bias', 5],
+                           ['weight', 'lstm.1.bias', 6],
+                           ['weight', 'lstm.1.bias', 7],
+                           ['weight', 'lstm.1.bias', 8],
+                           ['weight', 'lstm.1.bias', 9],
+                           ['weight', 'lstm.1.bias', 10],
+                           ['weight', 'lstm.1.bias', 11],
+                           ['weight', 'lstm.1.bias', 12],
+                           ['weight', 'lstm.1.bias', 13],
+                           ['weight', 'lstm.1.bias', 14],
+                           ['weight', 'lstm.1.bias', 15],
+                           ['weight', 'lstm.1.bias', 16],
+                           ['weight', 'lstm.1.bias', 17],
+                           ['weight', 'lstm.1.bias', 18],
+                           ['weight', 'lstm.1.bias', 19],
+                           ['weight', 'lstm.1.bias', 20],
+                           ['weight', 'lstm.1.bias', 21],
+                           ['weight', 'lstm.1.bias', 22],
+                           ['weight', 'lstm.1.bias', 23],
+                           ['weight', 'lstm.1.bias', 24],
+                           ['weight', 'lstm.1.bias', 25],
+                           ['weight', 'lstm.1.bias', 26],
+                           ['weight', 'lstm.1.bias', 27],
+                           ['weight', 'lstm.1.bias', 28],
+                           ['weight', 'lstm.1.bias', 29],
+                           ['weight', 'lstm.1.bias', 30],
+                           ['weight', 'lstm.1.bias', 31],
+                           ['weight', 'lstm.1.bias', 32],
+                           ['weight', 'lstm.1.bias', 33],
+                           ['weight', 'lstm.1.bias', 34],
+                           ['weight', 'lstm.1.bias', 35],
+                           ['weight', 'lstm.1.bias', 36],
+                           ['weight', 'lstm.1.bias', 37],
+                           ['weight', 'lstm.1.bias', 38],
+                           ['weight', 'lstm.1.bias', 39],
+                           ['weight', 'lstm.1.bias', 40],
+                           ['weight', 'lstm.1.bias', 41],
+                           ['weight', 'lstm.1.bias', 42],
+                           ['weight', 'lstm.1.bias', 43],
+                           ['weight', 'lstm.1.bias', 44],
+                           ['weight', 'lstm.1.bias', 45],
+                           ['weight', 'lstm.1.bias', 46],
+                           ['weight', 'lstm.1.bias', 47],
+                           ['weight', 'lstm.1.bias', 48],
+                           ['weight', 'lstm.1.bias', 49],
+                           ['weight', 'lstm.1.bias', 50],
+                           ['weight', 'lstm.1.bias', 51],
+                           ['weight', 'lstm.1.bias', 52],
+                           ['weight', 'lstm.1.bias', 53],
+                           ['weight', 'lstm.1.bias', 54],
+                           ['weight', 'lstm.1.bias', 55],
+                           ['weight', 'lstm.1.bias', 56],
+                           ['weight', 'lstm.1.bias', 57],
+                           ['weight', 'lstm.1.bias', 58],
+                           ['weight', 'lstm.1.bias', 59],
+                           ['weight', 'lstm.1.bias', 60],
+                           ['weight', 'lstm.1.bias', 61],
+                           ['weight', 'lstm.1.bias', 62],
+                           ['weight', 'lstm.1.bias', 63],
+                           ['weight', 'lstm.1.bias', 64],
+                           ['weight', 'lstm.1.bias', 65],
+                           ['weight', 'lstm.1.bias', 66],
+                           ['weight', 'lstm.1.bias', 67],
+                           ['weight', 'lstm.1.bias', 68],
+                           ['weight', 'lstm.1.bias', 69],
+                           ['weight', 'lstm.1.bias', 70],
+                           ['weight', 'lstm.1.bias', 71],
+                           ['weight', 'lstm.1.bias', 72],
+                           ['weight', 'lstm.1.bias', 73],
+                           ['weight', 'lstm.1.bias', 74],
+                           ['weight', 'lstm.1.bias', 75],
+                           ['weight', 'lstm.1.bias', 76],
+                           ['weight', 'lstm.1.bias', 77],
+                           ['weight', 'lstm.1.bias', 78],
+                           ['weight', 'lstm.1.bias', 79],
+                           ['weight', 'lstm.0.weight_hh', 0],
+                           ['weight', 'lstm.0.weight_hh', 1],
+                           ['weight', 'lstm.0.weight_hh', 2],
+                           ['weight', 'lstm.0.weight_hh', 3],
+                           ['weight', 'lstm.0.weight_hh', 4],
+                           ['weight', 'lstm.0.weight_hh', 5],
+                           ['weight', 'lstm.0.weight_hh', 6],
+                           ['weight', 'lstm.0.weight_hh', 7],
+                           ['weight', 'lstm.0.weight_hh', 8],
+                           ['weight', 'lstm.0.weight_hh', 9],
+                           ['weight', 'lstm.0.weight_hh', 10],
+                           ['weight', 'lstm.0.weight_hh', 11],
+                           ['weight', 'lstm.0.weight_hh', 12],
+                           ['weight', 'lstm.0.weight_hh', 13],
+                           ['weight', 'lstm.0.weight_hh', 14],
+                           ['weight', 'lstm.0.weight_hh', 15],
+                           ['weight', 'lstm.0.weight_hh', 16],
+                           ['weight', 'lstm.0.weight_hh', 17],
+                           ['weight', 'lstm.0.weight_hh', 18],
+                           ['weight', 'lstm.0.weight_hh', 19],
+                           ['weight', 'lstm.0.weight_hh', 20],
+                           ['weight', 'lstm.0.weight_hh', 21],
+                           ['weight', 'lstm.0.weight_hh', 22],
+                           ['weight', 'lstm.0.weight_hh', 23],
+                           ['weight', 'lstm.0.weight_hh', 24],
+                           ['weight', 'lstm.0.weight_hh', 25],
+                           ['weight', 'lstm.0.weight_hh', 26],
+                           ['weight', 'lstm.0.weight_hh', 27],
+                           ['weight', 'lstm.0.weight_hh', 28],
+                           ['weight', 'lstm.0.weight_hh', 29],
+                           ['weight', 'lstm.0.weight_hh', 30],
+                           ['weight', 'lstm.0.weight_hh', 31],
+                           ['weight', 'lstm.0.weight_hh', 32],
+                           ['weight', 'lstm.0.weight_hh', 33],
+                           ['weight', 'lstm.0.weight_hh', 34],
+                           ['weight', 'lstm.0.weight_hh', 35],
+                           ['weight', 'lstm.0.weight_hh', 36],
+                           ['weight', 'lstm.0.weight_hh', 37],
+                           ['weight', 'lstm.0.weight_hh', 38],
+                           ['weight', 'lstm.0.weight_hh', 39],
+                           ['weight', 'lstm.0.weight_hh', 40],
+                           ['weight', 'lstm.0.weight_hh', 41],
+                           ['weight', 'lstm.0.weight_hh', 42],
+                           ['weight', 'lstm.0.weight_hh', 43],
+                           ['weight', 'lstm.0.weight_hh', 44],
+                           ['weight', 'lstm.0.weight_hh', 45],
+                           ['weight', 'lstm.0.weight_hh', 46],
+                           ['weight', 'lstm.0.weight_hh', 47],
+                           ['weight', 'lstm.0.weight_hh', 48],
+                           ['weight', 'lstm.0.weight_hh', 49],
+                           ['weight', 'lstm.0.weight_hh', 50],
+                           ['weight', 'lstm.0.weight_hh', 51],
+                           ['weight', 'lstm.0.weight_hh', 52],
+                           ['weight', 'lstm.0.weight_hh', 53],
+                           ['weight', 'lstm.0.weight_hh', 54],
+                           ['weight', 'lstm.0.weight_hh', 55],
+                           ['weight', 'lstm.0.weight_hh', 56],
+                           ['weight', 'lstm.0.weight_hh', 57],
+                           ['weight', 'lstm.0.weight_hh', 58],
+                           ['weight', 'lstm.0.weight_hh', 59],
+                           ['weight', 'lstm.0.weight_hh', 60],
+                           ['weight', 'lstm.0.weight_hh', 61],
+                           ['weight', 'lstm.0.weight_hh', 62],
+                           ['weight', 'lstm.0.weight_hh', 63],
+                           ['weight', 'lstm.0.weight_hh', 64],
+                           ['weight', 'lstm.0.weight_hh', 65],
+                           ['weight', 'lstm.0.weight_hh', 66],
+                           ['weight', 'lstm.0.weight_hh', 67],
+                           ['weight', 'lstm.0.weight_hh', 68],
+                           ['weight', 'lstm.0.weight_hh', 69],
+                           ['weight', 'lstm.0.weight_hh', 70],
+                           ['weight', 'lstm.0.weight_hh', 71],
+                           ['weight', 'lstm.0.weight_hh', 72],
+                           ['weight', 'lstm.0.weight_hh', 73],
+                           ['weight', 'lstm.0.weight_hh', 74],
+                           ['weight', 'lstm.0.weight_hh', 75],
+                           ['weight', 'lstm.0.weight_hh', 76],
+                           ['weight', 'lstm.0.weight_hh', 77],
+                           ['weight', 'lstm.0.weight_hh', 78],
+                           ['weight', 'lstm.0.weight_hh', 79],
+                           ['weight', 'lstm.0.weight_hh', 80],
+                           ['weight', 'lstm.0.weight_hh', 81],
+                           ['weight', 'lstm.0.weight_hh', 82],
+                           ['weight', 'lstm.0.weight_hh', 83],
+                           ['weight', 'lstm.0.weight_hh', 84],
+                           ['weight', 'lstm.0.weight_hh', 85],
+                           ['weight', 'lstm.0.weight_hh', 86],
+                           ['weight', 'lstm.0.weight_hh', 87],
+                           ['weight', 'lstm.0.weight_hh', 88],
+                           ['weight', 'lstm.0.weight_hh', 89],
+                           ['weight', 'lstm.0.weight_hh', 90],
+                           ['weight', 'lstm.0.weight_hh', 91],
+                           ['weight', 'lstm.0.weight_hh', 92],
+                           ['weight', 'lstm.0.weight_hh', 93],
+                           ['weight', 'lstm.0.weight_hh', 94],
+                           ['weight', 'lstm.0.weight_hh', 95],
+                           ['weight', 'lstm.0.weight_hh', 96],
+                           ['weight', 'lstm.0.weight_hh', 97],
+                           ['weight', 'lstm.0.weight_hh', 98],
+                           ['weight', 'lstm.0.weight_hh', 99],
+                           ['weight', 'lstm.0.weight_hh', 100],
+                           ['weight', 'lstm.0.weight_hh', 101],
+                           ['weight', 'lstm.0.weight_hh', 102],
+                           ['weight', 'lstm.0.weight_hh', 103],
+                           ['weight', 'lstm.0.weight_hh', 104],
+                           ['weight', 'lstm.0.weight_hh', 105],
+                           ['weight', 'lstm.0.weight_hh', 106],
+                           ['weight', 'lstm.0.weight_hh', 107],
+                           ['weight', 'lstm.0.weight_hh', 108],
+                           ['weight', 'lstm.0.weight_hh', 109],
+                           ['weight', 'lstm.0.weight_hh', 110],
+                           ['weight', 'lstm.0.weight_hh', 111],
+                           ['weight', 'lstm.0.weight_hh', 112],
+                           ['weight', 'lstm.0.weight_hh', 113],
+                           ['weight', 'lstm.0.weight_hh', 114],
+                           ['weight', 'lstm.0.weight_hh', 115],
+                           ['weight', 'lstm.0.weight_hh', 116],
+                           ['weight', 'lstm.0.weight_hh', 117],
+                           ['weight', 'lstm.0.weight_hh', 118],
+                           ['weight', 'lstm.0.weight_hh', 119],
+                           ['weight', 'lstm.0.weight_hh', 120],
+                           ['weight', 'lstm.0.weight_hh', 121],
+                           ['weight', 'lstm.0.weight_hh', 122],
+                           ['weight', 'lstm.0.weight_hh', 123],
+                           ['weight', 'lstm.0.weight_hh', 124],
+                           ['weight', 'lstm.0.weight_hh', 125],
+                           ['weight', 'lstm.0.weight_hh', 126],
+                           ['weight', 'lstm.0.weight_hh', 127],
+                           ['weight', 'lstm.0.weight_hh', 128],
+                           ['weight', 'lstm.0.weight_hh', 129],
+                           ['weight', 'lstm.0.weight_hh', 130],
+                           ['weight', 'lstm.0.weight_hh', 131],
+                           ['weight', 'lstm.0.weight_hh', 132],
+                           ['weight', 'lstm.0.weight_hh', 133],
+                           ['weight', 'lstm.0.weight_hh', 134],
+                           ['weight', 'lstm.0.weight_hh', 135],
+                           ['weight', 'lstm.0.weight_hh', 136],
+                           ['weight', 'lstm.0.weight_hh', 137],
+                           ['weight', 'lstm.0.weight_hh', 138],
+                           ['weight', 'lstm.0.weight_hh', 139],
+                           ['weight', 'lstm.0.weight_hh', 140],
+                           ['weight', 'lstm.0.weight_hh', 141],
+                           ['weight', 'lstm.0.weight_hh', 142],
+                           ['weight', 'lstm.0.weight_hh', 143],
+                           ['weight', 'lstm.0.weight_hh', 144],
+                           ['weight', 'lstm.0.weight_hh', 145],
+                           ['weight', 'lstm.0.weight_hh', 146],
+                           ['weight', 'lstm.0.weight_hh', 147],
+                           ['weight', 'lstm.0.weight_hh', 148],
+                           ['weight', 'lstm.0.weight_hh', 149],
+                           ['weight', 'lstm.0.weight_hh', 150],
+                           ['weight', 'lstm.0.weight_hh', 151],
+                           ['weight', 'lstm.0.weight_hh', 152],
+                           ['weight', 'lstm.0.weight_hh', 153],
+                           ['weight', 'lstm.0.weight_hh', 154],
+                           ['weight', 'lstm.0.weight_hh', 155],
+                           ['weight', 'lstm.0.weight_hh', 156],
+                           ['weight', 'lstm.0.weight_hh', 157],
+                           ['weight', 'lstm.0.weight_hh', 158],
+                           ['weight', 'lstm.0.weight_hh', 159],
+                           ['weight', 'lstm.0.weight_hh', 160],
+                           ['weight', 'lstm.0.weight_hh', 161],
+                           ['weight', 'lstm.0.weight_hh', 162],
+                           ['weight', 'lstm.0.weight_hh', 163],
+                           ['weight', 'lstm.0.weight_hh', 164],
+                           ['weight', 'lstm.0.weight_hh', 165],
+                           ['weight', 'lstm.0.weight_hh', 166],
+                           ['weight', 'lstm.0.weight_hh', 167],
+                           ['weight', 'lstm.0.weight_hh', 168],
+                           ['weight', 'lstm.0.weight_hh', 169],
+                           ['weight', 'lstm.0.weight_hh', 170],
+                           ['weight', 'lstm.0.weight_hh', 171],
+                           ['weight', 'lstm.0.weight_hh', 172],
+                           ['weight', 'lstm.0.weight_hh', 173],
+                           ['weight', 'lstm.0.weight_hh', 174],
+                           ['weight', 'lstm.0.weight_hh', 175],
+                           ['weight', 'lstm.0.weight_hh', 176],
+                           ['weight', 'lstm.0.weight_hh', 177],
+                           ['weight', 'lstm.0.weight_hh', 178],
+                           ['weight', 'lstm.0.weight_hh', 179],
+                           ['weight', 'lstm.0.weight_hh', 180],
+                           ['weight', 'lstm.0.weight_hh', 181],
+                           ['weight', 'lstm.0.weight_hh', 182],
+                           ['weight', 'lstm.0.weight_hh', 183],
+                           ['weight', 'lstm.0.weight_hh', 184],
+                           ['weight', 'lstm.0.weight_hh', 185],
+                           ['weight', 'lstm.0.weight_hh', 186],
+                           ['weight', 'lstm.0.weight_hh', 187],
+                           ['weight', 'lstm.0.weight_hh', 188],
+                           ['weight', 'lstm.0.weight_hh', 189],
+                           ['weight', 'lstm.0.weight_hh', 190],
+                           ['weight', 'lstm.0.weight_hh', 191],
+                           ['weight', 'lstm.0.weight_hh', 192],
+                           ['weight', 'lstm.0.weight_hh', 193],
+                           ['weight', 'lstm.0.weight_hh', 194],
+                           ['weight', 'lstm.0.weight_hh', 195],
+                           ['weight', 'lstm.0.weight_hh', 196],
+                           ['weight', 'lstm.0.weight_hh', 197],
+                           ['weight', 'lstm.0.weight_hh', 198],
+                           ['weight', 'lstm.0.weight_hh', 199],
+                           ['weight', 'lstm.0.weight_hh', 200],
+                           ['weight', 'lstm.0.weight_hh', 201],
+                           ['weight', 'lstm.0.weight_hh', 202],
+                           ['weight', 'lstm.0.weight_hh', 203],
+                           ['weight', 'lstm.0.weight_hh', 204],
+                           ['weight', 'lstm.0.weight_hh', 205],
+                           ['weight', 'lstm.0.weight_hh', 206],
+                           ['weight', 'lstm.0.weight_hh', 207],
+                           ['weight', 'lstm.0.weight_hh', 208],
+                           ['weight', 'lstm.0.weight_hh', 209],
+                           ['weight', 'lstm.0.weight_hh', 210],
+                           ['weight', 'lstm.0.weight_hh', 211],
+                           ['weight', 'lstm.0.weight_hh', 212],
+                           ['weight', 'lstm.0.weight_hh', 213],
+                           ['weight', 'lstm.0.weight_hh', 214],
+                           ['weight', 'lstm.0.weight_hh', 215],
+                           ['weight', 'lstm.0.weight_hh', 216],
+                           ['weight', 'lstm.0.weight_hh', 217],
+                           ['weight', 'lstm.0.weight_hh', 218],
+                           ['weight', 'lstm.0.weight_hh', 219],
+                           ['weight', 'lstm.0.weight_hh', 220],
+                           ['weight', 'lstm.0.weight_hh', 221],
+                           ['weight', 'lstm.0.weight_hh', 222],
+                           ['weight', 'lstm.0.weight_hh', 223],
+                           ['weight', 'lstm.0.weight_hh', 224],
+                           ['weight', 'lstm.0.weight_hh', 225],
+                           ['weight', 'lstm.0.weight_hh', 226],
+                           ['weight', 'lstm.0.weight_hh', 227],
+                           ['weight', 'lstm.0.weight_hh', 228],
+                           ['weight', 'lstm.0.weight_hh', 229],
+                           ['weight', 'lstm.0.weight_hh', 230],
+                           ['weight', 'lstm.0.weight_hh', 231],
+                           ['weight', 'lstm.0.weight_hh', 232],
+                           ['weight', 'lstm.0.weight_hh', 233],
+                           ['weight', 'lstm.0.weight_hh', 234],
+                           ['weight', 'lstm.0.weight_hh', 235],
+                           ['weight', 'lstm.0.weight_hh', 236],
+                           ['weight', 'lstm.0.weight_hh', 237],
+                           ['weight', 'lstm.0.weight_hh', 238],
+                           ['weight', 'lstm.0.weight_hh', 239],
+                           ['weight', 'lstm.0.weight_hh', 240],
+                           ['weight', 'lstm.0.weight_hh', 241],
+                           ['weight', 'lstm.0.weight_hh', 242],
+                           ['weight', 'lstm.0.weight_hh', 243],
+                           ['weight', 'lstm.0.weight_hh', 244],
+                           ['weight', 'lstm.0.weight_hh', 245],
+                           ['weight', 'lstm.0.weight_hh', 246],
+                           ['weight', 'lstm.0.weight_hh', 247],
+                           ['weight', 'lstm.0.weight_hh', 248],
+                           ['weight', 'lstm.0.weight_hh', 249],
+                           ['weight', 'lstm.0.weight_hh', 250],
+                           ['weight', 'lstm.0.weight_hh', 251],
+                           ['weight', 'lstm.0.weight_hh', 252],
+                           ['weight', 'lstm.0.weight_hh', 253],
+                           ['weight', 'lstm.0.weight_hh', 254],
+                           ['weight', 'lstm.0.weight_hh', 255],
+                           ['weight', 'lstm.0.weight_hh', 256],
+                           ['weight', 'lstm.0.weight_hh', 257],
+                           ['weight', 'lstm.0.weight_hh', 258],
+                           ['weight', 'lstm.0.weight_hh', 259],
+                           ['weight', 'lstm.0.weight_hh', 260],
+                           ['weight', 'lstm.0.weight_hh', 261],
+                           ['weight', 'lstm.0.weight_hh', 262],
+                           ['weight', 'lstm.0.weight_hh', 263],
+                           ['weight', 'lstm.0.weight_hh', 264],
+                           ['weight', 'lstm.0.weight_hh', 265],
+                           ['weight', 'lstm.0.weight_hh', 266],
+                           ['weight', 'lstm.0.weight_hh', 267],
+                           ['weight', 'lstm.0.weight_hh', 268],
+                           ['weight', 'lstm.0.weight_hh', 269],
+                           ['weight', 'lstm.0.weight_hh', 270],
+                           ['weight', 'lstm.0.weight_hh', 271],
+                           ['weight', 'lstm.0.weight_hh', 272],
+                           ['weight', 'lstm.0.weight_hh', 273],
+                           ['weight', 'lstm.0.weight_hh', 274],
+                           ['weight', 'lstm.0.weight_hh', 275],
+                           ['weight', 'lstm.0.weight_hh', 276],
+                           ['weight', 'lstm.0.weight_hh', 277],
+                           ['weight', 'lstm.0.weight_hh', 278],
+                           ['weight', 'lstm.0.weight_hh', 279],
+                           ['weight', 'lstm.0.weight_hh', 280],
+                           ['weight', 'lstm.0.weight_hh', 281],
+                           ['weight', 'lstm.0.weight_hh', 282],
+                           ['weight', 'lstm.0.weight_hh', 283],
+                           ['weight', 'lstm.0.weight_hh', 284],
+                           ['weight', 'lstm.0.weight_hh', 285],
+                           ['weight', 'lstm.0.weight_hh', 286],
+                           ['weight', 'lstm.0.weight_hh', 287],
+                           ['weight', 'lstm.0.weight_hh', 288],
+                           ['weight', 'lstm.0.weight_hh', 289],
+                           ['weight', 'lstm.0.weight_hh', 290],
+                           ['weight', 'lstm.0.weight_hh', 291],
+                           ['weight', 'lstm.0.weight_hh', 292],
+                           ['weight', 'lstm.0.weight_hh', 293],
+                           ['weight', 'lstm.0.weight_hh', 294],
+                           ['weight', 'lstm.0.weight_hh', 295],
+                           ['weight', 'lstm.0.weight_hh', 296],
+                           ['weight', 'lstm.0.weight_hh', 297],
+                           ['weight', 'lstm.0.weight_hh', 298],
+                           ['weight', 'lstm.0.weight_hh', 299],
+                           ['weight', 'lstm.0.weight_hh', 300],
+                           ['weight', 'lstm.0.weight_hh', 301],
+                           ['weight', 'lstm.0.weight_hh', 302],
+                           ['weight', 'lstm.0.weight_hh', 303],
+                           ['weight', 'lstm.0.weight_hh', 304],
+                           ['weight', 'lstm.0.weight_hh', 305],
+                           ['weight', 'lstm.0.weight_hh', 306],
+                           ['weight', 'lstm.0.weight_hh', 307],
+                           ['weight', 'lstm.0.weight_hh', 308],
+                           ['weight', 'lstm.0.weight_hh', 309],
+                           ['weight', 'lstm.0.weight_hh', 310],
+                           ['weight', 'lstm.0.weight_hh', 311],
+                           ['weight', 'lstm.0.weight_hh', 312],
+                           ['weight', 'lstm.0.weight_hh', 313],
+                           ['weight', 'lstm.0.weight_hh', 314],
+                           ['weight', 'lstm.0.weight_hh', 315],
+                           ['weight', 'lstm.0.weight_hh', 316],
+                           ['weight', 'lstm.0.weight_hh', 317],
+                           ['weight', 'lstm.0.weight_hh', 318],
+                           ['weight', 'lstm.0.weight_hh', 319],
+                           ['weight', 'lstm.0.weight_hh', 320],
+                           ['weight', 'lstm.0.weight_hh', 321],
+                           ['weight', 'lstm.0.weight_hh', 322],
+                           ['weight', 'lstm.0.weight_hh', 323],
+                           ['weight', 'lstm.0.weight_hh', 324],
+                           ['weight', 'lstm.0.weight_hh', 325],
+                           ['weight', 'lstm.0.weight_hh', 326],
+                           ['weight', 'lstm.0.weight_hh', 327],
+                           ['weight', 'lstm.0.weight_hh', 328],
+                           ['weight', 'lstm.0.weight_hh', 329],
+                           ['weight', 'lstm.0.weight_hh', 330],
+                           ['weight', 'lstm.0.weight_hh', 331],
+                           ['weight', 'lstm.0.weight_hh', 332],
+                           ['weight', 'lstm.0.weight_hh', 333],
+                           ['weight', 'lstm.0.weight_hh', 334],
+                           ['weight', 'lstm.0.weight_hh', 335],
+                           ['weight', 'lstm.0.weight_hh', 336],
+                           ['weight', 'lstm.0.weight_hh', 337],
+                           ['weight', 'lstm.0.weight_hh', 338],
+                           ['weight', 'lstm.0.weight_hh', 339],
+                           ['weight', 'lstm.0.weight_hh', 340],
+                           ['weight', 'lstm.0.weight_hh', 341],
+                           ['weight', 'lstm.0.weight_hh', 342],
+                           ['weight', 'lstm.0.weight_hh', 343],
+                           ['weight', 'lstm.0.weight_hh', 344],
+                           ['weight', 'lstm.0.weight_hh', 345],
+                           ['weight', 'lstm.0.weight_hh', 346],
+                           ['weight', 'lstm.0.weight_hh', 347],
+                           ['weight', 'lstm.0.weight_hh', 348],
+                           ['weight', 'lstm.0.weight_hh', 349],
+                           ['weight', 'lstm.0.weight_hh', 350],
+                           ['weight', 'lstm.0.weight_hh', 351],
+                           ['weight', 'lstm.0.weight_hh', 352],
+                           ['weight', 'lstm.0.weight_hh', 353],
+                           ['weight', 'lstm.0.weight_hh', 354],
+                           ['weight', 'lstm.0.weight_hh', 355],
+                           ['weight', 'lstm.0.weight_hh', 356],
+                           ['weight', 'lstm.0.weight_hh', 357],
+                           ['weight', 'lstm.0.weight_hh', 358],
+                           ['weight', 'lstm.0.weight_hh', 359],
+                           ['weight', 'lstm.0.weight_hh', 360],
+                           ['weight', 'lstm.0.weight_hh', 361],
+                           ['weight', 'lstm.0.weight_hh', 362],
+                           ['weight', 'lstm.0.weight_hh', 363],
+                           ['weight', 'lstm.0.weight_hh', 364],
+                           ['weight', 'lstm.0.weight_hh', 365],
+                           ['weight', 'lstm.0.weight_hh', 366],
+                           ['weight', 'lstm.0.weight_hh', 367],
+                           ['weight', 'lstm.0.weight_hh', 368],
+                           ['weight', 'lstm.0.weight_hh', 369],
+                           ['weight', 'lstm.0.weight_hh', 370],
+                           ['weight', 'lstm.0.weight_hh', 371],
+                           ['weight', 'lstm.0.weight_hh', 372],
+                           ['weight', 'lstm.0.weight_hh', 373],
+                           ['weight', 'lstm.0.weight_hh', 374],
+                           ['weight', 'lstm.0.weight_hh', 375],
+                           ['weight', 'lstm.0.weight_hh', 376],
+                           ['weight', 'lstm.0.weight_hh', 377],
+                           ['weight', 'lstm.0.weight_hh', 378],
+                           ['weight', 'lstm.0.weight_hh', 379],
+                           ['weight', 'lstm.0.weight_hh', 380],
+                           ['weight', 'lstm.0.weight_hh', 381],
+                           ['weight', 'lstm.0.weight_hh', 382],
+                           ['weight', 'lstm.0.weight_hh', 383],
+                           ['weight', 'lstm.0.weight_hh', 384],
+                           ['weight', 'lstm.0.weight_hh', 385],
+                           ['weight', 'lstm.0.weight_hh', 386],
+                           ['weight', 'lstm.0.weight_hh', 387],
+                           ['weight', 'lstm.0.weight_hh', 388],
+                           ['weight', 'lstm.0.weight_hh', 389],
+                           ['weight', 'lstm.0.weight_hh', 390],
+                           ['weight', 'lstm.0.weight_hh', 391],
+                           ['weight', 'lstm.0.weight_hh', 392],
+                           ['weight', 'lstm.0.weight_hh', 393],
+                           ['weight', 'lstm.0.weight_hh', 394],
+                           ['weight', 'lstm.0.weight_hh', 395],
+                           ['weight', 'lstm.0.weight_hh', 396],
+                           ['weight', 'lstm.0.weight_hh', 397],
+                           ['weight', 'lstm.0.weight_hh', 398],
+                           ['weight', 'lstm.0.weight_hh', 399],
+                           ['weight', 'lstm.0.weight_hh', 400],
+                           ['weight', 'lstm.0.weight_hh', 401],
+                           ['weight', 'lstm.0.weight_hh', 402],
+                           ['weight', 'lstm.0.weight_hh', 403],
+                           ['weight', 'lstm.0.weight_hh', 404],
+                           ['weight', 'lstm.0.weight_hh', 405],
+                           ['weight', 'lstm.0.weight_hh', 406],
+                           ['weight', 'lstm.0.weight_hh', 407],
+                           ['weight', 'lstm.0.weight_hh', 408],
+                           ['weight', 'lstm.0.weight_hh', 409],
+                           ['weight', 'lstm.0.weight_hh', 410],
+                           ['weight', 'lstm.0.weight_hh', 411],
+                           ['weight', 'lstm.0.weight_hh', 412],
+                           ['weight', 'lstm.0.weight_hh', 413],
+                           ['weight', 'lstm.0.weight_hh', 414],
+                           ['weight', 'lstm.0.weight_hh', 415],
+                           ['weight', 'lstm.0.weight_hh', 416],
+                           ['weight', 'lstm.0.weight_hh', 417],
+                           ['weight', 'lstm.0.weight_hh', 418],
+                           ['weight', 'lstm.0.weight_hh', 419],
+                           ['weight', 'lstm.0.weight_hh', 420],
+                           ['weight', 'lstm.0.weight_hh', 421],
+                           ['weight', 'lstm.0.weight_hh', 422],
+                           ['weight', 'lstm.0.weight_hh', 423],
+                           ['weight', 'lstm.0.weight_hh', 424],
+                           ['weight', 'lstm.0.weight_hh', 425],
+                           ['weight', 'lstm.0.weight_hh', 426],
+                           ['weight', 'lstm.0.weight_hh', 427],
+                           ['weight', 'lstm.0.weight_hh', 428],
+                           ['weight', 'lstm.0.weight_hh', 429],
+                           ['weight', 'lstm.0.weight_hh', 430],
+                           ['weight', 'lstm.0.weight_hh', 431],
+                           ['weight', 'lstm.0.weight_hh', 432],
+                           ['weight', 'lstm.0.weight_hh', 433],
+                           ['weight', 'lstm.0.weight_hh', 434],
+                           ['weight', 'lstm.0.weight_hh', 435],
+                           ['weight', 'lstm.0.weight_hh', 436],
+                           ['weight', 'lstm.0.weight_hh', 437],
+                           ['weight', 'lstm.0.weight_hh', 438],
+                           ['weight', 'lstm.0.weight_hh', 439],
+                           ['weight', 'lstm.0.weight_hh', 440],
+                           ['weight', 'lstm.0.weight_hh', 441],
+                           ['weight', 'lstm.0.weight_hh', 442],
+                           ['weight', 'lstm.0.weight_hh', 443],
+                           ['weight', 'lstm.0.weight_hh', 444],
+                           ['weight', 'lstm.0.weight_hh', 445],
+                           ['weight', 'lstm.0.weight_hh', 446],
+                           ['weight', 'lstm.0.weight_hh', 447],
+                           ['weight', 'lstm.0.weight_hh', 448],
+                           ['weight', 'lstm.0.weight_hh', 449],
+                           ['weight', 'lstm.0.weight_hh', 450],
+                           ['weight', 'lstm.0.weight_hh', 451],
+                           ['weight', 'lstm.0.weight_hh', 452],
+                           ['weight', 'lstm.0.weight_hh', 453],
+                           ['weight', 'lstm.0.weight_hh', 454],
+                           ['weight', 'lstm.0.weight_hh', 455],
+                           ['weight', 'lstm.0.weight_hh', 456],
+                           ['weight', 'lstm.0.weight_hh', 457],
+                           ['weight', 'lstm.0.weight_hh', 458],
+                           ['weight', 'lstm.0.weight_hh', 459],
+                           ['weight', 'lstm.0.weight_hh', 460],
+                           ['weight', 'lstm.0.weight_hh', 461],
+                           ['weight', 'lstm.0.weight_hh', 462],
+                           ['weight', 'lstm.0.weight_hh', 463],
+                           ['weight', 'lstm.0.weight_hh', 464],
+                           ['weight', 'lstm.0.weight_hh', 465],
+                           ['weight', 'lstm.0.weight_hh', 466],
+                           ['weight', 'lstm.0.weight_hh', 467],
+                           ['weight', 'lstm.0.weight_hh', 468],
+                           ['weight', 'lstm.0.weight_hh', 469],
+                           ['weight', 'lstm.0.weight_hh', 470],
+                           ['weight', 'lstm.0.weight_hh', 471],
+                           ['weight', 'lstm.0.weight_hh', 472],
+                           ['weight', 'lstm.0.weight_hh', 473],
+                           ['weight', 'lstm.0.weight_hh', 474],
+                           ['weight', 'lstm.0.weight_hh', 475],
+                           ['weight', 'lstm.0.weight_hh', 476],
+                           ['weight', 'lstm.0.weight_hh', 477],
+                           ['weight', 'lstm.0.weight_hh', 478],
+                           ['weight', 'lstm.0.weight_hh', 479],
+                           ['weight', 'lstm.0.weight_hh', 480],
+                           ['weight', 'lstm.0.weight_hh', 481],
+                           ['weight', 'lstm.0.weight_hh', 482],
+                           ['weight', 'lstm.0.weight_hh', 483],
+                           ['weight', 'lstm.0.weight_hh', 484],
+                           ['weight', 'lstm.0.weight_hh', 485],
+                           ['weight', 'lstm.0.weight_hh', 486],
+                           ['weight', 'lstm.0.weight_hh', 487],
+                           ['weight', 'lstm.0.weight_hh', 488],
+                           ['weight', 'lstm.0.weight_hh', 489],
+                           ['weight', 'lstm.0.weight_hh', 490],
+                           ['weight', 'lstm.0.weight_hh', 491],
+                           ['weight', 'lstm.0.weight_hh', 492],
+                           ['weight', 'lstm.0.weight_hh', 493],
+                           ['weight', 'lstm.0.weight_hh', 494],
+                           ['weight', 'lstm.0.weight_hh', 495],
+                           ['weight', 'lstm.0.weight_hh', 496],
+                           ['weight', 'lstm.0.weight_hh', 497],
+                           ['weight', 'lstm.0.weight_hh', 498],
+                           ['weight', 'lstm.0.weight_hh', 499],
+                           ['weight', 'lstm.0.weight_hh', 500],
+                           ['weight', 'lstm.0.weight_hh', 501],
+                           ['weight', 'lstm.0.weight_hh', 502],
+                           ['weight', 'lstm.0.weight_hh', 503],
+                           ['weight', 'lstm.0.weight_hh', 504],
+                           ['weight', 'lstm.0.weight_hh', 505],
+                           ['weight', 'lstm.0.weight_hh', 506],
+                           ['weight', 'lstm.0.weight_hh', 507],
+                           ['weight', 'lstm.0.weight_hh', 508],
+                           ['weight', 'lstm.0.weight_hh', 509],
+                           ['weight', 'lstm.0.weight_hh', 510],
+                           ['weight', 'lstm.0.weight_hh', 511],
+                           ['weight', 'lstm.0.weight_hh', 512],
+                           ['weight', 'lstm.0.weight_hh', 513],
+                           ['weight', 'lstm.0.weight_hh', 514],
+                           ['weight', 'lstm.0.weight_hh', 515],
+                           ['weight', 'lstm.0.weight_hh', 516],
+                           ['weight', 'lstm.0.weight_hh', 517],
+                           ['weight', 'lstm.0.weight_hh', 518],
+                           ['weight', 'lstm.0.weight_hh', 519],
+                           ['weight', 'lstm.0.weight_hh', 520],
+                           ['weight', 'lstm.0.weight_hh', 521],
+                           ['weight', 'lstm.0.weight_hh', 522],
+                           ['weight', 'lstm.0.weight_hh', 523],
+                           ['weight', 'lstm.0.weight_hh', 524],
+                           ['weight', 'lstm.0.weight_hh', 525],
+                           ['weight', 'lstm.0.weight_hh', 526],
+                           ['weight', 'lstm.0.weight_hh', 527],
+                           ['weight', 'lstm.0.weight_hh', 528],
+                           ['weight', 'lstm.0.weight_hh', 529],
+                           ['weight', 'lstm.0.weight_hh', 530],
+                           ['weight', 'lstm.0.weight_hh', 531],
+                           ['weight', 'lstm.0.weight_hh', 532],
+                           ['weight', 'lstm.0.weight_hh', 533],
+                           ['weight', 'lstm.0.weight_hh', 534],
+                           ['weight', 'lstm.0.weight_hh', 535],
+                           ['weight', 'lstm.0.weight_hh', 536],
+                           ['weight', 'lstm.0.weight_hh', 537],
+                           ['weight', 'lstm.0.weight_hh', 538],
+                           ['weight', 'lstm.0.weight_hh', 539],
+                           ['weight', 'lstm.0.weight_hh', 540],
+                           ['weight', 'lstm.0.weight_hh', 541],
+                           ['weight', 'lstm.0.weight_hh', 542],
+                           ['weight', 'lstm.0.weight_hh', 543],
+                           ['weight', 'lstm.0.weight_hh', 544],
+                           ['weight', 'lstm.0.weight_hh', 545],
+                           ['weight', 'lstm.0.weight_hh', 546],
+                           ['weight', 'lstm.0.weight_hh', 547],
+                           ['weight', 'lstm.0.weight_hh', 548],
+                           ['weight', 'lstm.0.weight_hh', 549],
+                           ['weight', 'lstm.0.weight_hh', 550],
+                           ['weight', 'lstm.0.weight_hh', 551],
+                           ['weight', 'lstm.0.weight_hh', 552],
+                           ['weight', 'lstm.0.weight_hh', 553],
+                           ['weight', 'lstm.0.weight_hh', 554],
+                           ['weight', 'lstm.0.weight_hh', 555],
+                           ['weight', 'lstm.0.weight_hh', 556],
+                           ['weight', 'lstm.0.weight_hh', 557],
+                           ['weight', 'lstm.0.weight_hh', 558],
+                           ['weight', 'lstm.0.weight_hh', 559],
+                           ['weight', 'lstm.0.weight_hh', 560],
+                           ['weight', 'lstm.0.weight_hh', 561],
+                           ['weight', 'lstm.0.weight_hh', 562],
+                           ['weight', 'lstm.0.weight_hh', 563],
+                           ['weight', 'lstm.0.weight_hh', 564],
+                           ['weight', 'lstm.0.weight_hh', 565],
+                           ['weight', 'lstm.0.weight_hh', 566],
+                           ['weight', 'lstm.0.weight_hh', 567],
+                           ['weight', 'lstm.0.weight_hh', 568],
+                           ['weight', 'lstm.0.weight_hh', 569],
+                           ['weight', 'lstm.0.weight_hh', 570],
+                           ['weight', 'lstm.0.weight_hh', 571],
+                           ['weight', 'lstm.0.weight_hh', 572],
+                           ['weight', 'lstm.0.weight_hh', 573],
+                           ['weight', 'lstm.0.weight_hh', 574],
+                           ['weight', 'lstm.0.weight_hh', 575],
+                           ['weight', 'lstm.0.weight_hh', 576],
+                           ['weight', 'lstm.0.weight_hh', 577],
+                           ['weight', 'lstm.0.weight_hh', 578],
+                           ['weight', 'lstm.0.weight_hh', 579],
+                           ['weight', 'lstm.0.weight_hh', 580],
+                           ['weight', 'lstm.0.weight_hh', 581],
+                           ['weight', 'lstm.0.weight_hh', 582],
+                           ['weight', 'lstm.0.weight_hh', 583],
+                           ['weight', 'lstm.0.weight_hh', 584],
+                           ['weight', 'lstm.0.weight_hh', 585],
+                           ['weight', 'lstm.0.weight_hh', 586],
+                           ['weight', 'lstm.0.weight_hh', 587],
+                           ['weight', 'lstm.0.weight_hh', 588],
+                           ['weight', 'lstm.0.weight_hh', 589],
+                           ['weight', 'lstm.0.weight_hh', 590],
+                           ['weight', 'lstm.0.weight_hh', 591],
+                           ['weight', 'lstm.0.weight_hh', 592],
+                           ['weight', 'lstm.0.weight_hh', 593],
+                           ['weight', 'lstm.0.weight_hh', 594],
+                           ['weight', 'lstm.0.weight_hh', 595],
+                           ['weight', 'lstm.0.weight_hh', 596],
+                           ['weight', 'lstm.0.weight_hh', 597],
+                           ['weight', 'lstm.0.weight_hh', 598],
+                           ['weight', 'lstm.0.weight_hh', 599],
+                           ['weight', 'lstm.0.weight_hh', 600],
+                           ['weight', 'lstm.0.weight_hh', 601],
+                           ['weight', 'lstm.0.weight_hh', 602],
+                           ['weight', 'lstm.0.weight_hh', 603],
+                           ['weight', 'lstm.0.weight_hh', 604],
+                           ['weight', 'lstm.0.weight_hh', 605],
+                           ['weight', 'lstm.0.weight_hh', 606],
+                           ['weight', 'lstm.0.weight_hh', 607],
+                           ['weight', 'lstm.0.weight_hh', 608],
+                           ['weight', 'lstm.0.weight_hh', 609],
+                           ['weight', 'lstm.0.weight_hh', 610],
+                           ['weight', 'lstm.0.weight_hh', 611],
+                           ['weight', 'lstm.0.weight_hh', 612],
+                           ['weight', 'lstm.0.weight_hh', 613],
+                           ['weight', 'lstm.0.weight_hh', 614],
+                           ['weight', 'lstm.0.weight_hh', 615],
+                           ['weight', 'lstm.0.weight_hh', 616],
+                           ['weight', 'lstm.0.weight_hh', 617],
+                           ['weight', 'lstm.0.weight_hh', 618],
+                           ['weight', 'lstm.0.weight_hh', 619],
+                           ['weight', 'lstm.0.weight_hh', 620],
+                           ['weight', 'lstm.0.weight_hh', 621],
+                           ['weight', 'lstm.0.weight_hh', 622],
+                           ['weight', 'lstm.0.weight_hh', 623],
+                           ['weight', 'lstm.0.weight_hh', 624],
+                           ['weight', 'lstm.0.weight_hh', 625],
+                           ['weight', 'lstm.0.weight_hh', 626],
+                           ['weight', 'lstm.0.weight_hh', 627],
+                           ['weight', 'lstm.0.weight_hh', 628],
+                           ['weight', 'lstm.0.weight_hh', 629],
+                           ['weight', 'lstm.0.weight_hh', 630],
+                           ['weight', 'lstm.0.weight_hh', 631],
+                           ['weight', 'lstm.0.weight_hh', 632],
+                           ['weight', 'lstm.0.weight_hh', 633],
+                           ['weight', 'lstm.0.weight_hh', 634],
+                           ['weight', 'lstm.0.weight_hh', 635],
+                           ['weight', 'lstm.0.weight_hh', 636],
+                           ['weight', 'lstm.0.weight_hh', 637],
+                           ['weight', 'lstm.0.weight_hh', 638],
+                           ['weight', 'lstm.0.weight_hh', 639],
+                           ['weight', 'lstm.0.weight_hh', 640],
+                           ['weight', 'lstm.0.weight_hh', 641],
+                           ['weight', 'lstm.0.weight_hh', 642],
+                           ['weight', 'lstm.0.weight_hh', 643],
+                           ['weight', 'lstm.0.weight_hh', 644],
+                           ['weight', 'lstm.0.weight_hh', 645],
+                           ['weight', 'lstm.0.weight_hh', 646],
+                           ['weight', 'lstm.0.weight_hh', 647],
+                           ['weight', 'lstm.0.weight_hh', 648],
+                           ['weight', 'lstm.0.weight_hh', 649],
+                           ['weight', 'lstm.0.weight_hh', 650],
+                           ['weight', 'lstm.0.weight_hh', 651],
+                           ['weight', 'lstm.0.weight_hh', 652],
+                           ['weight', 'lstm.0.weight_hh', 653],
+                           ['weight', 'lstm.0.weight_hh', 654],
+                           ['weight', 'lstm.0.weight_hh', 655],
+                           ['weight', 'lstm.0.weight_hh', 656],
+                           ['weight', 'lstm.0.weight_hh', 657],
+                           ['weight', 'lstm.0.weight_hh', 658],
+                           ['weight', 'lstm.0.weight_hh', 659],
+                           ['weight', 'lstm.0.weight_hh', 660],
+                           ['weight', 'lstm.0.weight_hh', 661],
+                           ['weight', 'lstm.0.weight_hh', 662],
+                           ['weight', 'lstm.0.weight_hh', 663],
+                           ['weight', 'lstm.0.weight_hh', 664],
+                           ['weight', 'lstm.0.weight_hh', 665],
+                           ['weight', 'lstm.0.weight_hh', 666],
+                           ['weight', 'lstm.0.weight_hh', 667],
+                           ['weight', 'lstm.0.weight_hh', 668],
+                           ['weight', 'lstm.0.weight_hh', 669],
+                           ['weight', 'lstm.0.weight_hh', 670],
+                           ['weight', 'lstm.0.weight_hh', 671],
+                           ['weight', 'lstm.0.weight_hh', 672],
+                           ['weight', 'lstm.0.weight_hh', 673],
+                           ['weight', 'lstm.0.weight_hh', 674],
+                           ['weight', 'lstm.0.weight_hh', 675],
+                           ['weight', 'lstm.0.weight_hh', 676],
+                           ['weight', 'lstm.0.weight_hh', 677],
+                           ['weight', 'lstm.0.weight_hh', 678],
+                           ['weight', 'lstm.0.weight_hh', 679],
+                           ['weight', 'lstm.0.weight_hh', 680],
+                           ['weight', 'lstm.0.weight_hh', 681],
+                           ['weight', 'lstm.0.weight_hh', 682],
+                           ['weight', 'lstm.0.weight_hh', 683],
+                           ['weight', 'lstm.0.weight_hh', 684],
+                           ['weight', 'lstm.0.weight_hh', 685],
+                           ['weight', 'lstm.0.weight_hh', 686],
+                           ['weight', 'lstm.0.weight_hh', 687],
+                           ['weight', 'lstm.0.weight_hh', 688],
+                           ['weight', 'lstm.0.weight_hh', 689],
+                           ['weight', 'lstm.0.weight_hh', 690],
+                           ['weight', 'lstm.0.weight_hh', 691],
+                           ['weight', 'lstm.0.weight_hh', 692],
+                           ['weight', 'lstm.0.weight_hh', 693],
+                           ['weight', 'lstm.0.weight_hh', 694],
+                           ['weight', 'lstm.0.weight_hh', 695],
+                           ['weight', 'lstm.0.weight_hh', 696],
+                           ['weight', 'lstm.0.weight_hh', 697],
+                           ['weight', 'lstm.0.weight_hh', 698],
+                           ['weight', 'lstm.0.weight_hh', 699],
+                           ['weight', 'lstm.0.weight_hh', 700],
+                           ['weight', 'lstm.0.weight_hh', 701],
+                           ['weight', 'lstm.0.weight_hh', 702],
+                           ['weight', 'lstm.0.weight_hh', 703],
+                           ['weight', 'lstm.0.weight_hh', 704],
+                           ['weight', 'lstm.0.weight_hh', 705],
+                           ['weight', 'lstm.0.weight_hh', 706],
+                           ['weight', 'lstm.0.weight_hh', 707],
+                           ['weight', 'lstm.0.weight_hh', 708],
+                           ['weight', 'lstm.0.weight_hh', 709],
+                           ['weight', 'lstm.0.weight_hh', 710],
+                           ['weight', 'lstm.0.weight_hh', 711],
+                           ['weight', 'lstm.0.weight_hh', 712],
+                           ['weight', 'lstm.0.weight_hh', 713],
+                           ['weight', 'lstm.0.weight_hh', 714],
+                           ['weight', 'lstm.0.weight_hh', 715],
+                           ['weight', 'lstm.0.weight_hh', 716],
+                           ['weight', 'lstm.0.weight_hh', 717],
+                           ['weight', 'lstm.0.weight_hh', 718],
+                           ['weight', 'lstm.0.weight_hh', 719],
+                           ['weight', 'lstm.0.weight_hh', 720],
+                           ['weight', 'lstm.0.weight_hh', 721],
+                           ['weight', 'lstm.0.weight_hh', 722],
+                           ['weight', 'lstm.0.weight_hh', 723],
+                           ['weight', 'lstm.0.weight_hh', 724],
+                           ['weight', 'lstm.0.weight_hh', 725],
+                           ['weight', 'lstm.0.weight_hh', 726],
+                           ['weight', 'lstm.0.weight_hh', 727],
+                           ['weight', 'lstm.0.weight_hh', 728],
+                           ['weight', 'lstm.0.weight_hh', 729],
+                           ['weight', 'lstm.0.weight_hh', 730],
+                           ['weight', 'lstm.0.weight_hh', 731],
+                           ['weight', 'lstm.0.weight_hh', 732],
+                           ['weight', 'lstm.0.weight_hh', 733],
+                           ['weight', 'lstm.0.weight_hh', 734],
+                           ['weight', 'lstm.0.weight_hh', 735],
+                           ['weight', 'lstm.0.weight_hh', 736],
+                           ['weight', 'lstm.0.weight_hh', 737],
+                           ['weight', 'lstm.0.weight_hh', 738],
+                           ['weight', 'lstm.0.weight_hh', 739],
+                           ['weight', 'lstm.0.weight_hh', 740],
+                           ['weight', 'lstm.0.weight_hh', 741],
+                           ['weight', 'lstm.0.weight_hh', 742],
+                           ['weight', 'lstm.0.weight_hh', 743],
+                           ['weight', 'lstm.0.weight_hh', 744],
+                           ['weight', 'lstm.0.weight_hh', 745],
+                           ['weight', 'lstm.0.weight_hh', 746],
+                           ['weight', 'lstm.0.weight_hh', 747],
+                           ['weight', 'lstm.0.weight_hh', 748],
+                           ['weight', 'lstm.0.weight_hh', 749],
+                           ['weight', 'lstm.0.weight_hh', 750],
+                           ['weight', 'lstm.0.weight_hh', 751],
+                           ['weight', 'lstm.0.weight_hh', 752],
+                           ['weight', 'lstm.0.weight_hh', 753],
+                           ['weight', 'lstm.0.weight_hh', 754],
+                           ['weight', 'lstm.0.weight_hh', 755],
+                           ['weight', 'lstm.0.weight_hh', 756],
+                           ['weight', 'lstm.0.weight_hh', 757],
+                           ['weight', 'lstm.0.weight_hh', 758],
+                           ['weight', 'lstm.0.weight_hh', 759],
+                           ['weight', 'lstm.0.weight_hh', 760],
+                           ['weight', 'lstm.0.weight_hh', 761],
+                           ['weight', 'lstm.0.weight_hh', 762],
+                           ['weight', 'lstm.0.weight_hh', 763],
+                           ['weight', 'lstm.0.weight_hh', 764],
+                           ['weight', 'lstm.0.weight_hh', 765],
+                           ['weight', 'lstm.0.weight_hh', 766],
+                           ['weight', 'lstm.0.weight_hh', 767],
+                           ['weight', 'lstm.0.weight_hh', 768],
+                           ['weight', 'lstm.0.weight_hh', 769],
+                           ['weight', 'lstm.0.weight_hh', 770],
+                           ['weight', 'lstm.0.weight_hh', 771],
+                           ['weight', 'lstm.0.weight_hh', 772],
+                           ['weight', 'lstm.0.weight_hh', 773],
+                           ['weight', 'lstm.0.weight_hh', 774],
+                           ['weight', 'lstm.0.weight_hh', 775],
+                           ['weight', 'lstm.0.weight_hh', 776],
+                           ['weight', 'lstm.0.weight_hh', 777],
+                           ['weight', 'lstm.0.weight_hh', 778],
+                           ['weight', 'lstm.0.weight_hh', 779],
+                           ['weight', 'lstm.0.weight_hh', 780],
+                           ['weight', 'lstm.0.weight_hh', 781],
+                           ['weight', 'lstm.0.weight_hh', 782],
+                           ['weight', 'lstm.0.weight_hh', 783],
+                           ['weight', 'lstm.0.weight_hh', 784],
+                           ['weight', 'lstm.0.weight_hh', 785],
+                           ['weight', 'lstm.0.weight_hh', 786],
+                           ['weight', 'lstm.0.weight_hh', 787],
+                           ['weight', 'lstm.0.weight_hh', 788],
+                           ['weight', 'lstm.0.weight_hh', 789],
+                           ['weight', 'lstm.0.weight_hh', 790],
+                           ['weight', 'lstm.0.weight_hh', 791],
+                           ['weight', 'lstm.0.weight_hh', 792],
+                           ['weight', 'lstm.0.weight_hh', 793],
+                           ['weight', 'lstm.0.weight_hh', 794],
+                           ['weight', 'lstm.0.weight_hh', 795],
+                           ['weight', 'lstm.0.weight_hh', 796],
+                           ['weight', 'lstm.0.weight_hh', 797],
+                           ['weight', 'lstm.0.weight_hh', 798],
+                           ['weight', 'lstm.0.weight_hh', 799],
+                           ['weight', 'lstm.0.weight_hh', 800],
+                           ['weight', 'lstm.0.weight_hh', 801],
+                           ['weight', 'lstm.0.weight_hh', 802],
+                           ['weight', 'lstm.0.weight_hh', 803],
+                           ['weight', 'lstm.0.weight_hh', 804],
+                           ['weight', 'lstm.0.weight_hh', 805],
+                           ['weight', 'lstm.0.weight_hh', 806],
+                           ['weight', 'lstm.0.weight_hh', 807],
+                           ['weight', 'lstm.0.weight_hh', 808],
+                           ['weight', 'lstm.0.weight_hh', 809],
+                           ['weight', 'lstm.0.weight_hh', 810],
+                           ['weight', 'lstm.0.weight_hh', 811],
+                           ['weight', 'lstm.0.weight_hh', 812],
+                           ['weight', 'lstm.0.weight_hh', 813],
+                           ['weight', 'lstm.0.weight_hh', 814],
+                           ['weight', 'lstm.0.weight_hh', 815],
+                           ['weight', 'lstm.0.weight_hh', 816],
+                           ['weight', 'lstm.0.weight_hh', 817],
+                           ['weight', 'lstm.0.weight_hh', 818],
+                           ['weight', 'lstm.0.weight_hh', 819],
+                           ['weight', 'lstm.0.weight_hh', 820],
+                           ['weight', 'lstm.0.weight_hh', 821],
+                           ['weight', 'lstm.0.weight_hh', 822],
+                           ['weight', 'lstm.0.weight_hh', 823],
+                           ['weight', 'lstm.0.weight_hh', 824],
+                           ['weight', 'lstm.0.weight_hh', 825],
+                           ['weight', 'lstm.0.weight_hh', 826],
+                           ['weight', 'lstm.0.weight_hh', 827],
+                           ['weight', 'lstm.0.weight_hh', 828],
+                           ['weight', 'lstm.0.weight_hh', 829],
+                           ['weight', 'lstm.0.weight_hh', 830],
+                           ['weight', 'lstm.0.weight_hh', 831],
+                           ['weight', 'lstm.0.weight_hh', 832],
+                           ['weight', 'lstm.0.weight_hh', 833],
+                           ['weight', 'lstm.0.weight_hh', 834],
+                           ['weight', 'lstm.0.weight_hh', 835],
+                           ['weight', 'lstm.0.weight_hh', 836],
+                           ['weight', 'lstm.0.weight_hh', 837],
+                           ['weight', 'lstm.0.weight_hh', 838],
+                           ['weight', 'lstm.0.weight_hh', 839],
+                           ['weight', 'lstm.0.weight_hh', 840],
+                           ['weight', 'lstm.0.weight_hh', 841],
+                           ['weight', 'lstm.0.weight_hh', 842],
+                           ['weight', 'lstm.0.weight_hh', 843],
+                           ['weight', 'lstm.0.weight_hh', 844],
+                           ['weight', 'lstm.0.weight_hh', 845],
+                           ['weight', 'lstm.0.weight_hh', 846],
+                           ['weight', 'lstm.0.weight_hh', 847],
+                           ['weight', 'lstm.0.weight_hh', 848],
+                           ['weight', 'lstm.0.weight_hh', 849],
+                           ['weight', 'lstm.0.weight_hh', 850],
+                           ['weight', 'lstm.0.weight_hh', 851],
+                           ['weight', 'lstm.0.weight_hh', 852],
+                           ['weight', 'lstm.0.weight_hh', 853],
+                           ['weight', 'lstm.0.weight_hh', 854],
+                           ['weight', 'lstm.0.weight_hh', 855],
+                           ['weight', 'lstm.0.weight_hh', 856],
+                           ['weight', 'lstm.0.weight_hh', 857],
+                           ['weight', 'lstm.0.weight_hh', 858],
+                           ['weight', 'lstm.0.weight_hh', 859],
+                           ['weight', 'lstm.0.weight_hh', 860],
+                           ['weight', 'lstm.0.weight_hh', 861],
+                           ['weight', 'lstm.0.weight_hh', 862],
+                           ['weight', 'lstm.0.weight_hh', 863],
+                           ['weight', 'lstm.0.weight_hh', 864],
+                           ['weight', 'lstm.0.weight_hh', 865],
+                           ['weight', 'lstm.0.weight_hh', 866],
+                           ['weight', 'lstm.0.weight_hh', 867],
+                           ['weight', 'lstm.0.weight_hh', 868],
+                           ['weight', 'lstm.0.weight_hh', 869],
+                           ['weight', 'lstm.0.weight_hh', 870],
+                           ['weight', 'lstm.0.weight_hh', 871],
+                           ['weight', 'lstm.0.weight_hh', 872],
+                           ['weight', 'lstm.0.weight_hh', 873],
+                           ['weight', 'lstm.0.weight_hh', 874],
+                           ['weight', 'lstm.0.weight_hh', 875],
+                           ['weight', 'lstm.0.weight_hh', 876],
+                           ['weight', 'lstm.0.weight_hh', 877],
+                           ['weight', 'lstm.0.weight_hh', 878],
+                           ['weight', 'lstm.0.weight_hh', 879],
+                           ['weight', 'lstm.0.weight_hh', 880],
+                           ['weight', 'lstm.0.weight_hh', 881],
+                           ['weight', 'lstm.0.weight_hh', 882],
+                           ['weight', 'lstm.0.weight_hh', 883],
+                           ['weight', 'lstm.0.weight_hh', 884],
+                           ['weight', 'lstm.0.weight_hh', 885],
+                           ['weight', 'lstm.0.weight_hh', 886],
+                           ['weight', 'lstm.0.weight_hh', 887],
+                           ['weight', 'lstm.0.weight_hh', 888],
+                           ['weight', 'lstm.0.weight_hh', 889],
+                           ['weight', 'lstm.0.weight_hh', 890],
+                           ['weight', 'lstm.0.weight_hh', 891],
+                           ['weight', 'lstm.0.weight_hh', 892],
+                           ['weight', 'lstm.0.weight_hh', 893],
+                           ['weight', 'lstm.0.weight_hh', 894],
+                           ['weight', 'lstm.0.weight_hh', 895],
+                           ['weight', 'lstm.0.weight_hh', 896],
+                           ['weight', 'lstm.0.weight_hh', 897],
+                           ['weight', 'lstm.0.weight_hh', 898],
+                           ['weight', 'lstm.0.weight_hh', 899],
+                           ['weight', 'lstm.0.weight_hh', 900],
+                           ['weight', 'lstm.0.weight_hh', 901],
+                           ['weight', 'lstm.0.weight_hh', 902],
+                           ['weight', 'lstm.0.weight_hh', 903],
+                           ['weight', 'lstm.0.weight_hh', 904],
+                           ['weight', 'lstm.0.weight_hh', 905],
+                           ['weight', 'lstm.0.weight_hh', 906],
+                           ['weight', 'lstm.0.weight_hh', 907],
+                           ['weight', 'lstm.0.weight_hh', 908],
+                           ['weight', 'lstm.0.weight_hh', 909],
+                           ['weight', 'lstm.0.weight_hh', 910],
+                           ['weight', 'lstm.0.weight_hh', 911],
+                           ['weight', 'lstm.0.weight_hh', 912],
+                           ['weight', 'lstm.0.weight_hh', 913],
+                           ['weight', 'lstm.0.weight_hh', 914],
+                           ['weight', 'lstm.0.weight_hh', 915],
+                           ['weight', 'lstm.0.weight_hh', 916],
+                           ['weight', 'lstm.0.weight_hh', 917],
+                           ['weight', 'lstm.0.weight_hh', 918],
+                           ['weight', 'lstm.0.weight_hh', 919],
+                           ['weight', 'lstm.0.weight_hh', 920],
+                           ['weight', 'lstm.0.weight_hh', 921],
+                           ['weight', 'lstm.0.weight_hh', 922],
+                           ['weight', 'lstm.0.weight_hh', 923],
+                           ['weight', 'lstm.0.weight_hh', 924],
+                           ['weight', 'lstm.0.weight_hh', 925],
+                           ['weight', 'lstm.0.weight_hh', 926],
+                           ['weight', 'lstm.0.weight_hh', 927],
+                           ['weight', 'lstm.0.weight_hh', 928],
+                           ['weight', 'lstm.0.weight_hh', 929],
+                           ['weight', 'lstm.0.weight_hh', 930],
+                           ['weight', 'lstm.0.weight_hh', 931],
+                           ['weight', 'lstm.0.weight_hh', 932],
+                           ['weight', 'lstm.0.weight_hh', 933],
+                           ['weight', 'lstm.0.weight_hh', 934],
+                           ['weight', 'lstm.0.weight_hh', 935],
+                           ['weight', 'lstm.0.weight_hh', 936],
+                           ['weight', 'lstm.0.weight_hh', 937],
+                           ['weight', 'lstm.0.weight_hh', 938],
+                           ['weight', 'lstm.0.weight_hh', 939],
+                           ['weight', 'lstm.0.weight_hh', 940],
+                           ['weight', 'lstm.0.weight_hh', 941],
+                           ['weight', 'lstm.0.weight_hh', 942],
+                           ['weight', 'lstm.0.weight_hh', 943],
+                           ['weight', 'lstm.0.weight_hh', 944],
+                           ['weight', 'lstm.0.weight_hh', 945],
+                           ['weight', 'lstm.0.weight_hh', 946],
+                           ['weight', 'lstm.0.weight_hh', 947],
+                           ['weight', 'lstm.0.weight_hh', 948],
+                           ['weight', 'lstm.0.weight_hh', 949],
+                           ['weight', 'lstm.0.weight_hh', 950],
+                           ['weight', 'lstm.0.weight_hh', 951],
+                           ['weight', 'lstm.0.weight_hh', 952],
+                           ['weight', 'lstm.0.weight_hh', 953],
+                           ['weight', 'lstm.0.weight_hh', 954],
+                           ['weight', 'lstm.0.weight_hh', 955],
+                           ['weight', 'lstm.0.weight_hh', 956],
+                           ['weight', 'lstm.0.weight_hh', 957],
+                           ['weight', 'lstm.0.weight_hh', 958],
+                           ['weight', 'lstm.0.weight_hh', 959],
+                           ['weight', 'lstm.0.weight_hh', 960],
+                           ['weight', 'lstm.0.weight_hh', 961],
+                           ['weight', 'lstm.0.weight_hh', 962],
+                           ['weight', 'lstm.0.weight_hh', 963],
+                           ['weight', 'lstm.0.weight_hh', 964],
+                           ['weight', 'lstm.0.weight_hh', 965],
+                           ['weight', 'lstm.0.weight_hh', 966],
+                           ['weight', 'lstm.0.weight_hh', 967],
+                           ['weight', 'lstm.0.weight_hh', 968],
+                           ['weight', 'lstm.0.weight_hh', 969],
+                           ['weight', 'lstm.0.weight_hh', 970],
+                           ['weight', 'lstm.0.weight_hh', 971],
+                           ['weight', 'lstm.0.weight_hh', 972],
+                           ['weight', 'lstm.0.weight_hh', 973],
+                           ['weight', 'lstm.0.weight_hh', 974],
+                           ['weight', 'lstm.0.weight_hh', 975],
+                           ['weight', 'lstm.0.weight_hh', 976],
+                           ['weight', 'lstm.0.weight_hh', 977],
+                           ['weight', 'lstm.0.weight_hh', 978],
+                           ['weight', 'lstm.0.weight_hh', 979],
+                           ['weight', 'lstm.0.weight_hh', 980],
+                           ['weight', 'lstm.0.weight_hh', 981],
+                           ['weight', 'lstm.0.weight_hh', 982],
+                           ['weight', 'lstm.0.weight_hh', 983],
+                           ['weight', 'lstm.0.weight_hh', 984],
+                           ['weight', 'lstm.0.weight_hh', 985],
+                           ['weight', 'lstm.0.weight_hh', 986],
+                           ['weight', 'lstm.0.weight_hh', 987],
+                           ['weight', 'lstm.0.weight_hh', 988],
+                           ['weight', 'lstm.0.weight_hh', 989],
+                           ['weight', 'lstm.0.weight_hh', 990],
+                           ['weight', 'lstm.0.weight_hh', 991],
+                           ['weight', 'lstm.0.weight_hh', 992],
+                           ['weight', 'lstm.0.weight_hh', 993],
+                           ['weight', 'lstm.0.weight_hh', 994],
+                           ['weight', 'lstm.0.weight_hh', 995],
+                           ['weight', 'lstm.0.weight_hh', 996],
+                           ['weight', 'lstm.0.weight_hh', 997],
+                           ['weight', 'lstm.0.weight_hh', 998],
+                           ['weight', 'lstm.0.weight_hh', 999],
+                           ['weight', 'lstm.0.weight_hh', 1000],
+                           ['weight', 'lstm.0.weight_hh', 1001],
+                           ['weight', 'lstm.0.weight_hh', 1002],
+                           ['weight', 'lstm.0.weight_hh', 1003],
+                           ['weight', 'lstm.0.weight_hh', 1004],
+                           ['weight', 'lstm.0.weight_hh', 1005],
+                           ['weight', 'lstm.0.weight_hh', 1006],
+                           ['weight', 'lstm.0.weight_hh', 1007],
+                           ['weight', 'lstm.0.weight_hh', 1008],
+                           ['weight', 'lstm.0.weight_hh', 1009],
+                           ['weight', 'lstm.0.weight_hh', 1010],
+                           ['weight', 'lstm.0.weight_hh', 1011],
+                           ['weight', 'lstm.0.weight_hh', 1012],
+                           ['weight', 'lstm.0.weight_hh', 1013],
+                           ['weight', 'lstm.0.weight_hh', 1014],
+                           ['weight', 'lstm.0.weight_hh', 1015],
+                           ['weight', 'lstm.0.weight_hh', 1016],
+                           ['weight', 'lstm.0.weight_hh', 1017],
+                           ['weight', 'lstm.0.weight_hh', 1018],
+                           ['weight', 'lstm.0.weight_hh', 1019],
+                           ['weight', 'lstm.0.weight_hh', 1020],
+                           ['weight', 'lstm.0.weight_hh', 1021],
+                           ['weight', 'lstm.0.weight_hh', 1022],
+                           ['weight', 'lstm.0.weight_hh', 1023],
+                           ['weight', 'lstm.0.weight_hh', 1024],
+                           ['weight', 'lstm.0.weight_hh', 1025],
+                           ['weight', 'lstm.0.weight_hh', 1026],
+                           ['weight', 'lstm.0.weight_hh', 1027],
+                           ['weight', 'lstm.0.weight_hh', 1028],
+                           ['weight', 'lstm.0.weight_hh', 1029],
+                           ['weight', 'lstm.0.weight_hh', 1030],
+                           ['weight', 'lstm.0.weight_hh', 1031],
+                           ['weight', 'lstm.0.weight_hh', 1032],
+                           ['weight', 'lstm.0.weight_hh', 1033],
+                           ['weight', 'lstm.0.weight_hh', 1034],
+                           ['weight', 'lstm.0.weight_hh', 1035],
+                           ['weight', 'lstm.0.weight_hh', 1036],
+                           ['weight', 'lstm.0.weight_hh', 1037],
+                           ['weight', 'lstm.0.weight_hh', 1038],
+                           ['weight', 'lstm.0.weight_hh', 1039],
+                           ['weight', 'lstm.0.weight_hh', 1040],
+                           ['weight', 'lstm.0.weight_hh', 1041],
+                           ['weight', 'lstm.0.weight_hh', 1042],
+                           ['weight', 'lstm.0.weight_hh', 1043],
+                           ['weight', 'lstm.0.weight_hh', 1044],
+                           ['weight', 'lstm.0.weight_hh', 1045],
+                           ['weight', 'lstm.0.weight_hh', 1046],
+                           ['weight', 'lstm.0.weight_hh', 1047],
+                           ['weight', 'lstm.0.weight_hh', 1048],
+                           ['weight', 'lstm.0.weight_hh', 1049],
+                           ['weight', 'lstm.0.weight_hh', 1050],
+                           ['weight', 'lstm.0.weight_hh', 1051],
+                           ['weight', 'lstm.0.weight_hh', 1052],
+                           ['weight', 'lstm.0.weight_hh', 1053],
+                           ['weight', 'lstm.0.weight_hh', 1054],
+                           ['weight', 'lstm.0.weight_hh', 1055],
+                           ['weight', 'lstm.0.weight_hh', 1056],
+                           ['weight', 'lstm.0.weight_hh', 1057],
+                           ['weight', 'lstm.0.weight_hh', 1058],
+                           ['weight', 'lstm.0.weight_hh', 1059],
+                           ['weight', 'lstm.0.weight_hh', 1060],
+                           ['weight', 'lstm.0.weight_hh', 1061],
+                           ['weight', 'lstm.0.weight_hh', 1062],
+                           ['weight', 'lstm.0.weight_hh', 1063],
+                           ['weight', 'lstm.0.weight_hh', 1064],
+                           ['weight', 'lstm.0.weight_hh', 1065],
+                           ['weight', 'lstm.0.weight_hh', 1066],
+                           ['weight', 'lstm.0.weight_hh', 1067],
+                           ['weight', 'lstm.0.weight_hh', 1068],
+                           ['weight', 'lstm.0.weight_hh', 1069],
+                           ['weight', 'lstm.0.weight_hh', 1070],
+                           ['weight', 'lstm.0.weight_hh', 1071],
+                           ['weight', 'lstm.0.weight_hh', 1072],
+                           ['weight', 'lstm.0.weight_hh', 1073],
+                           ['weight', 'lstm.0.weight_hh', 1074],
+                           ['weight', 'lstm.0.weight_hh', 1075],
+                           ['weight', 'lstm.0.weight_hh', 1076],
+                           ['weight', 'lstm.0.weight_hh', 1077],
+                           ['weight', 'lstm.0.weight_hh', 1078],
+                           ['weight', 'lstm.0.weight_hh', 1079],
+                           ['weight', 'lstm.0.weight_hh', 1080],
+                           ['weight', 'lstm.0.weight_hh', 1081],
+                           ['weight', 'lstm.0.weight_hh', 1082],
+                           ['weight', 'lstm.0.weight_hh', 1083],
+                           ['weight', 'lstm.0.weight_hh', 1084],
+                           ['weight', 'lstm.0.weight_hh', 1085],
+                           ['weight', 'lstm.0.weight_hh', 1086],
+                           ['weight', 'lstm.0.weight_hh', 1087],
+                           ['weight', 'lstm.0.weight_hh', 1088],
+                           ['weight', 'lstm.0.weight_hh', 1089],
+                           ['weight', 'lstm.0.weight_hh', 1090],
+                           ['weight', 'lstm.0.weight_hh', 1091],
+                           ['weight', 'lstm.0.weight_hh', 1092],
+                           ['weight', 'lstm.0.weight_hh', 1093],
+                           ['weight', 'lstm.0.weight_hh', 1094],
+                           ['weight', 'lstm.0.weight_hh', 1095],
+                           ['weight', 'lstm.0.weight_hh', 1096],
+                           ['weight', 'lstm.0.weight_hh', 1097],
+                           ['weight', 'lstm.0.weight_hh', 1098],
+                           ['weight', 'lstm.0.weight_hh', 1099],
+                           ['weight', 'lstm.0.weight_hh', 1100],
+                           ['weight', 'lstm.0.weight_hh', 1101],
+                           ['weight', 'lstm.0.weight_hh', 1102],
+                           ['weight', 'lstm.0.weight_hh', 1103],
+                           ['weight', 'lstm.0.weight_hh', 1104],
+                           ['weight', 'lstm.0.weight_hh', 1105],
+                           ['weight', 'lstm.0.weight_hh', 1106],
+                           ['weight', 'lstm.0.weight_hh', 1107],
+                           ['weight', 'lstm.0.weight_hh', 1108],
+                           ['weight', 'lstm.0.weight_hh', 1109],
+                           ['weight', 'lstm.0.weight_hh', 1110],
+                           ['weight', 'lstm.0.weight_hh', 1111],
+                           ['weight', 'lstm.0.weight_hh', 1112],
+                           ['weight', 'lstm.0.weight_hh', 1113],
+                           ['weight', 'lstm.0.weight_hh', 1114],
+                           ['weight', 'lstm.0.weight_hh', 1115],
+                           ['weight', 'lstm.0.weight_hh', 1116],
+                           ['weight', 'lstm.0.weight_hh', 1117],
+                           ['weight', 'lstm.0.weight_hh', 1118],
+                           ['weight', 'lstm.0.weight_hh', 1119],
+                           ['weight', 'lstm.0.weight_hh', 1120],
+                           ['weight', 'lstm.0.weight_hh', 1121],
+                           ['weight', 'lstm.0.weight_hh', 1122],
+                           ['weight', 'lstm.0.weight_hh', 1123],
+                           ['weight', 'lstm.0.weight_hh', 1124],
+                           ['weight', 'lstm.0.weight_hh', 1125],
+                           ['weight', 'lstm.0.weight_hh', 1126],
+                           ['weight', 'lstm.0.weight_hh', 1127],
+                           ['weight', 'lstm.0.weight_hh', 1128],
+                           ['weight', 'lstm.0.weight_hh', 1129],
+                           ['weight', 'lstm.0.weight_hh', 1130],
+                           ['weight', 'lstm.0.weight_hh', 1131],
+                           ['weight', 'lstm.0.weight_hh', 1132],
+                           ['weight', 'lstm.0.weight_hh', 1133],
+                           ['weight', 'lstm.0.weight_hh', 1134],
+                           ['weight', 'lstm.0.weight_hh', 1135],
+                           ['weight', 'lstm.0.weight_hh', 1136],
+                           ['weight', 'lstm.0.weight_hh', 1137],
+                           ['weight', 'lstm.0.weight_hh', 1138],
+                           ['weight', 'lstm.0.weight_hh', 1139],
+                           ['weight', 'lstm.0.weight_hh', 1140],
+                           ['weight', 'lstm.0.weight_hh', 1141],
+                           ['weight', 'lstm.0.weight_hh', 1142],
+                           ['weight', 'lstm.0.weight_hh', 1143],
+                           ['weight', 'lstm.0.weight_hh', 1144],
+                           ['weight', 'lstm.0.weight_hh', 1145],
+                           ['weight', 'lstm.0.weight_hh', 1146],
+                           ['weight', 'lstm.0.weight_hh', 1147],
+                           ['weight', 'lstm.0.weight_hh', 1148],
+                           ['weight', 'lstm.0.weight_hh', 1149],
+                           ['weight', 'lstm.0.weight_hh', 1150],
+                           ['weight', 'lstm.0.weight_hh', 1151],
+                           ['weight', 'lstm.0.weight_hh', 1152],
+                           ['weight', 'lstm.0.weight_hh', 1153],
+                           ['weight', 'lstm.0.weight_hh', 1154],
+                           ['weight', 'lstm.0.weight_hh', 1155],
+                           ['weight', 'lstm.0.weight_hh', 1156],
+                           ['weight', 'lstm.0.weight_hh', 1157],
+                           ['weight', 'lstm.0.weight_hh', 1158],
+                           ['weight', 'lstm.0.weight_hh', 1159],
+                           ['weight', 'lstm.0.weight_hh', 1160],
+                           ['weight', 'lstm.0.weight_hh', 1161],
+                           ['weight', 'lstm.0.weight_hh', 1162],
+                           ['weight', 'lstm.0.weight_hh', 1163],
+                           ['weight', 'lstm.0.weight_hh', 1164],
+                           ['weight', 'lstm.0.weight_hh', 1165],
+                           ['weight', 'lstm.0.weight_hh', 1166],
+                           ['weight', 'lstm.0.weight_hh', 1167],
+                           ['weight', 'lstm.0.weight_hh', 1168],
+                           ['weight', 'lstm.0.weight_hh', 1169],
+                           ['weight', 'lstm.0.weight_hh', 1170],
+                           ['weight', 'lstm.0.weight_hh', 1171],
+                           ['weight', 'lstm.0.weight_hh', 1172],
+                           ['weight', 'lstm.0.weight_hh', 1173],
+                           ['weight', 'lstm.0.weight_hh', 1174],
+                           ['weight', 'lstm.0.weight_hh', 1175],
+                           ['weight', 'lstm.0.weight_hh', 1176],
+                           ['weight', 'lstm.0.weight_hh', 1177],
+                           ['weight', 'lstm.0.weight_hh', 1178],
+                           ['weight', 'lstm.0.weight_hh', 1179],
+                           ['weight', 'lstm.0.weight_hh', 1180],
+                           ['weight', 'lstm.0.weight_hh', 1181],
+                           ['weight', 'lstm.0.weight_hh', 1182],
+                           ['weight', 'lstm.0.weight_hh', 1183],
+                           ['weight', 'lstm.0.weight_hh', 1184],
+                           ['weight', 'lstm.0.weight_hh', 1185],
+                           ['weight', 'lstm.0.weight_hh', 1186],
+                           ['weight', 'lstm.0.weight_hh', 1187],
+                           ['weight', 'lstm.0.weight_hh', 1188],
+                           ['weight', 'lstm.0.weight_hh', 1189],
+                           ['weight', 'lstm.0.weight_hh', 1190],
+                           ['weight', 'lstm.0.weight_hh', 1191],
+                           ['weight', 'lstm.0.weight_hh', 1192],
+                           ['weight', 'lstm.0.weight_hh', 1193],
+                           ['weight', 'lstm.0.weight_hh', 1194],
+                           ['weight', 'lstm.0.weight_hh', 1195],
+                           ['weight', 'lstm.0.weight_hh', 1196],
+                           ['weight', 'lstm.0.weight_hh', 1197],
+                           ['weight', 'lstm.0.weight_hh', 1198],
+                           ['weight', 'lstm.0.weight_hh', 1199],
+                           ['weight', 'lstm.0.weight_hh', 1200],
+                           ['weight', 'lstm.0.weight_hh', 1201],
+                           ['weight', 'lstm.0.weight_hh', 1202],
+                           ['weight', 'lstm.0.weight_hh', 1203],
+                           ['weight', 'lstm.0.weight_hh', 1204],
+                           ['weight', 'lstm.0.weight_hh', 1205],
+                           ['weight', 'lstm.0.weight_hh', 1206],
+                           ['weight', 'lstm.0.weight_hh', 1207],
+                           ['weight', 'lstm.0.weight_hh', 1208],
+                           ['weight', 'lstm.0.weight_hh', 1209],
+                           ['weight', 'lstm.0.weight_hh', 1210],
+                           ['weight', 'lstm.0.weight_hh', 1211],
+                           ['weight', 'lstm.0.weight_hh', 1212],
+                           ['weight', 'lstm.0.weight_hh', 1213],
+                           ['weight', 'lstm.0.weight_hh', 1214],
+                           ['weight', 'lstm.0.weight_hh', 1215],
+                           ['weight', 'lstm.0.weight_hh', 1216],
+                           ['weight', 'lstm.0.weight_hh', 1217],
+                           ['weight', 'lstm.0.weight_hh', 1218],
+                           ['weight', 'lstm.0.weight_hh', 1219],
+                           ['weight', 'lstm.0.weight_hh', 1220],
+                           ['weight', 'lstm.0.weight_hh', 1221],
+                           ['weight', 'lstm.0.weight_hh', 1222],
+                           ['weight', 'lstm.0.weight_hh', 1223],
+                           ['weight', 'lstm.0.weight_hh', 1224],
+                           ['weight', 'lstm.0.weight_hh', 1225],
+                           ['weight', 'lstm.0.weight_hh', 1226],
+                           ['weight', 'lstm.0.weight_hh', 1227],
+                           ['weight', 'lstm.0.weight_hh', 1228],
+                           ['weight', 'lstm.0.weight_hh', 1229],
+                           ['weight', 'lstm.0.weight_hh', 1230],
+                           ['weight', 'lstm.0.weight_hh', 1231],
+                           ['weight', 'lstm.0.weight_hh', 1232],
+                           ['weight', 'lstm.0.weight_hh', 1233],
+                           ['weight', 'lstm.0.weight_hh', 1234],
+                           ['weight', 'lstm.0.weight_hh', 1235],
+                           ['weight', 'lstm.0.weight_hh', 1236],
+                           ['weight', 'lstm.0.weight_hh', 1237],
+                           ['weight', 'lstm.0.weight_hh', 1238],
+                           ['weight', 'lstm.0.weight_hh', 1239],
+                           ['weight', 'lstm.0.weight_hh', 1240],
+                           ['weight', 'lstm.0.weight_hh', 1241],
+                           ['weight', 'lstm.0.weight_hh', 1242],
+                           ['weight', 'lstm.0.weight_hh', 1243],
+                           ['weight', 'lstm.0.weight_hh', 1244],
+                           ['weight', 'lstm.0.weight_hh', 1245],
+                           ['weight', 'lstm.0.weight_hh', 1246],
+                           ['weight', 'lstm.0.weight_hh', 1247],
+                           ['weight', 'lstm.0.weight_hh', 1248],
+                           ['weight', 'lstm.0.weight_hh', 1249],
+                           ['weight', 'lstm.0.weight_hh', 1250],
+                           ['weight', 'lstm.0.weight_hh', 1251],
+                           ['weight', 'lstm.0.weight_hh', 1252],
+                           ['weight', 'lstm.0.weight_hh', 1253],
+                           ['weight', 'lstm.0.weight_hh', 1254],
+                           ['weight', 'lstm.0.weight_hh', 1255],
+                           ['weight', 'lstm.0.weight_hh', 1256],
+                           ['weight', 'lstm.0.weight_hh', 1257],
+                           ['weight', 'lstm.0.weight_hh', 1258],
+                           ['weight', 'lstm.0.weight_hh', 1259],
+                           ['weight', 'lstm.0.weight_hh', 1260],
+                           ['weight', 'lstm.0.weight_hh', 1261],
+                           ['weight', 'lstm.0.weight_hh', 1262],
+                           ['weight', 'lstm.0.weight_hh', 1263],
+                           ['weight', 'lstm.0.weight_hh', 1264],
+                           ['weight', 'lstm.0.weight_hh', 1265],
+                           ['weight', 'lstm.0.weight_hh', 1266],
+                           ['weight', 'lstm.0.weight_hh', 1267],
+                           ['weight', 'lstm.0.weight_hh', 1268],
+                           ['weight', 'lstm.0.weight_hh', 1269],
+                           ['weight', 'lstm.0.weight_hh', 1270],
+                           ['weight', 'lstm.0.weight_hh', 1271],
+                           ['weight', 'lstm.0.weight_hh', 1272],
+                           ['weight', 'lstm.0.weight_hh', 1273],
+                           ['weight', 'lstm.0.weight_hh', 1274],
+                           ['weight', 'lstm.0.weight_hh', 1275],
+                           ['weight', 'lstm.0.weight_hh', 1276],
+                           ['weight', 'lstm.0.weight_hh', 1277],
+                           ['weight', 'lstm.0.weight_hh', 1278],
+                           ['weight', 'lstm.0.weight_hh', 1279],
+                           ['weight', 'lstm.0.weight_hh', 1280],
+                           ['weight', 'lstm.0.weight_hh', 1281],
+                           ['weight', 'lstm.0.weight_hh', 1282],
+                           ['weight', 'lstm.0.weight_hh', 1283],
+                           ['weight', 'lstm.0.weight_hh', 1284],
+                           ['weight', 'lstm.0.weight_hh', 1285],
+                           ['weight', 'lstm.0.weight_hh', 1286],
+                           ['weight', 'lstm.0.weight_hh', 1287],
+                           ['weight', 'lstm.0.weight_hh', 1288],
+                           ['weight', 'lstm.0.weight_hh', 1289],
+                           ['weight', 'lstm.0.weight_hh', 1290],
+                           ['weight', 'lstm.0.weight_hh', 1291],
+                           ['weight', 'lstm.0.weight_hh', 1292],
+                           ['weight', 'lstm.0.weight_hh', 1293],
+                           ['weight', 'lstm.0.weight_hh', 1294],
+                           ['weight', 'lstm.0.weight_hh', 1295],
+                           ['weight', 'lstm.0.weight_hh', 1296],
+                           ['weight', 'lstm.0.weight_hh', 1297],
+                           ['weight', 'lstm.0.weight_hh', 1298],
+                           ['weight', 'lstm.0.weight_hh', 1299],
+                           ['weight', 'lstm.0.weight_hh', 1300],
+                           ['weight', 'lstm.0.weight_hh', 1301],
+                           ['weight', 'lstm.0.weight_hh', 1302],
+                           ['weight', 'lstm.0.weight_hh', 1303],
+                           ['weight', 'lstm.0.weight_hh', 1304],
+                           ['weight', 'lstm.0.weight_hh', 1305],
+                           ['weight', 'lstm.0.weight_hh', 1306],
+                           ['weight', 'lstm.0.weight_hh', 1307],
+                           ['weight', 'lstm.0.weight_hh', 1308],
+                           ['weight', 'lstm.0.weight_hh', 1309],
+                           ['weight', 'lstm.0.weight_hh', 1310],
+                           ['weight', 'lstm.0.weight_hh', 1311],
+                           ['weight', 'lstm.0.weight_hh', 1312],
+                           ['weight', 'lstm.0.weight_hh', 1313],
+                           ['weight', 'lstm.0.weight_hh', 1314],
+                           ['weight', 'lstm.0.weight_hh', 1315],
+                           ['weight', 'lstm.0.weight_hh', 1316],
+                           ['weight', 'lstm.0.weight_hh', 1317],
+                           ['weight', 'lstm.0.weight_hh', 1318],
+                           ['weight', 'lstm.0.weight_hh', 1319],
+                           ['weight', 'lstm.0.weight_hh', 1320],
+                           ['weight', 'lstm.0.weight_hh', 1321],
+                           ['weight', 'lstm.0.weight_hh', 1322],
+                           ['weight', 'lstm.0.weight_hh', 1323],
+                           ['weight', 'lstm.0.weight_hh', 1324],
+                           ['weight', 'lstm.0.weight_hh', 1325],
+                           ['weight', 'lstm.0.weight_hh', 1326],
+                           ['weight', 'lstm.0.weight_hh', 1327],
+                           ['weight', 'lstm.0.weight_hh', 1328],
+                           ['weight', 'lstm.0.weight_hh', 1329],
+                           ['weight', 'lstm.0.weight_hh', 1330],
+                           ['weight', 'lstm.0.weight_hh', 1331],
+                           ['weight', 'lstm.0.weight_hh', 1332],
+                           ['weight', 'lstm.0.weight_hh', 1333],
+                           ['weight', 'lstm.0.weight_hh', 1334],
+                           ['weight', 'lstm.0.weight_hh', 1335],
+                           ['weight', 'lstm.0.weight_hh', 1336],
+                           ['weight', 'lstm.0.weight_hh', 1337],
+                           ['weight', 'lstm.0.weight_hh', 1338],
+                           ['weight', 'lstm.0.weight_hh', 1339],
+                           ['weight', 'lstm.0.weight_hh', 1340],
+                           ['weight', 'lstm.0.weight_hh', 1341],
+                           ['weight', 'lstm.0.weight_hh', 1342],
+                           ['weight', 'lstm.0.weight_hh', 1343],
+                           ['weight', 'lstm.0.weight_hh', 1344],
+                           ['weight', 'lstm.0.weight_hh', 1345],
+                           ['weight', 'lstm.0.weight_hh', 1346],
+                           ['weight', 'lstm.0.weight_hh', 1347],
+                           ['weight', 'lstm.0.weight_hh', 1348],
+                           ['weight', 'lstm.0.weight_hh', 1349],
+                           ['weight', 'lstm.0.weight_hh', 1350],
+                           ['weight', 'lstm.0.weight_hh', 1351],
+                           ['weight', 'lstm.0.weight_hh', 1352],
+                           ['weight', 'lstm.0.weight_hh', 1353],
+                           ['weight', 'lstm.0.weight_hh', 1354],
+                           ['weight', 'lstm.0.weight_hh', 1355],
+                           ['weight', 'lstm.0.weight_hh', 1356],
+                           ['weight', 'lstm.0.weight_hh', 1357],
+                           ['weight', 'lstm.0.weight_hh', 1358],
+                           ['weight', 'lstm.0.weight_hh', 1359],
+                           ['weight', 'lstm.0.weight_hh', 1360],
+                           ['weight', 'lstm.0.weight_hh', 1361],
+                           ['weight', 'lstm.0.weight_hh', 1362],
+                           ['weight', 'lstm.0.weight_hh', 1363],
+                           ['weight', 'lstm.0.weight_hh', 1364],
+                           ['weight', 'lstm.0.weight_hh', 1365],
+                           ['weight', 'lstm.0.weight_hh', 1366],
+                           ['weight', 'lstm.0.weight_hh', 1367],
+                           ['weight', 'lstm.0.weight_hh', 1368],
+                           ['weight', 'lstm.0.weight_hh', 1369],
+                           ['weight', 'lstm.0.weight_hh', 1370],
+                           ['weight', 'lstm.0.weight_hh', 1371],
+                           ['weight', 'lstm.0.weight_hh', 1372],
+                           ['weight', 'lstm.0.weight_hh', 1373],
+                           ['weight', 'lstm.0.weight_hh', 1374],
+                           ['weight', 'lstm.0.weight_hh', 1375],
+                           ['weight', 'lstm.0.weight_hh', 1376],
+                           ['weight', 'lstm.0.weight_hh', 1377],
+                           ['weight', 'lstm.0.weight_hh', 1378],
+                           ['weight', 'lstm.0.weight_hh', 1379],
+                           ['weight', 'lstm.0.weight_hh', 1380],
+                           ['weight', 'lstm.0.weight_hh', 1381],
+                           ['weight', 'lstm.0.weight_hh', 1382],
+                           ['weight', 'lstm.0.weight_hh', 1383],
+                           ['weight', 'lstm.0.weight_hh', 1384],
+                           ['weight', 'lstm.0.weight_hh', 1385],
+                           ['weight', 'lstm.0.weight_hh', 1386],
+                           ['weight', 'lstm.0.weight_hh', 1387],
+                           ['weight', 'lstm.0.weight_hh', 1388],
+                           ['weight', 'lstm.0.weight_hh', 1389],
+                           ['weight', 'lstm.0.weight_hh', 1390],
+                           ['weight', 'lstm.0.weight_hh', 1391],
+                           ['weight', 'lstm.0.weight_hh', 1392],
+                           ['weight', 'lstm.0.weight_hh', 1393],
+                           ['weight', 'lstm.0.weight_hh', 1394],
+                           ['weight', 'lstm.0.weight_hh', 1395],
+                           ['weight', 'lstm.0.weight_hh', 1396],
+                           ['weight', 'lstm.0.weight_hh', 1397],
+                           ['weight', 'lstm.0.weight_hh', 1398],
+                           ['weight', 'lstm.0.weight_hh', 1399],
+                           ['weight', 'lstm.0.weight_hh', 1400],
+                           ['weight', 'lstm.0.weight_hh', 1401],
+                           ['weight', 'lstm.0.weight_hh', 1402],
+                           ['weight', 'lstm.0.weight_hh', 1403],
+                           ['weight', 'lstm.0.weight_hh', 1404],
+                           ['weight', 'lstm.0.weight_hh', 1405],
+                           ['weight', 'lstm.0.weight_hh', 1406],
+                           ['weight', 'lstm.0.weight_hh', 1407],
+                           ['weight', 'lstm.0.weight_hh', 1408],
+                           ['weight', 'lstm.0.weight_hh', 1409],
+                           ['weight', 'lstm.0.weight_hh', 1410],
+                           ['weight', 'lstm.0.weight_hh', 1411],
+                           ['weight', 'lstm.0.weight_hh', 1412],
+                           ['weight', 'lstm.0.weight_hh', 1413],
+                           ['weight', 'lstm.0.weight_hh', 1414],
+                           ['weight', 'lstm.0.weight_hh', 1415],
+                           ['weight', 'lstm.0.weight_hh', 1416],
+                           ['weight', 'lstm.0.weight_hh', 1417],
+                           ['weight', 'lstm.0.weight_hh', 1418],
+                           ['weight', 'lstm.0.weight_hh', 1419],
+                           ['weight', 'lstm.0.weight_hh', 1420],
+                           ['weight', 'lstm.0.weight_hh', 1421],
+                           ['weight', 'lstm.0.weight_hh', 1422],
+                           ['weight', 'lstm.0.weight_hh', 1423],
+                           ['weight', 'lstm.0.weight_hh', 1424],
+                           ['weight', 'lstm.0.weight_hh', 1425],
+                           ['weight', 'lstm.0.weight_hh', 1426],
+                           ['weight', 'lstm.0.weight_hh', 1427],
+                           ['weight', 'lstm.0.weight_hh', 1428],
+                           ['weight', 'lstm.0.weight_hh', 1429],
+                           ['weight', 'lstm.0.weight_hh', 1430],
+                           ['weight', 'lstm.0.weight_hh', 1431],
+                           ['weight', 'lstm.0.weight_hh', 1432],
+                           ['weight', 'lstm.0.weight_hh', 1433],
+                           ['weight', 'lstm.0.weight_hh', 1434],
+                           ['weight', 'lstm.0.weight_hh', 1435],
+                           ['weight', 'lstm.0.weight_hh', 1436],
+                           ['weight', 'lstm.0.weight_hh', 1437],
+                           ['weight', 'lstm.0.weight_hh', 1438],
+                           ['weight', 'lstm.0.weight_hh', 1439],
+                           ['weight', 'lstm.0.weight_hh', 1440],
+                           ['weight', 'lstm.0.weight_hh', 1441],
+                           ['weight', 'lstm.0.weight_hh', 1442],
+                           ['weight', 'lstm.0.weight_hh', 1443],
+                           ['weight', 'lstm.0.weight_hh', 1444],
+                           ['weight', 'lstm.0.weight_hh', 1445],
+                           ['weight', 'lstm.0.weight_hh', 1446],
+                           ['weight', 'lstm.0.weight_hh', 1447],
+                           ['weight', 'lstm.0.weight_hh', 1448],
+                           ['weight', 'lstm.0.weight_hh', 1449],
+                           ['weight', 'lstm.0.weight_hh', 1450],
+                           ['weight', 'lstm.0.weight_hh', 1451],
+                           ['weight', 'lstm.0.weight_hh', 1452],
+                           ['weight', 'lstm.0.weight_hh', 1453],
+                           ['weight', 'lstm.0.weight_hh', 1454],
+                           ['weight', 'lstm.0.weight_hh', 1455],
+                           ['weight', 'lstm.0.weight_hh', 1456],
+                           ['weight', 'lstm.0.weight_hh', 1457],
+                           ['weight', 'lstm.0.weight_hh', 1458],
+                           ['weight', 'lstm.0.weight_hh', 1459],
+                           ['weight', 'lstm.0.weight_hh', 1460],
+                           ['weight', 'lstm.0.weight_hh', 1461],
+                           ['weight', 'lstm.0.weight_hh', 1462],
+                           ['weight', 'lstm.0.weight_hh', 1463],
+                           ['weight', 'lstm.0.weight_hh', 1464],
+                           ['weight', 'lstm.0.weight_hh', 1465],
+                           ['weight', 'lstm.0.weight_hh', 1466],
+                           ['weight', 'lstm.0.weight_hh', 1467],
+                           ['weight', 'lstm.0.weight_hh', 1468],
+                           ['weight', 'lstm.0.weight_hh', 1469],
+                           ['weight', 'lstm.0.weight_hh', 1470],
+                           ['weight', 'lstm.0.weight_hh', 1471],
+                           ['weight', 'lstm.0.weight_hh', 1472],
+                           ['weight', 'lstm.0.weight_hh', 1473],
+                           ['weight', 'lstm.0.weight_hh', 1474],
+                           ['weight', 'lstm.0.weight_hh', 1475],
+                           ['weight', 'lstm.0.weight_hh', 1476],
+                           ['weight', 'lstm.0.weight_hh', 1477],
+                           ['weight', 'lstm.0.weight_hh', 1478],
+                           ['weight', 'lstm.0.weight_hh', 1479],
+                           ['weight', 'lstm.0.weight_hh', 1480],
+                           ['weight', 'lstm.0.weight_hh', 1481],
+                           ['weight', 'lstm.0.weight_hh', 1482],
+                           ['weight', 'lstm.0.weight_hh', 1483],
+                           ['weight', 'lstm.0.weight_hh', 1484],
+                           ['weight', 'lstm.0.weight_hh', 1485],
+                           ['weight', 'lstm.0.weight_hh', 1486],
+                           ['weight', 'lstm.0.weight_hh', 1487],
+                           ['weight', 'lstm.0.weight_hh', 1488],
+                           ['weight', 'lstm.0.weight_hh', 1489],
+                           ['weight', 'lstm.0.weight_hh', 1490],
+                           ['weight', 'lstm.0.weight_hh', 1491],
+                           ['weight', 'lstm.0.weight_hh', 1492],
+                           ['weight', 'lstm.0.weight_hh', 1493],
+                           ['weight', 'lstm.0.weight_hh', 1494],
+                           ['weight', 'lstm.0.weight_hh', 1495],
+                           ['weight', 'lstm.0.weight_hh', 1496],
+                           ['weight', 'lstm.0.weight_hh', 1497],
+                           ['weight', 'lstm.0.weight_hh', 1498],
+                           ['weight', 'lstm.0.weight_hh', 1499],
+                           ['weight', 'lstm.0.weight_hh', 1500],
+                           ['weight', 'lstm.0.weight_hh', 1501],
+                           ['weight', 'lstm.0.weight_hh', 1502],
+                           ['weight', 'lstm.0.weight_hh', 1503],
+                           ['weight', 'lstm.0.weight_hh', 1504],
+                           ['weight', 'lstm.0.weight_hh', 1505],
+                           ['weight', 'lstm.0.weight_hh', 1506],
+                           ['weight', 'lstm.0.weight_hh', 1507],
+                           ['weight', 'lstm.0.weight_hh', 1508],
+                           ['weight', 'lstm.0.weight_hh', 1509],
+                           ['weight', 'lstm.0.weight_hh', 1510],
+                           ['weight', 'lstm.0.weight_hh', 1511],
+                           ['weight', 'lstm.0.weight_hh', 1512],
+                           ['weight', 'lstm.0.weight_hh', 1513],
+                           ['weight', 'lstm.0.weight_hh', 1514],
+                           ['weight', 'lstm.0.weight_hh', 1515],
+                           ['weight', 'lstm.0.weight_hh', 1516],
+                           ['weight', 'lstm.0.weight_hh', 1517],
+                           ['weight', 'lstm.0.weight_hh', 1518],
+                           ['weight', 'lstm.0.weight_hh', 1519],
+                           ['weight', 'lstm.0.weight_hh', 1520],
+                           ['weight', 'lstm.0.weight_hh', 1521],
+                           ['weight', 'lstm.0.weight_hh', 1522],
+                           ['weight', 'lstm.0.weight_hh', 1523],
+                           ['weight', 'lstm.0.weight_hh', 1524],
+                           ['weight', 'lstm.0.weight_hh', 1525],
+                           ['weight', 'lstm.0.weight_hh', 1526],
+                           ['weight', 'lstm.0.weight_hh', 1527],
+                           ['weight', 'lstm.0.weight_hh', 1528],
+                           ['weight', 'lstm.0.weight_hh', 1529],
+                           ['weight', 'lstm.0.weight_hh', 1530],
+                           ['weight', 'lstm.0.weight_hh', 1531],
+                           ['weight', 'lstm.0.weight_hh', 1532],
+                           ['weight', 'lstm.0.weight_hh', 1533],
+                           ['weight', 'lstm.0.weight_hh', 1534],
+                           ['weight', 'lstm.0.weight_hh', 1535],
+                           ['weight', 'lstm.0.weight_hh', 1536],
+                           ['weight', 'lstm.0.weight_hh', 1537],
+                           ['weight', 'lstm.0.weight_hh', 1538],
+                           ['weight', 'lstm.0.weight_hh', 1539],
+                           ['weight', 'lstm.0.weight_hh', 1540],
+                           ['weight', 'lstm.0.weight_hh', 1541],
+                           ['weight', 'lstm.0.weight_hh', 1542],
+                           ['weight', 'lstm.0.weight_hh', 1543],
+                           ['weight', 'lstm.0.weight_hh', 1544],
+                           ['weight', 'lstm.0.weight_hh', 1545],
+                           ['weight', 'lstm.0.weight_hh', 1546],
+                           ['weight', 'lstm.0.weight_hh', 1547],
+                           ['weight', 'lstm.0.weight_hh', 1548],
+                           ['weight', 'lstm.0.weight_hh', 1549],
+                           ['weight', 'lstm.0.weight_hh', 1550],
+                           ['weight', 'lstm.0.weight_hh', 1551],
+                           ['weight', 'lstm.0.weight_hh', 1552],
+                           ['weight', 'lstm.0.weight_hh', 1553],
+                           ['weight', 'lstm.0.weight_hh', 1554],
+                           ['weight', 'lstm.0.weight_hh', 1555],
+                           ['weight', 'lstm.0.weight_hh', 1556],
+                           ['weight', 'lstm.0.weight_hh', 1557],
+                           ['weight', 'lstm.0.weight_hh', 1558],
+                           ['weight', 'lstm.0.weight_hh', 1559],
+                           ['weight', 'lstm.0.weight_hh', 1560],
+                           ['weight', 'lstm.0.weight_hh', 1561],
+                           ['weight', 'lstm.0.weight_hh', 1562],
+                           ['weight', 'lstm.0.weight_hh', 1563],
+                           ['weight', 'lstm.0.weight_hh', 1564],
+                           ['weight', 'lstm.0.weight_hh', 1565],
+                           ['weight', 'lstm.0.weight_hh', 1566],
+                           ['weight', 'lstm.0.weight_hh', 1567],
+                           ['weight', 'lstm.0.weight_hh', 1568],
+                           ['weight', 'lstm.0.weight_hh', 1569],
+                           ['weight', 'lstm.0.weight_hh', 1570],
+                           ['weight', 'lstm.0.weight_hh', 1571],
+                           ['weight', 'lstm.0.weight_hh', 1572],
+                           ['weight', 'lstm.0.weight_hh', 1573],
+                           ['weight', 'lstm.0.weight_hh', 1574],
+                           ['weight', 'lstm.0.weight_hh', 1575],
+                           ['weight', 'lstm.0.weight_hh', 1576],
+                           ['weight', 'lstm.0.weight_hh', 1577],
+                           ['weight', 'lstm.0.weight_hh', 1578],
+                           ['weight', 'lstm.0.weight_hh', 1579],
+                           ['weight', 'lstm.0.weight_hh', 1580],
+                           ['weight', 'lstm.0.weight_hh', 1581],
+                           ['weight', 'lstm.0.weight_hh', 1582],
+                           ['weight', 'lstm.0.weight_hh', 1583],
+                           ['weight', 'lstm.0.weight_hh', 1584],
+                           ['weight', 'lstm.0.weight_hh', 1585],
+                           ['weight', 'lstm.0.weight_hh', 1586],
+                           ['weight', 'lstm.0.weight_hh', 1587],
+                           ['weight', 'lstm.0.weight_hh', 1588],
+                           ['weight', 'lstm.0.weight_hh', 1589],
+                           ['weight', 'lstm.0.weight_hh', 1590],
+                           ['weight', 'lstm.0.weight_hh', 1591],
+                           ['weight', 'lstm.0.weight_hh', 1592],
+                           ['weight', 'lstm.0.weight_hh', 1593],
+                           ['weight', 'lstm.0.weight_hh', 1594],
+                           ['weight', 'lstm.0.weight_hh', 1595],
+                           ['weight', 'lstm.0.weight_hh', 1596],
+                           ['weight', 'lstm.0.weight_hh', 1597],
+                           ['weight', 'lstm.0.weight_hh', 1598],
+                           ['weight', 'lstm.0.weight_hh', 1599],
+                           ['weight', 'lstm.0.weight_ih', 0],
+                           ['weight', 'lstm.0.weight_ih', 1],
+                           ['weight', 'lstm.0.weight_ih', 2],
+                           ['weight', 'lstm.0.weight_ih', 3],
+                           ['weight', 'lstm.0.weight_ih', 4],
+                           ['weight', 'lstm.0.weight_ih', 5],
+                           ['weight', 'lstm.0.weight_ih', 6],
+                           ['weight', 'lstm.0.weight_ih', 7],
+                           ['weight', 'lstm.0.weight_ih', 8],
+                           ['weight', 'lstm.0.weight_ih', 9],
+                           ['weight', 'lstm.0.weight_ih', 10],
+                           ['weight', 'lstm.0.weight_ih', 11],
+                           ['weight', 'lstm.0.weight_ih', 12],
+                           ['weight', 'lstm.0.weight_ih', 13],
+                           ['weight', 'lstm.0.weight_ih', 14],
+                           ['weight', 'lstm.0.weight_ih', 15],
+                           ['weight', 'lstm.0.weight_ih', 16],
+                           ['weight', 'lstm.0.weight_ih', 17],
+                           ['weight', 'lstm.0.weight_ih', 18],
+                           ['weight', 'lstm.0.weight_ih', 19],
+                           ['weight', 'lstm.0.weight_ih', 20],
+                           ['weight', 'lstm.0.weight_ih', 21],
+                           ['weight', 'lstm.0.weight_ih', 22],
+                           ['weight', 'lstm.0.weight_ih', 23],
+                           ['weight', 'lstm.0.weight_ih', 24],
+                           ['weight', 'lstm.0.weight_ih', 25],
+                           ['weight', 'lstm.0.weight_ih', 26],
+                           ['weight', 'lstm.0.weight_ih', 27],
+                           ['weight', 'lstm.0.weight_ih', 28],
+                           ['weight', 'lstm.0.weight_ih', 29],
+                           ['weight', 'lstm.0.weight_ih', 30],
+                           ['weight', 'lstm.0.weight_ih', 31],
+                           ['weight', 'lstm.0.weight_ih', 32],
+                           ['weight', 'lstm.0.weight_ih', 33],
+                           ['weight', 'lstm.0.weight_ih', 34],
+                           ['weight', 'lstm.0.weight_ih', 35],
+                           ['weight', 'lstm.0.weight_ih', 36],
+                           ['weight', 'lstm.0.weight_ih', 37],
+                           ['weight', 'lstm.0.weight_ih', 38],
+                           ['weight', 'lstm.0.weight_ih', 39],
+                           ['weight', 'lstm.0.weight_ih', 40],
+                           ['weight', 'lstm.0.weight_ih', 41],
+                           ['weight', 'lstm.0.weight_ih', 42],
+                           ['weight', 'lstm.0.weight_ih', 43],
+                           ['weight', 'lstm.0.weight_ih', 44],
+                           ['weight', 'lstm.0.weight_ih', 45],
+                           ['weight', 'lstm.0.weight_ih', 46],
+                           ['weight', 'lstm.0.weight_ih', 47],
+                           ['weight', 'lstm.0.weight_ih', 48],
+                           ['weight', 'lstm.0.weight_ih', 49],
+                           ['weight', 'lstm.0.weight_ih', 50],
+                           ['weight', 'lstm.0.weight_ih', 51],
+                           ['weight', 'lstm.0.weight_ih', 52],
+                           ['weight', 'lstm.0.weight_ih', 53],
+                           ['weight', 'lstm.0.weight_ih', 54],
+                           ['weight', 'lstm.0.weight_ih', 55],
+                           ['weight', 'lstm.0.weight_ih', 56],
+                           ['weight', 'lstm.0.weight_ih', 57],
+                           ['weight', 'lstm.0.weight_ih', 58],
+                           ['weight', 'lstm.0.weight_ih', 59],
+                           ['weight', 'lstm.0.weight_ih', 60],
+                           ['weight', 'lstm.0.weight_ih', 61],
+                           ['weight', 'lstm.0.weight_ih', 62],
+                           ['weight', 'lstm.0.weight_ih', 63],
+                           ['weight', 'lstm.0.weight_ih', 64],
+                           ['weight', 'lstm.0.weight_ih', 65],
+                           ['weight', 'lstm.0.weight_ih', 66],
+                           ['weight', 'lstm.0.weight_ih', 67],
+                           ['weight', 'lstm.0.weight_ih', 68],
+                           ['weight', 'lstm.0.weight_ih', 69],
+                           ['weight', 'lstm.0.weight_ih', 70],
+                           ['weight', 'lstm.0.weight_ih', 71],
+                           ['weight', 'lstm.0.weight_ih', 72],
+                           ['weight', 'lstm.0.weight_ih', 73],
+                           ['weight', 'lstm.0.weight_ih', 74],
+                           ['weight', 'lstm.0.weight_ih', 75],
+                           ['weight', 'lstm.0.weight_ih', 76],
+                           ['weight', 'lstm.0.weight_ih', 77],
+                           ['weight', 'lstm.0.weight_ih', 78],
+                           ['weight', 'lstm.0.weight_ih', 79],
+                           ['weight', 'lstm.0.weight_ih', 80],
+                           ['weight', 'lstm.0.weight_ih', 81],
+                           ['weight', 'lstm.0.weight_ih', 82],
+                           ['weight', 'lstm.0.weight_ih', 83],
+                           ['weight', 'lstm.0.weight_ih', 84],
+                           ['weight', 'lstm.0.weight_ih', 85],
+                           ['weight', 'lstm.0.weight_ih', 86],
+                           ['weight', 'lstm.0.weight_ih', 87],
+                           ['weight', 'lstm.0.weight_ih', 88],
+                           ['weight', 'lstm.0.weight_ih', 89],
+                           ['weight', 'lstm.0.weight_ih', 90],
+                           ['weight', 'lstm.0.weight_ih', 91],
+                           ['weight', 'lstm.0.weight_ih', 92],
+                           ['weight', 'lstm.0.weight_ih', 93],
+                           ['weight', 'lstm.0.weight_ih', 94],
+                           ['weight', 'lstm.0.weight_ih', 95],
+                           ['weight', 'lstm.0.weight_ih', 96],
+                           ['weight', 'lstm.0.weight_ih', 97],
+                           ['weight', 'lstm.0.weight_ih', 98],
+                           ['weight', 'lstm.0.weight_ih', 99],
+                           ['weight', 'lstm.0.weight_ih', 100],
+                           ['weight', 'lstm.0.weight_ih', 101],
+                           ['weight', 'lstm.0.weight_ih', 102],
+                           ['weight', 'lstm.0.weight_ih', 103],
+                           ['weight', 'lstm.0.weight_ih', 104],
+                           ['weight', 'lstm.0.weight_ih', 105],
+                           ['weight', 'lstm.0.weight_ih', 106],
+                           ['weight', 'lstm.0.weight_ih', 107],
+                           ['weight', 'lstm.0.weight_ih', 108],
+                           ['weight', 'lstm.0.weight_ih', 109],
+                           ['weight', 'lstm.0.weight_ih', 110],
+                           ['weight', 'lstm.0.weight_ih', 111],
+                           ['weight', 'lstm.0.weight_ih', 112],
+                           ['weight', 'lstm.0.weight_ih', 113],
+                           ['weight', 'lstm.0.weight_ih', 114],
+                           ['weight', 'lstm.0.weight_ih', 115],
+                           ['weight', 'lstm.0.weight_ih', 116],
+                           ['weight', 'lstm.0.weight_ih', 117],
+                           ['weight', 'lstm.0.weight_ih', 118],
+                           ['weight', 'lstm.0.weight_ih', 119],
+                           ['weight', 'lstm.0.weight_ih', 120],
+                           ['weight', 'lstm.0.weight_ih', 121],
+                           ['weight', 'lstm.0.weight_ih', 122],
+                           ['weight', 'lstm.0.weight_ih', 123],
+                           ['weight', 'lstm.0.weight_ih', 124],
+                           ['weight', 'lstm.0.weight_ih', 125],
+                           ['weight', 'lstm.0.weight_ih', 126],
+                           ['weight', 'lstm.0.weight_ih', 127],
+                           ['weight', 'lstm.0.weight_ih', 128],
+                           ['weight', 'lstm.0.weight_ih', 129],
+                           ['weight', 'lstm.0.weight_ih', 130],
+                           ['weight', 'lstm.0.weight_ih', 131],
+                           ['weight', 'lstm.0.weight_ih', 132],
+                           ['weight', 'lstm.0.weight_ih', 133],
+                           ['weight', 'lstm.0.weight_ih', 134],
+                           ['weight', 'lstm.0.weight_ih', 135],
+                           ['weight', 'lstm.0.weight_ih', 136],
+                           ['weight', 'lstm.0.weight_ih', 137],
+                           ['weight', 'lstm.0.weight_ih', 138],
+                           ['weight', 'lstm.0.weight_ih', 139],
+                           ['weight', 'lstm.0.weight_ih', 140],
+                           ['weight', 'lstm.0.weight_ih', 141],
+                           ['weight', 'lstm.0.weight_ih', 142],
+                           ['weight', 'lstm.0.weight_ih', 143],
+                           ['weight', 'lstm.0.weight_ih', 144],
+                           ['weight', 'lstm.0.weight_ih', 145],
+                           ['weight', 'lstm.0.weight_ih', 146],
+                           ['weight', 'lstm.0.weight_ih', 147],
+                           ['weight', 'lstm.0.weight_ih', 148],
+                           ['weight', 'lstm.0.weight_ih', 149],
+                           ['weight', 'lstm.0.weight_ih', 150],
+                           ['weight', 'lstm.0.weight_ih', 151],
+                           ['weight', 'lstm.0.weight_ih', 152],
+                           ['weight', 'lstm.0.weight_ih', 153],
+                           ['weight', 'lstm.0.weight_ih', 154],
+                           ['weight', 'lstm.0.weight_ih', 155],
+                           ['weight', 'lstm.0.weight_ih', 156],
+                           ['weight', 'lstm.0.weight_ih', 157],
+                           ['weight', 'lstm.0.weight_ih', 158],
+                           ['weight', 'lstm.0.weight_ih', 159],
+                           ['weight', 'lstm.0.bias', 0],
+                           ['weight', 'lstm.0.bias', 1],
+                           ['weight', 'lstm.0.bias', 2],
+                           ['weight', 'lstm.0.bias', 3],
+                           ['weight', 'lstm.0.bias', 4],
+                           ['weight', 'lstm.0.bias', 5],
+                           ['weight', 'lstm.0.bias', 6],
+                           ['weight', 'lstm.0.bias', 7],
+                           ['weight', 'lstm.0.bias', 8],
+                           ['weight', 'lstm.0.bias', 9],
+                           ['weight', 'lstm.0.bias', 10],
+                           ['weight', 'lstm.0.bias', 11],
+                           ['weight', 'lstm.0.bias', 12],
+                           ['weight', 'lstm.0.bias', 13],
+                           ['weight', 'lstm.0.bias', 14],
+                           ['weight', 'lstm.0.bias', 15],
+                           ['weight', 'lstm.0.bias', 16],
+                           ['weight', 'lstm.0.bias', 17],
+                           ['weight', 'lstm.0.bias', 18],
+                           ['weight', 'lstm.0.bias', 19],
+                           ['weight', 'lstm.0.bias', 20],
+                           ['weight', 'lstm.0.bias', 21],
+                           ['weight', 'lstm.0.bias', 22],
+                           ['weight', 'lstm.0.bias', 23],
+                           ['weight', 'lstm.0.bias', 24],
+                           ['weight', 'lstm.0.bias', 25],
+                           ['weight', 'lstm.0.bias', 26],
+                           ['weight', 'lstm.0.bias', 27],
+                           ['weight', 'lstm.0.bias', 28],
+                           ['weight', 'lstm.0.bias', 29],
+                           ['weight', 'lstm.0.bias', 30],
+                           ['weight', 'lstm.0.bias', 31],
+                           ['weight', 'lstm.0.bias', 32],
+                           ['weight', 'lstm.0.bias', 33],
+                           ['weight', 'lstm.0.bias', 34],
+                           ['weight', 'lstm.0.bias', 35],
+                           ['weight', 'lstm.0.bias', 36],
+                           ['weight', 'lstm.0.bias', 37],
+                           ['weight', 'lstm.0.bias', 38],
+                           ['weight', 'lstm.0.bias', 39],
+                           ['weight', 'lstm.0.bias', 40],
+                           ['weight', 'lstm.0.bias', 41],
+                           ['weight', 'lstm.0.bias', 42],
+                           ['weight', 'lstm.0.bias', 43],
+                           ['weight', 'lstm.0.bias', 44],
+                           ['weight', 'lstm.0.bias', 45],
+                           ['weight', 'lstm.0.bias', 46],
+                           ['weight', 'lstm.0.bias', 47],
+                           ['weight', 'lstm.0.bias', 48],
+                           ['weight', 'lstm.0.bias', 49],
+                           ['weight', 'lstm.0.bias', 50],
+                           ['weight', 'lstm.0.bias', 51],
+                           ['weight', 'lstm.0.bias', 52],
+                           ['weight', 'lstm.0.bias', 53],
+                           ['weight', 'lstm.0.bias', 54],
+                           ['weight', 'lstm.0.bias', 55],
+                           ['weight', 'lstm.0.bias', 56],
+                           ['weight', 'lstm.0.bias', 57],
+                           ['weight', 'lstm.0.bias', 58],
+                           ['weight', 'lstm.0.bias', 59],
+                           ['weight', 'lstm.0.bias', 60],
+                           ['weight', 'lstm.0.bias', 61],
+                           ['weight', 'lstm.0.bias', 62],
+                           ['weight', 'lstm.0.bias', 63],
+                           ['weight', 'lstm.0.bias', 64],
+                           ['weight', 'lstm.0.bias', 65],
+                           ['weight', 'lstm.0.bias', 66],
+                           ['weight', 'lstm.0.bias', 67],
+                           ['weight', 'lstm.0.bias', 68],
+                           ['weight', 'lstm.0.bias', 69],
+                           ['weight', 'lstm.0.bias', 70],
+                           ['weight', 'lstm.0.bias', 71],
+                           ['weight', 'lstm.0.bias', 72],
+                           ['weight', 'lstm.0.bias', 73],
+                           ['weight', 'lstm.0.bias', 74],
+                           ['weight', 'lstm.0.bias', 75],
+                           ['weight', 'lstm.0.bias', 76],
+                           ['weight', 'lstm.0.bias', 77],
+                           ['weight', 'lstm.0.bias', 78],
+                           ['weight', 'lstm.0.bias', 79]],
+            'hv': ['_u1', 'lr'],
+            'index': 0,
+            'name': 'stage0_backward_kernel',
+            'reductions': [],
+            'seeds': [{'kind': 'output', 'sources': [('out_state', 'net.c0', 0)], 'value': '_c0_21'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 1)], 'value': '_c0_22'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 2)], 'value': '_c0_23'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 3)], 'value': '_c0_24'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 4)], 'value': '_c0_25'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 5)], 'value': '_c0_26'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 6)], 'value': '_c0_27'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 7)], 'value': '_c0_28'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 8)], 'value': '_c0_29'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 9)], 'value': '_c0_30'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 10)], 'value': '_c0_31'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 11)], 'value': '_c0_32'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 12)], 'value': '_c0_33'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 13)], 'value': '_c0_34'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 14)], 'value': '_c0_35'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 15)], 'value': '_c0_36'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 16)], 'value': '_c0_37'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 17)], 'value': '_c0_38'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 18)], 'value': '_c0_39'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c0', 19)], 'value': '_c0_40'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 0)], 'value': '_c1_61'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 1)], 'value': '_c1_62'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 2)], 'value': '_c1_63'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 3)], 'value': '_c1_64'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 4)], 'value': '_c1_65'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 5)], 'value': '_c1_66'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 6)], 'value': '_c1_67'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 7)], 'value': '_c1_68'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 8)], 'value': '_c1_69'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 9)], 'value': '_c1_70'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 10)], 'value': '_c1_71'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 11)], 'value': '_c1_72'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 12)], 'value': '_c1_73'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 13)], 'value': '_c1_74'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 14)], 'value': '_c1_75'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 15)], 'value': '_c1_76'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 16)], 'value': '_c1_77'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 17)], 'value': '_c1_78'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 18)], 'value': '_c1_79'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.c1', 19)], 'value': '_c1_80'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 0)], 'value': '_h0_1'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 9)], 'value': '_h0_10'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 10)], 'value': '_h0_11'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 11)], 'value': '_h0_12'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 12)], 'value': '_h0_13'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 13)], 'value': '_h0_14'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 14)], 'value': '_h0_15'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 15)], 'value': '_h0_16'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 16)], 'value': '_h0_17'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 17)], 'value': '_h0_18'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 18)], 'value': '_h0_19'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 1)], 'value': '_h0_2'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 19)], 'value': '_h0_20'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 2)], 'value': '_h0_3'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 3)], 'value': '_h0_4'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 4)], 'value': '_h0_5'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 5)], 'value': '_h0_6'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 6)], 'value': '_h0_7'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 7)], 'value': '_h0_8'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h0', 8)], 'value': '_h0_9'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 0)], 'value': '_h1_41'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 1)], 'value': '_h1_42'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 2)], 'value': '_h1_43'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 3)], 'value': '_h1_44'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 4)], 'value': '_h1_45'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 5)], 'value': '_h1_46'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 6)], 'value': '_h1_47'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 7)], 'value': '_h1_48'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 8)], 'value': '_h1_49'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 9)], 'value': '_h1_50'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 10)], 'value': '_h1_51'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 11)], 'value': '_h1_52'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 12)], 'value': '_h1_53'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 13)], 'value': '_h1_54'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 14)], 'value': '_h1_55'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 15)], 'value': '_h1_56'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 16)], 'value': '_h1_57'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 17)], 'value': '_h1_58'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 18)], 'value': '_h1_59'},
+                      {'kind': 'output', 'sources': [('out_state', 'net.h1', 19)], 'value': '_h1_60'},
+                      {'kind': 'output', 'sources': [('out_param', None, 0)], 'value': '_p_new'}],
+            'uses_coords': False,
+            'weights': ['head.bias',
+                        'head.weight',
+                        'lstm.0.bias',
+                        'lstm.0.weight_hh',
+                        'lstm.0.weight_ih',
+                        'lstm.1.bias',
+                        'lstm.1.weight_hh',
+                        'lstm.1.weight_ih']}]
+
+
+@triton.jit
+def stage0_backward_kernel(
+    ptrs,
+    info,
+    progs,
+    hv,
+    _dpart_ptr,
+    _gpart_ptr,
+    _w_head_bias,
+    _w_head_weight,
+    _w_lstm_0_bias,
+    _w_lstm_0_weight_hh,
+    _w_lstm_0_weight_ih,
+    _w_lstm_1_bias,
+    _w_lstm_1_weight_hh,
+    _w_lstm_1_weight_ih,
+    N_PTR: tl.constexpr,
+    N_HV: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    _pid = tl.program_id(0)
+    _t = tl.load(progs + 2 * _pid)
+    _offs = tl.load(progs + 2 * _pid + 1) + tl.arange(0, BLOCK)
+    _numel = tl.load(info + _t * 13)
+    _mask = _offs < _numel
+    _hv_ptr = hv + _t * N_HV
+    _g_ptr = tl.load(ptrs + _t * N_PTR + 0).to(tl.pointer_type(tl.float32))
+    _st_net_h0 = tl.load(ptrs + _t * N_PTR + 1).to(tl.pointer_type(tl.float32))
+    _st_net_c0 = tl.load(ptrs + _t * N_PTR + 2).to(tl.pointer_type(tl.float32))
+    _st_net_h1 = tl.load(ptrs + _t * N_PTR + 3).to(tl.pointer_type(tl.float32))
+    _st_net_c1 = tl.load(ptrs + _t * N_PTR + 4).to(tl.pointer_type(tl.float32))
+    _p_ptr = tl.load(ptrs + _t * N_PTR + 5).to(tl.pointer_type(tl.float32))
+    _seed__c0_21_ptr = tl.load(ptrs + _t * N_PTR + 6).to(tl.pointer_type(tl.float32))
+    _seed__c0_22_ptr = tl.load(ptrs + _t * N_PTR + 7).to(tl.pointer_type(tl.float32))
+    _seed__c0_23_ptr = tl.load(ptrs + _t * N_PTR + 8).to(tl.pointer_type(tl.float32))
+    _seed__c0_24_ptr = tl.load(ptrs + _t * N_PTR + 9).to(tl.pointer_type(tl.float32))
+    _seed__c0_25_ptr = tl.load(ptrs + _t * N_PTR + 10).to(tl.pointer_type(tl.float32))
+    _seed__c0_26_ptr = tl.load(ptrs + _t * N_PTR + 11).to(tl.pointer_type(tl.float32))
+    _seed__c0_27_ptr = tl.load(ptrs + _t * N_PTR + 12).to(tl.pointer_type(tl.float32))
+    _seed__c0_28_ptr = tl.load(ptrs + _t * N_PTR + 13).to(tl.pointer_type(tl.float32))
+    _seed__c0_29_ptr = tl.load(ptrs + _t * N_PTR + 14).to(tl.pointer_type(tl.float32))
+    _seed__c0_30_ptr = tl.load(ptrs + _t * N_PTR + 15).to(tl.pointer_type(tl.float32))
+    _seed__c0_31_ptr = tl.load(ptrs + _t * N_PTR + 16).to(tl.pointer_type(tl.float32))
+    _seed__c0_32_ptr = tl.load(ptrs + _t * N_PTR + 17).to(tl.pointer_type(tl.float32))
+    _seed__c0_33_ptr = tl.load(ptrs + _t * N_PTR + 18).to(tl.pointer_type(tl.float32))
+    _seed__c0_34_ptr = tl.load(ptrs + _t * N_PTR + 19).to(tl.pointer_type(tl.float32))
+    _seed__c0_35_ptr = tl.load(ptrs + _t * N_PTR + 20).to(tl.pointer_type(tl.float32))
+    _seed__c0_36_ptr = tl.load(ptrs + _t * N_PTR + 21).to(tl.pointer_type(tl.float32))
+    _seed__c0_37_ptr = tl.load(ptrs + _t * N_PTR + 22).to(tl.pointer_type(tl.float32))
+    _seed__c0_38_ptr = tl.load(ptrs + _t * N_PTR + 23).to(tl.pointer_type(tl.float32))
+    _seed__c0_39_ptr = tl.load(ptrs + _t * N_PTR + 24).to(tl.pointer_type(tl.float32))
+    _seed__c0_40_ptr = tl.load(ptrs + _t * N_PTR + 25).to(tl.pointer_type(tl.float32))
+    _seed__c1_61_ptr = tl.load(ptrs + _t * N_PTR + 26).to(tl.pointer_type(tl.float32))
+    _seed__c1_62_ptr = tl.load(ptrs + _t * N_PTR + 27).to(tl.pointer_type(tl.float32))
+    _seed__c1_63_ptr = tl.load(ptrs + _t * N_PTR + 28).to(tl.pointer_type(tl.float32))
+    _seed__c1_64_ptr = tl.load(ptrs + _t * N_PTR + 29).to(tl.pointer_type(tl.float32))
+    _seed__c1_65_ptr = tl.load(ptrs + _t * N_PTR + 30).to(tl.pointer_type(tl.float32))
+    _seed__c1_66_ptr = tl.load(ptrs + _t * N_PTR + 31).to(tl.pointer_type(tl.float32))
+    _seed__c1_67_ptr = tl.load(ptrs + _t * N_PTR + 32).to(tl.pointer_type(tl.float32))
+    _seed__c1_68_ptr = tl.load(ptrs + _t * N_PTR + 33).to(tl.pointer_type(tl.float32))
+    _seed__c1_69_ptr = tl.load(ptrs + _t * N_PTR + 34).to(tl.pointer_type(tl.float32))
+    _seed__c1_70_ptr = tl.load(ptrs + _t * N_PTR + 35).to(tl.pointer_type(tl.float32))
+    _seed__c1_71_ptr = tl.load(ptrs + _t * N_PTR + 36).to(tl.pointer_type(tl.float32))
+    _seed__c1_72_ptr = tl.load(ptrs + _t * N_PTR + 37).to(tl.pointer_type(tl.float32))
+    _seed__c1_73_ptr = tl.load(ptrs + _t * N_PTR + 38).to(tl.pointer_type(tl.float32))
+    _seed__c1_74_ptr = tl.load(ptrs + _t * N_PTR + 39).to(tl.pointer_type(tl.float32))
+    _seed__c1_75_ptr = tl.load(ptrs + _t * N_PTR + 40).to(tl.pointer_type(tl.float32))
+    _seed__c1_76_ptr = tl.load(ptrs + _t * N_PTR + 41).to(tl.pointer_type(tl.float32))
+    _seed__c1_77_ptr = tl.load(ptrs + _t * N_PTR + 42).to(tl.pointer_type(tl.float32))
+    _seed__c1_78_ptr = tl.load(ptrs + _t * N_PTR + 43).to(tl.pointer_type(tl.float32))
+    _seed__c1_79_ptr = tl.load(ptrs + _t * N_PTR + 44).to(tl.pointer_type(tl.float32))
+    _seed__c1_80_ptr = tl.load(ptrs + _t * N_PTR + 45).to(tl.pointer_type(tl.float32))
+    _seed__h0_1_ptr = tl.load(ptrs + _t * N_PTR + 46).to(tl.pointer_type(tl.float32))
+    _seed__h0_10_ptr = tl.load(ptrs + _t * N_PTR + 47).to(tl.pointer_type(tl.float32))
+    _seed__h0_11_ptr = tl.load(ptrs + _t * N_PTR + 48).to(tl.pointer_type(tl.float32))
+    _seed__h0_12_ptr = tl.load(ptrs + _t * N_PTR + 49).to(tl.pointer_type(tl.float32))
+    _seed__h0_13_ptr = tl.load(ptrs + _t * N_PTR + 50).to(tl.pointer_type(tl.float32))
+    _seed__h0_14_ptr = tl.load(ptrs + _t * N_PTR + 51).to(tl.pointer_type(tl.float32))
+    _seed__h0_15_ptr = tl.load(ptrs + _t * N_PTR + 52).to(tl.pointer_type(tl.float32))
+    _seed__h0_16_ptr = tl.load(ptrs + _t * N_PTR + 53).to(tl.pointer_type(tl.float32))
+    _seed__h0_17_ptr = tl.load(ptrs + _t * N_PTR + 54).to(tl.pointer_type(tl.float32))
+    _seed__h0_18_ptr = tl.load(ptrs + _t * N_PTR + 55).to(tl.pointer_type(tl.float32))
+    _seed__h0_19_ptr = tl.load(ptrs + _t * N_PTR + 56).to(tl.pointer_type(tl.float32))
+    _seed__h0_2_ptr = tl.load(ptrs + _t * N_PTR + 57).to(tl.pointer_type(tl.float32))
+    _seed__h0_20_ptr = tl.load(ptrs + _t * N_PTR + 58).to(tl.pointer_type(tl.float32))
+    _seed__h0_3_ptr = tl.load(ptrs + _t * N_PTR + 59).to(tl.pointer_type(tl.float32))
+    _seed__h0_4_ptr = tl.load(ptrs + _t * N_PTR + 60).to(tl.pointer_type(tl.float32))
+    _seed__h0_5_ptr = tl.load(ptrs + _t * N_PTR + 61).to(tl.pointer_type(tl.float32))
+    _seed__h0_6_ptr = tl.load(ptrs + _t * N_PTR + 62).to(tl.pointer_type(tl.float32))
+    _seed__h0_7_ptr = tl.load(ptrs + _t * N_PTR + 63).to(tl.pointer_type(tl.float32))
+    _seed__h0_8_ptr = tl.load(ptrs + _t * N_PTR + 64).to(tl.pointer_type(tl.float32))
+    _seed__h0_9_ptr = tl.load(ptrs + _t * N_PTR + 65).to(tl.pointer_type(tl.float32))
+    _seed__h1_41_ptr = tl.load(ptrs + _t * N_PTR + 66).to(tl.pointer_type(tl.float32))
+    _seed__h1_42_ptr = tl.load(ptrs + _t * N_PTR + 67).to(tl.pointer_type(tl.float32))
+    _seed__h1_43_ptr = tl.load(ptrs + _t * N_PTR + 68).to(tl.pointer_type(tl.float32))
+    _seed__h1_44_ptr = tl.load(ptrs + _t * N_PTR + 69).to(tl.pointer_type(tl.float32))
+    _seed__h1_45_ptr = tl.load(ptrs + _t * N_PTR + 70).to(tl.pointer_type(tl.float32))
+    _seed__h1_46_ptr = tl.load(ptrs + _t * N_PTR + 71).to(tl.pointer_type(tl.float32))
+    _seed__h1_47_ptr = tl.load(ptrs + _t * N_PTR + 72).to(tl.pointer_type(tl.float32))
+    _seed__h1_48_ptr = tl.load(ptrs + _t * N_PTR + 73).to(tl.pointer_type(tl.float32))
+    _seed__h1_49_ptr = tl.load(ptrs + _t * N_PTR + 74).to(tl.pointer_type(tl.float32))
+    _seed__h1_50_ptr = tl.load(ptrs + _t * N_PTR + 75).to(tl.pointer_type(tl.float32))
+    _seed__h1_51_ptr = tl.load(ptrs + _t * N_PTR + 76).to(tl.pointer_type(tl.float32))
+    _seed__h1_52_ptr = tl.load(ptrs + _t * N_PTR + 77).to(tl.pointer_type(tl.float32))
+    _seed__h1_53_ptr = tl.load(ptrs + _t * N_PTR + 78).to(tl.pointer_type(tl.float32))
+    _seed__h1_54_ptr = tl.load(ptrs + _t * N_PTR + 79).to(tl.pointer_type(tl.float32))
+    _seed__h1_55_ptr = tl.load(ptrs + _t * N_PTR + 80).to(tl.pointer_type(tl.float32))
+    _seed__h1_56_ptr = tl.load(ptrs + _t * N_PTR + 81).to(tl.pointer_type(tl.float32))
+    _seed__h1_57_ptr = tl.load(ptrs + _t * N_PTR + 82).to(tl.pointer_type(tl.float32))
+    _seed__h1_58_ptr = tl.load(ptrs + _t * N_PTR + 83).to(tl.pointer_type(tl.float32))
+    _seed__h1_59_ptr = tl.load(ptrs + _t * N_PTR + 84).to(tl.pointer_type(tl.float32))
+    _seed__h1_60_ptr = tl.load(ptrs + _t * N_PTR + 85).to(tl.pointer_type(tl.float32))
+    _seed__p_new_ptr = tl.load(ptrs + _t * N_PTR + 86).to(tl.pointer_type(tl.float32))
+    _grad_st_net_c0 = tl.load(ptrs + _t * N_PTR + 87).to(tl.pointer_type(tl.float32))
+    _grad_st_net_c1 = tl.load(ptrs + _t * N_PTR + 88).to(tl.pointer_type(tl.float32))
+    _grad_st_net_h0 = tl.load(ptrs + _t * N_PTR + 89).to(tl.pointer_type(tl.float32))
+    _grad_st_net_h1 = tl.load(ptrs + _t * N_PTR + 90).to(tl.pointer_type(tl.float32))
+    _grad_g_ptr = tl.load(ptrs + _t * N_PTR + 91).to(tl.pointer_type(tl.float32))
+    _grad_p_ptr = tl.load(ptrs + _t * N_PTR + 92).to(tl.pointer_type(tl.float32))
+    g = tl.load(_g_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
+    log_magnitude = tl.where(tl.abs(g) >= 4.5399929762484854e-05, 0.1 * tl.log(tl.maximum(tl.abs(g), 4.5399929762484854e-05)), -1.0)
+    sign_or_scaled = tl.where(tl.abs(g) >= 4.5399929762484854e-05, tops.sign(g), g * 22026.465794806718)
+    _dense1 = tops.weight_vec(_w_lstm_0_bias, 0, 80, 128)[None, :] + tl.zeros((BLOCK, 128), dtype=tl.float32)
+    _dense1 += log_magnitude[:, None] * tops.weight_col(_w_lstm_0_weight_ih, 2, 0, 0, 80, 128)[None, :]
+    _dense1 += sign_or_scaled[:, None] * tops.weight_col(_w_lstm_0_weight_ih, 2, 0, 1, 80, 128)[None, :]
+    _dense2 = tl.zeros((BLOCK, 128), dtype=tl.float32)
+    _tile3 = tops.load_tile(_st_net_h0, _numel, _offs, _mask, 20, 32)
+    _dense2 += tops.matmul(_tile3, _w_lstm_0_weight_hh, 20, 0, 0, 80, 20, 32, 128, True)
+    _col4 = tops.column(_dense1, 0, 128)
+    _col5 = tops.column(_dense2, 0, 128)
+    _cell161_i0 = tops.sigmoid(_col4 + _col5)
+    _col6 = tops.column(_dense2, 20, 128)
+    _col7 = tops.column(_dense1, 20, 128)
+    _cell162_f0 = tops.sigmoid(_col6 + _col7)
+    _col8 = tops.column(_dense2, 40, 128)
+    _col9 = tops.column(_dense1, 40, 128)
+    _cell163_g0 = tops.tanh(_col8 + _col9)
+    _col10 = tops.column(_dense2, 60, 128)
+    _col11 = tops.column(_dense1, 60, 128)
+    _cell164_o0 = tops.sigmoid(_col10 + _col11)
+    _net_c0_old_0 = tl.load(_st_net_c0 + 0 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_21 = _cell161_i0 * _cell163_g0 + _cell162_f0 * _net_c0_old_0
+    _h0_1 = _cell164_o0 * tops.tanh(_c0_21)
+    _col12 = tops.column(_dense1, 1, 128)
+    _col13 = tops.column(_dense2, 1, 128)
+    _cell165_i1 = tops.sigmoid(_col12 + _col13)
+    _col14 = tops.column(_dense2, 21, 128)
+    _col15 = tops.column(_dense1, 21, 128)
+    _cell166_f1 = tops.sigmoid(_col14 + _col15)
+    _col16 = tops.column(_dense2, 41, 128)
+    _col17 = tops.column(_dense1, 41, 128)
+    _cell167_g1 = tops.tanh(_col16 + _col17)
+    _col18 = tops.column(_dense2, 61, 128)
+    _col19 = tops.column(_dense1, 61, 128)
+    _cell168_o1 = tops.sigmoid(_col18 + _col19)
+    _net_c0_old_1 = tl.load(_st_net_c0 + 1 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_22 = _cell165_i1 * _cell167_g1 + _cell166_f1 * _net_c0_old_1
+    _h0_2 = _cell168_o1 * tops.tanh(_c0_22)
+    _col20 = tops.column(_dense1, 2, 128)
+    _col21 = tops.column(_dense2, 2, 128)
+    _cell169_i2 = tops.sigmoid(_col20 + _col21)
+    _col22 = tops.column(_dense2, 22, 128)
+    _col23 = tops.column(_dense1, 22, 128)
+    _cell170_f2 = tops.sigmoid(_col22 + _col23)
+    _col24 = tops.column(_dense2, 42, 128)
+    _col25 = tops.column(_dense1, 42, 128)
+    _cell171_g2 = tops.tanh(_col24 + _col25)
+    _col26 = tops.column(_dense2, 62, 128)
+    _col27 = tops.column(_dense1, 62, 128)
+    _cell172_o2 = tops.sigmoid(_col26 + _col27)
+    _net_c0_old_2 = tl.load(_st_net_c0 + 2 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_23 = _cell169_i2 * _cell171_g2 + _cell170_f2 * _net_c0_old_2
+    _h0_3 = _cell172_o2 * tops.tanh(_c0_23)
+    _col28 = tops.column(_dense1, 3, 128)
+    _col29 = tops.column(_dense2, 3, 128)
+    _cell173_i3 = tops.sigmoid(_col28 + _col29)
+    _col30 = tops.column(_dense2, 23, 128)
+    _col31 = tops.column(_dense1, 23, 128)
+    _cell174_f3 = tops.sigmoid(_col30 + _col31)
+    _col32 = tops.column(_dense2, 43, 128)
+    _col33 = tops.column(_dense1, 43, 128)
+    _cell175_g3 = tops.tanh(_col32 + _col33)
+    _col34 = tops.column(_dense2, 63, 128)
+    _col35 = tops.column(_dense1, 63, 128)
+    _cell176_o3 = tops.sigmoid(_col34 + _col35)
+    _net_c0_old_3 = tl.load(_st_net_c0 + 3 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_24 = _cell173_i3 * _cell175_g3 + _cell174_f3 * _net_c0_old_3
+    _h0_4 = _cell176_o3 * tops.tanh(_c0_24)
+    _col36 = tops.column(_dense1, 4, 128)
+    _col37 = tops.column(_dense2, 4, 128)
+    _cell177_i4 = tops.sigmoid(_col36 + _col37)
+    _col38 = tops.column(_dense2, 24, 128)
+    _col39 = tops.column(_dense1, 24, 128)
+    _cell178_f4 = tops.sigmoid(_col38 + _col39)
+    _col40 = tops.column(_dense2, 44, 128)
+    _col41 = tops.column(_dense1, 44, 128)
+    _cell179_g4 = tops.tanh(_col40 + _col41)
+    _col42 = tops.column(_dense2, 64, 128)
+    _col43 = tops.column(_dense1, 64, 128)
+    _cell180_o4 = tops.sigmoid(_col42 + _col43)
+    _net_c0_old_4 = tl.load(_st_net_c0 + 4 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_25 = _cell177_i4 * _cell179_g4 + _cell178_f4 * _net_c0_old_4
+    _h0_5 = _cell180_o4 * tops.tanh(_c0_25)
+    _col44 = tops.column(_dense1, 5, 128)
+    _col45 = tops.column(_dense2, 5, 128)
+    _cell181_i5 = tops.sigmoid(_col44 + _col45)
+    _col46 = tops.column(_dense2, 25, 128)
+    _col47 = tops.column(_dense1, 25, 128)
+    _cell182_f5 = tops.sigmoid(_col46 + _col47)
+    _col48 = tops.column(_dense2, 45, 128)
+    _col49 = tops.column(_dense1, 45, 128)
+    _cell183_g5 = tops.tanh(_col48 + _col49)
+    _col50 = tops.column(_dense2, 65, 128)
+    _col51 = tops.column(_dense1, 65, 128)
+    _cell184_o5 = tops.sigmoid(_col50 + _col51)
+    _net_c0_old_5 = tl.load(_st_net_c0 + 5 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_26 = _cell181_i5 * _cell183_g5 + _cell182_f5 * _net_c0_old_5
+    _h0_6 = _cell184_o5 * tops.tanh(_c0_26)
+    _col52 = tops.column(_dense1, 6, 128)
+    _col53 = tops.column(_dense2, 6, 128)
+    _cell185_i6 = tops.sigmoid(_col52 + _col53)
+    _col54 = tops.column(_dense2, 26, 128)
+    _col55 = tops.column(_dense1, 26, 128)
+    _cell186_f6 = tops.sigmoid(_col54 + _col55)
+    _col56 = tops.column(_dense2, 46, 128)
+    _col57 = tops.column(_dense1, 46, 128)
+    _cell187_g6 = tops.tanh(_col56 + _col57)
+    _col58 = tops.column(_dense2, 66, 128)
+    _col59 = tops.column(_dense1, 66, 128)
+    _cell188_o6 = tops.sigmoid(_col58 + _col59)
+    _net_c0_old_6 = tl.load(_st_net_c0 + 6 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_27 = _cell185_i6 * _cell187_g6 + _cell186_f6 * _net_c0_old_6
+    _h0_7 = _cell188_o6 * tops.tanh(_c0_27)
+    _col60 = tops.column(_dense2, 7, 128)
+    _col61 = tops.column(_dense1, 7, 128)
+    _cell189_i7 = tops.sigmoid(_col60 + _col61)
+    _col62 = tops.column(_dense2, 27, 128)
+    _col63 = tops.column(_dense1, 27, 128)
+    _cell190_f7 = tops.sigmoid(_col62 + _col63)
+    _col64 = tops.column(_dense2, 47, 128)
+    _col65 = tops.column(_dense1, 47, 128)
+    _cell191_g7 = tops.tanh(_col64 + _col65)
+    _col66 = tops.column(_dense2, 67, 128)
+    _col67 = tops.column(_dense1, 67, 128)
+    _cell192_o7 = tops.sigmoid(_col66 + _col67)
+    _net_c0_old_7 = tl.load(_st_net_c0 + 7 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_28 = _cell189_i7 * _cell191_g7 + _cell190_f7 * _net_c0_old_7
+    _h0_8 = _cell192_o7 * tops.tanh(_c0_28)
+    _col68 = tops.column(_dense2, 8, 128)
+    _col69 = tops.column(_dense1, 8, 128)
+    _cell193_i8 = tops.sigmoid(_col68 + _col69)
+    _col70 = tops.column(_dense2, 28, 128)
+    _col71 = tops.column(_dense1, 28, 128)
+    _cell194_f8 = tops.sigmoid(_col70 + _col71)
+    _col72 = tops.column(_dense2, 48, 128)
+    _col73 = tops.column(_dense1, 48, 128)
+    _cell195_g8 = tops.tanh(_col72 + _col73)
+    _col74 = tops.column(_dense2, 68, 128)
+    _col75 = tops.column(_dense1, 68, 128)
+    _cell196_o8 = tops.sigmoid(_col74 + _col75)
+    _net_c0_old_8 = tl.load(_st_net_c0 + 8 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_29 = _cell193_i8 * _cell195_g8 + _cell194_f8 * _net_c0_old_8
+    _h0_9 = _cell196_o8 * tops.tanh(_c0_29)
+    _col76 = tops.column(_dense1, 9, 128)
+    _col77 = tops.column(_dense2, 9, 128)
+    _cell197_i9 = tops.sigmoid(_col76 + _col77)
+    _col78 = tops.column(_dense2, 29, 128)
+    _col79 = tops.column(_dense1, 29, 128)
+    _cell198_f9 = tops.sigmoid(_col78 + _col79)
+    _col80 = tops.column(_dense2, 49, 128)
+    _col81 = tops.column(_dense1, 49, 128)
+    _cell199_g9 = tops.tanh(_col80 + _col81)
+    _col82 = tops.column(_dense2, 69, 128)
+    _col83 = tops.column(_dense1, 69, 128)
+    _cell200_o9 = tops.sigmoid(_col82 + _col83)
+    _net_c0_old_9 = tl.load(_st_net_c0 + 9 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_30 = _cell197_i9 * _cell199_g9 + _cell198_f9 * _net_c0_old_9
+    _h0_10 = _cell200_o9 * tops.tanh(_c0_30)
+    _col84 = tops.column(_dense1, 10, 128)
+    _col85 = tops.column(_dense2, 10, 128)
+    _cell201_i10 = tops.sigmoid(_col84 + _col85)
+    _col86 = tops.column(_dense2, 30, 128)
+    _col87 = tops.column(_dense1, 30, 128)
+    _cell202_f10 = tops.sigmoid(_col86 + _col87)
+    _col88 = tops.column(_dense2, 50, 128)
+    _col89 = tops.column(_dense1, 50, 128)
+    _cell203_g10 = tops.tanh(_col88 + _col89)
+    _col90 = tops.column(_dense2, 70, 128)
+    _col91 = tops.column(_dense1, 70, 128)
+    _cell204_o10 = tops.sigmoid(_col90 + _col91)
+    _net_c0_old_10 = tl.load(_st_net_c0 + 10 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_31 = _cell201_i10 * _cell203_g10 + _cell202_f10 * _net_c0_old_10
+    _h0_11 = _cell204_o10 * tops.tanh(_c0_31)
+    _col92 = tops.column(_dense1, 11, 128)
+    _col93 = tops.column(_dense2, 11, 128)
+    _cell205_i11 = tops.sigmoid(_col92 + _col93)
+    _col94 = tops.column(_dense2, 31, 128)
+    _col95 = tops.column(_dense1, 31, 128)
+    _cell206_f11 = tops.sigmoid(_col94 + _col95)
+    _col96 = tops.column(_dense2, 51, 128)
+    _col97 = tops.column(_dense1, 51, 128)
+    _cell207_g11 = tops.tanh(_col96 + _col97)
+    _col98 = tops.column(_dense2, 71, 128)
+    _col99 = tops.column(_dense1, 71, 128)
+    _cell208_o11 = tops.sigmoid(_col98 + _col99)
+    _net_c0_old_11 = tl.load(_st_net_c0 + 11 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_32 = _cell205_i11 * _cell207_g11 + _cell206_f11 * _net_c0_old_11
+    _h0_12 = _cell208_o11 * tops.tanh(_c0_32)
+    _col100 = tops.column(_dense1, 12, 128)
+    _col101 = tops.column(_dense2, 12, 128)
+    _cell209_i12 = tops.sigmoid(_col100 + _col101)
+    _col102 = tops.column(_dense2, 32, 128)
+    _col103 = tops.column(_dense1, 32, 128)
+    _cell210_f12 = tops.sigmoid(_col102 + _col103)
+    _col104 = tops.column(_dense2, 52, 128)
+    _col105 = tops.column(_dense1, 52, 128)
+    _cell211_g12 = tops.tanh(_col104 + _col105)
+    _col106 = tops.column(_dense2, 72, 128)
+    _col107 = tops.column(_dense1, 72, 128)
+    _cell212_o12 = tops.sigmoid(_col106 + _col107)
+    _net_c0_old_12 = tl.load(_st_net_c0 + 12 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_33 = _cell209_i12 * _cell211_g12 + _cell210_f12 * _net_c0_old_12
+    _h0_13 = _cell212_o12 * tops.tanh(_c0_33)
+    _col108 = tops.column(_dense1, 13, 128)
+    _col109 = tops.column(_dense2, 13, 128)
+    _cell213_i13 = tops.sigmoid(_col108 + _col109)
+    _col110 = tops.column(_dense2, 33, 128)
+    _col111 = tops.column(_dense1, 33, 128)
+    _cell214_f13 = tops.sigmoid(_col110 + _col111)
+    _col112 = tops.column(_dense2, 53, 128)
+    _col113 = tops.column(_dense1, 53, 128)
+    _cell215_g13 = tops.tanh(_col112 + _col113)
+    _col114 = tops.column(_dense2, 73, 128)
+    _col115 = tops.column(_dense1, 73, 128)
+    _cell216_o13 = tops.sigmoid(_col114 + _col115)
+    _net_c0_old_13 = tl.load(_st_net_c0 + 13 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_34 = _cell213_i13 * _cell215_g13 + _cell214_f13 * _net_c0_old_13
+    _h0_14 = _cell216_o13 * tops.tanh(_c0_34)
+    _col116 = tops.column(_dense1, 14, 128)
+    _col117 = tops.column(_dense2, 14, 128)
+    _cell217_i14 = tops.sigmoid(_col116 + _col117)
+    _col118 = tops.column(_dense2, 34, 128)
+    _col119 = tops.column(_dense1, 34, 128)
+    _cell218_f14 = tops.sigmoid(_col118 + _col119)
+    _col120 = tops.column(_dense2, 54, 128)
+    _col121 = tops.column(_dense1, 54, 128)
+    _cell219_g14 = tops.tanh(_col120 + _col121)
+    _col122 = tops.column(_dense2, 74, 128)
+    _col123 = tops.column(_dense1, 74, 128)
+    _cell220_o14 = tops.sigmoid(_col122 + _col123)
+    _net_c0_old_14 = tl.load(_st_net_c0 + 14 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_35 = _cell217_i14 * _cell219_g14 + _cell218_f14 * _net_c0_old_14
+    _h0_15 = _cell220_o14 * tops.tanh(_c0_35)
+    _col124 = tops.column(_dense1, 15, 128)
+    _col125 = tops.column(_dense2, 15, 128)
+    _cell221_i15 = tops.sigmoid(_col124 + _col125)
+    _col126 = tops.column(_dense2, 35, 128)
+    _col127 = tops.column(_dense1, 35, 128)
+    _cell222_f15 = tops.sigmoid(_col126 + _col127)
+    _col128 = tops.column(_dense2, 55, 128)
+    _col129 = tops.column(_dense1, 55, 128)
+    _cell223_g15 = tops.tanh(_col128 + _col129)
+    _col130 = tops.column(_dense2, 75, 128)
+    _col131 = tops.column(_dense1, 75, 128)
+    _cell224_o15 = tops.sigmoid(_col130 + _col131)
+    _net_c0_old_15 = tl.load(_st_net_c0 + 15 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_36 = _cell221_i15 * _cell223_g15 + _cell222_f15 * _net_c0_old_15
+    _h0_16 = _cell224_o15 * tops.tanh(_c0_36)
+    _col132 = tops.column(_dense1, 16, 128)
+    _col133 = tops.column(_dense2, 16, 128)
+    _cell225_i16 = tops.sigmoid(_col132 + _col133)
+    _col134 = tops.column(_dense2, 36, 128)
+    _col135 = tops.column(_dense1, 36, 128)
+    _cell226_f16 = tops.sigmoid(_col134 + _col135)
+    _col136 = tops.column(_dense2, 56, 128)
+    _col137 = tops.column(_dense1, 56, 128)
+    _cell227_g16 = tops.tanh(_col136 + _col137)
+    _col138 = tops.column(_dense2, 76, 128)
+    _col139 = tops.column(_dense1, 76, 128)
+    _cell228_o16 = tops.sigmoid(_col138 + _col139)
+    _net_c0_old_16 = tl.load(_st_net_c0 + 16 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_37 = _cell225_i16 * _cell227_g16 + _cell226_f16 * _net_c0_old_16
+    _h0_17 = _cell228_o16 * tops.tanh(_c0_37)
+    _col140 = tops.column(_dense1, 17, 128)
+    _col141 = tops.column(_dense2, 17, 128)
+    _cell229_i17 = tops.sigmoid(_col140 + _col141)
+    _col142 = tops.column(_dense2, 37, 128)
+    _col143 = tops.column(_dense1, 37, 128)
+    _cell230_f17 = tops.sigmoid(_col142 + _col143)
+    _col144 = tops.column(_dense2, 57, 128)
+    _col145 = tops.column(_dense1, 57, 128)
+    _cell231_g17 = tops.tanh(_col144 + _col145)
+    _col146 = tops.column(_dense2, 77, 128)
+    _col147 = tops.column(_dense1, 77, 128)
+    _cell232_o17 = tops.sigmoid(_col146 + _col147)
+    _net_c0_old_17 = tl.load(_st_net_c0 + 17 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_38 = _cell229_i17 * _cell231_g17 + _cell230_f17 * _net_c0_old_17
+    _h0_18 = _cell232_o17 * tops.tanh(_c0_38)
+    _col148 = tops.column(_dense1, 18, 128)
+    _col149 = tops.column(_dense2, 18, 128)
+    _cell233_i18 = tops.sigmoid(_col148 + _col149)
+    _col150 = tops.column(_dense2, 38, 128)
+    _col151 = tops.column(_dense1, 38, 128)
+    _cell234_f18 = tops.sigmoid(_col150 + _col151)
+    _col152 = tops.column(_dense2, 58, 128)
+    _col153 = tops.column(_dense1, 58, 128)
+    _cell235_g18 = tops.tanh(_col152 + _col153)
+    _col154 = tops.column(_dense2, 78, 128)
+    _col155 = tops.column(_dense1, 78, 128)
+    _cell236_o18 = tops.sigmoid(_col154 + _col155)
+    _net_c0_old_18 = tl.load(_st_net_c0 + 18 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_39 = _cell233_i18 * _cell235_g18 + _cell234_f18 * _net_c0_old_18
+    _h0_19 = _cell236_o18 * tops.tanh(_c0_39)
+    _col156 = tops.column(_dense2, 19, 128)
+    _col157 = tops.column(_dense1, 19, 128)
+    _cell237_i19 = tops.sigmoid(_col156 + _col157)
+    _col158 = tops.column(_dense2, 39, 128)
+    _col159 = tops.column(_dense1, 39, 128)
+    _cell238_f19 = tops.sigmoid(_col158 + _col159)
+    _col160 = tops.column(_dense2, 59, 128)
+    _col161 = tops.column(_dense1, 59, 128)
+    _cell239_g19 = tops.tanh(_col160 + _col161)
+    _col162 = tops.column(_dense2, 79, 128)
+    _col163 = tops.column(_dense1, 79, 128)
+    _cell240_o19 = tops.sigmoid(_col162 + _col163)
+    _net_c0_old_19 = tl.load(_st_net_c0 + 19 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c0_40 = _cell237_i19 * _cell239_g19 + _cell238_f19 * _net_c0_old_19
+    _h0_20 = _cell240_o19 * tops.tanh(_c0_40)
+    _dense164 = tops.weight_vec(_w_lstm_1_bias, 0, 80, 128)[None, :] + tl.zeros((BLOCK, 128), dtype=tl.float32)
+    _dense164 += _h0_1[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 0, 80, 128)[None, :]
+    _dense164 += _h0_2[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 1, 80, 128)[None, :]
+    _dense164 += _h0_3[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 2, 80, 128)[None, :]
+    _dense164 += _h0_4[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 3, 80, 128)[None, :]
+    _dense164 += _h0_5[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 4, 80, 128)[None, :]
+    _dense164 += _h0_6[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 5, 80, 128)[None, :]
+    _dense164 += _h0_7[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 6, 80, 128)[None, :]
+    _dense164 += _h0_8[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 7, 80, 128)[None, :]
+    _dense164 += _h0_9[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 8, 80, 128)[None, :]
+    _dense164 += _h0_10[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 9, 80, 128)[None, :]
+    _dense164 += _h0_11[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 10, 80, 128)[None, :]
+    _dense164 += _h0_12[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 11, 80, 128)[None, :]
+    _dense164 += _h0_13[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 12, 80, 128)[None, :]
+    _dense164 += _h0_14[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 13, 80, 128)[None, :]
+    _dense164 += _h0_15[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 14, 80, 128)[None, :]
+    _dense164 += _h0_16[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 15, 80, 128)[None, :]
+    _dense164 += _h0_17[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 16, 80, 128)[None, :]
+    _dense164 += _h0_18[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 17, 80, 128)[None, :]
+    _dense164 += _h0_19[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 18, 80, 128)[None, :]
+    _dense164 += _h0_20[:, None] * tops.weight_col(_w_lstm_1_weight_ih, 20, 0, 19, 80, 128)[None, :]
+    _dense165 = tl.zeros((BLOCK, 128), dtype=tl.float32)
+    _tile166 = tops.load_tile(_st_net_h1, _numel, _offs, _mask, 20, 32)
+    _dense165 += tops.matmul(_tile166, _w_lstm_1_weight_hh, 20, 0, 0, 80, 20, 32, 128, True)
+    _col167 = tops.column(_dense164, 0, 128)
+    _col168 = tops.column(_dense165, 0, 128)
+    _cell401_i0 = tops.sigmoid(_col167 + _col168)
+    _col169 = tops.column(_dense164, 20, 128)
+    _col170 = tops.column(_dense165, 20, 128)
+    _cell402_f0 = tops.sigmoid(_col169 + _col170)
+    _col171 = tops.column(_dense164, 40, 128)
+    _col172 = tops.column(_dense165, 40, 128)
+    _cell403_g0 = tops.tanh(_col171 + _col172)
+    _col173 = tops.column(_dense164, 60, 128)
+    _col174 = tops.column(_dense165, 60, 128)
+    _cell404_o0 = tops.sigmoid(_col173 + _col174)
+    _net_c1_old_0 = tl.load(_st_net_c1 + 0 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_61 = _cell401_i0 * _cell403_g0 + _cell402_f0 * _net_c1_old_0
+    _h1_41 = _cell404_o0 * tops.tanh(_c1_61)
+    _col175 = tops.column(_dense164, 1, 128)
+    _col176 = tops.column(_dense165, 1, 128)
+    _cell405_i1 = tops.sigmoid(_col175 + _col176)
+    _col177 = tops.column(_dense164, 21, 128)
+    _col178 = tops.column(_dense165, 21, 128)
+    _cell406_f1 = tops.sigmoid(_col177 + _col178)
+    _col179 = tops.column(_dense164, 41, 128)
+    _col180 = tops.column(_dense165, 41, 128)
+    _cell407_g1 = tops.tanh(_col179 + _col180)
+    _col181 = tops.column(_dense164, 61, 128)
+    _col182 = tops.column(_dense165, 61, 128)
+    _cell408_o1 = tops.sigmoid(_col181 + _col182)
+    _net_c1_old_1 = tl.load(_st_net_c1 + 1 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_62 = _cell405_i1 * _cell407_g1 + _cell406_f1 * _net_c1_old_1
+    _h1_42 = _cell408_o1 * tops.tanh(_c1_62)
+    _col183 = tops.column(_dense164, 2, 128)
+    _col184 = tops.column(_dense165, 2, 128)
+    _cell409_i2 = tops.sigmoid(_col183 + _col184)
+    _col185 = tops.column(_dense164, 22, 128)
+    _col186 = tops.column(_dense165, 22, 128)
+    _cell410_f2 = tops.sigmoid(_col185 + _col186)
+    _col187 = tops.column(_dense164, 42, 128)
+    _col188 = tops.column(_dense165, 42, 128)
+    _cell411_g2 = tops.tanh(_col187 + _col188)
+    _col189 = tops.column(_dense164, 62, 128)
+    _col190 = tops.column(_dense165, 62, 128)
+    _cell412_o2 = tops.sigmoid(_col189 + _col190)
+    _net_c1_old_2 = tl.load(_st_net_c1 + 2 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_63 = _cell409_i2 * _cell411_g2 + _cell410_f2 * _net_c1_old_2
+    _h1_43 = _cell412_o2 * tops.tanh(_c1_63)
+    _col191 = tops.column(_dense164, 3, 128)
+    _col192 = tops.column(_dense165, 3, 128)
+    _cell413_i3 = tops.sigmoid(_col191 + _col192)
+    _col193 = tops.column(_dense164, 23, 128)
+    _col194 = tops.column(_dense165, 23, 128)
+    _cell414_f3 = tops.sigmoid(_col193 + _col194)
+    _col195 = tops.column(_dense164, 43, 128)
+    _col196 = tops.column(_dense165, 43, 128)
+    _cell415_g3 = tops.tanh(_col195 + _col196)
+    _col197 = tops.column(_dense164, 63, 128)
+    _col198 = tops.column(_dense165, 63, 128)
+    _cell416_o3 = tops.sigmoid(_col197 + _col198)
+    _net_c1_old_3 = tl.load(_st_net_c1 + 3 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_64 = _cell413_i3 * _cell415_g3 + _cell414_f3 * _net_c1_old_3
+    _h1_44 = _cell416_o3 * tops.tanh(_c1_64)
+    _col199 = tops.column(_dense164, 4, 128)
+    _col200 = tops.column(_dense165, 4, 128)
+    _cell417_i4 = tops.sigmoid(_col199 + _col200)
+    _col201 = tops.column(_dense164, 24, 128)
+    _col202 = tops.column(_dense165, 24, 128)
+    _cell418_f4 = tops.sigmoid(_col201 + _col202)
+    _col203 = tops.column(_dense164, 44, 128)
+    _col204 = tops.column(_dense165, 44, 128)
+    _cell419_g4 = tops.tanh(_col203 + _col204)
+    _col205 = tops.column(_dense164, 64, 128)
+    _col206 = tops.column(_dense165, 64, 128)
+    _cell420_o4 = tops.sigmoid(_col205 + _col206)
+    _net_c1_old_4 = tl.load(_st_net_c1 + 4 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_65 = _cell417_i4 * _cell419_g4 + _cell418_f4 * _net_c1_old_4
+    _h1_45 = _cell420_o4 * tops.tanh(_c1_65)
+    _col207 = tops.column(_dense164, 5, 128)
+    _col208 = tops.column(_dense165, 5, 128)
+    _cell421_i5 = tops.sigmoid(_col207 + _col208)
+    _col209 = tops.column(_dense164, 25, 128)
+    _col210 = tops.column(_dense165, 25, 128)
+    _cell422_f5 = tops.sigmoid(_col209 + _col210)
+    _col211 = tops.column(_dense164, 45, 128)
+    _col212 = tops.column(_dense165, 45, 128)
+    _cell423_g5 = tops.tanh(_col211 + _col212)
+    _col213 = tops.column(_dense164, 65, 128)
+    _col214 = tops.column(_dense165, 65, 128)
+    _cell424_o5 = tops.sigmoid(_col213 + _col214)
+    _net_c1_old_5 = tl.load(_st_net_c1 + 5 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_66 = _cell421_i5 * _cell423_g5 + _cell422_f5 * _net_c1_old_5
+    _h1_46 = _cell424_o5 * tops.tanh(_c1_66)
+    _col215 = tops.column(_dense164, 6, 128)
+    _col216 = tops.column(_dense165, 6, 128)
+    _cell425_i6 = tops.sigmoid(_col215 + _col216)
+    _col217 = tops.column(_dense164, 26, 128)
+    _col218 = tops.column(_dense165, 26, 128)
+    _cell426_f6 = tops.sigmoid(_col217 + _col218)
+    _col219 = tops.column(_dense164, 46, 128)
+    _col220 = tops.column(_dense165, 46, 128)
+    _cell427_g6 = tops.tanh(_col219 + _col220)
+    _col221 = tops.column(_dense164, 66, 128)
+    _col222 = tops.column(_dense165, 66, 128)
+    _cell428_o6 = tops.sigmoid(_col221 + _col222)
+    _net_c1_old_6 = tl.load(_st_net_c1 + 6 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_67 = _cell425_i6 * _cell427_g6 + _cell426_f6 * _net_c1_old_6
+    _h1_47 = _cell428_o6 * tops.tanh(_c1_67)
+    _col223 = tops.column(_dense164, 7, 128)
+    _col224 = tops.column(_dense165, 7, 128)
+    _cell429_i7 = tops.sigmoid(_col223 + _col224)
+    _col225 = tops.column(_dense164, 27, 128)
+    _col226 = tops.column(_dense165, 27, 128)
+    _cell430_f7 = tops.sigmoid(_col225 + _col226)
+    _col227 = tops.column(_dense164, 47, 128)
+    _col228 = tops.column(_dense165, 47, 128)
+    _cell431_g7 = tops.tanh(_col227 + _col228)
+    _col229 = tops.column(_dense164, 67, 128)
+    _col230 = tops.column(_dense165, 67, 128)
+    _cell432_o7 = tops.sigmoid(_col229 + _col230)
+    _net_c1_old_7 = tl.load(_st_net_c1 + 7 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_68 = _cell429_i7 * _cell431_g7 + _cell430_f7 * _net_c1_old_7
+    _h1_48 = _cell432_o7 * tops.tanh(_c1_68)
+    _col231 = tops.column(_dense164, 8, 128)
+    _col232 = tops.column(_dense165, 8, 128)
+    _cell433_i8 = tops.sigmoid(_col231 + _col232)
+    _col233 = tops.column(_dense164, 28, 128)
+    _col234 = tops.column(_dense165, 28, 128)
+    _cell434_f8 = tops.sigmoid(_col233 + _col234)
+    _col235 = tops.column(_dense164, 48, 128)
+    _col236 = tops.column(_dense165, 48, 128)
+    _cell435_g8 = tops.tanh(_col235 + _col236)
+    _col237 = tops.column(_dense164, 68, 128)
+    _col238 = tops.column(_dense165, 68, 128)
+    _cell436_o8 = tops.sigmoid(_col237 + _col238)
+    _net_c1_old_8 = tl.load(_st_net_c1 + 8 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_69 = _cell433_i8 * _cell435_g8 + _cell434_f8 * _net_c1_old_8
+    _h1_49 = _cell436_o8 * tops.tanh(_c1_69)
+    _col239 = tops.column(_dense164, 9, 128)
+    _col240 = tops.column(_dense165, 9, 128)
+    _cell437_i9 = tops.sigmoid(_col239 + _col240)
+    _col241 = tops.column(_dense164, 29, 128)
+    _col242 = tops.column(_dense165, 29, 128)
+    _cell438_f9 = tops.sigmoid(_col241 + _col242)
+    _col243 = tops.column(_dense164, 49, 128)
+    _col244 = tops.column(_dense165, 49, 128)
+    _cell439_g9 = tops.tanh(_col243 + _col244)
+    _col245 = tops.column(_dense164, 69, 128)
+    _col246 = tops.column(_dense165, 69, 128)
+    _cell440_o9 = tops.sigmoid(_col245 + _col246)
+    _net_c1_old_9 = tl.load(_st_net_c1 + 9 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_70 = _cell437_i9 * _cell439_g9 + _cell438_f9 * _net_c1_old_9
+    _h1_50 = _cell440_o9 * tops.tanh(_c1_70)
+    _col247 = tops.column(_dense164, 10, 128)
+    _col248 = tops.column(_dense165, 10, 128)
+    _cell441_i10 = tops.sigmoid(_col247 + _col248)
+    _col249 = tops.column(_dense164, 30, 128)
+    _col250 = tops.column(_dense165, 30, 128)
+    _cell442_f10 = tops.sigmoid(_col249 + _col250)
+    _col251 = tops.column(_dense164, 50, 128)
+    _col252 = tops.column(_dense165, 50, 128)
+    _cell443_g10 = tops.tanh(_col251 + _col252)
+    _col253 = tops.column(_dense164, 70, 128)
+    _col254 = tops.column(_dense165, 70, 128)
+    _cell444_o10 = tops.sigmoid(_col253 + _col254)
+    _net_c1_old_10 = tl.load(_st_net_c1 + 10 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_71 = _cell441_i10 * _cell443_g10 + _cell442_f10 * _net_c1_old_10
+    _h1_51 = _cell444_o10 * tops.tanh(_c1_71)
+    _col255 = tops.column(_dense164, 11, 128)
+    _col256 = tops.column(_dense165, 11, 128)
+    _cell445_i11 = tops.sigmoid(_col255 + _col256)
+    _col257 = tops.column(_dense164, 31, 128)
+    _col258 = tops.column(_dense165, 31, 128)
+    _cell446_f11 = tops.sigmoid(_col257 + _col258)
+    _col259 = tops.column(_dense164, 51, 128)
+    _col260 = tops.column(_dense165, 51, 128)
+    _cell447_g11 = tops.tanh(_col259 + _col260)
+    _col261 = tops.column(_dense164, 71, 128)
+    _col262 = tops.column(_dense165, 71, 128)
+    _cell448_o11 = tops.sigmoid(_col261 + _col262)
+    _net_c1_old_11 = tl.load(_st_net_c1 + 11 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_72 = _cell445_i11 * _cell447_g11 + _cell446_f11 * _net_c1_old_11
+    _h1_52 = _cell448_o11 * tops.tanh(_c1_72)
+    _col263 = tops.column(_dense164, 12, 128)
+    _col264 = tops.column(_dense165, 12, 128)
+    _cell449_i12 = tops.sigmoid(_col263 + _col264)
+    _col265 = tops.column(_dense164, 32, 128)
+    _col266 = tops.column(_dense165, 32, 128)
+    _cell450_f12 = tops.sigmoid(_col265 + _col266)
+    _col267 = tops.column(_dense164, 52, 128)
+    _col268 = tops.column(_dense165, 52, 128)
+    _cell451_g12 = tops.tanh(_col267 + _col268)
+    _col269 = tops.column(_dense164, 72, 128)
+    _col270 = tops.column(_dense165, 72, 128)
+    _cell452_o12 = tops.sigmoid(_col269 + _col270)
+    _net_c1_old_12 = tl.load(_st_net_c1 + 12 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_73 = _cell449_i12 * _cell451_g12 + _cell450_f12 * _net_c1_old_12
+    _h1_53 = _cell452_o12 * tops.tanh(_c1_73)
+    _col271 = tops.column(_dense164, 13, 128)
+    _col272 = tops.column(_dense165, 13, 128)
+    _cell453_i13 = tops.sigmoid(_col271 + _col272)
+    _col273 = tops.column(_dense164, 33, 128)
+    _col274 = tops.column(_dense165, 33, 128)
+    _cell454_f13 = tops.sigmoid(_col273 + _col274)
+    _col275 = tops.column(_dense164, 53, 128)
+    _col276 = tops.column(_dense165, 53, 128)
+    _cell455_g13 = tops.tanh(_col275 + _col276)
+    _col277 = tops.column(_dense164, 73, 128)
+    _col278 = tops.column(_dense165, 73, 128)
+    _cell456_o13 = tops.sigmoid(_col277 + _col278)
+    _net_c1_old_13 = tl.load(_st_net_c1 + 13 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_74 = _cell453_i13 * _cell455_g13 + _cell454_f13 * _net_c1_old_13
+    _h1_54 = _cell456_o13 * tops.tanh(_c1_74)
+    _col279 = tops.column(_dense164, 14, 128)
+    _col280 = tops.column(_dense165, 14, 128)
+    _cell457_i14 = tops.sigmoid(_col279 + _col280)
+    _col281 = tops.column(_dense164, 34, 128)
+    _col282 = tops.column(_dense165, 34, 128)
+    _cell458_f14 = tops.sigmoid(_col281 + _col282)
+    _col283 = tops.column(_dense164, 54, 128)
+    _col284 = tops.column(_dense165, 54, 128)
+    _cell459_g14 = tops.tanh(_col283 + _col284)
+    _col285 = tops.column(_dense164, 74, 128)
+    _col286 = tops.column(_dense165, 74, 128)
+    _cell460_o14 = tops.sigmoid(_col285 + _col286)
+    _net_c1_old_14 = tl.load(_st_net_c1 + 14 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_75 = _cell457_i14 * _cell459_g14 + _cell458_f14 * _net_c1_old_14
+    _h1_55 = _cell460_o14 * tops.tanh(_c1_75)
+    _col287 = tops.column(_dense164, 15, 128)
+    _col288 = tops.column(_dense165, 15, 128)
+    _cell461_i15 = tops.sigmoid(_col287 + _col288)
+    _col289 = tops.column(_dense164, 35, 128)
+    _col290 = tops.column(_dense165, 35, 128)
+    _cell462_f15 = tops.sigmoid(_col289 + _col290)
+    _col291 = tops.column(_dense164, 55, 128)
+    _col292 = tops.column(_dense165, 55, 128)
+    _cell463_g15 = tops.tanh(_col291 + _col292)
+    _col293 = tops.column(_dense164, 75, 128)
+    _col294 = tops.column(_dense165, 75, 128)
+    _cell464_o15 = tops.sigmoid(_col293 + _col294)
+    _net_c1_old_15 = tl.load(_st_net_c1 + 15 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_76 = _cell461_i15 * _cell463_g15 + _cell462_f15 * _net_c1_old_15
+    _h1_56 = _cell464_o15 * tops.tanh(_c1_76)
+    _col295 = tops.column(_dense164, 16, 128)
+    _col296 = tops.column(_dense165, 16, 128)
+    _cell465_i16 = tops.sigmoid(_col295 + _col296)
+    _col297 = tops.column(_dense164, 36, 128)
+    _col298 = tops.column(_dense165, 36, 128)
+    _cell466_f16 = tops.sigmoid(_col297 + _col298)
+    _col299 = tops.column(_dense164, 56, 128)
+    _col300 = tops.column(_dense165, 56, 128)
+    _cell467_g16 = tops.tanh(_col299 + _col300)
+    _col301 = tops.column(_dense164, 76, 128)
+    _col302 = tops.column(_dense165, 76, 128)
+    _cell468_o16 = tops.sigmoid(_col301 + _col302)
+    _net_c1_old_16 = tl.load(_st_net_c1 + 16 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_77 = _cell465_i16 * _cell467_g16 + _cell466_f16 * _net_c1_old_16
+    _h1_57 = _cell468_o16 * tops.tanh(_c1_77)
+    _col303 = tops.column(_dense164, 17, 128)
+    _col304 = tops.column(_dense165, 17, 128)
+    _cell469_i17 = tops.sigmoid(_col303 + _col304)
+    _col305 = tops.column(_dense164, 37, 128)
+    _col306 = tops.column(_dense165, 37, 128)
+    _cell470_f17 = tops.sigmoid(_col305 + _col306)
+    _col307 = tops.column(_dense164, 57, 128)
+    _col308 = tops.column(_dense165, 57, 128)
+    _cell471_g17 = tops.tanh(_col307 + _col308)
+    _col309 = tops.column(_dense164, 77, 128)
+    _col310 = tops.column(_dense165, 77, 128)
+    _cell472_o17 = tops.sigmoid(_col309 + _col310)
+    _net_c1_old_17 = tl.load(_st_net_c1 + 17 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_78 = _cell469_i17 * _cell471_g17 + _cell470_f17 * _net_c1_old_17
+    _h1_58 = _cell472_o17 * tops.tanh(_c1_78)
+    _col311 = tops.column(_dense164, 18, 128)
+    _col312 = tops.column(_dense165, 18, 128)
+    _cell473_i18 = tops.sigmoid(_col311 + _col312)
+    _col313 = tops.column(_dense164, 38, 128)
+    _col314 = tops.column(_dense165, 38, 128)
+    _cell474_f18 = tops.sigmoid(_col313 + _col314)
+    _col315 = tops.column(_dense164, 58, 128)
+    _col316 = tops.column(_dense165, 58, 128)
+    _cell475_g18 = tops.tanh(_col315 + _col316)
+    _col317 = tops.column(_dense164, 78, 128)
+    _col318 = tops.column(_dense165, 78, 128)
+    _cell476_o18 = tops.sigmoid(_col317 + _col318)
+    _net_c1_old_18 = tl.load(_st_net_c1 + 18 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_79 = _cell473_i18 * _cell475_g18 + _cell474_f18 * _net_c1_old_18
+    _h1_59 = _cell476_o18 * tops.tanh(_c1_79)
+    _col319 = tops.column(_dense164, 19, 128)
+    _col320 = tops.column(_dense165, 19, 128)
+    _cell477_i19 = tops.sigmoid(_col319 + _col320)
+    _col321 = tops.column(_dense164, 39, 128)
+    _col322 = tops.column(_dense165, 39, 128)
+    _cell478_f19 = tops.sigmoid(_col321 + _col322)
+    _col323 = tops.column(_dense164, 59, 128)
+    _col324 = tops.column(_dense165, 59, 128)
+    _cell479_g19 = tops.tanh(_col323 + _col324)
+    _col325 = tops.column(_dense164, 79, 128)
+    _col326 = tops.column(_dense165, 79, 128)
+    _cell480_o19 = tops.sigmoid(_col325 + _col326)
+    _net_c1_old_19 = tl.load(_st_net_c1 + 19 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _c1_80 = _cell477_i19 * _cell479_g19 + _cell478_f19 * _net_c1_old_19
+    _h1_60 = _cell480_o19 * tops.tanh(_c1_80)
+    _head_out81 = (
+        tl.load(_w_head_bias + 0)
+        + tl.load(_w_head_weight + 0) * _h1_41
+        + tl.load(_w_head_weight + 1) * _h1_42
+        + tl.load(_w_head_weight + 2) * _h1_43
+        + tl.load(_w_head_weight + 3) * _h1_44
+        + tl.load(_w_head_weight + 4) * _h1_45
+        + tl.load(_w_head_weight + 5) * _h1_46
+        + tl.load(_w_head_weight + 6) * _h1_47
+        + tl.load(_w_head_weight + 7) * _h1_48
+        + tl.load(_w_head_weight + 8) * _h1_49
+        + tl.load(_w_head_weight + 9) * _h1_50
+        + tl.load(_w_head_weight + 10) * _h1_51
+        + tl.load(_w_head_weight + 11) * _h1_52
+        + tl.load(_w_head_weight + 12) * _h1_53
+        + tl.load(_w_head_weight + 13) * _h1_54
+        + tl.load(_w_head_weight + 14) * _h1_55
+        + tl.load(_w_head_weight + 15) * _h1_56
+        + tl.load(_w_head_weight + 16) * _h1_57
+        + tl.load(_w_head_weight + 17) * _h1_58
+        + tl.load(_w_head_weight + 18) * _h1_59
+        + tl.load(_w_head_weight + 19) * _h1_60
+    )
+    _update = (-0.1) * _head_out81
+    _u1 = tl.load(_hv_ptr + 0)
+    p = tl.load(_p_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
+    lr = tl.load(_hv_ptr + 1)
+    _p_new = _u1 * p - _update * lr
+    _seed__c0_21 = tl.load(_seed__c0_21_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_22 = tl.load(_seed__c0_22_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_23 = tl.load(_seed__c0_23_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_24 = tl.load(_seed__c0_24_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_25 = tl.load(_seed__c0_25_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_26 = tl.load(_seed__c0_26_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_27 = tl.load(_seed__c0_27_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_28 = tl.load(_seed__c0_28_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_29 = tl.load(_seed__c0_29_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_30 = tl.load(_seed__c0_30_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_31 = tl.load(_seed__c0_31_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_32 = tl.load(_seed__c0_32_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_33 = tl.load(_seed__c0_33_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_34 = tl.load(_seed__c0_34_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_35 = tl.load(_seed__c0_35_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_36 = tl.load(_seed__c0_36_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_37 = tl.load(_seed__c0_37_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_38 = tl.load(_seed__c0_38_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_39 = tl.load(_seed__c0_39_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c0_40 = tl.load(_seed__c0_40_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_61 = tl.load(_seed__c1_61_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_62 = tl.load(_seed__c1_62_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_63 = tl.load(_seed__c1_63_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_64 = tl.load(_seed__c1_64_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_65 = tl.load(_seed__c1_65_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_66 = tl.load(_seed__c1_66_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_67 = tl.load(_seed__c1_67_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_68 = tl.load(_seed__c1_68_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_69 = tl.load(_seed__c1_69_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_70 = tl.load(_seed__c1_70_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_71 = tl.load(_seed__c1_71_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_72 = tl.load(_seed__c1_72_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_73 = tl.load(_seed__c1_73_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_74 = tl.load(_seed__c1_74_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_75 = tl.load(_seed__c1_75_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_76 = tl.load(_seed__c1_76_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_77 = tl.load(_seed__c1_77_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_78 = tl.load(_seed__c1_78_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_79 = tl.load(_seed__c1_79_ptr + _offs, mask=_mask, other=0.0)
+    _seed__c1_80 = tl.load(_seed__c1_80_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_1 = tl.load(_seed__h0_1_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_10 = tl.load(_seed__h0_10_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_11 = tl.load(_seed__h0_11_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_12 = tl.load(_seed__h0_12_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_13 = tl.load(_seed__h0_13_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_14 = tl.load(_seed__h0_14_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_15 = tl.load(_seed__h0_15_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_16 = tl.load(_seed__h0_16_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_17 = tl.load(_seed__h0_17_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_18 = tl.load(_seed__h0_18_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_19 = tl.load(_seed__h0_19_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_2 = tl.load(_seed__h0_2_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_20 = tl.load(_seed__h0_20_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_3 = tl.load(_seed__h0_3_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_4 = tl.load(_seed__h0_4_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_5 = tl.load(_seed__h0_5_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_6 = tl.load(_seed__h0_6_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_7 = tl.load(_seed__h0_7_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_8 = tl.load(_seed__h0_8_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h0_9 = tl.load(_seed__h0_9_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_41 = tl.load(_seed__h1_41_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_42 = tl.load(_seed__h1_42_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_43 = tl.load(_seed__h1_43_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_44 = tl.load(_seed__h1_44_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_45 = tl.load(_seed__h1_45_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_46 = tl.load(_seed__h1_46_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_47 = tl.load(_seed__h1_47_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_48 = tl.load(_seed__h1_48_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_49 = tl.load(_seed__h1_49_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_50 = tl.load(_seed__h1_50_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_51 = tl.load(_seed__h1_51_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_52 = tl.load(_seed__h1_52_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_53 = tl.load(_seed__h1_53_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_54 = tl.load(_seed__h1_54_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_55 = tl.load(_seed__h1_55_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_56 = tl.load(_seed__h1_56_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_57 = tl.load(_seed__h1_57_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_58 = tl.load(_seed__h1_58_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_59 = tl.load(_seed__h1_59_ptr + _offs, mask=_mask, other=0.0)
+    _seed__h1_60 = tl.load(_seed__h1_60_ptr + _offs, mask=_mask, other=0.0)
+    _seed__p_new = tl.load(_seed__p_new_ptr + _offs, mask=_mask, other=0.0)
+    _adj__update = -_seed__p_new * lr
+    _adj__head_out81 = (-0.1) * _adj__update
+    _dense_t327 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _dense_t327 += _adj__head_out81[:, None] * tops.weight_row(_w_head_weight, 20, 0, 0, 20, 32)[None, :]
+    _col328 = tops.column(_dense_t327, 19, 32)
+    _adj__h1_60 = _col328 + _seed__h1_60
+    _bk1 = tops.tanh(_c1_80)
+    _adj__c1_80 = _adj__h1_60 * _cell480_o19 * (1.0 - _bk1 * _bk1) + _seed__c1_80
+    _adj__cell480_o19 = _adj__h1_60 * _bk1
+    _adj__cell479_g19 = _adj__c1_80 * _cell477_i19
+    _adj__cell478_f19 = _adj__c1_80 * _net_c1_old_19
+    _adj__cell477_i19 = _adj__c1_80 * _cell479_g19
+    _col329 = tops.column(_dense_t327, 18, 32)
+    _adj__h1_59 = _col329 + _seed__h1_59
+    _bk2 = tops.tanh(_c1_79)
+    _adj__c1_79 = _adj__h1_59 * _cell476_o18 * (1.0 - _bk2 * _bk2) + _seed__c1_79
+    _adj__cell476_o18 = _adj__h1_59 * _bk2
+    _adj__cell475_g18 = _adj__c1_79 * _cell473_i18
+    _adj__cell474_f18 = _adj__c1_79 * _net_c1_old_18
+    _adj__cell473_i18 = _adj__c1_79 * _cell475_g18
+    _col330 = tops.column(_dense_t327, 17, 32)
+    _adj__h1_58 = _col330 + _seed__h1_58
+    _bk3 = tops.tanh(_c1_78)
+    _adj__c1_78 = _adj__h1_58 * _cell472_o17 * (1.0 - _bk3 * _bk3) + _seed__c1_78
+    _adj__cell472_o17 = _adj__h1_58 * _bk3
+    _adj__cell471_g17 = _adj__c1_78 * _cell469_i17
+    _adj__cell470_f17 = _adj__c1_78 * _net_c1_old_17
+    _adj__cell469_i17 = _adj__c1_78 * _cell471_g17
+    _col331 = tops.column(_dense_t327, 16, 32)
+    _adj__h1_57 = _col331 + _seed__h1_57
+    _bk4 = tops.tanh(_c1_77)
+    _adj__c1_77 = _adj__h1_57 * _cell468_o16 * (1.0 - _bk4 * _bk4) + _seed__c1_77
+    _adj__cell468_o16 = _adj__h1_57 * _bk4
+    _adj__cell467_g16 = _adj__c1_77 * _cell465_i16
+    _adj__cell466_f16 = _adj__c1_77 * _net_c1_old_16
+    _adj__cell465_i16 = _adj__c1_77 * _cell467_g16
+    _col332 = tops.column(_dense_t327, 15, 32)
+    _adj__h1_56 = _col332 + _seed__h1_56
+    _bk5 = tops.tanh(_c1_76)
+    _adj__c1_76 = _adj__h1_56 * _cell464_o15 * (1.0 - _bk5 * _bk5) + _seed__c1_76
+    _adj__cell464_o15 = _adj__h1_56 * _bk5
+    _adj__cell463_g15 = _adj__c1_76 * _cell461_i15
+    _adj__cell462_f15 = _adj__c1_76 * _net_c1_old_15
+    _adj__cell461_i15 = _adj__c1_76 * _cell463_g15
+    _col333 = tops.column(_dense_t327, 14, 32)
+    _adj__h1_55 = _col333 + _seed__h1_55
+    _bk6 = tops.tanh(_c1_75)
+    _adj__c1_75 = _adj__h1_55 * _cell460_o14 * (1.0 - _bk6 * _bk6) + _seed__c1_75
+    _adj__cell460_o14 = _adj__h1_55 * _bk6
+    _adj__cell459_g14 = _adj__c1_75 * _cell457_i14
+    _adj__cell458_f14 = _adj__c1_75 * _net_c1_old_14
+    _adj__cell457_i14 = _adj__c1_75 * _cell459_g14
+    _col334 = tops.column(_dense_t327, 13, 32)
+    _adj__h1_54 = _col334 + _seed__h1_54
+    _bk7 = tops.tanh(_c1_74)
+    _adj__c1_74 = _adj__h1_54 * _cell456_o13 * (1.0 - _bk7 * _bk7) + _seed__c1_74
+    _adj__cell456_o13 = _adj__h1_54 * _bk7
+    _adj__cell455_g13 = _adj__c1_74 * _cell453_i13
+    _adj__cell454_f13 = _adj__c1_74 * _net_c1_old_13
+    _adj__cell453_i13 = _adj__c1_74 * _cell455_g13
+    _col335 = tops.column(_dense_t327, 12, 32)
+    _adj__h1_53 = _col335 + _seed__h1_53
+    _bk8 = tops.tanh(_c1_73)
+    _adj__c1_73 = _adj__h1_53 * _cell452_o12 * (1.0 - _bk8 * _bk8) + _seed__c1_73
+    _adj__cell452_o12 = _adj__h1_53 * _bk8
+    _adj__cell451_g12 = _adj__c1_73 * _cell449_i12
+    _adj__cell450_f12 = _adj__c1_73 * _net_c1_old_12
+    _adj__cell449_i12 = _adj__c1_73 * _cell451_g12
+    _col336 = tops.column(_dense_t327, 11, 32)
+    _adj__h1_52 = _col336 + _seed__h1_52
+    _bk9 = tops.tanh(_c1_72)
+    _adj__c1_72 = _adj__h1_52 * _cell448_o11 * (1.0 - _bk9 * _bk9) + _seed__c1_72
+    _adj__cell448_o11 = _adj__h1_52 * _bk9
+    _adj__cell447_g11 = _adj__c1_72 * _cell445_i11
+    _adj__cell446_f11 = _adj__c1_72 * _net_c1_old_11
+    _adj__cell445_i11 = _adj__c1_72 * _cell447_g11
+    _col337 = tops.column(_dense_t327, 10, 32)
+    _adj__h1_51 = _col337 + _seed__h1_51
+    _bk10 = tops.tanh(_c1_71)
+    _adj__c1_71 = _adj__h1_51 * _cell444_o10 * (1.0 - _bk10 * _bk10) + _seed__c1_71
+    _adj__cell444_o10 = _adj__h1_51 * _bk10
+    _adj__cell443_g10 = _adj__c1_71 * _cell441_i10
+    _adj__cell442_f10 = _adj__c1_71 * _net_c1_old_10
+    _adj__cell441_i10 = _adj__c1_71 * _cell443_g10
+    _col338 = tops.column(_dense_t327, 9, 32)
+    _adj__h1_50 = _col338 + _seed__h1_50
+    _bk11 = tops.tanh(_c1_70)
+    _adj__c1_70 = _adj__h1_50 * _cell440_o9 * (1.0 - _bk11 * _bk11) + _seed__c1_70
+    _adj__cell440_o9 = _adj__h1_50 * _bk11
+    _adj__cell439_g9 = _adj__c1_70 * _cell437_i9
+    _adj__cell438_f9 = _adj__c1_70 * _net_c1_old_9
+    _adj__cell437_i9 = _adj__c1_70 * _cell439_g9
+    _col339 = tops.column(_dense_t327, 8, 32)
+    _adj__h1_49 = _col339 + _seed__h1_49
+    _bk12 = tops.tanh(_c1_69)
+    _adj__c1_69 = _adj__h1_49 * _cell436_o8 * (1.0 - _bk12 * _bk12) + _seed__c1_69
+    _adj__cell436_o8 = _adj__h1_49 * _bk12
+    _adj__cell435_g8 = _adj__c1_69 * _cell433_i8
+    _adj__cell434_f8 = _adj__c1_69 * _net_c1_old_8
+    _adj__cell433_i8 = _adj__c1_69 * _cell435_g8
+    _col340 = tops.column(_dense_t327, 7, 32)
+    _adj__h1_48 = _col340 + _seed__h1_48
+    _bk13 = tops.tanh(_c1_68)
+    _adj__c1_68 = _adj__h1_48 * _cell432_o7 * (1.0 - _bk13 * _bk13) + _seed__c1_68
+    _adj__cell432_o7 = _adj__h1_48 * _bk13
+    _adj__cell431_g7 = _adj__c1_68 * _cell429_i7
+    _adj__cell430_f7 = _adj__c1_68 * _net_c1_old_7
+    _adj__cell429_i7 = _adj__c1_68 * _cell431_g7
+    _col341 = tops.column(_dense_t327, 6, 32)
+    _adj__h1_47 = _col341 + _seed__h1_47
+    _bk14 = tops.tanh(_c1_67)
+    _adj__c1_67 = _adj__h1_47 * _cell428_o6 * (1.0 - _bk14 * _bk14) + _seed__c1_67
+    _adj__cell428_o6 = _adj__h1_47 * _bk14
+    _adj__cell427_g6 = _adj__c1_67 * _cell425_i6
+    _adj__cell426_f6 = _adj__c1_67 * _net_c1_old_6
+    _adj__cell425_i6 = _adj__c1_67 * _cell427_g6
+    _col342 = tops.column(_dense_t327, 5, 32)
+    _adj__h1_46 = _col342 + _seed__h1_46
+    _bk15 = tops.tanh(_c1_66)
+    _adj__c1_66 = _adj__h1_46 * _cell424_o5 * (1.0 - _bk15 * _bk15) + _seed__c1_66
+    _adj__cell424_o5 = _adj__h1_46 * _bk15
+    _adj__cell423_g5 = _adj__c1_66 * _cell421_i5
+    _adj__cell422_f5 = _adj__c1_66 * _net_c1_old_5
+    _adj__cell421_i5 = _adj__c1_66 * _cell423_g5
+    _col343 = tops.column(_dense_t327, 4, 32)
+    _adj__h1_45 = _col343 + _seed__h1_45
+    _bk16 = tops.tanh(_c1_65)
+    _adj__c1_65 = _adj__h1_45 * _cell420_o4 * (1.0 - _bk16 * _bk16) + _seed__c1_65
+    _adj__cell420_o4 = _adj__h1_45 * _bk16
+    _adj__cell419_g4 = _adj__c1_65 * _cell417_i4
+    _adj__cell418_f4 = _adj__c1_65 * _net_c1_old_4
+    _adj__cell417_i4 = _adj__c1_65 * _cell419_g4
+    _col344 = tops.column(_dense_t327, 3, 32)
+    _adj__h1_44 = _col344 + _seed__h1_44
+    _bk17 = tops.tanh(_c1_64)
+    _adj__c1_64 = _adj__h1_44 * _cell416_o3 * (1.0 - _bk17 * _bk17) + _seed__c1_64
+    _adj__cell416_o3 = _adj__h1_44 * _bk17
+    _adj__cell415_g3 = _adj__c1_64 * _cell413_i3
+    _adj__cell414_f3 = _adj__c1_64 * _net_c1_old_3
+    _adj__cell413_i3 = _adj__c1_64 * _cell415_g3
+    _col345 = tops.column(_dense_t327, 2, 32)
+    _adj__h1_43 = _col345 + _seed__h1_43
+    _bk18 = tops.tanh(_c1_63)
+    _adj__c1_63 = _adj__h1_43 * _cell412_o2 * (1.0 - _bk18 * _bk18) + _seed__c1_63
+    _adj__cell412_o2 = _adj__h1_43 * _bk18
+    _adj__cell411_g2 = _adj__c1_63 * _cell409_i2
+    _adj__cell410_f2 = _adj__c1_63 * _net_c1_old_2
+    _adj__cell409_i2 = _adj__c1_63 * _cell411_g2
+    _col346 = tops.column(_dense_t327, 1, 32)
+    _adj__h1_42 = _col346 + _seed__h1_42
+    _bk19 = tops.tanh(_c1_62)
+    _adj__c1_62 = _adj__h1_42 * _cell408_o1 * (1.0 - _bk19 * _bk19) + _seed__c1_62
+    _adj__cell408_o1 = _adj__h1_42 * _bk19
+    _adj__cell407_g1 = _adj__c1_62 * _cell405_i1
+    _adj__cell406_f1 = _adj__c1_62 * _net_c1_old_1
+    _adj__cell405_i1 = _adj__c1_62 * _cell407_g1
+    _col347 = tops.column(_dense_t327, 0, 32)
+    _adj__h1_41 = _col347 + _seed__h1_41
+    _bk20 = tops.tanh(_c1_61)
+    _adj__c1_61 = _adj__h1_41 * _cell404_o0 * (1.0 - _bk20 * _bk20) + _seed__c1_61
+    _adj__cell404_o0 = _adj__h1_41 * _bk20
+    _adj__cell403_g0 = _adj__c1_61 * _cell401_i0
+    _adj__cell402_f0 = _adj__c1_61 * _net_c1_old_0
+    _adj__cell401_i0 = _adj__c1_61 * _cell403_g0
+    _adj__cell321_b0 = _adj__cell401_i0 * _cell401_i0 * (1.0 - _cell401_i0)
+    _adj__cell322_b1 = _adj__cell405_i1 * _cell405_i1 * (1.0 - _cell405_i1)
+    _adj__cell323_b2 = _adj__cell409_i2 * _cell409_i2 * (1.0 - _cell409_i2)
+    _adj__cell324_b3 = _adj__cell413_i3 * _cell413_i3 * (1.0 - _cell413_i3)
+    _adj__cell325_b4 = _adj__cell417_i4 * _cell417_i4 * (1.0 - _cell417_i4)
+    _adj__cell326_b5 = _adj__cell421_i5 * _cell421_i5 * (1.0 - _cell421_i5)
+    _adj__cell327_b6 = _adj__cell425_i6 * _cell425_i6 * (1.0 - _cell425_i6)
+    _adj__cell328_b7 = _adj__cell429_i7 * _cell429_i7 * (1.0 - _cell429_i7)
+    _adj__cell329_b8 = _adj__cell433_i8 * _cell433_i8 * (1.0 - _cell433_i8)
+    _adj__cell330_b9 = _adj__cell437_i9 * _cell437_i9 * (1.0 - _cell437_i9)
+    _adj__cell331_b10 = _adj__cell441_i10 * _cell441_i10 * (1.0 - _cell441_i10)
+    _adj__cell332_b11 = _adj__cell445_i11 * _cell445_i11 * (1.0 - _cell445_i11)
+    _adj__cell333_b12 = _adj__cell449_i12 * _cell449_i12 * (1.0 - _cell449_i12)
+    _adj__cell334_b13 = _adj__cell453_i13 * _cell453_i13 * (1.0 - _cell453_i13)
+    _adj__cell335_b14 = _adj__cell457_i14 * _cell457_i14 * (1.0 - _cell457_i14)
+    _adj__cell336_b15 = _adj__cell461_i15 * _cell461_i15 * (1.0 - _cell461_i15)
+    _adj__cell337_b16 = _adj__cell465_i16 * _cell465_i16 * (1.0 - _cell465_i16)
+    _adj__cell338_b17 = _adj__cell469_i17 * _cell469_i17 * (1.0 - _cell469_i17)
+    _adj__cell339_b18 = _adj__cell473_i18 * _cell473_i18 * (1.0 - _cell473_i18)
+    _adj__cell340_b19 = _adj__cell477_i19 * _cell477_i19 * (1.0 - _cell477_i19)
+    _adj__cell341_b20 = _adj__cell402_f0 * _cell402_f0 * (1.0 - _cell402_f0)
+    _adj__cell342_b21 = _adj__cell406_f1 * _cell406_f1 * (1.0 - _cell406_f1)
+    _adj__cell343_b22 = _adj__cell410_f2 * _cell410_f2 * (1.0 - _cell410_f2)
+    _adj__cell344_b23 = _adj__cell414_f3 * _cell414_f3 * (1.0 - _cell414_f3)
+    _adj__cell345_b24 = _adj__cell418_f4 * _cell418_f4 * (1.0 - _cell418_f4)
+    _adj__cell346_b25 = _adj__cell422_f5 * _cell422_f5 * (1.0 - _cell422_f5)
+    _adj__cell347_b26 = _adj__cell426_f6 * _cell426_f6 * (1.0 - _cell426_f6)
+    _adj__cell348_b27 = _adj__cell430_f7 * _cell430_f7 * (1.0 - _cell430_f7)
+    _adj__cell349_b28 = _adj__cell434_f8 * _cell434_f8 * (1.0 - _cell434_f8)
+    _adj__cell350_b29 = _adj__cell438_f9 * _cell438_f9 * (1.0 - _cell438_f9)
+    _adj__cell351_b30 = _adj__cell442_f10 * _cell442_f10 * (1.0 - _cell442_f10)
+    _adj__cell352_b31 = _adj__cell446_f11 * _cell446_f11 * (1.0 - _cell446_f11)
+    _adj__cell353_b32 = _adj__cell450_f12 * _cell450_f12 * (1.0 - _cell450_f12)
+    _adj__cell354_b33 = _adj__cell454_f13 * _cell454_f13 * (1.0 - _cell454_f13)
+    _adj__cell355_b34 = _adj__cell458_f14 * _cell458_f14 * (1.0 - _cell458_f14)
+    _adj__cell356_b35 = _adj__cell462_f15 * _cell462_f15 * (1.0 - _cell462_f15)
+    _adj__cell357_b36 = _adj__cell466_f16 * _cell466_f16 * (1.0 - _cell466_f16)
+    _adj__cell358_b37 = _adj__cell470_f17 * _cell470_f17 * (1.0 - _cell470_f17)
+    _adj__cell359_b38 = _adj__cell474_f18 * _cell474_f18 * (1.0 - _cell474_f18)
+    _adj__cell360_b39 = _adj__cell478_f19 * _cell478_f19 * (1.0 - _cell478_f19)
+    _adj__cell361_b40 = _adj__cell403_g0 * (1.0 - _cell403_g0 * _cell403_g0)
+    _adj__cell362_b41 = _adj__cell407_g1 * (1.0 - _cell407_g1 * _cell407_g1)
+    _adj__cell363_b42 = _adj__cell411_g2 * (1.0 - _cell411_g2 * _cell411_g2)
+    _adj__cell364_b43 = _adj__cell415_g3 * (1.0 - _cell415_g3 * _cell415_g3)
+    _adj__cell365_b44 = _adj__cell419_g4 * (1.0 - _cell419_g4 * _cell419_g4)
+    _adj__cell366_b45 = _adj__cell423_g5 * (1.0 - _cell423_g5 * _cell423_g5)
+    _adj__cell367_b46 = _adj__cell427_g6 * (1.0 - _cell427_g6 * _cell427_g6)
+    _adj__cell368_b47 = _adj__cell431_g7 * (1.0 - _cell431_g7 * _cell431_g7)
+    _adj__cell369_b48 = _adj__cell435_g8 * (1.0 - _cell435_g8 * _cell435_g8)
+    _adj__cell370_b49 = _adj__cell439_g9 * (1.0 - _cell439_g9 * _cell439_g9)
+    _adj__cell371_b50 = _adj__cell443_g10 * (1.0 - _cell443_g10 * _cell443_g10)
+    _adj__cell372_b51 = _adj__cell447_g11 * (1.0 - _cell447_g11 * _cell447_g11)
+    _adj__cell373_b52 = _adj__cell451_g12 * (1.0 - _cell451_g12 * _cell451_g12)
+    _adj__cell374_b53 = _adj__cell455_g13 * (1.0 - _cell455_g13 * _cell455_g13)
+    _adj__cell375_b54 = _adj__cell459_g14 * (1.0 - _cell459_g14 * _cell459_g14)
+    _adj__cell376_b55 = _adj__cell463_g15 * (1.0 - _cell463_g15 * _cell463_g15)
+    _adj__cell377_b56 = _adj__cell467_g16 * (1.0 - _cell467_g16 * _cell467_g16)
+    _adj__cell378_b57 = _adj__cell471_g17 * (1.0 - _cell471_g17 * _cell471_g17)
+    _adj__cell379_b58 = _adj__cell475_g18 * (1.0 - _cell475_g18 * _cell475_g18)
+    _adj__cell380_b59 = _adj__cell479_g19 * (1.0 - _cell479_g19 * _cell479_g19)
+    _adj__cell381_b60 = _adj__cell404_o0 * _cell404_o0 * (1.0 - _cell404_o0)
+    _adj__cell382_b61 = _adj__cell408_o1 * _cell408_o1 * (1.0 - _cell408_o1)
+    _adj__cell383_b62 = _adj__cell412_o2 * _cell412_o2 * (1.0 - _cell412_o2)
+    _adj__cell384_b63 = _adj__cell416_o3 * _cell416_o3 * (1.0 - _cell416_o3)
+    _adj__cell385_b64 = _adj__cell420_o4 * _cell420_o4 * (1.0 - _cell420_o4)
+    _adj__cell386_b65 = _adj__cell424_o5 * _cell424_o5 * (1.0 - _cell424_o5)
+    _adj__cell387_b66 = _adj__cell428_o6 * _cell428_o6 * (1.0 - _cell428_o6)
+    _adj__cell388_b67 = _adj__cell432_o7 * _cell432_o7 * (1.0 - _cell432_o7)
+    _adj__cell389_b68 = _adj__cell436_o8 * _cell436_o8 * (1.0 - _cell436_o8)
+    _adj__cell390_b69 = _adj__cell440_o9 * _cell440_o9 * (1.0 - _cell440_o9)
+    _adj__cell391_b70 = _adj__cell444_o10 * _cell444_o10 * (1.0 - _cell444_o10)
+    _adj__cell392_b71 = _adj__cell448_o11 * _cell448_o11 * (1.0 - _cell448_o11)
+    _adj__cell393_b72 = _adj__cell452_o12 * _cell452_o12 * (1.0 - _cell452_o12)
+    _adj__cell394_b73 = _adj__cell456_o13 * _cell456_o13 * (1.0 - _cell456_o13)
+    _adj__cell395_b74 = _adj__cell460_o14 * _cell460_o14 * (1.0 - _cell460_o14)
+    _adj__cell396_b75 = _adj__cell464_o15 * _cell464_o15 * (1.0 - _cell464_o15)
+    _adj__cell397_b76 = _adj__cell468_o16 * _cell468_o16 * (1.0 - _cell468_o16)
+    _adj__cell398_b77 = _adj__cell472_o17 * _cell472_o17 * (1.0 - _cell472_o17)
+    _adj__cell399_b78 = _adj__cell476_o18 * _cell476_o18 * (1.0 - _cell476_o18)
+    _adj__cell400_b79 = _adj__cell480_o19 * _cell480_o19 * (1.0 - _cell480_o19)
+    _tile349 = tl.zeros((BLOCK, 128), dtype=tl.float32)
+    _tile349 += tops.place(_adj__cell321_b0, 0, 128)
+    _tile349 += tops.place(_adj__cell322_b1, 1, 128)
+    _tile349 += tops.place(_adj__cell323_b2, 2, 128)
+    _tile349 += tops.place(_adj__cell324_b3, 3, 128)
+    _tile349 += tops.place(_adj__cell325_b4, 4, 128)
+    _tile349 += tops.place(_adj__cell326_b5, 5, 128)
+    _tile349 += tops.place(_adj__cell327_b6, 6, 128)
+    _tile349 += tops.place(_adj__cell328_b7, 7, 128)
+    _tile349 += tops.place(_adj__cell329_b8, 8, 128)
+    _tile349 += tops.place(_adj__cell330_b9, 9, 128)
+    _tile349 += tops.place(_adj__cell331_b10, 10, 128)
+    _tile349 += tops.place(_adj__cell332_b11, 11, 128)
+    _tile349 += tops.place(_adj__cell333_b12, 12, 128)
+    _tile349 += tops.place(_adj__cell334_b13, 13, 128)
+    _tile349 += tops.place(_adj__cell335_b14, 14, 128)
+    _tile349 += tops.place(_adj__cell336_b15, 15, 128)
+    _tile349 += tops.place(_adj__cell337_b16, 16, 128)
+    _tile349 += tops.place(_adj__cell338_b17, 17, 128)
+    _tile349 += tops.place(_adj__cell339_b18, 18, 128)
+    _tile349 += tops.place(_adj__cell340_b19, 19, 128)
+    _tile349 += tops.place(_adj__cell341_b20, 20, 128)
+    _tile349 += tops.place(_adj__cell342_b21, 21, 128)
+    _tile349 += tops.place(_adj__cell343_b22, 22, 128)
+    _tile349 += tops.place(_adj__cell344_b23, 23, 128)
+    _tile349 += tops.place(_adj__cell345_b24, 24, 128)
+    _tile349 += tops.place(_adj__cell346_b25, 25, 128)
+    _tile349 += tops.place(_adj__cell347_b26, 26, 128)
+    _tile349 += tops.place(_adj__cell348_b27, 27, 128)
+    _tile349 += tops.place(_adj__cell349_b28, 28, 128)
+    _tile349 += tops.place(_adj__cell350_b29, 29, 128)
+    _tile349 += tops.place(_adj__cell351_b30, 30, 128)
+    _tile349 += tops.place(_adj__cell352_b31, 31, 128)
+    _tile349 += tops.place(_adj__cell353_b32, 32, 128)
+    _tile349 += tops.place(_adj__cell354_b33, 33, 128)
+    _tile349 += tops.place(_adj__cell355_b34, 34, 128)
+    _tile349 += tops.place(_adj__cell356_b35, 35, 128)
+    _tile349 += tops.place(_adj__cell357_b36, 36, 128)
+    _tile349 += tops.place(_adj__cell358_b37, 37, 128)
+    _tile349 += tops.place(_adj__cell359_b38, 38, 128)
+    _tile349 += tops.place(_adj__cell360_b39, 39, 128)
+    _tile349 += tops.place(_adj__cell361_b40, 40, 128)
+    _tile349 += tops.place(_adj__cell362_b41, 41, 128)
+    _tile349 += tops.place(_adj__cell363_b42, 42, 128)
+    _tile349 += tops.place(_adj__cell364_b43, 43, 128)
+    _tile349 += tops.place(_adj__cell365_b44, 44, 128)
+    _tile349 += tops.place(_adj__cell366_b45, 45, 128)
+    _tile349 += tops.place(_adj__cell367_b46, 46, 128)
+    _tile349 += tops.place(_adj__cell368_b47, 47, 128)
+    _tile349 += tops.place(_adj__cell369_b48, 48, 128)
+    _tile349 += tops.place(_adj__cell370_b49, 49, 128)
+    _tile349 += tops.place(_adj__cell371_b50, 50, 128)
+    _tile349 += tops.place(_adj__cell372_b51, 51, 128)
+    _tile349 += tops.place(_adj__cell373_b52, 52, 128)
+    _tile349 += tops.place(_adj__cell374_b53, 53, 128)
+    _tile349 += tops.place(_adj__cell375_b54, 54, 128)
+    _tile349 += tops.place(_adj__cell376_b55, 55, 128)
+    _tile349 += tops.place(_adj__cell377_b56, 56, 128)
+    _tile349 += tops.place(_adj__cell378_b57, 57, 128)
+    _tile349 += tops.place(_adj__cell379_b58, 58, 128)
+    _tile349 += tops.place(_adj__cell380_b59, 59, 128)
+    _tile349 += tops.place(_adj__cell381_b60, 60, 128)
+    _tile349 += tops.place(_adj__cell382_b61, 61, 128)
+    _tile349 += tops.place(_adj__cell383_b62, 62, 128)
+    _tile349 += tops.place(_adj__cell384_b63, 63, 128)
+    _tile349 += tops.place(_adj__cell385_b64, 64, 128)
+    _tile349 += tops.place(_adj__cell386_b65, 65, 128)
+    _tile349 += tops.place(_adj__cell387_b66, 66, 128)
+    _tile349 += tops.place(_adj__cell388_b67, 67, 128)
+    _tile349 += tops.place(_adj__cell389_b68, 68, 128)
+    _tile349 += tops.place(_adj__cell390_b69, 69, 128)
+    _tile349 += tops.place(_adj__cell391_b70, 70, 128)
+    _tile349 += tops.place(_adj__cell392_b71, 71, 128)
+    _tile349 += tops.place(_adj__cell393_b72, 72, 128)
+    _tile349 += tops.place(_adj__cell394_b73, 73, 128)
+    _tile349 += tops.place(_adj__cell395_b74, 74, 128)
+    _tile349 += tops.place(_adj__cell396_b75, 75, 128)
+    _tile349 += tops.place(_adj__cell397_b76, 76, 128)
+    _tile349 += tops.place(_adj__cell398_b77, 77, 128)
+    _tile349 += tops.place(_adj__cell399_b78, 78, 128)
+    _tile349 += tops.place(_adj__cell400_b79, 79, 128)
+    _dense_t348 = tops.matmul_t(_tile349, _w_lstm_1_weight_hh, 20, 0, 0, 80, 20, 128, 32, True)
+    _adj__cell241_a0 = _adj__cell401_i0 * _cell401_i0 * (1.0 - _cell401_i0)
+    _adj__cell242_a1 = _adj__cell405_i1 * _cell405_i1 * (1.0 - _cell405_i1)
+    _adj__cell243_a2 = _adj__cell409_i2 * _cell409_i2 * (1.0 - _cell409_i2)
+    _adj__cell244_a3 = _adj__cell413_i3 * _cell413_i3 * (1.0 - _cell413_i3)
+    _adj__cell245_a4 = _adj__cell417_i4 * _cell417_i4 * (1.0 - _cell417_i4)
+    _adj__cell246_a5 = _adj__cell421_i5 * _cell421_i5 * (1.0 - _cell421_i5)
+    _adj__cell247_a6 = _adj__cell425_i6 * _cell425_i6 * (1.0 - _cell425_i6)
+    _adj__cell248_a7 = _adj__cell429_i7 * _cell429_i7 * (1.0 - _cell429_i7)
+    _adj__cell249_a8 = _adj__cell433_i8 * _cell433_i8 * (1.0 - _cell433_i8)
+    _adj__cell250_a9 = _adj__cell437_i9 * _cell437_i9 * (1.0 - _cell437_i9)
+    _adj__cell251_a10 = _adj__cell441_i10 * _cell441_i10 * (1.0 - _cell441_i10)
+    _adj__cell252_a11 = _adj__cell445_i11 * _cell445_i11 * (1.0 - _cell445_i11)
+    _adj__cell253_a12 = _adj__cell449_i12 * _cell449_i12 * (1.0 - _cell449_i12)
+    _adj__cell254_a13 = _adj__cell453_i13 * _cell453_i13 * (1.0 - _cell453_i13)
+    _adj__cell255_a14 = _adj__cell457_i14 * _cell457_i14 * (1.0 - _cell457_i14)
+    _adj__cell256_a15 = _adj__cell461_i15 * _cell461_i15 * (1.0 - _cell461_i15)
+    _adj__cell257_a16 = _adj__cell465_i16 * _cell465_i16 * (1.0 - _cell465_i16)
+    _adj__cell258_a17 = _adj__cell469_i17 * _cell469_i17 * (1.0 - _cell469_i17)
+    _adj__cell259_a18 = _adj__cell473_i18 * _cell473_i18 * (1.0 - _cell473_i18)
+    _adj__cell260_a19 = _adj__cell477_i19 * _cell477_i19 * (1.0 - _cell477_i19)
+    _adj__cell261_a20 = _adj__cell402_f0 * _cell402_f0 * (1.0 - _cell402_f0)
+    _adj__cell262_a21 = _adj__cell406_f1 * _cell406_f1 * (1.0 - _cell406_f1)
+    _adj__cell263_a22 = _adj__cell410_f2 * _cell410_f2 * (1.0 - _cell410_f2)
+    _adj__cell264_a23 = _adj__cell414_f3 * _cell414_f3 * (1.0 - _cell414_f3)
+    _adj__cell265_a24 = _adj__cell418_f4 * _cell418_f4 * (1.0 - _cell418_f4)
+    _adj__cell266_a25 = _adj__cell422_f5 * _cell422_f5 * (1.0 - _cell422_f5)
+    _adj__cell267_a26 = _adj__cell426_f6 * _cell426_f6 * (1.0 - _cell426_f6)
+    _adj__cell268_a27 = _adj__cell430_f7 * _cell430_f7 * (1.0 - _cell430_f7)
+    _adj__cell269_a28 = _adj__cell434_f8 * _cell434_f8 * (1.0 - _cell434_f8)
+    _adj__cell270_a29 = _adj__cell438_f9 * _cell438_f9 * (1.0 - _cell438_f9)
+    _adj__cell271_a30 = _adj__cell442_f10 * _cell442_f10 * (1.0 - _cell442_f10)
+    _adj__cell272_a31 = _adj__cell446_f11 * _cell446_f11 * (1.0 - _cell446_f11)
+    _adj__cell273_a32 = _adj__cell450_f12 * _cell450_f12 * (1.0 - _cell450_f12)
+    _adj__cell274_a33 = _adj__cell454_f13 * _cell454_f13 * (1.0 - _cell454_f13)
+    _adj__cell275_a34 = _adj__cell458_f14 * _cell458_f14 * (1.0 - _cell458_f14)
+    _adj__cell276_a35 = _adj__cell462_f15 * _cell462_f15 * (1.0 - _cell462_f15)
+    _adj__cell277_a36 = _adj__cell466_f16 * _cell466_f16 * (1.0 - _cell466_f16)
+    _adj__cell278_a37 = _adj__cell470_f17 * _cell470_f17 * (1.0 - _cell470_f17)
+    _adj__cell279_a38 = _adj__cell474_f18 * _cell474_f18 * (1.0 - _cell474_f18)
+    _adj__cell280_a39 = _adj__cell478_f19 * _cell478_f19 * (1.0 - _cell478_f19)
+    _adj__cell281_a40 = _adj__cell403_g0 * (1.0 - _cell403_g0 * _cell403_g0)
+    _adj__cell282_a41 = _adj__cell407_g1 * (1.0 - _cell407_g1 * _cell407_g1)
+    _adj__cell283_a42 = _adj__cell411_g2 * (1.0 - _cell411_g2 * _cell411_g2)
+    _adj__cell284_a43 = _adj__cell415_g3 * (1.0 - _cell415_g3 * _cell415_g3)
+    _adj__cell285_a44 = _adj__cell419_g4 * (1.0 - _cell419_g4 * _cell419_g4)
+    _adj__cell286_a45 = _adj__cell423_g5 * (1.0 - _cell423_g5 * _cell423_g5)
+    _adj__cell287_a46 = _adj__cell427_g6 * (1.0 - _cell427_g6 * _cell427_g6)
+    _adj__cell288_a47 = _adj__cell431_g7 * (1.0 - _cell431_g7 * _cell431_g7)
+    _adj__cell289_a48 = _adj__cell435_g8 * (1.0 - _cell435_g8 * _cell435_g8)
+    _adj__cell290_a49 = _adj__cell439_g9 * (1.0 - _cell439_g9 * _cell439_g9)
+    _adj__cell291_a50 = _adj__cell443_g10 * (1.0 - _cell443_g10 * _cell443_g10)
+    _adj__cell292_a51 = _adj__cell447_g11 * (1.0 - _cell447_g11 * _cell447_g11)
+    _adj__cell293_a52 = _adj__cell451_g12 * (1.0 - _cell451_g12 * _cell451_g12)
+    _adj__cell294_a53 = _adj__cell455_g13 * (1.0 - _cell455_g13 * _cell455_g13)
+    _adj__cell295_a54 = _adj__cell459_g14 * (1.0 - _cell459_g14 * _cell459_g14)
+    _adj__cell296_a55 = _adj__cell463_g15 * (1.0 - _cell463_g15 * _cell463_g15)
+    _adj__cell297_a56 = _adj__cell467_g16 * (1.0 - _cell467_g16 * _cell467_g16)
+    _adj__cell298_a57 = _adj__cell471_g17 * (1.0 - _cell471_g17 * _cell471_g17)
+    _adj__cell299_a58 = _adj__cell475_g18 * (1.0 - _cell475_g18 * _cell475_g18)
+    _adj__cell300_a59 = _adj__cell479_g19 * (1.0 - _cell479_g19 * _cell479_g19)
+    _adj__cell301_a60 = _adj__cell404_o0 * _cell404_o0 * (1.0 - _cell404_o0)
+    _adj__cell302_a61 = _adj__cell408_o1 * _cell408_o1 * (1.0 - _cell408_o1)
+    _adj__cell303_a62 = _adj__cell412_o2 * _cell412_o2 * (1.0 - _cell412_o2)
+    _adj__cell304_a63 = _adj__cell416_o3 * _cell416_o3 * (1.0 - _cell416_o3)
+    _adj__cell305_a64 = _adj__cell420_o4 * _cell420_o4 * (1.0 - _cell420_o4)
+    _adj__cell306_a65 = _adj__cell424_o5 * _cell424_o5 * (1.0 - _cell424_o5)
+    _adj__cell307_a66 = _adj__cell428_o6 * _cell428_o6 * (1.0 - _cell428_o6)
+    _adj__cell308_a67 = _adj__cell432_o7 * _cell432_o7 * (1.0 - _cell432_o7)
+    _adj__cell309_a68 = _adj__cell436_o8 * _cell436_o8 * (1.0 - _cell436_o8)
+    _adj__cell310_a69 = _adj__cell440_o9 * _cell440_o9 * (1.0 - _cell440_o9)
+    _adj__cell311_a70 = _adj__cell444_o10 * _cell444_o10 * (1.0 - _cell444_o10)
+    _adj__cell312_a71 = _adj__cell448_o11 * _cell448_o11 * (1.0 - _cell448_o11)
+    _adj__cell313_a72 = _adj__cell452_o12 * _cell452_o12 * (1.0 - _cell452_o12)
+    _adj__cell314_a73 = _adj__cell456_o13 * _cell456_o13 * (1.0 - _cell456_o13)
+    _adj__cell315_a74 = _adj__cell460_o14 * _cell460_o14 * (1.0 - _cell460_o14)
+    _adj__cell316_a75 = _adj__cell464_o15 * _cell464_o15 * (1.0 - _cell464_o15)
+    _adj__cell317_a76 = _adj__cell468_o16 * _cell468_o16 * (1.0 - _cell468_o16)
+    _adj__cell318_a77 = _adj__cell472_o17 * _cell472_o17 * (1.0 - _cell472_o17)
+    _adj__cell319_a78 = _adj__cell476_o18 * _cell476_o18 * (1.0 - _cell476_o18)
+    _adj__cell320_a79 = _adj__cell480_o19 * _cell480_o19 * (1.0 - _cell480_o19)
+    _tile351 = tl.zeros((BLOCK, 128), dtype=tl.float32)
+    _tile351 += tops.place(_adj__cell241_a0, 0, 128)
+    _tile351 += tops.place(_adj__cell242_a1, 1, 128)
+    _tile351 += tops.place(_adj__cell243_a2, 2, 128)
+    _tile351 += tops.place(_adj__cell244_a3, 3, 128)
+    _tile351 += tops.place(_adj__cell245_a4, 4, 128)
+    _tile351 += tops.place(_adj__cell246_a5, 5, 128)
+    _tile351 += tops.place(_adj__cell247_a6, 6, 128)
+    _tile351 += tops.place(_adj__cell248_a7, 7, 128)
+    _tile351 += tops.place(_adj__cell249_a8, 8, 128)
+    _tile351 += tops.place(_adj__cell250_a9, 9, 128)
+    _tile351 += tops.place(_adj__cell251_a10, 10, 128)
+    _tile351 += tops.place(_adj__cell252_a11, 11, 128)
+    _tile351 += tops.place(_adj__cell253_a12, 12, 128)
+    _tile351 += tops.place(_adj__cell254_a13, 13, 128)
+    _tile351 += tops.place(_adj__cell255_a14, 14, 128)
+    _tile351 += tops.place(_adj__cell256_a15, 15, 128)
+    _tile351 += tops.place(_adj__cell257_a16, 16, 128)
+    _tile351 += tops.place(_adj__cell258_a17, 17, 128)
+    _tile351 += tops.place(_adj__cell259_a18, 18, 128)
+    _tile351 += tops.place(_adj__cell260_a19, 19, 128)
+    _tile351 += tops.place(_adj__cell261_a20, 20, 128)
+    _tile351 += tops.place(_adj__cell262_a21, 21, 128)
+    _tile351 += tops.place(_adj__cell263_a22, 22, 128)
+    _tile351 += tops.place(_adj__cell264_a23, 23, 128)
+    _tile351 += tops.place(_adj__cell265_a24, 24, 128)
+    _tile351 += tops.place(_adj__cell266_a25, 25, 128)
+    _tile351 += tops.place(_adj__cell267_a26, 26, 128)
+    _tile351 += tops.place(_adj__cell268_a27, 27, 128)
+    _tile351 += tops.place(_adj__cell269_a28, 28, 128)
+    _tile351 += tops.place(_adj__cell270_a29, 29, 128)
+    _tile351 += tops.place(_adj__cell271_a30, 30, 128)
+    _tile351 += tops.place(_adj__cell272_a31, 31, 128)
+    _tile351 += tops.place(_adj__cell273_a32, 32, 128)
+    _tile351 += tops.place(_adj__cell274_a33, 33, 128)
+    _tile351 += tops.place(_adj__cell275_a34, 34, 128)
+    _tile351 += tops.place(_adj__cell276_a35, 35, 128)
+    _tile351 += tops.place(_adj__cell277_a36, 36, 128)
+    _tile351 += tops.place(_adj__cell278_a37, 37, 128)
+    _tile351 += tops.place(_adj__cell279_a38, 38, 128)
+    _tile351 += tops.place(_adj__cell280_a39, 39, 128)
+    _tile351 += tops.place(_adj__cell281_a40, 40, 128)
+    _tile351 += tops.place(_adj__cell282_a41, 41, 128)
+    _tile351 += tops.place(_adj__cell283_a42, 42, 128)
+    _tile351 += tops.place(_adj__cell284_a43, 43, 128)
+    _tile351 += tops.place(_adj__cell285_a44, 44, 128)
+    _tile351 += tops.place(_adj__cell286_a45, 45, 128)
+    _tile351 += tops.place(_adj__cell287_a46, 46, 128)
+    _tile351 += tops.place(_adj__cell288_a47, 47, 128)
+    _tile351 += tops.place(_adj__cell289_a48, 48, 128)
+    _tile351 += tops.place(_adj__cell290_a49, 49, 128)
+    _tile351 += tops.place(_adj__cell291_a50, 50, 128)
+    _tile351 += tops.place(_adj__cell292_a51, 51, 128)
+    _tile351 += tops.place(_adj__cell293_a52, 52, 128)
+    _tile351 += tops.place(_adj__cell294_a53, 53, 128)
+    _tile351 += tops.place(_adj__cell295_a54, 54, 128)
+    _tile351 += tops.place(_adj__cell296_a55, 55, 128)
+    _tile351 += tops.place(_adj__cell297_a56, 56, 128)
+    _tile351 += tops.place(_adj__cell298_a57, 57, 128)
+    _tile351 += tops.place(_adj__cell299_a58, 58, 128)
+    _tile351 += tops.place(_adj__cell300_a59, 59, 128)
+    _tile351 += tops.place(_adj__cell301_a60, 60, 128)
+    _tile351 += tops.place(_adj__cell302_a61, 61, 128)
+    _tile351 += tops.place(_adj__cell303_a62, 62, 128)
+    _tile351 += tops.place(_adj__cell304_a63, 63, 128)
+    _tile351 += tops.place(_adj__cell305_a64, 64, 128)
+    _tile351 += tops.place(_adj__cell306_a65, 65, 128)
+    _tile351 += tops.place(_adj__cell307_a66, 66, 128)
+    _tile351 += tops.place(_adj__cell308_a67, 67, 128)
+    _tile351 += tops.place(_adj__cell309_a68, 68, 128)
+    _tile351 += tops.place(_adj__cell310_a69, 69, 128)
+    _tile351 += tops.place(_adj__cell311_a70, 70, 128)
+    _tile351 += tops.place(_adj__cell312_a71, 71, 128)
+    _tile351 += tops.place(_adj__cell313_a72, 72, 128)
+    _tile351 += tops.place(_adj__cell314_a73, 73, 128)
+    _tile351 += tops.place(_adj__cell315_a74, 74, 128)
+    _tile351 += tops.place(_adj__cell316_a75, 75, 128)
+    _tile351 += tops.place(_adj__cell317_a76, 76, 128)
+    _tile351 += tops.place(_adj__cell318_a77, 77, 128)
+    _tile351 += tops.place(_adj__cell319_a78, 78, 128)
+    _tile351 += tops.place(_adj__cell320_a79, 79, 128)
+    _dense_t350 = tops.matmul_t(_tile351, _w_lstm_1_weight_ih, 20, 0, 0, 80, 20, 128, 32, True)
+    _col352 = tops.column(_dense_t350, 19, 32)
+    _adj__h0_20 = _col352 + _seed__h0_20
+    _bk21 = tops.tanh(_c0_40)
+    _adj__c0_40 = _adj__h0_20 * _cell240_o19 * (1.0 - _bk21 * _bk21) + _seed__c0_40
+    _adj__cell240_o19 = _adj__h0_20 * _bk21
+    _adj__cell239_g19 = _adj__c0_40 * _cell237_i19
+    _adj__cell238_f19 = _adj__c0_40 * _net_c0_old_19
+    _adj__cell237_i19 = _adj__c0_40 * _cell239_g19
+    _col353 = tops.column(_dense_t350, 18, 32)
+    _adj__h0_19 = _col353 + _seed__h0_19
+    _bk22 = tops.tanh(_c0_39)
+    _adj__c0_39 = _adj__h0_19 * _cell236_o18 * (1.0 - _bk22 * _bk22) + _seed__c0_39
+    _adj__cell236_o18 = _adj__h0_19 * _bk22
+    _adj__cell235_g18 = _adj__c0_39 * _cell233_i18
+    _adj__cell234_f18 = _adj__c0_39 * _net_c0_old_18
+    _adj__cell233_i18 = _adj__c0_39 * _cell235_g18
+    _col354 = tops.column(_dense_t350, 17, 32)
+    _adj__h0_18 = _col354 + _seed__h0_18
+    _bk23 = tops.tanh(_c0_38)
+    _adj__c0_38 = _adj__h0_18 * _cell232_o17 * (1.0 - _bk23 * _bk23) + _seed__c0_38
+    _adj__cell232_o17 = _adj__h0_18 * _bk23
+    _adj__cell231_g17 = _adj__c0_38 * _cell229_i17
+    _adj__cell230_f17 = _adj__c0_38 * _net_c0_old_17
+    _adj__cell229_i17 = _adj__c0_38 * _cell231_g17
+    _col355 = tops.column(_dense_t350, 16, 32)
+    _adj__h0_17 = _col355 + _seed__h0_17
+    _bk24 = tops.tanh(_c0_37)
+    _adj__c0_37 = _adj__h0_17 * _cell228_o16 * (1.0 - _bk24 * _bk24) + _seed__c0_37
+    _adj__cell228_o16 = _adj__h0_17 * _bk24
+    _adj__cell227_g16 = _adj__c0_37 * _cell225_i16
+    _adj__cell226_f16 = _adj__c0_37 * _net_c0_old_16
+    _adj__cell225_i16 = _adj__c0_37 * _cell227_g16
+    _col356 = tops.column(_dense_t350, 15, 32)
+    _adj__h0_16 = _col356 + _seed__h0_16
+    _bk25 = tops.tanh(_c0_36)
+    _adj__c0_36 = _adj__h0_16 * _cell224_o15 * (1.0 - _bk25 * _bk25) + _seed__c0_36
+    _adj__cell224_o15 = _adj__h0_16 * _bk25
+    _adj__cell223_g15 = _adj__c0_36 * _cell221_i15
+    _adj__cell222_f15 = _adj__c0_36 * _net_c0_old_15
+    _adj__cell221_i15 = _adj__c0_36 * _cell223_g15
+    _col357 = tops.column(_dense_t350, 14, 32)
+    _adj__h0_15 = _col357 + _seed__h0_15
+    _bk26 = tops.tanh(_c0_35)
+    _adj__c0_35 = _adj__h0_15 * _cell220_o14 * (1.0 - _bk26 * _bk26) + _seed__c0_35
+    _adj__cell220_o14 = _adj__h0_15 * _bk26
+    _adj__cell219_g14 = _adj__c0_35 * _cell217_i14
+    _adj__cell218_f14 = _adj__c0_35 * _net_c0_old_14
+    _adj__cell217_i14 = _adj__c0_35 * _cell219_g14
+    _col358 = tops.column(_dense_t350, 13, 32)
+    _adj__h0_14 = _col358 + _seed__h0_14
+    _bk27 = tops.tanh(_c0_34)
+    _adj__c0_34 = _adj__h0_14 * _cell216_o13 * (1.0 - _bk27 * _bk27) + _seed__c0_34
+    _adj__cell216_o13 = _adj__h0_14 * _bk27
+    _adj__cell215_g13 = _adj__c0_34 * _cell213_i13
+    _adj__cell214_f13 = _adj__c0_34 * _net_c0_old_13
+    _adj__cell213_i13 = _adj__c0_34 * _cell215_g13
+    _col359 = tops.column(_dense_t350, 12, 32)
+    _adj__h0_13 = _col359 + _seed__h0_13
+    _bk28 = tops.tanh(_c0_33)
+    _adj__c0_33 = _adj__h0_13 * _cell212_o12 * (1.0 - _bk28 * _bk28) + _seed__c0_33
+    _adj__cell212_o12 = _adj__h0_13 * _bk28
+    _adj__cell211_g12 = _adj__c0_33 * _cell209_i12
+    _adj__cell210_f12 = _adj__c0_33 * _net_c0_old_12
+    _adj__cell209_i12 = _adj__c0_33 * _cell211_g12
+    _col360 = tops.column(_dense_t350, 11, 32)
+    _adj__h0_12 = _col360 + _seed__h0_12
+    _bk29 = tops.tanh(_c0_32)
+    _adj__c0_32 = _adj__h0_12 * _cell208_o11 * (1.0 - _bk29 * _bk29) + _seed__c0_32
+    _adj__cell208_o11 = _adj__h0_12 * _bk29
+    _adj__cell207_g11 = _adj__c0_32 * _cell205_i11
+    _adj__cell206_f11 = _adj__c0_32 * _net_c0_old_11
+    _adj__cell205_i11 = _adj__c0_32 * _cell207_g11
+    _col361 = tops.column(_dense_t350, 10, 32)
+    _adj__h0_11 = _col361 + _seed__h0_11
+    _bk30 = tops.tanh(_c0_31)
+    _adj__c0_31 = _adj__h0_11 * _cell204_o10 * (1.0 - _bk30 * _bk30) + _seed__c0_31
+    _adj__cell204_o10 = _adj__h0_11 * _bk30
+    _adj__cell203_g10 = _adj__c0_31 * _cell201_i10
+    _adj__cell202_f10 = _adj__c0_31 * _net_c0_old_10
+    _adj__cell201_i10 = _adj__c0_31 * _cell203_g10
+    _col362 = tops.column(_dense_t350, 9, 32)
+    _adj__h0_10 = _col362 + _seed__h0_10
+    _bk31 = tops.tanh(_c0_30)
+    _adj__c0_30 = _adj__h0_10 * _cell200_o9 * (1.0 - _bk31 * _bk31) + _seed__c0_30
+    _adj__cell200_o9 = _adj__h0_10 * _bk31
+    _adj__cell199_g9 = _adj__c0_30 * _cell197_i9
+    _adj__cell198_f9 = _adj__c0_30 * _net_c0_old_9
+    _adj__cell197_i9 = _adj__c0_30 * _cell199_g9
+    _col363 = tops.column(_dense_t350, 8, 32)
+    _adj__h0_9 = _col363 + _seed__h0_9
+    _bk32 = tops.tanh(_c0_29)
+    _adj__c0_29 = _adj__h0_9 * _cell196_o8 * (1.0 - _bk32 * _bk32) + _seed__c0_29
+    _adj__cell196_o8 = _adj__h0_9 * _bk32
+    _adj__cell195_g8 = _adj__c0_29 * _cell193_i8
+    _adj__cell194_f8 = _adj__c0_29 * _net_c0_old_8
+    _adj__cell193_i8 = _adj__c0_29 * _cell195_g8
+    _col364 = tops.column(_dense_t350, 7, 32)
+    _adj__h0_8 = _col364 + _seed__h0_8
+    _bk33 = tops.tanh(_c0_28)
+    _adj__c0_28 = _adj__h0_8 * _cell192_o7 * (1.0 - _bk33 * _bk33) + _seed__c0_28
+    _adj__cell192_o7 = _adj__h0_8 * _bk33
+    _adj__cell191_g7 = _adj__c0_28 * _cell189_i7
+    _adj__cell190_f7 = _adj__c0_28 * _net_c0_old_7
+    _adj__cell189_i7 = _adj__c0_28 * _cell191_g7
+    _col365 = tops.column(_dense_t350, 6, 32)
+    _adj__h0_7 = _col365 + _seed__h0_7
+    _bk34 = tops.tanh(_c0_27)
+    _adj__c0_27 = _adj__h0_7 * _cell188_o6 * (1.0 - _bk34 * _bk34) + _seed__c0_27
+    _adj__cell188_o6 = _adj__h0_7 * _bk34
+    _adj__cell187_g6 = _adj__c0_27 * _cell185_i6
+    _adj__cell186_f6 = _adj__c0_27 * _net_c0_old_6
+    _adj__cell185_i6 = _adj__c0_27 * _cell187_g6
+    _col366 = tops.column(_dense_t350, 5, 32)
+    _adj__h0_6 = _col366 + _seed__h0_6
+    _bk35 = tops.tanh(_c0_26)
+    _adj__c0_26 = _adj__h0_6 * _cell184_o5 * (1.0 - _bk35 * _bk35) + _seed__c0_26
+    _adj__cell184_o5 = _adj__h0_6 * _bk35
+    _adj__cell183_g5 = _adj__c0_26 * _cell181_i5
+    _adj__cell182_f5 = _adj__c0_26 * _net_c0_old_5
+    _adj__cell181_i5 = _adj__c0_26 * _cell183_g5
+    _col367 = tops.column(_dense_t350, 4, 32)
+    _adj__h0_5 = _col367 + _seed__h0_5
+    _bk36 = tops.tanh(_c0_25)
+    _adj__c0_25 = _adj__h0_5 * _cell180_o4 * (1.0 - _bk36 * _bk36) + _seed__c0_25
+    _adj__cell180_o4 = _adj__h0_5 * _bk36
+    _adj__cell179_g4 = _adj__c0_25 * _cell177_i4
+    _adj__cell178_f4 = _adj__c0_25 * _net_c0_old_4
+    _adj__cell177_i4 = _adj__c0_25 * _cell179_g4
+    _col368 = tops.column(_dense_t350, 3, 32)
+    _adj__h0_4 = _col368 + _seed__h0_4
+    _bk37 = tops.tanh(_c0_24)
+    _adj__c0_24 = _adj__h0_4 * _cell176_o3 * (1.0 - _bk37 * _bk37) + _seed__c0_24
+    _adj__cell176_o3 = _adj__h0_4 * _bk37
+    _adj__cell175_g3 = _adj__c0_24 * _cell173_i3
+    _adj__cell174_f3 = _adj__c0_24 * _net_c0_old_3
+    _adj__cell173_i3 = _adj__c0_24 * _cell175_g3
+    _col369 = tops.column(_dense_t350, 2, 32)
+    _adj__h0_3 = _col369 + _seed__h0_3
+    _bk38 = tops.tanh(_c0_23)
+    _adj__c0_23 = _adj__h0_3 * _cell172_o2 * (1.0 - _bk38 * _bk38) + _seed__c0_23
+    _adj__cell172_o2 = _adj__h0_3 * _bk38
+    _adj__cell171_g2 = _adj__c0_23 * _cell169_i2
+    _adj__cell170_f2 = _adj__c0_23 * _net_c0_old_2
+    _adj__cell169_i2 = _adj__c0_23 * _cell171_g2
+    _col370 = tops.column(_dense_t350, 1, 32)
+    _adj__h0_2 = _col370 + _seed__h0_2
+    _bk39 = tops.tanh(_c0_22)
+    _adj__c0_22 = _adj__h0_2 * _cell168_o1 * (1.0 - _bk39 * _bk39) + _seed__c0_22
+    _adj__cell168_o1 = _adj__h0_2 * _bk39
+    _adj__cell167_g1 = _adj__c0_22 * _cell165_i1
+    _adj__cell166_f1 = _adj__c0_22 * _net_c0_old_1
+    _adj__cell165_i1 = _adj__c0_22 * _cell167_g1
+    _col371 = tops.column(_dense_t350, 0, 32)
+    _adj__h0_1 = _col371 + _seed__h0_1
+    _bk40 = tops.tanh(_c0_21)
+    _adj__c0_21 = _adj__h0_1 * _cell164_o0 * (1.0 - _bk40 * _bk40) + _seed__c0_21
+    _adj__cell164_o0 = _adj__h0_1 * _bk40
+    _adj__cell163_g0 = _adj__c0_21 * _cell161_i0
+    _adj__cell162_f0 = _adj__c0_21 * _net_c0_old_0
+    _adj__cell161_i0 = _adj__c0_21 * _cell163_g0
+    _adj__cell81_b0 = _adj__cell161_i0 * _cell161_i0 * (1.0 - _cell161_i0)
+    _adj__cell82_b1 = _adj__cell165_i1 * _cell165_i1 * (1.0 - _cell165_i1)
+    _adj__cell83_b2 = _adj__cell169_i2 * _cell169_i2 * (1.0 - _cell169_i2)
+    _adj__cell84_b3 = _adj__cell173_i3 * _cell173_i3 * (1.0 - _cell173_i3)
+    _adj__cell85_b4 = _adj__cell177_i4 * _cell177_i4 * (1.0 - _cell177_i4)
+    _adj__cell86_b5 = _adj__cell181_i5 * _cell181_i5 * (1.0 - _cell181_i5)
+    _adj__cell87_b6 = _adj__cell185_i6 * _cell185_i6 * (1.0 - _cell185_i6)
+    _adj__cell88_b7 = _adj__cell189_i7 * _cell189_i7 * (1.0 - _cell189_i7)
+    _adj__cell89_b8 = _adj__cell193_i8 * _cell193_i8 * (1.0 - _cell193_i8)
+    _adj__cell90_b9 = _adj__cell197_i9 * _cell197_i9 * (1.0 - _cell197_i9)
+    _adj__cell91_b10 = _adj__cell201_i10 * _cell201_i10 * (1.0 - _cell201_i10)
+    _adj__cell92_b11 = _adj__cell205_i11 * _cell205_i11 * (1.0 - _cell205_i11)
+    _adj__cell93_b12 = _adj__cell209_i12 * _cell209_i12 * (1.0 - _cell209_i12)
+    _adj__cell94_b13 = _adj__cell213_i13 * _cell213_i13 * (1.0 - _cell213_i13)
+    _adj__cell95_b14 = _adj__cell217_i14 * _cell217_i14 * (1.0 - _cell217_i14)
+    _adj__cell96_b15 = _adj__cell221_i15 * _cell221_i15 * (1.0 - _cell221_i15)
+    _adj__cell97_b16 = _adj__cell225_i16 * _cell225_i16 * (1.0 - _cell225_i16)
+    _adj__cell98_b17 = _adj__cell229_i17 * _cell229_i17 * (1.0 - _cell229_i17)
+    _adj__cell99_b18 = _adj__cell233_i18 * _cell233_i18 * (1.0 - _cell233_i18)
+    _adj__cell100_b19 = _adj__cell237_i19 * _cell237_i19 * (1.0 - _cell237_i19)
+    _adj__cell101_b20 = _adj__cell162_f0 * _cell162_f0 * (1.0 - _cell162_f0)
+    _adj__cell102_b21 = _adj__cell166_f1 * _cell166_f1 * (1.0 - _cell166_f1)
+    _adj__cell103_b22 = _adj__cell170_f2 * _cell170_f2 * (1.0 - _cell170_f2)
+    _adj__cell104_b23 = _adj__cell174_f3 * _cell174_f3 * (1.0 - _cell174_f3)
+    _adj__cell105_b24 = _adj__cell178_f4 * _cell178_f4 * (1.0 - _cell178_f4)
+    _adj__cell106_b25 = _adj__cell182_f5 * _cell182_f5 * (1.0 - _cell182_f5)
+    _adj__cell107_b26 = _adj__cell186_f6 * _cell186_f6 * (1.0 - _cell186_f6)
+    _adj__cell108_b27 = _adj__cell190_f7 * _cell190_f7 * (1.0 - _cell190_f7)
+    _adj__cell109_b28 = _adj__cell194_f8 * _cell194_f8 * (1.0 - _cell194_f8)
+    _adj__cell110_b29 = _adj__cell198_f9 * _cell198_f9 * (1.0 - _cell198_f9)
+    _adj__cell111_b30 = _adj__cell202_f10 * _cell202_f10 * (1.0 - _cell202_f10)
+    _adj__cell112_b31 = _adj__cell206_f11 * _cell206_f11 * (1.0 - _cell206_f11)
+    _adj__cell113_b32 = _adj__cell210_f12 * _cell210_f12 * (1.0 - _cell210_f12)
+    _adj__cell114_b33 = _adj__cell214_f13 * _cell214_f13 * (1.0 - _cell214_f13)
+    _adj__cell115_b34 = _adj__cell218_f14 * _cell218_f14 * (1.0 - _cell218_f14)
+    _adj__cell116_b35 = _adj__cell222_f15 * _cell222_f15 * (1.0 - _cell222_f15)
+    _adj__cell117_b36 = _adj__cell226_f16 * _cell226_f16 * (1.0 - _cell226_f16)
+    _adj__cell118_b37 = _adj__cell230_f17 * _cell230_f17 * (1.0 - _cell230_f17)
+    _adj__cell119_b38 = _adj__cell234_f18 * _cell234_f18 * (1.0 - _cell234_f18)
+    _adj__cell120_b39 = _adj__cell238_f19 * _cell238_f19 * (1.0 - _cell238_f19)
+    _adj__cell121_b40 = _adj__cell163_g0 * (1.0 - _cell163_g0 * _cell163_g0)
+    _adj__cell122_b41 = _adj__cell167_g1 * (1.0 - _cell167_g1 * _cell167_g1)
+    _adj__cell123_b42 = _adj__cell171_g2 * (1.0 - _cell171_g2 * _cell171_g2)
+    _adj__cell124_b43 = _adj__cell175_g3 * (1.0 - _cell175_g3 * _cell175_g3)
+    _adj__cell125_b44 = _adj__cell179_g4 * (1.0 - _cell179_g4 * _cell179_g4)
+    _adj__cell126_b45 = _adj__cell183_g5 * (1.0 - _cell183_g5 * _cell183_g5)
+    _adj__cell127_b46 = _adj__cell187_g6 * (1.0 - _cell187_g6 * _cell187_g6)
+    _adj__cell128_b47 = _adj__cell191_g7 * (1.0 - _cell191_g7 * _cell191_g7)
+    _adj__cell129_b48 = _adj__cell195_g8 * (1.0 - _cell195_g8 * _cell195_g8)
+    _adj__cell130_b49 = _adj__cell199_g9 * (1.0 - _cell199_g9 * _cell199_g9)
+    _adj__cell131_b50 = _adj__cell203_g10 * (1.0 - _cell203_g10 * _cell203_g10)
+    _adj__cell132_b51 = _adj__cell207_g11 * (1.0 - _cell207_g11 * _cell207_g11)
+    _adj__cell133_b52 = _adj__cell211_g12 * (1.0 - _cell211_g12 * _cell211_g12)
+    _adj__cell134_b53 = _adj__cell215_g13 * (1.0 - _cell215_g13 * _cell215_g13)
+    _adj__cell135_b54 = _adj__cell219_g14 * (1.0 - _cell219_g14 * _cell219_g14)
+    _adj__cell136_b55 = _adj__cell223_g15 * (1.0 - _cell223_g15 * _cell223_g15)
+    _adj__cell137_b56 = _adj__cell227_g16 * (1.0 - _cell227_g16 * _cell227_g16)
+    _adj__cell138_b57 = _adj__cell231_g17 * (1.0 - _cell231_g17 * _cell231_g17)
+    _adj__cell139_b58 = _adj__cell235_g18 * (1.0 - _cell235_g18 * _cell235_g18)
+    _adj__cell140_b59 = _adj__cell239_g19 * (1.0 - _cell239_g19 * _cell239_g19)
+    _adj__cell141_b60 = _adj__cell164_o0 * _cell164_o0 * (1.0 - _cell164_o0)
+    _adj__cell142_b61 = _adj__cell168_o1 * _cell168_o1 * (1.0 - _cell168_o1)
+    _adj__cell143_b62 = _adj__cell172_o2 * _cell172_o2 * (1.0 - _cell172_o2)
+    _adj__cell144_b63 = _adj__cell176_o3 * _cell176_o3 * (1.0 - _cell176_o3)
+    _adj__cell145_b64 = _adj__cell180_o4 * _cell180_o4 * (1.0 - _cell180_o4)
+    _adj__cell146_b65 = _adj__cell184_o5 * _cell184_o5 * (1.0 - _cell184_o5)
+    _adj__cell147_b66 = _adj__cell188_o6 * _cell188_o6 * (1.0 - _cell188_o6)
+    _adj__cell148_b67 = _adj__cell192_o7 * _cell192_o7 * (1.0 - _cell192_o7)
+    _adj__cell149_b68 = _adj__cell196_o8 * _cell196_o8 * (1.0 - _cell196_o8)
+    _adj__cell150_b69 = _adj__cell200_o9 * _cell200_o9 * (1.0 - _cell200_o9)
+    _adj__cell151_b70 = _adj__cell204_o10 * _cell204_o10 * (1.0 - _cell204_o10)
+    _adj__cell152_b71 = _adj__cell208_o11 * _cell208_o11 * (1.0 - _cell208_o11)
+    _adj__cell153_b72 = _adj__cell212_o12 * _cell212_o12 * (1.0 - _cell212_o12)
+    _adj__cell154_b73 = _adj__cell216_o13 * _cell216_o13 * (1.0 - _cell216_o13)
+    _adj__cell155_b74 = _adj__cell220_o14 * _cell220_o14 * (1.0 - _cell220_o14)
+    _adj__cell156_b75 = _adj__cell224_o15 * _cell224_o15 * (1.0 - _cell224_o15)
+    _adj__cell157_b76 = _adj__cell228_o16 * _cell228_o16 * (1.0 - _cell228_o16)
+    _adj__cell158_b77 = _adj__cell232_o17 * _cell232_o17 * (1.0 - _cell232_o17)
+    _adj__cell159_b78 = _adj__cell236_o18 * _cell236_o18 * (1.0 - _cell236_o18)
+    _adj__cell160_b79 = _adj__cell240_o19 * _cell240_o19 * (1.0 - _cell240_o19)
+    _tile373 = tl.zeros((BLOCK, 128), dtype=tl.float32)
+    _tile373 += tops.place(_adj__cell81_b0, 0, 128)
+    _tile373 += tops.place(_adj__cell82_b1, 1, 128)
+    _tile373 += tops.place(_adj__cell83_b2, 2, 128)
+    _tile373 += tops.place(_adj__cell84_b3, 3, 128)
+    _tile373 += tops.place(_adj__cell85_b4, 4, 128)
+    _tile373 += tops.place(_adj__cell86_b5, 5, 128)
+    _tile373 += tops.place(_adj__cell87_b6, 6, 128)
+    _tile373 += tops.place(_adj__cell88_b7, 7, 128)
+    _tile373 += tops.place(_adj__cell89_b8, 8, 128)
+    _tile373 += tops.place(_adj__cell90_b9, 9, 128)
+    _tile373 += tops.place(_adj__cell91_b10, 10, 128)
+    _tile373 += tops.place(_adj__cell92_b11, 11, 128)
+    _tile373 += tops.place(_adj__cell93_b12, 12, 128)
+    _tile373 += tops.place(_adj__cell94_b13, 13, 128)
+    _tile373 += tops.place(_adj__cell95_b14, 14, 128)
+    _tile373 += tops.place(_adj__cell96_b15, 15, 128)
+    _tile373 += tops.place(_adj__cell97_b16, 16, 128)
+    _tile373 += tops.place(_adj__cell98_b17, 17, 128)
+    _tile373 += tops.place(_adj__cell99_b18, 18, 128)
+    _tile373 += tops.place(_adj__cell100_b19, 19, 128)
+    _tile373 += tops.place(_adj__cell101_b20, 20, 128)
+    _tile373 += tops.place(_adj__cell102_b21, 21, 128)
+    _tile373 += tops.place(_adj__cell103_b22, 22, 128)
+    _tile373 += tops.place(_adj__cell104_b23, 23, 128)
+    _tile373 += tops.place(_adj__cell105_b24, 24, 128)
+    _tile373 += tops.place(_adj__cell106_b25, 25, 128)
+    _tile373 += tops.place(_adj__cell107_b26, 26, 128)
+    _tile373 += tops.place(_adj__cell108_b27, 27, 128)
+    _tile373 += tops.place(_adj__cell109_b28, 28, 128)
+    _tile373 += tops.place(_adj__cell110_b29, 29, 128)
+    _tile373 += tops.place(_adj__cell111_b30, 30, 128)
+    _tile373 += tops.place(_adj__cell112_b31, 31, 128)
+    _tile373 += tops.place(_adj__cell113_b32, 32, 128)
+    _tile373 += tops.place(_adj__cell114_b33, 33, 128)
+    _tile373 += tops.place(_adj__cell115_b34, 34, 128)
+    _tile373 += tops.place(_adj__cell116_b35, 35, 128)
+    _tile373 += tops.place(_adj__cell117_b36, 36, 128)
+    _tile373 += tops.place(_adj__cell118_b37, 37, 128)
+    _tile373 += tops.place(_adj__cell119_b38, 38, 128)
+    _tile373 += tops.place(_adj__cell120_b39, 39, 128)
+    _tile373 += tops.place(_adj__cell121_b40, 40, 128)
+    _tile373 += tops.place(_adj__cell122_b41, 41, 128)
+    _tile373 += tops.place(_adj__cell123_b42, 42, 128)
+    _tile373 += tops.place(_adj__cell124_b43, 43, 128)
+    _tile373 += tops.place(_adj__cell125_b44, 44, 128)
+    _tile373 += tops.place(_adj__cell126_b45, 45, 128)
+    _tile373 += tops.place(_adj__cell127_b46, 46, 128)
+    _tile373 += tops.place(_adj__cell128_b47, 47, 128)
+    _tile373 += tops.place(_adj__cell129_b48, 48, 128)
+    _tile373 += tops.place(_adj__cell130_b49, 49, 128)
+    _tile373 += tops.place(_adj__cell131_b50, 50, 128)
+    _tile373 += tops.place(_adj__cell132_b51, 51, 128)
+    _tile373 += tops.place(_adj__cell133_b52, 52, 128)
+    _tile373 += tops.place(_adj__cell134_b53, 53, 128)
+    _tile373 += tops.place(_adj__cell135_b54, 54, 128)
+    _tile373 += tops.place(_adj__cell136_b55, 55, 128)
+    _tile373 += tops.place(_adj__cell137_b56, 56, 128)
+    _tile373 += tops.place(_adj__cell138_b57, 57, 128)
+    _tile373 += tops.place(_adj__cell139_b58, 58, 128)
+    _tile373 += tops.place(_adj__cell140_b59, 59, 128)
+    _tile373 += tops.place(_adj__cell141_b60, 60, 128)
+    _tile373 += tops.place(_adj__cell142_b61, 61, 128)
+    _tile373 += tops.place(_adj__cell143_b62, 62, 128)
+    _tile373 += tops.place(_adj__cell144_b63, 63, 128)
+    _tile373 += tops.place(_adj__cell145_b64, 64, 128)
+    _tile373 += tops.place(_adj__cell146_b65, 65, 128)
+    _tile373 += tops.place(_adj__cell147_b66, 66, 128)
+    _tile373 += tops.place(_adj__cell148_b67, 67, 128)
+    _tile373 += tops.place(_adj__cell149_b68, 68, 128)
+    _tile373 += tops.place(_adj__cell150_b69, 69, 128)
+    _tile373 += tops.place(_adj__cell151_b70, 70, 128)
+    _tile373 += tops.place(_adj__cell152_b71, 71, 128)
+    _tile373 += tops.place(_adj__cell153_b72, 72, 128)
+    _tile373 += tops.place(_adj__cell154_b73, 73, 128)
+    _tile373 += tops.place(_adj__cell155_b74, 74, 128)
+    _tile373 += tops.place(_adj__cell156_b75, 75, 128)
+    _tile373 += tops.place(_adj__cell157_b76, 76, 128)
+    _tile373 += tops.place(_adj__cell158_b77, 77, 128)
+    _tile373 += tops.place(_adj__cell159_b78, 78, 128)
+    _tile373 += tops.place(_adj__cell160_b79, 79, 128)
+    _dense_t372 = tops.matmul_t(_tile373, _w_lstm_0_weight_hh, 20, 0, 0, 80, 20, 128, 32, True)
+    _adj__cell1_a0 = _adj__cell161_i0 * _cell161_i0 * (1.0 - _cell161_i0)
+    _adj__cell2_a1 = _adj__cell165_i1 * _cell165_i1 * (1.0 - _cell165_i1)
+    _adj__cell3_a2 = _adj__cell169_i2 * _cell169_i2 * (1.0 - _cell169_i2)
+    _adj__cell4_a3 = _adj__cell173_i3 * _cell173_i3 * (1.0 - _cell173_i3)
+    _adj__cell5_a4 = _adj__cell177_i4 * _cell177_i4 * (1.0 - _cell177_i4)
+    _adj__cell6_a5 = _adj__cell181_i5 * _cell181_i5 * (1.0 - _cell181_i5)
+    _adj__cell7_a6 = _adj__cell185_i6 * _cell185_i6 * (1.0 - _cell185_i6)
+    _adj__cell8_a7 = _adj__cell189_i7 * _cell189_i7 * (1.0 - _cell189_i7)
+    _adj__cell9_a8 = _adj__cell193_i8 * _cell193_i8 * (1.0 - _cell193_i8)
+    _adj__cell10_a9 = _adj__cell197_i9 * _cell197_i9 * (1.0 - _cell197_i9)
+    _adj__cell11_a10 = _adj__cell201_i10 * _cell201_i10 * (1.0 - _cell201_i10)
+    _adj__cell12_a11 = _adj__cell205_i11 * _cell205_i11 * (1.0 - _cell205_i11)
+    _adj__cell13_a12 = _adj__cell209_i12 * _cell209_i12 * (1.0 - _cell209_i12)
+    _adj__cell14_a13 = _adj__cell213_i13 * _cell213_i13 * (1.0 - _cell213_i13)
+    _adj__cell15_a14 = _adj__cell217_i14 * _cell217_i14 * (1.0 - _cell217_i14)
+    _adj__cell16_a15 = _adj__cell221_i15 * _cell221_i15 * (1.0 - _cell221_i15)
+    _adj__cell17_a16 = _adj__cell225_i16 * _cell225_i16 * (1.0 - _cell225_i16)
+    _adj__cell18_a17 = _adj__cell229_i17 * _cell229_i17 * (1.0 - _cell229_i17)
+    _adj__cell19_a18 = _adj__cell233_i18 * _cell233_i18 * (1.0 - _cell233_i18)
+    _adj__cell20_a19 = _adj__cell237_i19 * _cell237_i19 * (1.0 - _cell237_i19)
+    _adj__cell21_a20 = _adj__cell162_f0 * _cell162_f0 * (1.0 - _cell162_f0)
+    _adj__cell22_a21 = _adj__cell166_f1 * _cell166_f1 * (1.0 - _cell166_f1)
+    _adj__cell23_a22 = _adj__cell170_f2 * _cell170_f2 * (1.0 - _cell170_f2)
+    _adj__cell24_a23 = _adj__cell174_f3 * _cell174_f3 * (1.0 - _cell174_f3)
+    _adj__cell25_a24 = _adj__cell178_f4 * _cell178_f4 * (1.0 - _cell178_f4)
+    _adj__cell26_a25 = _adj__cell182_f5 * _cell182_f5 * (1.0 - _cell182_f5)
+    _adj__cell27_a26 = _adj__cell186_f6 * _cell186_f6 * (1.0 - _cell186_f6)
+    _adj__cell28_a27 = _adj__cell190_f7 * _cell190_f7 * (1.0 - _cell190_f7)
+    _adj__cell29_a28 = _adj__cell194_f8 * _cell194_f8 * (1.0 - _cell194_f8)
+    _adj__cell30_a29 = _adj__cell198_f9 * _cell198_f9 * (1.0 - _cell198_f9)
+    _adj__cell31_a30 = _adj__cell202_f10 * _cell202_f10 * (1.0 - _cell202_f10)
+    _adj__cell32_a31 = _adj__cell206_f11 * _cell206_f11 * (1.0 - _cell206_f11)
+    _adj__cell33_a32 = _adj__cell210_f12 * _cell210_f12 * (1.0 - _cell210_f12)
+    _adj__cell34_a33 = _adj__cell214_f13 * _cell214_f13 * (1.0 - _cell214_f13)
+    _adj__cell35_a34 = _adj__cell218_f14 * _cell218_f14 * (1.0 - _cell218_f14)
+    _adj__cell36_a35 = _adj__cell222_f15 * _cell222_f15 * (1.0 - _cell222_f15)
+    _adj__cell37_a36 = _adj__cell226_f16 * _cell226_f16 * (1.0 - _cell226_f16)
+    _adj__cell38_a37 = _adj__cell230_f17 * _cell230_f17 * (1.0 - _cell230_f17)
+    _adj__cell39_a38 = _adj__cell234_f18 * _cell234_f18 * (1.0 - _cell234_f18)
+    _adj__cell40_a39 = _adj__cell238_f19 * _cell238_f19 * (1.0 - _cell238_f19)
+    _adj__cell41_a40 = _adj__cell163_g0 * (1.0 - _cell163_g0 * _cell163_g0)
+    _adj__cell42_a41 = _adj__cell167_g1 * (1.0 - _cell167_g1 * _cell167_g1)
+    _adj__cell43_a42 = _adj__cell171_g2 * (1.0 - _cell171_g2 * _cell171_g2)
+    _adj__cell44_a43 = _adj__cell175_g3 * (1.0 - _cell175_g3 * _cell175_g3)
+    _adj__cell45_a44 = _adj__cell179_g4 * (1.0 - _cell179_g4 * _cell179_g4)
+    _adj__cell46_a45 = _adj__cell183_g5 * (1.0 - _cell183_g5 * _cell183_g5)
+    _adj__cell47_a46 = _adj__cell187_g6 * (1.0 - _cell187_g6 * _cell187_g6)
+    _adj__cell48_a47 = _adj__cell191_g7 * (1.0 - _cell191_g7 * _cell191_g7)
+    _adj__cell49_a48 = _adj__cell195_g8 * (1.0 - _cell195_g8 * _cell195_g8)
+    _adj__cell50_a49 = _adj__cell199_g9 * (1.0 - _cell199_g9 * _cell199_g9)
+    _adj__cell51_a50 = _adj__cell203_g10 * (1.0 - _cell203_g10 * _cell203_g10)
+    _adj__cell52_a51 = _adj__cell207_g11 * (1.0 - _cell207_g11 * _cell207_g11)
+    _adj__cell53_a52 = _adj__cell211_g12 * (1.0 - _cell211_g12 * _cell211_g12)
+    _adj__cell54_a53 = _adj__cell215_g13 * (1.0 - _cell215_g13 * _cell215_g13)
+    _adj__cell55_a54 = _adj__cell219_g14 * (1.0 - _cell219_g14 * _cell219_g14)
+    _adj__cell56_a55 = _adj__cell223_g15 * (1.0 - _cell223_g15 * _cell223_g15)
+    _adj__cell57_a56 = _adj__cell227_g16 * (1.0 - _cell227_g16 * _cell227_g16)
+    _adj__cell58_a57 = _adj__cell231_g17 * (1.0 - _cell231_g17 * _cell231_g17)
+    _adj__cell59_a58 = _adj__cell235_g18 * (1.0 - _cell235_g18 * _cell235_g18)
+    _adj__cell60_a59 = _adj__cell239_g19 * (1.0 - _cell239_g19 * _cell239_g19)
+    _adj__cell61_a60 = _adj__cell164_o0 * _cell164_o0 * (1.0 - _cell164_o0)
+    _adj__cell62_a61 = _adj__cell168_o1 * _cell168_o1 * (1.0 - _cell168_o1)
+    _adj__cell63_a62 = _adj__cell172_o2 * _cell172_o2 * (1.0 - _cell172_o2)
+    _adj__cell64_a63 = _adj__cell176_o3 * _cell176_o3 * (1.0 - _cell176_o3)
+    _adj__cell65_a64 = _adj__cell180_o4 * _cell180_o4 * (1.0 - _cell180_o4)
+    _adj__cell66_a65 = _adj__cell184_o5 * _cell184_o5 * (1.0 - _cell184_o5)
+    _adj__cell67_a66 = _adj__cell188_o6 * _cell188_o6 * (1.0 - _cell188_o6)
+    _adj__cell68_a67 = _adj__cell192_o7 * _cell192_o7 * (1.0 - _cell192_o7)
+    _adj__cell69_a68 = _adj__cell196_o8 * _cell196_o8 * (1.0 - _cell196_o8)
+    _adj__cell70_a69 = _adj__cell200_o9 * _cell200_o9 * (1.0 - _cell200_o9)
+    _adj__cell71_a70 = _adj__cell204_o10 * _cell204_o10 * (1.0 - _cell204_o10)
+    _adj__cell72_a71 = _adj__cell208_o11 * _cell208_o11 * (1.0 - _cell208_o11)
+    _adj__cell73_a72 = _adj__cell212_o12 * _cell212_o12 * (1.0 - _cell212_o12)
+    _adj__cell74_a73 = _adj__cell216_o13 * _cell216_o13 * (1.0 - _cell216_o13)
+    _adj__cell75_a74 = _adj__cell220_o14 * _cell220_o14 * (1.0 - _cell220_o14)
+    _adj__cell76_a75 = _adj__cell224_o15 * _cell224_o15 * (1.0 - _cell224_o15)
+    _adj__cell77_a76 = _adj__cell228_o16 * _cell228_o16 * (1.0 - _cell228_o16)
+    _adj__cell78_a77 = _adj__cell232_o17 * _cell232_o17 * (1.0 - _cell232_o17)
+    _adj__cell79_a78 = _adj__cell236_o18 * _cell236_o18 * (1.0 - _cell236_o18)
+    _adj__cell80_a79 = _adj__cell240_o19 * _cell240_o19 * (1.0 - _cell240_o19)
+    _tile374 = tl.zeros((BLOCK, 128), dtype=tl.float32)
+    _tile374 += tops.place(_adj__cell1_a0, 0, 128)
+    _tile374 += tops.place(_adj__cell2_a1, 1, 128)
+    _tile374 += tops.place(_adj__cell3_a2, 2, 128)
+    _tile374 += tops.place(_adj__cell4_a3, 3, 128)
+    _tile374 += tops.place(_adj__cell5_a4, 4, 128)
+    _tile374 += tops.place(_adj__cell6_a5, 5, 128)
+    _tile374 += tops.place(_adj__cell7_a6, 6, 128)
+    _tile374 += tops.place(_adj__cell8_a7, 7, 128)
+    _tile374 += tops.place(_adj__cell9_a8, 8, 128)
+    _tile374 += tops.place(_adj__cell10_a9, 9, 128)
+    _tile374 += tops.place(_adj__cell11_a10, 10, 128)
+    _tile374 += tops.place(_adj__cell12_a11, 11, 128)
+    _tile374 += tops.place(_adj__cell13_a12, 12, 128)
+    _tile374 += tops.place(_adj__cell14_a13, 13, 128)
+    _tile374 += tops.place(_adj__cell15_a14, 14, 128)
+    _tile374 += tops.place(_adj__cell16_a15, 15, 128)
+    _tile374 += tops.place(_adj__cell17_a16, 16, 128)
+    _tile374 += tops.place(_adj__cell18_a17, 17, 128)
+    _tile374 += tops.place(_adj__cell19_a18, 18, 128)
+    _tile374 += tops.place(_adj__cell20_a19, 19, 128)
+    _tile374 += tops.place(_adj__cell21_a20, 20, 128)
+    _tile374 += tops.place(_adj__cell22_a21, 21, 128)
+    _tile374 += tops.place(_adj__cell23_a22, 22, 128)
+    _tile374 += tops.place(_adj__cell24_a23, 23, 128)
+    _tile374 += tops.place(_adj__cell25_a24, 24, 128)
+    _tile374 += tops.place(_adj__cell26_a25, 25, 128)
+    _tile374 += tops.place(_adj__cell27_a26, 26, 128)
+    _tile374 += tops.place(_adj__cell28_a27, 27, 128)
+    _tile374 += tops.place(_adj__cell29_a28, 28, 128)
+    _tile374 += tops.place(_adj__cell30_a29, 29, 128)
+    _tile374 += tops.place(_adj__cell31_a30, 30, 128)
+    _tile374 += tops.place(_adj__cell32_a31, 31, 128)
+    _tile374 += tops.place(_adj__cell33_a32, 32, 128)
+    _tile374 += tops.place(_adj__cell34_a33, 33, 128)
+    _tile374 += tops.place(_adj__cell35_a34, 34, 128)
+    _tile374 += tops.place(_adj__cell36_a35, 35, 128)
+    _tile374 += tops.place(_adj__cell37_a36, 36, 128)
+    _tile374 += tops.place(_adj__cell38_a37, 37, 128)
+    _tile374 += tops.place(_adj__cell39_a38, 38, 128)
+    _tile374 += tops.place(_adj__cell40_a39, 39, 128)
+    _tile374 += tops.place(_adj__cell41_a40, 40, 128)
+    _tile374 += tops.place(_adj__cell42_a41, 41, 128)
+    _tile374 += tops.place(_adj__cell43_a42, 42, 128)
+    _tile374 += tops.place(_adj__cell44_a43, 43, 128)
+    _tile374 += tops.place(_adj__cell45_a44, 44, 128)
+    _tile374 += tops.place(_adj__cell46_a45, 45, 128)
+    _tile374 += tops.place(_adj__cell47_a46, 46, 128)
+    _tile374 += tops.place(_adj__cell48_a47, 47, 128)
+    _tile374 += tops.place(_adj__cell49_a48, 48, 128)
+    _tile374 += tops.place(_adj__cell50_a49, 49, 128)
+    _tile374 += tops.place(_adj__cell51_a50, 50, 128)
+    _tile374 += tops.place(_adj__cell52_a51, 51, 128)
+    _tile374 += tops.place(_adj__cell53_a52, 52, 128)
+    _tile374 += tops.place(_adj__cell54_a53, 53, 128)
+    _tile374 += tops.place(_adj__cell55_a54, 54, 128)
+    _tile374 += tops.place(_adj__cell56_a55, 55, 128)
+    _tile374 += tops.place(_adj__cell57_a56, 56, 128)
+    _tile374 += tops.place(_adj__cell58_a57, 57, 128)
+    _tile374 += tops.place(_adj__cell59_a58, 58, 128)
+    _tile374 += tops.place(_adj__cell60_a59, 59, 128)
+    _tile374 += tops.place(_adj__cell61_a60, 60, 128)
+    _tile374 += tops.place(_adj__cell62_a61, 61, 128)
+    _tile374 += tops.place(_adj__cell63_a62, 62, 128)
+    _tile374 += tops.place(_adj__cell64_a63, 63, 128)
+    _tile374 += tops.place(_adj__cell65_a64, 64, 128)
+    _tile374 += tops.place(_adj__cell66_a65, 65, 128)
+    _tile374 += tops.place(_adj__cell67_a66, 66, 128)
+    _tile374 += tops.place(_adj__cell68_a67, 67, 128)
+    _tile374 += tops.place(_adj__cell69_a68, 68, 128)
+    _tile374 += tops.place(_adj__cell70_a69, 69, 128)
+    _tile374 += tops.place(_adj__cell71_a70, 70, 128)
+    _tile374 += tops.place(_adj__cell72_a71, 71, 128)
+    _tile374 += tops.place(_adj__cell73_a72, 72, 128)
+    _tile374 += tops.place(_adj__cell74_a73, 73, 128)
+    _tile374 += tops.place(_adj__cell75_a74, 74, 128)
+    _tile374 += tops.place(_adj__cell76_a75, 75, 128)
+    _tile374 += tops.place(_adj__cell77_a76, 76, 128)
+    _tile374 += tops.place(_adj__cell78_a77, 77, 128)
+    _tile374 += tops.place(_adj__cell79_a78, 78, 128)
+    _tile374 += tops.place(_adj__cell80_a79, 79, 128)
+    _adj_in_log_magnitude_81 = tl.sum(_tile374 * tops.weight_col(_w_lstm_0_weight_ih, 2, 0, 0, 80, 128)[None, :], axis=1)
+    _adj_in_sign_or_scaled_82 = tl.sum(_tile374 * tops.weight_col(_w_lstm_0_weight_ih, 2, 0, 1, 80, 128)[None, :], axis=1)
+    _adj__net_c0_old_0 = _adj__c0_21 * _cell162_f0
+    _adj__net_c0_old_1 = _adj__c0_22 * _cell166_f1
+    _adj__net_c0_old_10 = _adj__c0_31 * _cell202_f10
+    _adj__net_c0_old_11 = _adj__c0_32 * _cell206_f11
+    _adj__net_c0_old_12 = _adj__c0_33 * _cell210_f12
+    _adj__net_c0_old_13 = _adj__c0_34 * _cell214_f13
+    _adj__net_c0_old_14 = _adj__c0_35 * _cell218_f14
+    _adj__net_c0_old_15 = _adj__c0_36 * _cell222_f15
+    _adj__net_c0_old_16 = _adj__c0_37 * _cell226_f16
+    _adj__net_c0_old_17 = _adj__c0_38 * _cell230_f17
+    _adj__net_c0_old_18 = _adj__c0_39 * _cell234_f18
+    _adj__net_c0_old_19 = _adj__c0_40 * _cell238_f19
+    _adj__net_c0_old_2 = _adj__c0_23 * _cell170_f2
+    _adj__net_c0_old_3 = _adj__c0_24 * _cell174_f3
+    _adj__net_c0_old_4 = _adj__c0_25 * _cell178_f4
+    _adj__net_c0_old_5 = _adj__c0_26 * _cell182_f5
+    _adj__net_c0_old_6 = _adj__c0_27 * _cell186_f6
+    _adj__net_c0_old_7 = _adj__c0_28 * _cell190_f7
+    _adj__net_c0_old_8 = _adj__c0_29 * _cell194_f8
+    _adj__net_c0_old_9 = _adj__c0_30 * _cell198_f9
+    _adj__net_c1_old_0 = _adj__c1_61 * _cell402_f0
+    _adj__net_c1_old_1 = _adj__c1_62 * _cell406_f1
+    _adj__net_c1_old_10 = _adj__c1_71 * _cell442_f10
+    _adj__net_c1_old_11 = _adj__c1_72 * _cell446_f11
+    _adj__net_c1_old_12 = _adj__c1_73 * _cell450_f12
+    _adj__net_c1_old_13 = _adj__c1_74 * _cell454_f13
+    _adj__net_c1_old_14 = _adj__c1_75 * _cell458_f14
+    _adj__net_c1_old_15 = _adj__c1_76 * _cell462_f15
+    _adj__net_c1_old_16 = _adj__c1_77 * _cell466_f16
+    _adj__net_c1_old_17 = _adj__c1_78 * _cell470_f17
+    _adj__net_c1_old_18 = _adj__c1_79 * _cell474_f18
+    _adj__net_c1_old_19 = _adj__c1_80 * _cell478_f19
+    _adj__net_c1_old_2 = _adj__c1_63 * _cell410_f2
+    _adj__net_c1_old_3 = _adj__c1_64 * _cell414_f3
+    _adj__net_c1_old_4 = _adj__c1_65 * _cell418_f4
+    _adj__net_c1_old_5 = _adj__c1_66 * _cell422_f5
+    _adj__net_c1_old_6 = _adj__c1_67 * _cell426_f6
+    _adj__net_c1_old_7 = _adj__c1_68 * _cell430_f7
+    _adj__net_c1_old_8 = _adj__c1_69 * _cell434_f8
+    _adj__net_c1_old_9 = _adj__c1_70 * _cell438_f9
+    _adj__u1 = _seed__p_new * p
+    _adj_g = _adj_in_log_magnitude_81 * tl.where(tl.abs(g) >= 4.5399929762484854e-05, (0.1 * tl.where(tl.abs(g) >= 4.5399929762484854e-05, 1.0, 0.0) * tops.sign(g)) / tl.maximum(tl.abs(g), 4.5399929762484854e-05), 0.0) + _adj_in_sign_or_scaled_82 * tl.where(tl.abs(g) >= 4.5399929762484854e-05, 0.0, 22026.465794806718)
+    _adj_lr = -_seed__p_new * _update
+    _adj_p = _seed__p_new * _u1
+    _col375 = tops.column(_dense_t372, 0, 32)
+    _col376 = tops.column(_dense_t372, 1, 32)
+    _col377 = tops.column(_dense_t372, 10, 32)
+    _col378 = tops.column(_dense_t372, 11, 32)
+    _col379 = tops.column(_dense_t372, 12, 32)
+    _col380 = tops.column(_dense_t372, 13, 32)
+    _col381 = tops.column(_dense_t372, 14, 32)
+    _col382 = tops.column(_dense_t372, 15, 32)
+    _col383 = tops.column(_dense_t372, 16, 32)
+    _col384 = tops.column(_dense_t372, 17, 32)
+    _col385 = tops.column(_dense_t372, 18, 32)
+    _col386 = tops.column(_dense_t372, 19, 32)
+    _col387 = tops.column(_dense_t372, 2, 32)
+    _col388 = tops.column(_dense_t372, 3, 32)
+    _col389 = tops.column(_dense_t372, 4, 32)
+    _col390 = tops.column(_dense_t372, 5, 32)
+    _col391 = tops.column(_dense_t372, 6, 32)
+    _col392 = tops.column(_dense_t372, 7, 32)
+    _col393 = tops.column(_dense_t372, 8, 32)
+    _col394 = tops.column(_dense_t372, 9, 32)
+    _col395 = tops.column(_dense_t348, 0, 32)
+    _col396 = tops.column(_dense_t348, 1, 32)
+    _col397 = tops.column(_dense_t348, 10, 32)
+    _col398 = tops.column(_dense_t348, 11, 32)
+    _col399 = tops.column(_dense_t348, 12, 32)
+    _col400 = tops.column(_dense_t348, 13, 32)
+    _col401 = tops.column(_dense_t348, 14, 32)
+    _col402 = tops.column(_dense_t348, 15, 32)
+    _col403 = tops.column(_dense_t348, 16, 32)
+    _col404 = tops.column(_dense_t348, 17, 32)
+    _col405 = tops.column(_dense_t348, 18, 32)
+    _col406 = tops.column(_dense_t348, 19, 32)
+    _col407 = tops.column(_dense_t348, 2, 32)
+    _col408 = tops.column(_dense_t348, 3, 32)
+    _col409 = tops.column(_dense_t348, 4, 32)
+    _col410 = tops.column(_dense_t348, 5, 32)
+    _col411 = tops.column(_dense_t348, 6, 32)
+    _col412 = tops.column(_dense_t348, 7, 32)
+    _col413 = tops.column(_dense_t348, 8, 32)
+    _col414 = tops.column(_dense_t348, 9, 32)
+    _tile415 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile415 += tops.place(_adj__head_out81, 0, 16)
+    _masked416 = tl.where(_mask[:, None], _tile415, 0.0)
+    _tile417 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile417 += tops.place(_h1_41, 0, 32)
+    _tile417 += tops.place(_h1_42, 1, 32)
+    _tile417 += tops.place(_h1_43, 2, 32)
+    _tile417 += tops.place(_h1_44, 3, 32)
+    _tile417 += tops.place(_h1_45, 4, 32)
+    _tile417 += tops.place(_h1_46, 5, 32)
+    _tile417 += tops.place(_h1_47, 6, 32)
+    _tile417 += tops.place(_h1_48, 7, 32)
+    _tile417 += tops.place(_h1_49, 8, 32)
+    _tile417 += tops.place(_h1_50, 9, 32)
+    _tile417 += tops.place(_h1_51, 10, 32)
+    _tile417 += tops.place(_h1_52, 11, 32)
+    _tile417 += tops.place(_h1_53, 12, 32)
+    _tile417 += tops.place(_h1_54, 13, 32)
+    _tile417 += tops.place(_h1_55, 14, 32)
+    _tile417 += tops.place(_h1_56, 15, 32)
+    _tile417 += tops.place(_h1_57, 16, 32)
+    _tile417 += tops.place(_h1_58, 17, 32)
+    _tile417 += tops.place(_h1_59, 18, 32)
+    _tile417 += tops.place(_h1_60, 19, 32)
+    _masked418 = tl.where(_mask[:, None], _tile417, 0.0)
+    _tile419 = tl.zeros((BLOCK, 128), dtype=tl.float32)
+    _tile419 += tops.place(_adj__cell321_b0, 0, 128)
+    _tile419 += tops.place(_adj__cell322_b1, 1, 128)
+    _tile419 += tops.place(_adj__cell323_b2, 2, 128)
+    _tile419 += tops.place(_adj__cell324_b3, 3, 128)
+    _tile419 += tops.place(_adj__cell325_b4, 4, 128)
+    _tile419 += tops.place(_adj__cell326_b5, 5, 128)
+    _tile419 += tops.place(_adj__cell327_b6, 6, 128)
+    _tile419 += tops.place(_adj__cell328_b7, 7, 128)
+    _tile419 += tops.place(_adj__cell329_b8, 8, 128)
+    _tile419 += tops.place(_adj__cell330_b9, 9, 128)
+    _tile419 += tops.place(_adj__cell331_b10, 10, 128)
+    _tile419 += tops.place(_adj__cell332_b11, 11, 128)
+    _tile419 += tops.place(_adj__cell333_b12, 12, 128)
+    _tile419 += tops.place(_adj__cell334_b13, 13, 128)
+    _tile419 += tops.place(_adj__cell335_b14, 14, 128)
+    _tile419 += tops.place(_adj__cell336_b15, 15, 128)
+    _tile419 += tops.place(_adj__cell337_b16, 16, 128)
+    _tile419 += tops.place(_adj__cell338_b17, 17, 128)
+    _tile419 += tops.place(_adj__cell339_b18, 18, 128)
+    _tile419 += tops.place(_adj__cell340_b19, 19, 128)
+    _tile419 += tops.place(_adj__cell341_b20, 20, 128)
+    _tile419 += tops.place(_adj__cell342_b21, 21, 128)
+    _tile419 += tops.place(_adj__cell343_b22, 22, 128)
+    _tile419 += tops.place(_adj__cell344_b23, 23, 128)
+    _tile419 += tops.place(_adj__cell345_b24, 24, 128)
+    _tile419 += tops.place(_adj__cell346_b25, 25, 128)
+    _tile419 += tops.place(_adj__cell347_b26, 26, 128)
+    _tile419 += tops.place(_adj__cell348_b27, 27, 128)
+    _tile419 += tops.place(_adj__cell349_b28, 28, 128)
+    _tile419 += tops.place(_adj__cell350_b29, 29, 128)
+    _tile419 += tops.place(_adj__cell351_b30, 30, 128)
+    _tile419 += tops.place(_adj__cell352_b31, 31, 128)
+    _tile419 += tops.place(_adj__cell353_b32, 32, 128)
+    _tile419 += tops.place(_adj__cell354_b33, 33, 128)
+    _tile419 += tops.place(_adj__cell355_b34, 34, 128)
+    _tile419 += tops.place(_adj__cell356_b35, 35, 128)
+    _tile419 += tops.place(_adj__cell357_b36, 36, 128)
+    _tile419 += tops.place(_adj__cell358_b37, 37, 128)
+    _tile419 += tops.place(_adj__cell359_b38, 38, 128)
+    _tile419 += tops.place(_adj__cell360_b39, 39, 128)
+    _tile419 += tops.place(_adj__cell361_b40, 40, 128)
+    _tile419 += tops.place(_adj__cell362_b41, 41, 128)
+    _tile419 += tops.place(_adj__cell363_b42, 42, 128)
+    _tile419 += tops.place(_adj__cell364_b43, 43, 128)
+    _tile419 += tops.place(_adj__cell365_b44, 44, 128)
+    _tile419 += tops.place(_adj__cell366_b45, 45, 128)
+    _tile419 += tops.place(_adj__cell367_b46, 46, 128)
+    _tile419 += tops.place(_adj__cell368_b47, 47, 128)
+    _tile419 += tops.place(_adj__cell369_b48, 48, 128)
+    _tile419 += tops.place(_adj__cell370_b49, 49, 128)
+    _tile419 += tops.place(_adj__cell371_b50, 50, 128)
+    _tile419 += tops.place(_adj__cell372_b51, 51, 128)
+    _tile419 += tops.place(_adj__cell373_b52, 52, 128)
+    _tile419 += tops.place(_adj__cell374_b53, 53, 128)
+    _tile419 += tops.place(_adj__cell375_b54, 54, 128)
+    _tile419 += tops.place(_adj__cell376_b55, 55, 128)
+    _tile419 += tops.place(_adj__cell377_b56, 56, 128)
+    _tile419 += tops.place(_adj__cell378_b57, 57, 128)
+    _tile419 += tops.place(_adj__cell379_b58, 58, 128)
+    _tile419 += tops.place(_adj__cell380_b59, 59, 128)
+    _tile419 += tops.place(_adj__cell381_b60, 60, 128)
+    _tile419 += tops.place(_adj__cell382_b61, 61, 128)
+    _tile419 += tops.place(_adj__cell383_b62, 62, 128)
+    _tile419 += tops.place(_adj__cell384_b63, 63, 128)
+    _tile419 += tops.place(_adj__cell385_b64, 64, 128)
+    _tile419 += tops.place(_adj__cell386_b65, 65, 128)
+    _tile419 += tops.place(_adj__cell387_b66, 66, 128)
+    _tile419 += tops.place(_adj__cell388_b67, 67, 128)
+    _tile419 += tops.place(_adj__cell389_b68, 68, 128)
+    _tile419 += tops.place(_adj__cell390_b69, 69, 128)
+    _tile419 += tops.place(_adj__cell391_b70, 70, 128)
+    _tile419 += tops.place(_adj__cell392_b71, 71, 128)
+    _tile419 += tops.place(_adj__cell393_b72, 72, 128)
+    _tile419 += tops.place(_adj__cell394_b73, 73, 128)
+    _tile419 += tops.place(_adj__cell395_b74, 74, 128)
+    _tile419 += tops.place(_adj__cell396_b75, 75, 128)
+    _tile419 += tops.place(_adj__cell397_b76, 76, 128)
+    _tile419 += tops.place(_adj__cell398_b77, 77, 128)
+    _tile419 += tops.place(_adj__cell399_b78, 78, 128)
+    _tile419 += tops.place(_adj__cell400_b79, 79, 128)
+    _masked420 = tl.where(_mask[:, None], _tile419, 0.0)
+    _masked421 = tl.where(_mask[:, None], _tile166, 0.0)
+    _tile422 = tl.zeros((BLOCK, 128), dtype=tl.float32)
+    _tile422 += tops.place(_adj__cell241_a0, 0, 128)
+    _tile422 += tops.place(_adj__cell242_a1, 1, 128)
+    _tile422 += tops.place(_adj__cell243_a2, 2, 128)
+    _tile422 += tops.place(_adj__cell244_a3, 3, 128)
+    _tile422 += tops.place(_adj__cell245_a4, 4, 128)
+    _tile422 += tops.place(_adj__cell246_a5, 5, 128)
+    _tile422 += tops.place(_adj__cell247_a6, 6, 128)
+    _tile422 += tops.place(_adj__cell248_a7, 7, 128)
+    _tile422 += tops.place(_adj__cell249_a8, 8, 128)
+    _tile422 += tops.place(_adj__cell250_a9, 9, 128)
+    _tile422 += tops.place(_adj__cell251_a10, 10, 128)
+    _tile422 += tops.place(_adj__cell252_a11, 11, 128)
+    _tile422 += tops.place(_adj__cell253_a12, 12, 128)
+    _tile422 += tops.place(_adj__cell254_a13, 13, 128)
+    _tile422 += tops.place(_adj__cell255_a14, 14, 128)
+    _tile422 += tops.place(_adj__cell256_a15, 15, 128)
+    _tile422 += tops.place(_adj__cell257_a16, 16, 128)
+    _tile422 += tops.place(_adj__cell258_a17, 17, 128)
+    _tile422 += tops.place(_adj__cell259_a18, 18, 128)
+    _tile422 += tops.place(_adj__cell260_a19, 19, 128)
+    _tile422 += tops.place(_adj__cell261_a20, 20, 128)
+    _tile422 += tops.place(_adj__cell262_a21, 21, 128)
+    _tile422 += tops.place(_adj__cell263_a22, 22, 128)
+    _tile422 += tops.place(_adj__cell264_a23, 23, 128)
+    _tile422 += tops.place(_adj__cell265_a24, 24, 128)
+    _tile422 += tops.place(_adj__cell266_a25, 25, 128)
+    _tile422 += tops.place(_adj__cell267_a26, 26, 128)
+    _tile422 += tops.place(_adj__cell268_a27, 27, 128)
+    _tile422 += tops.place(_adj__cell269_a28, 28, 128)
+    _tile422 += tops.place(_adj__cell270_a29, 29, 128)
+    _tile422 += tops.place(_adj__cell271_a30, 30, 128)
+    _tile422 += tops.place(_adj__cell272_a31, 31, 128)
+    _tile422 += tops.place(_adj__cell273_a32, 32, 128)
+    _tile422 += tops.place(_adj__cell274_a33, 33, 128)
+    _tile422 += tops.place(_adj__cell275_a34, 34, 128)
+    _tile422 += tops.place(_adj__cell276_a35, 35, 128)
+    _tile422 += tops.place(_adj__cell277_a36, 36, 128)
+    _tile422 += tops.place(_adj__cell278_a37, 37, 128)
+    _tile422 += tops.place(_adj__cell279_a38, 38, 128)
+    _tile422 += tops.place(_adj__cell280_a39, 39, 128)
+    _tile422 += tops.place(_adj__cell281_a40, 40, 128)
+    _tile422 += tops.place(_adj__cell282_a41, 41, 128)
+    _tile422 += tops.place(_adj__cell283_a42, 42, 128)
+    _tile422 += tops.place(_adj__cell284_a43, 43, 128)
+    _tile422 += tops.place(_adj__cell285_a44, 44, 128)
+    _tile422 += tops.place(_adj__cell286_a45, 45, 128)
+    _tile422 += tops.place(_adj__cell287_a46, 46, 128)
+    _tile422 += tops.place(_adj__cell288_a47, 47, 128)
+    _tile422 += tops.place(_adj__cell289_a48, 48, 128)
+    _tile422 += tops.place(_adj__cell290_a49, 49, 128)
+    _tile422 += tops.place(_adj__cell291_a50, 50, 128)
+    _tile422 += tops.place(_adj__cell292_a51, 51, 128)
+    _tile422 += tops.place(_adj__cell293_a52, 52, 128)
+    _tile422 += tops.place(_adj__cell294_a53, 53, 128)
+    _tile422 += tops.place(_adj__cell295_a54, 54, 128)
+    _tile422 += tops.place(_adj__cell296_a55, 55, 128)
+    _tile422 += tops.place(_adj__cell297_a56, 56, 128)
+    _tile422 += tops.place(_adj__cell298_a57, 57, 128)
+    _tile422 += tops.place(_adj__cell299_a58, 58, 128)
+    _tile422 += tops.place(_adj__cell300_a59, 59, 128)
+    _tile422 += tops.place(_adj__cell301_a60, 60, 128)
+    _tile422 += tops.place(_adj__cell302_a61, 61, 128)
+    _tile422 += tops.place(_adj__cell303_a62, 62, 128)
+    _tile422 += tops.place(_adj__cell304_a63, 63, 128)
+    _tile422 += tops.place(_adj__cell305_a64, 64, 128)
+    _tile422 += tops.place(_adj__cell306_a65, 65, 128)
+    _tile422 += tops.place(_adj__cell307_a66, 66, 128)
+    _tile422 += tops.place(_adj__cell308_a67, 67, 128)
+    _tile422 += tops.place(_adj__cell309_a68, 68, 128)
+    _tile422 += tops.place(_adj__cell310_a69, 69, 128)
+    _tile422 += tops.place(_adj__cell311_a70, 70, 128)
+    _tile422 += tops.place(_adj__cell312_a71, 71, 128)
+    _tile422 += tops.place(_adj__cell313_a72, 72, 128)
+    _tile422 += tops.place(_adj__cell314_a73, 73, 128)
+    _tile422 += tops.place(_adj__cell315_a74, 74, 128)
+    _tile422 += tops.place(_adj__cell316_a75, 75, 128)
+    _tile422 += tops.place(_adj__cell317_a76, 76, 128)
+    _tile422 += tops.place(_adj__cell318_a77, 77, 128)
+    _tile422 += tops.place(_adj__cell319_a78, 78, 128)
+    _tile422 += tops.place(_adj__cell320_a79, 79, 128)
+    _masked423 = tl.where(_mask[:, None], _tile422, 0.0)
+    _tile424 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile424 += tops.place(_h0_1, 0, 32)
+    _tile424 += tops.place(_h0_2, 1, 32)
+    _tile424 += tops.place(_h0_3, 2, 32)
+    _tile424 += tops.place(_h0_4, 3, 32)
+    _tile424 += tops.place(_h0_5, 4, 32)
+    _tile424 += tops.place(_h0_6, 5, 32)
+    _tile424 += tops.place(_h0_7, 6, 32)
+    _tile424 += tops.place(_h0_8, 7, 32)
+    _tile424 += tops.place(_h0_9, 8, 32)
+    _tile424 += tops.place(_h0_10, 9, 32)
+    _tile424 += tops.place(_h0_11, 10, 32)
+    _tile424 += tops.place(_h0_12, 11, 32)
+    _tile424 += tops.place(_h0_13, 12, 32)
+    _tile424 += tops.place(_h0_14, 13, 32)
+    _tile424 += tops.place(_h0_15, 14, 32)
+    _tile424 += tops.place(_h0_16, 15, 32)
+    _tile424 += tops.place(_h0_17, 16, 32)
+    _tile424 += tops.place(_h0_18, 17, 32)
+    _tile424 += tops.place(_h0_19, 18, 32)
+    _tile424 += tops.place(_h0_20, 19, 32)
+    _masked425 = tl.where(_mask[:, None], _tile424, 0.0)
+    _tile426 = tl.zeros((BLOCK, 128), dtype=tl.float32)
+    _tile426 += tops.place(_adj__cell81_b0, 0, 128)
+    _tile426 += tops.place(_adj__cell82_b1, 1, 128)
+    _tile426 += tops.place(_adj__cell83_b2, 2, 128)
+    _tile426 += tops.place(_adj__cell84_b3, 3, 128)
+    _tile426 += tops.place(_adj__cell85_b4, 4, 128)
+    _tile426 += tops.place(_adj__cell86_b5, 5, 128)
+    _tile426 += tops.place(_adj__cell87_b6, 6, 128)
+    _tile426 += tops.place(_adj__cell88_b7, 7, 128)
+    _tile426 += tops.place(_adj__cell89_b8, 8, 128)
+    _tile426 += tops.place(_adj__cell90_b9, 9, 128)
+    _tile426 += tops.place(_adj__cell91_b10, 10, 128)
+    _tile426 += tops.place(_adj__cell92_b11, 11, 128)
+    _tile426 += tops.place(_adj__cell93_b12, 12, 128)
+    _tile426 += tops.place(_adj__cell94_b13, 13, 128)
+    _tile426 += tops.place(_adj__cell95_b14, 14, 128)
+    _tile426 += tops.place(_adj__cell96_b15, 15, 128)
+    _tile426 += tops.place(_adj__cell97_b16, 16, 128)
+    _tile426 += tops.place(_adj__cell98_b17, 17, 128)
+    _tile426 += tops.place(_adj__cell99_b18, 18, 128)
+    _tile426 += tops.place(_adj__cell100_b19, 19, 128)
+    _tile426 += tops.place(_adj__cell101_b20, 20, 128)
+    _tile426 += tops.place(_adj__cell102_b21, 21, 128)
+    _tile426 += tops.place(_adj__cell103_b22, 22, 128)
+    _tile426 += tops.place(_adj__cell104_b23, 23, 128)
+    _tile426 += tops.place(_adj__cell105_b24, 24, 128)
+    _tile426 += tops.place(_adj__cell106_b25, 25, 128)
+    _tile426 += tops.place(_adj__cell107_b26, 26, 128)
+    _tile426 += tops.place(_adj__cell108_b27, 27, 128)
+    _tile426 += tops.place(_adj__cell109_b28, 28, 128)
+    _tile426 += tops.place(_adj__cell110_b29, 29, 128)
+    _tile426 += tops.place(_adj__cell111_b30, 30, 128)
+    _tile426 += tops.place(_adj__cell112_b31, 31, 128)
+    _tile426 += tops.place(_adj__cell113_b32, 32, 128)
+    _tile426 += tops.place(_adj__cell114_b33, 33, 128)
+    _tile426 += tops.place(_adj__cell115_b34, 34, 128)
+    _tile426 += tops.place(_adj__cell116_b35, 35, 128)
+    _tile426 += tops.place(_adj__cell117_b36, 36, 128)
+    _tile426 += tops.place(_adj__cell118_b37, 37, 128)
+    _tile426 += tops.place(_adj__cell119_b38, 38, 128)
+    _tile426 += tops.place(_adj__cell120_b39, 39, 128)
+    _tile426 += tops.place(_adj__cell121_b40, 40, 128)
+    _tile426 += tops.place(_adj__cell122_b41, 41, 128)
+    _tile426 += tops.place(_adj__cell123_b42, 42, 128)
+    _tile426 += tops.place(_adj__cell124_b43, 43, 128)
+    _tile426 += tops.place(_adj__cell125_b44, 44, 128)
+    _tile426 += tops.place(_adj__cell126_b45, 45, 128)
+    _tile426 += tops.place(_adj__cell127_b46, 46, 128)
+    _tile426 += tops.place(_adj__cell128_b47, 47, 128)
+    _tile426 += tops.place(_adj__cell129_b48, 48, 128)
+    _tile426 += tops.place(_adj__cell130_b49, 49, 128)
+    _tile426 += tops.place(_adj__cell131_b50, 50, 128)
+    _tile426 += tops.place(_adj__cell132_b51, 51, 128)
+    _tile426 += tops.place(_adj__cell133_b52, 52, 128)
+    _tile426 += tops.place(_adj__cell134_b53, 53, 128)
+    _tile426 += tops.place(_adj__cell135_b54, 54, 128)
+    _tile426 += tops.place(_adj__cell136_b55, 55, 128)
+    _tile426 += tops.place(_adj__cell137_b56, 56, 128)
+    _tile426 += tops.place(_adj__cell138_b57, 57, 128)
+    _tile426 += tops.place(_adj__cell139_b58, 58, 128)
+    _tile426 += tops.place(_adj__cell140_b59, 59, 128)
+    _tile426 += tops.place(_adj__cell141_b60, 60, 128)
+    _tile426 += tops.place(_adj__cell142_b61, 61, 128)
+    _tile426 += tops.place(_adj__cell143_b62, 62, 128)
+    _tile426 += tops.place(_adj__cell144_b63, 63, 128)
+    _tile426 += tops.place(_adj__cell145_b64, 64, 128)
+    _tile426 += tops.place(_adj__cell146_b65, 65, 128)
+    _tile426 += tops.place(_adj__cell147_b66, 66, 128)
+    _tile426 += tops.place(_adj__cell148_b67, 67, 128)
+    _tile426 += tops.place(_adj__cell149_b68, 68, 128)
+    _tile426 += tops.place(_adj__cell150_b69, 69, 128)
+    _tile426 += tops.place(_adj__cell151_b70, 70, 128)
+    _tile426 += tops.place(_adj__cell152_b71, 71, 128)
+    _tile426 += tops.place(_adj__cell153_b72, 72, 128)
+    _tile426 += tops.place(_adj__cell154_b73, 73, 128)
+    _tile426 += tops.place(_adj__cell155_b74, 74, 128)
+    _tile426 += tops.place(_adj__cell156_b75, 75, 128)
+    _tile426 += tops.place(_adj__cell157_b76, 76, 128)
+    _tile426 += tops.place(_adj__cell158_b77, 77, 128)
+    _tile426 += tops.place(_adj__cell159_b78, 78, 128)
+    _tile426 += tops.place(_adj__cell160_b79, 79, 128)
+    _masked427 = tl.where(_mask[:, None], _tile426, 0.0)
+    _masked428 = tl.where(_mask[:, None], _tile3, 0.0)
+    _tile429 = tl.zeros((BLOCK, 128), dtype=tl.float32)
+    _tile429 += tops.place(_adj__cell1_a0, 0, 128)
+    _tile429 += tops.place(_adj__cell2_a1, 1, 128)
+    _tile429 += tops.place(_adj__cell3_a2, 2, 128)
+    _tile429 += tops.place(_adj__cell4_a3, 3, 128)
+    _tile429 += tops.place(_adj__cell5_a4, 4, 128)
+    _tile429 += tops.place(_adj__cell6_a5, 5, 128)
+    _tile429 += tops.place(_adj__cell7_a6, 6, 128)
+    _tile429 += tops.place(_adj__cell8_a7, 7, 128)
+    _tile429 += tops.place(_adj__cell9_a8, 8, 128)
+    _tile429 += tops.place(_adj__cell10_a9, 9, 128)
+    _tile429 += tops.place(_adj__cell11_a10, 10, 128)
+    _tile429 += tops.place(_adj__cell12_a11, 11, 128)
+    _tile429 += tops.place(_adj__cell13_a12, 12, 128)
+    _tile429 += tops.place(_adj__cell14_a13, 13, 128)
+    _tile429 += tops.place(_adj__cell15_a14, 14, 128)
+    _tile429 += tops.place(_adj__cell16_a15, 15, 128)
+    _tile429 += tops.place(_adj__cell17_a16, 16, 128)
+    _tile429 += tops.place(_adj__cell18_a17, 17, 128)
+    _tile429 += tops.place(_adj__cell19_a18, 18, 128)
+    _tile429 += tops.place(_adj__cell20_a19, 19, 128)
+    _tile429 += tops.place(_adj__cell21_a20, 20, 128)
+    _tile429 += tops.place(_adj__cell22_a21, 21, 128)
+    _tile429 += tops.place(_adj__cell23_a22, 22, 128)
+    _tile429 += tops.place(_adj__cell24_a23, 23, 128)
+    _tile429 += tops.place(_adj__cell25_a24, 24, 128)
+    _tile429 += tops.place(_adj__cell26_a25, 25, 128)
+    _tile429 += tops.place(_adj__cell27_a26, 26, 128)
+    _tile429 += tops.place(_adj__cell28_a27, 27, 128)
+    _tile429 += tops.place(_adj__cell29_a28, 28, 128)
+    _tile429 += tops.place(_adj__cell30_a29, 29, 128)
+    _tile429 += tops.place(_adj__cell31_a30, 30, 128)
+    _tile429 += tops.place(_adj__cell32_a31, 31, 128)
+    _tile429 += tops.place(_adj__cell33_a32, 32, 128)
+    _tile429 += tops.place(_adj__cell34_a33, 33, 128)
+    _tile429 += tops.place(_adj__cell35_a34, 34, 128)
+    _tile429 += tops.place(_adj__cell36_a35, 35, 128)
+    _tile429 += tops.place(_adj__cell37_a36, 36, 128)
+    _tile429 += tops.place(_adj__cell38_a37, 37, 128)
+    _tile429 += tops.place(_adj__cell39_a38, 38, 128)
+    _tile429 += tops.place(_adj__cell40_a39, 39, 128)
+    _tile429 += tops.place(_adj__cell41_a40, 40, 128)
+    _tile429 += tops.place(_adj__cell42_a41, 41, 128)
+    _tile429 += tops.place(_adj__cell43_a42, 42, 128)
+    _tile429 += tops.place(_adj__cell44_a43, 43, 128)
+    _tile429 += tops.place(_adj__cell45_a44, 44, 128)
+    _tile429 += tops.place(_adj__cell46_a45, 45, 128)
+    _tile429 += tops.place(_adj__cell47_a46, 46, 128)
+    _tile429 += tops.place(_adj__cell48_a47, 47, 128)
+    _tile429 += tops.place(_adj__cell49_a48, 48, 128)
+    _tile429 += tops.place(_adj__cell50_a49, 49, 128)
+    _tile429 += tops.place(_adj__cell51_a50, 50, 128)
+    _tile429 += tops.place(_adj__cell52_a51, 51, 128)
+    _tile429 += tops.place(_adj__cell53_a52, 52, 128)
+    _tile429 += tops.place(_adj__cell54_a53, 53, 128)
+    _tile429 += tops.place(_adj__cell55_a54, 54, 128)
+    _tile429 += tops.place(_adj__cell56_a55, 55, 128)
+    _tile429 += tops.place(_adj__cell57_a56, 56, 128)
+    _tile429 += tops.place(_adj__cell58_a57, 57, 128)
+    _tile429 += tops.place(_adj__cell59_a58, 58, 128)
+    _tile429 += tops.place(_adj__cell60_a59, 59, 128)
+    _tile429 += tops.place(_adj__cell61_a60, 60, 128)
+    _tile429 += tops.place(_adj__cell62_a61, 61, 128)
+    _tile429 += tops.place(_adj__cell63_a62, 62, 128)
+    _tile429 += tops.place(_adj__cell64_a63, 63, 128)
+    _tile429 += tops.place(_adj__cell65_a64, 64, 128)
+    _tile429 += tops.place(_adj__cell66_a65, 65, 128)
+    _tile429 += tops.place(_adj__cell67_a66, 66, 128)
+    _tile429 += tops.place(_adj__cell68_a67, 67, 128)
+    _tile429 += tops.place(_adj__cell69_a68, 68, 128)
+    _tile429 += tops.place(_adj__cell70_a69, 69, 128)
+    _tile429 += tops.place(_adj__cell71_a70, 70, 128)
+    _tile429 += tops.place(_adj__cell72_a71, 71, 128)
+    _tile429 += tops.place(_adj__cell73_a72, 72, 128)
+    _tile429 += tops.place(_adj__cell74_a73, 73, 128)
+    _tile429 += tops.place(_adj__cell75_a74, 74, 128)
+    _tile429 += tops.place(_adj__cell76_a75, 75, 128)
+    _tile429 += tops.place(_adj__cell77_a76, 76, 128)
+    _tile429 += tops.place(_adj__cell78_a77, 77, 128)
+    _tile429 += tops.place(_adj__cell79_a78, 78, 128)
+    _tile429 += tops.place(_adj__cell80_a79, 79, 128)
+    _masked430 = tl.where(_mask[:, None], _tile429, 0.0)
+    _tile431 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile431 += tops.place(log_magnitude, 0, 16)
+    _tile431 += tops.place(sign_or_scaled, 1, 16)
+    _masked432 = tl.where(_mask[:, None], _tile431, 0.0)
+    tl.store(_grad_st_net_c0 + 0 * _numel + _offs, tops.per_element(_adj__net_c0_old_0, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 1 * _numel + _offs, tops.per_element(_adj__net_c0_old_1, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 10 * _numel + _offs, tops.per_element(_adj__net_c0_old_10, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 11 * _numel + _offs, tops.per_element(_adj__net_c0_old_11, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 12 * _numel + _offs, tops.per_element(_adj__net_c0_old_12, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 13 * _numel + _offs, tops.per_element(_adj__net_c0_old_13, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 14 * _numel + _offs, tops.per_element(_adj__net_c0_old_14, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 15 * _numel + _offs, tops.per_element(_adj__net_c0_old_15, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 16 * _numel + _offs, tops.per_element(_adj__net_c0_old_16, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 17 * _numel + _offs, tops.per_element(_adj__net_c0_old_17, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 18 * _numel + _offs, tops.per_element(_adj__net_c0_old_18, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 19 * _numel + _offs, tops.per_element(_adj__net_c0_old_19, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 2 * _numel + _offs, tops.per_element(_adj__net_c0_old_2, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 3 * _numel + _offs, tops.per_element(_adj__net_c0_old_3, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 4 * _numel + _offs, tops.per_element(_adj__net_c0_old_4, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 5 * _numel + _offs, tops.per_element(_adj__net_c0_old_5, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 6 * _numel + _offs, tops.per_element(_adj__net_c0_old_6, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 7 * _numel + _offs, tops.per_element(_adj__net_c0_old_7, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 8 * _numel + _offs, tops.per_element(_adj__net_c0_old_8, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c0 + 9 * _numel + _offs, tops.per_element(_adj__net_c0_old_9, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 0 * _numel + _offs, tops.per_element(_adj__net_c1_old_0, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 1 * _numel + _offs, tops.per_element(_adj__net_c1_old_1, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 10 * _numel + _offs, tops.per_element(_adj__net_c1_old_10, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 11 * _numel + _offs, tops.per_element(_adj__net_c1_old_11, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 12 * _numel + _offs, tops.per_element(_adj__net_c1_old_12, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 13 * _numel + _offs, tops.per_element(_adj__net_c1_old_13, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 14 * _numel + _offs, tops.per_element(_adj__net_c1_old_14, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 15 * _numel + _offs, tops.per_element(_adj__net_c1_old_15, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 16 * _numel + _offs, tops.per_element(_adj__net_c1_old_16, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 17 * _numel + _offs, tops.per_element(_adj__net_c1_old_17, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 18 * _numel + _offs, tops.per_element(_adj__net_c1_old_18, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 19 * _numel + _offs, tops.per_element(_adj__net_c1_old_19, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 2 * _numel + _offs, tops.per_element(_adj__net_c1_old_2, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 3 * _numel + _offs, tops.per_element(_adj__net_c1_old_3, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 4 * _numel + _offs, tops.per_element(_adj__net_c1_old_4, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 5 * _numel + _offs, tops.per_element(_adj__net_c1_old_5, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 6 * _numel + _offs, tops.per_element(_adj__net_c1_old_6, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 7 * _numel + _offs, tops.per_element(_adj__net_c1_old_7, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 8 * _numel + _offs, tops.per_element(_adj__net_c1_old_8, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_c1 + 9 * _numel + _offs, tops.per_element(_adj__net_c1_old_9, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 0 * _numel + _offs, tops.per_element(_col375, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 1 * _numel + _offs, tops.per_element(_col376, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 10 * _numel + _offs, tops.per_element(_col377, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 11 * _numel + _offs, tops.per_element(_col378, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 12 * _numel + _offs, tops.per_element(_col379, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 13 * _numel + _offs, tops.per_element(_col380, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 14 * _numel + _offs, tops.per_element(_col381, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 15 * _numel + _offs, tops.per_element(_col382, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 16 * _numel + _offs, tops.per_element(_col383, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 17 * _numel + _offs, tops.per_element(_col384, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 18 * _numel + _offs, tops.per_element(_col385, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 19 * _numel + _offs, tops.per_element(_col386, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 2 * _numel + _offs, tops.per_element(_col387, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 3 * _numel + _offs, tops.per_element(_col388, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 4 * _numel + _offs, tops.per_element(_col389, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 5 * _numel + _offs, tops.per_element(_col390, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 6 * _numel + _offs, tops.per_element(_col391, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 7 * _numel + _offs, tops.per_element(_col392, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 8 * _numel + _offs, tops.per_element(_col393, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h0 + 9 * _numel + _offs, tops.per_element(_col394, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 0 * _numel + _offs, tops.per_element(_col395, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 1 * _numel + _offs, tops.per_element(_col396, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 10 * _numel + _offs, tops.per_element(_col397, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 11 * _numel + _offs, tops.per_element(_col398, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 12 * _numel + _offs, tops.per_element(_col399, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 13 * _numel + _offs, tops.per_element(_col400, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 14 * _numel + _offs, tops.per_element(_col401, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 15 * _numel + _offs, tops.per_element(_col402, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 16 * _numel + _offs, tops.per_element(_col403, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 17 * _numel + _offs, tops.per_element(_col404, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 18 * _numel + _offs, tops.per_element(_col405, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 19 * _numel + _offs, tops.per_element(_col406, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 2 * _numel + _offs, tops.per_element(_col407, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 3 * _numel + _offs, tops.per_element(_col408, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 4 * _numel + _offs, tops.per_element(_col409, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 5 * _numel + _offs, tops.per_element(_col410, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 6 * _numel + _offs, tops.per_element(_col411, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 7 * _numel + _offs, tops.per_element(_col412, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 8 * _numel + _offs, tops.per_element(_col413, BLOCK), mask=_mask)
+    tl.store(_grad_st_net_h1 + 9 * _numel + _offs, tops.per_element(_col414, BLOCK), mask=_mask)
+    tl.store(_grad_g_ptr + _offs, tops.per_element(_adj_g, BLOCK), mask=_mask)
+    tl.store(_grad_p_ptr + _offs, tops.per_element(_adj_p, BLOCK), mask=_mask)
+    tops.store_block(_gpart_ptr + _pid * 5143 + 2, tops.outer_sum(_masked416, _masked418, True), 1, 20, 16, 32)
+    tops.store_vec(_gpart_ptr + _pid * 5143 + 22, tl.sum(_masked416, axis=0), 1, 16)
+    tops.store_block(_gpart_ptr + _pid * 5143 + 23, tops.outer_sum(_masked420, _masked421, True), 80, 20, 128, 32)
+    tops.store_block(_gpart_ptr + _pid * 5143 + 1623, tops.outer_sum(_masked423, _masked425, True), 80, 20, 128, 32)
+    tops.store_vec(_gpart_ptr + _pid * 5143 + 3223, tl.sum(_masked423, axis=0), 80, 128)
+    tops.store_block(_gpart_ptr + _pid * 5143 + 3303, tops.outer_sum(_masked427, _masked428, True), 80, 20, 128, 32)
+    tops.store_block(_gpart_ptr + _pid * 5143 + 4903, tops.outer_sum(_masked430, _masked432, True), 80, 2, 128, 16)
+    tops.store_vec(_gpart_ptr + _pid * 5143 + 5063, tl.sum(_masked430, axis=0), 80, 128)
+    tl.store(_gpart_ptr + _pid * 5143 + 0, tl.sum(tl.where(_mask, _adj__u1, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 5143 + 1, tl.sum(tl.where(_mask, _adj_lr, 0.0), axis=0))

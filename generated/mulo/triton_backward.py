@@ -20,7 +20,3248 @@ import triton.language as tl
 
 from lopt_gen.runtime import triton_ops as tops
 
-UNSUPPORTED = {2: 'stage 2: its dense layers need 2018 weight partial sums per program; unrolled backward '
-                  'kernels stop at 768'}
+UNSUPPORTED = {}
 
-KERNELS = []
+KERNELS = [{'args': [('input', 'g'),
+                     ('input', 'p'),
+                     ('state', 'm'),
+                     ('state', 'v'),
+                     ('seed_scratch', '_mean_row22'),
+                     ('seed_scratch', '_mean_row24'),
+                     ('seed_scratch', '_mean_row26'),
+                     ('seed_scratch', '_mean_col28'),
+                     ('seed_scratch', '_mean_col30'),
+                     ('seed_scratch', '_mean_col32'),
+                     ('grad_state', 'm'),
+                     ('grad_state', 'v'),
+                     ('grad_input', 'g'),
+                     ('grad_input', 'p')],
+            'block': 256,
+            'grad_slots': [],
+            'hv': [],
+            'index': 0,
+            'name': 'stage0_backward_kernel',
+            'reductions': [{'name': '_mean_tensor2', 'over': 'tensor', 'slot': 0},
+                           {'name': '_mean_tensor4', 'over': 'tensor', 'slot': 1},
+                           {'name': '_mean_tensor6', 'over': 'tensor', 'slot': 2},
+                           {'name': '_mean_tensor8', 'over': 'tensor', 'slot': 3},
+                           {'name': '_mean_tensor10', 'over': 'tensor', 'slot': 4},
+                           {'name': '_mean_tensor12', 'over': 'tensor', 'slot': 5},
+                           {'name': '_mean_tensor14', 'over': 'tensor', 'slot': 6},
+                           {'name': '_mean_tensor16', 'over': 'tensor', 'slot': 7},
+                           {'name': '_mean_tensor18', 'over': 'tensor', 'slot': 8},
+                           {'name': '_mean_tensor20', 'over': 'tensor', 'slot': 9},
+                           {'name': '_mean_row22', 'over': 'row', 'slot': 10},
+                           {'name': '_mean_row24', 'over': 'row', 'slot': 11},
+                           {'name': '_mean_row26', 'over': 'row', 'slot': 12},
+                           {'name': '_mean_col28', 'over': 'col', 'slot': 13},
+                           {'name': '_mean_col30', 'over': 'col', 'slot': 14},
+                           {'name': '_mean_col32', 'over': 'col', 'slot': 15}],
+            'seeds': [{'kind': 'reduction', 'over': 'tensor', 'slot': 0, 'value': '_mean_tensor2'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 1, 'value': '_mean_tensor4'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 2, 'value': '_mean_tensor6'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 3, 'value': '_mean_tensor8'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 4, 'value': '_mean_tensor10'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 5, 'value': '_mean_tensor12'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 6, 'value': '_mean_tensor14'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 7, 'value': '_mean_tensor16'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 8, 'value': '_mean_tensor18'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 9, 'value': '_mean_tensor20'},
+                      {'kind': 'reduction', 'over': 'row', 'slot': 10, 'value': '_mean_row22'},
+                      {'kind': 'reduction', 'over': 'row', 'slot': 11, 'value': '_mean_row24'},
+                      {'kind': 'reduction', 'over': 'row', 'slot': 12, 'value': '_mean_row26'},
+                      {'kind': 'reduction', 'over': 'col', 'slot': 13, 'value': '_mean_col28'},
+                      {'kind': 'reduction', 'over': 'col', 'slot': 14, 'value': '_mean_col30'},
+                      {'kind': 'reduction', 'over': 'col', 'slot': 15, 'value': '_mean_col32'}],
+            'uses_coords': False,
+            'weights': []},
+           {'args': [('state', 'm'),
+                     ('input', 'g'),
+                     ('col', '_u14'),
+                     ('row', '_u15'),
+                     ('col', '_u16'),
+                     ('row', '_u17'),
+                     ('col', '_u18'),
+                     ('row', '_u19'),
+                     ('col', '_u35'),
+                     ('row', '_u36'),
+                     ('col', '_u37'),
+                     ('row', '_u38'),
+                     ('col', '_u39'),
+                     ('row', '_u40'),
+                     ('grad_state', 'm'),
+                     ('grad_rowcol', '_u14'),
+                     ('grad_rowcol', '_u15'),
+                     ('grad_rowcol', '_u16'),
+                     ('grad_rowcol', '_u17'),
+                     ('grad_rowcol', '_u18'),
+                     ('grad_rowcol', '_u19'),
+                     ('grad_rowcol', '_u35'),
+                     ('grad_rowcol', '_u36'),
+                     ('grad_rowcol', '_u37'),
+                     ('grad_rowcol', '_u38'),
+                     ('grad_rowcol', '_u39'),
+                     ('grad_rowcol', '_u40'),
+                     ('grad_input', 'g')],
+            'block': 256,
+            'grad_slots': [],
+            'hv': [],
+            'index': 1,
+            'name': 'stage1_backward_kernel',
+            'reductions': [{'name': '_mean_tensor40', 'over': 'tensor', 'slot': 0},
+                           {'name': '_mean_tensor42', 'over': 'tensor', 'slot': 1},
+                           {'name': '_mean_tensor44', 'over': 'tensor', 'slot': 2},
+                           {'name': '_mean_tensor70', 'over': 'tensor', 'slot': 3},
+                           {'name': '_mean_tensor72', 'over': 'tensor', 'slot': 4},
+                           {'name': '_mean_tensor74', 'over': 'tensor', 'slot': 5}],
+            'seeds': [{'kind': 'reduction', 'over': 'tensor', 'slot': 0, 'value': '_mean_tensor40'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 1, 'value': '_mean_tensor42'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 2, 'value': '_mean_tensor44'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 3, 'value': '_mean_tensor70'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 4, 'value': '_mean_tensor72'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 5, 'value': '_mean_tensor74'}],
+            'uses_coords': True,
+            'weights': []},
+           {'args': [('input', 'g'),
+                     ('input', 'p'),
+                     ('state', 'm'),
+                     ('state', 'v'),
+                     ('col', 'colfac_0'),
+                     ('row', 'rowfac_0'),
+                     ('col', 'colfac_1'),
+                     ('row', 'rowfac_1'),
+                     ('col', 'colfac_2'),
+                     ('row', 'rowfac_2'),
+                     ('row', 'f_row_0'),
+                     ('row', 'f_row_1'),
+                     ('row', 'f_row_2'),
+                     ('col', 'f_col_0'),
+                     ('col', 'f_col_1'),
+                     ('col', 'f_col_2'),
+                     ('row', 'f_row_rsqrt_0'),
+                     ('row', 'f_row_rsqrt_1'),
+                     ('row', 'f_row_rsqrt_2'),
+                     ('col', 'f_col_rsqrt_0'),
+                     ('col', 'f_col_rsqrt_1'),
+                     ('col', 'f_col_rsqrt_2'),
+                     ('seed', '_p_new'),
+                     ('seed', 'm_0'),
+                     ('seed', 'm_1'),
+                     ('seed', 'm_2'),
+                     ('seed', 'v'),
+                     ('grad_state', 'm'),
+                     ('grad_state', 'v'),
+                     ('grad_rowcol', 'colfac_0'),
+                     ('grad_rowcol', 'colfac_1'),
+                     ('grad_rowcol', 'colfac_2'),
+                     ('grad_rowcol', 'f_col_0'),
+                     ('grad_rowcol', 'f_col_1'),
+                     ('grad_rowcol', 'f_col_2'),
+                     ('grad_rowcol', 'f_col_rsqrt_0'),
+                     ('grad_rowcol', 'f_col_rsqrt_1'),
+                     ('grad_rowcol', 'f_col_rsqrt_2'),
+                     ('grad_rowcol', 'f_row_0'),
+                     ('grad_rowcol', 'f_row_1'),
+                     ('grad_rowcol', 'f_row_2'),
+                     ('grad_rowcol', 'f_row_rsqrt_0'),
+                     ('grad_rowcol', 'f_row_rsqrt_1'),
+                     ('grad_rowcol', 'f_row_rsqrt_2'),
+                     ('grad_input', 'g'),
+                     ('grad_input', 'p'),
+                     ('grad_rowcol', 'rowfac_0'),
+                     ('grad_rowcol', 'rowfac_1'),
+                     ('grad_rowcol', 'rowfac_2')],
+            'block': 64,
+            'grad_slots': [['hv', '_mlp_0_out100_bias'],
+                           ['hv', '_mlp_0_out101_bias'],
+                           ['hv', '_mlp_0_out102_bias'],
+                           ['hv', '_mlp_0_out103_bias'],
+                           ['hv', '_mlp_0_out104_bias'],
+                           ['hv', '_mlp_0_out105_bias'],
+                           ['hv', '_mlp_0_out106_bias'],
+                           ['hv', '_mlp_0_out75_bias'],
+                           ['hv', '_mlp_0_out76_bias'],
+                           ['hv', '_mlp_0_out77_bias'],
+                           ['hv', '_mlp_0_out78_bias'],
+                           ['hv', '_mlp_0_out79_bias'],
+                           ['hv', '_mlp_0_out80_bias'],
+                           ['hv', '_mlp_0_out81_bias'],
+                           ['hv', '_mlp_0_out82_bias'],
+                           ['hv', '_mlp_0_out83_bias'],
+                           ['hv', '_mlp_0_out84_bias'],
+                           ['hv', '_mlp_0_out85_bias'],
+                           ['hv', '_mlp_0_out86_bias'],
+                           ['hv', '_mlp_0_out87_bias'],
+                           ['hv', '_mlp_0_out88_bias'],
+                           ['hv', '_mlp_0_out89_bias'],
+                           ['hv', '_mlp_0_out90_bias'],
+                           ['hv', '_mlp_0_out91_bias'],
+                           ['hv', '_mlp_0_out92_bias'],
+                           ['hv', '_mlp_0_out93_bias'],
+                           ['hv', '_mlp_0_out94_bias'],
+                           ['hv', '_mlp_0_out95_bias'],
+                           ['hv', '_mlp_0_out96_bias'],
+                           ['hv', '_mlp_0_out97_bias'],
+                           ['hv', '_mlp_0_out98_bias'],
+                           ['hv', '_mlp_0_out99_bias'],
+                           ['hv', '_u1'],
+                           ['hv', '_u10'],
+                           ['hv', '_u2'],
+                           ['hv', '_u20'],
+                           ['hv', '_u21'],
+                           ['hv', '_u22'],
+                           ['hv', '_u3'],
+                           ['hv', '_u4'],
+                           ['hv', '_u41'],
+                           ['hv', '_u42'],
+                           ['hv', '_u43'],
+                           ['hv', '_u44'],
+                           ['hv', '_u5'],
+                           ['hv', '_u6'],
+                           ['hv', '_u7'],
+                           ['hv', '_u8'],
+                           ['hv', '_u9'],
+                           ['hv', 'lr'],
+                           ['weight', 'mlp.2.weight', 0],
+                           ['weight', 'mlp.2.weight', 1],
+                           ['weight', 'mlp.2.weight', 2],
+                           ['weight', 'mlp.2.weight', 3],
+                           ['weight', 'mlp.2.weight', 4],
+                           ['weight', 'mlp.2.weight', 5],
+                           ['weight', 'mlp.2.weight', 6],
+                           ['weight', 'mlp.2.weight', 7],
+                           ['weight', 'mlp.2.weight', 8],
+                           ['weight', 'mlp.2.weight', 9],
+                           ['weight', 'mlp.2.weight', 10],
+                           ['weight', 'mlp.2.weight', 11],
+                           ['weight', 'mlp.2.weight', 12],
+                           ['weight', 'mlp.2.weight', 13],
+                           ['weight', 'mlp.2.weight', 14],
+                           ['weight', 'mlp.2.weight', 15],
+                           ['weight', 'mlp.2.weight', 16],
+                           ['weight', 'mlp.2.weight', 17],
+                           ['weight', 'mlp.2.weight', 18],
+                           ['weight', 'mlp.2.weight', 19],
+                           ['weight', 'mlp.2.weight', 20],
+                           ['weight', 'mlp.2.weight', 21],
+                           ['weight', 'mlp.2.weight', 22],
+                           ['weight', 'mlp.2.weight', 23],
+                           ['weight', 'mlp.2.weight', 24],
+                           ['weight', 'mlp.2.weight', 25],
+                           ['weight', 'mlp.2.weight', 26],
+                           ['weight', 'mlp.2.weight', 27],
+                           ['weight', 'mlp.2.weight', 28],
+                           ['weight', 'mlp.2.weight', 29],
+                           ['weight', 'mlp.2.weight', 30],
+                           ['weight', 'mlp.2.weight', 31],
+                           ['weight', 'mlp.2.weight', 32],
+                           ['weight', 'mlp.2.weight', 33],
+                           ['weight', 'mlp.2.weight', 34],
+                           ['weight', 'mlp.2.weight', 35],
+                           ['weight', 'mlp.2.weight', 36],
+                           ['weight', 'mlp.2.weight', 37],
+                           ['weight', 'mlp.2.weight', 38],
+                           ['weight', 'mlp.2.weight', 39],
+                           ['weight', 'mlp.2.weight', 40],
+                           ['weight', 'mlp.2.weight', 41],
+                           ['weight', 'mlp.2.weight', 42],
+                           ['weight', 'mlp.2.weight', 43],
+                           ['weight', 'mlp.2.weight', 44],
+                           ['weight', 'mlp.2.weight', 45],
+                           ['weight', 'mlp.2.weight', 46],
+                           ['weight', 'mlp.2.weight', 47],
+                           ['weight', 'mlp.2.weight', 48],
+                           ['weight', 'mlp.2.weight', 49],
+                           ['weight', 'mlp.2.weight', 50],
+                           ['weight', 'mlp.2.weight', 51],
+                           ['weight', 'mlp.2.weight', 52],
+                           ['weight', 'mlp.2.weight', 53],
+                           ['weight', 'mlp.2.weight', 54],
+                           ['weight', 'mlp.2.weight', 55],
+                           ['weight', 'mlp.2.weight', 56],
+                           ['weight', 'mlp.2.weight', 57],
+                           ['weight', 'mlp.2.weight', 58],
+                           ['weight', 'mlp.2.weight', 59],
+                           ['weight', 'mlp.2.weight', 60],
+                           ['weight', 'mlp.2.weight', 61],
+                           ['weight', 'mlp.2.weight', 62],
+                           ['weight', 'mlp.2.weight', 63],
+                           ['weight', 'mlp.2.bias', 0],
+                           ['weight', 'mlp.2.bias', 1],
+                           ['weight', 'mlp.1.weight', 0],
+                           ['weight', 'mlp.1.weight', 1],
+                           ['weight', 'mlp.1.weight', 2],
+                           ['weight', 'mlp.1.weight', 3],
+                           ['weight', 'mlp.1.weight', 4],
+                           ['weight', 'mlp.1.weight', 5],
+                           ['weight', 'mlp.1.weight', 6],
+                           ['weight', 'mlp.1.weight', 7],
+                           ['weight', 'mlp.1.weight', 8],
+                           ['weight', 'mlp.1.weight', 9],
+                           ['weight', 'mlp.1.weight', 10],
+                           ['weight', 'mlp.1.weight', 11],
+                           ['weight', 'mlp.1.weight', 12],
+                           ['weight', 'mlp.1.weight', 13],
+                           ['weight', 'mlp.1.weight', 14],
+                           ['weight', 'mlp.1.weight', 15],
+                           ['weight', 'mlp.1.weight', 16],
+                           ['weight', 'mlp.1.weight', 17],
+                           ['weight', 'mlp.1.weight', 18],
+                           ['weight', 'mlp.1.weight', 19],
+                           ['weight', 'mlp.1.weight', 20],
+                           ['weight', 'mlp.1.weight', 21],
+                           ['weight', 'mlp.1.weight', 22],
+                           ['weight', 'mlp.1.weight', 23],
+                           ['weight', 'mlp.1.weight', 24],
+                           ['weight', 'mlp.1.weight', 25],
+                           ['weight', 'mlp.1.weight', 26],
+                           ['weight', 'mlp.1.weight', 27],
+                           ['weight', 'mlp.1.weight', 28],
+                           ['weight', 'mlp.1.weight', 29],
+                           ['weight', 'mlp.1.weight', 30],
+                           ['weight', 'mlp.1.weight', 31],
+                           ['weight', 'mlp.1.weight', 32],
+                           ['weight', 'mlp.1.weight', 33],
+                           ['weight', 'mlp.1.weight', 34],
+                           ['weight', 'mlp.1.weight', 35],
+                           ['weight', 'mlp.1.weight', 36],
+                           ['weight', 'mlp.1.weight', 37],
+                           ['weight', 'mlp.1.weight', 38],
+                           ['weight', 'mlp.1.weight', 39],
+                           ['weight', 'mlp.1.weight', 40],
+                           ['weight', 'mlp.1.weight', 41],
+                           ['weight', 'mlp.1.weight', 42],
+                           ['weight', 'mlp.1.weight', 43],
+                           ['weight', 'mlp.1.weight', 44],
+                           ['weight', 'mlp.1.weight', 45],
+                           ['weight', 'mlp.1.weight', 46],
+                           ['weight', 'mlp.1.weight', 47],
+                           ['weight', 'mlp.1.weight', 48],
+                           ['weight', 'mlp.1.weight', 49],
+                           ['weight', 'mlp.1.weight', 50],
+                           ['weight', 'mlp.1.weight', 51],
+                           ['weight', 'mlp.1.weight', 52],
+                           ['weight', 'mlp.1.weight', 53],
+                           ['weight', 'mlp.1.weight', 54],
+                           ['weight', 'mlp.1.weight', 55],
+                           ['weight', 'mlp.1.weight', 56],
+                           ['weight', 'mlp.1.weight', 57],
+                           ['weight', 'mlp.1.weight', 58],
+                           ['weight', 'mlp.1.weight', 59],
+                           ['weight', 'mlp.1.weight', 60],
+                           ['weight', 'mlp.1.weight', 61],
+                           ['weight', 'mlp.1.weight', 62],
+                           ['weight', 'mlp.1.weight', 63],
+                           ['weight', 'mlp.1.weight', 64],
+                           ['weight', 'mlp.1.weight', 65],
+                           ['weight', 'mlp.1.weight', 66],
+                           ['weight', 'mlp.1.weight', 67],
+                           ['weight', 'mlp.1.weight', 68],
+                           ['weight', 'mlp.1.weight', 69],
+                           ['weight', 'mlp.1.weight', 70],
+                           ['weight', 'mlp.1.weight', 71],
+                           ['weight', 'mlp.1.weight', 72],
+                           ['weight', 'mlp.1.weight', 73],
+                           ['weight', 'mlp.1.weight', 74],
+                           ['weight', 'mlp.1.weight', 75],
+                           ['weight', 'mlp.1.weight', 76],
+                           ['weight', 'mlp.1.weight', 77],
+                           ['weight', 'mlp.1.weight', 78],
+                           ['weight', 'mlp.1.weight', 79],
+                           ['weight', 'mlp.1.weight', 80],
+                           ['weight', 'mlp.1.weight', 81],
+                           ['weight', 'mlp.1.weight', 82],
+                           ['weight', 'mlp.1.weight', 83],
+                           ['weight', 'mlp.1.weight', 84],
+                           ['weight', 'mlp.1.weight', 85],
+                           ['weight', 'mlp.1.weight', 86],
+                           ['weight', 'mlp.1.weight', 87],
+                           ['weight', 'mlp.1.weight', 88],
+                           ['weight', 'mlp.1.weight', 89],
+                           ['weight', 'mlp.1.weight', 90],
+                           ['weight', 'mlp.1.weight', 91],
+                           ['weight', 'mlp.1.weight', 92],
+                           ['weight', 'mlp.1.weight', 93],
+                           ['weight', 'mlp.1.weight', 94],
+                           ['weight', 'mlp.1.weight', 95],
+                           ['weight', 'mlp.1.weight', 96],
+                           ['weight', 'mlp.1.weight', 97],
+                           ['weight', 'mlp.1.weight', 98],
+                           ['weight', 'mlp.1.weight', 99],
+                           ['weight', 'mlp.1.weight', 100],
+                           ['weight', 'mlp.1.weight', 101],
+                           ['weight', 'mlp.1.weight', 102],
+                           ['weight', 'mlp.1.weight', 103],
+                           ['weight', 'mlp.1.weight', 104],
+                           ['weight', 'mlp.1.weight', 105],
+                           ['weight', 'mlp.1.weight', 106],
+                           ['weight', 'mlp.1.weight', 107],
+                           ['weight', 'mlp.1.weight', 108],
+                           ['weight', 'mlp.1.weight', 109],
+                           ['weight', 'mlp.1.weight', 110],
+                           ['weight', 'mlp.1.weight', 111],
+                           ['weight', 'mlp.1.weight', 112],
+                           ['weight', 'mlp.1.weight', 113],
+                           ['weight', 'mlp.1.weight', 114],
+                           ['weight', 'mlp.1.weight', 115],
+                           ['weight', 'mlp.1.weight', 116],
+                           ['weight', 'mlp.1.weight', 117],
+                           ['weight', 'mlp.1.weight', 118],
+                           ['weight', 'mlp.1.weight', 119],
+                           ['weight', 'mlp.1.weight', 120],
+                           ['weight', 'mlp.1.weight', 121],
+                           ['weight', 'mlp.1.weight', 122],
+                           ['weight', 'mlp.1.weight', 123],
+                           ['weight', 'mlp.1.weight', 124],
+                           ['weight', 'mlp.1.weight', 125],
+                           ['weight', 'mlp.1.weight', 126],
+                           ['weight', 'mlp.1.weight', 127],
+                           ['weight', 'mlp.1.weight', 128],
+                           ['weight', 'mlp.1.weight', 129],
+                           ['weight', 'mlp.1.weight', 130],
+                           ['weight', 'mlp.1.weight', 131],
+                           ['weight', 'mlp.1.weight', 132],
+                           ['weight', 'mlp.1.weight', 133],
+                           ['weight', 'mlp.1.weight', 134],
+                           ['weight', 'mlp.1.weight', 135],
+                           ['weight', 'mlp.1.weight', 136],
+                           ['weight', 'mlp.1.weight', 137],
+                           ['weight', 'mlp.1.weight', 138],
+                           ['weight', 'mlp.1.weight', 139],
+                           ['weight', 'mlp.1.weight', 140],
+                           ['weight', 'mlp.1.weight', 141],
+                           ['weight', 'mlp.1.weight', 142],
+                           ['weight', 'mlp.1.weight', 143],
+                           ['weight', 'mlp.1.weight', 144],
+                           ['weight', 'mlp.1.weight', 145],
+                           ['weight', 'mlp.1.weight', 146],
+                           ['weight', 'mlp.1.weight', 147],
+                           ['weight', 'mlp.1.weight', 148],
+                           ['weight', 'mlp.1.weight', 149],
+                           ['weight', 'mlp.1.weight', 150],
+                           ['weight', 'mlp.1.weight', 151],
+                           ['weight', 'mlp.1.weight', 152],
+                           ['weight', 'mlp.1.weight', 153],
+                           ['weight', 'mlp.1.weight', 154],
+                           ['weight', 'mlp.1.weight', 155],
+                           ['weight', 'mlp.1.weight', 156],
+                           ['weight', 'mlp.1.weight', 157],
+                           ['weight', 'mlp.1.weight', 158],
+                           ['weight', 'mlp.1.weight', 159],
+                           ['weight', 'mlp.1.weight', 160],
+                           ['weight', 'mlp.1.weight', 161],
+                           ['weight', 'mlp.1.weight', 162],
+                           ['weight', 'mlp.1.weight', 163],
+                           ['weight', 'mlp.1.weight', 164],
+                           ['weight', 'mlp.1.weight', 165],
+                           ['weight', 'mlp.1.weight', 166],
+                           ['weight', 'mlp.1.weight', 167],
+                           ['weight', 'mlp.1.weight', 168],
+                           ['weight', 'mlp.1.weight', 169],
+                           ['weight', 'mlp.1.weight', 170],
+                           ['weight', 'mlp.1.weight', 171],
+                           ['weight', 'mlp.1.weight', 172],
+                           ['weight', 'mlp.1.weight', 173],
+                           ['weight', 'mlp.1.weight', 174],
+                           ['weight', 'mlp.1.weight', 175],
+                           ['weight', 'mlp.1.weight', 176],
+                           ['weight', 'mlp.1.weight', 177],
+                           ['weight', 'mlp.1.weight', 178],
+                           ['weight', 'mlp.1.weight', 179],
+                           ['weight', 'mlp.1.weight', 180],
+                           ['weight', 'mlp.1.weight', 181],
+                           ['weight', 'mlp.1.weight', 182],
+                           ['weight', 'mlp.1.weight', 183],
+                           ['weight', 'mlp.1.weight', 184],
+                           ['weight', 'mlp.1.weight', 185],
+                           ['weight', 'mlp.1.weight', 186],
+                           ['weight', 'mlp.1.weight', 187],
+                           ['weight', 'mlp.1.weight', 188],
+                           ['weight', 'mlp.1.weight', 189],
+                           ['weight', 'mlp.1.weight', 190],
+                           ['weight', 'mlp.1.weight', 191],
+                           ['weight', 'mlp.1.weight', 192],
+                           ['weight', 'mlp.1.weight', 193],
+                           ['weight', 'mlp.1.weight', 194],
+                           ['weight', 'mlp.1.weight', 195],
+                           ['weight', 'mlp.1.weight', 196],
+                           ['weight', 'mlp.1.weight', 197],
+                           ['weight', 'mlp.1.weight', 198],
+                           ['weight', 'mlp.1.weight', 199],
+                           ['weight', 'mlp.1.weight', 200],
+                           ['weight', 'mlp.1.weight', 201],
+                           ['weight', 'mlp.1.weight', 202],
+                           ['weight', 'mlp.1.weight', 203],
+                           ['weight', 'mlp.1.weight', 204],
+                           ['weight', 'mlp.1.weight', 205],
+                           ['weight', 'mlp.1.weight', 206],
+                           ['weight', 'mlp.1.weight', 207],
+                           ['weight', 'mlp.1.weight', 208],
+                           ['weight', 'mlp.1.weight', 209],
+                           ['weight', 'mlp.1.weight', 210],
+                           ['weight', 'mlp.1.weight', 211],
+                           ['weight', 'mlp.1.weight', 212],
+                           ['weight', 'mlp.1.weight', 213],
+                           ['weight', 'mlp.1.weight', 214],
+                           ['weight', 'mlp.1.weight', 215],
+                           ['weight', 'mlp.1.weight', 216],
+                           ['weight', 'mlp.1.weight', 217],
+                           ['weight', 'mlp.1.weight', 218],
+                           ['weight', 'mlp.1.weight', 219],
+                           ['weight', 'mlp.1.weight', 220],
+                           ['weight', 'mlp.1.weight', 221],
+                           ['weight', 'mlp.1.weight', 222],
+                           ['weight', 'mlp.1.weight', 223],
+                           ['weight', 'mlp.1.weight', 224],
+                           ['weight', 'mlp.1.weight', 225],
+                           ['weight', 'mlp.1.weight', 226],
+                           ['weight', 'mlp.1.weight', 227],
+                           ['weight', 'mlp.1.weight', 228],
+                           ['weight', 'mlp.1.weight', 229],
+                           ['weight', 'mlp.1.weight', 230],
+                           ['weight', 'mlp.1.weight', 231],
+                           ['weight', 'mlp.1.weight', 232],
+                           ['weight', 'mlp.1.weight', 233],
+                           ['weight', 'mlp.1.weight', 234],
+                           ['weight', 'mlp.1.weight', 235],
+                           ['weight', 'mlp.1.weight', 236],
+                           ['weight', 'mlp.1.weight', 237],
+                           ['weight', 'mlp.1.weight', 238],
+                           ['weight', 'mlp.1.weight', 239],
+                           ['weight', 'mlp.1.weight', 240],
+                           ['weight', 'mlp.1.weight', 241],
+                           ['weight', 'mlp.1.weight', 242],
+                           ['weight', 'mlp.1.weight', 243],
+                           ['weight', 'mlp.1.weight', 244],
+                           ['weight', 'mlp.1.weight', 245],
+                           ['weight', 'mlp.1.weight', 246],
+                           ['weight', 'mlp.1.weight', 247],
+                           ['weight', 'mlp.1.weight', 248],
+                           ['weight', 'mlp.1.weight', 249],
+                           ['weight', 'mlp.1.weight', 250],
+                           ['weight', 'mlp.1.weight', 251],
+                           ['weight', 'mlp.1.weight', 252],
+                           ['weight', 'mlp.1.weight', 253],
+                           ['weight', 'mlp.1.weight', 254],
+                           ['weight', 'mlp.1.weight', 255],
+                           ['weight', 'mlp.1.weight', 256],
+                           ['weight', 'mlp.1.weight', 257],
+                           ['weight', 'mlp.1.weight', 258],
+                           ['weight', 'mlp.1.weight', 259],
+                           ['weight', 'mlp.1.weight', 260],
+                           ['weight', 'mlp.1.weight', 261],
+                           ['weight', 'mlp.1.weight', 262],
+                           ['weight', 'mlp.1.weight', 263],
+                           ['weight', 'mlp.1.weight', 264],
+                           ['weight', 'mlp.1.weight', 265],
+                           ['weight', 'mlp.1.weight', 266],
+                           ['weight', 'mlp.1.weight', 267],
+                           ['weight', 'mlp.1.weight', 268],
+                           ['weight', 'mlp.1.weight', 269],
+                           ['weight', 'mlp.1.weight', 270],
+                           ['weight', 'mlp.1.weight', 271],
+                           ['weight', 'mlp.1.weight', 272],
+                           ['weight', 'mlp.1.weight', 273],
+                           ['weight', 'mlp.1.weight', 274],
+                           ['weight', 'mlp.1.weight', 275],
+                           ['weight', 'mlp.1.weight', 276],
+                           ['weight', 'mlp.1.weight', 277],
+                           ['weight', 'mlp.1.weight', 278],
+                           ['weight', 'mlp.1.weight', 279],
+                           ['weight', 'mlp.1.weight', 280],
+                           ['weight', 'mlp.1.weight', 281],
+                           ['weight', 'mlp.1.weight', 282],
+                           ['weight', 'mlp.1.weight', 283],
+                           ['weight', 'mlp.1.weight', 284],
+                           ['weight', 'mlp.1.weight', 285],
+                           ['weight', 'mlp.1.weight', 286],
+                           ['weight', 'mlp.1.weight', 287],
+                           ['weight', 'mlp.1.weight', 288],
+                           ['weight', 'mlp.1.weight', 289],
+                           ['weight', 'mlp.1.weight', 290],
+                           ['weight', 'mlp.1.weight', 291],
+                           ['weight', 'mlp.1.weight', 292],
+                           ['weight', 'mlp.1.weight', 293],
+                           ['weight', 'mlp.1.weight', 294],
+                           ['weight', 'mlp.1.weight', 295],
+                           ['weight', 'mlp.1.weight', 296],
+                           ['weight', 'mlp.1.weight', 297],
+                           ['weight', 'mlp.1.weight', 298],
+                           ['weight', 'mlp.1.weight', 299],
+                           ['weight', 'mlp.1.weight', 300],
+                           ['weight', 'mlp.1.weight', 301],
+                           ['weight', 'mlp.1.weight', 302],
+                           ['weight', 'mlp.1.weight', 303],
+                           ['weight', 'mlp.1.weight', 304],
+                           ['weight', 'mlp.1.weight', 305],
+                           ['weight', 'mlp.1.weight', 306],
+                           ['weight', 'mlp.1.weight', 307],
+                           ['weight', 'mlp.1.weight', 308],
+                           ['weight', 'mlp.1.weight', 309],
+                           ['weight', 'mlp.1.weight', 310],
+                           ['weight', 'mlp.1.weight', 311],
+                           ['weight', 'mlp.1.weight', 312],
+                           ['weight', 'mlp.1.weight', 313],
+                           ['weight', 'mlp.1.weight', 314],
+                           ['weight', 'mlp.1.weight', 315],
+                           ['weight', 'mlp.1.weight', 316],
+                           ['weight', 'mlp.1.weight', 317],
+                           ['weight', 'mlp.1.weight', 318],
+                           ['weight', 'mlp.1.weight', 319],
+                           ['weight', 'mlp.1.weight', 320],
+                           ['weight', 'mlp.1.weight', 321],
+                           ['weight', 'mlp.1.weight', 322],
+                           ['weight', 'mlp.1.weight', 323],
+                           ['weight', 'mlp.1.weight', 324],
+                           ['weight', 'mlp.1.weight', 325],
+                           ['weight', 'mlp.1.weight', 326],
+                           ['weight', 'mlp.1.weight', 327],
+                           ['weight', 'mlp.1.weight', 328],
+                           ['weight', 'mlp.1.weight', 329],
+                           ['weight', 'mlp.1.weight', 330],
+                           ['weight', 'mlp.1.weight', 331],
+                           ['weight', 'mlp.1.weight', 332],
+                           ['weight', 'mlp.1.weight', 333],
+                           ['weight', 'mlp.1.weight', 334],
+                           ['weight', 'mlp.1.weight', 335],
+                           ['weight', 'mlp.1.weight', 336],
+                           ['weight', 'mlp.1.weight', 337],
+                           ['weight', 'mlp.1.weight', 338],
+                           ['weight', 'mlp.1.weight', 339],
+                           ['weight', 'mlp.1.weight', 340],
+                           ['weight', 'mlp.1.weight', 341],
+                           ['weight', 'mlp.1.weight', 342],
+                           ['weight', 'mlp.1.weight', 343],
+                           ['weight', 'mlp.1.weight', 344],
+                           ['weight', 'mlp.1.weight', 345],
+                           ['weight', 'mlp.1.weight', 346],
+                           ['weight', 'mlp.1.weight', 347],
+                           ['weight', 'mlp.1.weight', 348],
+                           ['weight', 'mlp.1.weight', 349],
+                           ['weight', 'mlp.1.weight', 350],
+                           ['weight', 'mlp.1.weight', 351],
+                           ['weight', 'mlp.1.weight', 352],
+                           ['weight', 'mlp.1.weight', 353],
+                           ['weight', 'mlp.1.weight', 354],
+                           ['weight', 'mlp.1.weight', 355],
+                           ['weight', 'mlp.1.weight', 356],
+                           ['weight', 'mlp.1.weight', 357],
+                           ['weight', 'mlp.1.weight', 358],
+                           ['weight', 'mlp.1.weight', 359],
+                           ['weight', 'mlp.1.weight', 360],
+                           ['weight', 'mlp.1.weight', 361],
+                           ['weight', 'mlp.1.weight', 362],
+                           ['weight', 'mlp.1.weight', 363],
+                           ['weight', 'mlp.1.weight', 364],
+                           ['weight', 'mlp.1.weight', 365],
+                           ['weight', 'mlp.1.weight', 366],
+                           ['weight', 'mlp.1.weight', 367],
+                           ['weight', 'mlp.1.weight', 368],
+                           ['weight', 'mlp.1.weight', 369],
+                           ['weight', 'mlp.1.weight', 370],
+                           ['weight', 'mlp.1.weight', 371],
+                           ['weight', 'mlp.1.weight', 372],
+                           ['weight', 'mlp.1.weight', 373],
+                           ['weight', 'mlp.1.weight', 374],
+                           ['weight', 'mlp.1.weight', 375],
+                           ['weight', 'mlp.1.weight', 376],
+                           ['weight', 'mlp.1.weight', 377],
+                           ['weight', 'mlp.1.weight', 378],
+                           ['weight', 'mlp.1.weight', 379],
+                           ['weight', 'mlp.1.weight', 380],
+                           ['weight', 'mlp.1.weight', 381],
+                           ['weight', 'mlp.1.weight', 382],
+                           ['weight', 'mlp.1.weight', 383],
+                           ['weight', 'mlp.1.weight', 384],
+                           ['weight', 'mlp.1.weight', 385],
+                           ['weight', 'mlp.1.weight', 386],
+                           ['weight', 'mlp.1.weight', 387],
+                           ['weight', 'mlp.1.weight', 388],
+                           ['weight', 'mlp.1.weight', 389],
+                           ['weight', 'mlp.1.weight', 390],
+                           ['weight', 'mlp.1.weight', 391],
+                           ['weight', 'mlp.1.weight', 392],
+                           ['weight', 'mlp.1.weight', 393],
+                           ['weight', 'mlp.1.weight', 394],
+                           ['weight', 'mlp.1.weight', 395],
+                           ['weight', 'mlp.1.weight', 396],
+                           ['weight', 'mlp.1.weight', 397],
+                           ['weight', 'mlp.1.weight', 398],
+                           ['weight', 'mlp.1.weight', 399],
+                           ['weight', 'mlp.1.weight', 400],
+                           ['weight', 'mlp.1.weight', 401],
+                           ['weight', 'mlp.1.weight', 402],
+                           ['weight', 'mlp.1.weight', 403],
+                           ['weight', 'mlp.1.weight', 404],
+                           ['weight', 'mlp.1.weight', 405],
+                           ['weight', 'mlp.1.weight', 406],
+                           ['weight', 'mlp.1.weight', 407],
+                           ['weight', 'mlp.1.weight', 408],
+                           ['weight', 'mlp.1.weight', 409],
+                           ['weight', 'mlp.1.weight', 410],
+                           ['weight', 'mlp.1.weight', 411],
+                           ['weight', 'mlp.1.weight', 412],
+                           ['weight', 'mlp.1.weight', 413],
+                           ['weight', 'mlp.1.weight', 414],
+                           ['weight', 'mlp.1.weight', 415],
+                           ['weight', 'mlp.1.weight', 416],
+                           ['weight', 'mlp.1.weight', 417],
+                           ['weight', 'mlp.1.weight', 418],
+                           ['weight', 'mlp.1.weight', 419],
+                           ['weight', 'mlp.1.weight', 420],
+                           ['weight', 'mlp.1.weight', 421],
+                           ['weight', 'mlp.1.weight', 422],
+                           ['weight', 'mlp.1.weight', 423],
+                           ['weight', 'mlp.1.weight', 424],
+                           ['weight', 'mlp.1.weight', 425],
+                           ['weight', 'mlp.1.weight', 426],
+                           ['weight', 'mlp.1.weight', 427],
+                           ['weight', 'mlp.1.weight', 428],
+                           ['weight', 'mlp.1.weight', 429],
+                           ['weight', 'mlp.1.weight', 430],
+                           ['weight', 'mlp.1.weight', 431],
+                           ['weight', 'mlp.1.weight', 432],
+                           ['weight', 'mlp.1.weight', 433],
+                           ['weight', 'mlp.1.weight', 434],
+                           ['weight', 'mlp.1.weight', 435],
+                           ['weight', 'mlp.1.weight', 436],
+                           ['weight', 'mlp.1.weight', 437],
+                           ['weight', 'mlp.1.weight', 438],
+                           ['weight', 'mlp.1.weight', 439],
+                           ['weight', 'mlp.1.weight', 440],
+                           ['weight', 'mlp.1.weight', 441],
+                           ['weight', 'mlp.1.weight', 442],
+                           ['weight', 'mlp.1.weight', 443],
+                           ['weight', 'mlp.1.weight', 444],
+                           ['weight', 'mlp.1.weight', 445],
+                           ['weight', 'mlp.1.weight', 446],
+                           ['weight', 'mlp.1.weight', 447],
+                           ['weight', 'mlp.1.weight', 448],
+                           ['weight', 'mlp.1.weight', 449],
+                           ['weight', 'mlp.1.weight', 450],
+                           ['weight', 'mlp.1.weight', 451],
+                           ['weight', 'mlp.1.weight', 452],
+                           ['weight', 'mlp.1.weight', 453],
+                           ['weight', 'mlp.1.weight', 454],
+                           ['weight', 'mlp.1.weight', 455],
+                           ['weight', 'mlp.1.weight', 456],
+                           ['weight', 'mlp.1.weight', 457],
+                           ['weight', 'mlp.1.weight', 458],
+                           ['weight', 'mlp.1.weight', 459],
+                           ['weight', 'mlp.1.weight', 460],
+                           ['weight', 'mlp.1.weight', 461],
+                           ['weight', 'mlp.1.weight', 462],
+                           ['weight', 'mlp.1.weight', 463],
+                           ['weight', 'mlp.1.weight', 464],
+                           ['weight', 'mlp.1.weight', 465],
+                           ['weight', 'mlp.1.weight', 466],
+                           ['weight', 'mlp.1.weight', 467],
+                           ['weight', 'mlp.1.weight', 468],
+                           ['weight', 'mlp.1.weight', 469],
+                           ['weight', 'mlp.1.weight', 470],
+                           ['weight', 'mlp.1.weight', 471],
+                           ['weight', 'mlp.1.weight', 472],
+                           ['weight', 'mlp.1.weight', 473],
+                           ['weight', 'mlp.1.weight', 474],
+                           ['weight', 'mlp.1.weight', 475],
+                           ['weight', 'mlp.1.weight', 476],
+                           ['weight', 'mlp.1.weight', 477],
+                           ['weight', 'mlp.1.weight', 478],
+                           ['weight', 'mlp.1.weight', 479],
+                           ['weight', 'mlp.1.weight', 480],
+                           ['weight', 'mlp.1.weight', 481],
+                           ['weight', 'mlp.1.weight', 482],
+                           ['weight', 'mlp.1.weight', 483],
+                           ['weight', 'mlp.1.weight', 484],
+                           ['weight', 'mlp.1.weight', 485],
+                           ['weight', 'mlp.1.weight', 486],
+                           ['weight', 'mlp.1.weight', 487],
+                           ['weight', 'mlp.1.weight', 488],
+                           ['weight', 'mlp.1.weight', 489],
+                           ['weight', 'mlp.1.weight', 490],
+                           ['weight', 'mlp.1.weight', 491],
+                           ['weight', 'mlp.1.weight', 492],
+                           ['weight', 'mlp.1.weight', 493],
+                           ['weight', 'mlp.1.weight', 494],
+                           ['weight', 'mlp.1.weight', 495],
+                           ['weight', 'mlp.1.weight', 496],
+                           ['weight', 'mlp.1.weight', 497],
+                           ['weight', 'mlp.1.weight', 498],
+                           ['weight', 'mlp.1.weight', 499],
+                           ['weight', 'mlp.1.weight', 500],
+                           ['weight', 'mlp.1.weight', 501],
+                           ['weight', 'mlp.1.weight', 502],
+                           ['weight', 'mlp.1.weight', 503],
+                           ['weight', 'mlp.1.weight', 504],
+                           ['weight', 'mlp.1.weight', 505],
+                           ['weight', 'mlp.1.weight', 506],
+                           ['weight', 'mlp.1.weight', 507],
+                           ['weight', 'mlp.1.weight', 508],
+                           ['weight', 'mlp.1.weight', 509],
+                           ['weight', 'mlp.1.weight', 510],
+                           ['weight', 'mlp.1.weight', 511],
+                           ['weight', 'mlp.1.weight', 512],
+                           ['weight', 'mlp.1.weight', 513],
+                           ['weight', 'mlp.1.weight', 514],
+                           ['weight', 'mlp.1.weight', 515],
+                           ['weight', 'mlp.1.weight', 516],
+                           ['weight', 'mlp.1.weight', 517],
+                           ['weight', 'mlp.1.weight', 518],
+                           ['weight', 'mlp.1.weight', 519],
+                           ['weight', 'mlp.1.weight', 520],
+                           ['weight', 'mlp.1.weight', 521],
+                           ['weight', 'mlp.1.weight', 522],
+                           ['weight', 'mlp.1.weight', 523],
+                           ['weight', 'mlp.1.weight', 524],
+                           ['weight', 'mlp.1.weight', 525],
+                           ['weight', 'mlp.1.weight', 526],
+                           ['weight', 'mlp.1.weight', 527],
+                           ['weight', 'mlp.1.weight', 528],
+                           ['weight', 'mlp.1.weight', 529],
+                           ['weight', 'mlp.1.weight', 530],
+                           ['weight', 'mlp.1.weight', 531],
+                           ['weight', 'mlp.1.weight', 532],
+                           ['weight', 'mlp.1.weight', 533],
+                           ['weight', 'mlp.1.weight', 534],
+                           ['weight', 'mlp.1.weight', 535],
+                           ['weight', 'mlp.1.weight', 536],
+                           ['weight', 'mlp.1.weight', 537],
+                           ['weight', 'mlp.1.weight', 538],
+                           ['weight', 'mlp.1.weight', 539],
+                           ['weight', 'mlp.1.weight', 540],
+                           ['weight', 'mlp.1.weight', 541],
+                           ['weight', 'mlp.1.weight', 542],
+                           ['weight', 'mlp.1.weight', 543],
+                           ['weight', 'mlp.1.weight', 544],
+                           ['weight', 'mlp.1.weight', 545],
+                           ['weight', 'mlp.1.weight', 546],
+                           ['weight', 'mlp.1.weight', 547],
+                           ['weight', 'mlp.1.weight', 548],
+                           ['weight', 'mlp.1.weight', 549],
+                           ['weight', 'mlp.1.weight', 550],
+                           ['weight', 'mlp.1.weight', 551],
+                           ['weight', 'mlp.1.weight', 552],
+                           ['weight', 'mlp.1.weight', 553],
+                           ['weight', 'mlp.1.weight', 554],
+                           ['weight', 'mlp.1.weight', 555],
+                           ['weight', 'mlp.1.weight', 556],
+                           ['weight', 'mlp.1.weight', 557],
+                           ['weight', 'mlp.1.weight', 558],
+                           ['weight', 'mlp.1.weight', 559],
+                           ['weight', 'mlp.1.weight', 560],
+                           ['weight', 'mlp.1.weight', 561],
+                           ['weight', 'mlp.1.weight', 562],
+                           ['weight', 'mlp.1.weight', 563],
+                           ['weight', 'mlp.1.weight', 564],
+                           ['weight', 'mlp.1.weight', 565],
+                           ['weight', 'mlp.1.weight', 566],
+                           ['weight', 'mlp.1.weight', 567],
+                           ['weight', 'mlp.1.weight', 568],
+                           ['weight', 'mlp.1.weight', 569],
+                           ['weight', 'mlp.1.weight', 570],
+                           ['weight', 'mlp.1.weight', 571],
+                           ['weight', 'mlp.1.weight', 572],
+                           ['weight', 'mlp.1.weight', 573],
+                           ['weight', 'mlp.1.weight', 574],
+                           ['weight', 'mlp.1.weight', 575],
+                           ['weight', 'mlp.1.weight', 576],
+                           ['weight', 'mlp.1.weight', 577],
+                           ['weight', 'mlp.1.weight', 578],
+                           ['weight', 'mlp.1.weight', 579],
+                           ['weight', 'mlp.1.weight', 580],
+                           ['weight', 'mlp.1.weight', 581],
+                           ['weight', 'mlp.1.weight', 582],
+                           ['weight', 'mlp.1.weight', 583],
+                           ['weight', 'mlp.1.weight', 584],
+                           ['weight', 'mlp.1.weight', 585],
+                           ['weight', 'mlp.1.weight', 586],
+                           ['weight', 'mlp.1.weight', 587],
+                           ['weight', 'mlp.1.weight', 588],
+                           ['weight', 'mlp.1.weight', 589],
+                           ['weight', 'mlp.1.weight', 590],
+                           ['weight', 'mlp.1.weight', 591],
+                           ['weight', 'mlp.1.weight', 592],
+                           ['weight', 'mlp.1.weight', 593],
+                           ['weight', 'mlp.1.weight', 594],
+                           ['weight', 'mlp.1.weight', 595],
+                           ['weight', 'mlp.1.weight', 596],
+                           ['weight', 'mlp.1.weight', 597],
+                           ['weight', 'mlp.1.weight', 598],
+                           ['weight', 'mlp.1.weight', 599],
+                           ['weight', 'mlp.1.weight', 600],
+                           ['weight', 'mlp.1.weight', 601],
+                           ['weight', 'mlp.1.weight', 602],
+                           ['weight', 'mlp.1.weight', 603],
+                           ['weight', 'mlp.1.weight', 604],
+                           ['weight', 'mlp.1.weight', 605],
+                           ['weight', 'mlp.1.weight', 606],
+                           ['weight', 'mlp.1.weight', 607],
+                           ['weight', 'mlp.1.weight', 608],
+                           ['weight', 'mlp.1.weight', 609],
+                           ['weight', 'mlp.1.weight', 610],
+                           ['weight', 'mlp.1.weight', 611],
+                           ['weight', 'mlp.1.weight', 612],
+                           ['weight', 'mlp.1.weight', 613],
+                           ['weight', 'mlp.1.weight', 614],
+                           ['weight', 'mlp.1.weight', 615],
+                           ['weight', 'mlp.1.weight', 616],
+                           ['weight', 'mlp.1.weight', 617],
+                           ['weight', 'mlp.1.weight', 618],
+                           ['weight', 'mlp.1.weight', 619],
+                           ['weight', 'mlp.1.weight', 620],
+                           ['weight', 'mlp.1.weight', 621],
+                           ['weight', 'mlp.1.weight', 622],
+                           ['weight', 'mlp.1.weight', 623],
+                           ['weight', 'mlp.1.weight', 624],
+                           ['weight', 'mlp.1.weight', 625],
+                           ['weight', 'mlp.1.weight', 626],
+                           ['weight', 'mlp.1.weight', 627],
+                           ['weight', 'mlp.1.weight', 628],
+                           ['weight', 'mlp.1.weight', 629],
+                           ['weight', 'mlp.1.weight', 630],
+                           ['weight', 'mlp.1.weight', 631],
+                           ['weight', 'mlp.1.weight', 632],
+                           ['weight', 'mlp.1.weight', 633],
+                           ['weight', 'mlp.1.weight', 634],
+                           ['weight', 'mlp.1.weight', 635],
+                           ['weight', 'mlp.1.weight', 636],
+                           ['weight', 'mlp.1.weight', 637],
+                           ['weight', 'mlp.1.weight', 638],
+                           ['weight', 'mlp.1.weight', 639],
+                           ['weight', 'mlp.1.weight', 640],
+                           ['weight', 'mlp.1.weight', 641],
+                           ['weight', 'mlp.1.weight', 642],
+                           ['weight', 'mlp.1.weight', 643],
+                           ['weight', 'mlp.1.weight', 644],
+                           ['weight', 'mlp.1.weight', 645],
+                           ['weight', 'mlp.1.weight', 646],
+                           ['weight', 'mlp.1.weight', 647],
+                           ['weight', 'mlp.1.weight', 648],
+                           ['weight', 'mlp.1.weight', 649],
+                           ['weight', 'mlp.1.weight', 650],
+                           ['weight', 'mlp.1.weight', 651],
+                           ['weight', 'mlp.1.weight', 652],
+                           ['weight', 'mlp.1.weight', 653],
+                           ['weight', 'mlp.1.weight', 654],
+                           ['weight', 'mlp.1.weight', 655],
+                           ['weight', 'mlp.1.weight', 656],
+                           ['weight', 'mlp.1.weight', 657],
+                           ['weight', 'mlp.1.weight', 658],
+                           ['weight', 'mlp.1.weight', 659],
+                           ['weight', 'mlp.1.weight', 660],
+                           ['weight', 'mlp.1.weight', 661],
+                           ['weight', 'mlp.1.weight', 662],
+                           ['weight', 'mlp.1.weight', 663],
+                           ['weight', 'mlp.1.weight', 664],
+                           ['weight', 'mlp.1.weight', 665],
+                           ['weight', 'mlp.1.weight', 666],
+                           ['weight', 'mlp.1.weight', 667],
+                           ['weight', 'mlp.1.weight', 668],
+                           ['weight', 'mlp.1.weight', 669],
+                           ['weight', 'mlp.1.weight', 670],
+                           ['weight', 'mlp.1.weight', 671],
+                           ['weight', 'mlp.1.weight', 672],
+                           ['weight', 'mlp.1.weight', 673],
+                           ['weight', 'mlp.1.weight', 674],
+                           ['weight', 'mlp.1.weight', 675],
+                           ['weight', 'mlp.1.weight', 676],
+                           ['weight', 'mlp.1.weight', 677],
+                           ['weight', 'mlp.1.weight', 678],
+                           ['weight', 'mlp.1.weight', 679],
+                           ['weight', 'mlp.1.weight', 680],
+                           ['weight', 'mlp.1.weight', 681],
+                           ['weight', 'mlp.1.weight', 682],
+                           ['weight', 'mlp.1.weight', 683],
+                           ['weight', 'mlp.1.weight', 684],
+                           ['weight', 'mlp.1.weight', 685],
+                           ['weight', 'mlp.1.weight', 686],
+                           ['weight', 'mlp.1.weight', 687],
+                           ['weight', 'mlp.1.weight', 688],
+                           ['weight', 'mlp.1.weight', 689],
+                           ['weight', 'mlp.1.weight', 690],
+                           ['weight', 'mlp.1.weight', 691],
+                           ['weight', 'mlp.1.weight', 692],
+                           ['weight', 'mlp.1.weight', 693],
+                           ['weight', 'mlp.1.weight', 694],
+                           ['weight', 'mlp.1.weight', 695],
+                           ['weight', 'mlp.1.weight', 696],
+                           ['weight', 'mlp.1.weight', 697],
+                           ['weight', 'mlp.1.weight', 698],
+                           ['weight', 'mlp.1.weight', 699],
+                           ['weight', 'mlp.1.weight', 700],
+                           ['weight', 'mlp.1.weight', 701],
+                           ['weight', 'mlp.1.weight', 702],
+                           ['weight', 'mlp.1.weight', 703],
+                           ['weight', 'mlp.1.weight', 704],
+                           ['weight', 'mlp.1.weight', 705],
+                           ['weight', 'mlp.1.weight', 706],
+                           ['weight', 'mlp.1.weight', 707],
+                           ['weight', 'mlp.1.weight', 708],
+                           ['weight', 'mlp.1.weight', 709],
+                           ['weight', 'mlp.1.weight', 710],
+                           ['weight', 'mlp.1.weight', 711],
+                           ['weight', 'mlp.1.weight', 712],
+                           ['weight', 'mlp.1.weight', 713],
+                           ['weight', 'mlp.1.weight', 714],
+                           ['weight', 'mlp.1.weight', 715],
+                           ['weight', 'mlp.1.weight', 716],
+                           ['weight', 'mlp.1.weight', 717],
+                           ['weight', 'mlp.1.weight', 718],
+                           ['weight', 'mlp.1.weight', 719],
+                           ['weight', 'mlp.1.weight', 720],
+                           ['weight', 'mlp.1.weight', 721],
+                           ['weight', 'mlp.1.weight', 722],
+                           ['weight', 'mlp.1.weight', 723],
+                           ['weight', 'mlp.1.weight', 724],
+                           ['weight', 'mlp.1.weight', 725],
+                           ['weight', 'mlp.1.weight', 726],
+                           ['weight', 'mlp.1.weight', 727],
+                           ['weight', 'mlp.1.weight', 728],
+                           ['weight', 'mlp.1.weight', 729],
+                           ['weight', 'mlp.1.weight', 730],
+                           ['weight', 'mlp.1.weight', 731],
+                           ['weight', 'mlp.1.weight', 732],
+                           ['weight', 'mlp.1.weight', 733],
+                           ['weight', 'mlp.1.weight', 734],
+                           ['weight', 'mlp.1.weight', 735],
+                           ['weight', 'mlp.1.weight', 736],
+                           ['weight', 'mlp.1.weight', 737],
+                           ['weight', 'mlp.1.weight', 738],
+                           ['weight', 'mlp.1.weight', 739],
+                           ['weight', 'mlp.1.weight', 740],
+                           ['weight', 'mlp.1.weight', 741],
+                           ['weight', 'mlp.1.weight', 742],
+                           ['weight', 'mlp.1.weight', 743],
+                           ['weight', 'mlp.1.weight', 744],
+                           ['weight', 'mlp.1.weight', 745],
+                           ['weight', 'mlp.1.weight', 746],
+                           ['weight', 'mlp.1.weight', 747],
+                           ['weight', 'mlp.1.weight', 748],
+                           ['weight', 'mlp.1.weight', 749],
+                           ['weight', 'mlp.1.weight', 750],
+                           ['weight', 'mlp.1.weight', 751],
+                           ['weight', 'mlp.1.weight', 752],
+                           ['weight', 'mlp.1.weight', 753],
+                           ['weight', 'mlp.1.weight', 754],
+                           ['weight', 'mlp.1.weight', 755],
+                           ['weight', 'mlp.1.weight', 756],
+                           ['weight', 'mlp.1.weight', 757],
+                           ['weight', 'mlp.1.weight', 758],
+                           ['weight', 'mlp.1.weight', 759],
+                           ['weight', 'mlp.1.weight', 760],
+                           ['weight', 'mlp.1.weight', 761],
+                           ['weight', 'mlp.1.weight', 762],
+                           ['weight', 'mlp.1.weight', 763],
+                           ['weight', 'mlp.1.weight', 764],
+                           ['weight', 'mlp.1.weight', 765],
+                           ['weight', 'mlp.1.weight', 766],
+                           ['weight', 'mlp.1.weight', 767],
+                           ['weight', 'mlp.1.weight', 768],
+                           ['weight', 'mlp.1.weight', 769],
+                           ['weight', 'mlp.1.weight', 770],
+                           ['weight', 'mlp.1.weight', 771],
+                           ['weight', 'mlp.1.weight', 772],
+                           ['weight', 'mlp.1.weight', 773],
+                           ['weight', 'mlp.1.weight', 774],
+                           ['weight', 'mlp.1.weight', 775],
+                           ['weight', 'mlp.1.weight', 776],
+                           ['weight', 'mlp.1.weight', 777],
+                           ['weight', 'mlp.1.weight', 778],
+                           ['weight', 'mlp.1.weight', 779],
+                           ['weight', 'mlp.1.weight', 780],
+                           ['weight', 'mlp.1.weight', 781],
+                           ['weight', 'mlp.1.weight', 782],
+                           ['weight', 'mlp.1.weight', 783],
+                           ['weight', 'mlp.1.weight', 784],
+                           ['weight', 'mlp.1.weight', 785],
+                           ['weight', 'mlp.1.weight', 786],
+                           ['weight', 'mlp.1.weight', 787],
+                           ['weight', 'mlp.1.weight', 788],
+                           ['weight', 'mlp.1.weight', 789],
+                           ['weight', 'mlp.1.weight', 790],
+                           ['weight', 'mlp.1.weight', 791],
+                           ['weight', 'mlp.1.weight', 792],
+                           ['weight', 'mlp.1.weight', 793],
+                           ['weight', 'mlp.1.weight', 794],
+                           ['weight', 'mlp.1.weight', 795],
+                           ['weight', 'mlp.1.weight', 796],
+                           ['weight', 'mlp.1.weight', 797],
+                           ['weight', 'mlp.1.weight', 798],
+                           ['weight', 'mlp.1.weight', 799],
+                           ['weight', 'mlp.1.weight', 800],
+                           ['weight', 'mlp.1.weight', 801],
+                           ['weight', 'mlp.1.weight', 802],
+                           ['weight', 'mlp.1.weight', 803],
+                           ['weight', 'mlp.1.weight', 804],
+                           ['weight', 'mlp.1.weight', 805],
+                           ['weight', 'mlp.1.weight', 806],
+                           ['weight', 'mlp.1.weight', 807],
+                           ['weight', 'mlp.1.weight', 808],
+                           ['weight', 'mlp.1.weight', 809],
+                           ['weight', 'mlp.1.weight', 810],
+                           ['weight', 'mlp.1.weight', 811],
+                           ['weight', 'mlp.1.weight', 812],
+                           ['weight', 'mlp.1.weight', 813],
+                           ['weight', 'mlp.1.weight', 814],
+                           ['weight', 'mlp.1.weight', 815],
+                           ['weight', 'mlp.1.weight', 816],
+                           ['weight', 'mlp.1.weight', 817],
+                           ['weight', 'mlp.1.weight', 818],
+                           ['weight', 'mlp.1.weight', 819],
+                           ['weight', 'mlp.1.weight', 820],
+                           ['weight', 'mlp.1.weight', 821],
+                           ['weight', 'mlp.1.weight', 822],
+                           ['weight', 'mlp.1.weight', 823],
+                           ['weight', 'mlp.1.weight', 824],
+                           ['weight', 'mlp.1.weight', 825],
+                           ['weight', 'mlp.1.weight', 826],
+                           ['weight', 'mlp.1.weight', 827],
+                           ['weight', 'mlp.1.weight', 828],
+                           ['weight', 'mlp.1.weight', 829],
+                           ['weight', 'mlp.1.weight', 830],
+                           ['weight', 'mlp.1.weight', 831],
+                           ['weight', 'mlp.1.weight', 832],
+                           ['weight', 'mlp.1.weight', 833],
+                           ['weight', 'mlp.1.weight', 834],
+                           ['weight', 'mlp.1.weight', 835],
+                           ['weight', 'mlp.1.weight', 836],
+                           ['weight', 'mlp.1.weight', 837],
+                           ['weight', 'mlp.1.weight', 838],
+                           ['weight', 'mlp.1.weight', 839],
+                           ['weight', 'mlp.1.weight', 840],
+                           ['weight', 'mlp.1.weight', 841],
+                           ['weight', 'mlp.1.weight', 842],
+                           ['weight', 'mlp.1.weight', 843],
+                           ['weight', 'mlp.1.weight', 844],
+                           ['weight', 'mlp.1.weight', 845],
+                           ['weight', 'mlp.1.weight', 846],
+                           ['weight', 'mlp.1.weight', 847],
+                           ['weight', 'mlp.1.weight', 848],
+                           ['weight', 'mlp.1.weight', 849],
+                           ['weight', 'mlp.1.weight', 850],
+                           ['weight', 'mlp.1.weight', 851],
+                           ['weight', 'mlp.1.weight', 852],
+                           ['weight', 'mlp.1.weight', 853],
+                           ['weight', 'mlp.1.weight', 854],
+                           ['weight', 'mlp.1.weight', 855],
+                           ['weight', 'mlp.1.weight', 856],
+                           ['weight', 'mlp.1.weight', 857],
+                           ['weight', 'mlp.1.weight', 858],
+                           ['weight', 'mlp.1.weight', 859],
+                           ['weight', 'mlp.1.weight', 860],
+                           ['weight', 'mlp.1.weight', 861],
+                           ['weight', 'mlp.1.weight', 862],
+                           ['weight', 'mlp.1.weight', 863],
+                           ['weight', 'mlp.1.weight', 864],
+                           ['weight', 'mlp.1.weight', 865],
+                           ['weight', 'mlp.1.weight', 866],
+                           ['weight', 'mlp.1.weight', 867],
+                           ['weight', 'mlp.1.weight', 868],
+                           ['weight', 'mlp.1.weight', 869],
+                           ['weight', 'mlp.1.weight', 870],
+                           ['weight', 'mlp.1.weight', 871],
+                           ['weight', 'mlp.1.weight', 872],
+                           ['weight', 'mlp.1.weight', 873],
+                           ['weight', 'mlp.1.weight', 874],
+                           ['weight', 'mlp.1.weight', 875],
+                           ['weight', 'mlp.1.weight', 876],
+                           ['weight', 'mlp.1.weight', 877],
+                           ['weight', 'mlp.1.weight', 878],
+                           ['weight', 'mlp.1.weight', 879],
+                           ['weight', 'mlp.1.weight', 880],
+                           ['weight', 'mlp.1.weight', 881],
+                           ['weight', 'mlp.1.weight', 882],
+                           ['weight', 'mlp.1.weight', 883],
+                           ['weight', 'mlp.1.weight', 884],
+                           ['weight', 'mlp.1.weight', 885],
+                           ['weight', 'mlp.1.weight', 886],
+                           ['weight', 'mlp.1.weight', 887],
+                           ['weight', 'mlp.1.weight', 888],
+                           ['weight', 'mlp.1.weight', 889],
+                           ['weight', 'mlp.1.weight', 890],
+                           ['weight', 'mlp.1.weight', 891],
+                           ['weight', 'mlp.1.weight', 892],
+                           ['weight', 'mlp.1.weight', 893],
+                           ['weight', 'mlp.1.weight', 894],
+                           ['weight', 'mlp.1.weight', 895],
+                           ['weight', 'mlp.1.weight', 896],
+                           ['weight', 'mlp.1.weight', 897],
+                           ['weight', 'mlp.1.weight', 898],
+                           ['weight', 'mlp.1.weight', 899],
+                           ['weight', 'mlp.1.weight', 900],
+                           ['weight', 'mlp.1.weight', 901],
+                           ['weight', 'mlp.1.weight', 902],
+                           ['weight', 'mlp.1.weight', 903],
+                           ['weight', 'mlp.1.weight', 904],
+                           ['weight', 'mlp.1.weight', 905],
+                           ['weight', 'mlp.1.weight', 906],
+                           ['weight', 'mlp.1.weight', 907],
+                           ['weight', 'mlp.1.weight', 908],
+                           ['weight', 'mlp.1.weight', 909],
+                           ['weight', 'mlp.1.weight', 910],
+                           ['weight', 'mlp.1.weight', 911],
+                           ['weight', 'mlp.1.weight', 912],
+                           ['weight', 'mlp.1.weight', 913],
+                           ['weight', 'mlp.1.weight', 914],
+                           ['weight', 'mlp.1.weight', 915],
+                           ['weight', 'mlp.1.weight', 916],
+                           ['weight', 'mlp.1.weight', 917],
+                           ['weight', 'mlp.1.weight', 918],
+                           ['weight', 'mlp.1.weight', 919],
+                           ['weight', 'mlp.1.weight', 920],
+                           ['weight', 'mlp.1.weight', 921],
+                           ['weight', 'mlp.1.weight', 922],
+                           ['weight', 'mlp.1.weight', 923],
+                           ['weight', 'mlp.1.weight', 924],
+                           ['weight', 'mlp.1.weight', 925],
+                           ['weight', 'mlp.1.weight', 926],
+                           ['weight', 'mlp.1.weight', 927],
+                           ['weight', 'mlp.1.weight', 928],
+                           ['weight', 'mlp.1.weight', 929],
+                           ['weight', 'mlp.1.weight', 930],
+                           ['weight', 'mlp.1.weight', 931],
+                           ['weight', 'mlp.1.weight', 932],
+                           ['weight', 'mlp.1.weight', 933],
+                           ['weight', 'mlp.1.weight', 934],
+                           ['weight', 'mlp.1.weight', 935],
+                           ['weight', 'mlp.1.weight', 936],
+                           ['weight', 'mlp.1.weight', 937],
+                           ['weight', 'mlp.1.weight', 938],
+                           ['weight', 'mlp.1.weight', 939],
+                           ['weight', 'mlp.1.weight', 940],
+                           ['weight', 'mlp.1.weight', 941],
+                           ['weight', 'mlp.1.weight', 942],
+                           ['weight', 'mlp.1.weight', 943],
+                           ['weight', 'mlp.1.weight', 944],
+                           ['weight', 'mlp.1.weight', 945],
+                           ['weight', 'mlp.1.weight', 946],
+                           ['weight', 'mlp.1.weight', 947],
+                           ['weight', 'mlp.1.weight', 948],
+                           ['weight', 'mlp.1.weight', 949],
+                           ['weight', 'mlp.1.weight', 950],
+                           ['weight', 'mlp.1.weight', 951],
+                           ['weight', 'mlp.1.weight', 952],
+                           ['weight', 'mlp.1.weight', 953],
+                           ['weight', 'mlp.1.weight', 954],
+                           ['weight', 'mlp.1.weight', 955],
+                           ['weight', 'mlp.1.weight', 956],
+                           ['weight', 'mlp.1.weight', 957],
+                           ['weight', 'mlp.1.weight', 958],
+                           ['weight', 'mlp.1.weight', 959],
+                           ['weight', 'mlp.1.weight', 960],
+                           ['weight', 'mlp.1.weight', 961],
+                           ['weight', 'mlp.1.weight', 962],
+                           ['weight', 'mlp.1.weight', 963],
+                           ['weight', 'mlp.1.weight', 964],
+                           ['weight', 'mlp.1.weight', 965],
+                           ['weight', 'mlp.1.weight', 966],
+                           ['weight', 'mlp.1.weight', 967],
+                           ['weight', 'mlp.1.weight', 968],
+                           ['weight', 'mlp.1.weight', 969],
+                           ['weight', 'mlp.1.weight', 970],
+                           ['weight', 'mlp.1.weight', 971],
+                           ['weight', 'mlp.1.weight', 972],
+                           ['weight', 'mlp.1.weight', 973],
+                           ['weight', 'mlp.1.weight', 974],
+                           ['weight', 'mlp.1.weight', 975],
+                           ['weight', 'mlp.1.weight', 976],
+                           ['weight', 'mlp.1.weight', 977],
+                           ['weight', 'mlp.1.weight', 978],
+                           ['weight', 'mlp.1.weight', 979],
+                           ['weight', 'mlp.1.weight', 980],
+                           ['weight', 'mlp.1.weight', 981],
+                           ['weight', 'mlp.1.weight', 982],
+                           ['weight', 'mlp.1.weight', 983],
+                           ['weight', 'mlp.1.weight', 984],
+                           ['weight', 'mlp.1.weight', 985],
+                           ['weight', 'mlp.1.weight', 986],
+                           ['weight', 'mlp.1.weight', 987],
+                           ['weight', 'mlp.1.weight', 988],
+                           ['weight', 'mlp.1.weight', 989],
+                           ['weight', 'mlp.1.weight', 990],
+                           ['weight', 'mlp.1.weight', 991],
+                           ['weight', 'mlp.1.weight', 992],
+                           ['weight', 'mlp.1.weight', 993],
+                           ['weight', 'mlp.1.weight', 994],
+                           ['weight', 'mlp.1.weight', 995],
+                           ['weight', 'mlp.1.weight', 996],
+                           ['weight', 'mlp.1.weight', 997],
+                           ['weight', 'mlp.1.weight', 998],
+                           ['weight', 'mlp.1.weight', 999],
+                           ['weight', 'mlp.1.weight', 1000],
+                           ['weight', 'mlp.1.weight', 1001],
+                           ['weight', 'mlp.1.weight', 1002],
+                           ['weight', 'mlp.1.weight', 1003],
+                           ['weight', 'mlp.1.weight', 1004],
+                           ['weight', 'mlp.1.weight', 1005],
+                           ['weight', 'mlp.1.weight', 1006],
+                           ['weight', 'mlp.1.weight', 1007],
+                           ['weight', 'mlp.1.weight', 1008],
+                           ['weight', 'mlp.1.weight', 1009],
+                           ['weight', 'mlp.1.weight', 1010],
+                           ['weight', 'mlp.1.weight', 1011],
+                           ['weight', 'mlp.1.weight', 1012],
+                           ['weight', 'mlp.1.weight', 1013],
+                           ['weight', 'mlp.1.weight', 1014],
+                           ['weight', 'mlp.1.weight', 1015],
+                           ['weight', 'mlp.1.weight', 1016],
+                           ['weight', 'mlp.1.weight', 1017],
+                           ['weight', 'mlp.1.weight', 1018],
+                           ['weight', 'mlp.1.weight', 1019],
+                           ['weight', 'mlp.1.weight', 1020],
+                           ['weight', 'mlp.1.weight', 1021],
+                           ['weight', 'mlp.1.weight', 1022],
+                           ['weight', 'mlp.1.weight', 1023],
+                           ['weight', 'mlp.1.bias', 0],
+                           ['weight', 'mlp.1.bias', 1],
+                           ['weight', 'mlp.1.bias', 2],
+                           ['weight', 'mlp.1.bias', 3],
+                           ['weight', 'mlp.1.bias', 4],
+                           ['weight', 'mlp.1.bias', 5],
+                           ['weight', 'mlp.1.bias', 6],
+                           ['weight', 'mlp.1.bias', 7],
+                           ['weight', 'mlp.1.bias', 8],
+                           ['weight', 'mlp.1.bias', 9],
+                           ['weight', 'mlp.1.bias', 10],
+                           ['weight', 'mlp.1.bias', 11],
+                           ['weight', 'mlp.1.bias', 12],
+                           ['weight', 'mlp.1.bias', 13],
+                           ['weight', 'mlp.1.bias', 14],
+                           ['weight', 'mlp.1.bias', 15],
+                           ['weight', 'mlp.1.bias', 16],
+                           ['weight', 'mlp.1.bias', 17],
+                           ['weight', 'mlp.1.bias', 18],
+                           ['weight', 'mlp.1.bias', 19],
+                           ['weight', 'mlp.1.bias', 20],
+                           ['weight', 'mlp.1.bias', 21],
+                           ['weight', 'mlp.1.bias', 22],
+                           ['weight', 'mlp.1.bias', 23],
+                           ['weight', 'mlp.1.bias', 24],
+                           ['weight', 'mlp.1.bias', 25],
+                           ['weight', 'mlp.1.bias', 26],
+                           ['weight', 'mlp.1.bias', 27],
+                           ['weight', 'mlp.1.bias', 28],
+                           ['weight', 'mlp.1.bias', 29],
+                           ['weight', 'mlp.1.bias', 30],
+                           ['weight', 'mlp.1.bias', 31],
+                           ['weight', 'mlp.0.weight', 0],
+                           ['weight', 'mlp.0.weight', 1],
+                           ['weight', 'mlp.0.weight', 2],
+                           ['weight', 'mlp.0.weight', 3],
+                           ['weight', 'mlp.0.weight', 4],
+                           ['weight', 'mlp.0.weight', 5],
+                           ['weight', 'mlp.0.weight', 6],
+                           ['weight', 'mlp.0.weight', 7],
+                           ['weight', 'mlp.0.weight', 8],
+                           ['weight', 'mlp.0.weight', 9],
+                           ['weight', 'mlp.0.weight', 10],
+                           ['weight', 'mlp.0.weight', 11],
+                           ['weight', 'mlp.0.weight', 12],
+                           ['weight', 'mlp.0.weight', 13],
+                           ['weight', 'mlp.0.weight', 14],
+                           ['weight', 'mlp.0.weight', 15],
+                           ['weight', 'mlp.0.weight', 16],
+                           ['weight', 'mlp.0.weight', 17],
+                           ['weight', 'mlp.0.weight', 18],
+                           ['weight', 'mlp.0.weight', 19],
+                           ['weight', 'mlp.0.weight', 20],
+                           ['weight', 'mlp.0.weight', 21],
+                           ['weight', 'mlp.0.weight', 22],
+                           ['weight', 'mlp.0.weight', 23],
+                           ['weight', 'mlp.0.weight', 24],
+                           ['weight', 'mlp.0.weight', 25],
+                           ['weight', 'mlp.0.weight', 26],
+                           ['weight', 'mlp.0.weight', 27],
+                           ['weight', 'mlp.0.weight', 39],
+                           ['weight', 'mlp.0.weight', 40],
+                           ['weight', 'mlp.0.weight', 41],
+                           ['weight', 'mlp.0.weight', 42],
+                           ['weight', 'mlp.0.weight', 43],
+                           ['weight', 'mlp.0.weight', 44],
+                           ['weight', 'mlp.0.weight', 45],
+                           ['weight', 'mlp.0.weight', 46],
+                           ['weight', 'mlp.0.weight', 47],
+                           ['weight', 'mlp.0.weight', 48],
+                           ['weight', 'mlp.0.weight', 49],
+                           ['weight', 'mlp.0.weight', 50],
+                           ['weight', 'mlp.0.weight', 51],
+                           ['weight', 'mlp.0.weight', 52],
+                           ['weight', 'mlp.0.weight', 53],
+                           ['weight', 'mlp.0.weight', 54],
+                           ['weight', 'mlp.0.weight', 55],
+                           ['weight', 'mlp.0.weight', 56],
+                           ['weight', 'mlp.0.weight', 57],
+                           ['weight', 'mlp.0.weight', 58],
+                           ['weight', 'mlp.0.weight', 59],
+                           ['weight', 'mlp.0.weight', 60],
+                           ['weight', 'mlp.0.weight', 61],
+                           ['weight', 'mlp.0.weight', 62],
+                           ['weight', 'mlp.0.weight', 63],
+                           ['weight', 'mlp.0.weight', 64],
+                           ['weight', 'mlp.0.weight', 65],
+                           ['weight', 'mlp.0.weight', 66],
+                           ['weight', 'mlp.0.weight', 78],
+                           ['weight', 'mlp.0.weight', 79],
+                           ['weight', 'mlp.0.weight', 80],
+                           ['weight', 'mlp.0.weight', 81],
+                           ['weight', 'mlp.0.weight', 82],
+                           ['weight', 'mlp.0.weight', 83],
+                           ['weight', 'mlp.0.weight', 84],
+                           ['weight', 'mlp.0.weight', 85],
+                           ['weight', 'mlp.0.weight', 86],
+                           ['weight', 'mlp.0.weight', 87],
+                           ['weight', 'mlp.0.weight', 88],
+                           ['weight', 'mlp.0.weight', 89],
+                           ['weight', 'mlp.0.weight', 90],
+                           ['weight', 'mlp.0.weight', 91],
+                           ['weight', 'mlp.0.weight', 92],
+                           ['weight', 'mlp.0.weight', 93],
+                           ['weight', 'mlp.0.weight', 94],
+                           ['weight', 'mlp.0.weight', 95],
+                           ['weight', 'mlp.0.weight', 96],
+                           ['weight', 'mlp.0.weight', 97],
+                           ['weight', 'mlp.0.weight', 98],
+                           ['weight', 'mlp.0.weight', 99],
+                           ['weight', 'mlp.0.weight', 100],
+                           ['weight', 'mlp.0.weight', 101],
+                           ['weight', 'mlp.0.weight', 102],
+                           ['weight', 'mlp.0.weight', 103],
+                           ['weight', 'mlp.0.weight', 104],
+                           ['weight', 'mlp.0.weight', 105],
+                           ['weight', 'mlp.0.weight', 117],
+                           ['weight', 'mlp.0.weight', 118],
+                           ['weight', 'mlp.0.weight', 119],
+                           ['weight', 'mlp.0.weight', 120],
+                           ['weight', 'mlp.0.weight', 121],
+                           ['weight', 'mlp.0.weight', 122],
+                           ['weight', 'mlp.0.weight', 123],
+                           ['weight', 'mlp.0.weight', 124],
+                           ['weight', 'mlp.0.weight', 125],
+                           ['weight', 'mlp.0.weight', 126],
+                           ['weight', 'mlp.0.weight', 127],
+                           ['weight', 'mlp.0.weight', 128],
+                           ['weight', 'mlp.0.weight', 129],
+                           ['weight', 'mlp.0.weight', 130],
+                           ['weight', 'mlp.0.weight', 131],
+                           ['weight', 'mlp.0.weight', 132],
+                           ['weight', 'mlp.0.weight', 133],
+                           ['weight', 'mlp.0.weight', 134],
+                           ['weight', 'mlp.0.weight', 135],
+                           ['weight', 'mlp.0.weight', 136],
+                           ['weight', 'mlp.0.weight', 137],
+                           ['weight', 'mlp.0.weight', 138],
+                           ['weight', 'mlp.0.weight', 139],
+                           ['weight', 'mlp.0.weight', 140],
+                           ['weight', 'mlp.0.weight', 141],
+                           ['weight', 'mlp.0.weight', 142],
+                           ['weight', 'mlp.0.weight', 143],
+                           ['weight', 'mlp.0.weight', 144],
+                           ['weight', 'mlp.0.weight', 156],
+                           ['weight', 'mlp.0.weight', 157],
+                           ['weight', 'mlp.0.weight', 158],
+                           ['weight', 'mlp.0.weight', 159],
+                           ['weight', 'mlp.0.weight', 160],
+                           ['weight', 'mlp.0.weight', 161],
+                           ['weight', 'mlp.0.weight', 162],
+                           ['weight', 'mlp.0.weight', 163],
+                           ['weight', 'mlp.0.weight', 164],
+                           ['weight', 'mlp.0.weight', 165],
+                           ['weight', 'mlp.0.weight', 166],
+                           ['weight', 'mlp.0.weight', 167],
+                           ['weight', 'mlp.0.weight', 168],
+                           ['weight', 'mlp.0.weight', 169],
+                           ['weight', 'mlp.0.weight', 170],
+                           ['weight', 'mlp.0.weight', 171],
+                           ['weight', 'mlp.0.weight', 172],
+                           ['weight', 'mlp.0.weight', 173],
+                           ['weight', 'mlp.0.weight', 174],
+                           ['weight', 'mlp.0.weight', 175],
+                           ['weight', 'mlp.0.weight', 176],
+                           ['weight', 'mlp.0.weight', 177],
+                           ['weight', 'mlp.0.weight', 178],
+                           ['weight', 'mlp.0.weight', 179],
+                           ['weight', 'mlp.0.weight', 180],
+                           ['weight', 'mlp.0.weight', 181],
+                           ['weight', 'mlp.0.weight', 182],
+                           ['weight', 'mlp.0.weight', 183],
+                           ['weight', 'mlp.0.weight', 195],
+                           ['weight', 'mlp.0.weight', 196],
+                           ['weight', 'mlp.0.weight', 197],
+                           ['weight', 'mlp.0.weight', 198],
+                           ['weight', 'mlp.0.weight', 199],
+                           ['weight', 'mlp.0.weight', 200],
+                           ['weight', 'mlp.0.weight', 201],
+                           ['weight', 'mlp.0.weight', 202],
+                           ['weight', 'mlp.0.weight', 203],
+                           ['weight', 'mlp.0.weight', 204],
+                           ['weight', 'mlp.0.weight', 205],
+                           ['weight', 'mlp.0.weight', 206],
+                           ['weight', 'mlp.0.weight', 207],
+                           ['weight', 'mlp.0.weight', 208],
+                           ['weight', 'mlp.0.weight', 209],
+                           ['weight', 'mlp.0.weight', 210],
+                           ['weight', 'mlp.0.weight', 211],
+                           ['weight', 'mlp.0.weight', 212],
+                           ['weight', 'mlp.0.weight', 213],
+                           ['weight', 'mlp.0.weight', 214],
+                           ['weight', 'mlp.0.weight', 215],
+                           ['weight', 'mlp.0.weight', 216],
+                           ['weight', 'mlp.0.weight', 217],
+                           ['weight', 'mlp.0.weight', 218],
+                           ['weight', 'mlp.0.weight', 219],
+                           ['weight', 'mlp.0.weight', 220],
+                           ['weight', 'mlp.0.weight', 221],
+                           ['weight', 'mlp.0.weight', 222],
+                           ['weight', 'mlp.0.weight', 234],
+                           ['weight', 'mlp.0.weight', 235],
+                           ['weight', 'mlp.0.weight', 236],
+                           ['weight', 'mlp.0.weight', 237],
+                           ['weight', 'mlp.0.weight', 238],
+                           ['weight', 'mlp.0.weight', 239],
+                           ['weight', 'mlp.0.weight', 240],
+                           ['weight', 'mlp.0.weight', 241],
+                           ['weight', 'mlp.0.weight', 242],
+                           ['weight', 'mlp.0.weight', 243],
+                           ['weight', 'mlp.0.weight', 244],
+                           ['weight', 'mlp.0.weight', 245],
+                           ['weight', 'mlp.0.weight', 246],
+                           ['weight', 'mlp.0.weight', 247],
+                           ['weight', 'mlp.0.weight', 248],
+                           ['weight', 'mlp.0.weight', 249],
+                           ['weight', 'mlp.0.weight', 250],
+                           ['weight', 'mlp.0.weight', 251],
+                           ['weight', 'mlp.0.weight', 252],
+                           ['weight', 'mlp.0.weight', 253],
+                           ['weight', 'mlp.0.weight', 254],
+                           ['weight', 'mlp.0.weight', 255],
+                           ['weight', 'mlp.0.weight', 256],
+                           ['weight', 'mlp.0.weight', 257],
+                           ['weight', 'mlp.0.weight', 258],
+                           ['weight', 'mlp.0.weight', 259],
+                           ['weight', 'mlp.0.weight', 260],
+                           ['weight', 'mlp.0.weight', 261],
+                           ['weight', 'mlp.0.weight', 273],
+                           ['weight', 'mlp.0.weight', 274],
+                           ['weight', 'mlp.0.weight', 275],
+                           ['weight', 'mlp.0.weight', 276],
+                           ['weight', 'mlp.0.weight', 277],
+                           ['weight', 'mlp.0.weight', 278],
+                           ['weight', 'mlp.0.weight', 279],
+                           ['weight', 'mlp.0.weight', 280],
+                           ['weight', 'mlp.0.weight', 281],
+                           ['weight', 'mlp.0.weight', 282],
+                           ['weight', 'mlp.0.weight', 283],
+                           ['weight', 'mlp.0.weight', 284],
+                           ['weight', 'mlp.0.weight', 285],
+                           ['weight', 'mlp.0.weight', 286],
+                           ['weight', 'mlp.0.weight', 287],
+                           ['weight', 'mlp.0.weight', 288],
+                           ['weight', 'mlp.0.weight', 289],
+                           ['weight', 'mlp.0.weight', 290],
+                           ['weight', 'mlp.0.weight', 291],
+                           ['weight', 'mlp.0.weight', 292],
+                           ['weight', 'mlp.0.weight', 293],
+                           ['weight', 'mlp.0.weight', 294],
+                           ['weight', 'mlp.0.weight', 295],
+                           ['weight', 'mlp.0.weight', 296],
+                           ['weight', 'mlp.0.weight', 297],
+                           ['weight', 'mlp.0.weight', 298],
+                           ['weight', 'mlp.0.weight', 299],
+                           ['weight', 'mlp.0.weight', 300],
+                           ['weight', 'mlp.0.weight', 312],
+                           ['weight', 'mlp.0.weight', 313],
+                           ['weight', 'mlp.0.weight', 314],
+                           ['weight', 'mlp.0.weight', 315],
+                           ['weight', 'mlp.0.weight', 316],
+                           ['weight', 'mlp.0.weight', 317],
+                           ['weight', 'mlp.0.weight', 318],
+                           ['weight', 'mlp.0.weight', 319],
+                           ['weight', 'mlp.0.weight', 320],
+                           ['weight', 'mlp.0.weight', 321],
+                           ['weight', 'mlp.0.weight', 322],
+                           ['weight', 'mlp.0.weight', 323],
+                           ['weight', 'mlp.0.weight', 324],
+                           ['weight', 'mlp.0.weight', 325],
+                           ['weight', 'mlp.0.weight', 326],
+                           ['weight', 'mlp.0.weight', 327],
+                           ['weight', 'mlp.0.weight', 328],
+                           ['weight', 'mlp.0.weight', 329],
+                           ['weight', 'mlp.0.weight', 330],
+                           ['weight', 'mlp.0.weight', 331],
+                           ['weight', 'mlp.0.weight', 332],
+                           ['weight', 'mlp.0.weight', 333],
+                           ['weight', 'mlp.0.weight', 334],
+                           ['weight', 'mlp.0.weight', 335],
+                           ['weight', 'mlp.0.weight', 336],
+                           ['weight', 'mlp.0.weight', 337],
+                           ['weight', 'mlp.0.weight', 338],
+                           ['weight', 'mlp.0.weight', 339],
+                           ['weight', 'mlp.0.weight', 351],
+                           ['weight', 'mlp.0.weight', 352],
+                           ['weight', 'mlp.0.weight', 353],
+                           ['weight', 'mlp.0.weight', 354],
+                           ['weight', 'mlp.0.weight', 355],
+                           ['weight', 'mlp.0.weight', 356],
+                           ['weight', 'mlp.0.weight', 357],
+                           ['weight', 'mlp.0.weight', 358],
+                           ['weight', 'mlp.0.weight', 359],
+                           ['weight', 'mlp.0.weight', 360],
+                           ['weight', 'mlp.0.weight', 361],
+                           ['weight', 'mlp.0.weight', 362],
+                           ['weight', 'mlp.0.weight', 363],
+                           ['weight', 'mlp.0.weight', 364],
+                           ['weight', 'mlp.0.weight', 365],
+                           ['weight', 'mlp.0.weight', 366],
+                           ['weight', 'mlp.0.weight', 367],
+                           ['weight', 'mlp.0.weight', 368],
+                           ['weight', 'mlp.0.weight', 369],
+                           ['weight', 'mlp.0.weight', 370],
+                           ['weight', 'mlp.0.weight', 371],
+                           ['weight', 'mlp.0.weight', 372],
+                           ['weight', 'mlp.0.weight', 373],
+                           ['weight', 'mlp.0.weight', 374],
+                           ['weight', 'mlp.0.weight', 375],
+                           ['weight', 'mlp.0.weight', 376],
+                           ['weight', 'mlp.0.weight', 377],
+                           ['weight', 'mlp.0.weight', 378],
+                           ['weight', 'mlp.0.weight', 390],
+                           ['weight', 'mlp.0.weight', 391],
+                           ['weight', 'mlp.0.weight', 392],
+                           ['weight', 'mlp.0.weight', 393],
+                           ['weight', 'mlp.0.weight', 394],
+                           ['weight', 'mlp.0.weight', 395],
+                           ['weight', 'mlp.0.weight', 396],
+                           ['weight', 'mlp.0.weight', 397],
+                           ['weight', 'mlp.0.weight', 398],
+                           ['weight', 'mlp.0.weight', 399],
+                           ['weight', 'mlp.0.weight', 400],
+                           ['weight', 'mlp.0.weight', 401],
+                           ['weight', 'mlp.0.weight', 402],
+                           ['weight', 'mlp.0.weight', 403],
+                           ['weight', 'mlp.0.weight', 404],
+                           ['weight', 'mlp.0.weight', 405],
+                           ['weight', 'mlp.0.weight', 406],
+                           ['weight', 'mlp.0.weight', 407],
+                           ['weight', 'mlp.0.weight', 408],
+                           ['weight', 'mlp.0.weight', 409],
+                           ['weight', 'mlp.0.weight', 410],
+                           ['weight', 'mlp.0.weight', 411],
+                           ['weight', 'mlp.0.weight', 412],
+                           ['weight', 'mlp.0.weight', 413],
+                           ['weight', 'mlp.0.weight', 414],
+                           ['weight', 'mlp.0.weight', 415],
+                           ['weight', 'mlp.0.weight', 416],
+                           ['weight', 'mlp.0.weight', 417],
+                           ['weight', 'mlp.0.weight', 429],
+                           ['weight', 'mlp.0.weight', 430],
+                           ['weight', 'mlp.0.weight', 431],
+                           ['weight', 'mlp.0.weight', 432],
+                           ['weight', 'mlp.0.weight', 433],
+                           ['weight', 'mlp.0.weight', 434],
+                           ['weight', 'mlp.0.weight', 435],
+                           ['weight', 'mlp.0.weight', 436],
+                           ['weight', 'mlp.0.weight', 437],
+                           ['weight', 'mlp.0.weight', 438],
+                           ['weight', 'mlp.0.weight', 439],
+                           ['weight', 'mlp.0.weight', 440],
+                           ['weight', 'mlp.0.weight', 441],
+                           ['weight', 'mlp.0.weight', 442],
+                           ['weight', 'mlp.0.weight', 443],
+                           ['weight', 'mlp.0.weight', 444],
+                           ['weight', 'mlp.0.weight', 445],
+                           ['weight', 'mlp.0.weight', 446],
+                           ['weight', 'mlp.0.weight', 447],
+                           ['weight', 'mlp.0.weight', 448],
+                           ['weight', 'mlp.0.weight', 449],
+                           ['weight', 'mlp.0.weight', 450],
+                           ['weight', 'mlp.0.weight', 451],
+                           ['weight', 'mlp.0.weight', 452],
+                           ['weight', 'mlp.0.weight', 453],
+                           ['weight', 'mlp.0.weight', 454],
+                           ['weight', 'mlp.0.weight', 455],
+                           ['weight', 'mlp.0.weight', 456],
+                           ['weight', 'mlp.0.weight', 468],
+                           ['weight', 'mlp.0.weight', 469],
+                           ['weight', 'mlp.0.weight', 470],
+                           ['weight', 'mlp.0.weight', 471],
+                           ['weight', 'mlp.0.weight', 472],
+                           ['weight', 'mlp.0.weight', 473],
+                           ['weight', 'mlp.0.weight', 474],
+                           ['weight', 'mlp.0.weight', 475],
+                           ['weight', 'mlp.0.weight', 476],
+                           ['weight', 'mlp.0.weight', 477],
+                           ['weight', 'mlp.0.weight', 478],
+                           ['weight', 'mlp.0.weight', 479],
+                           ['weight', 'mlp.0.weight', 480],
+                           ['weight', 'mlp.0.weight', 481],
+                           ['weight', 'mlp.0.weight', 482],
+                           ['weight', 'mlp.0.weight', 483],
+                           ['weight', 'mlp.0.weight', 484],
+                           ['weight', 'mlp.0.weight', 485],
+                           ['weight', 'mlp.0.weight', 486],
+                           ['weight', 'mlp.0.weight', 487],
+                           ['weight', 'mlp.0.weight', 488],
+                           ['weight', 'mlp.0.weight', 489],
+                           ['weight', 'mlp.0.weight', 490],
+                           ['weight', 'mlp.0.weight', 491],
+                           ['weight', 'mlp.0.weight', 492],
+                           ['weight', 'mlp.0.weight', 493],
+                           ['weight', 'mlp.0.weight', 494],
+                           ['weight', 'mlp.0.weight', 495],
+                           ['weight', 'mlp.0.weight', 507],
+                           ['weight', 'mlp.0.weight', 508],
+                           ['weight', 'mlp.0.weight', 509],
+                           ['weight', 'mlp.0.weight', 510],
+                           ['weight', 'mlp.0.weight', 511],
+                           ['weight', 'mlp.0.weight', 512],
+                           ['weight', 'mlp.0.weight', 513],
+                           ['weight', 'mlp.0.weight', 514],
+                           ['weight', 'mlp.0.weight', 515],
+                           ['weight', 'mlp.0.weight', 516],
+                           ['weight', 'mlp.0.weight', 517],
+                           ['weight', 'mlp.0.weight', 518],
+                           ['weight', 'mlp.0.weight', 519],
+                           ['weight', 'mlp.0.weight', 520],
+                           ['weight', 'mlp.0.weight', 521],
+                           ['weight', 'mlp.0.weight', 522],
+                           ['weight', 'mlp.0.weight', 523],
+                           ['weight', 'mlp.0.weight', 524],
+                           ['weight', 'mlp.0.weight', 525],
+                           ['weight', 'mlp.0.weight', 526],
+                           ['weight', 'mlp.0.weight', 527],
+                           ['weight', 'mlp.0.weight', 528],
+                           ['weight', 'mlp.0.weight', 529],
+                           ['weight', 'mlp.0.weight', 530],
+                           ['weight', 'mlp.0.weight', 531],
+                           ['weight', 'mlp.0.weight', 532],
+                           ['weight', 'mlp.0.weight', 533],
+                           ['weight', 'mlp.0.weight', 534],
+                           ['weight', 'mlp.0.weight', 546],
+                           ['weight', 'mlp.0.weight', 547],
+                           ['weight', 'mlp.0.weight', 548],
+                           ['weight', 'mlp.0.weight', 549],
+                           ['weight', 'mlp.0.weight', 550],
+                           ['weight', 'mlp.0.weight', 551],
+                           ['weight', 'mlp.0.weight', 552],
+                           ['weight', 'mlp.0.weight', 553],
+                           ['weight', 'mlp.0.weight', 554],
+                           ['weight', 'mlp.0.weight', 555],
+                           ['weight', 'mlp.0.weight', 556],
+                           ['weight', 'mlp.0.weight', 557],
+                           ['weight', 'mlp.0.weight', 558],
+                           ['weight', 'mlp.0.weight', 559],
+                           ['weight', 'mlp.0.weight', 560],
+                           ['weight', 'mlp.0.weight', 561],
+                           ['weight', 'mlp.0.weight', 562],
+                           ['weight', 'mlp.0.weight', 563],
+                           ['weight', 'mlp.0.weight', 564],
+                           ['weight', 'mlp.0.weight', 565],
+                           ['weight', 'mlp.0.weight', 566],
+                           ['weight', 'mlp.0.weight', 567],
+                           ['weight', 'mlp.0.weight', 568],
+                           ['weight', 'mlp.0.weight', 569],
+                           ['weight', 'mlp.0.weight', 570],
+                           ['weight', 'mlp.0.weight', 571],
+                           ['weight', 'mlp.0.weight', 572],
+                           ['weight', 'mlp.0.weight', 573],
+                           ['weight', 'mlp.0.weight', 585],
+                           ['weight', 'mlp.0.weight', 586],
+                           ['weight', 'mlp.0.weight', 587],
+                           ['weight', 'mlp.0.weight', 588],
+                           ['weight', 'mlp.0.weight', 589],
+                           ['weight', 'mlp.0.weight', 590],
+                           ['weight', 'mlp.0.weight', 591],
+                           ['weight', 'mlp.0.weight', 592],
+                           ['weight', 'mlp.0.weight', 593],
+                           ['weight', 'mlp.0.weight', 594],
+                           ['weight', 'mlp.0.weight', 595],
+                           ['weight', 'mlp.0.weight', 596],
+                           ['weight', 'mlp.0.weight', 597],
+                           ['weight', 'mlp.0.weight', 598],
+                           ['weight', 'mlp.0.weight', 599],
+                           ['weight', 'mlp.0.weight', 600],
+                           ['weight', 'mlp.0.weight', 601],
+                           ['weight', 'mlp.0.weight', 602],
+                           ['weight', 'mlp.0.weight', 603],
+                           ['weight', 'mlp.0.weight', 604],
+                           ['weight', 'mlp.0.weight', 605],
+                           ['weight', 'mlp.0.weight', 606],
+                           ['weight', 'mlp.0.weight', 607],
+                           ['weight', 'mlp.0.weight', 608],
+                           ['weight', 'mlp.0.weight', 609],
+                           ['weight', 'mlp.0.weight', 610],
+                           ['weight', 'mlp.0.weight', 611],
+                           ['weight', 'mlp.0.weight', 612],
+                           ['weight', 'mlp.0.weight', 624],
+                           ['weight', 'mlp.0.weight', 625],
+                           ['weight', 'mlp.0.weight', 626],
+                           ['weight', 'mlp.0.weight', 627],
+                           ['weight', 'mlp.0.weight', 628],
+                           ['weight', 'mlp.0.weight', 629],
+                           ['weight', 'mlp.0.weight', 630],
+                           ['weight', 'mlp.0.weight', 631],
+                           ['weight', 'mlp.0.weight', 632],
+                           ['weight', 'mlp.0.weight', 633],
+                           ['weight', 'mlp.0.weight', 634],
+                           ['weight', 'mlp.0.weight', 635],
+                           ['weight', 'mlp.0.weight', 636],
+                           ['weight', 'mlp.0.weight', 637],
+                           ['weight', 'mlp.0.weight', 638],
+                           ['weight', 'mlp.0.weight', 639],
+                           ['weight', 'mlp.0.weight', 640],
+                           ['weight', 'mlp.0.weight', 641],
+                           ['weight', 'mlp.0.weight', 642],
+                           ['weight', 'mlp.0.weight', 643],
+                           ['weight', 'mlp.0.weight', 644],
+                           ['weight', 'mlp.0.weight', 645],
+                           ['weight', 'mlp.0.weight', 646],
+                           ['weight', 'mlp.0.weight', 647],
+                           ['weight', 'mlp.0.weight', 648],
+                           ['weight', 'mlp.0.weight', 649],
+                           ['weight', 'mlp.0.weight', 650],
+                           ['weight', 'mlp.0.weight', 651],
+                           ['weight', 'mlp.0.weight', 663],
+                           ['weight', 'mlp.0.weight', 664],
+                           ['weight', 'mlp.0.weight', 665],
+                           ['weight', 'mlp.0.weight', 666],
+                           ['weight', 'mlp.0.weight', 667],
+                           ['weight', 'mlp.0.weight', 668],
+                           ['weight', 'mlp.0.weight', 669],
+                           ['weight', 'mlp.0.weight', 670],
+                           ['weight', 'mlp.0.weight', 671],
+                           ['weight', 'mlp.0.weight', 672],
+                           ['weight', 'mlp.0.weight', 673],
+                           ['weight', 'mlp.0.weight', 674],
+                           ['weight', 'mlp.0.weight', 675],
+                           ['weight', 'mlp.0.weight', 676],
+                           ['weight', 'mlp.0.weight', 677],
+                           ['weight', 'mlp.0.weight', 678],
+                           ['weight', 'mlp.0.weight', 679],
+                           ['weight', 'mlp.0.weight', 680],
+                           ['weight', 'mlp.0.weight', 681],
+                           ['weight', 'mlp.0.weight', 682],
+                           ['weight', 'mlp.0.weight', 683],
+                           ['weight', 'mlp.0.weight', 684],
+                           ['weight', 'mlp.0.weight', 685],
+                           ['weight', 'mlp.0.weight', 686],
+                           ['weight', 'mlp.0.weight', 687],
+                           ['weight', 'mlp.0.weight', 688],
+                           ['weight', 'mlp.0.weight', 689],
+                           ['weight', 'mlp.0.weight', 690],
+                           ['weight', 'mlp.0.weight', 702],
+                           ['weight', 'mlp.0.weight', 703],
+                           ['weight', 'mlp.0.weight', 704],
+                           ['weight', 'mlp.0.weight', 705],
+                           ['weight', 'mlp.0.weight', 706],
+                           ['weight', 'mlp.0.weight', 707],
+                           ['weight', 'mlp.0.weight', 708],
+                           ['weight', 'mlp.0.weight', 709],
+                           ['weight', 'mlp.0.weight', 710],
+                           ['weight', 'mlp.0.weight', 711],
+                           ['weight', 'mlp.0.weight', 712],
+                           ['weight', 'mlp.0.weight', 713],
+                           ['weight', 'mlp.0.weight', 714],
+                           ['weight', 'mlp.0.weight', 715],
+                           ['weight', 'mlp.0.weight', 716],
+                           ['weight', 'mlp.0.weight', 717],
+                           ['weight', 'mlp.0.weight', 718],
+                           ['weight', 'mlp.0.weight', 719],
+                           ['weight', 'mlp.0.weight', 720],
+                           ['weight', 'mlp.0.weight', 721],
+                           ['weight', 'mlp.0.weight', 722],
+                           ['weight', 'mlp.0.weight', 723],
+                           ['weight', 'mlp.0.weight', 724],
+                           ['weight', 'mlp.0.weight', 725],
+                           ['weight', 'mlp.0.weight', 726],
+                           ['weight', 'mlp.0.weight', 727],
+                           ['weight', 'mlp.0.weight', 728],
+                           ['weight', 'mlp.0.weight', 729],
+                           ['weight', 'mlp.0.weight', 741],
+                           ['weight', 'mlp.0.weight', 742],
+                           ['weight', 'mlp.0.weight', 743],
+                           ['weight', 'mlp.0.weight', 744],
+                           ['weight', 'mlp.0.weight', 745],
+                           ['weight', 'mlp.0.weight', 746],
+                           ['weight', 'mlp.0.weight', 747],
+                           ['weight', 'mlp.0.weight', 748],
+                           ['weight', 'mlp.0.weight', 749],
+                           ['weight', 'mlp.0.weight', 750],
+                           ['weight', 'mlp.0.weight', 751],
+                           ['weight', 'mlp.0.weight', 752],
+                           ['weight', 'mlp.0.weight', 753],
+                           ['weight', 'mlp.0.weight', 754],
+                           ['weight', 'mlp.0.weight', 755],
+                           ['weight', 'mlp.0.weight', 756],
+                           ['weight', 'mlp.0.weight', 757],
+                           ['weight', 'mlp.0.weight', 758],
+                           ['weight', 'mlp.0.weight', 759],
+                           ['weight', 'mlp.0.weight', 760],
+                           ['weight', 'mlp.0.weight', 761],
+                           ['weight', 'mlp.0.weight', 762],
+                           ['weight', 'mlp.0.weight', 763],
+                           ['weight', 'mlp.0.weight', 764],
+                           ['weight', 'mlp.0.weight', 765],
+                           ['weight', 'mlp.0.weight', 766],
+                           ['weight', 'mlp.0.weight', 767],
+                           ['weight', 'mlp.0.weight', 768],
+                           ['weight', 'mlp.0.weight', 780],
+                           ['weight', 'mlp.0.weight', 781],
+                           ['weight', 'mlp.0.weight', 782],
+                           ['weight', 'mlp.0.weight', 783],
+                           ['weight', 'mlp.0.weight', 784],
+                           ['weight', 'mlp.0.weight', 785],
+                           ['weight', 'mlp.0.weight', 786],
+                           ['weight', 'mlp.0.weight', 787],
+                           ['weight', 'mlp.0.weight', 788],
+                           ['weight', 'mlp.0.weight', 789],
+                           ['weight', 'mlp.0.weight', 790],
+                           ['weight', 'mlp.0.weight', 791],
+                           ['weight', 'mlp.0.weight', 792],
+                           ['weight', 'mlp.0.weight', 793],
+                           ['weight', 'mlp.0.weight', 794],
+                           ['weight', 'mlp.0.weight', 795],
+                           ['weight', 'mlp.0.weight', 796],
+                           ['weight', 'mlp.0.weight', 797],
+                           ['weight', 'mlp.0.weight', 798],
+                           ['weight', 'mlp.0.weight', 799],
+                           ['weight', 'mlp.0.weight', 800],
+                           ['weight', 'mlp.0.weight', 801],
+                           ['weight', 'mlp.0.weight', 802],
+                           ['weight', 'mlp.0.weight', 803],
+                           ['weight', 'mlp.0.weight', 804],
+                           ['weight', 'mlp.0.weight', 805],
+                           ['weight', 'mlp.0.weight', 806],
+                           ['weight', 'mlp.0.weight', 807],
+                           ['weight', 'mlp.0.weight', 819],
+                           ['weight', 'mlp.0.weight', 820],
+                           ['weight', 'mlp.0.weight', 821],
+                           ['weight', 'mlp.0.weight', 822],
+                           ['weight', 'mlp.0.weight', 823],
+                           ['weight', 'mlp.0.weight', 824],
+                           ['weight', 'mlp.0.weight', 825],
+                           ['weight', 'mlp.0.weight', 826],
+                           ['weight', 'mlp.0.weight', 827],
+                           ['weight', 'mlp.0.weight', 828],
+                           ['weight', 'mlp.0.weight', 829],
+                           ['weight', 'mlp.0.weight', 830],
+                           ['weight', 'mlp.0.weight', 831],
+                           ['weight', 'mlp.0.weight', 832],
+                           ['weight', 'mlp.0.weight', 833],
+                           ['weight', 'mlp.0.weight', 834],
+                           ['weight', 'mlp.0.weight', 835],
+                           ['weight', 'mlp.0.weight', 836],
+                           ['weight', 'mlp.0.weight', 837],
+                           ['weight', 'mlp.0.weight', 838],
+                           ['weight', 'mlp.0.weight', 839],
+                           ['weight', 'mlp.0.weight', 840],
+                           ['weight', 'mlp.0.weight', 841],
+                           ['weight', 'mlp.0.weight', 842],
+                           ['weight', 'mlp.0.weight', 843],
+                           ['weight', 'mlp.0.weight', 844],
+                           ['weight', 'mlp.0.weight', 845],
+                           ['weight', 'mlp.0.weight', 846],
+                           ['weight', 'mlp.0.weight', 858],
+                           ['weight', 'mlp.0.weight', 859],
+                           ['weight', 'mlp.0.weight', 860],
+                           ['weight', 'mlp.0.weight', 861],
+                           ['weight', 'mlp.0.weight', 862],
+                           ['weight', 'mlp.0.weight', 863],
+                           ['weight', 'mlp.0.weight', 864],
+                           ['weight', 'mlp.0.weight', 865],
+                           ['weight', 'mlp.0.weight', 866],
+                           ['weight', 'mlp.0.weight', 867],
+                           ['weight', 'mlp.0.weight', 868],
+                           ['weight', 'mlp.0.weight', 869],
+                           ['weight', 'mlp.0.weight', 870],
+                           ['weight', 'mlp.0.weight', 871],
+                           ['weight', 'mlp.0.weight', 872],
+                           ['weight', 'mlp.0.weight', 873],
+                           ['weight', 'mlp.0.weight', 874],
+                           ['weight', 'mlp.0.weight', 875],
+                           ['weight', 'mlp.0.weight', 876],
+                           ['weight', 'mlp.0.weight', 877],
+                           ['weight', 'mlp.0.weight', 878],
+                           ['weight', 'mlp.0.weight', 879],
+                           ['weight', 'mlp.0.weight', 880],
+                           ['weight', 'mlp.0.weight', 881],
+                           ['weight', 'mlp.0.weight', 882],
+                           ['weight', 'mlp.0.weight', 883],
+                           ['weight', 'mlp.0.weight', 884],
+                           ['weight', 'mlp.0.weight', 885],
+                           ['weight', 'mlp.0.weight', 897],
+                           ['weight', 'mlp.0.weight', 898],
+                           ['weight', 'mlp.0.weight', 899],
+                           ['weight', 'mlp.0.weight', 900],
+                           ['weight', 'mlp.0.weight', 901],
+                           ['weight', 'mlp.0.weight', 902],
+                           ['weight', 'mlp.0.weight', 903],
+                           ['weight', 'mlp.0.weight', 904],
+                           ['weight', 'mlp.0.weight', 905],
+                           ['weight', 'mlp.0.weight', 906],
+                           ['weight', 'mlp.0.weight', 907],
+                           ['weight', 'mlp.0.weight', 908],
+                           ['weight', 'mlp.0.weight', 909],
+                           ['weight', 'mlp.0.weight', 910],
+                           ['weight', 'mlp.0.weight', 911],
+                           ['weight', 'mlp.0.weight', 912],
+                           ['weight', 'mlp.0.weight', 913],
+                           ['weight', 'mlp.0.weight', 914],
+                           ['weight', 'mlp.0.weight', 915],
+                           ['weight', 'mlp.0.weight', 916],
+                           ['weight', 'mlp.0.weight', 917],
+                           ['weight', 'mlp.0.weight', 918],
+                           ['weight', 'mlp.0.weight', 919],
+                           ['weight', 'mlp.0.weight', 920],
+                           ['weight', 'mlp.0.weight', 921],
+                           ['weight', 'mlp.0.weight', 922],
+                           ['weight', 'mlp.0.weight', 923],
+                           ['weight', 'mlp.0.weight', 924],
+                           ['weight', 'mlp.0.weight', 936],
+                           ['weight', 'mlp.0.weight', 937],
+                           ['weight', 'mlp.0.weight', 938],
+                           ['weight', 'mlp.0.weight', 939],
+                           ['weight', 'mlp.0.weight', 940],
+                           ['weight', 'mlp.0.weight', 941],
+                           ['weight', 'mlp.0.weight', 942],
+                           ['weight', 'mlp.0.weight', 943],
+                           ['weight', 'mlp.0.weight', 944],
+                           ['weight', 'mlp.0.weight', 945],
+                           ['weight', 'mlp.0.weight', 946],
+                           ['weight', 'mlp.0.weight', 947],
+                           ['weight', 'mlp.0.weight', 948],
+                           ['weight', 'mlp.0.weight', 949],
+                           ['weight', 'mlp.0.weight', 950],
+                           ['weight', 'mlp.0.weight', 951],
+                           ['weight', 'mlp.0.weight', 952],
+                           ['weight', 'mlp.0.weight', 953],
+                           ['weight', 'mlp.0.weight', 954],
+                           ['weight', 'mlp.0.weight', 955],
+                           ['weight', 'mlp.0.weight', 956],
+                           ['weight', 'mlp.0.weight', 957],
+                           ['weight', 'mlp.0.weight', 958],
+                           ['weight', 'mlp.0.weight', 959],
+                           ['weight', 'mlp.0.weight', 960],
+                           ['weight', 'mlp.0.weight', 961],
+                           ['weight', 'mlp.0.weight', 962],
+                           ['weight', 'mlp.0.weight', 963],
+                           ['weight', 'mlp.0.weight', 975],
+                           ['weight', 'mlp.0.weight', 976],
+                           ['weight', 'mlp.0.weight', 977],
+                           ['weight', 'mlp.0.weight', 978],
+                           ['weight', 'mlp.0.weight', 979],
+                           ['weight', 'mlp.0.weight', 980],
+                           ['weight', 'mlp.0.weight', 981],
+                           ['weight', 'mlp.0.weight', 982],
+                           ['weight', 'mlp.0.weight', 983],
+                           ['weight', 'mlp.0.weight', 984],
+                           ['weight', 'mlp.0.weight', 985],
+                           ['weight', 'mlp.0.weight', 986],
+                           ['weight', 'mlp.0.weight', 987],
+                           ['weight', 'mlp.0.weight', 988],
+                           ['weight', 'mlp.0.weight', 989],
+                           ['weight', 'mlp.0.weight', 990],
+                           ['weight', 'mlp.0.weight', 991],
+                           ['weight', 'mlp.0.weight', 992],
+                           ['weight', 'mlp.0.weight', 993],
+                           ['weight', 'mlp.0.weight', 994],
+                           ['weight', 'mlp.0.weight', 995],
+                           ['weight', 'mlp.0.weight', 996],
+                           ['weight', 'mlp.0.weight', 997],
+                           ['weight', 'mlp.0.weight', 998],
+                           ['weight', 'mlp.0.weight', 999],
+                           ['weight', 'mlp.0.weight', 1000],
+                           ['weight', 'mlp.0.weight', 1001],
+                           ['weight', 'mlp.0.weight', 1002],
+                           ['weight', 'mlp.0.weight', 1014],
+                           ['weight', 'mlp.0.weight', 1015],
+                           ['weight', 'mlp.0.weight', 1016],
+                           ['weight', 'mlp.0.weight', 1017],
+                           ['weight', 'mlp.0.weight', 1018],
+                           ['weight', 'mlp.0.weight', 1019],
+                           ['weight', 'mlp.0.weight', 1020],
+                           ['weight', 'mlp.0.weight', 1021],
+                           ['weight', 'mlp.0.weight', 1022],
+                           ['weight', 'mlp.0.weight', 1023],
+                           ['weight', 'mlp.0.weight', 1024],
+                           ['weight', 'mlp.0.weight', 1025],
+                           ['weight', 'mlp.0.weight', 1026],
+                           ['weight', 'mlp.0.weight', 1027],
+                           ['weight', 'mlp.0.weight', 1028],
+                           ['weight', 'mlp.0.weight', 1029],
+                           ['weight', 'mlp.0.weight', 1030],
+                           ['weight', 'mlp.0.weight', 1031],
+                           ['weight', 'mlp.0.weight', 1032],
+                           ['weight', 'mlp.0.weight', 1033],
+                           ['weight', 'mlp.0.weight', 1034],
+                           ['weight', 'mlp.0.weight', 1035],
+                           ['weight', 'mlp.0.weight', 1036],
+                           ['weight', 'mlp.0.weight', 1037],
+                           ['weight', 'mlp.0.weight', 1038],
+                           ['weight', 'mlp.0.weight', 1039],
+                           ['weight', 'mlp.0.weight', 1040],
+                           ['weight', 'mlp.0.weight', 1041],
+                           ['weight', 'mlp.0.weight', 1053],
+                           ['weight', 'mlp.0.weight', 1054],
+                           ['weight', 'mlp.0.weight', 1055],
+                           ['weight', 'mlp.0.weight', 1056],
+                           ['weight', 'mlp.0.weight', 1057],
+                           ['weight', 'mlp.0.weight', 1058],
+                           ['weight', 'mlp.0.weight', 1059],
+                           ['weight', 'mlp.0.weight', 1060],
+                           ['weight', 'mlp.0.weight', 1061],
+                           ['weight', 'mlp.0.weight', 1062],
+                           ['weight', 'mlp.0.weight', 1063],
+                           ['weight', 'mlp.0.weight', 1064],
+                           ['weight', 'mlp.0.weight', 1065],
+                           ['weight', 'mlp.0.weight', 1066],
+                           ['weight', 'mlp.0.weight', 1067],
+                           ['weight', 'mlp.0.weight', 1068],
+                           ['weight', 'mlp.0.weight', 1069],
+                           ['weight', 'mlp.0.weight', 1070],
+                           ['weight', 'mlp.0.weight', 1071],
+                           ['weight', 'mlp.0.weight', 1072],
+                           ['weight', 'mlp.0.weight', 1073],
+                           ['weight', 'mlp.0.weight', 1074],
+                           ['weight', 'mlp.0.weight', 1075],
+                           ['weight', 'mlp.0.weight', 1076],
+                           ['weight', 'mlp.0.weight', 1077],
+                           ['weight', 'mlp.0.weight', 1078],
+                           ['weight', 'mlp.0.weight', 1079],
+                           ['weight', 'mlp.0.weight', 1080],
+                           ['weight', 'mlp.0.weight', 1092],
+                           ['weight', 'mlp.0.weight', 1093],
+                           ['weight', 'mlp.0.weight', 1094],
+                           ['weight', 'mlp.0.weight', 1095],
+                           ['weight', 'mlp.0.weight', 1096],
+                           ['weight', 'mlp.0.weight', 1097],
+                           ['weight', 'mlp.0.weight', 1098],
+                           ['weight', 'mlp.0.weight', 1099],
+                           ['weight', 'mlp.0.weight', 1100],
+                           ['weight', 'mlp.0.weight', 1101],
+                           ['weight', 'mlp.0.weight', 1102],
+                           ['weight', 'mlp.0.weight', 1103],
+                           ['weight', 'mlp.0.weight', 1104],
+                           ['weight', 'mlp.0.weight', 1105],
+                           ['weight', 'mlp.0.weight', 1106],
+                           ['weight', 'mlp.0.weight', 1107],
+                           ['weight', 'mlp.0.weight', 1108],
+                           ['weight', 'mlp.0.weight', 1109],
+                           ['weight', 'mlp.0.weight', 1110],
+                           ['weight', 'mlp.0.weight', 1111],
+                           ['weight', 'mlp.0.weight', 1112],
+                           ['weight', 'mlp.0.weight', 1113],
+                           ['weight', 'mlp.0.weight', 1114],
+                           ['weight', 'mlp.0.weight', 1115],
+                           ['weight', 'mlp.0.weight', 1116],
+                           ['weight', 'mlp.0.weight', 1117],
+                           ['weight', 'mlp.0.weight', 1118],
+                           ['weight', 'mlp.0.weight', 1119],
+                           ['weight', 'mlp.0.weight', 1131],
+                           ['weight', 'mlp.0.weight', 1132],
+                           ['weight', 'mlp.0.weight', 1133],
+                           ['weight', 'mlp.0.weight', 1134],
+                           ['weight', 'mlp.0.weight', 1135],
+                           ['weight', 'mlp.0.weight', 1136],
+                           ['weight', 'mlp.0.weight', 1137],
+                           ['weight', 'mlp.0.weight', 1138],
+                           ['weight', 'mlp.0.weight', 1139],
+                           ['weight', 'mlp.0.weight', 1140],
+                           ['weight', 'mlp.0.weight', 1141],
+                           ['weight', 'mlp.0.weight', 1142],
+                           ['weight', 'mlp.0.weight', 1143],
+                           ['weight', 'mlp.0.weight', 1144],
+                           ['weight', 'mlp.0.weight', 1145],
+                           ['weight', 'mlp.0.weight', 1146],
+                           ['weight', 'mlp.0.weight', 1147],
+                           ['weight', 'mlp.0.weight', 1148],
+                           ['weight', 'mlp.0.weight', 1149],
+                           ['weight', 'mlp.0.weight', 1150],
+                           ['weight', 'mlp.0.weight', 1151],
+                           ['weight', 'mlp.0.weight', 1152],
+                           ['weight', 'mlp.0.weight', 1153],
+                           ['weight', 'mlp.0.weight', 1154],
+                           ['weight', 'mlp.0.weight', 1155],
+                           ['weight', 'mlp.0.weight', 1156],
+                           ['weight', 'mlp.0.weight', 1157],
+                           ['weight', 'mlp.0.weight', 1158],
+                           ['weight', 'mlp.0.weight', 1170],
+                           ['weight', 'mlp.0.weight', 1171],
+                           ['weight', 'mlp.0.weight', 1172],
+                           ['weight', 'mlp.0.weight', 1173],
+                           ['weight', 'mlp.0.weight', 1174],
+                           ['weight', 'mlp.0.weight', 1175],
+                           ['weight', 'mlp.0.weight', 1176],
+                           ['weight', 'mlp.0.weight', 1177],
+                           ['weight', 'mlp.0.weight', 1178],
+                           ['weight', 'mlp.0.weight', 1179],
+                           ['weight', 'mlp.0.weight', 1180],
+                           ['weight', 'mlp.0.weight', 1181],
+                           ['weight', 'mlp.0.weight', 1182],
+                           ['weight', 'mlp.0.weight', 1183],
+                           ['weight', 'mlp.0.weight', 1184],
+                           ['weight', 'mlp.0.weight', 1185],
+                           ['weight', 'mlp.0.weight', 1186],
+                           ['weight', 'mlp.0.weight', 1187],
+                           ['weight', 'mlp.0.weight', 1188],
+                           ['weight', 'mlp.0.weight', 1189],
+                           ['weight', 'mlp.0.weight', 1190],
+                           ['weight', 'mlp.0.weight', 1191],
+                           ['weight', 'mlp.0.weight', 1192],
+                           ['weight', 'mlp.0.weight', 1193],
+                           ['weight', 'mlp.0.weight', 1194],
+                           ['weight', 'mlp.0.weight', 1195],
+                           ['weight', 'mlp.0.weight', 1196],
+                           ['weight', 'mlp.0.weight', 1197],
+                           ['weight', 'mlp.0.weight', 1209],
+                           ['weight', 'mlp.0.weight', 1210],
+                           ['weight', 'mlp.0.weight', 1211],
+                           ['weight', 'mlp.0.weight', 1212],
+                           ['weight', 'mlp.0.weight', 1213],
+                           ['weight', 'mlp.0.weight', 1214],
+                           ['weight', 'mlp.0.weight', 1215],
+                           ['weight', 'mlp.0.weight', 1216],
+                           ['weight', 'mlp.0.weight', 1217],
+                           ['weight', 'mlp.0.weight', 1218],
+                           ['weight', 'mlp.0.weight', 1219],
+                           ['weight', 'mlp.0.weight', 1220],
+                           ['weight', 'mlp.0.weight', 1221],
+                           ['weight', 'mlp.0.weight', 1222],
+                           ['weight', 'mlp.0.weight', 1223],
+                           ['weight', 'mlp.0.weight', 1224],
+                           ['weight', 'mlp.0.weight', 1225],
+                           ['weight', 'mlp.0.weight', 1226],
+                           ['weight', 'mlp.0.weight', 1227],
+                           ['weight', 'mlp.0.weight', 1228],
+                           ['weight', 'mlp.0.weight', 1229],
+                           ['weight', 'mlp.0.weight', 1230],
+                           ['weight', 'mlp.0.weight', 1231],
+                           ['weight', 'mlp.0.weight', 1232],
+                           ['weight', 'mlp.0.weight', 1233],
+                           ['weight', 'mlp.0.weight', 1234],
+                           ['weight', 'mlp.0.weight', 1235],
+                           ['weight', 'mlp.0.weight', 1236]],
+            'hv': ['_u1',
+                   '_u2',
+                   '_u3',
+                   '_u4',
+                   '_u5',
+                   '_u6',
+                   '_u7',
+                   '_u8',
+                   '_u9',
+                   '_u10',
+                   '_u20',
+                   '_u21',
+                   '_u22',
+                   '_u41',
+                   '_u42',
+                   '_u43',
+                   '_mlp_0_out75_bias',
+                   '_mlp_0_out76_bias',
+                   '_mlp_0_out77_bias',
+                   '_mlp_0_out78_bias',
+                   '_mlp_0_out79_bias',
+                   '_mlp_0_out80_bias',
+                   '_mlp_0_out81_bias',
+                   '_mlp_0_out82_bias',
+                   '_mlp_0_out83_bias',
+                   '_mlp_0_out84_bias',
+                   '_mlp_0_out85_bias',
+                   '_mlp_0_out86_bias',
+                   '_mlp_0_out87_bias',
+                   '_mlp_0_out88_bias',
+                   '_mlp_0_out89_bias',
+                   '_mlp_0_out90_bias',
+                   '_mlp_0_out91_bias',
+                   '_mlp_0_out92_bias',
+                   '_mlp_0_out93_bias',
+                   '_mlp_0_out94_bias',
+                   '_mlp_0_out95_bias',
+                   '_mlp_0_out96_bias',
+                   '_mlp_0_out97_bias',
+                   '_mlp_0_out98_bias',
+                   '_mlp_0_out99_bias',
+                   '_mlp_0_out100_bias',
+                   '_mlp_0_out101_bias',
+                   '_mlp_0_out102_bias',
+                   '_mlp_0_out103_bias',
+                   '_mlp_0_out104_bias',
+                   '_mlp_0_out105_bias',
+                   '_mlp_0_out106_bias',
+                   '_u44',
+                   'lr'],
+            'index': 2,
+            'name': 'stage2_backward_kernel',
+            'reductions': [],
+            'seeds': [{'kind': 'output', 'sources': [('out_param', None, 0)], 'value': '_p_new'},
+                      {'kind': 'output', 'sources': [('out_state', 'm', 0)], 'value': 'm_0'},
+                      {'kind': 'output', 'sources': [('out_state', 'm', 1)], 'value': 'm_1'},
+                      {'kind': 'output', 'sources': [('out_state', 'm', 2)], 'value': 'm_2'},
+                      {'kind': 'output', 'sources': [('out_state', 'v', 0)], 'value': 'v'}],
+            'uses_coords': True,
+            'weights': ['mlp.0.weight', 'mlp.1.bias', 'mlp.1.weight', 'mlp.2.bias', 'mlp.2.weight']}]
+
+
+@triton.jit
+def stage0_backward_kernel(
+    ptrs,
+    info,
+    progs,
+    hv,
+    _dpart_ptr,
+    _gpart_ptr,
+    N_PTR: tl.constexpr,
+    N_HV: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    _pid = tl.program_id(0)
+    _t = tl.load(progs + 2 * _pid)
+    _offs = tl.load(progs + 2 * _pid + 1) + tl.arange(0, BLOCK)
+    _numel = tl.load(info + _t * 13)
+    _mask = _offs < _numel
+    _hv_ptr = hv + _t * N_HV
+    _g_ptr = tl.load(ptrs + _t * N_PTR + 0).to(tl.pointer_type(tl.float32))
+    _p_ptr = tl.load(ptrs + _t * N_PTR + 1).to(tl.pointer_type(tl.float32))
+    _st_m = tl.load(ptrs + _t * N_PTR + 2).to(tl.pointer_type(tl.float32))
+    _st_v = tl.load(ptrs + _t * N_PTR + 3).to(tl.pointer_type(tl.float32))
+    _seed__mean_row22_ptr = tl.load(ptrs + _t * N_PTR + 4).to(tl.pointer_type(tl.float32))
+    _seed__mean_row24_ptr = tl.load(ptrs + _t * N_PTR + 5).to(tl.pointer_type(tl.float32))
+    _seed__mean_row26_ptr = tl.load(ptrs + _t * N_PTR + 6).to(tl.pointer_type(tl.float32))
+    _seed__mean_col28_ptr = tl.load(ptrs + _t * N_PTR + 7).to(tl.pointer_type(tl.float32))
+    _seed__mean_col30_ptr = tl.load(ptrs + _t * N_PTR + 8).to(tl.pointer_type(tl.float32))
+    _seed__mean_col32_ptr = tl.load(ptrs + _t * N_PTR + 9).to(tl.pointer_type(tl.float32))
+    _grad_st_m = tl.load(ptrs + _t * N_PTR + 10).to(tl.pointer_type(tl.float32))
+    _grad_st_v = tl.load(ptrs + _t * N_PTR + 11).to(tl.pointer_type(tl.float32))
+    _grad_g_ptr = tl.load(ptrs + _t * N_PTR + 12).to(tl.pointer_type(tl.float32))
+    _grad_p_ptr = tl.load(ptrs + _t * N_PTR + 13).to(tl.pointer_type(tl.float32))
+    g = tl.load(_g_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _mean_tensor_arg1 = g * g
+    p = tl.load(_p_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
+    _mean_tensor_arg3 = p * p
+    _m_old_0 = tl.load(_st_m + 0 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    m_0 = 0.9 * _m_old_0 + 0.09999999999999998 * g
+    _m_old_1 = tl.load(_st_m + 1 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    m_1 = 0.99 * _m_old_1 + 0.010000000000000009 * g
+    _m_old_2 = tl.load(_st_m + 2 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    m_2 = 0.999 * _m_old_2 + 0.0010000000000000009 * g
+    _mean_tensor_arg5 = m_0 * m_0
+    _mean_tensor_arg7 = m_1 * m_1
+    _mean_tensor_arg9 = m_2 * m_2
+    _v_old = tl.load(_st_v + 0 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    v = 0.999 * _v_old + 0.0010000000000000009 * g * g
+    _mean_tensor_arg11 = v * v
+    _mean_tensor_arg13 = m_0 * m_0 / (v + 1e-06)
+    _mean_tensor_arg15 = m_1 * m_1 / (v + 1e-06)
+    _mean_tensor_arg17 = m_2 * m_2 / (v + 1e-06)
+    _mean_tensor_arg19 = 1.0 / (v + 1e-06)
+    _mean_row_arg21 = g * g + 1e-30
+    _mean_row_arg23 = g * g + 1e-30
+    _mean_row_arg25 = g * g + 1e-30
+    _mean_col_arg27 = g * g + 1e-30
+    _mean_col_arg29 = g * g + 1e-30
+    _mean_col_arg31 = g * g + 1e-30
+    _seed__mean_tensor2 = tl.load(_dpart_ptr + _pid * 16 + 0)
+    _seed__mean_tensor4 = tl.load(_dpart_ptr + _pid * 16 + 1)
+    _seed__mean_tensor6 = tl.load(_dpart_ptr + _pid * 16 + 2)
+    _seed__mean_tensor8 = tl.load(_dpart_ptr + _pid * 16 + 3)
+    _seed__mean_tensor10 = tl.load(_dpart_ptr + _pid * 16 + 4)
+    _seed__mean_tensor12 = tl.load(_dpart_ptr + _pid * 16 + 5)
+    _seed__mean_tensor14 = tl.load(_dpart_ptr + _pid * 16 + 6)
+    _seed__mean_tensor16 = tl.load(_dpart_ptr + _pid * 16 + 7)
+    _seed__mean_tensor18 = tl.load(_dpart_ptr + _pid * 16 + 8)
+    _seed__mean_tensor20 = tl.load(_dpart_ptr + _pid * 16 + 9)
+    _seed__mean_row22 = tl.load(_seed__mean_row22_ptr + _offs, mask=_mask, other=0.0)
+    _seed__mean_row24 = tl.load(_seed__mean_row24_ptr + _offs, mask=_mask, other=0.0)
+    _seed__mean_row26 = tl.load(_seed__mean_row26_ptr + _offs, mask=_mask, other=0.0)
+    _seed__mean_col28 = tl.load(_seed__mean_col28_ptr + _offs, mask=_mask, other=0.0)
+    _seed__mean_col30 = tl.load(_seed__mean_col30_ptr + _offs, mask=_mask, other=0.0)
+    _seed__mean_col32 = tl.load(_seed__mean_col32_ptr + _offs, mask=_mask, other=0.0)
+    _bk1 = v + 1e-06
+    _bk2 = tops.pow_(_bk1, -2.0)
+    _adj_v = -_bk2 * _seed__mean_tensor14 * m_0 * m_0 - _bk2 * _seed__mean_tensor16 * m_1 * m_1 - _bk2 * _seed__mean_tensor18 * m_2 * m_2 - _bk2 * _seed__mean_tensor20 + 2.0 * _seed__mean_tensor12 * v
+    _bk3 = 2.0 * m_2
+    _bk4 = 1.0 / _bk1
+    _adj_m_2 = _bk3 * _bk4 * _seed__mean_tensor18 + _bk3 * _seed__mean_tensor10
+    _bk5 = 2.0 * m_1
+    _adj_m_1 = _bk4 * _bk5 * _seed__mean_tensor16 + _bk5 * _seed__mean_tensor8
+    _bk6 = 2.0 * m_0
+    _adj_m_0 = _bk4 * _bk6 * _seed__mean_tensor14 + _bk6 * _seed__mean_tensor6
+    _adj__m_old_0 = 0.9 * _adj_m_0
+    _adj__m_old_1 = 0.99 * _adj_m_1
+    _adj__m_old_2 = 0.999 * _adj_m_2
+    _adj__v_old = 0.999 * _adj_v
+    _bk7 = 2.0 * g
+    _adj_g = 0.09999999999999998 * _adj_m_0 + 0.010000000000000009 * _adj_m_1 + 0.0010000000000000009 * _adj_m_2 + 0.0020000000000000018 * _adj_v * g + _bk7 * _seed__mean_col28 + _bk7 * _seed__mean_col30 + _bk7 * _seed__mean_col32 + _bk7 * _seed__mean_row22 + _bk7 * _seed__mean_row24 + _bk7 * _seed__mean_row26 + _bk7 * _seed__mean_tensor2
+    _adj_p = 2.0 * _seed__mean_tensor4 * p
+    tl.store(_grad_st_m + 0 * _numel + _offs, tops.per_element(_adj__m_old_0, BLOCK), mask=_mask)
+    tl.store(_grad_st_m + 1 * _numel + _offs, tops.per_element(_adj__m_old_1, BLOCK), mask=_mask)
+    tl.store(_grad_st_m + 2 * _numel + _offs, tops.per_element(_adj__m_old_2, BLOCK), mask=_mask)
+    tl.store(_grad_st_v + 0 * _numel + _offs, tops.per_element(_adj__v_old, BLOCK), mask=_mask)
+    tl.store(_grad_g_ptr + _offs, tops.per_element(_adj_g, BLOCK), mask=_mask)
+    tl.store(_grad_p_ptr + _offs, tops.per_element(_adj_p, BLOCK), mask=_mask)
+
+
+@triton.jit
+def stage1_backward_kernel(
+    ptrs,
+    info,
+    progs,
+    hv,
+    _dpart_ptr,
+    _gpart_ptr,
+    N_PTR: tl.constexpr,
+    N_HV: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    _pid = tl.program_id(0)
+    _t = tl.load(progs + 2 * _pid)
+    _offs = tl.load(progs + 2 * _pid + 1) + tl.arange(0, BLOCK)
+    _numel = tl.load(info + _t * 13)
+    _mask = _offs < _numel
+    _hv_ptr = hv + _t * N_HV
+    _st_m = tl.load(ptrs + _t * N_PTR + 0).to(tl.pointer_type(tl.float32))
+    _g_ptr = tl.load(ptrs + _t * N_PTR + 1).to(tl.pointer_type(tl.float32))
+    _col__u14 = tl.load(ptrs + _t * N_PTR + 2).to(tl.pointer_type(tl.float32))
+    _row__u15 = tl.load(ptrs + _t * N_PTR + 3).to(tl.pointer_type(tl.float32))
+    _col__u16 = tl.load(ptrs + _t * N_PTR + 4).to(tl.pointer_type(tl.float32))
+    _row__u17 = tl.load(ptrs + _t * N_PTR + 5).to(tl.pointer_type(tl.float32))
+    _col__u18 = tl.load(ptrs + _t * N_PTR + 6).to(tl.pointer_type(tl.float32))
+    _row__u19 = tl.load(ptrs + _t * N_PTR + 7).to(tl.pointer_type(tl.float32))
+    _col__u35 = tl.load(ptrs + _t * N_PTR + 8).to(tl.pointer_type(tl.float32))
+    _row__u36 = tl.load(ptrs + _t * N_PTR + 9).to(tl.pointer_type(tl.float32))
+    _col__u37 = tl.load(ptrs + _t * N_PTR + 10).to(tl.pointer_type(tl.float32))
+    _row__u38 = tl.load(ptrs + _t * N_PTR + 11).to(tl.pointer_type(tl.float32))
+    _col__u39 = tl.load(ptrs + _t * N_PTR + 12).to(tl.pointer_type(tl.float32))
+    _row__u40 = tl.load(ptrs + _t * N_PTR + 13).to(tl.pointer_type(tl.float32))
+    _grad_st_m = tl.load(ptrs + _t * N_PTR + 14).to(tl.pointer_type(tl.float32))
+    _grad_col__u14 = tl.load(ptrs + _t * N_PTR + 15).to(tl.pointer_type(tl.float32))
+    _grad_row__u15 = tl.load(ptrs + _t * N_PTR + 16).to(tl.pointer_type(tl.float32))
+    _grad_col__u16 = tl.load(ptrs + _t * N_PTR + 17).to(tl.pointer_type(tl.float32))
+    _grad_row__u17 = tl.load(ptrs + _t * N_PTR + 18).to(tl.pointer_type(tl.float32))
+    _grad_col__u18 = tl.load(ptrs + _t * N_PTR + 19).to(tl.pointer_type(tl.float32))
+    _grad_row__u19 = tl.load(ptrs + _t * N_PTR + 20).to(tl.pointer_type(tl.float32))
+    _grad_col__u35 = tl.load(ptrs + _t * N_PTR + 21).to(tl.pointer_type(tl.float32))
+    _grad_row__u36 = tl.load(ptrs + _t * N_PTR + 22).to(tl.pointer_type(tl.float32))
+    _grad_col__u37 = tl.load(ptrs + _t * N_PTR + 23).to(tl.pointer_type(tl.float32))
+    _grad_row__u38 = tl.load(ptrs + _t * N_PTR + 24).to(tl.pointer_type(tl.float32))
+    _grad_col__u39 = tl.load(ptrs + _t * N_PTR + 25).to(tl.pointer_type(tl.float32))
+    _grad_row__u40 = tl.load(ptrs + _t * N_PTR + 26).to(tl.pointer_type(tl.float32))
+    _grad_g_ptr = tl.load(ptrs + _t * N_PTR + 27).to(tl.pointer_type(tl.float32))
+    _S1 = tl.load(info + _t * 13 + 2)
+    _S2 = tl.load(info + _t * 13 + 3)
+    _S3 = tl.load(info + _t * 13 + 4)
+    _c3 = _offs % _S3
+    _rest = _offs // _S3
+    _c2 = _rest % _S2
+    _rest = _rest // _S2
+    _c1 = _rest % _S1
+    _c0 = _rest // _S1
+    _row_idx = (_c0 * tl.load(info + _t * 13 + 5) + _c1 * tl.load(info + _t * 13 + 6)
+               + _c2 * tl.load(info + _t * 13 + 7) + _c3 * tl.load(info + _t * 13 + 8))
+    _col_idx = (_c0 * tl.load(info + _t * 13 + 9) + _c1 * tl.load(info + _t * 13 + 10)
+               + _c2 * tl.load(info + _t * 13 + 11) + _c3 * tl.load(info + _t * 13 + 12))
+    _m_old_0 = tl.load(_st_m + 0 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    g = tl.load(_g_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
+    m_0 = 0.9 * _m_old_0 + 0.09999999999999998 * g
+    _m_old_1 = tl.load(_st_m + 1 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    m_1 = 0.99 * _m_old_1 + 0.010000000000000009 * g
+    _m_old_2 = tl.load(_st_m + 2 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    m_2 = 0.999 * _m_old_2 + 0.0010000000000000009 * g
+    _u14 = tl.load(_col__u14 + _col_idx, mask=_mask, other=0.0)
+    _u15 = tl.load(_row__u15 + _row_idx, mask=_mask, other=0.0)
+    _mean_tensor_arg39 = _u14 * _u15 * g * g
+    _u16 = tl.load(_col__u16 + _col_idx, mask=_mask, other=0.0)
+    _u17 = tl.load(_row__u17 + _row_idx, mask=_mask, other=0.0)
+    _mean_tensor_arg41 = _u16 * _u17 * g * g
+    _u18 = tl.load(_col__u18 + _col_idx, mask=_mask, other=0.0)
+    _u19 = tl.load(_row__u19 + _row_idx, mask=_mask, other=0.0)
+    _mean_tensor_arg43 = _u18 * _u19 * g * g
+    _u35 = tl.load(_col__u35 + _col_idx, mask=_mask, other=0.0)
+    _u36 = tl.load(_row__u36 + _row_idx, mask=_mask, other=0.0)
+    _mean_tensor_arg69 = _u35 * _u36 * m_0 * m_0
+    _u37 = tl.load(_col__u37 + _col_idx, mask=_mask, other=0.0)
+    _u38 = tl.load(_row__u38 + _row_idx, mask=_mask, other=0.0)
+    _mean_tensor_arg71 = _u37 * _u38 * m_1 * m_1
+    _u39 = tl.load(_col__u39 + _col_idx, mask=_mask, other=0.0)
+    _u40 = tl.load(_row__u40 + _row_idx, mask=_mask, other=0.0)
+    _mean_tensor_arg73 = _u39 * _u40 * m_2 * m_2
+    _seed__mean_tensor40 = tl.load(_dpart_ptr + _pid * 6 + 0)
+    _seed__mean_tensor42 = tl.load(_dpart_ptr + _pid * 6 + 1)
+    _seed__mean_tensor44 = tl.load(_dpart_ptr + _pid * 6 + 2)
+    _seed__mean_tensor70 = tl.load(_dpart_ptr + _pid * 6 + 3)
+    _seed__mean_tensor72 = tl.load(_dpart_ptr + _pid * 6 + 4)
+    _seed__mean_tensor74 = tl.load(_dpart_ptr + _pid * 6 + 5)
+    _adj_m_2 = 2.0 * _seed__mean_tensor74 * _u39 * _u40 * m_2
+    _adj_m_1 = 2.0 * _seed__mean_tensor72 * _u37 * _u38 * m_1
+    _adj_m_0 = 2.0 * _seed__mean_tensor70 * _u35 * _u36 * m_0
+    _adj__m_old_0 = 0.9 * _adj_m_0
+    _adj__m_old_1 = 0.99 * _adj_m_1
+    _adj__m_old_2 = 0.999 * _adj_m_2
+    _bk1 = g * g
+    _bk2 = _bk1 * _seed__mean_tensor40
+    _adj__u14 = _bk2 * _u15
+    _adj__u15 = _bk2 * _u14
+    _bk3 = _bk1 * _seed__mean_tensor42
+    _adj__u16 = _bk3 * _u17
+    _adj__u17 = _bk3 * _u16
+    _bk4 = _bk1 * _seed__mean_tensor44
+    _adj__u18 = _bk4 * _u19
+    _adj__u19 = _bk4 * _u18
+    _bk5 = _seed__mean_tensor70 * m_0 * m_0
+    _adj__u35 = _bk5 * _u36
+    _adj__u36 = _bk5 * _u35
+    _bk6 = _seed__mean_tensor72 * m_1 * m_1
+    _adj__u37 = _bk6 * _u38
+    _adj__u38 = _bk6 * _u37
+    _bk7 = _seed__mean_tensor74 * m_2 * m_2
+    _adj__u39 = _bk7 * _u40
+    _adj__u40 = _bk7 * _u39
+    _bk8 = 2.0 * g
+    _adj_g = 0.09999999999999998 * _adj_m_0 + 0.010000000000000009 * _adj_m_1 + 0.0010000000000000009 * _adj_m_2 + _bk8 * _seed__mean_tensor40 * _u14 * _u15 + _bk8 * _seed__mean_tensor42 * _u16 * _u17 + _bk8 * _seed__mean_tensor44 * _u18 * _u19
+    tl.store(_grad_st_m + 0 * _numel + _offs, tops.per_element(_adj__m_old_0, BLOCK), mask=_mask)
+    tl.store(_grad_st_m + 1 * _numel + _offs, tops.per_element(_adj__m_old_1, BLOCK), mask=_mask)
+    tl.store(_grad_st_m + 2 * _numel + _offs, tops.per_element(_adj__m_old_2, BLOCK), mask=_mask)
+    tl.store(_grad_col__u14 + _offs, tops.per_element(_adj__u14, BLOCK), mask=_mask)
+    tl.store(_grad_row__u15 + _offs, tops.per_element(_adj__u15, BLOCK), mask=_mask)
+    tl.store(_grad_col__u16 + _offs, tops.per_element(_adj__u16, BLOCK), mask=_mask)
+    tl.store(_grad_row__u17 + _offs, tops.per_element(_adj__u17, BLOCK), mask=_mask)
+    tl.store(_grad_col__u18 + _offs, tops.per_element(_adj__u18, BLOCK), mask=_mask)
+    tl.store(_grad_row__u19 + _offs, tops.per_element(_adj__u19, BLOCK), mask=_mask)
+    tl.store(_grad_col__u35 + _offs, tops.per_element(_adj__u35, BLOCK), mask=_mask)
+    tl.store(_grad_row__u36 + _offs, tops.per_element(_adj__u36, BLOCK), mask=_mask)
+    tl.store(_grad_col__u37 + _offs, tops.per_element(_adj__u37, BLOCK), mask=_mask)
+    tl.store(_grad_row__u38 + _offs, tops.per_element(_adj__u38, BLOCK), mask=_mask)
+    tl.store(_grad_col__u39 + _offs, tops.per_element(_adj__u39, BLOCK), mask=_mask)
+    tl.store(_grad_row__u40 + _offs, tops.per_element(_adj__u40, BLOCK), mask=_mask)
+    tl.store(_grad_g_ptr + _offs, tops.per_element(_adj_g, BLOCK), mask=_mask)
+
+
+@triton.jit
+def stage2_backward_kernel(
+    ptrs,
+    info,
+    progs,
+    hv,
+    _dpart_ptr,
+    _gpart_ptr,
+    _w_mlp_0_weight,
+    _w_mlp_1_bias,
+    _w_mlp_1_weight,
+    _w_mlp_2_bias,
+    _w_mlp_2_weight,
+    N_PTR: tl.constexpr,
+    N_HV: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    _pid = tl.program_id(0)
+    _t = tl.load(progs + 2 * _pid)
+    _offs = tl.load(progs + 2 * _pid + 1) + tl.arange(0, BLOCK)
+    _numel = tl.load(info + _t * 13)
+    _mask = _offs < _numel
+    _hv_ptr = hv + _t * N_HV
+    _g_ptr = tl.load(ptrs + _t * N_PTR + 0).to(tl.pointer_type(tl.float32))
+    _p_ptr = tl.load(ptrs + _t * N_PTR + 1).to(tl.pointer_type(tl.float32))
+    _st_m = tl.load(ptrs + _t * N_PTR + 2).to(tl.pointer_type(tl.float32))
+    _st_v = tl.load(ptrs + _t * N_PTR + 3).to(tl.pointer_type(tl.float32))
+    _col_colfac_0 = tl.load(ptrs + _t * N_PTR + 4).to(tl.pointer_type(tl.float32))
+    _row_rowfac_0 = tl.load(ptrs + _t * N_PTR + 5).to(tl.pointer_type(tl.float32))
+    _col_colfac_1 = tl.load(ptrs + _t * N_PTR + 6).to(tl.pointer_type(tl.float32))
+    _row_rowfac_1 = tl.load(ptrs + _t * N_PTR + 7).to(tl.pointer_type(tl.float32))
+    _col_colfac_2 = tl.load(ptrs + _t * N_PTR + 8).to(tl.pointer_type(tl.float32))
+    _row_rowfac_2 = tl.load(ptrs + _t * N_PTR + 9).to(tl.pointer_type(tl.float32))
+    _row_f_row_0 = tl.load(ptrs + _t * N_PTR + 10).to(tl.pointer_type(tl.float32))
+    _row_f_row_1 = tl.load(ptrs + _t * N_PTR + 11).to(tl.pointer_type(tl.float32))
+    _row_f_row_2 = tl.load(ptrs + _t * N_PTR + 12).to(tl.pointer_type(tl.float32))
+    _col_f_col_0 = tl.load(ptrs + _t * N_PTR + 13).to(tl.pointer_type(tl.float32))
+    _col_f_col_1 = tl.load(ptrs + _t * N_PTR + 14).to(tl.pointer_type(tl.float32))
+    _col_f_col_2 = tl.load(ptrs + _t * N_PTR + 15).to(tl.pointer_type(tl.float32))
+    _row_f_row_rsqrt_0 = tl.load(ptrs + _t * N_PTR + 16).to(tl.pointer_type(tl.float32))
+    _row_f_row_rsqrt_1 = tl.load(ptrs + _t * N_PTR + 17).to(tl.pointer_type(tl.float32))
+    _row_f_row_rsqrt_2 = tl.load(ptrs + _t * N_PTR + 18).to(tl.pointer_type(tl.float32))
+    _col_f_col_rsqrt_0 = tl.load(ptrs + _t * N_PTR + 19).to(tl.pointer_type(tl.float32))
+    _col_f_col_rsqrt_1 = tl.load(ptrs + _t * N_PTR + 20).to(tl.pointer_type(tl.float32))
+    _col_f_col_rsqrt_2 = tl.load(ptrs + _t * N_PTR + 21).to(tl.pointer_type(tl.float32))
+    _seed__p_new_ptr = tl.load(ptrs + _t * N_PTR + 22).to(tl.pointer_type(tl.float32))
+    _seed_m_0_ptr = tl.load(ptrs + _t * N_PTR + 23).to(tl.pointer_type(tl.float32))
+    _seed_m_1_ptr = tl.load(ptrs + _t * N_PTR + 24).to(tl.pointer_type(tl.float32))
+    _seed_m_2_ptr = tl.load(ptrs + _t * N_PTR + 25).to(tl.pointer_type(tl.float32))
+    _seed_v_ptr = tl.load(ptrs + _t * N_PTR + 26).to(tl.pointer_type(tl.float32))
+    _grad_st_m = tl.load(ptrs + _t * N_PTR + 27).to(tl.pointer_type(tl.float32))
+    _grad_st_v = tl.load(ptrs + _t * N_PTR + 28).to(tl.pointer_type(tl.float32))
+    _grad_col_colfac_0 = tl.load(ptrs + _t * N_PTR + 29).to(tl.pointer_type(tl.float32))
+    _grad_col_colfac_1 = tl.load(ptrs + _t * N_PTR + 30).to(tl.pointer_type(tl.float32))
+    _grad_col_colfac_2 = tl.load(ptrs + _t * N_PTR + 31).to(tl.pointer_type(tl.float32))
+    _grad_col_f_col_0 = tl.load(ptrs + _t * N_PTR + 32).to(tl.pointer_type(tl.float32))
+    _grad_col_f_col_1 = tl.load(ptrs + _t * N_PTR + 33).to(tl.pointer_type(tl.float32))
+    _grad_col_f_col_2 = tl.load(ptrs + _t * N_PTR + 34).to(tl.pointer_type(tl.float32))
+    _grad_col_f_col_rsqrt_0 = tl.load(ptrs + _t * N_PTR + 35).to(tl.pointer_type(tl.float32))
+    _grad_col_f_col_rsqrt_1 = tl.load(ptrs + _t * N_PTR + 36).to(tl.pointer_type(tl.float32))
+    _grad_col_f_col_rsqrt_2 = tl.load(ptrs + _t * N_PTR + 37).to(tl.pointer_type(tl.float32))
+    _grad_row_f_row_0 = tl.load(ptrs + _t * N_PTR + 38).to(tl.pointer_type(tl.float32))
+    _grad_row_f_row_1 = tl.load(ptrs + _t * N_PTR + 39).to(tl.pointer_type(tl.float32))
+    _grad_row_f_row_2 = tl.load(ptrs + _t * N_PTR + 40).to(tl.pointer_type(tl.float32))
+    _grad_row_f_row_rsqrt_0 = tl.load(ptrs + _t * N_PTR + 41).to(tl.pointer_type(tl.float32))
+    _grad_row_f_row_rsqrt_1 = tl.load(ptrs + _t * N_PTR + 42).to(tl.pointer_type(tl.float32))
+    _grad_row_f_row_rsqrt_2 = tl.load(ptrs + _t * N_PTR + 43).to(tl.pointer_type(tl.float32))
+    _grad_g_ptr = tl.load(ptrs + _t * N_PTR + 44).to(tl.pointer_type(tl.float32))
+    _grad_p_ptr = tl.load(ptrs + _t * N_PTR + 45).to(tl.pointer_type(tl.float32))
+    _grad_row_rowfac_0 = tl.load(ptrs + _t * N_PTR + 46).to(tl.pointer_type(tl.float32))
+    _grad_row_rowfac_1 = tl.load(ptrs + _t * N_PTR + 47).to(tl.pointer_type(tl.float32))
+    _grad_row_rowfac_2 = tl.load(ptrs + _t * N_PTR + 48).to(tl.pointer_type(tl.float32))
+    _S1 = tl.load(info + _t * 13 + 2)
+    _S2 = tl.load(info + _t * 13 + 3)
+    _S3 = tl.load(info + _t * 13 + 4)
+    _c3 = _offs % _S3
+    _rest = _offs // _S3
+    _c2 = _rest % _S2
+    _rest = _rest // _S2
+    _c1 = _rest % _S1
+    _c0 = _rest // _S1
+    _row_idx = (_c0 * tl.load(info + _t * 13 + 5) + _c1 * tl.load(info + _t * 13 + 6)
+               + _c2 * tl.load(info + _t * 13 + 7) + _c3 * tl.load(info + _t * 13 + 8))
+    _col_idx = (_c0 * tl.load(info + _t * 13 + 9) + _c1 * tl.load(info + _t * 13 + 10)
+               + _c2 * tl.load(info + _t * 13 + 11) + _c3 * tl.load(info + _t * 13 + 12))
+    _u1 = tl.load(_hv_ptr + 0)
+    g = tl.load(_g_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
+    f_grad = _u1 * g
+    _u2 = tl.load(_hv_ptr + 1)
+    p = tl.load(_p_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
+    f_param = _u2 * p
+    _m_old_0 = tl.load(_st_m + 0 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    m_0 = 0.9 * _m_old_0 + 0.09999999999999998 * g
+    _m_old_1 = tl.load(_st_m + 1 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    m_1 = 0.99 * _m_old_1 + 0.010000000000000009 * g
+    _m_old_2 = tl.load(_st_m + 2 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    m_2 = 0.999 * _m_old_2 + 0.0010000000000000009 * g
+    _u3 = tl.load(_hv_ptr + 2)
+    f_mom_0 = _u3 * m_0
+    _u4 = tl.load(_hv_ptr + 3)
+    f_mom_1 = _u4 * m_1
+    _u5 = tl.load(_hv_ptr + 4)
+    f_mom_2 = _u5 * m_2
+    _v_old = tl.load(_st_v + 0 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
+    v = 0.999 * _v_old + 0.0010000000000000009 * g * g
+    _u6 = tl.load(_hv_ptr + 5)
+    f_rms = _u6 * v
+    _u7 = tl.load(_hv_ptr + 6)
+    f_mom_rsqrt_0 = _u7 * m_0 * tl.rsqrt(v + 1e-06)
+    _u8 = tl.load(_hv_ptr + 7)
+    f_mom_rsqrt_1 = _u8 * m_1 * tl.rsqrt(v + 1e-06)
+    _u9 = tl.load(_hv_ptr + 8)
+    f_mom_rsqrt_2 = _u9 * m_2 * tl.rsqrt(v + 1e-06)
+    _u10 = tl.load(_hv_ptr + 9)
+    f_rsqrt = _u10 * tl.rsqrt(v + 1e-06)
+    _u20 = tl.load(_hv_ptr + 10)
+    colfac_0 = tl.load(_col_colfac_0 + _col_idx, mask=_mask, other=0.0)
+    rowfac_0 = tl.load(_row_rowfac_0 + _row_idx, mask=_mask, other=0.0)
+    f_fac_grad_0 = _u20 * colfac_0 * g * rowfac_0
+    _u21 = tl.load(_hv_ptr + 11)
+    colfac_1 = tl.load(_col_colfac_1 + _col_idx, mask=_mask, other=0.0)
+    rowfac_1 = tl.load(_row_rowfac_1 + _row_idx, mask=_mask, other=0.0)
+    f_fac_grad_1 = _u21 * colfac_1 * g * rowfac_1
+    _u22 = tl.load(_hv_ptr + 12)
+    colfac_2 = tl.load(_col_colfac_2 + _col_idx, mask=_mask, other=0.0)
+    rowfac_2 = tl.load(_row_rowfac_2 + _row_idx, mask=_mask, other=0.0)
+    f_fac_grad_2 = _u22 * colfac_2 * g * rowfac_2
+    _u41 = tl.load(_hv_ptr + 13)
+    f_fac_mom_0 = _u41 * colfac_0 * m_0 * rowfac_0
+    _u42 = tl.load(_hv_ptr + 14)
+    f_fac_mom_1 = _u42 * colfac_1 * m_1 * rowfac_1
+    _u43 = tl.load(_hv_ptr + 15)
+    f_fac_mom_2 = _u43 * colfac_2 * m_2 * rowfac_2
+    _dense1 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _dense1 += tops.weight_vec(_hv_ptr, 16, 32, 32)[None, :]
+    _dense1 += f_grad[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 0, 32, 32)[None, :]
+    _dense1 += f_param[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 1, 32, 32)[None, :]
+    _dense1 += f_mom_0[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 2, 32, 32)[None, :]
+    _dense1 += f_mom_1[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 3, 32, 32)[None, :]
+    _dense1 += f_mom_2[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 4, 32, 32)[None, :]
+    _dense1 += f_rms[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 5, 32, 32)[None, :]
+    _dense1 += f_mom_rsqrt_0[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 6, 32, 32)[None, :]
+    _dense1 += f_mom_rsqrt_1[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 7, 32, 32)[None, :]
+    _dense1 += f_mom_rsqrt_2[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 8, 32, 32)[None, :]
+    _dense1 += f_rsqrt[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 9, 32, 32)[None, :]
+    _dense1 += f_fac_grad_0[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 10, 32, 32)[None, :]
+    _dense1 += f_fac_grad_1[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 11, 32, 32)[None, :]
+    _dense1 += f_fac_grad_2[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 12, 32, 32)[None, :]
+    f_row_0 = tl.load(_row_f_row_0 + _row_idx, mask=_mask, other=0.0)
+    _dense1 += f_row_0[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 13, 32, 32)[None, :]
+    f_row_1 = tl.load(_row_f_row_1 + _row_idx, mask=_mask, other=0.0)
+    _dense1 += f_row_1[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 14, 32, 32)[None, :]
+    f_row_2 = tl.load(_row_f_row_2 + _row_idx, mask=_mask, other=0.0)
+    _dense1 += f_row_2[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 15, 32, 32)[None, :]
+    f_col_0 = tl.load(_col_f_col_0 + _col_idx, mask=_mask, other=0.0)
+    _dense1 += f_col_0[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 16, 32, 32)[None, :]
+    f_col_1 = tl.load(_col_f_col_1 + _col_idx, mask=_mask, other=0.0)
+    _dense1 += f_col_1[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 17, 32, 32)[None, :]
+    f_col_2 = tl.load(_col_f_col_2 + _col_idx, mask=_mask, other=0.0)
+    _dense1 += f_col_2[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 18, 32, 32)[None, :]
+    f_row_rsqrt_0 = tl.load(_row_f_row_rsqrt_0 + _row_idx, mask=_mask, other=0.0)
+    _dense1 += f_row_rsqrt_0[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 19, 32, 32)[None, :]
+    f_row_rsqrt_1 = tl.load(_row_f_row_rsqrt_1 + _row_idx, mask=_mask, other=0.0)
+    _dense1 += f_row_rsqrt_1[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 20, 32, 32)[None, :]
+    f_row_rsqrt_2 = tl.load(_row_f_row_rsqrt_2 + _row_idx, mask=_mask, other=0.0)
+    _dense1 += f_row_rsqrt_2[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 21, 32, 32)[None, :]
+    f_col_rsqrt_0 = tl.load(_col_f_col_rsqrt_0 + _col_idx, mask=_mask, other=0.0)
+    _dense1 += f_col_rsqrt_0[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 22, 32, 32)[None, :]
+    f_col_rsqrt_1 = tl.load(_col_f_col_rsqrt_1 + _col_idx, mask=_mask, other=0.0)
+    _dense1 += f_col_rsqrt_1[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 23, 32, 32)[None, :]
+    f_col_rsqrt_2 = tl.load(_col_f_col_rsqrt_2 + _col_idx, mask=_mask, other=0.0)
+    _dense1 += f_col_rsqrt_2[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 24, 32, 32)[None, :]
+    _dense1 += f_fac_mom_0[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 25, 32, 32)[None, :]
+    _dense1 += f_fac_mom_1[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 26, 32, 32)[None, :]
+    _dense1 += f_fac_mom_2[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 27, 32, 32)[None, :]
+    _dense1 = tl.maximum(_dense1, 0.0)
+    _dense2 = tops.weight_vec(_w_mlp_1_bias, 0, 32, 32)[None, :] + tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _dense2 += tops.matmul(_dense1, _w_mlp_1_weight, 32, 0, 0, 32, 32, 32, 32, True)
+    _dense2 = tl.maximum(_dense2, 0.0)
+    _mlp_2_out139 = (
+        tl.load(_w_mlp_2_bias + 0)
+        + tl.sum(_dense2 * tops.weight_row(_w_mlp_2_weight, 32, 0, 0, 32, 32)[None, :], axis=1)
+    )
+    _mlp_2_out140 = (
+        tl.load(_w_mlp_2_bias + 1)
+        + tl.sum(_dense2 * tops.weight_row(_w_mlp_2_weight, 32, 1, 0, 32, 32)[None, :], axis=1)
+    )
+    _update = 0.01 * _mlp_2_out139 * tl.exp(0.001 * _mlp_2_out140)
+    _u44 = tl.load(_hv_ptr + 48)
+    lr = tl.load(_hv_ptr + 49)
+    _p_new = _u44 * p - _update * lr
+    _seed__p_new = tl.load(_seed__p_new_ptr + _offs, mask=_mask, other=0.0)
+    _seed_m_0 = tl.load(_seed_m_0_ptr + _offs, mask=_mask, other=0.0)
+    _seed_m_1 = tl.load(_seed_m_1_ptr + _offs, mask=_mask, other=0.0)
+    _seed_m_2 = tl.load(_seed_m_2_ptr + _offs, mask=_mask, other=0.0)
+    _seed_v = tl.load(_seed_v_ptr + _offs, mask=_mask, other=0.0)
+    _adj__update = -_seed__p_new * lr
+    _bk1 = _adj__update * tl.exp(0.001 * _mlp_2_out140)
+    _adj__mlp_2_out139 = 0.01 * _bk1
+    _adj__mlp_2_out140 = 1e-05 * _bk1 * _mlp_2_out139
+    _dense_t3 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _dense_t3 += _adj__mlp_2_out139[:, None] * tops.weight_row(_w_mlp_2_weight, 32, 0, 0, 32, 32)[None, :]
+    _dense_t3 += _adj__mlp_2_out140[:, None] * tops.weight_row(_w_mlp_2_weight, 32, 1, 0, 32, 32)[None, :]
+    _col4 = tops.column(_dense2, 0, 32)
+    _col5 = tops.column(_dense_t3, 0, 32)
+    _adj_pre__mlp_1_out107_33 = tl.where(_col4 > 0.0, _col5, 0.0)
+    _col6 = tops.column(_dense2, 1, 32)
+    _col7 = tops.column(_dense_t3, 1, 32)
+    _adj_pre__mlp_1_out108_34 = tl.where(_col6 > 0.0, _col7, 0.0)
+    _col8 = tops.column(_dense2, 2, 32)
+    _col9 = tops.column(_dense_t3, 2, 32)
+    _adj_pre__mlp_1_out109_35 = tl.where(_col8 > 0.0, _col9, 0.0)
+    _col10 = tops.column(_dense2, 3, 32)
+    _col11 = tops.column(_dense_t3, 3, 32)
+    _adj_pre__mlp_1_out110_36 = tl.where(_col10 > 0.0, _col11, 0.0)
+    _col12 = tops.column(_dense2, 4, 32)
+    _col13 = tops.column(_dense_t3, 4, 32)
+    _adj_pre__mlp_1_out111_37 = tl.where(_col12 > 0.0, _col13, 0.0)
+    _col14 = tops.column(_dense2, 5, 32)
+    _col15 = tops.column(_dense_t3, 5, 32)
+    _adj_pre__mlp_1_out112_38 = tl.where(_col14 > 0.0, _col15, 0.0)
+    _col16 = tops.column(_dense2, 6, 32)
+    _col17 = tops.column(_dense_t3, 6, 32)
+    _adj_pre__mlp_1_out113_39 = tl.where(_col16 > 0.0, _col17, 0.0)
+    _col18 = tops.column(_dense2, 7, 32)
+    _col19 = tops.column(_dense_t3, 7, 32)
+    _adj_pre__mlp_1_out114_40 = tl.where(_col18 > 0.0, _col19, 0.0)
+    _col20 = tops.column(_dense2, 8, 32)
+    _col21 = tops.column(_dense_t3, 8, 32)
+    _adj_pre__mlp_1_out115_41 = tl.where(_col20 > 0.0, _col21, 0.0)
+    _col22 = tops.column(_dense2, 9, 32)
+    _col23 = tops.column(_dense_t3, 9, 32)
+    _adj_pre__mlp_1_out116_42 = tl.where(_col22 > 0.0, _col23, 0.0)
+    _col24 = tops.column(_dense2, 10, 32)
+    _col25 = tops.column(_dense_t3, 10, 32)
+    _adj_pre__mlp_1_out117_43 = tl.where(_col24 > 0.0, _col25, 0.0)
+    _col26 = tops.column(_dense2, 11, 32)
+    _col27 = tops.column(_dense_t3, 11, 32)
+    _adj_pre__mlp_1_out118_44 = tl.where(_col26 > 0.0, _col27, 0.0)
+    _col28 = tops.column(_dense2, 12, 32)
+    _col29 = tops.column(_dense_t3, 12, 32)
+    _adj_pre__mlp_1_out119_45 = tl.where(_col28 > 0.0, _col29, 0.0)
+    _col30 = tops.column(_dense2, 13, 32)
+    _col31 = tops.column(_dense_t3, 13, 32)
+    _adj_pre__mlp_1_out120_46 = tl.where(_col30 > 0.0, _col31, 0.0)
+    _col32 = tops.column(_dense2, 14, 32)
+    _col33 = tops.column(_dense_t3, 14, 32)
+    _adj_pre__mlp_1_out121_47 = tl.where(_col32 > 0.0, _col33, 0.0)
+    _col34 = tops.column(_dense2, 15, 32)
+    _col35 = tops.column(_dense_t3, 15, 32)
+    _adj_pre__mlp_1_out122_48 = tl.where(_col34 > 0.0, _col35, 0.0)
+    _col36 = tops.column(_dense2, 16, 32)
+    _col37 = tops.column(_dense_t3, 16, 32)
+    _adj_pre__mlp_1_out123_49 = tl.where(_col36 > 0.0, _col37, 0.0)
+    _col38 = tops.column(_dense2, 17, 32)
+    _col39 = tops.column(_dense_t3, 17, 32)
+    _adj_pre__mlp_1_out124_50 = tl.where(_col38 > 0.0, _col39, 0.0)
+    _col40 = tops.column(_dense2, 18, 32)
+    _col41 = tops.column(_dense_t3, 18, 32)
+    _adj_pre__mlp_1_out125_51 = tl.where(_col40 > 0.0, _col41, 0.0)
+    _col42 = tops.column(_dense2, 19, 32)
+    _col43 = tops.column(_dense_t3, 19, 32)
+    _adj_pre__mlp_1_out126_52 = tl.where(_col42 > 0.0, _col43, 0.0)
+    _col44 = tops.column(_dense2, 20, 32)
+    _col45 = tops.column(_dense_t3, 20, 32)
+    _adj_pre__mlp_1_out127_53 = tl.where(_col44 > 0.0, _col45, 0.0)
+    _col46 = tops.column(_dense2, 21, 32)
+    _col47 = tops.column(_dense_t3, 21, 32)
+    _adj_pre__mlp_1_out128_54 = tl.where(_col46 > 0.0, _col47, 0.0)
+    _col48 = tops.column(_dense2, 22, 32)
+    _col49 = tops.column(_dense_t3, 22, 32)
+    _adj_pre__mlp_1_out129_55 = tl.where(_col48 > 0.0, _col49, 0.0)
+    _col50 = tops.column(_dense2, 23, 32)
+    _col51 = tops.column(_dense_t3, 23, 32)
+    _adj_pre__mlp_1_out130_56 = tl.where(_col50 > 0.0, _col51, 0.0)
+    _col52 = tops.column(_dense2, 24, 32)
+    _col53 = tops.column(_dense_t3, 24, 32)
+    _adj_pre__mlp_1_out131_57 = tl.where(_col52 > 0.0, _col53, 0.0)
+    _col54 = tops.column(_dense2, 25, 32)
+    _col55 = tops.column(_dense_t3, 25, 32)
+    _adj_pre__mlp_1_out132_58 = tl.where(_col54 > 0.0, _col55, 0.0)
+    _col56 = tops.column(_dense2, 26, 32)
+    _col57 = tops.column(_dense_t3, 26, 32)
+    _adj_pre__mlp_1_out133_59 = tl.where(_col56 > 0.0, _col57, 0.0)
+    _col58 = tops.column(_dense2, 27, 32)
+    _col59 = tops.column(_dense_t3, 27, 32)
+    _adj_pre__mlp_1_out134_60 = tl.where(_col58 > 0.0, _col59, 0.0)
+    _col60 = tops.column(_dense2, 28, 32)
+    _col61 = tops.column(_dense_t3, 28, 32)
+    _adj_pre__mlp_1_out135_61 = tl.where(_col60 > 0.0, _col61, 0.0)
+    _col62 = tops.column(_dense2, 29, 32)
+    _col63 = tops.column(_dense_t3, 29, 32)
+    _adj_pre__mlp_1_out136_62 = tl.where(_col62 > 0.0, _col63, 0.0)
+    _col64 = tops.column(_dense2, 30, 32)
+    _col65 = tops.column(_dense_t3, 30, 32)
+    _adj_pre__mlp_1_out137_63 = tl.where(_col64 > 0.0, _col65, 0.0)
+    _col66 = tops.column(_dense2, 31, 32)
+    _col67 = tops.column(_dense_t3, 31, 32)
+    _adj_pre__mlp_1_out138_64 = tl.where(_col66 > 0.0, _col67, 0.0)
+    _tile69 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out107_33, 0, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out108_34, 1, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out109_35, 2, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out110_36, 3, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out111_37, 4, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out112_38, 5, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out113_39, 6, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out114_40, 7, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out115_41, 8, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out116_42, 9, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out117_43, 10, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out118_44, 11, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out119_45, 12, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out120_46, 13, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out121_47, 14, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out122_48, 15, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out123_49, 16, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out124_50, 17, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out125_51, 18, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out126_52, 19, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out127_53, 20, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out128_54, 21, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out129_55, 22, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out130_56, 23, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out131_57, 24, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out132_58, 25, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out133_59, 26, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out134_60, 27, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out135_61, 28, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out136_62, 29, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out137_63, 30, 32)
+    _tile69 += tops.place(_adj_pre__mlp_1_out138_64, 31, 32)
+    _dense_t68 = tops.matmul_t(_tile69, _w_mlp_1_weight, 32, 0, 0, 32, 32, 32, 32, True)
+    _col70 = tops.column(_dense1, 0, 32)
+    _col71 = tops.column(_dense_t68, 0, 32)
+    _adj_pre__mlp_0_out75_97 = tl.where(_col70 > 0.0, _col71, 0.0)
+    _col72 = tops.column(_dense1, 1, 32)
+    _col73 = tops.column(_dense_t68, 1, 32)
+    _adj_pre__mlp_0_out76_98 = tl.where(_col72 > 0.0, _col73, 0.0)
+    _col74 = tops.column(_dense1, 2, 32)
+    _col75 = tops.column(_dense_t68, 2, 32)
+    _adj_pre__mlp_0_out77_99 = tl.where(_col74 > 0.0, _col75, 0.0)
+    _col76 = tops.column(_dense1, 3, 32)
+    _col77 = tops.column(_dense_t68, 3, 32)
+    _adj_pre__mlp_0_out78_100 = tl.where(_col76 > 0.0, _col77, 0.0)
+    _col78 = tops.column(_dense1, 4, 32)
+    _col79 = tops.column(_dense_t68, 4, 32)
+    _adj_pre__mlp_0_out79_101 = tl.where(_col78 > 0.0, _col79, 0.0)
+    _col80 = tops.column(_dense1, 5, 32)
+    _col81 = tops.column(_dense_t68, 5, 32)
+    _adj_pre__mlp_0_out80_102 = tl.where(_col80 > 0.0, _col81, 0.0)
+    _col82 = tops.column(_dense1, 6, 32)
+    _col83 = tops.column(_dense_t68, 6, 32)
+    _adj_pre__mlp_0_out81_103 = tl.where(_col82 > 0.0, _col83, 0.0)
+    _col84 = tops.column(_dense1, 7, 32)
+    _col85 = tops.column(_dense_t68, 7, 32)
+    _adj_pre__mlp_0_out82_104 = tl.where(_col84 > 0.0, _col85, 0.0)
+    _col86 = tops.column(_dense1, 8, 32)
+    _col87 = tops.column(_dense_t68, 8, 32)
+    _adj_pre__mlp_0_out83_105 = tl.where(_col86 > 0.0, _col87, 0.0)
+    _col88 = tops.column(_dense1, 9, 32)
+    _col89 = tops.column(_dense_t68, 9, 32)
+    _adj_pre__mlp_0_out84_106 = tl.where(_col88 > 0.0, _col89, 0.0)
+    _col90 = tops.column(_dense1, 10, 32)
+    _col91 = tops.column(_dense_t68, 10, 32)
+    _adj_pre__mlp_0_out85_107 = tl.where(_col90 > 0.0, _col91, 0.0)
+    _col92 = tops.column(_dense1, 11, 32)
+    _col93 = tops.column(_dense_t68, 11, 32)
+    _adj_pre__mlp_0_out86_108 = tl.where(_col92 > 0.0, _col93, 0.0)
+    _col94 = tops.column(_dense1, 12, 32)
+    _col95 = tops.column(_dense_t68, 12, 32)
+    _adj_pre__mlp_0_out87_109 = tl.where(_col94 > 0.0, _col95, 0.0)
+    _col96 = tops.column(_dense1, 13, 32)
+    _col97 = tops.column(_dense_t68, 13, 32)
+    _adj_pre__mlp_0_out88_110 = tl.where(_col96 > 0.0, _col97, 0.0)
+    _col98 = tops.column(_dense1, 14, 32)
+    _col99 = tops.column(_dense_t68, 14, 32)
+    _adj_pre__mlp_0_out89_111 = tl.where(_col98 > 0.0, _col99, 0.0)
+    _col100 = tops.column(_dense1, 15, 32)
+    _col101 = tops.column(_dense_t68, 15, 32)
+    _adj_pre__mlp_0_out90_112 = tl.where(_col100 > 0.0, _col101, 0.0)
+    _col102 = tops.column(_dense1, 16, 32)
+    _col103 = tops.column(_dense_t68, 16, 32)
+    _adj_pre__mlp_0_out91_113 = tl.where(_col102 > 0.0, _col103, 0.0)
+    _col104 = tops.column(_dense1, 17, 32)
+    _col105 = tops.column(_dense_t68, 17, 32)
+    _adj_pre__mlp_0_out92_114 = tl.where(_col104 > 0.0, _col105, 0.0)
+    _col106 = tops.column(_dense1, 18, 32)
+    _col107 = tops.column(_dense_t68, 18, 32)
+    _adj_pre__mlp_0_out93_115 = tl.where(_col106 > 0.0, _col107, 0.0)
+    _col108 = tops.column(_dense1, 19, 32)
+    _col109 = tops.column(_dense_t68, 19, 32)
+    _adj_pre__mlp_0_out94_116 = tl.where(_col108 > 0.0, _col109, 0.0)
+    _col110 = tops.column(_dense1, 20, 32)
+    _col111 = tops.column(_dense_t68, 20, 32)
+    _adj_pre__mlp_0_out95_117 = tl.where(_col110 > 0.0, _col111, 0.0)
+    _col112 = tops.column(_dense1, 21, 32)
+    _col113 = tops.column(_dense_t68, 21, 32)
+    _adj_pre__mlp_0_out96_118 = tl.where(_col112 > 0.0, _col113, 0.0)
+    _col114 = tops.column(_dense1, 22, 32)
+    _col115 = tops.column(_dense_t68, 22, 32)
+    _adj_pre__mlp_0_out97_119 = tl.where(_col114 > 0.0, _col115, 0.0)
+    _col116 = tops.column(_dense1, 23, 32)
+    _col117 = tops.column(_dense_t68, 23, 32)
+    _adj_pre__mlp_0_out98_120 = tl.where(_col116 > 0.0, _col117, 0.0)
+    _col118 = tops.column(_dense1, 24, 32)
+    _col119 = tops.column(_dense_t68, 24, 32)
+    _adj_pre__mlp_0_out99_121 = tl.where(_col118 > 0.0, _col119, 0.0)
+    _col120 = tops.column(_dense1, 25, 32)
+    _col121 = tops.column(_dense_t68, 25, 32)
+    _adj_pre__mlp_0_out100_122 = tl.where(_col120 > 0.0, _col121, 0.0)
+    _col122 = tops.column(_dense1, 26, 32)
+    _col123 = tops.column(_dense_t68, 26, 32)
+    _adj_pre__mlp_0_out101_123 = tl.where(_col122 > 0.0, _col123, 0.0)
+    _col124 = tops.column(_dense1, 27, 32)
+    _col125 = tops.column(_dense_t68, 27, 32)
+    _adj_pre__mlp_0_out102_124 = tl.where(_col124 > 0.0, _col125, 0.0)
+    _col126 = tops.column(_dense1, 28, 32)
+    _col127 = tops.column(_dense_t68, 28, 32)
+    _adj_pre__mlp_0_out103_125 = tl.where(_col126 > 0.0, _col127, 0.0)
+    _col128 = tops.column(_dense1, 29, 32)
+    _col129 = tops.column(_dense_t68, 29, 32)
+    _adj_pre__mlp_0_out104_126 = tl.where(_col128 > 0.0, _col129, 0.0)
+    _col130 = tops.column(_dense1, 30, 32)
+    _col131 = tops.column(_dense_t68, 30, 32)
+    _adj_pre__mlp_0_out105_127 = tl.where(_col130 > 0.0, _col131, 0.0)
+    _col132 = tops.column(_dense1, 31, 32)
+    _col133 = tops.column(_dense_t68, 31, 32)
+    _adj_pre__mlp_0_out106_128 = tl.where(_col132 > 0.0, _col133, 0.0)
+    _tile135 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out75_97, 0, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out76_98, 1, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out77_99, 2, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out78_100, 3, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out79_101, 4, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out80_102, 5, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out81_103, 6, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out82_104, 7, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out83_105, 8, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out84_106, 9, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out85_107, 10, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out86_108, 11, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out87_109, 12, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out88_110, 13, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out89_111, 14, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out90_112, 15, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out91_113, 16, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out92_114, 17, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out93_115, 18, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out94_116, 19, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out95_117, 20, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out96_118, 21, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out97_119, 22, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out98_120, 23, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out99_121, 24, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out100_122, 25, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out101_123, 26, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out102_124, 27, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out103_125, 28, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out104_126, 29, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out105_127, 30, 32)
+    _tile135 += tops.place(_adj_pre__mlp_0_out106_128, 31, 32)
+    _dense_t134 = tops.matmul_t(_tile135, _w_mlp_0_weight, 39, 0, 0, 32, 28, 32, 32, True)
+    _bk2 = v + 1e-06
+    _bk3 = 0.5 / tops.pow_(_bk2, 1.5)
+    _col136 = tops.column(_dense_t134, 6, 32)
+    _col137 = tops.column(_dense_t134, 7, 32)
+    _col138 = tops.column(_dense_t134, 8, 32)
+    _col139 = tops.column(_dense_t134, 5, 32)
+    _col140 = tops.column(_dense_t134, 9, 32)
+    _adj_v = -_col136 * _bk3 * _u7 * m_0 - _col137 * _bk3 * _u8 * m_1 - _col138 * _bk3 * _u9 * m_2 + _col139 * _u6 - _col140 * _bk3 * _u10 + _seed_v
+    _bk4 = tl.rsqrt(_bk2)
+    _bk5 = _col138 * _bk4
+    _bk6 = colfac_2 * rowfac_2
+    _col141 = tops.column(_dense_t134, 27, 32)
+    _bk7 = _col141 * _bk6
+    _col142 = tops.column(_dense_t134, 4, 32)
+    _adj_m_2 = _col142 * _u5 + _bk5 * _u9 + _bk7 * _u43 + _seed_m_2
+    _bk9 = colfac_1 * rowfac_1
+    _col143 = tops.column(_dense_t134, 26, 32)
+    _bk10 = _col143 * _bk9
+    _bk8 = _col137 * _bk4
+    _col144 = tops.column(_dense_t134, 3, 32)
+    _adj_m_1 = _col144 * _u4 + _bk10 * _u42 + _bk8 * _u8 + _seed_m_1
+    _bk11 = _col136 * _bk4
+    _bk12 = colfac_0 * rowfac_0
+    _col145 = tops.column(_dense_t134, 25, 32)
+    _bk13 = _col145 * _bk12
+    _col146 = tops.column(_dense_t134, 2, 32)
+    _adj_m_0 = _col146 * _u3 + _bk11 * _u7 + _bk13 * _u41 + _seed_m_0
+    _adj__m_old_0 = 0.9 * _adj_m_0
+    _adj__m_old_1 = 0.99 * _adj_m_1
+    _adj__m_old_2 = 0.999 * _adj_m_2
+    _col147 = tops.column(_dense_t134, 0, 32)
+    _adj__u1 = _col147 * g
+    _adj__u10 = _col140 * _bk4
+    _col148 = tops.column(_dense_t134, 1, 32)
+    _adj__u2 = _col148 * p
+    _col149 = tops.column(_dense_t134, 10, 32)
+    _bk14 = _col149 * g
+    _adj__u20 = _bk12 * _bk14
+    _col150 = tops.column(_dense_t134, 11, 32)
+    _bk15 = _col150 * g
+    _adj__u21 = _bk15 * _bk9
+    _col151 = tops.column(_dense_t134, 12, 32)
+    _bk16 = _col151 * g
+    _adj__u22 = _bk16 * _bk6
+    _adj__u3 = _col146 * m_0
+    _adj__u4 = _col144 * m_1
+    _adj__u41 = _bk13 * m_0
+    _adj__u42 = _bk10 * m_1
+    _adj__u43 = _bk7 * m_2
+    _adj__u44 = _seed__p_new * p
+    _adj__u5 = _col142 * m_2
+    _adj__u6 = _col139 * v
+    _adj__u7 = _bk11 * m_0
+    _adj__u8 = _bk8 * m_1
+    _adj__u9 = _bk5 * m_2
+    _adj__v_old = 0.999 * _adj_v
+    _bk17 = _bk14 * _u20
+    _bk18 = _col145 * _u41 * m_0
+    _adj_colfac_0 = _bk17 * rowfac_0 + _bk18 * rowfac_0
+    _bk19 = _bk15 * _u21
+    _bk20 = _col143 * _u42 * m_1
+    _adj_colfac_1 = _bk19 * rowfac_1 + _bk20 * rowfac_1
+    _bk21 = _bk16 * _u22
+    _bk22 = _col141 * _u43 * m_2
+    _adj_colfac_2 = _bk21 * rowfac_2 + _bk22 * rowfac_2
+    _adj_g = _col149 * _bk12 * _u20 + _col150 * _bk9 * _u21 + _col151 * _bk6 * _u22 + _col147 * _u1 + 0.09999999999999998 * _adj_m_0 + 0.010000000000000009 * _adj_m_1 + 0.0010000000000000009 * _adj_m_2 + 0.0020000000000000018 * _adj_v * g
+    _adj_lr = -_seed__p_new * _update
+    _adj_p = _col148 * _u2 + _seed__p_new * _u44
+    _adj_rowfac_0 = _bk17 * colfac_0 + _bk18 * colfac_0
+    _adj_rowfac_1 = _bk19 * colfac_1 + _bk20 * colfac_1
+    _adj_rowfac_2 = _bk21 * colfac_2 + _bk22 * colfac_2
+    _col152 = tops.column(_dense_t134, 16, 32)
+    _col153 = tops.column(_dense_t134, 17, 32)
+    _col154 = tops.column(_dense_t134, 18, 32)
+    _col155 = tops.column(_dense_t134, 22, 32)
+    _col156 = tops.column(_dense_t134, 23, 32)
+    _col157 = tops.column(_dense_t134, 24, 32)
+    _col158 = tops.column(_dense_t134, 13, 32)
+    _col159 = tops.column(_dense_t134, 14, 32)
+    _col160 = tops.column(_dense_t134, 15, 32)
+    _col161 = tops.column(_dense_t134, 19, 32)
+    _col162 = tops.column(_dense_t134, 20, 32)
+    _col163 = tops.column(_dense_t134, 21, 32)
+    _tile164 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile164 += tops.place(_adj__mlp_2_out139, 0, 16)
+    _tile164 += tops.place(_adj__mlp_2_out140, 1, 16)
+    _masked165 = tl.where(_mask[:, None], _tile164, 0.0)
+    _masked166 = tl.where(_mask[:, None], _dense2, 0.0)
+    _tile167 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out107_33, 0, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out108_34, 1, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out109_35, 2, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out110_36, 3, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out111_37, 4, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out112_38, 5, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out113_39, 6, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out114_40, 7, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out115_41, 8, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out116_42, 9, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out117_43, 10, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out118_44, 11, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out119_45, 12, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out120_46, 13, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out121_47, 14, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out122_48, 15, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out123_49, 16, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out124_50, 17, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out125_51, 18, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out126_52, 19, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out127_53, 20, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out128_54, 21, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out129_55, 22, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out130_56, 23, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out131_57, 24, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out132_58, 25, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out133_59, 26, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out134_60, 27, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out135_61, 28, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out136_62, 29, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out137_63, 30, 32)
+    _tile167 += tops.place(_adj_pre__mlp_1_out138_64, 31, 32)
+    _masked168 = tl.where(_mask[:, None], _tile167, 0.0)
+    _masked169 = tl.where(_mask[:, None], _dense1, 0.0)
+    _tile170 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out75_97, 0, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out76_98, 1, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out77_99, 2, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out78_100, 3, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out79_101, 4, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out80_102, 5, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out81_103, 6, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out82_104, 7, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out83_105, 8, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out84_106, 9, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out85_107, 10, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out86_108, 11, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out87_109, 12, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out88_110, 13, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out89_111, 14, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out90_112, 15, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out91_113, 16, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out92_114, 17, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out93_115, 18, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out94_116, 19, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out95_117, 20, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out96_118, 21, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out97_119, 22, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out98_120, 23, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out99_121, 24, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out100_122, 25, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out101_123, 26, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out102_124, 27, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out103_125, 28, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out104_126, 29, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out105_127, 30, 32)
+    _tile170 += tops.place(_adj_pre__mlp_0_out106_128, 31, 32)
+    _masked171 = tl.where(_mask[:, None], _tile170, 0.0)
+    _tile172 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile172 += tops.place(f_grad, 0, 32)
+    _tile172 += tops.place(f_param, 1, 32)
+    _tile172 += tops.place(f_mom_0, 2, 32)
+    _tile172 += tops.place(f_mom_1, 3, 32)
+    _tile172 += tops.place(f_mom_2, 4, 32)
+    _tile172 += tops.place(f_rms, 5, 32)
+    _tile172 += tops.place(f_mom_rsqrt_0, 6, 32)
+    _tile172 += tops.place(f_mom_rsqrt_1, 7, 32)
+    _tile172 += tops.place(f_mom_rsqrt_2, 8, 32)
+    _tile172 += tops.place(f_rsqrt, 9, 32)
+    _tile172 += tops.place(f_fac_grad_0, 10, 32)
+    _tile172 += tops.place(f_fac_grad_1, 11, 32)
+    _tile172 += tops.place(f_fac_grad_2, 12, 32)
+    _tile172 += tops.place(f_row_0, 13, 32)
+    _tile172 += tops.place(f_row_1, 14, 32)
+    _tile172 += tops.place(f_row_2, 15, 32)
+    _tile172 += tops.place(f_col_0, 16, 32)
+    _tile172 += tops.place(f_col_1, 17, 32)
+    _tile172 += tops.place(f_col_2, 18, 32)
+    _tile172 += tops.place(f_row_rsqrt_0, 19, 32)
+    _tile172 += tops.place(f_row_rsqrt_1, 20, 32)
+    _tile172 += tops.place(f_row_rsqrt_2, 21, 32)
+    _tile172 += tops.place(f_col_rsqrt_0, 22, 32)
+    _tile172 += tops.place(f_col_rsqrt_1, 23, 32)
+    _tile172 += tops.place(f_col_rsqrt_2, 24, 32)
+    _tile172 += tops.place(f_fac_mom_0, 25, 32)
+    _tile172 += tops.place(f_fac_mom_1, 26, 32)
+    _tile172 += tops.place(f_fac_mom_2, 27, 32)
+    _masked173 = tl.where(_mask[:, None], _tile172, 0.0)
+    tl.store(_grad_st_m + 0 * _numel + _offs, tops.per_element(_adj__m_old_0, BLOCK), mask=_mask)
+    tl.store(_grad_st_m + 1 * _numel + _offs, tops.per_element(_adj__m_old_1, BLOCK), mask=_mask)
+    tl.store(_grad_st_m + 2 * _numel + _offs, tops.per_element(_adj__m_old_2, BLOCK), mask=_mask)
+    tl.store(_grad_st_v + 0 * _numel + _offs, tops.per_element(_adj__v_old, BLOCK), mask=_mask)
+    tl.store(_grad_col_colfac_0 + _offs, tops.per_element(_adj_colfac_0, BLOCK), mask=_mask)
+    tl.store(_grad_col_colfac_1 + _offs, tops.per_element(_adj_colfac_1, BLOCK), mask=_mask)
+    tl.store(_grad_col_colfac_2 + _offs, tops.per_element(_adj_colfac_2, BLOCK), mask=_mask)
+    tl.store(_grad_col_f_col_0 + _offs, tops.per_element(_col152, BLOCK), mask=_mask)
+    tl.store(_grad_col_f_col_1 + _offs, tops.per_element(_col153, BLOCK), mask=_mask)
+    tl.store(_grad_col_f_col_2 + _offs, tops.per_element(_col154, BLOCK), mask=_mask)
+    tl.store(_grad_col_f_col_rsqrt_0 + _offs, tops.per_element(_col155, BLOCK), mask=_mask)
+    tl.store(_grad_col_f_col_rsqrt_1 + _offs, tops.per_element(_col156, BLOCK), mask=_mask)
+    tl.store(_grad_col_f_col_rsqrt_2 + _offs, tops.per_element(_col157, BLOCK), mask=_mask)
+    tl.store(_grad_row_f_row_0 + _offs, tops.per_element(_col158, BLOCK), mask=_mask)
+    tl.store(_grad_row_f_row_1 + _offs, tops.per_element(_col159, BLOCK), mask=_mask)
+    tl.store(_grad_row_f_row_2 + _offs, tops.per_element(_col160, BLOCK), mask=_mask)
+    tl.store(_grad_row_f_row_rsqrt_0 + _offs, tops.per_element(_col161, BLOCK), mask=_mask)
+    tl.store(_grad_row_f_row_rsqrt_1 + _offs, tops.per_element(_col162, BLOCK), mask=_mask)
+    tl.store(_grad_row_f_row_rsqrt_2 + _offs, tops.per_element(_col163, BLOCK), mask=_mask)
+    tl.store(_grad_g_ptr + _offs, tops.per_element(_adj_g, BLOCK), mask=_mask)
+    tl.store(_grad_p_ptr + _offs, tops.per_element(_adj_p, BLOCK), mask=_mask)
+    tl.store(_grad_row_rowfac_0 + _offs, tops.per_element(_adj_rowfac_0, BLOCK), mask=_mask)
+    tl.store(_grad_row_rowfac_1 + _offs, tops.per_element(_adj_rowfac_1, BLOCK), mask=_mask)
+    tl.store(_grad_row_rowfac_2 + _offs, tops.per_element(_adj_rowfac_2, BLOCK), mask=_mask)
+    tops.store_block(_gpart_ptr + _pid * 2068 + 50, tops.outer_sum(_masked165, _masked166, True), 2, 32, 16, 32)
+    tops.store_vec(_gpart_ptr + _pid * 2068 + 114, tl.sum(_masked165, axis=0), 2, 16)
+    tops.store_block(_gpart_ptr + _pid * 2068 + 116, tops.outer_sum(_masked168, _masked169, True), 32, 32, 32, 32)
+    tops.store_vec(_gpart_ptr + _pid * 2068 + 1140, tl.sum(_masked168, axis=0), 32, 32)
+    tops.store_block(_gpart_ptr + _pid * 2068 + 1172, tops.outer_sum(_masked171, _masked173, True), 32, 28, 32, 32)
+    tl.store(_gpart_ptr + _pid * 2068 + 0, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out100_122, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 1, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out101_123, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 2, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out102_124, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 3, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out103_125, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 4, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out104_126, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 5, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out105_127, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 6, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out106_128, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 7, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_97, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 8, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_98, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 9, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_99, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 10, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_100, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 11, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out79_101, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 12, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out80_102, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 13, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out81_103, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 14, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out82_104, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 15, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out83_105, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 16, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out84_106, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 17, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out85_107, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 18, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out86_108, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 19, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out87_109, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 20, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out88_110, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 21, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out89_111, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 22, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out90_112, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 23, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out91_113, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 24, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out92_114, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 25, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out93_115, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 26, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out94_116, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 27, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out95_117, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 28, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out96_118, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 29, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out97_119, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 30, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out98_120, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 31, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out99_121, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 32, tl.sum(tl.where(_mask, _adj__u1, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 33, tl.sum(tl.where(_mask, _adj__u10, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 34, tl.sum(tl.where(_mask, _adj__u2, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 35, tl.sum(tl.where(_mask, _adj__u20, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 36, tl.sum(tl.where(_mask, _adj__u21, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 37, tl.sum(tl.where(_mask, _adj__u22, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 38, tl.sum(tl.where(_mask, _adj__u3, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 39, tl.sum(tl.where(_mask, _adj__u4, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 40, tl.sum(tl.where(_mask, _adj__u41, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 41, tl.sum(tl.where(_mask, _adj__u42, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 42, tl.sum(tl.where(_mask, _adj__u43, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 43, tl.sum(tl.where(_mask, _adj__u44, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 44, tl.sum(tl.where(_mask, _adj__u5, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 45, tl.sum(tl.where(_mask, _adj__u6, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 46, tl.sum(tl.where(_mask, _adj__u7, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 47, tl.sum(tl.where(_mask, _adj__u8, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 48, tl.sum(tl.where(_mask, _adj__u9, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 49, tl.sum(tl.where(_mask, _adj_lr, 0.0), axis=0))

@@ -183,7 +183,7 @@ KERNELS = [{'args': [('input', 'g'),
                      ('grad_rowcol', 'rowfac_0'),
                      ('grad_rowcol', 'rowfac_1'),
                      ('grad_rowcol', 'rowfac_2')],
-            'block': 256,
+            'block': 64,
             'grad_slots': [['hv', '_decay_m_0'],
                            ['hv', '_decay_m_1'],
                            ['hv', '_decay_m_2'],
@@ -214,36 +214,6 @@ KERNELS = [{'args': [('input', 'g'),
                            ['hv', '_u8'],
                            ['hv', '_u9'],
                            ['hv', 'lr'],
-                           ['weight', 'mlp.2.weight', 0],
-                           ['weight', 'mlp.2.weight', 1],
-                           ['weight', 'mlp.2.weight', 2],
-                           ['weight', 'mlp.2.weight', 3],
-                           ['weight', 'mlp.2.bias', 0],
-                           ['weight', 'mlp.2.weight', 4],
-                           ['weight', 'mlp.2.weight', 5],
-                           ['weight', 'mlp.2.weight', 6],
-                           ['weight', 'mlp.2.weight', 7],
-                           ['weight', 'mlp.2.bias', 1],
-                           ['weight', 'mlp.1.weight', 0],
-                           ['weight', 'mlp.1.weight', 1],
-                           ['weight', 'mlp.1.weight', 2],
-                           ['weight', 'mlp.1.weight', 3],
-                           ['weight', 'mlp.1.bias', 0],
-                           ['weight', 'mlp.1.weight', 4],
-                           ['weight', 'mlp.1.weight', 5],
-                           ['weight', 'mlp.1.weight', 6],
-                           ['weight', 'mlp.1.weight', 7],
-                           ['weight', 'mlp.1.bias', 1],
-                           ['weight', 'mlp.1.weight', 8],
-                           ['weight', 'mlp.1.weight', 9],
-                           ['weight', 'mlp.1.weight', 10],
-                           ['weight', 'mlp.1.weight', 11],
-                           ['weight', 'mlp.1.bias', 2],
-                           ['weight', 'mlp.1.weight', 12],
-                           ['weight', 'mlp.1.weight', 13],
-                           ['weight', 'mlp.1.weight', 14],
-                           ['weight', 'mlp.1.weight', 15],
-                           ['weight', 'mlp.1.bias', 3],
                            ['weight', 'mlp.0.weight', 0],
                            ['weight', 'mlp.0.weight', 1],
                            ['weight', 'mlp.0.weight', 2],
@@ -355,7 +325,37 @@ KERNELS = [{'args': [('input', 'g'),
                            ['weight', 'mlp.0.weight', 141],
                            ['weight', 'mlp.0.weight', 142],
                            ['weight', 'mlp.0.weight', 143],
-                           ['weight', 'mlp.0.weight', 144]],
+                           ['weight', 'mlp.0.weight', 144],
+                           ['weight', 'mlp.2.weight', 0],
+                           ['weight', 'mlp.2.weight', 1],
+                           ['weight', 'mlp.2.weight', 2],
+                           ['weight', 'mlp.2.weight', 3],
+                           ['weight', 'mlp.2.bias', 0],
+                           ['weight', 'mlp.2.weight', 4],
+                           ['weight', 'mlp.2.weight', 5],
+                           ['weight', 'mlp.2.weight', 6],
+                           ['weight', 'mlp.2.weight', 7],
+                           ['weight', 'mlp.2.bias', 1],
+                           ['weight', 'mlp.1.weight', 0],
+                           ['weight', 'mlp.1.weight', 1],
+                           ['weight', 'mlp.1.weight', 2],
+                           ['weight', 'mlp.1.weight', 3],
+                           ['weight', 'mlp.1.bias', 0],
+                           ['weight', 'mlp.1.weight', 4],
+                           ['weight', 'mlp.1.weight', 5],
+                           ['weight', 'mlp.1.weight', 6],
+                           ['weight', 'mlp.1.weight', 7],
+                           ['weight', 'mlp.1.bias', 1],
+                           ['weight', 'mlp.1.weight', 8],
+                           ['weight', 'mlp.1.weight', 9],
+                           ['weight', 'mlp.1.weight', 10],
+                           ['weight', 'mlp.1.weight', 11],
+                           ['weight', 'mlp.1.bias', 2],
+                           ['weight', 'mlp.1.weight', 12],
+                           ['weight', 'mlp.1.weight', 13],
+                           ['weight', 'mlp.1.weight', 14],
+                           ['weight', 'mlp.1.weight', 15],
+                           ['weight', 'mlp.1.bias', 3]],
             'hv': ['_u1',
                    '_u2',
                    '_decay_m_0',
@@ -1058,190 +1058,38 @@ def stage2_backward_kernel(
     _adj_pre__mlp_0_out76_14 = tl.where(_mlp_0_out76 > 0.0, _adj_in__mlp_0_out76_10, 0.0)
     _adj_pre__mlp_0_out77_15 = tl.where(_mlp_0_out77 > 0.0, _adj_in__mlp_0_out77_11, 0.0)
     _adj_pre__mlp_0_out78_16 = tl.where(_mlp_0_out78 > 0.0, _adj_in__mlp_0_out78_12, 0.0)
-    _adj_in_f_grad_17 = (
-        tl.load(_w_mlp_0_weight + 0) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 39) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 78) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 117) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_param_18 = (
-        tl.load(_w_mlp_0_weight + 1) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 40) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 79) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 118) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_mom_0_19 = (
-        tl.load(_w_mlp_0_weight + 2) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 41) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 80) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 119) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_mom_1_20 = (
-        tl.load(_w_mlp_0_weight + 3) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 42) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 81) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 120) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_mom_2_21 = (
-        tl.load(_w_mlp_0_weight + 4) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 43) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 82) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 121) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_rms_22 = (
-        tl.load(_w_mlp_0_weight + 5) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 44) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 83) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 122) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_mom_rsqrt_0_23 = (
-        tl.load(_w_mlp_0_weight + 6) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 45) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 84) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 123) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_mom_rsqrt_1_24 = (
-        tl.load(_w_mlp_0_weight + 7) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 46) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 85) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 124) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_mom_rsqrt_2_25 = (
-        tl.load(_w_mlp_0_weight + 8) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 47) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 86) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 125) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_rsqrt_26 = (
-        tl.load(_w_mlp_0_weight + 9) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 48) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 87) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 126) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_fac_grad_0_27 = (
-        tl.load(_w_mlp_0_weight + 10) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 49) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 88) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 127) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_fac_grad_1_28 = (
-        tl.load(_w_mlp_0_weight + 11) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 50) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 89) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 128) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_fac_grad_2_29 = (
-        tl.load(_w_mlp_0_weight + 12) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 51) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 90) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 129) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_row_0_30 = (
-        tl.load(_w_mlp_0_weight + 13) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 52) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 91) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 130) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_row_1_31 = (
-        tl.load(_w_mlp_0_weight + 14) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 53) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 92) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 131) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_row_2_32 = (
-        tl.load(_w_mlp_0_weight + 15) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 54) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 93) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 132) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_col_0_33 = (
-        tl.load(_w_mlp_0_weight + 16) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 55) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 94) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 133) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_col_1_34 = (
-        tl.load(_w_mlp_0_weight + 17) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 56) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 95) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 134) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_col_2_35 = (
-        tl.load(_w_mlp_0_weight + 18) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 57) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 96) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 135) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_row_rsqrt_0_36 = (
-        tl.load(_w_mlp_0_weight + 19) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 58) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 97) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 136) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_row_rsqrt_1_37 = (
-        tl.load(_w_mlp_0_weight + 20) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 59) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 98) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 137) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_row_rsqrt_2_38 = (
-        tl.load(_w_mlp_0_weight + 21) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 60) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 99) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 138) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_col_rsqrt_0_39 = (
-        tl.load(_w_mlp_0_weight + 22) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 61) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 100) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 139) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_col_rsqrt_1_40 = (
-        tl.load(_w_mlp_0_weight + 23) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 62) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 101) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 140) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_col_rsqrt_2_41 = (
-        tl.load(_w_mlp_0_weight + 24) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 63) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 102) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 141) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_fac_mom_0_42 = (
-        tl.load(_w_mlp_0_weight + 25) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 64) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 103) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 142) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_fac_mom_1_43 = (
-        tl.load(_w_mlp_0_weight + 26) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 65) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 104) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 143) * _adj_pre__mlp_0_out78_16
-    )
-    _adj_in_f_fac_mom_2_44 = (
-        tl.load(_w_mlp_0_weight + 27) * _adj_pre__mlp_0_out75_13
-        + tl.load(_w_mlp_0_weight + 66) * _adj_pre__mlp_0_out76_14
-        + tl.load(_w_mlp_0_weight + 105) * _adj_pre__mlp_0_out77_15
-        + tl.load(_w_mlp_0_weight + 144) * _adj_pre__mlp_0_out78_16
-    )
+    _dense_t1 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _dense_t1 += _adj_pre__mlp_0_out75_13[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 0, 0, 28, 32)[None, :]
+    _dense_t1 += _adj_pre__mlp_0_out76_14[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 1, 0, 28, 32)[None, :]
+    _dense_t1 += _adj_pre__mlp_0_out77_15[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 2, 0, 28, 32)[None, :]
+    _dense_t1 += _adj_pre__mlp_0_out78_16[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 3, 0, 28, 32)[None, :]
     _bk2 = v + 1e-06
     _bk3 = 0.5 / tops.pow_(_bk2, 1.5)
-    _adj_v = -_adj_in_f_mom_rsqrt_0_23 * _bk3 * _u11 * m_0 - _adj_in_f_mom_rsqrt_1_24 * _bk3 * _u12 * m_1 - _adj_in_f_mom_rsqrt_2_25 * _bk3 * _u13 * m_2 + _adj_in_f_rms_22 * _u10 - _adj_in_f_rsqrt_26 * _bk3 * _u14 + _seed_v
+    _col2 = tops.column(_dense_t1, 6, 32)
+    _col3 = tops.column(_dense_t1, 7, 32)
+    _col4 = tops.column(_dense_t1, 8, 32)
+    _col5 = tops.column(_dense_t1, 5, 32)
+    _col6 = tops.column(_dense_t1, 9, 32)
+    _adj_v = -_col2 * _bk3 * _u11 * m_0 - _col3 * _bk3 * _u12 * m_1 - _col4 * _bk3 * _u13 * m_2 + _col5 * _u10 - _col6 * _bk3 * _u14 + _seed_v
     _bk4 = tl.rsqrt(_bk2)
-    _bk5 = _adj_in_f_mom_rsqrt_2_25 * _bk4
+    _bk5 = _col4 * _bk4
     _bk6 = colfac_2 * rowfac_2
-    _bk7 = _adj_in_f_fac_mom_2_44 * _bk6
-    _adj_m_2 = _adj_in_f_mom_2_21 * _u8 + _bk5 * _u13 + _bk7 * _u53 + _seed_m_2
+    _col7 = tops.column(_dense_t1, 27, 32)
+    _bk7 = _col7 * _bk6
+    _col8 = tops.column(_dense_t1, 4, 32)
+    _adj_m_2 = _col8 * _u8 + _bk5 * _u13 + _bk7 * _u53 + _seed_m_2
     _bk9 = colfac_1 * rowfac_1
-    _bk10 = _adj_in_f_fac_mom_1_43 * _bk9
-    _bk8 = _adj_in_f_mom_rsqrt_1_24 * _bk4
-    _adj_m_1 = _adj_in_f_mom_1_20 * _u7 + _bk10 * _u52 + _bk8 * _u12 + _seed_m_1
-    _bk11 = _adj_in_f_mom_rsqrt_0_23 * _bk4
+    _col9 = tops.column(_dense_t1, 26, 32)
+    _bk10 = _col9 * _bk9
+    _bk8 = _col3 * _bk4
+    _col10 = tops.column(_dense_t1, 3, 32)
+    _adj_m_1 = _col10 * _u7 + _bk10 * _u52 + _bk8 * _u12 + _seed_m_1
+    _bk11 = _col2 * _bk4
     _bk12 = colfac_0 * rowfac_0
-    _bk13 = _adj_in_f_fac_mom_0_42 * _bk12
-    _adj_m_0 = _adj_in_f_mom_0_19 * _u6 + _bk11 * _u11 + _bk13 * _u51 + _seed_m_0
+    _col11 = tops.column(_dense_t1, 25, 32)
+    _bk13 = _col11 * _bk12
+    _col12 = tops.column(_dense_t1, 2, 32)
+    _adj_m_0 = _col12 * _u6 + _bk11 * _u11 + _bk13 * _u51 + _seed_m_0
     _adj__decay_m_0 = _adj_m_0 * _m_old_0
     _adj__decay_m_1 = _adj_m_1 * _m_old_1
     _adj__decay_m_2 = _adj_m_2 * _m_old_2
@@ -1249,19 +1097,24 @@ def stage2_backward_kernel(
     _adj__m_old_0 = _adj_m_0 * _decay_m_0
     _adj__m_old_1 = _adj_m_1 * _decay_m_1
     _adj__m_old_2 = _adj_m_2 * _decay_m_2
-    _adj__u1 = _adj_in_f_grad_17 * g
-    _adj__u10 = _adj_in_f_rms_22 * v
+    _col13 = tops.column(_dense_t1, 0, 32)
+    _adj__u1 = _col13 * g
+    _adj__u10 = _col5 * v
     _adj__u11 = _bk11 * m_0
     _adj__u12 = _bk8 * m_1
     _adj__u13 = _bk5 * m_2
-    _adj__u14 = _adj_in_f_rsqrt_26 * _bk4
-    _adj__u2 = _adj_in_f_param_18 * p
+    _adj__u14 = _col6 * _bk4
+    _col14 = tops.column(_dense_t1, 1, 32)
+    _adj__u2 = _col14 * p
     _adj__u3 = _adj_m_0 * g
-    _bk14 = _adj_in_f_fac_grad_0_27 * g
+    _col15 = tops.column(_dense_t1, 10, 32)
+    _bk14 = _col15 * g
     _adj__u30 = _bk12 * _bk14
-    _bk15 = _adj_in_f_fac_grad_1_28 * g
+    _col16 = tops.column(_dense_t1, 11, 32)
+    _bk15 = _col16 * g
     _adj__u31 = _bk15 * _bk9
-    _bk16 = _adj_in_f_fac_grad_2_29 * g
+    _col17 = tops.column(_dense_t1, 12, 32)
+    _bk16 = _col17 * g
     _adj__u32 = _bk16 * _bk6
     _adj__u4 = _adj_m_1 * g
     _adj__u5 = _adj_m_2 * g
@@ -1269,26 +1122,74 @@ def stage2_backward_kernel(
     _adj__u52 = _bk10 * m_1
     _adj__u53 = _bk7 * m_2
     _adj__u54 = _seed__p_new * p
-    _adj__u6 = _adj_in_f_mom_0_19 * m_0
-    _adj__u7 = _adj_in_f_mom_1_20 * m_1
-    _adj__u8 = _adj_in_f_mom_2_21 * m_2
+    _adj__u6 = _col12 * m_0
+    _adj__u7 = _col10 * m_1
+    _adj__u8 = _col8 * m_2
     _adj__u9 = _adj_v * g * g
     _adj__v_old = _adj_v * _decay_v_0
     _bk17 = _bk14 * _u30
-    _bk18 = _adj_in_f_fac_mom_0_42 * _u51 * m_0
+    _bk18 = _col11 * _u51 * m_0
     _adj_colfac_0 = _bk17 * rowfac_0 + _bk18 * rowfac_0
     _bk19 = _bk15 * _u31
-    _bk20 = _adj_in_f_fac_mom_1_43 * _u52 * m_1
+    _bk20 = _col9 * _u52 * m_1
     _adj_colfac_1 = _bk19 * rowfac_1 + _bk20 * rowfac_1
     _bk21 = _bk16 * _u32
-    _bk22 = _adj_in_f_fac_mom_2_44 * _u53 * m_2
+    _bk22 = _col7 * _u53 * m_2
     _adj_colfac_2 = _bk21 * rowfac_2 + _bk22 * rowfac_2
-    _adj_g = _adj_in_f_fac_grad_0_27 * _bk12 * _u30 + _adj_in_f_fac_grad_1_28 * _bk9 * _u31 + _adj_in_f_fac_grad_2_29 * _bk6 * _u32 + _adj_in_f_grad_17 * _u1 + _adj_m_0 * _u3 + _adj_m_1 * _u4 + _adj_m_2 * _u5 + 2.0 * _adj_v * _u9 * g
+    _adj_g = _col15 * _bk12 * _u30 + _col16 * _bk9 * _u31 + _col17 * _bk6 * _u32 + _col13 * _u1 + _adj_m_0 * _u3 + _adj_m_1 * _u4 + _adj_m_2 * _u5 + 2.0 * _adj_v * _u9 * g
     _adj_lr = -_seed__p_new * _update
-    _adj_p = _adj_in_f_param_18 * _u2 + _seed__p_new * _u54
+    _adj_p = _col14 * _u2 + _seed__p_new * _u54
     _adj_rowfac_0 = _bk17 * colfac_0 + _bk18 * colfac_0
     _adj_rowfac_1 = _bk19 * colfac_1 + _bk20 * colfac_1
     _adj_rowfac_2 = _bk21 * colfac_2 + _bk22 * colfac_2
+    _col18 = tops.column(_dense_t1, 16, 32)
+    _col19 = tops.column(_dense_t1, 17, 32)
+    _col20 = tops.column(_dense_t1, 18, 32)
+    _col21 = tops.column(_dense_t1, 22, 32)
+    _col22 = tops.column(_dense_t1, 23, 32)
+    _col23 = tops.column(_dense_t1, 24, 32)
+    _col24 = tops.column(_dense_t1, 13, 32)
+    _col25 = tops.column(_dense_t1, 14, 32)
+    _col26 = tops.column(_dense_t1, 15, 32)
+    _col27 = tops.column(_dense_t1, 19, 32)
+    _col28 = tops.column(_dense_t1, 20, 32)
+    _col29 = tops.column(_dense_t1, 21, 32)
+    _tile30 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile30 += tops.place(_adj_pre__mlp_0_out75_13, 0, 16)
+    _tile30 += tops.place(_adj_pre__mlp_0_out76_14, 1, 16)
+    _tile30 += tops.place(_adj_pre__mlp_0_out77_15, 2, 16)
+    _tile30 += tops.place(_adj_pre__mlp_0_out78_16, 3, 16)
+    _masked31 = tl.where(_mask[:, None], _tile30, 0.0)
+    _tile32 = tl.zeros((BLOCK, 32), dtype=tl.float32)
+    _tile32 += tops.place(f_grad, 0, 32)
+    _tile32 += tops.place(f_param, 1, 32)
+    _tile32 += tops.place(f_mom_0, 2, 32)
+    _tile32 += tops.place(f_mom_1, 3, 32)
+    _tile32 += tops.place(f_mom_2, 4, 32)
+    _tile32 += tops.place(f_rms, 5, 32)
+    _tile32 += tops.place(f_mom_rsqrt_0, 6, 32)
+    _tile32 += tops.place(f_mom_rsqrt_1, 7, 32)
+    _tile32 += tops.place(f_mom_rsqrt_2, 8, 32)
+    _tile32 += tops.place(f_rsqrt, 9, 32)
+    _tile32 += tops.place(f_fac_grad_0, 10, 32)
+    _tile32 += tops.place(f_fac_grad_1, 11, 32)
+    _tile32 += tops.place(f_fac_grad_2, 12, 32)
+    _tile32 += tops.place(f_row_0, 13, 32)
+    _tile32 += tops.place(f_row_1, 14, 32)
+    _tile32 += tops.place(f_row_2, 15, 32)
+    _tile32 += tops.place(f_col_0, 16, 32)
+    _tile32 += tops.place(f_col_1, 17, 32)
+    _tile32 += tops.place(f_col_2, 18, 32)
+    _tile32 += tops.place(f_row_rsqrt_0, 19, 32)
+    _tile32 += tops.place(f_row_rsqrt_1, 20, 32)
+    _tile32 += tops.place(f_row_rsqrt_2, 21, 32)
+    _tile32 += tops.place(f_col_rsqrt_0, 22, 32)
+    _tile32 += tops.place(f_col_rsqrt_1, 23, 32)
+    _tile32 += tops.place(f_col_rsqrt_2, 24, 32)
+    _tile32 += tops.place(f_fac_mom_0, 25, 32)
+    _tile32 += tops.place(f_fac_mom_1, 26, 32)
+    _tile32 += tops.place(f_fac_mom_2, 27, 32)
+    _masked33 = tl.where(_mask[:, None], _tile32, 0.0)
     tl.store(_grad_st_m + 0 * _numel + _offs, tops.per_element(_adj__m_old_0, BLOCK), mask=_mask)
     tl.store(_grad_st_m + 1 * _numel + _offs, tops.per_element(_adj__m_old_1, BLOCK), mask=_mask)
     tl.store(_grad_st_m + 2 * _numel + _offs, tops.per_element(_adj__m_old_2, BLOCK), mask=_mask)
@@ -1296,23 +1197,24 @@ def stage2_backward_kernel(
     tl.store(_grad_col_colfac_0 + _offs, tops.per_element(_adj_colfac_0, BLOCK), mask=_mask)
     tl.store(_grad_col_colfac_1 + _offs, tops.per_element(_adj_colfac_1, BLOCK), mask=_mask)
     tl.store(_grad_col_colfac_2 + _offs, tops.per_element(_adj_colfac_2, BLOCK), mask=_mask)
-    tl.store(_grad_col_f_col_0 + _offs, tops.per_element(_adj_in_f_col_0_33, BLOCK), mask=_mask)
-    tl.store(_grad_col_f_col_1 + _offs, tops.per_element(_adj_in_f_col_1_34, BLOCK), mask=_mask)
-    tl.store(_grad_col_f_col_2 + _offs, tops.per_element(_adj_in_f_col_2_35, BLOCK), mask=_mask)
-    tl.store(_grad_col_f_col_rsqrt_0 + _offs, tops.per_element(_adj_in_f_col_rsqrt_0_39, BLOCK), mask=_mask)
-    tl.store(_grad_col_f_col_rsqrt_1 + _offs, tops.per_element(_adj_in_f_col_rsqrt_1_40, BLOCK), mask=_mask)
-    tl.store(_grad_col_f_col_rsqrt_2 + _offs, tops.per_element(_adj_in_f_col_rsqrt_2_41, BLOCK), mask=_mask)
-    tl.store(_grad_row_f_row_0 + _offs, tops.per_element(_adj_in_f_row_0_30, BLOCK), mask=_mask)
-    tl.store(_grad_row_f_row_1 + _offs, tops.per_element(_adj_in_f_row_1_31, BLOCK), mask=_mask)
-    tl.store(_grad_row_f_row_2 + _offs, tops.per_element(_adj_in_f_row_2_32, BLOCK), mask=_mask)
-    tl.store(_grad_row_f_row_rsqrt_0 + _offs, tops.per_element(_adj_in_f_row_rsqrt_0_36, BLOCK), mask=_mask)
-    tl.store(_grad_row_f_row_rsqrt_1 + _offs, tops.per_element(_adj_in_f_row_rsqrt_1_37, BLOCK), mask=_mask)
-    tl.store(_grad_row_f_row_rsqrt_2 + _offs, tops.per_element(_adj_in_f_row_rsqrt_2_38, BLOCK), mask=_mask)
+    tl.store(_grad_col_f_col_0 + _offs, tops.per_element(_col18, BLOCK), mask=_mask)
+    tl.store(_grad_col_f_col_1 + _offs, tops.per_element(_col19, BLOCK), mask=_mask)
+    tl.store(_grad_col_f_col_2 + _offs, tops.per_element(_col20, BLOCK), mask=_mask)
+    tl.store(_grad_col_f_col_rsqrt_0 + _offs, tops.per_element(_col21, BLOCK), mask=_mask)
+    tl.store(_grad_col_f_col_rsqrt_1 + _offs, tops.per_element(_col22, BLOCK), mask=_mask)
+    tl.store(_grad_col_f_col_rsqrt_2 + _offs, tops.per_element(_col23, BLOCK), mask=_mask)
+    tl.store(_grad_row_f_row_0 + _offs, tops.per_element(_col24, BLOCK), mask=_mask)
+    tl.store(_grad_row_f_row_1 + _offs, tops.per_element(_col25, BLOCK), mask=_mask)
+    tl.store(_grad_row_f_row_2 + _offs, tops.per_element(_col26, BLOCK), mask=_mask)
+    tl.store(_grad_row_f_row_rsqrt_0 + _offs, tops.per_element(_col27, BLOCK), mask=_mask)
+    tl.store(_grad_row_f_row_rsqrt_1 + _offs, tops.per_element(_col28, BLOCK), mask=_mask)
+    tl.store(_grad_row_f_row_rsqrt_2 + _offs, tops.per_element(_col29, BLOCK), mask=_mask)
     tl.store(_grad_g_ptr + _offs, tops.per_element(_adj_g, BLOCK), mask=_mask)
     tl.store(_grad_p_ptr + _offs, tops.per_element(_adj_p, BLOCK), mask=_mask)
     tl.store(_grad_row_rowfac_0 + _offs, tops.per_element(_adj_rowfac_0, BLOCK), mask=_mask)
     tl.store(_grad_row_rowfac_1 + _offs, tops.per_element(_adj_rowfac_1, BLOCK), mask=_mask)
     tl.store(_grad_row_rowfac_2 + _offs, tops.per_element(_adj_rowfac_2, BLOCK), mask=_mask)
+    tops.store_block(_gpart_ptr + _pid * 172 + 30, tops.outer_sum(_masked31, _masked33, True), 4, 28, 16, 32)
     tl.store(_gpart_ptr + _pid * 172 + 0, tl.sum(tl.where(_mask, _adj__decay_m_0, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 172 + 1, tl.sum(tl.where(_mask, _adj__decay_m_1, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 172 + 2, tl.sum(tl.where(_mask, _adj__decay_m_2, 0.0), axis=0))
@@ -1343,145 +1245,33 @@ def stage2_backward_kernel(
     tl.store(_gpart_ptr + _pid * 172 + 27, tl.sum(tl.where(_mask, _adj__u8, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 172 + 28, tl.sum(tl.where(_mask, _adj__u9, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 172 + 29, tl.sum(tl.where(_mask, _adj_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 30, tl.sum(tl.where(_mask, _adj__mlp_2_out83 * _mlp_1_out79, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 31, tl.sum(tl.where(_mask, _adj__mlp_2_out83 * _mlp_1_out80, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 32, tl.sum(tl.where(_mask, _adj__mlp_2_out83 * _mlp_1_out81, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 33, tl.sum(tl.where(_mask, _adj__mlp_2_out83 * _mlp_1_out82, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 34, tl.sum(tl.where(_mask, _adj__mlp_2_out83, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 35, tl.sum(tl.where(_mask, _adj__mlp_2_out84 * _mlp_1_out79, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 36, tl.sum(tl.where(_mask, _adj__mlp_2_out84 * _mlp_1_out80, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 37, tl.sum(tl.where(_mask, _adj__mlp_2_out84 * _mlp_1_out81, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 38, tl.sum(tl.where(_mask, _adj__mlp_2_out84 * _mlp_1_out82, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 39, tl.sum(tl.where(_mask, _adj__mlp_2_out84, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 40, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out79_5 * _mlp_0_out75, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 41, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out79_5 * _mlp_0_out76, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 42, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out79_5 * _mlp_0_out77, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 43, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out79_5 * _mlp_0_out78, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 44, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out79_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 45, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out80_6 * _mlp_0_out75, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 46, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out80_6 * _mlp_0_out76, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 47, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out80_6 * _mlp_0_out77, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 48, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out80_6 * _mlp_0_out78, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 49, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out80_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 50, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out81_7 * _mlp_0_out75, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 51, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out81_7 * _mlp_0_out76, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 52, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out81_7 * _mlp_0_out77, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 53, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out81_7 * _mlp_0_out78, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 54, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out81_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 55, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out82_8 * _mlp_0_out75, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 56, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out82_8 * _mlp_0_out76, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 57, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out82_8 * _mlp_0_out77, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 58, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out82_8 * _mlp_0_out78, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 59, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out82_8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 60, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_grad, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 61, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_param, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 62, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_mom_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 63, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_mom_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 64, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_mom_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 65, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_rms, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 66, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_mom_rsqrt_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 67, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_mom_rsqrt_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 68, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_mom_rsqrt_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 69, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_rsqrt, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 70, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_fac_grad_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 71, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_fac_grad_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 72, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_fac_grad_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 73, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_row_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 74, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_row_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 75, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_row_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 76, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_col_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 77, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_col_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 78, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_col_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 79, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_row_rsqrt_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 80, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_row_rsqrt_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 81, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_row_rsqrt_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 82, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_col_rsqrt_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 83, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_col_rsqrt_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 84, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_col_rsqrt_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 85, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_fac_mom_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 86, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_fac_mom_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 87, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13 * f_fac_mom_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 88, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_grad, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 89, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_param, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 90, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_mom_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 91, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_mom_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 92, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_mom_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 93, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_rms, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 94, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_mom_rsqrt_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 95, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_mom_rsqrt_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 96, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_mom_rsqrt_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 97, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_rsqrt, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 98, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_fac_grad_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 99, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_fac_grad_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 100, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_fac_grad_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 101, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_row_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 102, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_row_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 103, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_row_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 104, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_col_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 105, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_col_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 106, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_col_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 107, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_row_rsqrt_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 108, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_row_rsqrt_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 109, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_row_rsqrt_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 110, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_col_rsqrt_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 111, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_col_rsqrt_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 112, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_col_rsqrt_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 113, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_fac_mom_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 114, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_fac_mom_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 115, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14 * f_fac_mom_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 116, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_grad, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 117, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_param, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 118, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_mom_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 119, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_mom_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 120, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_mom_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 121, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_rms, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 122, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_mom_rsqrt_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 123, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_mom_rsqrt_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 124, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_mom_rsqrt_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 125, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_rsqrt, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 126, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_fac_grad_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 127, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_fac_grad_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 128, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_fac_grad_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 129, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_row_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 130, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_row_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 131, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_row_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 132, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_col_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 133, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_col_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 134, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_col_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 135, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_row_rsqrt_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 136, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_row_rsqrt_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 137, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_row_rsqrt_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 138, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_col_rsqrt_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 139, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_col_rsqrt_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 140, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_col_rsqrt_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 141, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_fac_mom_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 142, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_fac_mom_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 143, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15 * f_fac_mom_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 144, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_grad, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 145, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_param, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 146, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_mom_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 147, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_mom_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 148, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_mom_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 149, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_rms, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 150, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_mom_rsqrt_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 151, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_mom_rsqrt_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 152, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_mom_rsqrt_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 153, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_rsqrt, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 154, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_fac_grad_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 155, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_fac_grad_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 156, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_fac_grad_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 157, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_row_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 158, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_row_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 159, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_row_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 160, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_col_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 161, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_col_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 162, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_col_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 163, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_row_rsqrt_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 164, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_row_rsqrt_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 165, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_row_rsqrt_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 166, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_col_rsqrt_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 167, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_col_rsqrt_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 168, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_col_rsqrt_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 169, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_fac_mom_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 170, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_fac_mom_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 171, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16 * f_fac_mom_2, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 142, tl.sum(tl.where(_mask, _adj__mlp_2_out83 * _mlp_1_out79, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 143, tl.sum(tl.where(_mask, _adj__mlp_2_out83 * _mlp_1_out80, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 144, tl.sum(tl.where(_mask, _adj__mlp_2_out83 * _mlp_1_out81, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 145, tl.sum(tl.where(_mask, _adj__mlp_2_out83 * _mlp_1_out82, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 146, tl.sum(tl.where(_mask, _adj__mlp_2_out83, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 147, tl.sum(tl.where(_mask, _adj__mlp_2_out84 * _mlp_1_out79, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 148, tl.sum(tl.where(_mask, _adj__mlp_2_out84 * _mlp_1_out80, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 149, tl.sum(tl.where(_mask, _adj__mlp_2_out84 * _mlp_1_out81, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 150, tl.sum(tl.where(_mask, _adj__mlp_2_out84 * _mlp_1_out82, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 151, tl.sum(tl.where(_mask, _adj__mlp_2_out84, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 152, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out79_5 * _mlp_0_out75, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 153, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out79_5 * _mlp_0_out76, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 154, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out79_5 * _mlp_0_out77, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 155, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out79_5 * _mlp_0_out78, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 156, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out79_5, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 157, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out80_6 * _mlp_0_out75, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 158, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out80_6 * _mlp_0_out76, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 159, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out80_6 * _mlp_0_out77, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 160, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out80_6 * _mlp_0_out78, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 161, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out80_6, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 162, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out81_7 * _mlp_0_out75, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 163, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out81_7 * _mlp_0_out76, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 164, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out81_7 * _mlp_0_out77, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 165, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out81_7 * _mlp_0_out78, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 166, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out81_7, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 167, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out82_8 * _mlp_0_out75, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 168, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out82_8 * _mlp_0_out76, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 169, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out82_8 * _mlp_0_out77, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 170, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out82_8 * _mlp_0_out78, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 171, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out82_8, 0.0), axis=0))

@@ -18,9 +18,15 @@ per-tensor-value tables.  It
   every meta-parameter entry a dense layer reads (weight, bias).  The runner sums the
   partial sums in a second, deterministic pass: no atomics.
 
-Dense layers are unrolled, so a stage whose layers need more than :data:`MAX_WEIGHT_SLOTS`
-weight partial sums has no backward kernel (it is listed in ``UNSUPPORTED`` with the
-reason, and gradients come from the torch step's vector-Jacobian product instead).
+Dense layers of at most :data:`~lopt_gen.codegen.triton_backend.UNROLL_MAX` outputs and
+inputs are unrolled into scalar multiply-adds, one partial sum per weight entry.  Wider
+layers use tiles: the adjoints ``δ`` of a layer's pre-activations are gathered into a
+``[BLOCK, PAD]`` tile, the input adjoint is ``δ @ W`` (``tops.matmul_t``), and each program
+stores its share of the weight adjoint, ``δᵀ x`` over its elements (``tops.outer_sum``, a
+``tl.dot``), as a block of partial sums.  A stage whose unrolled layers would need more than
+:data:`MAX_WEIGHT_SLOTS` partial sums has no backward kernel (it is listed in
+``UNSUPPORTED`` with the reason, and gradients come from the torch step's vector-Jacobian
+product instead).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from ..ir import Leaf, Let, StateWrite
 from ..passes import plan
 from .printer import TritonPrinter, UnsupportedError
 from .torch_backend import _env, local
-from .triton_backend import _TL_DTYPE, _kernel, _KBody, _safe
+from .triton_backend import _TL_DTYPE, UNROLL_MAX, _kernel, _KBody, _pad, _safe
 
 MAX_WEIGHT_SLOTS = 768
 
@@ -40,11 +46,45 @@ MAX_WEIGHT_SLOTS = 768
 class _BackwardBody(_KBody):
     printer_cls = backward_printer(TritonPrinter, "tl.math.erf")
 
+    def index_tile(self, idx, values, masked: bool = False) -> tuple[str, int]:
+        """A [BLOCK, PAD] tile with ``values[k]`` in column ``idx[k] - min(idx)`` and zeros in
+        the other columns; ``masked`` also zeroes the rows past the tensor's end, so that a
+        non-finite value computed there cannot reach a sum over elements."""
+        idx, values = tuple(idx), tuple(values)
+        key = ("index_tile", idx, values, masked)
+        if key in self.tiles:
+            return self.tiles[key]
+        lo = min(idx)
+        pad = _pad(max(idx) - lo + 1)
+        if idx == tuple(range(lo, lo + len(idx))) and self.is_tile(values):
+            var, _ = self.tile_of(values)  # the forward pass's tile, columns in this order
+        else:
+            var = self.fresh("tile")
+            self.lines.append(f"{var} = tl.zeros((BLOCK, {pad}), dtype=tl.float32)")
+            for i, v in zip(idx, values):
+                self.lines.append(f"{var} += tops.place({self.vec(v)}, {i - lo}, {pad})")
+        if masked:
+            m = self.fresh("masked")
+            self.lines.append(f"{m} = tl.where(_mask[:, None], {var}, 0.0)")
+            var = m
+        self.tiles[key] = (var, pad)
+        return var, pad
+
+
+def _wide(rows, cols) -> bool:
+    return max(len(rows), len(cols)) > UNROLL_MAX
+
+
+def _span(idx) -> tuple[int, int]:
+    """(first index, count) of the smallest range holding every index in ``idx``."""
+    return min(idx), max(idx) - min(idx) + 1
+
 
 def _backward_kernel(prog, stage, sg: StageGrad, fwd: dict, levels: dict, leaves: dict, final: bool) -> dict:
     body = _BackwardBody(prog, stage, levels, leaves)
     body.hv = list(fwd["hv"])  # the forward kernel's per-tensor values first: one table serves both
-    n_weight_slots = sum(len(w.rows) * (len(w.cols) + (1 if w.bias else 0)) for w in sg.weight_grads)
+    n_weight_slots = sum(len(w.rows) * (len(w.cols) + (1 if w.bias else 0)) for w in sg.weight_grads
+                         if not _wide(w.rows, w.cols))
     if n_weight_slots > MAX_WEIGHT_SLOTS:
         raise NotSupported(f"stage {stage.index}: its dense layers need {n_weight_slots} weight partial sums per "
                            f"program; unrolled backward kernels stop at {MAX_WEIGHT_SLOTS}")
@@ -71,6 +111,33 @@ def _backward_kernel(prog, stage, sg: StageGrad, fwd: dict, levels: dict, leaves
         assert isinstance(n, DenseT)
         w = body.weight(n.weight)
         ld = prog.meta[n.weight].shape[1]
+        if len(n.rows) > UNROLL_MAX and len(n.cols) <= UNROLL_MAX:
+            # many adjoints in, few out: one row-sum of the δ tile per output
+            dt, rpad = body.index_tile(n.rows, n.ins)
+            r0, nr = _span(n.rows)
+            for c, out in zip(n.cols, n.outs):
+                body.lines.append(f"{local(out)} = tl.sum({dt} * tops.weight_col({w}, {ld}, {r0}, {c}, {nr}, "
+                                  f"{rpad})[None, :], axis=1)")
+                body.names[out] = local(out)
+            continue
+        if _wide(n.rows, n.cols):
+            (r0, nr), (c0, nc) = _span(n.rows), _span(n.cols)
+            cpad = _pad(nc)
+            var = body.fresh("dense_t")
+            if len(n.rows) <= UNROLL_MAX:  # few adjoints in, many out: rank-1 updates of the tile
+                body.lines.append(f"{var} = tl.zeros((BLOCK, {cpad}), dtype=tl.float32)")
+                for r, d in zip(n.rows, n.ins):
+                    body.lines.append(f"{var} += {body.vec(d)}[:, None] * tops.weight_row({w}, {ld}, {r}, {c0}, "
+                                      f"{nc}, {cpad})[None, :]")
+            else:
+                dt, rpad = body.index_tile(n.rows, n.ins)
+                body.lines.append(f"{var} = tops.matmul_t({dt}, {w}, {ld}, {r0}, {c0}, {nr}, {nc}, {rpad}, {cpad}, "
+                                  f"{body.dot_mode(16)})")
+            for c, out in zip(n.cols, n.outs):
+                body.tile_cols[out] = (var, c - c0, cpad)
+            if tuple(n.cols) == tuple(range(c0, c0 + nc)):
+                body.tiles[tuple(n.outs)] = (var, cpad)
+            continue
         for c, out in zip(n.cols, n.outs):
             terms = [f"tl.load({w} + {r * ld + c}) * {body.ref(d)}" for r, d in zip(n.rows, n.ins)]
             text = "(\n    " + "\n    + ".join(terms) + "\n)" if len(terms) > 1 else terms[0]
@@ -98,7 +165,27 @@ def _backward_kernel(prog, stage, sg: StageGrad, fwd: dict, levels: dict, leaves
             key = ("hv", v)
             slots.append(key)
             terms[key] = [body.ref(a)]
+    blocks = []  # (first slot, store line) of the tiled weight adjoints
     for wg in sg.weight_grads:
+        if not _wide(wg.rows, wg.cols):
+            continue
+        dt, rpad = body.index_tile(wg.rows, wg.dpre, masked=True)
+        (r0, nr) = _span(wg.rows)
+        ld = prog.meta[wg.weight].shape[1]
+        if wg.cols:
+            xt, cpad = body.index_tile(wg.cols, wg.x, masked=True)
+            (c0, nc) = _span(wg.cols)
+            first = len(slots)
+            slots.extend(("weight", wg.weight, r * ld + c) for r in range(r0, r0 + nr) for c in range(c0, c0 + nc))
+            blocks.append(f"tops.store_block(_gpart_ptr + _pid * NSLOT + {first}, "
+                          f"tops.outer_sum({dt}, {xt}, {body.dot_mode(16)}), {nr}, {nc}, {rpad}, {cpad})")
+        if wg.bias:
+            first = len(slots)
+            slots.extend(("weight", wg.bias, r) for r in range(r0, r0 + nr))
+            blocks.append(f"tops.store_vec(_gpart_ptr + _pid * NSLOT + {first}, tl.sum({dt}, axis=0), {nr}, {rpad})")
+    for wg in sg.weight_grads:
+        if _wide(wg.rows, wg.cols):
+            continue
         for meta, idx, d, x in wg.slots():
             flat = idx[0] * prog.meta[meta].shape[1] + idx[1] if len(idx) == 2 else idx[0]
             key = ("weight", meta, flat)
@@ -107,7 +194,10 @@ def _backward_kernel(prog, stage, sg: StageGrad, fwd: dict, levels: dict, leaves
                 terms[key] = []
             terms[key].append(body.ref(d) if x is None else f"{body.ref(d)} * {body.ref(x)}")
     nslot = max(1, len(slots))
+    epilogue += [ln.replace("NSLOT", str(nslot)) for ln in blocks]
     for k, key in enumerate(slots):
+        if key not in terms:
+            continue  # a tiled block's slot
         total = " + ".join(terms[key])
         epilogue.append(f"tl.store(_gpart_ptr + _pid * {nslot} + {k}, tl.sum(tl.where(_mask, {total}, 0.0), axis=0))")
 

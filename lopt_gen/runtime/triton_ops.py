@@ -127,6 +127,19 @@ def weight_row(w_ptr, ld, row, col0, N, PAD: tl.constexpr):
 
 
 @triton.jit
+def dot(a, b, DOT: tl.constexpr):
+    """a @ b with ``tl.dot``: tf32 tensor cores for ``DOT == 2``, tf32x3 (three tf32 products,
+    close to fp32) for 3, exact fp32 (IEEE) otherwise."""
+    if DOT == 2:
+        out = tl.dot(a, b, input_precision="tf32")
+    elif DOT == 3:
+        out = tl.dot(a, b, input_precision="tf32x3")
+    else:
+        out = tl.dot(a, b, input_precision="ieee")
+    return out
+
+
+@triton.jit
 def matmul(x, w_ptr, ld, row0, col0, N_OUT, N_IN, IPAD: tl.constexpr, OPAD: tl.constexpr, DOT: tl.constexpr):
     """x @ W[row0:row0+N_OUT, col0:col0+N_IN].T for a [BLOCK, IPAD] tile x -> [BLOCK, OPAD].
 
@@ -137,12 +150,46 @@ def matmul(x, w_ptr, ld, row0, col0, N_OUT, N_IN, IPAD: tl.constexpr, OPAD: tl.c
     o = tl.arange(0, OPAD)
     wt = tl.load(w_ptr + (row0 + o[None, :]) * ld + col0 + i[:, None],
                  mask=(i[:, None] < N_IN) & (o[None, :] < N_OUT), other=0.0).to(tl.float32)
-    if DOT == 2:
-        out = tl.dot(x, wt, input_precision="tf32")
-    elif DOT == 3:
-        out = tl.dot(x, wt, input_precision="tf32x3")
-    elif DOT:
-        out = tl.dot(x, wt, input_precision="ieee")
+    if DOT:
+        out = dot(x, wt, DOT)
     else:
         out = tl.sum(x[:, :, None] * wt[None, :, :], axis=1)
     return out
+
+
+# ------------------------------------------------------------------------- backward tiles
+@triton.jit
+def matmul_t(d, w_ptr, ld, row0, col0, N_ROWS, N_COLS, RPAD: tl.constexpr, CPAD: tl.constexpr, DOT: tl.constexpr):
+    """d @ W[row0:row0+N_ROWS, col0:col0+N_COLS] for a [BLOCK, RPAD] tile d -> [BLOCK, CPAD]: the
+    input adjoint of a dense layer (``Wᵀ δ`` per element).  ``DOT`` as in :func:`matmul`."""
+    r = tl.arange(0, RPAD)
+    c = tl.arange(0, CPAD)
+    w = tl.load(w_ptr + (row0 + r[:, None]) * ld + col0 + c[None, :],
+                mask=(r[:, None] < N_ROWS) & (c[None, :] < N_COLS), other=0.0).to(tl.float32)
+    if DOT:
+        out = dot(d, w, DOT)
+    else:
+        out = tl.sum(d[:, :, None] * w[None, :, :], axis=1)
+    return out
+
+
+@triton.jit
+def outer_sum(d, x, DOT: tl.constexpr):
+    """dᵀ x for [BLOCK, RPAD] and [BLOCK, CPAD] tiles -> [RPAD, CPAD]: one program's share of a
+    dense layer's weight adjoint (the sum over its elements of δ ⊗ x); ``DOT`` as in :func:`dot`."""
+    return dot(tl.trans(d), x, DOT)
+
+
+@triton.jit
+def store_block(ptr, tile, N_ROWS, N_COLS, RPAD: tl.constexpr, CPAD: tl.constexpr):
+    """tile[:N_ROWS, :N_COLS] to ptr, row-major with N_COLS columns."""
+    r = tl.arange(0, RPAD)
+    c = tl.arange(0, CPAD)
+    tl.store(ptr + r[:, None] * N_COLS + c[None, :], tile, mask=(r[:, None] < N_ROWS) & (c[None, :] < N_COLS))
+
+
+@triton.jit
+def store_vec(ptr, vec, N, PAD: tl.constexpr):
+    """vec[:N] to ptr."""
+    k = tl.arange(0, PAD)
+    tl.store(ptr + k, vec, mask=k < N)

@@ -560,14 +560,33 @@ class _Launch:
         totals = gpart.sum(0)
         for m in self.weights:
             w = weights[m]
-            ks = [(k, s[2]) for k, s in enumerate(gpart_slots) if s[0] == "weight" and s[1] == m]
-            if not ks:
+            rounds = self._weight_slots(m)
+            if not rounds:
                 d_weights.append(None)
                 continue
             out = torch.zeros(w.numel(), dtype=torch.float32, device=dev)
-            out[torch.tensor([f for _, f in ks], device=dev)] = totals[torch.tensor([k for k, _ in ks], device=dev)]
+            for flat, ks in rounds:
+                out[flat] += totals[ks]
             d_weights.append(out.view(w.shape).to(w.dtype))
         return d_hv.to(hv.dtype), d_inputs, d_weights
+
+    def _weight_slots(self, meta: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(flat indices into ``meta``, slots of the partial sums)]: the slots of one weight entry
+        (an entry that two dense layers read has two) spread over rounds, each round naming an
+        entry at most once, so that adding the rounds in order is deterministic."""
+        cache = self.__dict__.setdefault("_slot_rounds", {})
+        if meta not in cache:
+            rounds: list[list[tuple[int, int]]] = []
+            seen: dict[int, int] = {}
+            for k, s in enumerate(self.bmeta["grad_slots"]):
+                if s[0] == "weight" and s[1] == meta:
+                    n = seen[s[2]] = seen.get(s[2], -1) + 1
+                    if n == len(rounds):
+                        rounds.append([])
+                    rounds[n].append((s[2], k))
+            cache[meta] = [(torch.tensor([f for f, _ in r], device=self.device),
+                            torch.tensor([k for _, k in r], device=self.device)) for r in rounds]
+        return cache[meta]
 
     def _seed(self, value, g_of, pl):
         """The adjoint of per-element value ``value``: the sum over the outputs it is written to."""
