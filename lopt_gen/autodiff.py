@@ -93,6 +93,33 @@ class DenseT:
 
 
 @dataclass(frozen=True)
+class CellT:
+    """The adjoint of a whole recurrent cell (``stage_grad(..., cells="whole")``): from the
+    adjoints of its new hidden state ``d_h`` (and, for an LSTM, new cell state ``d_c``; None
+    where a unit has none), the adjoints of its inputs ``outs_x``, hidden state ``outs_h``, cell
+    state ``outs_c`` and extra gate biases ``outs_extra``.  The sums over elements that give its
+    weights' adjoints belong to the node too: a printer emits them with it.  The gate formulas
+    are those of ``ops.gru_cell`` / ``ops.lstm_cell``."""
+
+    cell: Cell
+    d_h: tuple
+    d_c: tuple
+    outs_x: tuple
+    outs_h: tuple
+    outs_c: tuple
+    outs_extra: tuple
+    level: str = "elem"
+
+    @property
+    def outs(self):
+        return self.outs_x + self.outs_h + self.outs_c + self.outs_extra
+
+    @property
+    def deps(self):
+        return tuple(d for d in self.d_h + self.d_c if d is not None)
+
+
+@dataclass(frozen=True)
 class WeightGrad:
     """``dW[rows[o], cols[c]] += sum over elements of dpre[o] * x[c]``; ``dbias[rows[o]] += sum dpre[o]``."""
 
@@ -311,15 +338,24 @@ def _all_names(prog) -> set[str]:
     return names
 
 
-def stage_grad(prog, stage) -> StageGrad:
-    """Derive the backward pass of ``stage`` (a :class:`~lopt_gen.passes.Stage` of ``prog``)."""
+def stage_grad(prog, stage, cells: str = "lower") -> StageGrad:
+    """Derive the backward pass of ``stage`` (a :class:`~lopt_gen.passes.Stage` of ``prog``).
+
+    ``cells="lower"`` differentiates recurrent cells unit by unit, as dense layers and Lets
+    (:func:`lower_cells`); ``cells="whole"`` keeps each cell in the forward nodes and gives it
+    one :class:`CellT` backward node, for printers that handle a cell's units together."""
+    if cells not in ("lower", "whole"):
+        raise ValueError(f"cells must be 'lower' or 'whole', got {cells!r}")
     levels = prog.level_of()
     taken = _all_names(prog)
-    forward = _split_activations(lower_cells(stage.elem_nodes, prog, taken), taken)
+    nodes = stage.elem_nodes if cells == "whole" else lower_cells(stage.elem_nodes, prog, taken)
+    forward = _split_activations(nodes, taken)
     missing = []
     for n in forward:
         if isinstance(n, Dense) and n.act not in ACTIVATIONS:
             missing.append(f"activation {n.act!r} in a per-element dense layer")
+        elif isinstance(n, Cell) and cells == "whole":
+            continue
         elif not isinstance(n, (Let, Dense)):
             missing.append(f"{type(n).__name__} in per-element code")
     if missing:
@@ -384,6 +420,17 @@ def stage_grad(prog, stage) -> StageGrad:
                     continue
                 d = d.xreplace({n.expr: S(n.name)}) if n.expr.free_symbols else d
                 adj.setdefault(sym.name, []).append(dy * d)
+        elif isinstance(n, Cell):
+            d_h = tuple(None if d is None else d.name for d in (settle(o) for o in n.out_h))
+            d_c = tuple(None if d is None else d.name for d in (settle(o) for o in n.out_c))
+            if all(d is None for d in d_h + d_c):
+                continue
+            made = {}
+            for group, values in (("x", n.x), ("h", n.h), ("c", n.c), ("extra", n.extra_bias)):
+                made[group] = tuple(fresh(f"in_{v}") for v in values)
+                for v, o in zip(values, made[group]):
+                    adj.setdefault(v, []).append(S(o))
+            body.append(CellT(n, d_h, d_c, made["x"], made["h"], made["c"], made["extra"]))
         else:  # Dense
             dys = [settle(o) for o in n.outs]
             if all(d is None for d in dys):

@@ -148,7 +148,7 @@ def test_weight_entries_with_several_partial_sums_are_added_in_a_fixed_order():
 
     slots = [("weight", "w", 3), ("hv", "x"), ("weight", "w", 1), ("weight", "w", 3), ("weight", "v", 0),
              ("weight", "w", 3), ("weight", "w", 0)]
-    fake = types.SimpleNamespace(bmeta={"grad_slots": slots}, device=torch.device("cpu"))
+    fake = types.SimpleNamespace(slots=slots, device=torch.device("cpu"))
     rounds = _Launch._weight_slots(fake, "w")
     assert [(f.tolist(), k.tolist()) for f, k in rounds] == [([3, 1, 0], [0, 2, 6]), ([3], [3]), ([3], [5])]
     totals = torch.arange(1.0, 8.0)
@@ -156,6 +156,37 @@ def test_weight_entries_with_several_partial_sums_are_added_in_a_fixed_order():
     for flat, ks in rounds:
         out[flat] += totals[ks]
     assert out.tolist() == [7.0, 3.0, 0.0, 1.0 + 4.0 + 6.0]
+
+
+def test_backward_kernels_keep_cells_whole():
+    """The Triton backward differentiates each GRU / LSTM cell as one node on tiles; the
+    torch rendering (used to check the derived adjoints) lowers them unit by unit."""
+    from lopt_gen.autodiff import CellT, stage_grad
+    from lopt_gen.compiler import compile_program
+    from lopt_gen.passes import plan
+
+    prog = compile_program(load_spec("l2l_lstm"))
+    (stage,) = plan(prog)
+    whole = stage_grad(prog, stage, cells="whole")
+    assert sum(isinstance(n, CellT) for n in whole.nodes) == 2
+    assert not any(isinstance(n, CellT) for n in stage_grad(prog, stage).nodes)
+    with pytest.raises(ValueError, match="cells must be"):
+        stage_grad(prog, stage, cells="tiles")
+    text = (GENERATED_DIR / "l2l_lstm" / "triton_backward.py").read_text()
+    # two layers x four gates x (W_ih, W_hh), and the output head
+    assert text.count("tops.outer_sum(") == 2 * 4 * 2 + 1
+
+
+def test_the_partial_sum_layout_round_trips():
+    from lopt_gen.codegen.triton_backward import _compact_slots
+    from lopt_gen.runtime.triton_runner import expand_slots
+
+    slots = [("hv", "x"), ("weight", "w", 4), ("weight", "w", 5), ("weight", "w", 6), ("weight", "w", 9),
+             ("weight", "v", 10), ("weight", "v", 11), ("weight", "w", 10), ("hv", "y"), ("weight", "w", 11)]
+    layout = _compact_slots(slots)
+    assert layout == [["hv", "x"], ["weights", "w", 4, 3], ["weight", "w", 9], ["weights", "v", 10, 2],
+                      ["weight", "w", 10], ["hv", "y"], ["weight", "w", 11]]
+    assert expand_slots(layout) == slots
 
 
 def test_double_backward_uses_the_torch_step():

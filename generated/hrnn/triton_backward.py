@@ -37,16 +37,7 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['hv', '_u6'],
                            ['hv', '_u8'],
                            ['hv', 'ms_decay'],
-                           ['weight', 'head.weight', 30],
-                           ['weight', 'head.weight', 31],
-                           ['weight', 'head.weight', 32],
-                           ['weight', 'head.weight', 33],
-                           ['weight', 'head.weight', 34],
-                           ['weight', 'head.weight', 35],
-                           ['weight', 'head.weight', 36],
-                           ['weight', 'head.weight', 37],
-                           ['weight', 'head.weight', 38],
-                           ['weight', 'head.weight', 39],
+                           ['weights', 'head.weight', 30, 10],
                            ['weight', 'head.bias', 3]],
             'hv': ['ms_decay', '_u2', '_u1', '_u4', '_u3', '_u6', '_u5', '_u8', '_u7'],
             'index': 0,
@@ -88,7 +79,16 @@ KERNELS = [{'args': [('state', 'net.h0'),
                      ('grad_state', 'net.h0'),
                      ('grad_input', 'g')],
             'block': 64,
-            'grad_slots': [['hv', '_param_rnn_bias67'],
+            'grad_slots': [['weights', 'gru.0.weight_hh', 0, 100],
+                           ['weights', 'gru.0.weight_ih', 0, 120],
+                           ['weights', 'gru.0.bias', 0, 10],
+                           ['weights', 'gru.0.weight_hh', 100, 100],
+                           ['weights', 'gru.0.weight_ih', 120, 120],
+                           ['weights', 'gru.0.bias', 10, 10],
+                           ['weights', 'gru.0.weight_hh', 200, 100],
+                           ['weights', 'gru.0.weight_ih', 240, 120],
+                           ['weights', 'gru.0.bias', 20, 10],
+                           ['hv', '_param_rnn_bias67'],
                            ['hv', '_param_rnn_bias68'],
                            ['hv', '_param_rnn_bias69'],
                            ['hv', '_param_rnn_bias70'],
@@ -128,728 +128,11 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['hv', '_u8'],
                            ['hv', '_u9'],
                            ['hv', 'ms_decay'],
-                           ['weight', 'head.weight', 10],
-                           ['weight', 'head.weight', 11],
-                           ['weight', 'head.weight', 12],
-                           ['weight', 'head.weight', 13],
-                           ['weight', 'head.weight', 14],
-                           ['weight', 'head.weight', 15],
-                           ['weight', 'head.weight', 16],
-                           ['weight', 'head.weight', 17],
-                           ['weight', 'head.weight', 18],
-                           ['weight', 'head.weight', 19],
+                           ['weights', 'head.weight', 10, 10],
                            ['weight', 'head.bias', 1],
-                           ['weight', 'head.weight', 0],
-                           ['weight', 'head.weight', 1],
-                           ['weight', 'head.weight', 2],
-                           ['weight', 'head.weight', 3],
-                           ['weight', 'head.weight', 4],
-                           ['weight', 'head.weight', 5],
-                           ['weight', 'head.weight', 6],
-                           ['weight', 'head.weight', 7],
-                           ['weight', 'head.weight', 8],
-                           ['weight', 'head.weight', 9],
+                           ['weights', 'head.weight', 0, 10],
                            ['weight', 'head.bias', 0],
-                           ['weight', 'gru.0.weight_hh', 200],
-                           ['weight', 'gru.0.weight_hh', 201],
-                           ['weight', 'gru.0.weight_hh', 202],
-                           ['weight', 'gru.0.weight_hh', 203],
-                           ['weight', 'gru.0.weight_hh', 204],
-                           ['weight', 'gru.0.weight_hh', 205],
-                           ['weight', 'gru.0.weight_hh', 206],
-                           ['weight', 'gru.0.weight_hh', 207],
-                           ['weight', 'gru.0.weight_hh', 208],
-                           ['weight', 'gru.0.weight_hh', 209],
-                           ['weight', 'gru.0.weight_hh', 210],
-                           ['weight', 'gru.0.weight_hh', 211],
-                           ['weight', 'gru.0.weight_hh', 212],
-                           ['weight', 'gru.0.weight_hh', 213],
-                           ['weight', 'gru.0.weight_hh', 214],
-                           ['weight', 'gru.0.weight_hh', 215],
-                           ['weight', 'gru.0.weight_hh', 216],
-                           ['weight', 'gru.0.weight_hh', 217],
-                           ['weight', 'gru.0.weight_hh', 218],
-                           ['weight', 'gru.0.weight_hh', 219],
-                           ['weight', 'gru.0.weight_hh', 220],
-                           ['weight', 'gru.0.weight_hh', 221],
-                           ['weight', 'gru.0.weight_hh', 222],
-                           ['weight', 'gru.0.weight_hh', 223],
-                           ['weight', 'gru.0.weight_hh', 224],
-                           ['weight', 'gru.0.weight_hh', 225],
-                           ['weight', 'gru.0.weight_hh', 226],
-                           ['weight', 'gru.0.weight_hh', 227],
-                           ['weight', 'gru.0.weight_hh', 228],
-                           ['weight', 'gru.0.weight_hh', 229],
-                           ['weight', 'gru.0.weight_hh', 230],
-                           ['weight', 'gru.0.weight_hh', 231],
-                           ['weight', 'gru.0.weight_hh', 232],
-                           ['weight', 'gru.0.weight_hh', 233],
-                           ['weight', 'gru.0.weight_hh', 234],
-                           ['weight', 'gru.0.weight_hh', 235],
-                           ['weight', 'gru.0.weight_hh', 236],
-                           ['weight', 'gru.0.weight_hh', 237],
-                           ['weight', 'gru.0.weight_hh', 238],
-                           ['weight', 'gru.0.weight_hh', 239],
-                           ['weight', 'gru.0.weight_hh', 240],
-                           ['weight', 'gru.0.weight_hh', 241],
-                           ['weight', 'gru.0.weight_hh', 242],
-                           ['weight', 'gru.0.weight_hh', 243],
-                           ['weight', 'gru.0.weight_hh', 244],
-                           ['weight', 'gru.0.weight_hh', 245],
-                           ['weight', 'gru.0.weight_hh', 246],
-                           ['weight', 'gru.0.weight_hh', 247],
-                           ['weight', 'gru.0.weight_hh', 248],
-                           ['weight', 'gru.0.weight_hh', 249],
-                           ['weight', 'gru.0.weight_hh', 250],
-                           ['weight', 'gru.0.weight_hh', 251],
-                           ['weight', 'gru.0.weight_hh', 252],
-                           ['weight', 'gru.0.weight_hh', 253],
-                           ['weight', 'gru.0.weight_hh', 254],
-                           ['weight', 'gru.0.weight_hh', 255],
-                           ['weight', 'gru.0.weight_hh', 256],
-                           ['weight', 'gru.0.weight_hh', 257],
-                           ['weight', 'gru.0.weight_hh', 258],
-                           ['weight', 'gru.0.weight_hh', 259],
-                           ['weight', 'gru.0.weight_hh', 260],
-                           ['weight', 'gru.0.weight_hh', 261],
-                           ['weight', 'gru.0.weight_hh', 262],
-                           ['weight', 'gru.0.weight_hh', 263],
-                           ['weight', 'gru.0.weight_hh', 264],
-                           ['weight', 'gru.0.weight_hh', 265],
-                           ['weight', 'gru.0.weight_hh', 266],
-                           ['weight', 'gru.0.weight_hh', 267],
-                           ['weight', 'gru.0.weight_hh', 268],
-                           ['weight', 'gru.0.weight_hh', 269],
-                           ['weight', 'gru.0.weight_hh', 270],
-                           ['weight', 'gru.0.weight_hh', 271],
-                           ['weight', 'gru.0.weight_hh', 272],
-                           ['weight', 'gru.0.weight_hh', 273],
-                           ['weight', 'gru.0.weight_hh', 274],
-                           ['weight', 'gru.0.weight_hh', 275],
-                           ['weight', 'gru.0.weight_hh', 276],
-                           ['weight', 'gru.0.weight_hh', 277],
-                           ['weight', 'gru.0.weight_hh', 278],
-                           ['weight', 'gru.0.weight_hh', 279],
-                           ['weight', 'gru.0.weight_hh', 280],
-                           ['weight', 'gru.0.weight_hh', 281],
-                           ['weight', 'gru.0.weight_hh', 282],
-                           ['weight', 'gru.0.weight_hh', 283],
-                           ['weight', 'gru.0.weight_hh', 284],
-                           ['weight', 'gru.0.weight_hh', 285],
-                           ['weight', 'gru.0.weight_hh', 286],
-                           ['weight', 'gru.0.weight_hh', 287],
-                           ['weight', 'gru.0.weight_hh', 288],
-                           ['weight', 'gru.0.weight_hh', 289],
-                           ['weight', 'gru.0.weight_hh', 290],
-                           ['weight', 'gru.0.weight_hh', 291],
-                           ['weight', 'gru.0.weight_hh', 292],
-                           ['weight', 'gru.0.weight_hh', 293],
-                           ['weight', 'gru.0.weight_hh', 294],
-                           ['weight', 'gru.0.weight_hh', 295],
-                           ['weight', 'gru.0.weight_hh', 296],
-                           ['weight', 'gru.0.weight_hh', 297],
-                           ['weight', 'gru.0.weight_hh', 298],
-                           ['weight', 'gru.0.weight_hh', 299],
-                           ['weight', 'gru.0.weight_hh', 0],
-                           ['weight', 'gru.0.weight_hh', 1],
-                           ['weight', 'gru.0.weight_hh', 2],
-                           ['weight', 'gru.0.weight_hh', 3],
-                           ['weight', 'gru.0.weight_hh', 4],
-                           ['weight', 'gru.0.weight_hh', 5],
-                           ['weight', 'gru.0.weight_hh', 6],
-                           ['weight', 'gru.0.weight_hh', 7],
-                           ['weight', 'gru.0.weight_hh', 8],
-                           ['weight', 'gru.0.weight_hh', 9],
-                           ['weight', 'gru.0.weight_hh', 10],
-                           ['weight', 'gru.0.weight_hh', 11],
-                           ['weight', 'gru.0.weight_hh', 12],
-                           ['weight', 'gru.0.weight_hh', 13],
-                           ['weight', 'gru.0.weight_hh', 14],
-                           ['weight', 'gru.0.weight_hh', 15],
-                           ['weight', 'gru.0.weight_hh', 16],
-                           ['weight', 'gru.0.weight_hh', 17],
-                           ['weight', 'gru.0.weight_hh', 18],
-                           ['weight', 'gru.0.weight_hh', 19],
-                           ['weight', 'gru.0.weight_hh', 20],
-                           ['weight', 'gru.0.weight_hh', 21],
-                           ['weight', 'gru.0.weight_hh', 22],
-                           ['weight', 'gru.0.weight_hh', 23],
-                           ['weight', 'gru.0.weight_hh', 24],
-                           ['weight', 'gru.0.weight_hh', 25],
-                           ['weight', 'gru.0.weight_hh', 26],
-                           ['weight', 'gru.0.weight_hh', 27],
-                           ['weight', 'gru.0.weight_hh', 28],
-                           ['weight', 'gru.0.weight_hh', 29],
-                           ['weight', 'gru.0.weight_hh', 30],
-                           ['weight', 'gru.0.weight_hh', 31],
-                           ['weight', 'gru.0.weight_hh', 32],
-                           ['weight', 'gru.0.weight_hh', 33],
-                           ['weight', 'gru.0.weight_hh', 34],
-                           ['weight', 'gru.0.weight_hh', 35],
-                           ['weight', 'gru.0.weight_hh', 36],
-                           ['weight', 'gru.0.weight_hh', 37],
-                           ['weight', 'gru.0.weight_hh', 38],
-                           ['weight', 'gru.0.weight_hh', 39],
-                           ['weight', 'gru.0.weight_hh', 40],
-                           ['weight', 'gru.0.weight_hh', 41],
-                           ['weight', 'gru.0.weight_hh', 42],
-                           ['weight', 'gru.0.weight_hh', 43],
-                           ['weight', 'gru.0.weight_hh', 44],
-                           ['weight', 'gru.0.weight_hh', 45],
-                           ['weight', 'gru.0.weight_hh', 46],
-                           ['weight', 'gru.0.weight_hh', 47],
-                           ['weight', 'gru.0.weight_hh', 48],
-                           ['weight', 'gru.0.weight_hh', 49],
-                           ['weight', 'gru.0.weight_hh', 50],
-                           ['weight', 'gru.0.weight_hh', 51],
-                           ['weight', 'gru.0.weight_hh', 52],
-                           ['weight', 'gru.0.weight_hh', 53],
-                           ['weight', 'gru.0.weight_hh', 54],
-                           ['weight', 'gru.0.weight_hh', 55],
-                           ['weight', 'gru.0.weight_hh', 56],
-                           ['weight', 'gru.0.weight_hh', 57],
-                           ['weight', 'gru.0.weight_hh', 58],
-                           ['weight', 'gru.0.weight_hh', 59],
-                           ['weight', 'gru.0.weight_hh', 60],
-                           ['weight', 'gru.0.weight_hh', 61],
-                           ['weight', 'gru.0.weight_hh', 62],
-                           ['weight', 'gru.0.weight_hh', 63],
-                           ['weight', 'gru.0.weight_hh', 64],
-                           ['weight', 'gru.0.weight_hh', 65],
-                           ['weight', 'gru.0.weight_hh', 66],
-                           ['weight', 'gru.0.weight_hh', 67],
-                           ['weight', 'gru.0.weight_hh', 68],
-                           ['weight', 'gru.0.weight_hh', 69],
-                           ['weight', 'gru.0.weight_hh', 70],
-                           ['weight', 'gru.0.weight_hh', 71],
-                           ['weight', 'gru.0.weight_hh', 72],
-                           ['weight', 'gru.0.weight_hh', 73],
-                           ['weight', 'gru.0.weight_hh', 74],
-                           ['weight', 'gru.0.weight_hh', 75],
-                           ['weight', 'gru.0.weight_hh', 76],
-                           ['weight', 'gru.0.weight_hh', 77],
-                           ['weight', 'gru.0.weight_hh', 78],
-                           ['weight', 'gru.0.weight_hh', 79],
-                           ['weight', 'gru.0.weight_hh', 80],
-                           ['weight', 'gru.0.weight_hh', 81],
-                           ['weight', 'gru.0.weight_hh', 82],
-                           ['weight', 'gru.0.weight_hh', 83],
-                           ['weight', 'gru.0.weight_hh', 84],
-                           ['weight', 'gru.0.weight_hh', 85],
-                           ['weight', 'gru.0.weight_hh', 86],
-                           ['weight', 'gru.0.weight_hh', 87],
-                           ['weight', 'gru.0.weight_hh', 88],
-                           ['weight', 'gru.0.weight_hh', 89],
-                           ['weight', 'gru.0.weight_hh', 90],
-                           ['weight', 'gru.0.weight_hh', 91],
-                           ['weight', 'gru.0.weight_hh', 92],
-                           ['weight', 'gru.0.weight_hh', 93],
-                           ['weight', 'gru.0.weight_hh', 94],
-                           ['weight', 'gru.0.weight_hh', 95],
-                           ['weight', 'gru.0.weight_hh', 96],
-                           ['weight', 'gru.0.weight_hh', 97],
-                           ['weight', 'gru.0.weight_hh', 98],
-                           ['weight', 'gru.0.weight_hh', 99],
-                           ['weight', 'gru.0.weight_hh', 100],
-                           ['weight', 'gru.0.weight_hh', 101],
-                           ['weight', 'gru.0.weight_hh', 102],
-                           ['weight', 'gru.0.weight_hh', 103],
-                           ['weight', 'gru.0.weight_hh', 104],
-                           ['weight', 'gru.0.weight_hh', 105],
-                           ['weight', 'gru.0.weight_hh', 106],
-                           ['weight', 'gru.0.weight_hh', 107],
-                           ['weight', 'gru.0.weight_hh', 108],
-                           ['weight', 'gru.0.weight_hh', 109],
-                           ['weight', 'gru.0.weight_hh', 110],
-                           ['weight', 'gru.0.weight_hh', 111],
-                           ['weight', 'gru.0.weight_hh', 112],
-                           ['weight', 'gru.0.weight_hh', 113],
-                           ['weight', 'gru.0.weight_hh', 114],
-                           ['weight', 'gru.0.weight_hh', 115],
-                           ['weight', 'gru.0.weight_hh', 116],
-                           ['weight', 'gru.0.weight_hh', 117],
-                           ['weight', 'gru.0.weight_hh', 118],
-                           ['weight', 'gru.0.weight_hh', 119],
-                           ['weight', 'gru.0.weight_hh', 120],
-                           ['weight', 'gru.0.weight_hh', 121],
-                           ['weight', 'gru.0.weight_hh', 122],
-                           ['weight', 'gru.0.weight_hh', 123],
-                           ['weight', 'gru.0.weight_hh', 124],
-                           ['weight', 'gru.0.weight_hh', 125],
-                           ['weight', 'gru.0.weight_hh', 126],
-                           ['weight', 'gru.0.weight_hh', 127],
-                           ['weight', 'gru.0.weight_hh', 128],
-                           ['weight', 'gru.0.weight_hh', 129],
-                           ['weight', 'gru.0.weight_hh', 130],
-                           ['weight', 'gru.0.weight_hh', 131],
-                           ['weight', 'gru.0.weight_hh', 132],
-                           ['weight', 'gru.0.weight_hh', 133],
-                           ['weight', 'gru.0.weight_hh', 134],
-                           ['weight', 'gru.0.weight_hh', 135],
-                           ['weight', 'gru.0.weight_hh', 136],
-                           ['weight', 'gru.0.weight_hh', 137],
-                           ['weight', 'gru.0.weight_hh', 138],
-                           ['weight', 'gru.0.weight_hh', 139],
-                           ['weight', 'gru.0.weight_hh', 140],
-                           ['weight', 'gru.0.weight_hh', 141],
-                           ['weight', 'gru.0.weight_hh', 142],
-                           ['weight', 'gru.0.weight_hh', 143],
-                           ['weight', 'gru.0.weight_hh', 144],
-                           ['weight', 'gru.0.weight_hh', 145],
-                           ['weight', 'gru.0.weight_hh', 146],
-                           ['weight', 'gru.0.weight_hh', 147],
-                           ['weight', 'gru.0.weight_hh', 148],
-                           ['weight', 'gru.0.weight_hh', 149],
-                           ['weight', 'gru.0.weight_hh', 150],
-                           ['weight', 'gru.0.weight_hh', 151],
-                           ['weight', 'gru.0.weight_hh', 152],
-                           ['weight', 'gru.0.weight_hh', 153],
-                           ['weight', 'gru.0.weight_hh', 154],
-                           ['weight', 'gru.0.weight_hh', 155],
-                           ['weight', 'gru.0.weight_hh', 156],
-                           ['weight', 'gru.0.weight_hh', 157],
-                           ['weight', 'gru.0.weight_hh', 158],
-                           ['weight', 'gru.0.weight_hh', 159],
-                           ['weight', 'gru.0.weight_hh', 160],
-                           ['weight', 'gru.0.weight_hh', 161],
-                           ['weight', 'gru.0.weight_hh', 162],
-                           ['weight', 'gru.0.weight_hh', 163],
-                           ['weight', 'gru.0.weight_hh', 164],
-                           ['weight', 'gru.0.weight_hh', 165],
-                           ['weight', 'gru.0.weight_hh', 166],
-                           ['weight', 'gru.0.weight_hh', 167],
-                           ['weight', 'gru.0.weight_hh', 168],
-                           ['weight', 'gru.0.weight_hh', 169],
-                           ['weight', 'gru.0.weight_hh', 170],
-                           ['weight', 'gru.0.weight_hh', 171],
-                           ['weight', 'gru.0.weight_hh', 172],
-                           ['weight', 'gru.0.weight_hh', 173],
-                           ['weight', 'gru.0.weight_hh', 174],
-                           ['weight', 'gru.0.weight_hh', 175],
-                           ['weight', 'gru.0.weight_hh', 176],
-                           ['weight', 'gru.0.weight_hh', 177],
-                           ['weight', 'gru.0.weight_hh', 178],
-                           ['weight', 'gru.0.weight_hh', 179],
-                           ['weight', 'gru.0.weight_hh', 180],
-                           ['weight', 'gru.0.weight_hh', 181],
-                           ['weight', 'gru.0.weight_hh', 182],
-                           ['weight', 'gru.0.weight_hh', 183],
-                           ['weight', 'gru.0.weight_hh', 184],
-                           ['weight', 'gru.0.weight_hh', 185],
-                           ['weight', 'gru.0.weight_hh', 186],
-                           ['weight', 'gru.0.weight_hh', 187],
-                           ['weight', 'gru.0.weight_hh', 188],
-                           ['weight', 'gru.0.weight_hh', 189],
-                           ['weight', 'gru.0.weight_hh', 190],
-                           ['weight', 'gru.0.weight_hh', 191],
-                           ['weight', 'gru.0.weight_hh', 192],
-                           ['weight', 'gru.0.weight_hh', 193],
-                           ['weight', 'gru.0.weight_hh', 194],
-                           ['weight', 'gru.0.weight_hh', 195],
-                           ['weight', 'gru.0.weight_hh', 196],
-                           ['weight', 'gru.0.weight_hh', 197],
-                           ['weight', 'gru.0.weight_hh', 198],
-                           ['weight', 'gru.0.weight_hh', 199],
-                           ['weight', 'gru.0.weight_ih', 0],
-                           ['weight', 'gru.0.weight_ih', 1],
-                           ['weight', 'gru.0.weight_ih', 2],
-                           ['weight', 'gru.0.weight_ih', 3],
-                           ['weight', 'gru.0.weight_ih', 4],
-                           ['weight', 'gru.0.weight_ih', 5],
-                           ['weight', 'gru.0.weight_ih', 6],
-                           ['weight', 'gru.0.weight_ih', 7],
-                           ['weight', 'gru.0.weight_ih', 8],
-                           ['weight', 'gru.0.weight_ih', 9],
-                           ['weight', 'gru.0.weight_ih', 10],
-                           ['weight', 'gru.0.weight_ih', 11],
-                           ['weight', 'gru.0.weight_ih', 12],
-                           ['weight', 'gru.0.weight_ih', 13],
-                           ['weight', 'gru.0.weight_ih', 14],
-                           ['weight', 'gru.0.weight_ih', 15],
-                           ['weight', 'gru.0.weight_ih', 16],
-                           ['weight', 'gru.0.weight_ih', 17],
-                           ['weight', 'gru.0.weight_ih', 18],
-                           ['weight', 'gru.0.weight_ih', 19],
-                           ['weight', 'gru.0.weight_ih', 20],
-                           ['weight', 'gru.0.weight_ih', 21],
-                           ['weight', 'gru.0.weight_ih', 22],
-                           ['weight', 'gru.0.weight_ih', 23],
-                           ['weight', 'gru.0.weight_ih', 24],
-                           ['weight', 'gru.0.weight_ih', 25],
-                           ['weight', 'gru.0.weight_ih', 26],
-                           ['weight', 'gru.0.weight_ih', 27],
-                           ['weight', 'gru.0.weight_ih', 28],
-                           ['weight', 'gru.0.weight_ih', 29],
-                           ['weight', 'gru.0.weight_ih', 30],
-                           ['weight', 'gru.0.weight_ih', 31],
-                           ['weight', 'gru.0.weight_ih', 32],
-                           ['weight', 'gru.0.weight_ih', 33],
-                           ['weight', 'gru.0.weight_ih', 34],
-                           ['weight', 'gru.0.weight_ih', 35],
-                           ['weight', 'gru.0.weight_ih', 36],
-                           ['weight', 'gru.0.weight_ih', 37],
-                           ['weight', 'gru.0.weight_ih', 38],
-                           ['weight', 'gru.0.weight_ih', 39],
-                           ['weight', 'gru.0.weight_ih', 40],
-                           ['weight', 'gru.0.weight_ih', 41],
-                           ['weight', 'gru.0.weight_ih', 42],
-                           ['weight', 'gru.0.weight_ih', 43],
-                           ['weight', 'gru.0.weight_ih', 44],
-                           ['weight', 'gru.0.weight_ih', 45],
-                           ['weight', 'gru.0.weight_ih', 46],
-                           ['weight', 'gru.0.weight_ih', 47],
-                           ['weight', 'gru.0.weight_ih', 48],
-                           ['weight', 'gru.0.weight_ih', 49],
-                           ['weight', 'gru.0.weight_ih', 50],
-                           ['weight', 'gru.0.weight_ih', 51],
-                           ['weight', 'gru.0.weight_ih', 52],
-                           ['weight', 'gru.0.weight_ih', 53],
-                           ['weight', 'gru.0.weight_ih', 54],
-                           ['weight', 'gru.0.weight_ih', 55],
-                           ['weight', 'gru.0.weight_ih', 56],
-                           ['weight', 'gru.0.weight_ih', 57],
-                           ['weight', 'gru.0.weight_ih', 58],
-                           ['weight', 'gru.0.weight_ih', 59],
-                           ['weight', 'gru.0.weight_ih', 60],
-                           ['weight', 'gru.0.weight_ih', 61],
-                           ['weight', 'gru.0.weight_ih', 62],
-                           ['weight', 'gru.0.weight_ih', 63],
-                           ['weight', 'gru.0.weight_ih', 64],
-                           ['weight', 'gru.0.weight_ih', 65],
-                           ['weight', 'gru.0.weight_ih', 66],
-                           ['weight', 'gru.0.weight_ih', 67],
-                           ['weight', 'gru.0.weight_ih', 68],
-                           ['weight', 'gru.0.weight_ih', 69],
-                           ['weight', 'gru.0.weight_ih', 70],
-                           ['weight', 'gru.0.weight_ih', 71],
-                           ['weight', 'gru.0.weight_ih', 72],
-                           ['weight', 'gru.0.weight_ih', 73],
-                           ['weight', 'gru.0.weight_ih', 74],
-                           ['weight', 'gru.0.weight_ih', 75],
-                           ['weight', 'gru.0.weight_ih', 76],
-                           ['weight', 'gru.0.weight_ih', 77],
-                           ['weight', 'gru.0.weight_ih', 78],
-                           ['weight', 'gru.0.weight_ih', 79],
-                           ['weight', 'gru.0.weight_ih', 80],
-                           ['weight', 'gru.0.weight_ih', 81],
-                           ['weight', 'gru.0.weight_ih', 82],
-                           ['weight', 'gru.0.weight_ih', 83],
-                           ['weight', 'gru.0.weight_ih', 84],
-                           ['weight', 'gru.0.weight_ih', 85],
-                           ['weight', 'gru.0.weight_ih', 86],
-                           ['weight', 'gru.0.weight_ih', 87],
-                           ['weight', 'gru.0.weight_ih', 88],
-                           ['weight', 'gru.0.weight_ih', 89],
-                           ['weight', 'gru.0.weight_ih', 90],
-                           ['weight', 'gru.0.weight_ih', 91],
-                           ['weight', 'gru.0.weight_ih', 92],
-                           ['weight', 'gru.0.weight_ih', 93],
-                           ['weight', 'gru.0.weight_ih', 94],
-                           ['weight', 'gru.0.weight_ih', 95],
-                           ['weight', 'gru.0.weight_ih', 96],
-                           ['weight', 'gru.0.weight_ih', 97],
-                           ['weight', 'gru.0.weight_ih', 98],
-                           ['weight', 'gru.0.weight_ih', 99],
-                           ['weight', 'gru.0.weight_ih', 100],
-                           ['weight', 'gru.0.weight_ih', 101],
-                           ['weight', 'gru.0.weight_ih', 102],
-                           ['weight', 'gru.0.weight_ih', 103],
-                           ['weight', 'gru.0.weight_ih', 104],
-                           ['weight', 'gru.0.weight_ih', 105],
-                           ['weight', 'gru.0.weight_ih', 106],
-                           ['weight', 'gru.0.weight_ih', 107],
-                           ['weight', 'gru.0.weight_ih', 108],
-                           ['weight', 'gru.0.weight_ih', 109],
-                           ['weight', 'gru.0.weight_ih', 110],
-                           ['weight', 'gru.0.weight_ih', 111],
-                           ['weight', 'gru.0.weight_ih', 112],
-                           ['weight', 'gru.0.weight_ih', 113],
-                           ['weight', 'gru.0.weight_ih', 114],
-                           ['weight', 'gru.0.weight_ih', 115],
-                           ['weight', 'gru.0.weight_ih', 116],
-                           ['weight', 'gru.0.weight_ih', 117],
-                           ['weight', 'gru.0.weight_ih', 118],
-                           ['weight', 'gru.0.weight_ih', 119],
-                           ['weight', 'gru.0.weight_ih', 120],
-                           ['weight', 'gru.0.weight_ih', 121],
-                           ['weight', 'gru.0.weight_ih', 122],
-                           ['weight', 'gru.0.weight_ih', 123],
-                           ['weight', 'gru.0.weight_ih', 124],
-                           ['weight', 'gru.0.weight_ih', 125],
-                           ['weight', 'gru.0.weight_ih', 126],
-                           ['weight', 'gru.0.weight_ih', 127],
-                           ['weight', 'gru.0.weight_ih', 128],
-                           ['weight', 'gru.0.weight_ih', 129],
-                           ['weight', 'gru.0.weight_ih', 130],
-                           ['weight', 'gru.0.weight_ih', 131],
-                           ['weight', 'gru.0.weight_ih', 132],
-                           ['weight', 'gru.0.weight_ih', 133],
-                           ['weight', 'gru.0.weight_ih', 134],
-                           ['weight', 'gru.0.weight_ih', 135],
-                           ['weight', 'gru.0.weight_ih', 136],
-                           ['weight', 'gru.0.weight_ih', 137],
-                           ['weight', 'gru.0.weight_ih', 138],
-                           ['weight', 'gru.0.weight_ih', 139],
-                           ['weight', 'gru.0.weight_ih', 140],
-                           ['weight', 'gru.0.weight_ih', 141],
-                           ['weight', 'gru.0.weight_ih', 142],
-                           ['weight', 'gru.0.weight_ih', 143],
-                           ['weight', 'gru.0.weight_ih', 144],
-                           ['weight', 'gru.0.weight_ih', 145],
-                           ['weight', 'gru.0.weight_ih', 146],
-                           ['weight', 'gru.0.weight_ih', 147],
-                           ['weight', 'gru.0.weight_ih', 148],
-                           ['weight', 'gru.0.weight_ih', 149],
-                           ['weight', 'gru.0.weight_ih', 150],
-                           ['weight', 'gru.0.weight_ih', 151],
-                           ['weight', 'gru.0.weight_ih', 152],
-                           ['weight', 'gru.0.weight_ih', 153],
-                           ['weight', 'gru.0.weight_ih', 154],
-                           ['weight', 'gru.0.weight_ih', 155],
-                           ['weight', 'gru.0.weight_ih', 156],
-                           ['weight', 'gru.0.weight_ih', 157],
-                           ['weight', 'gru.0.weight_ih', 158],
-                           ['weight', 'gru.0.weight_ih', 159],
-                           ['weight', 'gru.0.weight_ih', 160],
-                           ['weight', 'gru.0.weight_ih', 161],
-                           ['weight', 'gru.0.weight_ih', 162],
-                           ['weight', 'gru.0.weight_ih', 163],
-                           ['weight', 'gru.0.weight_ih', 164],
-                           ['weight', 'gru.0.weight_ih', 165],
-                           ['weight', 'gru.0.weight_ih', 166],
-                           ['weight', 'gru.0.weight_ih', 167],
-                           ['weight', 'gru.0.weight_ih', 168],
-                           ['weight', 'gru.0.weight_ih', 169],
-                           ['weight', 'gru.0.weight_ih', 170],
-                           ['weight', 'gru.0.weight_ih', 171],
-                           ['weight', 'gru.0.weight_ih', 172],
-                           ['weight', 'gru.0.weight_ih', 173],
-                           ['weight', 'gru.0.weight_ih', 174],
-                           ['weight', 'gru.0.weight_ih', 175],
-                           ['weight', 'gru.0.weight_ih', 176],
-                           ['weight', 'gru.0.weight_ih', 177],
-                           ['weight', 'gru.0.weight_ih', 178],
-                           ['weight', 'gru.0.weight_ih', 179],
-                           ['weight', 'gru.0.weight_ih', 180],
-                           ['weight', 'gru.0.weight_ih', 181],
-                           ['weight', 'gru.0.weight_ih', 182],
-                           ['weight', 'gru.0.weight_ih', 183],
-                           ['weight', 'gru.0.weight_ih', 184],
-                           ['weight', 'gru.0.weight_ih', 185],
-                           ['weight', 'gru.0.weight_ih', 186],
-                           ['weight', 'gru.0.weight_ih', 187],
-                           ['weight', 'gru.0.weight_ih', 188],
-                           ['weight', 'gru.0.weight_ih', 189],
-                           ['weight', 'gru.0.weight_ih', 190],
-                           ['weight', 'gru.0.weight_ih', 191],
-                           ['weight', 'gru.0.weight_ih', 192],
-                           ['weight', 'gru.0.weight_ih', 193],
-                           ['weight', 'gru.0.weight_ih', 194],
-                           ['weight', 'gru.0.weight_ih', 195],
-                           ['weight', 'gru.0.weight_ih', 196],
-                           ['weight', 'gru.0.weight_ih', 197],
-                           ['weight', 'gru.0.weight_ih', 198],
-                           ['weight', 'gru.0.weight_ih', 199],
-                           ['weight', 'gru.0.weight_ih', 200],
-                           ['weight', 'gru.0.weight_ih', 201],
-                           ['weight', 'gru.0.weight_ih', 202],
-                           ['weight', 'gru.0.weight_ih', 203],
-                           ['weight', 'gru.0.weight_ih', 204],
-                           ['weight', 'gru.0.weight_ih', 205],
-                           ['weight', 'gru.0.weight_ih', 206],
-                           ['weight', 'gru.0.weight_ih', 207],
-                           ['weight', 'gru.0.weight_ih', 208],
-                           ['weight', 'gru.0.weight_ih', 209],
-                           ['weight', 'gru.0.weight_ih', 210],
-                           ['weight', 'gru.0.weight_ih', 211],
-                           ['weight', 'gru.0.weight_ih', 212],
-                           ['weight', 'gru.0.weight_ih', 213],
-                           ['weight', 'gru.0.weight_ih', 214],
-                           ['weight', 'gru.0.weight_ih', 215],
-                           ['weight', 'gru.0.weight_ih', 216],
-                           ['weight', 'gru.0.weight_ih', 217],
-                           ['weight', 'gru.0.weight_ih', 218],
-                           ['weight', 'gru.0.weight_ih', 219],
-                           ['weight', 'gru.0.weight_ih', 220],
-                           ['weight', 'gru.0.weight_ih', 221],
-                           ['weight', 'gru.0.weight_ih', 222],
-                           ['weight', 'gru.0.weight_ih', 223],
-                           ['weight', 'gru.0.weight_ih', 224],
-                           ['weight', 'gru.0.weight_ih', 225],
-                           ['weight', 'gru.0.weight_ih', 226],
-                           ['weight', 'gru.0.weight_ih', 227],
-                           ['weight', 'gru.0.weight_ih', 228],
-                           ['weight', 'gru.0.weight_ih', 229],
-                           ['weight', 'gru.0.weight_ih', 230],
-                           ['weight', 'gru.0.weight_ih', 231],
-                           ['weight', 'gru.0.weight_ih', 232],
-                           ['weight', 'gru.0.weight_ih', 233],
-                           ['weight', 'gru.0.weight_ih', 234],
-                           ['weight', 'gru.0.weight_ih', 235],
-                           ['weight', 'gru.0.weight_ih', 236],
-                           ['weight', 'gru.0.weight_ih', 237],
-                           ['weight', 'gru.0.weight_ih', 238],
-                           ['weight', 'gru.0.weight_ih', 239],
-                           ['weight', 'gru.0.weight_ih', 240],
-                           ['weight', 'gru.0.weight_ih', 241],
-                           ['weight', 'gru.0.weight_ih', 242],
-                           ['weight', 'gru.0.weight_ih', 243],
-                           ['weight', 'gru.0.weight_ih', 244],
-                           ['weight', 'gru.0.weight_ih', 245],
-                           ['weight', 'gru.0.weight_ih', 246],
-                           ['weight', 'gru.0.weight_ih', 247],
-                           ['weight', 'gru.0.weight_ih', 248],
-                           ['weight', 'gru.0.weight_ih', 249],
-                           ['weight', 'gru.0.weight_ih', 250],
-                           ['weight', 'gru.0.weight_ih', 251],
-                           ['weight', 'gru.0.weight_ih', 252],
-                           ['weight', 'gru.0.weight_ih', 253],
-                           ['weight', 'gru.0.weight_ih', 254],
-                           ['weight', 'gru.0.weight_ih', 255],
-                           ['weight', 'gru.0.weight_ih', 256],
-                           ['weight', 'gru.0.weight_ih', 257],
-                           ['weight', 'gru.0.weight_ih', 258],
-                           ['weight', 'gru.0.weight_ih', 259],
-                           ['weight', 'gru.0.weight_ih', 260],
-                           ['weight', 'gru.0.weight_ih', 261],
-                           ['weight', 'gru.0.weight_ih', 262],
-                           ['weight', 'gru.0.weight_ih', 263],
-                           ['weight', 'gru.0.weight_ih', 264],
-                           ['weight', 'gru.0.weight_ih', 265],
-                           ['weight', 'gru.0.weight_ih', 266],
-                           ['weight', 'gru.0.weight_ih', 267],
-                           ['weight', 'gru.0.weight_ih', 268],
-                           ['weight', 'gru.0.weight_ih', 269],
-                           ['weight', 'gru.0.weight_ih', 270],
-                           ['weight', 'gru.0.weight_ih', 271],
-                           ['weight', 'gru.0.weight_ih', 272],
-                           ['weight', 'gru.0.weight_ih', 273],
-                           ['weight', 'gru.0.weight_ih', 274],
-                           ['weight', 'gru.0.weight_ih', 275],
-                           ['weight', 'gru.0.weight_ih', 276],
-                           ['weight', 'gru.0.weight_ih', 277],
-                           ['weight', 'gru.0.weight_ih', 278],
-                           ['weight', 'gru.0.weight_ih', 279],
-                           ['weight', 'gru.0.weight_ih', 280],
-                           ['weight', 'gru.0.weight_ih', 281],
-                           ['weight', 'gru.0.weight_ih', 282],
-                           ['weight', 'gru.0.weight_ih', 283],
-                           ['weight', 'gru.0.weight_ih', 284],
-                           ['weight', 'gru.0.weight_ih', 285],
-                           ['weight', 'gru.0.weight_ih', 286],
-                           ['weight', 'gru.0.weight_ih', 287],
-                           ['weight', 'gru.0.weight_ih', 288],
-                           ['weight', 'gru.0.weight_ih', 289],
-                           ['weight', 'gru.0.weight_ih', 290],
-                           ['weight', 'gru.0.weight_ih', 291],
-                           ['weight', 'gru.0.weight_ih', 292],
-                           ['weight', 'gru.0.weight_ih', 293],
-                           ['weight', 'gru.0.weight_ih', 294],
-                           ['weight', 'gru.0.weight_ih', 295],
-                           ['weight', 'gru.0.weight_ih', 296],
-                           ['weight', 'gru.0.weight_ih', 297],
-                           ['weight', 'gru.0.weight_ih', 298],
-                           ['weight', 'gru.0.weight_ih', 299],
-                           ['weight', 'gru.0.weight_ih', 300],
-                           ['weight', 'gru.0.weight_ih', 301],
-                           ['weight', 'gru.0.weight_ih', 302],
-                           ['weight', 'gru.0.weight_ih', 303],
-                           ['weight', 'gru.0.weight_ih', 304],
-                           ['weight', 'gru.0.weight_ih', 305],
-                           ['weight', 'gru.0.weight_ih', 306],
-                           ['weight', 'gru.0.weight_ih', 307],
-                           ['weight', 'gru.0.weight_ih', 308],
-                           ['weight', 'gru.0.weight_ih', 309],
-                           ['weight', 'gru.0.weight_ih', 310],
-                           ['weight', 'gru.0.weight_ih', 311],
-                           ['weight', 'gru.0.weight_ih', 312],
-                           ['weight', 'gru.0.weight_ih', 313],
-                           ['weight', 'gru.0.weight_ih', 314],
-                           ['weight', 'gru.0.weight_ih', 315],
-                           ['weight', 'gru.0.weight_ih', 316],
-                           ['weight', 'gru.0.weight_ih', 317],
-                           ['weight', 'gru.0.weight_ih', 318],
-                           ['weight', 'gru.0.weight_ih', 319],
-                           ['weight', 'gru.0.weight_ih', 320],
-                           ['weight', 'gru.0.weight_ih', 321],
-                           ['weight', 'gru.0.weight_ih', 322],
-                           ['weight', 'gru.0.weight_ih', 323],
-                           ['weight', 'gru.0.weight_ih', 324],
-                           ['weight', 'gru.0.weight_ih', 325],
-                           ['weight', 'gru.0.weight_ih', 326],
-                           ['weight', 'gru.0.weight_ih', 327],
-                           ['weight', 'gru.0.weight_ih', 328],
-                           ['weight', 'gru.0.weight_ih', 329],
-                           ['weight', 'gru.0.weight_ih', 330],
-                           ['weight', 'gru.0.weight_ih', 331],
-                           ['weight', 'gru.0.weight_ih', 332],
-                           ['weight', 'gru.0.weight_ih', 333],
-                           ['weight', 'gru.0.weight_ih', 334],
-                           ['weight', 'gru.0.weight_ih', 335],
-                           ['weight', 'gru.0.weight_ih', 336],
-                           ['weight', 'gru.0.weight_ih', 337],
-                           ['weight', 'gru.0.weight_ih', 338],
-                           ['weight', 'gru.0.weight_ih', 339],
-                           ['weight', 'gru.0.weight_ih', 340],
-                           ['weight', 'gru.0.weight_ih', 341],
-                           ['weight', 'gru.0.weight_ih', 342],
-                           ['weight', 'gru.0.weight_ih', 343],
-                           ['weight', 'gru.0.weight_ih', 344],
-                           ['weight', 'gru.0.weight_ih', 345],
-                           ['weight', 'gru.0.weight_ih', 346],
-                           ['weight', 'gru.0.weight_ih', 347],
-                           ['weight', 'gru.0.weight_ih', 348],
-                           ['weight', 'gru.0.weight_ih', 349],
-                           ['weight', 'gru.0.weight_ih', 350],
-                           ['weight', 'gru.0.weight_ih', 351],
-                           ['weight', 'gru.0.weight_ih', 352],
-                           ['weight', 'gru.0.weight_ih', 353],
-                           ['weight', 'gru.0.weight_ih', 354],
-                           ['weight', 'gru.0.weight_ih', 355],
-                           ['weight', 'gru.0.weight_ih', 356],
-                           ['weight', 'gru.0.weight_ih', 357],
-                           ['weight', 'gru.0.weight_ih', 358],
-                           ['weight', 'gru.0.weight_ih', 359],
-                           ['weight', 'gru.0.bias', 0],
-                           ['weight', 'gru.0.bias', 1],
-                           ['weight', 'gru.0.bias', 2],
-                           ['weight', 'gru.0.bias', 3],
-                           ['weight', 'gru.0.bias', 4],
-                           ['weight', 'gru.0.bias', 5],
-                           ['weight', 'gru.0.bias', 6],
-                           ['weight', 'gru.0.bias', 7],
-                           ['weight', 'gru.0.bias', 8],
-                           ['weight', 'gru.0.bias', 9],
-                           ['weight', 'gru.0.bias', 10],
-                           ['weight', 'gru.0.bias', 11],
-                           ['weight', 'gru.0.bias', 12],
-                           ['weight', 'gru.0.bias', 13],
-                           ['weight', 'gru.0.bias', 14],
-                           ['weight', 'gru.0.bias', 15],
-                           ['weight', 'gru.0.bias', 16],
-                           ['weight', 'gru.0.bias', 17],
-                           ['weight', 'gru.0.bias', 18],
-                           ['weight', 'gru.0.bias', 19],
-                           ['weight', 'gru.0.bias', 20],
-                           ['weight', 'gru.0.bias', 21],
-                           ['weight', 'gru.0.bias', 22],
-                           ['weight', 'gru.0.bias', 23],
-                           ['weight', 'gru.0.bias', 24],
-                           ['weight', 'gru.0.bias', 25],
-                           ['weight', 'gru.0.bias', 26],
-                           ['weight', 'gru.0.bias', 27],
-                           ['weight', 'gru.0.bias', 28],
-                           ['weight', 'gru.0.bias', 29],
-                           ['weight', 'head.weight', 30],
-                           ['weight', 'head.weight', 31],
-                           ['weight', 'head.weight', 32],
-                           ['weight', 'head.weight', 33],
-                           ['weight', 'head.weight', 34],
-                           ['weight', 'head.weight', 35],
-                           ['weight', 'head.weight', 36],
-                           ['weight', 'head.weight', 37],
-                           ['weight', 'head.weight', 38],
-                           ['weight', 'head.weight', 39],
+                           ['weights', 'head.weight', 30, 10],
                            ['weight', 'head.bias', 3]],
             'hv': ['ms_decay',
                    '_u2',
@@ -959,7 +242,16 @@ KERNELS = [{'args': [('state', 'net.h0'),
                      ('grad_state', 'theta'),
                      ('grad_input', 'g')],
             'block': 64,
-            'grad_slots': [['hv', '_param_rnn_bias67'],
+            'grad_slots': [['weights', 'gru.0.weight_hh', 0, 100],
+                           ['weights', 'gru.0.weight_ih', 0, 120],
+                           ['weights', 'gru.0.bias', 0, 10],
+                           ['weights', 'gru.0.weight_hh', 100, 100],
+                           ['weights', 'gru.0.weight_ih', 120, 120],
+                           ['weights', 'gru.0.bias', 10, 10],
+                           ['weights', 'gru.0.weight_hh', 200, 100],
+                           ['weights', 'gru.0.weight_ih', 240, 120],
+                           ['weights', 'gru.0.bias', 20, 10],
+                           ['hv', '_param_rnn_bias67'],
                            ['hv', '_param_rnn_bias68'],
                            ['hv', '_param_rnn_bias69'],
                            ['hv', '_param_rnn_bias70'],
@@ -1006,739 +298,13 @@ KERNELS = [{'args': [('state', 'net.h0'),
                            ['hv', 'lr'],
                            ['hv', 'lr_ema'],
                            ['hv', 'ms_decay'],
-                           ['weight', 'head.weight', 20],
-                           ['weight', 'head.weight', 21],
-                           ['weight', 'head.weight', 22],
-                           ['weight', 'head.weight', 23],
-                           ['weight', 'head.weight', 24],
-                           ['weight', 'head.weight', 25],
-                           ['weight', 'head.weight', 26],
-                           ['weight', 'head.weight', 27],
-                           ['weight', 'head.weight', 28],
-                           ['weight', 'head.weight', 29],
+                           ['weights', 'head.weight', 20, 10],
                            ['weight', 'head.bias', 2],
-                           ['weight', 'head.weight', 10],
-                           ['weight', 'head.weight', 11],
-                           ['weight', 'head.weight', 12],
-                           ['weight', 'head.weight', 13],
-                           ['weight', 'head.weight', 14],
-                           ['weight', 'head.weight', 15],
-                           ['weight', 'head.weight', 16],
-                           ['weight', 'head.weight', 17],
-                           ['weight', 'head.weight', 18],
-                           ['weight', 'head.weight', 19],
+                           ['weights', 'head.weight', 10, 10],
                            ['weight', 'head.bias', 1],
-                           ['weight', 'head.weight', 0],
-                           ['weight', 'head.weight', 1],
-                           ['weight', 'head.weight', 2],
-                           ['weight', 'head.weight', 3],
-                           ['weight', 'head.weight', 4],
-                           ['weight', 'head.weight', 5],
-                           ['weight', 'head.weight', 6],
-                           ['weight', 'head.weight', 7],
-                           ['weight', 'head.weight', 8],
-                           ['weight', 'head.weight', 9],
+                           ['weights', 'head.weight', 0, 10],
                            ['weight', 'head.bias', 0],
-                           ['weight', 'gru.0.weight_hh', 200],
-                           ['weight', 'gru.0.weight_hh', 201],
-                           ['weight', 'gru.0.weight_hh', 202],
-                           ['weight', 'gru.0.weight_hh', 203],
-                           ['weight', 'gru.0.weight_hh', 204],
-                           ['weight', 'gru.0.weight_hh', 205],
-                           ['weight', 'gru.0.weight_hh', 206],
-                           ['weight', 'gru.0.weight_hh', 207],
-                           ['weight', 'gru.0.weight_hh', 208],
-                           ['weight', 'gru.0.weight_hh', 209],
-                           ['weight', 'gru.0.weight_hh', 210],
-                           ['weight', 'gru.0.weight_hh', 211],
-                           ['weight', 'gru.0.weight_hh', 212],
-                           ['weight', 'gru.0.weight_hh', 213],
-                           ['weight', 'gru.0.weight_hh', 214],
-                           ['weight', 'gru.0.weight_hh', 215],
-                           ['weight', 'gru.0.weight_hh', 216],
-                           ['weight', 'gru.0.weight_hh', 217],
-                           ['weight', 'gru.0.weight_hh', 218],
-                           ['weight', 'gru.0.weight_hh', 219],
-                           ['weight', 'gru.0.weight_hh', 220],
-                           ['weight', 'gru.0.weight_hh', 221],
-                           ['weight', 'gru.0.weight_hh', 222],
-                           ['weight', 'gru.0.weight_hh', 223],
-                           ['weight', 'gru.0.weight_hh', 224],
-                           ['weight', 'gru.0.weight_hh', 225],
-                           ['weight', 'gru.0.weight_hh', 226],
-                           ['weight', 'gru.0.weight_hh', 227],
-                           ['weight', 'gru.0.weight_hh', 228],
-                           ['weight', 'gru.0.weight_hh', 229],
-                           ['weight', 'gru.0.weight_hh', 230],
-                           ['weight', 'gru.0.weight_hh', 231],
-                           ['weight', 'gru.0.weight_hh', 232],
-                           ['weight', 'gru.0.weight_hh', 233],
-                           ['weight', 'gru.0.weight_hh', 234],
-                           ['weight', 'gru.0.weight_hh', 235],
-                           ['weight', 'gru.0.weight_hh', 236],
-                           ['weight', 'gru.0.weight_hh', 237],
-                           ['weight', 'gru.0.weight_hh', 238],
-                           ['weight', 'gru.0.weight_hh', 239],
-                           ['weight', 'gru.0.weight_hh', 240],
-                           ['weight', 'gru.0.weight_hh', 241],
-                           ['weight', 'gru.0.weight_hh', 242],
-                           ['weight', 'gru.0.weight_hh', 243],
-                           ['weight', 'gru.0.weight_hh', 244],
-                           ['weight', 'gru.0.weight_hh', 245],
-                           ['weight', 'gru.0.weight_hh', 246],
-                           ['weight', 'gru.0.weight_hh', 247],
-                           ['weight', 'gru.0.weight_hh', 248],
-                           ['weight', 'gru.0.weight_hh', 249],
-                           ['weight', 'gru.0.weight_hh', 250],
-                           ['weight', 'gru.0.weight_hh', 251],
-                           ['weight', 'gru.0.weight_hh', 252],
-                           ['weight', 'gru.0.weight_hh', 253],
-                           ['weight', 'gru.0.weight_hh', 254],
-                           ['weight', 'gru.0.weight_hh', 255],
-                           ['weight', 'gru.0.weight_hh', 256],
-                           ['weight', 'gru.0.weight_hh', 257],
-                           ['weight', 'gru.0.weight_hh', 258],
-                           ['weight', 'gru.0.weight_hh', 259],
-                           ['weight', 'gru.0.weight_hh', 260],
-                           ['weight', 'gru.0.weight_hh', 261],
-                           ['weight', 'gru.0.weight_hh', 262],
-                           ['weight', 'gru.0.weight_hh', 263],
-                           ['weight', 'gru.0.weight_hh', 264],
-                           ['weight', 'gru.0.weight_hh', 265],
-                           ['weight', 'gru.0.weight_hh', 266],
-                           ['weight', 'gru.0.weight_hh', 267],
-                           ['weight', 'gru.0.weight_hh', 268],
-                           ['weight', 'gru.0.weight_hh', 269],
-                           ['weight', 'gru.0.weight_hh', 270],
-                           ['weight', 'gru.0.weight_hh', 271],
-                           ['weight', 'gru.0.weight_hh', 272],
-                           ['weight', 'gru.0.weight_hh', 273],
-                           ['weight', 'gru.0.weight_hh', 274],
-                           ['weight', 'gru.0.weight_hh', 275],
-                           ['weight', 'gru.0.weight_hh', 276],
-                           ['weight', 'gru.0.weight_hh', 277],
-                           ['weight', 'gru.0.weight_hh', 278],
-                           ['weight', 'gru.0.weight_hh', 279],
-                           ['weight', 'gru.0.weight_hh', 280],
-                           ['weight', 'gru.0.weight_hh', 281],
-                           ['weight', 'gru.0.weight_hh', 282],
-                           ['weight', 'gru.0.weight_hh', 283],
-                           ['weight', 'gru.0.weight_hh', 284],
-                           ['weight', 'gru.0.weight_hh', 285],
-                           ['weight', 'gru.0.weight_hh', 286],
-                           ['weight', 'gru.0.weight_hh', 287],
-                           ['weight', 'gru.0.weight_hh', 288],
-                           ['weight', 'gru.0.weight_hh', 289],
-                           ['weight', 'gru.0.weight_hh', 290],
-                           ['weight', 'gru.0.weight_hh', 291],
-                           ['weight', 'gru.0.weight_hh', 292],
-                           ['weight', 'gru.0.weight_hh', 293],
-                           ['weight', 'gru.0.weight_hh', 294],
-                           ['weight', 'gru.0.weight_hh', 295],
-                           ['weight', 'gru.0.weight_hh', 296],
-                           ['weight', 'gru.0.weight_hh', 297],
-                           ['weight', 'gru.0.weight_hh', 298],
-                           ['weight', 'gru.0.weight_hh', 299],
-                           ['weight', 'gru.0.weight_hh', 0],
-                           ['weight', 'gru.0.weight_hh', 1],
-                           ['weight', 'gru.0.weight_hh', 2],
-                           ['weight', 'gru.0.weight_hh', 3],
-                           ['weight', 'gru.0.weight_hh', 4],
-                           ['weight', 'gru.0.weight_hh', 5],
-                           ['weight', 'gru.0.weight_hh', 6],
-                           ['weight', 'gru.0.weight_hh', 7],
-                           ['weight', 'gru.0.weight_hh', 8],
-                           ['weight', 'gru.0.weight_hh', 9],
-                           ['weight', 'gru.0.weight_hh', 10],
-                           ['weight', 'gru.0.weight_hh', 11],
-                           ['weight', 'gru.0.weight_hh', 12],
-                           ['weight', 'gru.0.weight_hh', 13],
-                           ['weight', 'gru.0.weight_hh', 14],
-                           ['weight', 'gru.0.weight_hh', 15],
-                           ['weight', 'gru.0.weight_hh', 16],
-                           ['weight', 'gru.0.weight_hh', 17],
-                           ['weight', 'gru.0.weight_hh', 18],
-                           ['weight', 'gru.0.weight_hh', 19],
-                           ['weight', 'gru.0.weight_hh', 20],
-                           ['weight', 'gru.0.weight_hh', 21],
-                           ['weight', 'gru.0.weight_hh', 22],
-                           ['weight', 'gru.0.weight_hh', 23],
-                           ['weight', 'gru.0.weight_hh', 24],
-                           ['weight', 'gru.0.weight_hh', 25],
-                           ['weight', 'gru.0.weight_hh', 26],
-                           ['weight', 'gru.0.weight_hh', 27],
-                           ['weight', 'gru.0.weight_hh', 28],
-                           ['weight', 'gru.0.weight_hh', 29],
-                           ['weight', 'gru.0.weight_hh', 30],
-                           ['weight', 'gru.0.weight_hh', 31],
-                           ['weight', 'gru.0.weight_hh', 32],
-                           ['weight', 'gru.0.weight_hh', 33],
-                           ['weight', 'gru.0.weight_hh', 34],
-                           ['weight', 'gru.0.weight_hh', 35],
-                           ['weight', 'gru.0.weight_hh', 36],
-                           ['weight', 'gru.0.weight_hh', 37],
-                           ['weight', 'gru.0.weight_hh', 38],
-                           ['weight', 'gru.0.weight_hh', 39],
-                           ['weight', 'gru.0.weight_hh', 40],
-                           ['weight', 'gru.0.weight_hh', 41],
-                           ['weight', 'gru.0.weight_hh', 42],
-                           ['weight', 'gru.0.weight_hh', 43],
-                           ['weight', 'gru.0.weight_hh', 44],
-                           ['weight', 'gru.0.weight_hh', 45],
-                           ['weight', 'gru.0.weight_hh', 46],
-                           ['weight', 'gru.0.weight_hh', 47],
-                           ['weight', 'gru.0.weight_hh', 48],
-                           ['weight', 'gru.0.weight_hh', 49],
-                           ['weight', 'gru.0.weight_hh', 50],
-                           ['weight', 'gru.0.weight_hh', 51],
-                           ['weight', 'gru.0.weight_hh', 52],
-                           ['weight', 'gru.0.weight_hh', 53],
-                           ['weight', 'gru.0.weight_hh', 54],
-                           ['weight', 'gru.0.weight_hh', 55],
-                           ['weight', 'gru.0.weight_hh', 56],
-                           ['weight', 'gru.0.weight_hh', 57],
-                           ['weight', 'gru.0.weight_hh', 58],
-                           ['weight', 'gru.0.weight_hh', 59],
-                           ['weight', 'gru.0.weight_hh', 60],
-                           ['weight', 'gru.0.weight_hh', 61],
-                           ['weight', 'gru.0.weight_hh', 62],
-                           ['weight', 'gru.0.weight_hh', 63],
-                           ['weight', 'gru.0.weight_hh', 64],
-                           ['weight', 'gru.0.weight_hh', 65],
-                           ['weight', 'gru.0.weight_hh', 66],
-                           ['weight', 'gru.0.weight_hh', 67],
-                           ['weight', 'gru.0.weight_hh', 68],
-                           ['weight', 'gru.0.weight_hh', 69],
-                           ['weight', 'gru.0.weight_hh', 70],
-                           ['weight', 'gru.0.weight_hh', 71],
-                           ['weight', 'gru.0.weight_hh', 72],
-                           ['weight', 'gru.0.weight_hh', 73],
-                           ['weight', 'gru.0.weight_hh', 74],
-                           ['weight', 'gru.0.weight_hh', 75],
-                           ['weight', 'gru.0.weight_hh', 76],
-                           ['weight', 'gru.0.weight_hh', 77],
-                           ['weight', 'gru.0.weight_hh', 78],
-                           ['weight', 'gru.0.weight_hh', 79],
-                           ['weight', 'gru.0.weight_hh', 80],
-                           ['weight', 'gru.0.weight_hh', 81],
-                           ['weight', 'gru.0.weight_hh', 82],
-                           ['weight', 'gru.0.weight_hh', 83],
-                           ['weight', 'gru.0.weight_hh', 84],
-                           ['weight', 'gru.0.weight_hh', 85],
-                           ['weight', 'gru.0.weight_hh', 86],
-                           ['weight', 'gru.0.weight_hh', 87],
-                           ['weight', 'gru.0.weight_hh', 88],
-                           ['weight', 'gru.0.weight_hh', 89],
-                           ['weight', 'gru.0.weight_hh', 90],
-                           ['weight', 'gru.0.weight_hh', 91],
-                           ['weight', 'gru.0.weight_hh', 92],
-                           ['weight', 'gru.0.weight_hh', 93],
-                           ['weight', 'gru.0.weight_hh', 94],
-                           ['weight', 'gru.0.weight_hh', 95],
-                           ['weight', 'gru.0.weight_hh', 96],
-                           ['weight', 'gru.0.weight_hh', 97],
-                           ['weight', 'gru.0.weight_hh', 98],
-                           ['weight', 'gru.0.weight_hh', 99],
-                           ['weight', 'gru.0.weight_hh', 100],
-                           ['weight', 'gru.0.weight_hh', 101],
-                           ['weight', 'gru.0.weight_hh', 102],
-                           ['weight', 'gru.0.weight_hh', 103],
-                           ['weight', 'gru.0.weight_hh', 104],
-                           ['weight', 'gru.0.weight_hh', 105],
-                           ['weight', 'gru.0.weight_hh', 106],
-                           ['weight', 'gru.0.weight_hh', 107],
-                           ['weight', 'gru.0.weight_hh', 108],
-                           ['weight', 'gru.0.weight_hh', 109],
-                           ['weight', 'gru.0.weight_hh', 110],
-                           ['weight', 'gru.0.weight_hh', 111],
-                           ['weight', 'gru.0.weight_hh', 112],
-                           ['weight', 'gru.0.weight_hh', 113],
-                           ['weight', 'gru.0.weight_hh', 114],
-                           ['weight', 'gru.0.weight_hh', 115],
-                           ['weight', 'gru.0.weight_hh', 116],
-                           ['weight', 'gru.0.weight_hh', 117],
-                           ['weight', 'gru.0.weight_hh', 118],
-                           ['weight', 'gru.0.weight_hh', 119],
-                           ['weight', 'gru.0.weight_hh', 120],
-                           ['weight', 'gru.0.weight_hh', 121],
-                           ['weight', 'gru.0.weight_hh', 122],
-                           ['weight', 'gru.0.weight_hh', 123],
-                           ['weight', 'gru.0.weight_hh', 124],
-                           ['weight', 'gru.0.weight_hh', 125],
-                           ['weight', 'gru.0.weight_hh', 126],
-                           ['weight', 'gru.0.weight_hh', 127],
-                           ['weight', 'gru.0.weight_hh', 128],
-                           ['weight', 'gru.0.weight_hh', 129],
-                           ['weight', 'gru.0.weight_hh', 130],
-                           ['weight', 'gru.0.weight_hh', 131],
-                           ['weight', 'gru.0.weight_hh', 132],
-                           ['weight', 'gru.0.weight_hh', 133],
-                           ['weight', 'gru.0.weight_hh', 134],
-                           ['weight', 'gru.0.weight_hh', 135],
-                           ['weight', 'gru.0.weight_hh', 136],
-                           ['weight', 'gru.0.weight_hh', 137],
-                           ['weight', 'gru.0.weight_hh', 138],
-                           ['weight', 'gru.0.weight_hh', 139],
-                           ['weight', 'gru.0.weight_hh', 140],
-                           ['weight', 'gru.0.weight_hh', 141],
-                           ['weight', 'gru.0.weight_hh', 142],
-                           ['weight', 'gru.0.weight_hh', 143],
-                           ['weight', 'gru.0.weight_hh', 144],
-                           ['weight', 'gru.0.weight_hh', 145],
-                           ['weight', 'gru.0.weight_hh', 146],
-                           ['weight', 'gru.0.weight_hh', 147],
-                           ['weight', 'gru.0.weight_hh', 148],
-                           ['weight', 'gru.0.weight_hh', 149],
-                           ['weight', 'gru.0.weight_hh', 150],
-                           ['weight', 'gru.0.weight_hh', 151],
-                           ['weight', 'gru.0.weight_hh', 152],
-                           ['weight', 'gru.0.weight_hh', 153],
-                           ['weight', 'gru.0.weight_hh', 154],
-                           ['weight', 'gru.0.weight_hh', 155],
-                           ['weight', 'gru.0.weight_hh', 156],
-                           ['weight', 'gru.0.weight_hh', 157],
-                           ['weight', 'gru.0.weight_hh', 158],
-                           ['weight', 'gru.0.weight_hh', 159],
-                           ['weight', 'gru.0.weight_hh', 160],
-                           ['weight', 'gru.0.weight_hh', 161],
-                           ['weight', 'gru.0.weight_hh', 162],
-                           ['weight', 'gru.0.weight_hh', 163],
-                           ['weight', 'gru.0.weight_hh', 164],
-                           ['weight', 'gru.0.weight_hh', 165],
-                           ['weight', 'gru.0.weight_hh', 166],
-                           ['weight', 'gru.0.weight_hh', 167],
-                           ['weight', 'gru.0.weight_hh', 168],
-                           ['weight', 'gru.0.weight_hh', 169],
-                           ['weight', 'gru.0.weight_hh', 170],
-                           ['weight', 'gru.0.weight_hh', 171],
-                           ['weight', 'gru.0.weight_hh', 172],
-                           ['weight', 'gru.0.weight_hh', 173],
-                           ['weight', 'gru.0.weight_hh', 174],
-                           ['weight', 'gru.0.weight_hh', 175],
-                           ['weight', 'gru.0.weight_hh', 176],
-                           ['weight', 'gru.0.weight_hh', 177],
-                           ['weight', 'gru.0.weight_hh', 178],
-                           ['weight', 'gru.0.weight_hh', 179],
-                           ['weight', 'gru.0.weight_hh', 180],
-                           ['weight', 'gru.0.weight_hh', 181],
-                           ['weight', 'gru.0.weight_hh', 182],
-                           ['weight', 'gru.0.weight_hh', 183],
-                           ['weight', 'gru.0.weight_hh', 184],
-                           ['weight', 'gru.0.weight_hh', 185],
-                           ['weight', 'gru.0.weight_hh', 186],
-                           ['weight', 'gru.0.weight_hh', 187],
-                           ['weight', 'gru.0.weight_hh', 188],
-                           ['weight', 'gru.0.weight_hh', 189],
-                           ['weight', 'gru.0.weight_hh', 190],
-                           ['weight', 'gru.0.weight_hh', 191],
-                           ['weight', 'gru.0.weight_hh', 192],
-                           ['weight', 'gru.0.weight_hh', 193],
-                           ['weight', 'gru.0.weight_hh', 194],
-                           ['weight', 'gru.0.weight_hh', 195],
-                           ['weight', 'gru.0.weight_hh', 196],
-                           ['weight', 'gru.0.weight_hh', 197],
-                           ['weight', 'gru.0.weight_hh', 198],
-                           ['weight', 'gru.0.weight_hh', 199],
-                           ['weight', 'gru.0.weight_ih', 0],
-                           ['weight', 'gru.0.weight_ih', 1],
-                           ['weight', 'gru.0.weight_ih', 2],
-                           ['weight', 'gru.0.weight_ih', 3],
-                           ['weight', 'gru.0.weight_ih', 4],
-                           ['weight', 'gru.0.weight_ih', 5],
-                           ['weight', 'gru.0.weight_ih', 6],
-                           ['weight', 'gru.0.weight_ih', 7],
-                           ['weight', 'gru.0.weight_ih', 8],
-                           ['weight', 'gru.0.weight_ih', 9],
-                           ['weight', 'gru.0.weight_ih', 10],
-                           ['weight', 'gru.0.weight_ih', 11],
-                           ['weight', 'gru.0.weight_ih', 12],
-                           ['weight', 'gru.0.weight_ih', 13],
-                           ['weight', 'gru.0.weight_ih', 14],
-                           ['weight', 'gru.0.weight_ih', 15],
-                           ['weight', 'gru.0.weight_ih', 16],
-                           ['weight', 'gru.0.weight_ih', 17],
-                           ['weight', 'gru.0.weight_ih', 18],
-                           ['weight', 'gru.0.weight_ih', 19],
-                           ['weight', 'gru.0.weight_ih', 20],
-                           ['weight', 'gru.0.weight_ih', 21],
-                           ['weight', 'gru.0.weight_ih', 22],
-                           ['weight', 'gru.0.weight_ih', 23],
-                           ['weight', 'gru.0.weight_ih', 24],
-                           ['weight', 'gru.0.weight_ih', 25],
-                           ['weight', 'gru.0.weight_ih', 26],
-                           ['weight', 'gru.0.weight_ih', 27],
-                           ['weight', 'gru.0.weight_ih', 28],
-                           ['weight', 'gru.0.weight_ih', 29],
-                           ['weight', 'gru.0.weight_ih', 30],
-                           ['weight', 'gru.0.weight_ih', 31],
-                           ['weight', 'gru.0.weight_ih', 32],
-                           ['weight', 'gru.0.weight_ih', 33],
-                           ['weight', 'gru.0.weight_ih', 34],
-                           ['weight', 'gru.0.weight_ih', 35],
-                           ['weight', 'gru.0.weight_ih', 36],
-                           ['weight', 'gru.0.weight_ih', 37],
-                           ['weight', 'gru.0.weight_ih', 38],
-                           ['weight', 'gru.0.weight_ih', 39],
-                           ['weight', 'gru.0.weight_ih', 40],
-                           ['weight', 'gru.0.weight_ih', 41],
-                           ['weight', 'gru.0.weight_ih', 42],
-                           ['weight', 'gru.0.weight_ih', 43],
-                           ['weight', 'gru.0.weight_ih', 44],
-                           ['weight', 'gru.0.weight_ih', 45],
-                           ['weight', 'gru.0.weight_ih', 46],
-                           ['weight', 'gru.0.weight_ih', 47],
-                           ['weight', 'gru.0.weight_ih', 48],
-                           ['weight', 'gru.0.weight_ih', 49],
-                           ['weight', 'gru.0.weight_ih', 50],
-                           ['weight', 'gru.0.weight_ih', 51],
-                           ['weight', 'gru.0.weight_ih', 52],
-                           ['weight', 'gru.0.weight_ih', 53],
-                           ['weight', 'gru.0.weight_ih', 54],
-                           ['weight', 'gru.0.weight_ih', 55],
-                           ['weight', 'gru.0.weight_ih', 56],
-                           ['weight', 'gru.0.weight_ih', 57],
-                           ['weight', 'gru.0.weight_ih', 58],
-                           ['weight', 'gru.0.weight_ih', 59],
-                           ['weight', 'gru.0.weight_ih', 60],
-                           ['weight', 'gru.0.weight_ih', 61],
-                           ['weight', 'gru.0.weight_ih', 62],
-                           ['weight', 'gru.0.weight_ih', 63],
-                           ['weight', 'gru.0.weight_ih', 64],
-                           ['weight', 'gru.0.weight_ih', 65],
-                           ['weight', 'gru.0.weight_ih', 66],
-                           ['weight', 'gru.0.weight_ih', 67],
-                           ['weight', 'gru.0.weight_ih', 68],
-                           ['weight', 'gru.0.weight_ih', 69],
-                           ['weight', 'gru.0.weight_ih', 70],
-                           ['weight', 'gru.0.weight_ih', 71],
-                           ['weight', 'gru.0.weight_ih', 72],
-                           ['weight', 'gru.0.weight_ih', 73],
-                           ['weight', 'gru.0.weight_ih', 74],
-                           ['weight', 'gru.0.weight_ih', 75],
-                           ['weight', 'gru.0.weight_ih', 76],
-                           ['weight', 'gru.0.weight_ih', 77],
-                           ['weight', 'gru.0.weight_ih', 78],
-                           ['weight', 'gru.0.weight_ih', 79],
-                           ['weight', 'gru.0.weight_ih', 80],
-                           ['weight', 'gru.0.weight_ih', 81],
-                           ['weight', 'gru.0.weight_ih', 82],
-                           ['weight', 'gru.0.weight_ih', 83],
-                           ['weight', 'gru.0.weight_ih', 84],
-                           ['weight', 'gru.0.weight_ih', 85],
-                           ['weight', 'gru.0.weight_ih', 86],
-                           ['weight', 'gru.0.weight_ih', 87],
-                           ['weight', 'gru.0.weight_ih', 88],
-                           ['weight', 'gru.0.weight_ih', 89],
-                           ['weight', 'gru.0.weight_ih', 90],
-                           ['weight', 'gru.0.weight_ih', 91],
-                           ['weight', 'gru.0.weight_ih', 92],
-                           ['weight', 'gru.0.weight_ih', 93],
-                           ['weight', 'gru.0.weight_ih', 94],
-                           ['weight', 'gru.0.weight_ih', 95],
-                           ['weight', 'gru.0.weight_ih', 96],
-                           ['weight', 'gru.0.weight_ih', 97],
-                           ['weight', 'gru.0.weight_ih', 98],
-                           ['weight', 'gru.0.weight_ih', 99],
-                           ['weight', 'gru.0.weight_ih', 100],
-                           ['weight', 'gru.0.weight_ih', 101],
-                           ['weight', 'gru.0.weight_ih', 102],
-                           ['weight', 'gru.0.weight_ih', 103],
-                           ['weight', 'gru.0.weight_ih', 104],
-                           ['weight', 'gru.0.weight_ih', 105],
-                           ['weight', 'gru.0.weight_ih', 106],
-                           ['weight', 'gru.0.weight_ih', 107],
-                           ['weight', 'gru.0.weight_ih', 108],
-                           ['weight', 'gru.0.weight_ih', 109],
-                           ['weight', 'gru.0.weight_ih', 110],
-                           ['weight', 'gru.0.weight_ih', 111],
-                           ['weight', 'gru.0.weight_ih', 112],
-                           ['weight', 'gru.0.weight_ih', 113],
-                           ['weight', 'gru.0.weight_ih', 114],
-                           ['weight', 'gru.0.weight_ih', 115],
-                           ['weight', 'gru.0.weight_ih', 116],
-                           ['weight', 'gru.0.weight_ih', 117],
-                           ['weight', 'gru.0.weight_ih', 118],
-                           ['weight', 'gru.0.weight_ih', 119],
-                           ['weight', 'gru.0.weight_ih', 120],
-                           ['weight', 'gru.0.weight_ih', 121],
-                           ['weight', 'gru.0.weight_ih', 122],
-                           ['weight', 'gru.0.weight_ih', 123],
-                           ['weight', 'gru.0.weight_ih', 124],
-                           ['weight', 'gru.0.weight_ih', 125],
-                           ['weight', 'gru.0.weight_ih', 126],
-                           ['weight', 'gru.0.weight_ih', 127],
-                           ['weight', 'gru.0.weight_ih', 128],
-                           ['weight', 'gru.0.weight_ih', 129],
-                           ['weight', 'gru.0.weight_ih', 130],
-                           ['weight', 'gru.0.weight_ih', 131],
-                           ['weight', 'gru.0.weight_ih', 132],
-                           ['weight', 'gru.0.weight_ih', 133],
-                           ['weight', 'gru.0.weight_ih', 134],
-                           ['weight', 'gru.0.weight_ih', 135],
-                           ['weight', 'gru.0.weight_ih', 136],
-                           ['weight', 'gru.0.weight_ih', 137],
-                           ['weight', 'gru.0.weight_ih', 138],
-                           ['weight', 'gru.0.weight_ih', 139],
-                           ['weight', 'gru.0.weight_ih', 140],
-                           ['weight', 'gru.0.weight_ih', 141],
-                           ['weight', 'gru.0.weight_ih', 142],
-                           ['weight', 'gru.0.weight_ih', 143],
-                           ['weight', 'gru.0.weight_ih', 144],
-                           ['weight', 'gru.0.weight_ih', 145],
-                           ['weight', 'gru.0.weight_ih', 146],
-                           ['weight', 'gru.0.weight_ih', 147],
-                           ['weight', 'gru.0.weight_ih', 148],
-                           ['weight', 'gru.0.weight_ih', 149],
-                           ['weight', 'gru.0.weight_ih', 150],
-                           ['weight', 'gru.0.weight_ih', 151],
-                           ['weight', 'gru.0.weight_ih', 152],
-                           ['weight', 'gru.0.weight_ih', 153],
-                           ['weight', 'gru.0.weight_ih', 154],
-                           ['weight', 'gru.0.weight_ih', 155],
-                           ['weight', 'gru.0.weight_ih', 156],
-                           ['weight', 'gru.0.weight_ih', 157],
-                           ['weight', 'gru.0.weight_ih', 158],
-                           ['weight', 'gru.0.weight_ih', 159],
-                           ['weight', 'gru.0.weight_ih', 160],
-                           ['weight', 'gru.0.weight_ih', 161],
-                           ['weight', 'gru.0.weight_ih', 162],
-                           ['weight', 'gru.0.weight_ih', 163],
-                           ['weight', 'gru.0.weight_ih', 164],
-                           ['weight', 'gru.0.weight_ih', 165],
-                           ['weight', 'gru.0.weight_ih', 166],
-                           ['weight', 'gru.0.weight_ih', 167],
-                           ['weight', 'gru.0.weight_ih', 168],
-                           ['weight', 'gru.0.weight_ih', 169],
-                           ['weight', 'gru.0.weight_ih', 170],
-                           ['weight', 'gru.0.weight_ih', 171],
-                           ['weight', 'gru.0.weight_ih', 172],
-                           ['weight', 'gru.0.weight_ih', 173],
-                           ['weight', 'gru.0.weight_ih', 174],
-                           ['weight', 'gru.0.weight_ih', 175],
-                           ['weight', 'gru.0.weight_ih', 176],
-                           ['weight', 'gru.0.weight_ih', 177],
-                           ['weight', 'gru.0.weight_ih', 178],
-                           ['weight', 'gru.0.weight_ih', 179],
-                           ['weight', 'gru.0.weight_ih', 180],
-                           ['weight', 'gru.0.weight_ih', 181],
-                           ['weight', 'gru.0.weight_ih', 182],
-                           ['weight', 'gru.0.weight_ih', 183],
-                           ['weight', 'gru.0.weight_ih', 184],
-                           ['weight', 'gru.0.weight_ih', 185],
-                           ['weight', 'gru.0.weight_ih', 186],
-                           ['weight', 'gru.0.weight_ih', 187],
-                           ['weight', 'gru.0.weight_ih', 188],
-                           ['weight', 'gru.0.weight_ih', 189],
-                           ['weight', 'gru.0.weight_ih', 190],
-                           ['weight', 'gru.0.weight_ih', 191],
-                           ['weight', 'gru.0.weight_ih', 192],
-                           ['weight', 'gru.0.weight_ih', 193],
-                           ['weight', 'gru.0.weight_ih', 194],
-                           ['weight', 'gru.0.weight_ih', 195],
-                           ['weight', 'gru.0.weight_ih', 196],
-                           ['weight', 'gru.0.weight_ih', 197],
-                           ['weight', 'gru.0.weight_ih', 198],
-                           ['weight', 'gru.0.weight_ih', 199],
-                           ['weight', 'gru.0.weight_ih', 200],
-                           ['weight', 'gru.0.weight_ih', 201],
-                           ['weight', 'gru.0.weight_ih', 202],
-                           ['weight', 'gru.0.weight_ih', 203],
-                           ['weight', 'gru.0.weight_ih', 204],
-                           ['weight', 'gru.0.weight_ih', 205],
-                           ['weight', 'gru.0.weight_ih', 206],
-                           ['weight', 'gru.0.weight_ih', 207],
-                           ['weight', 'gru.0.weight_ih', 208],
-                           ['weight', 'gru.0.weight_ih', 209],
-                           ['weight', 'gru.0.weight_ih', 210],
-                           ['weight', 'gru.0.weight_ih', 211],
-                           ['weight', 'gru.0.weight_ih', 212],
-                           ['weight', 'gru.0.weight_ih', 213],
-                           ['weight', 'gru.0.weight_ih', 214],
-                           ['weight', 'gru.0.weight_ih', 215],
-                           ['weight', 'gru.0.weight_ih', 216],
-                           ['weight', 'gru.0.weight_ih', 217],
-                           ['weight', 'gru.0.weight_ih', 218],
-                           ['weight', 'gru.0.weight_ih', 219],
-                           ['weight', 'gru.0.weight_ih', 220],
-                           ['weight', 'gru.0.weight_ih', 221],
-                           ['weight', 'gru.0.weight_ih', 222],
-                           ['weight', 'gru.0.weight_ih', 223],
-                           ['weight', 'gru.0.weight_ih', 224],
-                           ['weight', 'gru.0.weight_ih', 225],
-                           ['weight', 'gru.0.weight_ih', 226],
-                           ['weight', 'gru.0.weight_ih', 227],
-                           ['weight', 'gru.0.weight_ih', 228],
-                           ['weight', 'gru.0.weight_ih', 229],
-                           ['weight', 'gru.0.weight_ih', 230],
-                           ['weight', 'gru.0.weight_ih', 231],
-                           ['weight', 'gru.0.weight_ih', 232],
-                           ['weight', 'gru.0.weight_ih', 233],
-                           ['weight', 'gru.0.weight_ih', 234],
-                           ['weight', 'gru.0.weight_ih', 235],
-                           ['weight', 'gru.0.weight_ih', 236],
-                           ['weight', 'gru.0.weight_ih', 237],
-                           ['weight', 'gru.0.weight_ih', 238],
-                           ['weight', 'gru.0.weight_ih', 239],
-                           ['weight', 'gru.0.weight_ih', 240],
-                           ['weight', 'gru.0.weight_ih', 241],
-                           ['weight', 'gru.0.weight_ih', 242],
-                           ['weight', 'gru.0.weight_ih', 243],
-                           ['weight', 'gru.0.weight_ih', 244],
-                           ['weight', 'gru.0.weight_ih', 245],
-                           ['weight', 'gru.0.weight_ih', 246],
-                           ['weight', 'gru.0.weight_ih', 247],
-                           ['weight', 'gru.0.weight_ih', 248],
-                           ['weight', 'gru.0.weight_ih', 249],
-                           ['weight', 'gru.0.weight_ih', 250],
-                           ['weight', 'gru.0.weight_ih', 251],
-                           ['weight', 'gru.0.weight_ih', 252],
-                           ['weight', 'gru.0.weight_ih', 253],
-                           ['weight', 'gru.0.weight_ih', 254],
-                           ['weight', 'gru.0.weight_ih', 255],
-                           ['weight', 'gru.0.weight_ih', 256],
-                           ['weight', 'gru.0.weight_ih', 257],
-                           ['weight', 'gru.0.weight_ih', 258],
-                           ['weight', 'gru.0.weight_ih', 259],
-                           ['weight', 'gru.0.weight_ih', 260],
-                           ['weight', 'gru.0.weight_ih', 261],
-                           ['weight', 'gru.0.weight_ih', 262],
-                           ['weight', 'gru.0.weight_ih', 263],
-                           ['weight', 'gru.0.weight_ih', 264],
-                           ['weight', 'gru.0.weight_ih', 265],
-                           ['weight', 'gru.0.weight_ih', 266],
-                           ['weight', 'gru.0.weight_ih', 267],
-                           ['weight', 'gru.0.weight_ih', 268],
-                           ['weight', 'gru.0.weight_ih', 269],
-                           ['weight', 'gru.0.weight_ih', 270],
-                           ['weight', 'gru.0.weight_ih', 271],
-                           ['weight', 'gru.0.weight_ih', 272],
-                           ['weight', 'gru.0.weight_ih', 273],
-                           ['weight', 'gru.0.weight_ih', 274],
-                           ['weight', 'gru.0.weight_ih', 275],
-                           ['weight', 'gru.0.weight_ih', 276],
-                           ['weight', 'gru.0.weight_ih', 277],
-                           ['weight', 'gru.0.weight_ih', 278],
-                           ['weight', 'gru.0.weight_ih', 279],
-                           ['weight', 'gru.0.weight_ih', 280],
-                           ['weight', 'gru.0.weight_ih', 281],
-                           ['weight', 'gru.0.weight_ih', 282],
-                           ['weight', 'gru.0.weight_ih', 283],
-                           ['weight', 'gru.0.weight_ih', 284],
-                           ['weight', 'gru.0.weight_ih', 285],
-                           ['weight', 'gru.0.weight_ih', 286],
-                           ['weight', 'gru.0.weight_ih', 287],
-                           ['weight', 'gru.0.weight_ih', 288],
-                           ['weight', 'gru.0.weight_ih', 289],
-                           ['weight', 'gru.0.weight_ih', 290],
-                           ['weight', 'gru.0.weight_ih', 291],
-                           ['weight', 'gru.0.weight_ih', 292],
-                           ['weight', 'gru.0.weight_ih', 293],
-                           ['weight', 'gru.0.weight_ih', 294],
-                           ['weight', 'gru.0.weight_ih', 295],
-                           ['weight', 'gru.0.weight_ih', 296],
-                           ['weight', 'gru.0.weight_ih', 297],
-                           ['weight', 'gru.0.weight_ih', 298],
-                           ['weight', 'gru.0.weight_ih', 299],
-                           ['weight', 'gru.0.weight_ih', 300],
-                           ['weight', 'gru.0.weight_ih', 301],
-                           ['weight', 'gru.0.weight_ih', 302],
-                           ['weight', 'gru.0.weight_ih', 303],
-                           ['weight', 'gru.0.weight_ih', 304],
-                           ['weight', 'gru.0.weight_ih', 305],
-                           ['weight', 'gru.0.weight_ih', 306],
-                           ['weight', 'gru.0.weight_ih', 307],
-                           ['weight', 'gru.0.weight_ih', 308],
-                           ['weight', 'gru.0.weight_ih', 309],
-                           ['weight', 'gru.0.weight_ih', 310],
-                           ['weight', 'gru.0.weight_ih', 311],
-                           ['weight', 'gru.0.weight_ih', 312],
-                           ['weight', 'gru.0.weight_ih', 313],
-                           ['weight', 'gru.0.weight_ih', 314],
-                           ['weight', 'gru.0.weight_ih', 315],
-                           ['weight', 'gru.0.weight_ih', 316],
-                           ['weight', 'gru.0.weight_ih', 317],
-                           ['weight', 'gru.0.weight_ih', 318],
-                           ['weight', 'gru.0.weight_ih', 319],
-                           ['weight', 'gru.0.weight_ih', 320],
-                           ['weight', 'gru.0.weight_ih', 321],
-                           ['weight', 'gru.0.weight_ih', 322],
-                           ['weight', 'gru.0.weight_ih', 323],
-                           ['weight', 'gru.0.weight_ih', 324],
-                           ['weight', 'gru.0.weight_ih', 325],
-                           ['weight', 'gru.0.weight_ih', 326],
-                           ['weight', 'gru.0.weight_ih', 327],
-                           ['weight', 'gru.0.weight_ih', 328],
-                           ['weight', 'gru.0.weight_ih', 329],
-                           ['weight', 'gru.0.weight_ih', 330],
-                           ['weight', 'gru.0.weight_ih', 331],
-                           ['weight', 'gru.0.weight_ih', 332],
-                           ['weight', 'gru.0.weight_ih', 333],
-                           ['weight', 'gru.0.weight_ih', 334],
-                           ['weight', 'gru.0.weight_ih', 335],
-                           ['weight', 'gru.0.weight_ih', 336],
-                           ['weight', 'gru.0.weight_ih', 337],
-                           ['weight', 'gru.0.weight_ih', 338],
-                           ['weight', 'gru.0.weight_ih', 339],
-                           ['weight', 'gru.0.weight_ih', 340],
-                           ['weight', 'gru.0.weight_ih', 341],
-                           ['weight', 'gru.0.weight_ih', 342],
-                           ['weight', 'gru.0.weight_ih', 343],
-                           ['weight', 'gru.0.weight_ih', 344],
-                           ['weight', 'gru.0.weight_ih', 345],
-                           ['weight', 'gru.0.weight_ih', 346],
-                           ['weight', 'gru.0.weight_ih', 347],
-                           ['weight', 'gru.0.weight_ih', 348],
-                           ['weight', 'gru.0.weight_ih', 349],
-                           ['weight', 'gru.0.weight_ih', 350],
-                           ['weight', 'gru.0.weight_ih', 351],
-                           ['weight', 'gru.0.weight_ih', 352],
-                           ['weight', 'gru.0.weight_ih', 353],
-                           ['weight', 'gru.0.weight_ih', 354],
-                           ['weight', 'gru.0.weight_ih', 355],
-                           ['weight', 'gru.0.weight_ih', 356],
-                           ['weight', 'gru.0.weight_ih', 357],
-                           ['weight', 'gru.0.weight_ih', 358],
-                           ['weight', 'gru.0.weight_ih', 359],
-                           ['weight', 'gru.0.bias', 0],
-                           ['weight', 'gru.0.bias', 1],
-                           ['weight', 'gru.0.bias', 2],
-                           ['weight', 'gru.0.bias', 3],
-                           ['weight', 'gru.0.bias', 4],
-                           ['weight', 'gru.0.bias', 5],
-                           ['weight', 'gru.0.bias', 6],
-                           ['weight', 'gru.0.bias', 7],
-                           ['weight', 'gru.0.bias', 8],
-                           ['weight', 'gru.0.bias', 9],
-                           ['weight', 'gru.0.bias', 10],
-                           ['weight', 'gru.0.bias', 11],
-                           ['weight', 'gru.0.bias', 12],
-                           ['weight', 'gru.0.bias', 13],
-                           ['weight', 'gru.0.bias', 14],
-                           ['weight', 'gru.0.bias', 15],
-                           ['weight', 'gru.0.bias', 16],
-                           ['weight', 'gru.0.bias', 17],
-                           ['weight', 'gru.0.bias', 18],
-                           ['weight', 'gru.0.bias', 19],
-                           ['weight', 'gru.0.bias', 20],
-                           ['weight', 'gru.0.bias', 21],
-                           ['weight', 'gru.0.bias', 22],
-                           ['weight', 'gru.0.bias', 23],
-                           ['weight', 'gru.0.bias', 24],
-                           ['weight', 'gru.0.bias', 25],
-                           ['weight', 'gru.0.bias', 26],
-                           ['weight', 'gru.0.bias', 27],
-                           ['weight', 'gru.0.bias', 28],
-                           ['weight', 'gru.0.bias', 29],
-                           ['weight', 'head.weight', 30],
-                           ['weight', 'head.weight', 31],
-                           ['weight', 'head.weight', 32],
-                           ['weight', 'head.weight', 33],
-                           ['weight', 'head.weight', 34],
-                           ['weight', 'head.weight', 35],
-                           ['weight', 'head.weight', 36],
-                           ['weight', 'head.weight', 37],
-                           ['weight', 'head.weight', 38],
-                           ['weight', 'head.weight', 39],
+                           ['weights', 'head.weight', 30, 10],
                            ['weight', 'head.bias', 3]],
             'hv': ['ms_decay',
                    '_u2',
@@ -1941,7 +507,7 @@ def stage0_backward_kernel(
     _bk25 = tl.sqrt(tl.sqrt(tl.sqrt(_bk21))) * (0.125 - 0.125 * _bk21)
     _adj__head_out4 = _adj_acc_0 * (_acc_old_0 * _bk22 - _bk22 * g) + _adj_acc_1 * (_acc_old_1 * _bk23 - _bk23 * g) + _adj_acc_2 * (_acc_old_2 * _bk24 - _bk24 * g) + _adj_acc_3 * (_acc_old_3 * _bk25 - _bk25 * g)
     _dense_t2 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _dense_t2 += _adj__head_out4[:, None] * tops.weight_row(_w_head_weight, 10, 3, 0, 10, 16)[None, :]
+    _dense_t2 += tops.per_element(_adj__head_out4, BLOCK)[:, None] * tops.weight_row(_w_head_weight, 10, 3, 0, 10, 16)[None, :]
     _bk26 = tops.sigmoid(_head_out4)
     _adj__acc_old_0 = _adj_acc_0 * _bk26
     _bk27 = tl.sqrt(_bk26)
@@ -1971,7 +537,7 @@ def stage0_backward_kernel(
     _col11 = tops.column(_dense_t2, 8, 16)
     _col12 = tops.column(_dense_t2, 9, 16)
     _tile13 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile13 += tops.place(_adj__head_out4, 0, 16)
+    _tile13 += tops.place(tops.per_element(_adj__head_out4, BLOCK), 0, 16)
     _masked14 = tl.where(_mask[:, None], _tile13, 0.0)
     _masked15 = tl.where(_mask[:, None], _tile1, 0.0)
     tl.store(_grad_st_acc + 0 * _numel + _offs, tops.per_element(_adj__acc_old_0, BLOCK), mask=_mask)
@@ -2081,178 +647,59 @@ def stage1_backward_kernel(
     _log_lr_old = tl.load(_st_log_lr + 0 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
     _u9 = tl.load(_hv_ptr + 9)
     rel_log_lr = _log_lr_old + _u9
-    _dense2 = tops.weight_vec(_w_gru_0_bias, 0, 30, 32)[None, :] + tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _dense2 += tops.weight_vec(_hv_ptr, 10, 30, 32)[None, :]
-    _dense2 += scaled_0[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 0, 30, 32)[None, :]
-    _dense2 += scaled_1[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 1, 30, 32)[None, :]
-    _dense2 += scaled_2[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 2, 30, 32)[None, :]
-    _dense2 += scaled_3[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 3, 30, 32)[None, :]
-    _dense2 += grad_products_0[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 4, 30, 32)[None, :]
-    _dense2 += grad_products_1[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 5, 30, 32)[None, :]
-    _dense2 += grad_products_2[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 6, 30, 32)[None, :]
-    _dense2 += rel_log_magnitude_0[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 7, 30, 32)[None, :]
-    _dense2 += rel_log_magnitude_1[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 8, 30, 32)[None, :]
-    _dense2 += rel_log_magnitude_2[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 9, 30, 32)[None, :]
-    _dense2 += rel_log_magnitude_3[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 10, 30, 32)[None, :]
-    _dense2 += rel_log_lr[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 11, 30, 32)[None, :]
-    _dense3 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _dense3 += tops.matmul(_tile1, _w_gru_0_weight_hh, 10, 0, 0, 20, 10, 16, 32, False)
-    _col4 = tops.column(_dense2, 0, 32)
-    _col5 = tops.column(_dense3, 0, 32)
-    _cell51_r0 = tops.sigmoid(_col4 + _col5)
-    _col6 = tops.column(_dense2, 10, 32)
-    _col7 = tops.column(_dense3, 10, 32)
-    _cell61_u0 = tops.sigmoid(_col6 + _col7)
-    _net_h0_old_0 = tl.load(_st_net_h0 + 0 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell71_rh0 = _cell51_r0 * _net_h0_old_0
-    _col8 = tops.column(_dense2, 1, 32)
-    _col9 = tops.column(_dense3, 1, 32)
-    _cell52_r1 = tops.sigmoid(_col8 + _col9)
-    _col10 = tops.column(_dense2, 11, 32)
-    _col11 = tops.column(_dense3, 11, 32)
-    _cell62_u1 = tops.sigmoid(_col10 + _col11)
-    _net_h0_old_1 = tl.load(_st_net_h0 + 1 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell72_rh1 = _cell52_r1 * _net_h0_old_1
-    _col12 = tops.column(_dense3, 2, 32)
-    _col13 = tops.column(_dense2, 2, 32)
-    _cell53_r2 = tops.sigmoid(_col12 + _col13)
-    _col14 = tops.column(_dense2, 12, 32)
-    _col15 = tops.column(_dense3, 12, 32)
-    _cell63_u2 = tops.sigmoid(_col14 + _col15)
-    _net_h0_old_2 = tl.load(_st_net_h0 + 2 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell73_rh2 = _cell53_r2 * _net_h0_old_2
-    _col16 = tops.column(_dense3, 3, 32)
-    _col17 = tops.column(_dense2, 3, 32)
-    _cell54_r3 = tops.sigmoid(_col16 + _col17)
-    _col18 = tops.column(_dense2, 13, 32)
-    _col19 = tops.column(_dense3, 13, 32)
-    _cell64_u3 = tops.sigmoid(_col18 + _col19)
-    _net_h0_old_3 = tl.load(_st_net_h0 + 3 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell74_rh3 = _cell54_r3 * _net_h0_old_3
-    _col20 = tops.column(_dense3, 4, 32)
-    _col21 = tops.column(_dense2, 4, 32)
-    _cell55_r4 = tops.sigmoid(_col20 + _col21)
-    _col22 = tops.column(_dense2, 14, 32)
-    _col23 = tops.column(_dense3, 14, 32)
-    _cell65_u4 = tops.sigmoid(_col22 + _col23)
-    _net_h0_old_4 = tl.load(_st_net_h0 + 4 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell75_rh4 = _cell55_r4 * _net_h0_old_4
-    _col24 = tops.column(_dense3, 5, 32)
-    _col25 = tops.column(_dense2, 5, 32)
-    _cell56_r5 = tops.sigmoid(_col24 + _col25)
-    _col26 = tops.column(_dense2, 15, 32)
-    _col27 = tops.column(_dense3, 15, 32)
-    _cell66_u5 = tops.sigmoid(_col26 + _col27)
-    _net_h0_old_5 = tl.load(_st_net_h0 + 5 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell76_rh5 = _cell56_r5 * _net_h0_old_5
-    _col28 = tops.column(_dense3, 6, 32)
-    _col29 = tops.column(_dense2, 6, 32)
-    _cell57_r6 = tops.sigmoid(_col28 + _col29)
-    _col30 = tops.column(_dense2, 16, 32)
-    _col31 = tops.column(_dense3, 16, 32)
-    _cell67_u6 = tops.sigmoid(_col30 + _col31)
-    _net_h0_old_6 = tl.load(_st_net_h0 + 6 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell77_rh6 = _cell57_r6 * _net_h0_old_6
-    _col32 = tops.column(_dense3, 7, 32)
-    _col33 = tops.column(_dense2, 7, 32)
-    _cell58_r7 = tops.sigmoid(_col32 + _col33)
-    _col34 = tops.column(_dense2, 17, 32)
-    _col35 = tops.column(_dense3, 17, 32)
-    _cell68_u7 = tops.sigmoid(_col34 + _col35)
-    _net_h0_old_7 = tl.load(_st_net_h0 + 7 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell78_rh7 = _cell58_r7 * _net_h0_old_7
-    _col36 = tops.column(_dense3, 8, 32)
-    _col37 = tops.column(_dense2, 8, 32)
-    _cell59_r8 = tops.sigmoid(_col36 + _col37)
-    _col38 = tops.column(_dense2, 18, 32)
-    _col39 = tops.column(_dense3, 18, 32)
-    _cell69_u8 = tops.sigmoid(_col38 + _col39)
-    _net_h0_old_8 = tl.load(_st_net_h0 + 8 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell79_rh8 = _cell59_r8 * _net_h0_old_8
-    _col40 = tops.column(_dense2, 9, 32)
-    _col41 = tops.column(_dense3, 9, 32)
-    _cell60_r9 = tops.sigmoid(_col40 + _col41)
-    _col42 = tops.column(_dense2, 19, 32)
-    _col43 = tops.column(_dense3, 19, 32)
-    _cell70_u9 = tops.sigmoid(_col42 + _col43)
-    _net_h0_old_9 = tl.load(_st_net_h0 + 9 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell80_rh9 = _cell60_r9 * _net_h0_old_9
-    _dense44 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _dense44 += _cell71_rh0[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 0, 10, 16)[None, :]
-    _dense44 += _cell72_rh1[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 1, 10, 16)[None, :]
-    _dense44 += _cell73_rh2[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 2, 10, 16)[None, :]
-    _dense44 += _cell74_rh3[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 3, 10, 16)[None, :]
-    _dense44 += _cell75_rh4[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 4, 10, 16)[None, :]
-    _dense44 += _cell76_rh5[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 5, 10, 16)[None, :]
-    _dense44 += _cell77_rh6[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 6, 10, 16)[None, :]
-    _dense44 += _cell78_rh7[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 7, 10, 16)[None, :]
-    _dense44 += _cell79_rh8[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 8, 10, 16)[None, :]
-    _dense44 += _cell80_rh9[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 9, 10, 16)[None, :]
-    _col45 = tops.column(_dense2, 20, 32)
-    _col46 = tops.column(_dense44, 0, 16)
-    _cell91_c0 = tops.tanh(_col45 + _col46)
-    _h0_97 = _cell61_u0 * _net_h0_old_0 + _cell91_c0 * (1.0 - _cell61_u0)
-    _col47 = tops.column(_dense2, 21, 32)
-    _col48 = tops.column(_dense44, 1, 16)
-    _cell92_c1 = tops.tanh(_col47 + _col48)
-    _h0_98 = _cell62_u1 * _net_h0_old_1 + _cell92_c1 * (1.0 - _cell62_u1)
-    _col49 = tops.column(_dense2, 22, 32)
-    _col50 = tops.column(_dense44, 2, 16)
-    _cell93_c2 = tops.tanh(_col49 + _col50)
-    _h0_99 = _cell63_u2 * _net_h0_old_2 + _cell93_c2 * (1.0 - _cell63_u2)
-    _col51 = tops.column(_dense2, 23, 32)
-    _col52 = tops.column(_dense44, 3, 16)
-    _cell94_c3 = tops.tanh(_col51 + _col52)
-    _h0_100 = _cell64_u3 * _net_h0_old_3 + _cell94_c3 * (1.0 - _cell64_u3)
-    _col53 = tops.column(_dense2, 24, 32)
-    _col54 = tops.column(_dense44, 4, 16)
-    _cell95_c4 = tops.tanh(_col53 + _col54)
-    _h0_101 = _cell65_u4 * _net_h0_old_4 + _cell95_c4 * (1.0 - _cell65_u4)
-    _col55 = tops.column(_dense2, 25, 32)
-    _col56 = tops.column(_dense44, 5, 16)
-    _cell96_c5 = tops.tanh(_col55 + _col56)
-    _h0_102 = _cell66_u5 * _net_h0_old_5 + _cell96_c5 * (1.0 - _cell66_u5)
-    _col57 = tops.column(_dense2, 26, 32)
-    _col58 = tops.column(_dense44, 6, 16)
-    _cell97_c6 = tops.tanh(_col57 + _col58)
-    _h0_103 = _cell67_u6 * _net_h0_old_6 + _cell97_c6 * (1.0 - _cell67_u6)
-    _col59 = tops.column(_dense2, 27, 32)
-    _col60 = tops.column(_dense44, 7, 16)
-    _cell98_c7 = tops.tanh(_col59 + _col60)
-    _h0_104 = _cell68_u7 * _net_h0_old_7 + _cell98_c7 * (1.0 - _cell68_u7)
-    _col61 = tops.column(_dense2, 28, 32)
-    _col62 = tops.column(_dense44, 8, 16)
-    _cell99_c8 = tops.tanh(_col61 + _col62)
-    _h0_105 = _cell69_u8 * _net_h0_old_8 + _cell99_c8 * (1.0 - _cell69_u8)
-    _col63 = tops.column(_dense2, 29, 32)
-    _col64 = tops.column(_dense44, 9, 16)
-    _cell100_c9 = tops.tanh(_col63 + _col64)
-    _h0_106 = _cell100_c9 * (1.0 - _cell70_u9) + _cell70_u9 * _net_h0_old_9
+    _gate_r2 = tops.weight_vec(_w_gru_0_bias, 0, 10, 16)[None, :] + tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _gate_r2 += tops.weight_vec(_hv_ptr, 10, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(scaled_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 0, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(scaled_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 1, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(scaled_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 2, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(scaled_3, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 3, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(grad_products_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 4, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(grad_products_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 5, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(grad_products_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 6, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(rel_log_magnitude_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 7, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(rel_log_magnitude_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 8, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(rel_log_magnitude_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 9, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(rel_log_magnitude_3, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 10, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(rel_log_lr, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 11, 10, 16)[None, :]
+    _gate_u3 = tops.weight_vec(_w_gru_0_bias, 10, 10, 16)[None, :] + tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _gate_u3 += tops.weight_vec(_hv_ptr, 20, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(scaled_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 0, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(scaled_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 1, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(scaled_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 2, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(scaled_3, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 3, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(grad_products_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 4, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(grad_products_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 5, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(grad_products_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 6, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(rel_log_magnitude_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 7, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(rel_log_magnitude_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 8, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(rel_log_magnitude_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 9, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(rel_log_magnitude_3, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 10, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(rel_log_lr, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 11, 10, 16)[None, :]
+    _gate_c4 = tops.weight_vec(_w_gru_0_bias, 20, 10, 16)[None, :] + tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _gate_c4 += tops.weight_vec(_hv_ptr, 30, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(scaled_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 0, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(scaled_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 1, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(scaled_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 2, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(scaled_3, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 3, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(grad_products_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 4, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(grad_products_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 5, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(grad_products_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 6, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(rel_log_magnitude_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 7, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(rel_log_magnitude_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 8, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(rel_log_magnitude_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 9, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(rel_log_magnitude_3, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 10, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(rel_log_lr, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 11, 10, 16)[None, :]
+    _r5 = tops.sigmoid(_gate_r2 + tops.matmul(_tile1, _w_gru_0_weight_hh, 10, 0, 0, 10, 10, 16, 16, False))
+    _u14 = tops.sigmoid(_gate_u3 + tops.matmul(_tile1, _w_gru_0_weight_hh, 10, 10, 0, 10, 10, 16, 16, False))
+    _c15 = tops.tanh(_gate_c4 + tops.matmul((_r5 * _tile1), _w_gru_0_weight_hh, 10, 20, 0, 10, 10, 16, 16, False))
+    _h_new16 = _u14 * _tile1 + (1.0 - _u14) * _c15
     _head_out107 = (
         tl.load(_w_head_bias + 0)
-        + tl.load(_w_head_weight + 0) * _h0_97
-        + tl.load(_w_head_weight + 1) * _h0_98
-        + tl.load(_w_head_weight + 2) * _h0_99
-        + tl.load(_w_head_weight + 3) * _h0_100
-        + tl.load(_w_head_weight + 4) * _h0_101
-        + tl.load(_w_head_weight + 5) * _h0_102
-        + tl.load(_w_head_weight + 6) * _h0_103
-        + tl.load(_w_head_weight + 7) * _h0_104
-        + tl.load(_w_head_weight + 8) * _h0_105
-        + tl.load(_w_head_weight + 9) * _h0_106
+        + tl.sum(_h_new16 * tops.weight_row(_w_head_weight, 10, 0, 0, 10, 16)[None, :], axis=1)
     )
     _head_out108 = (
         tl.load(_w_head_bias + 1)
-        + tl.load(_w_head_weight + 10) * _h0_97
-        + tl.load(_w_head_weight + 11) * _h0_98
-        + tl.load(_w_head_weight + 12) * _h0_99
-        + tl.load(_w_head_weight + 13) * _h0_100
-        + tl.load(_w_head_weight + 14) * _h0_101
-        + tl.load(_w_head_weight + 15) * _h0_102
-        + tl.load(_w_head_weight + 16) * _h0_103
-        + tl.load(_w_head_weight + 17) * _h0_104
-        + tl.load(_w_head_weight + 18) * _h0_105
-        + tl.load(_w_head_weight + 19) * _h0_106
+        + tl.sum(_h_new16 * tops.weight_row(_w_head_weight, 10, 1, 0, 10, 16)[None, :], axis=1)
     )
     _phi_shortcut_0 = tl.load(_hv_ptr + 40)
     _phi_shortcut_1 = tl.load(_hv_ptr + 41)
@@ -2277,243 +724,115 @@ def stage1_backward_kernel(
     _seed__mean_tensor298 = tl.load(_dpart_ptr + _pid * 13 + 12)
     _adj_delta_att = 2.0 * _seed__mean_tensor298 * delta_att
     _adj_delta = 2.0 * _seed__mean_tensor296 * delta
-    _dense_t65 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _dense_t65 += _adj_delta_att[:, None] * tops.weight_row(_w_head_weight, 10, 1, 0, 10, 16)[None, :]
-    _dense_t66 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _dense_t66 += _adj_delta[:, None] * tops.weight_row(_w_head_weight, 10, 0, 0, 10, 16)[None, :]
-    _col67 = tops.column(_dense_t65, 9, 16)
-    _col68 = tops.column(_dense_t66, 9, 16)
-    _adj__h0_106 = _col67 + _col68 + _seed__mean_tensor130
-    _adj__cell100_c9 = _adj__h0_106 * (1.0 - _cell70_u9)
-    _col69 = tops.column(_dense_t66, 8, 16)
-    _col70 = tops.column(_dense_t65, 8, 16)
-    _adj__h0_105 = _col69 + _col70 + _seed__mean_tensor128
-    _adj__cell99_c8 = _adj__h0_105 * (1.0 - _cell69_u8)
-    _col71 = tops.column(_dense_t66, 7, 16)
-    _col72 = tops.column(_dense_t65, 7, 16)
-    _adj__h0_104 = _col71 + _col72 + _seed__mean_tensor126
-    _adj__cell98_c7 = _adj__h0_104 * (1.0 - _cell68_u7)
-    _col73 = tops.column(_dense_t66, 6, 16)
-    _col74 = tops.column(_dense_t65, 6, 16)
-    _adj__h0_103 = _col73 + _col74 + _seed__mean_tensor124
-    _adj__cell97_c6 = _adj__h0_103 * (1.0 - _cell67_u6)
-    _col75 = tops.column(_dense_t66, 5, 16)
-    _col76 = tops.column(_dense_t65, 5, 16)
-    _adj__h0_102 = _col75 + _col76 + _seed__mean_tensor122
-    _adj__cell96_c5 = _adj__h0_102 * (1.0 - _cell66_u5)
-    _col77 = tops.column(_dense_t66, 4, 16)
-    _col78 = tops.column(_dense_t65, 4, 16)
-    _adj__h0_101 = _col77 + _col78 + _seed__mean_tensor120
-    _adj__cell95_c4 = _adj__h0_101 * (1.0 - _cell65_u4)
-    _col79 = tops.column(_dense_t66, 3, 16)
-    _col80 = tops.column(_dense_t65, 3, 16)
-    _adj__h0_100 = _col79 + _col80 + _seed__mean_tensor118
-    _adj__cell94_c3 = _adj__h0_100 * (1.0 - _cell64_u3)
-    _col81 = tops.column(_dense_t66, 2, 16)
-    _col82 = tops.column(_dense_t65, 2, 16)
-    _adj__h0_99 = _col81 + _col82 + _seed__mean_tensor116
-    _adj__cell93_c2 = _adj__h0_99 * (1.0 - _cell63_u2)
-    _col83 = tops.column(_dense_t66, 1, 16)
-    _col84 = tops.column(_dense_t65, 1, 16)
-    _adj__h0_98 = _col83 + _col84 + _seed__mean_tensor114
-    _adj__cell92_c1 = _adj__h0_98 * (1.0 - _cell62_u1)
-    _col85 = tops.column(_dense_t65, 0, 16)
-    _col86 = tops.column(_dense_t66, 0, 16)
-    _adj__h0_97 = _col85 + _col86 + _seed__mean_tensor112
-    _adj__cell91_c0 = _adj__h0_97 * (1.0 - _cell61_u0)
-    _adj__cell81_bc0 = _adj__cell91_c0 * (1.0 - _cell91_c0 * _cell91_c0)
-    _adj__cell82_bc1 = _adj__cell92_c1 * (1.0 - _cell92_c1 * _cell92_c1)
-    _adj__cell83_bc2 = _adj__cell93_c2 * (1.0 - _cell93_c2 * _cell93_c2)
-    _adj__cell84_bc3 = _adj__cell94_c3 * (1.0 - _cell94_c3 * _cell94_c3)
-    _adj__cell85_bc4 = _adj__cell95_c4 * (1.0 - _cell95_c4 * _cell95_c4)
-    _adj__cell86_bc5 = _adj__cell96_c5 * (1.0 - _cell96_c5 * _cell96_c5)
-    _adj__cell87_bc6 = _adj__cell97_c6 * (1.0 - _cell97_c6 * _cell97_c6)
-    _adj__cell88_bc7 = _adj__cell98_c7 * (1.0 - _cell98_c7 * _cell98_c7)
-    _adj__cell89_bc8 = _adj__cell99_c8 * (1.0 - _cell99_c8 * _cell99_c8)
-    _adj__cell90_bc9 = _adj__cell100_c9 * (1.0 - _cell100_c9 * _cell100_c9)
-    _tile88 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile88 += tops.place(_adj__cell81_bc0, 0, 16)
-    _tile88 += tops.place(_adj__cell82_bc1, 1, 16)
-    _tile88 += tops.place(_adj__cell83_bc2, 2, 16)
-    _tile88 += tops.place(_adj__cell84_bc3, 3, 16)
-    _tile88 += tops.place(_adj__cell85_bc4, 4, 16)
-    _tile88 += tops.place(_adj__cell86_bc5, 5, 16)
-    _tile88 += tops.place(_adj__cell87_bc6, 6, 16)
-    _tile88 += tops.place(_adj__cell88_bc7, 7, 16)
-    _tile88 += tops.place(_adj__cell89_bc8, 8, 16)
-    _tile88 += tops.place(_adj__cell90_bc9, 9, 16)
-    _dense_t87 = tops.matmul_t(_tile88, _w_gru_0_weight_hh, 10, 20, 0, 10, 10, 16, 16, True)
-    _adj__cell70_u9 = _adj__h0_106 * (-_cell100_c9 + _net_h0_old_9)
-    _col89 = tops.column(_dense_t87, 9, 16)
-    _adj__cell60_r9 = _col89 * _net_h0_old_9
-    _adj__cell69_u8 = _adj__h0_105 * (-_cell99_c8 + _net_h0_old_8)
-    _col90 = tops.column(_dense_t87, 8, 16)
-    _adj__cell59_r8 = _col90 * _net_h0_old_8
-    _adj__cell68_u7 = _adj__h0_104 * (-_cell98_c7 + _net_h0_old_7)
-    _col91 = tops.column(_dense_t87, 7, 16)
-    _adj__cell58_r7 = _col91 * _net_h0_old_7
-    _adj__cell67_u6 = _adj__h0_103 * (-_cell97_c6 + _net_h0_old_6)
-    _col92 = tops.column(_dense_t87, 6, 16)
-    _adj__cell57_r6 = _col92 * _net_h0_old_6
-    _adj__cell66_u5 = _adj__h0_102 * (-_cell96_c5 + _net_h0_old_5)
-    _col93 = tops.column(_dense_t87, 5, 16)
-    _adj__cell56_r5 = _col93 * _net_h0_old_5
-    _adj__cell65_u4 = _adj__h0_101 * (-_cell95_c4 + _net_h0_old_4)
-    _col94 = tops.column(_dense_t87, 4, 16)
-    _adj__cell55_r4 = _col94 * _net_h0_old_4
-    _adj__cell64_u3 = _adj__h0_100 * (-_cell94_c3 + _net_h0_old_3)
-    _col95 = tops.column(_dense_t87, 3, 16)
-    _adj__cell54_r3 = _col95 * _net_h0_old_3
-    _adj__cell63_u2 = _adj__h0_99 * (-_cell93_c2 + _net_h0_old_2)
-    _col96 = tops.column(_dense_t87, 2, 16)
-    _adj__cell53_r2 = _col96 * _net_h0_old_2
-    _adj__cell62_u1 = _adj__h0_98 * (-_cell92_c1 + _net_h0_old_1)
-    _col97 = tops.column(_dense_t87, 1, 16)
-    _adj__cell52_r1 = _col97 * _net_h0_old_1
-    _adj__cell61_u0 = _adj__h0_97 * (-_cell91_c0 + _net_h0_old_0)
-    _col98 = tops.column(_dense_t87, 0, 16)
-    _adj__cell51_r0 = _col98 * _net_h0_old_0
-    _adj__cell31_b0 = _adj__cell51_r0 * _cell51_r0 * (1.0 - _cell51_r0)
-    _adj__cell32_b1 = _adj__cell52_r1 * _cell52_r1 * (1.0 - _cell52_r1)
-    _adj__cell33_b2 = _adj__cell53_r2 * _cell53_r2 * (1.0 - _cell53_r2)
-    _adj__cell34_b3 = _adj__cell54_r3 * _cell54_r3 * (1.0 - _cell54_r3)
-    _adj__cell35_b4 = _adj__cell55_r4 * _cell55_r4 * (1.0 - _cell55_r4)
-    _adj__cell36_b5 = _adj__cell56_r5 * _cell56_r5 * (1.0 - _cell56_r5)
-    _adj__cell37_b6 = _adj__cell57_r6 * _cell57_r6 * (1.0 - _cell57_r6)
-    _adj__cell38_b7 = _adj__cell58_r7 * _cell58_r7 * (1.0 - _cell58_r7)
-    _adj__cell39_b8 = _adj__cell59_r8 * _cell59_r8 * (1.0 - _cell59_r8)
-    _adj__cell40_b9 = _adj__cell60_r9 * _cell60_r9 * (1.0 - _cell60_r9)
-    _adj__cell41_b10 = _adj__cell61_u0 * _cell61_u0 * (1.0 - _cell61_u0)
-    _adj__cell42_b11 = _adj__cell62_u1 * _cell62_u1 * (1.0 - _cell62_u1)
-    _adj__cell43_b12 = _adj__cell63_u2 * _cell63_u2 * (1.0 - _cell63_u2)
-    _adj__cell44_b13 = _adj__cell64_u3 * _cell64_u3 * (1.0 - _cell64_u3)
-    _adj__cell45_b14 = _adj__cell65_u4 * _cell65_u4 * (1.0 - _cell65_u4)
-    _adj__cell46_b15 = _adj__cell66_u5 * _cell66_u5 * (1.0 - _cell66_u5)
-    _adj__cell47_b16 = _adj__cell67_u6 * _cell67_u6 * (1.0 - _cell67_u6)
-    _adj__cell48_b17 = _adj__cell68_u7 * _cell68_u7 * (1.0 - _cell68_u7)
-    _adj__cell49_b18 = _adj__cell69_u8 * _cell69_u8 * (1.0 - _cell69_u8)
-    _adj__cell50_b19 = _adj__cell70_u9 * _cell70_u9 * (1.0 - _cell70_u9)
-    _tile100 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _tile100 += tops.place(_adj__cell31_b0, 0, 32)
-    _tile100 += tops.place(_adj__cell32_b1, 1, 32)
-    _tile100 += tops.place(_adj__cell33_b2, 2, 32)
-    _tile100 += tops.place(_adj__cell34_b3, 3, 32)
-    _tile100 += tops.place(_adj__cell35_b4, 4, 32)
-    _tile100 += tops.place(_adj__cell36_b5, 5, 32)
-    _tile100 += tops.place(_adj__cell37_b6, 6, 32)
-    _tile100 += tops.place(_adj__cell38_b7, 7, 32)
-    _tile100 += tops.place(_adj__cell39_b8, 8, 32)
-    _tile100 += tops.place(_adj__cell40_b9, 9, 32)
-    _tile100 += tops.place(_adj__cell41_b10, 10, 32)
-    _tile100 += tops.place(_adj__cell42_b11, 11, 32)
-    _tile100 += tops.place(_adj__cell43_b12, 12, 32)
-    _tile100 += tops.place(_adj__cell44_b13, 13, 32)
-    _tile100 += tops.place(_adj__cell45_b14, 14, 32)
-    _tile100 += tops.place(_adj__cell46_b15, 15, 32)
-    _tile100 += tops.place(_adj__cell47_b16, 16, 32)
-    _tile100 += tops.place(_adj__cell48_b17, 17, 32)
-    _tile100 += tops.place(_adj__cell49_b18, 18, 32)
-    _tile100 += tops.place(_adj__cell50_b19, 19, 32)
-    _dense_t99 = tops.matmul_t(_tile100, _w_gru_0_weight_hh, 10, 0, 0, 20, 10, 32, 16, True)
-    _adj__cell1_a0 = _adj__cell51_r0 * _cell51_r0 * (1.0 - _cell51_r0)
-    _adj__cell2_a1 = _adj__cell52_r1 * _cell52_r1 * (1.0 - _cell52_r1)
-    _adj__cell3_a2 = _adj__cell53_r2 * _cell53_r2 * (1.0 - _cell53_r2)
-    _adj__cell4_a3 = _adj__cell54_r3 * _cell54_r3 * (1.0 - _cell54_r3)
-    _adj__cell5_a4 = _adj__cell55_r4 * _cell55_r4 * (1.0 - _cell55_r4)
-    _adj__cell6_a5 = _adj__cell56_r5 * _cell56_r5 * (1.0 - _cell56_r5)
-    _adj__cell7_a6 = _adj__cell57_r6 * _cell57_r6 * (1.0 - _cell57_r6)
-    _adj__cell8_a7 = _adj__cell58_r7 * _cell58_r7 * (1.0 - _cell58_r7)
-    _adj__cell9_a8 = _adj__cell59_r8 * _cell59_r8 * (1.0 - _cell59_r8)
-    _adj__cell10_a9 = _adj__cell60_r9 * _cell60_r9 * (1.0 - _cell60_r9)
-    _adj__cell11_a10 = _adj__cell61_u0 * _cell61_u0 * (1.0 - _cell61_u0)
-    _adj__cell12_a11 = _adj__cell62_u1 * _cell62_u1 * (1.0 - _cell62_u1)
-    _adj__cell13_a12 = _adj__cell63_u2 * _cell63_u2 * (1.0 - _cell63_u2)
-    _adj__cell14_a13 = _adj__cell64_u3 * _cell64_u3 * (1.0 - _cell64_u3)
-    _adj__cell15_a14 = _adj__cell65_u4 * _cell65_u4 * (1.0 - _cell65_u4)
-    _adj__cell16_a15 = _adj__cell66_u5 * _cell66_u5 * (1.0 - _cell66_u5)
-    _adj__cell17_a16 = _adj__cell67_u6 * _cell67_u6 * (1.0 - _cell67_u6)
-    _adj__cell18_a17 = _adj__cell68_u7 * _cell68_u7 * (1.0 - _cell68_u7)
-    _adj__cell19_a18 = _adj__cell69_u8 * _cell69_u8 * (1.0 - _cell69_u8)
-    _adj__cell20_a19 = _adj__cell70_u9 * _cell70_u9 * (1.0 - _cell70_u9)
-    _adj__cell21_a20 = _adj__cell91_c0 * (1.0 - _cell91_c0 * _cell91_c0)
-    _adj__cell22_a21 = _adj__cell92_c1 * (1.0 - _cell92_c1 * _cell92_c1)
-    _adj__cell23_a22 = _adj__cell93_c2 * (1.0 - _cell93_c2 * _cell93_c2)
-    _adj__cell24_a23 = _adj__cell94_c3 * (1.0 - _cell94_c3 * _cell94_c3)
-    _adj__cell25_a24 = _adj__cell95_c4 * (1.0 - _cell95_c4 * _cell95_c4)
-    _adj__cell26_a25 = _adj__cell96_c5 * (1.0 - _cell96_c5 * _cell96_c5)
-    _adj__cell27_a26 = _adj__cell97_c6 * (1.0 - _cell97_c6 * _cell97_c6)
-    _adj__cell28_a27 = _adj__cell98_c7 * (1.0 - _cell98_c7 * _cell98_c7)
-    _adj__cell29_a28 = _adj__cell99_c8 * (1.0 - _cell99_c8 * _cell99_c8)
-    _adj__cell30_a29 = _adj__cell100_c9 * (1.0 - _cell100_c9 * _cell100_c9)
-    _tile102 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _tile102 += tops.place(_adj__cell1_a0, 0, 32)
-    _tile102 += tops.place(_adj__cell2_a1, 1, 32)
-    _tile102 += tops.place(_adj__cell3_a2, 2, 32)
-    _tile102 += tops.place(_adj__cell4_a3, 3, 32)
-    _tile102 += tops.place(_adj__cell5_a4, 4, 32)
-    _tile102 += tops.place(_adj__cell6_a5, 5, 32)
-    _tile102 += tops.place(_adj__cell7_a6, 6, 32)
-    _tile102 += tops.place(_adj__cell8_a7, 7, 32)
-    _tile102 += tops.place(_adj__cell9_a8, 8, 32)
-    _tile102 += tops.place(_adj__cell10_a9, 9, 32)
-    _tile102 += tops.place(_adj__cell11_a10, 10, 32)
-    _tile102 += tops.place(_adj__cell12_a11, 11, 32)
-    _tile102 += tops.place(_adj__cell13_a12, 12, 32)
-    _tile102 += tops.place(_adj__cell14_a13, 13, 32)
-    _tile102 += tops.place(_adj__cell15_a14, 14, 32)
-    _tile102 += tops.place(_adj__cell16_a15, 15, 32)
-    _tile102 += tops.place(_adj__cell17_a16, 16, 32)
-    _tile102 += tops.place(_adj__cell18_a17, 17, 32)
-    _tile102 += tops.place(_adj__cell19_a18, 18, 32)
-    _tile102 += tops.place(_adj__cell20_a19, 19, 32)
-    _tile102 += tops.place(_adj__cell21_a20, 20, 32)
-    _tile102 += tops.place(_adj__cell22_a21, 21, 32)
-    _tile102 += tops.place(_adj__cell23_a22, 22, 32)
-    _tile102 += tops.place(_adj__cell24_a23, 23, 32)
-    _tile102 += tops.place(_adj__cell25_a24, 24, 32)
-    _tile102 += tops.place(_adj__cell26_a25, 25, 32)
-    _tile102 += tops.place(_adj__cell27_a26, 26, 32)
-    _tile102 += tops.place(_adj__cell28_a27, 27, 32)
-    _tile102 += tops.place(_adj__cell29_a28, 28, 32)
-    _tile102 += tops.place(_adj__cell30_a29, 29, 32)
-    _dense_t101 = tops.matmul_t(_tile102, _w_gru_0_weight_ih, 12, 0, 0, 30, 12, 32, 16, True)
-    _col103 = tops.column(_dense_t101, 11, 16)
-    _adj_rel_log_lr = _col103 + _seed__mean_tensor154
-    _col104 = tops.column(_dense_t101, 6, 16)
-    _col105 = tops.column(_dense_t101, 3, 16)
-    _adj_scaled_3 = _adj_delta * _phi_shortcut_3 + _adj_delta_att * _phi_shortcut_3 + _col104 * scaled_2 + _col105
-    _col106 = tops.column(_dense_t101, 5, 16)
-    _col107 = tops.column(_dense_t101, 2, 16)
-    _adj_scaled_2 = _adj_delta * _phi_shortcut_2 + _adj_delta_att * _phi_shortcut_2 + _col106 * scaled_1 + _col104 * scaled_3 + _col107
-    _col108 = tops.column(_dense_t101, 4, 16)
-    _col109 = tops.column(_dense_t101, 1, 16)
-    _adj_scaled_1 = _adj_delta * _phi_shortcut_1 + _adj_delta_att * _phi_shortcut_1 + _col108 * scaled_0 + _col106 * scaled_2 + _col109
-    _col110 = tops.column(_dense_t101, 0, 16)
-    _adj_scaled_0 = _adj_delta * _phi_shortcut_0 + _adj_delta_att * _phi_shortcut_0 + _col108 * scaled_1 + _col110
+    _dense_t17 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _dense_t17 += tops.per_element(_adj_delta_att, BLOCK)[:, None] * tops.weight_row(_w_head_weight, 10, 1, 0, 10, 16)[None, :]
+    _dense_t18 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _dense_t18 += tops.per_element(_adj_delta, BLOCK)[:, None] * tops.weight_row(_w_head_weight, 10, 0, 0, 10, 16)[None, :]
+    _col19 = tops.column(_dense_t17, 0, 16)
+    _col20 = tops.column(_dense_t18, 0, 16)
+    _adj__h0_97 = _col19 + _col20 + _seed__mean_tensor112
+    _col21 = tops.column(_dense_t18, 1, 16)
+    _col22 = tops.column(_dense_t17, 1, 16)
+    _adj__h0_98 = _col21 + _col22 + _seed__mean_tensor114
+    _col23 = tops.column(_dense_t18, 2, 16)
+    _col24 = tops.column(_dense_t17, 2, 16)
+    _adj__h0_99 = _col23 + _col24 + _seed__mean_tensor116
+    _col25 = tops.column(_dense_t18, 3, 16)
+    _col26 = tops.column(_dense_t17, 3, 16)
+    _adj__h0_100 = _col25 + _col26 + _seed__mean_tensor118
+    _col27 = tops.column(_dense_t18, 4, 16)
+    _col28 = tops.column(_dense_t17, 4, 16)
+    _adj__h0_101 = _col27 + _col28 + _seed__mean_tensor120
+    _col29 = tops.column(_dense_t18, 5, 16)
+    _col30 = tops.column(_dense_t17, 5, 16)
+    _adj__h0_102 = _col29 + _col30 + _seed__mean_tensor122
+    _col31 = tops.column(_dense_t18, 6, 16)
+    _col32 = tops.column(_dense_t17, 6, 16)
+    _adj__h0_103 = _col31 + _col32 + _seed__mean_tensor124
+    _col33 = tops.column(_dense_t18, 7, 16)
+    _col34 = tops.column(_dense_t17, 7, 16)
+    _adj__h0_104 = _col33 + _col34 + _seed__mean_tensor126
+    _col35 = tops.column(_dense_t18, 8, 16)
+    _col36 = tops.column(_dense_t17, 8, 16)
+    _adj__h0_105 = _col35 + _col36 + _seed__mean_tensor128
+    _col37 = tops.column(_dense_t17, 9, 16)
+    _col38 = tops.column(_dense_t18, 9, 16)
+    _adj__h0_106 = _col37 + _col38 + _seed__mean_tensor130
+    _seed_tile39 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _seed_tile39 += tops.place(tops.per_element(_adj__h0_97, BLOCK), 0, 16)
+    _seed_tile39 += tops.place(tops.per_element(_adj__h0_98, BLOCK), 1, 16)
+    _seed_tile39 += tops.place(tops.per_element(_adj__h0_99, BLOCK), 2, 16)
+    _seed_tile39 += tops.place(tops.per_element(_adj__h0_100, BLOCK), 3, 16)
+    _seed_tile39 += tops.place(tops.per_element(_adj__h0_101, BLOCK), 4, 16)
+    _seed_tile39 += tops.place(tops.per_element(_adj__h0_102, BLOCK), 5, 16)
+    _seed_tile39 += tops.place(tops.per_element(_adj__h0_103, BLOCK), 6, 16)
+    _seed_tile39 += tops.place(tops.per_element(_adj__h0_104, BLOCK), 7, 16)
+    _seed_tile39 += tops.place(tops.per_element(_adj__h0_105, BLOCK), 8, 16)
+    _seed_tile39 += tops.place(tops.per_element(_adj__h0_106, BLOCK), 9, 16)
+    _d_u40 = _seed_tile39 * (_tile1 - _c15) * _u14 * (1.0 - _u14)
+    _d_c41 = _seed_tile39 * (1.0 - _u14) * (1.0 - _c15 * _c15)
+    _d_rh42 = tops.matmul_t(_d_c41, _w_gru_0_weight_hh, 10, 20, 0, 10, 10, 16, 16, True)
+    _d_r43 = _d_rh42 * _tile1 * _r5 * (1.0 - _r5)
+    _d_h_prev44 = _seed_tile39 * _u14 + _d_rh42 * _r5 + tops.matmul_t(_d_r43, _w_gru_0_weight_hh, 10, 0, 0, 10, 10, 16, 16, True) + tops.matmul_t(_d_u40, _w_gru_0_weight_hh, 10, 10, 0, 10, 10, 16, 16, True)
+    _rh45 = _r5 * _tile1
+    _d_x46 = tops.matmul_t(_d_r43, _w_gru_0_weight_ih, 12, 0, 0, 10, 12, 16, 16, True) + tops.matmul_t(_d_u40, _w_gru_0_weight_ih, 12, 10, 0, 10, 12, 16, 16, True) + tops.matmul_t(_d_c41, _w_gru_0_weight_ih, 12, 20, 0, 10, 12, 16, 16, True)
+    _tile47 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile47 += tops.place(tops.per_element(scaled_0, BLOCK), 0, 16)
+    _tile47 += tops.place(tops.per_element(scaled_1, BLOCK), 1, 16)
+    _tile47 += tops.place(tops.per_element(scaled_2, BLOCK), 2, 16)
+    _tile47 += tops.place(tops.per_element(scaled_3, BLOCK), 3, 16)
+    _tile47 += tops.place(tops.per_element(grad_products_0, BLOCK), 4, 16)
+    _tile47 += tops.place(tops.per_element(grad_products_1, BLOCK), 5, 16)
+    _tile47 += tops.place(tops.per_element(grad_products_2, BLOCK), 6, 16)
+    _tile47 += tops.place(tops.per_element(rel_log_magnitude_0, BLOCK), 7, 16)
+    _tile47 += tops.place(tops.per_element(rel_log_magnitude_1, BLOCK), 8, 16)
+    _tile47 += tops.place(tops.per_element(rel_log_magnitude_2, BLOCK), 9, 16)
+    _tile47 += tops.place(tops.per_element(rel_log_magnitude_3, BLOCK), 10, 16)
+    _tile47 += tops.place(tops.per_element(rel_log_lr, BLOCK), 11, 16)
+    _masked48 = tl.where(_mask[:, None], _tile47, 0.0)
+    _masked49 = tl.where(_mask[:, None], _d_r43, 0.0)
+    _masked50 = tl.where(_mask[:, None], _tile1, 0.0)
+    _masked51 = tl.where(_mask[:, None], _d_u40, 0.0)
+    _masked52 = tl.where(_mask[:, None], _tile1, 0.0)
+    _masked53 = tl.where(_mask[:, None], _d_c41, 0.0)
+    _masked54 = tl.where(_mask[:, None], _rh45, 0.0)
+    _col55 = tops.column(_d_x46, 11, 16)
+    _adj_rel_log_lr = _col55 + _seed__mean_tensor154
+    _col56 = tops.column(_d_x46, 6, 16)
+    _col57 = tops.column(_d_x46, 3, 16)
+    _adj_scaled_3 = _adj_delta * _phi_shortcut_3 + _adj_delta_att * _phi_shortcut_3 + _col56 * scaled_2 + _col57
+    _col58 = tops.column(_d_x46, 5, 16)
+    _col59 = tops.column(_d_x46, 2, 16)
+    _adj_scaled_2 = _adj_delta * _phi_shortcut_2 + _adj_delta_att * _phi_shortcut_2 + _col58 * scaled_1 + _col56 * scaled_3 + _col59
+    _col60 = tops.column(_d_x46, 4, 16)
+    _col61 = tops.column(_d_x46, 1, 16)
+    _adj_scaled_1 = _adj_delta * _phi_shortcut_1 + _adj_delta_att * _phi_shortcut_1 + _col60 * scaled_0 + _col58 * scaled_2 + _col61
+    _col62 = tops.column(_d_x46, 0, 16)
+    _adj_scaled_0 = _adj_delta * _phi_shortcut_0 + _adj_delta_att * _phi_shortcut_0 + _col60 * scaled_1 + _col62
     _bk1 = 1.0 / ms_3
     _bk2 = 0.25 * _bk1
     _bk3 = ms_3 + 1e-16
     _bk4 = _adj_scaled_3 * tl.rsqrt(1.0 + acc_3 * acc_3 / _bk3)
-    _col111 = tops.column(_dense_t101, 7, 16)
-    _col112 = tops.column(_dense_t101, 8, 16)
-    _col113 = tops.column(_dense_t101, 9, 16)
-    _col114 = tops.column(_dense_t101, 10, 16)
-    _adj_ms_3 = -_col111 * _bk2 - _col112 * _bk2 - _col113 * _bk2 + 0.75 * _col114 * _bk1 - (0.5 * _bk4 * acc_3) / tops.pow_(_bk3, 1.5)
+    _col63 = tops.column(_d_x46, 7, 16)
+    _col64 = tops.column(_d_x46, 8, 16)
+    _col65 = tops.column(_d_x46, 9, 16)
+    _col66 = tops.column(_d_x46, 10, 16)
+    _adj_ms_3 = -_col63 * _bk2 - _col64 * _bk2 - _col65 * _bk2 + 0.75 * _col66 * _bk1 - (0.5 * _bk4 * acc_3) / tops.pow_(_bk3, 1.5)
     _bk5 = 1.0 / ms_2
     _bk6 = 0.25 * _bk5
     _bk7 = ms_2 + 1e-16
     _bk8 = _adj_scaled_2 * tl.rsqrt(1.0 + acc_2 * acc_2 / _bk7)
-    _adj_ms_2 = -_col111 * _bk6 - _col112 * _bk6 + 0.75 * _col113 * _bk5 - _col114 * _bk6 - (0.5 * _bk8 * acc_2) / tops.pow_(_bk7, 1.5)
+    _adj_ms_2 = -_col63 * _bk6 - _col64 * _bk6 + 0.75 * _col65 * _bk5 - _col66 * _bk6 - (0.5 * _bk8 * acc_2) / tops.pow_(_bk7, 1.5)
     _bk9 = 1.0 / ms_1
     _bk10 = 0.25 * _bk9
     _bk11 = ms_1 + 1e-16
     _bk12 = _adj_scaled_1 * tl.rsqrt(1.0 + acc_1 * acc_1 / _bk11)
-    _adj_ms_1 = -_col111 * _bk10 + 0.75 * _col112 * _bk9 - _col113 * _bk10 - _col114 * _bk10 - (0.5 * _bk12 * acc_1) / tops.pow_(_bk11, 1.5)
+    _adj_ms_1 = -_col63 * _bk10 + 0.75 * _col64 * _bk9 - _col65 * _bk10 - _col66 * _bk10 - (0.5 * _bk12 * acc_1) / tops.pow_(_bk11, 1.5)
     _bk13 = 1.0 / ms_0
     _bk14 = 0.25 * _bk13
     _bk15 = ms_0 + 1e-16
     _bk16 = _adj_scaled_0 * tl.rsqrt(1.0 + acc_0 * acc_0 / _bk15)
-    _adj_ms_0 = 0.75 * _col111 * _bk13 - _col112 * _bk14 - _col113 * _bk14 - _col114 * _bk14 - (0.5 * _bk16 * acc_0) / tops.pow_(_bk15, 1.5)
+    _adj_ms_0 = 0.75 * _col63 * _bk13 - _col64 * _bk14 - _col65 * _bk14 - _col66 * _bk14 - (0.5 * _bk16 * acc_0) / tops.pow_(_bk15, 1.5)
     _bk17 = 2.0 * acc_3
     _adj_acc_3 = _adj_ms_3 * tl.where((_u7 != 0.0), _bk17, _bk17 * _u8) + _bk4 * tl.rsqrt(_bk3)
     _bk18 = 2.0 * acc_2
@@ -2528,8 +847,8 @@ def stage1_backward_kernel(
     _bk24 = tl.sqrt(tl.sqrt(_bk21)) * (0.25 - 0.25 * _bk21)
     _bk25 = tl.sqrt(tl.sqrt(tl.sqrt(_bk21))) * (0.125 - 0.125 * _bk21)
     _adj__head_out4 = _adj_acc_0 * (_acc_old_0 * _bk22 - _bk22 * g) + _adj_acc_1 * (_acc_old_1 * _bk23 - _bk23 * g) + _adj_acc_2 * (_acc_old_2 * _bk24 - _bk24 * g) + _adj_acc_3 * (_acc_old_3 * _bk25 - _bk25 * g)
-    _dense_t115 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _dense_t115 += _adj__head_out4[:, None] * tops.weight_row(_w_head_weight, 10, 3, 0, 10, 16)[None, :]
+    _dense_t67 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _dense_t67 += tops.per_element(_adj__head_out4, BLOCK)[:, None] * tops.weight_row(_w_head_weight, 10, 3, 0, 10, 16)[None, :]
     _bk26 = tops.sigmoid(_head_out4)
     _adj__acc_old_0 = _adj_acc_0 * _bk26
     _bk27 = tl.sqrt(_bk26)
@@ -2542,36 +861,36 @@ def stage1_backward_kernel(
     _adj__ms_old_1 = _adj_ms_1 * tl.where((_u3 != 0.0), 0.0, ms_decay)
     _adj__ms_old_2 = _adj_ms_2 * tl.where((_u5 != 0.0), 0.0, ms_decay)
     _adj__ms_old_3 = _adj_ms_3 * tl.where((_u7 != 0.0), 0.0, ms_decay)
-    _col116 = tops.column(_dense_t99, 0, 16)
-    _col117 = tops.column(_dense_t115, 0, 16)
-    _adj__net_h0_old_0 = _adj__h0_97 * _cell61_u0 + _col98 * _cell51_r0 + _col116 + _col117
-    _col118 = tops.column(_dense_t99, 1, 16)
-    _col119 = tops.column(_dense_t115, 1, 16)
-    _adj__net_h0_old_1 = _adj__h0_98 * _cell62_u1 + _col97 * _cell52_r1 + _col118 + _col119
-    _col120 = tops.column(_dense_t99, 2, 16)
-    _col121 = tops.column(_dense_t115, 2, 16)
-    _adj__net_h0_old_2 = _adj__h0_99 * _cell63_u2 + _col96 * _cell53_r2 + _col120 + _col121
-    _col122 = tops.column(_dense_t99, 3, 16)
-    _col123 = tops.column(_dense_t115, 3, 16)
-    _adj__net_h0_old_3 = _adj__h0_100 * _cell64_u3 + _col95 * _cell54_r3 + _col122 + _col123
-    _col124 = tops.column(_dense_t99, 4, 16)
-    _col125 = tops.column(_dense_t115, 4, 16)
-    _adj__net_h0_old_4 = _adj__h0_101 * _cell65_u4 + _col94 * _cell55_r4 + _col124 + _col125
-    _col126 = tops.column(_dense_t99, 5, 16)
-    _col127 = tops.column(_dense_t115, 5, 16)
-    _adj__net_h0_old_5 = _adj__h0_102 * _cell66_u5 + _col93 * _cell56_r5 + _col126 + _col127
-    _col128 = tops.column(_dense_t99, 6, 16)
-    _col129 = tops.column(_dense_t115, 6, 16)
-    _adj__net_h0_old_6 = _adj__h0_103 * _cell67_u6 + _col92 * _cell57_r6 + _col128 + _col129
-    _col130 = tops.column(_dense_t99, 7, 16)
-    _col131 = tops.column(_dense_t115, 7, 16)
-    _adj__net_h0_old_7 = _adj__h0_104 * _cell68_u7 + _col91 * _cell58_r7 + _col130 + _col131
-    _col132 = tops.column(_dense_t99, 8, 16)
-    _col133 = tops.column(_dense_t115, 8, 16)
-    _adj__net_h0_old_8 = _adj__h0_105 * _cell69_u8 + _col90 * _cell59_r8 + _col132 + _col133
-    _col134 = tops.column(_dense_t99, 9, 16)
-    _col135 = tops.column(_dense_t115, 9, 16)
-    _adj__net_h0_old_9 = _adj__h0_106 * _cell70_u9 + _col89 * _cell60_r9 + _col134 + _col135
+    _col68 = tops.column(_d_h_prev44, 0, 16)
+    _col69 = tops.column(_dense_t67, 0, 16)
+    _adj__net_h0_old_0 = _col68 + _col69
+    _col70 = tops.column(_d_h_prev44, 1, 16)
+    _col71 = tops.column(_dense_t67, 1, 16)
+    _adj__net_h0_old_1 = _col70 + _col71
+    _col72 = tops.column(_d_h_prev44, 2, 16)
+    _col73 = tops.column(_dense_t67, 2, 16)
+    _adj__net_h0_old_2 = _col72 + _col73
+    _col74 = tops.column(_d_h_prev44, 3, 16)
+    _col75 = tops.column(_dense_t67, 3, 16)
+    _adj__net_h0_old_3 = _col74 + _col75
+    _col76 = tops.column(_d_h_prev44, 4, 16)
+    _col77 = tops.column(_dense_t67, 4, 16)
+    _adj__net_h0_old_4 = _col76 + _col77
+    _col78 = tops.column(_d_h_prev44, 5, 16)
+    _col79 = tops.column(_dense_t67, 5, 16)
+    _adj__net_h0_old_5 = _col78 + _col79
+    _col80 = tops.column(_d_h_prev44, 6, 16)
+    _col81 = tops.column(_dense_t67, 6, 16)
+    _adj__net_h0_old_6 = _col80 + _col81
+    _col82 = tops.column(_d_h_prev44, 7, 16)
+    _col83 = tops.column(_dense_t67, 7, 16)
+    _adj__net_h0_old_7 = _col82 + _col83
+    _col84 = tops.column(_d_h_prev44, 8, 16)
+    _col85 = tops.column(_dense_t67, 8, 16)
+    _adj__net_h0_old_8 = _col84 + _col85
+    _col86 = tops.column(_d_h_prev44, 9, 16)
+    _col87 = tops.column(_dense_t67, 9, 16)
+    _adj__net_h0_old_9 = _col86 + _col87
     _adj__phi_shortcut_0 = _adj_delta * scaled_0 + _adj_delta_att * scaled_0
     _adj__phi_shortcut_1 = _adj_delta * scaled_1 + _adj_delta_att * scaled_1
     _adj__phi_shortcut_2 = _adj_delta * scaled_2 + _adj_delta_att * scaled_2
@@ -2582,120 +901,47 @@ def stage1_backward_kernel(
     _adj__u8 = _adj_ms_3 * tl.where((_u7 != 0.0), 0.0, acc_3 * acc_3 + 1e-12)
     _adj_g = _adj_acc_0 * (1.0 - _bk26) + _adj_acc_1 * (1.0 - _bk27) + _adj_acc_2 * (1.0 - _bk28) + _adj_acc_3 * (1.0 - _bk29)
     _adj_ms_decay = _adj_ms_0 * tl.where((_u1 != 0.0), 0.0, _ms_old_0) + _adj_ms_1 * tl.where((_u3 != 0.0), 0.0, _ms_old_1) + _adj_ms_2 * tl.where((_u5 != 0.0), 0.0, _ms_old_2) + _adj_ms_3 * tl.where((_u7 != 0.0), 0.0, _ms_old_3)
-    _tile136 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile136 += tops.place(_adj_delta_att, 0, 16)
-    _masked137 = tl.where(_mask[:, None], _tile136, 0.0)
-    _tile138 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile138 += tops.place(_h0_97, 0, 16)
-    _tile138 += tops.place(_h0_98, 1, 16)
-    _tile138 += tops.place(_h0_99, 2, 16)
-    _tile138 += tops.place(_h0_100, 3, 16)
-    _tile138 += tops.place(_h0_101, 4, 16)
-    _tile138 += tops.place(_h0_102, 5, 16)
-    _tile138 += tops.place(_h0_103, 6, 16)
-    _tile138 += tops.place(_h0_104, 7, 16)
-    _tile138 += tops.place(_h0_105, 8, 16)
-    _tile138 += tops.place(_h0_106, 9, 16)
-    _masked139 = tl.where(_mask[:, None], _tile138, 0.0)
-    _tile140 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile140 += tops.place(_adj_delta, 0, 16)
-    _masked141 = tl.where(_mask[:, None], _tile140, 0.0)
-    _tile142 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile142 += tops.place(_adj__cell81_bc0, 0, 16)
-    _tile142 += tops.place(_adj__cell82_bc1, 1, 16)
-    _tile142 += tops.place(_adj__cell83_bc2, 2, 16)
-    _tile142 += tops.place(_adj__cell84_bc3, 3, 16)
-    _tile142 += tops.place(_adj__cell85_bc4, 4, 16)
-    _tile142 += tops.place(_adj__cell86_bc5, 5, 16)
-    _tile142 += tops.place(_adj__cell87_bc6, 6, 16)
-    _tile142 += tops.place(_adj__cell88_bc7, 7, 16)
-    _tile142 += tops.place(_adj__cell89_bc8, 8, 16)
-    _tile142 += tops.place(_adj__cell90_bc9, 9, 16)
-    _masked143 = tl.where(_mask[:, None], _tile142, 0.0)
-    _tile144 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile144 += tops.place(_cell71_rh0, 0, 16)
-    _tile144 += tops.place(_cell72_rh1, 1, 16)
-    _tile144 += tops.place(_cell73_rh2, 2, 16)
-    _tile144 += tops.place(_cell74_rh3, 3, 16)
-    _tile144 += tops.place(_cell75_rh4, 4, 16)
-    _tile144 += tops.place(_cell76_rh5, 5, 16)
-    _tile144 += tops.place(_cell77_rh6, 6, 16)
-    _tile144 += tops.place(_cell78_rh7, 7, 16)
-    _tile144 += tops.place(_cell79_rh8, 8, 16)
-    _tile144 += tops.place(_cell80_rh9, 9, 16)
-    _masked145 = tl.where(_mask[:, None], _tile144, 0.0)
-    _tile146 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _tile146 += tops.place(_adj__cell31_b0, 0, 32)
-    _tile146 += tops.place(_adj__cell32_b1, 1, 32)
-    _tile146 += tops.place(_adj__cell33_b2, 2, 32)
-    _tile146 += tops.place(_adj__cell34_b3, 3, 32)
-    _tile146 += tops.place(_adj__cell35_b4, 4, 32)
-    _tile146 += tops.place(_adj__cell36_b5, 5, 32)
-    _tile146 += tops.place(_adj__cell37_b6, 6, 32)
-    _tile146 += tops.place(_adj__cell38_b7, 7, 32)
-    _tile146 += tops.place(_adj__cell39_b8, 8, 32)
-    _tile146 += tops.place(_adj__cell40_b9, 9, 32)
-    _tile146 += tops.place(_adj__cell41_b10, 10, 32)
-    _tile146 += tops.place(_adj__cell42_b11, 11, 32)
-    _tile146 += tops.place(_adj__cell43_b12, 12, 32)
-    _tile146 += tops.place(_adj__cell44_b13, 13, 32)
-    _tile146 += tops.place(_adj__cell45_b14, 14, 32)
-    _tile146 += tops.place(_adj__cell46_b15, 15, 32)
-    _tile146 += tops.place(_adj__cell47_b16, 16, 32)
-    _tile146 += tops.place(_adj__cell48_b17, 17, 32)
-    _tile146 += tops.place(_adj__cell49_b18, 18, 32)
-    _tile146 += tops.place(_adj__cell50_b19, 19, 32)
-    _masked147 = tl.where(_mask[:, None], _tile146, 0.0)
-    _masked148 = tl.where(_mask[:, None], _tile1, 0.0)
-    _tile149 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _tile149 += tops.place(_adj__cell1_a0, 0, 32)
-    _tile149 += tops.place(_adj__cell2_a1, 1, 32)
-    _tile149 += tops.place(_adj__cell3_a2, 2, 32)
-    _tile149 += tops.place(_adj__cell4_a3, 3, 32)
-    _tile149 += tops.place(_adj__cell5_a4, 4, 32)
-    _tile149 += tops.place(_adj__cell6_a5, 5, 32)
-    _tile149 += tops.place(_adj__cell7_a6, 6, 32)
-    _tile149 += tops.place(_adj__cell8_a7, 7, 32)
-    _tile149 += tops.place(_adj__cell9_a8, 8, 32)
-    _tile149 += tops.place(_adj__cell10_a9, 9, 32)
-    _tile149 += tops.place(_adj__cell11_a10, 10, 32)
-    _tile149 += tops.place(_adj__cell12_a11, 11, 32)
-    _tile149 += tops.place(_adj__cell13_a12, 12, 32)
-    _tile149 += tops.place(_adj__cell14_a13, 13, 32)
-    _tile149 += tops.place(_adj__cell15_a14, 14, 32)
-    _tile149 += tops.place(_adj__cell16_a15, 15, 32)
-    _tile149 += tops.place(_adj__cell17_a16, 16, 32)
-    _tile149 += tops.place(_adj__cell18_a17, 17, 32)
-    _tile149 += tops.place(_adj__cell19_a18, 18, 32)
-    _tile149 += tops.place(_adj__cell20_a19, 19, 32)
-    _tile149 += tops.place(_adj__cell21_a20, 20, 32)
-    _tile149 += tops.place(_adj__cell22_a21, 21, 32)
-    _tile149 += tops.place(_adj__cell23_a22, 22, 32)
-    _tile149 += tops.place(_adj__cell24_a23, 23, 32)
-    _tile149 += tops.place(_adj__cell25_a24, 24, 32)
-    _tile149 += tops.place(_adj__cell26_a25, 25, 32)
-    _tile149 += tops.place(_adj__cell27_a26, 26, 32)
-    _tile149 += tops.place(_adj__cell28_a27, 27, 32)
-    _tile149 += tops.place(_adj__cell29_a28, 28, 32)
-    _tile149 += tops.place(_adj__cell30_a29, 29, 32)
-    _masked150 = tl.where(_mask[:, None], _tile149, 0.0)
-    _tile151 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile151 += tops.place(scaled_0, 0, 16)
-    _tile151 += tops.place(scaled_1, 1, 16)
-    _tile151 += tops.place(scaled_2, 2, 16)
-    _tile151 += tops.place(scaled_3, 3, 16)
-    _tile151 += tops.place(grad_products_0, 4, 16)
-    _tile151 += tops.place(grad_products_1, 5, 16)
-    _tile151 += tops.place(grad_products_2, 6, 16)
-    _tile151 += tops.place(rel_log_magnitude_0, 7, 16)
-    _tile151 += tops.place(rel_log_magnitude_1, 8, 16)
-    _tile151 += tops.place(rel_log_magnitude_2, 9, 16)
-    _tile151 += tops.place(rel_log_magnitude_3, 10, 16)
-    _tile151 += tops.place(rel_log_lr, 11, 16)
-    _masked152 = tl.where(_mask[:, None], _tile151, 0.0)
-    _tile153 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile153 += tops.place(_adj__head_out4, 0, 16)
-    _masked154 = tl.where(_mask[:, None], _tile153, 0.0)
+    _col88 = tops.column(_d_r43, 0, 16)
+    _col89 = tops.column(_d_r43, 1, 16)
+    _col90 = tops.column(_d_r43, 2, 16)
+    _col91 = tops.column(_d_r43, 3, 16)
+    _col92 = tops.column(_d_r43, 4, 16)
+    _col93 = tops.column(_d_r43, 5, 16)
+    _col94 = tops.column(_d_r43, 6, 16)
+    _col95 = tops.column(_d_r43, 7, 16)
+    _col96 = tops.column(_d_r43, 8, 16)
+    _col97 = tops.column(_d_r43, 9, 16)
+    _col98 = tops.column(_d_u40, 0, 16)
+    _col99 = tops.column(_d_u40, 1, 16)
+    _col100 = tops.column(_d_u40, 2, 16)
+    _col101 = tops.column(_d_u40, 3, 16)
+    _col102 = tops.column(_d_u40, 4, 16)
+    _col103 = tops.column(_d_u40, 5, 16)
+    _col104 = tops.column(_d_u40, 6, 16)
+    _col105 = tops.column(_d_u40, 7, 16)
+    _col106 = tops.column(_d_u40, 8, 16)
+    _col107 = tops.column(_d_u40, 9, 16)
+    _col108 = tops.column(_d_c41, 0, 16)
+    _col109 = tops.column(_d_c41, 1, 16)
+    _col110 = tops.column(_d_c41, 2, 16)
+    _col111 = tops.column(_d_c41, 3, 16)
+    _col112 = tops.column(_d_c41, 4, 16)
+    _col113 = tops.column(_d_c41, 5, 16)
+    _col114 = tops.column(_d_c41, 6, 16)
+    _col115 = tops.column(_d_c41, 7, 16)
+    _col116 = tops.column(_d_c41, 8, 16)
+    _col117 = tops.column(_d_c41, 9, 16)
+    _tile118 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile118 += tops.place(tops.per_element(_adj_delta_att, BLOCK), 0, 16)
+    _masked119 = tl.where(_mask[:, None], _tile118, 0.0)
+    _masked120 = tl.where(_mask[:, None], _h_new16, 0.0)
+    _tile121 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile121 += tops.place(tops.per_element(_adj_delta, BLOCK), 0, 16)
+    _masked122 = tl.where(_mask[:, None], _tile121, 0.0)
+    _tile123 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile123 += tops.place(tops.per_element(_adj__head_out4, BLOCK), 0, 16)
+    _masked124 = tl.where(_mask[:, None], _tile123, 0.0)
+    _masked125 = tl.where(_mask[:, None], _tile1, 0.0)
     tl.store(_grad_st_acc + 0 * _numel + _offs, tops.per_element(_adj__acc_old_0, BLOCK), mask=_mask)
     tl.store(_grad_st_acc + 1 * _numel + _offs, tops.per_element(_adj__acc_old_1, BLOCK), mask=_mask)
     tl.store(_grad_st_acc + 2 * _numel + _offs, tops.per_element(_adj__acc_old_2, BLOCK), mask=_mask)
@@ -2716,56 +962,61 @@ def stage1_backward_kernel(
     tl.store(_grad_st_net_h0 + 8 * _numel + _offs, tops.per_element(_adj__net_h0_old_8, BLOCK), mask=_mask)
     tl.store(_grad_st_net_h0 + 9 * _numel + _offs, tops.per_element(_adj__net_h0_old_9, BLOCK), mask=_mask)
     tl.store(_grad_g_ptr + _offs, tops.per_element(_adj_g, BLOCK), mask=_mask)
-    tops.store_block(_gpart_ptr + _pid * 763 + 40, tops.outer_sum(_masked137, _masked139, True), 1, 10, 16, 16)
-    tops.store_vec(_gpart_ptr + _pid * 763 + 50, tl.sum(_masked137, axis=0), 1, 16)
-    tops.store_block(_gpart_ptr + _pid * 763 + 51, tops.outer_sum(_masked141, _masked139, True), 1, 10, 16, 16)
-    tops.store_vec(_gpart_ptr + _pid * 763 + 61, tl.sum(_masked141, axis=0), 1, 16)
-    tops.store_block(_gpart_ptr + _pid * 763 + 62, tops.outer_sum(_masked143, _masked145, True), 10, 10, 16, 16)
-    tops.store_block(_gpart_ptr + _pid * 763 + 162, tops.outer_sum(_masked147, _masked148, True), 20, 10, 32, 16)
-    tops.store_block(_gpart_ptr + _pid * 763 + 362, tops.outer_sum(_masked150, _masked152, True), 30, 12, 32, 16)
-    tops.store_vec(_gpart_ptr + _pid * 763 + 722, tl.sum(_masked150, axis=0), 30, 32)
-    tops.store_block(_gpart_ptr + _pid * 763 + 752, tops.outer_sum(_masked154, _masked148, True), 1, 10, 16, 16)
-    tops.store_vec(_gpart_ptr + _pid * 763 + 762, tl.sum(_masked154, axis=0), 1, 16)
-    tl.store(_gpart_ptr + _pid * 763 + 0, tl.sum(tl.where(_mask, _adj__cell1_a0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 1, tl.sum(tl.where(_mask, _adj__cell2_a1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 2, tl.sum(tl.where(_mask, _adj__cell3_a2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 3, tl.sum(tl.where(_mask, _adj__cell4_a3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 4, tl.sum(tl.where(_mask, _adj__cell5_a4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 5, tl.sum(tl.where(_mask, _adj__cell6_a5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 6, tl.sum(tl.where(_mask, _adj__cell7_a6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 7, tl.sum(tl.where(_mask, _adj__cell8_a7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 8, tl.sum(tl.where(_mask, _adj__cell9_a8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 9, tl.sum(tl.where(_mask, _adj__cell10_a9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 10, tl.sum(tl.where(_mask, _adj__cell11_a10, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 11, tl.sum(tl.where(_mask, _adj__cell12_a11, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 12, tl.sum(tl.where(_mask, _adj__cell13_a12, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 13, tl.sum(tl.where(_mask, _adj__cell14_a13, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 14, tl.sum(tl.where(_mask, _adj__cell15_a14, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 15, tl.sum(tl.where(_mask, _adj__cell16_a15, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 16, tl.sum(tl.where(_mask, _adj__cell17_a16, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 17, tl.sum(tl.where(_mask, _adj__cell18_a17, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 18, tl.sum(tl.where(_mask, _adj__cell19_a18, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 19, tl.sum(tl.where(_mask, _adj__cell20_a19, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 20, tl.sum(tl.where(_mask, _adj__cell21_a20, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 21, tl.sum(tl.where(_mask, _adj__cell22_a21, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 22, tl.sum(tl.where(_mask, _adj__cell23_a22, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 23, tl.sum(tl.where(_mask, _adj__cell24_a23, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 24, tl.sum(tl.where(_mask, _adj__cell25_a24, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 25, tl.sum(tl.where(_mask, _adj__cell26_a25, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 26, tl.sum(tl.where(_mask, _adj__cell27_a26, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 27, tl.sum(tl.where(_mask, _adj__cell28_a27, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 28, tl.sum(tl.where(_mask, _adj__cell29_a28, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 29, tl.sum(tl.where(_mask, _adj__cell30_a29, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 30, tl.sum(tl.where(_mask, _adj__phi_shortcut_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 31, tl.sum(tl.where(_mask, _adj__phi_shortcut_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 32, tl.sum(tl.where(_mask, _adj__phi_shortcut_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 33, tl.sum(tl.where(_mask, _adj__phi_shortcut_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 34, tl.sum(tl.where(_mask, _adj__u2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 35, tl.sum(tl.where(_mask, _adj__u4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 36, tl.sum(tl.where(_mask, _adj__u6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 37, tl.sum(tl.where(_mask, _adj__u8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 38, tl.sum(tl.where(_mask, _adj_rel_log_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 763 + 39, tl.sum(tl.where(_mask, _adj_ms_decay, 0.0), axis=0))
+    tops.store_block(_gpart_ptr + _pid * 763 + 0, tops.outer_sum(_masked49, _masked50, True), 10, 10, 16, 16)
+    tops.store_block(_gpart_ptr + _pid * 763 + 100, tops.outer_sum(_masked49, _masked48, True), 10, 12, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 763 + 220, tl.sum(_masked49, axis=0), 10, 16)
+    tops.store_block(_gpart_ptr + _pid * 763 + 230, tops.outer_sum(_masked51, _masked52, True), 10, 10, 16, 16)
+    tops.store_block(_gpart_ptr + _pid * 763 + 330, tops.outer_sum(_masked51, _masked48, True), 10, 12, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 763 + 450, tl.sum(_masked51, axis=0), 10, 16)
+    tops.store_block(_gpart_ptr + _pid * 763 + 460, tops.outer_sum(_masked53, _masked54, True), 10, 10, 16, 16)
+    tops.store_block(_gpart_ptr + _pid * 763 + 560, tops.outer_sum(_masked53, _masked48, True), 10, 12, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 763 + 680, tl.sum(_masked53, axis=0), 10, 16)
+    tops.store_block(_gpart_ptr + _pid * 763 + 730, tops.outer_sum(_masked119, _masked120, True), 1, 10, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 763 + 740, tl.sum(_masked119, axis=0), 1, 16)
+    tops.store_block(_gpart_ptr + _pid * 763 + 741, tops.outer_sum(_masked122, _masked120, True), 1, 10, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 763 + 751, tl.sum(_masked122, axis=0), 1, 16)
+    tops.store_block(_gpart_ptr + _pid * 763 + 752, tops.outer_sum(_masked124, _masked125, True), 1, 10, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 763 + 762, tl.sum(_masked124, axis=0), 1, 16)
+    tl.store(_gpart_ptr + _pid * 763 + 690, tl.sum(tl.where(_mask, _col88, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 691, tl.sum(tl.where(_mask, _col89, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 692, tl.sum(tl.where(_mask, _col90, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 693, tl.sum(tl.where(_mask, _col91, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 694, tl.sum(tl.where(_mask, _col92, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 695, tl.sum(tl.where(_mask, _col93, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 696, tl.sum(tl.where(_mask, _col94, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 697, tl.sum(tl.where(_mask, _col95, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 698, tl.sum(tl.where(_mask, _col96, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 699, tl.sum(tl.where(_mask, _col97, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 700, tl.sum(tl.where(_mask, _col98, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 701, tl.sum(tl.where(_mask, _col99, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 702, tl.sum(tl.where(_mask, _col100, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 703, tl.sum(tl.where(_mask, _col101, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 704, tl.sum(tl.where(_mask, _col102, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 705, tl.sum(tl.where(_mask, _col103, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 706, tl.sum(tl.where(_mask, _col104, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 707, tl.sum(tl.where(_mask, _col105, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 708, tl.sum(tl.where(_mask, _col106, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 709, tl.sum(tl.where(_mask, _col107, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 710, tl.sum(tl.where(_mask, _col108, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 711, tl.sum(tl.where(_mask, _col109, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 712, tl.sum(tl.where(_mask, _col110, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 713, tl.sum(tl.where(_mask, _col111, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 714, tl.sum(tl.where(_mask, _col112, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 715, tl.sum(tl.where(_mask, _col113, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 716, tl.sum(tl.where(_mask, _col114, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 717, tl.sum(tl.where(_mask, _col115, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 718, tl.sum(tl.where(_mask, _col116, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 719, tl.sum(tl.where(_mask, _col117, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 720, tl.sum(tl.where(_mask, _adj__phi_shortcut_0, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 721, tl.sum(tl.where(_mask, _adj__phi_shortcut_1, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 722, tl.sum(tl.where(_mask, _adj__phi_shortcut_2, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 723, tl.sum(tl.where(_mask, _adj__phi_shortcut_3, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 724, tl.sum(tl.where(_mask, _adj__u2, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 725, tl.sum(tl.where(_mask, _adj__u4, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 726, tl.sum(tl.where(_mask, _adj__u6, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 727, tl.sum(tl.where(_mask, _adj__u8, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 728, tl.sum(tl.where(_mask, _adj_rel_log_lr, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 763 + 729, tl.sum(tl.where(_mask, _adj_ms_decay, 0.0), axis=0))
 
 
 @triton.jit
@@ -2869,191 +1120,63 @@ def stage2_backward_kernel(
     _log_lr_old = tl.load(_st_log_lr + 0 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
     _u9 = tl.load(_hv_ptr + 9)
     rel_log_lr = _log_lr_old + _u9
-    _dense2 = tops.weight_vec(_w_gru_0_bias, 0, 30, 32)[None, :] + tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _dense2 += tops.weight_vec(_hv_ptr, 10, 30, 32)[None, :]
-    _dense2 += scaled_0[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 0, 30, 32)[None, :]
-    _dense2 += scaled_1[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 1, 30, 32)[None, :]
-    _dense2 += scaled_2[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 2, 30, 32)[None, :]
-    _dense2 += scaled_3[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 3, 30, 32)[None, :]
-    _dense2 += grad_products_0[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 4, 30, 32)[None, :]
-    _dense2 += grad_products_1[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 5, 30, 32)[None, :]
-    _dense2 += grad_products_2[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 6, 30, 32)[None, :]
-    _dense2 += rel_log_magnitude_0[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 7, 30, 32)[None, :]
-    _dense2 += rel_log_magnitude_1[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 8, 30, 32)[None, :]
-    _dense2 += rel_log_magnitude_2[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 9, 30, 32)[None, :]
-    _dense2 += rel_log_magnitude_3[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 10, 30, 32)[None, :]
-    _dense2 += rel_log_lr[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 11, 30, 32)[None, :]
-    _dense3 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _dense3 += tops.matmul(_tile1, _w_gru_0_weight_hh, 10, 0, 0, 20, 10, 16, 32, False)
-    _col4 = tops.column(_dense2, 0, 32)
-    _col5 = tops.column(_dense3, 0, 32)
-    _cell51_r0 = tops.sigmoid(_col4 + _col5)
-    _col6 = tops.column(_dense2, 10, 32)
-    _col7 = tops.column(_dense3, 10, 32)
-    _cell61_u0 = tops.sigmoid(_col6 + _col7)
-    _net_h0_old_0 = tl.load(_st_net_h0 + 0 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell71_rh0 = _cell51_r0 * _net_h0_old_0
-    _col8 = tops.column(_dense2, 1, 32)
-    _col9 = tops.column(_dense3, 1, 32)
-    _cell52_r1 = tops.sigmoid(_col8 + _col9)
-    _col10 = tops.column(_dense2, 11, 32)
-    _col11 = tops.column(_dense3, 11, 32)
-    _cell62_u1 = tops.sigmoid(_col10 + _col11)
-    _net_h0_old_1 = tl.load(_st_net_h0 + 1 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell72_rh1 = _cell52_r1 * _net_h0_old_1
-    _col12 = tops.column(_dense3, 2, 32)
-    _col13 = tops.column(_dense2, 2, 32)
-    _cell53_r2 = tops.sigmoid(_col12 + _col13)
-    _col14 = tops.column(_dense2, 12, 32)
-    _col15 = tops.column(_dense3, 12, 32)
-    _cell63_u2 = tops.sigmoid(_col14 + _col15)
-    _net_h0_old_2 = tl.load(_st_net_h0 + 2 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell73_rh2 = _cell53_r2 * _net_h0_old_2
-    _col16 = tops.column(_dense3, 3, 32)
-    _col17 = tops.column(_dense2, 3, 32)
-    _cell54_r3 = tops.sigmoid(_col16 + _col17)
-    _col18 = tops.column(_dense2, 13, 32)
-    _col19 = tops.column(_dense3, 13, 32)
-    _cell64_u3 = tops.sigmoid(_col18 + _col19)
-    _net_h0_old_3 = tl.load(_st_net_h0 + 3 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell74_rh3 = _cell54_r3 * _net_h0_old_3
-    _col20 = tops.column(_dense3, 4, 32)
-    _col21 = tops.column(_dense2, 4, 32)
-    _cell55_r4 = tops.sigmoid(_col20 + _col21)
-    _col22 = tops.column(_dense2, 14, 32)
-    _col23 = tops.column(_dense3, 14, 32)
-    _cell65_u4 = tops.sigmoid(_col22 + _col23)
-    _net_h0_old_4 = tl.load(_st_net_h0 + 4 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell75_rh4 = _cell55_r4 * _net_h0_old_4
-    _col24 = tops.column(_dense3, 5, 32)
-    _col25 = tops.column(_dense2, 5, 32)
-    _cell56_r5 = tops.sigmoid(_col24 + _col25)
-    _col26 = tops.column(_dense2, 15, 32)
-    _col27 = tops.column(_dense3, 15, 32)
-    _cell66_u5 = tops.sigmoid(_col26 + _col27)
-    _net_h0_old_5 = tl.load(_st_net_h0 + 5 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell76_rh5 = _cell56_r5 * _net_h0_old_5
-    _col28 = tops.column(_dense3, 6, 32)
-    _col29 = tops.column(_dense2, 6, 32)
-    _cell57_r6 = tops.sigmoid(_col28 + _col29)
-    _col30 = tops.column(_dense2, 16, 32)
-    _col31 = tops.column(_dense3, 16, 32)
-    _cell67_u6 = tops.sigmoid(_col30 + _col31)
-    _net_h0_old_6 = tl.load(_st_net_h0 + 6 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell77_rh6 = _cell57_r6 * _net_h0_old_6
-    _col32 = tops.column(_dense3, 7, 32)
-    _col33 = tops.column(_dense2, 7, 32)
-    _cell58_r7 = tops.sigmoid(_col32 + _col33)
-    _col34 = tops.column(_dense2, 17, 32)
-    _col35 = tops.column(_dense3, 17, 32)
-    _cell68_u7 = tops.sigmoid(_col34 + _col35)
-    _net_h0_old_7 = tl.load(_st_net_h0 + 7 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell78_rh7 = _cell58_r7 * _net_h0_old_7
-    _col36 = tops.column(_dense3, 8, 32)
-    _col37 = tops.column(_dense2, 8, 32)
-    _cell59_r8 = tops.sigmoid(_col36 + _col37)
-    _col38 = tops.column(_dense2, 18, 32)
-    _col39 = tops.column(_dense3, 18, 32)
-    _cell69_u8 = tops.sigmoid(_col38 + _col39)
-    _net_h0_old_8 = tl.load(_st_net_h0 + 8 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell79_rh8 = _cell59_r8 * _net_h0_old_8
-    _col40 = tops.column(_dense2, 9, 32)
-    _col41 = tops.column(_dense3, 9, 32)
-    _cell60_r9 = tops.sigmoid(_col40 + _col41)
-    _col42 = tops.column(_dense2, 19, 32)
-    _col43 = tops.column(_dense3, 19, 32)
-    _cell70_u9 = tops.sigmoid(_col42 + _col43)
-    _net_h0_old_9 = tl.load(_st_net_h0 + 9 * _numel + _offs, mask=_mask, other=0.0).to(tl.float32)
-    _cell80_rh9 = _cell60_r9 * _net_h0_old_9
-    _dense44 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _dense44 += _cell71_rh0[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 0, 10, 16)[None, :]
-    _dense44 += _cell72_rh1[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 1, 10, 16)[None, :]
-    _dense44 += _cell73_rh2[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 2, 10, 16)[None, :]
-    _dense44 += _cell74_rh3[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 3, 10, 16)[None, :]
-    _dense44 += _cell75_rh4[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 4, 10, 16)[None, :]
-    _dense44 += _cell76_rh5[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 5, 10, 16)[None, :]
-    _dense44 += _cell77_rh6[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 6, 10, 16)[None, :]
-    _dense44 += _cell78_rh7[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 7, 10, 16)[None, :]
-    _dense44 += _cell79_rh8[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 8, 10, 16)[None, :]
-    _dense44 += _cell80_rh9[:, None] * tops.weight_col(_w_gru_0_weight_hh, 10, 20, 9, 10, 16)[None, :]
-    _col45 = tops.column(_dense2, 20, 32)
-    _col46 = tops.column(_dense44, 0, 16)
-    _cell91_c0 = tops.tanh(_col45 + _col46)
-    _h0_97 = _cell61_u0 * _net_h0_old_0 + _cell91_c0 * (1.0 - _cell61_u0)
-    _col47 = tops.column(_dense2, 21, 32)
-    _col48 = tops.column(_dense44, 1, 16)
-    _cell92_c1 = tops.tanh(_col47 + _col48)
-    _h0_98 = _cell62_u1 * _net_h0_old_1 + _cell92_c1 * (1.0 - _cell62_u1)
-    _col49 = tops.column(_dense2, 22, 32)
-    _col50 = tops.column(_dense44, 2, 16)
-    _cell93_c2 = tops.tanh(_col49 + _col50)
-    _h0_99 = _cell63_u2 * _net_h0_old_2 + _cell93_c2 * (1.0 - _cell63_u2)
-    _col51 = tops.column(_dense2, 23, 32)
-    _col52 = tops.column(_dense44, 3, 16)
-    _cell94_c3 = tops.tanh(_col51 + _col52)
-    _h0_100 = _cell64_u3 * _net_h0_old_3 + _cell94_c3 * (1.0 - _cell64_u3)
-    _col53 = tops.column(_dense2, 24, 32)
-    _col54 = tops.column(_dense44, 4, 16)
-    _cell95_c4 = tops.tanh(_col53 + _col54)
-    _h0_101 = _cell65_u4 * _net_h0_old_4 + _cell95_c4 * (1.0 - _cell65_u4)
-    _col55 = tops.column(_dense2, 25, 32)
-    _col56 = tops.column(_dense44, 5, 16)
-    _cell96_c5 = tops.tanh(_col55 + _col56)
-    _h0_102 = _cell66_u5 * _net_h0_old_5 + _cell96_c5 * (1.0 - _cell66_u5)
-    _col57 = tops.column(_dense2, 26, 32)
-    _col58 = tops.column(_dense44, 6, 16)
-    _cell97_c6 = tops.tanh(_col57 + _col58)
-    _h0_103 = _cell67_u6 * _net_h0_old_6 + _cell97_c6 * (1.0 - _cell67_u6)
-    _col59 = tops.column(_dense2, 27, 32)
-    _col60 = tops.column(_dense44, 7, 16)
-    _cell98_c7 = tops.tanh(_col59 + _col60)
-    _h0_104 = _cell68_u7 * _net_h0_old_7 + _cell98_c7 * (1.0 - _cell68_u7)
-    _col61 = tops.column(_dense2, 28, 32)
-    _col62 = tops.column(_dense44, 8, 16)
-    _cell99_c8 = tops.tanh(_col61 + _col62)
-    _h0_105 = _cell69_u8 * _net_h0_old_8 + _cell99_c8 * (1.0 - _cell69_u8)
-    _col63 = tops.column(_dense2, 29, 32)
-    _col64 = tops.column(_dense44, 9, 16)
-    _cell100_c9 = tops.tanh(_col63 + _col64)
-    _h0_106 = _cell100_c9 * (1.0 - _cell70_u9) + _cell70_u9 * _net_h0_old_9
+    _gate_r2 = tops.weight_vec(_w_gru_0_bias, 0, 10, 16)[None, :] + tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _gate_r2 += tops.weight_vec(_hv_ptr, 10, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(scaled_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 0, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(scaled_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 1, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(scaled_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 2, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(scaled_3, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 3, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(grad_products_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 4, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(grad_products_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 5, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(grad_products_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 6, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(rel_log_magnitude_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 7, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(rel_log_magnitude_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 8, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(rel_log_magnitude_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 9, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(rel_log_magnitude_3, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 10, 10, 16)[None, :]
+    _gate_r2 += tops.per_element(rel_log_lr, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 0, 11, 10, 16)[None, :]
+    _gate_u3 = tops.weight_vec(_w_gru_0_bias, 10, 10, 16)[None, :] + tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _gate_u3 += tops.weight_vec(_hv_ptr, 20, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(scaled_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 0, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(scaled_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 1, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(scaled_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 2, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(scaled_3, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 3, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(grad_products_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 4, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(grad_products_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 5, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(grad_products_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 6, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(rel_log_magnitude_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 7, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(rel_log_magnitude_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 8, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(rel_log_magnitude_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 9, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(rel_log_magnitude_3, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 10, 10, 16)[None, :]
+    _gate_u3 += tops.per_element(rel_log_lr, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 10, 11, 10, 16)[None, :]
+    _gate_c4 = tops.weight_vec(_w_gru_0_bias, 20, 10, 16)[None, :] + tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _gate_c4 += tops.weight_vec(_hv_ptr, 30, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(scaled_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 0, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(scaled_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 1, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(scaled_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 2, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(scaled_3, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 3, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(grad_products_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 4, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(grad_products_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 5, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(grad_products_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 6, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(rel_log_magnitude_0, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 7, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(rel_log_magnitude_1, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 8, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(rel_log_magnitude_2, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 9, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(rel_log_magnitude_3, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 10, 10, 16)[None, :]
+    _gate_c4 += tops.per_element(rel_log_lr, BLOCK)[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 11, 10, 16)[None, :]
+    _r5 = tops.sigmoid(_gate_r2 + tops.matmul(_tile1, _w_gru_0_weight_hh, 10, 0, 0, 10, 10, 16, 16, False))
+    _u14 = tops.sigmoid(_gate_u3 + tops.matmul(_tile1, _w_gru_0_weight_hh, 10, 10, 0, 10, 10, 16, 16, False))
+    _c15 = tops.tanh(_gate_c4 + tops.matmul((_r5 * _tile1), _w_gru_0_weight_hh, 10, 20, 0, 10, 10, 16, 16, False))
+    _h_new16 = _u14 * _tile1 + (1.0 - _u14) * _c15
     _head_out107 = (
         tl.load(_w_head_bias + 0)
-        + tl.load(_w_head_weight + 0) * _h0_97
-        + tl.load(_w_head_weight + 1) * _h0_98
-        + tl.load(_w_head_weight + 2) * _h0_99
-        + tl.load(_w_head_weight + 3) * _h0_100
-        + tl.load(_w_head_weight + 4) * _h0_101
-        + tl.load(_w_head_weight + 5) * _h0_102
-        + tl.load(_w_head_weight + 6) * _h0_103
-        + tl.load(_w_head_weight + 7) * _h0_104
-        + tl.load(_w_head_weight + 8) * _h0_105
-        + tl.load(_w_head_weight + 9) * _h0_106
+        + tl.sum(_h_new16 * tops.weight_row(_w_head_weight, 10, 0, 0, 10, 16)[None, :], axis=1)
     )
     _head_out108 = (
         tl.load(_w_head_bias + 1)
-        + tl.load(_w_head_weight + 10) * _h0_97
-        + tl.load(_w_head_weight + 11) * _h0_98
-        + tl.load(_w_head_weight + 12) * _h0_99
-        + tl.load(_w_head_weight + 13) * _h0_100
-        + tl.load(_w_head_weight + 14) * _h0_101
-        + tl.load(_w_head_weight + 15) * _h0_102
-        + tl.load(_w_head_weight + 16) * _h0_103
-        + tl.load(_w_head_weight + 17) * _h0_104
-        + tl.load(_w_head_weight + 18) * _h0_105
-        + tl.load(_w_head_weight + 19) * _h0_106
+        + tl.sum(_h_new16 * tops.weight_row(_w_head_weight, 10, 1, 0, 10, 16)[None, :], axis=1)
     )
     _head_out109 = (
         tl.load(_w_head_bias + 2)
-        + tl.load(_w_head_weight + 20) * _h0_97
-        + tl.load(_w_head_weight + 21) * _h0_98
-        + tl.load(_w_head_weight + 22) * _h0_99
-        + tl.load(_w_head_weight + 23) * _h0_100
-        + tl.load(_w_head_weight + 24) * _h0_101
-        + tl.load(_w_head_weight + 25) * _h0_102
-        + tl.load(_w_head_weight + 26) * _h0_103
-        + tl.load(_w_head_weight + 27) * _h0_104
-        + tl.load(_w_head_weight + 28) * _h0_105
-        + tl.load(_w_head_weight + 29) * _h0_106
+        + tl.sum(_h_new16 * tops.weight_row(_w_head_weight, 10, 2, 0, 10, 16)[None, :], axis=1)
     )
     step_log_lr = tl.minimum(tl.maximum(_head_out109 + _log_lr_old, -33.0), 33.0)
     _phi_shortcut_0 = tl.load(_hv_ptr + 40)
@@ -3102,253 +1225,125 @@ def stage2_backward_kernel(
     _adj_delta_att = _adj__lookahead * _bk1 * _u13
     _adj_delta = _adj__update * _bk1 * _u11
     _adj_step_log_lr = _adj__lookahead * _lookahead + _adj__update * _update + _seed_log_lr * _u10
-    _dense_t65 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _dense_t65 += _adj_step_log_lr[:, None] * tops.weight_row(_w_head_weight, 10, 2, 0, 10, 16)[None, :]
-    _dense_t66 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _dense_t66 += _adj_delta_att[:, None] * tops.weight_row(_w_head_weight, 10, 1, 0, 10, 16)[None, :]
-    _dense_t67 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _dense_t67 += _adj_delta[:, None] * tops.weight_row(_w_head_weight, 10, 0, 0, 10, 16)[None, :]
-    _col68 = tops.column(_dense_t65, 9, 16)
-    _col69 = tops.column(_dense_t66, 9, 16)
-    _col70 = tops.column(_dense_t67, 9, 16)
-    _adj__h0_106 = _col68 + _col69 + _col70 + _seed__h0_106
-    _adj__cell100_c9 = _adj__h0_106 * (1.0 - _cell70_u9)
-    _col71 = tops.column(_dense_t66, 8, 16)
-    _col72 = tops.column(_dense_t67, 8, 16)
-    _col73 = tops.column(_dense_t65, 8, 16)
-    _adj__h0_105 = _col71 + _col72 + _col73 + _seed__h0_105
-    _adj__cell99_c8 = _adj__h0_105 * (1.0 - _cell69_u8)
-    _col74 = tops.column(_dense_t66, 7, 16)
-    _col75 = tops.column(_dense_t67, 7, 16)
-    _col76 = tops.column(_dense_t65, 7, 16)
-    _adj__h0_104 = _col74 + _col75 + _col76 + _seed__h0_104
-    _adj__cell98_c7 = _adj__h0_104 * (1.0 - _cell68_u7)
-    _col77 = tops.column(_dense_t66, 6, 16)
-    _col78 = tops.column(_dense_t67, 6, 16)
-    _col79 = tops.column(_dense_t65, 6, 16)
-    _adj__h0_103 = _col77 + _col78 + _col79 + _seed__h0_103
-    _adj__cell97_c6 = _adj__h0_103 * (1.0 - _cell67_u6)
-    _col80 = tops.column(_dense_t66, 5, 16)
-    _col81 = tops.column(_dense_t67, 5, 16)
-    _col82 = tops.column(_dense_t65, 5, 16)
-    _adj__h0_102 = _col80 + _col81 + _col82 + _seed__h0_102
-    _adj__cell96_c5 = _adj__h0_102 * (1.0 - _cell66_u5)
-    _col83 = tops.column(_dense_t66, 4, 16)
-    _col84 = tops.column(_dense_t67, 4, 16)
-    _col85 = tops.column(_dense_t65, 4, 16)
-    _adj__h0_101 = _col83 + _col84 + _col85 + _seed__h0_101
-    _adj__cell95_c4 = _adj__h0_101 * (1.0 - _cell65_u4)
-    _col86 = tops.column(_dense_t66, 3, 16)
-    _col87 = tops.column(_dense_t67, 3, 16)
-    _col88 = tops.column(_dense_t65, 3, 16)
-    _adj__h0_100 = _col86 + _col87 + _col88 + _seed__h0_100
-    _adj__cell94_c3 = _adj__h0_100 * (1.0 - _cell64_u3)
-    _col89 = tops.column(_dense_t66, 2, 16)
-    _col90 = tops.column(_dense_t67, 2, 16)
-    _col91 = tops.column(_dense_t65, 2, 16)
-    _adj__h0_99 = _col89 + _col90 + _col91 + _seed__h0_99
-    _adj__cell93_c2 = _adj__h0_99 * (1.0 - _cell63_u2)
-    _col92 = tops.column(_dense_t66, 1, 16)
-    _col93 = tops.column(_dense_t65, 1, 16)
-    _col94 = tops.column(_dense_t67, 1, 16)
-    _adj__h0_98 = _col92 + _col93 + _col94 + _seed__h0_98
-    _adj__cell92_c1 = _adj__h0_98 * (1.0 - _cell62_u1)
-    _col95 = tops.column(_dense_t65, 0, 16)
-    _col96 = tops.column(_dense_t66, 0, 16)
-    _col97 = tops.column(_dense_t67, 0, 16)
-    _adj__h0_97 = _col95 + _col96 + _col97 + _seed__h0_97
-    _adj__cell91_c0 = _adj__h0_97 * (1.0 - _cell61_u0)
-    _adj__cell81_bc0 = _adj__cell91_c0 * (1.0 - _cell91_c0 * _cell91_c0)
-    _adj__cell82_bc1 = _adj__cell92_c1 * (1.0 - _cell92_c1 * _cell92_c1)
-    _adj__cell83_bc2 = _adj__cell93_c2 * (1.0 - _cell93_c2 * _cell93_c2)
-    _adj__cell84_bc3 = _adj__cell94_c3 * (1.0 - _cell94_c3 * _cell94_c3)
-    _adj__cell85_bc4 = _adj__cell95_c4 * (1.0 - _cell95_c4 * _cell95_c4)
-    _adj__cell86_bc5 = _adj__cell96_c5 * (1.0 - _cell96_c5 * _cell96_c5)
-    _adj__cell87_bc6 = _adj__cell97_c6 * (1.0 - _cell97_c6 * _cell97_c6)
-    _adj__cell88_bc7 = _adj__cell98_c7 * (1.0 - _cell98_c7 * _cell98_c7)
-    _adj__cell89_bc8 = _adj__cell99_c8 * (1.0 - _cell99_c8 * _cell99_c8)
-    _adj__cell90_bc9 = _adj__cell100_c9 * (1.0 - _cell100_c9 * _cell100_c9)
-    _tile99 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile99 += tops.place(_adj__cell81_bc0, 0, 16)
-    _tile99 += tops.place(_adj__cell82_bc1, 1, 16)
-    _tile99 += tops.place(_adj__cell83_bc2, 2, 16)
-    _tile99 += tops.place(_adj__cell84_bc3, 3, 16)
-    _tile99 += tops.place(_adj__cell85_bc4, 4, 16)
-    _tile99 += tops.place(_adj__cell86_bc5, 5, 16)
-    _tile99 += tops.place(_adj__cell87_bc6, 6, 16)
-    _tile99 += tops.place(_adj__cell88_bc7, 7, 16)
-    _tile99 += tops.place(_adj__cell89_bc8, 8, 16)
-    _tile99 += tops.place(_adj__cell90_bc9, 9, 16)
-    _dense_t98 = tops.matmul_t(_tile99, _w_gru_0_weight_hh, 10, 20, 0, 10, 10, 16, 16, True)
-    _adj__cell70_u9 = _adj__h0_106 * (-_cell100_c9 + _net_h0_old_9)
-    _col100 = tops.column(_dense_t98, 9, 16)
-    _adj__cell60_r9 = _col100 * _net_h0_old_9
-    _adj__cell69_u8 = _adj__h0_105 * (-_cell99_c8 + _net_h0_old_8)
-    _col101 = tops.column(_dense_t98, 8, 16)
-    _adj__cell59_r8 = _col101 * _net_h0_old_8
-    _adj__cell68_u7 = _adj__h0_104 * (-_cell98_c7 + _net_h0_old_7)
-    _col102 = tops.column(_dense_t98, 7, 16)
-    _adj__cell58_r7 = _col102 * _net_h0_old_7
-    _adj__cell67_u6 = _adj__h0_103 * (-_cell97_c6 + _net_h0_old_6)
-    _col103 = tops.column(_dense_t98, 6, 16)
-    _adj__cell57_r6 = _col103 * _net_h0_old_6
-    _adj__cell66_u5 = _adj__h0_102 * (-_cell96_c5 + _net_h0_old_5)
-    _col104 = tops.column(_dense_t98, 5, 16)
-    _adj__cell56_r5 = _col104 * _net_h0_old_5
-    _adj__cell65_u4 = _adj__h0_101 * (-_cell95_c4 + _net_h0_old_4)
-    _col105 = tops.column(_dense_t98, 4, 16)
-    _adj__cell55_r4 = _col105 * _net_h0_old_4
-    _adj__cell64_u3 = _adj__h0_100 * (-_cell94_c3 + _net_h0_old_3)
-    _col106 = tops.column(_dense_t98, 3, 16)
-    _adj__cell54_r3 = _col106 * _net_h0_old_3
-    _adj__cell63_u2 = _adj__h0_99 * (-_cell93_c2 + _net_h0_old_2)
-    _col107 = tops.column(_dense_t98, 2, 16)
-    _adj__cell53_r2 = _col107 * _net_h0_old_2
-    _adj__cell62_u1 = _adj__h0_98 * (-_cell92_c1 + _net_h0_old_1)
-    _col108 = tops.column(_dense_t98, 1, 16)
-    _adj__cell52_r1 = _col108 * _net_h0_old_1
-    _adj__cell61_u0 = _adj__h0_97 * (-_cell91_c0 + _net_h0_old_0)
-    _col109 = tops.column(_dense_t98, 0, 16)
-    _adj__cell51_r0 = _col109 * _net_h0_old_0
-    _adj__cell31_b0 = _adj__cell51_r0 * _cell51_r0 * (1.0 - _cell51_r0)
-    _adj__cell32_b1 = _adj__cell52_r1 * _cell52_r1 * (1.0 - _cell52_r1)
-    _adj__cell33_b2 = _adj__cell53_r2 * _cell53_r2 * (1.0 - _cell53_r2)
-    _adj__cell34_b3 = _adj__cell54_r3 * _cell54_r3 * (1.0 - _cell54_r3)
-    _adj__cell35_b4 = _adj__cell55_r4 * _cell55_r4 * (1.0 - _cell55_r4)
-    _adj__cell36_b5 = _adj__cell56_r5 * _cell56_r5 * (1.0 - _cell56_r5)
-    _adj__cell37_b6 = _adj__cell57_r6 * _cell57_r6 * (1.0 - _cell57_r6)
-    _adj__cell38_b7 = _adj__cell58_r7 * _cell58_r7 * (1.0 - _cell58_r7)
-    _adj__cell39_b8 = _adj__cell59_r8 * _cell59_r8 * (1.0 - _cell59_r8)
-    _adj__cell40_b9 = _adj__cell60_r9 * _cell60_r9 * (1.0 - _cell60_r9)
-    _adj__cell41_b10 = _adj__cell61_u0 * _cell61_u0 * (1.0 - _cell61_u0)
-    _adj__cell42_b11 = _adj__cell62_u1 * _cell62_u1 * (1.0 - _cell62_u1)
-    _adj__cell43_b12 = _adj__cell63_u2 * _cell63_u2 * (1.0 - _cell63_u2)
-    _adj__cell44_b13 = _adj__cell64_u3 * _cell64_u3 * (1.0 - _cell64_u3)
-    _adj__cell45_b14 = _adj__cell65_u4 * _cell65_u4 * (1.0 - _cell65_u4)
-    _adj__cell46_b15 = _adj__cell66_u5 * _cell66_u5 * (1.0 - _cell66_u5)
-    _adj__cell47_b16 = _adj__cell67_u6 * _cell67_u6 * (1.0 - _cell67_u6)
-    _adj__cell48_b17 = _adj__cell68_u7 * _cell68_u7 * (1.0 - _cell68_u7)
-    _adj__cell49_b18 = _adj__cell69_u8 * _cell69_u8 * (1.0 - _cell69_u8)
-    _adj__cell50_b19 = _adj__cell70_u9 * _cell70_u9 * (1.0 - _cell70_u9)
-    _tile111 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _tile111 += tops.place(_adj__cell31_b0, 0, 32)
-    _tile111 += tops.place(_adj__cell32_b1, 1, 32)
-    _tile111 += tops.place(_adj__cell33_b2, 2, 32)
-    _tile111 += tops.place(_adj__cell34_b3, 3, 32)
-    _tile111 += tops.place(_adj__cell35_b4, 4, 32)
-    _tile111 += tops.place(_adj__cell36_b5, 5, 32)
-    _tile111 += tops.place(_adj__cell37_b6, 6, 32)
-    _tile111 += tops.place(_adj__cell38_b7, 7, 32)
-    _tile111 += tops.place(_adj__cell39_b8, 8, 32)
-    _tile111 += tops.place(_adj__cell40_b9, 9, 32)
-    _tile111 += tops.place(_adj__cell41_b10, 10, 32)
-    _tile111 += tops.place(_adj__cell42_b11, 11, 32)
-    _tile111 += tops.place(_adj__cell43_b12, 12, 32)
-    _tile111 += tops.place(_adj__cell44_b13, 13, 32)
-    _tile111 += tops.place(_adj__cell45_b14, 14, 32)
-    _tile111 += tops.place(_adj__cell46_b15, 15, 32)
-    _tile111 += tops.place(_adj__cell47_b16, 16, 32)
-    _tile111 += tops.place(_adj__cell48_b17, 17, 32)
-    _tile111 += tops.place(_adj__cell49_b18, 18, 32)
-    _tile111 += tops.place(_adj__cell50_b19, 19, 32)
-    _dense_t110 = tops.matmul_t(_tile111, _w_gru_0_weight_hh, 10, 0, 0, 20, 10, 32, 16, True)
-    _adj__cell1_a0 = _adj__cell51_r0 * _cell51_r0 * (1.0 - _cell51_r0)
-    _adj__cell2_a1 = _adj__cell52_r1 * _cell52_r1 * (1.0 - _cell52_r1)
-    _adj__cell3_a2 = _adj__cell53_r2 * _cell53_r2 * (1.0 - _cell53_r2)
-    _adj__cell4_a3 = _adj__cell54_r3 * _cell54_r3 * (1.0 - _cell54_r3)
-    _adj__cell5_a4 = _adj__cell55_r4 * _cell55_r4 * (1.0 - _cell55_r4)
-    _adj__cell6_a5 = _adj__cell56_r5 * _cell56_r5 * (1.0 - _cell56_r5)
-    _adj__cell7_a6 = _adj__cell57_r6 * _cell57_r6 * (1.0 - _cell57_r6)
-    _adj__cell8_a7 = _adj__cell58_r7 * _cell58_r7 * (1.0 - _cell58_r7)
-    _adj__cell9_a8 = _adj__cell59_r8 * _cell59_r8 * (1.0 - _cell59_r8)
-    _adj__cell10_a9 = _adj__cell60_r9 * _cell60_r9 * (1.0 - _cell60_r9)
-    _adj__cell11_a10 = _adj__cell61_u0 * _cell61_u0 * (1.0 - _cell61_u0)
-    _adj__cell12_a11 = _adj__cell62_u1 * _cell62_u1 * (1.0 - _cell62_u1)
-    _adj__cell13_a12 = _adj__cell63_u2 * _cell63_u2 * (1.0 - _cell63_u2)
-    _adj__cell14_a13 = _adj__cell64_u3 * _cell64_u3 * (1.0 - _cell64_u3)
-    _adj__cell15_a14 = _adj__cell65_u4 * _cell65_u4 * (1.0 - _cell65_u4)
-    _adj__cell16_a15 = _adj__cell66_u5 * _cell66_u5 * (1.0 - _cell66_u5)
-    _adj__cell17_a16 = _adj__cell67_u6 * _cell67_u6 * (1.0 - _cell67_u6)
-    _adj__cell18_a17 = _adj__cell68_u7 * _cell68_u7 * (1.0 - _cell68_u7)
-    _adj__cell19_a18 = _adj__cell69_u8 * _cell69_u8 * (1.0 - _cell69_u8)
-    _adj__cell20_a19 = _adj__cell70_u9 * _cell70_u9 * (1.0 - _cell70_u9)
-    _adj__cell21_a20 = _adj__cell91_c0 * (1.0 - _cell91_c0 * _cell91_c0)
-    _adj__cell22_a21 = _adj__cell92_c1 * (1.0 - _cell92_c1 * _cell92_c1)
-    _adj__cell23_a22 = _adj__cell93_c2 * (1.0 - _cell93_c2 * _cell93_c2)
-    _adj__cell24_a23 = _adj__cell94_c3 * (1.0 - _cell94_c3 * _cell94_c3)
-    _adj__cell25_a24 = _adj__cell95_c4 * (1.0 - _cell95_c4 * _cell95_c4)
-    _adj__cell26_a25 = _adj__cell96_c5 * (1.0 - _cell96_c5 * _cell96_c5)
-    _adj__cell27_a26 = _adj__cell97_c6 * (1.0 - _cell97_c6 * _cell97_c6)
-    _adj__cell28_a27 = _adj__cell98_c7 * (1.0 - _cell98_c7 * _cell98_c7)
-    _adj__cell29_a28 = _adj__cell99_c8 * (1.0 - _cell99_c8 * _cell99_c8)
-    _adj__cell30_a29 = _adj__cell100_c9 * (1.0 - _cell100_c9 * _cell100_c9)
-    _tile113 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _tile113 += tops.place(_adj__cell1_a0, 0, 32)
-    _tile113 += tops.place(_adj__cell2_a1, 1, 32)
-    _tile113 += tops.place(_adj__cell3_a2, 2, 32)
-    _tile113 += tops.place(_adj__cell4_a3, 3, 32)
-    _tile113 += tops.place(_adj__cell5_a4, 4, 32)
-    _tile113 += tops.place(_adj__cell6_a5, 5, 32)
-    _tile113 += tops.place(_adj__cell7_a6, 6, 32)
-    _tile113 += tops.place(_adj__cell8_a7, 7, 32)
-    _tile113 += tops.place(_adj__cell9_a8, 8, 32)
-    _tile113 += tops.place(_adj__cell10_a9, 9, 32)
-    _tile113 += tops.place(_adj__cell11_a10, 10, 32)
-    _tile113 += tops.place(_adj__cell12_a11, 11, 32)
-    _tile113 += tops.place(_adj__cell13_a12, 12, 32)
-    _tile113 += tops.place(_adj__cell14_a13, 13, 32)
-    _tile113 += tops.place(_adj__cell15_a14, 14, 32)
-    _tile113 += tops.place(_adj__cell16_a15, 15, 32)
-    _tile113 += tops.place(_adj__cell17_a16, 16, 32)
-    _tile113 += tops.place(_adj__cell18_a17, 17, 32)
-    _tile113 += tops.place(_adj__cell19_a18, 18, 32)
-    _tile113 += tops.place(_adj__cell20_a19, 19, 32)
-    _tile113 += tops.place(_adj__cell21_a20, 20, 32)
-    _tile113 += tops.place(_adj__cell22_a21, 21, 32)
-    _tile113 += tops.place(_adj__cell23_a22, 22, 32)
-    _tile113 += tops.place(_adj__cell24_a23, 23, 32)
-    _tile113 += tops.place(_adj__cell25_a24, 24, 32)
-    _tile113 += tops.place(_adj__cell26_a25, 25, 32)
-    _tile113 += tops.place(_adj__cell27_a26, 26, 32)
-    _tile113 += tops.place(_adj__cell28_a27, 27, 32)
-    _tile113 += tops.place(_adj__cell29_a28, 28, 32)
-    _tile113 += tops.place(_adj__cell30_a29, 29, 32)
-    _dense_t112 = tops.matmul_t(_tile113, _w_gru_0_weight_ih, 12, 0, 0, 30, 12, 32, 16, True)
-    _col114 = tops.column(_dense_t112, 6, 16)
-    _col115 = tops.column(_dense_t112, 3, 16)
-    _adj_scaled_3 = _adj_delta * _phi_shortcut_3 + _adj_delta_att * _phi_shortcut_3 + _col114 * scaled_2 + _col115
-    _col116 = tops.column(_dense_t112, 5, 16)
-    _col117 = tops.column(_dense_t112, 2, 16)
-    _adj_scaled_2 = _adj_delta * _phi_shortcut_2 + _adj_delta_att * _phi_shortcut_2 + _col116 * scaled_1 + _col114 * scaled_3 + _col117
-    _col118 = tops.column(_dense_t112, 4, 16)
-    _col119 = tops.column(_dense_t112, 1, 16)
-    _adj_scaled_1 = _adj_delta * _phi_shortcut_1 + _adj_delta_att * _phi_shortcut_1 + _col118 * scaled_0 + _col116 * scaled_2 + _col119
-    _col120 = tops.column(_dense_t112, 0, 16)
-    _adj_scaled_0 = _adj_delta * _phi_shortcut_0 + _adj_delta_att * _phi_shortcut_0 + _col118 * scaled_1 + _col120
+    _dense_t17 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _dense_t17 += tops.per_element(_adj_step_log_lr, BLOCK)[:, None] * tops.weight_row(_w_head_weight, 10, 2, 0, 10, 16)[None, :]
+    _dense_t18 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _dense_t18 += tops.per_element(_adj_delta_att, BLOCK)[:, None] * tops.weight_row(_w_head_weight, 10, 1, 0, 10, 16)[None, :]
+    _dense_t19 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _dense_t19 += tops.per_element(_adj_delta, BLOCK)[:, None] * tops.weight_row(_w_head_weight, 10, 0, 0, 10, 16)[None, :]
+    _col20 = tops.column(_dense_t17, 0, 16)
+    _col21 = tops.column(_dense_t18, 0, 16)
+    _col22 = tops.column(_dense_t19, 0, 16)
+    _adj__h0_97 = _col20 + _col21 + _col22 + _seed__h0_97
+    _col23 = tops.column(_dense_t18, 1, 16)
+    _col24 = tops.column(_dense_t17, 1, 16)
+    _col25 = tops.column(_dense_t19, 1, 16)
+    _adj__h0_98 = _col23 + _col24 + _col25 + _seed__h0_98
+    _col26 = tops.column(_dense_t18, 2, 16)
+    _col27 = tops.column(_dense_t19, 2, 16)
+    _col28 = tops.column(_dense_t17, 2, 16)
+    _adj__h0_99 = _col26 + _col27 + _col28 + _seed__h0_99
+    _col29 = tops.column(_dense_t18, 3, 16)
+    _col30 = tops.column(_dense_t19, 3, 16)
+    _col31 = tops.column(_dense_t17, 3, 16)
+    _adj__h0_100 = _col29 + _col30 + _col31 + _seed__h0_100
+    _col32 = tops.column(_dense_t18, 4, 16)
+    _col33 = tops.column(_dense_t19, 4, 16)
+    _col34 = tops.column(_dense_t17, 4, 16)
+    _adj__h0_101 = _col32 + _col33 + _col34 + _seed__h0_101
+    _col35 = tops.column(_dense_t18, 5, 16)
+    _col36 = tops.column(_dense_t19, 5, 16)
+    _col37 = tops.column(_dense_t17, 5, 16)
+    _adj__h0_102 = _col35 + _col36 + _col37 + _seed__h0_102
+    _col38 = tops.column(_dense_t18, 6, 16)
+    _col39 = tops.column(_dense_t19, 6, 16)
+    _col40 = tops.column(_dense_t17, 6, 16)
+    _adj__h0_103 = _col38 + _col39 + _col40 + _seed__h0_103
+    _col41 = tops.column(_dense_t18, 7, 16)
+    _col42 = tops.column(_dense_t19, 7, 16)
+    _col43 = tops.column(_dense_t17, 7, 16)
+    _adj__h0_104 = _col41 + _col42 + _col43 + _seed__h0_104
+    _col44 = tops.column(_dense_t18, 8, 16)
+    _col45 = tops.column(_dense_t19, 8, 16)
+    _col46 = tops.column(_dense_t17, 8, 16)
+    _adj__h0_105 = _col44 + _col45 + _col46 + _seed__h0_105
+    _col47 = tops.column(_dense_t17, 9, 16)
+    _col48 = tops.column(_dense_t18, 9, 16)
+    _col49 = tops.column(_dense_t19, 9, 16)
+    _adj__h0_106 = _col47 + _col48 + _col49 + _seed__h0_106
+    _seed_tile50 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _seed_tile50 += tops.place(tops.per_element(_adj__h0_97, BLOCK), 0, 16)
+    _seed_tile50 += tops.place(tops.per_element(_adj__h0_98, BLOCK), 1, 16)
+    _seed_tile50 += tops.place(tops.per_element(_adj__h0_99, BLOCK), 2, 16)
+    _seed_tile50 += tops.place(tops.per_element(_adj__h0_100, BLOCK), 3, 16)
+    _seed_tile50 += tops.place(tops.per_element(_adj__h0_101, BLOCK), 4, 16)
+    _seed_tile50 += tops.place(tops.per_element(_adj__h0_102, BLOCK), 5, 16)
+    _seed_tile50 += tops.place(tops.per_element(_adj__h0_103, BLOCK), 6, 16)
+    _seed_tile50 += tops.place(tops.per_element(_adj__h0_104, BLOCK), 7, 16)
+    _seed_tile50 += tops.place(tops.per_element(_adj__h0_105, BLOCK), 8, 16)
+    _seed_tile50 += tops.place(tops.per_element(_adj__h0_106, BLOCK), 9, 16)
+    _d_u51 = _seed_tile50 * (_tile1 - _c15) * _u14 * (1.0 - _u14)
+    _d_c52 = _seed_tile50 * (1.0 - _u14) * (1.0 - _c15 * _c15)
+    _d_rh53 = tops.matmul_t(_d_c52, _w_gru_0_weight_hh, 10, 20, 0, 10, 10, 16, 16, True)
+    _d_r54 = _d_rh53 * _tile1 * _r5 * (1.0 - _r5)
+    _d_h_prev55 = _seed_tile50 * _u14 + _d_rh53 * _r5 + tops.matmul_t(_d_r54, _w_gru_0_weight_hh, 10, 0, 0, 10, 10, 16, 16, True) + tops.matmul_t(_d_u51, _w_gru_0_weight_hh, 10, 10, 0, 10, 10, 16, 16, True)
+    _rh56 = _r5 * _tile1
+    _d_x57 = tops.matmul_t(_d_r54, _w_gru_0_weight_ih, 12, 0, 0, 10, 12, 16, 16, True) + tops.matmul_t(_d_u51, _w_gru_0_weight_ih, 12, 10, 0, 10, 12, 16, 16, True) + tops.matmul_t(_d_c52, _w_gru_0_weight_ih, 12, 20, 0, 10, 12, 16, 16, True)
+    _tile58 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile58 += tops.place(tops.per_element(scaled_0, BLOCK), 0, 16)
+    _tile58 += tops.place(tops.per_element(scaled_1, BLOCK), 1, 16)
+    _tile58 += tops.place(tops.per_element(scaled_2, BLOCK), 2, 16)
+    _tile58 += tops.place(tops.per_element(scaled_3, BLOCK), 3, 16)
+    _tile58 += tops.place(tops.per_element(grad_products_0, BLOCK), 4, 16)
+    _tile58 += tops.place(tops.per_element(grad_products_1, BLOCK), 5, 16)
+    _tile58 += tops.place(tops.per_element(grad_products_2, BLOCK), 6, 16)
+    _tile58 += tops.place(tops.per_element(rel_log_magnitude_0, BLOCK), 7, 16)
+    _tile58 += tops.place(tops.per_element(rel_log_magnitude_1, BLOCK), 8, 16)
+    _tile58 += tops.place(tops.per_element(rel_log_magnitude_2, BLOCK), 9, 16)
+    _tile58 += tops.place(tops.per_element(rel_log_magnitude_3, BLOCK), 10, 16)
+    _tile58 += tops.place(tops.per_element(rel_log_lr, BLOCK), 11, 16)
+    _masked59 = tl.where(_mask[:, None], _tile58, 0.0)
+    _masked60 = tl.where(_mask[:, None], _d_r54, 0.0)
+    _masked61 = tl.where(_mask[:, None], _tile1, 0.0)
+    _masked62 = tl.where(_mask[:, None], _d_u51, 0.0)
+    _masked63 = tl.where(_mask[:, None], _tile1, 0.0)
+    _masked64 = tl.where(_mask[:, None], _d_c52, 0.0)
+    _masked65 = tl.where(_mask[:, None], _rh56, 0.0)
+    _col66 = tops.column(_d_x57, 6, 16)
+    _col67 = tops.column(_d_x57, 3, 16)
+    _adj_scaled_3 = _adj_delta * _phi_shortcut_3 + _adj_delta_att * _phi_shortcut_3 + _col66 * scaled_2 + _col67
+    _col68 = tops.column(_d_x57, 5, 16)
+    _col69 = tops.column(_d_x57, 2, 16)
+    _adj_scaled_2 = _adj_delta * _phi_shortcut_2 + _adj_delta_att * _phi_shortcut_2 + _col68 * scaled_1 + _col66 * scaled_3 + _col69
+    _col70 = tops.column(_d_x57, 4, 16)
+    _col71 = tops.column(_d_x57, 1, 16)
+    _adj_scaled_1 = _adj_delta * _phi_shortcut_1 + _adj_delta_att * _phi_shortcut_1 + _col70 * scaled_0 + _col68 * scaled_2 + _col71
+    _col72 = tops.column(_d_x57, 0, 16)
+    _adj_scaled_0 = _adj_delta * _phi_shortcut_0 + _adj_delta_att * _phi_shortcut_0 + _col70 * scaled_1 + _col72
     _bk2 = 1.0 / ms_3
     _bk3 = 0.25 * _bk2
     _bk4 = ms_3 + 1e-16
     _bk5 = _adj_scaled_3 * tl.rsqrt(1.0 + acc_3 * acc_3 / _bk4)
-    _col121 = tops.column(_dense_t112, 7, 16)
-    _col122 = tops.column(_dense_t112, 8, 16)
-    _col123 = tops.column(_dense_t112, 9, 16)
-    _col124 = tops.column(_dense_t112, 10, 16)
-    _adj_ms_3 = -_col121 * _bk3 - _col122 * _bk3 - _col123 * _bk3 + 0.75 * _col124 * _bk2 + _seed_ms_3 - (0.5 * _bk5 * acc_3) / tops.pow_(_bk4, 1.5)
+    _col73 = tops.column(_d_x57, 7, 16)
+    _col74 = tops.column(_d_x57, 8, 16)
+    _col75 = tops.column(_d_x57, 9, 16)
+    _col76 = tops.column(_d_x57, 10, 16)
+    _adj_ms_3 = -_col73 * _bk3 - _col74 * _bk3 - _col75 * _bk3 + 0.75 * _col76 * _bk2 + _seed_ms_3 - (0.5 * _bk5 * acc_3) / tops.pow_(_bk4, 1.5)
     _bk6 = 1.0 / ms_2
     _bk7 = 0.25 * _bk6
     _bk8 = ms_2 + 1e-16
     _bk9 = _adj_scaled_2 * tl.rsqrt(1.0 + acc_2 * acc_2 / _bk8)
-    _adj_ms_2 = -_col121 * _bk7 - _col122 * _bk7 + 0.75 * _col123 * _bk6 - _col124 * _bk7 + _seed_ms_2 - (0.5 * _bk9 * acc_2) / tops.pow_(_bk8, 1.5)
+    _adj_ms_2 = -_col73 * _bk7 - _col74 * _bk7 + 0.75 * _col75 * _bk6 - _col76 * _bk7 + _seed_ms_2 - (0.5 * _bk9 * acc_2) / tops.pow_(_bk8, 1.5)
     _bk10 = 1.0 / ms_1
     _bk11 = 0.25 * _bk10
     _bk12 = ms_1 + 1e-16
     _bk13 = _adj_scaled_1 * tl.rsqrt(1.0 + acc_1 * acc_1 / _bk12)
-    _adj_ms_1 = -_col121 * _bk11 + 0.75 * _col122 * _bk10 - _col123 * _bk11 - _col124 * _bk11 + _seed_ms_1 - (0.5 * _bk13 * acc_1) / tops.pow_(_bk12, 1.5)
+    _adj_ms_1 = -_col73 * _bk11 + 0.75 * _col74 * _bk10 - _col75 * _bk11 - _col76 * _bk11 + _seed_ms_1 - (0.5 * _bk13 * acc_1) / tops.pow_(_bk12, 1.5)
     _bk14 = 1.0 / ms_0
     _bk15 = 0.25 * _bk14
     _bk16 = ms_0 + 1e-16
     _bk17 = _adj_scaled_0 * tl.rsqrt(1.0 + acc_0 * acc_0 / _bk16)
-    _adj_ms_0 = 0.75 * _col121 * _bk14 - _col122 * _bk15 - _col123 * _bk15 - _col124 * _bk15 + _seed_ms_0 - (0.5 * _bk17 * acc_0) / tops.pow_(_bk16, 1.5)
+    _adj_ms_0 = 0.75 * _col73 * _bk14 - _col74 * _bk15 - _col75 * _bk15 - _col76 * _bk15 + _seed_ms_0 - (0.5 * _bk17 * acc_0) / tops.pow_(_bk16, 1.5)
     _bk18 = 2.0 * acc_3
     _adj_acc_3 = _adj_ms_3 * tl.where((_u7 != 0.0), _bk18, _bk18 * _u8) + _seed_acc_3 + _bk5 * tl.rsqrt(_bk4)
     _bk19 = 2.0 * acc_2
@@ -3363,8 +1358,8 @@ def stage2_backward_kernel(
     _bk25 = tl.sqrt(tl.sqrt(_bk22)) * (0.25 - 0.25 * _bk22)
     _bk26 = tl.sqrt(tl.sqrt(tl.sqrt(_bk22))) * (0.125 - 0.125 * _bk22)
     _adj__head_out4 = _adj_acc_0 * (_acc_old_0 * _bk23 - _bk23 * g) + _adj_acc_1 * (_acc_old_1 * _bk24 - _bk24 * g) + _adj_acc_2 * (_acc_old_2 * _bk25 - _bk25 * g) + _adj_acc_3 * (_acc_old_3 * _bk26 - _bk26 * g)
-    _dense_t125 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _dense_t125 += _adj__head_out4[:, None] * tops.weight_row(_w_head_weight, 10, 3, 0, 10, 16)[None, :]
+    _dense_t77 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _dense_t77 += tops.per_element(_adj__head_out4, BLOCK)[:, None] * tops.weight_row(_w_head_weight, 10, 3, 0, 10, 16)[None, :]
     _bk27 = tops.sigmoid(_head_out4)
     _adj__acc_old_0 = _adj_acc_0 * _bk27
     _bk28 = tl.sqrt(_bk27)
@@ -3373,42 +1368,42 @@ def stage2_backward_kernel(
     _adj__acc_old_2 = _adj_acc_2 * _bk29
     _bk30 = tl.sqrt(tl.sqrt(tl.sqrt(_bk27)))
     _adj__acc_old_3 = _adj_acc_3 * _bk30
-    _col126 = tops.column(_dense_t112, 11, 16)
-    _adj__log_lr_old = _col126 + _adj_step_log_lr + _seed_log_lr * lr_ema
+    _col78 = tops.column(_d_x57, 11, 16)
+    _adj__log_lr_old = _col78 + _adj_step_log_lr + _seed_log_lr * lr_ema
     _adj__ms_old_0 = _adj_ms_0 * tl.where((_u1 != 0.0), 0.0, ms_decay)
     _adj__ms_old_1 = _adj_ms_1 * tl.where((_u3 != 0.0), 0.0, ms_decay)
     _adj__ms_old_2 = _adj_ms_2 * tl.where((_u5 != 0.0), 0.0, ms_decay)
     _adj__ms_old_3 = _adj_ms_3 * tl.where((_u7 != 0.0), 0.0, ms_decay)
-    _col127 = tops.column(_dense_t110, 0, 16)
-    _col128 = tops.column(_dense_t125, 0, 16)
-    _adj__net_h0_old_0 = _adj__h0_97 * _cell61_u0 + _col109 * _cell51_r0 + _col127 + _col128
-    _col129 = tops.column(_dense_t110, 1, 16)
-    _col130 = tops.column(_dense_t125, 1, 16)
-    _adj__net_h0_old_1 = _adj__h0_98 * _cell62_u1 + _col108 * _cell52_r1 + _col129 + _col130
-    _col131 = tops.column(_dense_t110, 2, 16)
-    _col132 = tops.column(_dense_t125, 2, 16)
-    _adj__net_h0_old_2 = _adj__h0_99 * _cell63_u2 + _col107 * _cell53_r2 + _col131 + _col132
-    _col133 = tops.column(_dense_t110, 3, 16)
-    _col134 = tops.column(_dense_t125, 3, 16)
-    _adj__net_h0_old_3 = _adj__h0_100 * _cell64_u3 + _col106 * _cell54_r3 + _col133 + _col134
-    _col135 = tops.column(_dense_t110, 4, 16)
-    _col136 = tops.column(_dense_t125, 4, 16)
-    _adj__net_h0_old_4 = _adj__h0_101 * _cell65_u4 + _col105 * _cell55_r4 + _col135 + _col136
-    _col137 = tops.column(_dense_t110, 5, 16)
-    _col138 = tops.column(_dense_t125, 5, 16)
-    _adj__net_h0_old_5 = _adj__h0_102 * _cell66_u5 + _col104 * _cell56_r5 + _col137 + _col138
-    _col139 = tops.column(_dense_t110, 6, 16)
-    _col140 = tops.column(_dense_t125, 6, 16)
-    _adj__net_h0_old_6 = _adj__h0_103 * _cell67_u6 + _col103 * _cell57_r6 + _col139 + _col140
-    _col141 = tops.column(_dense_t110, 7, 16)
-    _col142 = tops.column(_dense_t125, 7, 16)
-    _adj__net_h0_old_7 = _adj__h0_104 * _cell68_u7 + _col102 * _cell58_r7 + _col141 + _col142
-    _col143 = tops.column(_dense_t110, 8, 16)
-    _col144 = tops.column(_dense_t125, 8, 16)
-    _adj__net_h0_old_8 = _adj__h0_105 * _cell69_u8 + _col101 * _cell59_r8 + _col143 + _col144
-    _col145 = tops.column(_dense_t110, 9, 16)
-    _col146 = tops.column(_dense_t125, 9, 16)
-    _adj__net_h0_old_9 = _adj__h0_106 * _cell70_u9 + _col100 * _cell60_r9 + _col145 + _col146
+    _col79 = tops.column(_d_h_prev55, 0, 16)
+    _col80 = tops.column(_dense_t77, 0, 16)
+    _adj__net_h0_old_0 = _col79 + _col80
+    _col81 = tops.column(_d_h_prev55, 1, 16)
+    _col82 = tops.column(_dense_t77, 1, 16)
+    _adj__net_h0_old_1 = _col81 + _col82
+    _col83 = tops.column(_d_h_prev55, 2, 16)
+    _col84 = tops.column(_dense_t77, 2, 16)
+    _adj__net_h0_old_2 = _col83 + _col84
+    _col85 = tops.column(_d_h_prev55, 3, 16)
+    _col86 = tops.column(_dense_t77, 3, 16)
+    _adj__net_h0_old_3 = _col85 + _col86
+    _col87 = tops.column(_d_h_prev55, 4, 16)
+    _col88 = tops.column(_dense_t77, 4, 16)
+    _adj__net_h0_old_4 = _col87 + _col88
+    _col89 = tops.column(_d_h_prev55, 5, 16)
+    _col90 = tops.column(_dense_t77, 5, 16)
+    _adj__net_h0_old_5 = _col89 + _col90
+    _col91 = tops.column(_d_h_prev55, 6, 16)
+    _col92 = tops.column(_dense_t77, 6, 16)
+    _adj__net_h0_old_6 = _col91 + _col92
+    _col93 = tops.column(_d_h_prev55, 7, 16)
+    _col94 = tops.column(_dense_t77, 7, 16)
+    _adj__net_h0_old_7 = _col93 + _col94
+    _col95 = tops.column(_d_h_prev55, 8, 16)
+    _col96 = tops.column(_dense_t77, 8, 16)
+    _adj__net_h0_old_8 = _col95 + _col96
+    _col97 = tops.column(_d_h_prev55, 9, 16)
+    _col98 = tops.column(_dense_t77, 9, 16)
+    _adj__net_h0_old_9 = _col97 + _col98
     _adj__phi_shortcut_0 = _adj_delta * scaled_0 + _adj_delta_att * scaled_0
     _adj__phi_shortcut_1 = _adj_delta * scaled_1 + _adj_delta_att * scaled_1
     _adj__phi_shortcut_2 = _adj_delta * scaled_2 + _adj_delta_att * scaled_2
@@ -3428,123 +1423,50 @@ def stage2_backward_kernel(
     _adj_lr = -_lookahead * _seed__p_lookahead - _seed__p_new * _update
     _adj_lr_ema = _log_lr_old * _seed_log_lr
     _adj_ms_decay = _adj_ms_0 * tl.where((_u1 != 0.0), 0.0, _ms_old_0) + _adj_ms_1 * tl.where((_u3 != 0.0), 0.0, _ms_old_1) + _adj_ms_2 * tl.where((_u5 != 0.0), 0.0, _ms_old_2) + _adj_ms_3 * tl.where((_u7 != 0.0), 0.0, _ms_old_3)
-    _tile147 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile147 += tops.place(_adj_step_log_lr, 0, 16)
-    _masked148 = tl.where(_mask[:, None], _tile147, 0.0)
-    _tile149 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile149 += tops.place(_h0_97, 0, 16)
-    _tile149 += tops.place(_h0_98, 1, 16)
-    _tile149 += tops.place(_h0_99, 2, 16)
-    _tile149 += tops.place(_h0_100, 3, 16)
-    _tile149 += tops.place(_h0_101, 4, 16)
-    _tile149 += tops.place(_h0_102, 5, 16)
-    _tile149 += tops.place(_h0_103, 6, 16)
-    _tile149 += tops.place(_h0_104, 7, 16)
-    _tile149 += tops.place(_h0_105, 8, 16)
-    _tile149 += tops.place(_h0_106, 9, 16)
-    _masked150 = tl.where(_mask[:, None], _tile149, 0.0)
-    _tile151 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile151 += tops.place(_adj_delta_att, 0, 16)
-    _masked152 = tl.where(_mask[:, None], _tile151, 0.0)
-    _tile153 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile153 += tops.place(_adj_delta, 0, 16)
-    _masked154 = tl.where(_mask[:, None], _tile153, 0.0)
-    _tile155 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile155 += tops.place(_adj__cell81_bc0, 0, 16)
-    _tile155 += tops.place(_adj__cell82_bc1, 1, 16)
-    _tile155 += tops.place(_adj__cell83_bc2, 2, 16)
-    _tile155 += tops.place(_adj__cell84_bc3, 3, 16)
-    _tile155 += tops.place(_adj__cell85_bc4, 4, 16)
-    _tile155 += tops.place(_adj__cell86_bc5, 5, 16)
-    _tile155 += tops.place(_adj__cell87_bc6, 6, 16)
-    _tile155 += tops.place(_adj__cell88_bc7, 7, 16)
-    _tile155 += tops.place(_adj__cell89_bc8, 8, 16)
-    _tile155 += tops.place(_adj__cell90_bc9, 9, 16)
-    _masked156 = tl.where(_mask[:, None], _tile155, 0.0)
-    _tile157 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile157 += tops.place(_cell71_rh0, 0, 16)
-    _tile157 += tops.place(_cell72_rh1, 1, 16)
-    _tile157 += tops.place(_cell73_rh2, 2, 16)
-    _tile157 += tops.place(_cell74_rh3, 3, 16)
-    _tile157 += tops.place(_cell75_rh4, 4, 16)
-    _tile157 += tops.place(_cell76_rh5, 5, 16)
-    _tile157 += tops.place(_cell77_rh6, 6, 16)
-    _tile157 += tops.place(_cell78_rh7, 7, 16)
-    _tile157 += tops.place(_cell79_rh8, 8, 16)
-    _tile157 += tops.place(_cell80_rh9, 9, 16)
-    _masked158 = tl.where(_mask[:, None], _tile157, 0.0)
-    _tile159 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _tile159 += tops.place(_adj__cell31_b0, 0, 32)
-    _tile159 += tops.place(_adj__cell32_b1, 1, 32)
-    _tile159 += tops.place(_adj__cell33_b2, 2, 32)
-    _tile159 += tops.place(_adj__cell34_b3, 3, 32)
-    _tile159 += tops.place(_adj__cell35_b4, 4, 32)
-    _tile159 += tops.place(_adj__cell36_b5, 5, 32)
-    _tile159 += tops.place(_adj__cell37_b6, 6, 32)
-    _tile159 += tops.place(_adj__cell38_b7, 7, 32)
-    _tile159 += tops.place(_adj__cell39_b8, 8, 32)
-    _tile159 += tops.place(_adj__cell40_b9, 9, 32)
-    _tile159 += tops.place(_adj__cell41_b10, 10, 32)
-    _tile159 += tops.place(_adj__cell42_b11, 11, 32)
-    _tile159 += tops.place(_adj__cell43_b12, 12, 32)
-    _tile159 += tops.place(_adj__cell44_b13, 13, 32)
-    _tile159 += tops.place(_adj__cell45_b14, 14, 32)
-    _tile159 += tops.place(_adj__cell46_b15, 15, 32)
-    _tile159 += tops.place(_adj__cell47_b16, 16, 32)
-    _tile159 += tops.place(_adj__cell48_b17, 17, 32)
-    _tile159 += tops.place(_adj__cell49_b18, 18, 32)
-    _tile159 += tops.place(_adj__cell50_b19, 19, 32)
-    _masked160 = tl.where(_mask[:, None], _tile159, 0.0)
-    _masked161 = tl.where(_mask[:, None], _tile1, 0.0)
-    _tile162 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _tile162 += tops.place(_adj__cell1_a0, 0, 32)
-    _tile162 += tops.place(_adj__cell2_a1, 1, 32)
-    _tile162 += tops.place(_adj__cell3_a2, 2, 32)
-    _tile162 += tops.place(_adj__cell4_a3, 3, 32)
-    _tile162 += tops.place(_adj__cell5_a4, 4, 32)
-    _tile162 += tops.place(_adj__cell6_a5, 5, 32)
-    _tile162 += tops.place(_adj__cell7_a6, 6, 32)
-    _tile162 += tops.place(_adj__cell8_a7, 7, 32)
-    _tile162 += tops.place(_adj__cell9_a8, 8, 32)
-    _tile162 += tops.place(_adj__cell10_a9, 9, 32)
-    _tile162 += tops.place(_adj__cell11_a10, 10, 32)
-    _tile162 += tops.place(_adj__cell12_a11, 11, 32)
-    _tile162 += tops.place(_adj__cell13_a12, 12, 32)
-    _tile162 += tops.place(_adj__cell14_a13, 13, 32)
-    _tile162 += tops.place(_adj__cell15_a14, 14, 32)
-    _tile162 += tops.place(_adj__cell16_a15, 15, 32)
-    _tile162 += tops.place(_adj__cell17_a16, 16, 32)
-    _tile162 += tops.place(_adj__cell18_a17, 17, 32)
-    _tile162 += tops.place(_adj__cell19_a18, 18, 32)
-    _tile162 += tops.place(_adj__cell20_a19, 19, 32)
-    _tile162 += tops.place(_adj__cell21_a20, 20, 32)
-    _tile162 += tops.place(_adj__cell22_a21, 21, 32)
-    _tile162 += tops.place(_adj__cell23_a22, 22, 32)
-    _tile162 += tops.place(_adj__cell24_a23, 23, 32)
-    _tile162 += tops.place(_adj__cell25_a24, 24, 32)
-    _tile162 += tops.place(_adj__cell26_a25, 25, 32)
-    _tile162 += tops.place(_adj__cell27_a26, 26, 32)
-    _tile162 += tops.place(_adj__cell28_a27, 27, 32)
-    _tile162 += tops.place(_adj__cell29_a28, 28, 32)
-    _tile162 += tops.place(_adj__cell30_a29, 29, 32)
-    _masked163 = tl.where(_mask[:, None], _tile162, 0.0)
-    _tile164 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile164 += tops.place(scaled_0, 0, 16)
-    _tile164 += tops.place(scaled_1, 1, 16)
-    _tile164 += tops.place(scaled_2, 2, 16)
-    _tile164 += tops.place(scaled_3, 3, 16)
-    _tile164 += tops.place(grad_products_0, 4, 16)
-    _tile164 += tops.place(grad_products_1, 5, 16)
-    _tile164 += tops.place(grad_products_2, 6, 16)
-    _tile164 += tops.place(rel_log_magnitude_0, 7, 16)
-    _tile164 += tops.place(rel_log_magnitude_1, 8, 16)
-    _tile164 += tops.place(rel_log_magnitude_2, 9, 16)
-    _tile164 += tops.place(rel_log_magnitude_3, 10, 16)
-    _tile164 += tops.place(rel_log_lr, 11, 16)
-    _masked165 = tl.where(_mask[:, None], _tile164, 0.0)
-    _tile166 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile166 += tops.place(_adj__head_out4, 0, 16)
-    _masked167 = tl.where(_mask[:, None], _tile166, 0.0)
+    _col99 = tops.column(_d_r54, 0, 16)
+    _col100 = tops.column(_d_r54, 1, 16)
+    _col101 = tops.column(_d_r54, 2, 16)
+    _col102 = tops.column(_d_r54, 3, 16)
+    _col103 = tops.column(_d_r54, 4, 16)
+    _col104 = tops.column(_d_r54, 5, 16)
+    _col105 = tops.column(_d_r54, 6, 16)
+    _col106 = tops.column(_d_r54, 7, 16)
+    _col107 = tops.column(_d_r54, 8, 16)
+    _col108 = tops.column(_d_r54, 9, 16)
+    _col109 = tops.column(_d_u51, 0, 16)
+    _col110 = tops.column(_d_u51, 1, 16)
+    _col111 = tops.column(_d_u51, 2, 16)
+    _col112 = tops.column(_d_u51, 3, 16)
+    _col113 = tops.column(_d_u51, 4, 16)
+    _col114 = tops.column(_d_u51, 5, 16)
+    _col115 = tops.column(_d_u51, 6, 16)
+    _col116 = tops.column(_d_u51, 7, 16)
+    _col117 = tops.column(_d_u51, 8, 16)
+    _col118 = tops.column(_d_u51, 9, 16)
+    _col119 = tops.column(_d_c52, 0, 16)
+    _col120 = tops.column(_d_c52, 1, 16)
+    _col121 = tops.column(_d_c52, 2, 16)
+    _col122 = tops.column(_d_c52, 3, 16)
+    _col123 = tops.column(_d_c52, 4, 16)
+    _col124 = tops.column(_d_c52, 5, 16)
+    _col125 = tops.column(_d_c52, 6, 16)
+    _col126 = tops.column(_d_c52, 7, 16)
+    _col127 = tops.column(_d_c52, 8, 16)
+    _col128 = tops.column(_d_c52, 9, 16)
+    _tile129 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile129 += tops.place(tops.per_element(_adj_step_log_lr, BLOCK), 0, 16)
+    _masked130 = tl.where(_mask[:, None], _tile129, 0.0)
+    _masked131 = tl.where(_mask[:, None], _h_new16, 0.0)
+    _tile132 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile132 += tops.place(tops.per_element(_adj_delta_att, BLOCK), 0, 16)
+    _masked133 = tl.where(_mask[:, None], _tile132, 0.0)
+    _tile134 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile134 += tops.place(tops.per_element(_adj_delta, BLOCK), 0, 16)
+    _masked135 = tl.where(_mask[:, None], _tile134, 0.0)
+    _tile136 = tl.zeros((BLOCK, 16), dtype=tl.float32)
+    _tile136 += tops.place(tops.per_element(_adj__head_out4, BLOCK), 0, 16)
+    _masked137 = tl.where(_mask[:, None], _tile136, 0.0)
+    _masked138 = tl.where(_mask[:, None], _tile1, 0.0)
     tl.store(_grad_st_acc + 0 * _numel + _offs, tops.per_element(_adj__acc_old_0, BLOCK), mask=_mask)
     tl.store(_grad_st_acc + 1 * _numel + _offs, tops.per_element(_adj__acc_old_1, BLOCK), mask=_mask)
     tl.store(_grad_st_acc + 2 * _numel + _offs, tops.per_element(_adj__acc_old_2, BLOCK), mask=_mask)
@@ -3566,62 +1488,67 @@ def stage2_backward_kernel(
     tl.store(_grad_st_net_h0 + 9 * _numel + _offs, tops.per_element(_adj__net_h0_old_9, BLOCK), mask=_mask)
     tl.store(_grad_st_theta + 0 * _numel + _offs, tops.per_element(_adj__theta_old, BLOCK), mask=_mask)
     tl.store(_grad_g_ptr + _offs, tops.per_element(_adj_g, BLOCK), mask=_mask)
-    tops.store_block(_gpart_ptr + _pid * 781 + 47, tops.outer_sum(_masked148, _masked150, True), 1, 10, 16, 16)
-    tops.store_vec(_gpart_ptr + _pid * 781 + 57, tl.sum(_masked148, axis=0), 1, 16)
-    tops.store_block(_gpart_ptr + _pid * 781 + 58, tops.outer_sum(_masked152, _masked150, True), 1, 10, 16, 16)
-    tops.store_vec(_gpart_ptr + _pid * 781 + 68, tl.sum(_masked152, axis=0), 1, 16)
-    tops.store_block(_gpart_ptr + _pid * 781 + 69, tops.outer_sum(_masked154, _masked150, True), 1, 10, 16, 16)
-    tops.store_vec(_gpart_ptr + _pid * 781 + 79, tl.sum(_masked154, axis=0), 1, 16)
-    tops.store_block(_gpart_ptr + _pid * 781 + 80, tops.outer_sum(_masked156, _masked158, True), 10, 10, 16, 16)
-    tops.store_block(_gpart_ptr + _pid * 781 + 180, tops.outer_sum(_masked160, _masked161, True), 20, 10, 32, 16)
-    tops.store_block(_gpart_ptr + _pid * 781 + 380, tops.outer_sum(_masked163, _masked165, True), 30, 12, 32, 16)
-    tops.store_vec(_gpart_ptr + _pid * 781 + 740, tl.sum(_masked163, axis=0), 30, 32)
-    tops.store_block(_gpart_ptr + _pid * 781 + 770, tops.outer_sum(_masked167, _masked161, True), 1, 10, 16, 16)
-    tops.store_vec(_gpart_ptr + _pid * 781 + 780, tl.sum(_masked167, axis=0), 1, 16)
-    tl.store(_gpart_ptr + _pid * 781 + 0, tl.sum(tl.where(_mask, _adj__cell1_a0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 1, tl.sum(tl.where(_mask, _adj__cell2_a1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 2, tl.sum(tl.where(_mask, _adj__cell3_a2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 3, tl.sum(tl.where(_mask, _adj__cell4_a3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 4, tl.sum(tl.where(_mask, _adj__cell5_a4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 5, tl.sum(tl.where(_mask, _adj__cell6_a5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 6, tl.sum(tl.where(_mask, _adj__cell7_a6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 7, tl.sum(tl.where(_mask, _adj__cell8_a7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 8, tl.sum(tl.where(_mask, _adj__cell9_a8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 9, tl.sum(tl.where(_mask, _adj__cell10_a9, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 10, tl.sum(tl.where(_mask, _adj__cell11_a10, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 11, tl.sum(tl.where(_mask, _adj__cell12_a11, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 12, tl.sum(tl.where(_mask, _adj__cell13_a12, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 13, tl.sum(tl.where(_mask, _adj__cell14_a13, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 14, tl.sum(tl.where(_mask, _adj__cell15_a14, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 15, tl.sum(tl.where(_mask, _adj__cell16_a15, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 16, tl.sum(tl.where(_mask, _adj__cell17_a16, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 17, tl.sum(tl.where(_mask, _adj__cell18_a17, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 18, tl.sum(tl.where(_mask, _adj__cell19_a18, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 19, tl.sum(tl.where(_mask, _adj__cell20_a19, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 20, tl.sum(tl.where(_mask, _adj__cell21_a20, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 21, tl.sum(tl.where(_mask, _adj__cell22_a21, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 22, tl.sum(tl.where(_mask, _adj__cell23_a22, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 23, tl.sum(tl.where(_mask, _adj__cell24_a23, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 24, tl.sum(tl.where(_mask, _adj__cell25_a24, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 25, tl.sum(tl.where(_mask, _adj__cell26_a25, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 26, tl.sum(tl.where(_mask, _adj__cell27_a26, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 27, tl.sum(tl.where(_mask, _adj__cell28_a27, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 28, tl.sum(tl.where(_mask, _adj__cell29_a28, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 29, tl.sum(tl.where(_mask, _adj__cell30_a29, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 30, tl.sum(tl.where(_mask, _adj__phi_shortcut_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 31, tl.sum(tl.where(_mask, _adj__phi_shortcut_1, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 32, tl.sum(tl.where(_mask, _adj__phi_shortcut_2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 33, tl.sum(tl.where(_mask, _adj__phi_shortcut_3, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 34, tl.sum(tl.where(_mask, _adj__u10, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 35, tl.sum(tl.where(_mask, _adj__u11, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 36, tl.sum(tl.where(_mask, _adj__u12, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 37, tl.sum(tl.where(_mask, _adj__u13, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 38, tl.sum(tl.where(_mask, _adj__u2, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 39, tl.sum(tl.where(_mask, _adj__u4, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 40, tl.sum(tl.where(_mask, _adj__u6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 41, tl.sum(tl.where(_mask, _adj__u8, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 42, tl.sum(tl.where(_mask, _col126, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 43, tl.sum(tl.where(_mask, _adj_log_lr_offset, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 44, tl.sum(tl.where(_mask, _adj_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 45, tl.sum(tl.where(_mask, _adj_lr_ema, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 781 + 46, tl.sum(tl.where(_mask, _adj_ms_decay, 0.0), axis=0))
+    tops.store_block(_gpart_ptr + _pid * 781 + 0, tops.outer_sum(_masked60, _masked61, True), 10, 10, 16, 16)
+    tops.store_block(_gpart_ptr + _pid * 781 + 100, tops.outer_sum(_masked60, _masked59, True), 10, 12, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 781 + 220, tl.sum(_masked60, axis=0), 10, 16)
+    tops.store_block(_gpart_ptr + _pid * 781 + 230, tops.outer_sum(_masked62, _masked63, True), 10, 10, 16, 16)
+    tops.store_block(_gpart_ptr + _pid * 781 + 330, tops.outer_sum(_masked62, _masked59, True), 10, 12, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 781 + 450, tl.sum(_masked62, axis=0), 10, 16)
+    tops.store_block(_gpart_ptr + _pid * 781 + 460, tops.outer_sum(_masked64, _masked65, True), 10, 10, 16, 16)
+    tops.store_block(_gpart_ptr + _pid * 781 + 560, tops.outer_sum(_masked64, _masked59, True), 10, 12, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 781 + 680, tl.sum(_masked64, axis=0), 10, 16)
+    tops.store_block(_gpart_ptr + _pid * 781 + 737, tops.outer_sum(_masked130, _masked131, True), 1, 10, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 781 + 747, tl.sum(_masked130, axis=0), 1, 16)
+    tops.store_block(_gpart_ptr + _pid * 781 + 748, tops.outer_sum(_masked133, _masked131, True), 1, 10, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 781 + 758, tl.sum(_masked133, axis=0), 1, 16)
+    tops.store_block(_gpart_ptr + _pid * 781 + 759, tops.outer_sum(_masked135, _masked131, True), 1, 10, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 781 + 769, tl.sum(_masked135, axis=0), 1, 16)
+    tops.store_block(_gpart_ptr + _pid * 781 + 770, tops.outer_sum(_masked137, _masked138, True), 1, 10, 16, 16)
+    tops.store_vec(_gpart_ptr + _pid * 781 + 780, tl.sum(_masked137, axis=0), 1, 16)
+    tl.store(_gpart_ptr + _pid * 781 + 690, tl.sum(tl.where(_mask, _col99, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 691, tl.sum(tl.where(_mask, _col100, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 692, tl.sum(tl.where(_mask, _col101, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 693, tl.sum(tl.where(_mask, _col102, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 694, tl.sum(tl.where(_mask, _col103, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 695, tl.sum(tl.where(_mask, _col104, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 696, tl.sum(tl.where(_mask, _col105, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 697, tl.sum(tl.where(_mask, _col106, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 698, tl.sum(tl.where(_mask, _col107, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 699, tl.sum(tl.where(_mask, _col108, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 700, tl.sum(tl.where(_mask, _col109, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 701, tl.sum(tl.where(_mask, _col110, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 702, tl.sum(tl.where(_mask, _col111, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 703, tl.sum(tl.where(_mask, _col112, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 704, tl.sum(tl.where(_mask, _col113, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 705, tl.sum(tl.where(_mask, _col114, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 706, tl.sum(tl.where(_mask, _col115, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 707, tl.sum(tl.where(_mask, _col116, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 708, tl.sum(tl.where(_mask, _col117, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 709, tl.sum(tl.where(_mask, _col118, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 710, tl.sum(tl.where(_mask, _col119, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 711, tl.sum(tl.where(_mask, _col120, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 712, tl.sum(tl.where(_mask, _col121, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 713, tl.sum(tl.where(_mask, _col122, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 714, tl.sum(tl.where(_mask, _col123, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 715, tl.sum(tl.where(_mask, _col124, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 716, tl.sum(tl.where(_mask, _col125, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 717, tl.sum(tl.where(_mask, _col126, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 718, tl.sum(tl.where(_mask, _col127, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 719, tl.sum(tl.where(_mask, _col128, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 720, tl.sum(tl.where(_mask, _adj__phi_shortcut_0, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 721, tl.sum(tl.where(_mask, _adj__phi_shortcut_1, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 722, tl.sum(tl.where(_mask, _adj__phi_shortcut_2, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 723, tl.sum(tl.where(_mask, _adj__phi_shortcut_3, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 724, tl.sum(tl.where(_mask, _adj__u10, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 725, tl.sum(tl.where(_mask, _adj__u11, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 726, tl.sum(tl.where(_mask, _adj__u12, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 727, tl.sum(tl.where(_mask, _adj__u13, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 728, tl.sum(tl.where(_mask, _adj__u2, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 729, tl.sum(tl.where(_mask, _adj__u4, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 730, tl.sum(tl.where(_mask, _adj__u6, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 731, tl.sum(tl.where(_mask, _adj__u8, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 732, tl.sum(tl.where(_mask, _col78, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 733, tl.sum(tl.where(_mask, _adj_log_lr_offset, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 734, tl.sum(tl.where(_mask, _adj_lr, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 735, tl.sum(tl.where(_mask, _adj_lr_ema, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 781 + 736, tl.sum(tl.where(_mask, _adj_ms_decay, 0.0), axis=0))

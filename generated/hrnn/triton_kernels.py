@@ -373,16 +373,16 @@ def stage1_kernel(
     _gate_c4 += rel_log_magnitude_3[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 10, 10, 16)[None, :]
     _gate_c4 += rel_log_lr[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 11, 10, 16)[None, :]
     _r5 = tops.sigmoid(_gate_r2 + tops.matmul(_tile1, _w_gru_0_weight_hh, 10, 0, 0, 10, 10, 16, 16, False))
-    _u6 = tops.sigmoid(_gate_u3 + tops.matmul(_tile1, _w_gru_0_weight_hh, 10, 10, 0, 10, 10, 16, 16, False))
-    _c7 = tops.tanh(_gate_c4 + tops.matmul((_r5 * _tile1), _w_gru_0_weight_hh, 10, 20, 0, 10, 10, 16, 16, False))
-    _h_new8 = _u6 * _tile1 + (1.0 - _u6) * _c7
+    _u14 = tops.sigmoid(_gate_u3 + tops.matmul(_tile1, _w_gru_0_weight_hh, 10, 10, 0, 10, 10, 16, 16, False))
+    _c15 = tops.tanh(_gate_c4 + tops.matmul((_r5 * _tile1), _w_gru_0_weight_hh, 10, 20, 0, 10, 10, 16, 16, False))
+    _h_new16 = _u14 * _tile1 + (1.0 - _u14) * _c15
     _head_out107 = (
         tl.load(_w_head_bias + 0)
-        + tl.sum(_h_new8 * tops.weight_row(_w_head_weight, 10, 0, 0, 10, 16)[None, :], axis=1)
+        + tl.sum(_h_new16 * tops.weight_row(_w_head_weight, 10, 0, 0, 10, 16)[None, :], axis=1)
     )
     _head_out108 = (
         tl.load(_w_head_bias + 1)
-        + tl.sum(_h_new8 * tops.weight_row(_w_head_weight, 10, 1, 0, 10, 16)[None, :], axis=1)
+        + tl.sum(_h_new16 * tops.weight_row(_w_head_weight, 10, 1, 0, 10, 16)[None, :], axis=1)
     )
     _phi_shortcut_0 = tl.load(_hv_ptr + 40)
     _phi_shortcut_1 = tl.load(_hv_ptr + 41)
@@ -392,26 +392,26 @@ def stage1_kernel(
     _mean_tensor_arg295 = delta * delta
     delta_att = _head_out108 + _phi_shortcut_0 * scaled_0 + _phi_shortcut_1 * scaled_1 + _phi_shortcut_2 * scaled_2 + _phi_shortcut_3 * scaled_3
     _mean_tensor_arg297 = delta_att * delta_att
-    _col9 = tops.column(_h_new8, 0, 16)
-    _col10 = tops.column(_h_new8, 1, 16)
-    _col11 = tops.column(_h_new8, 2, 16)
-    _col12 = tops.column(_h_new8, 3, 16)
-    _col13 = tops.column(_h_new8, 4, 16)
-    _col14 = tops.column(_h_new8, 5, 16)
-    _col15 = tops.column(_h_new8, 6, 16)
-    _col16 = tops.column(_h_new8, 7, 16)
-    _col17 = tops.column(_h_new8, 8, 16)
-    _col18 = tops.column(_h_new8, 9, 16)
-    tl.store(_part_ptr + _pid * 13 + 0, tl.sum(tl.where(_mask, _col9, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 13 + 1, tl.sum(tl.where(_mask, _col10, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 13 + 2, tl.sum(tl.where(_mask, _col11, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 13 + 3, tl.sum(tl.where(_mask, _col12, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 13 + 4, tl.sum(tl.where(_mask, _col13, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 13 + 5, tl.sum(tl.where(_mask, _col14, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 13 + 6, tl.sum(tl.where(_mask, _col15, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 13 + 7, tl.sum(tl.where(_mask, _col16, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 13 + 8, tl.sum(tl.where(_mask, _col17, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 13 + 9, tl.sum(tl.where(_mask, _col18, 0.0), axis=0))
+    _col17 = tops.column(_h_new16, 0, 16)
+    _col18 = tops.column(_h_new16, 1, 16)
+    _col19 = tops.column(_h_new16, 2, 16)
+    _col20 = tops.column(_h_new16, 3, 16)
+    _col21 = tops.column(_h_new16, 4, 16)
+    _col22 = tops.column(_h_new16, 5, 16)
+    _col23 = tops.column(_h_new16, 6, 16)
+    _col24 = tops.column(_h_new16, 7, 16)
+    _col25 = tops.column(_h_new16, 8, 16)
+    _col26 = tops.column(_h_new16, 9, 16)
+    tl.store(_part_ptr + _pid * 13 + 0, tl.sum(tl.where(_mask, _col17, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 13 + 1, tl.sum(tl.where(_mask, _col18, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 13 + 2, tl.sum(tl.where(_mask, _col19, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 13 + 3, tl.sum(tl.where(_mask, _col20, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 13 + 4, tl.sum(tl.where(_mask, _col21, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 13 + 5, tl.sum(tl.where(_mask, _col22, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 13 + 6, tl.sum(tl.where(_mask, _col23, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 13 + 7, tl.sum(tl.where(_mask, _col24, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 13 + 8, tl.sum(tl.where(_mask, _col25, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 13 + 9, tl.sum(tl.where(_mask, _col26, 0.0), axis=0))
     tl.store(_part_ptr + _pid * 13 + 10, tl.sum(tl.where(_mask, rel_log_lr, 0.0), axis=0))
     tl.store(_part_ptr + _pid * 13 + 11, tl.sum(tl.where(_mask, _mean_tensor_arg295, 0.0), axis=0))
     tl.store(_part_ptr + _pid * 13 + 12, tl.sum(tl.where(_mask, _mean_tensor_arg297, 0.0), axis=0))
@@ -539,20 +539,20 @@ def stage2_kernel(
     _gate_c4 += rel_log_magnitude_3[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 10, 10, 16)[None, :]
     _gate_c4 += rel_log_lr[:, None] * tops.weight_col(_w_gru_0_weight_ih, 12, 20, 11, 10, 16)[None, :]
     _r5 = tops.sigmoid(_gate_r2 + tops.matmul(_tile1, _w_gru_0_weight_hh, 10, 0, 0, 10, 10, 16, 16, False))
-    _u6 = tops.sigmoid(_gate_u3 + tops.matmul(_tile1, _w_gru_0_weight_hh, 10, 10, 0, 10, 10, 16, 16, False))
-    _c7 = tops.tanh(_gate_c4 + tops.matmul((_r5 * _tile1), _w_gru_0_weight_hh, 10, 20, 0, 10, 10, 16, 16, False))
-    _h_new8 = _u6 * _tile1 + (1.0 - _u6) * _c7
+    _u14 = tops.sigmoid(_gate_u3 + tops.matmul(_tile1, _w_gru_0_weight_hh, 10, 10, 0, 10, 10, 16, 16, False))
+    _c15 = tops.tanh(_gate_c4 + tops.matmul((_r5 * _tile1), _w_gru_0_weight_hh, 10, 20, 0, 10, 10, 16, 16, False))
+    _h_new16 = _u14 * _tile1 + (1.0 - _u14) * _c15
     _head_out107 = (
         tl.load(_w_head_bias + 0)
-        + tl.sum(_h_new8 * tops.weight_row(_w_head_weight, 10, 0, 0, 10, 16)[None, :], axis=1)
+        + tl.sum(_h_new16 * tops.weight_row(_w_head_weight, 10, 0, 0, 10, 16)[None, :], axis=1)
     )
     _head_out108 = (
         tl.load(_w_head_bias + 1)
-        + tl.sum(_h_new8 * tops.weight_row(_w_head_weight, 10, 1, 0, 10, 16)[None, :], axis=1)
+        + tl.sum(_h_new16 * tops.weight_row(_w_head_weight, 10, 1, 0, 10, 16)[None, :], axis=1)
     )
     _head_out109 = (
         tl.load(_w_head_bias + 2)
-        + tl.sum(_h_new8 * tops.weight_row(_w_head_weight, 10, 2, 0, 10, 16)[None, :], axis=1)
+        + tl.sum(_h_new16 * tops.weight_row(_w_head_weight, 10, 2, 0, 10, 16)[None, :], axis=1)
     )
     step_log_lr = tl.minimum(tl.maximum(_head_out109 + _log_lr_old, -33.0), 33.0)
     _phi_shortcut_0 = tl.load(_hv_ptr + 40)
@@ -583,6 +583,6 @@ def stage2_kernel(
     tl.store(_out_ms + 1 * _numel + _offs, ms_1.to(_out_ms.dtype.element_ty), mask=_mask)
     tl.store(_out_ms + 2 * _numel + _offs, ms_2.to(_out_ms.dtype.element_ty), mask=_mask)
     tl.store(_out_ms + 3 * _numel + _offs, ms_3.to(_out_ms.dtype.element_ty), mask=_mask)
-    tops.store_tile(_out_net_h0, _numel, _offs, _mask, _h_new8, 10, 16)
+    tops.store_tile(_out_net_h0, _numel, _offs, _mask, _h_new16, 10, 16)
     tl.store(_out_log_lr + 0 * _numel + _offs, log_lr.to(_out_log_lr.dtype.element_ty), mask=_mask)
     tl.store(_out_theta + 0 * _numel + _offs, _p_new.to(_out_theta.dtype.element_ty), mask=_mask)

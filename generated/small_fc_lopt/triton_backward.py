@@ -214,147 +214,21 @@ KERNELS = [{'args': [('input', 'g'),
                            ['hv', '_u8'],
                            ['hv', '_u9'],
                            ['hv', 'lr'],
-                           ['weight', 'mlp.0.weight', 0],
-                           ['weight', 'mlp.0.weight', 1],
-                           ['weight', 'mlp.0.weight', 2],
-                           ['weight', 'mlp.0.weight', 3],
-                           ['weight', 'mlp.0.weight', 4],
-                           ['weight', 'mlp.0.weight', 5],
-                           ['weight', 'mlp.0.weight', 6],
-                           ['weight', 'mlp.0.weight', 7],
-                           ['weight', 'mlp.0.weight', 8],
-                           ['weight', 'mlp.0.weight', 9],
-                           ['weight', 'mlp.0.weight', 10],
-                           ['weight', 'mlp.0.weight', 11],
-                           ['weight', 'mlp.0.weight', 12],
-                           ['weight', 'mlp.0.weight', 13],
-                           ['weight', 'mlp.0.weight', 14],
-                           ['weight', 'mlp.0.weight', 15],
-                           ['weight', 'mlp.0.weight', 16],
-                           ['weight', 'mlp.0.weight', 17],
-                           ['weight', 'mlp.0.weight', 18],
-                           ['weight', 'mlp.0.weight', 19],
-                           ['weight', 'mlp.0.weight', 20],
-                           ['weight', 'mlp.0.weight', 21],
-                           ['weight', 'mlp.0.weight', 22],
-                           ['weight', 'mlp.0.weight', 23],
-                           ['weight', 'mlp.0.weight', 24],
-                           ['weight', 'mlp.0.weight', 25],
-                           ['weight', 'mlp.0.weight', 26],
-                           ['weight', 'mlp.0.weight', 27],
-                           ['weight', 'mlp.0.weight', 39],
-                           ['weight', 'mlp.0.weight', 40],
-                           ['weight', 'mlp.0.weight', 41],
-                           ['weight', 'mlp.0.weight', 42],
-                           ['weight', 'mlp.0.weight', 43],
-                           ['weight', 'mlp.0.weight', 44],
-                           ['weight', 'mlp.0.weight', 45],
-                           ['weight', 'mlp.0.weight', 46],
-                           ['weight', 'mlp.0.weight', 47],
-                           ['weight', 'mlp.0.weight', 48],
-                           ['weight', 'mlp.0.weight', 49],
-                           ['weight', 'mlp.0.weight', 50],
-                           ['weight', 'mlp.0.weight', 51],
-                           ['weight', 'mlp.0.weight', 52],
-                           ['weight', 'mlp.0.weight', 53],
-                           ['weight', 'mlp.0.weight', 54],
-                           ['weight', 'mlp.0.weight', 55],
-                           ['weight', 'mlp.0.weight', 56],
-                           ['weight', 'mlp.0.weight', 57],
-                           ['weight', 'mlp.0.weight', 58],
-                           ['weight', 'mlp.0.weight', 59],
-                           ['weight', 'mlp.0.weight', 60],
-                           ['weight', 'mlp.0.weight', 61],
-                           ['weight', 'mlp.0.weight', 62],
-                           ['weight', 'mlp.0.weight', 63],
-                           ['weight', 'mlp.0.weight', 64],
-                           ['weight', 'mlp.0.weight', 65],
-                           ['weight', 'mlp.0.weight', 66],
-                           ['weight', 'mlp.0.weight', 78],
-                           ['weight', 'mlp.0.weight', 79],
-                           ['weight', 'mlp.0.weight', 80],
-                           ['weight', 'mlp.0.weight', 81],
-                           ['weight', 'mlp.0.weight', 82],
-                           ['weight', 'mlp.0.weight', 83],
-                           ['weight', 'mlp.0.weight', 84],
-                           ['weight', 'mlp.0.weight', 85],
-                           ['weight', 'mlp.0.weight', 86],
-                           ['weight', 'mlp.0.weight', 87],
-                           ['weight', 'mlp.0.weight', 88],
-                           ['weight', 'mlp.0.weight', 89],
-                           ['weight', 'mlp.0.weight', 90],
-                           ['weight', 'mlp.0.weight', 91],
-                           ['weight', 'mlp.0.weight', 92],
-                           ['weight', 'mlp.0.weight', 93],
-                           ['weight', 'mlp.0.weight', 94],
-                           ['weight', 'mlp.0.weight', 95],
-                           ['weight', 'mlp.0.weight', 96],
-                           ['weight', 'mlp.0.weight', 97],
-                           ['weight', 'mlp.0.weight', 98],
-                           ['weight', 'mlp.0.weight', 99],
-                           ['weight', 'mlp.0.weight', 100],
-                           ['weight', 'mlp.0.weight', 101],
-                           ['weight', 'mlp.0.weight', 102],
-                           ['weight', 'mlp.0.weight', 103],
-                           ['weight', 'mlp.0.weight', 104],
-                           ['weight', 'mlp.0.weight', 105],
-                           ['weight', 'mlp.0.weight', 117],
-                           ['weight', 'mlp.0.weight', 118],
-                           ['weight', 'mlp.0.weight', 119],
-                           ['weight', 'mlp.0.weight', 120],
-                           ['weight', 'mlp.0.weight', 121],
-                           ['weight', 'mlp.0.weight', 122],
-                           ['weight', 'mlp.0.weight', 123],
-                           ['weight', 'mlp.0.weight', 124],
-                           ['weight', 'mlp.0.weight', 125],
-                           ['weight', 'mlp.0.weight', 126],
-                           ['weight', 'mlp.0.weight', 127],
-                           ['weight', 'mlp.0.weight', 128],
-                           ['weight', 'mlp.0.weight', 129],
-                           ['weight', 'mlp.0.weight', 130],
-                           ['weight', 'mlp.0.weight', 131],
-                           ['weight', 'mlp.0.weight', 132],
-                           ['weight', 'mlp.0.weight', 133],
-                           ['weight', 'mlp.0.weight', 134],
-                           ['weight', 'mlp.0.weight', 135],
-                           ['weight', 'mlp.0.weight', 136],
-                           ['weight', 'mlp.0.weight', 137],
-                           ['weight', 'mlp.0.weight', 138],
-                           ['weight', 'mlp.0.weight', 139],
-                           ['weight', 'mlp.0.weight', 140],
-                           ['weight', 'mlp.0.weight', 141],
-                           ['weight', 'mlp.0.weight', 142],
-                           ['weight', 'mlp.0.weight', 143],
-                           ['weight', 'mlp.0.weight', 144],
-                           ['weight', 'mlp.2.weight', 0],
-                           ['weight', 'mlp.2.weight', 1],
-                           ['weight', 'mlp.2.weight', 2],
-                           ['weight', 'mlp.2.weight', 3],
+                           ['weights', 'mlp.0.weight', 0, 28],
+                           ['weights', 'mlp.0.weight', 39, 28],
+                           ['weights', 'mlp.0.weight', 78, 28],
+                           ['weights', 'mlp.0.weight', 117, 28],
+                           ['weights', 'mlp.2.weight', 0, 4],
                            ['weight', 'mlp.2.bias', 0],
-                           ['weight', 'mlp.2.weight', 4],
-                           ['weight', 'mlp.2.weight', 5],
-                           ['weight', 'mlp.2.weight', 6],
-                           ['weight', 'mlp.2.weight', 7],
+                           ['weights', 'mlp.2.weight', 4, 4],
                            ['weight', 'mlp.2.bias', 1],
-                           ['weight', 'mlp.1.weight', 0],
-                           ['weight', 'mlp.1.weight', 1],
-                           ['weight', 'mlp.1.weight', 2],
-                           ['weight', 'mlp.1.weight', 3],
+                           ['weights', 'mlp.1.weight', 0, 4],
                            ['weight', 'mlp.1.bias', 0],
-                           ['weight', 'mlp.1.weight', 4],
-                           ['weight', 'mlp.1.weight', 5],
-                           ['weight', 'mlp.1.weight', 6],
-                           ['weight', 'mlp.1.weight', 7],
+                           ['weights', 'mlp.1.weight', 4, 4],
                            ['weight', 'mlp.1.bias', 1],
-                           ['weight', 'mlp.1.weight', 8],
-                           ['weight', 'mlp.1.weight', 9],
-                           ['weight', 'mlp.1.weight', 10],
-                           ['weight', 'mlp.1.weight', 11],
+                           ['weights', 'mlp.1.weight', 8, 4],
                            ['weight', 'mlp.1.bias', 2],
-                           ['weight', 'mlp.1.weight', 12],
-                           ['weight', 'mlp.1.weight', 13],
-                           ['weight', 'mlp.1.weight', 14],
-                           ['weight', 'mlp.1.weight', 15],
+                           ['weights', 'mlp.1.weight', 12, 4],
                            ['weight', 'mlp.1.bias', 3]],
             'hv': ['_u1',
                    '_u2',
@@ -1059,10 +933,10 @@ def stage2_backward_kernel(
     _adj_pre__mlp_0_out77_15 = tl.where(_mlp_0_out77 > 0.0, _adj_in__mlp_0_out77_11, 0.0)
     _adj_pre__mlp_0_out78_16 = tl.where(_mlp_0_out78 > 0.0, _adj_in__mlp_0_out78_12, 0.0)
     _dense_t1 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _dense_t1 += _adj_pre__mlp_0_out75_13[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 0, 0, 28, 32)[None, :]
-    _dense_t1 += _adj_pre__mlp_0_out76_14[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 1, 0, 28, 32)[None, :]
-    _dense_t1 += _adj_pre__mlp_0_out77_15[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 2, 0, 28, 32)[None, :]
-    _dense_t1 += _adj_pre__mlp_0_out78_16[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 3, 0, 28, 32)[None, :]
+    _dense_t1 += tops.per_element(_adj_pre__mlp_0_out75_13, BLOCK)[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 0, 0, 28, 32)[None, :]
+    _dense_t1 += tops.per_element(_adj_pre__mlp_0_out76_14, BLOCK)[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 1, 0, 28, 32)[None, :]
+    _dense_t1 += tops.per_element(_adj_pre__mlp_0_out77_15, BLOCK)[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 2, 0, 28, 32)[None, :]
+    _dense_t1 += tops.per_element(_adj_pre__mlp_0_out78_16, BLOCK)[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 3, 0, 28, 32)[None, :]
     _bk2 = v + 1e-06
     _bk3 = 0.5 / tops.pow_(_bk2, 1.5)
     _col2 = tops.column(_dense_t1, 6, 32)
@@ -1155,40 +1029,40 @@ def stage2_backward_kernel(
     _col28 = tops.column(_dense_t1, 20, 32)
     _col29 = tops.column(_dense_t1, 21, 32)
     _tile30 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile30 += tops.place(_adj_pre__mlp_0_out75_13, 0, 16)
-    _tile30 += tops.place(_adj_pre__mlp_0_out76_14, 1, 16)
-    _tile30 += tops.place(_adj_pre__mlp_0_out77_15, 2, 16)
-    _tile30 += tops.place(_adj_pre__mlp_0_out78_16, 3, 16)
+    _tile30 += tops.place(tops.per_element(_adj_pre__mlp_0_out75_13, BLOCK), 0, 16)
+    _tile30 += tops.place(tops.per_element(_adj_pre__mlp_0_out76_14, BLOCK), 1, 16)
+    _tile30 += tops.place(tops.per_element(_adj_pre__mlp_0_out77_15, BLOCK), 2, 16)
+    _tile30 += tops.place(tops.per_element(_adj_pre__mlp_0_out78_16, BLOCK), 3, 16)
     _masked31 = tl.where(_mask[:, None], _tile30, 0.0)
     _tile32 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _tile32 += tops.place(f_grad, 0, 32)
-    _tile32 += tops.place(f_param, 1, 32)
-    _tile32 += tops.place(f_mom_0, 2, 32)
-    _tile32 += tops.place(f_mom_1, 3, 32)
-    _tile32 += tops.place(f_mom_2, 4, 32)
-    _tile32 += tops.place(f_rms, 5, 32)
-    _tile32 += tops.place(f_mom_rsqrt_0, 6, 32)
-    _tile32 += tops.place(f_mom_rsqrt_1, 7, 32)
-    _tile32 += tops.place(f_mom_rsqrt_2, 8, 32)
-    _tile32 += tops.place(f_rsqrt, 9, 32)
-    _tile32 += tops.place(f_fac_grad_0, 10, 32)
-    _tile32 += tops.place(f_fac_grad_1, 11, 32)
-    _tile32 += tops.place(f_fac_grad_2, 12, 32)
-    _tile32 += tops.place(f_row_0, 13, 32)
-    _tile32 += tops.place(f_row_1, 14, 32)
-    _tile32 += tops.place(f_row_2, 15, 32)
-    _tile32 += tops.place(f_col_0, 16, 32)
-    _tile32 += tops.place(f_col_1, 17, 32)
-    _tile32 += tops.place(f_col_2, 18, 32)
-    _tile32 += tops.place(f_row_rsqrt_0, 19, 32)
-    _tile32 += tops.place(f_row_rsqrt_1, 20, 32)
-    _tile32 += tops.place(f_row_rsqrt_2, 21, 32)
-    _tile32 += tops.place(f_col_rsqrt_0, 22, 32)
-    _tile32 += tops.place(f_col_rsqrt_1, 23, 32)
-    _tile32 += tops.place(f_col_rsqrt_2, 24, 32)
-    _tile32 += tops.place(f_fac_mom_0, 25, 32)
-    _tile32 += tops.place(f_fac_mom_1, 26, 32)
-    _tile32 += tops.place(f_fac_mom_2, 27, 32)
+    _tile32 += tops.place(tops.per_element(f_grad, BLOCK), 0, 32)
+    _tile32 += tops.place(tops.per_element(f_param, BLOCK), 1, 32)
+    _tile32 += tops.place(tops.per_element(f_mom_0, BLOCK), 2, 32)
+    _tile32 += tops.place(tops.per_element(f_mom_1, BLOCK), 3, 32)
+    _tile32 += tops.place(tops.per_element(f_mom_2, BLOCK), 4, 32)
+    _tile32 += tops.place(tops.per_element(f_rms, BLOCK), 5, 32)
+    _tile32 += tops.place(tops.per_element(f_mom_rsqrt_0, BLOCK), 6, 32)
+    _tile32 += tops.place(tops.per_element(f_mom_rsqrt_1, BLOCK), 7, 32)
+    _tile32 += tops.place(tops.per_element(f_mom_rsqrt_2, BLOCK), 8, 32)
+    _tile32 += tops.place(tops.per_element(f_rsqrt, BLOCK), 9, 32)
+    _tile32 += tops.place(tops.per_element(f_fac_grad_0, BLOCK), 10, 32)
+    _tile32 += tops.place(tops.per_element(f_fac_grad_1, BLOCK), 11, 32)
+    _tile32 += tops.place(tops.per_element(f_fac_grad_2, BLOCK), 12, 32)
+    _tile32 += tops.place(tops.per_element(f_row_0, BLOCK), 13, 32)
+    _tile32 += tops.place(tops.per_element(f_row_1, BLOCK), 14, 32)
+    _tile32 += tops.place(tops.per_element(f_row_2, BLOCK), 15, 32)
+    _tile32 += tops.place(tops.per_element(f_col_0, BLOCK), 16, 32)
+    _tile32 += tops.place(tops.per_element(f_col_1, BLOCK), 17, 32)
+    _tile32 += tops.place(tops.per_element(f_col_2, BLOCK), 18, 32)
+    _tile32 += tops.place(tops.per_element(f_row_rsqrt_0, BLOCK), 19, 32)
+    _tile32 += tops.place(tops.per_element(f_row_rsqrt_1, BLOCK), 20, 32)
+    _tile32 += tops.place(tops.per_element(f_row_rsqrt_2, BLOCK), 21, 32)
+    _tile32 += tops.place(tops.per_element(f_col_rsqrt_0, BLOCK), 22, 32)
+    _tile32 += tops.place(tops.per_element(f_col_rsqrt_1, BLOCK), 23, 32)
+    _tile32 += tops.place(tops.per_element(f_col_rsqrt_2, BLOCK), 24, 32)
+    _tile32 += tops.place(tops.per_element(f_fac_mom_0, BLOCK), 25, 32)
+    _tile32 += tops.place(tops.per_element(f_fac_mom_1, BLOCK), 26, 32)
+    _tile32 += tops.place(tops.per_element(f_fac_mom_2, BLOCK), 27, 32)
     _masked33 = tl.where(_mask[:, None], _tile32, 0.0)
     tl.store(_grad_st_m + 0 * _numel + _offs, tops.per_element(_adj__m_old_0, BLOCK), mask=_mask)
     tl.store(_grad_st_m + 1 * _numel + _offs, tops.per_element(_adj__m_old_1, BLOCK), mask=_mask)

@@ -64,6 +64,10 @@ class _KBody:
         self.states_in: dict[str, str] = {}
         self.rowcol: dict[str, str] = {}
         self.uses_coords = False
+        self.cell_tiles: dict[tuple, dict] = {}  # a cell's out_h -> its input and gate tiles (for the backward)
+        # the program's own temporaries start with '_' too (hoisted values are '_u1', ...)
+        self.taken = {local(o) for n in prog.nodes for o in getattr(n, "outs", ())}
+        self.taken |= {local(n.name) for n in prog.nodes if isinstance(getattr(n, "name", None), str)}
 
     # -- arguments ------------------------------------------------------------------------------
     def arg(self, desc: tuple, name: str) -> str:
@@ -99,8 +103,13 @@ class _KBody:
 
     # -- values ---------------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
-        self.n += 1
-        return f"_{hint}{self.n}"
+        """A kernel-local name that no value of the program (or of its backward pass) has."""
+        while True:
+            self.n += 1
+            name = f"_{hint}{self.n}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
 
     def ref(self, v: str) -> str:
         if v in self.names:
@@ -296,6 +305,7 @@ class _KBody:
             hn = self.fresh("h_new")
             self.lines.append(f"{hn} = {u} * {ht} + (1.0 - {u}) * {c}")
             self.bind_tile(n.out_h, hn, pad)
+            self.cell_tiles[tuple(n.out_h)] = dict(h=ht, r=r, u=u, c=c)
         else:
             ct, _ = self.tile_of(n.c)
             i, f, g, o = (self.fresh(x) for x in ("i", "f", "g", "o"))
@@ -308,6 +318,7 @@ class _KBody:
             self.lines.append(f"{hn} = {o} * tops.tanh({cn})")
             self.bind_tile(n.out_h, hn, pad)
             self.bind_tile(n.out_c, cn, pad)
+            self.cell_tiles[tuple(n.out_h)] = dict(h=ht, c=ct, i=i, f=f, g=g, o=o, c_new=cn)
 
 
 def _kernel(prog, stage, levels, leaves, final: bool) -> dict:

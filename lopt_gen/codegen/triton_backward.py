@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import pprint
 
-from ..autodiff import DenseT, NotSupported, StageGrad, backward_printer, stage_grad
+from ..autodiff import CellT, DenseT, NotSupported, StageGrad, backward_printer, stage_grad
 from ..ir import Leaf, Let, StateWrite
 from ..passes import plan
 from .printer import TritonPrinter, UnsupportedError
@@ -45,6 +45,13 @@ MAX_WEIGHT_SLOTS = 768
 
 class _BackwardBody(_KBody):
     printer_cls = backward_printer(TritonPrinter, "tl.math.erf")
+
+    def vec(self, v: str) -> str:
+        """``v`` as a [BLOCK] vector.  An adjoint can be one number per program whatever its
+        level says (the seed of a whole-tensor reduction, or what is computed from it alone),
+        so every value is broadcast; for a vector that adds nothing."""
+        r = self.ref(v)
+        return r if r.startswith("tops.per_element(") else f"tops.per_element({r}, BLOCK)"
 
     def index_tile(self, idx, values, masked: bool = False) -> tuple[str, int]:
         """A [BLOCK, PAD] tile with ``values[k]`` in column ``idx[k] - min(idx)`` and zeros in
@@ -71,6 +78,99 @@ class _BackwardBody(_KBody):
         return var, pad
 
 
+    def seed_tile(self, values, pad: int) -> str:
+        """A [BLOCK, pad] tile of adjoints, one per unit (None: zero).  Reuses the tile whose
+        columns they already are, if any."""
+        homes = [self.tile_cols.get(v) for v in values if v is not None and v not in self.names]
+        if len(homes) == len(values) and all(h is not None for h in homes) \
+                and len({(h[0], h[2]) for h in homes}) == 1 and homes[0][2] == pad \
+                and [h[1] for h in homes] == list(range(len(values))):
+            return homes[0][0]
+        var = self.fresh("seed_tile")
+        self.lines.append(f"{var} = tl.zeros((BLOCK, {pad}), dtype=tl.float32)")
+        for j, v in enumerate(values):
+            if v is not None:
+                self.lines.append(f"{var} += tops.place({self.vec(v)}, {j}, {pad})")
+        return var
+
+    def masked(self, tile: str) -> str:
+        var = self.fresh("masked")
+        self.lines.append(f"{var} = tl.where(_mask[:, None], {tile}, 0.0)")
+        return var
+
+    def emit_cell_t(self, n: CellT, slots: list, blocks: list) -> None:
+        """The backward pass of a whole GRU / LSTM cell on [BLOCK, PAD] tiles: the gate values
+        come from the forward recomputation (``cell_tiles``); the pre-activation adjoints of
+        the gates give the input, hidden-state and extra-bias adjoints (``δ @ W``) and each
+        program's share of the weight adjoints (``δᵀ x``, ``δᵀ h``, the sum of δ)."""
+        cell = n.cell
+        fw = self.cell_tiles[tuple(cell.out_h)]
+        hid, n_in = len(cell.h), len(cell.x)
+        pad = _pad(hid)
+        names = {k: f"{cell.prefix}.{k}" for k in ("weight_ih", "weight_hh", "bias")}
+        w_ih, w_hh = self.weight(names["weight_ih"]), self.weight(names["weight_hh"])
+        dot = self.dot_mode(16)
+        emit = self.lines.append
+
+        def new(hint, text):
+            var = self.fresh(hint)
+            emit(f"{var} = {text}")
+            return var
+
+        def back_hh(d, k):  # d @ W_hh[k H : (k + 1) H]: a gate's adjoint back to the hidden state
+            return f"tops.matmul_t({d}, {w_hh}, {hid}, {k * hid}, 0, {hid}, {hid}, {pad}, {pad}, {dot})"
+
+        dh = self.seed_tile(n.d_h, pad)
+        h = fw["h"]
+        if cell.kind == "gru":
+            r, u, c = fw["r"], fw["u"], fw["c"]
+            d_u = new("d_u", f"{dh} * ({h} - {c}) * {u} * (1.0 - {u})")
+            d_c = new("d_c", f"{dh} * (1.0 - {u}) * (1.0 - {c} * {c})")
+            d_rh = new("d_rh", back_hh(d_c, 2))
+            d_r = new("d_r", f"{d_rh} * {h} * {r} * (1.0 - {r})")
+            dh_prev = new("d_h_prev", f"{dh} * {u} + {d_rh} * {r} + {back_hh(d_r, 0)} + {back_hh(d_u, 1)}")
+            gates = [(d_r, h), (d_u, h), (d_c, new("rh", f"{r} * {h}"))]
+        else:
+            i, f, g, o, c_old, c_new = fw["i"], fw["f"], fw["g"], fw["o"], fw["c"], fw["c_new"]
+            dc = self.seed_tile(n.d_c, pad)
+            tc = new("tanh_c", f"tops.tanh({c_new})")
+            d_cn = new("d_c_new", f"{dc} + {dh} * {o} * (1.0 - {tc} * {tc})")
+            d_i = new("d_i", f"{d_cn} * {g} * {i} * (1.0 - {i})")
+            d_f = new("d_f", f"{d_cn} * {c_old} * {f} * (1.0 - {f})")
+            d_g = new("d_g", f"{d_cn} * {i} * (1.0 - {g} * {g})")
+            d_o = new("d_o", f"{dh} * {tc} * {o} * (1.0 - {o})")
+            dh_prev = new("d_h_prev", " + ".join(back_hh(d, k) for k, d in enumerate((d_i, d_f, d_g, d_o))))
+            dc_prev = new("d_c_prev", f"{d_cn} * {f}")
+            for j, out in enumerate(n.outs_c):
+                self.tile_cols[out] = (dc_prev, j, pad)
+            gates = [(d_i, h), (d_f, h), (d_g, h), (d_o, h)]
+        for j, out in enumerate(n.outs_h):
+            self.tile_cols[out] = (dh_prev, j, pad)
+        for k, (d, _) in enumerate(gates):
+            for j in range(hid):
+                if n.outs_extra:
+                    self.tile_cols[n.outs_extra[k * hid + j]] = (d, j, pad)
+        if n_in:
+            xpad = _pad(n_in)
+            dx = new("d_x", " + ".join(f"tops.matmul_t({d}, {w_ih}, {n_in}, {k * hid}, 0, {hid}, {n_in}, {pad}, {xpad}, "
+                                       f"{dot})" for k, (d, _) in enumerate(gates)))
+            for j, out in enumerate(n.outs_x):
+                self.tile_cols[out] = (dx, j, xpad)
+            xt, _ = self.index_tile(range(n_in), cell.x, masked=True)
+        # weight adjoints: one block of partial sums per gate and matrix
+        for k, (d, hin) in enumerate(gates):
+            dm = self.masked(d)
+            hm = self.masked(hin)
+            blocks.append((len(slots), f"tops.outer_sum({dm}, {hm}, {dot}), {hid}, {hid}, {pad}, {pad}", "block"))
+            slots.extend(("weight", names["weight_hh"], (k * hid + a) * hid + b) for a in range(hid) for b in range(hid))
+            if n_in:
+                blocks.append((len(slots), f"tops.outer_sum({dm}, {xt}, {dot}), {hid}, {n_in}, {pad}, {xpad}", "block"))
+                slots.extend(("weight", names["weight_ih"], (k * hid + a) * n_in + b)
+                             for a in range(hid) for b in range(n_in))
+            blocks.append((len(slots), f"tl.sum({dm}, axis=0), {hid}, {pad}", "vec"))
+            slots.extend(("weight", names["bias"], k * hid + a) for a in range(hid))
+
+
 def _wide(rows, cols) -> bool:
     return max(len(rows), len(cols)) > UNROLL_MAX
 
@@ -82,6 +182,7 @@ def _span(idx) -> tuple[int, int]:
 
 def _backward_kernel(prog, stage, sg: StageGrad, fwd: dict, levels: dict, leaves: dict, final: bool) -> dict:
     body = _BackwardBody(prog, stage, levels, leaves)
+    body.taken |= {local(o) for n in sg.forward + sg.nodes for o in n.outs} | {local(s) for s, _, _ in sg.seeds}
     body.hv = list(fwd["hv"])  # the forward kernel's per-tensor values first: one table serves both
     n_weight_slots = sum(len(w.rows) * (len(w.cols) + (1 if w.bias else 0)) for w in sg.weight_grads
                          if not _wide(w.rows, w.cols))
@@ -104,9 +205,14 @@ def _backward_kernel(prog, stage, sg: StageGrad, fwd: dict, levels: dict, leaves
             ptr = body.arg(("seed_scratch", of), f"_seed_{_safe(of)}_ptr")
             body.lines.append(f"{var} = tl.load({ptr} + _offs, mask=_mask, other=0.0)")
         body.names[seed] = var
+    slots: list[tuple] = []  # ("hv", value) | ("weight", meta, flat index): one partial sum per program each
+    blocks: list[tuple] = []  # (first slot, store arguments, "block" | "vec"): tiled weight adjoints
     for n in sg.nodes:
         if isinstance(n, Let):
             body.emit(n)
+            continue
+        if isinstance(n, CellT):
+            body.emit_cell_t(n, slots, blocks)
             continue
         assert isinstance(n, DenseT)
         w = body.weight(n.weight)
@@ -145,7 +251,6 @@ def _backward_kernel(prog, stage, sg: StageGrad, fwd: dict, levels: dict, leaves
             body.names[out] = local(out)
 
     epilogue: list[str] = []
-    slots: list[tuple] = []  # ("hv", value) | ("weight", meta, flat index)
     terms: dict[tuple, list[str]] = {}
     for v, a in sg.grads:
         leaf = leaves.get(v)
@@ -165,7 +270,6 @@ def _backward_kernel(prog, stage, sg: StageGrad, fwd: dict, levels: dict, leaves
             key = ("hv", v)
             slots.append(key)
             terms[key] = [body.ref(a)]
-    blocks = []  # (first slot, store line) of the tiled weight adjoints
     for wg in sg.weight_grads:
         if not _wide(wg.rows, wg.cols):
             continue
@@ -175,14 +279,12 @@ def _backward_kernel(prog, stage, sg: StageGrad, fwd: dict, levels: dict, leaves
         if wg.cols:
             xt, cpad = body.index_tile(wg.cols, wg.x, masked=True)
             (c0, nc) = _span(wg.cols)
-            first = len(slots)
+            blocks.append((len(slots), f"tops.outer_sum({dt}, {xt}, {body.dot_mode(16)}), {nr}, {nc}, {rpad}, {cpad}",
+                           "block"))
             slots.extend(("weight", wg.weight, r * ld + c) for r in range(r0, r0 + nr) for c in range(c0, c0 + nc))
-            blocks.append(f"tops.store_block(_gpart_ptr + _pid * NSLOT + {first}, "
-                          f"tops.outer_sum({dt}, {xt}, {body.dot_mode(16)}), {nr}, {nc}, {rpad}, {cpad})")
         if wg.bias:
-            first = len(slots)
+            blocks.append((len(slots), f"tl.sum({dt}, axis=0), {nr}, {rpad}", "vec"))
             slots.extend(("weight", wg.bias, r) for r in range(r0, r0 + nr))
-            blocks.append(f"tops.store_vec(_gpart_ptr + _pid * NSLOT + {first}, tl.sum({dt}, axis=0), {nr}, {rpad})")
     for wg in sg.weight_grads:
         if _wide(wg.rows, wg.cols):
             continue
@@ -194,7 +296,8 @@ def _backward_kernel(prog, stage, sg: StageGrad, fwd: dict, levels: dict, leaves
                 terms[key] = []
             terms[key].append(body.ref(d) if x is None else f"{body.ref(d)} * {body.ref(x)}")
     nslot = max(1, len(slots))
-    epilogue += [ln.replace("NSLOT", str(nslot)) for ln in blocks]
+    for first, args, kind in blocks:
+        epilogue.append(f"tops.store_{kind}(_gpart_ptr + _pid * {nslot} + {first}, {args})")
     for k, key in enumerate(slots):
         if key not in terms:
             continue  # a tiled block's slot
@@ -224,7 +327,23 @@ def _backward_kernel(prog, stage, sg: StageGrad, fwd: dict, levels: dict, leaves
                 slots=slot_types, weights=[dict(meta=m, arg=a) for m, a in weights], hv=list(body.hv),
                 uses_coords=body.uses_coords, reductions=[dict(name=r.name, over=r.over, slot=k)
                                                           for k, r in enumerate(sg.reductions)],
-                grad_slots=[list(s) for s in slots], seeds=seeds_meta, block=block)
+                grad_slots=_compact_slots(slots), seeds=seeds_meta, block=block)
+
+
+def _compact_slots(slots: list[tuple]) -> list[list]:
+    """The partial-sum layout for the generated file: runs of consecutive entries of one weight
+    become ``["weights", meta, first flat index, count]``; ``lopt_gen.runtime.triton_runner.
+    expand_slots`` reads them back one slot at a time."""
+    out: list[list] = []
+    for s in slots:
+        if s[0] == "weight" and out and out[-1][0] in ("weight", "weights") and out[-1][1] == s[1]:
+            last = out[-1]
+            first, count = (last[2], 1) if last[0] == "weight" else (last[2], last[3])
+            if s[2] == first + count:
+                out[-1] = ["weights", s[1], first, count + 1]
+                continue
+        out.append(list(s))
+    return out
 
 
 def backward_kernels(prog) -> tuple[list[dict], dict[int, str]]:
@@ -237,7 +356,7 @@ def backward_kernels(prog) -> tuple[list[dict], dict[int, str]]:
         final = st.index == len(stages) - 1
         fwd = _kernel(prog, st, levels, leaves, final)
         try:
-            sg = stage_grad(prog, st)
+            sg = stage_grad(prog, st, cells="whole")
             kernels.append(_backward_kernel(prog, st, sg, fwd, dict(levels), leaves, final))
         except (NotSupported, UnsupportedError) as exc:
             unsupported[st.index] = str(exc)

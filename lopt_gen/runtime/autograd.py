@@ -6,9 +6,12 @@ gradients and the incoming states.
 
 * ``backend="torch"``: the generated torch step under plain autograd.
 * ``backend="triton"``: :class:`TritonStepFunction`, a ``torch.autograd.Function`` whose
-  forward runs the generated Triton kernels and whose backward recomputes the step with the
-  generated torch code and takes its vector-Jacobian product (the same formulas, so forward
-  and backward cannot drift apart).
+  forward runs the generated Triton kernels.  Its backward runs the generated backward
+  kernels (``triton_backward.py``, derived from the same IR as the forward kernels, so the
+  two cannot drift apart) with torch autograd for the host phases between them.  It takes
+  the vector-Jacobian product of the generated torch step instead when a stage has no
+  backward kernel, for double backward (``create_graph=True``), and with
+  ``triton_backward="torch"``.
 
 ``first_order=True`` treats the task gradient as a constant (no second-order terms through
 it), the approximation of Andrychowicz et al. (2016).

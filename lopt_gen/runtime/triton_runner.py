@@ -421,6 +421,19 @@ def _wants_grad(items, phi, meta) -> bool:
     return any(phi[m].requires_grad for m in meta["weights"])
 
 
+def expand_slots(layout) -> list[tuple]:
+    """A backward kernel's partial-sum layout (``grad_slots`` in its ``KERNELS`` entry), one
+    entry per slot: ``("hv", value)`` or ``("weight", meta, flat index)``; a run
+    ``["weights", meta, first, count]`` stands for ``count`` consecutive weight entries."""
+    out = []
+    for s in layout:
+        if s[0] == "weights":
+            out.extend(("weight", s[1], s[2] + k) for k in range(s[3]))
+        else:
+            out.append(tuple(s))
+    return out
+
+
 class _Launch:
     """What one differentiable stage launch needs besides its tensors."""
 
@@ -429,6 +442,7 @@ class _Launch:
         bmod = runner.backward_module
         self.bmeta = next(k for k in bmod.KERNELS if k["index"] == stage_index)
         self.bkernel = getattr(bmod, self.bmeta["name"])
+        self.slots = expand_slots(self.bmeta["grad_slots"])
         self.plans = [it.pl for it in items]
         self.state_like = [{k: (v.shape, v.dtype) for k, v in it.tstate.items() if isinstance(v, torch.Tensor)}
                            for it in items]
@@ -497,7 +511,7 @@ class _Launch:
     def backward(self, hv, flat, gouts):
         per_item, weights = self.split(flat)
         dev = self.device
-        gpart_slots = self.bmeta["grad_slots"]
+        gpart_slots = self.slots
         nred = max(1, len(self.meta["reductions"]))
         dpart = gouts[0] if gouts[0] is not None else torch.zeros((self.n_progs, nred), device=dev)
         dpart = dpart.float().contiguous()
@@ -578,7 +592,7 @@ class _Launch:
         if meta not in cache:
             rounds: list[list[tuple[int, int]]] = []
             seen: dict[int, int] = {}
-            for k, s in enumerate(self.bmeta["grad_slots"]):
+            for k, s in enumerate(self.slots):
                 if s[0] == "weight" and s[1] == meta:
                     n = seen[s[2]] = seen.get(s[2], -1) + 1
                     if n == len(rounds):
