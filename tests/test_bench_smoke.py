@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/step_bench.py: a tiny run on the CPU writes a complete CSV and a plot."""
+"""Smoke tests of the benchmarks: tiny runs on the CPU write complete CSVs, tables and plots."""
 
 import csv
 import importlib.util
@@ -111,3 +111,35 @@ def test_triton_step_launches_do_not_grow_with_the_number_of_tensors(spec_name, 
     assert len(set(module.transformer_shapes(98, 8))) == 7
     module.main(["--specs", spec_name, "--tensors", "14", "--layout", "transformer"])
     assert f"| {spec_name} | 14 |" in capsys.readouterr().out
+
+
+def test_backward_bench_tiny_run_writes_both_modes(tmp_path, monkeypatch):
+    """benchmarks/backward_bench.py in the interpreter: every spec and mode gets a timed row,
+    a spec's kernels row says when it has none, and the table pairs the two modes."""
+    import types
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("backward_bench", ROOT / "benchmarks" / "backward_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--sizes", "256", "--specs", "small_fc_lopt,l2l_lstm", "--device", "cpu", "--steps", "1",
+                        "--warmup", "0", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "backward_bench.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["spec"], r["mode"], r["status"]) for r in rows] == [
+        ("small_fc_lopt", "kernels", "ok"), ("small_fc_lopt", "torch", "ok"),
+        ("l2l_lstm", "kernels", "ok"), ("l2l_lstm", "torch", "ok")]
+    assert all(float(r["median_ms"]) > 0 and r["n_params"] == "256" for r in rows)
+    table = (tmp_path / "backward_bench.md").read_text()
+    assert table.count("\n") == 4 and "| l2l_lstm | 256 |" in table
+
+    # a spec without backward kernels: a skipped row, not a failure
+    from lopt_gen import get_engine, load_spec
+
+    runner = get_engine(load_spec("small_fc_lopt")).triton_runner()
+    monkeypatch.setattr(runner, "_backward_module", types.SimpleNamespace(UNSUPPORTED={0: "a test"}, KERNELS=[]))
+    assert module.main(["--sizes", "256", "--specs", "small_fc_lopt", "--device", "cpu", "--steps", "1",
+                        "--warmup", "0", "--modes", "kernels", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "backward_bench.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["status"] == "skipped" and "a test" in row["note"]
