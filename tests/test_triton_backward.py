@@ -106,6 +106,35 @@ def test_backward_kernels_are_about_as_accurate_as_the_torch_step():
     assert worst > 5e-5  # the example is ill-conditioned (else the test above would do)
 
 
+def test_backward_kernels_in_chunks_of_programs(monkeypatch):
+    """Past GPART_BUDGET partial sums the backward kernel runs over its programs in chunks
+    (here one program each): the same gradients, up to the order of the sums."""
+    from lopt_gen.runtime import triton_runner
+
+    shapes = [(2100,), (3, 5)]  # three programs of 1,024 elements, and one
+    whole = _grads("mulo", shapes, steps=1, backend="triton", triton_backward="kernels")
+    grids = []
+    real = triton_runner._Launch.backward
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.kernel[grid]
+
+    def spy(self, *args):
+        self.bkernel = Counting(self.bkernel)
+        return real(self, *args)
+
+    monkeypatch.setattr(triton_runner, "GPART_BUDGET", 1)
+    monkeypatch.setattr(triton_runner._Launch, "backward", spy)
+    chunked = _grads("mulo", shapes, steps=1, backend="triton", triton_backward="kernels")
+    assert grids and set(grids) == {(1,)} and len(grids) >= 4
+    _assert_close(whole, chunked, rtol=1e-5)
+
+
 def test_backward_kernels_are_deterministic():
     a = _grads("adam", [(3, 5), (2000,), ()], steps=2, backend="triton", triton_backward="kernels")
     b = _grads("adam", [(3, 5), (2000,), ()], steps=2, backend="triton", triton_backward="kernels")

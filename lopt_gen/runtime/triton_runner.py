@@ -405,6 +405,9 @@ def _load_sibling(kernel_module, filename: str):
 
 
 _INPUT_KINDS = ("input", "state", "row", "col")
+#: the most fp32 partial sums one backward launch writes at once (256 MiB); a step with more
+#: programs × slots runs its backward kernel over the programs in chunks
+GPART_BUDGET = 1 << 26
 
 
 def _wants_grad(items, phi, meta) -> bool:
@@ -540,10 +543,25 @@ class _Launch:
             rows.append(row or [0])
             grads_out.append(mine)
         ptrs, info, prog_table = self._tables(rows)
-        gpart = torch.empty((self.n_progs, max(1, len(gpart_slots))), dtype=torch.float32, device=dev)
         ws = [weights[m].detach().float().contiguous() for m in self.bmeta["weights"]]
-        self.bkernel[(self.n_progs,)](ptrs, info, prog_table, hv.detach().contiguous(), dpart, gpart, *ws,
-                                         N_PTR=max(1, len(self.bmeta["args"])), N_HV=hv.shape[1], BLOCK=self.block)
+        hv_names = self.bmeta["hv"]
+        cols = [(k, hv_names.index(s[1])) for k, s in enumerate(gpart_slots) if s[0] == "hv"]
+        src = torch.tensor([k for k, _ in cols], dtype=torch.long, device=dev)
+        # every program writes one partial sum per slot; past GPART_BUDGET numbers the programs
+        # run in consecutive chunks, each chunk's sums added to the totals in order
+        nslot = max(1, len(gpart_slots))
+        chunk = max(1, min(self.n_progs, GPART_BUDGET // nslot))
+        hv_part = torch.empty((self.n_progs, len(cols)), dtype=torch.float32, device=dev)
+        totals = torch.zeros(nslot, dtype=torch.float32, device=dev)
+        hv_c = hv.detach().contiguous()
+        for a in range(0, self.n_progs, chunk):
+            b = min(self.n_progs, a + chunk)
+            gpart = torch.empty((b - a, nslot), dtype=torch.float32, device=dev)
+            self.bkernel[(b - a,)](ptrs, info, prog_table[a:b], hv_c, dpart[a:b], gpart, *ws,
+                                   N_PTR=max(1, len(self.bmeta["args"])), N_HV=hv.shape[1], BLOCK=self.block)
+            if cols:
+                hv_part[a:b] = gpart.index_select(1, src)
+            totals += gpart.sum(0)
         # per-element adjoints of the inputs
         d_inputs = []
         for t, pl in enumerate(self.plans):
@@ -561,17 +579,13 @@ class _Launch:
                     g = mine.get(("grad_rowcol", d[1]))
                     d_inputs.append(None if g is None else g.view(pl.shape).sum_to_size(x.shape))
         # per-tensor values: each tensor's slice of the per-program partial sums
-        hv_names = self.bmeta["hv"]
         d_hv = torch.zeros((len(self.plans), hv.shape[1]), dtype=torch.float32, device=dev)
-        cols = [(k, hv_names.index(s[1])) for k, s in enumerate(gpart_slots) if s[0] == "hv"]
         if cols:
-            src = torch.tensor([k for k, _ in cols], device=dev)
             dst = [j for _, j in cols]
             for t, (a, b) in enumerate(self.spans):
-                d_hv[t, dst] = gpart[a:b].index_select(1, src).sum(0)
-        # meta-parameters: every program's partial sums, summed in a fixed order
+                d_hv[t, dst] = hv_part[a:b].sum(0)
+        # meta-parameters: every program's partial sums, summed in a fixed order (totals)
         d_weights = []
-        totals = gpart.sum(0)
         for m in self.weights:
             w = weights[m]
             rounds = self._weight_slots(m)
