@@ -206,6 +206,38 @@ def test_backward_kernels_keep_cells_whole():
     assert text.count("tops.outer_sum(") == 2 * 4 * 2 + 1
 
 
+def test_an_entry_in_a_tiled_block_and_an_unrolled_term_gets_two_slots():
+    """If an unrolled layer read a weight entry that a tiled block also covers, the entry gets a
+    partial sum of its own beside the block's, and the block's slot is not overwritten."""
+    import dataclasses
+
+    from lopt_gen.autodiff import WeightGrad, stage_grad
+    from lopt_gen.codegen import triton_backward as tb
+    from lopt_gen.codegen.triton_backend import _kernel
+    from lopt_gen.compiler import compile_program
+    from lopt_gen.ir import Leaf
+    from lopt_gen.passes import plan
+    from lopt_gen.runtime.triton_runner import expand_slots
+
+    prog = compile_program(load_spec("mulo"))
+    stage = plan(prog)[-1]
+    sg = stage_grad(prog, stage, cells="whole")
+    wide = next(w for w in sg.weight_grads if w.weight == "mlp.1.weight")
+    extra = WeightGrad("mlp.1.weight", None, (wide.rows[0],), (wide.cols[0],), (wide.dpre[0],), (wide.x[0],))
+    sg = dataclasses.replace(sg, weight_grads=sg.weight_grads + (extra,))
+    levels = prog.level_of()
+    leaves = {n.name: n for n in prog.nodes if isinstance(n, Leaf)}
+    fwd = _kernel(prog, stage, levels, leaves, True)
+    k = tb._backward_kernel(prog, stage, sg, fwd, dict(levels), leaves, True)
+    slots = expand_slots(k["grad_slots"])
+    key = ("weight", "mlp.1.weight", wide.rows[0] * 32 + wide.cols[0])
+    first, second = [i for i, s in enumerate(slots) if s == key]
+    nslot = len(slots)
+    stores = [ln for ln in k["lines"] if ln.startswith(f"tl.store(_gpart_ptr + _pid * {nslot} + ")]
+    assert any(ln.startswith(f"tl.store(_gpart_ptr + _pid * {nslot} + {second}, ") for ln in stores)
+    assert not any(ln.startswith(f"tl.store(_gpart_ptr + _pid * {nslot} + {first}, ") for ln in stores)
+
+
 def test_the_partial_sum_layout_round_trips():
     from lopt_gen.codegen.triton_backward import _compact_slots
     from lopt_gen.runtime.triton_runner import expand_slots

@@ -77,7 +77,6 @@ class _BackwardBody(_KBody):
         self.tiles[key] = (var, pad)
         return var, pad
 
-
     def seed_tile(self, values, pad: int) -> str:
         """A [BLOCK, pad] tile of adjoints, one per unit (None: zero).  Reuses the tile whose
         columns they already are, if any."""
@@ -98,7 +97,7 @@ class _BackwardBody(_KBody):
         self.lines.append(f"{var} = tl.where(_mask[:, None], {tile}, 0.0)")
         return var
 
-    def emit_cell_t(self, n: CellT, slots: list, blocks: list) -> None:
+    def emit_cell_t(self, n: CellT, add_block) -> None:
         """The backward pass of a whole GRU / LSTM cell on [BLOCK, PAD] tiles: the gate values
         come from the forward recomputation (``cell_tiles``); the pre-activation adjoints of
         the gates give the input, hidden-state and extra-bias adjoints (``δ @ W``) and each
@@ -146,9 +145,9 @@ class _BackwardBody(_KBody):
             gates = [(d_i, h), (d_f, h), (d_g, h), (d_o, h)]
         for j, out in enumerate(n.outs_h):
             self.tile_cols[out] = (dh_prev, j, pad)
-        for k, (d, _) in enumerate(gates):
-            for j in range(hid):
-                if n.outs_extra:
+        if n.outs_extra:  # an extra gate bias is added to the pre-activation: it gets δ itself
+            for k, (d, _) in enumerate(gates):
+                for j in range(hid):
                     self.tile_cols[n.outs_extra[k * hid + j]] = (d, j, pad)
         if n_in:
             xpad = _pad(n_in)
@@ -158,17 +157,20 @@ class _BackwardBody(_KBody):
                 self.tile_cols[out] = (dx, j, xpad)
             xt, _ = self.index_tile(range(n_in), cell.x, masked=True)
         # weight adjoints: one block of partial sums per gate and matrix
+        masked_in: dict[str, str] = {}
         for k, (d, hin) in enumerate(gates):
             dm = self.masked(d)
-            hm = self.masked(hin)
-            blocks.append((len(slots), f"tops.outer_sum({dm}, {hm}, {dot}), {hid}, {hid}, {pad}, {pad}", "block"))
-            slots.extend(("weight", names["weight_hh"], (k * hid + a) * hid + b) for a in range(hid) for b in range(hid))
+            if hin not in masked_in:
+                masked_in[hin] = self.masked(hin)
+            hm = masked_in[hin]
+            add_block("block", f"tops.outer_sum({dm}, {hm}, {dot}), {hid}, {hid}, {pad}, {pad}",
+                      [("weight", names["weight_hh"], (k * hid + a) * hid + b) for a in range(hid) for b in range(hid)])
             if n_in:
-                blocks.append((len(slots), f"tops.outer_sum({dm}, {xt}, {dot}), {hid}, {n_in}, {pad}, {xpad}", "block"))
-                slots.extend(("weight", names["weight_ih"], (k * hid + a) * n_in + b)
-                             for a in range(hid) for b in range(n_in))
-            blocks.append((len(slots), f"tl.sum({dm}, axis=0), {hid}, {pad}", "vec"))
-            slots.extend(("weight", names["bias"], k * hid + a) for a in range(hid))
+                add_block("block", f"tops.outer_sum({dm}, {xt}, {dot}), {hid}, {n_in}, {pad}, {xpad}",
+                          [("weight", names["weight_ih"], (k * hid + a) * n_in + b)
+                           for a in range(hid) for b in range(n_in)])
+            add_block("vec", f"tl.sum({dm}, axis=0), {hid}, {pad}",
+                      [("weight", names["bias"], k * hid + a) for a in range(hid)])
 
 
 def _wide(rows, cols) -> bool:
@@ -207,12 +209,18 @@ def _backward_kernel(prog, stage, sg: StageGrad, fwd: dict, levels: dict, leaves
         body.names[seed] = var
     slots: list[tuple] = []  # ("hv", value) | ("weight", meta, flat index): one partial sum per program each
     blocks: list[tuple] = []  # (first slot, store arguments, "block" | "vec"): tiled weight adjoints
+    tiled: set[int] = set()  # the slots that blocks fill (an unrolled term never shares one)
+
+    def add_block(kind: str, args: str, keys: list) -> None:
+        blocks.append((len(slots), args, kind))
+        tiled.update(range(len(slots), len(slots) + len(keys)))
+        slots.extend(keys)
     for n in sg.nodes:
         if isinstance(n, Let):
             body.emit(n)
             continue
         if isinstance(n, CellT):
-            body.emit_cell_t(n, slots, blocks)
+            body.emit_cell_t(n, add_block)
             continue
         assert isinstance(n, DenseT)
         w = body.weight(n.weight)
@@ -279,12 +287,10 @@ def _backward_kernel(prog, stage, sg: StageGrad, fwd: dict, levels: dict, leaves
         if wg.cols:
             xt, cpad = body.index_tile(wg.cols, wg.x, masked=True)
             (c0, nc) = _span(wg.cols)
-            blocks.append((len(slots), f"tops.outer_sum({dt}, {xt}, {body.dot_mode(16)}), {nr}, {nc}, {rpad}, {cpad}",
-                           "block"))
-            slots.extend(("weight", wg.weight, r * ld + c) for r in range(r0, r0 + nr) for c in range(c0, c0 + nc))
+            add_block("block", f"tops.outer_sum({dt}, {xt}, {body.dot_mode(16)}), {nr}, {nc}, {rpad}, {cpad}",
+                      [("weight", wg.weight, r * ld + c) for r in range(r0, r0 + nr) for c in range(c0, c0 + nc)])
         if wg.bias:
-            blocks.append((len(slots), f"tl.sum({dt}, axis=0), {nr}, {rpad}", "vec"))
-            slots.extend(("weight", wg.bias, r) for r in range(r0, r0 + nr))
+            add_block("vec", f"tl.sum({dt}, axis=0), {nr}, {rpad}", [("weight", wg.bias, r) for r in range(r0, r0 + nr)])
     for wg in sg.weight_grads:
         if _wide(wg.rows, wg.cols):
             continue
@@ -299,8 +305,8 @@ def _backward_kernel(prog, stage, sg: StageGrad, fwd: dict, levels: dict, leaves
     for first, args, kind in blocks:
         epilogue.append(f"tops.store_{kind}(_gpart_ptr + _pid * {nslot} + {first}, {args})")
     for k, key in enumerate(slots):
-        if key not in terms:
-            continue  # a tiled block's slot
+        if k in tiled:
+            continue
         total = " + ".join(terms[key])
         epilogue.append(f"tl.store(_gpart_ptr + _pid * {nslot} + {k}, tl.sum(tl.where(_mask, {total}, 0.0), axis=0))")
 
