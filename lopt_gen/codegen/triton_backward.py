@@ -11,7 +11,8 @@ per-tensor-value tables.  It
   summed by the runner where one value feeds several outputs), of each program's partial
   sum of a whole-tensor reduction (one number per program) and of the per-element argument of
   a row / column reduction,
-* evaluates the adjoint Lets and transposed dense layers, unrolled into scalar multiply-adds,
+* evaluates the adjoint Lets, the transposed dense layers and the whole-cell adjoints
+  (below),
 * stores per-element adjoints of the gradient, the parameter and the per-element states, a
   per-element adjoint of each row / column input (the runner sums it over the broadcast
   axes), and one fp32 partial sum per program for every per-tensor / per-step input and for
@@ -23,7 +24,9 @@ inputs are unrolled into scalar multiply-adds, one partial sum per weight entry.
 layers use tiles: the adjoints ``δ`` of a layer's pre-activations are gathered into a
 ``[BLOCK, PAD]`` tile, the input adjoint is ``δ @ W`` (``tops.matmul_t``), and each program
 stores its share of the weight adjoint, ``δᵀ x`` over its elements (``tops.outer_sum``, a
-``tl.dot``), as a block of partial sums.  A stage whose unrolled layers would need more than
+``tl.dot``), as a block of partial sums.  A GRU or LSTM cell is differentiated as one node
+(:class:`~lopt_gen.autodiff.CellT`) on the gate tiles of its forward recomputation, with one
+block of partial sums per gate and matrix.  A stage whose unrolled layers would need more than
 :data:`MAX_WEIGHT_SLOTS` partial sums has no backward kernel (it is listed in
 ``UNSUPPORTED`` with the reason, and gradients come from the torch step's vector-Jacobian
 product instead).
