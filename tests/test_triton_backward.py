@@ -177,7 +177,7 @@ def test_weight_entries_with_several_partial_sums_are_added_in_a_fixed_order():
 
     slots = [("weight", "w", 3), ("hv", "x"), ("weight", "w", 1), ("weight", "w", 3), ("weight", "v", 0),
              ("weight", "w", 3), ("weight", "w", 0)]
-    fake = types.SimpleNamespace(slots=slots, device=torch.device("cpu"))
+    fake = types.SimpleNamespace(slots=slots, device=torch.device("cpu"), _slot_rounds={})
     rounds = _Launch._weight_slots(fake, "w")
     assert [(f.tolist(), k.tolist()) for f, k in rounds] == [([3, 1, 0], [0, 2, 6]), ([3], [3]), ([3], [5])]
     totals = torch.arange(1.0, 8.0)

@@ -173,12 +173,18 @@ class _KBody:
             ptr = self.state_ptr(leaves[0].source)
             self.lines.append(f"{var} = tops.load_tile({ptr}, _numel, _offs, _mask, {len(values)}, {pad})")
         else:
-            var = self.fresh("tile")
-            self.lines.append(f"{var} = tl.zeros((BLOCK, {pad}), dtype=tl.float32)")
-            for j, v in enumerate(values):
-                self.lines.append(f"{var} += tops.place({self.vec(v)}, {j}, {pad})")
+            var = self.placed_tile("tile", enumerate(values), pad)
         self.tiles[values] = (var, pad)
         return var, pad
+
+    def placed_tile(self, hint: str, columns, pad: int) -> str:
+        """A new [BLOCK, pad] tile, zero but for value ``v`` in column ``j`` for each ``(j, v)``
+        of ``columns``."""
+        var = self.fresh(hint)
+        self.lines.append(f"{var} = tl.zeros((BLOCK, {pad}), dtype=tl.float32)")
+        for j, v in columns:
+            self.lines.append(f"{var} += tops.place({self.vec(v)}, {j}, {pad})")
+        return var
 
     def is_tile(self, values) -> bool:
         return tuple(values) in self.tiles or self._is_state_group(values)

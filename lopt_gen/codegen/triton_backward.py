@@ -69,14 +69,9 @@ class _BackwardBody(_KBody):
         if idx == tuple(range(lo, lo + len(idx))) and self.is_tile(values):
             var, _ = self.tile_of(values)  # the forward pass's tile, columns in this order
         else:
-            var = self.fresh("tile")
-            self.lines.append(f"{var} = tl.zeros((BLOCK, {pad}), dtype=tl.float32)")
-            for i, v in zip(idx, values):
-                self.lines.append(f"{var} += tops.place({self.vec(v)}, {i - lo}, {pad})")
+            var = self.placed_tile("tile", ((i - lo, v) for i, v in zip(idx, values)), pad)
         if masked:
-            m = self.fresh("masked")
-            self.lines.append(f"{m} = tl.where(_mask[:, None], {var}, 0.0)")
-            var = m
+            var = self.masked(var)
         self.tiles[key] = (var, pad)
         return var, pad
 
@@ -88,12 +83,7 @@ class _BackwardBody(_KBody):
                 and len({(h[0], h[2]) for h in homes}) == 1 and homes[0][2] == pad \
                 and [h[1] for h in homes] == list(range(len(values))):
             return homes[0][0]
-        var = self.fresh("seed_tile")
-        self.lines.append(f"{var} = tl.zeros((BLOCK, {pad}), dtype=tl.float32)")
-        for j, v in enumerate(values):
-            if v is not None:
-                self.lines.append(f"{var} += tops.place({self.vec(v)}, {j}, {pad})")
-        return var
+        return self.placed_tile("seed_tile", ((j, v) for j, v in enumerate(values) if v is not None), pad)
 
     def masked(self, tile: str) -> str:
         var = self.fresh("masked")

@@ -446,6 +446,7 @@ class _Launch:
         self.bmeta = next(k for k in bmod.KERNELS if k["index"] == stage_index)
         self.bkernel = getattr(bmod, self.bmeta["name"])
         self.slots = expand_slots(self.bmeta["grad_slots"])
+        self._slot_rounds: dict[str, list] = {}  # filled by _weight_slots
         self.plans = [it.pl for it in items]
         self.state_like = [{k: (v.shape, v.dtype) for k, v in it.tstate.items() if isinstance(v, torch.Tensor)}
                            for it in items]
@@ -602,7 +603,7 @@ class _Launch:
         """[(flat indices into ``meta``, slots of the partial sums)]: the slots of one weight entry
         (an entry that two dense layers read has two) spread over rounds, each round naming an
         entry at most once, so that adding the rounds in order is deterministic."""
-        cache = self.__dict__.setdefault("_slot_rounds", {})
+        cache = self._slot_rounds
         if meta not in cache:
             rounds: list[list[tuple[int, int]]] = []
             seen: dict[int, int] = {}
