@@ -284,3 +284,41 @@ def test_python_dash_m_entry_point(tmp_path):
                            "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert metric_steps(tmp_path / "o") == [1, 2]
+
+
+def test_lr_mult_range_draws_per_episode_multipliers(tmp_path):
+    """Each new episode gets a multiplier log-uniform in the range (recorded in its slot and
+    in run.json); the run resumes bitwise, and a bad range is refused before any work."""
+    seen = []
+    real = T._Trainer._new_slot
+
+    def spy(self, gen):
+        slot = real(self, gen)
+        seen.append(self.estimator.slot_inner(slot).lr_mult)
+        return slot
+
+    run = {**RUN, "lr_mult_range": (0.1, 10.0)}
+    T._Trainer._new_slot = spy
+    try:
+        ref = meta_train("small_fc_lopt", estimator="tbptt", out_dir=tmp_path / "ref", **run)
+    finally:
+        T._Trainer._new_slot = real
+    assert len(seen) >= 3 and all(0.1 <= m <= 10.0 for m in seen) and len(set(seen)) == len(seen)
+    assert json.loads((tmp_path / "ref" / "run.json").read_text())["lr_mult_range"] == [0.1, 10.0]
+    plain = meta_train("small_fc_lopt", estimator="tbptt", out_dir=tmp_path / "plain", **RUN)
+    assert "lr_mult_range" not in json.loads((tmp_path / "plain" / "run.json").read_text())
+    assert any(not torch.equal(ref.weights[k], plain.weights[k]) for k in ref.weights)
+    with pytest.raises(Crash):
+        meta_train("small_fc_lopt", estimator="tbptt", out_dir=tmp_path / "b", callback=crash_at(3), **run)
+    got = meta_train("small_fc_lopt", estimator="tbptt", out_dir=tmp_path / "b", resume=True, **run)
+    assert_same_weights(ref.weights, got.weights)
+    with pytest.raises(CheckpointError):  # resuming under another range is a different run
+        meta_train("small_fc_lopt", estimator="tbptt", out_dir=tmp_path / "b", resume=True,
+                   **{**run, "steps": 7, "lr_mult_range": (0.1, 100.0)})
+    for bad in [(0.0, 1.0), (2.0, 1.0), (1.0, math.inf), (1.0,)]:
+        with pytest.raises(ValueError, match="lr_mult_range"):
+            meta_train("small_fc_lopt", out_dir=tmp_path / "bad", **{**RUN, "lr_mult_range": bad})
+    assert not (tmp_path / "bad").exists()
+    res = CliRunner().invoke(meta_train_cmd, ["small_fc_lopt", "--steps", "1", "--out", str(tmp_path / "c"),
+                                              "--lr-mult-range", "10", "1"])
+    assert res.exit_code == 2 and "lr_mult_range" in res.output

@@ -247,3 +247,25 @@ def test_normalisation_keeps_meta_gradient_finite_when_the_task_diverges():
         a, _ = unroll(safe, inner, 5, engine)
         b, _ = unroll(safe, inner, 5, engine, normalize=False)
     assert torch.equal(a, b)
+
+
+def test_lr_mult_scales_the_learned_step_and_survives_a_checkpoint():
+    """An episode's ``lr_mult`` is the same as running it at lr × lr_mult; it is carried
+    through truncations and checkpoints (and an old checkpoint without it loads as 1)."""
+    engine = get_engine(load_spec("small_fc_lopt"))
+    task = make_task("softmax_regression", seed=0, dim=3, batch_size=16)
+    phi = engine.init_weights(0)
+    inner = InnerState.start(task, engine, seed=1, lengths=[2, 2])
+    scaled = inner.clone()
+    scaled.lr_mult = 7.0
+    with torch.no_grad():
+        l_ref, s_ref = unroll(phi, inner, 2, engine, lr=7.0)
+        l_got, s_got = unroll(phi, scaled, 2, engine)
+        l_one, s_one = unroll(phi, inner, 2, engine)
+    assert torch.equal(l_ref, l_got) and not torch.equal(l_one, l_got)
+    assert all(torch.equal(a, b) for a, b in zip(s_ref.params, s_got.params))
+    assert s_got.lr_mult == 7.0 and s_ref.lr_mult == 1.0
+    data = s_got.state_dict()
+    assert InnerState.from_state_dict(data, task).lr_mult == 7.0
+    del data["lr_mult"]
+    assert InnerState.from_state_dict(data, task).lr_mult == 1.0

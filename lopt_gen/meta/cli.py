@@ -41,6 +41,8 @@ __all__ = ["meta_train_cmd"]
 @click.option("--sigma", type=float, default=0.01, show_default=True, help="ES/PES: perturbation scale")
 @click.option("--inner-lr", type=float, default=1.0, show_default=True,
               help="the lr scalar the learned step receives")
+@click.option("--lr-mult-range", type=(float, float), default=None, metavar="LOW HIGH",
+              help="draw each episode's lr multiplier log-uniformly from [LOW, HIGH] (robustness to the lr)")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--snapshot-every", type=click.IntRange(min=1), default=None,
               help="also keep the weights of every N-th meta-step in OUT/snapshots/ (for `lopt-gen select`)")
@@ -52,7 +54,7 @@ __all__ = ["meta_train_cmd"]
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def meta_train_cmd(spec, estimator, steps, out_dir, resume, seed, unroll_length, tasks, first_order,
                    truncation_schedule, schedule_scale, objective, tasks_per_step, outer_lr, clip, num_particles,
-                   sigma, inner_lr, checkpoint_every, snapshot_every, eval_every, init_weights, num_threads, no_progress):
+                   sigma, inner_lr, lr_mult_range, checkpoint_every, snapshot_every, eval_every, init_weights, num_threads, no_progress):
     """Meta-train the learned weights of SPEC (a file or shipped name) and write them to OUT.
 
     OUT/weights.safetensors holds the latest weights (spec embedded); OUT/metrics.jsonl and
@@ -67,7 +69,7 @@ def meta_train_cmd(spec, estimator, steps, out_dir, resume, seed, unroll_length,
                             schedule_scale=schedule_scale, objective=objective, tasks_per_step=tasks_per_step,
                             outer_lr=outer_lr, clip=clip or None, num_particles=num_particles, sigma=sigma,
                             inner_lr=inner_lr, first_order=first_order, checkpoint_every=checkpoint_every,
-                            snapshot_every=snapshot_every,
+                            snapshot_every=snapshot_every, lr_mult_range=lr_mult_range,
                             eval_every=eval_every, init_weights=init_weights, resume=resume,
                             num_threads=num_threads, progress=not no_progress)
     except (SpecError, WeightsError, CheckpointError, ValueError, KeyError) as exc:

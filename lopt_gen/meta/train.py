@@ -289,6 +289,18 @@ class MetaTrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _check_lr_mult_range(r) -> tuple[float, float] | None:
+    if r is None:
+        return None
+    try:
+        lo, hi = (float(x) for x in r)
+    except (TypeError, ValueError):
+        raise ValueError(f"lr_mult_range must be two numbers (low, high), got {r!r}") from None
+    if not (0 < lo <= hi and math.isfinite(hi)):
+        raise ValueError(f"lr_mult_range must satisfy 0 < low <= high < inf, got ({lo:g}, {hi:g})")
+    return lo, hi
+
+
 def _randint(g: torch.Generator) -> int:
     return int(torch.randint(0, 2**31 - 1, (), generator=g))
 
@@ -297,7 +309,8 @@ class _Trainer:
     def __init__(self, spec, *, estimator, out_dir, seed, tasks, unroll_length, truncation_schedule, outer_lr,
                  clip, tasks_per_step, objective, first_order, num_particles, sigma, inner_lr,
                  schedule_scale, outer_optimizer, clip_mode, checkpoint_every, keep_checkpoints, eval_every,
-                 eval_tasks, eval_steps, init_weights, backend, progress, callback, snapshot_every=None):
+                 eval_tasks, eval_steps, init_weights, backend, progress, callback, snapshot_every=None,
+                 lr_mult_range=None):
         from ..runtime.engine import get_engine
 
         self.spec = load_spec(spec)
@@ -326,6 +339,7 @@ class _Trainer:
         if snapshot_every is not None and int(snapshot_every) < 1:
             raise ValueError(f"snapshot_every must be >= 1 (or None), got {snapshot_every}")
         self.snapshot_every = int(snapshot_every) if snapshot_every else None
+        self.lr_mult_range = _check_lr_mult_range(lr_mult_range)
         self.eval_every = int(eval_every) if eval_every else None
         self.eval_tasks, self.eval_steps = int(eval_tasks), int(eval_steps or 4 * unroll_length)
         self.objective = objective
@@ -340,6 +354,8 @@ class _Trainer:
                 init_weights, dict) else str(init_weights),
             "eval_every": self.eval_every, "eval_tasks": self.eval_tasks, "eval_steps": self.eval_steps,
         }
+        if self.lr_mult_range is not None:  # only when set: runs without it keep their old config
+            self.config["lr_mult_range"] = list(self.lr_mult_range)
         self._eval_set: list[InnerState] | None = None
 
     # ------------------------------------------------------------------ pieces
@@ -362,6 +378,9 @@ class _Trainer:
                 inner = InnerState.start(task, self.engine, seed=inner_seed, lengths=lengths, task_seed=task_seed)
             except ValueError:  # e.g. a task whose initial loss is not finite: draw another
                 continue
+            if self.lr_mult_range is not None:
+                lo, hi = (math.log(x) for x in self.lr_mult_range)
+                inner.lr_mult = math.exp(lo + (hi - lo) * float(torch.rand((), generator=gen)))
             return self.estimator.prepare(inner)
         raise RuntimeError(f"could not start an inner episode from task source {self.source.name!r}")
 
@@ -543,6 +562,7 @@ def meta_train(spec, *, estimator: str | Estimator = "tbptt", steps: int, out_di
                keep_checkpoints: int = 2, eval_tasks: int = 4, eval_steps: int | None = None,
                init_weights: str | Path | dict | None = None, backend: str = "torch",
                num_threads: int | None = None, snapshot_every: int | None = None,
+               lr_mult_range: tuple[float, float] | None = None,
                callback: Callable[[int, dict], None] | None = None) -> MetaTrainResult:
     """Meta-train the meta-parameters of ``spec`` for ``steps`` outer steps (see the module docstring).
 
@@ -561,7 +581,10 @@ def meta_train(spec, *, estimator: str | Estimator = "tbptt", steps: int, out_di
     restores them after): inner problems are tiny, and one thread is often fastest.
     ``snapshot_every`` keeps the weights of every such meta-step in
     ``out_dir/snapshots/`` (never pruned), for choosing a checkpoint afterwards with
-    :func:`lopt_gen.meta.validate.validate_many` (``lopt-gen select``). ``callback(step, metrics)`` runs after every
+    :func:`lopt_gen.meta.validate.validate_many` (``lopt-gen select``). ``lr_mult_range=(low,
+    high)`` draws a multiplier of the inner ``lr`` per episode, log-uniformly in that range,
+    so the optimizer is meta-trained to cope with the learning rate a user runs it at
+    (default: none, every episode at ``inner_lr``). ``callback(step, metrics)`` runs after every
     meta-step.
     """
     trainer = _Trainer(spec, estimator=estimator, out_dir=out_dir, seed=seed, tasks=tasks,
@@ -571,7 +594,7 @@ def meta_train(spec, *, estimator: str | Estimator = "tbptt", steps: int, out_di
                        outer_optimizer=outer_optimizer, clip_mode=clip_mode, checkpoint_every=checkpoint_every,
                        keep_checkpoints=keep_checkpoints, eval_every=eval_every, eval_tasks=eval_tasks,
                        eval_steps=eval_steps, init_weights=init_weights, backend=backend, progress=progress,
-                       callback=callback, snapshot_every=snapshot_every)
+                       callback=callback, snapshot_every=snapshot_every, lr_mult_range=lr_mult_range)
     if num_threads is None:
         return trainer.run(int(steps), bool(resume))
     before = torch.get_num_threads()

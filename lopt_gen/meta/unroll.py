@@ -76,7 +76,9 @@ class InnerState:
     ``lengths`` is the episode's truncation schedule and ``truncation`` the index of the
     next truncation; ``done`` turns true after the last one, or once the task diverged.
     ``task_seed`` (when the task came from a seeded source) lets a checkpoint rebuild the
-    task instead of storing it.
+    task instead of storing it. ``lr_mult`` multiplies the ``lr`` scalar the learned step
+    receives for the whole episode (meta-training with ``lr_mult_range`` draws it per
+    episode, to make the optimizer robust to the learning rate it is run at).
     """
 
     task: Task
@@ -93,6 +95,7 @@ class InnerState:
     task_seed: int | None = None
     diverged: bool = False
     last_loss: float = math.nan
+    lr_mult: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ creation
@@ -159,7 +162,7 @@ class InnerState:
             "generator": self.generator.get_state(),
             "f0": self.f0, "ceiling": self.ceiling, "shift": self.shift, "step": self.step,
             "lengths": list(self.lengths), "truncation": self.truncation, "diverged": self.diverged,
-            "last_loss": self.last_loss,
+            "last_loss": self.last_loss, "lr_mult": self.lr_mult,
         }
 
     @classmethod
@@ -176,7 +179,8 @@ class InnerState:
                    f0=float(data["f0"]), ceiling=float(data["ceiling"]), shift=float(data["shift"]),
                    step=int(data["step"]), lengths=tuple(int(k) for k in data["lengths"]),
                    truncation=int(data["truncation"]), task_seed=data["task_seed"],
-                   diverged=bool(data["diverged"]), last_loss=float(data["last_loss"]))
+                   diverged=bool(data["diverged"]), last_loss=float(data["last_loss"]),
+                   lr_mult=float(data.get("lr_mult", 1.0)))
 
 
 def meta_objective(terms: Sequence[torch.Tensor], objective: str, *, f0: float, shift: float = 0.0) -> torch.Tensor:
@@ -239,7 +243,7 @@ def unroll(phi: dict[str, torch.Tensor], inner: InnerState, K: int | None, engin
     task = inner.task
     track = torch.is_grad_enabled() and any(v.requires_grad for v in phi.values())
     gen = _clone_generator(inner.generator)
-    scalars = [{"lr": float(lr)} for _ in inner.params]
+    scalars = [{"lr": float(lr) * inner.lr_mult} for _ in inner.params]
     meta_ctx = contextlib.nullcontext if track else torch.no_grad
 
     params = [p.detach().requires_grad_(p.is_floating_point()) if not (track and p.requires_grad) else p
@@ -274,7 +278,7 @@ def unroll(phi: dict[str, torch.Tensor], inner: InnerState, K: int | None, engin
                      f0=inner.f0, ceiling=inner.ceiling, shift=inner.shift, step=inner.step + K,
                      lengths=inner.lengths, truncation=inner.truncation + 1, task_seed=inner.task_seed,
                      diverged=inner.diverged or not (math.isfinite(last) and last <= inner.ceiling),
-                     last_loss=last, extra=dict(inner.extra))
+                     last_loss=last, lr_mult=inner.lr_mult, extra=dict(inner.extra))
     if detach or not track:
         new = new.detached()
     return meta_loss, new
