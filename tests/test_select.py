@@ -160,3 +160,23 @@ def test_select_cli_writes_table_json_and_plot(run_dir, tmp_path):
     assert "best" in (out / "validation.md").read_text()
     bad = CliRunner().invoke(V.select_cmd, [str(tmp_path / "nothing.safetensors"), "--out", str(out)])
     assert bad.exit_code == 2 and "no such weights file" in bad.output
+
+
+def test_concurrent_selections_keep_each_others_cached_scores(run_dir, tmp_path, monkeypatch):
+    """Another selection writing to the same cache while this one runs: both sets of scores
+    survive (the file is re-read and merged at every write), and no temporary file is left."""
+    cache = tmp_path / "cache.json"
+    real = V.validate
+    foreign = {"another selection's key": {"score": 1.0, "std": 0.0, "per_task": {}, "diverged": 0}}
+
+    def meanwhile(path, **kw):
+        res = real(path, **kw)
+        on_disk = json.loads(cache.read_text()) if cache.exists() else {}
+        cache.write_text(json.dumps({**on_disk, **foreign}))  # the other process saves its score
+        return res
+
+    monkeypatch.setattr(V, "validate", meanwhile)
+    V.validate_many([run_dir], family="mlp", n_tasks=1, steps=5, cache=cache, progress=False)
+    kept = json.loads(cache.read_text())
+    assert "another selection's key" in kept and len(kept) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.json"]

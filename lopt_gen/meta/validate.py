@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -154,6 +155,30 @@ def _cache_key(candidate: dict, family: str, n_tasks: int, steps: int, seed: int
     return json.dumps([ident, family, int(n_tasks), int(steps), int(seed), lr])
 
 
+def _read_cache(path: Path | None) -> dict:
+    if path is None or not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # an unreadable cache is only a cache: recompute
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(path: Path, new: dict) -> dict:
+    """Add ``new`` to the cache file and return its whole content.
+
+    The file is read again just before writing, so that selections running at the same time
+    on the same ``--out`` keep each other's scores; each writes its own temporary file and
+    renames it, so the cache is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store = {**_read_cache(path), **new}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(store, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return store
+
+
 def validate_many(items, family: str = "mlp", n_tasks: int = 12, steps: int = 1000, seed: int = VALIDATION_SEED,
                   lr: float | None = None, cache: str | Path | None = None, every: int | None = None,
                   progress: bool = True) -> list[dict]:
@@ -168,13 +193,8 @@ def validate_many(items, family: str = "mlp", n_tasks: int = 12, steps: int = 10
     candidates = validation_candidates(items, every=every)
     if not candidates:
         raise ValueError("nothing to validate")
-    store: dict = {}
     cache_path = Path(cache) if cache is not None else None
-    if cache_path is not None and cache_path.exists():
-        try:
-            store = json.loads(cache_path.read_text())
-        except (OSError, ValueError):
-            store = {}  # an unreadable cache is only a cache: recompute
+    store = _read_cache(cache_path)
     rows = []
     for cand in tqdm(candidates, disable=not progress, desc="candidates"):
         key = _cache_key(cand, family, n_tasks, steps, seed, lr)
@@ -182,10 +202,7 @@ def validate_many(items, family: str = "mlp", n_tasks: int = 12, steps: int = 10
             store[key] = validate(cand["path"], family=family, n_tasks=n_tasks, steps=steps, seed=seed, lr=lr,
                                   progress=progress)
             if cache_path is not None:
-                cache_path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache_path.with_name(cache_path.name + ".tmp")
-                tmp.write_text(json.dumps(store, indent=1, sort_keys=True) + "\n")
-                tmp.replace(cache_path)
+                store = _write_cache(cache_path, {key: store[key]})
         res = store[key]
         rows.append({**cand, "score": res["score"], "std": res["std"], "diverged": res.get("diverged", 0),
                      "per_task": res["per_task"], "best": False})
