@@ -137,6 +137,8 @@ def test_outputs_files_and_contents(sweep, tmp_path):
     assert float(mean) == pytest.approx(sweep.curves[1].points[0].final_loss, rel=1e-3)
     assert re.search(r"^- sgd: best final loss [0-9.]+ at x1; within 2x of its best over 0\.00 decade", summary, re.M)
     assert re.search(r"^- lopt_gen:small_fc_lopt: best final loss .*; within 2x of the sweep's best: ", summary, re.M)
+    assert re.search(r"^- sgd: .*; diverged at x1e\+04 \(2/2 seeds\)$", summary, re.M)
+    assert re.search(r"^- lopt_gen:small_fc_lopt: .*; no seed diverged at any multiplier$", summary, re.M)
     finals = [p.final_loss for c in sweep.curves for p in c.points if p.diverged == 0]
     assert best_overall(sweep) == min(finals)
 
@@ -147,6 +149,7 @@ def test_outputs_files_and_contents(sweep, tmp_path):
     assert [p["diverged"] for p in sgd["points"]] == [0, 2]
     assert sgd["points"][1]["final_loss"] is None and len(sgd["points"][1]["seeds"]) == 2
     assert sgd["robustness"]["best_multiplier"] == 1.0 and sgd["robustness"]["span_decades"] == 0.0
+    assert sgd["diverged_at"] == [1e4] and by_name["lopt_gen:small_fc_lopt"]["diverged_at"] == []
     assert data["best_overall"] == pytest.approx(best_overall(sweep))
     assert set(sgd["robustness"]["vs_sweep_best"]) == set(sgd["robustness"]) - {"vs_sweep_best"}
     assert by_name["lopt_gen:small_fc_lopt"]["base_lr"] == 1.0

@@ -300,10 +300,23 @@ def _cell(p: SweepPoint) -> str:
     return text + (f" [{p.diverged}/{n} diverged]" if p.diverged else "")
 
 
+def diverged_at(curve: SweepCurve) -> list[float]:
+    """The multipliers at which at least one seed diverged."""
+    return [p.multiplier for p in curve.points if p.diverged]
+
+
+def _divergence_text(curve: SweepCurve) -> str:
+    bad = [p for p in curve.points if p.diverged]
+    if not bad:
+        return "no seed diverged at any multiplier"
+    return "diverged at " + ", ".join(f"x{p.multiplier:.3g} ({p.diverged}/{len(p.runs)} seeds)" for p in bad)
+
+
 def robustness_line(curve: SweepCurve, tolerance: float, lower_bound: float = 0.0,
                     reference: float | None = None) -> str:
-    """One optimizer's best final loss and how wide a stretch of multipliers stays within
-    ``tolerance`` of it, and (given ``reference``, the sweep's best) of the sweep's best."""
+    """One optimizer's best final loss, how wide a stretch of multipliers stays within
+    ``tolerance`` of it, and (given ``reference``, the sweep's best) of the sweep's best; then
+    where any seed diverged."""
     own = robustness(curve, tolerance, lower_bound)
     if own["best_multiplier"] is None:
         return f"{curve.name}: diverged at every multiplier"
@@ -319,7 +332,7 @@ def robustness_line(curve: SweepCurve, tolerance: float, lower_bound: float = 0.
     if reference is not None:
         vs_best = robustness(curve, tolerance, lower_bound, reference)
         text += f"; within {tolerance:g}x of the sweep's best: {stretch(vs_best)}"
-    return text
+    return f"{text}; {_divergence_text(curve)}"
 
 
 def format_table(result: SweepResult) -> str:
@@ -383,7 +396,7 @@ def result_to_json(result: SweepResult) -> dict:
         rob = robustness(c, result.tolerance, result.lower_bound)
         rob["vs_sweep_best"] = robustness(c, result.tolerance, result.lower_bound, best_overall(result))
         curves.append(dict(name=c.name, kind=c.kind, source=c.source, base_lr=c.base_lr, points=points,
-                           robustness=rob))
+                           robustness=rob, diverged_at=diverged_at(c)))
     return dict(task=result.task, steps=result.steps, seeds=result.seeds, multipliers=result.multipliers,
                 tolerance=result.tolerance, lower_bound=result.lower_bound,
                 initial_loss=finite(result.initial_loss), best_overall=best_overall(result), optimizers=curves)
