@@ -111,6 +111,12 @@ class _KBody:
                 self.taken.add(name)
                 return name
 
+    def let(self, hint: str, text: str) -> str:
+        """A fresh kernel-local name bound to the expression ``text``."""
+        var = self.fresh(hint)
+        self.lines.append(f"{var} = {text}")
+        return var
+
     def ref(self, v: str) -> str:
         if v in self.names:
             return self.names[v]
@@ -304,24 +310,20 @@ class _KBody:
             return f"tops.matmul({tile}, {w_hh}, {hid}, {gi * hid}, 0, {hid}, {hid}, {pad}, {pad}, {dot})"
 
         if n.kind == "gru":
-            r, u, c = (self.fresh(x) for x in ("r", "u", "c"))
-            self.lines.append(f"{r} = tops.sigmoid({pre['r']} + {hmm(ht, 0)})")
-            self.lines.append(f"{u} = tops.sigmoid({pre['u']} + {hmm(ht, 1)})")
-            self.lines.append(f"{c} = tops.tanh({pre['c']} + {hmm(f'({r} * {ht})', 2)})")
-            hn = self.fresh("h_new")
-            self.lines.append(f"{hn} = {u} * {ht} + (1.0 - {u}) * {c}")
+            r = self.let("r", f"tops.sigmoid({pre['r']} + {hmm(ht, 0)})")
+            u = self.let("u", f"tops.sigmoid({pre['u']} + {hmm(ht, 1)})")
+            c = self.let("c", f"tops.tanh({pre['c']} + {hmm(f'({r} * {ht})', 2)})")
+            hn = self.let("h_new", f"{u} * {ht} + (1.0 - {u}) * {c}")
             self.bind_tile(n.out_h, hn, pad)
             self.cell_tiles[tuple(n.out_h)] = dict(h=ht, r=r, u=u, c=c)
         else:
             ct, _ = self.tile_of(n.c)
-            i, f, g, o = (self.fresh(x) for x in ("i", "f", "g", "o"))
-            self.lines.append(f"{i} = tops.sigmoid({pre['i']} + {hmm(ht, 0)})")
-            self.lines.append(f"{f} = tops.sigmoid({pre['f']} + {hmm(ht, 1)})")
-            self.lines.append(f"{g} = tops.tanh({pre['g']} + {hmm(ht, 2)})")
-            self.lines.append(f"{o} = tops.sigmoid({pre['o']} + {hmm(ht, 3)})")
-            cn, hn = self.fresh("c_new"), self.fresh("h_new")
-            self.lines.append(f"{cn} = {f} * {ct} + {i} * {g}")
-            self.lines.append(f"{hn} = {o} * tops.tanh({cn})")
+            i = self.let("i", f"tops.sigmoid({pre['i']} + {hmm(ht, 0)})")
+            f = self.let("f", f"tops.sigmoid({pre['f']} + {hmm(ht, 1)})")
+            g = self.let("g", f"tops.tanh({pre['g']} + {hmm(ht, 2)})")
+            o = self.let("o", f"tops.sigmoid({pre['o']} + {hmm(ht, 3)})")
+            cn = self.let("c_new", f"{f} * {ct} + {i} * {g}")
+            hn = self.let("h_new", f"{o} * tops.tanh({cn})")
             self.bind_tile(n.out_h, hn, pad)
             self.bind_tile(n.out_c, cn, pad)
             self.cell_tiles[tuple(n.out_h)] = dict(h=ht, c=ct, i=i, f=f, g=g, o=o, c_new=cn)

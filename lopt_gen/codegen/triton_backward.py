@@ -86,9 +86,7 @@ class _BackwardBody(_KBody):
         return self.placed_tile("seed_tile", ((j, v) for j, v in enumerate(values) if v is not None), pad)
 
     def masked(self, tile: str) -> str:
-        var = self.fresh("masked")
-        self.lines.append(f"{var} = tl.where(_mask[:, None], {tile}, 0.0)")
-        return var
+        return self.let("masked", f"tl.where(_mask[:, None], {tile}, 0.0)")
 
     def emit_cell_t(self, n: CellT, add_block) -> None:
         """The backward pass of a whole GRU / LSTM cell on [BLOCK, PAD] tiles: the gate values
@@ -102,12 +100,7 @@ class _BackwardBody(_KBody):
         names = {k: f"{cell.prefix}.{k}" for k in ("weight_ih", "weight_hh", "bias")}
         w_ih, w_hh = self.weight(names["weight_ih"]), self.weight(names["weight_hh"])
         dot = self.dot_mode(16)
-        emit = self.lines.append
-
-        def new(hint, text):
-            var = self.fresh(hint)
-            emit(f"{var} = {text}")
-            return var
+        new = self.let
 
         def back_hh(d, k):  # d @ W_hh[k H : (k + 1) H]: a gate's adjoint back to the hidden state
             return f"tops.matmul_t({d}, {w_hh}, {hid}, {k * hid}, 0, {hid}, {hid}, {pad}, {pad}, {dot})"
