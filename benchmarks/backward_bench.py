@@ -22,7 +22,6 @@ Writes ``backward_bench.csv`` and ``backward_bench.md`` to ``--out`` (default
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import statistics
 import sys
@@ -36,7 +35,8 @@ for path in (REPO_ROOT, REPO_ROOT / "benchmarks"):
 
 import torch  # noqa: E402
 
-from step_bench import device_name, free_memory, model_shapes, parse_size, size_label, synchronizer, time_fn  # noqa: E402
+from step_bench import (device_name, free_memory, model_shapes, parse_size, size_label, synchronizer,  # noqa: E402
+                        time_fn, write_csv)
 
 MODES = ("kernels", "torch")
 COLUMNS = ["date_utc", "device", "device_name", "spec", "size_label", "n_params", "n_tensors", "mode", "status",
@@ -151,10 +151,7 @@ def main(argv=None) -> int:
     rows = run(args)
     out = Path(args.out or REPO_ROOT / "benchmarks" / "results" / ("cuda" if cuda else "cpu"))
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "backward_bench.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, out / "backward_bench.csv", COLUMNS)
     table = markdown(rows)
     (out / "backward_bench.md").write_text(table)
     print(table)
