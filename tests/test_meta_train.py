@@ -286,7 +286,7 @@ def test_python_dash_m_entry_point(tmp_path):
     assert metric_steps(tmp_path / "o") == [1, 2]
 
 
-def test_lr_mult_range_draws_per_episode_multipliers(tmp_path):
+def test_lr_mult_range_draws_per_episode_multipliers(tmp_path, monkeypatch):
     """Each new episode gets a multiplier log-uniform in the range (recorded in its slot and
     in run.json); the run resumes bitwise, and a bad range is refused before any work."""
     seen = []
@@ -298,11 +298,9 @@ def test_lr_mult_range_draws_per_episode_multipliers(tmp_path):
         return slot
 
     run = {**RUN, "lr_mult_range": (0.1, 10.0)}
-    T._Trainer._new_slot = spy
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(T._Trainer, "_new_slot", spy)
         ref = meta_train("small_fc_lopt", estimator="tbptt", out_dir=tmp_path / "ref", **run)
-    finally:
-        T._Trainer._new_slot = real
     assert len(seen) >= 3 and all(0.1 <= m <= 10.0 for m in seen) and len(set(seen)) == len(seen)
     assert json.loads((tmp_path / "ref" / "run.json").read_text())["lr_mult_range"] == [0.1, 10.0]
     plain = meta_train("small_fc_lopt", estimator="tbptt", out_dir=tmp_path / "plain", **RUN)
