@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 
 from lopt_gen.meta.evaluate import Run, evaluate, steps_to_reach, summarize
 
@@ -64,3 +65,52 @@ def test_synthetic_validation_scores_held_out_draws():
     wild = synthetic_validation("sgd_momentum", n_tasks=3, steps=15, lr=1e12, progress=False)
     assert max(wild["per_task"].values()) == math.log(10.0)
     assert wild["score"] > sgd["score"] + 1.0
+
+
+def _eval_cli(args, tmp_path):
+    from click.testing import CliRunner
+
+    from lopt_gen.cli import main
+
+    return CliRunner().invoke(main, ["eval", *args, "--out", str(tmp_path)])
+
+
+def test_eval_lr_grid_keeps_the_speedup_against_adam_at_1e_3(tmp_path):
+    r = _eval_cli(["adam", "--task", "quadratic", "--lr-grid", "--baselines", "adam", "--steps", "40",
+                   "--seeds", "1"], tmp_path)
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| optimizer"))
+    assert "speedup" in header
+    rows = {}
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] != "optimizer":
+            rows[cells[0]] = dict(zip([c.strip() for c in header.strip("|").split("|")], cells))
+    assert set(rows) == {"lopt_gen:adam"} | {f"adam@{lr:g}" for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)}
+    assert rows["adam@0.001"]["speedup"] == "1"
+    assert float(rows["adam@0.1"]["speedup"]) > 1.0  # a faster rate reaches Adam-at-1e-3's loss sooner
+    assert "speedup: steps Adam at lr 0.001 (row adam@0.001) takes" in r.stdout
+    assert "speedup" in (tmp_path / "summary.md").read_text()
+
+
+def test_speedup_reference_is_adam_at_1e_3_else_the_best_adam_grid_entry():
+    from lopt_gen.meta.evaluate import speedup_reference
+
+    best = Run("adam@0.01", 0, 1e-2, losses=[0.1] * 30)
+    worse = Run("adam@0.1", 0, 1e-1, losses=[0.5] * 30)
+    assert speedup_reference({"adam": [worse], "adam@0.001": [worse]}) == "adam"
+    assert speedup_reference({"adam@0.001": [worse], "adam@0.01": [best]}) == "adam@0.001"
+    assert speedup_reference({"adam@0.1": [worse], "adam@0.01": [best]}) == "adam@0.01"
+    assert speedup_reference({"sgd@0.01": [best]}) is None
+
+
+@pytest.mark.parametrize("option", ["--threads", "--seeds", "--steps"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_eval_rejects_non_positive_counts_with_a_usage_error(option, value, tmp_path):
+    r = _eval_cli(["adam", "--task", "quadratic", "--baselines", "adam", option, value], tmp_path)
+    assert r.exit_code == 2, r.output
+    assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: Invalid value for '{option}': {value} is not in the range x>=1."]
+    assert not (tmp_path / "summary.md").exists()

@@ -15,12 +15,13 @@ from lopt_gen.meta.tasks import (
 EXPECTED_NAMES = {
     "quadratic", "quadratic_noisy", "quadratic_large", "bowl2d", "softmax_regression",
     "ackley", "beale", "booth", "branin", "logsumexp", "matyas", "michalewicz", "rosenbrock",
-    "styblinski_tang", "mlp_regression", "mlp_classification", "digits_mlp", "digits_conv",
+    "styblinski_tang", "mlp_regression", "mlp_classification", "digits_mlp", "digits_mlp_sigmoid",
+    "digits_conv",
 }
 # tasks whose constants (matrices, data, teachers, splits) are random draws from the seed
 RANDOM_CONSTANTS = {
     "quadratic", "quadratic_noisy", "quadratic_large", "bowl2d", "softmax_regression",
-    "mlp_regression", "mlp_classification", "digits_mlp", "digits_conv",
+    "mlp_regression", "mlp_classification", "digits_mlp", "digits_mlp_sigmoid", "digits_conv",
 }
 N_DIGITS = 1797
 
@@ -44,7 +45,6 @@ TRANSFORMED = {
     "sum(beale,softmax)": lambda s: SumOfTasks(make_task("beale", seed=s), make_task("softmax_regression", seed=s)),
     "sparse(noisy(mlp_regression))": lambda s: SparseGradients(GradientNoise(make_task("mlp_regression", seed=s))),
     "log(rescale(softmax))": lambda s: LogObjective(Rescale(make_task("softmax_regression", seed=s), seed=s)),
-    "digits_mlp_sigmoid": lambda s: make_task("digits_mlp", seed=s, activation="sigmoid"),
 }
 
 
@@ -481,6 +481,19 @@ def test_digits_splits_are_disjoint_and_deterministic():
     assert make_task("digits_mlp", activation="sigmoid").name == "digits_mlp_sigmoid"
     with pytest.raises(ValueError):
         make_task("digits_mlp", activation="nope")
+
+
+def test_digits_mlp_sigmoid_is_registered_as_the_sigmoid_digits_mlp():
+    reg = make_task("digits_mlp_sigmoid", seed=4)
+    kw = make_task("digits_mlp", seed=4, activation="sigmoid")
+    assert reg.name == kw.name == "digits_mlp_sigmoid" and reg.activation == "sigmoid"
+    assert reg.widths == kw.widths
+    assert torch.equal(reg.test_indices, kw.test_indices)
+    params = reg.init_params(gen(0))
+    _assert_same(params, kw.init_params(gen(0)))
+    batch = reg.sample_batch(gen(1))
+    assert torch.equal(reg.loss(params, batch), kw.loss(params, batch))
+    assert not torch.equal(reg.loss(params, batch), make_task("digits_mlp", seed=4).loss(params, batch))
 
 
 def test_digits_conv_layout_and_wrapped_held_out():

@@ -241,6 +241,21 @@ def best_baseline(runs: dict[str, list[Run]], prefix: str) -> str | None:
     return best
 
 
+#: the baseline the speed-up column compares with: Adam at lr 1e-3, as in the documented targets
+SPEEDUP_REFERENCE = ("adam", DEFAULT_LR["adam"])
+
+
+def speedup_reference(runs: dict[str, list[Run]]) -> str | None:
+    """The run the speed-up column of :func:`summarize` compares with: ``"adam"`` (Adam at
+    lr 1e-3) or, after ``evaluate(..., lr_grid=True)``, the grid entry ``"adam@0.001"``; if the
+    grid lacks lr 1e-3, the best non-diverged entry of Adam's grid. None without an Adam run."""
+    name, rate = SPEEDUP_REFERENCE
+    for candidate in (name, f"{name}@{rate:g}"):
+        if candidate in runs:
+            return candidate
+    return best_baseline(runs, name)
+
+
 def synthetic_validation(optimizer, n_tasks: int = 16, steps: int = 1000, seed: int | None = None,
                          lr: float | None = None, progress: bool = True) -> dict:
     """:func:`lopt_gen.meta.validate.validate` on the synthetic meta-training mix (``family="mix"``)."""

@@ -1192,7 +1192,11 @@ def _register_defaults() -> None:
     def digits_mlp(seed: int = 0, activation: str = "relu", **kwargs: Any) -> Task:
         return DigitsMLP(seed=seed, activation=activation, **kwargs)
 
+    def digits_mlp_sigmoid(seed: int = 0, activation: str = "sigmoid", **kwargs: Any) -> Task:
+        return DigitsMLP(seed=seed, activation=activation, **kwargs)
+
     register_task("digits_mlp")(digits_mlp)
+    register_task("digits_mlp_sigmoid")(digits_mlp_sigmoid)
     register_task("digits_conv")(variant(DigitsConv, "digits_conv"))
 
 
