@@ -180,7 +180,8 @@ def eval_cmd(optimizer, task, baselines, steps, seeds, lr, lr_grid, out, threads
     table = format_table(rows)
     if reference is not None:
         table += (f"\n\nspeedup: steps Adam at lr {runs[reference][0].lr:g} (row {reference}) takes to reach "
-                  f"its own final loss, divided by the steps each optimizer takes to reach that loss")
+                  f"its own final loss, divided by the steps each optimizer takes to reach that loss "
+                  f"(0: no seed reached it within {steps} steps)")
     click.echo(table)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
