@@ -88,6 +88,9 @@ class Builder:
         self.network_outs: dict[str, list] | None = None
         self.prev_outs: dict[str, list] | None = None
         self.pending_writes: list[StateWrite] = []
+        # (over, argument) -> the mean already built for it: a reduction is a pure function
+        # of its argument, so equal arguments share one Reduce node
+        self.reduced: dict[tuple, sympy.Symbol] = {}
 
     # ------------------------------------------------------------------ nodes
     def fresh(self, base: str) -> str:
@@ -166,10 +169,14 @@ class Builder:
                 raise _Fail(path, f"mean_tensors takes a per-tensor value (this one is per-{lv}); "
                                   "use mean_tensor first")
             result_level = "global"
+        key = (over, e)
+        if key in self.reduced:
+            return self.reduced[key]
         arg = self.let(self.fresh(f"mean_{over}_arg"), e, lv)
         name = self.fresh(f"mean_{over}")
         self.add(Reduce(name, result_level, arg.name, lv, over))
-        return sympy.Symbol(name, real=True)
+        self.reduced[key] = sympy.Symbol(name, real=True)
+        return self.reduced[key]
 
     # ------------------------------------------------------------------ names
     def resolve(self, name: str, path: str) -> list:

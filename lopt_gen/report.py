@@ -7,7 +7,12 @@ from .passes import plan
 
 
 def stage_table(prog, param_bytes: int = 4) -> list[dict]:
-    """Per stage: the reductions that end it, the states it reads/writes, bytes per parameter."""
+    """Per stage: the reductions that end it, the states it reads/writes, bytes per parameter.
+
+    ``bytes_per_param`` counts the parameters, gradients and states a pass reads and writes.
+    ``scratch_bytes_per_param`` counts, in addition, what the Triton kernels spend on row and
+    column means of per-element values: each writes its argument to an fp32 scratch buffer
+    that is read back and summed before the next pass (4 bytes written, 4 read)."""
     state_bytes = 2 if prog.state_dtype == "bfloat16" else 4
     leaves = {n.name: n for n in prog.nodes if type(n).__name__ == "Leaf"}
     rows = []
@@ -28,11 +33,14 @@ def stage_table(prog, param_bytes: int = 4) -> list[dict]:
                     written.append(n.state)
                     nbytes += state_bytes * len(n.values)
         reds = {}
+        scratch = 0
         for r in st.reductions:
             reds[r.over] = reds.get(r.over, 0) + 1
+            if r.over in ("row", "col") and r.arg_level == "elem":
+                scratch += 8
         rows.append(dict(stage=st.index, reductions=reds, reads=read_inputs + read_states,
                          writes=(["p"] + written) if st.index == final else [], bytes_per_param=nbytes,
-                         elem_nodes=len(st.elem_nodes)))
+                         scratch_bytes_per_param=scratch, elem_nodes=len(st.elem_nodes)))
     return rows
 
 
@@ -81,7 +89,11 @@ def show_text(spec) -> str:
         reds = ", ".join(f"{k} x{v}" for k, v in r["reductions"].items()) or "none (final pass)"
         out.append(f"  pass {r['stage']}: reads {', '.join(r['reads']) or '-'}"
                    + (f"; writes {', '.join(r['writes'])}" if r["writes"] else "")
-                   + f"; {r['bytes_per_param']} bytes/param; ends with reductions: {reds}")
+                   + f"; {r['bytes_per_param']} bytes/param"
+                   + (f" (+{r['scratch_bytes_per_param']} row/column scratch)" if r["scratch_bytes_per_param"] else "")
+                   + f"; ends with reductions: {reds}")
     total = sum(r["bytes_per_param"] for r in rows)
-    out.append(f"  total: {total} bytes moved per parameter per step (fp32 parameters)")
+    scratch = sum(r["scratch_bytes_per_param"] for r in rows)
+    out.append(f"  total: {total} bytes moved per parameter per step (fp32 parameters)"
+               + (f", plus {scratch} of row/column scratch in the Triton kernels" if scratch else ""))
     return "\n".join(out)

@@ -27,11 +27,7 @@ KERNELS = [{'args': [('input', 'g'),
                      ('state', 'm'),
                      ('state', 'v'),
                      ('seed_scratch', '_mean_row22'),
-                     ('seed_scratch', '_mean_row24'),
-                     ('seed_scratch', '_mean_row26'),
-                     ('seed_scratch', '_mean_col28'),
-                     ('seed_scratch', '_mean_col30'),
-                     ('seed_scratch', '_mean_col32'),
+                     ('seed_scratch', '_mean_col24'),
                      ('grad_state', 'm'),
                      ('grad_state', 'v'),
                      ('grad_input', 'g'),
@@ -52,11 +48,7 @@ KERNELS = [{'args': [('input', 'g'),
                            {'name': '_mean_tensor18', 'over': 'tensor', 'slot': 8},
                            {'name': '_mean_tensor20', 'over': 'tensor', 'slot': 9},
                            {'name': '_mean_row22', 'over': 'row', 'slot': 10},
-                           {'name': '_mean_row24', 'over': 'row', 'slot': 11},
-                           {'name': '_mean_row26', 'over': 'row', 'slot': 12},
-                           {'name': '_mean_col28', 'over': 'col', 'slot': 13},
-                           {'name': '_mean_col30', 'over': 'col', 'slot': 14},
-                           {'name': '_mean_col32', 'over': 'col', 'slot': 15}],
+                           {'name': '_mean_col24', 'over': 'col', 'slot': 11}],
             'seeds': [{'kind': 'reduction', 'over': 'tensor', 'slot': 0, 'value': '_mean_tensor2'},
                       {'kind': 'reduction', 'over': 'tensor', 'slot': 1, 'value': '_mean_tensor4'},
                       {'kind': 'reduction', 'over': 'tensor', 'slot': 2, 'value': '_mean_tensor6'},
@@ -68,11 +60,7 @@ KERNELS = [{'args': [('input', 'g'),
                       {'kind': 'reduction', 'over': 'tensor', 'slot': 8, 'value': '_mean_tensor18'},
                       {'kind': 'reduction', 'over': 'tensor', 'slot': 9, 'value': '_mean_tensor20'},
                       {'kind': 'reduction', 'over': 'row', 'slot': 10, 'value': '_mean_row22'},
-                      {'kind': 'reduction', 'over': 'row', 'slot': 11, 'value': '_mean_row24'},
-                      {'kind': 'reduction', 'over': 'row', 'slot': 12, 'value': '_mean_row26'},
-                      {'kind': 'reduction', 'over': 'col', 'slot': 13, 'value': '_mean_col28'},
-                      {'kind': 'reduction', 'over': 'col', 'slot': 14, 'value': '_mean_col30'},
-                      {'kind': 'reduction', 'over': 'col', 'slot': 15, 'value': '_mean_col32'}],
+                      {'kind': 'reduction', 'over': 'col', 'slot': 11, 'value': '_mean_col24'}],
             'uses_coords': False,
             'weights': []},
            {'args': [('state', 'm'),
@@ -108,18 +96,18 @@ KERNELS = [{'args': [('input', 'g'),
             'hv': [],
             'index': 1,
             'name': 'stage1_backward_kernel',
-            'reductions': [{'name': '_mean_tensor40', 'over': 'tensor', 'slot': 0},
-                           {'name': '_mean_tensor42', 'over': 'tensor', 'slot': 1},
-                           {'name': '_mean_tensor44', 'over': 'tensor', 'slot': 2},
-                           {'name': '_mean_tensor70', 'over': 'tensor', 'slot': 3},
-                           {'name': '_mean_tensor72', 'over': 'tensor', 'slot': 4},
-                           {'name': '_mean_tensor74', 'over': 'tensor', 'slot': 5}],
-            'seeds': [{'kind': 'reduction', 'over': 'tensor', 'slot': 0, 'value': '_mean_tensor40'},
-                      {'kind': 'reduction', 'over': 'tensor', 'slot': 1, 'value': '_mean_tensor42'},
-                      {'kind': 'reduction', 'over': 'tensor', 'slot': 2, 'value': '_mean_tensor44'},
-                      {'kind': 'reduction', 'over': 'tensor', 'slot': 3, 'value': '_mean_tensor70'},
-                      {'kind': 'reduction', 'over': 'tensor', 'slot': 4, 'value': '_mean_tensor72'},
-                      {'kind': 'reduction', 'over': 'tensor', 'slot': 5, 'value': '_mean_tensor74'}],
+            'reductions': [{'name': '_mean_tensor32', 'over': 'tensor', 'slot': 0},
+                           {'name': '_mean_tensor34', 'over': 'tensor', 'slot': 1},
+                           {'name': '_mean_tensor36', 'over': 'tensor', 'slot': 2},
+                           {'name': '_mean_tensor62', 'over': 'tensor', 'slot': 3},
+                           {'name': '_mean_tensor64', 'over': 'tensor', 'slot': 4},
+                           {'name': '_mean_tensor66', 'over': 'tensor', 'slot': 5}],
+            'seeds': [{'kind': 'reduction', 'over': 'tensor', 'slot': 0, 'value': '_mean_tensor32'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 1, 'value': '_mean_tensor34'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 2, 'value': '_mean_tensor36'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 3, 'value': '_mean_tensor62'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 4, 'value': '_mean_tensor64'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 5, 'value': '_mean_tensor66'}],
             'uses_coords': True,
             'weights': []},
            {'args': [('input', 'g'),
@@ -172,13 +160,14 @@ KERNELS = [{'args': [('input', 'g'),
                      ('grad_rowcol', 'rowfac_1'),
                      ('grad_rowcol', 'rowfac_2')],
             'block': 64,
-            'grad_slots': [['hv', '_mlp_0_out100_bias'],
-                           ['hv', '_mlp_0_out101_bias'],
-                           ['hv', '_mlp_0_out102_bias'],
-                           ['hv', '_mlp_0_out103_bias'],
-                           ['hv', '_mlp_0_out104_bias'],
-                           ['hv', '_mlp_0_out105_bias'],
-                           ['hv', '_mlp_0_out106_bias'],
+            'grad_slots': [['hv', '_mlp_0_out67_bias'],
+                           ['hv', '_mlp_0_out68_bias'],
+                           ['hv', '_mlp_0_out69_bias'],
+                           ['hv', '_mlp_0_out70_bias'],
+                           ['hv', '_mlp_0_out71_bias'],
+                           ['hv', '_mlp_0_out72_bias'],
+                           ['hv', '_mlp_0_out73_bias'],
+                           ['hv', '_mlp_0_out74_bias'],
                            ['hv', '_mlp_0_out75_bias'],
                            ['hv', '_mlp_0_out76_bias'],
                            ['hv', '_mlp_0_out77_bias'],
@@ -203,7 +192,6 @@ KERNELS = [{'args': [('input', 'g'),
                            ['hv', '_mlp_0_out96_bias'],
                            ['hv', '_mlp_0_out97_bias'],
                            ['hv', '_mlp_0_out98_bias'],
-                           ['hv', '_mlp_0_out99_bias'],
                            ['hv', '_u1'],
                            ['hv', '_u10'],
                            ['hv', '_u2'],
@@ -274,6 +262,14 @@ KERNELS = [{'args': [('input', 'g'),
                    '_u41',
                    '_u42',
                    '_u43',
+                   '_mlp_0_out67_bias',
+                   '_mlp_0_out68_bias',
+                   '_mlp_0_out69_bias',
+                   '_mlp_0_out70_bias',
+                   '_mlp_0_out71_bias',
+                   '_mlp_0_out72_bias',
+                   '_mlp_0_out73_bias',
+                   '_mlp_0_out74_bias',
                    '_mlp_0_out75_bias',
                    '_mlp_0_out76_bias',
                    '_mlp_0_out77_bias',
@@ -298,14 +294,6 @@ KERNELS = [{'args': [('input', 'g'),
                    '_mlp_0_out96_bias',
                    '_mlp_0_out97_bias',
                    '_mlp_0_out98_bias',
-                   '_mlp_0_out99_bias',
-                   '_mlp_0_out100_bias',
-                   '_mlp_0_out101_bias',
-                   '_mlp_0_out102_bias',
-                   '_mlp_0_out103_bias',
-                   '_mlp_0_out104_bias',
-                   '_mlp_0_out105_bias',
-                   '_mlp_0_out106_bias',
                    '_u44',
                    'lr'],
             'index': 2,
@@ -343,15 +331,11 @@ def stage0_backward_kernel(
     _st_m = tl.load(ptrs + _t * N_PTR + 2).to(tl.pointer_type(tl.float32))
     _st_v = tl.load(ptrs + _t * N_PTR + 3).to(tl.pointer_type(tl.float32))
     _seed__mean_row22_ptr = tl.load(ptrs + _t * N_PTR + 4).to(tl.pointer_type(tl.float32))
-    _seed__mean_row24_ptr = tl.load(ptrs + _t * N_PTR + 5).to(tl.pointer_type(tl.float32))
-    _seed__mean_row26_ptr = tl.load(ptrs + _t * N_PTR + 6).to(tl.pointer_type(tl.float32))
-    _seed__mean_col28_ptr = tl.load(ptrs + _t * N_PTR + 7).to(tl.pointer_type(tl.float32))
-    _seed__mean_col30_ptr = tl.load(ptrs + _t * N_PTR + 8).to(tl.pointer_type(tl.float32))
-    _seed__mean_col32_ptr = tl.load(ptrs + _t * N_PTR + 9).to(tl.pointer_type(tl.float32))
-    _grad_st_m = tl.load(ptrs + _t * N_PTR + 10).to(tl.pointer_type(tl.float32))
-    _grad_st_v = tl.load(ptrs + _t * N_PTR + 11).to(tl.pointer_type(tl.float32))
-    _grad_g_ptr = tl.load(ptrs + _t * N_PTR + 12).to(tl.pointer_type(tl.float32))
-    _grad_p_ptr = tl.load(ptrs + _t * N_PTR + 13).to(tl.pointer_type(tl.float32))
+    _seed__mean_col24_ptr = tl.load(ptrs + _t * N_PTR + 5).to(tl.pointer_type(tl.float32))
+    _grad_st_m = tl.load(ptrs + _t * N_PTR + 6).to(tl.pointer_type(tl.float32))
+    _grad_st_v = tl.load(ptrs + _t * N_PTR + 7).to(tl.pointer_type(tl.float32))
+    _grad_g_ptr = tl.load(ptrs + _t * N_PTR + 8).to(tl.pointer_type(tl.float32))
+    _grad_p_ptr = tl.load(ptrs + _t * N_PTR + 9).to(tl.pointer_type(tl.float32))
     g = tl.load(_g_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
     _mean_tensor_arg1 = g * g
     p = tl.load(_p_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
@@ -373,27 +357,19 @@ def stage0_backward_kernel(
     _mean_tensor_arg17 = m_2 * m_2 / (v + 1e-06)
     _mean_tensor_arg19 = 1.0 / (v + 1e-06)
     _mean_row_arg21 = g * g + 1e-30
-    _mean_row_arg23 = g * g + 1e-30
-    _mean_row_arg25 = g * g + 1e-30
-    _mean_col_arg27 = g * g + 1e-30
-    _mean_col_arg29 = g * g + 1e-30
-    _mean_col_arg31 = g * g + 1e-30
-    _seed__mean_tensor2 = tl.load(_dpart_ptr + _pid * 16 + 0)
-    _seed__mean_tensor4 = tl.load(_dpart_ptr + _pid * 16 + 1)
-    _seed__mean_tensor6 = tl.load(_dpart_ptr + _pid * 16 + 2)
-    _seed__mean_tensor8 = tl.load(_dpart_ptr + _pid * 16 + 3)
-    _seed__mean_tensor10 = tl.load(_dpart_ptr + _pid * 16 + 4)
-    _seed__mean_tensor12 = tl.load(_dpart_ptr + _pid * 16 + 5)
-    _seed__mean_tensor14 = tl.load(_dpart_ptr + _pid * 16 + 6)
-    _seed__mean_tensor16 = tl.load(_dpart_ptr + _pid * 16 + 7)
-    _seed__mean_tensor18 = tl.load(_dpart_ptr + _pid * 16 + 8)
-    _seed__mean_tensor20 = tl.load(_dpart_ptr + _pid * 16 + 9)
+    _mean_col_arg23 = g * g + 1e-30
+    _seed__mean_tensor2 = tl.load(_dpart_ptr + _pid * 12 + 0)
+    _seed__mean_tensor4 = tl.load(_dpart_ptr + _pid * 12 + 1)
+    _seed__mean_tensor6 = tl.load(_dpart_ptr + _pid * 12 + 2)
+    _seed__mean_tensor8 = tl.load(_dpart_ptr + _pid * 12 + 3)
+    _seed__mean_tensor10 = tl.load(_dpart_ptr + _pid * 12 + 4)
+    _seed__mean_tensor12 = tl.load(_dpart_ptr + _pid * 12 + 5)
+    _seed__mean_tensor14 = tl.load(_dpart_ptr + _pid * 12 + 6)
+    _seed__mean_tensor16 = tl.load(_dpart_ptr + _pid * 12 + 7)
+    _seed__mean_tensor18 = tl.load(_dpart_ptr + _pid * 12 + 8)
+    _seed__mean_tensor20 = tl.load(_dpart_ptr + _pid * 12 + 9)
     _seed__mean_row22 = tl.load(_seed__mean_row22_ptr + _offs, mask=_mask, other=0.0)
-    _seed__mean_row24 = tl.load(_seed__mean_row24_ptr + _offs, mask=_mask, other=0.0)
-    _seed__mean_row26 = tl.load(_seed__mean_row26_ptr + _offs, mask=_mask, other=0.0)
-    _seed__mean_col28 = tl.load(_seed__mean_col28_ptr + _offs, mask=_mask, other=0.0)
-    _seed__mean_col30 = tl.load(_seed__mean_col30_ptr + _offs, mask=_mask, other=0.0)
-    _seed__mean_col32 = tl.load(_seed__mean_col32_ptr + _offs, mask=_mask, other=0.0)
+    _seed__mean_col24 = tl.load(_seed__mean_col24_ptr + _offs, mask=_mask, other=0.0)
     _bk1 = v + 1e-06
     _bk2 = tops.pow_(_bk1, -2.0)
     _adj_v = -_bk2 * _seed__mean_tensor14 * m_0 * m_0 - _bk2 * _seed__mean_tensor16 * m_1 * m_1 - _bk2 * _seed__mean_tensor18 * m_2 * m_2 - _bk2 * _seed__mean_tensor20 + 2.0 * _seed__mean_tensor12 * v
@@ -409,7 +385,7 @@ def stage0_backward_kernel(
     _adj__m_old_2 = 0.999 * _adj_m_2
     _adj__v_old = 0.999 * _adj_v
     _bk7 = 2.0 * g
-    _adj_g = 0.09999999999999998 * _adj_m_0 + 0.010000000000000009 * _adj_m_1 + 0.0010000000000000009 * _adj_m_2 + 0.0020000000000000018 * _adj_v * g + _bk7 * _seed__mean_col28 + _bk7 * _seed__mean_col30 + _bk7 * _seed__mean_col32 + _bk7 * _seed__mean_row22 + _bk7 * _seed__mean_row24 + _bk7 * _seed__mean_row26 + _bk7 * _seed__mean_tensor2
+    _adj_g = 0.09999999999999998 * _adj_m_0 + 0.010000000000000009 * _adj_m_1 + 0.0010000000000000009 * _adj_m_2 + 0.0020000000000000018 * _adj_v * g + _bk7 * _seed__mean_col24 + _bk7 * _seed__mean_row22 + _bk7 * _seed__mean_tensor2
     _adj_p = 2.0 * _seed__mean_tensor4 * p
     tl.store(_grad_st_m + 0 * _numel + _offs, tops.per_element(_adj__m_old_0, BLOCK), mask=_mask)
     tl.store(_grad_st_m + 1 * _numel + _offs, tops.per_element(_adj__m_old_1, BLOCK), mask=_mask)
@@ -487,55 +463,55 @@ def stage1_backward_kernel(
     m_2 = 0.999 * _m_old_2 + 0.0010000000000000009 * g
     _u14 = tl.load(_col__u14 + _col_idx, mask=_mask, other=0.0)
     _u15 = tl.load(_row__u15 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg39 = _u14 * _u15 * g * g
+    _mean_tensor_arg31 = _u14 * _u15 * g * g
     _u16 = tl.load(_col__u16 + _col_idx, mask=_mask, other=0.0)
     _u17 = tl.load(_row__u17 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg41 = _u16 * _u17 * g * g
+    _mean_tensor_arg33 = _u16 * _u17 * g * g
     _u18 = tl.load(_col__u18 + _col_idx, mask=_mask, other=0.0)
     _u19 = tl.load(_row__u19 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg43 = _u18 * _u19 * g * g
+    _mean_tensor_arg35 = _u18 * _u19 * g * g
     _u35 = tl.load(_col__u35 + _col_idx, mask=_mask, other=0.0)
     _u36 = tl.load(_row__u36 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg69 = _u35 * _u36 * m_0 * m_0
+    _mean_tensor_arg61 = _u35 * _u36 * m_0 * m_0
     _u37 = tl.load(_col__u37 + _col_idx, mask=_mask, other=0.0)
     _u38 = tl.load(_row__u38 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg71 = _u37 * _u38 * m_1 * m_1
+    _mean_tensor_arg63 = _u37 * _u38 * m_1 * m_1
     _u39 = tl.load(_col__u39 + _col_idx, mask=_mask, other=0.0)
     _u40 = tl.load(_row__u40 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg73 = _u39 * _u40 * m_2 * m_2
-    _seed__mean_tensor40 = tl.load(_dpart_ptr + _pid * 6 + 0)
-    _seed__mean_tensor42 = tl.load(_dpart_ptr + _pid * 6 + 1)
-    _seed__mean_tensor44 = tl.load(_dpart_ptr + _pid * 6 + 2)
-    _seed__mean_tensor70 = tl.load(_dpart_ptr + _pid * 6 + 3)
-    _seed__mean_tensor72 = tl.load(_dpart_ptr + _pid * 6 + 4)
-    _seed__mean_tensor74 = tl.load(_dpart_ptr + _pid * 6 + 5)
-    _adj_m_2 = 2.0 * _seed__mean_tensor74 * _u39 * _u40 * m_2
-    _adj_m_1 = 2.0 * _seed__mean_tensor72 * _u37 * _u38 * m_1
-    _adj_m_0 = 2.0 * _seed__mean_tensor70 * _u35 * _u36 * m_0
+    _mean_tensor_arg65 = _u39 * _u40 * m_2 * m_2
+    _seed__mean_tensor32 = tl.load(_dpart_ptr + _pid * 6 + 0)
+    _seed__mean_tensor34 = tl.load(_dpart_ptr + _pid * 6 + 1)
+    _seed__mean_tensor36 = tl.load(_dpart_ptr + _pid * 6 + 2)
+    _seed__mean_tensor62 = tl.load(_dpart_ptr + _pid * 6 + 3)
+    _seed__mean_tensor64 = tl.load(_dpart_ptr + _pid * 6 + 4)
+    _seed__mean_tensor66 = tl.load(_dpart_ptr + _pid * 6 + 5)
+    _adj_m_2 = 2.0 * _seed__mean_tensor66 * _u39 * _u40 * m_2
+    _adj_m_1 = 2.0 * _seed__mean_tensor64 * _u37 * _u38 * m_1
+    _adj_m_0 = 2.0 * _seed__mean_tensor62 * _u35 * _u36 * m_0
     _adj__m_old_0 = 0.9 * _adj_m_0
     _adj__m_old_1 = 0.99 * _adj_m_1
     _adj__m_old_2 = 0.999 * _adj_m_2
     _bk1 = g * g
-    _bk2 = _bk1 * _seed__mean_tensor40
+    _bk2 = _bk1 * _seed__mean_tensor32
     _adj__u14 = _bk2 * _u15
     _adj__u15 = _bk2 * _u14
-    _bk3 = _bk1 * _seed__mean_tensor42
+    _bk3 = _bk1 * _seed__mean_tensor34
     _adj__u16 = _bk3 * _u17
     _adj__u17 = _bk3 * _u16
-    _bk4 = _bk1 * _seed__mean_tensor44
+    _bk4 = _bk1 * _seed__mean_tensor36
     _adj__u18 = _bk4 * _u19
     _adj__u19 = _bk4 * _u18
-    _bk5 = _seed__mean_tensor70 * m_0 * m_0
+    _bk5 = _seed__mean_tensor62 * m_0 * m_0
     _adj__u35 = _bk5 * _u36
     _adj__u36 = _bk5 * _u35
-    _bk6 = _seed__mean_tensor72 * m_1 * m_1
+    _bk6 = _seed__mean_tensor64 * m_1 * m_1
     _adj__u37 = _bk6 * _u38
     _adj__u38 = _bk6 * _u37
-    _bk7 = _seed__mean_tensor74 * m_2 * m_2
+    _bk7 = _seed__mean_tensor66 * m_2 * m_2
     _adj__u39 = _bk7 * _u40
     _adj__u40 = _bk7 * _u39
     _bk8 = 2.0 * g
-    _adj_g = 0.09999999999999998 * _adj_m_0 + 0.010000000000000009 * _adj_m_1 + 0.0010000000000000009 * _adj_m_2 + _bk8 * _seed__mean_tensor40 * _u14 * _u15 + _bk8 * _seed__mean_tensor42 * _u16 * _u17 + _bk8 * _seed__mean_tensor44 * _u18 * _u19
+    _adj_g = 0.09999999999999998 * _adj_m_0 + 0.010000000000000009 * _adj_m_1 + 0.0010000000000000009 * _adj_m_2 + _bk8 * _seed__mean_tensor32 * _u14 * _u15 + _bk8 * _seed__mean_tensor34 * _u16 * _u17 + _bk8 * _seed__mean_tensor36 * _u18 * _u19
     tl.store(_grad_st_m + 0 * _numel + _offs, tops.per_element(_adj__m_old_0, BLOCK), mask=_mask)
     tl.store(_grad_st_m + 1 * _numel + _offs, tops.per_element(_adj__m_old_1, BLOCK), mask=_mask)
     tl.store(_grad_st_m + 2 * _numel + _offs, tops.per_element(_adj__m_old_2, BLOCK), mask=_mask)
@@ -733,15 +709,15 @@ def stage2_backward_kernel(
     _dense2 = tops.weight_vec(_w_mlp_1_bias, 0, 32, 32)[None, :] + tl.zeros((BLOCK, 32), dtype=tl.float32)
     _dense2 += tops.matmul(_dense1, _w_mlp_1_weight, 32, 0, 0, 32, 32, 32, 32, True)
     _dense2 = tl.maximum(_dense2, 0.0)
-    _mlp_2_out139 = (
+    _mlp_2_out131 = (
         tl.load(_w_mlp_2_bias + 0)
         + tl.sum(_dense2 * tops.weight_row(_w_mlp_2_weight, 32, 0, 0, 32, 32)[None, :], axis=1)
     )
-    _mlp_2_out140 = (
+    _mlp_2_out132 = (
         tl.load(_w_mlp_2_bias + 1)
         + tl.sum(_dense2 * tops.weight_row(_w_mlp_2_weight, 32, 1, 0, 32, 32)[None, :], axis=1)
     )
-    _update = 0.01 * _mlp_2_out139 * tl.exp(0.001 * _mlp_2_out140)
+    _update = 0.01 * _mlp_2_out131 * tl.exp(0.001 * _mlp_2_out132)
     _u44 = tl.load(_hv_ptr + 48)
     lr = tl.load(_hv_ptr + 49)
     _p_new = _u44 * p - _update * lr
@@ -751,271 +727,271 @@ def stage2_backward_kernel(
     _seed_m_2 = tl.load(_seed_m_2_ptr + _offs, mask=_mask, other=0.0)
     _seed_v = tl.load(_seed_v_ptr + _offs, mask=_mask, other=0.0)
     _adj__update = -_seed__p_new * lr
-    _bk1 = _adj__update * tl.exp(0.001 * _mlp_2_out140)
-    _adj__mlp_2_out139 = 0.01 * _bk1
-    _adj__mlp_2_out140 = 1e-05 * _bk1 * _mlp_2_out139
+    _bk1 = _adj__update * tl.exp(0.001 * _mlp_2_out132)
+    _adj__mlp_2_out131 = 0.01 * _bk1
+    _adj__mlp_2_out132 = 1e-05 * _bk1 * _mlp_2_out131
     _dense_t3 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _dense_t3 += tops.per_element(_adj__mlp_2_out139, BLOCK)[:, None] * tops.weight_row(_w_mlp_2_weight, 32, 0, 0, 32, 32)[None, :]
-    _dense_t3 += tops.per_element(_adj__mlp_2_out140, BLOCK)[:, None] * tops.weight_row(_w_mlp_2_weight, 32, 1, 0, 32, 32)[None, :]
+    _dense_t3 += tops.per_element(_adj__mlp_2_out131, BLOCK)[:, None] * tops.weight_row(_w_mlp_2_weight, 32, 0, 0, 32, 32)[None, :]
+    _dense_t3 += tops.per_element(_adj__mlp_2_out132, BLOCK)[:, None] * tops.weight_row(_w_mlp_2_weight, 32, 1, 0, 32, 32)[None, :]
     _col4 = tops.column(_dense2, 0, 32)
     _col5 = tops.column(_dense_t3, 0, 32)
-    _adj_pre__mlp_1_out107_33 = tl.where(_col4 > 0.0, _col5, 0.0)
+    _adj_pre__mlp_1_out99_33 = tl.where(_col4 > 0.0, _col5, 0.0)
     _col6 = tops.column(_dense2, 1, 32)
     _col7 = tops.column(_dense_t3, 1, 32)
-    _adj_pre__mlp_1_out108_34 = tl.where(_col6 > 0.0, _col7, 0.0)
+    _adj_pre__mlp_1_out100_34 = tl.where(_col6 > 0.0, _col7, 0.0)
     _col8 = tops.column(_dense2, 2, 32)
     _col9 = tops.column(_dense_t3, 2, 32)
-    _adj_pre__mlp_1_out109_35 = tl.where(_col8 > 0.0, _col9, 0.0)
+    _adj_pre__mlp_1_out101_35 = tl.where(_col8 > 0.0, _col9, 0.0)
     _col10 = tops.column(_dense2, 3, 32)
     _col11 = tops.column(_dense_t3, 3, 32)
-    _adj_pre__mlp_1_out110_36 = tl.where(_col10 > 0.0, _col11, 0.0)
+    _adj_pre__mlp_1_out102_36 = tl.where(_col10 > 0.0, _col11, 0.0)
     _col12 = tops.column(_dense2, 4, 32)
     _col13 = tops.column(_dense_t3, 4, 32)
-    _adj_pre__mlp_1_out111_37 = tl.where(_col12 > 0.0, _col13, 0.0)
+    _adj_pre__mlp_1_out103_37 = tl.where(_col12 > 0.0, _col13, 0.0)
     _col14 = tops.column(_dense2, 5, 32)
     _col15 = tops.column(_dense_t3, 5, 32)
-    _adj_pre__mlp_1_out112_38 = tl.where(_col14 > 0.0, _col15, 0.0)
+    _adj_pre__mlp_1_out104_38 = tl.where(_col14 > 0.0, _col15, 0.0)
     _col16 = tops.column(_dense2, 6, 32)
     _col17 = tops.column(_dense_t3, 6, 32)
-    _adj_pre__mlp_1_out113_39 = tl.where(_col16 > 0.0, _col17, 0.0)
+    _adj_pre__mlp_1_out105_39 = tl.where(_col16 > 0.0, _col17, 0.0)
     _col18 = tops.column(_dense2, 7, 32)
     _col19 = tops.column(_dense_t3, 7, 32)
-    _adj_pre__mlp_1_out114_40 = tl.where(_col18 > 0.0, _col19, 0.0)
+    _adj_pre__mlp_1_out106_40 = tl.where(_col18 > 0.0, _col19, 0.0)
     _col20 = tops.column(_dense2, 8, 32)
     _col21 = tops.column(_dense_t3, 8, 32)
-    _adj_pre__mlp_1_out115_41 = tl.where(_col20 > 0.0, _col21, 0.0)
+    _adj_pre__mlp_1_out107_41 = tl.where(_col20 > 0.0, _col21, 0.0)
     _col22 = tops.column(_dense2, 9, 32)
     _col23 = tops.column(_dense_t3, 9, 32)
-    _adj_pre__mlp_1_out116_42 = tl.where(_col22 > 0.0, _col23, 0.0)
+    _adj_pre__mlp_1_out108_42 = tl.where(_col22 > 0.0, _col23, 0.0)
     _col24 = tops.column(_dense2, 10, 32)
     _col25 = tops.column(_dense_t3, 10, 32)
-    _adj_pre__mlp_1_out117_43 = tl.where(_col24 > 0.0, _col25, 0.0)
+    _adj_pre__mlp_1_out109_43 = tl.where(_col24 > 0.0, _col25, 0.0)
     _col26 = tops.column(_dense2, 11, 32)
     _col27 = tops.column(_dense_t3, 11, 32)
-    _adj_pre__mlp_1_out118_44 = tl.where(_col26 > 0.0, _col27, 0.0)
+    _adj_pre__mlp_1_out110_44 = tl.where(_col26 > 0.0, _col27, 0.0)
     _col28 = tops.column(_dense2, 12, 32)
     _col29 = tops.column(_dense_t3, 12, 32)
-    _adj_pre__mlp_1_out119_45 = tl.where(_col28 > 0.0, _col29, 0.0)
+    _adj_pre__mlp_1_out111_45 = tl.where(_col28 > 0.0, _col29, 0.0)
     _col30 = tops.column(_dense2, 13, 32)
     _col31 = tops.column(_dense_t3, 13, 32)
-    _adj_pre__mlp_1_out120_46 = tl.where(_col30 > 0.0, _col31, 0.0)
+    _adj_pre__mlp_1_out112_46 = tl.where(_col30 > 0.0, _col31, 0.0)
     _col32 = tops.column(_dense2, 14, 32)
     _col33 = tops.column(_dense_t3, 14, 32)
-    _adj_pre__mlp_1_out121_47 = tl.where(_col32 > 0.0, _col33, 0.0)
+    _adj_pre__mlp_1_out113_47 = tl.where(_col32 > 0.0, _col33, 0.0)
     _col34 = tops.column(_dense2, 15, 32)
     _col35 = tops.column(_dense_t3, 15, 32)
-    _adj_pre__mlp_1_out122_48 = tl.where(_col34 > 0.0, _col35, 0.0)
+    _adj_pre__mlp_1_out114_48 = tl.where(_col34 > 0.0, _col35, 0.0)
     _col36 = tops.column(_dense2, 16, 32)
     _col37 = tops.column(_dense_t3, 16, 32)
-    _adj_pre__mlp_1_out123_49 = tl.where(_col36 > 0.0, _col37, 0.0)
+    _adj_pre__mlp_1_out115_49 = tl.where(_col36 > 0.0, _col37, 0.0)
     _col38 = tops.column(_dense2, 17, 32)
     _col39 = tops.column(_dense_t3, 17, 32)
-    _adj_pre__mlp_1_out124_50 = tl.where(_col38 > 0.0, _col39, 0.0)
+    _adj_pre__mlp_1_out116_50 = tl.where(_col38 > 0.0, _col39, 0.0)
     _col40 = tops.column(_dense2, 18, 32)
     _col41 = tops.column(_dense_t3, 18, 32)
-    _adj_pre__mlp_1_out125_51 = tl.where(_col40 > 0.0, _col41, 0.0)
+    _adj_pre__mlp_1_out117_51 = tl.where(_col40 > 0.0, _col41, 0.0)
     _col42 = tops.column(_dense2, 19, 32)
     _col43 = tops.column(_dense_t3, 19, 32)
-    _adj_pre__mlp_1_out126_52 = tl.where(_col42 > 0.0, _col43, 0.0)
+    _adj_pre__mlp_1_out118_52 = tl.where(_col42 > 0.0, _col43, 0.0)
     _col44 = tops.column(_dense2, 20, 32)
     _col45 = tops.column(_dense_t3, 20, 32)
-    _adj_pre__mlp_1_out127_53 = tl.where(_col44 > 0.0, _col45, 0.0)
+    _adj_pre__mlp_1_out119_53 = tl.where(_col44 > 0.0, _col45, 0.0)
     _col46 = tops.column(_dense2, 21, 32)
     _col47 = tops.column(_dense_t3, 21, 32)
-    _adj_pre__mlp_1_out128_54 = tl.where(_col46 > 0.0, _col47, 0.0)
+    _adj_pre__mlp_1_out120_54 = tl.where(_col46 > 0.0, _col47, 0.0)
     _col48 = tops.column(_dense2, 22, 32)
     _col49 = tops.column(_dense_t3, 22, 32)
-    _adj_pre__mlp_1_out129_55 = tl.where(_col48 > 0.0, _col49, 0.0)
+    _adj_pre__mlp_1_out121_55 = tl.where(_col48 > 0.0, _col49, 0.0)
     _col50 = tops.column(_dense2, 23, 32)
     _col51 = tops.column(_dense_t3, 23, 32)
-    _adj_pre__mlp_1_out130_56 = tl.where(_col50 > 0.0, _col51, 0.0)
+    _adj_pre__mlp_1_out122_56 = tl.where(_col50 > 0.0, _col51, 0.0)
     _col52 = tops.column(_dense2, 24, 32)
     _col53 = tops.column(_dense_t3, 24, 32)
-    _adj_pre__mlp_1_out131_57 = tl.where(_col52 > 0.0, _col53, 0.0)
+    _adj_pre__mlp_1_out123_57 = tl.where(_col52 > 0.0, _col53, 0.0)
     _col54 = tops.column(_dense2, 25, 32)
     _col55 = tops.column(_dense_t3, 25, 32)
-    _adj_pre__mlp_1_out132_58 = tl.where(_col54 > 0.0, _col55, 0.0)
+    _adj_pre__mlp_1_out124_58 = tl.where(_col54 > 0.0, _col55, 0.0)
     _col56 = tops.column(_dense2, 26, 32)
     _col57 = tops.column(_dense_t3, 26, 32)
-    _adj_pre__mlp_1_out133_59 = tl.where(_col56 > 0.0, _col57, 0.0)
+    _adj_pre__mlp_1_out125_59 = tl.where(_col56 > 0.0, _col57, 0.0)
     _col58 = tops.column(_dense2, 27, 32)
     _col59 = tops.column(_dense_t3, 27, 32)
-    _adj_pre__mlp_1_out134_60 = tl.where(_col58 > 0.0, _col59, 0.0)
+    _adj_pre__mlp_1_out126_60 = tl.where(_col58 > 0.0, _col59, 0.0)
     _col60 = tops.column(_dense2, 28, 32)
     _col61 = tops.column(_dense_t3, 28, 32)
-    _adj_pre__mlp_1_out135_61 = tl.where(_col60 > 0.0, _col61, 0.0)
+    _adj_pre__mlp_1_out127_61 = tl.where(_col60 > 0.0, _col61, 0.0)
     _col62 = tops.column(_dense2, 29, 32)
     _col63 = tops.column(_dense_t3, 29, 32)
-    _adj_pre__mlp_1_out136_62 = tl.where(_col62 > 0.0, _col63, 0.0)
+    _adj_pre__mlp_1_out128_62 = tl.where(_col62 > 0.0, _col63, 0.0)
     _col64 = tops.column(_dense2, 30, 32)
     _col65 = tops.column(_dense_t3, 30, 32)
-    _adj_pre__mlp_1_out137_63 = tl.where(_col64 > 0.0, _col65, 0.0)
+    _adj_pre__mlp_1_out129_63 = tl.where(_col64 > 0.0, _col65, 0.0)
     _col66 = tops.column(_dense2, 31, 32)
     _col67 = tops.column(_dense_t3, 31, 32)
-    _adj_pre__mlp_1_out138_64 = tl.where(_col66 > 0.0, _col67, 0.0)
+    _adj_pre__mlp_1_out130_64 = tl.where(_col66 > 0.0, _col67, 0.0)
     _tile69 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out107_33, BLOCK), 0, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out108_34, BLOCK), 1, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out109_35, BLOCK), 2, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out110_36, BLOCK), 3, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out111_37, BLOCK), 4, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out112_38, BLOCK), 5, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out113_39, BLOCK), 6, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out114_40, BLOCK), 7, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out115_41, BLOCK), 8, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out116_42, BLOCK), 9, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out117_43, BLOCK), 10, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out118_44, BLOCK), 11, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out119_45, BLOCK), 12, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out120_46, BLOCK), 13, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out121_47, BLOCK), 14, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out122_48, BLOCK), 15, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out123_49, BLOCK), 16, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out124_50, BLOCK), 17, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out125_51, BLOCK), 18, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out126_52, BLOCK), 19, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out127_53, BLOCK), 20, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out128_54, BLOCK), 21, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out129_55, BLOCK), 22, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out130_56, BLOCK), 23, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out131_57, BLOCK), 24, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out132_58, BLOCK), 25, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out133_59, BLOCK), 26, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out134_60, BLOCK), 27, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out135_61, BLOCK), 28, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out136_62, BLOCK), 29, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out137_63, BLOCK), 30, 32)
-    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out138_64, BLOCK), 31, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out99_33, BLOCK), 0, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out100_34, BLOCK), 1, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out101_35, BLOCK), 2, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out102_36, BLOCK), 3, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out103_37, BLOCK), 4, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out104_38, BLOCK), 5, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out105_39, BLOCK), 6, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out106_40, BLOCK), 7, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out107_41, BLOCK), 8, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out108_42, BLOCK), 9, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out109_43, BLOCK), 10, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out110_44, BLOCK), 11, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out111_45, BLOCK), 12, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out112_46, BLOCK), 13, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out113_47, BLOCK), 14, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out114_48, BLOCK), 15, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out115_49, BLOCK), 16, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out116_50, BLOCK), 17, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out117_51, BLOCK), 18, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out118_52, BLOCK), 19, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out119_53, BLOCK), 20, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out120_54, BLOCK), 21, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out121_55, BLOCK), 22, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out122_56, BLOCK), 23, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out123_57, BLOCK), 24, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out124_58, BLOCK), 25, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out125_59, BLOCK), 26, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out126_60, BLOCK), 27, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out127_61, BLOCK), 28, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out128_62, BLOCK), 29, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out129_63, BLOCK), 30, 32)
+    _tile69 += tops.place(tops.per_element(_adj_pre__mlp_1_out130_64, BLOCK), 31, 32)
     _dense_t68 = tops.matmul_t(_tile69, _w_mlp_1_weight, 32, 0, 0, 32, 32, 32, 32, True)
     _col70 = tops.column(_dense1, 0, 32)
     _col71 = tops.column(_dense_t68, 0, 32)
-    _adj_pre__mlp_0_out75_97 = tl.where(_col70 > 0.0, _col71, 0.0)
+    _adj_pre__mlp_0_out67_97 = tl.where(_col70 > 0.0, _col71, 0.0)
     _col72 = tops.column(_dense1, 1, 32)
     _col73 = tops.column(_dense_t68, 1, 32)
-    _adj_pre__mlp_0_out76_98 = tl.where(_col72 > 0.0, _col73, 0.0)
+    _adj_pre__mlp_0_out68_98 = tl.where(_col72 > 0.0, _col73, 0.0)
     _col74 = tops.column(_dense1, 2, 32)
     _col75 = tops.column(_dense_t68, 2, 32)
-    _adj_pre__mlp_0_out77_99 = tl.where(_col74 > 0.0, _col75, 0.0)
+    _adj_pre__mlp_0_out69_99 = tl.where(_col74 > 0.0, _col75, 0.0)
     _col76 = tops.column(_dense1, 3, 32)
     _col77 = tops.column(_dense_t68, 3, 32)
-    _adj_pre__mlp_0_out78_100 = tl.where(_col76 > 0.0, _col77, 0.0)
+    _adj_pre__mlp_0_out70_100 = tl.where(_col76 > 0.0, _col77, 0.0)
     _col78 = tops.column(_dense1, 4, 32)
     _col79 = tops.column(_dense_t68, 4, 32)
-    _adj_pre__mlp_0_out79_101 = tl.where(_col78 > 0.0, _col79, 0.0)
+    _adj_pre__mlp_0_out71_101 = tl.where(_col78 > 0.0, _col79, 0.0)
     _col80 = tops.column(_dense1, 5, 32)
     _col81 = tops.column(_dense_t68, 5, 32)
-    _adj_pre__mlp_0_out80_102 = tl.where(_col80 > 0.0, _col81, 0.0)
+    _adj_pre__mlp_0_out72_102 = tl.where(_col80 > 0.0, _col81, 0.0)
     _col82 = tops.column(_dense1, 6, 32)
     _col83 = tops.column(_dense_t68, 6, 32)
-    _adj_pre__mlp_0_out81_103 = tl.where(_col82 > 0.0, _col83, 0.0)
+    _adj_pre__mlp_0_out73_103 = tl.where(_col82 > 0.0, _col83, 0.0)
     _col84 = tops.column(_dense1, 7, 32)
     _col85 = tops.column(_dense_t68, 7, 32)
-    _adj_pre__mlp_0_out82_104 = tl.where(_col84 > 0.0, _col85, 0.0)
+    _adj_pre__mlp_0_out74_104 = tl.where(_col84 > 0.0, _col85, 0.0)
     _col86 = tops.column(_dense1, 8, 32)
     _col87 = tops.column(_dense_t68, 8, 32)
-    _adj_pre__mlp_0_out83_105 = tl.where(_col86 > 0.0, _col87, 0.0)
+    _adj_pre__mlp_0_out75_105 = tl.where(_col86 > 0.0, _col87, 0.0)
     _col88 = tops.column(_dense1, 9, 32)
     _col89 = tops.column(_dense_t68, 9, 32)
-    _adj_pre__mlp_0_out84_106 = tl.where(_col88 > 0.0, _col89, 0.0)
+    _adj_pre__mlp_0_out76_106 = tl.where(_col88 > 0.0, _col89, 0.0)
     _col90 = tops.column(_dense1, 10, 32)
     _col91 = tops.column(_dense_t68, 10, 32)
-    _adj_pre__mlp_0_out85_107 = tl.where(_col90 > 0.0, _col91, 0.0)
+    _adj_pre__mlp_0_out77_107 = tl.where(_col90 > 0.0, _col91, 0.0)
     _col92 = tops.column(_dense1, 11, 32)
     _col93 = tops.column(_dense_t68, 11, 32)
-    _adj_pre__mlp_0_out86_108 = tl.where(_col92 > 0.0, _col93, 0.0)
+    _adj_pre__mlp_0_out78_108 = tl.where(_col92 > 0.0, _col93, 0.0)
     _col94 = tops.column(_dense1, 12, 32)
     _col95 = tops.column(_dense_t68, 12, 32)
-    _adj_pre__mlp_0_out87_109 = tl.where(_col94 > 0.0, _col95, 0.0)
+    _adj_pre__mlp_0_out79_109 = tl.where(_col94 > 0.0, _col95, 0.0)
     _col96 = tops.column(_dense1, 13, 32)
     _col97 = tops.column(_dense_t68, 13, 32)
-    _adj_pre__mlp_0_out88_110 = tl.where(_col96 > 0.0, _col97, 0.0)
+    _adj_pre__mlp_0_out80_110 = tl.where(_col96 > 0.0, _col97, 0.0)
     _col98 = tops.column(_dense1, 14, 32)
     _col99 = tops.column(_dense_t68, 14, 32)
-    _adj_pre__mlp_0_out89_111 = tl.where(_col98 > 0.0, _col99, 0.0)
+    _adj_pre__mlp_0_out81_111 = tl.where(_col98 > 0.0, _col99, 0.0)
     _col100 = tops.column(_dense1, 15, 32)
     _col101 = tops.column(_dense_t68, 15, 32)
-    _adj_pre__mlp_0_out90_112 = tl.where(_col100 > 0.0, _col101, 0.0)
+    _adj_pre__mlp_0_out82_112 = tl.where(_col100 > 0.0, _col101, 0.0)
     _col102 = tops.column(_dense1, 16, 32)
     _col103 = tops.column(_dense_t68, 16, 32)
-    _adj_pre__mlp_0_out91_113 = tl.where(_col102 > 0.0, _col103, 0.0)
+    _adj_pre__mlp_0_out83_113 = tl.where(_col102 > 0.0, _col103, 0.0)
     _col104 = tops.column(_dense1, 17, 32)
     _col105 = tops.column(_dense_t68, 17, 32)
-    _adj_pre__mlp_0_out92_114 = tl.where(_col104 > 0.0, _col105, 0.0)
+    _adj_pre__mlp_0_out84_114 = tl.where(_col104 > 0.0, _col105, 0.0)
     _col106 = tops.column(_dense1, 18, 32)
     _col107 = tops.column(_dense_t68, 18, 32)
-    _adj_pre__mlp_0_out93_115 = tl.where(_col106 > 0.0, _col107, 0.0)
+    _adj_pre__mlp_0_out85_115 = tl.where(_col106 > 0.0, _col107, 0.0)
     _col108 = tops.column(_dense1, 19, 32)
     _col109 = tops.column(_dense_t68, 19, 32)
-    _adj_pre__mlp_0_out94_116 = tl.where(_col108 > 0.0, _col109, 0.0)
+    _adj_pre__mlp_0_out86_116 = tl.where(_col108 > 0.0, _col109, 0.0)
     _col110 = tops.column(_dense1, 20, 32)
     _col111 = tops.column(_dense_t68, 20, 32)
-    _adj_pre__mlp_0_out95_117 = tl.where(_col110 > 0.0, _col111, 0.0)
+    _adj_pre__mlp_0_out87_117 = tl.where(_col110 > 0.0, _col111, 0.0)
     _col112 = tops.column(_dense1, 21, 32)
     _col113 = tops.column(_dense_t68, 21, 32)
-    _adj_pre__mlp_0_out96_118 = tl.where(_col112 > 0.0, _col113, 0.0)
+    _adj_pre__mlp_0_out88_118 = tl.where(_col112 > 0.0, _col113, 0.0)
     _col114 = tops.column(_dense1, 22, 32)
     _col115 = tops.column(_dense_t68, 22, 32)
-    _adj_pre__mlp_0_out97_119 = tl.where(_col114 > 0.0, _col115, 0.0)
+    _adj_pre__mlp_0_out89_119 = tl.where(_col114 > 0.0, _col115, 0.0)
     _col116 = tops.column(_dense1, 23, 32)
     _col117 = tops.column(_dense_t68, 23, 32)
-    _adj_pre__mlp_0_out98_120 = tl.where(_col116 > 0.0, _col117, 0.0)
+    _adj_pre__mlp_0_out90_120 = tl.where(_col116 > 0.0, _col117, 0.0)
     _col118 = tops.column(_dense1, 24, 32)
     _col119 = tops.column(_dense_t68, 24, 32)
-    _adj_pre__mlp_0_out99_121 = tl.where(_col118 > 0.0, _col119, 0.0)
+    _adj_pre__mlp_0_out91_121 = tl.where(_col118 > 0.0, _col119, 0.0)
     _col120 = tops.column(_dense1, 25, 32)
     _col121 = tops.column(_dense_t68, 25, 32)
-    _adj_pre__mlp_0_out100_122 = tl.where(_col120 > 0.0, _col121, 0.0)
+    _adj_pre__mlp_0_out92_122 = tl.where(_col120 > 0.0, _col121, 0.0)
     _col122 = tops.column(_dense1, 26, 32)
     _col123 = tops.column(_dense_t68, 26, 32)
-    _adj_pre__mlp_0_out101_123 = tl.where(_col122 > 0.0, _col123, 0.0)
+    _adj_pre__mlp_0_out93_123 = tl.where(_col122 > 0.0, _col123, 0.0)
     _col124 = tops.column(_dense1, 27, 32)
     _col125 = tops.column(_dense_t68, 27, 32)
-    _adj_pre__mlp_0_out102_124 = tl.where(_col124 > 0.0, _col125, 0.0)
+    _adj_pre__mlp_0_out94_124 = tl.where(_col124 > 0.0, _col125, 0.0)
     _col126 = tops.column(_dense1, 28, 32)
     _col127 = tops.column(_dense_t68, 28, 32)
-    _adj_pre__mlp_0_out103_125 = tl.where(_col126 > 0.0, _col127, 0.0)
+    _adj_pre__mlp_0_out95_125 = tl.where(_col126 > 0.0, _col127, 0.0)
     _col128 = tops.column(_dense1, 29, 32)
     _col129 = tops.column(_dense_t68, 29, 32)
-    _adj_pre__mlp_0_out104_126 = tl.where(_col128 > 0.0, _col129, 0.0)
+    _adj_pre__mlp_0_out96_126 = tl.where(_col128 > 0.0, _col129, 0.0)
     _col130 = tops.column(_dense1, 30, 32)
     _col131 = tops.column(_dense_t68, 30, 32)
-    _adj_pre__mlp_0_out105_127 = tl.where(_col130 > 0.0, _col131, 0.0)
+    _adj_pre__mlp_0_out97_127 = tl.where(_col130 > 0.0, _col131, 0.0)
     _col132 = tops.column(_dense1, 31, 32)
     _col133 = tops.column(_dense_t68, 31, 32)
-    _adj_pre__mlp_0_out106_128 = tl.where(_col132 > 0.0, _col133, 0.0)
+    _adj_pre__mlp_0_out98_128 = tl.where(_col132 > 0.0, _col133, 0.0)
     _tile135 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out75_97, BLOCK), 0, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out76_98, BLOCK), 1, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out77_99, BLOCK), 2, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out78_100, BLOCK), 3, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out79_101, BLOCK), 4, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out80_102, BLOCK), 5, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out81_103, BLOCK), 6, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out82_104, BLOCK), 7, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out83_105, BLOCK), 8, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out84_106, BLOCK), 9, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out85_107, BLOCK), 10, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out86_108, BLOCK), 11, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out87_109, BLOCK), 12, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out88_110, BLOCK), 13, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out89_111, BLOCK), 14, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out90_112, BLOCK), 15, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out91_113, BLOCK), 16, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out92_114, BLOCK), 17, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out93_115, BLOCK), 18, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out94_116, BLOCK), 19, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out95_117, BLOCK), 20, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out96_118, BLOCK), 21, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out97_119, BLOCK), 22, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out98_120, BLOCK), 23, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out99_121, BLOCK), 24, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out100_122, BLOCK), 25, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out101_123, BLOCK), 26, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out102_124, BLOCK), 27, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out103_125, BLOCK), 28, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out104_126, BLOCK), 29, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out105_127, BLOCK), 30, 32)
-    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out106_128, BLOCK), 31, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out67_97, BLOCK), 0, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out68_98, BLOCK), 1, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out69_99, BLOCK), 2, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out70_100, BLOCK), 3, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out71_101, BLOCK), 4, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out72_102, BLOCK), 5, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out73_103, BLOCK), 6, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out74_104, BLOCK), 7, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out75_105, BLOCK), 8, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out76_106, BLOCK), 9, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out77_107, BLOCK), 10, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out78_108, BLOCK), 11, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out79_109, BLOCK), 12, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out80_110, BLOCK), 13, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out81_111, BLOCK), 14, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out82_112, BLOCK), 15, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out83_113, BLOCK), 16, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out84_114, BLOCK), 17, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out85_115, BLOCK), 18, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out86_116, BLOCK), 19, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out87_117, BLOCK), 20, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out88_118, BLOCK), 21, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out89_119, BLOCK), 22, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out90_120, BLOCK), 23, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out91_121, BLOCK), 24, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out92_122, BLOCK), 25, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out93_123, BLOCK), 26, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out94_124, BLOCK), 27, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out95_125, BLOCK), 28, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out96_126, BLOCK), 29, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out97_127, BLOCK), 30, 32)
+    _tile135 += tops.place(tops.per_element(_adj_pre__mlp_0_out98_128, BLOCK), 31, 32)
     _dense_t134 = tops.matmul_t(_tile135, _w_mlp_0_weight, 39, 0, 0, 32, 28, 32, 32, True)
     _bk2 = v + 1e-06
     _bk3 = 0.5 / tops.pow_(_bk2, 1.5)
@@ -1101,78 +1077,78 @@ def stage2_backward_kernel(
     _col162 = tops.column(_dense_t134, 20, 32)
     _col163 = tops.column(_dense_t134, 21, 32)
     _tile164 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile164 += tops.place(tops.per_element(_adj__mlp_2_out139, BLOCK), 0, 16)
-    _tile164 += tops.place(tops.per_element(_adj__mlp_2_out140, BLOCK), 1, 16)
+    _tile164 += tops.place(tops.per_element(_adj__mlp_2_out131, BLOCK), 0, 16)
+    _tile164 += tops.place(tops.per_element(_adj__mlp_2_out132, BLOCK), 1, 16)
     _masked165 = tl.where(_mask[:, None], _tile164, 0.0)
     _masked166 = tl.where(_mask[:, None], _dense2, 0.0)
     _tile167 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out107_33, BLOCK), 0, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out108_34, BLOCK), 1, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out109_35, BLOCK), 2, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out110_36, BLOCK), 3, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out111_37, BLOCK), 4, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out112_38, BLOCK), 5, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out113_39, BLOCK), 6, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out114_40, BLOCK), 7, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out115_41, BLOCK), 8, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out116_42, BLOCK), 9, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out117_43, BLOCK), 10, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out118_44, BLOCK), 11, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out119_45, BLOCK), 12, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out120_46, BLOCK), 13, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out121_47, BLOCK), 14, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out122_48, BLOCK), 15, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out123_49, BLOCK), 16, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out124_50, BLOCK), 17, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out125_51, BLOCK), 18, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out126_52, BLOCK), 19, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out127_53, BLOCK), 20, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out128_54, BLOCK), 21, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out129_55, BLOCK), 22, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out130_56, BLOCK), 23, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out131_57, BLOCK), 24, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out132_58, BLOCK), 25, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out133_59, BLOCK), 26, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out134_60, BLOCK), 27, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out135_61, BLOCK), 28, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out136_62, BLOCK), 29, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out137_63, BLOCK), 30, 32)
-    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out138_64, BLOCK), 31, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out99_33, BLOCK), 0, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out100_34, BLOCK), 1, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out101_35, BLOCK), 2, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out102_36, BLOCK), 3, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out103_37, BLOCK), 4, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out104_38, BLOCK), 5, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out105_39, BLOCK), 6, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out106_40, BLOCK), 7, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out107_41, BLOCK), 8, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out108_42, BLOCK), 9, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out109_43, BLOCK), 10, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out110_44, BLOCK), 11, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out111_45, BLOCK), 12, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out112_46, BLOCK), 13, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out113_47, BLOCK), 14, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out114_48, BLOCK), 15, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out115_49, BLOCK), 16, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out116_50, BLOCK), 17, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out117_51, BLOCK), 18, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out118_52, BLOCK), 19, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out119_53, BLOCK), 20, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out120_54, BLOCK), 21, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out121_55, BLOCK), 22, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out122_56, BLOCK), 23, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out123_57, BLOCK), 24, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out124_58, BLOCK), 25, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out125_59, BLOCK), 26, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out126_60, BLOCK), 27, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out127_61, BLOCK), 28, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out128_62, BLOCK), 29, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out129_63, BLOCK), 30, 32)
+    _tile167 += tops.place(tops.per_element(_adj_pre__mlp_1_out130_64, BLOCK), 31, 32)
     _masked168 = tl.where(_mask[:, None], _tile167, 0.0)
     _masked169 = tl.where(_mask[:, None], _dense1, 0.0)
     _tile170 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out75_97, BLOCK), 0, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out76_98, BLOCK), 1, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out77_99, BLOCK), 2, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out78_100, BLOCK), 3, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out79_101, BLOCK), 4, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out80_102, BLOCK), 5, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out81_103, BLOCK), 6, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out82_104, BLOCK), 7, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out83_105, BLOCK), 8, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out84_106, BLOCK), 9, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out85_107, BLOCK), 10, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out86_108, BLOCK), 11, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out87_109, BLOCK), 12, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out88_110, BLOCK), 13, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out89_111, BLOCK), 14, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out90_112, BLOCK), 15, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out91_113, BLOCK), 16, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out92_114, BLOCK), 17, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out93_115, BLOCK), 18, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out94_116, BLOCK), 19, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out95_117, BLOCK), 20, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out96_118, BLOCK), 21, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out97_119, BLOCK), 22, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out98_120, BLOCK), 23, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out99_121, BLOCK), 24, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out100_122, BLOCK), 25, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out101_123, BLOCK), 26, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out102_124, BLOCK), 27, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out103_125, BLOCK), 28, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out104_126, BLOCK), 29, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out105_127, BLOCK), 30, 32)
-    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out106_128, BLOCK), 31, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out67_97, BLOCK), 0, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out68_98, BLOCK), 1, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out69_99, BLOCK), 2, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out70_100, BLOCK), 3, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out71_101, BLOCK), 4, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out72_102, BLOCK), 5, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out73_103, BLOCK), 6, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out74_104, BLOCK), 7, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out75_105, BLOCK), 8, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out76_106, BLOCK), 9, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out77_107, BLOCK), 10, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out78_108, BLOCK), 11, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out79_109, BLOCK), 12, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out80_110, BLOCK), 13, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out81_111, BLOCK), 14, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out82_112, BLOCK), 15, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out83_113, BLOCK), 16, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out84_114, BLOCK), 17, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out85_115, BLOCK), 18, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out86_116, BLOCK), 19, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out87_117, BLOCK), 20, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out88_118, BLOCK), 21, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out89_119, BLOCK), 22, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out90_120, BLOCK), 23, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out91_121, BLOCK), 24, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out92_122, BLOCK), 25, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out93_123, BLOCK), 26, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out94_124, BLOCK), 27, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out95_125, BLOCK), 28, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out96_126, BLOCK), 29, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out97_127, BLOCK), 30, 32)
+    _tile170 += tops.place(tops.per_element(_adj_pre__mlp_0_out98_128, BLOCK), 31, 32)
     _masked171 = tl.where(_mask[:, None], _tile170, 0.0)
     _tile172 = tl.zeros((BLOCK, 32), dtype=tl.float32)
     _tile172 += tops.place(tops.per_element(f_grad, BLOCK), 0, 32)
@@ -1233,38 +1209,38 @@ def stage2_backward_kernel(
     tops.store_block(_gpart_ptr + _pid * 2068 + 116, tops.outer_sum(_masked168, _masked169, True), 32, 32, 32, 32)
     tops.store_vec(_gpart_ptr + _pid * 2068 + 1140, tl.sum(_masked168, axis=0), 32, 32)
     tops.store_block(_gpart_ptr + _pid * 2068 + 1172, tops.outer_sum(_masked171, _masked173, True), 32, 28, 32, 32)
-    tl.store(_gpart_ptr + _pid * 2068 + 0, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out100_122, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 1, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out101_123, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 2, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out102_124, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 3, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out103_125, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 4, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out104_126, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 5, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out105_127, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 6, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out106_128, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 7, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_97, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 8, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_98, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 9, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_99, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 10, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_100, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 11, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out79_101, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 12, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out80_102, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 13, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out81_103, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 14, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out82_104, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 15, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out83_105, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 16, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out84_106, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 17, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out85_107, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 18, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out86_108, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 19, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out87_109, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 20, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out88_110, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 21, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out89_111, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 22, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out90_112, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 23, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out91_113, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 24, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out92_114, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 25, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out93_115, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 26, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out94_116, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 27, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out95_117, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 28, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out96_118, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 29, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out97_119, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 30, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out98_120, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 2068 + 31, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out99_121, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 0, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out67_97, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 1, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out68_98, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 2, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out69_99, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 3, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out70_100, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 4, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out71_101, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 5, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out72_102, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 6, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out73_103, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 7, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out74_104, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 8, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_105, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 9, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_106, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 10, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_107, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 11, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_108, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 12, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out79_109, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 13, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out80_110, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 14, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out81_111, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 15, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out82_112, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 16, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out83_113, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 17, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out84_114, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 18, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out85_115, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 19, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out86_116, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 20, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out87_117, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 21, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out88_118, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 22, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out89_119, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 23, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out90_120, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 24, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out91_121, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 25, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out92_122, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 26, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out93_123, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 27, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out94_124, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 28, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out95_125, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 29, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out96_126, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 30, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out97_127, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 2068 + 31, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out98_128, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 2068 + 32, tl.sum(tl.where(_mask, _adj__u1, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 2068 + 33, tl.sum(tl.where(_mask, _adj__u10, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 2068 + 34, tl.sum(tl.where(_mask, _adj__u2, 0.0), axis=0))

@@ -21,11 +21,7 @@ KERNELS = [{'args': [('input', 'g'),
                      ('state', 'm'),
                      ('state', 'v'),
                      ('scratch', '_mean_row22'),
-                     ('scratch', '_mean_row24'),
-                     ('scratch', '_mean_row26'),
-                     ('scratch', '_mean_col28'),
-                     ('scratch', '_mean_col30'),
-                     ('scratch', '_mean_col32')],
+                     ('scratch', '_mean_col24')],
             'block': 512,
             'hv': [],
             'index': 0,
@@ -41,11 +37,7 @@ KERNELS = [{'args': [('input', 'g'),
                            {'name': '_mean_tensor18', 'over': 'tensor', 'slot': 8},
                            {'name': '_mean_tensor20', 'over': 'tensor', 'slot': 9},
                            {'name': '_mean_row22', 'over': 'row', 'slot': 10},
-                           {'name': '_mean_row24', 'over': 'row', 'slot': 11},
-                           {'name': '_mean_row26', 'over': 'row', 'slot': 12},
-                           {'name': '_mean_col28', 'over': 'col', 'slot': 13},
-                           {'name': '_mean_col30', 'over': 'col', 'slot': 14},
-                           {'name': '_mean_col32', 'over': 'col', 'slot': 15}],
+                           {'name': '_mean_col24', 'over': 'col', 'slot': 11}],
             'uses_coords': False,
             'weights': []},
            {'args': [('state', 'm'),
@@ -66,12 +58,12 @@ KERNELS = [{'args': [('input', 'g'),
             'hv': [],
             'index': 1,
             'name': 'stage1_kernel',
-            'reductions': [{'name': '_mean_tensor40', 'over': 'tensor', 'slot': 0},
-                           {'name': '_mean_tensor42', 'over': 'tensor', 'slot': 1},
-                           {'name': '_mean_tensor44', 'over': 'tensor', 'slot': 2},
-                           {'name': '_mean_tensor70', 'over': 'tensor', 'slot': 3},
-                           {'name': '_mean_tensor72', 'over': 'tensor', 'slot': 4},
-                           {'name': '_mean_tensor74', 'over': 'tensor', 'slot': 5}],
+            'reductions': [{'name': '_mean_tensor32', 'over': 'tensor', 'slot': 0},
+                           {'name': '_mean_tensor34', 'over': 'tensor', 'slot': 1},
+                           {'name': '_mean_tensor36', 'over': 'tensor', 'slot': 2},
+                           {'name': '_mean_tensor62', 'over': 'tensor', 'slot': 3},
+                           {'name': '_mean_tensor64', 'over': 'tensor', 'slot': 4},
+                           {'name': '_mean_tensor66', 'over': 'tensor', 'slot': 5}],
             'uses_coords': True,
             'weights': []},
            {'args': [('input', 'g'),
@@ -116,6 +108,14 @@ KERNELS = [{'args': [('input', 'g'),
                    '_u41',
                    '_u42',
                    '_u43',
+                   '_mlp_0_out67_bias',
+                   '_mlp_0_out68_bias',
+                   '_mlp_0_out69_bias',
+                   '_mlp_0_out70_bias',
+                   '_mlp_0_out71_bias',
+                   '_mlp_0_out72_bias',
+                   '_mlp_0_out73_bias',
+                   '_mlp_0_out74_bias',
                    '_mlp_0_out75_bias',
                    '_mlp_0_out76_bias',
                    '_mlp_0_out77_bias',
@@ -140,14 +140,6 @@ KERNELS = [{'args': [('input', 'g'),
                    '_mlp_0_out96_bias',
                    '_mlp_0_out97_bias',
                    '_mlp_0_out98_bias',
-                   '_mlp_0_out99_bias',
-                   '_mlp_0_out100_bias',
-                   '_mlp_0_out101_bias',
-                   '_mlp_0_out102_bias',
-                   '_mlp_0_out103_bias',
-                   '_mlp_0_out104_bias',
-                   '_mlp_0_out105_bias',
-                   '_mlp_0_out106_bias',
                    '_u44',
                    'lr'],
             'index': 2,
@@ -179,11 +171,7 @@ def stage0_kernel(
     _st_m = tl.load(ptrs + _t * N_PTR + 2).to(tl.pointer_type(tl.float32))
     _st_v = tl.load(ptrs + _t * N_PTR + 3).to(tl.pointer_type(tl.float32))
     _scratch__mean_row22 = tl.load(ptrs + _t * N_PTR + 4).to(tl.pointer_type(tl.float32))
-    _scratch__mean_row24 = tl.load(ptrs + _t * N_PTR + 5).to(tl.pointer_type(tl.float32))
-    _scratch__mean_row26 = tl.load(ptrs + _t * N_PTR + 6).to(tl.pointer_type(tl.float32))
-    _scratch__mean_col28 = tl.load(ptrs + _t * N_PTR + 7).to(tl.pointer_type(tl.float32))
-    _scratch__mean_col30 = tl.load(ptrs + _t * N_PTR + 8).to(tl.pointer_type(tl.float32))
-    _scratch__mean_col32 = tl.load(ptrs + _t * N_PTR + 9).to(tl.pointer_type(tl.float32))
+    _scratch__mean_col24 = tl.load(ptrs + _t * N_PTR + 5).to(tl.pointer_type(tl.float32))
     g = tl.load(_g_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
     _mean_tensor_arg1 = g * g
     p = tl.load(_p_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
@@ -205,27 +193,19 @@ def stage0_kernel(
     _mean_tensor_arg17 = m_2 * m_2 / (v + 1e-06)
     _mean_tensor_arg19 = 1.0 / (v + 1e-06)
     _mean_row_arg21 = g * g + 1e-30
-    _mean_row_arg23 = g * g + 1e-30
-    _mean_row_arg25 = g * g + 1e-30
-    _mean_col_arg27 = g * g + 1e-30
-    _mean_col_arg29 = g * g + 1e-30
-    _mean_col_arg31 = g * g + 1e-30
-    tl.store(_part_ptr + _pid * 16 + 0, tl.sum(tl.where(_mask, _mean_tensor_arg1, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 1, tl.sum(tl.where(_mask, _mean_tensor_arg3, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 2, tl.sum(tl.where(_mask, _mean_tensor_arg5, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 3, tl.sum(tl.where(_mask, _mean_tensor_arg7, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 4, tl.sum(tl.where(_mask, _mean_tensor_arg9, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 5, tl.sum(tl.where(_mask, _mean_tensor_arg11, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 6, tl.sum(tl.where(_mask, _mean_tensor_arg13, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 7, tl.sum(tl.where(_mask, _mean_tensor_arg15, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 8, tl.sum(tl.where(_mask, _mean_tensor_arg17, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 9, tl.sum(tl.where(_mask, _mean_tensor_arg19, 0.0), axis=0))
+    _mean_col_arg23 = g * g + 1e-30
+    tl.store(_part_ptr + _pid * 12 + 0, tl.sum(tl.where(_mask, _mean_tensor_arg1, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 1, tl.sum(tl.where(_mask, _mean_tensor_arg3, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 2, tl.sum(tl.where(_mask, _mean_tensor_arg5, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 3, tl.sum(tl.where(_mask, _mean_tensor_arg7, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 4, tl.sum(tl.where(_mask, _mean_tensor_arg9, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 5, tl.sum(tl.where(_mask, _mean_tensor_arg11, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 6, tl.sum(tl.where(_mask, _mean_tensor_arg13, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 7, tl.sum(tl.where(_mask, _mean_tensor_arg15, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 8, tl.sum(tl.where(_mask, _mean_tensor_arg17, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 9, tl.sum(tl.where(_mask, _mean_tensor_arg19, 0.0), axis=0))
     tl.store(_scratch__mean_row22 + _offs, _mean_row_arg21, mask=_mask)
-    tl.store(_scratch__mean_row24 + _offs, _mean_row_arg23, mask=_mask)
-    tl.store(_scratch__mean_row26 + _offs, _mean_row_arg25, mask=_mask)
-    tl.store(_scratch__mean_col28 + _offs, _mean_col_arg27, mask=_mask)
-    tl.store(_scratch__mean_col30 + _offs, _mean_col_arg29, mask=_mask)
-    tl.store(_scratch__mean_col32 + _offs, _mean_col_arg31, mask=_mask)
+    tl.store(_scratch__mean_col24 + _offs, _mean_col_arg23, mask=_mask)
 
 
 @triton.jit
@@ -281,28 +261,28 @@ def stage1_kernel(
     m_2 = 0.999 * _m_old_2 + 0.0010000000000000009 * g
     _u14 = tl.load(_col__u14 + _col_idx, mask=_mask, other=0.0)
     _u15 = tl.load(_row__u15 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg39 = _u14 * _u15 * g * g
+    _mean_tensor_arg31 = _u14 * _u15 * g * g
     _u16 = tl.load(_col__u16 + _col_idx, mask=_mask, other=0.0)
     _u17 = tl.load(_row__u17 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg41 = _u16 * _u17 * g * g
+    _mean_tensor_arg33 = _u16 * _u17 * g * g
     _u18 = tl.load(_col__u18 + _col_idx, mask=_mask, other=0.0)
     _u19 = tl.load(_row__u19 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg43 = _u18 * _u19 * g * g
+    _mean_tensor_arg35 = _u18 * _u19 * g * g
     _u35 = tl.load(_col__u35 + _col_idx, mask=_mask, other=0.0)
     _u36 = tl.load(_row__u36 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg69 = _u35 * _u36 * m_0 * m_0
+    _mean_tensor_arg61 = _u35 * _u36 * m_0 * m_0
     _u37 = tl.load(_col__u37 + _col_idx, mask=_mask, other=0.0)
     _u38 = tl.load(_row__u38 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg71 = _u37 * _u38 * m_1 * m_1
+    _mean_tensor_arg63 = _u37 * _u38 * m_1 * m_1
     _u39 = tl.load(_col__u39 + _col_idx, mask=_mask, other=0.0)
     _u40 = tl.load(_row__u40 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg73 = _u39 * _u40 * m_2 * m_2
-    tl.store(_part_ptr + _pid * 6 + 0, tl.sum(tl.where(_mask, _mean_tensor_arg39, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 6 + 1, tl.sum(tl.where(_mask, _mean_tensor_arg41, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 6 + 2, tl.sum(tl.where(_mask, _mean_tensor_arg43, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 6 + 3, tl.sum(tl.where(_mask, _mean_tensor_arg69, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 6 + 4, tl.sum(tl.where(_mask, _mean_tensor_arg71, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 6 + 5, tl.sum(tl.where(_mask, _mean_tensor_arg73, 0.0), axis=0))
+    _mean_tensor_arg65 = _u39 * _u40 * m_2 * m_2
+    tl.store(_part_ptr + _pid * 6 + 0, tl.sum(tl.where(_mask, _mean_tensor_arg31, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 6 + 1, tl.sum(tl.where(_mask, _mean_tensor_arg33, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 6 + 2, tl.sum(tl.where(_mask, _mean_tensor_arg35, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 6 + 3, tl.sum(tl.where(_mask, _mean_tensor_arg61, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 6 + 4, tl.sum(tl.where(_mask, _mean_tensor_arg63, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 6 + 5, tl.sum(tl.where(_mask, _mean_tensor_arg65, 0.0), axis=0))
 
 
 @triton.jit
@@ -459,15 +439,15 @@ def stage2_kernel(
     _dense2 = tops.weight_vec(_w_mlp_1_bias, 0, 32, 32)[None, :] + tl.zeros((BLOCK, 32), dtype=tl.float32)
     _dense2 += tops.matmul(_dense1, _w_mlp_1_weight, 32, 0, 0, 32, 32, 32, 32, True)
     _dense2 = tl.maximum(_dense2, 0.0)
-    _mlp_2_out139 = (
+    _mlp_2_out131 = (
         tl.load(_w_mlp_2_bias + 0)
         + tl.sum(_dense2 * tops.weight_row(_w_mlp_2_weight, 32, 0, 0, 32, 32)[None, :], axis=1)
     )
-    _mlp_2_out140 = (
+    _mlp_2_out132 = (
         tl.load(_w_mlp_2_bias + 1)
         + tl.sum(_dense2 * tops.weight_row(_w_mlp_2_weight, 32, 1, 0, 32, 32)[None, :], axis=1)
     )
-    _update = 0.01 * _mlp_2_out139 * tl.exp(0.001 * _mlp_2_out140)
+    _update = 0.01 * _mlp_2_out131 * tl.exp(0.001 * _mlp_2_out132)
     _u44 = tl.load(_hv_ptr + 48)
     lr = tl.load(_hv_ptr + 49)
     _p_new = _u44 * p - _update * lr

@@ -333,7 +333,7 @@ INFO = {'features': [['f_grad', 1, True, 'elem'],
                                     '_v_old',
                                     'g',
                                     'p'],
-                    'elem_nodes': 20,
+                    'elem_nodes': 16,
                     'host': [{'fn': 'host_0_0', 'kind': 'global'}, {'fn': 'host_0_1', 'kind': 'tensor'}],
                     'index': 0,
                     'outputs': [],
@@ -381,25 +381,9 @@ INFO = {'features': [['f_grad', 1, True, 'elem'],
                                     'level': 'row',
                                     'name': '_mean_row22',
                                     'over': 'row'},
-                                   {'arg': '_mean_row_arg23',
-                                    'level': 'row',
-                                    'name': '_mean_row24',
-                                    'over': 'row'},
-                                   {'arg': '_mean_row_arg25',
-                                    'level': 'row',
-                                    'name': '_mean_row26',
-                                    'over': 'row'},
-                                   {'arg': '_mean_col_arg27',
+                                   {'arg': '_mean_col_arg23',
                                     'level': 'col',
-                                    'name': '_mean_col28',
-                                    'over': 'col'},
-                                   {'arg': '_mean_col_arg29',
-                                    'level': 'col',
-                                    'name': '_mean_col30',
-                                    'over': 'col'},
-                                   {'arg': '_mean_col_arg31',
-                                    'level': 'col',
-                                    'name': '_mean_col32',
+                                    'name': '_mean_col24',
                                     'over': 'col'}]},
                    {'elem_fn': 'elem_stage_1',
                     'elem_inputs': ['_decay_m_0',
@@ -481,56 +465,36 @@ INFO = {'features': [['f_grad', 1, True, 'elem'],
                                               'name': '_mean_row22',
                                               'over': 'row'}]},
                              {'kind': 'finalize',
-                              'reductions': [{'arg': '_mean_row_arg23',
-                                              'level': 'row',
-                                              'name': '_mean_row24',
-                                              'over': 'row'}]},
-                             {'kind': 'finalize',
-                              'reductions': [{'arg': '_mean_row_arg25',
-                                              'level': 'row',
-                                              'name': '_mean_row26',
-                                              'over': 'row'}]},
-                             {'kind': 'finalize',
-                              'reductions': [{'arg': '_mean_col_arg27',
+                              'reductions': [{'arg': '_mean_col_arg23',
                                               'level': 'col',
-                                              'name': '_mean_col28',
+                                              'name': '_mean_col24',
                                               'over': 'col'}]},
-                             {'kind': 'finalize',
-                              'reductions': [{'arg': '_mean_col_arg29',
-                                              'level': 'col',
-                                              'name': '_mean_col30',
-                                              'over': 'col'}]},
-                             {'kind': 'finalize',
-                              'reductions': [{'arg': '_mean_col_arg31',
-                                              'level': 'col',
-                                              'name': '_mean_col32',
-                                              'over': 'col'}]},
-                             {'fn': 'host_1_16', 'kind': 'tensor'}],
+                             {'fn': 'host_1_12', 'kind': 'tensor'}],
                     'index': 1,
                     'outputs': [],
-                    'reductions': [{'arg': '_mean_tensor_arg39',
+                    'reductions': [{'arg': '_mean_tensor_arg31',
                                     'level': 'tensor',
-                                    'name': '_mean_tensor40',
+                                    'name': '_mean_tensor32',
                                     'over': 'tensor'},
-                                   {'arg': '_mean_tensor_arg41',
+                                   {'arg': '_mean_tensor_arg33',
                                     'level': 'tensor',
-                                    'name': '_mean_tensor42',
+                                    'name': '_mean_tensor34',
                                     'over': 'tensor'},
-                                   {'arg': '_mean_tensor_arg43',
+                                   {'arg': '_mean_tensor_arg35',
                                     'level': 'tensor',
-                                    'name': '_mean_tensor44',
+                                    'name': '_mean_tensor36',
                                     'over': 'tensor'},
-                                   {'arg': '_mean_tensor_arg69',
+                                   {'arg': '_mean_tensor_arg61',
                                     'level': 'tensor',
-                                    'name': '_mean_tensor70',
+                                    'name': '_mean_tensor62',
                                     'over': 'tensor'},
-                                   {'arg': '_mean_tensor_arg71',
+                                   {'arg': '_mean_tensor_arg63',
                                     'level': 'tensor',
-                                    'name': '_mean_tensor72',
+                                    'name': '_mean_tensor64',
                                     'over': 'tensor'},
-                                   {'arg': '_mean_tensor_arg73',
+                                   {'arg': '_mean_tensor_arg65',
                                     'level': 'tensor',
-                                    'name': '_mean_tensor74',
+                                    'name': '_mean_tensor66',
                                     'over': 'tensor'}]},
                    {'elem_fn': 'elem_stage_2',
                     'elem_inputs': ['_decay_m_0',
@@ -540,10 +504,10 @@ INFO = {'features': [['f_grad', 1, True, 'elem'],
                                     '_m_old_0',
                                     '_m_old_1',
                                     '_m_old_2',
-                                    '_mlp_0_out75_bias',
-                                    '_mlp_0_out76_bias',
-                                    '_mlp_0_out77_bias',
-                                    '_mlp_0_out78_bias',
+                                    '_mlp_0_out67_bias',
+                                    '_mlp_0_out68_bias',
+                                    '_mlp_0_out69_bias',
+                                    '_mlp_0_out70_bias',
                                     '_u1',
                                     '_u10',
                                     '_u11',
@@ -589,34 +553,34 @@ INFO = {'features': [['f_grad', 1, True, 'elem'],
                                     'rowfac_2'],
                     'elem_nodes': 25,
                     'host': [{'kind': 'finalize',
-                              'reductions': [{'arg': '_mean_tensor_arg39',
+                              'reductions': [{'arg': '_mean_tensor_arg31',
                                               'level': 'tensor',
-                                              'name': '_mean_tensor40',
+                                              'name': '_mean_tensor32',
                                               'over': 'tensor'}]},
                              {'kind': 'finalize',
-                              'reductions': [{'arg': '_mean_tensor_arg41',
+                              'reductions': [{'arg': '_mean_tensor_arg33',
                                               'level': 'tensor',
-                                              'name': '_mean_tensor42',
+                                              'name': '_mean_tensor34',
                                               'over': 'tensor'}]},
                              {'kind': 'finalize',
-                              'reductions': [{'arg': '_mean_tensor_arg43',
+                              'reductions': [{'arg': '_mean_tensor_arg35',
                                               'level': 'tensor',
-                                              'name': '_mean_tensor44',
+                                              'name': '_mean_tensor36',
                                               'over': 'tensor'}]},
                              {'kind': 'finalize',
-                              'reductions': [{'arg': '_mean_tensor_arg69',
+                              'reductions': [{'arg': '_mean_tensor_arg61',
                                               'level': 'tensor',
-                                              'name': '_mean_tensor70',
+                                              'name': '_mean_tensor62',
                                               'over': 'tensor'}]},
                              {'kind': 'finalize',
-                              'reductions': [{'arg': '_mean_tensor_arg71',
+                              'reductions': [{'arg': '_mean_tensor_arg63',
                                               'level': 'tensor',
-                                              'name': '_mean_tensor72',
+                                              'name': '_mean_tensor64',
                                               'over': 'tensor'}]},
                              {'kind': 'finalize',
-                              'reductions': [{'arg': '_mean_tensor_arg73',
+                              'reductions': [{'arg': '_mean_tensor_arg65',
                                               'level': 'tensor',
-                                              'name': '_mean_tensor74',
+                                              'name': '_mean_tensor66',
                                               'over': 'tensor'}]},
                              {'fn': 'host_2_6', 'kind': 'tensor'}],
                     'index': 2,
@@ -715,15 +679,15 @@ def host_0_1(V, phi):
     V["f_time_8"] = f_time_8
     V["f_time_9"] = f_time_9
     V["f_time_10"] = f_time_10
-    V["_mlp_0_out75_bias"] = _dense2[0]
-    V["_mlp_0_out76_bias"] = _dense2[1]
-    V["_mlp_0_out77_bias"] = _dense2[2]
-    V["_mlp_0_out78_bias"] = _dense2[3]
+    V["_mlp_0_out67_bias"] = _dense2[0]
+    V["_mlp_0_out68_bias"] = _dense2[1]
+    V["_mlp_0_out69_bias"] = _dense2[2]
+    V["_mlp_0_out70_bias"] = _dense2[3]
     V["_u54"] = _u54
 
 
-def host_1_16(V, phi):
-    """Stage 1, host segment 16: once per tensor."""
+def host_1_12(V, phi):
+    """Stage 1, host segment 12: once per tensor."""
     _mean_tensor2 = V["_mean_tensor2"]
     _mean_tensor4 = V["_mean_tensor4"]
     _mean_tensor6 = V["_mean_tensor6"]
@@ -740,20 +704,16 @@ def host_1_16(V, phi):
     _u15 = V["_u15"]
     _af_row_old_1 = V["_af_row_old_1"]
     _decay_af_1 = V["_decay_af_1"]
-    _mean_row24 = V["_mean_row24"]
     _u16 = V["_u16"]
     _af_row_old_2 = V["_af_row_old_2"]
     _decay_af_2 = V["_decay_af_2"]
-    _mean_row26 = V["_mean_row26"]
     _u17 = V["_u17"]
     _af_col_old_0 = V["_af_col_old_0"]
-    _mean_col28 = V["_mean_col28"]
+    _mean_col24 = V["_mean_col24"]
     _u18 = V["_u18"]
     _af_col_old_1 = V["_af_col_old_1"]
-    _mean_col30 = V["_mean_col30"]
     _u19 = V["_u19"]
     _af_col_old_2 = V["_af_col_old_2"]
-    _mean_col32 = V["_mean_col32"]
     _u20 = V["_u20"]
     _u1 = torch.rsqrt(_mean_tensor2 + 1e-05)
     _u2 = torch.rsqrt(_mean_tensor4 + 1e-05)
@@ -766,19 +726,19 @@ def host_1_16(V, phi):
     _u13 = torch.rsqrt(_mean_tensor18 + 1e-05)
     _u14 = torch.rsqrt(_mean_tensor20 + 1e-05)
     af_row_0 = _af_row_old_0 * _decay_af_0 + _mean_row22 * _u15
-    af_row_1 = _af_row_old_1 * _decay_af_1 + _mean_row24 * _u16
-    af_row_2 = _af_row_old_2 * _decay_af_2 + _mean_row26 * _u17
-    af_col_0 = _af_col_old_0 * _decay_af_0 + _mean_col28 * _u18
-    af_col_1 = _af_col_old_1 * _decay_af_1 + _mean_col30 * _u19
-    af_col_2 = _af_col_old_2 * _decay_af_2 + _mean_col32 * _u20
-    _mean_tensor34 = ops.mean(af_row_0)
-    _mean_tensor36 = ops.mean(af_row_1)
-    _mean_tensor38 = ops.mean(af_row_2)
-    _u21 = 1.0 / _mean_tensor34
+    af_row_1 = _af_row_old_1 * _decay_af_1 + _mean_row22 * _u16
+    af_row_2 = _af_row_old_2 * _decay_af_2 + _mean_row22 * _u17
+    af_col_0 = _af_col_old_0 * _decay_af_0 + _mean_col24 * _u18
+    af_col_1 = _af_col_old_1 * _decay_af_1 + _mean_col24 * _u19
+    af_col_2 = _af_col_old_2 * _decay_af_2 + _mean_col24 * _u20
+    _mean_tensor26 = ops.mean(af_row_0)
+    _mean_tensor28 = ops.mean(af_row_1)
+    _mean_tensor30 = ops.mean(af_row_2)
+    _u21 = 1.0 / _mean_tensor26
     rowfac_0 = torch.rsqrt(torch.clamp(_u21 * af_row_0, min=1e-09))
-    _u22 = 1.0 / _mean_tensor36
+    _u22 = 1.0 / _mean_tensor28
     rowfac_1 = torch.rsqrt(torch.clamp(_u22 * af_row_1, min=1e-09))
-    _u23 = 1.0 / _mean_tensor38
+    _u23 = 1.0 / _mean_tensor30
     rowfac_2 = torch.rsqrt(torch.clamp(_u23 * af_row_2, min=1e-09))
     colfac_0 = torch.rsqrt(torch.clamp(af_col_0, min=1e-09))
     colfac_1 = torch.rsqrt(torch.clamp(af_col_1, min=1e-09))
@@ -789,59 +749,59 @@ def host_1_16(V, phi):
     _rowfac_1_sq = rowfac_1 * rowfac_1
     _colfac_2_sq = colfac_2 * colfac_2
     _rowfac_2_sq = rowfac_2 * rowfac_2
-    _mean_tensor_arg45 = af_row_0 * af_row_0
-    _mean_tensor46 = ops.mean(_mean_tensor_arg45)
-    _mean_tensor_arg47 = af_row_1 * af_row_1
-    _mean_tensor48 = ops.mean(_mean_tensor_arg47)
-    _mean_tensor_arg49 = af_row_2 * af_row_2
-    _mean_tensor50 = ops.mean(_mean_tensor_arg49)
-    _u33 = torch.rsqrt(_mean_tensor46 + 1e-05)
+    _mean_tensor_arg37 = af_row_0 * af_row_0
+    _mean_tensor38 = ops.mean(_mean_tensor_arg37)
+    _mean_tensor_arg39 = af_row_1 * af_row_1
+    _mean_tensor40 = ops.mean(_mean_tensor_arg39)
+    _mean_tensor_arg41 = af_row_2 * af_row_2
+    _mean_tensor42 = ops.mean(_mean_tensor_arg41)
+    _u33 = torch.rsqrt(_mean_tensor38 + 1e-05)
     f_row_0 = _u33 * af_row_0
-    _u34 = torch.rsqrt(_mean_tensor48 + 1e-05)
+    _u34 = torch.rsqrt(_mean_tensor40 + 1e-05)
     f_row_1 = _u34 * af_row_1
-    _u35 = torch.rsqrt(_mean_tensor50 + 1e-05)
+    _u35 = torch.rsqrt(_mean_tensor42 + 1e-05)
     f_row_2 = _u35 * af_row_2
-    _mean_tensor_arg51 = af_col_0 * af_col_0
-    _mean_tensor52 = ops.mean(_mean_tensor_arg51)
-    _mean_tensor_arg53 = af_col_1 * af_col_1
-    _mean_tensor54 = ops.mean(_mean_tensor_arg53)
-    _mean_tensor_arg55 = af_col_2 * af_col_2
-    _mean_tensor56 = ops.mean(_mean_tensor_arg55)
-    _u36 = torch.rsqrt(_mean_tensor52 + 1e-05)
+    _mean_tensor_arg43 = af_col_0 * af_col_0
+    _mean_tensor44 = ops.mean(_mean_tensor_arg43)
+    _mean_tensor_arg45 = af_col_1 * af_col_1
+    _mean_tensor46 = ops.mean(_mean_tensor_arg45)
+    _mean_tensor_arg47 = af_col_2 * af_col_2
+    _mean_tensor48 = ops.mean(_mean_tensor_arg47)
+    _u36 = torch.rsqrt(_mean_tensor44 + 1e-05)
     f_col_0 = _u36 * af_col_0
-    _u37 = torch.rsqrt(_mean_tensor54 + 1e-05)
+    _u37 = torch.rsqrt(_mean_tensor46 + 1e-05)
     f_col_1 = _u37 * af_col_1
-    _u38 = torch.rsqrt(_mean_tensor56 + 1e-05)
+    _u38 = torch.rsqrt(_mean_tensor48 + 1e-05)
     f_col_2 = _u38 * af_col_2
     _af_row_0_eps = af_row_0 + 1e-08
-    _mean_tensor_arg57 = 1.0 / _af_row_0_eps
-    _mean_tensor58 = ops.mean(_mean_tensor_arg57)
+    _mean_tensor_arg49 = 1.0 / _af_row_0_eps
+    _mean_tensor50 = ops.mean(_mean_tensor_arg49)
     _af_row_1_eps = af_row_1 + 1e-08
-    _mean_tensor_arg59 = 1.0 / _af_row_1_eps
-    _mean_tensor60 = ops.mean(_mean_tensor_arg59)
+    _mean_tensor_arg51 = 1.0 / _af_row_1_eps
+    _mean_tensor52 = ops.mean(_mean_tensor_arg51)
     _af_row_2_eps = af_row_2 + 1e-08
-    _mean_tensor_arg61 = 1.0 / _af_row_2_eps
-    _mean_tensor62 = ops.mean(_mean_tensor_arg61)
-    _u39 = torch.rsqrt(_mean_tensor58 + 1e-05)
+    _mean_tensor_arg53 = 1.0 / _af_row_2_eps
+    _mean_tensor54 = ops.mean(_mean_tensor_arg53)
+    _u39 = torch.rsqrt(_mean_tensor50 + 1e-05)
     f_row_rsqrt_0 = _u39 * torch.rsqrt(_af_row_0_eps)
-    _u40 = torch.rsqrt(_mean_tensor60 + 1e-05)
+    _u40 = torch.rsqrt(_mean_tensor52 + 1e-05)
     f_row_rsqrt_1 = _u40 * torch.rsqrt(_af_row_1_eps)
-    _u41 = torch.rsqrt(_mean_tensor62 + 1e-05)
+    _u41 = torch.rsqrt(_mean_tensor54 + 1e-05)
     f_row_rsqrt_2 = _u41 * torch.rsqrt(_af_row_2_eps)
     _af_col_0_eps = af_col_0 + 1e-08
-    _mean_tensor_arg63 = 1.0 / _af_col_0_eps
-    _mean_tensor64 = ops.mean(_mean_tensor_arg63)
+    _mean_tensor_arg55 = 1.0 / _af_col_0_eps
+    _mean_tensor56 = ops.mean(_mean_tensor_arg55)
     _af_col_1_eps = af_col_1 + 1e-08
-    _mean_tensor_arg65 = 1.0 / _af_col_1_eps
-    _mean_tensor66 = ops.mean(_mean_tensor_arg65)
+    _mean_tensor_arg57 = 1.0 / _af_col_1_eps
+    _mean_tensor58 = ops.mean(_mean_tensor_arg57)
     _af_col_2_eps = af_col_2 + 1e-08
-    _mean_tensor_arg67 = 1.0 / _af_col_2_eps
-    _mean_tensor68 = ops.mean(_mean_tensor_arg67)
-    _u42 = torch.rsqrt(_mean_tensor64 + 1e-05)
+    _mean_tensor_arg59 = 1.0 / _af_col_2_eps
+    _mean_tensor60 = ops.mean(_mean_tensor_arg59)
+    _u42 = torch.rsqrt(_mean_tensor56 + 1e-05)
     f_col_rsqrt_0 = _u42 * torch.rsqrt(_af_col_0_eps)
-    _u43 = torch.rsqrt(_mean_tensor66 + 1e-05)
+    _u43 = torch.rsqrt(_mean_tensor58 + 1e-05)
     f_col_rsqrt_1 = _u43 * torch.rsqrt(_af_col_1_eps)
-    _u44 = torch.rsqrt(_mean_tensor68 + 1e-05)
+    _u44 = torch.rsqrt(_mean_tensor60 + 1e-05)
     f_col_rsqrt_2 = _u44 * torch.rsqrt(_af_col_2_eps)
     V["_u1"] = _u1
     V["_u2"] = _u2
@@ -859,9 +819,9 @@ def host_1_16(V, phi):
     V["af_col_0"] = af_col_0
     V["af_col_1"] = af_col_1
     V["af_col_2"] = af_col_2
-    V["_mean_tensor34"] = _mean_tensor34
-    V["_mean_tensor36"] = _mean_tensor36
-    V["_mean_tensor38"] = _mean_tensor38
+    V["_mean_tensor26"] = _mean_tensor26
+    V["_mean_tensor28"] = _mean_tensor28
+    V["_mean_tensor30"] = _mean_tensor30
     V["_u21"] = _u21
     V["rowfac_0"] = rowfac_0
     V["_u22"] = _u22
@@ -877,48 +837,48 @@ def host_1_16(V, phi):
     V["_u27"] = _rowfac_1_sq
     V["_u28"] = _colfac_2_sq
     V["_u29"] = _rowfac_2_sq
-    V["_mean_tensor_arg45"] = _mean_tensor_arg45
-    V["_mean_tensor46"] = _mean_tensor46
-    V["_mean_tensor_arg47"] = _mean_tensor_arg47
-    V["_mean_tensor48"] = _mean_tensor48
-    V["_mean_tensor_arg49"] = _mean_tensor_arg49
-    V["_mean_tensor50"] = _mean_tensor50
+    V["_mean_tensor_arg37"] = _mean_tensor_arg37
+    V["_mean_tensor38"] = _mean_tensor38
+    V["_mean_tensor_arg39"] = _mean_tensor_arg39
+    V["_mean_tensor40"] = _mean_tensor40
+    V["_mean_tensor_arg41"] = _mean_tensor_arg41
+    V["_mean_tensor42"] = _mean_tensor42
     V["_u33"] = _u33
     V["f_row_0"] = f_row_0
     V["_u34"] = _u34
     V["f_row_1"] = f_row_1
     V["_u35"] = _u35
     V["f_row_2"] = f_row_2
-    V["_mean_tensor_arg51"] = _mean_tensor_arg51
-    V["_mean_tensor52"] = _mean_tensor52
-    V["_mean_tensor_arg53"] = _mean_tensor_arg53
-    V["_mean_tensor54"] = _mean_tensor54
-    V["_mean_tensor_arg55"] = _mean_tensor_arg55
-    V["_mean_tensor56"] = _mean_tensor56
+    V["_mean_tensor_arg43"] = _mean_tensor_arg43
+    V["_mean_tensor44"] = _mean_tensor44
+    V["_mean_tensor_arg45"] = _mean_tensor_arg45
+    V["_mean_tensor46"] = _mean_tensor46
+    V["_mean_tensor_arg47"] = _mean_tensor_arg47
+    V["_mean_tensor48"] = _mean_tensor48
     V["_u36"] = _u36
     V["f_col_0"] = f_col_0
     V["_u37"] = _u37
     V["f_col_1"] = f_col_1
     V["_u38"] = _u38
     V["f_col_2"] = f_col_2
-    V["_mean_tensor_arg57"] = _mean_tensor_arg57
-    V["_mean_tensor58"] = _mean_tensor58
-    V["_mean_tensor_arg59"] = _mean_tensor_arg59
-    V["_mean_tensor60"] = _mean_tensor60
-    V["_mean_tensor_arg61"] = _mean_tensor_arg61
-    V["_mean_tensor62"] = _mean_tensor62
+    V["_mean_tensor_arg49"] = _mean_tensor_arg49
+    V["_mean_tensor50"] = _mean_tensor50
+    V["_mean_tensor_arg51"] = _mean_tensor_arg51
+    V["_mean_tensor52"] = _mean_tensor52
+    V["_mean_tensor_arg53"] = _mean_tensor_arg53
+    V["_mean_tensor54"] = _mean_tensor54
     V["_u39"] = _u39
     V["f_row_rsqrt_0"] = f_row_rsqrt_0
     V["_u40"] = _u40
     V["f_row_rsqrt_1"] = f_row_rsqrt_1
     V["_u41"] = _u41
     V["f_row_rsqrt_2"] = f_row_rsqrt_2
-    V["_mean_tensor_arg63"] = _mean_tensor_arg63
-    V["_mean_tensor64"] = _mean_tensor64
-    V["_mean_tensor_arg65"] = _mean_tensor_arg65
-    V["_mean_tensor66"] = _mean_tensor66
-    V["_mean_tensor_arg67"] = _mean_tensor_arg67
-    V["_mean_tensor68"] = _mean_tensor68
+    V["_mean_tensor_arg55"] = _mean_tensor_arg55
+    V["_mean_tensor56"] = _mean_tensor56
+    V["_mean_tensor_arg57"] = _mean_tensor_arg57
+    V["_mean_tensor58"] = _mean_tensor58
+    V["_mean_tensor_arg59"] = _mean_tensor_arg59
+    V["_mean_tensor60"] = _mean_tensor60
     V["_u42"] = _u42
     V["f_col_rsqrt_0"] = f_col_rsqrt_0
     V["_u43"] = _u43
@@ -935,18 +895,18 @@ def host_1_16(V, phi):
 
 def host_2_6(V, phi):
     """Stage 2, host segment 6: once per tensor."""
-    _mean_tensor40 = V["_mean_tensor40"]
-    _mean_tensor42 = V["_mean_tensor42"]
-    _mean_tensor44 = V["_mean_tensor44"]
-    _mean_tensor70 = V["_mean_tensor70"]
-    _mean_tensor72 = V["_mean_tensor72"]
-    _mean_tensor74 = V["_mean_tensor74"]
-    _u30 = torch.rsqrt(_mean_tensor40 + 1e-05)
-    _u31 = torch.rsqrt(_mean_tensor42 + 1e-05)
-    _u32 = torch.rsqrt(_mean_tensor44 + 1e-05)
-    _u51 = torch.rsqrt(_mean_tensor70 + 1e-05)
-    _u52 = torch.rsqrt(_mean_tensor72 + 1e-05)
-    _u53 = torch.rsqrt(_mean_tensor74 + 1e-05)
+    _mean_tensor32 = V["_mean_tensor32"]
+    _mean_tensor34 = V["_mean_tensor34"]
+    _mean_tensor36 = V["_mean_tensor36"]
+    _mean_tensor62 = V["_mean_tensor62"]
+    _mean_tensor64 = V["_mean_tensor64"]
+    _mean_tensor66 = V["_mean_tensor66"]
+    _u30 = torch.rsqrt(_mean_tensor32 + 1e-05)
+    _u31 = torch.rsqrt(_mean_tensor34 + 1e-05)
+    _u32 = torch.rsqrt(_mean_tensor36 + 1e-05)
+    _u51 = torch.rsqrt(_mean_tensor62 + 1e-05)
+    _u52 = torch.rsqrt(_mean_tensor64 + 1e-05)
+    _u53 = torch.rsqrt(_mean_tensor66 + 1e-05)
     V["_u30"] = _u30
     V["_u31"] = _u31
     V["_u32"] = _u32
@@ -998,8 +958,8 @@ def elem_stage_0(V, phi, dims, ws=None):
     out["_mean_tensor16"] = ops.partial_sum(_mean_tensor_arg15, dims["tensor"])
     out["_mean_tensor18"] = ops.partial_sum(_mean_tensor_arg17, dims["tensor"])
     out["_mean_tensor20"] = ops.partial_sum(_mean_tensor_arg19, dims["tensor"])
-    out["_mean_row22"] = out["_mean_row24"] = out["_mean_row26"] = ops.partial_sum(_g_sq_eps, dims["row"])
-    out["_mean_col28"] = out["_mean_col30"] = out["_mean_col32"] = ops.partial_sum(_g_sq_eps, dims["col"])
+    out["_mean_row22"] = ops.partial_sum(_g_sq_eps, dims["row"])
+    out["_mean_col24"] = ops.partial_sum(_g_sq_eps, dims["col"])
     return out
 
 
@@ -1031,19 +991,19 @@ def elem_stage_1(V, phi, dims, ws=None):
     m_1 = _decay_m_1 * _m_old_1 + _u4 * g
     m_2 = _decay_m_2 * _m_old_2 + _u5 * g
     _g_sq = g * g
-    _mean_tensor_arg39 = _u24 * _u25 * _g_sq
-    _mean_tensor_arg41 = _u26 * _u27 * _g_sq
-    _mean_tensor_arg43 = _u28 * _u29 * _g_sq
-    _mean_tensor_arg69 = _u45 * _u46 * m_0 * m_0
-    _mean_tensor_arg71 = _u47 * _u48 * m_1 * m_1
-    _mean_tensor_arg73 = _u49 * _u50 * m_2 * m_2
+    _mean_tensor_arg31 = _u24 * _u25 * _g_sq
+    _mean_tensor_arg33 = _u26 * _u27 * _g_sq
+    _mean_tensor_arg35 = _u28 * _u29 * _g_sq
+    _mean_tensor_arg61 = _u45 * _u46 * m_0 * m_0
+    _mean_tensor_arg63 = _u47 * _u48 * m_1 * m_1
+    _mean_tensor_arg65 = _u49 * _u50 * m_2 * m_2
     out = {}
-    out["_mean_tensor40"] = ops.partial_sum(_mean_tensor_arg39, dims["tensor"])
-    out["_mean_tensor42"] = ops.partial_sum(_mean_tensor_arg41, dims["tensor"])
-    out["_mean_tensor44"] = ops.partial_sum(_mean_tensor_arg43, dims["tensor"])
-    out["_mean_tensor70"] = ops.partial_sum(_mean_tensor_arg69, dims["tensor"])
-    out["_mean_tensor72"] = ops.partial_sum(_mean_tensor_arg71, dims["tensor"])
-    out["_mean_tensor74"] = ops.partial_sum(_mean_tensor_arg73, dims["tensor"])
+    out["_mean_tensor32"] = ops.partial_sum(_mean_tensor_arg31, dims["tensor"])
+    out["_mean_tensor34"] = ops.partial_sum(_mean_tensor_arg33, dims["tensor"])
+    out["_mean_tensor36"] = ops.partial_sum(_mean_tensor_arg35, dims["tensor"])
+    out["_mean_tensor62"] = ops.partial_sum(_mean_tensor_arg61, dims["tensor"])
+    out["_mean_tensor64"] = ops.partial_sum(_mean_tensor_arg63, dims["tensor"])
+    out["_mean_tensor66"] = ops.partial_sum(_mean_tensor_arg65, dims["tensor"])
     return out
 
 
@@ -1056,10 +1016,10 @@ def elem_stage_2(V, phi, dims, ws=None):
     _m_old_0 = V["_m_old_0"]
     _m_old_1 = V["_m_old_1"]
     _m_old_2 = V["_m_old_2"]
-    _mlp_0_out75_bias = V["_mlp_0_out75_bias"]
-    _mlp_0_out76_bias = V["_mlp_0_out76_bias"]
-    _mlp_0_out77_bias = V["_mlp_0_out77_bias"]
-    _mlp_0_out78_bias = V["_mlp_0_out78_bias"]
+    _mlp_0_out67_bias = V["_mlp_0_out67_bias"]
+    _mlp_0_out68_bias = V["_mlp_0_out68_bias"]
+    _mlp_0_out69_bias = V["_mlp_0_out69_bias"]
+    _mlp_0_out70_bias = V["_mlp_0_out70_bias"]
     _u1 = V["_u1"]
     _u10 = V["_u10"]
     _u11 = V["_u11"]
@@ -1125,7 +1085,7 @@ def elem_stage_2(V, phi, dims, ws=None):
     f_fac_mom_1 = _u52 * colfac_1 * m_1 * rowfac_1
     f_fac_mom_2 = _u53 * colfac_2 * m_2 * rowfac_2
     _bias1 = ops.features(
-        [_mlp_0_out75_bias, _mlp_0_out76_bias, _mlp_0_out77_bias, _mlp_0_out78_bias],
+        [_mlp_0_out67_bias, _mlp_0_out68_bias, _mlp_0_out69_bias, _mlp_0_out70_bias],
         ws=ws, key="_bias1",
     )
     _row_x3 = ops.features(

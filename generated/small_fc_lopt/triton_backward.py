@@ -27,11 +27,7 @@ KERNELS = [{'args': [('input', 'g'),
                      ('state', 'm'),
                      ('state', 'v'),
                      ('seed_scratch', '_mean_row22'),
-                     ('seed_scratch', '_mean_row24'),
-                     ('seed_scratch', '_mean_row26'),
-                     ('seed_scratch', '_mean_col28'),
-                     ('seed_scratch', '_mean_col30'),
-                     ('seed_scratch', '_mean_col32'),
+                     ('seed_scratch', '_mean_col24'),
                      ('grad_state', 'm'),
                      ('grad_state', 'v'),
                      ('grad_input', 'g'),
@@ -59,11 +55,7 @@ KERNELS = [{'args': [('input', 'g'),
                            {'name': '_mean_tensor18', 'over': 'tensor', 'slot': 8},
                            {'name': '_mean_tensor20', 'over': 'tensor', 'slot': 9},
                            {'name': '_mean_row22', 'over': 'row', 'slot': 10},
-                           {'name': '_mean_row24', 'over': 'row', 'slot': 11},
-                           {'name': '_mean_row26', 'over': 'row', 'slot': 12},
-                           {'name': '_mean_col28', 'over': 'col', 'slot': 13},
-                           {'name': '_mean_col30', 'over': 'col', 'slot': 14},
-                           {'name': '_mean_col32', 'over': 'col', 'slot': 15}],
+                           {'name': '_mean_col24', 'over': 'col', 'slot': 11}],
             'seeds': [{'kind': 'reduction', 'over': 'tensor', 'slot': 0, 'value': '_mean_tensor2'},
                       {'kind': 'reduction', 'over': 'tensor', 'slot': 1, 'value': '_mean_tensor4'},
                       {'kind': 'reduction', 'over': 'tensor', 'slot': 2, 'value': '_mean_tensor6'},
@@ -75,11 +67,7 @@ KERNELS = [{'args': [('input', 'g'),
                       {'kind': 'reduction', 'over': 'tensor', 'slot': 8, 'value': '_mean_tensor18'},
                       {'kind': 'reduction', 'over': 'tensor', 'slot': 9, 'value': '_mean_tensor20'},
                       {'kind': 'reduction', 'over': 'row', 'slot': 10, 'value': '_mean_row22'},
-                      {'kind': 'reduction', 'over': 'row', 'slot': 11, 'value': '_mean_row24'},
-                      {'kind': 'reduction', 'over': 'row', 'slot': 12, 'value': '_mean_row26'},
-                      {'kind': 'reduction', 'over': 'col', 'slot': 13, 'value': '_mean_col28'},
-                      {'kind': 'reduction', 'over': 'col', 'slot': 14, 'value': '_mean_col30'},
-                      {'kind': 'reduction', 'over': 'col', 'slot': 15, 'value': '_mean_col32'}],
+                      {'kind': 'reduction', 'over': 'col', 'slot': 11, 'value': '_mean_col24'}],
             'uses_coords': False,
             'weights': []},
            {'args': [('state', 'm'),
@@ -120,18 +108,18 @@ KERNELS = [{'args': [('input', 'g'),
             'hv': ['_decay_m_0', '_u3', '_decay_m_1', '_u4', '_decay_m_2', '_u5'],
             'index': 1,
             'name': 'stage1_backward_kernel',
-            'reductions': [{'name': '_mean_tensor40', 'over': 'tensor', 'slot': 0},
-                           {'name': '_mean_tensor42', 'over': 'tensor', 'slot': 1},
-                           {'name': '_mean_tensor44', 'over': 'tensor', 'slot': 2},
-                           {'name': '_mean_tensor70', 'over': 'tensor', 'slot': 3},
-                           {'name': '_mean_tensor72', 'over': 'tensor', 'slot': 4},
-                           {'name': '_mean_tensor74', 'over': 'tensor', 'slot': 5}],
-            'seeds': [{'kind': 'reduction', 'over': 'tensor', 'slot': 0, 'value': '_mean_tensor40'},
-                      {'kind': 'reduction', 'over': 'tensor', 'slot': 1, 'value': '_mean_tensor42'},
-                      {'kind': 'reduction', 'over': 'tensor', 'slot': 2, 'value': '_mean_tensor44'},
-                      {'kind': 'reduction', 'over': 'tensor', 'slot': 3, 'value': '_mean_tensor70'},
-                      {'kind': 'reduction', 'over': 'tensor', 'slot': 4, 'value': '_mean_tensor72'},
-                      {'kind': 'reduction', 'over': 'tensor', 'slot': 5, 'value': '_mean_tensor74'}],
+            'reductions': [{'name': '_mean_tensor32', 'over': 'tensor', 'slot': 0},
+                           {'name': '_mean_tensor34', 'over': 'tensor', 'slot': 1},
+                           {'name': '_mean_tensor36', 'over': 'tensor', 'slot': 2},
+                           {'name': '_mean_tensor62', 'over': 'tensor', 'slot': 3},
+                           {'name': '_mean_tensor64', 'over': 'tensor', 'slot': 4},
+                           {'name': '_mean_tensor66', 'over': 'tensor', 'slot': 5}],
+            'seeds': [{'kind': 'reduction', 'over': 'tensor', 'slot': 0, 'value': '_mean_tensor32'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 1, 'value': '_mean_tensor34'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 2, 'value': '_mean_tensor36'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 3, 'value': '_mean_tensor62'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 4, 'value': '_mean_tensor64'},
+                      {'kind': 'reduction', 'over': 'tensor', 'slot': 5, 'value': '_mean_tensor66'}],
             'uses_coords': True,
             'weights': []},
            {'args': [('input', 'g'),
@@ -188,10 +176,10 @@ KERNELS = [{'args': [('input', 'g'),
                            ['hv', '_decay_m_1'],
                            ['hv', '_decay_m_2'],
                            ['hv', '_decay_v_0'],
-                           ['hv', '_mlp_0_out75_bias'],
-                           ['hv', '_mlp_0_out76_bias'],
-                           ['hv', '_mlp_0_out77_bias'],
-                           ['hv', '_mlp_0_out78_bias'],
+                           ['hv', '_mlp_0_out67_bias'],
+                           ['hv', '_mlp_0_out68_bias'],
+                           ['hv', '_mlp_0_out69_bias'],
+                           ['hv', '_mlp_0_out70_bias'],
                            ['hv', '_u1'],
                            ['hv', '_u10'],
                            ['hv', '_u11'],
@@ -254,10 +242,10 @@ KERNELS = [{'args': [('input', 'g'),
                    '_u51',
                    '_u52',
                    '_u53',
-                   '_mlp_0_out75_bias',
-                   '_mlp_0_out76_bias',
-                   '_mlp_0_out77_bias',
-                   '_mlp_0_out78_bias',
+                   '_mlp_0_out67_bias',
+                   '_mlp_0_out68_bias',
+                   '_mlp_0_out69_bias',
+                   '_mlp_0_out70_bias',
                    '_u54',
                    'lr'],
             'index': 2,
@@ -295,15 +283,11 @@ def stage0_backward_kernel(
     _st_m = tl.load(ptrs + _t * N_PTR + 2).to(tl.pointer_type(tl.float32))
     _st_v = tl.load(ptrs + _t * N_PTR + 3).to(tl.pointer_type(tl.float32))
     _seed__mean_row22_ptr = tl.load(ptrs + _t * N_PTR + 4).to(tl.pointer_type(tl.float32))
-    _seed__mean_row24_ptr = tl.load(ptrs + _t * N_PTR + 5).to(tl.pointer_type(tl.float32))
-    _seed__mean_row26_ptr = tl.load(ptrs + _t * N_PTR + 6).to(tl.pointer_type(tl.float32))
-    _seed__mean_col28_ptr = tl.load(ptrs + _t * N_PTR + 7).to(tl.pointer_type(tl.float32))
-    _seed__mean_col30_ptr = tl.load(ptrs + _t * N_PTR + 8).to(tl.pointer_type(tl.float32))
-    _seed__mean_col32_ptr = tl.load(ptrs + _t * N_PTR + 9).to(tl.pointer_type(tl.float32))
-    _grad_st_m = tl.load(ptrs + _t * N_PTR + 10).to(tl.pointer_type(tl.float32))
-    _grad_st_v = tl.load(ptrs + _t * N_PTR + 11).to(tl.pointer_type(tl.float32))
-    _grad_g_ptr = tl.load(ptrs + _t * N_PTR + 12).to(tl.pointer_type(tl.float32))
-    _grad_p_ptr = tl.load(ptrs + _t * N_PTR + 13).to(tl.pointer_type(tl.float32))
+    _seed__mean_col24_ptr = tl.load(ptrs + _t * N_PTR + 5).to(tl.pointer_type(tl.float32))
+    _grad_st_m = tl.load(ptrs + _t * N_PTR + 6).to(tl.pointer_type(tl.float32))
+    _grad_st_v = tl.load(ptrs + _t * N_PTR + 7).to(tl.pointer_type(tl.float32))
+    _grad_g_ptr = tl.load(ptrs + _t * N_PTR + 8).to(tl.pointer_type(tl.float32))
+    _grad_p_ptr = tl.load(ptrs + _t * N_PTR + 9).to(tl.pointer_type(tl.float32))
     g = tl.load(_g_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
     _mean_tensor_arg1 = g * g
     p = tl.load(_p_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
@@ -333,27 +317,19 @@ def stage0_backward_kernel(
     _mean_tensor_arg17 = m_2 * m_2 / (v + 1e-06)
     _mean_tensor_arg19 = 1.0 / (v + 1e-06)
     _mean_row_arg21 = g * g + 1e-30
-    _mean_row_arg23 = g * g + 1e-30
-    _mean_row_arg25 = g * g + 1e-30
-    _mean_col_arg27 = g * g + 1e-30
-    _mean_col_arg29 = g * g + 1e-30
-    _mean_col_arg31 = g * g + 1e-30
-    _seed__mean_tensor2 = tl.load(_dpart_ptr + _pid * 16 + 0)
-    _seed__mean_tensor4 = tl.load(_dpart_ptr + _pid * 16 + 1)
-    _seed__mean_tensor6 = tl.load(_dpart_ptr + _pid * 16 + 2)
-    _seed__mean_tensor8 = tl.load(_dpart_ptr + _pid * 16 + 3)
-    _seed__mean_tensor10 = tl.load(_dpart_ptr + _pid * 16 + 4)
-    _seed__mean_tensor12 = tl.load(_dpart_ptr + _pid * 16 + 5)
-    _seed__mean_tensor14 = tl.load(_dpart_ptr + _pid * 16 + 6)
-    _seed__mean_tensor16 = tl.load(_dpart_ptr + _pid * 16 + 7)
-    _seed__mean_tensor18 = tl.load(_dpart_ptr + _pid * 16 + 8)
-    _seed__mean_tensor20 = tl.load(_dpart_ptr + _pid * 16 + 9)
+    _mean_col_arg23 = g * g + 1e-30
+    _seed__mean_tensor2 = tl.load(_dpart_ptr + _pid * 12 + 0)
+    _seed__mean_tensor4 = tl.load(_dpart_ptr + _pid * 12 + 1)
+    _seed__mean_tensor6 = tl.load(_dpart_ptr + _pid * 12 + 2)
+    _seed__mean_tensor8 = tl.load(_dpart_ptr + _pid * 12 + 3)
+    _seed__mean_tensor10 = tl.load(_dpart_ptr + _pid * 12 + 4)
+    _seed__mean_tensor12 = tl.load(_dpart_ptr + _pid * 12 + 5)
+    _seed__mean_tensor14 = tl.load(_dpart_ptr + _pid * 12 + 6)
+    _seed__mean_tensor16 = tl.load(_dpart_ptr + _pid * 12 + 7)
+    _seed__mean_tensor18 = tl.load(_dpart_ptr + _pid * 12 + 8)
+    _seed__mean_tensor20 = tl.load(_dpart_ptr + _pid * 12 + 9)
     _seed__mean_row22 = tl.load(_seed__mean_row22_ptr + _offs, mask=_mask, other=0.0)
-    _seed__mean_row24 = tl.load(_seed__mean_row24_ptr + _offs, mask=_mask, other=0.0)
-    _seed__mean_row26 = tl.load(_seed__mean_row26_ptr + _offs, mask=_mask, other=0.0)
-    _seed__mean_col28 = tl.load(_seed__mean_col28_ptr + _offs, mask=_mask, other=0.0)
-    _seed__mean_col30 = tl.load(_seed__mean_col30_ptr + _offs, mask=_mask, other=0.0)
-    _seed__mean_col32 = tl.load(_seed__mean_col32_ptr + _offs, mask=_mask, other=0.0)
+    _seed__mean_col24 = tl.load(_seed__mean_col24_ptr + _offs, mask=_mask, other=0.0)
     _bk1 = v + 1e-06
     _bk2 = tops.pow_(_bk1, -2.0)
     _adj_v = -_bk2 * _seed__mean_tensor14 * m_0 * m_0 - _bk2 * _seed__mean_tensor16 * m_1 * m_1 - _bk2 * _seed__mean_tensor18 * m_2 * m_2 - _bk2 * _seed__mean_tensor20 + 2.0 * _seed__mean_tensor12 * v
@@ -377,7 +353,7 @@ def stage0_backward_kernel(
     _adj__u9 = _adj_v * g * g
     _adj__v_old = _adj_v * _decay_v_0
     _bk7 = 2.0 * g
-    _adj_g = _adj_m_0 * _u3 + _adj_m_1 * _u4 + _adj_m_2 * _u5 + _adj_v * _bk7 * _u9 + _bk7 * _seed__mean_col28 + _bk7 * _seed__mean_col30 + _bk7 * _seed__mean_col32 + _bk7 * _seed__mean_row22 + _bk7 * _seed__mean_row24 + _bk7 * _seed__mean_row26 + _bk7 * _seed__mean_tensor2
+    _adj_g = _adj_m_0 * _u3 + _adj_m_1 * _u4 + _adj_m_2 * _u5 + _adj_v * _bk7 * _u9 + _bk7 * _seed__mean_col24 + _bk7 * _seed__mean_row22 + _bk7 * _seed__mean_tensor2
     _adj_p = 2.0 * _seed__mean_tensor4 * p
     tl.store(_grad_st_m + 0 * _numel + _offs, tops.per_element(_adj__m_old_0, BLOCK), mask=_mask)
     tl.store(_grad_st_m + 1 * _numel + _offs, tops.per_element(_adj__m_old_1, BLOCK), mask=_mask)
@@ -469,31 +445,31 @@ def stage1_backward_kernel(
     m_2 = _decay_m_2 * _m_old_2 + _u5 * g
     _u24 = tl.load(_col__u24 + _col_idx, mask=_mask, other=0.0)
     _u25 = tl.load(_row__u25 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg39 = _u24 * _u25 * g * g
+    _mean_tensor_arg31 = _u24 * _u25 * g * g
     _u26 = tl.load(_col__u26 + _col_idx, mask=_mask, other=0.0)
     _u27 = tl.load(_row__u27 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg41 = _u26 * _u27 * g * g
+    _mean_tensor_arg33 = _u26 * _u27 * g * g
     _u28 = tl.load(_col__u28 + _col_idx, mask=_mask, other=0.0)
     _u29 = tl.load(_row__u29 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg43 = _u28 * _u29 * g * g
+    _mean_tensor_arg35 = _u28 * _u29 * g * g
     _u45 = tl.load(_col__u45 + _col_idx, mask=_mask, other=0.0)
     _u46 = tl.load(_row__u46 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg69 = _u45 * _u46 * m_0 * m_0
+    _mean_tensor_arg61 = _u45 * _u46 * m_0 * m_0
     _u47 = tl.load(_col__u47 + _col_idx, mask=_mask, other=0.0)
     _u48 = tl.load(_row__u48 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg71 = _u47 * _u48 * m_1 * m_1
+    _mean_tensor_arg63 = _u47 * _u48 * m_1 * m_1
     _u49 = tl.load(_col__u49 + _col_idx, mask=_mask, other=0.0)
     _u50 = tl.load(_row__u50 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg73 = _u49 * _u50 * m_2 * m_2
-    _seed__mean_tensor40 = tl.load(_dpart_ptr + _pid * 6 + 0)
-    _seed__mean_tensor42 = tl.load(_dpart_ptr + _pid * 6 + 1)
-    _seed__mean_tensor44 = tl.load(_dpart_ptr + _pid * 6 + 2)
-    _seed__mean_tensor70 = tl.load(_dpart_ptr + _pid * 6 + 3)
-    _seed__mean_tensor72 = tl.load(_dpart_ptr + _pid * 6 + 4)
-    _seed__mean_tensor74 = tl.load(_dpart_ptr + _pid * 6 + 5)
-    _adj_m_2 = 2.0 * _seed__mean_tensor74 * _u49 * _u50 * m_2
-    _adj_m_1 = 2.0 * _seed__mean_tensor72 * _u47 * _u48 * m_1
-    _adj_m_0 = 2.0 * _seed__mean_tensor70 * _u45 * _u46 * m_0
+    _mean_tensor_arg65 = _u49 * _u50 * m_2 * m_2
+    _seed__mean_tensor32 = tl.load(_dpart_ptr + _pid * 6 + 0)
+    _seed__mean_tensor34 = tl.load(_dpart_ptr + _pid * 6 + 1)
+    _seed__mean_tensor36 = tl.load(_dpart_ptr + _pid * 6 + 2)
+    _seed__mean_tensor62 = tl.load(_dpart_ptr + _pid * 6 + 3)
+    _seed__mean_tensor64 = tl.load(_dpart_ptr + _pid * 6 + 4)
+    _seed__mean_tensor66 = tl.load(_dpart_ptr + _pid * 6 + 5)
+    _adj_m_2 = 2.0 * _seed__mean_tensor66 * _u49 * _u50 * m_2
+    _adj_m_1 = 2.0 * _seed__mean_tensor64 * _u47 * _u48 * m_1
+    _adj_m_0 = 2.0 * _seed__mean_tensor62 * _u45 * _u46 * m_0
     _adj__decay_m_0 = _adj_m_0 * _m_old_0
     _adj__decay_m_1 = _adj_m_1 * _m_old_1
     _adj__decay_m_2 = _adj_m_2 * _m_old_2
@@ -501,29 +477,29 @@ def stage1_backward_kernel(
     _adj__m_old_1 = _adj_m_1 * _decay_m_1
     _adj__m_old_2 = _adj_m_2 * _decay_m_2
     _bk1 = g * g
-    _bk2 = _bk1 * _seed__mean_tensor40
+    _bk2 = _bk1 * _seed__mean_tensor32
     _adj__u24 = _bk2 * _u25
     _adj__u25 = _bk2 * _u24
-    _bk3 = _bk1 * _seed__mean_tensor42
+    _bk3 = _bk1 * _seed__mean_tensor34
     _adj__u26 = _bk3 * _u27
     _adj__u27 = _bk3 * _u26
-    _bk4 = _bk1 * _seed__mean_tensor44
+    _bk4 = _bk1 * _seed__mean_tensor36
     _adj__u28 = _bk4 * _u29
     _adj__u29 = _bk4 * _u28
     _adj__u3 = _adj_m_0 * g
     _adj__u4 = _adj_m_1 * g
-    _bk5 = _seed__mean_tensor70 * m_0 * m_0
+    _bk5 = _seed__mean_tensor62 * m_0 * m_0
     _adj__u45 = _bk5 * _u46
     _adj__u46 = _bk5 * _u45
-    _bk6 = _seed__mean_tensor72 * m_1 * m_1
+    _bk6 = _seed__mean_tensor64 * m_1 * m_1
     _adj__u47 = _bk6 * _u48
     _adj__u48 = _bk6 * _u47
-    _bk7 = _seed__mean_tensor74 * m_2 * m_2
+    _bk7 = _seed__mean_tensor66 * m_2 * m_2
     _adj__u49 = _bk7 * _u50
     _adj__u5 = _adj_m_2 * g
     _adj__u50 = _bk7 * _u49
     _bk8 = 2.0 * g
-    _adj_g = _adj_m_0 * _u3 + _adj_m_1 * _u4 + _adj_m_2 * _u5 + _bk8 * _seed__mean_tensor40 * _u24 * _u25 + _bk8 * _seed__mean_tensor42 * _u26 * _u27 + _bk8 * _seed__mean_tensor44 * _u28 * _u29
+    _adj_g = _adj_m_0 * _u3 + _adj_m_1 * _u4 + _adj_m_2 * _u5 + _bk8 * _seed__mean_tensor32 * _u24 * _u25 + _bk8 * _seed__mean_tensor34 * _u26 * _u27 + _bk8 * _seed__mean_tensor36 * _u28 * _u29
     tl.store(_grad_st_m + 0 * _numel + _offs, tops.per_element(_adj__m_old_0, BLOCK), mask=_mask)
     tl.store(_grad_st_m + 1 * _numel + _offs, tops.per_element(_adj__m_old_1, BLOCK), mask=_mask)
     tl.store(_grad_st_m + 2 * _numel + _offs, tops.per_element(_adj__m_old_2, BLOCK), mask=_mask)
@@ -689,7 +665,7 @@ def stage2_backward_kernel(
     f_fac_mom_1 = _u52 * colfac_1 * m_1 * rowfac_1
     _u53 = tl.load(_hv_ptr + 23)
     f_fac_mom_2 = _u53 * colfac_2 * m_2 * rowfac_2
-    _mlp_0_out75_bias = tl.load(_hv_ptr + 24)
+    _mlp_0_out67_bias = tl.load(_hv_ptr + 24)
     f_row_0 = tl.load(_row_f_row_0 + _row_idx, mask=_mask, other=0.0)
     f_row_1 = tl.load(_row_f_row_1 + _row_idx, mask=_mask, other=0.0)
     f_row_2 = tl.load(_row_f_row_2 + _row_idx, mask=_mask, other=0.0)
@@ -702,8 +678,8 @@ def stage2_backward_kernel(
     f_col_rsqrt_0 = tl.load(_col_f_col_rsqrt_0 + _col_idx, mask=_mask, other=0.0)
     f_col_rsqrt_1 = tl.load(_col_f_col_rsqrt_1 + _col_idx, mask=_mask, other=0.0)
     f_col_rsqrt_2 = tl.load(_col_f_col_rsqrt_2 + _col_idx, mask=_mask, other=0.0)
-    _mlp_0_out75 = tl.maximum((
-        _mlp_0_out75_bias
+    _mlp_0_out67 = tl.maximum((
+        _mlp_0_out67_bias
         + tl.load(_w_mlp_0_weight + 0) * f_grad
         + tl.load(_w_mlp_0_weight + 1) * f_param
         + tl.load(_w_mlp_0_weight + 2) * f_mom_0
@@ -733,9 +709,9 @@ def stage2_backward_kernel(
         + tl.load(_w_mlp_0_weight + 26) * f_fac_mom_1
         + tl.load(_w_mlp_0_weight + 27) * f_fac_mom_2
     ), 0.0)
-    _mlp_0_out76_bias = tl.load(_hv_ptr + 25)
-    _mlp_0_out76 = tl.maximum((
-        _mlp_0_out76_bias
+    _mlp_0_out68_bias = tl.load(_hv_ptr + 25)
+    _mlp_0_out68 = tl.maximum((
+        _mlp_0_out68_bias
         + tl.load(_w_mlp_0_weight + 39) * f_grad
         + tl.load(_w_mlp_0_weight + 40) * f_param
         + tl.load(_w_mlp_0_weight + 41) * f_mom_0
@@ -765,9 +741,9 @@ def stage2_backward_kernel(
         + tl.load(_w_mlp_0_weight + 65) * f_fac_mom_1
         + tl.load(_w_mlp_0_weight + 66) * f_fac_mom_2
     ), 0.0)
-    _mlp_0_out77_bias = tl.load(_hv_ptr + 26)
-    _mlp_0_out77 = tl.maximum((
-        _mlp_0_out77_bias
+    _mlp_0_out69_bias = tl.load(_hv_ptr + 26)
+    _mlp_0_out69 = tl.maximum((
+        _mlp_0_out69_bias
         + tl.load(_w_mlp_0_weight + 78) * f_grad
         + tl.load(_w_mlp_0_weight + 79) * f_param
         + tl.load(_w_mlp_0_weight + 80) * f_mom_0
@@ -797,9 +773,9 @@ def stage2_backward_kernel(
         + tl.load(_w_mlp_0_weight + 104) * f_fac_mom_1
         + tl.load(_w_mlp_0_weight + 105) * f_fac_mom_2
     ), 0.0)
-    _mlp_0_out78_bias = tl.load(_hv_ptr + 27)
-    _mlp_0_out78 = tl.maximum((
-        _mlp_0_out78_bias
+    _mlp_0_out70_bias = tl.load(_hv_ptr + 27)
+    _mlp_0_out70 = tl.maximum((
+        _mlp_0_out70_bias
         + tl.load(_w_mlp_0_weight + 117) * f_grad
         + tl.load(_w_mlp_0_weight + 118) * f_param
         + tl.load(_w_mlp_0_weight + 119) * f_mom_0
@@ -829,49 +805,49 @@ def stage2_backward_kernel(
         + tl.load(_w_mlp_0_weight + 143) * f_fac_mom_1
         + tl.load(_w_mlp_0_weight + 144) * f_fac_mom_2
     ), 0.0)
-    _mlp_1_out79 = tl.maximum((
+    _mlp_1_out71 = tl.maximum((
         tl.load(_w_mlp_1_bias + 0)
-        + tl.load(_w_mlp_1_weight + 0) * _mlp_0_out75
-        + tl.load(_w_mlp_1_weight + 1) * _mlp_0_out76
-        + tl.load(_w_mlp_1_weight + 2) * _mlp_0_out77
-        + tl.load(_w_mlp_1_weight + 3) * _mlp_0_out78
+        + tl.load(_w_mlp_1_weight + 0) * _mlp_0_out67
+        + tl.load(_w_mlp_1_weight + 1) * _mlp_0_out68
+        + tl.load(_w_mlp_1_weight + 2) * _mlp_0_out69
+        + tl.load(_w_mlp_1_weight + 3) * _mlp_0_out70
     ), 0.0)
-    _mlp_1_out80 = tl.maximum((
+    _mlp_1_out72 = tl.maximum((
         tl.load(_w_mlp_1_bias + 1)
-        + tl.load(_w_mlp_1_weight + 4) * _mlp_0_out75
-        + tl.load(_w_mlp_1_weight + 5) * _mlp_0_out76
-        + tl.load(_w_mlp_1_weight + 6) * _mlp_0_out77
-        + tl.load(_w_mlp_1_weight + 7) * _mlp_0_out78
+        + tl.load(_w_mlp_1_weight + 4) * _mlp_0_out67
+        + tl.load(_w_mlp_1_weight + 5) * _mlp_0_out68
+        + tl.load(_w_mlp_1_weight + 6) * _mlp_0_out69
+        + tl.load(_w_mlp_1_weight + 7) * _mlp_0_out70
     ), 0.0)
-    _mlp_1_out81 = tl.maximum((
+    _mlp_1_out73 = tl.maximum((
         tl.load(_w_mlp_1_bias + 2)
-        + tl.load(_w_mlp_1_weight + 8) * _mlp_0_out75
-        + tl.load(_w_mlp_1_weight + 9) * _mlp_0_out76
-        + tl.load(_w_mlp_1_weight + 10) * _mlp_0_out77
-        + tl.load(_w_mlp_1_weight + 11) * _mlp_0_out78
+        + tl.load(_w_mlp_1_weight + 8) * _mlp_0_out67
+        + tl.load(_w_mlp_1_weight + 9) * _mlp_0_out68
+        + tl.load(_w_mlp_1_weight + 10) * _mlp_0_out69
+        + tl.load(_w_mlp_1_weight + 11) * _mlp_0_out70
     ), 0.0)
-    _mlp_1_out82 = tl.maximum((
+    _mlp_1_out74 = tl.maximum((
         tl.load(_w_mlp_1_bias + 3)
-        + tl.load(_w_mlp_1_weight + 12) * _mlp_0_out75
-        + tl.load(_w_mlp_1_weight + 13) * _mlp_0_out76
-        + tl.load(_w_mlp_1_weight + 14) * _mlp_0_out77
-        + tl.load(_w_mlp_1_weight + 15) * _mlp_0_out78
+        + tl.load(_w_mlp_1_weight + 12) * _mlp_0_out67
+        + tl.load(_w_mlp_1_weight + 13) * _mlp_0_out68
+        + tl.load(_w_mlp_1_weight + 14) * _mlp_0_out69
+        + tl.load(_w_mlp_1_weight + 15) * _mlp_0_out70
     ), 0.0)
-    _mlp_2_out83 = (
+    _mlp_2_out75 = (
         tl.load(_w_mlp_2_bias + 0)
-        + tl.load(_w_mlp_2_weight + 0) * _mlp_1_out79
-        + tl.load(_w_mlp_2_weight + 1) * _mlp_1_out80
-        + tl.load(_w_mlp_2_weight + 2) * _mlp_1_out81
-        + tl.load(_w_mlp_2_weight + 3) * _mlp_1_out82
+        + tl.load(_w_mlp_2_weight + 0) * _mlp_1_out71
+        + tl.load(_w_mlp_2_weight + 1) * _mlp_1_out72
+        + tl.load(_w_mlp_2_weight + 2) * _mlp_1_out73
+        + tl.load(_w_mlp_2_weight + 3) * _mlp_1_out74
     )
-    _mlp_2_out84 = (
+    _mlp_2_out76 = (
         tl.load(_w_mlp_2_bias + 1)
-        + tl.load(_w_mlp_2_weight + 4) * _mlp_1_out79
-        + tl.load(_w_mlp_2_weight + 5) * _mlp_1_out80
-        + tl.load(_w_mlp_2_weight + 6) * _mlp_1_out81
-        + tl.load(_w_mlp_2_weight + 7) * _mlp_1_out82
+        + tl.load(_w_mlp_2_weight + 4) * _mlp_1_out71
+        + tl.load(_w_mlp_2_weight + 5) * _mlp_1_out72
+        + tl.load(_w_mlp_2_weight + 6) * _mlp_1_out73
+        + tl.load(_w_mlp_2_weight + 7) * _mlp_1_out74
     )
-    _update = 0.001 * _mlp_2_out83 * tl.exp(0.001 * _mlp_2_out84)
+    _update = 0.001 * _mlp_2_out75 * tl.exp(0.001 * _mlp_2_out76)
     _u54 = tl.load(_hv_ptr + 28)
     lr = tl.load(_hv_ptr + 29)
     _p_new = _u54 * p - _update * lr
@@ -881,62 +857,62 @@ def stage2_backward_kernel(
     _seed_m_2 = tl.load(_seed_m_2_ptr + _offs, mask=_mask, other=0.0)
     _seed_v = tl.load(_seed_v_ptr + _offs, mask=_mask, other=0.0)
     _adj__update = -_seed__p_new * lr
-    _bk1 = _adj__update * tl.exp(0.001 * _mlp_2_out84)
-    _adj__mlp_2_out83 = 0.001 * _bk1
-    _adj__mlp_2_out84 = 1e-06 * _bk1 * _mlp_2_out83
-    _adj_in__mlp_1_out79_1 = (
-        tl.load(_w_mlp_2_weight + 0) * _adj__mlp_2_out83
-        + tl.load(_w_mlp_2_weight + 4) * _adj__mlp_2_out84
+    _bk1 = _adj__update * tl.exp(0.001 * _mlp_2_out76)
+    _adj__mlp_2_out75 = 0.001 * _bk1
+    _adj__mlp_2_out76 = 1e-06 * _bk1 * _mlp_2_out75
+    _adj_in__mlp_1_out71_1 = (
+        tl.load(_w_mlp_2_weight + 0) * _adj__mlp_2_out75
+        + tl.load(_w_mlp_2_weight + 4) * _adj__mlp_2_out76
     )
-    _adj_in__mlp_1_out80_2 = (
-        tl.load(_w_mlp_2_weight + 1) * _adj__mlp_2_out83
-        + tl.load(_w_mlp_2_weight + 5) * _adj__mlp_2_out84
+    _adj_in__mlp_1_out72_2 = (
+        tl.load(_w_mlp_2_weight + 1) * _adj__mlp_2_out75
+        + tl.load(_w_mlp_2_weight + 5) * _adj__mlp_2_out76
     )
-    _adj_in__mlp_1_out81_3 = (
-        tl.load(_w_mlp_2_weight + 2) * _adj__mlp_2_out83
-        + tl.load(_w_mlp_2_weight + 6) * _adj__mlp_2_out84
+    _adj_in__mlp_1_out73_3 = (
+        tl.load(_w_mlp_2_weight + 2) * _adj__mlp_2_out75
+        + tl.load(_w_mlp_2_weight + 6) * _adj__mlp_2_out76
     )
-    _adj_in__mlp_1_out82_4 = (
-        tl.load(_w_mlp_2_weight + 3) * _adj__mlp_2_out83
-        + tl.load(_w_mlp_2_weight + 7) * _adj__mlp_2_out84
+    _adj_in__mlp_1_out74_4 = (
+        tl.load(_w_mlp_2_weight + 3) * _adj__mlp_2_out75
+        + tl.load(_w_mlp_2_weight + 7) * _adj__mlp_2_out76
     )
-    _adj_pre__mlp_1_out79_5 = tl.where(_mlp_1_out79 > 0.0, _adj_in__mlp_1_out79_1, 0.0)
-    _adj_pre__mlp_1_out80_6 = tl.where(_mlp_1_out80 > 0.0, _adj_in__mlp_1_out80_2, 0.0)
-    _adj_pre__mlp_1_out81_7 = tl.where(_mlp_1_out81 > 0.0, _adj_in__mlp_1_out81_3, 0.0)
-    _adj_pre__mlp_1_out82_8 = tl.where(_mlp_1_out82 > 0.0, _adj_in__mlp_1_out82_4, 0.0)
-    _adj_in__mlp_0_out75_9 = (
-        tl.load(_w_mlp_1_weight + 0) * _adj_pre__mlp_1_out79_5
-        + tl.load(_w_mlp_1_weight + 4) * _adj_pre__mlp_1_out80_6
-        + tl.load(_w_mlp_1_weight + 8) * _adj_pre__mlp_1_out81_7
-        + tl.load(_w_mlp_1_weight + 12) * _adj_pre__mlp_1_out82_8
+    _adj_pre__mlp_1_out71_5 = tl.where(_mlp_1_out71 > 0.0, _adj_in__mlp_1_out71_1, 0.0)
+    _adj_pre__mlp_1_out72_6 = tl.where(_mlp_1_out72 > 0.0, _adj_in__mlp_1_out72_2, 0.0)
+    _adj_pre__mlp_1_out73_7 = tl.where(_mlp_1_out73 > 0.0, _adj_in__mlp_1_out73_3, 0.0)
+    _adj_pre__mlp_1_out74_8 = tl.where(_mlp_1_out74 > 0.0, _adj_in__mlp_1_out74_4, 0.0)
+    _adj_in__mlp_0_out67_9 = (
+        tl.load(_w_mlp_1_weight + 0) * _adj_pre__mlp_1_out71_5
+        + tl.load(_w_mlp_1_weight + 4) * _adj_pre__mlp_1_out72_6
+        + tl.load(_w_mlp_1_weight + 8) * _adj_pre__mlp_1_out73_7
+        + tl.load(_w_mlp_1_weight + 12) * _adj_pre__mlp_1_out74_8
     )
-    _adj_in__mlp_0_out76_10 = (
-        tl.load(_w_mlp_1_weight + 1) * _adj_pre__mlp_1_out79_5
-        + tl.load(_w_mlp_1_weight + 5) * _adj_pre__mlp_1_out80_6
-        + tl.load(_w_mlp_1_weight + 9) * _adj_pre__mlp_1_out81_7
-        + tl.load(_w_mlp_1_weight + 13) * _adj_pre__mlp_1_out82_8
+    _adj_in__mlp_0_out68_10 = (
+        tl.load(_w_mlp_1_weight + 1) * _adj_pre__mlp_1_out71_5
+        + tl.load(_w_mlp_1_weight + 5) * _adj_pre__mlp_1_out72_6
+        + tl.load(_w_mlp_1_weight + 9) * _adj_pre__mlp_1_out73_7
+        + tl.load(_w_mlp_1_weight + 13) * _adj_pre__mlp_1_out74_8
     )
-    _adj_in__mlp_0_out77_11 = (
-        tl.load(_w_mlp_1_weight + 2) * _adj_pre__mlp_1_out79_5
-        + tl.load(_w_mlp_1_weight + 6) * _adj_pre__mlp_1_out80_6
-        + tl.load(_w_mlp_1_weight + 10) * _adj_pre__mlp_1_out81_7
-        + tl.load(_w_mlp_1_weight + 14) * _adj_pre__mlp_1_out82_8
+    _adj_in__mlp_0_out69_11 = (
+        tl.load(_w_mlp_1_weight + 2) * _adj_pre__mlp_1_out71_5
+        + tl.load(_w_mlp_1_weight + 6) * _adj_pre__mlp_1_out72_6
+        + tl.load(_w_mlp_1_weight + 10) * _adj_pre__mlp_1_out73_7
+        + tl.load(_w_mlp_1_weight + 14) * _adj_pre__mlp_1_out74_8
     )
-    _adj_in__mlp_0_out78_12 = (
-        tl.load(_w_mlp_1_weight + 3) * _adj_pre__mlp_1_out79_5
-        + tl.load(_w_mlp_1_weight + 7) * _adj_pre__mlp_1_out80_6
-        + tl.load(_w_mlp_1_weight + 11) * _adj_pre__mlp_1_out81_7
-        + tl.load(_w_mlp_1_weight + 15) * _adj_pre__mlp_1_out82_8
+    _adj_in__mlp_0_out70_12 = (
+        tl.load(_w_mlp_1_weight + 3) * _adj_pre__mlp_1_out71_5
+        + tl.load(_w_mlp_1_weight + 7) * _adj_pre__mlp_1_out72_6
+        + tl.load(_w_mlp_1_weight + 11) * _adj_pre__mlp_1_out73_7
+        + tl.load(_w_mlp_1_weight + 15) * _adj_pre__mlp_1_out74_8
     )
-    _adj_pre__mlp_0_out75_13 = tl.where(_mlp_0_out75 > 0.0, _adj_in__mlp_0_out75_9, 0.0)
-    _adj_pre__mlp_0_out76_14 = tl.where(_mlp_0_out76 > 0.0, _adj_in__mlp_0_out76_10, 0.0)
-    _adj_pre__mlp_0_out77_15 = tl.where(_mlp_0_out77 > 0.0, _adj_in__mlp_0_out77_11, 0.0)
-    _adj_pre__mlp_0_out78_16 = tl.where(_mlp_0_out78 > 0.0, _adj_in__mlp_0_out78_12, 0.0)
+    _adj_pre__mlp_0_out67_13 = tl.where(_mlp_0_out67 > 0.0, _adj_in__mlp_0_out67_9, 0.0)
+    _adj_pre__mlp_0_out68_14 = tl.where(_mlp_0_out68 > 0.0, _adj_in__mlp_0_out68_10, 0.0)
+    _adj_pre__mlp_0_out69_15 = tl.where(_mlp_0_out69 > 0.0, _adj_in__mlp_0_out69_11, 0.0)
+    _adj_pre__mlp_0_out70_16 = tl.where(_mlp_0_out70 > 0.0, _adj_in__mlp_0_out70_12, 0.0)
     _dense_t1 = tl.zeros((BLOCK, 32), dtype=tl.float32)
-    _dense_t1 += tops.per_element(_adj_pre__mlp_0_out75_13, BLOCK)[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 0, 0, 28, 32)[None, :]
-    _dense_t1 += tops.per_element(_adj_pre__mlp_0_out76_14, BLOCK)[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 1, 0, 28, 32)[None, :]
-    _dense_t1 += tops.per_element(_adj_pre__mlp_0_out77_15, BLOCK)[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 2, 0, 28, 32)[None, :]
-    _dense_t1 += tops.per_element(_adj_pre__mlp_0_out78_16, BLOCK)[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 3, 0, 28, 32)[None, :]
+    _dense_t1 += tops.per_element(_adj_pre__mlp_0_out67_13, BLOCK)[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 0, 0, 28, 32)[None, :]
+    _dense_t1 += tops.per_element(_adj_pre__mlp_0_out68_14, BLOCK)[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 1, 0, 28, 32)[None, :]
+    _dense_t1 += tops.per_element(_adj_pre__mlp_0_out69_15, BLOCK)[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 2, 0, 28, 32)[None, :]
+    _dense_t1 += tops.per_element(_adj_pre__mlp_0_out70_16, BLOCK)[:, None] * tops.weight_row(_w_mlp_0_weight, 39, 3, 0, 28, 32)[None, :]
     _bk2 = v + 1e-06
     _bk3 = 0.5 / tops.pow_(_bk2, 1.5)
     _col2 = tops.column(_dense_t1, 6, 32)
@@ -1029,10 +1005,10 @@ def stage2_backward_kernel(
     _col28 = tops.column(_dense_t1, 20, 32)
     _col29 = tops.column(_dense_t1, 21, 32)
     _tile30 = tl.zeros((BLOCK, 16), dtype=tl.float32)
-    _tile30 += tops.place(tops.per_element(_adj_pre__mlp_0_out75_13, BLOCK), 0, 16)
-    _tile30 += tops.place(tops.per_element(_adj_pre__mlp_0_out76_14, BLOCK), 1, 16)
-    _tile30 += tops.place(tops.per_element(_adj_pre__mlp_0_out77_15, BLOCK), 2, 16)
-    _tile30 += tops.place(tops.per_element(_adj_pre__mlp_0_out78_16, BLOCK), 3, 16)
+    _tile30 += tops.place(tops.per_element(_adj_pre__mlp_0_out67_13, BLOCK), 0, 16)
+    _tile30 += tops.place(tops.per_element(_adj_pre__mlp_0_out68_14, BLOCK), 1, 16)
+    _tile30 += tops.place(tops.per_element(_adj_pre__mlp_0_out69_15, BLOCK), 2, 16)
+    _tile30 += tops.place(tops.per_element(_adj_pre__mlp_0_out70_16, BLOCK), 3, 16)
     _masked31 = tl.where(_mask[:, None], _tile30, 0.0)
     _tile32 = tl.zeros((BLOCK, 32), dtype=tl.float32)
     _tile32 += tops.place(tops.per_element(f_grad, BLOCK), 0, 32)
@@ -1093,10 +1069,10 @@ def stage2_backward_kernel(
     tl.store(_gpart_ptr + _pid * 172 + 1, tl.sum(tl.where(_mask, _adj__decay_m_1, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 172 + 2, tl.sum(tl.where(_mask, _adj__decay_m_2, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 172 + 3, tl.sum(tl.where(_mask, _adj__decay_v_0, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 4, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out75_13, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 5, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out76_14, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 6, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out77_15, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 7, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out78_16, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 4, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out67_13, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 5, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out68_14, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 6, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out69_15, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 7, tl.sum(tl.where(_mask, _adj_pre__mlp_0_out70_16, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 172 + 8, tl.sum(tl.where(_mask, _adj__u1, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 172 + 9, tl.sum(tl.where(_mask, _adj__u10, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 172 + 10, tl.sum(tl.where(_mask, _adj__u11, 0.0), axis=0))
@@ -1119,33 +1095,33 @@ def stage2_backward_kernel(
     tl.store(_gpart_ptr + _pid * 172 + 27, tl.sum(tl.where(_mask, _adj__u8, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 172 + 28, tl.sum(tl.where(_mask, _adj__u9, 0.0), axis=0))
     tl.store(_gpart_ptr + _pid * 172 + 29, tl.sum(tl.where(_mask, _adj_lr, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 142, tl.sum(tl.where(_mask, _adj__mlp_2_out83 * _mlp_1_out79, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 143, tl.sum(tl.where(_mask, _adj__mlp_2_out83 * _mlp_1_out80, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 144, tl.sum(tl.where(_mask, _adj__mlp_2_out83 * _mlp_1_out81, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 145, tl.sum(tl.where(_mask, _adj__mlp_2_out83 * _mlp_1_out82, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 146, tl.sum(tl.where(_mask, _adj__mlp_2_out83, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 147, tl.sum(tl.where(_mask, _adj__mlp_2_out84 * _mlp_1_out79, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 148, tl.sum(tl.where(_mask, _adj__mlp_2_out84 * _mlp_1_out80, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 149, tl.sum(tl.where(_mask, _adj__mlp_2_out84 * _mlp_1_out81, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 150, tl.sum(tl.where(_mask, _adj__mlp_2_out84 * _mlp_1_out82, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 151, tl.sum(tl.where(_mask, _adj__mlp_2_out84, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 152, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out79_5 * _mlp_0_out75, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 153, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out79_5 * _mlp_0_out76, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 154, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out79_5 * _mlp_0_out77, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 155, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out79_5 * _mlp_0_out78, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 156, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out79_5, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 157, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out80_6 * _mlp_0_out75, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 158, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out80_6 * _mlp_0_out76, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 159, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out80_6 * _mlp_0_out77, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 160, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out80_6 * _mlp_0_out78, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 161, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out80_6, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 162, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out81_7 * _mlp_0_out75, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 163, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out81_7 * _mlp_0_out76, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 164, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out81_7 * _mlp_0_out77, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 165, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out81_7 * _mlp_0_out78, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 166, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out81_7, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 167, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out82_8 * _mlp_0_out75, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 168, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out82_8 * _mlp_0_out76, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 169, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out82_8 * _mlp_0_out77, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 170, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out82_8 * _mlp_0_out78, 0.0), axis=0))
-    tl.store(_gpart_ptr + _pid * 172 + 171, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out82_8, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 142, tl.sum(tl.where(_mask, _adj__mlp_2_out75 * _mlp_1_out71, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 143, tl.sum(tl.where(_mask, _adj__mlp_2_out75 * _mlp_1_out72, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 144, tl.sum(tl.where(_mask, _adj__mlp_2_out75 * _mlp_1_out73, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 145, tl.sum(tl.where(_mask, _adj__mlp_2_out75 * _mlp_1_out74, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 146, tl.sum(tl.where(_mask, _adj__mlp_2_out75, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 147, tl.sum(tl.where(_mask, _adj__mlp_2_out76 * _mlp_1_out71, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 148, tl.sum(tl.where(_mask, _adj__mlp_2_out76 * _mlp_1_out72, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 149, tl.sum(tl.where(_mask, _adj__mlp_2_out76 * _mlp_1_out73, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 150, tl.sum(tl.where(_mask, _adj__mlp_2_out76 * _mlp_1_out74, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 151, tl.sum(tl.where(_mask, _adj__mlp_2_out76, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 152, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out71_5 * _mlp_0_out67, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 153, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out71_5 * _mlp_0_out68, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 154, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out71_5 * _mlp_0_out69, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 155, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out71_5 * _mlp_0_out70, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 156, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out71_5, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 157, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out72_6 * _mlp_0_out67, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 158, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out72_6 * _mlp_0_out68, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 159, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out72_6 * _mlp_0_out69, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 160, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out72_6 * _mlp_0_out70, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 161, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out72_6, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 162, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out73_7 * _mlp_0_out67, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 163, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out73_7 * _mlp_0_out68, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 164, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out73_7 * _mlp_0_out69, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 165, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out73_7 * _mlp_0_out70, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 166, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out73_7, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 167, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out74_8 * _mlp_0_out67, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 168, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out74_8 * _mlp_0_out68, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 169, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out74_8 * _mlp_0_out69, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 170, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out74_8 * _mlp_0_out70, 0.0), axis=0))
+    tl.store(_gpart_ptr + _pid * 172 + 171, tl.sum(tl.where(_mask, _adj_pre__mlp_1_out74_8, 0.0), axis=0))

@@ -21,11 +21,7 @@ KERNELS = [{'args': [('input', 'g'),
                      ('state', 'm'),
                      ('state', 'v'),
                      ('scratch', '_mean_row22'),
-                     ('scratch', '_mean_row24'),
-                     ('scratch', '_mean_row26'),
-                     ('scratch', '_mean_col28'),
-                     ('scratch', '_mean_col30'),
-                     ('scratch', '_mean_col32')],
+                     ('scratch', '_mean_col24')],
             'block': 512,
             'hv': ['_decay_m_0', '_u3', '_decay_m_1', '_u4', '_decay_m_2', '_u5', '_decay_v_0', '_u9'],
             'index': 0,
@@ -41,11 +37,7 @@ KERNELS = [{'args': [('input', 'g'),
                            {'name': '_mean_tensor18', 'over': 'tensor', 'slot': 8},
                            {'name': '_mean_tensor20', 'over': 'tensor', 'slot': 9},
                            {'name': '_mean_row22', 'over': 'row', 'slot': 10},
-                           {'name': '_mean_row24', 'over': 'row', 'slot': 11},
-                           {'name': '_mean_row26', 'over': 'row', 'slot': 12},
-                           {'name': '_mean_col28', 'over': 'col', 'slot': 13},
-                           {'name': '_mean_col30', 'over': 'col', 'slot': 14},
-                           {'name': '_mean_col32', 'over': 'col', 'slot': 15}],
+                           {'name': '_mean_col24', 'over': 'col', 'slot': 11}],
             'uses_coords': False,
             'weights': []},
            {'args': [('state', 'm'),
@@ -66,12 +58,12 @@ KERNELS = [{'args': [('input', 'g'),
             'hv': ['_decay_m_0', '_u3', '_decay_m_1', '_u4', '_decay_m_2', '_u5'],
             'index': 1,
             'name': 'stage1_kernel',
-            'reductions': [{'name': '_mean_tensor40', 'over': 'tensor', 'slot': 0},
-                           {'name': '_mean_tensor42', 'over': 'tensor', 'slot': 1},
-                           {'name': '_mean_tensor44', 'over': 'tensor', 'slot': 2},
-                           {'name': '_mean_tensor70', 'over': 'tensor', 'slot': 3},
-                           {'name': '_mean_tensor72', 'over': 'tensor', 'slot': 4},
-                           {'name': '_mean_tensor74', 'over': 'tensor', 'slot': 5}],
+            'reductions': [{'name': '_mean_tensor32', 'over': 'tensor', 'slot': 0},
+                           {'name': '_mean_tensor34', 'over': 'tensor', 'slot': 1},
+                           {'name': '_mean_tensor36', 'over': 'tensor', 'slot': 2},
+                           {'name': '_mean_tensor62', 'over': 'tensor', 'slot': 3},
+                           {'name': '_mean_tensor64', 'over': 'tensor', 'slot': 4},
+                           {'name': '_mean_tensor66', 'over': 'tensor', 'slot': 5}],
             'uses_coords': True,
             'weights': []},
            {'args': [('input', 'g'),
@@ -124,10 +116,10 @@ KERNELS = [{'args': [('input', 'g'),
                    '_u51',
                    '_u52',
                    '_u53',
-                   '_mlp_0_out75_bias',
-                   '_mlp_0_out76_bias',
-                   '_mlp_0_out77_bias',
-                   '_mlp_0_out78_bias',
+                   '_mlp_0_out67_bias',
+                   '_mlp_0_out68_bias',
+                   '_mlp_0_out69_bias',
+                   '_mlp_0_out70_bias',
                    '_u54',
                    'lr'],
             'index': 2,
@@ -159,11 +151,7 @@ def stage0_kernel(
     _st_m = tl.load(ptrs + _t * N_PTR + 2).to(tl.pointer_type(tl.float32))
     _st_v = tl.load(ptrs + _t * N_PTR + 3).to(tl.pointer_type(tl.float32))
     _scratch__mean_row22 = tl.load(ptrs + _t * N_PTR + 4).to(tl.pointer_type(tl.float32))
-    _scratch__mean_row24 = tl.load(ptrs + _t * N_PTR + 5).to(tl.pointer_type(tl.float32))
-    _scratch__mean_row26 = tl.load(ptrs + _t * N_PTR + 6).to(tl.pointer_type(tl.float32))
-    _scratch__mean_col28 = tl.load(ptrs + _t * N_PTR + 7).to(tl.pointer_type(tl.float32))
-    _scratch__mean_col30 = tl.load(ptrs + _t * N_PTR + 8).to(tl.pointer_type(tl.float32))
-    _scratch__mean_col32 = tl.load(ptrs + _t * N_PTR + 9).to(tl.pointer_type(tl.float32))
+    _scratch__mean_col24 = tl.load(ptrs + _t * N_PTR + 5).to(tl.pointer_type(tl.float32))
     g = tl.load(_g_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
     _mean_tensor_arg1 = g * g
     p = tl.load(_p_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
@@ -193,27 +181,19 @@ def stage0_kernel(
     _mean_tensor_arg17 = m_2 * m_2 / (v + 1e-06)
     _mean_tensor_arg19 = 1.0 / (v + 1e-06)
     _mean_row_arg21 = g * g + 1e-30
-    _mean_row_arg23 = g * g + 1e-30
-    _mean_row_arg25 = g * g + 1e-30
-    _mean_col_arg27 = g * g + 1e-30
-    _mean_col_arg29 = g * g + 1e-30
-    _mean_col_arg31 = g * g + 1e-30
-    tl.store(_part_ptr + _pid * 16 + 0, tl.sum(tl.where(_mask, _mean_tensor_arg1, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 1, tl.sum(tl.where(_mask, _mean_tensor_arg3, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 2, tl.sum(tl.where(_mask, _mean_tensor_arg5, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 3, tl.sum(tl.where(_mask, _mean_tensor_arg7, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 4, tl.sum(tl.where(_mask, _mean_tensor_arg9, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 5, tl.sum(tl.where(_mask, _mean_tensor_arg11, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 6, tl.sum(tl.where(_mask, _mean_tensor_arg13, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 7, tl.sum(tl.where(_mask, _mean_tensor_arg15, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 8, tl.sum(tl.where(_mask, _mean_tensor_arg17, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 16 + 9, tl.sum(tl.where(_mask, _mean_tensor_arg19, 0.0), axis=0))
+    _mean_col_arg23 = g * g + 1e-30
+    tl.store(_part_ptr + _pid * 12 + 0, tl.sum(tl.where(_mask, _mean_tensor_arg1, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 1, tl.sum(tl.where(_mask, _mean_tensor_arg3, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 2, tl.sum(tl.where(_mask, _mean_tensor_arg5, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 3, tl.sum(tl.where(_mask, _mean_tensor_arg7, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 4, tl.sum(tl.where(_mask, _mean_tensor_arg9, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 5, tl.sum(tl.where(_mask, _mean_tensor_arg11, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 6, tl.sum(tl.where(_mask, _mean_tensor_arg13, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 7, tl.sum(tl.where(_mask, _mean_tensor_arg15, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 8, tl.sum(tl.where(_mask, _mean_tensor_arg17, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 12 + 9, tl.sum(tl.where(_mask, _mean_tensor_arg19, 0.0), axis=0))
     tl.store(_scratch__mean_row22 + _offs, _mean_row_arg21, mask=_mask)
-    tl.store(_scratch__mean_row24 + _offs, _mean_row_arg23, mask=_mask)
-    tl.store(_scratch__mean_row26 + _offs, _mean_row_arg25, mask=_mask)
-    tl.store(_scratch__mean_col28 + _offs, _mean_col_arg27, mask=_mask)
-    tl.store(_scratch__mean_col30 + _offs, _mean_col_arg29, mask=_mask)
-    tl.store(_scratch__mean_col32 + _offs, _mean_col_arg31, mask=_mask)
+    tl.store(_scratch__mean_col24 + _offs, _mean_col_arg23, mask=_mask)
 
 
 @triton.jit
@@ -275,28 +255,28 @@ def stage1_kernel(
     m_2 = _decay_m_2 * _m_old_2 + _u5 * g
     _u24 = tl.load(_col__u24 + _col_idx, mask=_mask, other=0.0)
     _u25 = tl.load(_row__u25 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg39 = _u24 * _u25 * g * g
+    _mean_tensor_arg31 = _u24 * _u25 * g * g
     _u26 = tl.load(_col__u26 + _col_idx, mask=_mask, other=0.0)
     _u27 = tl.load(_row__u27 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg41 = _u26 * _u27 * g * g
+    _mean_tensor_arg33 = _u26 * _u27 * g * g
     _u28 = tl.load(_col__u28 + _col_idx, mask=_mask, other=0.0)
     _u29 = tl.load(_row__u29 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg43 = _u28 * _u29 * g * g
+    _mean_tensor_arg35 = _u28 * _u29 * g * g
     _u45 = tl.load(_col__u45 + _col_idx, mask=_mask, other=0.0)
     _u46 = tl.load(_row__u46 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg69 = _u45 * _u46 * m_0 * m_0
+    _mean_tensor_arg61 = _u45 * _u46 * m_0 * m_0
     _u47 = tl.load(_col__u47 + _col_idx, mask=_mask, other=0.0)
     _u48 = tl.load(_row__u48 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg71 = _u47 * _u48 * m_1 * m_1
+    _mean_tensor_arg63 = _u47 * _u48 * m_1 * m_1
     _u49 = tl.load(_col__u49 + _col_idx, mask=_mask, other=0.0)
     _u50 = tl.load(_row__u50 + _row_idx, mask=_mask, other=0.0)
-    _mean_tensor_arg73 = _u49 * _u50 * m_2 * m_2
-    tl.store(_part_ptr + _pid * 6 + 0, tl.sum(tl.where(_mask, _mean_tensor_arg39, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 6 + 1, tl.sum(tl.where(_mask, _mean_tensor_arg41, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 6 + 2, tl.sum(tl.where(_mask, _mean_tensor_arg43, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 6 + 3, tl.sum(tl.where(_mask, _mean_tensor_arg69, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 6 + 4, tl.sum(tl.where(_mask, _mean_tensor_arg71, 0.0), axis=0))
-    tl.store(_part_ptr + _pid * 6 + 5, tl.sum(tl.where(_mask, _mean_tensor_arg73, 0.0), axis=0))
+    _mean_tensor_arg65 = _u49 * _u50 * m_2 * m_2
+    tl.store(_part_ptr + _pid * 6 + 0, tl.sum(tl.where(_mask, _mean_tensor_arg31, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 6 + 1, tl.sum(tl.where(_mask, _mean_tensor_arg33, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 6 + 2, tl.sum(tl.where(_mask, _mean_tensor_arg35, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 6 + 3, tl.sum(tl.where(_mask, _mean_tensor_arg61, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 6 + 4, tl.sum(tl.where(_mask, _mean_tensor_arg63, 0.0), axis=0))
+    tl.store(_part_ptr + _pid * 6 + 5, tl.sum(tl.where(_mask, _mean_tensor_arg65, 0.0), axis=0))
 
 
 @triton.jit
@@ -415,7 +395,7 @@ def stage2_kernel(
     f_fac_mom_1 = _u52 * colfac_1 * m_1 * rowfac_1
     _u53 = tl.load(_hv_ptr + 23)
     f_fac_mom_2 = _u53 * colfac_2 * m_2 * rowfac_2
-    _mlp_0_out75_bias = tl.load(_hv_ptr + 24)
+    _mlp_0_out67_bias = tl.load(_hv_ptr + 24)
     f_row_0 = tl.load(_row_f_row_0 + _row_idx, mask=_mask, other=0.0)
     f_row_1 = tl.load(_row_f_row_1 + _row_idx, mask=_mask, other=0.0)
     f_row_2 = tl.load(_row_f_row_2 + _row_idx, mask=_mask, other=0.0)
@@ -428,8 +408,8 @@ def stage2_kernel(
     f_col_rsqrt_0 = tl.load(_col_f_col_rsqrt_0 + _col_idx, mask=_mask, other=0.0)
     f_col_rsqrt_1 = tl.load(_col_f_col_rsqrt_1 + _col_idx, mask=_mask, other=0.0)
     f_col_rsqrt_2 = tl.load(_col_f_col_rsqrt_2 + _col_idx, mask=_mask, other=0.0)
-    _mlp_0_out75 = tl.maximum((
-        _mlp_0_out75_bias
+    _mlp_0_out67 = tl.maximum((
+        _mlp_0_out67_bias
         + tl.load(_w_mlp_0_weight + 0) * f_grad
         + tl.load(_w_mlp_0_weight + 1) * f_param
         + tl.load(_w_mlp_0_weight + 2) * f_mom_0
@@ -459,9 +439,9 @@ def stage2_kernel(
         + tl.load(_w_mlp_0_weight + 26) * f_fac_mom_1
         + tl.load(_w_mlp_0_weight + 27) * f_fac_mom_2
     ), 0.0)
-    _mlp_0_out76_bias = tl.load(_hv_ptr + 25)
-    _mlp_0_out76 = tl.maximum((
-        _mlp_0_out76_bias
+    _mlp_0_out68_bias = tl.load(_hv_ptr + 25)
+    _mlp_0_out68 = tl.maximum((
+        _mlp_0_out68_bias
         + tl.load(_w_mlp_0_weight + 39) * f_grad
         + tl.load(_w_mlp_0_weight + 40) * f_param
         + tl.load(_w_mlp_0_weight + 41) * f_mom_0
@@ -491,9 +471,9 @@ def stage2_kernel(
         + tl.load(_w_mlp_0_weight + 65) * f_fac_mom_1
         + tl.load(_w_mlp_0_weight + 66) * f_fac_mom_2
     ), 0.0)
-    _mlp_0_out77_bias = tl.load(_hv_ptr + 26)
-    _mlp_0_out77 = tl.maximum((
-        _mlp_0_out77_bias
+    _mlp_0_out69_bias = tl.load(_hv_ptr + 26)
+    _mlp_0_out69 = tl.maximum((
+        _mlp_0_out69_bias
         + tl.load(_w_mlp_0_weight + 78) * f_grad
         + tl.load(_w_mlp_0_weight + 79) * f_param
         + tl.load(_w_mlp_0_weight + 80) * f_mom_0
@@ -523,9 +503,9 @@ def stage2_kernel(
         + tl.load(_w_mlp_0_weight + 104) * f_fac_mom_1
         + tl.load(_w_mlp_0_weight + 105) * f_fac_mom_2
     ), 0.0)
-    _mlp_0_out78_bias = tl.load(_hv_ptr + 27)
-    _mlp_0_out78 = tl.maximum((
-        _mlp_0_out78_bias
+    _mlp_0_out70_bias = tl.load(_hv_ptr + 27)
+    _mlp_0_out70 = tl.maximum((
+        _mlp_0_out70_bias
         + tl.load(_w_mlp_0_weight + 117) * f_grad
         + tl.load(_w_mlp_0_weight + 118) * f_param
         + tl.load(_w_mlp_0_weight + 119) * f_mom_0
@@ -555,49 +535,49 @@ def stage2_kernel(
         + tl.load(_w_mlp_0_weight + 143) * f_fac_mom_1
         + tl.load(_w_mlp_0_weight + 144) * f_fac_mom_2
     ), 0.0)
-    _mlp_1_out79 = tl.maximum((
+    _mlp_1_out71 = tl.maximum((
         tl.load(_w_mlp_1_bias + 0)
-        + tl.load(_w_mlp_1_weight + 0) * _mlp_0_out75
-        + tl.load(_w_mlp_1_weight + 1) * _mlp_0_out76
-        + tl.load(_w_mlp_1_weight + 2) * _mlp_0_out77
-        + tl.load(_w_mlp_1_weight + 3) * _mlp_0_out78
+        + tl.load(_w_mlp_1_weight + 0) * _mlp_0_out67
+        + tl.load(_w_mlp_1_weight + 1) * _mlp_0_out68
+        + tl.load(_w_mlp_1_weight + 2) * _mlp_0_out69
+        + tl.load(_w_mlp_1_weight + 3) * _mlp_0_out70
     ), 0.0)
-    _mlp_1_out80 = tl.maximum((
+    _mlp_1_out72 = tl.maximum((
         tl.load(_w_mlp_1_bias + 1)
-        + tl.load(_w_mlp_1_weight + 4) * _mlp_0_out75
-        + tl.load(_w_mlp_1_weight + 5) * _mlp_0_out76
-        + tl.load(_w_mlp_1_weight + 6) * _mlp_0_out77
-        + tl.load(_w_mlp_1_weight + 7) * _mlp_0_out78
+        + tl.load(_w_mlp_1_weight + 4) * _mlp_0_out67
+        + tl.load(_w_mlp_1_weight + 5) * _mlp_0_out68
+        + tl.load(_w_mlp_1_weight + 6) * _mlp_0_out69
+        + tl.load(_w_mlp_1_weight + 7) * _mlp_0_out70
     ), 0.0)
-    _mlp_1_out81 = tl.maximum((
+    _mlp_1_out73 = tl.maximum((
         tl.load(_w_mlp_1_bias + 2)
-        + tl.load(_w_mlp_1_weight + 8) * _mlp_0_out75
-        + tl.load(_w_mlp_1_weight + 9) * _mlp_0_out76
-        + tl.load(_w_mlp_1_weight + 10) * _mlp_0_out77
-        + tl.load(_w_mlp_1_weight + 11) * _mlp_0_out78
+        + tl.load(_w_mlp_1_weight + 8) * _mlp_0_out67
+        + tl.load(_w_mlp_1_weight + 9) * _mlp_0_out68
+        + tl.load(_w_mlp_1_weight + 10) * _mlp_0_out69
+        + tl.load(_w_mlp_1_weight + 11) * _mlp_0_out70
     ), 0.0)
-    _mlp_1_out82 = tl.maximum((
+    _mlp_1_out74 = tl.maximum((
         tl.load(_w_mlp_1_bias + 3)
-        + tl.load(_w_mlp_1_weight + 12) * _mlp_0_out75
-        + tl.load(_w_mlp_1_weight + 13) * _mlp_0_out76
-        + tl.load(_w_mlp_1_weight + 14) * _mlp_0_out77
-        + tl.load(_w_mlp_1_weight + 15) * _mlp_0_out78
+        + tl.load(_w_mlp_1_weight + 12) * _mlp_0_out67
+        + tl.load(_w_mlp_1_weight + 13) * _mlp_0_out68
+        + tl.load(_w_mlp_1_weight + 14) * _mlp_0_out69
+        + tl.load(_w_mlp_1_weight + 15) * _mlp_0_out70
     ), 0.0)
-    _mlp_2_out83 = (
+    _mlp_2_out75 = (
         tl.load(_w_mlp_2_bias + 0)
-        + tl.load(_w_mlp_2_weight + 0) * _mlp_1_out79
-        + tl.load(_w_mlp_2_weight + 1) * _mlp_1_out80
-        + tl.load(_w_mlp_2_weight + 2) * _mlp_1_out81
-        + tl.load(_w_mlp_2_weight + 3) * _mlp_1_out82
+        + tl.load(_w_mlp_2_weight + 0) * _mlp_1_out71
+        + tl.load(_w_mlp_2_weight + 1) * _mlp_1_out72
+        + tl.load(_w_mlp_2_weight + 2) * _mlp_1_out73
+        + tl.load(_w_mlp_2_weight + 3) * _mlp_1_out74
     )
-    _mlp_2_out84 = (
+    _mlp_2_out76 = (
         tl.load(_w_mlp_2_bias + 1)
-        + tl.load(_w_mlp_2_weight + 4) * _mlp_1_out79
-        + tl.load(_w_mlp_2_weight + 5) * _mlp_1_out80
-        + tl.load(_w_mlp_2_weight + 6) * _mlp_1_out81
-        + tl.load(_w_mlp_2_weight + 7) * _mlp_1_out82
+        + tl.load(_w_mlp_2_weight + 4) * _mlp_1_out71
+        + tl.load(_w_mlp_2_weight + 5) * _mlp_1_out72
+        + tl.load(_w_mlp_2_weight + 6) * _mlp_1_out73
+        + tl.load(_w_mlp_2_weight + 7) * _mlp_1_out74
     )
-    _update = 0.001 * _mlp_2_out83 * tl.exp(0.001 * _mlp_2_out84)
+    _update = 0.001 * _mlp_2_out75 * tl.exp(0.001 * _mlp_2_out76)
     _u54 = tl.load(_hv_ptr + 28)
     lr = tl.load(_hv_ptr + 29)
     _p_new = _u54 * p - _update * lr
