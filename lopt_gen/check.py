@@ -70,23 +70,48 @@ def tolerances(spec, rtol: float = 1e-4, atol: float = 1e-6) -> tuple[float, flo
     return rtol, atol
 
 
+def _strided(x: torch.Tensor) -> torch.Tensor:
+    """The values of ``x`` in a non-contiguous tensor: every other element of a buffer twice
+    as long along the last axis (a 0-dim or empty tensor comes back as a contiguous copy)."""
+    if x.dim() == 0 or x.numel() == 0:
+        return x.clone()
+    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x
+    return wide[..., ::2]
+
+
 def assert_backends_agree(spec, shapes, seed: int = 0, steps: int = 3, gradients: bool = True,
-                          rtol: float = 1e-4, lr: float = 0.1, device="cpu") -> None:
+                          rtol: float = 1e-4, lr: float = 0.1, device="cpu", dtype=torch.float32,
+                          noncontiguous: bool = False) -> None:
     """Raise :class:`BackendMismatch` unless Triton and torch agree on ``steps`` steps.
 
     ``device`` is where both backends run: on ``"cpu"`` the kernels run in the Triton
     interpreter, on ``"cuda"`` they are compiled for the GPU.  The random inputs are drawn on
-    the CPU from ``seed`` and moved there, so a seed means the same example everywhere."""
+    the CPU from ``seed`` and moved there, so a seed means the same example everywhere.
+    ``dtype`` is the parameters' and gradients' dtype (float32 or bfloat16; the step computes
+    in float32 either way); with ``noncontiguous`` every gradient of rank 1 or more is a
+    strided view. :func:`lopt_gen.testing.optimizer_inputs` draws these arguments."""
     spec = load_spec(spec)
     engine = get_engine(spec)
     device = torch.device(device)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
     gen = torch.Generator().manual_seed(int(seed))
+
+    def draw(s):
+        return torch.randn(s, generator=gen).to(device=device, dtype=dtype)
+
     phi0 = {k: v.to(device) for k, v in engine.init_weights(seed=seed).items()}
-    params0 = [torch.randn(s, generator=gen).to(device) for s in shapes]
-    grads0 = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(steps)]
+    params0 = [draw(s) for s in shapes]
+    grads0 = [[draw(s) for s in shapes] for _ in range(steps)]
     probe = [torch.randn(s, generator=gen).to(device) for s in shapes]
     sc = [dict(lr=lr, wd=0.0) for _ in shapes]
     rtol, atol = tolerances(spec, rtol)
+    if dtype == torch.bfloat16:
+        # each new parameter is rounded to bfloat16: fp32 results one rounding apart can land
+        # on neighbouring bf16 numbers (2**-8 relative), and the next step starts from there
+        rtol, atol = max(rtol, 2.0 ** -6), max(atol, 2.0 ** -8)
     # a spec that reads the loss gets a random positive one per step
     losses = [torch.rand((), generator=gen).to(device) + 0.1 if engine.info["uses_loss"] else None
               for _ in range(steps)]
@@ -94,7 +119,8 @@ def assert_backends_agree(spec, shapes, seed: int = 0, steps: int = 3, gradients
     for backend in ("torch", "triton"):
         phi = {k: v.clone().requires_grad_(gradients) for k, v in phi0.items()}
         ps = [p.clone().requires_grad_(gradients) for p in params0]
-        gs = [[g.clone().requires_grad_(gradients) for g in step] for step in grads0]
+        gs = [[(_strided(g) if noncontiguous else g.clone()).requires_grad_(gradients) for g in step]
+              for step in grads0]
         ts = [engine.init_tensor_state(p) for p in params0]
         gst = engine.init_global_state(device)
         cur = ps
@@ -130,22 +156,25 @@ class CheckResult:
 
 
 def check_spec(spec, max_examples: int = 10, steps: int = 3, gradients: bool = True, seed: int = 0,
-               device="cpu") -> CheckResult:
-    """Property-test the backends of ``spec`` over random shapes (rank 0 to 4) and seeds on ``device``."""
+               device="cpu", bfloat16: bool = False) -> CheckResult:
+    """Property-test the backends of ``spec`` on ``device`` over random inputs from
+    :func:`lopt_gen.testing.optimizer_inputs`: 1 to 3 tensors of rank 0 to 4 (dims up to 9),
+    seeds, learning rates, contiguous or strided gradients, and bfloat16 parameters too when
+    ``bfloat16`` is set. Every example runs ``steps`` steps."""
     from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
+
+    from .testing import optimizer_inputs
 
     spec = load_spec(spec)
-    shape = st.lists(st.integers(1, 9), min_size=0, max_size=4).map(tuple)
     count = [0]
 
     @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck), print_blob=False)
-    @given(shapes=st.lists(shape, min_size=1, max_size=3), example_seed=st.integers(0, 2 ** 16))
-    def prop(shapes, example_seed):
+    @given(inputs=optimizer_inputs(max_dim=9, max_numel=729, bfloat16=bfloat16))
+    def prop(inputs):
         count[0] += 1
-        assert_backends_agree(spec, shapes, seed=example_seed + seed, steps=steps, gradients=gradients,
-                              device=device)
+        inputs = dict(inputs, steps=steps, seed=inputs["seed"] + seed)
+        assert_backends_agree(spec, gradients=gradients, device=device, **inputs)
 
     try:
         prop()

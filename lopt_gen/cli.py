@@ -98,13 +98,15 @@ def compile_cmd(specs, out, check):
 
 @main.command()
 @click.argument("spec")
-@click.option("--examples", default=10, show_default=True, help="random examples (shapes, seeds) to try")
-@click.option("--steps", default=3, show_default=True, help="optimizer steps per example")
+@click.option("--examples", type=click.IntRange(min=1), default=10, show_default=True,
+              help="random examples (shapes, seeds, learning rates, strided gradients) to try")
+@click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, help="optimizer steps per example")
 @click.option("--no-gradients", is_flag=True, help="compare forward values only")
+@click.option("--bf16", is_flag=True, help="draw bfloat16 parameters and gradients too, not float32 only")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True,
               help="where both backends run: cpu (Triton interpreter) or cuda[:N] (compiled kernels)")
-def check(spec, examples, steps, no_gradients, seed, device):
+def check(spec, examples, steps, no_gradients, bf16, seed, device):
     """Property-test SPEC: its Triton kernels against its torch step (values and gradients).
 
     On CPU the kernels run in the Triton interpreter.  Exits 1 and prints the smallest
@@ -130,7 +132,8 @@ def check(spec, examples, steps, no_gradients, seed, device):
         s = load_spec(spec)
     except SpecError as exc:
         _fail(str(exc))
-    res = check_spec(s, max_examples=examples, steps=steps, gradients=not no_gradients, seed=seed, device=dev)
+    res = check_spec(s, max_examples=examples, steps=steps, gradients=not no_gradients, seed=seed, device=dev,
+                     bfloat16=bf16)
     if res.ok:
         click.echo(f"{s.name}: Triton and torch agree on {res.examples} random example(s) "
                    f"({steps} step(s) each{', values only' if no_gradients else ', values and gradients'})")

@@ -25,6 +25,15 @@ What is here:
   thing broken; the description is a :class:`Corruption` (a ``str``) that also says which
   field the error must be reported at.
 * :func:`shapes` and :func:`param_lists` -- tensor shapes (rank 0 to 4) and parameter lists.
+* :func:`dtypes` -- the parameter dtypes a step accepts (float32, bfloat16).
+* :func:`optimizer_inputs` -- keyword arguments for :func:`assert_backends_agree`: a list of
+  shapes, a seed, a dtype, contiguous or strided gradients, a learning rate and a step count.
+* :func:`assert_backends_agree` (from :mod:`lopt_gen.check`) -- run the Triton and torch
+  steps of a spec on the same inputs and compare parameters, states and gradients::
+
+      @given(optimizer_inputs())
+      def test_my_spec_backends_agree(inputs):
+          assert_backends_agree("my_spec.yaml", **inputs)
 * :func:`assert_finite_steps` -- run a few steps of a spec on a random quadratic and check
   that every parameter and every piece of optimizer state stays finite.
 
@@ -35,7 +44,8 @@ a bound on its magnitude, values that could grow past :data:`CAP` are squashed (
 is bounded by :data:`UPDATE_BOUND`, so a few steps from a unit-scale start stay finite.
 
 Hypothesis is a dependency of lopt_gen, torch is only imported by
-:func:`assert_finite_steps` and :func:`param_lists`.
+:func:`assert_finite_steps`, :func:`param_lists`, :func:`dtypes` and, on first use,
+:func:`assert_backends_agree` and :class:`BackendMismatch`.
 """
 
 from __future__ import annotations
@@ -55,13 +65,17 @@ from .spec import RESERVED
 
 __all__ = [
     "AWKWARD_NAMES",
+    "BackendMismatch",
     "CAP",
     "CORRUPTION_KINDS",
     "UPDATE_BOUND",
     "Corruption",
+    "assert_backends_agree",
     "assert_finite_steps",
     "corrupted_specs",
+    "dtypes",
     "identifiers",
+    "optimizer_inputs",
     "param_lists",
     "shapes",
     "specs",
@@ -1201,6 +1215,41 @@ def param_lists(draw, min_size: int = 1, max_size: int = 4, with_grads: bool = F
             p.grad = torch.randn(s, generator=gen)
         out.append(p)
     return out
+
+
+def dtypes(bfloat16: bool = True):
+    """The dtypes a parameter (and its gradient) may have: float32 and, with ``bfloat16``,
+    bfloat16. The step computes in float32 either way and writes the parameter back in its
+    own dtype."""
+    import torch
+
+    return st.sampled_from([torch.float32, torch.bfloat16] if bfloat16 else [torch.float32])
+
+
+@st.composite
+def optimizer_inputs(draw, min_tensors: int = 1, max_tensors: int = 3, max_steps: int = 3,
+                     bfloat16: bool = True, **shape_kwargs) -> dict:
+    """Keyword arguments for :func:`assert_backends_agree`: ``shapes`` (``min_tensors`` to
+    ``max_tensors`` of :func:`shapes`, which ``shape_kwargs`` configure), ``seed``, ``dtype``
+    (:func:`dtypes`), ``noncontiguous`` (strided gradients), ``lr`` (1e-3 to 1, log-spaced)
+    and ``steps`` (1 to ``max_steps``)."""
+    return dict(
+        shapes=draw(st.lists(shapes(**shape_kwargs), min_size=min_tensors, max_size=max_tensors)),
+        seed=draw(st.integers(0, 2 ** 16)),
+        dtype=draw(dtypes(bfloat16)),
+        noncontiguous=draw(st.booleans()),
+        lr=draw(st.sampled_from([1e-3, 1e-2, 1e-1, 1.0])),
+        steps=draw(st.integers(1, max_steps)),
+    )
+
+
+def __getattr__(name: str):
+    # the backend comparison lives in lopt_gen.check, which imports torch: load it on first use
+    if name in ("assert_backends_agree", "BackendMismatch"):
+        from . import check
+
+        return getattr(check, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _DEFAULT_SHAPES = [(), (1,), (5,), (3, 4), (4, 1), (2, 1, 3), (1, 3, 1, 2), (6, 2)]
