@@ -251,10 +251,19 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
+KILL_RUN = {**RUN, "estimator": "pes"}
+
+
+@pytest.fixture(scope="module")
+def kill_reference(tmp_path_factory):
+    """The uninterrupted run every killed run must match (computed once for the module)."""
+    return meta_train("small_fc_lopt", out_dir=tmp_path_factory.mktemp("kill_ref") / "ref", **KILL_RUN).weights
+
+
+# not marked slow: with the reference computed once, the three kills take ~10 s together
 @pytest.mark.parametrize("mode,expect_step", [("after_checkpoint", 4), ("before_pointer", 2), ("mid_write", 2)])
-def test_sigkill_and_resume_is_bitwise_equal(tmp_path, mode, expect_step):
-    kw = {**RUN, "estimator": "pes"}
+def test_sigkill_and_resume_is_bitwise_equal(tmp_path, mode, expect_step, kill_reference):
+    kw = KILL_RUN
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT)
     out = tmp_path / "killed"
@@ -264,8 +273,7 @@ def test_sigkill_and_resume_is_bitwise_equal(tmp_path, mode, expect_step):
     assert proc.returncode == -9, proc.stdout + proc.stderr
     assert load_checkpoint(out, "small_fc_lopt")[0] == expect_step
     got = meta_train("small_fc_lopt", out_dir=out, resume=True, **kw)
-    ref = meta_train("small_fc_lopt", out_dir=tmp_path / "ref", **kw)
-    assert_same_weights(ref.weights, got.weights)
+    assert_same_weights(kill_reference, got.weights)
     assert metric_steps(out) == [1, 2, 3, 4, 5, 6]
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
@@ -320,3 +328,184 @@ def test_lr_mult_range_draws_per_episode_multipliers(tmp_path, monkeypatch):
     res = CliRunner().invoke(meta_train_cmd, ["small_fc_lopt", "--steps", "1", "--out", str(tmp_path / "c"),
                                               "--lr-mult-range", "10", "1"])
     assert res.exit_code == 2 and "lr_mult_range" in res.output
+
+
+# ======================================================= evaluation against Adam
+
+
+def test_eval_against_adam_is_logged_cached_and_resumes(tmp_path, monkeypatch):
+    """Every evaluation row carries Adam's loss on the same held-out episodes (computed once,
+    so identical in every row and after a resume) and φ's difference to it; evaluating,
+    Adam included, draws nothing from the training generators."""
+    run = {**RUN, "eval_every": 2, "eval_tasks": 2, "eval_steps": 3}
+    calls = []
+    real = T._Trainer._evaluate_adam
+
+    def spy(self):
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(T._Trainer, "_evaluate_adam", spy)
+    ref = meta_train("small_fc_lopt", estimator="tbptt", out_dir=tmp_path / "ref", **run)
+    assert len(calls) == 1  # three evaluations, one Adam unroll
+    rows = [r for r in ref.history if "eval_loss" in r]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    adam = {r["eval_adam_loss"] for r in rows}
+    assert len(adam) == 1 and math.isfinite(adam.pop())
+    for r in rows:
+        assert math.isfinite(r["eval_loss"]) and r["eval_vs_adam"] == r["eval_loss"] - r["eval_adam_loss"]
+    assert len({r["eval_loss"] for r in rows}) > 1  # φ moves, Adam does not
+
+    plain = meta_train("small_fc_lopt", estimator="tbptt", out_dir=tmp_path / "plain", **RUN)
+    assert_same_weights(plain.weights, ref.weights)  # no random number taken from training
+
+    with pytest.raises(Crash):
+        meta_train("small_fc_lopt", estimator="tbptt", out_dir=tmp_path / "b", callback=crash_at(3), **run)
+    got = meta_train("small_fc_lopt", estimator="tbptt", out_dir=tmp_path / "b", resume=True, **run)
+    assert_same_weights(ref.weights, got.weights)
+    assert len(calls) == 3  # recomputed once by the resumed process
+    on_disk = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip([r for r in on_disk if "eval_loss" in r], rows, strict=True):
+        assert (a["eval_adam_loss"], a["eval_vs_adam"], a["eval_loss"]) == \
+            (b["eval_adam_loss"], b["eval_vs_adam"], b["eval_loss"])
+    header, *lines = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
+    assert header.split(",") == T.METRIC_COLUMNS and header.endswith("eval_adam_loss,eval_vs_adam")
+    last = dict(zip(T.METRIC_COLUMNS, lines[-1].split(",")))
+    assert float(last["eval_adam_loss"]) == rows[-1]["eval_adam_loss"]
+
+
+def test_eval_adam_is_adam_on_the_held_out_episodes(tmp_path):
+    """Adam's eval loss is the shipped adam spec's unroll at lr 1e-3 from the episodes' start."""
+    from lopt_gen.meta.unroll import InnerState, unroll
+    from lopt_gen.runtime.engine import get_engine
+    from lopt_gen.spec import load_spec
+
+    res = meta_train(SGD_SPEC, estimator="tbptt", out_dir=tmp_path / "r", eval_every=1, eval_tasks=1, eval_steps=4,
+                     **{**RUN, "steps": 1, "tasks": "quadratic"})
+    g = torch.Generator().manual_seed(RUN["seed"] + 1_000_003)
+    task_seed, inner_seed = T._randint(g), T._randint(g)
+    engine = get_engine(load_spec("adam"))
+    inner = InnerState.start(resolve_tasks("quadratic").make(task_seed), engine, seed=inner_seed)
+    loss, _ = unroll({}, inner, 4, engine, objective="log_relative", lr=1e-3)
+    assert res.history[0]["eval_adam_loss"] == float(loss)
+
+
+def test_resume_upgrades_an_older_metrics_csv(tmp_path):
+    """A run whose metrics.csv predates the Adam columns resumes: its rows are kept under the
+    current header, with the new columns empty."""
+    out = tmp_path / "run"
+    kw = {**RUN, "steps": 4, "eval_every": 2, "eval_tasks": 1, "eval_steps": 2}
+    meta_train(SGD_SPEC, estimator="tbptt", out_dir=out, **kw)
+    old_cols = T.METRIC_COLUMNS[: T.METRIC_COLUMNS.index("eval_final_loss") + 1]
+    rows = list(__import__("csv").DictReader((out / "metrics.csv").read_text().splitlines()))
+    (out / "metrics.csv").write_text(",".join(old_cols) + "\n" + "".join(
+        ",".join(r[c] for c in old_cols) + "\n" for r in rows))
+    meta_train(SGD_SPEC, estimator="tbptt", out_dir=out, resume=True, **{**kw, "steps": 6})
+    header, *lines = (out / "metrics.csv").read_text().splitlines()
+    assert header.split(",") == T.METRIC_COLUMNS
+    assert [x.split(",")[0] for x in lines] == list("123456")
+    assert all(len(x.split(",")) == len(T.METRIC_COLUMNS) for x in lines)
+    by_step = {x.split(",")[0]: dict(zip(T.METRIC_COLUMNS, x.split(","))) for x in lines}
+    assert by_step["2"]["eval_loss"] and not by_step["2"]["eval_adam_loss"]  # an old row
+    assert by_step["6"]["eval_adam_loss"]  # a new one
+
+
+# ============================================== CLI: outer optimizer, clipping, device
+
+
+def _sgd_spec_file(tmp_path):
+    path = tmp_path / "sgd.yaml"
+    path.write_text(spec_from_dict(SGD_SPEC).to_yaml())
+    return str(path)
+
+
+def test_cli_outer_optimizer_and_clip_mode(tmp_path):
+    spec = _sgd_spec_file(tmp_path)
+    base = ["--steps", "1", "--tasks", "quadratic", "--unroll", "2", "--tasks-per-step", "2", "--no-progress",
+            "--seed", "3", "--threads", "1"]
+    out = tmp_path / "sgd"
+    res = CliRunner().invoke(meta_train_cmd, [spec, "--out", str(out), *base, "--outer-optimizer", "sgd",
+                                              "--outer-lr", "1", "--clip", "1e-3", "--clip-mode", "value"])
+    assert res.exit_code == 0, res.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["outer_optimizer"] == "sgd" and run["clip_mode"] == "value" and run["clip"] == 1e-3
+    _, phi = load_weights(out / "weights.safetensors", SGD_SPEC)
+    assert abs(float(phi["param.log_lr"]) + 3.0) == pytest.approx(1e-3, rel=1e-4)  # one SGD step, clamped
+    api = meta_train(SGD_SPEC, estimator="tbptt", out_dir=tmp_path / "api", steps=1, tasks="quadratic",
+                     unroll_length=2, tasks_per_step=2, progress=False, seed=3, num_threads=1,
+                     outer_optimizer="sgd", outer_lr=1.0, clip=1e-3, clip_mode="value")
+    assert_same_weights(api.weights, phi)
+    # defaults are what runs made before these options recorded
+    res = CliRunner().invoke(meta_train_cmd, [spec, "--out", str(tmp_path / "d"), *base])
+    assert res.exit_code == 0, res.output
+    run = json.loads((tmp_path / "d" / "run.json").read_text())
+    assert (run["outer_optimizer"], run["clip_mode"], run["clip"]) == ("adam", "norm", 1.0)
+    assert "device" not in run and run["estimator"]["backend"] == "torch"
+    # another outer optimizer is another run
+    res = CliRunner().invoke(meta_train_cmd, [spec, "--out", str(tmp_path / "d"), *base, "--resume",
+                                              "--outer-optimizer", "rmsprop"])
+    assert res.exit_code == 2 and "outer_optimizer" in res.output
+    res = CliRunner().invoke(meta_train_cmd, ["--help"])
+    assert "--outer-optimizer [adam|rmsprop|sgd]" in res.output and "--clip-mode [norm|value]" in res.output
+    assert "outer Adam" not in res.output
+
+
+def test_cli_rejects_a_negative_clip(tmp_path):
+    for bad in ("-1", "nan"):
+        res = CliRunner().invoke(meta_train_cmd, ["small_fc_lopt", "--steps", "1", "--out", str(tmp_path / "x"),
+                                                  "--clip", bad])
+        assert res.exit_code == 2 and res.output.strip().count("\n") == 0
+        assert res.output.startswith("error: --clip must be >= 0")
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_resume_without_checkpoint_says_a_fresh_run_starts(tmp_path):
+    out = tmp_path / "new"
+    args = [_sgd_spec_file(tmp_path), "--steps", "1", "--out", str(out), "--tasks", "quadratic", "--unroll", "2",
+            "--no-progress", "--threads", "1", "--resume"]
+    res = CliRunner().invoke(meta_train_cmd, args)
+    assert res.exit_code == 0, res.output
+    notes = [x for x in res.output.splitlines() if "fresh run" in x]
+    assert notes == [f"note: --resume found no checkpoint in {out}; starting a fresh run"]
+    res = CliRunner().invoke(meta_train_cmd, args)  # now there is one: no notice
+    assert res.exit_code == 0 and "fresh run" not in res.output
+
+
+def test_cli_device(tmp_path, monkeypatch):
+    spec = _sgd_spec_file(tmp_path)
+    base = ["--steps", "2", "--tasks", "quadratic", "--unroll", "2", "--no-progress", "--threads", "1"]
+    res = CliRunner().invoke(meta_train_cmd, [spec, "--out", str(tmp_path / "cpu"), *base, "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(meta_train_cmd, [spec, "--out", str(tmp_path / "plain"), *base])
+    assert res.exit_code == 0, res.output
+    for name in ("cpu", "plain"):
+        run = json.loads((tmp_path / name / "run.json").read_text())
+        assert "device" not in run and run["estimator"]["backend"] == "torch"
+    a = load_weights(tmp_path / "cpu" / "weights.safetensors")[1]
+    assert_same_weights(a, load_weights(tmp_path / "plain" / "weights.safetensors")[1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for dev, msg in [("cuda", "CUDA is not available"), ("cuda:1", "CUDA is not available"),
+                     ("tpu", "device must be"), ("nonsense", "device must be")]:
+        res = CliRunner().invoke(meta_train_cmd, [spec, "--out", str(tmp_path / "gpu"), *base, "--device", dev])
+        assert res.exit_code == 2 and res.output.strip().count("\n") == 0, res.output
+        assert res.output.startswith("error: ") and msg in res.output
+    assert not (tmp_path / "gpu").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+def test_meta_train_on_cuda(tmp_path, estimator):
+    """φ, tasks and inner states on the GPU (Triton step when available); resumes bitwise."""
+    run = {**RUN, "device": "cuda", "eval_every": 2, "eval_tasks": 2, "eval_steps": 3}
+    ref = meta_train("small_fc_lopt", estimator=estimator, out_dir=tmp_path / "ref", **run)
+    config = json.loads((tmp_path / "ref" / "run.json").read_text())
+    assert config["device"] == "cuda" and config["estimator"]["backend"] in ("triton", "torch")
+    assert all(v.device.type == "cpu" and torch.isfinite(v).all() for v in ref.weights.values())
+    assert all(math.isfinite(r["eval_vs_adam"]) for r in ref.history if "eval_loss" in r)
+    with pytest.raises(Crash):
+        meta_train("small_fc_lopt", estimator=estimator, out_dir=tmp_path / "b", callback=crash_at(3), **run)
+    got = meta_train("small_fc_lopt", estimator=estimator, out_dir=tmp_path / "b", resume=True, **run)
+    assert_same_weights(ref.weights, got.weights)
+    with pytest.raises(CheckpointError, match="device"):  # a CPU resume of a GPU run is another run
+        meta_train("small_fc_lopt", estimator=estimator, out_dir=tmp_path / "b", resume=True,
+                   **{**run, "device": "cpu", "steps": 7})

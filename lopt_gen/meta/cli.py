@@ -5,6 +5,7 @@ Also runnable on its own: ``python -m lopt_gen.meta.cli SPEC --steps N --out DIR
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -33,9 +34,15 @@ __all__ = ["meta_train_cmd"]
               show_default=True, help="meta-objective over an unroll")
 @click.option("--tasks-per-step", type=click.IntRange(min=1), default=4, show_default=True,
               help="inner episodes averaged per meta-step")
-@click.option("--outer-lr", type=float, default=1e-3, show_default=True, help="learning rate of the outer Adam")
+@click.option("--outer-optimizer", type=click.Choice(["adam", "rmsprop", "sgd"]), default="adam", show_default=True,
+              help="optimizer of the meta-parameters (the outer loop)")
+@click.option("--outer-lr", type=float, default=1e-3, show_default=True,
+              help="learning rate of the outer optimizer (--outer-optimizer)")
 @click.option("--clip", type=float, default=1.0, show_default=True,
-              help="clip the meta-gradient's norm to this (0: no clipping)")
+              help="clip the meta-gradient to this, >= 0 (0: no clipping)")
+@click.option("--clip-mode", type=click.Choice(["norm", "value"]), default="norm", show_default=True,
+              help="norm: scale the meta-gradient down to global norm --clip; value: clamp each element "
+                   "to [-clip, clip]")
 @click.option("--particles", "num_particles", type=click.IntRange(min=1), default=8, show_default=True,
               help="ES/PES: antithetic pairs per task")
 @click.option("--sigma", type=float, default=0.01, show_default=True, help="ES/PES: perturbation scale")
@@ -49,29 +56,40 @@ __all__ = ["meta_train_cmd"]
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="evaluate on held-out episodes")
 @click.option("--init-weights", type=click.Path(dir_okay=False, exists=True), default=None,
               help="start from these weights instead of the spec's initialisation")
+@click.option("--device", default="cpu", show_default=True,
+              help="where φ, the tasks and the inner states live: cpu, cuda or cuda:N")
+@click.option("--backend", type=click.Choice(["torch", "triton"]), default=None,
+              help="backend of the learned step (default: Triton on CUDA when available, torch on CPU)")
 @click.option("--threads", "num_threads", type=click.IntRange(min=1), default=None,
               help="torch intra-op threads (default: torch's choice; 1 is often fastest for small tasks)")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def meta_train_cmd(spec, estimator, steps, out_dir, resume, seed, unroll_length, tasks, first_order,
-                   truncation_schedule, schedule_scale, objective, tasks_per_step, outer_lr, clip, num_particles,
-                   sigma, inner_lr, lr_mult_range, checkpoint_every, snapshot_every, eval_every, init_weights, num_threads, no_progress):
+                   truncation_schedule, schedule_scale, objective, tasks_per_step, outer_optimizer, outer_lr, clip,
+                   clip_mode, num_particles, sigma, inner_lr, lr_mult_range, checkpoint_every, snapshot_every,
+                   eval_every, device, backend, init_weights, num_threads, no_progress):
     """Meta-train the learned weights of SPEC (a file or shipped name) and write them to OUT.
 
     OUT/weights.safetensors holds the latest weights (spec embedded); OUT/metrics.jsonl and
     OUT/metrics.csv one row per meta-step; OUT/checkpoints/ what --resume needs."""
     from ..spec import SpecError
     from ..weights import WeightsError
-    from .train import CheckpointError, meta_train
+    from .train import POINTER, CheckpointError, meta_train
 
+    if not clip >= 0:  # also NaN
+        click.echo(f"error: --clip must be >= 0 (0: no clipping), got {clip:g}", err=True)
+        sys.exit(2)
+    if resume and not (Path(out_dir) / POINTER).exists():
+        click.echo(f"note: --resume found no checkpoint in {out_dir}; starting a fresh run", err=True)
     try:
         result = meta_train(spec, estimator=estimator, steps=steps, out_dir=out_dir, seed=seed, tasks=tasks,
                             unroll_length=unroll_length, truncation_schedule=truncation_schedule,
                             schedule_scale=schedule_scale, objective=objective, tasks_per_step=tasks_per_step,
-                            outer_lr=outer_lr, clip=clip or None, num_particles=num_particles, sigma=sigma,
+                            outer_optimizer=outer_optimizer, outer_lr=outer_lr, clip=clip or None,
+                            clip_mode=clip_mode, num_particles=num_particles, sigma=sigma,
                             inner_lr=inner_lr, first_order=first_order, checkpoint_every=checkpoint_every,
                             snapshot_every=snapshot_every, lr_mult_range=lr_mult_range,
                             eval_every=eval_every, init_weights=init_weights, resume=resume,
-                            num_threads=num_threads, progress=not no_progress)
+                            device=device, backend=backend, num_threads=num_threads, progress=not no_progress)
     except (SpecError, WeightsError, CheckpointError, ValueError, KeyError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         click.echo(f"error: {msg}", err=True)

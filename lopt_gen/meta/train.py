@@ -19,6 +19,17 @@ Output folder::
     checkpoints/step_NNNNNNNN/     weights.safetensors (φ, spec embedded) + state.pt
     weights.safetensors            the latest φ, for shipping
 
+**Evaluation.** With ``eval_every``, φ is unrolled on fixed held-out episodes (their own
+generator) and the row gets ``eval_loss``/``eval_final_loss``; Adam (the shipped ``adam``
+spec at lr 1e-3, no φ) is unrolled once on the same episodes, and its ``eval_adam_loss``
+and ``eval_vs_adam`` = ``eval_loss`` − ``eval_adam_loss`` (below 0: φ beats Adam) are
+logged beside them. The episodes are fixed, so Adam's value is computed once per process
+(again after a resume, without touching any training generator).
+
+**Device.** ``device="cuda"`` puts φ, the outer optimizer, every task and inner state on
+the GPU (generators stay on the CPU, so the random draws are those of a CPU run); the
+backend of the step is then Triton when it is available, unless ``backend`` is given.
+
 **Determinism.** Everything random (task draws, schedules, ES noise, minibatches) comes from
 generators seeded by ``seed``; a checkpoint stores all of them together with φ, the outer
 optimizer and every inner state, so ``resume=True`` continues to exactly the weights (bit
@@ -61,7 +72,10 @@ __all__ = [
 CHECKPOINT_FORMAT = "lopt_gen.meta.checkpoint/1"
 POINTER = "checkpoint.json"
 METRIC_COLUMNS = ["step", "meta_loss", "grad_norm", "clipped", "nonfinite", "resets", "diverged",
-                  "inner_steps", "outer_lr", "seconds", "eval_loss", "eval_final_loss"]
+                  "inner_steps", "outer_lr", "seconds", "eval_loss", "eval_final_loss", "eval_adam_loss",
+                  "eval_vs_adam"]  # new columns go at the end: older files are read as a prefix
+#: the baseline of the periodic evaluation: the shipped ``adam`` spec at this learning rate
+EVAL_ADAM_SPEC, EVAL_ADAM_LR = "adam", 1e-3
 # configuration entries a resumed run may change without changing its results
 _RESUMABLE_CHANGES = {"steps", "progress", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_tasks",
                       "eval_steps", "init_weights", "snapshot_every"}
@@ -263,11 +277,16 @@ def _truncate_metrics(out_dir: Path, step: int) -> None:
     cs = out_dir / "metrics.csv"
     if cs.exists():
         rows = list(csv.reader(cs.read_text().splitlines()))
-        keep_rows = [rows[0]] if rows and rows[0] and rows[0][0] == "step" else []
-        for r in rows[1:] if keep_rows else rows:
+        header = rows[0] if rows and rows[0] and rows[0][0] == "step" else None
+        # a file written before columns were added has a shorter header (or rows, if it has none):
+        # its rows are rewritten under the current header, the new columns left empty
+        keep_rows = [METRIC_COLUMNS]
+        for r in rows[1:] if header is not None else rows:
+            cols = header if header is not None else METRIC_COLUMNS[: len(r)]
             try:
-                if r and int(r[0]) <= step and len(r) == len(METRIC_COLUMNS):
-                    keep_rows.append(r)
+                if r and int(r[0]) <= step and len(r) == len(cols):
+                    got = dict(zip(cols, r))
+                    keep_rows.append([got.get(c, "") for c in METRIC_COLUMNS])
             except ValueError:
                 continue
         buf = io.StringIO()
@@ -301,6 +320,39 @@ def _check_lr_mult_range(r) -> tuple[float, float] | None:
     return lo, hi
 
 
+def _check_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} was asked for, but there are {torch.cuda.device_count()} CUDA "
+                             "device(s)")
+    return dev
+
+
+def _pick_backend(backend: str | None, device: torch.device) -> str:
+    """``backend`` if given; else as the optimizer's ``"auto"``: Triton on CUDA when available, torch otherwise."""
+    if backend is not None:
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+        return backend
+    if device.type == "cuda":
+        from ..runtime.triton_runner import ensure_triton
+
+        try:
+            ensure_triton(device)
+            return "triton"
+        except RuntimeError:
+            return "torch"
+    return "torch"
+
+
 def _randint(g: torch.Generator) -> int:
     return int(torch.randint(0, 2**31 - 1, (), generator=g))
 
@@ -310,9 +362,11 @@ class _Trainer:
                  clip, tasks_per_step, objective, first_order, num_particles, sigma, inner_lr,
                  schedule_scale, outer_optimizer, clip_mode, checkpoint_every, keep_checkpoints, eval_every,
                  eval_tasks, eval_steps, init_weights, backend, progress, callback, snapshot_every=None,
-                 lr_mult_range=None):
+                 lr_mult_range=None, device="cpu"):
         from ..runtime.engine import get_engine
 
+        self.device = _check_device(device)
+        backend = _pick_backend(backend, self.device)
         self.spec = load_spec(spec)
         self.engine = get_engine(self.spec)
         if not self.engine.meta:
@@ -356,7 +410,11 @@ class _Trainer:
         }
         if self.lr_mult_range is not None:  # only when set: runs without it keep their old config
             self.config["lr_mult_range"] = list(self.lr_mult_range)
+        if self.device.type != "cpu":  # likewise: CPU runs keep their old config
+            self.config["device"] = self.device.type
         self._eval_set: list[InnerState] | None = None
+        self._eval_seeds: list[int] = []
+        self._eval_adam: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ pieces
     def _make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -374,7 +432,7 @@ class _Trainer:
             lengths = self.schedule.sample(gen)
             inner_seed = _randint(gen)
             try:
-                task = self.source.make(task_seed)
+                task = self._make_task(task_seed)
                 inner = InnerState.start(task, self.engine, seed=inner_seed, lengths=lengths, task_seed=task_seed)
             except ValueError:  # e.g. a task whose initial loss is not finite: draw another
                 continue
@@ -383,6 +441,10 @@ class _Trainer:
                 inner.lr_mult = math.exp(lo + (hi - lo) * float(torch.rand((), generator=gen)))
             return self.estimator.prepare(inner)
         raise RuntimeError(f"could not start an inner episode from task source {self.source.name!r}")
+
+    def _make_task(self, seed: int) -> Task:
+        task = self.source.make(seed)
+        return task if getattr(task, "device", self.device) == self.device else task.to(self.device)
 
     def _initial_phi(self) -> dict[str, torch.Tensor]:
         if self.init_weights is None:
@@ -396,23 +458,42 @@ class _Trainer:
         """Fixed held-out episodes (their own generator: training randomness is untouched)."""
         if self._eval_set is None:
             g = torch.Generator().manual_seed(self.seed + 1_000_003)
-            self._eval_set = []
+            self._eval_set, self._eval_seeds = [], []
             while len(self._eval_set) < self.eval_tasks:
                 task_seed, inner_seed = _randint(g), _randint(g)
                 try:
-                    self._eval_set.append(InnerState.start(self.source.make(task_seed), self.engine,
+                    self._eval_set.append(InnerState.start(self._make_task(task_seed), self.engine,
                                                            seed=inner_seed, task_seed=task_seed))
                 except ValueError:
                     continue
-        phi0 = {k: v.detach() for k, v in phi.items()}
+                self._eval_seeds.append(inner_seed)
+        row = self._eval_unrolls({k: v.detach() for k, v in phi.items()}, self._eval_set, self.engine,
+                                 self.estimator.lr)
+        if self._eval_adam is None:
+            self._eval_adam = self._evaluate_adam()
+        row["eval_adam_loss"] = self._eval_adam["eval_loss"]
+        row["eval_vs_adam"] = row["eval_loss"] - row["eval_adam_loss"]
+        return row
+
+    def _eval_unrolls(self, phi, states: list[InnerState], engine, lr: float) -> dict[str, float]:
         losses, finals = [], []
         with torch.no_grad():
-            for inner in self._eval_set:
-                loss, new = unroll(phi0, inner, self.eval_steps, self.engine, objective=self.objective,
-                                   lr=self.estimator.lr, backend=self.estimator.backend)
+            for inner in states:
+                loss, new = unroll(phi, inner, self.eval_steps, engine, objective=self.objective, lr=lr,
+                                   backend=self.estimator.backend)
                 losses.append(float(loss))
                 finals.append(min(new.last_loss, new.ceiling) if math.isfinite(new.last_loss) else new.ceiling)
         return {"eval_loss": sum(losses) / len(losses), "eval_final_loss": sum(finals) / len(finals)}
+
+    def _evaluate_adam(self) -> dict[str, float]:
+        """Adam on the held-out episodes: the same tasks, initial parameters and minibatches
+        (each episode's own generator, re-seeded), no φ; computed once, as they are fixed."""
+        from ..runtime.engine import get_engine
+
+        engine = get_engine(load_spec(EVAL_ADAM_SPEC))
+        states = [InnerState.start(inner.task, engine, seed=inner_seed, task_seed=inner.task_seed)
+                  for inner, inner_seed in zip(self._eval_set, self._eval_seeds)]
+        return self._eval_unrolls({}, states, engine, EVAL_ADAM_LR)
 
     def _state(self, step, opt, gen, slots) -> dict[str, Any]:
         est = self.estimator
@@ -427,7 +508,7 @@ class _Trainer:
     def _restore_slots(self, saved: list[dict[str, Any]]):
         slots = []
         for item in saved:
-            task = self.source.make(int(item["task_seed"]))
+            task = self._make_task(int(item["task_seed"]))
             try:
                 slots.append(self.estimator.slot_from_state_dict(item["data"], task))
             except (KeyError, TypeError, ValueError) as exc:
@@ -474,7 +555,7 @@ class _Trainer:
             if state.get("spec_hash") != self.spec.spec_hash():
                 raise CheckpointError(f"the checkpoint state in {out} was made for another spec")
             self._check_config(state["config"])
-            phi = {k: torch.nn.Parameter(v.clone()) for k, v in sorted(phi.items())}
+            phi = {k: torch.nn.Parameter(v.clone().to(self.device)) for k, v in sorted(phi.items())}
             opt = self._make_optimizer(list(phi.values()))
             try:
                 opt.load_state_dict(state["optimizer"])
@@ -486,7 +567,8 @@ class _Trainer:
             _truncate_metrics(out, step)
         else:
             step = 0
-            phi = {k: torch.nn.Parameter(v.clone()) for k, v in sorted(self._initial_phi().items())}
+            phi = {k: torch.nn.Parameter(v.clone().to(self.device))
+                   for k, v in sorted(self._initial_phi().items())}
             opt = self._make_optimizer(list(phi.values()))
             slots = [self._new_slot(gen) for _ in range(self.tasks_per_step)]
             for name in ("metrics.jsonl", "metrics.csv"):
@@ -545,7 +627,7 @@ class _Trainer:
                     self.callback(step, row)
         finally:
             bar.close()
-        weights = {k: v.detach().clone() for k, v in phi.items()}
+        weights = {k: v.detach().clone().cpu() for k, v in phi.items()}
         path = out / "weights.safetensors"
         if not path.exists():
             save_weights(path, self.spec, weights)
@@ -560,9 +642,9 @@ def meta_train(spec, *, estimator: str | Estimator = "tbptt", steps: int, out_di
                num_particles: int = 8, sigma: float = 0.01, inner_lr: float = 1.0, schedule_scale: float = 1.0,
                outer_optimizer: str = "adam", clip_mode: str = "norm", checkpoint_every: int = 10,
                keep_checkpoints: int = 2, eval_tasks: int = 4, eval_steps: int | None = None,
-               init_weights: str | Path | dict | None = None, backend: str = "torch",
+               init_weights: str | Path | dict | None = None, backend: str | None = None,
                num_threads: int | None = None, snapshot_every: int | None = None,
-               lr_mult_range: tuple[float, float] | None = None,
+               lr_mult_range: tuple[float, float] | None = None, device: str | torch.device = "cpu",
                callback: Callable[[int, dict], None] | None = None) -> MetaTrainResult:
     """Meta-train the meta-parameters of ``spec`` for ``steps`` outer steps (see the module docstring).
 
@@ -577,15 +659,18 @@ def meta_train(spec, *, estimator: str | Estimator = "tbptt", steps: int, out_di
     and at the end; ``resume=True`` continues the run in ``out_dir`` from its last
     checkpoint (``steps`` may be raised; other settings must match). ``eval_every``
     evaluates φ on ``eval_tasks`` fixed episodes of ``eval_steps`` steps (default
-    4·``unroll_length``). ``num_threads`` sets torch's intra-op threads for the run (and
+    4·``unroll_length``), beside Adam at lr 1e-3 on the same episodes (``eval_adam_loss``,
+    ``eval_vs_adam``). ``num_threads`` sets torch's intra-op threads for the run (and
     restores them after): inner problems are tiny, and one thread is often fastest.
     ``snapshot_every`` keeps the weights of every such meta-step in
     ``out_dir/snapshots/`` (never pruned), for choosing a checkpoint afterwards with
     :func:`lopt_gen.meta.validate.validate_many` (``lopt-gen select``). ``lr_mult_range=(low,
     high)`` draws a multiplier of the inner ``lr`` per episode, log-uniformly in that range,
     so the optimizer is meta-trained to cope with the learning rate a user runs it at
-    (default: none, every episode at ``inner_lr``). ``callback(step, metrics)`` runs after every
-    meta-step.
+    (default: none, every episode at ``inner_lr``). ``device``: where φ, the tasks and the inner
+    states live (``"cpu"``, ``"cuda"``, ``"cuda:N"``); ``backend`` of the learned step:
+    ``"torch"`` or ``"triton"`` (default: Triton on CUDA when it is available, else torch).
+    ``callback(step, metrics)`` runs after every meta-step.
     """
     trainer = _Trainer(spec, estimator=estimator, out_dir=out_dir, seed=seed, tasks=tasks,
                        unroll_length=unroll_length, truncation_schedule=truncation_schedule, outer_lr=outer_lr,
@@ -594,7 +679,8 @@ def meta_train(spec, *, estimator: str | Estimator = "tbptt", steps: int, out_di
                        outer_optimizer=outer_optimizer, clip_mode=clip_mode, checkpoint_every=checkpoint_every,
                        keep_checkpoints=keep_checkpoints, eval_every=eval_every, eval_tasks=eval_tasks,
                        eval_steps=eval_steps, init_weights=init_weights, backend=backend, progress=progress,
-                       callback=callback, snapshot_every=snapshot_every, lr_mult_range=lr_mult_range)
+                       callback=callback, snapshot_every=snapshot_every, lr_mult_range=lr_mult_range,
+                       device=device)
     if num_threads is None:
         return trainer.run(int(steps), bool(resume))
     before = torch.get_num_threads()
