@@ -10,6 +10,9 @@ if str(ROOT) not in sys.path:
 
 # every kernel test runs in the Triton interpreter on CPU tensors
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# every buffer a kernel writes starts as NaN (lopt_gen.runtime.engine.kernel_buffer), so that an
+# element a kernel fails to write fails the comparison it reaches; read when lopt_gen is imported
+os.environ.setdefault("LOPT_GEN_POISON", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,7 @@
 """Triton backend (run in the Triton interpreter on CPU): the kernels' step equals the torch step."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -7,7 +9,15 @@ import lopt_gen
 from lopt_gen import LearnedOptimizer, get_engine, load_spec, shipped_specs
 
 SHAPES = [(1,), (7,), (1023,), (3, 5, 7), (2, 3, 4, 5), ()]
-STEPS = {"hrnn": 12, "l2l_lstm": 12}
+STEPS = 20
+# Parameters and states are compared at rtol 1e-5, atol 1e-6, except hrnn's GRU hidden states
+# (per element, per tensor, global), compared at atol 1e-5: after 20 steps each fp32 backend is
+# about 2e-6 away from the same step computed in fp64 (on net.h0, torch 1.9e-6 and the kernels
+# 2.8e-6; on tensor_rnn.h 1.4e-6 and 2.1e-6), in different directions, so the two differ by up
+# to 4e-6.  The kernels are about as accurate as the torch step, which is itself less accurate
+# than atol 1e-6 there (measured by running the torch step in fp64; a seed drawn afresh, hash(),
+# gave other data every run before: the seed is now fixed).
+STATE_ATOL = {("hrnn", "net.h0"): 1e-5, ("hrnn", "tensor_rnn.h"): 1e-5, ("hrnn", "global_rnn.h"): 1e-5}
 
 
 def _non_contiguous(g):
@@ -19,7 +29,7 @@ def _non_contiguous(g):
 @pytest.mark.parametrize("name", sorted(shipped_specs()))
 def test_triton_trajectory_equals_torch(name):
     lr = {"adam": 1e-2, "adamw": 1e-2, "rmsprop": 1e-2, "sgd_momentum": 1e-2}.get(name)
-    _trajectories_agree(name, SHAPES, STEPS.get(name, 20), seed=hash(name) % 1000, weight_seed=2, lr=lr,
+    _trajectories_agree(name, SHAPES, STEPS, seed=zlib.crc32(name.encode()) % 1000, weight_seed=2, lr=lr,
                         non_contiguous=True)
 
 
@@ -35,8 +45,8 @@ def test_triton_trajectory_with_shape_groups_equals_torch(name):
 
 def _trajectories_agree(name, shapes, steps, seed, weight_seed, lr=None, non_contiguous=False):
     """In-place steps of the Triton and the torch optimizer from the same start agree: the
-    parameters after every step, every state at the end (odd steps may hand the Triton
-    optimizer non-contiguous gradients)."""
+    parameters after every step, every state (global ones too) at the end (odd steps may hand
+    the Triton optimizer non-contiguous gradients)."""
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=gen) for s in shapes]
     a = [p.clone().requires_grad_() for p in params]
@@ -53,9 +63,13 @@ def _trajectories_agree(name, shapes, steps, seed, weight_seed, lr=None, non_con
         ob.step()
         for x, y in zip(a, b):
             torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-5, atol=1e-6)
-    for x, y in zip(a, b):
-        for k in oa.state[x]:
-            torch.testing.assert_close(ob.state[y][k], oa.state[x][k], rtol=1e-4, atol=1e-5, msg=k)
+    pairs = [(oa.state[x], ob.state[y]) for x, y in zip(a, b)]
+    if "__global__" in oa.state:
+        pairs.append((oa.state["__global__"], ob.state["__global__"]))
+    for sa, sb in pairs:
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=STATE_ATOL.get((name, k), 1e-6), msg=k)
     assert ob.backend == "triton" and oa.backend == "torch"
 
 
@@ -78,7 +92,9 @@ def test_functional_triton_step_writes_every_output(name):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     for sa, sb in zip(tt, tx):
         for k in sa:
-            torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5, msg=k)
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in gt:
+        torch.testing.assert_close(gx[k], gt[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_triton_nonfinite_gradient_skips_tensor():

@@ -135,11 +135,52 @@ def test_backward_kernels_in_chunks_of_programs(monkeypatch):
     _assert_close(whole, chunked, rtol=1e-5)
 
 
-def test_backward_kernels_are_deterministic():
-    a = _grads("adam", [(3, 5), (2000,), ()], steps=2, backend="triton", triton_backward="kernels")
-    b = _grads("adam", [(3, 5), (2000,), ()], steps=2, backend="triton", triton_backward="kernels")
+class _SumsInAnotherOrder:
+    """A backward kernel whose programs' weight partial sums are permuted (among the programs)
+    after it runs: the same numbers, added up in another order, as atomics would."""
+
+    def __init__(self, launch, gen):
+        self.kernel, self.gen = launch.bkernel, gen
+        self.cols = [k for k, s in enumerate(launch.slots) if s[0] == "weight"]
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.kernel[grid](*args, **kwargs)
+            gpart = args[5]
+            perm = torch.randperm(gpart.shape[0], generator=self.gen)
+            gpart[:, self.cols] = gpart[perm][:, self.cols]
+
+        return run
+
+
+@pytest.mark.parametrize("name,shapes,steps", [
+    ("adam", [(3, 5), (2000,), ()], 2),
+    # meta-parameters: the weight partial sums of four programs, added up in a fixed order
+    ("mulo", [(3, 5), (2100,)], 1),
+    ("small_fc_lopt", [(3, 5), (2100,)], 1),
+])
+def test_backward_kernels_are_deterministic(monkeypatch, name, shapes, steps):
+    a = _grads(name, shapes, steps=steps, backend="triton", triton_backward="kernels")
+    b = _grads(name, shapes, steps=steps, backend="triton", triton_backward="kernels")
     for k in a:
         assert (a[k] is None and b[k] is None) or torch.equal(a[k], b[k]), k
+    meta = get_engine(load_spec(name)).meta
+    if not meta:
+        return
+    assert all(a[k] is not None and a[k].abs().max() > 0 for k in meta), "every meta-parameter gets a gradient"
+    # the comparison is bit for bit: the same sums in another order already differ
+    from lopt_gen.runtime import triton_runner
+
+    real, gen = triton_runner._Launch.backward, torch.Generator().manual_seed(0)
+
+    def reordered(self, *args):
+        self.bkernel = _SumsInAnotherOrder(self, gen)
+        return real(self, *args)
+
+    monkeypatch.setattr(triton_runner._Launch, "backward", reordered)
+    c = _grads(name, shapes, steps=steps, backend="triton", triton_backward="kernels")
+    assert any(not torch.equal(a[k], c[k]) for k in meta)
+    _assert_close(a, c, rtol=1e-5)
 
 
 def test_a_stage_without_backward_kernels_falls_back_to_the_torch_backward(monkeypatch):

@@ -82,6 +82,29 @@ def _scalar(value, device) -> torch.Tensor:
     return torch.full((), float(value), dtype=torch.float64, device=device)
 
 
+#: Whether :func:`kernel_buffer` poisons what it allocates (``LOPT_GEN_POISON=1``, which the
+#: test suite sets): read at every allocation, so a test may switch it with ``monkeypatch``.
+POISON_KERNEL_OUTPUTS = os.environ.get("LOPT_GEN_POISON", "0") == "1"
+
+
+def kernel_buffer(shape, dtype=torch.float32, device=None, poison=None) -> torch.Tensor:
+    """A buffer that a kernel is to write, every element of it: outputs, scratch values,
+    per-program partial sums, adjoints.  ``torch.empty`` unless poisoning is on (``poison``, by
+    default :data:`POISON_KERNEL_OUTPUTS`); then it starts as NaN (an integer buffer as the
+    dtype's smallest value), so an element the kernel fails to write shows up in the results."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_KERNEL_OUTPUTS if poison is None else poison:
+        poison_(out)
+    return out
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with NaN (integers: the dtype's smallest value; booleans: True), in place."""
+    if t.is_floating_point() or t.is_complex():
+        return t.fill_(float("nan"))
+    return t.fill_(True if t.dtype == torch.bool else torch.iinfo(t.dtype).min)
+
+
 _ALLOCATOR_PRIMED = False
 
 
@@ -457,11 +480,13 @@ class Engine:
         """Where the final Triton kernel writes: in place, or into new tensors (functional)."""
         p = params[i]
         elem_keys = [w["state"] for w in self.info["writes"] if w["level"] == "elem"]
-        if inplace:  # the runner writes through a copy when p is not fp32 and contiguous
+        if inplace:  # the runner writes through a copy when p is not fp32 and contiguous (or poisoning is on)
             return p, {k: tstates[i][k] for k in elem_keys}
-        # poisoned: an element the kernel fails to write shows up as NaN
-        out_p = torch.full(pl.shape, float("nan"), dtype=torch.float32, device=p.device)
-        outs = {k: torch.full_like(tstates[i][k], float("nan")) for k in elem_keys}
+        # poisoned whatever LOPT_GEN_POISON says (as before it): an element the kernel fails to
+        # write shows up as NaN, also in `lopt-gen check` runs without gradients
+        out_p = kernel_buffer(pl.shape, torch.float32, p.device, poison=True)
+        outs = {k: kernel_buffer(tstates[i][k].shape, tstates[i][k].dtype, p.device, poison=True)
+                for k in elem_keys}
         coll["__p__"] = [out_p]
         for k, v in outs.items():
             coll[k] = [v]

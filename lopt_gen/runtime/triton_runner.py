@@ -9,12 +9,14 @@ Triton interpreter, which must be selected before Triton is first imported
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
 import torch
 
-from .engine import _shape_groups
+from . import engine as _engine
+from .engine import _shape_groups, kernel_buffer
 
 MAX_RANK = 4
 INTERPRETER_BLOCK = 1024
@@ -299,14 +301,17 @@ class TritonRunner:
             if desc[0] != "scratch":
                 continue
             for positions in groups:
-                buf = torch.empty((len(positions), items[positions[0]].pl.numel), dtype=torch.float32, device=device)
+                buf = kernel_buffer((len(positions), items[positions[0]].pl.numel), torch.float32, device)
                 group_scratch.setdefault(desc[1], []).append((positions, buf))
                 for b, k in enumerate(positions):
                     scratches[k][desc[1]] = buf[b]
-        for it, scratch in zip(items, scratches):
+        # poisoning (tests): every output is written through a poisoned copy, cut from one
+        # buffer per dtype, so that the fills do not grow with the number of tensors
+        pooled = _poisoned_outputs(items, meta, device) if _engine.POISON_KERNEL_OUTPUTS else None
+        for k, (it, scratch) in enumerate(zip(items, scratches)):
             row = []
             for desc in meta["args"]:
-                buf = self._buffer(desc, it, scratch, fixups)
+                buf = self._buffer(desc, it, scratch, fixups, None if pooled is None else pooled.get((k, desc)))
                 keep.append(buf)
                 row.append(buf.data_ptr())
             ptr_rows.append(row or [0])
@@ -318,11 +323,11 @@ class TritonRunner:
         with torch.no_grad():
             hv = _host_values_table(items, meta["hv"], device)
         nred = max(1, len(meta["reductions"]))
-        part = torch.empty((n_progs, nred), dtype=torch.float32, device=device)
+        part = kernel_buffer((n_progs, nred), torch.float32, device)
         weights = [phi[m].detach().float().contiguous() for m in meta["weights"]]
         kernel[(n_progs,)](ptrs, info, prog_table, hv, part, *weights, N_PTR=n_ptr, N_HV=n_hv, BLOCK=block)
-        for tmp, dst in fixups:
-            dst.copy_(tmp.view(dst.shape).to(dst.dtype))
+        if fixups:  # one multi-tensor copy (each converts to its destination's dtype)
+            torch._foreach_copy_([dst for _, dst in fixups], [tmp.view(dst.shape) for tmp, dst in fixups])
         return _launch_sums(meta, part, items, info[:, 0], spans, None, group_scratch.__getitem__)
 
     def _run_differentiable(self, stage_index, items, phi):
@@ -359,8 +364,9 @@ class TritonRunner:
                             launch.tensor_of, scratch.__getitem__, differentiable=True)
 
     @staticmethod
-    def _buffer(desc, it, scratch, fixups):
-        """The buffer behind one pointer slot: fp32 and contiguous, or a copy that is written back."""
+    def _buffer(desc, it, scratch, fixups, poisoned=None):
+        """The buffer behind one pointer slot: fp32 and contiguous, or a copy that is written back
+        (``poisoned``, the poisoned copy of an output, if given)."""
         kind = desc[0]
         pl = it.pl
         device = it.p.device
@@ -376,12 +382,37 @@ class TritonRunner:
         if kind in ("out_param", "out_state"):
             dst = it.out_param if kind == "out_param" else it.out_states[desc[1]]
             want = torch.float32 if kind == "out_param" else dst.dtype
-            if dst.is_contiguous() and dst.dtype == want:
+            if poisoned is None and dst.is_contiguous() and dst.dtype == want:
                 return dst
-            tmp = torch.empty(dst.shape, dtype=want, device=device)
+            tmp = kernel_buffer(dst.shape, want, device) if poisoned is None else poisoned
             fixups.append((tmp, dst))
             return tmp
         raise ValueError(f"unknown kernel buffer kind {kind!r}")  # pragma: no cover
+
+
+def _poisoned_outputs(items, meta, device) -> dict:
+    """``{(item position, desc): buffer}``: a poisoned buffer for every output a launch writes,
+    views of one poisoned allocation per dtype.  Under poisoning even in-place outputs are
+    written there and then copied, so that an element the kernel skips shows up as NaN instead
+    of keeping its old value."""
+    wanted = []
+    for k, it in enumerate(items):
+        for desc in meta["args"]:
+            if desc[0] == "out_param":
+                wanted.append(((k, desc), it.out_param.shape, torch.float32))
+            elif desc[0] == "out_state":
+                dst = it.out_states[desc[1]]
+                wanted.append(((k, desc), dst.shape, dst.dtype))
+    totals: dict = {}
+    for _, shape, dtype in wanted:
+        totals[dtype] = totals.get(dtype, 0) + math.prod(shape)
+    flat = {dtype: kernel_buffer(n, dtype, device) for dtype, n in totals.items()}
+    out, at = {}, dict.fromkeys(totals, 0)
+    for key, shape, dtype in wanted:
+        n = math.prod(shape)
+        out[key] = flat[dtype][at[dtype]:at[dtype] + n].view(shape)
+        at[dtype] += n
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -492,10 +523,10 @@ class _Launch:
                 if d[0] in _INPUT_KINDS:
                     buf = per_item[t][d]
                 elif d[0] == "scratch":
-                    buf = torch.empty(pl.numel, dtype=torch.float32, device=self.device)
+                    buf = kernel_buffer(pl.numel, torch.float32, self.device)
                 else:
                     shape, dtype = self.out_like[t][d]
-                    buf = torch.empty(shape, dtype=dtype, device=self.device)
+                    buf = kernel_buffer(shape, dtype, self.device)
                 mine[d] = buf
                 keep.append(buf)
                 row.append(buf.data_ptr())
@@ -503,7 +534,7 @@ class _Launch:
             outs.append(mine)
         ptrs, info, prog_table = self._tables(rows)
         nred = max(1, len(self.meta["reductions"]))
-        part = torch.empty((self.n_progs, nred), dtype=torch.float32, device=self.device)
+        part = kernel_buffer((self.n_progs, nred), torch.float32, self.device)
         ws = [weights[m].detach().float().contiguous() for m in self.meta["weights"]]
         self.kernel[(self.n_progs,)](ptrs, info, prog_table, hv.detach().contiguous(), part, *ws,
                                         N_PTR=max(1, len(self.meta["args"])), N_HV=hv.shape[1], BLOCK=self.block)
@@ -533,11 +564,11 @@ class _Launch:
                 elif kind == "seed_scratch":
                     g = g_of.get(("scratch", d[1]))
                     buf = torch.zeros(pl.numel, device=dev) if g is None else g.float().reshape(-1).contiguous()
-                elif kind == "grad_state":
+                elif kind == "grad_state":  # every element is written, as below
                     shape, _ = self.state_like[t][d[1]]
-                    buf = torch.zeros(shape, dtype=torch.float32, device=dev)
+                    buf = kernel_buffer(shape, torch.float32, dev)
                 else:  # grad_input, grad_rowcol: every element is written
-                    buf = torch.empty(pl.numel, dtype=torch.float32, device=dev)
+                    buf = kernel_buffer(pl.numel, torch.float32, dev)
                 mine[d] = buf
                 keep.append(buf)
                 row.append(buf.data_ptr())
@@ -552,12 +583,12 @@ class _Launch:
         # run in consecutive chunks, each chunk's sums added to the totals in order
         nslot = max(1, len(gpart_slots))
         chunk = max(1, min(self.n_progs, GPART_BUDGET // nslot))
-        hv_part = torch.empty((self.n_progs, len(cols)), dtype=torch.float32, device=dev)
+        hv_part = kernel_buffer((self.n_progs, len(cols)), torch.float32, dev)
         totals = torch.zeros(nslot, dtype=torch.float32, device=dev)
         hv_c = hv.detach().contiguous()
         for a in range(0, self.n_progs, chunk):
             b = min(self.n_progs, a + chunk)
-            gpart = torch.empty((b - a, nslot), dtype=torch.float32, device=dev)
+            gpart = kernel_buffer((b - a, nslot), torch.float32, dev)
             self.bkernel[(b - a,)](ptrs, info, prog_table[a:b], hv_c, dpart[a:b], gpart, *ws,
                                    N_PTR=max(1, len(self.bmeta["args"])), N_HV=hv.shape[1], BLOCK=self.block)
             if cols:

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .engine import kernel_buffer
+
 #: rows a program of :func:`segment_sum_kernel` reads at a time
 ROWS = 64
 
@@ -36,7 +38,7 @@ def segment_sums(part: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
     """``(tensors, slots)``: row ``t`` is the sum of ``part[spans[t, 0]:spans[t, 1]]``."""
     part = part.float().contiguous()
     n, slots = spans.shape[0], part.shape[1]
-    out = torch.empty((n, slots), dtype=torch.float32, device=part.device)
+    out = kernel_buffer((n, slots), torch.float32, part.device)
     if n:
         segment_sum_kernel[(n,)](part, spans, out, SLOTS=slots, SLOTS_P2=triton.next_power_of_2(slots), ROWS=ROWS)
     return out
