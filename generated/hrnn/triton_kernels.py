@@ -554,7 +554,7 @@ def stage2_kernel(
         tl.load(_w_head_bias + 2)
         + tl.sum(_h_new16 * tops.weight_row(_w_head_weight, 10, 2, 0, 10, 16)[None, :], axis=1)
     )
-    step_log_lr = tl.minimum(tl.maximum(_head_out109 + _log_lr_old, -33.0), 33.0)
+    step_log_lr = tops.minimum(tops.maximum(_head_out109 + _log_lr_old, -33.0), 33.0)
     _phi_shortcut_0 = tl.load(_hv_ptr + 40)
     _phi_shortcut_1 = tl.load(_hv_ptr + 41)
     _phi_shortcut_2 = tl.load(_hv_ptr + 42)

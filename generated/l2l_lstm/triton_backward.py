@@ -360,7 +360,7 @@ def stage0_backward_kernel(
     _grad_g_ptr = tl.load(ptrs + _t * N_PTR + 91).to(tl.pointer_type(tl.float32))
     _grad_p_ptr = tl.load(ptrs + _t * N_PTR + 92).to(tl.pointer_type(tl.float32))
     g = tl.load(_g_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
-    log_magnitude = tl.where(tl.abs(g) >= 4.5399929762484854e-05, 0.1 * tl.log(tl.maximum(tl.abs(g), 4.5399929762484854e-05)), -1.0)
+    log_magnitude = tl.where(tl.abs(g) >= 4.5399929762484854e-05, 0.1 * tl.log(tops.maximum(tl.abs(g), 4.5399929762484854e-05)), -1.0)
     sign_or_scaled = tl.where(tl.abs(g) >= 4.5399929762484854e-05, tops.sign(g), g * 22026.465794806718)
     _tile1 = tops.load_tile(_st_net_h0, _numel, _offs, _mask, 20, 32)
     _gate_i2 = tops.weight_vec(_w_lstm_0_bias, 0, 20, 32)[None, :] + tl.zeros((BLOCK, 32), dtype=tl.float32)
@@ -692,7 +692,7 @@ def stage0_backward_kernel(
     _adj__u1 = _seed__p_new * p
     _col101 = tops.column(_d_x93, 0, 16)
     _col102 = tops.column(_d_x93, 1, 16)
-    _adj_g = _col101 * tl.where(tl.abs(g) >= 4.5399929762484854e-05, (0.1 * tl.where(tl.abs(g) >= 4.5399929762484854e-05, 1.0, 0.0) * tops.sign(g)) / tl.maximum(tl.abs(g), 4.5399929762484854e-05), 0.0) + _col102 * tl.where(tl.abs(g) >= 4.5399929762484854e-05, 0.0, 22026.465794806718)
+    _adj_g = _col101 * tl.where(tl.abs(g) >= 4.5399929762484854e-05, (0.1 * tl.where(tl.abs(g) >= 4.5399929762484854e-05, 1.0, 0.0) * tops.sign(g)) / tops.maximum(tl.abs(g), 4.5399929762484854e-05), 0.0) + _col102 * tl.where(tl.abs(g) >= 4.5399929762484854e-05, 0.0, 22026.465794806718)
     _adj_lr = -_seed__p_new * _update
     _adj_p = _seed__p_new * _u1
     _col103 = tops.column(_d_c_prev92, 0, 32)

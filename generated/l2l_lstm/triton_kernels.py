@@ -80,7 +80,7 @@ def stage0_kernel(
     _out_net_h1 = tl.load(ptrs + _t * N_PTR + 9).to(tl.pointer_type(tl.float32))
     _out_net_c1 = tl.load(ptrs + _t * N_PTR + 10).to(tl.pointer_type(tl.float32))
     g = tl.load(_g_ptr + _offs, mask=_mask, other=0.0).to(tl.float32)
-    log_magnitude = tl.where(tl.abs(g) >= 4.5399929762484854e-05, 0.1 * tl.log(tl.maximum(tl.abs(g), 4.5399929762484854e-05)), -1.0)
+    log_magnitude = tl.where(tl.abs(g) >= 4.5399929762484854e-05, 0.1 * tl.log(tops.maximum(tl.abs(g), 4.5399929762484854e-05)), -1.0)
     sign_or_scaled = tl.where(tl.abs(g) >= 4.5399929762484854e-05, tops.sign(g), g * 22026.465794806718)
     _tile1 = tops.load_tile(_st_net_h0, _numel, _offs, _mask, 20, 32)
     _gate_i2 = tops.weight_vec(_w_lstm_0_bias, 0, 20, 32)[None, :] + tl.zeros((BLOCK, 32), dtype=tl.float32)

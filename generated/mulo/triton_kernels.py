@@ -435,10 +435,10 @@ def stage2_kernel(
     _dense1 += f_fac_mom_0[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 25, 32, 32)[None, :]
     _dense1 += f_fac_mom_1[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 26, 32, 32)[None, :]
     _dense1 += f_fac_mom_2[:, None] * tops.weight_col(_w_mlp_0_weight, 39, 0, 27, 32, 32)[None, :]
-    _dense1 = tl.maximum(_dense1, 0.0)
+    _dense1 = tops.relu(_dense1)
     _dense2 = tops.weight_vec(_w_mlp_1_bias, 0, 32, 32)[None, :] + tl.zeros((BLOCK, 32), dtype=tl.float32)
     _dense2 += tops.matmul(_dense1, _w_mlp_1_weight, 32, 0, 0, 32, 32, 32, 32, True)
-    _dense2 = tl.maximum(_dense2, 0.0)
+    _dense2 = tops.relu(_dense2)
     _mlp_2_out131 = (
         tl.load(_w_mlp_2_bias + 0)
         + tl.sum(_dense2 * tops.weight_row(_w_mlp_2_weight, 32, 0, 0, 32, 32)[None, :], axis=1)

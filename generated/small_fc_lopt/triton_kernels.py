@@ -408,7 +408,7 @@ def stage2_kernel(
     f_col_rsqrt_0 = tl.load(_col_f_col_rsqrt_0 + _col_idx, mask=_mask, other=0.0)
     f_col_rsqrt_1 = tl.load(_col_f_col_rsqrt_1 + _col_idx, mask=_mask, other=0.0)
     f_col_rsqrt_2 = tl.load(_col_f_col_rsqrt_2 + _col_idx, mask=_mask, other=0.0)
-    _mlp_0_out67 = tl.maximum((
+    _mlp_0_out67 = tops.relu((
         _mlp_0_out67_bias
         + tl.load(_w_mlp_0_weight + 0) * f_grad
         + tl.load(_w_mlp_0_weight + 1) * f_param
@@ -438,9 +438,9 @@ def stage2_kernel(
         + tl.load(_w_mlp_0_weight + 25) * f_fac_mom_0
         + tl.load(_w_mlp_0_weight + 26) * f_fac_mom_1
         + tl.load(_w_mlp_0_weight + 27) * f_fac_mom_2
-    ), 0.0)
+    ))
     _mlp_0_out68_bias = tl.load(_hv_ptr + 25)
-    _mlp_0_out68 = tl.maximum((
+    _mlp_0_out68 = tops.relu((
         _mlp_0_out68_bias
         + tl.load(_w_mlp_0_weight + 39) * f_grad
         + tl.load(_w_mlp_0_weight + 40) * f_param
@@ -470,9 +470,9 @@ def stage2_kernel(
         + tl.load(_w_mlp_0_weight + 64) * f_fac_mom_0
         + tl.load(_w_mlp_0_weight + 65) * f_fac_mom_1
         + tl.load(_w_mlp_0_weight + 66) * f_fac_mom_2
-    ), 0.0)
+    ))
     _mlp_0_out69_bias = tl.load(_hv_ptr + 26)
-    _mlp_0_out69 = tl.maximum((
+    _mlp_0_out69 = tops.relu((
         _mlp_0_out69_bias
         + tl.load(_w_mlp_0_weight + 78) * f_grad
         + tl.load(_w_mlp_0_weight + 79) * f_param
@@ -502,9 +502,9 @@ def stage2_kernel(
         + tl.load(_w_mlp_0_weight + 103) * f_fac_mom_0
         + tl.load(_w_mlp_0_weight + 104) * f_fac_mom_1
         + tl.load(_w_mlp_0_weight + 105) * f_fac_mom_2
-    ), 0.0)
+    ))
     _mlp_0_out70_bias = tl.load(_hv_ptr + 27)
-    _mlp_0_out70 = tl.maximum((
+    _mlp_0_out70 = tops.relu((
         _mlp_0_out70_bias
         + tl.load(_w_mlp_0_weight + 117) * f_grad
         + tl.load(_w_mlp_0_weight + 118) * f_param
@@ -534,35 +534,35 @@ def stage2_kernel(
         + tl.load(_w_mlp_0_weight + 142) * f_fac_mom_0
         + tl.load(_w_mlp_0_weight + 143) * f_fac_mom_1
         + tl.load(_w_mlp_0_weight + 144) * f_fac_mom_2
-    ), 0.0)
-    _mlp_1_out71 = tl.maximum((
+    ))
+    _mlp_1_out71 = tops.relu((
         tl.load(_w_mlp_1_bias + 0)
         + tl.load(_w_mlp_1_weight + 0) * _mlp_0_out67
         + tl.load(_w_mlp_1_weight + 1) * _mlp_0_out68
         + tl.load(_w_mlp_1_weight + 2) * _mlp_0_out69
         + tl.load(_w_mlp_1_weight + 3) * _mlp_0_out70
-    ), 0.0)
-    _mlp_1_out72 = tl.maximum((
+    ))
+    _mlp_1_out72 = tops.relu((
         tl.load(_w_mlp_1_bias + 1)
         + tl.load(_w_mlp_1_weight + 4) * _mlp_0_out67
         + tl.load(_w_mlp_1_weight + 5) * _mlp_0_out68
         + tl.load(_w_mlp_1_weight + 6) * _mlp_0_out69
         + tl.load(_w_mlp_1_weight + 7) * _mlp_0_out70
-    ), 0.0)
-    _mlp_1_out73 = tl.maximum((
+    ))
+    _mlp_1_out73 = tops.relu((
         tl.load(_w_mlp_1_bias + 2)
         + tl.load(_w_mlp_1_weight + 8) * _mlp_0_out67
         + tl.load(_w_mlp_1_weight + 9) * _mlp_0_out68
         + tl.load(_w_mlp_1_weight + 10) * _mlp_0_out69
         + tl.load(_w_mlp_1_weight + 11) * _mlp_0_out70
-    ), 0.0)
-    _mlp_1_out74 = tl.maximum((
+    ))
+    _mlp_1_out74 = tops.relu((
         tl.load(_w_mlp_1_bias + 3)
         + tl.load(_w_mlp_1_weight + 12) * _mlp_0_out67
         + tl.load(_w_mlp_1_weight + 13) * _mlp_0_out68
         + tl.load(_w_mlp_1_weight + 14) * _mlp_0_out69
         + tl.load(_w_mlp_1_weight + 15) * _mlp_0_out70
-    ), 0.0)
+    ))
     _mlp_2_out75 = (
         tl.load(_w_mlp_2_bias + 0)
         + tl.load(_w_mlp_2_weight + 0) * _mlp_1_out71

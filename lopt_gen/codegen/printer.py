@@ -198,11 +198,12 @@ class TritonPrinter(ExprPrinter):
         sympy.sign: "tops.sign",
         Sigmoid: "tops.sigmoid",
     }
-    SQRT, RSQRT, WHERE, MAXIMUM, MINIMUM, POW = "tl.sqrt", "tl.rsqrt", "tl.where", "tl.maximum", "tl.minimum", \
-        "tops.pow_"
+    # tops.maximum / tops.minimum propagate NaN as torch.maximum / torch.minimum do
+    SQRT, RSQRT, WHERE, MAXIMUM, MINIMUM, POW = "tl.sqrt", "tl.rsqrt", "tl.where", "tops.maximum", \
+        "tops.minimum", "tops.pow_"
 
     def clamp(self, x, lo, hi):
-        return f"tl.maximum({x}, {lo})" if lo is not None else f"tl.minimum({x}, {hi})"
+        return f"tops.maximum({x}, {lo})" if lo is not None else f"tops.minimum({x}, {hi})"
 
     def condition(self, c) -> str:
         # a condition hoisted out of the kernel arrives as a number (1.0 / 0.0)
@@ -212,4 +213,4 @@ class TritonPrinter(ExprPrinter):
 
     def clip_st(self, x, lo, hi):
         # forward value only: the straight-through gradient lives in the backward pass
-        return f"tl.minimum(tl.maximum({x}, {lo}), {hi})"
+        return f"tops.minimum(tops.maximum({x}, {lo}), {hi})"

@@ -221,7 +221,7 @@ class _KBody:
             raise TypeError(f"no Triton rule for {type(node).__name__} in per-element code")
 
     def _act(self, x: str, act: str) -> str:
-        return {"none": x, "relu": f"tl.maximum({x}, 0.0)", "tanh": f"tops.tanh({x})",
+        return {"none": x, "relu": f"tops.relu({x})", "tanh": f"tops.tanh({x})",
                 "sigmoid": f"tops.sigmoid({x})", "silu": f"tops.silu({x})", "gelu": f"tops.gelu({x})"}[act]
 
     def emit_dense(self, n: Dense) -> None:

@@ -45,6 +45,24 @@ def sigmoid(x):
 
 
 @triton.jit
+def maximum(x, y):
+    """``torch.maximum``: NaN if either is NaN (``tl.maximum`` alone returns the other one)."""
+    return tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def minimum(x, y):
+    """``torch.minimum``: NaN if either is NaN."""
+    return tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def relu(x):
+    """``torch.relu``: 0 below zero, ``x`` otherwise, so NaN stays NaN (and -0.0 stays -0.0)."""
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
 def pow_(x, y):
     """``x ** y`` as ``torch.pow`` computes it: a negative base is defined for an integer
     exponent (negative for odd ones) and NaN otherwise, and ``x ** 0 == 1``.  Derivatives of
