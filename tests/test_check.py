@@ -192,3 +192,20 @@ def test_strided_and_bfloat16_inputs_reach_the_step(monkeypatch):
     assert all(d == [torch.float32] and c == [True] for d, c in seen)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         assert_backends_agree("adam", [(3,)], dtype=torch.float16)
+
+
+def test_the_comparison_poisons_kernel_buffers_and_restores_the_setting(monkeypatch):
+    """Users' `lopt-gen check` runs poison what the kernels write, as the suite does, without
+    LOPT_GEN_POISON; the global setting is put back afterwards."""
+    import lopt_gen.runtime.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "POISON_KERNEL_OUTPUTS", False)
+    calls = []
+    real = engine_mod.poison_
+    # the functional step's outputs are always poisoned; scratch, partial sums and adjoints
+    # only while the setting is on
+    monkeypatch.setattr(engine_mod, "poison_",
+                        lambda t: calls.append(engine_mod.POISON_KERNEL_OUTPUTS) or real(t))
+    assert_backends_agree("mulo", [(3, 4), (5,)], steps=1)
+    assert any(calls), "no buffer was poisoned under the setting"
+    assert engine_mod.POISON_KERNEL_OUTPUTS is False
