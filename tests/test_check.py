@@ -78,6 +78,20 @@ def test_random_specs_triton_equals_torch(d, seed):
     _agree(d, seed)
 
 
+def _fp32_exact(d) -> bool:
+    """A spec whose tolerance is not widened: float32 state and exact fp32 products."""
+    net = d.get("network") or {}
+    return d.get("state_dtype", "float32") == "float32" and net.get("matmul_precision", "ieee") == "ieee"
+
+
+@settings(max_examples=8, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(d=specs().filter(_fp32_exact), seed=st.integers(0, 2 ** 16))
+def test_random_specs_agree_over_20_step_trajectories_at_1e_5(d, seed):
+    """Any valid fp32 spec: 20 steps of the Triton kernels stay within 1e-5 (relative to each
+    tensor's largest value, plus 1e-6) of the torch step, in every parameter and state."""
+    assert_backends_agree(spec_from_dict(d), [(7,), (3, 5), ()], seed=seed, steps=20, gradients=False, rtol=1e-5)
+
+
 @pytest.mark.slow
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(d=specs(), seed=st.integers(0, 2 ** 16))
