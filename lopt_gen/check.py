@@ -90,7 +90,7 @@ def assert_backends_agree(spec, shapes, seed: int = 0, steps: int = 3, gradients
     the CPU from ``seed`` and moved there, so a seed means the same example everywhere.
     ``dtype`` is the parameters' and gradients' dtype (float32 or bfloat16; the step computes
     in float32 either way); with ``noncontiguous`` every gradient of rank 1 or more is a
-    strided view. :func:`lopt_gen.testing.optimizer_inputs` draws these arguments."""
+    strided view (non-contiguous unless it has a single element). :func:`lopt_gen.testing.optimizer_inputs` draws these arguments."""
     spec = load_spec(spec)
     engine = get_engine(spec)
     device = torch.device(device)
@@ -177,7 +177,8 @@ def check_spec(spec, max_examples: int = 10, steps: int = 3, gradients: bool = T
     """Property-test the backends of ``spec`` on ``device`` over random inputs from
     :func:`lopt_gen.testing.optimizer_inputs`: 1 to 3 tensors of rank 0 to 4 (dims up to 9),
     seeds, learning rates, contiguous or strided gradients, and bfloat16 parameters too when
-    ``bfloat16`` is set. Every example runs ``steps`` steps."""
+    ``bfloat16`` is set. Every example runs ``steps`` steps (the strategy's own step count is
+    replaced, so that ``lopt-gen check --steps`` means what it says)."""
     from hypothesis import HealthCheck, given, settings
 
     from .testing import optimizer_inputs

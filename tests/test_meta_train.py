@@ -509,3 +509,10 @@ def test_meta_train_on_cuda(tmp_path, estimator):
     with pytest.raises(CheckpointError, match="device"):  # a CPU resume of a GPU run is another run
         meta_train("small_fc_lopt", estimator=estimator, out_dir=tmp_path / "b", resume=True,
                    **{**run, "device": "cpu", "steps": 7})
+
+
+def test_api_rejects_a_negative_clip(tmp_path):
+    with pytest.raises(ValueError, match="clip must be >= 0"):
+        meta_train(SGD_SPEC, steps=1, out_dir=tmp_path / "run", clip=-1.0)
+    with pytest.raises(ValueError, match="clip must be >= 0"):
+        meta_train(SGD_SPEC, steps=1, out_dir=tmp_path / "run", clip=float("nan"))

@@ -61,6 +61,16 @@ def test_step_reads_nothing_on_the_host(monkeypatch, name, backend):
     assert _reads_in_one_step(monkeypatch, name, backend, "ignore") == []
 
 
+@pytest.mark.parametrize("name", ["adam", "small_fc_lopt", "hrnn"])
+def test_unpoisoned_in_place_step_reads_nothing_on_the_host(monkeypatch, name):
+    """The suite poisons kernel buffers (in-place outputs go through poisoned copies); users'
+    steps do not, and write in place: that path reads nothing on the host either."""
+    import lopt_gen.runtime.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "POISON_KERNEL_OUTPUTS", False)
+    assert _reads_in_one_step(monkeypatch, name, "triton", "ignore") == []
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_the_default_nonfinite_check_is_one_host_read(monkeypatch, backend):
     """``nonfinite="skip"`` (the default) checks the gradients with one read of the flags; it

@@ -159,3 +159,35 @@ def test_a_backward_kernel_that_skips_elements_fails_the_gradient_check(monkeypa
         assert all(k in nan for k in engine_mod.get_engine(load_spec(name)).meta)
     with pytest.raises(AssertionError):
         _assert_close(ref, got)
+
+
+def test_in_place_copies_back_one_dtype_per_multi_tensor_copy(monkeypatch):
+    """A bfloat16 parameter with float32 state: the copies back from the kernels' buffers go
+    out in one `_foreach_copy_` per destination dtype, and the step equals the torch step."""
+    from lopt_gen import LearnedOptimizer
+
+    calls = []
+    real = torch._foreach_copy_
+
+    def spy(dsts, srcs, *args, **kwargs):
+        calls.append({d.dtype for d in dsts})
+        return real(dsts, srcs, *args, **kwargs)
+
+    gen = torch.Generator().manual_seed(5)
+    start = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in [(4, 6), (9,)]]
+    grads = [torch.randn(p.shape, generator=gen).to(torch.bfloat16) for p in start]
+    out = {}
+    for backend in ("torch", "triton"):
+        params = [p.clone().requires_grad_() for p in start]
+        opt = LearnedOptimizer(params, "adam", backend=backend, lr=1e-2)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        if backend == "triton":
+            monkeypatch.setattr(torch, "_foreach_copy_", spy)
+        opt.step()
+        monkeypatch.setattr(torch, "_foreach_copy_", real)
+        out[backend] = [p.detach().float() for p in params]
+    assert calls and all(len(dtypes) == 1 for dtypes in calls), calls
+    assert {torch.bfloat16, torch.float32} <= set().union(*calls)
+    for a, b in zip(out["torch"], out["triton"]):
+        torch.testing.assert_close(b, a, rtol=2 ** -7, atol=1e-6)

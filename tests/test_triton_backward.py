@@ -332,3 +332,15 @@ def test_generated_backward_file(name):
     assert "UNSUPPORTED = {}" in text and "_backward_kernel(" in text
     if name in ("mulo", "l2l_lstm", "small_fc_lopt", "hrnn"):  # layers wider than 8 units use tiles
         assert "tops.outer_sum(" in text and "tops.store_block(" in text
+
+
+def test_state_channels_a_stage_does_not_read_get_a_zero_gradient():
+    """Regression: pass 0 reads only channel 0 of `m`, so its backward kernel stores no adjoint
+    for channel 1; that channel's gradient buffer must start at zero, not be left unwritten."""
+    spec = spec_from_dict(dict(name="partial_state_read", accumulators=[dict(name="m", ema="g", decay=[0.9, 0.99])],
+                               update="m[0] * mean_tensor(old(m)[0] * g) + m[1]"))
+    shapes = [(5, 3), (7,)]
+    ref = _grads(spec, shapes, steps=2, backend="torch")
+    got = _grads(spec, shapes, steps=2, backend="triton", triton_backward="kernels")
+    assert all(v is None or torch.isfinite(v).all() for v in got.values())
+    _assert_close(ref, got)

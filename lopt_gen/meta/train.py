@@ -43,6 +43,7 @@ and referenced; ``checkpoint.json`` records SHA-256 sums so a damaged file is de
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -342,15 +343,9 @@ def _pick_backend(backend: str | None, device: torch.device) -> str:
         if backend not in ("torch", "triton"):
             raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
         return backend
-    if device.type == "cuda":
-        from ..runtime.triton_runner import ensure_triton
+    from ..runtime.triton_runner import auto_backend
 
-        try:
-            ensure_triton(device)
-            return "triton"
-        except RuntimeError:
-            return "torch"
-    return "torch"
+    return auto_backend(device)
 
 
 def _randint(g: torch.Generator) -> int:
@@ -387,6 +382,8 @@ class _Trainer:
             lr=inner_lr, backend=backend, seed=self.seed, num_particles=num_particles, sigma=sigma)
         self.tasks_per_step = int(tasks_per_step)
         self.outer_lr, self.outer_name = float(outer_lr), str(outer_optimizer).lower()
+        if clip is not None and not clip >= 0:  # also NaN
+            raise ValueError(f"clip must be >= 0 (0 or None: no clipping), got {clip}")
         self.clip, self.clip_mode = (None if clip is None or clip <= 0 else float(clip)), clip_mode
         self.checkpoint_every = max(1, int(checkpoint_every))
         self.keep = max(1, int(keep_checkpoints))
@@ -681,11 +678,14 @@ def meta_train(spec, *, estimator: str | Estimator = "tbptt", steps: int, out_di
                        eval_steps=eval_steps, init_weights=init_weights, backend=backend, progress=progress,
                        callback=callback, snapshot_every=snapshot_every, lr_mult_range=lr_mult_range,
                        device=device)
-    if num_threads is None:
-        return trainer.run(int(steps), bool(resume))
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(num_threads))
-    try:
-        return trainer.run(int(steps), bool(resume))
-    finally:
-        torch.set_num_threads(before)
+    # Triton launches on the current CUDA device: make it the run's (cuda:N)
+    on_device = torch.cuda.device(trainer.device) if trainer.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        if num_threads is None:
+            return trainer.run(int(steps), bool(resume))
+        before = torch.get_num_threads()
+        torch.set_num_threads(int(num_threads))
+        try:
+            return trainer.run(int(steps), bool(resume))
+        finally:
+            torch.set_num_threads(before)

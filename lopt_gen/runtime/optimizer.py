@@ -217,20 +217,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
             static_loss.copy_(loss.detach().reshape(()))
 
     def _pick_backend(self, device) -> str:
-        from .triton_runner import ensure_triton
+        from .triton_runner import auto_backend, ensure_triton
 
         if self.backend_choice == "torch":
             return "torch"
         if self.backend_choice == "triton":
             ensure_triton(device)
             return "triton"
-        if device.type == "cuda":  # auto
-            try:
-                ensure_triton(device)
-                return "triton"
-            except RuntimeError:
-                return "torch"
-        return "torch"
+        return auto_backend(device)
 
     def state_dict(self):
         sd = super().state_dict()

@@ -39,6 +39,17 @@ def ensure_triton(device: torch.device) -> None:
         raise RuntimeError("backend='triton' needs the triton package: pip install 'lopt_gen[triton]'") from exc
 
 
+def auto_backend(device: torch.device) -> str:
+    """The backend ``"auto"`` means on ``device``: Triton on CUDA when it can be used, torch otherwise."""
+    if device.type == "cuda":
+        try:
+            ensure_triton(device)
+            return "triton"
+        except RuntimeError:
+            return "torch"
+    return "torch"
+
+
 def _pad4(shape) -> tuple:
     return (1,) * (MAX_RANK - len(shape)) + tuple(shape)
 
@@ -326,8 +337,13 @@ class TritonRunner:
         part = kernel_buffer((n_progs, nred), torch.float32, device)
         weights = [phi[m].detach().float().contiguous() for m in meta["weights"]]
         kernel[(n_progs,)](ptrs, info, prog_table, hv, part, *weights, N_PTR=n_ptr, N_HV=n_hv, BLOCK=block)
-        if fixups:  # one multi-tensor copy (each converts to its destination's dtype)
-            torch._foreach_copy_([dst for _, dst in fixups], [tmp.view(dst.shape) for tmp, dst in fixups])
+        # one multi-tensor copy per destination dtype (a mixed-dtype list is not safe on every
+        # torch version's CUDA path); each converts to its destination's dtype
+        by_dtype: dict = {}
+        for tmp, dst in fixups:
+            by_dtype.setdefault(dst.dtype, []).append((tmp, dst))
+        for pairs in by_dtype.values():
+            torch._foreach_copy_([dst for _, dst in pairs], [tmp.view(dst.shape) for tmp, dst in pairs])
         return _launch_sums(meta, part, items, info[:, 0], spans, None, group_scratch.__getitem__)
 
     def _run_differentiable(self, stage_index, items, phi):
@@ -564,9 +580,11 @@ class _Launch:
                 elif kind == "seed_scratch":
                     g = g_of.get(("scratch", d[1]))
                     buf = torch.zeros(pl.numel, device=dev) if g is None else g.float().reshape(-1).contiguous()
-                elif kind == "grad_state":  # every element is written, as below
+                elif kind == "grad_state":
+                    # zeros, never poisoned: the kernel stores only the channels that have an
+                    # adjoint in this stage, and the others' gradient is 0
                     shape, _ = self.state_like[t][d[1]]
-                    buf = kernel_buffer(shape, torch.float32, dev)
+                    buf = torch.zeros(shape, dtype=torch.float32, device=dev)
                 else:  # grad_input, grad_rowcol: every element is written
                     buf = kernel_buffer(pl.numel, torch.float32, dev)
                 mine[d] = buf
