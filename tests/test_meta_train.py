@@ -516,3 +516,21 @@ def test_api_rejects_a_negative_clip(tmp_path):
         meta_train(SGD_SPEC, steps=1, out_dir=tmp_path / "run", clip=-1.0)
     with pytest.raises(ValueError, match="clip must be >= 0"):
         meta_train(SGD_SPEC, steps=1, out_dir=tmp_path / "run", clip=float("nan"))
+
+
+def test_auto_backend_resumes_with_the_backend_the_run_began_with(tmp_path):
+    """A run begun on the Triton backend (say, on a GPU) and resumed with the default
+    ("auto", which picks torch on this CPU) continues on Triton, to the same weights."""
+    out = tmp_path / "run"
+    ref = tmp_path / "ref"
+    small = {**RUN, "tasks": "quadratic", "tasks_per_step": 1}
+    meta_train(SGD_SPEC, out_dir=ref, backend="triton", **{**small, "steps": 3})
+    meta_train(SGD_SPEC, out_dir=out, backend="triton", **{**small, "steps": 2})
+    res = meta_train(SGD_SPEC, out_dir=out, resume=True, **{**small, "steps": 3})  # backend: auto
+    assert res.step == 3
+    assert json.loads((out / "run.json").read_text())["estimator"]["backend"] == "triton"
+    assert_same_weights(load_weights(out / "weights.safetensors", SGD_SPEC)[1],
+                        load_weights(ref / "weights.safetensors", SGD_SPEC)[1])
+    # an explicit other backend is still refused
+    with pytest.raises(T.CheckpointError, match="backend"):
+        meta_train(SGD_SPEC, out_dir=out, resume=True, backend="torch", **{**small, "steps": 4})

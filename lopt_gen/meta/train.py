@@ -361,6 +361,7 @@ class _Trainer:
         from ..runtime.engine import get_engine
 
         self.device = _check_device(device)
+        self.backend_requested = backend  # None: "auto", which a resume settles as the run began
         backend = _pick_backend(backend, self.device)
         self.spec = load_spec(spec)
         self.engine = get_engine(self.spec)
@@ -514,6 +515,18 @@ class _Trainer:
 
     def _check_config(self, saved_json: str) -> None:
         saved = json.loads(saved_json)
+        was = (saved.get("estimator") or {}).get("backend")
+        if self.backend_requested is None and was in ("torch", "triton") and was != self.estimator.backend:
+            # "auto" chose differently here (Triton importable now, or not): continue as the run began
+            if was == "triton":
+                from ..runtime.triton_runner import ensure_triton
+
+                try:
+                    ensure_triton(self.device)
+                except RuntimeError as exc:
+                    raise CheckpointError(f"the run in {self.out_dir} used the Triton backend: {exc}") from None
+            self.estimator.backend = was
+            self.config["estimator"] = self.estimator.config()
         mine = json.loads(json.dumps(self.config, sort_keys=True, default=_json_default))
         diffs = [k for k in sorted(set(saved) | set(mine))
                  if k not in _RESUMABLE_CHANGES and saved.get(k) != mine.get(k)]
