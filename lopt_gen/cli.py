@@ -113,16 +113,12 @@ def check(spec, examples, steps, no_gradients, bf16, seed, device):
     failing example when the backends disagree."""
     import os
 
-    import torch
+    from .runtime.engine import resolve_device
 
     try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
+        dev = resolve_device(device)
+    except ValueError as exc:
         _fail(f"--device {device!r}: {exc}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        _fail(f"--device {device}: CUDA is not available on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        _fail(f"--device {device}: only cpu and cuda are supported")
     if dev.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from .check import check_spec

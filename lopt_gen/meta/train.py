@@ -58,6 +58,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..runtime.engine import resolve_device
 from ..spec import Spec, load_spec
 from ..weights import WeightsError, load_weights, save_weights
 from .estimators import Estimator, make_estimator
@@ -321,22 +322,6 @@ def _check_lr_mult_range(r) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _check_device(device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was asked for, but CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} was asked for, but there are {torch.cuda.device_count()} CUDA "
-                             "device(s)")
-    return dev
-
-
 def _pick_backend(backend: str | None, device: torch.device) -> str:
     """``backend`` if given; else as the optimizer's ``"auto"``: Triton on CUDA when available, torch otherwise."""
     if backend is not None:
@@ -360,7 +345,7 @@ class _Trainer:
                  lr_mult_range=None, device="cpu"):
         from ..runtime.engine import get_engine
 
-        self.device = _check_device(device)
+        self.device = resolve_device(device)
         self.backend_requested = backend  # None: "auto", which a resume settles as the run began
         backend = _pick_backend(backend, self.device)
         self.spec = load_spec(spec)

@@ -82,6 +82,25 @@ def _scalar(value, device) -> torch.Tensor:
     return torch.full((), float(value), dtype=torch.float64, device=device)
 
 
+def resolve_device(device) -> torch.device:
+    """``device`` as a :class:`torch.device` lopt_gen can run on: ``cpu``, ``cuda`` or an existing
+    ``cuda:N``. Anything else raises ValueError with a one-line reason."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} was asked for, but there are {torch.cuda.device_count()} CUDA "
+                             "device(s)")
+    return dev
+
+
+
 #: Whether :func:`kernel_buffer` poisons what it allocates (``LOPT_GEN_POISON=1``, which the
 #: test suite sets): read at every allocation, so a test may switch it with ``monkeypatch``.
 POISON_KERNEL_OUTPUTS = os.environ.get("LOPT_GEN_POISON", "0") == "1"
