@@ -487,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mlp-tile", type=int, default=None,
                     help="elements per tile of the torch step's MLP chains (lopt_gen.runtime.ops.MLP_TILE; "
                          "default: 8192 per thread)")
+    ap.add_argument("--feature-major", action="store_true",
+                    help="keep the torch step's MLP activations feature-major on the CPU too "
+                         "(lopt_gen.runtime.ops.ELEMENT_MAJOR_MIN_WIDTH = None: the layout before 2026-11-23)")
     ap.add_argument("--profile", default=None, metavar="SPEC@SIZE",
                     help="afterwards, profile the lopt-torch step of SPEC at SIZE (e.g. mulo@4M) "
                          "with cProfile and torch.profiler; writes profile_CONTENDER_SPEC_SIZE.txt")
@@ -536,6 +539,10 @@ def resolve_args(argv=None):
         if args.mlp_tile < 1:
             raise SystemExit("--mlp-tile must be at least 1")
         ops.MLP_TILE = args.mlp_tile
+    if args.feature_major:
+        from lopt_gen.runtime import ops
+
+        ops.ELEMENT_MAJOR_MIN_WIDTH = None
     out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / device.type
     args.out_dir = out
     return args, device

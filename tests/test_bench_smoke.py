@@ -143,3 +143,28 @@ def test_backward_bench_tiny_run_writes_both_modes(tmp_path, monkeypatch):
     with open(tmp_path / "backward_bench.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert row["status"] == "skipped" and "a test" in row["note"]
+
+
+def test_mlp_layout_bench_times_both_layouts_and_restores_the_setting(capsys):
+    from lopt_gen.runtime import ops
+
+    spec = importlib.util.spec_from_file_location("mlp_layout", ROOT / "benchmarks" / "mlp_layout.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    before = ops.ELEMENT_MAJOR_MIN_WIDTH
+    rows = module.main(["--widths", "4,24", "--rows", "6", "--cols", "7", "--reps", "1", "--threads", "1"])
+    assert [r["width"] for r in rows] == [4, 24]
+    assert all(r["feature-major"] > 0 and r["element-major"] > 0 for r in rows)
+    steps = module.main(["--step", "mulo@20k", "--rounds", "1", "--steps", "1", "--threads", "1"])
+    assert [r["layout"] for r in steps] == ["element-major", "feature-major"]
+    assert ops.ELEMENT_MAJOR_MIN_WIDTH == before
+    out = capsys.readouterr().out
+    assert "| 24 |" in out and "| element-major |" in out
+
+
+def test_step_bench_feature_major_option(bench, monkeypatch):
+    from lopt_gen.runtime import ops
+
+    monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", 24)
+    bench.resolve_args(["--device", "cpu", "--feature-major", "--sizes", "10k"])
+    assert ops.ELEMENT_MAJOR_MIN_WIDTH is None

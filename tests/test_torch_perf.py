@@ -212,7 +212,9 @@ def test_tiles_cover_the_chunk_in_order(shape, target):
 
 @pytest.mark.parametrize("shape", [(6, 50), (300,), (4, 3, 20), ()])
 @pytest.mark.parametrize("tile", [1, 7, 64, None])
-def test_tiled_mlp_matches_the_layers_one_by_one(shape, tile):
+@pytest.mark.parametrize("min_width", [1, None], ids=["element-major", "feature-major"])
+def test_tiled_mlp_matches_the_layers_one_by_one(shape, tile, min_width, monkeypatch):
+    monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", min_width)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((5,) + shape, generator=gen)
     w1, w2, w3 = (torch.randn(s, generator=gen) for s in [(7, 9), (7, 7), (2, 7)])
@@ -237,6 +239,53 @@ def test_tiled_mlp_matches_the_layers_one_by_one(shape, tile):
         got = ops.mlp(x, layers, extra=extra, ws=ws, tile=tile)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ops.mlp(x, layers, extra=extra), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("min_width", [1, None], ids=["element-major", "feature-major"])
+@pytest.mark.parametrize("act", ["tanh", "gelu"])
+def test_tiled_mlp_without_biases_and_with_four_layers(min_width, act, monkeypatch):
+    """Layers without a bias (the first one with no extra terms either), an activation that is
+    not applied in place (gelu), and two middle layers: both tile layouts against einsum."""
+    monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", min_width)
+    gen = torch.Generator().manual_seed(5)
+    shape = (9, 13)
+    x = torch.randn((4,) + shape, generator=gen)
+    ws_ = [torch.randn(s, generator=gen) for s in [(6, 4), (5, 6), (6, 5), (3, 6)]]
+    act_fn = {"tanh": torch.tanh, "gelu": torch.nn.functional.gelu}[act]
+    h = x
+    for k, w in enumerate(ws_):
+        h = torch.einsum("of,f...->o...", w, h)
+        if k < len(ws_) - 1:
+            h = act_fn(h)
+    layers = [ops.layer(w, act=act if k < len(ws_) - 1 else "none") for k, w in enumerate(ws_)]
+    ws = ops.Workspace()
+    for tile in (5, 40, None):
+        torch.testing.assert_close(ops.mlp(x, layers, ws=ws, tile=tile), h, rtol=1e-5, atol=1e-5)
+
+
+def test_element_major_layout_is_chosen_by_hidden_width(monkeypatch):
+    """mulo's hidden layers (32 wide) take the element-major buffers, small_fc_lopt's (4 wide)
+    the feature-major ones; either way the step is the same to float rounding."""
+    seen = []
+    take = ops.Workspace.take
+
+    def spy(self, key, *a, **k):
+        seen.append(key)
+        return take(self, key, *a, **k)
+
+    monkeypatch.setattr(ops.Workspace, "take", spy)
+    for name, prefix in (("mulo", "mlp.e"), ("small_fc_lopt", "mlp.h")):
+        engine = lopt_gen.get_engine(load_spec(name))
+        phi = engine.init_weights(seed=2)
+        params, grads = _problem(engine, [(33, 20), (17,)], seed=1)
+        seen.clear()
+        got = _run(engine, phi, [p.clone() for p in params], grads, steps=2)
+        assert any(k.startswith(prefix) for k in seen) and not any(
+            k.startswith("mlp.") and not k.startswith(prefix) for k in seen), (name, sorted(set(seen)))
+        monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", None)
+        want = _run(engine, phi, [p.clone() for p in params], grads, steps=2)
+        monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", 24)
+        _assert_same(got, want)
 
 
 def test_features_of_state_channels_are_a_view_with_a_workspace():

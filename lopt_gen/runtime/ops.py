@@ -49,6 +49,12 @@ _ACT_INPLACE = {
 MLP_TILE_PER_THREAD = 8192
 #: elements per tile; None means ``MLP_TILE_PER_THREAD * torch.get_num_threads()``
 MLP_TILE: int | None = None
+#: On CPU tensors, :func:`mlp`'s tiles keep their hidden activations element-major (``[length,
+#: width]``, see :func:`_tiled_chain`) when every hidden layer is at least this wide; None never
+#: does.  (On a GPU the layout is unchanged: it has not been timed there.)  On a 2-core
+#: AVX-512 CPU a 16 -> h -> h -> 2 chain took the same time both ways at h = 16, 20% less
+#: element-major at h = 32 and 2.4 times as long at h = 4 (benchmarks/RESULTS.md).
+ELEMENT_MAJOR_MIN_WIDTH: int | None = 24
 
 #: below this many elements per value, :func:`features` always copies (checking whether the
 #: values are already one strided block costs more than copying them)
@@ -273,6 +279,15 @@ def _ndindex(shape):
 
 
 def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
+    """:func:`_layer_chain` tile by tile with workspace buffers.
+
+    On the CPU, when there are two or more layers and every hidden one is at least
+    :data:`ELEMENT_MAJOR_MIN_WIDTH` wide, the hidden activations of a tile are element-major,
+    ``[length, width]``: the first layer reads the feature-major input through its transpose
+    (``X.T @ W.T``), the middle layers multiply element-major matrices, and the last layer
+    writes its feature-major output as ``W @ H.T``.  The ``[length, 32] @ [32, 32]`` products
+    run at about the speed of a large matrix multiply, where the same products laid out
+    ``[32, 32] @ [32, length]`` reach little more than half of it (benchmarks/RESULTS.md, "Element-major hidden activations")."""
     n = x2.shape[1]
     out_last = layers[-1][0].shape[0]
     dev, dtype = x2.device, x2.dtype
@@ -282,28 +297,48 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
         varying = list(varying)
         varying[j] = varying[j] + _lead(col, varying[j].dim())
         col = None
-    expanded = [t.to(dtype).expand((t.shape[0],) + shape) for t in varying]
-    biases = [col] + [None if b is None else b.reshape(-1, 1).to(dtype) for _, b, _ in layers[1:]]
+    em = (ELEMENT_MAJOR_MIN_WIDTH is not None and dev.type == "cpu" and len(layers) > 1
+          and min(w.shape[0] for w, _, _ in layers[:-1]) >= ELEMENT_MAJOR_MIN_WIDTH)
+    if em:  # the terms with their output axis last (one copy per call; row and column terms are small)
+        expanded = [t.to(dtype).movedim(0, -1).contiguous().expand(shape + (t.shape[0],)) for t in varying]
+        wts = [w.t().contiguous() for w, _, _ in layers[:-1]]
+        biases = [None if col is None else col.reshape(-1)] + [None if b is None else b.to(dtype)
+                                                               for _, b, _ in layers[1:-1]]
+        b_last = layers[-1][1]
+        b_last = None if b_last is None else b_last.reshape(-1, 1).to(dtype)
+    else:
+        expanded = [t.to(dtype).expand((t.shape[0],) + shape) for t in varying]
+        biases = [col] + [None if b is None else b.reshape(-1, 1).to(dtype) for _, b, _ in layers[1:]]
     for first, last, index in _tiles(shape, tile):
         length = last - first
         h = x2[:, first:last]
         for i, (w, _, act) in enumerate(layers):
             is_last = i == len(layers) - 1
-            dst = result[:, first:last] if is_last else ws.take(f"mlp.h{i}", (w.shape[0], length), dtype, dev)
-            if i == 0 and expanded:
-                box = dst.view((w.shape[0],) + _box_shape(shape, index))
-                sel = (slice(None),) + index
-                if len(expanded) == 1:
-                    box.copy_(expanded[0][sel])
+            if em and is_last:
+                dst = result[:, first:last]
+                if b_last is not None:
+                    torch.addmm(b_last, w, h.t(), out=dst)
                 else:
-                    torch.add(expanded[0][sel], expanded[1][sel], out=box)
-                    for t in expanded[2:]:
-                        box.add_(t[sel])
-                torch.addmm(dst, w, h, out=dst)
-            elif biases[i] is not None:
-                torch.addmm(biases[i], w, h, out=dst)
+                    torch.mm(w, h.t(), out=dst)
+            elif em:
+                dst = ws.take(f"mlp.e{i}", (length, w.shape[0]), dtype, dev)
+                a = h.t() if i == 0 else h  # the first layer reads the feature-major input transposed
+                if i == 0 and expanded:
+                    _sum_terms(dst.view(_box_shape(shape, index) + (w.shape[0],)), expanded, index)
+                    torch.addmm(dst, a, wts[i], out=dst)
+                elif biases[i] is not None:
+                    torch.addmm(biases[i], a, wts[i], out=dst)
+                else:
+                    torch.mm(a, wts[i], out=dst)
             else:
-                torch.mm(w, h, out=dst)
+                dst = result[:, first:last] if is_last else ws.take(f"mlp.h{i}", (w.shape[0], length), dtype, dev)
+                if i == 0 and expanded:
+                    _sum_terms(dst.view((w.shape[0],) + _box_shape(shape, index)), expanded, (slice(None),) + index)
+                    torch.addmm(dst, w, h, out=dst)
+                elif biases[i] is not None:
+                    torch.addmm(biases[i], w, h, out=dst)
+                else:
+                    torch.mm(w, h, out=dst)
             if act != "none":
                 if act in _ACT_INPLACE:
                     _ACT_INPLACE[act](dst)
@@ -311,6 +346,16 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
                     dst.copy_(_ACT[act](dst))
             h = dst
     return result.view((out_last,) + shape)
+
+
+def _sum_terms(box, terms, sel):
+    """``box = sum(t[sel] for t in terms)``, into ``box``."""
+    if len(terms) == 1:
+        box.copy_(terms[0][sel])
+        return
+    torch.add(terms[0][sel], terms[1][sel], out=box)
+    for t in terms[2:]:
+        box.add_(t[sel])
 
 
 def _box_shape(shape, index):

@@ -1,0 +1,125 @@
+"""Time the torch step's MLP chain (``lopt_gen.runtime.ops.mlp`` on the workspace path) with its
+hidden activations feature-major and element-major, over hidden widths.
+
+The chain is the one the generated torch step of small_fc_lopt (width 4) and mulo (width 32)
+runs: a feature-major ``[16, rows, cols]`` input (the per-element features left after the row,
+column and per-tensor ones are folded into biases), one row term and one column term added to
+the first layer, ``16 -> h -> h -> 2`` with ReLU.  Each figure is the median of ``--reps`` calls
+after one warm-up call; the two layouts alternate width by width in one process.
+
+With ``--step SPEC@SIZE`` it times whole torch steps instead (``LearnedOptimizer`` on
+step_bench's transformer-like parameter list), the two layouts alternating round by round in
+one process: each round is one untimed step and the median of ``--steps`` timed ones.
+
+    python benchmarks/mlp_layout.py                       # widths 4..64, 2**18 elements
+    python benchmarks/mlp_layout.py --widths 16,32 --rows 1024 --cols 1024 --threads 1
+    python benchmarks/mlp_layout.py --step mulo@4M --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lopt_gen.runtime import ops  # noqa: E402
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--widths", default="4,8,12,16,24,32,64", help="comma-separated hidden widths")
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--cols", type=int, default=512)
+    ap.add_argument("--inputs", type=int, default=16, help="per-element inputs of the first layer")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--step", default=None, metavar="SPEC@SIZE", help="time whole steps (e.g. mulo@4M)")
+    ap.add_argument("--rounds", type=int, default=5, help="--step: rounds per layout")
+    ap.add_argument("--steps", type=int, default=4, help="--step: timed steps per round")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.step:
+        return time_steps(args)
+    gen = torch.Generator().manual_seed(0)
+    shape = (args.rows, args.cols)
+    x = torch.randn((args.inputs,) + shape, generator=gen)
+    ws = ops.Workspace()
+    saved = ops.ELEMENT_MAJOR_MIN_WIDTH
+    rows = []
+    print(f"# {args.rows}x{args.cols} elements, {args.inputs} inputs, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    print("| hidden width | feature-major ms | element-major ms | element-major / feature-major |")
+    print("|---:|---:|---:|---:|")
+    try:
+        for h in (int(w) for w in args.widths.split(",")):
+            layers = [ops.layer(torch.randn(h, args.inputs, generator=gen), act="relu"),
+                      ops.layer(torch.randn(h, h, generator=gen), bias=torch.randn(h, generator=gen), act="relu"),
+                      ops.layer(torch.randn(2, h, generator=gen), bias=torch.randn(2, generator=gen))]
+            extra = [torch.randn(h, args.rows, 1, generator=gen), torch.randn(h, 1, args.cols, generator=gen)]
+            ms = {}
+            outs = {}
+            for layout, width in (("feature-major", None), ("element-major", 1)):
+                ops.ELEMENT_MAJOR_MIN_WIDTH = width
+                ms[layout] = _median_ms(lambda: ops.mlp(x, layers, extra=extra, ws=ws), args.reps)
+                outs[layout] = ops.mlp(x, layers, extra=extra, ws=ws)
+            torch.testing.assert_close(outs["element-major"], outs["feature-major"], rtol=1e-4, atol=1e-3)
+            row = {"width": h, **ms}
+            rows.append(row)
+            print(f"| {h} | {ms['feature-major']:.2f} | {ms['element-major']:.2f} | "
+                  f"{ms['element-major'] / ms['feature-major']:.2f} |")
+    finally:
+        ops.ELEMENT_MAJOR_MIN_WIDTH = saved
+    return rows
+
+
+def time_steps(args) -> list[dict]:
+    import step_bench  # noqa: E402  (benchmarks/ is this script's folder)
+
+    from lopt_gen import LearnedOptimizer
+
+    spec, _, size = args.step.partition("@")
+    n = step_bench.parse_size(size or "4M")
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in step_bench.model_shapes(n)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt = LearnedOptimizer(params, spec=spec)
+    saved = ops.ELEMENT_MAJOR_MIN_WIDTH
+    layouts = (("element-major", saved if saved is not None else 24), ("feature-major", None))
+    rounds: dict = {name: [] for name, _ in layouts}
+    try:
+        for _ in range(args.rounds):
+            for name, width in layouts:
+                ops.ELEMENT_MAJOR_MIN_WIDTH = width
+                rounds[name].append(_median_ms(opt.step, args.steps))
+    finally:
+        ops.ELEMENT_MAJOR_MIN_WIDTH = saved
+    print(f"# {spec} torch step, {step_bench.size_label(n)} parameters ({len(params)} tensors), "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| layout | median ms per round | median of rounds |")
+    print("|---|---|---:|")
+    for name, values in rounds.items():
+        print(f"| {name} | {', '.join(f'{v:.0f}' for v in values)} | {statistics.median(values):.0f} |")
+    return [{"layout": k, "rounds": v} for k, v in rounds.items()]
+
+
+if __name__ == "__main__":
+    main()
