@@ -10,10 +10,13 @@ after one warm-up call; the two layouts alternate width by width in one process.
 With ``--step SPEC@SIZE`` it times whole torch steps instead (``LearnedOptimizer`` on
 step_bench's transformer-like parameter list), the two layouts alternating round by round in
 one process: each round is one untimed step and the median of ``--steps`` timed ones.
+``--vs copied-rows`` compares instead the generated step with one rendered without writing
+the feature rows in place (its products computed apart, then stacked into the matrix).
 
     python benchmarks/mlp_layout.py                       # widths 4..64, 2**18 elements
     python benchmarks/mlp_layout.py --widths 16,32 --rows 1024 --cols 1024 --threads 1
     python benchmarks/mlp_layout.py --step mulo@4M --rounds 5
+    python benchmarks/mlp_layout.py --step mulo@4M --rounds 8 --vs copied-rows
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--step", default=None, metavar="SPEC@SIZE", help="time whole steps (e.g. mulo@4M)")
     ap.add_argument("--rounds", type=int, default=5, help="--step: rounds per layout")
     ap.add_argument("--steps", type=int, default=4, help="--step: timed steps per round")
+    ap.add_argument("--vs", default="feature-major", choices=("feature-major", "copied-rows"),
+                    help="--step: compare the current step with the feature-major MLP layout, or with "
+                         "the feature rows computed apart and stacked (torch_backend.WRITE_FEATURE_ROWS off)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,23 +108,50 @@ def time_steps(args) -> list[dict]:
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     opt = LearnedOptimizer(params, spec=spec)
-    saved = ops.ELEMENT_MAJOR_MIN_WIDTH
-    layouts = (("element-major", saved if saved is not None else 24), ("feature-major", None))
-    rounds: dict = {name: [] for name, _ in layouts}
+    engine = opt.engine
+    saved_width, saved_module = ops.ELEMENT_MAJOR_MIN_WIDTH, engine.module
+    current = ("element-major" if args.vs == "feature-major" else "rows written in place", saved_width, saved_module)
+    if args.vs == "feature-major":
+        other = ("feature-major", None, saved_module)
+    else:  # the same spec rendered without WRITE_FEATURE_ROWS: its feature rows are computed apart and stacked
+        other = ("rows copied by stacking", saved_width, _module_without_feature_rows(engine.spec))
+    variants = (current, other)
+    rounds: dict = {name: [] for name, _, _ in variants}
     try:
         for _ in range(args.rounds):
-            for name, width in layouts:
+            for name, width, module in variants:
                 ops.ELEMENT_MAJOR_MIN_WIDTH = width
+                engine.module = module
                 rounds[name].append(_median_ms(opt.step, args.steps))
     finally:
-        ops.ELEMENT_MAJOR_MIN_WIDTH = saved
+        ops.ELEMENT_MAJOR_MIN_WIDTH, engine.module = saved_width, saved_module
     print(f"# {spec} torch step, {step_bench.size_label(n)} parameters ({len(params)} tensors), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| layout | median ms per round | median of rounds |")
+    print("| variant | median ms per round | median of rounds |")
     print("|---|---|---:|")
     for name, values in rounds.items():
         print(f"| {name} | {', '.join(f'{v:.0f}' for v in values)} | {statistics.median(values):.0f} |")
     return [{"layout": k, "rounds": v} for k, v in rounds.items()]
+
+
+def _module_without_feature_rows(spec):
+    """The torch step module of ``spec`` rendered with ``WRITE_FEATURE_ROWS = False``."""
+    import tempfile
+
+    from lopt_gen.codegen import torch_backend
+    from lopt_gen.compiler import compile_program
+    from lopt_gen.runtime.loader import _import
+
+    saved = torch_backend.WRITE_FEATURE_ROWS
+    try:
+        torch_backend.WRITE_FEATURE_ROWS = False
+        text = torch_backend.render_torch(compile_program(spec), "<mlp_layout.py>")
+    finally:
+        torch_backend.WRITE_FEATURE_ROWS = saved
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"{spec.name}_rows_copied.py"
+        path.write_text(text)
+        return _import(path, f"mlp_layout_{spec.name}_rows_copied")
 
 
 if __name__ == "__main__":

@@ -157,6 +157,8 @@ def test_mlp_layout_bench_times_both_layouts_and_restores_the_setting(capsys):
     assert all(r["feature-major"] > 0 and r["element-major"] > 0 for r in rows)
     steps = module.main(["--step", "mulo@20k", "--rounds", "1", "--steps", "1", "--threads", "1"])
     assert [r["layout"] for r in steps] == ["element-major", "feature-major"]
+    rows = module.main(["--step", "mulo@20k", "--rounds", "1", "--steps", "1", "--threads", "1", "--vs", "copied-rows"])
+    assert [r["layout"] for r in rows] == ["rows written in place", "rows copied by stacking"]
     assert ops.ELEMENT_MAJOR_MIN_WIDTH == before
     out = capsys.readouterr().out
     assert "| 24 |" in out and "| element-major |" in out

@@ -2,6 +2,7 @@
 subexpressions, feature-major layers, tiled MLP chains, row/column bias folding, reused
 workspaces and the fused non-finite check."""
 
+import inspect
 import math
 import warnings
 
@@ -150,7 +151,8 @@ def test_two_optimizers_share_an_engine_and_its_workspace():
 @pytest.mark.parametrize("name", ["mulo", "small_fc_lopt", "hrnn", "l2l_lstm", "adam", "sgd_momentum"])
 def test_sharing_and_folding_leave_the_step_unchanged(name, tmp_path):
     spec = load_spec(name)
-    plain = Engine(spec, module=_module(spec, tmp_path, "plain", SHARE_SUBEXPRESSIONS=False, FOLD_ROW_COL=False))
+    plain = Engine(spec, module=_module(spec, tmp_path, "plain", SHARE_SUBEXPRESSIONS=False, FOLD_ROW_COL=False,
+                                              WRITE_FEATURE_ROWS=False))
     engine = lopt_gen.get_engine(spec)
     phi = engine.init_weights(seed=5)
     params, grads = _problem(engine, SHAPES, seed=1)
@@ -168,13 +170,75 @@ def test_sharing_leaves_random_specs_unchanged(data, seed):
 
     spec = spec_from_dict(dict(data, state_dtype="float32"))
     with tempfile.TemporaryDirectory() as d:
-        plain = Engine(spec, module=_module(spec, Path(d), "plain", SHARE_SUBEXPRESSIONS=False, FOLD_ROW_COL=False))
+        plain = Engine(spec, module=_module(spec, Path(d), "plain", SHARE_SUBEXPRESSIONS=False, FOLD_ROW_COL=False,
+                                         WRITE_FEATURE_ROWS=False))
         shared = Engine(spec, module=_module(spec, Path(d), "shared"))
     phi = plain.init_weights(seed=seed)
     params, grads = _problem(plain, [(4, 3), (5,), (2, 1, 3)], seed=seed)
     want = _run(plain, phi, [p.clone() for p in params], grads, workspace=False)
     got = _run(shared, phi, [p.clone() for p in params], grads, chunk_elems=5)
     _assert_same(want, got, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mulo", "small_fc_lopt", "hrnn"])
+def test_feature_rows_written_in_place_change_no_bit(name, tmp_path, monkeypatch):
+    """Products written straight into their feature rows (``ops.Rows``) give bitwise the steps of
+    the code that computes them apart and stacks them; and for mulo the 16-row feature matrix
+    really is a view of the rows (no copy) on the workspace path."""
+    spec = load_spec(name)
+    off = Engine(spec, module=_module(spec, tmp_path, "rows_off", WRITE_FEATURE_ROWS=False))
+    engine = lopt_gen.get_engine(spec)
+    assert "ops.Rows(" in inspect.getsource(engine.module)
+    phi = engine.init_weights(seed=4)
+    params, grads = _problem(engine, SHAPES + [(64, 80)], seed=2)
+    seen = []
+    real = ops.features
+
+    def spy(values, ws=None, key="features"):
+        out = real(values, ws=ws, key=key)
+        seen.append((len(values), ws is not None, out.data_ptr() == values[0].data_ptr()))
+        return out
+
+    monkeypatch.setattr(ops, "features", spy)
+    for kw in ({}, {"chunk_elems": 37}, {"workspace": False}):
+        want = _run(off, phi, [p.clone() for p in params], grads, **kw)
+        got = _run(engine, phi, [p.clone() for p in params], grads, **kw)
+        for x, y in zip(got[0] + [v for st_ in got[1] for v in st_.values()],
+                        want[0] + [v for st_ in want[1] for v in st_.values()]):
+            assert torch.equal(x, y)
+    if name == "mulo":
+        big = [view for count, with_ws, view in seen if count == 16 and with_ws]
+        assert big and any(big), "mulo's feature matrix is a view of its rows on the workspace path"
+
+
+def test_rows_write_in_place_and_fall_back():
+    ws = ops.Workspace()
+    a, b = torch.randn(64, 80), torch.randn(64, 80)  # above features()' copy-always size
+    rows = ops.Rows(3, ws, "r")
+    x0 = rows.mul(0, a, b)
+    x1 = rows.mul(1, torch.tensor(2.0), a)
+    x2 = rows.mul(2, a, torch.randn(64, 1))  # broadcast to the row's shape
+    torch.testing.assert_close(x0, a * b, rtol=0, atol=0)
+    torch.testing.assert_close(x1, 2.0 * a, rtol=0, atol=0)
+    m = ops.features([x0, x1, x2], ws=ws, key="m")
+    assert m.data_ptr() == x0.data_ptr() and m.shape == (3, 64, 80), "a view of the rows, no copy"
+    # a product of another shape or dtype is a fresh tensor, and features() stacks
+    odd = rows.mul(1, a[:, :1], torch.randn(64, 1))
+    assert odd.shape == (64, 1) and odd.data_ptr() != x1.data_ptr()
+    wide = rows.mul(1, a.double(), b.double())
+    assert wide.dtype == torch.float64 and not wide.data_ptr() == x1.data_ptr()
+    # put copies a value in (broadcast), and skips one it cannot hold
+    rows.put(1, torch.full((80,), 7.0))
+    assert torch.equal(x1, torch.full((64, 80), 7.0))
+    rows.put(2, torch.ones(4, 4))
+    rows.put(2, torch.ones(64, 80, dtype=torch.float64))
+    torch.testing.assert_close(x2, rows.buf[2], rtol=0, atol=0)
+    assert not torch.equal(x2, torch.ones(64, 80))
+    # without a workspace (autograd) nothing is written in place and gradients flow
+    w = torch.randn(64, 80, requires_grad=True)
+    y = ops.Rows(2, None, "r").mul(0, w, b)
+    y.sum().backward()
+    torch.testing.assert_close(w.grad, b)
 
 
 def test_repeated_subexpressions_are_computed_once():

@@ -20,6 +20,10 @@ What the rendering does beyond printing the IR node by node:
   per row or per column (Adafactor statistics) are multiplied by their weight columns once
   per row / column (``ops.linear`` at that level) and added as broadcast bias terms, so the
   per-element matrix and its matrix multiply shrink to the truly per-element inputs.
+* **Feature rows written in place.**  A product computed only to become one row of a layer's
+  or a cell's feature matrix (mulo's 16 per-element features) is written straight into that
+  row of a workspace buffer (``ops.Rows``), so the matrix is a view, not a copy.  The product
+  is evaluated exactly as ``a * b * ... * z`` would be.
 * **Workspaces.**  Per-element functions take ``ws``: with a :class:`~lopt_gen.runtime.ops.Workspace`
   (the runtime passes one when nothing is differentiated), feature matrices and hidden
   activations reuse buffers across chunks, tensors and steps; with ``ws=None`` every helper
@@ -53,6 +57,8 @@ LINE_WIDTH = 120
 SHARE_SUBEXPRESSIONS = True
 #: fold per-row / per-column inputs of per-element dense layers into broadcast bias terms
 FOLD_ROW_COL = True
+#: write products that only feed a feature matrix straight into its rows (``ops.Rows``)
+WRITE_FEATURE_ROWS = True
 
 
 def _env() -> jinja2.Environment:
@@ -219,6 +225,8 @@ class _Body:
         self.shared_vars: dict = {}  # shared expression -> variable
         self.taken = set(taken) | {_var(n) for n in taken}
         self.skip: set[int] = set()  # ids of nodes already emitted as part of a fused call
+        self.rows: dict = {}  # value -> (matrix group, row): written straight into its feature row
+        self.row_groups: dict = {}  # tuple of a matrix's values -> its group (see plan_rows)
 
     def ref(self, v: str) -> str:
         return self.names.get(v, _var(v))
@@ -260,6 +268,11 @@ class _Body:
         if key in self.matrices:
             return self.matrices[key]
         items = [self.ref(v) for v in values]
+        group = self.row_groups.get(key)
+        if group is not None and group["var"] is not None:  # the other rows are copied in beside them
+            for i, item in enumerate(items):
+                if i not in group["direct"]:
+                    self.lines.append(f'ops.copy_into({group["var"]}, {i}, {item})')
         var = self.fresh(key_hint)
         args = [f'ws=ws, key="{var}"'] if self.ws else []
         one_line = f"{var} = ops.features([{', '.join(items)}]{''.join(', ' + a for a in args)})"
@@ -301,6 +314,17 @@ class _Body:
             self.shared_vars[e] = _var(node.name)
             self.lines.append(f"{_var(node.name)} = {pr.define(e)}")
             return
+        row = self.rows.get(node.name)
+        if row is not None:
+            group, i = row
+            if group["var"] is None:
+                group["var"] = self.fresh_name("rows")
+                self.lines.append(f'{group["var"]} = ops.Rows({group["count"]}, ws, "{group["var"]}")')
+            left, right = _mul_operands(e)
+            a = " * ".join(pr._wrap(x, 20) for x in left)
+            b = pr.doprint(right)
+            self.lines.append(f'{_var(node.name)} = ops.mul_into({group["var"]}, {i}, {a}, {b})')
+            return
         self.lines.append(f"{_var(node.name)} = {pr.doprint(e)}")
 
     def emit(self, node, chain=None) -> None:
@@ -332,16 +356,7 @@ class _Body:
         bias terms computed at their own level."""
         extra: list[str] = []
         tensor_bias = self.features(n.extra_bias, "bias") if n.extra_bias else None
-        by_level: dict[str, list] = {"row": [], "col": []}
-        elem: list = []
-        for c, x in zip(n.cols, n.ins):
-            lv = self.levels.get(x, "elem")
-            if FOLD_ROW_COL and n.level == "elem" and lv in by_level:
-                by_level[lv].append((c, x))
-            else:
-                elem.append((c, x))
-        if not elem:  # nothing per element: keep every input in the matrix
-            elem, by_level = list(zip(n.cols, n.ins)), {"row": [], "col": []}
+        by_level, elem = self._split_inputs(n)
         for lv, items in by_level.items():
             if not items:
                 continue
@@ -357,6 +372,54 @@ class _Body:
             extra.append(tensor_bias)
         cols = tuple(c for c, _ in elem)
         return self.features([x for _, x in elem]), extra, cols
+
+    def _split_inputs(self, n: Dense) -> tuple[dict, list]:
+        """``({"row": [(col, value)], "col": [...]}, [(col, value)])``: with :data:`FOLD_ROW_COL`,
+        the inputs of a per-element layer that vary only per row or per column (folded into bias
+        terms), and the rest, which form the layer's feature matrix."""
+        by_level: dict[str, list] = {"row": [], "col": []}
+        elem: list = []
+        for c, x in zip(n.cols, n.ins):
+            lv = self.levels.get(x, "elem")
+            if FOLD_ROW_COL and n.level == "elem" and lv in by_level:
+                by_level[lv].append((c, x))
+            else:
+                elem.append((c, x))
+        if not elem:  # nothing per element: keep every input in the matrix
+            elem, by_level = list(zip(n.cols, n.ins)), {"row": [], "col": []}
+        return by_level, elem
+
+    def plan_rows(self, nodes, keep) -> None:
+        """With :data:`WRITE_FEATURE_ROWS`, find the products that are computed only to be rows of
+        a layer's or a cell's feature matrix, so that :meth:`emit_let` writes each straight into
+        its row (``ops.Rows``) and the matrix is a view of them instead of a copy."""
+        if not WRITE_FEATURE_ROWS or not self.ws:
+            return
+        readers: dict[str, list] = {}
+        for n in nodes:
+            for d in n.deps:
+                readers.setdefault(d, []).append(n)
+        lets = {n.name: n for n in nodes if isinstance(n, Let)}
+        matrices = []
+        for n in nodes:
+            if isinstance(n, Dense) and n.level == "elem" and id(n) not in self.skip:
+                matrices.append((n, [x for _, x in self._split_inputs(n)[1]]))
+            elif isinstance(n, Cell) and n.level == "elem":
+                matrices.append((n, list(n.x)))
+        for n, values in matrices:
+            if len(values) < 2 or tuple(values) in self.row_groups:
+                continue
+            group = {"count": len(values), "var": None, "direct": set()}
+            for i, x in enumerate(values):
+                let = lets.get(x)
+                if (let is None or let.level != "elem" or x in keep or values.count(x) != 1
+                        or [id(r) for r in readers.get(x, [])] != [id(n)]
+                        or let.expr in self.shared or _mul_operands(let.expr) is None):
+                    continue
+                self.rows[x] = (group, i)
+                group["direct"].add(i)
+            if group["direct"]:
+                self.row_groups[tuple(values)] = group
 
     def emit_dense(self, n: Dense, chain) -> None:
         x, extra, cols = self._first_layer(n)
@@ -406,6 +469,22 @@ class _Body:
             self.lines.append(f"{hv}, {cv} = ops.lstm_cell({x}, {h}, {c}, {w}{extra})")
             self.bind(node.out_h, hv)
             self.bind(node.out_c, cv)
+
+
+def _mul_operands(e):
+    """``(left factors, last factor)`` of a product the torch printer writes as ``a * b * ... * z``
+    (evaluated left to right), so that ``torch.mul(a * b * ..., z, out=row)`` computes the same
+    value with the same roundings; None for anything else (a sum, a quotient, a negation)."""
+    if not isinstance(e, sympy.Mul):
+        return None
+    coeff, _ = e.as_coeff_Mul()
+    if coeff == -1:
+        return None
+    args = list(sympy.Mul.make_args(e))
+    if len(args) < 2 or any(isinstance(a, sympy.Pow) and a.exp.is_Number and a.exp < 0
+                            and a.exp != sympy.Rational(-1, 2) for a in args):
+        return None
+    return args[:-1], args[-1]
 
 
 def _wrapped(items, indent: str, opening: str, closing: str) -> list[str]:
@@ -500,6 +579,9 @@ def _elem_fn(stage, levels, taken) -> dict:
     body = _Body(levels, [n for n in nodes if isinstance(n, Let)], taken, ws=True)
     keep = set(stage.outputs) | {r.arg for r in stage.reductions}
     chains = _mlp_chains(nodes, keep)
+    for chain in chains.values():  # the later layers of a chain are emitted with its first
+        body.skip.update(id(d) for d in chain[1:])
+    body.plan_rows(nodes, keep)
     for n in nodes:
         body.emit(n, chains.get(id(n)))
     reds: list[tuple[list[str], str, str]] = []
