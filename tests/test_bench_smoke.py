@@ -145,9 +145,16 @@ def test_backward_bench_tiny_run_writes_both_modes(tmp_path, monkeypatch):
     assert row["status"] == "skipped" and "a test" in row["note"]
 
 
-def test_mlp_layout_bench_times_both_layouts_and_restores_the_setting(capsys):
+def test_mlp_layout_bench_times_both_layouts_and_restores_the_setting(capsys, monkeypatch):
+    import sys
+
+    import torch
+
     from lopt_gen.runtime import ops
 
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ on it
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # --threads must not outlive the test
     spec = importlib.util.spec_from_file_location("mlp_layout", ROOT / "benchmarks" / "mlp_layout.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -162,6 +169,7 @@ def test_mlp_layout_bench_times_both_layouts_and_restores_the_setting(capsys):
     assert ops.ELEMENT_MAJOR_MIN_WIDTH == before
     out = capsys.readouterr().out
     assert "| 24 |" in out and "| element-major |" in out
+    assert torch.get_num_threads() == threads
 
 
 def test_step_bench_feature_major_option(bench, monkeypatch):

@@ -1900,10 +1900,9 @@ def elem_stage_1(V, phi, dims, ws=None):
     scaled_1 = torch.asinh(acc_1 * torch.rsqrt(ms_1 + 1e-16))
     scaled_2 = torch.asinh(acc_2 * torch.rsqrt(ms_2 + 1e-16))
     scaled_3 = torch.asinh(acc_3 * torch.rsqrt(ms_3 + 1e-16))
-    _rows = ops.Rows(12, ws, "_rows")
-    grad_products_0 = ops.mul_into(_rows, 4, scaled_0, scaled_1)
-    grad_products_1 = ops.mul_into(_rows, 5, scaled_1, scaled_2)
-    grad_products_2 = ops.mul_into(_rows, 6, scaled_2, scaled_3)
+    grad_products_0 = scaled_0 * scaled_1
+    grad_products_1 = scaled_1 * scaled_2
+    grad_products_2 = scaled_2 * scaled_3
     _log_ms_0 = torch.log(ms_0)
     _log_ms_1 = torch.log(ms_1)
     _log_ms_1_scaled = 0.25 * _log_ms_1
@@ -1926,15 +1925,6 @@ def elem_stage_1(V, phi, dims, ws=None):
          _param_rnn_bias92, _param_rnn_bias93, _param_rnn_bias94, _param_rnn_bias95, _param_rnn_bias96],
         ws=ws, key="_bias3",
     )
-    ops.copy_into(_rows, 0, scaled_0)
-    ops.copy_into(_rows, 1, scaled_1)
-    ops.copy_into(_rows, 2, scaled_2)
-    ops.copy_into(_rows, 3, scaled_3)
-    ops.copy_into(_rows, 7, rel_log_magnitude_0)
-    ops.copy_into(_rows, 8, rel_log_magnitude_1)
-    ops.copy_into(_rows, 9, rel_log_magnitude_2)
-    ops.copy_into(_rows, 10, rel_log_magnitude_3)
-    ops.copy_into(_rows, 11, rel_log_lr)
     _x4 = ops.features(
         [scaled_0, scaled_1, scaled_2, scaled_3, grad_products_0, grad_products_1, grad_products_2, rel_log_magnitude_0,
          rel_log_magnitude_1, rel_log_magnitude_2, rel_log_magnitude_3, rel_log_lr],
@@ -2068,10 +2058,9 @@ def elem_stage_2(V, phi, dims, ws=None):
     scaled_1 = torch.asinh(acc_1 * torch.rsqrt(ms_1 + 1e-16))
     scaled_2 = torch.asinh(acc_2 * torch.rsqrt(ms_2 + 1e-16))
     scaled_3 = torch.asinh(acc_3 * torch.rsqrt(ms_3 + 1e-16))
-    _rows = ops.Rows(12, ws, "_rows")
-    grad_products_0 = ops.mul_into(_rows, 4, scaled_0, scaled_1)
-    grad_products_1 = ops.mul_into(_rows, 5, scaled_1, scaled_2)
-    grad_products_2 = ops.mul_into(_rows, 6, scaled_2, scaled_3)
+    grad_products_0 = scaled_0 * scaled_1
+    grad_products_1 = scaled_1 * scaled_2
+    grad_products_2 = scaled_2 * scaled_3
     _log_ms_0 = torch.log(ms_0)
     _log_ms_1 = torch.log(ms_1)
     _log_ms_1_scaled = 0.25 * _log_ms_1
@@ -2094,15 +2083,6 @@ def elem_stage_2(V, phi, dims, ws=None):
          _param_rnn_bias92, _param_rnn_bias93, _param_rnn_bias94, _param_rnn_bias95, _param_rnn_bias96],
         ws=ws, key="_bias3",
     )
-    ops.copy_into(_rows, 0, scaled_0)
-    ops.copy_into(_rows, 1, scaled_1)
-    ops.copy_into(_rows, 2, scaled_2)
-    ops.copy_into(_rows, 3, scaled_3)
-    ops.copy_into(_rows, 7, rel_log_magnitude_0)
-    ops.copy_into(_rows, 8, rel_log_magnitude_1)
-    ops.copy_into(_rows, 9, rel_log_magnitude_2)
-    ops.copy_into(_rows, 10, rel_log_magnitude_3)
-    ops.copy_into(_rows, 11, rel_log_lr)
     _x4 = ops.features(
         [scaled_0, scaled_1, scaled_2, scaled_3, grad_products_0, grad_products_1, grad_products_2, rel_log_magnitude_0,
          rel_log_magnitude_1, rel_log_magnitude_2, rel_log_magnitude_3, rel_log_lr],

@@ -226,7 +226,6 @@ class _Body:
         self.taken = set(taken) | {_var(n) for n in taken}
         self.skip: set[int] = set()  # ids of nodes already emitted as part of a fused call
         self.rows: dict = {}  # value -> (matrix group, row): written straight into its feature row
-        self.row_groups: dict = {}  # tuple of a matrix's values -> its group (see plan_rows)
 
     def ref(self, v: str) -> str:
         return self.names.get(v, _var(v))
@@ -268,11 +267,6 @@ class _Body:
         if key in self.matrices:
             return self.matrices[key]
         items = [self.ref(v) for v in values]
-        group = self.row_groups.get(key)
-        if group is not None and group["var"] is not None:  # the other rows are copied in beside them
-            for i, item in enumerate(items):
-                if i not in group["direct"]:
-                    self.lines.append(f'ops.copy_into({group["var"]}, {i}, {item})')
         var = self.fresh(key_hint)
         args = [f'ws=ws, key="{var}"'] if self.ws else []
         one_line = f"{var} = ops.features([{', '.join(items)}]{''.join(', ' + a for a in args)})"
@@ -390,9 +384,9 @@ class _Body:
         return by_level, elem
 
     def plan_rows(self, nodes, keep) -> None:
-        """With :data:`WRITE_FEATURE_ROWS`, find the products that are computed only to be rows of
-        a layer's or a cell's feature matrix, so that :meth:`emit_let` writes each straight into
-        its row (``ops.Rows``) and the matrix is a view of them instead of a copy."""
+        """With :data:`WRITE_FEATURE_ROWS`, find the feature matrices (of a layer or a cell) whose
+        every row is a product computed only to be that row, so that :meth:`emit_let` writes each
+        straight into its row (``ops.Rows``) and the matrix is a view of them instead of a copy."""
         if not WRITE_FEATURE_ROWS or not self.ws:
             return
         readers: dict[str, list] = {}
@@ -407,7 +401,7 @@ class _Body:
             elif isinstance(n, Cell) and n.level == "elem":
                 matrices.append((n, list(n.x)))
         for n, values in matrices:
-            if len(values) < 2 or tuple(values) in self.row_groups:
+            if len(values) < 2 or any(x in self.rows for x in values):
                 continue
             group = {"count": len(values), "var": None, "direct": set()}
             for i, x in enumerate(values):
@@ -418,8 +412,9 @@ class _Body:
                     continue
                 self.rows[x] = (group, i)
                 group["direct"].add(i)
-            if group["direct"]:
-                self.row_groups[tuple(values)] = group
+            if len(group["direct"]) < len(values):  # a copied row would make the matrix a copy anyway
+                for x in values:
+                    self.rows.pop(x, None)
 
     def emit_dense(self, n: Dense, chain) -> None:
         x, extra, cols = self._first_layer(n)
@@ -474,7 +469,8 @@ class _Body:
 def _mul_operands(e):
     """``(left factors, last factor)`` of a product the torch printer writes as ``a * b * ... * z``
     (evaluated left to right), so that ``torch.mul(a * b * ..., z, out=row)`` computes the same
-    value with the same roundings; None for anything else (a sum, a quotient, a negation)."""
+    value with the same roundings; None for anything else (a sum, a quotient, a negation, or a
+    product whose last factor the printer expands into a product itself)."""
     if not isinstance(e, sympy.Mul):
         return None
     coeff, _ = e.as_coeff_Mul()
@@ -484,7 +480,10 @@ def _mul_operands(e):
     if len(args) < 2 or any(isinstance(a, sympy.Pow) and a.exp.is_Number and a.exp < 0
                             and a.exp != sympy.Rational(-1, 2) for a in args):
         return None
-    return args[:-1], args[-1]
+    last = args[-1]
+    if isinstance(last, sympy.Pow) and last.exp.is_Integer and 2 <= int(last.exp) <= 4:
+        return None  # printed as `x * x`: `a * x * x` is `(a * x) * x`, not `a * (x * x)`
+    return args[:-1], last
 
 
 def _wrapped(items, indent: str, opening: str, closing: str) -> list[str]:

@@ -154,13 +154,11 @@ class Rows:
     """The rows of one feature matrix, written as they are computed.
 
     ``rows.mul(i, a, b)`` (``mul_into`` in generated code) is ``a * b``, written into row ``i``
-    of a workspace buffer of ``count`` rows (allocated at the first call, with the shape and
-    dtype of that product); ``rows.put(i, x)`` (``copy_into``) copies a value computed
-    elsewhere into row ``i``.  When all the values
-    of a :func:`features` call are in the buffer, they form one strided block and the matrix is
-    a view of the buffer instead of a copy.  Without a workspace
-    (``ws=None``: autograd) or when a product's shape or dtype differs from the buffer's,
-    ``mul`` returns a fresh tensor, and :func:`features` stacks as usual."""
+    of a workspace buffer of ``count`` rows (allocated at the first call, with the shape, dtype
+    and device of that product).  When every value of a :func:`features` call was written this
+    way, they form one strided block and the matrix is a view of the buffer instead of a copy.
+    Without a workspace (``ws=None``: autograd), or for a product whose shape or dtype differs
+    from the buffer's, ``mul`` returns a fresh tensor, and :func:`features` stacks as usual."""
 
     __slots__ = ("count", "ws", "key", "buf")
 
@@ -172,15 +170,6 @@ class Rows:
         """``a * b``, written into row ``i`` where it fits (see the class)."""
         return torch.mul(a, b, out=self._row(i, a, b))
 
-    def put(self, i: int, x) -> None:
-        """Copy ``x`` (a value computed elsewhere) into row ``i``, when the buffer exists and ``x``
-        has its dtype; otherwise leave it to :func:`features` to stack."""
-        if self.buf is not None and isinstance(x, torch.Tensor) and x.dtype == self.buf.dtype:
-            try:
-                self.buf[i].copy_(x)
-            except RuntimeError:  # not broadcastable to the row: features() stacks instead
-                pass
-
     def _row(self, i, a, b):
         if self.ws is None:
             return None
@@ -189,7 +178,8 @@ class Rows:
             shape, dtype = buf.shape[1:], buf.dtype
             for x, y in ((a, b), (b, a)):
                 if (isinstance(x, torch.Tensor) and x.shape == shape and x.dtype == dtype
-                        and (not isinstance(y, torch.Tensor) or y.dim() == 0 or y.dtype == dtype)):
+                        and (not isinstance(y, torch.Tensor) or y.dim() == 0
+                             or (y.dtype == dtype and _broadcasts_into(y.shape, shape)))):
                     return buf[i]
         ta, tb = isinstance(a, torch.Tensor), isinstance(b, torch.Tensor)
         if not (ta or tb):
@@ -197,22 +187,25 @@ class Rows:
         shape = torch.broadcast_shapes(a.shape, b.shape) if ta and tb else (a if ta else b).shape
         dtype = torch.result_type(a, b)
         if buf is None:
-            device = (a if ta else b).device
+            tensors = [x for x in (a, b) if isinstance(x, torch.Tensor)]
+            device = max(tensors, key=lambda x: x.dim()).device  # not a 0-dim scalar's
             self.buf = buf = self.ws.take(self.key, (self.count,) + tuple(shape), dtype, device)
         elif buf.shape[1:] != shape or buf.dtype != dtype:
             return None
         return buf[i]
 
 
+def _broadcasts_into(small, big) -> bool:
+    """Whether broadcasting shape ``small`` against ``big`` gives ``big``."""
+    if len(small) > len(big):
+        return False
+    return all(s == 1 or s == b for s, b in zip(reversed(small), reversed(big)))
+
+
 def mul_into(rows: Rows, i: int, a, b):
     """``a * b``, written into row ``i`` of ``rows`` where it fits (generated code's spelling of
     :meth:`Rows.mul`, so that it calls only ``torch`` and ``ops``)."""
     return rows.mul(i, a, b)
-
-
-def copy_into(rows: Rows, i: int, x) -> None:
-    """:meth:`Rows.put`: copy ``x`` into row ``i`` of ``rows`` where it fits."""
-    rows.put(i, x)
 
 
 def _weight(weight, rows, cols):
