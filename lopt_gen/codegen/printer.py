@@ -121,8 +121,10 @@ class ExprPrinter:
         if x.is_Number and float(x) == -0.5:
             return f"{self.RSQRT}({self.doprint(b)})", 100
         if x.is_Number and float(x) in (0.5, 0.25, 0.125):
-            # (repeated) square roots, correctly rounded, rather than exp(y * log(x)), whose
-            # fast device versions err by several units in the last place
+            # (repeated) square roots rather than exp(y * log(x)), whose fast device versions
+            # err by several units in the last place.  torch's sqrt is correctly rounded; Triton's
+            # tl.sqrt is too in the interpreter, but on an NVIDIA GPU it is the fast approximate
+            # one (tl.sqrt_rn is the rounded one): see docs/DESIGN.md, "hrnn on the GPU"
             s = self.doprint(b)
             for _ in range({0.5: 1, 0.25: 2, 0.125: 3}[float(x)]):
                 s = f"{self.SQRT}({s})"
