@@ -5,7 +5,9 @@ The test suite checks the kernels in the Triton interpreter on the CPU; this scr
 same kinds of checks with the kernels compiled for a GPU, where the interpreter's
 forgiveness (unbounded programs, exact Python control flow) no longer applies:
 
-* ``trajectory``  -- 20 optimizer steps of ``LearnedOptimizer(backend="triton")`` against
+* ``trajectory``  -- (with ``--math rounded``: kernels rendered with correctly rounded division and
+  square roots and libdevice ``exp`` / ``log``, to test whether Triton's fast fp32 math explains a
+  difference) 20 optimizer steps of ``LearnedOptimizer(backend="triton")`` against
   ``backend="torch"`` on the same CUDA tensors (12 steps for the recurrent hrnn and l2l_lstm) (shapes (1,), (7,), (1023,), (3,5,7),
   (2,3,4,5), 0-dim and a (257, 129) matrix; non-contiguous gradients on odd steps);
   parameters at 1e-5 relative (or 1e-6 of the tensor's largest magnitude), states at 1e-4.
@@ -28,6 +30,7 @@ and ``gpu_check.json`` (and tracebacks in ``gpu_check.log``) to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -52,7 +55,42 @@ def _non_contiguous(g):
     return g.transpose(0, 1).contiguous().transpose(0, 1)
 
 
-def check_trajectory(name: str, device, steps: int | None = None, seed: int = 0) -> str:
+@contextlib.contextmanager
+def kernels_with_math(name: str, math: str):
+    """Within this block the Triton steps of spec ``name`` run kernels rendered with
+    ``triton_backend.MATH = math`` ("fast" is the generated kernels: nothing changes)."""
+    if math == "fast":
+        yield
+        return
+    import tempfile
+
+    from lopt_gen import load_spec
+    from lopt_gen.codegen import triton_backend
+    from lopt_gen.compiler import compile_program
+    from lopt_gen.runtime.engine import get_engine
+    from lopt_gen.runtime.loader import _import
+    from lopt_gen.runtime.triton_runner import TritonRunner
+
+    spec = load_spec(name)
+    saved = triton_backend.MATH
+    try:
+        triton_backend.MATH = math
+        text = triton_backend.render_triton(compile_program(spec), f"<gpu_check --math {math}>")
+    finally:
+        triton_backend.MATH = saved
+    engine = get_engine(spec)
+    old = engine._runner
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"{spec.name}_{math}_kernels.py"
+        path.write_text(text)
+        engine._runner = TritonRunner(_import(path, f"gpu_check_{spec.name}_{math}"))
+        try:
+            yield
+        finally:
+            engine._runner = old
+
+
+def check_trajectory(name: str, device, steps: int | None = None, seed: int = 0, math: str = "fast") -> str:
     import lopt_gen
     from lopt_gen import LearnedOptimizer
 
@@ -70,25 +108,28 @@ def check_trajectory(name: str, device, steps: int | None = None, seed: int = 0)
     # 1e-5 relative, or 1e-6 of the tensor's largest magnitude for elements near zero; wider for
     # specs with reduced-precision options (bf16 state, tf32 products)
     rtol, atol = tolerances(name, 1e-5, 1e-6)
-    worst = 0.0
-    for step in range(steps):
-        for x, y in zip(a, b):
-            g = torch.randn(x.shape, generator=gen).to(device)
-            x.grad = g.clone()
-            y.grad = _non_contiguous(g.clone()) if step % 2 else g.clone()
-        oa.step()
-        ob.step()
-        for x, y in zip(a, b):
-            scale = x.detach().abs().max().item() if x.numel() else 0.0
-            torch.testing.assert_close(y.detach(), x.detach(), rtol=rtol, atol=atol * max(1.0, scale))
-            if x.numel():
-                worst = max(worst, (x.detach() - y.detach()).abs().max().item() / max(scale, 1e-30))
+    worst = worst_state = 0.0
+    with kernels_with_math(name, math):
+        for step in range(steps):
+            for x, y in zip(a, b):
+                g = torch.randn(x.shape, generator=gen).to(device)
+                x.grad = g.clone()
+                y.grad = _non_contiguous(g.clone()) if step % 2 else g.clone()
+            oa.step()
+            ob.step()
+            for x, y in zip(a, b):
+                scale = x.detach().abs().max().item() if x.numel() else 0.0
+                torch.testing.assert_close(y.detach(), x.detach(), rtol=rtol, atol=atol * max(1.0, scale))
+                if x.numel():
+                    worst = max(worst, (x.detach() - y.detach()).abs().max().item() / max(scale, 1e-30))
     for x, y in zip(a, b):
         for k in oa.state[x]:
+            if oa.state[x][k].numel():
+                worst_state = max(worst_state, (ob.state[y][k].float() - oa.state[x][k].float()).abs().max().item())
             torch.testing.assert_close(ob.state[y][k], oa.state[x][k], rtol=max(rtol, 1e-4), atol=max(atol, 1e-5),
                                        msg=k)
     assert ob.backend == "triton", ob.backend
-    return f"{steps} steps, max rel. param difference {worst:.2e}"
+    return f"{steps} steps, max rel. param difference {worst:.2e}, max abs. state difference {worst_state:.2e}"
 
 
 def check_graph(name: str, device, steps: int = 24, seed: int = 5) -> str:
@@ -193,6 +234,10 @@ def main(argv=None) -> int:
     ap.add_argument("--checks", default="trajectory,graph,poisoned,gradients",
                     help="comma-separated: trajectory, graph, poisoned, gradients")
     ap.add_argument("--random-specs", type=int, default=10, help="random specs to check (0: none)")
+    ap.add_argument("--math", default="fast", choices=("fast", "rounded"),
+                    help="the trajectory check's Triton kernels: the generated ones (fast fp32 exp, log, sqrt and "
+                         "division), or rendered with correctly rounded division and square roots and libdevice "
+                         "exp/log (docs/DESIGN.md, 'hrnn on the GPU')")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="benchmarks/results/cuda")
     args = ap.parse_args(argv)
@@ -214,7 +259,7 @@ def main(argv=None) -> int:
     import triton
 
     header = (f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-              f"torch {torch.__version__}, triton {triton.__version__}")
+              f"torch {torch.__version__}, triton {triton.__version__}, kernel math {args.math}")
     print(header, flush=True)
     for name, check in plan:
         t0 = time.perf_counter()
@@ -224,7 +269,7 @@ def main(argv=None) -> int:
             continue
         try:
             if check == "trajectory":
-                note = check_trajectory(name, device)
+                note = check_trajectory(name, device, math=args.math)
             elif check == "graph":
                 note = check_graph(name, device)
             elif check == "poisoned":

@@ -200,3 +200,12 @@ def test_gpu_check_runs_in_the_interpreter(tmp_path, monkeypatch, capsys):
     assert status[("small_fc_lopt", "trajectory")] == "ok" and status[("adam", "gradients")] == "ok"
     assert status[("adam", "graph")] == "skip" and status[("(hypothesis)", "random-specs")] == "ok"
     assert "7/7 checks passed" in out  # 2 specs x 3 checks and the random specs; graph skipped
+    # the trajectory check with kernels rendered in "rounded" math (an experiment for GPU sessions)
+    code = module.main(["--device", "cpu", "--specs", "l2l_lstm", "--checks", "trajectory", "--random-specs", "0",
+                        "--math", "rounded", "--out", str(tmp_path / "rounded")])
+    out = capsys.readouterr().out
+    assert code == 0 and "kernel math rounded" in out and "1/1 checks passed" in out, out
+    from lopt_gen import get_engine, load_spec
+
+    runner = get_engine(load_spec("l2l_lstm")).triton_runner()  # the generated kernels again afterwards
+    assert Path(runner.module.__file__).name == "triton_kernels.py"

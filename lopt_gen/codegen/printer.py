@@ -30,6 +30,8 @@ class ExprPrinter:
 
     func_names: dict = {}
     SQRT = RSQRT = WHERE = MAXIMUM = MINIMUM = POW = ""
+    #: a function for ``a / b`` (``DIV(a, b)``); empty: the ``/`` operator
+    DIV = ""
 
     def clamp(self, x: str, lo: str | None, hi: str | None) -> str:
         raise NotImplementedError
@@ -110,6 +112,8 @@ class ExprPrinter:
         if not den:
             return ns, 20
         ds = self._wrap(den[0], 21) if len(den) == 1 else "(" + " * ".join(self._wrap(a, 20) for a in den) + ")"
+        if self.DIV:
+            return f"{self.DIV}({ns}, {ds})", 100
         if len(num) > 1:
             ns = f"({ns})"
         return f"{ns} / {ds}", 20
@@ -130,6 +134,8 @@ class ExprPrinter:
                 s = f"{self.SQRT}({s})"
             return s, 100
         if x == -1:
+            if self.DIV:
+                return f"{self.DIV}(1.0, {self.doprint(b)})", 100
             return f"1.0 / {self._wrap(b, 21)}", 20
         if x.is_Integer and 2 <= int(x) <= 4:
             s = self._wrap(b, 21)
@@ -216,3 +222,15 @@ class TritonPrinter(ExprPrinter):
     def clip_st(self, x, lo, hi):
         # forward value only: the straight-through gradient lives in the backward pass
         return f"tops.minimum(tops.maximum({x}, {lo}), {hi})"
+
+
+class RoundedTritonPrinter(TritonPrinter):
+    """:class:`TritonPrinter` with correctly rounded division and square roots (``tl.div_rn``,
+    ``tl.sqrt_rn``) and accurate ``exp`` / ``log`` (libdevice on a GPU) in place of Triton's fast
+    fp32 forms.  Not the default: an experiment for GPU sessions (``triton_backend.MATH``,
+    ``benchmarks/gpu_check.py --math rounded``); in the interpreter both forms compute alike."""
+
+    func_names = dict(TritonPrinter.func_names)
+    func_names.update({sympy.exp: "tops.exp_acc", sympy.log: "tops.log_acc", sympy.tanh: "tops.tanh_rn",
+                       sympy.asinh: "tops.asinh_rn", Sigmoid: "tops.sigmoid_rn"})
+    SQRT, RSQRT, POW, DIV = "tl.sqrt_rn", "tops.rsqrt_rn", "tops.pow_rn", "tl.div_rn"

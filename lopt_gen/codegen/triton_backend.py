@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from ..ir import Cell, Dense, Leaf, Let
 from ..passes import plan
-from .printer import TritonPrinter
+from .printer import RoundedTritonPrinter, TritonPrinter
 from .torch_backend import _env, local
 
 UNROLL_MAX = 8
@@ -38,6 +38,13 @@ def _pad(n: int) -> int:
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
+
+#: the forward kernels' fp32 math: "fast" (Triton's ``tl.exp``, ``tl.log``, ``tl.sqrt`` and ``/``,
+#: approximations on an NVIDIA GPU; what ``generated/`` holds) or "rounded" (correctly rounded
+#: division and square roots, libdevice ``exp`` / ``log``: an experiment, see
+#: :class:`~lopt_gen.codegen.printer.RoundedTritonPrinter`)
+MATH = "fast"
+_ROUNDED_HELPERS = {"sigmoid": "tops.sigmoid_rn", "tanh": "tops.tanh_rn", "silu": "tops.silu_rn"}
 
 #: ``tops.matmul``'s DOT argument per ``network.matmul_precision`` (True is exact fp32)
 DOT_MODES = {"ieee": "True", "tf32x3": "3", "tf32": "2"}
@@ -164,7 +171,14 @@ class _KBody:
             def get(self, k, default=None):
                 return body.ref(k)
 
-        return self.printer_cls(_N())
+        cls = RoundedTritonPrinter if MATH == "rounded" and self.printer_cls is TritonPrinter else self.printer_cls
+        return cls(_N())
+
+    def fn(self, name: str) -> str:
+        """The device helper ``tops.<name>``, or its correctly rounded form under ``MATH = "rounded"``."""
+        if MATH == "rounded" and self.printer_cls is TritonPrinter and name in _ROUNDED_HELPERS:
+            return _ROUNDED_HELPERS[name]
+        return f"tops.{name}"
 
     def tile_of(self, values: tuple) -> tuple[str, int]:
         """A [BLOCK, PAD] tile holding ``values`` as columns."""
@@ -221,8 +235,9 @@ class _KBody:
             raise TypeError(f"no Triton rule for {type(node).__name__} in per-element code")
 
     def _act(self, x: str, act: str) -> str:
-        return {"none": x, "relu": f"tops.relu({x})", "tanh": f"tops.tanh({x})",
-                "sigmoid": f"tops.sigmoid({x})", "silu": f"tops.silu({x})", "gelu": f"tops.gelu({x})"}[act]
+        return {"none": x, "relu": f"tops.relu({x})", "tanh": f"{self.fn('tanh')}({x})",
+                "sigmoid": f"{self.fn('sigmoid')}({x})", "silu": f"{self.fn('silu')}({x})",
+                "gelu": f"tops.gelu({x})"}[act]
 
     def emit_dense(self, n: Dense) -> None:
         meta = self.prog.meta[n.weight]
@@ -310,20 +325,22 @@ class _KBody:
             return f"tops.matmul({tile}, {w_hh}, {hid}, {gi * hid}, 0, {hid}, {hid}, {pad}, {pad}, {dot})"
 
         if n.kind == "gru":
-            r = self.let("r", f"tops.sigmoid({pre['r']} + {hmm(ht, 0)})")
-            u = self.let("u", f"tops.sigmoid({pre['u']} + {hmm(ht, 1)})")
-            c = self.let("c", f"tops.tanh({pre['c']} + {hmm(f'({r} * {ht})', 2)})")
+            sig, tanh = self.fn("sigmoid"), self.fn("tanh")
+            r = self.let("r", f"{sig}({pre['r']} + {hmm(ht, 0)})")
+            u = self.let("u", f"{sig}({pre['u']} + {hmm(ht, 1)})")
+            c = self.let("c", f"{tanh}({pre['c']} + {hmm(f'({r} * {ht})', 2)})")
             hn = self.let("h_new", f"{u} * {ht} + (1.0 - {u}) * {c}")
             self.bind_tile(n.out_h, hn, pad)
             self.cell_tiles[tuple(n.out_h)] = dict(h=ht, r=r, u=u, c=c)
         else:
             ct, _ = self.tile_of(n.c)
-            i = self.let("i", f"tops.sigmoid({pre['i']} + {hmm(ht, 0)})")
-            f = self.let("f", f"tops.sigmoid({pre['f']} + {hmm(ht, 1)})")
-            g = self.let("g", f"tops.tanh({pre['g']} + {hmm(ht, 2)})")
-            o = self.let("o", f"tops.sigmoid({pre['o']} + {hmm(ht, 3)})")
+            sig, tanh = self.fn("sigmoid"), self.fn("tanh")
+            i = self.let("i", f"{sig}({pre['i']} + {hmm(ht, 0)})")
+            f = self.let("f", f"{sig}({pre['f']} + {hmm(ht, 1)})")
+            g = self.let("g", f"{tanh}({pre['g']} + {hmm(ht, 2)})")
+            o = self.let("o", f"{sig}({pre['o']} + {hmm(ht, 3)})")
             cn = self.let("c_new", f"{f} * {ct} + {i} * {g}")
-            hn = self.let("h_new", f"{o} * tops.tanh({cn})")
+            hn = self.let("h_new", f"{o} * {tanh}({cn})")
             self.bind_tile(n.out_h, hn, pad)
             self.bind_tile(n.out_c, cn, pad)
             self.cell_tiles[tuple(n.out_h)] = dict(h=ht, c=ct, i=i, f=f, g=g, o=o, c_new=cn)

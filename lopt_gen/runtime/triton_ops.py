@@ -8,15 +8,27 @@ closed form loses precision in fp32.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+#: whether these helpers run in the Triton interpreter, where libdevice's functions do not run
+#: (the ``*_acc`` helpers then use ``tl.exp`` / ``tl.log``, which numpy computes accurately there)
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
 def tanh(x):
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
-    big = (1.0 - e) / (1.0 + e)
+    return _tanh_from(x, ax, (1.0 - e) / (1.0 + e))
+
+
+@triton.jit
+def _tanh_from(x, ax, big):
+    """tanh from ``big`` = tanh(|x|) by the closed form, with a Taylor series below 0.1."""
     x2 = x * x
     small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
     r = tl.where(ax < 0.1, small, big)
@@ -26,9 +38,14 @@ def tanh(x):
 @triton.jit
 def asinh(x):
     ax = tl.abs(x)
+    return _asinh_from(x, ax, tl.log(ax + tl.sqrt(x * x + 1.0)), tl.log(2.0 * ax))
+
+
+@triton.jit
+def _asinh_from(x, ax, mid, large):
+    """asinh from ``mid`` = log(|x| + sqrt(x² + 1)) and ``large`` = log(2|x|) (above 1e8), with a
+    Taylor series below 0.1."""
     x2 = x * x
-    mid = tl.log(ax + tl.sqrt(x2 + 1.0))
-    large = tl.log(2.0 * ax)
     small = ax * (1.0 + x2 * (-1.0 / 6.0 + x2 * (3.0 / 40.0 + x2 * (-15.0 / 336.0 + x2 * (105.0 / 3456.0)))))
     r = tl.where(ax < 0.1, small, tl.where(ax > 1.0e8, large, mid))
     return tl.where(x < 0.0, -r, r)
@@ -68,11 +85,16 @@ def pow_(x, y):
     exponent (negative for odd ones) and NaN otherwise, and ``x ** 0 == 1``.  Derivatives of
     polynomial-like updates bring exponents above 4 that the printer does not unroll."""
     y = y + tl.zeros_like(x)
-    r = tl.exp(y * tl.log(tl.abs(x)))
+    return _pow_from(x, y, tl.exp(y * tl.log(tl.abs(x))), tl.sqrt(x))
+
+
+@triton.jit
+def _pow_from(x, y, r, sqrt_x):
+    """``x ** y`` from ``r`` = |x| ** y: a negative base gives -r for odd integer exponents, r for
+    even ones and NaN (``sqrt_x``, the square root of x < 0) otherwise; ``x ** 0 == 1``."""
     yi = tl.floor(y)
     odd = (yi - 2.0 * tl.floor(yi * 0.5)) != 0.0
-    # a negative base: -r for odd integer exponents, r for even ones, NaN (sqrt of x < 0) otherwise
-    neg = tl.where(yi == y, tl.where(odd, -r, r), tl.sqrt(x))
+    neg = tl.where(yi == y, tl.where(odd, -r, r), sqrt_x)
     r = tl.where(x < 0.0, neg, r)
     return tl.where(y == 0.0, 1.0, r)
 
@@ -211,3 +233,57 @@ def store_vec(ptr, vec, N, PAD: tl.constexpr):
     """vec[:N] to ptr."""
     k = tl.arange(0, PAD)
     tl.store(ptr + k, vec, mask=k < N)
+
+
+# ------------------------------------------------------------------ correctly rounded forms
+# Used only by kernels rendered with triton_backend.MATH = "rounded" (docs/DESIGN.md, "hrnn on the
+# GPU"): Triton's fp32 tl.exp / tl.log / tl.sqrt and "/" are fast approximations on an NVIDIA GPU.
+@triton.jit
+def exp_acc(x):
+    if INTERPRETED:
+        return tl.exp(x)
+    else:
+        return libdevice.exp(x)
+
+
+@triton.jit
+def log_acc(x):
+    if INTERPRETED:
+        return tl.log(x)
+    else:
+        return libdevice.log(x)
+
+
+@triton.jit
+def rsqrt_rn(x):
+    return tl.div_rn(1.0 + tl.zeros_like(x), tl.sqrt_rn(x))
+
+
+@triton.jit
+def sigmoid_rn(x):
+    return tl.div_rn(1.0 + tl.zeros_like(x), 1.0 + exp_acc(-x))
+
+
+@triton.jit
+def tanh_rn(x):
+    ax = tl.abs(x)
+    e = exp_acc(-2.0 * ax)
+    return _tanh_from(x, ax, tl.div_rn(1.0 - e, 1.0 + e))
+
+
+@triton.jit
+def asinh_rn(x):
+    ax = tl.abs(x)
+    return _asinh_from(x, ax, log_acc(ax + tl.sqrt_rn(x * x + 1.0)), log_acc(2.0 * ax))
+
+
+@triton.jit
+def silu_rn(x):
+    return tl.div_rn(x, 1.0 + exp_acc(-x))
+
+
+@triton.jit
+def pow_rn(x, y):
+    """:func:`pow_` with accurate ``exp`` and ``log``."""
+    y = y + tl.zeros_like(x)
+    return _pow_from(x, y, exp_acc(y * log_acc(tl.abs(x))), tl.sqrt_rn(x))
