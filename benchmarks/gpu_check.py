@@ -6,8 +6,8 @@ same kinds of checks with the kernels compiled for a GPU, where the interpreter'
 forgiveness (unbounded programs, exact Python control flow) no longer applies:
 
 * ``trajectory``  -- (with ``--math rounded``: kernels rendered with correctly rounded division and
-  square roots and libdevice ``exp`` / ``log``, to test whether Triton's fast fp32 math explains a
-  difference) 20 optimizer steps of ``LearnedOptimizer(backend="triton")`` against
+  square roots and libdevice ``exp``, ``log``, ``tanh``, ``asinh`` and ``pow``, to test whether
+  Triton's fast fp32 math explains a difference) 20 optimizer steps of ``LearnedOptimizer(backend="triton")`` against
   ``backend="torch"`` on the same CUDA tensors (12 steps for the recurrent hrnn and l2l_lstm) (shapes (1,), (7,), (1023,), (3,5,7),
   (2,3,4,5), 0-dim and a (257, 129) matrix; non-contiguous gradients on odd steps);
   parameters at 1e-5 relative (or 1e-6 of the tensor's largest magnitude), states at 1e-4.
@@ -235,9 +235,9 @@ def main(argv=None) -> int:
                     help="comma-separated: trajectory, graph, poisoned, gradients")
     ap.add_argument("--random-specs", type=int, default=10, help="random specs to check (0: none)")
     ap.add_argument("--math", default="fast", choices=("fast", "rounded"),
-                    help="the trajectory check's Triton kernels: the generated ones (fast fp32 exp, log, sqrt and "
+                    help="the trajectory check's Triton kernels: the generated ones (fast fp32 exp, sqrt, rsqrt and "
                          "division), or rendered with correctly rounded division and square roots and libdevice "
-                         "exp/log (docs/DESIGN.md, 'hrnn on the GPU')")
+                         "exp, log, tanh, asinh and pow (docs/DESIGN.md, 'hrnn on the GPU')")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="benchmarks/results/cuda")
     args = ap.parse_args(argv)

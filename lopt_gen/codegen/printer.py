@@ -226,9 +226,10 @@ class TritonPrinter(ExprPrinter):
 
 class RoundedTritonPrinter(TritonPrinter):
     """:class:`TritonPrinter` with correctly rounded division and square roots (``tl.div_rn``,
-    ``tl.sqrt_rn``) and accurate ``exp`` / ``log`` (libdevice on a GPU) in place of Triton's fast
-    fp32 forms.  Not the default: an experiment for GPU sessions (``triton_backend.MATH``,
-    ``benchmarks/gpu_check.py --math rounded``); in the interpreter both forms compute alike."""
+    ``tl.sqrt_rn``) and libdevice's ``exp``, ``log``, ``tanh``, ``asinh`` and ``pow`` on a GPU in place
+    of Triton's fast fp32 forms (see ``triton_ops``).  Not the default: an experiment for GPU
+    sessions (``triton_backend.MATH``, ``benchmarks/gpu_check.py --math rounded``); in the
+    interpreter both forms compute alike."""
 
     func_names = dict(TritonPrinter.func_names)
     func_names.update({sympy.exp: "tops.exp_acc", sympy.log: "tops.log_acc", sympy.tanh: "tops.tanh_rn",

@@ -8,15 +8,15 @@ closed form loses precision in fp32.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .triton_runner import interpret_requested
+
 #: whether these helpers run in the Triton interpreter, where libdevice's functions do not run
-#: (the ``*_acc`` helpers then use ``tl.exp`` / ``tl.log``, which numpy computes accurately there)
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+#: (the rounded helpers then use ``tl`` functions and closed forms, which numpy computes there)
+INTERPRETED = tl.constexpr(interpret_requested())
 
 
 @triton.jit
@@ -237,7 +237,11 @@ def store_vec(ptr, vec, N, PAD: tl.constexpr):
 
 # ------------------------------------------------------------------ correctly rounded forms
 # Used only by kernels rendered with triton_backend.MATH = "rounded" (docs/DESIGN.md, "hrnn on the
-# GPU"): Triton's fp32 tl.exp / tl.log / tl.sqrt and "/" are fast approximations on an NVIDIA GPU.
+# GPU"). On an NVIDIA GPU Triton 3.9 compiles fp32 "/" to div.full, tl.sqrt and tl.rsqrt to
+# sqrt.approx / rsqrt.approx and tl.exp to ex2.approx; tl.log is already libdevice's logf. On the
+# GPU these helpers call libdevice (exp, log, tanh, asinh, pow: what torch's CUDA kernels call) or
+# the correctly rounded tl.div_rn / tl.sqrt_rn; libdevice is compiled flush-to-zero by default,
+# which torch's kernels are not (subnormal inputs and results only).
 @triton.jit
 def exp_acc(x):
     if INTERPRETED:
@@ -266,15 +270,21 @@ def sigmoid_rn(x):
 
 @triton.jit
 def tanh_rn(x):
-    ax = tl.abs(x)
-    e = exp_acc(-2.0 * ax)
-    return _tanh_from(x, ax, tl.div_rn(1.0 - e, 1.0 + e))
+    if INTERPRETED:
+        ax = tl.abs(x)
+        e = exp_acc(-2.0 * ax)
+        return _tanh_from(x, ax, tl.div_rn(1.0 - e, 1.0 + e))
+    else:
+        return libdevice.tanh(x)
 
 
 @triton.jit
 def asinh_rn(x):
-    ax = tl.abs(x)
-    return _asinh_from(x, ax, log_acc(ax + tl.sqrt_rn(x * x + 1.0)), log_acc(2.0 * ax))
+    if INTERPRETED:
+        ax = tl.abs(x)
+        return _asinh_from(x, ax, log_acc(ax + tl.sqrt_rn(x * x + 1.0)), log_acc(2.0 * ax))
+    else:
+        return libdevice.asinh(x)
 
 
 @triton.jit
@@ -284,6 +294,10 @@ def silu_rn(x):
 
 @triton.jit
 def pow_rn(x, y):
-    """:func:`pow_` with accurate ``exp`` and ``log``."""
+    """``torch.pow``: libdevice's ``pow`` on the GPU (:func:`pow_` with accurate ``exp`` and ``log``
+    in the interpreter)."""
     y = y + tl.zeros_like(x)
-    return _pow_from(x, y, exp_acc(y * log_acc(tl.abs(x))), tl.sqrt_rn(x))
+    if INTERPRETED:
+        return _pow_from(x, y, exp_acc(y * log_acc(tl.abs(x))), tl.sqrt_rn(x))
+    else:
+        return libdevice.pow(x, y)

@@ -20,13 +20,21 @@ from .engine import _shape_groups, kernel_buffer
 
 MAX_RANK = 4
 INTERPRETER_BLOCK = 1024
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpret_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for the interpreter, read as Triton reads it (1, true, on
+    or yes, in any case)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+INTERPRETED = interpret_requested()
 
 
 def ensure_triton(device: torch.device) -> None:
     """Make Triton usable for ``device``: on CPU that means the interpreter."""
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not interpret_requested():
             if "triton" in sys.modules:
                 raise RuntimeError("backend='triton' on CPU tensors runs in the Triton interpreter: set "
                                    "TRITON_INTERPRET=1 in the environment before Python starts")
