@@ -270,27 +270,27 @@ def test_rows_write_in_place_and_fall_back():
     ws = ops.Workspace()
     a, b = torch.randn(64, 80), torch.randn(64, 80)  # above features()' copy-always size
     rows = ops.Rows(3, ws, "r")
-    x0 = rows.mul(0, a, b)
-    x1 = rows.mul(1, torch.tensor(2.0), a)
-    x2 = rows.mul(2, a, torch.randn(64, 1))  # broadcast to the row's shape
+    x0 = ops.mul_into(rows, 0, a, b)
+    x1 = ops.mul_into(rows, 1, torch.tensor(2.0), a)
+    x2 = ops.mul_into(rows, 2, a, torch.randn(64, 1))  # broadcast to the row's shape
     torch.testing.assert_close(x0, a * b, rtol=0, atol=0)
     torch.testing.assert_close(x1, 2.0 * a, rtol=0, atol=0)
     m = ops.features([x0, x1, x2], ws=ws, key="m")
     assert m.data_ptr() == x0.data_ptr() and m.shape == (3, 64, 80), "a view of the rows, no copy"
     # a product of another shape or dtype is a fresh tensor, and features() stacks
-    odd = rows.mul(1, a[:, :1], torch.randn(64, 1))
+    odd = ops.mul_into(rows, 1, a[:, :1], torch.randn(64, 1))
     assert odd.shape == (64, 1) and odd.data_ptr() != x1.data_ptr()
-    wide = rows.mul(1, a.double(), b.double())
+    wide = ops.mul_into(rows, 1, a.double(), b.double())
     assert wide.dtype == torch.float64 and not wide.data_ptr() == x1.data_ptr()
     # an operand that would broadcast beyond the row's shape is not written into the row
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warns when it resizes an out= tensor
-        big = rows.mul(1, a[:1], torch.randn(2, 64, 80))
+        big = ops.mul_into(rows, 1, a[:1], torch.randn(2, 64, 80))
     assert big.shape == (2, 64, 80)
     torch.testing.assert_close(x1, 2.0 * a, rtol=0, atol=0)
     # without a workspace (autograd) nothing is written in place and gradients flow
     w = torch.randn(64, 80, requires_grad=True)
-    y = ops.Rows(2, None, "r").mul(0, w, b)
+    y = ops.mul_into(ops.Rows(2, None, "r"), 0, w, b)
     y.sum().backward()
     torch.testing.assert_close(w.grad, b)
 

@@ -209,6 +209,8 @@ class TritonPrinter(ExprPrinter):
     # tops.maximum / tops.minimum propagate NaN as torch.maximum / torch.minimum do
     SQRT, RSQRT, WHERE, MAXIMUM, MINIMUM, POW = "tl.sqrt", "tl.rsqrt", "tl.where", "tops.maximum", \
         "tops.minimum", "tops.pow_"
+    #: the device helpers that the kernels' cells and activation layers call, by activation name
+    HELPERS = {"sigmoid": "tops.sigmoid", "tanh": "tops.tanh", "silu": "tops.silu"}
 
     def clamp(self, x, lo, hi):
         return f"tops.maximum({x}, {lo})" if lo is not None else f"tops.minimum({x}, {hi})"
@@ -231,7 +233,8 @@ class RoundedTritonPrinter(TritonPrinter):
     sessions (``triton_backend.MATH``, ``benchmarks/gpu_check.py --math rounded``); in the
     interpreter both forms compute alike."""
 
+    HELPERS = {"sigmoid": "tops.sigmoid_rn", "tanh": "tops.tanh_rn", "silu": "tops.silu_rn"}
     func_names = dict(TritonPrinter.func_names)
-    func_names.update({sympy.exp: "tops.exp_acc", sympy.log: "tops.log_acc", sympy.tanh: "tops.tanh_rn",
-                       sympy.asinh: "tops.asinh_rn", Sigmoid: "tops.sigmoid_rn"})
+    func_names.update({sympy.exp: "tops.exp_acc", sympy.log: "tops.log_acc", sympy.tanh: HELPERS["tanh"],
+                       sympy.asinh: "tops.asinh_rn", Sigmoid: HELPERS["sigmoid"]})
     SQRT, RSQRT, POW, DIV = "tl.sqrt_rn", "tops.rsqrt_rn", "tops.pow_rn", "tl.div_rn"

@@ -44,7 +44,6 @@ def _safe(name: str) -> str:
 #: division and square roots, libdevice ``exp`` / ``log``: an experiment, see
 #: :class:`~lopt_gen.codegen.printer.RoundedTritonPrinter`)
 MATH = "fast"
-_ROUNDED_HELPERS = {"sigmoid": "tops.sigmoid_rn", "tanh": "tops.tanh_rn", "silu": "tops.silu_rn"}
 
 #: ``tops.matmul``'s DOT argument per ``network.matmul_precision`` (True is exact fp32)
 DOT_MODES = {"ieee": "True", "tf32x3": "3", "tf32": "2"}
@@ -171,14 +170,15 @@ class _KBody:
             def get(self, k, default=None):
                 return body.ref(k)
 
-        cls = RoundedTritonPrinter if MATH == "rounded" and self.printer_cls is TritonPrinter else self.printer_cls
-        return cls(_N())
+        return self._printer_class()(_N())
+
+    def _printer_class(self):
+        """The printer of this body's kernels: the forward kernels' one follows :data:`MATH`."""
+        return RoundedTritonPrinter if MATH == "rounded" and self.printer_cls is TritonPrinter else self.printer_cls
 
     def fn(self, name: str) -> str:
-        """The device helper ``tops.<name>``, or its correctly rounded form under ``MATH = "rounded"``."""
-        if MATH == "rounded" and self.printer_cls is TritonPrinter and name in _ROUNDED_HELPERS:
-            return _ROUNDED_HELPERS[name]
-        return f"tops.{name}"
+        """The device helper a cell or an activation layer calls for ``name`` (sigmoid, tanh, silu)."""
+        return self._printer_class().HELPERS[name]
 
     def tile_of(self, values: tuple) -> tuple[str, int]:
         """A [BLOCK, PAD] tile holding ``values`` as columns."""

@@ -100,7 +100,6 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
-
 #: Whether :func:`kernel_buffer` poisons what it allocates (``LOPT_GEN_POISON=1``, which the
 #: test suite sets): read at every allocation, so a test may switch it with ``monkeypatch``.
 POISON_KERNEL_OUTPUTS = os.environ.get("LOPT_GEN_POISON", "0") == "1"

@@ -153,22 +153,18 @@ def features(values, ws=None, key="features") -> torch.Tensor:
 class Rows:
     """The rows of one feature matrix, written as they are computed.
 
-    ``rows.mul(i, a, b)`` (``mul_into`` in generated code) is ``a * b``, written into row ``i``
-    of a workspace buffer of ``count`` rows (allocated at the first call, with the shape, dtype
-    and device of that product).  When every value of a :func:`features` call was written this
-    way, they form one strided block and the matrix is a view of the buffer instead of a copy.
-    Without a workspace (``ws=None``: autograd), or for a product whose shape or dtype differs
-    from the buffer's, ``mul`` returns a fresh tensor, and :func:`features` stacks as usual."""
+    ``mul_into(rows, i, a, b)`` is ``a * b``, written into row ``i`` of a workspace buffer of
+    ``count`` rows (allocated at the first call, with the shape, dtype and device of that
+    product).  When every value of a :func:`features` call was written this way, they form one
+    strided block and the matrix is a view of the buffer instead of a copy.  Without a workspace
+    (``ws=None``: autograd), or for a product whose shape or dtype differs from the buffer's,
+    ``mul_into`` returns a fresh tensor, and :func:`features` stacks as usual."""
 
     __slots__ = ("count", "ws", "key", "buf")
 
     def __init__(self, count: int, ws, key: str):
         self.count, self.ws, self.key = count, ws, key
         self.buf = None
-
-    def mul(self, i: int, a, b):
-        """``a * b``, written into row ``i`` where it fits (see the class)."""
-        return torch.mul(a, b, out=self._row(i, a, b))
 
     def _row(self, i, a, b):
         if self.ws is None:
@@ -203,9 +199,8 @@ def _broadcasts_into(small, big) -> bool:
 
 
 def mul_into(rows: Rows, i: int, a, b):
-    """``a * b``, written into row ``i`` of ``rows`` where it fits (generated code's spelling of
-    :meth:`Rows.mul`, so that it calls only ``torch`` and ``ops``)."""
-    return rows.mul(i, a, b)
+    """``a * b``, written into row ``i`` of ``rows`` where it fits (see :class:`Rows`)."""
+    return torch.mul(a, b, out=rows._row(i, a, b))
 
 
 def _weight(weight, rows, cols):
