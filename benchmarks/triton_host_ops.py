@@ -77,30 +77,34 @@ def transformer_shapes(n: int, d: int) -> list[tuple[int, ...]]:
 
 
 def count_step(opt) -> dict:
-    """aten operations of one step (outside kernels), kernel-launching ones, and kernel launches."""
+    """aten operations of one step (outside kernels), kernel-launching ones, and launches of the
+    generated kernels (stage kernels, and the host kernels of per-tensor host segments)."""
     runner = opt.engine.triton_runner()
-    launches = [0]
-    originals = {}
-    for idx, (meta, kernel) in list(runner.kernels.items()):
-        originals[idx] = (meta, kernel)
+    launches = {"stage": 0, "host": 0}
 
-        class _Counted:
-            def __init__(self, k):
-                self.k = k
+    class _Counted:
+        def __init__(self, k, kind):
+            self.k, self.kind = k, kind
 
-            def __getitem__(self, grid):
-                launches[0] += 1
-                return self.k[grid]
+        def __getitem__(self, grid):
+            launches[self.kind] += 1
+            return self.k[grid]
 
-        runner.kernels[idx] = (meta, _Counted(kernel))
+    tables = {"stage": runner.kernels, "host": runner.host_kernels}
+    originals = {kind: dict(table) for kind, table in tables.items()}
+    for kind, table in tables.items():
+        for key, (meta, kernel) in list(table.items()):
+            table[key] = (meta, _Counted(kernel, kind))
     try:
         with _Count() as c:
             opt.step()
     finally:
-        runner.kernels.update(originals)
+        for kind, table in tables.items():
+            table.update(originals[kind])
     total = sum(c.ops.values())
     kernels = sum(v for k, v in c.ops.items() if k not in NO_KERNEL)
-    return {"aten": total, "aten_kernels": kernels, "stage_launches": launches[0], "top": c.ops.most_common(8)}
+    return {"aten": total, "aten_kernels": kernels, "stage_launches": launches["stage"],
+            "host_launches": launches["host"], "top": c.ops.most_common(8)}
 
 
 def main(argv=None):
@@ -113,17 +117,17 @@ def main(argv=None):
                          "shape pattern of step_bench.py (seven shapes)")
     ap.add_argument("--top", action="store_true", help="also list the most frequent operations")
     args = ap.parse_args(argv)
-    print("| spec | tensors | aten ops/step | of which launch a kernel | stage-kernel launches |")
-    print("|---|---:|---:|---:|---:|")
+    print("| spec | tensors | aten ops/step | of which launch a kernel | stage-kernel launches | host-kernel launches |")
+    print("|---|---:|---:|---:|---:|---:|")
     for spec in args.specs.split(","):
         for n in (int(x) for x in args.tensors.split(",")):
             opt = _optimizer(spec, n, args.size, args.layout)
             for _ in range(2):
                 opt.step()
             c = count_step(opt)
-            print(f"| {spec} | {n} | {c['aten']} | {c['aten_kernels']} | {c['stage_launches']} |")
+            print(f"| {spec} | {n} | {c['aten']} | {c['aten_kernels']} | {c['stage_launches']} | {c['host_launches']} |")
             if args.top:
-                print("|  | most frequent: " + ", ".join(f"{k} {v}" for k, v in c["top"]) + " | | | |")
+                print("|  | most frequent: " + ", ".join(f"{k} {v}" for k, v in c["top"]) + " | | | | |")
 
 
 if __name__ == "__main__":

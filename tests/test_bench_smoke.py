@@ -109,6 +109,8 @@ def test_triton_step_launches_do_not_grow_with_the_number_of_tensors(spec_name, 
         counts[n] = module.count_step(opt)
     assert counts[8]["aten_kernels"] == counts[16]["aten_kernels"] > 0
     assert counts[8]["stage_launches"] == counts[16]["stage_launches"] == len(opt.engine.info["stages"])
+    # one launch per per-tensor host segment that has a kernel, whatever the number of tensors
+    assert counts[8]["host_launches"] == counts[16]["host_launches"] == len(opt.engine.triton_runner().host_kernels)
     assert len(set(module.transformer_shapes(98, 8))) == 7
     module.main(["--specs", spec_name, "--tensors", "14", "--layout", "transformer"])
     assert f"| {spec_name} | 14 |" in capsys.readouterr().out

@@ -31,6 +31,18 @@ KERNELS = [{'args': [('state', 'm'),
             'uses_coords': False,
             'weights': []}]
 
+HOST_KERNELS = [{'block': 256,
+                 'bool_out': [],
+                 'col_out': [],
+                 'fn': 'host_0_0',
+                 'g_in': [],
+                 'name': 'host_0_0_kernel',
+                 'out32': [],
+                 'out64': ['_u1', '_u2', '_u3', '_u4', '_u5'],
+                 'rc_in': [],
+                 'row_out': [],
+                 's_in': ['beta1', 'beta2', 't', 'lr', 'wd']}]
+
 
 @triton.jit
 def stage0_kernel(
@@ -76,3 +88,36 @@ def stage0_kernel(
     tl.store(_p_out_ptr + _offs, _p_new.to(_p_out_ptr.dtype.element_ty), mask=_mask)
     tl.store(_out_m + 0 * _numel + _offs, m.to(_out_m.dtype.element_ty), mask=_mask)
     tl.store(_out_v + 0 * _numel + _offs, v.to(_out_v.dtype.element_ty), mask=_mask)
+
+
+@triton.jit
+def host_0_0_kernel(
+    s_in,
+    g_in,
+    rc_in,
+    sizes,
+    s_out64,
+    s_out32,
+    row_out,
+    col_out,
+    row_total,
+    col_total,
+    BLOCK: tl.constexpr,
+):
+    _t = tl.program_id(0)
+    _s_row = s_in + _t * 5
+    beta1 = tl.load(_s_row + 0)
+    _u1 = 1.0 - beta1
+    beta2 = tl.load(_s_row + 1)
+    _u2 = 1.0 - beta2
+    t = tl.load(_s_row + 2)
+    _u3 = tl.rsqrt(1.0 - tops.pow_(beta2, t + 1.0))
+    _u4 = 1.0 / (1.0 - tops.pow_(beta1, t + 1.0))
+    lr = tl.load(_s_row + 3)
+    wd = tl.load(_s_row + 4)
+    _u5 = -lr * wd + 1.0
+    tl.store(s_out64 + _t * 5 + 0, _u1)
+    tl.store(s_out64 + _t * 5 + 1, _u2)
+    tl.store(s_out64 + _t * 5 + 2, _u3)
+    tl.store(s_out64 + _t * 5 + 3, _u4)
+    tl.store(s_out64 + _t * 5 + 4, _u5)

@@ -42,6 +42,18 @@ KERNELS = [{'args': [('input', 'g'),
                         'lstm.1.weight_hh',
                         'lstm.1.weight_ih']}]
 
+HOST_KERNELS = [{'block': 256,
+                 'bool_out': [],
+                 'col_out': [],
+                 'fn': 'host_0_0',
+                 'g_in': [],
+                 'name': 'host_0_0_kernel',
+                 'out32': [],
+                 'out64': ['_u1'],
+                 'rc_in': [],
+                 'row_out': [],
+                 's_in': ['lr', 'wd']}]
+
 
 @triton.jit
 def stage0_kernel(
@@ -132,3 +144,25 @@ def stage0_kernel(
     tops.store_tile(_out_net_c0, _numel, _offs, _mask, _c_new11, 20, 32)
     tops.store_tile(_out_net_h1, _numel, _offs, _mask, _h_new24, 20, 32)
     tops.store_tile(_out_net_c1, _numel, _offs, _mask, _c_new23, 20, 32)
+
+
+@triton.jit
+def host_0_0_kernel(
+    s_in,
+    g_in,
+    rc_in,
+    sizes,
+    s_out64,
+    s_out32,
+    row_out,
+    col_out,
+    row_total,
+    col_total,
+    BLOCK: tl.constexpr,
+):
+    _t = tl.program_id(0)
+    _s_row = s_in + _t * 2
+    lr = tl.load(_s_row + 0)
+    wd = tl.load(_s_row + 1)
+    _u1 = -lr * wd + 1.0
+    tl.store(s_out64 + _t * 1 + 0, _u1)

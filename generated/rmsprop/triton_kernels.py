@@ -25,6 +25,18 @@ KERNELS = [{'args': [('input', 'g'), ('input', 'p'), ('state', 'v'), ('out_param
             'uses_coords': False,
             'weights': []}]
 
+HOST_KERNELS = [{'block': 256,
+                 'bool_out': [],
+                 'col_out': [],
+                 'fn': 'host_0_0',
+                 'g_in': [],
+                 'name': 'host_0_0_kernel',
+                 'out32': [],
+                 'out64': ['_u1'],
+                 'rc_in': [],
+                 'row_out': [],
+                 's_in': ['alpha']}]
+
 
 @triton.jit
 def stage0_kernel(
@@ -62,3 +74,24 @@ def stage0_kernel(
     _p_new = -_update * lr + p
     tl.store(_p_out_ptr + _offs, _p_new.to(_p_out_ptr.dtype.element_ty), mask=_mask)
     tl.store(_out_v + 0 * _numel + _offs, v.to(_out_v.dtype.element_ty), mask=_mask)
+
+
+@triton.jit
+def host_0_0_kernel(
+    s_in,
+    g_in,
+    rc_in,
+    sizes,
+    s_out64,
+    s_out32,
+    row_out,
+    col_out,
+    row_total,
+    col_total,
+    BLOCK: tl.constexpr,
+):
+    _t = tl.program_id(0)
+    _s_row = s_in + _t * 1
+    alpha = tl.load(_s_row + 0)
+    _u1 = 1.0 - alpha
+    tl.store(s_out64 + _t * 1 + 0, _u1)

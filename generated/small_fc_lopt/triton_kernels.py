@@ -128,6 +128,92 @@ KERNELS = [{'args': [('input', 'g'),
             'uses_coords': True,
             'weights': ['mlp.0.weight', 'mlp.1.bias', 'mlp.1.weight', 'mlp.2.bias', 'mlp.2.weight']}]
 
+HOST_KERNELS = [{'block': 256,
+                 'bool_out': [],
+                 'col_out': ['af_col_0',
+                             'af_col_1',
+                             'af_col_2',
+                             'colfac_0',
+                             'colfac_1',
+                             'colfac_2',
+                             '_u24',
+                             '_u26',
+                             '_u28',
+                             'f_col_0',
+                             'f_col_1',
+                             'f_col_2',
+                             'f_col_rsqrt_0',
+                             'f_col_rsqrt_1',
+                             'f_col_rsqrt_2',
+                             '_u45',
+                             '_u47',
+                             '_u49'],
+                 'fn': 'host_1_12',
+                 'g_in': ['_decay_af_0',
+                          '_u15',
+                          '_decay_af_1',
+                          '_u16',
+                          '_decay_af_2',
+                          '_u17',
+                          '_u18',
+                          '_u19',
+                          '_u20'],
+                 'name': 'host_1_12_kernel',
+                 'out32': ['_u1', '_u2', '_u6', '_u7', '_u8', '_u10', '_u11', '_u12', '_u13', '_u14'],
+                 'out64': [],
+                 'rc_in': [['row', '_af_row_old_0'],
+                           ['row', '_mean_row22'],
+                           ['row', '_af_row_old_1'],
+                           ['row', '_af_row_old_2'],
+                           ['col', '_af_col_old_0'],
+                           ['col', '_mean_col24'],
+                           ['col', '_af_col_old_1'],
+                           ['col', '_af_col_old_2']],
+                 'row_out': ['af_row_0',
+                             'af_row_1',
+                             'af_row_2',
+                             'rowfac_0',
+                             'rowfac_1',
+                             'rowfac_2',
+                             '_u25',
+                             '_u27',
+                             '_u29',
+                             'f_row_0',
+                             'f_row_1',
+                             'f_row_2',
+                             'f_row_rsqrt_0',
+                             'f_row_rsqrt_1',
+                             'f_row_rsqrt_2',
+                             '_u46',
+                             '_u48',
+                             '_u50'],
+                 's_in': ['_mean_tensor2',
+                          '_mean_tensor4',
+                          '_mean_tensor6',
+                          '_mean_tensor8',
+                          '_mean_tensor10',
+                          '_mean_tensor12',
+                          '_mean_tensor14',
+                          '_mean_tensor16',
+                          '_mean_tensor18',
+                          '_mean_tensor20']},
+                {'block': 256,
+                 'bool_out': [],
+                 'col_out': [],
+                 'fn': 'host_2_6',
+                 'g_in': [],
+                 'name': 'host_2_6_kernel',
+                 'out32': ['_u30', '_u31', '_u32', '_u51', '_u52', '_u53'],
+                 'out64': [],
+                 'rc_in': [],
+                 'row_out': [],
+                 's_in': ['_mean_tensor32',
+                          '_mean_tensor34',
+                          '_mean_tensor36',
+                          '_mean_tensor62',
+                          '_mean_tensor64',
+                          '_mean_tensor66']}]
+
 
 @triton.jit
 def stage0_kernel(
@@ -586,3 +672,286 @@ def stage2_kernel(
     tl.store(_out_m + 1 * _numel + _offs, m_1.to(_out_m.dtype.element_ty), mask=_mask)
     tl.store(_out_m + 2 * _numel + _offs, m_2.to(_out_m.dtype.element_ty), mask=_mask)
     tl.store(_out_v + 0 * _numel + _offs, v.to(_out_v.dtype.element_ty), mask=_mask)
+
+
+@triton.jit
+def host_1_12_kernel(
+    s_in,
+    g_in,
+    rc_in,
+    sizes,
+    s_out64,
+    s_out32,
+    row_out,
+    col_out,
+    row_total,
+    col_total,
+    BLOCK: tl.constexpr,
+):
+    _t = tl.program_id(0)
+    _s_row = s_in + _t * 10
+    _row_n = tl.load(sizes + _t * 4)
+    _row_off = tl.load(sizes + _t * 4 + 1)
+    _col_n = tl.load(sizes + _t * 4 + 2)
+    _col_off = tl.load(sizes + _t * 4 + 3)
+    _row_in0 = tl.load(rc_in + _t * 8 + 0).to(tl.pointer_type(tl.float32))
+    _row_in1 = tl.load(rc_in + _t * 8 + 1).to(tl.pointer_type(tl.float32))
+    _row_in2 = tl.load(rc_in + _t * 8 + 2).to(tl.pointer_type(tl.float32))
+    _row_in3 = tl.load(rc_in + _t * 8 + 3).to(tl.pointer_type(tl.float32))
+    _col_in4 = tl.load(rc_in + _t * 8 + 4).to(tl.pointer_type(tl.float32))
+    _col_in5 = tl.load(rc_in + _t * 8 + 5).to(tl.pointer_type(tl.float32))
+    _col_in6 = tl.load(rc_in + _t * 8 + 6).to(tl.pointer_type(tl.float32))
+    _col_in7 = tl.load(rc_in + _t * 8 + 7).to(tl.pointer_type(tl.float32))
+    _mean_tensor2 = tl.load(_s_row + 0).to(tl.float32)
+    _u1 = tl.rsqrt(_mean_tensor2 + 1e-05)
+    _mean_tensor4 = tl.load(_s_row + 1).to(tl.float32)
+    _u2 = tl.rsqrt(_mean_tensor4 + 1e-05)
+    _mean_tensor6 = tl.load(_s_row + 2).to(tl.float32)
+    _u6 = tl.rsqrt(_mean_tensor6 + 1e-05)
+    _mean_tensor8 = tl.load(_s_row + 3).to(tl.float32)
+    _u7 = tl.rsqrt(_mean_tensor8 + 1e-05)
+    _mean_tensor10 = tl.load(_s_row + 4).to(tl.float32)
+    _u8 = tl.rsqrt(_mean_tensor10 + 1e-05)
+    _mean_tensor12 = tl.load(_s_row + 5).to(tl.float32)
+    _u10 = tl.rsqrt(_mean_tensor12 + 1e-05)
+    _mean_tensor14 = tl.load(_s_row + 6).to(tl.float32)
+    _u11 = tl.rsqrt(_mean_tensor14 + 1e-05)
+    _mean_tensor16 = tl.load(_s_row + 7).to(tl.float32)
+    _u12 = tl.rsqrt(_mean_tensor16 + 1e-05)
+    _mean_tensor18 = tl.load(_s_row + 8).to(tl.float32)
+    _u13 = tl.rsqrt(_mean_tensor18 + 1e-05)
+    _mean_tensor20 = tl.load(_s_row + 9).to(tl.float32)
+    _u14 = tl.rsqrt(_mean_tensor20 + 1e-05)
+    _decay_af_0 = tl.load(g_in + 0).to(tl.float32)
+    _u15 = tl.load(g_in + 1).to(tl.float32)
+    _decay_af_1 = tl.load(g_in + 2).to(tl.float32)
+    _u16 = tl.load(g_in + 3).to(tl.float32)
+    _decay_af_2 = tl.load(g_in + 4).to(tl.float32)
+    _u17 = tl.load(g_in + 5).to(tl.float32)
+    _sum__mean_tensor26_1 = tl.zeros([BLOCK], dtype=tl.float32)
+    _sum__mean_tensor28_2 = tl.zeros([BLOCK], dtype=tl.float32)
+    _sum__mean_tensor30_3 = tl.zeros([BLOCK], dtype=tl.float32)
+    _sum__mean_tensor38_4 = tl.zeros([BLOCK], dtype=tl.float32)
+    _sum__mean_tensor40_5 = tl.zeros([BLOCK], dtype=tl.float32)
+    _sum__mean_tensor42_6 = tl.zeros([BLOCK], dtype=tl.float32)
+    _sum__mean_tensor50_7 = tl.zeros([BLOCK], dtype=tl.float32)
+    _sum__mean_tensor52_8 = tl.zeros([BLOCK], dtype=tl.float32)
+    _sum__mean_tensor54_9 = tl.zeros([BLOCK], dtype=tl.float32)
+    for _start in range(0, _row_n, BLOCK):
+        _i = _start + tl.arange(0, BLOCK)
+        _m = _i < _row_n
+        _af_row_old_0 = tl.load(_row_in0 + _i, mask=_m, other=0.0)
+        _mean_row22 = tl.load(_row_in1 + _i, mask=_m, other=0.0)
+        af_row_0 = _af_row_old_0 * _decay_af_0 + _mean_row22 * _u15
+        _af_row_old_1 = tl.load(_row_in2 + _i, mask=_m, other=0.0)
+        af_row_1 = _af_row_old_1 * _decay_af_1 + _mean_row22 * _u16
+        _af_row_old_2 = tl.load(_row_in3 + _i, mask=_m, other=0.0)
+        af_row_2 = _af_row_old_2 * _decay_af_2 + _mean_row22 * _u17
+        _mean_tensor_arg37 = af_row_0 * af_row_0
+        _mean_tensor_arg39 = af_row_1 * af_row_1
+        _mean_tensor_arg41 = af_row_2 * af_row_2
+        _mean_tensor_arg49 = 1.0 / (af_row_0 + 1e-08)
+        _mean_tensor_arg51 = 1.0 / (af_row_1 + 1e-08)
+        _mean_tensor_arg53 = 1.0 / (af_row_2 + 1e-08)
+        _sum__mean_tensor26_1 += tl.where(_m, af_row_0, 0.0)
+        _sum__mean_tensor28_2 += tl.where(_m, af_row_1, 0.0)
+        _sum__mean_tensor30_3 += tl.where(_m, af_row_2, 0.0)
+        _sum__mean_tensor38_4 += tl.where(_m, _mean_tensor_arg37, 0.0)
+        _sum__mean_tensor40_5 += tl.where(_m, _mean_tensor_arg39, 0.0)
+        _sum__mean_tensor42_6 += tl.where(_m, _mean_tensor_arg41, 0.0)
+        _sum__mean_tensor50_7 += tl.where(_m, _mean_tensor_arg49, 0.0)
+        _sum__mean_tensor52_8 += tl.where(_m, _mean_tensor_arg51, 0.0)
+        _sum__mean_tensor54_9 += tl.where(_m, _mean_tensor_arg53, 0.0)
+        tl.store(row_out + 0 * row_total + _row_off + _i, af_row_0, mask=_m)
+        tl.store(row_out + 1 * row_total + _row_off + _i, af_row_1, mask=_m)
+        tl.store(row_out + 2 * row_total + _row_off + _i, af_row_2, mask=_m)
+    _mean_tensor26 = tl.sum(_sum__mean_tensor26_1, axis=0) / _row_n.to(tl.float32)
+    _mean_tensor28 = tl.sum(_sum__mean_tensor28_2, axis=0) / _row_n.to(tl.float32)
+    _mean_tensor30 = tl.sum(_sum__mean_tensor30_3, axis=0) / _row_n.to(tl.float32)
+    _mean_tensor38 = tl.sum(_sum__mean_tensor38_4, axis=0) / _row_n.to(tl.float32)
+    _mean_tensor40 = tl.sum(_sum__mean_tensor40_5, axis=0) / _row_n.to(tl.float32)
+    _mean_tensor42 = tl.sum(_sum__mean_tensor42_6, axis=0) / _row_n.to(tl.float32)
+    _mean_tensor50 = tl.sum(_sum__mean_tensor50_7, axis=0) / _row_n.to(tl.float32)
+    _mean_tensor52 = tl.sum(_sum__mean_tensor52_8, axis=0) / _row_n.to(tl.float32)
+    _mean_tensor54 = tl.sum(_sum__mean_tensor54_9, axis=0) / _row_n.to(tl.float32)
+    _u18 = tl.load(g_in + 6).to(tl.float32)
+    _u19 = tl.load(g_in + 7).to(tl.float32)
+    _u20 = tl.load(g_in + 8).to(tl.float32)
+    _sum__mean_tensor44_10 = tl.zeros([BLOCK], dtype=tl.float32)
+    _sum__mean_tensor46_11 = tl.zeros([BLOCK], dtype=tl.float32)
+    _sum__mean_tensor48_12 = tl.zeros([BLOCK], dtype=tl.float32)
+    _sum__mean_tensor56_13 = tl.zeros([BLOCK], dtype=tl.float32)
+    _sum__mean_tensor58_14 = tl.zeros([BLOCK], dtype=tl.float32)
+    _sum__mean_tensor60_15 = tl.zeros([BLOCK], dtype=tl.float32)
+    for _start in range(0, _col_n, BLOCK):
+        _i = _start + tl.arange(0, BLOCK)
+        _m = _i < _col_n
+        _af_col_old_0 = tl.load(_col_in4 + _i, mask=_m, other=0.0)
+        _mean_col24 = tl.load(_col_in5 + _i, mask=_m, other=0.0)
+        af_col_0 = _af_col_old_0 * _decay_af_0 + _mean_col24 * _u18
+        _af_col_old_1 = tl.load(_col_in6 + _i, mask=_m, other=0.0)
+        af_col_1 = _af_col_old_1 * _decay_af_1 + _mean_col24 * _u19
+        _af_col_old_2 = tl.load(_col_in7 + _i, mask=_m, other=0.0)
+        af_col_2 = _af_col_old_2 * _decay_af_2 + _mean_col24 * _u20
+        colfac_0 = tl.rsqrt(tops.maximum(af_col_0, 1e-09))
+        colfac_1 = tl.rsqrt(tops.maximum(af_col_1, 1e-09))
+        colfac_2 = tl.rsqrt(tops.maximum(af_col_2, 1e-09))
+        _u24 = colfac_0 * colfac_0
+        _u26 = colfac_1 * colfac_1
+        _u28 = colfac_2 * colfac_2
+        _mean_tensor_arg43 = af_col_0 * af_col_0
+        _mean_tensor_arg45 = af_col_1 * af_col_1
+        _mean_tensor_arg47 = af_col_2 * af_col_2
+        _mean_tensor_arg55 = 1.0 / (af_col_0 + 1e-08)
+        _mean_tensor_arg57 = 1.0 / (af_col_1 + 1e-08)
+        _mean_tensor_arg59 = 1.0 / (af_col_2 + 1e-08)
+        _u45 = colfac_0 * colfac_0
+        _u47 = colfac_1 * colfac_1
+        _u49 = colfac_2 * colfac_2
+        _sum__mean_tensor44_10 += tl.where(_m, _mean_tensor_arg43, 0.0)
+        _sum__mean_tensor46_11 += tl.where(_m, _mean_tensor_arg45, 0.0)
+        _sum__mean_tensor48_12 += tl.where(_m, _mean_tensor_arg47, 0.0)
+        _sum__mean_tensor56_13 += tl.where(_m, _mean_tensor_arg55, 0.0)
+        _sum__mean_tensor58_14 += tl.where(_m, _mean_tensor_arg57, 0.0)
+        _sum__mean_tensor60_15 += tl.where(_m, _mean_tensor_arg59, 0.0)
+        tl.store(col_out + 0 * col_total + _col_off + _i, af_col_0, mask=_m)
+        tl.store(col_out + 1 * col_total + _col_off + _i, af_col_1, mask=_m)
+        tl.store(col_out + 2 * col_total + _col_off + _i, af_col_2, mask=_m)
+        tl.store(col_out + 3 * col_total + _col_off + _i, colfac_0, mask=_m)
+        tl.store(col_out + 4 * col_total + _col_off + _i, colfac_1, mask=_m)
+        tl.store(col_out + 5 * col_total + _col_off + _i, colfac_2, mask=_m)
+        tl.store(col_out + 6 * col_total + _col_off + _i, _u24, mask=_m)
+        tl.store(col_out + 7 * col_total + _col_off + _i, _u26, mask=_m)
+        tl.store(col_out + 8 * col_total + _col_off + _i, _u28, mask=_m)
+        tl.store(col_out + 15 * col_total + _col_off + _i, _u45, mask=_m)
+        tl.store(col_out + 16 * col_total + _col_off + _i, _u47, mask=_m)
+        tl.store(col_out + 17 * col_total + _col_off + _i, _u49, mask=_m)
+    _mean_tensor44 = tl.sum(_sum__mean_tensor44_10, axis=0) / _col_n.to(tl.float32)
+    _mean_tensor46 = tl.sum(_sum__mean_tensor46_11, axis=0) / _col_n.to(tl.float32)
+    _mean_tensor48 = tl.sum(_sum__mean_tensor48_12, axis=0) / _col_n.to(tl.float32)
+    _mean_tensor56 = tl.sum(_sum__mean_tensor56_13, axis=0) / _col_n.to(tl.float32)
+    _mean_tensor58 = tl.sum(_sum__mean_tensor58_14, axis=0) / _col_n.to(tl.float32)
+    _mean_tensor60 = tl.sum(_sum__mean_tensor60_15, axis=0) / _col_n.to(tl.float32)
+    _u21 = 1.0 / _mean_tensor26
+    _u22 = 1.0 / _mean_tensor28
+    _u23 = 1.0 / _mean_tensor30
+    _u33 = tl.rsqrt(_mean_tensor38 + 1e-05)
+    _u34 = tl.rsqrt(_mean_tensor40 + 1e-05)
+    _u35 = tl.rsqrt(_mean_tensor42 + 1e-05)
+    _u36 = tl.rsqrt(_mean_tensor44 + 1e-05)
+    _u37 = tl.rsqrt(_mean_tensor46 + 1e-05)
+    _u38 = tl.rsqrt(_mean_tensor48 + 1e-05)
+    _u39 = tl.rsqrt(_mean_tensor50 + 1e-05)
+    _u40 = tl.rsqrt(_mean_tensor52 + 1e-05)
+    _u41 = tl.rsqrt(_mean_tensor54 + 1e-05)
+    _u42 = tl.rsqrt(_mean_tensor56 + 1e-05)
+    _u43 = tl.rsqrt(_mean_tensor58 + 1e-05)
+    _u44 = tl.rsqrt(_mean_tensor60 + 1e-05)
+    for _start in range(0, _row_n, BLOCK):
+        _i = _start + tl.arange(0, BLOCK)
+        _m = _i < _row_n
+        _af_row_old_0 = tl.load(_row_in0 + _i, mask=_m, other=0.0)
+        _mean_row22 = tl.load(_row_in1 + _i, mask=_m, other=0.0)
+        af_row_0 = _af_row_old_0 * _decay_af_0 + _mean_row22 * _u15
+        _af_row_old_1 = tl.load(_row_in2 + _i, mask=_m, other=0.0)
+        af_row_1 = _af_row_old_1 * _decay_af_1 + _mean_row22 * _u16
+        _af_row_old_2 = tl.load(_row_in3 + _i, mask=_m, other=0.0)
+        af_row_2 = _af_row_old_2 * _decay_af_2 + _mean_row22 * _u17
+        rowfac_0 = tl.rsqrt(tops.maximum(_u21 * af_row_0, 1e-09))
+        rowfac_1 = tl.rsqrt(tops.maximum(_u22 * af_row_1, 1e-09))
+        rowfac_2 = tl.rsqrt(tops.maximum(_u23 * af_row_2, 1e-09))
+        _u25 = rowfac_0 * rowfac_0
+        _u27 = rowfac_1 * rowfac_1
+        _u29 = rowfac_2 * rowfac_2
+        f_row_0 = _u33 * af_row_0
+        f_row_1 = _u34 * af_row_1
+        f_row_2 = _u35 * af_row_2
+        f_row_rsqrt_0 = _u39 * tl.rsqrt(af_row_0 + 1e-08)
+        f_row_rsqrt_1 = _u40 * tl.rsqrt(af_row_1 + 1e-08)
+        f_row_rsqrt_2 = _u41 * tl.rsqrt(af_row_2 + 1e-08)
+        _u46 = rowfac_0 * rowfac_0
+        _u48 = rowfac_1 * rowfac_1
+        _u50 = rowfac_2 * rowfac_2
+        tl.store(row_out + 3 * row_total + _row_off + _i, rowfac_0, mask=_m)
+        tl.store(row_out + 4 * row_total + _row_off + _i, rowfac_1, mask=_m)
+        tl.store(row_out + 5 * row_total + _row_off + _i, rowfac_2, mask=_m)
+        tl.store(row_out + 6 * row_total + _row_off + _i, _u25, mask=_m)
+        tl.store(row_out + 7 * row_total + _row_off + _i, _u27, mask=_m)
+        tl.store(row_out + 8 * row_total + _row_off + _i, _u29, mask=_m)
+        tl.store(row_out + 9 * row_total + _row_off + _i, f_row_0, mask=_m)
+        tl.store(row_out + 10 * row_total + _row_off + _i, f_row_1, mask=_m)
+        tl.store(row_out + 11 * row_total + _row_off + _i, f_row_2, mask=_m)
+        tl.store(row_out + 12 * row_total + _row_off + _i, f_row_rsqrt_0, mask=_m)
+        tl.store(row_out + 13 * row_total + _row_off + _i, f_row_rsqrt_1, mask=_m)
+        tl.store(row_out + 14 * row_total + _row_off + _i, f_row_rsqrt_2, mask=_m)
+        tl.store(row_out + 15 * row_total + _row_off + _i, _u46, mask=_m)
+        tl.store(row_out + 16 * row_total + _row_off + _i, _u48, mask=_m)
+        tl.store(row_out + 17 * row_total + _row_off + _i, _u50, mask=_m)
+    for _start in range(0, _col_n, BLOCK):
+        _i = _start + tl.arange(0, BLOCK)
+        _m = _i < _col_n
+        _af_col_old_0 = tl.load(_col_in4 + _i, mask=_m, other=0.0)
+        _mean_col24 = tl.load(_col_in5 + _i, mask=_m, other=0.0)
+        af_col_0 = _af_col_old_0 * _decay_af_0 + _mean_col24 * _u18
+        _af_col_old_1 = tl.load(_col_in6 + _i, mask=_m, other=0.0)
+        af_col_1 = _af_col_old_1 * _decay_af_1 + _mean_col24 * _u19
+        _af_col_old_2 = tl.load(_col_in7 + _i, mask=_m, other=0.0)
+        af_col_2 = _af_col_old_2 * _decay_af_2 + _mean_col24 * _u20
+        f_col_0 = _u36 * af_col_0
+        f_col_1 = _u37 * af_col_1
+        f_col_2 = _u38 * af_col_2
+        f_col_rsqrt_0 = _u42 * tl.rsqrt(af_col_0 + 1e-08)
+        f_col_rsqrt_1 = _u43 * tl.rsqrt(af_col_1 + 1e-08)
+        f_col_rsqrt_2 = _u44 * tl.rsqrt(af_col_2 + 1e-08)
+        tl.store(col_out + 9 * col_total + _col_off + _i, f_col_0, mask=_m)
+        tl.store(col_out + 10 * col_total + _col_off + _i, f_col_1, mask=_m)
+        tl.store(col_out + 11 * col_total + _col_off + _i, f_col_2, mask=_m)
+        tl.store(col_out + 12 * col_total + _col_off + _i, f_col_rsqrt_0, mask=_m)
+        tl.store(col_out + 13 * col_total + _col_off + _i, f_col_rsqrt_1, mask=_m)
+        tl.store(col_out + 14 * col_total + _col_off + _i, f_col_rsqrt_2, mask=_m)
+    tl.store(s_out32 + _t * 10 + 0, _u1.to(tl.float32))
+    tl.store(s_out32 + _t * 10 + 1, _u2.to(tl.float32))
+    tl.store(s_out32 + _t * 10 + 2, _u6.to(tl.float32))
+    tl.store(s_out32 + _t * 10 + 3, _u7.to(tl.float32))
+    tl.store(s_out32 + _t * 10 + 4, _u8.to(tl.float32))
+    tl.store(s_out32 + _t * 10 + 5, _u10.to(tl.float32))
+    tl.store(s_out32 + _t * 10 + 6, _u11.to(tl.float32))
+    tl.store(s_out32 + _t * 10 + 7, _u12.to(tl.float32))
+    tl.store(s_out32 + _t * 10 + 8, _u13.to(tl.float32))
+    tl.store(s_out32 + _t * 10 + 9, _u14.to(tl.float32))
+
+
+@triton.jit
+def host_2_6_kernel(
+    s_in,
+    g_in,
+    rc_in,
+    sizes,
+    s_out64,
+    s_out32,
+    row_out,
+    col_out,
+    row_total,
+    col_total,
+    BLOCK: tl.constexpr,
+):
+    _t = tl.program_id(0)
+    _s_row = s_in + _t * 6
+    _mean_tensor32 = tl.load(_s_row + 0).to(tl.float32)
+    _u30 = tl.rsqrt(_mean_tensor32 + 1e-05)
+    _mean_tensor34 = tl.load(_s_row + 1).to(tl.float32)
+    _u31 = tl.rsqrt(_mean_tensor34 + 1e-05)
+    _mean_tensor36 = tl.load(_s_row + 2).to(tl.float32)
+    _u32 = tl.rsqrt(_mean_tensor36 + 1e-05)
+    _mean_tensor62 = tl.load(_s_row + 3).to(tl.float32)
+    _u51 = tl.rsqrt(_mean_tensor62 + 1e-05)
+    _mean_tensor64 = tl.load(_s_row + 4).to(tl.float32)
+    _u52 = tl.rsqrt(_mean_tensor64 + 1e-05)
+    _mean_tensor66 = tl.load(_s_row + 5).to(tl.float32)
+    _u53 = tl.rsqrt(_mean_tensor66 + 1e-05)
+    tl.store(s_out32 + _t * 6 + 0, _u30.to(tl.float32))
+    tl.store(s_out32 + _t * 6 + 1, _u31.to(tl.float32))
+    tl.store(s_out32 + _t * 6 + 2, _u32.to(tl.float32))
+    tl.store(s_out32 + _t * 6 + 3, _u51.to(tl.float32))
+    tl.store(s_out32 + _t * 6 + 4, _u52.to(tl.float32))
+    tl.store(s_out32 + _t * 6 + 5, _u53.to(tl.float32))

@@ -407,6 +407,12 @@ def render_triton(prog, spec_source: str) -> str:
             for k in kernels]
     import pprint
 
+    from .triton_host import host_kernels
+
+    hosts = host_kernels(prog, MATH)
+    host_meta = [{k: h[k] for k in ("name", "fn", "s_in", "g_in", "rc_in", "out64", "out32", "bool_out", "row_out",
+                                     "col_out", "block")} for h in hosts]
     return _env().get_template("triton_kernels.py.j2").render(
         version=__version__, spec_source=spec_source, spec_name=prog.spec_name, spec_hash=prog.spec_hash,
-        kernels=kernels, kernels_text=pprint.pformat(meta, width=100, sort_dicts=True))
+        kernels=kernels, kernels_text=pprint.pformat(meta, width=100, sort_dicts=True),
+        host_kernels=hosts, host_text=pprint.pformat(host_meta, width=100, sort_dicts=True))

@@ -445,9 +445,11 @@ class Engine:
                 for i in range(n):
                     T[i][name] = tstates[i][leaf["source"]][leaf["index"]].float()
 
+        differentiated = torch.is_grad_enabled() and _requires_grad(phi, params, grads, tstates, gstate, [loss])
+        # per-tensor host segments as one kernel launch each (not differentiable)
+        host_runner = self.triton_runner() if backend == "triton" and not differentiated else None
         ws = None
-        if workspace is not False and backend != "triton" and not torch.compiler.is_compiling() and not (
-                torch.is_grad_enabled() and _requires_grad(phi, params, grads, tstates, gstate, [loss])):
+        if workspace is not False and backend != "triton" and not torch.compiler.is_compiling() and not differentiated:
             ws = self.workspace()
             if dev.type == "cpu":
                 _prime_cpu_allocator()
@@ -459,7 +461,7 @@ class Engine:
         partials: list[dict] = [dict() for _ in range(n)]
         launched = None  # (tensor indices, LaunchSums) of the previous stage's Triton launch
         for stage in info["stages"]:
-            self._host_phase(stage, T, G, phi, plans, partials, launched)
+            self._host_phase(stage, T, G, phi, plans, partials, launched, host_runner, dev)
             partials = [dict() for _ in range(n)]
             launched = None
             if backend == "triton":
@@ -553,12 +555,14 @@ class Engine:
             host[name] = v
         return host, sliced
 
-    def _host_phase(self, stage, T, G, phi, plans, partials, launched=None):
+    def _host_phase(self, stage, T, G, phi, plans, partials, launched=None, host_runner=None, device=None):
         n = len(T)
         done: dict = {}  # reductions of the same partial sums (shared by the generated code)
         for seg in stage["host"]:
             kind = seg["kind"]
             if kind == "tensor":
+                if host_runner is not None and host_runner.run_host(seg["fn"], T, G, plans, device):
+                    continue
                 fn = getattr(self.module, seg["fn"])
                 for idx in _shape_groups(plans):
                     if len(idx) < MIN_BATCHED_TENSORS or not _run_batched(fn, [T[i] for i in idx], G, phi):

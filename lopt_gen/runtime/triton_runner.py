@@ -1,8 +1,10 @@
 """Launching generated Triton stage kernels.
 
-The host phases (per-tensor scalars, reductions, the tiny per-tensor and global RNNs) run
-as the same generated torch code as the torch backend, on the parameters' device; only the
-per-element work of each stage runs in a kernel.  On CPU tensors the kernels run in the
+The per-element work of each stage runs in a kernel.  The host phases (per-tensor scalars,
+reductions, the tiny per-tensor and global RNNs) run as the same generated torch code as the
+torch backend, on the parameters' device, except that a per-tensor segment with a host kernel
+runs as one launch for every tensor in steps that nothing differentiates
+(:meth:`TritonRunner.run_host`).  On CPU tensors the kernels run in the
 Triton interpreter, which must be selected before Triton is first imported
 (``TRITON_INTERPRET=1``).
 """
@@ -213,6 +215,67 @@ def _host_values_table(items, names, device) -> torch.Tensor:
     return torch.stack(cols, 1)
 
 
+class _NotScalar(Exception):
+    """A value a host kernel reads as one number per tensor (or per step) is not one."""
+
+
+def _scalar_table(rows, device) -> torch.Tensor:
+    """``(len(rows), max(1, width))`` float64: one row of scalar values per tensor, one column
+    stacked at a time (float64 holds the float32 values exactly).  Raises :class:`_NotScalar`
+    for a value that is not a number or a one-element tensor."""
+    width = len(rows[0]) if rows else 0
+    if not width:
+        return torch.zeros((max(1, len(rows)), 1), dtype=torch.float64, device=device)
+    cols = []
+    for j in range(width):
+        vals = [r[j] for r in rows]
+        if all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in vals):
+            cols.append(torch.stack(vals).to(device=device, dtype=torch.float64))
+            continue
+        col = []
+        for v in vals:
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    raise _NotScalar
+                col.append(v.reshape(()).to(device=device, dtype=torch.float64))
+            elif isinstance(v, (int, float, bool)):
+                col.append(torch.full((), float(v), dtype=torch.float64, device=device))
+            else:
+                raise _NotScalar
+        cols.append(torch.stack(col))
+    return torch.stack(cols, 1)
+
+
+def _rowcol_input(v, shape, device) -> torch.Tensor:
+    """A row or column input of a host kernel: float32, contiguous, of the tensor's reduced shape."""
+    v = _as_f32(v, device)
+    return v if v.shape == shape and v.is_contiguous() else torch.broadcast_to(v, shape).contiguous()
+
+
+_HOST_SIZES: dict = {}
+
+
+def host_sizes(plans, device) -> tuple[torch.Tensor, dict, dict]:
+    """A host kernel's ``sizes`` table, ``(tensors, 4)`` int64 rows (row length, row offset, column
+    length, column offset: each tensor's part of the flat row and column buffers), with the
+    buffers' total lengths and each tensor's lengths, cached per list of shapes."""
+    key = (tuple(tuple(pl.shape) for pl in plans), torch.device(device))
+
+    def make():
+        rows, totals, spans = [], {"row": 0, "col": 0}, {"row": [], "col": []}
+        for pl in plans:
+            row = []
+            for lv in ("row", "col"):
+                m = math.prod(pl.reduced_shape(lv))
+                row += [m, totals[lv]]
+                totals[lv] += m
+                spans[lv].append(m)
+            rows.append(row)
+        return _to_device_table(rows, device), totals, spans
+
+    return _remember(_HOST_SIZES, key, make)
+
+
 class LaunchSums:
     """A launch's reductions, summed over their axes but not yet divided by their counts.
 
@@ -273,6 +336,9 @@ class TritonRunner:
     def __init__(self, kernel_module, backward_module=None):
         self.module = kernel_module
         self.kernels = {k["index"]: (k, getattr(kernel_module, k["name"])) for k in kernel_module.KERNELS}
+        #: host segment function name -> (metadata, kernel): see :meth:`run_host`
+        self.host_kernels = {k["fn"]: (k, getattr(kernel_module, k["name"]))
+                             for k in getattr(kernel_module, "HOST_KERNELS", ())}
         self._backward_module = backward_module
 
     # ------------------------------------------------------------------ backward kernels
@@ -353,6 +419,60 @@ class TritonRunner:
         for pairs in by_dtype.values():
             torch._foreach_copy_([dst for _, dst in pairs], [tmp.view(dst.shape) for tmp, dst in pairs])
         return _launch_sums(meta, part, items, info[:, 0], spans, None, group_scratch.__getitem__)
+
+    def run_host(self, fn: str, T: list, G, plans, device) -> bool:
+        """Run per-tensor host segment ``fn`` as its kernel, once for every tensor, writing its
+        results into each ``T[i]``.  False (nothing written) when the segment has no kernel or
+        a value does not fit it (a per-tensor value that is not a scalar, a per-step value that
+        is not one number); the caller then runs the torch function.  Not differentiable: the
+        engine uses it only for steps that nothing differentiates."""
+        entry = self.host_kernels.get(fn)
+        if entry is None or not T:
+            return False
+        meta, kernel = entry
+        n = len(T)
+        try:
+            s_in = _scalar_table([[Ti[v] for v in meta["s_in"]] for Ti in T], device)
+            g_in = _scalar_table([[G[v] for v in meta["g_in"]]], device).reshape(-1)
+        except _NotScalar:
+            return False
+        sizes, totals, spans = host_sizes(plans, device)
+        ptr_rows, keep = [], []
+        for Ti, pl in zip(T, plans):
+            row = []
+            for level, v in meta["rc_in"]:
+                x = _rowcol_input(Ti[v], pl.reduced_shape(level), device)
+                keep.append(x)
+                row.append(x.data_ptr())
+            ptr_rows.append(row or [0])
+        rc_in = _to_device_table(ptr_rows, device)
+        out64 = kernel_buffer((n, max(1, len(meta["out64"]))), torch.float64, device)
+        out32 = kernel_buffer((n, max(1, len(meta["out32"]))), torch.float32, device)
+        rc_out = {lv: kernel_buffer((max(1, len(meta[f"{lv}_out"])), max(1, totals[lv])), torch.float32, device)
+                  for lv in ("row", "col")}
+        if _capturing(device):
+            CAPTURE_KEEP.extend((sizes, s_in, g_in, rc_in, *keep))
+        block = meta["block"]
+        kernel[(n,)](s_in, g_in, rc_in, sizes, out64, out32, rc_out["row"], rc_out["col"],
+                     max(1, totals["row"]), max(1, totals["col"]), BLOCK=block)
+        bools = set(meta["bool_out"])
+        for k, v in enumerate(meta["out64"]):
+            for Ti, x in zip(T, out64[:, k].unbind(0)):
+                Ti[v] = x
+        for k, v in enumerate(meta["out32"]):
+            col = out32[:, k]
+            for Ti, x in zip(T, (col != 0 if v in bools else col).unbind(0)):
+                Ti[v] = x
+        for lv in ("row", "col"):
+            names = meta[f"{lv}_out"]
+            if not names:
+                continue
+            # each tensor's columns of the buffer, as (values, *reduced shape): one view and one
+            # unbind per tensor, whatever the number of values
+            for Ti, pl, part in zip(T, plans, rc_out[lv].split(spans[lv], dim=1)):
+                for v, x in zip(names, part.view((part.shape[0],) + pl.reduced_shape(lv)).unbind(0)):
+                    Ti[v] = x
+        return True
 
     def _run_differentiable(self, stage_index, items, phi):
         """One launch as an autograd node whose backward runs the generated backward kernel."""

@@ -1,0 +1,325 @@
+"""Render per-tensor host segments as Triton kernels: one launch for every tensor of a step.
+
+A host segment that runs "once per tensor" (bias corrections, time features, per-tensor
+normalisers, Adafactor row and column updates) is a small program over per-tensor scalars and
+per-row / per-column vectors.  Run as torch code it costs one device operation per expression
+and shape group; on a GPU each is a kernel launch, and they add up to most of a step's launches
+(``benchmarks/RESULTS.md``).  Rendered here, the whole segment is one kernel with one program
+per tensor, whatever the tensors' shapes:
+
+* per-tensor scalars live in registers; they arrive in one table (float64, one row per tensor;
+  per-step values in another) and leave in two, float64 and float32, as the torch code's own
+  dtypes would be (float64 where it computes from ``t``, ``lr``, ``wd`` and hyper-parameters,
+  see docs/DESIGN.md "Hoisting, and float64 on the host");
+* row and column values are computed in loops of ``BLOCK`` elements over the tensor's row
+  (column) vector.  A mean of such a value ends a *phase*: its loop accumulates the sum, and
+  what depends on the mean runs in a later loop, which recomputes the row values it needs
+  from the inputs again rather than storing them (as the stage kernels do between passes);
+* row and column results are written to one flat buffer per value, each tensor's part
+  contiguous and of its reduced shape.
+
+Segments with a dense layer or a recurrent cell (hrnn's tensor RNN, the folded time-feature
+layer) stay torch code.  The kernels compute what the torch code computes up to rounding (the
+order of a mean's sum, device math); they are used for steps that nothing differentiates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import sympy
+
+from ..ir import Leaf, Let, Reduce, StateWrite
+from ..passes import plan, roots
+from .printer import RoundedTritonPrinter, TritonPrinter, fmt_float
+from .torch_backend import local
+from .triton_backend import _KBody
+
+#: elements of a row or column vector per loop iteration
+HOST_BLOCK = 256
+
+_F64_INPUTS = ("t", "lr", "wd")
+
+
+def value_dtypes(prog) -> dict[str, str]:
+    """``{value: "f64" | "f32" | "bool"}``: the dtype the torch host code gives each value
+    computed on the host when it runs for one tensor.  The runtime hands ``t``, ``lr``, ``wd``
+    and hyper-parameters over as float64 0-dim tensors; a per-tensor (0-dim) value is float64
+    when one of its operands is; row and column values are tensors of float32 statistics, which
+    keep their dtype against a 0-dim operand."""
+    out: dict[str, str] = {}
+    for n in prog.nodes:
+        if isinstance(n, Leaf):
+            f64 = n.kind == "hyper" or (n.kind == "input" and n.name in _F64_INPUTS)
+            out[n.name] = "f64" if f64 else "f32"
+        elif isinstance(n, Let):
+            if isinstance(n.expr, (sympy.core.relational.Relational, sympy.logic.boolalg.Boolean)):
+                out[n.name] = "bool"
+            elif n.level in ("const", "global", "tensor") and any(out.get(d) == "f64" for d in n.deps):
+                out[n.name] = "f64"
+            else:
+                out[n.name] = "f32"
+        elif isinstance(n, Reduce):
+            out[n.name] = out.get(n.arg, "f32") if n.arg_level in ("const", "global", "tensor") else "f32"
+        elif not isinstance(n, StateWrite):
+            for o in n.outs:
+                out[o] = "f32"
+    return out
+
+
+def _read_outside(prog, seg_nodes) -> set[str]:
+    """Values of the segment that something outside it reads (the rest stay in registers)."""
+    inside = {id(n) for n in seg_nodes}
+    out = set(roots(prog))
+    for n in prog.nodes:
+        if id(n) not in inside:
+            out.update(n.deps)
+    return out
+
+
+def eligible(seg) -> bool:
+    """Whether a host segment can be a host kernel: per-tensor, scalar and row/column math and
+    means only."""
+    if seg.kind != "tensor":
+        return False
+    for n in seg.nodes:
+        if isinstance(n, Let):
+            if n.level not in ("tensor", "row", "col"):
+                return False
+            if n.level != "tensor" and isinstance(n.expr, (sympy.core.relational.Relational,
+                                                           sympy.logic.boolalg.Boolean)):
+                return False  # a boolean row or column vector
+        elif isinstance(n, Reduce):
+            if n.level != "tensor" or n.arg_level not in ("row", "col"):
+                return False
+        else:  # Dense, Cell
+            return False
+    return True
+
+
+class _NotHostable(Exception):
+    """An expression the host kernel does not print (the segment stays torch code)."""
+
+
+def _host_printer(base):
+    """``base`` (a Triton printer) for host code, which also holds what the stage kernels never
+    see because hoisting moved it to the host: a power of a constant, ``c ** y``, printed as
+    ``exp(y · log c)`` (a positive ``c``; what ``pow`` computes) since the device helpers take
+    tensors, not numbers."""
+
+    class HostPrinter(base):
+        def _pow(self, e):
+            b, x = e.base, e.exp
+            if not b.free_symbols and x.free_symbols:
+                c = float(b)
+                if not c > 0.0:
+                    raise _NotHostable(f"a power of the constant {c}")
+                return f"{self.func_names[sympy.exp]}({self._wrap(x, 20)} * {fmt_float(math.log(c))})", 100
+            return super()._pow(e)
+
+    return HostPrinter
+
+
+class _HostBody:
+    def __init__(self, prog, seg, levels, dtypes, printer_cls):
+        self.prog, self.seg, self.levels, self.dtypes = prog, seg, levels, dtypes
+        self.printer_cls = printer_cls
+        self.defined = {o for n in seg.nodes for o in n.outs}
+        self.node_of = {o: n for n in seg.nodes for o in n.outs}
+        self.lines: list[str] = []
+        self.s_in: list[str] = []  # per-tensor scalar inputs (columns of s_in)
+        self.g_in: list[str] = []  # per-step scalar inputs (entries of g_in)
+        self.rc_in: list[tuple[str, str]] = []  # (level, value): row/column inputs (columns of rc_in)
+        self.scalars: dict[str, str] = {}  # value -> register holding it
+        self.f32_alias: dict[str, str] = {}  # float64 scalar -> its float32 copy (for row/column math)
+        self.taken = {local(o) for n in prog.nodes for o in n.outs}
+        self.n = 0
+
+    fresh = _KBody.fresh  # a kernel-local name no value of the program has
+
+    # -- scalars ----------------------------------------------------------------------------------
+    def scalar(self, v: str) -> str:
+        """The register holding per-tensor or per-step value ``v`` (loaded on first use)."""
+        if v in self.scalars:
+            return self.scalars[v]
+        if v in self.defined:  # the plan computes every value before its first use
+            raise AssertionError(f"host kernel: {v!r} used before it is computed")
+        var = local(v)
+        dt = self.dtypes.get(v, "f32")
+        level = self.levels[v]
+        if level in ("const", "global"):
+            src = f"tl.load(g_in + {self._index(self.g_in, v)})"
+        else:
+            src = f"tl.load(_s_row + {self._index(self.s_in, v)})"
+        self.lines.append(f"{var} = {src}" + ("" if dt == "f64" else ".to(tl.float32)"))
+        self.scalars[v] = var
+        return var
+
+    @staticmethod
+    def _index(table: list, v: str) -> int:
+        if v not in table:
+            table.append(v)
+        return table.index(v)
+
+    def scalar_f32(self, v: str) -> str:
+        """``v`` as a float32 register, for row and column math (a float64 0-dim operand of a
+        float32 tensor takes the tensor's dtype in torch)."""
+        var = self.scalar(v)
+        if self.dtypes.get(v) != "f64":
+            return var
+        if v not in self.f32_alias:
+            alias = self.fresh(f"{local(v)}_f32_")
+            self.lines.append(f"{alias} = {var}.to(tl.float32)")
+            self.f32_alias[v] = alias
+        return self.f32_alias[v]
+
+    def printer(self, names: dict):
+        return self.printer_cls(names)
+
+    def print_let(self, n: Let, names: dict) -> str:
+        text = self.printer(names).doprint(n.expr)
+        if self.dtypes.get(n.name) == "bool":
+            return f"tl.where({text}, 1.0, 0.0)"
+        return text
+
+
+def _phases(seg) -> dict[str, int]:
+    """Phase of every value the segment defines: a mean of a row or column value ends its phase."""
+    phase: dict[str, int] = {}
+    for n in seg.nodes:
+        if isinstance(n, Reduce):
+            phase[n.name] = phase.get(n.arg, 0) + 1
+        else:
+            phase[n.name] = max((phase.get(d, 0) for d in n.deps), default=0)
+    return phase
+
+
+def host_kernel(prog, stage_index: int, j: int, seg, levels, dtypes, math_mode: str = "fast") -> dict | None:
+    """The Triton kernel of host segment ``j`` of stage ``stage_index``, or None when the
+    segment cannot be one (see :func:`eligible`)."""
+    if not eligible(seg):
+        return None
+    printer_cls = _host_printer(RoundedTritonPrinter if math_mode == "rounded" else TritonPrinter)
+    body = _HostBody(prog, seg, levels, dtypes, printer_cls)
+    outside = _read_outside(prog, seg.nodes)
+    phase = _phases(seg)
+    last = max(phase.values(), default=0)
+    lets = [n for n in seg.nodes if isinstance(n, Let)]
+    reduces = [n for n in seg.nodes if isinstance(n, Reduce)]
+    out64 = [n.name for n in seg.nodes if n.level == "tensor" and n.name in outside and dtypes[n.name] == "f64"]
+    out32 = [n.name for n in seg.nodes if n.level == "tensor" and n.name in outside and dtypes[n.name] != "f64"]
+    outs_rc = {lv: [n.name for n in lets if n.level == lv and n.name in outside] for lv in ("row", "col")}
+    stores: list[str] = []
+
+    def scalar_names() -> dict:
+        class _Names(dict):
+            def get(self, k, default=None):
+                return body.scalar(k)
+
+        return _Names()
+
+    for p in range(last + 1):
+        for n in lets:
+            if n.level == "tensor" and phase[n.name] == p:
+                text = body.print_let(n, scalar_names())
+                var = local(n.name)
+                body.lines.append(f"{var} = {text}")
+                body.scalars[n.name] = var
+        for lv in ("row", "col"):
+            sums = [r for r in reduces if r.arg_level == lv and phase.get(r.arg, 0) == p]
+            stored = [v for v in outs_rc[lv] if phase[v] == p]
+            if not sums and not stored:
+                continue
+            _row_loop(body, lv, sums, stored, outs_rc[lv])
+    for k, v in enumerate(out64):
+        stores.append(f"tl.store(s_out64 + _t * {max(1, len(out64))} + {k}, {body.scalar(v)})")
+    for k, v in enumerate(out32):
+        stores.append(f"tl.store(s_out32 + _t * {max(1, len(out32))} + {k}, {body.scalar(v)}.to(tl.float32))")
+    lines = body.lines + stores
+    uses = {lv: any(f"_{lv}_" in ln for ln in lines) for lv in ("row", "col")}
+    return dict(name=f"host_{stage_index}_{j}_kernel", fn=f"host_{stage_index}_{j}", lines=lines, uses=uses,
+                s_in=list(body.s_in), g_in=list(body.g_in), rc_in=[list(x) for x in body.rc_in],
+                out64=out64, out32=out32, bool_out=[v for v in out32 if dtypes[v] == "bool"],
+                row_out=outs_rc["row"], col_out=outs_rc["col"], block=HOST_BLOCK)
+
+
+def _row_loop(body: _HostBody, lv: str, sums, stored, all_stored) -> None:
+    """One loop over tensor ``_t``'s row (``lv`` = "row") or column vector: the ``lv`` values
+    that the means ``sums`` average and that the outputs ``stored`` are, recomputed from the
+    inputs; the means are finished after the loop."""
+    need: list[str] = []
+    stack = [r.arg for r in sums] + list(stored)
+    seen: set[str] = set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        n = body.node_of.get(v)
+        if isinstance(n, Let) and n.level == lv:
+            need.append(v)
+            stack.extend(n.deps)
+    order = [n for n in body.seg.nodes if isinstance(n, Let) and n.name in need]
+    # scalars the loop reads are loaded (and converted) before it
+    loop_names: dict[str, str] = {}
+    for n in order:
+        for d in n.deps:
+            if body.levels.get(d) in ("row", "col") or d in loop_names:
+                continue
+            loop_names[d] = body.scalar_f32(d)
+    accs = []
+    for r in sums:
+        acc = body.fresh(f"sum_{local(r.name)}_")
+        body.lines.append(f"{acc} = tl.zeros([BLOCK], dtype=tl.float32)")
+        accs.append((r, acc))
+    n_var, off_var = f"_{lv}_n", f"_{lv}_off"
+    loop: list[str] = [f"for _start in range(0, {n_var}, BLOCK):",
+                       "    _i = _start + tl.arange(0, BLOCK)",
+                       f"    _m = _i < {n_var}"]
+
+    def load(d: str) -> None:
+        if d in loop_names or body.levels.get(d) != lv or d in body.defined:
+            return
+        ptr = f"_{lv}_in{body._index(body.rc_in, (lv, d))}"
+        var = local(d)
+        loop.append(f"    {var} = tl.load({ptr} + _i, mask=_m, other=0.0)")
+        loop_names[d] = var
+
+    for n in order:
+        for d in n.deps:
+            load(d)
+        text = body.print_let(n, loop_names)
+        var = local(n.name)
+        loop.append(f"    {var} = {text}")
+        loop_names[n.name] = var
+    for r, acc in accs:
+        load(r.arg)
+        loop.append(f"    {acc} += tl.where(_m, {loop_names[r.arg]}, 0.0)")
+    for v in stored:
+        k = all_stored.index(v)
+        loop.append(f"    tl.store({lv}_out + {k} * {lv}_total + {off_var} + _i, {loop_names[v]}, mask=_m)")
+    body.lines.extend(loop)
+    for r, acc in accs:
+        var = local(r.name)
+        total, count = f"tl.sum({acc}, axis=0)", f"{n_var}.to(tl.float32)"
+        div = body.printer_cls.DIV
+        body.lines.append(f"{var} = {div}({total}, {count})" if div else f"{var} = {total} / {count}")
+        body.scalars[r.name] = var
+
+
+def host_kernels(prog, math_mode: str = "fast") -> list[dict]:
+    """Every per-tensor host segment of ``prog`` that can run as one kernel (see
+    :func:`host_kernel`)."""
+    levels = prog.level_of()
+    dtypes = value_dtypes(prog)
+    out = []
+    for st in plan(prog):
+        for j, seg in enumerate(st.host):
+            try:
+                k = host_kernel(prog, st.index, j, seg, levels, dtypes, math_mode)
+            except _NotHostable:
+                k = None
+            if k is not None:
+                out.append(k)
+    return out
+

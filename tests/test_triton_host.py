@@ -1,0 +1,156 @@
+"""Per-tensor host segments as Triton kernels (``HOST_KERNELS``, run in the Triton interpreter).
+
+Each host kernel must compute what the torch host function of the same name computes for each
+tensor on its own: every value it hands on, with the torch code's dtype (float64 where that
+computes from ``t``, ``lr``, ``wd`` or hyper-parameters, bool for conditions), for tensors of
+every rank and for row and column vectors longer than one block.  Its output buffers are
+poisoned (``LOPT_GEN_POISON=1``, tests/conftest.py), so an element it fails to write shows up.
+"""
+
+from __future__ import annotations
+
+from collections import ChainMap
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lopt_gen
+from lopt_gen import LearnedOptimizer, get_engine, load_spec, shipped_specs, spec_from_dict
+from lopt_gen.codegen.triton_host import HOST_BLOCK, value_dtypes
+from lopt_gen.compiler import compile_program
+from lopt_gen.runtime import triton_runner
+from lopt_gen.runtime.engine import TensorPlan
+from lopt_gen.testing import specs
+
+# ranks 0 to 4; row or column vectors longer than one block (HOST_BLOCK elements) and not a multiple of it
+SHAPES = [(), (1,), (7,), (3, 5, 7), (2, 3, 4, 5), (257, 129), (40, 700), (1023,), (5, 1)]
+WITH_KERNELS = sorted(n for n in shipped_specs() if get_engine(load_spec(n)).triton_runner().host_kernels)
+
+
+def _value(dtype: str, gen: torch.Generator, shape=()) -> torch.Tensor:
+    if dtype == "bool":
+        return torch.rand(shape, generator=gen) < 0.5
+    if dtype == "f64":  # step counts, lr, wd, hyper-parameters: small non-negative numbers
+        return torch.randint(0, 50, shape, generator=gen).to(torch.float64) * 0.5
+    return 0.1 + 2 * torch.rand(shape, generator=gen)  # means of squares, decays, statistics: positive
+
+
+def _inputs(meta, dtypes, plans, gen):
+    G = {v: _value(dtypes.get(v, "f32"), gen) for v in meta["g_in"]}
+    T = []
+    for pl in plans:
+        Ti = {v: _value(dtypes.get(v, "f32"), gen) for v in meta["s_in"]}
+        for level, v in meta["rc_in"]:
+            Ti[v] = _value("f32", gen, pl.reduced_shape(level))
+        T.append(Ti)
+    return T, G
+
+
+def assert_host_kernels_match(spec, shapes, seed=0):
+    """Every host kernel of ``spec`` against its torch host function, tensor by tensor."""
+    engine = get_engine(spec)
+    runner = engine.triton_runner()
+    dtypes = value_dtypes(compile_program(spec))
+    plans = [TensorPlan(s, 1 << 18) for s in shapes]
+    gen = torch.Generator().manual_seed(seed)
+    for fn, (meta, _) in runner.host_kernels.items():
+        T, G = _inputs(meta, dtypes, plans, gen)
+        want = []
+        for Ti in T:
+            V = ChainMap(dict(Ti), G)
+            getattr(engine.module, fn)(V, {})
+            want.append(V.maps[0])
+        got = [dict(Ti) for Ti in T]
+        assert runner.run_host(fn, got, G, plans, torch.device("cpu")), fn
+        names = meta["out64"] + meta["out32"] + meta["row_out"] + meta["col_out"]
+        assert names, fn
+        for i, (pl, w, g) in enumerate(zip(plans, want, got)):
+            for v in names:
+                a, b = w[v], g[v]
+                msg = f"{spec.name} {fn} {v} tensor {i} {pl.orig_shape}"
+                assert b.dtype == a.dtype, msg
+                if v in meta["row_out"] or v in meta["col_out"]:
+                    level = "row" if v in meta["row_out"] else "col"
+                    assert b.shape == pl.reduced_shape(level), msg
+                    a = torch.broadcast_to(a, b.shape)
+                else:
+                    assert b.dim() == 0, msg
+                if a.dtype == torch.bool:
+                    assert torch.equal(a, b), msg
+                else:
+                    torch.testing.assert_close(b, a, rtol=2e-6, atol=1e-7, equal_nan=True, msg=msg)
+
+
+@pytest.mark.parametrize("name", WITH_KERNELS)
+def test_host_kernels_equal_the_torch_host_functions(name):
+    assert_host_kernels_match(load_spec(name), SHAPES, seed=len(name))
+
+
+def test_shipped_specs_with_per_tensor_math_have_host_kernels():
+    """Every per-tensor segment without a dense layer or a cell is a kernel (for small_fc_lopt:
+    the Adafactor row and column updates and the per-tensor normalisers, not the folded
+    time-feature layer)."""
+    assert {"adam", "adamw", "hrnn", "mulo", "small_fc_lopt", "rmsprop", "l2l_lstm"} <= set(WITH_KERNELS)
+    fns = get_engine(load_spec("small_fc_lopt")).triton_runner().host_kernels
+    assert set(fns) == {"host_1_12", "host_2_6"}
+    assert HOST_BLOCK < 257  # SHAPES has row and column vectors of more than one block
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(spec=specs(), shapes=st.lists(st.sampled_from(SHAPES), min_size=1, max_size=4))
+def test_random_specs_host_kernels_equal_the_torch_host_functions(spec, shapes):
+    assert_host_kernels_match(spec_from_dict(spec) if isinstance(spec, dict) else spec, shapes)
+
+
+def _spy(monkeypatch):
+    calls = {"kernel": [], "fallback": []}
+    real = triton_runner.TritonRunner.run_host
+
+    def run_host(self, fn, T, G, plans, device):
+        ok = real(self, fn, T, G, plans, device)
+        calls["kernel" if ok else "fallback"].append(fn)
+        return ok
+
+    monkeypatch.setattr(triton_runner.TritonRunner, "run_host", run_host)
+    return calls
+
+
+def test_the_optimizer_step_runs_host_kernels_once_per_segment(monkeypatch):
+    calls = _spy(monkeypatch)
+    params = [torch.randn(s).requires_grad_() for s in [(5, 7), (9,), (5, 7), (), (3, 4, 2)]]
+    opt = LearnedOptimizer(params, "small_fc_lopt", weights=lopt_gen.init_weights("small_fc_lopt", seed=0),
+                           backend="triton")
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    assert sorted(calls["kernel"]) == ["host_1_12", "host_2_6"]  # one launch each, five tensors of four shapes
+    assert calls["fallback"] == ["host_0_1"]  # the folded time-feature layer stays torch code
+
+
+def test_differentiated_steps_run_the_torch_host_functions(monkeypatch):
+    calls = _spy(monkeypatch)
+    engine = get_engine(load_spec("small_fc_lopt"))
+    phi = {k: v.requires_grad_() for k, v in engine.init_weights(seed=0).items()}
+    params = [torch.randn(4, 3), torch.randn(5)]
+    grads = [torch.randn(4, 3), torch.randn(5)]
+    ts = [engine.init_tensor_state(p) for p in params]
+    new_p, _, _ = engine.step(phi, params, grads, ts, engine.init_global_state(), [{} for _ in params],
+                              backend="triton")
+    sum(p.sum() for p in new_p).backward()
+    assert calls["kernel"] == [] and calls["fallback"] == []
+    assert all(phi[k].grad is not None for k in ("mlp.0.weight",))
+
+
+def test_a_value_that_is_not_a_scalar_falls_back_without_writing():
+    engine = get_engine(load_spec("small_fc_lopt"))
+    runner = engine.triton_runner()
+    meta, _ = runner.host_kernels["host_2_6"]
+    plans = [TensorPlan((4, 3), 1 << 18), TensorPlan((5,), 1 << 18)]
+    T = [{v: torch.tensor(1.0) for v in meta["s_in"]} for _ in plans]
+    T[1][meta["s_in"][0]] = torch.ones(3)  # a per-tensor value that is a vector: not this kernel's layout
+    before = [dict(Ti) for Ti in T]
+    assert not runner.run_host("host_2_6", T, {}, plans, torch.device("cpu"))
+    assert [set(Ti) for Ti in T] == [set(b) for b in before]
+    assert not runner.run_host("no_such_segment", T, {}, plans, torch.device("cpu"))
