@@ -41,8 +41,9 @@ SCRIPT = textwrap.dedent(r"""
 
     FAST = ["div.full.f32", "sqrt.approx", "rsqrt.approx", "ex2.approx"]
     FORWARD_TYPES = {"ptrs": "*i64", "info": "*i64", "progs": "*i32"}
-    HOST_TYPES = {"s_in": "*fp64", "g_in": "*fp64", "rc_in": "*i64", "sizes": "*i64", "s_out64": "*fp64",
-                  "s_out32": "*fp32", "row_out": "*fp32", "col_out": "*fp32", "row_total": "i64", "col_total": "i64"}
+    HOST_TYPES = {"_s_in": "*fp64", "_g_in": "*fp64", "_rc_in": "*i64", "_sizes": "*i64", "_s_out64": "*fp64",
+                  "_s_out32": "*fp32", "_row_out": "*fp32", "_col_out": "*fp32", "_row_total": "i64",
+                  "_col_total": "i64"}
     # a backward kernel's leading parameters, in the order the launcher passes them; the
     # weights (fp32, in the order of the entry's "weights") follow
     BACKWARD_LEAD = {"ptrs": "*i64", "info": "*i64", "progs": "*i32", "hv": "*fp32",

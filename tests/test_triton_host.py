@@ -154,3 +154,65 @@ def test_a_value_that_is_not_a_scalar_falls_back_without_writing():
     assert not runner.run_host("host_2_6", T, {}, plans, torch.device("cpu"))
     assert [set(Ti) for Ti in T] == [set(b) for b in before]
     assert not runner.run_host("no_such_segment", T, {}, plans, torch.device("cpu"))
+
+
+def _factored(name: str, let: str, update: str):
+    import yaml
+
+    return spec_from_dict(yaml.safe_load(f"""
+name: {name}
+hyper: {{b2: 0.9}}
+accumulators:
+  - {{name: af, ema: g * g + 1e-30, decay: b2, reduce: factored}}
+let:
+{let}
+update: {update}
+"""))
+
+
+def test_where_on_t_keeps_the_dtype_of_its_values_and_conditions_agree():
+    """``where(t > 3, 0.5, 2)`` is float32 in torch although ``t`` is float64; a condition on a
+    per-tensor value inside row and column math."""
+    spec = _factored("where_dtypes", "  q: where(t > 3, 0.5, 2)\n  rr: where(t > 2, af_row, af_row * q)\n"
+                     "  cc: where(lr > 0.5, af_col / mean_tensor(af_col), af_col * lr)",
+                     "g * rsqrt(rr * cc + 1e-8) * q * 0.001")
+    assert value_dtypes(compile_program(spec))["q"] == "f32"
+    assert get_engine(spec).triton_runner().host_kernels
+    assert_host_kernels_match(spec, SHAPES)
+
+
+@pytest.mark.parametrize("clash", ["row_total", "s_out64", "g_in", "col_out", "sizes"])
+def test_spec_names_do_not_clash_with_the_host_kernel_parameters(clash):
+    spec = _factored(f"clash_{clash}", f"  {clash}: mean_tensor(af_col) + 1\n  r2: af_row * {clash}",
+                     f"g * rsqrt(r2 * af_col + 1e-8) * {clash} * 0.001")
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.randn(s, generator=gen) for s in [(5, 7), (9,), (3, 300)]]
+    a = [p.clone().requires_grad_() for p in params]
+    b = [p.clone().requires_grad_() for p in params]
+    oa, ob = LearnedOptimizer(a, spec, backend="torch"), LearnedOptimizer(b, spec, backend="triton")
+    for _ in range(2):
+        for x, y in zip(a, b):
+            x.grad = torch.randn(x.shape, generator=gen)
+            y.grad = x.grad.clone()
+        oa.step()
+        ob.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_tensor_lr_that_requires_grad_gets_the_torch_gradient():
+    """A learning rate given as a tensor that requires grad is differentiated: the host code runs
+    as torch code then, and the gradient equals the torch backend's."""
+    engine = get_engine(load_spec("adamw"))
+    grads_of = {}
+    for backend in ("torch", "triton"):
+        lr = torch.tensor(0.1, requires_grad=True)
+        params = [torch.linspace(-1, 1, 12).reshape(3, 4), torch.linspace(0, 2, 5)]
+        grads = [torch.cos(p * 3) for p in params]
+        phi = engine.init_weights(seed=0)
+        ts = [engine.init_tensor_state(p) for p in params]
+        new_p, _, _ = engine.step(phi, params, grads, ts, engine.init_global_state(),
+                                  [dict(lr=lr, wd=0.5) for _ in params], backend=backend)
+        sum((p * p).sum() for p in new_p).backward()
+        grads_of[backend] = lr.grad
+    torch.testing.assert_close(grads_of["triton"], grads_of["torch"], rtol=1e-5, atol=1e-6)

@@ -93,20 +93,20 @@ def stage0_kernel(
 
 @triton.jit
 def host_0_0_kernel(
-    s_in,
-    g_in,
-    rc_in,
-    sizes,
-    s_out64,
-    s_out32,
-    row_out,
-    col_out,
-    row_total,
-    col_total,
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
     BLOCK: tl.constexpr,
 ):
     _t = tl.program_id(0)
-    _s_row = s_in + _t * 3
+    _s_row = _s_in + _t * 3
     beta1 = tl.load(_s_row + 0)
     _u1 = 1.0 - beta1
     beta2 = tl.load(_s_row + 1)
@@ -114,7 +114,7 @@ def host_0_0_kernel(
     t = tl.load(_s_row + 2)
     _u3 = tl.rsqrt(1.0 - tops.pow_(beta2, t + 1.0))
     _u4 = 1.0 / (1.0 - tops.pow_(beta1, t + 1.0))
-    tl.store(s_out64 + _t * 4 + 0, _u1)
-    tl.store(s_out64 + _t * 4 + 1, _u2)
-    tl.store(s_out64 + _t * 4 + 2, _u3)
-    tl.store(s_out64 + _t * 4 + 3, _u4)
+    tl.store(_s_out64 + _t * 4 + 0, _u1)
+    tl.store(_s_out64 + _t * 4 + 1, _u2)
+    tl.store(_s_out64 + _t * 4 + 2, _u3)
+    tl.store(_s_out64 + _t * 4 + 3, _u4)

@@ -92,20 +92,20 @@ def stage0_kernel(
 
 @triton.jit
 def host_0_0_kernel(
-    s_in,
-    g_in,
-    rc_in,
-    sizes,
-    s_out64,
-    s_out32,
-    row_out,
-    col_out,
-    row_total,
-    col_total,
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
     BLOCK: tl.constexpr,
 ):
     _t = tl.program_id(0)
-    _s_row = s_in + _t * 5
+    _s_row = _s_in + _t * 5
     beta1 = tl.load(_s_row + 0)
     _u1 = 1.0 - beta1
     beta2 = tl.load(_s_row + 1)
@@ -116,8 +116,8 @@ def host_0_0_kernel(
     lr = tl.load(_s_row + 3)
     wd = tl.load(_s_row + 4)
     _u5 = -lr * wd + 1.0
-    tl.store(s_out64 + _t * 5 + 0, _u1)
-    tl.store(s_out64 + _t * 5 + 1, _u2)
-    tl.store(s_out64 + _t * 5 + 2, _u3)
-    tl.store(s_out64 + _t * 5 + 3, _u4)
-    tl.store(s_out64 + _t * 5 + 4, _u5)
+    tl.store(_s_out64 + _t * 5 + 0, _u1)
+    tl.store(_s_out64 + _t * 5 + 1, _u2)
+    tl.store(_s_out64 + _t * 5 + 2, _u3)
+    tl.store(_s_out64 + _t * 5 + 3, _u4)
+    tl.store(_s_out64 + _t * 5 + 4, _u5)

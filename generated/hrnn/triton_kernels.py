@@ -755,267 +755,267 @@ def stage2_kernel(
 
 @triton.jit
 def host_0_1_kernel(
-    s_in,
-    g_in,
-    rc_in,
-    sizes,
-    s_out64,
-    s_out32,
-    row_out,
-    col_out,
-    row_total,
-    col_total,
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
     BLOCK: tl.constexpr,
 ):
     _t = tl.program_id(0)
-    _s_row = s_in + _t * 1
+    _s_row = _s_in + _t * 1
     t = tl.load(_s_row + 0)
     _u1 = tl.where(t == 0.0, 1.0, 0.0)
-    tl.store(s_out32 + _t * 1 + 0, _u1.to(tl.float32))
+    tl.store(_s_out32 + _t * 1 + 0, _u1.to(tl.float32))
 
 
 @triton.jit
 def host_0_3_kernel(
-    s_in,
-    g_in,
-    rc_in,
-    sizes,
-    s_out64,
-    s_out32,
-    row_out,
-    col_out,
-    row_total,
-    col_total,
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
     BLOCK: tl.constexpr,
 ):
     _t = tl.program_id(0)
-    _s_row = s_in + _t * 1
+    _s_row = _s_in + _t * 1
     t = tl.load(_s_row + 0)
     _u3 = tl.where(t == 0.0, 1.0, 0.0)
-    tl.store(s_out32 + _t * 1 + 0, _u3.to(tl.float32))
+    tl.store(_s_out32 + _t * 1 + 0, _u3.to(tl.float32))
 
 
 @triton.jit
 def host_0_5_kernel(
-    s_in,
-    g_in,
-    rc_in,
-    sizes,
-    s_out64,
-    s_out32,
-    row_out,
-    col_out,
-    row_total,
-    col_total,
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
     BLOCK: tl.constexpr,
 ):
     _t = tl.program_id(0)
-    _s_row = s_in + _t * 1
+    _s_row = _s_in + _t * 1
     t = tl.load(_s_row + 0)
     _u5 = tl.where(t == 0.0, 1.0, 0.0)
-    tl.store(s_out32 + _t * 1 + 0, _u5.to(tl.float32))
+    tl.store(_s_out32 + _t * 1 + 0, _u5.to(tl.float32))
 
 
 @triton.jit
 def host_0_7_kernel(
-    s_in,
-    g_in,
-    rc_in,
-    sizes,
-    s_out64,
-    s_out32,
-    row_out,
-    col_out,
-    row_total,
-    col_total,
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
     BLOCK: tl.constexpr,
 ):
     _t = tl.program_id(0)
-    _s_row = s_in + _t * 1
+    _s_row = _s_in + _t * 1
     t = tl.load(_s_row + 0)
     _u7 = tl.where(t == 0.0, 1.0, 0.0)
-    tl.store(s_out32 + _t * 1 + 0, _u7.to(tl.float32))
+    tl.store(_s_out32 + _t * 1 + 0, _u7.to(tl.float32))
 
 
 @triton.jit
 def host_0_11_kernel(
-    s_in,
-    g_in,
-    rc_in,
-    sizes,
-    s_out64,
-    s_out32,
-    row_out,
-    col_out,
-    row_total,
-    col_total,
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
     BLOCK: tl.constexpr,
 ):
     _t = tl.program_id(0)
-    _s_row = s_in + _t * 30
-    _global_to_param_out37 = tl.load(g_in + 0).to(tl.float32)
+    _s_row = _s_in + _t * 30
+    _global_to_param_out37 = tl.load(_g_in + 0).to(tl.float32)
     _tensor_to_param_out7 = tl.load(_s_row + 0).to(tl.float32)
     _param_rnn_bias67 = _global_to_param_out37 + _tensor_to_param_out7
-    _global_to_param_out38 = tl.load(g_in + 1).to(tl.float32)
+    _global_to_param_out38 = tl.load(_g_in + 1).to(tl.float32)
     _tensor_to_param_out8 = tl.load(_s_row + 1).to(tl.float32)
     _param_rnn_bias68 = _global_to_param_out38 + _tensor_to_param_out8
-    _global_to_param_out39 = tl.load(g_in + 2).to(tl.float32)
+    _global_to_param_out39 = tl.load(_g_in + 2).to(tl.float32)
     _tensor_to_param_out9 = tl.load(_s_row + 2).to(tl.float32)
     _param_rnn_bias69 = _global_to_param_out39 + _tensor_to_param_out9
-    _global_to_param_out40 = tl.load(g_in + 3).to(tl.float32)
+    _global_to_param_out40 = tl.load(_g_in + 3).to(tl.float32)
     _tensor_to_param_out10 = tl.load(_s_row + 3).to(tl.float32)
     _param_rnn_bias70 = _global_to_param_out40 + _tensor_to_param_out10
-    _global_to_param_out41 = tl.load(g_in + 4).to(tl.float32)
+    _global_to_param_out41 = tl.load(_g_in + 4).to(tl.float32)
     _tensor_to_param_out11 = tl.load(_s_row + 4).to(tl.float32)
     _param_rnn_bias71 = _global_to_param_out41 + _tensor_to_param_out11
-    _global_to_param_out42 = tl.load(g_in + 5).to(tl.float32)
+    _global_to_param_out42 = tl.load(_g_in + 5).to(tl.float32)
     _tensor_to_param_out12 = tl.load(_s_row + 5).to(tl.float32)
     _param_rnn_bias72 = _global_to_param_out42 + _tensor_to_param_out12
-    _global_to_param_out43 = tl.load(g_in + 6).to(tl.float32)
+    _global_to_param_out43 = tl.load(_g_in + 6).to(tl.float32)
     _tensor_to_param_out13 = tl.load(_s_row + 6).to(tl.float32)
     _param_rnn_bias73 = _global_to_param_out43 + _tensor_to_param_out13
-    _global_to_param_out44 = tl.load(g_in + 7).to(tl.float32)
+    _global_to_param_out44 = tl.load(_g_in + 7).to(tl.float32)
     _tensor_to_param_out14 = tl.load(_s_row + 7).to(tl.float32)
     _param_rnn_bias74 = _global_to_param_out44 + _tensor_to_param_out14
-    _global_to_param_out45 = tl.load(g_in + 8).to(tl.float32)
+    _global_to_param_out45 = tl.load(_g_in + 8).to(tl.float32)
     _tensor_to_param_out15 = tl.load(_s_row + 8).to(tl.float32)
     _param_rnn_bias75 = _global_to_param_out45 + _tensor_to_param_out15
-    _global_to_param_out46 = tl.load(g_in + 9).to(tl.float32)
+    _global_to_param_out46 = tl.load(_g_in + 9).to(tl.float32)
     _tensor_to_param_out16 = tl.load(_s_row + 9).to(tl.float32)
     _param_rnn_bias76 = _global_to_param_out46 + _tensor_to_param_out16
-    _global_to_param_out47 = tl.load(g_in + 10).to(tl.float32)
+    _global_to_param_out47 = tl.load(_g_in + 10).to(tl.float32)
     _tensor_to_param_out17 = tl.load(_s_row + 10).to(tl.float32)
     _param_rnn_bias77 = _global_to_param_out47 + _tensor_to_param_out17
-    _global_to_param_out48 = tl.load(g_in + 11).to(tl.float32)
+    _global_to_param_out48 = tl.load(_g_in + 11).to(tl.float32)
     _tensor_to_param_out18 = tl.load(_s_row + 11).to(tl.float32)
     _param_rnn_bias78 = _global_to_param_out48 + _tensor_to_param_out18
-    _global_to_param_out49 = tl.load(g_in + 12).to(tl.float32)
+    _global_to_param_out49 = tl.load(_g_in + 12).to(tl.float32)
     _tensor_to_param_out19 = tl.load(_s_row + 12).to(tl.float32)
     _param_rnn_bias79 = _global_to_param_out49 + _tensor_to_param_out19
-    _global_to_param_out50 = tl.load(g_in + 13).to(tl.float32)
+    _global_to_param_out50 = tl.load(_g_in + 13).to(tl.float32)
     _tensor_to_param_out20 = tl.load(_s_row + 13).to(tl.float32)
     _param_rnn_bias80 = _global_to_param_out50 + _tensor_to_param_out20
-    _global_to_param_out51 = tl.load(g_in + 14).to(tl.float32)
+    _global_to_param_out51 = tl.load(_g_in + 14).to(tl.float32)
     _tensor_to_param_out21 = tl.load(_s_row + 14).to(tl.float32)
     _param_rnn_bias81 = _global_to_param_out51 + _tensor_to_param_out21
-    _global_to_param_out52 = tl.load(g_in + 15).to(tl.float32)
+    _global_to_param_out52 = tl.load(_g_in + 15).to(tl.float32)
     _tensor_to_param_out22 = tl.load(_s_row + 15).to(tl.float32)
     _param_rnn_bias82 = _global_to_param_out52 + _tensor_to_param_out22
-    _global_to_param_out53 = tl.load(g_in + 16).to(tl.float32)
+    _global_to_param_out53 = tl.load(_g_in + 16).to(tl.float32)
     _tensor_to_param_out23 = tl.load(_s_row + 16).to(tl.float32)
     _param_rnn_bias83 = _global_to_param_out53 + _tensor_to_param_out23
-    _global_to_param_out54 = tl.load(g_in + 17).to(tl.float32)
+    _global_to_param_out54 = tl.load(_g_in + 17).to(tl.float32)
     _tensor_to_param_out24 = tl.load(_s_row + 17).to(tl.float32)
     _param_rnn_bias84 = _global_to_param_out54 + _tensor_to_param_out24
-    _global_to_param_out55 = tl.load(g_in + 18).to(tl.float32)
+    _global_to_param_out55 = tl.load(_g_in + 18).to(tl.float32)
     _tensor_to_param_out25 = tl.load(_s_row + 18).to(tl.float32)
     _param_rnn_bias85 = _global_to_param_out55 + _tensor_to_param_out25
-    _global_to_param_out56 = tl.load(g_in + 19).to(tl.float32)
+    _global_to_param_out56 = tl.load(_g_in + 19).to(tl.float32)
     _tensor_to_param_out26 = tl.load(_s_row + 19).to(tl.float32)
     _param_rnn_bias86 = _global_to_param_out56 + _tensor_to_param_out26
-    _global_to_param_out57 = tl.load(g_in + 20).to(tl.float32)
+    _global_to_param_out57 = tl.load(_g_in + 20).to(tl.float32)
     _tensor_to_param_out27 = tl.load(_s_row + 20).to(tl.float32)
     _param_rnn_bias87 = _global_to_param_out57 + _tensor_to_param_out27
-    _global_to_param_out58 = tl.load(g_in + 21).to(tl.float32)
+    _global_to_param_out58 = tl.load(_g_in + 21).to(tl.float32)
     _tensor_to_param_out28 = tl.load(_s_row + 21).to(tl.float32)
     _param_rnn_bias88 = _global_to_param_out58 + _tensor_to_param_out28
-    _global_to_param_out59 = tl.load(g_in + 22).to(tl.float32)
+    _global_to_param_out59 = tl.load(_g_in + 22).to(tl.float32)
     _tensor_to_param_out29 = tl.load(_s_row + 22).to(tl.float32)
     _param_rnn_bias89 = _global_to_param_out59 + _tensor_to_param_out29
-    _global_to_param_out60 = tl.load(g_in + 23).to(tl.float32)
+    _global_to_param_out60 = tl.load(_g_in + 23).to(tl.float32)
     _tensor_to_param_out30 = tl.load(_s_row + 23).to(tl.float32)
     _param_rnn_bias90 = _global_to_param_out60 + _tensor_to_param_out30
-    _global_to_param_out61 = tl.load(g_in + 24).to(tl.float32)
+    _global_to_param_out61 = tl.load(_g_in + 24).to(tl.float32)
     _tensor_to_param_out31 = tl.load(_s_row + 24).to(tl.float32)
     _param_rnn_bias91 = _global_to_param_out61 + _tensor_to_param_out31
-    _global_to_param_out62 = tl.load(g_in + 25).to(tl.float32)
+    _global_to_param_out62 = tl.load(_g_in + 25).to(tl.float32)
     _tensor_to_param_out32 = tl.load(_s_row + 25).to(tl.float32)
     _param_rnn_bias92 = _global_to_param_out62 + _tensor_to_param_out32
-    _global_to_param_out63 = tl.load(g_in + 26).to(tl.float32)
+    _global_to_param_out63 = tl.load(_g_in + 26).to(tl.float32)
     _tensor_to_param_out33 = tl.load(_s_row + 26).to(tl.float32)
     _param_rnn_bias93 = _global_to_param_out63 + _tensor_to_param_out33
-    _global_to_param_out64 = tl.load(g_in + 27).to(tl.float32)
+    _global_to_param_out64 = tl.load(_g_in + 27).to(tl.float32)
     _tensor_to_param_out34 = tl.load(_s_row + 27).to(tl.float32)
     _param_rnn_bias94 = _global_to_param_out64 + _tensor_to_param_out34
-    _global_to_param_out65 = tl.load(g_in + 28).to(tl.float32)
+    _global_to_param_out65 = tl.load(_g_in + 28).to(tl.float32)
     _tensor_to_param_out35 = tl.load(_s_row + 28).to(tl.float32)
     _param_rnn_bias95 = _global_to_param_out65 + _tensor_to_param_out35
-    _global_to_param_out66 = tl.load(g_in + 29).to(tl.float32)
+    _global_to_param_out66 = tl.load(_g_in + 29).to(tl.float32)
     _tensor_to_param_out36 = tl.load(_s_row + 29).to(tl.float32)
     _param_rnn_bias96 = _global_to_param_out66 + _tensor_to_param_out36
-    tl.store(s_out32 + _t * 30 + 0, _param_rnn_bias67.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 1, _param_rnn_bias68.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 2, _param_rnn_bias69.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 3, _param_rnn_bias70.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 4, _param_rnn_bias71.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 5, _param_rnn_bias72.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 6, _param_rnn_bias73.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 7, _param_rnn_bias74.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 8, _param_rnn_bias75.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 9, _param_rnn_bias76.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 10, _param_rnn_bias77.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 11, _param_rnn_bias78.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 12, _param_rnn_bias79.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 13, _param_rnn_bias80.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 14, _param_rnn_bias81.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 15, _param_rnn_bias82.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 16, _param_rnn_bias83.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 17, _param_rnn_bias84.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 18, _param_rnn_bias85.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 19, _param_rnn_bias86.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 20, _param_rnn_bias87.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 21, _param_rnn_bias88.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 22, _param_rnn_bias89.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 23, _param_rnn_bias90.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 24, _param_rnn_bias91.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 25, _param_rnn_bias92.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 26, _param_rnn_bias93.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 27, _param_rnn_bias94.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 28, _param_rnn_bias95.to(tl.float32))
-    tl.store(s_out32 + _t * 30 + 29, _param_rnn_bias96.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 0, _param_rnn_bias67.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 1, _param_rnn_bias68.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 2, _param_rnn_bias69.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 3, _param_rnn_bias70.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 4, _param_rnn_bias71.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 5, _param_rnn_bias72.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 6, _param_rnn_bias73.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 7, _param_rnn_bias74.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 8, _param_rnn_bias75.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 9, _param_rnn_bias76.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 10, _param_rnn_bias77.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 11, _param_rnn_bias78.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 12, _param_rnn_bias79.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 13, _param_rnn_bias80.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 14, _param_rnn_bias81.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 15, _param_rnn_bias82.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 16, _param_rnn_bias83.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 17, _param_rnn_bias84.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 18, _param_rnn_bias85.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 19, _param_rnn_bias86.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 20, _param_rnn_bias87.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 21, _param_rnn_bias88.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 22, _param_rnn_bias89.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 23, _param_rnn_bias90.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 24, _param_rnn_bias91.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 25, _param_rnn_bias92.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 26, _param_rnn_bias93.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 27, _param_rnn_bias94.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 28, _param_rnn_bias95.to(tl.float32))
+    tl.store(_s_out32 + _t * 30 + 29, _param_rnn_bias96.to(tl.float32))
 
 
 @triton.jit
 def host_0_13_kernel(
-    s_in,
-    g_in,
-    rc_in,
-    sizes,
-    s_out64,
-    s_out32,
-    row_out,
-    col_out,
-    row_total,
-    col_total,
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
     BLOCK: tl.constexpr,
 ):
     _t = tl.program_id(0)
-    _s_row = s_in + _t * 2
+    _s_row = _s_in + _t * 2
     lr = tl.load(_s_row + 0)
     wd = tl.load(_s_row + 1)
     _u12 = -lr * wd + 1.0
-    tl.store(s_out64 + _t * 1 + 0, _u12)
+    tl.store(_s_out64 + _t * 1 + 0, _u12)
 
 
 @triton.jit
 def host_2_35_kernel(
-    s_in,
-    g_in,
-    rc_in,
-    sizes,
-    s_out64,
-    s_out32,
-    row_out,
-    col_out,
-    row_total,
-    col_total,
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
     BLOCK: tl.constexpr,
 ):
     _t = tl.program_id(0)
-    _s_row = s_in + _t * 2
+    _s_row = _s_in + _t * 2
     _mean_tensor296 = tl.load(_s_row + 0).to(tl.float32)
     _u11 = tl.rsqrt(_mean_tensor296 + 1e-16)
     _mean_tensor298 = tl.load(_s_row + 1).to(tl.float32)
     _u13 = tl.rsqrt(_mean_tensor298 + 1e-16)
-    tl.store(s_out32 + _t * 2 + 0, _u11.to(tl.float32))
-    tl.store(s_out32 + _t * 2 + 1, _u13.to(tl.float32))
+    tl.store(_s_out32 + _t * 2 + 0, _u11.to(tl.float32))
+    tl.store(_s_out32 + _t * 2 + 1, _u13.to(tl.float32))

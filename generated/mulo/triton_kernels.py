@@ -538,32 +538,32 @@ def stage2_kernel(
 
 @triton.jit
 def host_1_12_kernel(
-    s_in,
-    g_in,
-    rc_in,
-    sizes,
-    s_out64,
-    s_out32,
-    row_out,
-    col_out,
-    row_total,
-    col_total,
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
     BLOCK: tl.constexpr,
 ):
     _t = tl.program_id(0)
-    _s_row = s_in + _t * 10
-    _row_n = tl.load(sizes + _t * 4)
-    _row_off = tl.load(sizes + _t * 4 + 1)
-    _col_n = tl.load(sizes + _t * 4 + 2)
-    _col_off = tl.load(sizes + _t * 4 + 3)
-    _row_in0 = tl.load(rc_in + _t * 8 + 0).to(tl.pointer_type(tl.float32))
-    _row_in1 = tl.load(rc_in + _t * 8 + 1).to(tl.pointer_type(tl.float32))
-    _row_in2 = tl.load(rc_in + _t * 8 + 2).to(tl.pointer_type(tl.float32))
-    _row_in3 = tl.load(rc_in + _t * 8 + 3).to(tl.pointer_type(tl.float32))
-    _col_in4 = tl.load(rc_in + _t * 8 + 4).to(tl.pointer_type(tl.float32))
-    _col_in5 = tl.load(rc_in + _t * 8 + 5).to(tl.pointer_type(tl.float32))
-    _col_in6 = tl.load(rc_in + _t * 8 + 6).to(tl.pointer_type(tl.float32))
-    _col_in7 = tl.load(rc_in + _t * 8 + 7).to(tl.pointer_type(tl.float32))
+    _s_row = _s_in + _t * 10
+    _row_n = tl.load(_sizes + _t * 4)
+    _row_off = tl.load(_sizes + _t * 4 + 1)
+    _col_n = tl.load(_sizes + _t * 4 + 2)
+    _col_off = tl.load(_sizes + _t * 4 + 3)
+    _row_in0 = tl.load(_rc_in + _t * 8 + 0).to(tl.pointer_type(tl.float32))
+    _row_in1 = tl.load(_rc_in + _t * 8 + 1).to(tl.pointer_type(tl.float32))
+    _row_in2 = tl.load(_rc_in + _t * 8 + 2).to(tl.pointer_type(tl.float32))
+    _row_in3 = tl.load(_rc_in + _t * 8 + 3).to(tl.pointer_type(tl.float32))
+    _col_in4 = tl.load(_rc_in + _t * 8 + 4).to(tl.pointer_type(tl.float32))
+    _col_in5 = tl.load(_rc_in + _t * 8 + 5).to(tl.pointer_type(tl.float32))
+    _col_in6 = tl.load(_rc_in + _t * 8 + 6).to(tl.pointer_type(tl.float32))
+    _col_in7 = tl.load(_rc_in + _t * 8 + 7).to(tl.pointer_type(tl.float32))
     _mean_tensor2 = tl.load(_s_row + 0).to(tl.float32)
     _u1 = tl.rsqrt(_mean_tensor2 + 1e-05)
     _mean_tensor4 = tl.load(_s_row + 1).to(tl.float32)
@@ -618,9 +618,9 @@ def host_1_12_kernel(
         _sum__mean_tensor50_7 += tl.where(_m, _mean_tensor_arg49, 0.0)
         _sum__mean_tensor52_8 += tl.where(_m, _mean_tensor_arg51, 0.0)
         _sum__mean_tensor54_9 += tl.where(_m, _mean_tensor_arg53, 0.0)
-        tl.store(row_out + 0 * row_total + _row_off + _i, af_row_0, mask=_m)
-        tl.store(row_out + 1 * row_total + _row_off + _i, af_row_1, mask=_m)
-        tl.store(row_out + 2 * row_total + _row_off + _i, af_row_2, mask=_m)
+        tl.store(_row_out + 0 * _row_total + _row_off + _i, af_row_0, mask=_m)
+        tl.store(_row_out + 1 * _row_total + _row_off + _i, af_row_1, mask=_m)
+        tl.store(_row_out + 2 * _row_total + _row_off + _i, af_row_2, mask=_m)
     _mean_tensor26 = tl.sum(_sum__mean_tensor26_1, axis=0) / _row_n.to(tl.float32)
     _mean_tensor28 = tl.sum(_sum__mean_tensor28_2, axis=0) / _row_n.to(tl.float32)
     _mean_tensor30 = tl.sum(_sum__mean_tensor30_3, axis=0) / _row_n.to(tl.float32)
@@ -667,18 +667,18 @@ def host_1_12_kernel(
         _sum__mean_tensor56_13 += tl.where(_m, _mean_tensor_arg55, 0.0)
         _sum__mean_tensor58_14 += tl.where(_m, _mean_tensor_arg57, 0.0)
         _sum__mean_tensor60_15 += tl.where(_m, _mean_tensor_arg59, 0.0)
-        tl.store(col_out + 0 * col_total + _col_off + _i, af_col_0, mask=_m)
-        tl.store(col_out + 1 * col_total + _col_off + _i, af_col_1, mask=_m)
-        tl.store(col_out + 2 * col_total + _col_off + _i, af_col_2, mask=_m)
-        tl.store(col_out + 3 * col_total + _col_off + _i, colfac_0, mask=_m)
-        tl.store(col_out + 4 * col_total + _col_off + _i, colfac_1, mask=_m)
-        tl.store(col_out + 5 * col_total + _col_off + _i, colfac_2, mask=_m)
-        tl.store(col_out + 6 * col_total + _col_off + _i, _u14, mask=_m)
-        tl.store(col_out + 7 * col_total + _col_off + _i, _u16, mask=_m)
-        tl.store(col_out + 8 * col_total + _col_off + _i, _u18, mask=_m)
-        tl.store(col_out + 15 * col_total + _col_off + _i, _u35, mask=_m)
-        tl.store(col_out + 16 * col_total + _col_off + _i, _u37, mask=_m)
-        tl.store(col_out + 17 * col_total + _col_off + _i, _u39, mask=_m)
+        tl.store(_col_out + 0 * _col_total + _col_off + _i, af_col_0, mask=_m)
+        tl.store(_col_out + 1 * _col_total + _col_off + _i, af_col_1, mask=_m)
+        tl.store(_col_out + 2 * _col_total + _col_off + _i, af_col_2, mask=_m)
+        tl.store(_col_out + 3 * _col_total + _col_off + _i, colfac_0, mask=_m)
+        tl.store(_col_out + 4 * _col_total + _col_off + _i, colfac_1, mask=_m)
+        tl.store(_col_out + 5 * _col_total + _col_off + _i, colfac_2, mask=_m)
+        tl.store(_col_out + 6 * _col_total + _col_off + _i, _u14, mask=_m)
+        tl.store(_col_out + 7 * _col_total + _col_off + _i, _u16, mask=_m)
+        tl.store(_col_out + 8 * _col_total + _col_off + _i, _u18, mask=_m)
+        tl.store(_col_out + 15 * _col_total + _col_off + _i, _u35, mask=_m)
+        tl.store(_col_out + 16 * _col_total + _col_off + _i, _u37, mask=_m)
+        tl.store(_col_out + 17 * _col_total + _col_off + _i, _u39, mask=_m)
     _mean_tensor44 = tl.sum(_sum__mean_tensor44_10, axis=0) / _col_n.to(tl.float32)
     _mean_tensor46 = tl.sum(_sum__mean_tensor46_11, axis=0) / _col_n.to(tl.float32)
     _mean_tensor48 = tl.sum(_sum__mean_tensor48_12, axis=0) / _col_n.to(tl.float32)
@@ -725,21 +725,21 @@ def host_1_12_kernel(
         _u36 = rowfac_0 * rowfac_0
         _u38 = rowfac_1 * rowfac_1
         _u40 = rowfac_2 * rowfac_2
-        tl.store(row_out + 3 * row_total + _row_off + _i, rowfac_0, mask=_m)
-        tl.store(row_out + 4 * row_total + _row_off + _i, rowfac_1, mask=_m)
-        tl.store(row_out + 5 * row_total + _row_off + _i, rowfac_2, mask=_m)
-        tl.store(row_out + 6 * row_total + _row_off + _i, _u15, mask=_m)
-        tl.store(row_out + 7 * row_total + _row_off + _i, _u17, mask=_m)
-        tl.store(row_out + 8 * row_total + _row_off + _i, _u19, mask=_m)
-        tl.store(row_out + 9 * row_total + _row_off + _i, f_row_0, mask=_m)
-        tl.store(row_out + 10 * row_total + _row_off + _i, f_row_1, mask=_m)
-        tl.store(row_out + 11 * row_total + _row_off + _i, f_row_2, mask=_m)
-        tl.store(row_out + 12 * row_total + _row_off + _i, f_row_rsqrt_0, mask=_m)
-        tl.store(row_out + 13 * row_total + _row_off + _i, f_row_rsqrt_1, mask=_m)
-        tl.store(row_out + 14 * row_total + _row_off + _i, f_row_rsqrt_2, mask=_m)
-        tl.store(row_out + 15 * row_total + _row_off + _i, _u36, mask=_m)
-        tl.store(row_out + 16 * row_total + _row_off + _i, _u38, mask=_m)
-        tl.store(row_out + 17 * row_total + _row_off + _i, _u40, mask=_m)
+        tl.store(_row_out + 3 * _row_total + _row_off + _i, rowfac_0, mask=_m)
+        tl.store(_row_out + 4 * _row_total + _row_off + _i, rowfac_1, mask=_m)
+        tl.store(_row_out + 5 * _row_total + _row_off + _i, rowfac_2, mask=_m)
+        tl.store(_row_out + 6 * _row_total + _row_off + _i, _u15, mask=_m)
+        tl.store(_row_out + 7 * _row_total + _row_off + _i, _u17, mask=_m)
+        tl.store(_row_out + 8 * _row_total + _row_off + _i, _u19, mask=_m)
+        tl.store(_row_out + 9 * _row_total + _row_off + _i, f_row_0, mask=_m)
+        tl.store(_row_out + 10 * _row_total + _row_off + _i, f_row_1, mask=_m)
+        tl.store(_row_out + 11 * _row_total + _row_off + _i, f_row_2, mask=_m)
+        tl.store(_row_out + 12 * _row_total + _row_off + _i, f_row_rsqrt_0, mask=_m)
+        tl.store(_row_out + 13 * _row_total + _row_off + _i, f_row_rsqrt_1, mask=_m)
+        tl.store(_row_out + 14 * _row_total + _row_off + _i, f_row_rsqrt_2, mask=_m)
+        tl.store(_row_out + 15 * _row_total + _row_off + _i, _u36, mask=_m)
+        tl.store(_row_out + 16 * _row_total + _row_off + _i, _u38, mask=_m)
+        tl.store(_row_out + 17 * _row_total + _row_off + _i, _u40, mask=_m)
     for _start in range(0, _col_n, BLOCK):
         _i = _start + tl.arange(0, BLOCK)
         _m = _i < _col_n
@@ -756,40 +756,40 @@ def host_1_12_kernel(
         f_col_rsqrt_0 = _u32 * tl.rsqrt(af_col_0 + 1e-08)
         f_col_rsqrt_1 = _u33 * tl.rsqrt(af_col_1 + 1e-08)
         f_col_rsqrt_2 = _u34 * tl.rsqrt(af_col_2 + 1e-08)
-        tl.store(col_out + 9 * col_total + _col_off + _i, f_col_0, mask=_m)
-        tl.store(col_out + 10 * col_total + _col_off + _i, f_col_1, mask=_m)
-        tl.store(col_out + 11 * col_total + _col_off + _i, f_col_2, mask=_m)
-        tl.store(col_out + 12 * col_total + _col_off + _i, f_col_rsqrt_0, mask=_m)
-        tl.store(col_out + 13 * col_total + _col_off + _i, f_col_rsqrt_1, mask=_m)
-        tl.store(col_out + 14 * col_total + _col_off + _i, f_col_rsqrt_2, mask=_m)
-    tl.store(s_out32 + _t * 10 + 0, _u1.to(tl.float32))
-    tl.store(s_out32 + _t * 10 + 1, _u2.to(tl.float32))
-    tl.store(s_out32 + _t * 10 + 2, _u3.to(tl.float32))
-    tl.store(s_out32 + _t * 10 + 3, _u4.to(tl.float32))
-    tl.store(s_out32 + _t * 10 + 4, _u5.to(tl.float32))
-    tl.store(s_out32 + _t * 10 + 5, _u6.to(tl.float32))
-    tl.store(s_out32 + _t * 10 + 6, _u7.to(tl.float32))
-    tl.store(s_out32 + _t * 10 + 7, _u8.to(tl.float32))
-    tl.store(s_out32 + _t * 10 + 8, _u9.to(tl.float32))
-    tl.store(s_out32 + _t * 10 + 9, _u10.to(tl.float32))
+        tl.store(_col_out + 9 * _col_total + _col_off + _i, f_col_0, mask=_m)
+        tl.store(_col_out + 10 * _col_total + _col_off + _i, f_col_1, mask=_m)
+        tl.store(_col_out + 11 * _col_total + _col_off + _i, f_col_2, mask=_m)
+        tl.store(_col_out + 12 * _col_total + _col_off + _i, f_col_rsqrt_0, mask=_m)
+        tl.store(_col_out + 13 * _col_total + _col_off + _i, f_col_rsqrt_1, mask=_m)
+        tl.store(_col_out + 14 * _col_total + _col_off + _i, f_col_rsqrt_2, mask=_m)
+    tl.store(_s_out32 + _t * 10 + 0, _u1.to(tl.float32))
+    tl.store(_s_out32 + _t * 10 + 1, _u2.to(tl.float32))
+    tl.store(_s_out32 + _t * 10 + 2, _u3.to(tl.float32))
+    tl.store(_s_out32 + _t * 10 + 3, _u4.to(tl.float32))
+    tl.store(_s_out32 + _t * 10 + 4, _u5.to(tl.float32))
+    tl.store(_s_out32 + _t * 10 + 5, _u6.to(tl.float32))
+    tl.store(_s_out32 + _t * 10 + 6, _u7.to(tl.float32))
+    tl.store(_s_out32 + _t * 10 + 7, _u8.to(tl.float32))
+    tl.store(_s_out32 + _t * 10 + 8, _u9.to(tl.float32))
+    tl.store(_s_out32 + _t * 10 + 9, _u10.to(tl.float32))
 
 
 @triton.jit
 def host_2_6_kernel(
-    s_in,
-    g_in,
-    rc_in,
-    sizes,
-    s_out64,
-    s_out32,
-    row_out,
-    col_out,
-    row_total,
-    col_total,
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
     BLOCK: tl.constexpr,
 ):
     _t = tl.program_id(0)
-    _s_row = s_in + _t * 6
+    _s_row = _s_in + _t * 6
     _mean_tensor32 = tl.load(_s_row + 0).to(tl.float32)
     _u20 = tl.rsqrt(_mean_tensor32 + 1e-05)
     _mean_tensor34 = tl.load(_s_row + 1).to(tl.float32)
@@ -802,9 +802,9 @@ def host_2_6_kernel(
     _u42 = tl.rsqrt(_mean_tensor64 + 1e-05)
     _mean_tensor66 = tl.load(_s_row + 5).to(tl.float32)
     _u43 = tl.rsqrt(_mean_tensor66 + 1e-05)
-    tl.store(s_out32 + _t * 6 + 0, _u20.to(tl.float32))
-    tl.store(s_out32 + _t * 6 + 1, _u21.to(tl.float32))
-    tl.store(s_out32 + _t * 6 + 2, _u22.to(tl.float32))
-    tl.store(s_out32 + _t * 6 + 3, _u41.to(tl.float32))
-    tl.store(s_out32 + _t * 6 + 4, _u42.to(tl.float32))
-    tl.store(s_out32 + _t * 6 + 5, _u43.to(tl.float32))
+    tl.store(_s_out32 + _t * 6 + 0, _u20.to(tl.float32))
+    tl.store(_s_out32 + _t * 6 + 1, _u21.to(tl.float32))
+    tl.store(_s_out32 + _t * 6 + 2, _u22.to(tl.float32))
+    tl.store(_s_out32 + _t * 6 + 3, _u41.to(tl.float32))
+    tl.store(_s_out32 + _t * 6 + 4, _u42.to(tl.float32))
+    tl.store(_s_out32 + _t * 6 + 5, _u43.to(tl.float32))

@@ -78,20 +78,20 @@ def stage0_kernel(
 
 @triton.jit
 def host_0_0_kernel(
-    s_in,
-    g_in,
-    rc_in,
-    sizes,
-    s_out64,
-    s_out32,
-    row_out,
-    col_out,
-    row_total,
-    col_total,
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
     BLOCK: tl.constexpr,
 ):
     _t = tl.program_id(0)
-    _s_row = s_in + _t * 1
+    _s_row = _s_in + _t * 1
     alpha = tl.load(_s_row + 0)
     _u1 = 1.0 - alpha
-    tl.store(s_out64 + _t * 1 + 0, _u1)
+    tl.store(_s_out64 + _t * 1 + 0, _u1)

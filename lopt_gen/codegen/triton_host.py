@@ -31,7 +31,7 @@ import sympy
 
 from ..ir import Leaf, Let, Reduce, StateWrite
 from ..passes import plan, roots
-from .printer import RoundedTritonPrinter, TritonPrinter, fmt_float
+from .printer import TritonPrinter, fmt_float
 from .torch_backend import local
 from .triton_backend import _KBody
 
@@ -55,7 +55,7 @@ def value_dtypes(prog) -> dict[str, str]:
         elif isinstance(n, Let):
             if isinstance(n.expr, (sympy.core.relational.Relational, sympy.logic.boolalg.Boolean)):
                 out[n.name] = "bool"
-            elif n.level in ("const", "global", "tensor") and any(out.get(d) == "f64" for d in n.deps):
+            elif n.level in ("const", "global", "tensor") and any(out.get(d) == "f64" for d in _value_symbols(n.expr)):
                 out[n.name] = "f64"
             else:
                 out[n.name] = "f32"
@@ -64,6 +64,23 @@ def value_dtypes(prog) -> dict[str, str]:
         elif not isinstance(n, StateWrite):
             for o in n.outs:
                 out[o] = "f32"
+    return out
+
+
+def _value_symbols(e) -> set[str]:
+    """The symbols whose values ``e``'s result is computed from: a ``where``'s condition picks
+    a branch but does not take part in the arithmetic (``torch.where(t > 3, 0.5, 2.0)`` is
+    float32 although ``t`` is float64)."""
+    if isinstance(e, sympy.Symbol):
+        return {e.name}
+    if isinstance(e, sympy.Piecewise):
+        out: set[str] = set()
+        for value, _ in e.args:
+            out |= _value_symbols(value)
+        return out
+    out = set()
+    for a in getattr(e, "args", ()):
+        out |= _value_symbols(a)
     return out
 
 
@@ -148,7 +165,7 @@ class _HostBody:
         dt = self.dtypes.get(v, "f32")
         level = self.levels[v]
         if level in ("const", "global"):
-            src = f"tl.load(g_in + {self._index(self.g_in, v)})"
+            src = f"tl.load(_g_in + {self._index(self.g_in, v)})"
         else:
             src = f"tl.load(_s_row + {self._index(self.s_in, v)})"
         self.lines.append(f"{var} = {src}" + ("" if dt == "f64" else ".to(tl.float32)"))
@@ -194,12 +211,12 @@ def _phases(seg) -> dict[str, int]:
     return phase
 
 
-def host_kernel(prog, stage_index: int, j: int, seg, levels, dtypes, math_mode: str = "fast") -> dict | None:
+def host_kernel(prog, stage_index: int, j: int, seg, levels, dtypes) -> dict | None:
     """The Triton kernel of host segment ``j`` of stage ``stage_index``, or None when the
     segment cannot be one (see :func:`eligible`)."""
     if not eligible(seg):
         return None
-    printer_cls = _host_printer(RoundedTritonPrinter if math_mode == "rounded" else TritonPrinter)
+    printer_cls = _host_printer(TritonPrinter)
     body = _HostBody(prog, seg, levels, dtypes, printer_cls)
     outside = _read_outside(prog, seg.nodes)
     phase = _phases(seg)
@@ -232,9 +249,9 @@ def host_kernel(prog, stage_index: int, j: int, seg, levels, dtypes, math_mode: 
                 continue
             _row_loop(body, lv, sums, stored, outs_rc[lv])
     for k, v in enumerate(out64):
-        stores.append(f"tl.store(s_out64 + _t * {max(1, len(out64))} + {k}, {body.scalar(v)})")
+        stores.append(f"tl.store(_s_out64 + _t * {max(1, len(out64))} + {k}, {body.scalar(v)})")
     for k, v in enumerate(out32):
-        stores.append(f"tl.store(s_out32 + _t * {max(1, len(out32))} + {k}, {body.scalar(v)}.to(tl.float32))")
+        stores.append(f"tl.store(_s_out32 + _t * {max(1, len(out32))} + {k}, {body.scalar(v)}.to(tl.float32))")
     lines = body.lines + stores
     uses = {lv: any(f"_{lv}_" in ln for ln in lines) for lv in ("row", "col")}
     return dict(name=f"host_{stage_index}_{j}_kernel", fn=f"host_{stage_index}_{j}", lines=lines, uses=uses,
@@ -297,17 +314,15 @@ def _row_loop(body: _HostBody, lv: str, sums, stored, all_stored) -> None:
         loop.append(f"    {acc} += tl.where(_m, {loop_names[r.arg]}, 0.0)")
     for v in stored:
         k = all_stored.index(v)
-        loop.append(f"    tl.store({lv}_out + {k} * {lv}_total + {off_var} + _i, {loop_names[v]}, mask=_m)")
+        loop.append(f"    tl.store(_{lv}_out + {k} * _{lv}_total + {off_var} + _i, {loop_names[v]}, mask=_m)")
     body.lines.extend(loop)
     for r, acc in accs:
         var = local(r.name)
-        total, count = f"tl.sum({acc}, axis=0)", f"{n_var}.to(tl.float32)"
-        div = body.printer_cls.DIV
-        body.lines.append(f"{var} = {div}({total}, {count})" if div else f"{var} = {total} / {count}")
+        body.lines.append(f"{var} = tl.sum({acc}, axis=0) / {n_var}.to(tl.float32)")
         body.scalars[r.name] = var
 
 
-def host_kernels(prog, math_mode: str = "fast") -> list[dict]:
+def host_kernels(prog) -> list[dict]:
     """Every per-tensor host segment of ``prog`` that can run as one kernel (see
     :func:`host_kernel`)."""
     levels = prog.level_of()
@@ -316,7 +331,7 @@ def host_kernels(prog, math_mode: str = "fast") -> list[dict]:
     for st in plan(prog):
         for j, seg in enumerate(st.host):
             try:
-                k = host_kernel(prog, st.index, j, seg, levels, dtypes, math_mode)
+                k = host_kernel(prog, st.index, j, seg, levels, dtypes)
             except _NotHostable:
                 k = None
             if k is not None:

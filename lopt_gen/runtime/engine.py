@@ -445,7 +445,8 @@ class Engine:
                 for i in range(n):
                     T[i][name] = tstates[i][leaf["source"]][leaf["index"]].float()
 
-        differentiated = torch.is_grad_enabled() and _requires_grad(phi, params, grads, tstates, gstate, [loss])
+        differentiated = torch.is_grad_enabled() and _requires_grad(phi, params, grads, tstates, gstate, [loss],
+                                                                  scalars)
         # per-tensor host segments as one kernel launch each (not differentiable)
         host_runner = self.triton_runner() if backend == "triton" and not differentiated else None
         ws = None
