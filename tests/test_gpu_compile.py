@@ -55,6 +55,13 @@ SCRIPT = textwrap.dedent(r"""
         spec.loader.exec_module(module)
         return module
 
+    def fast_ops(fn, signature, constexprs):
+        # compile fn for sm_90 and count the fast fp32 instructions in its PTX
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32))
+        ptx = compiled.asm["ptx"]
+        return {op: len(re.findall(re.escape(op), ptx)) for op in FAST}
+
     def forward_signature(fn, meta):
         constexprs = {"N_PTR": max(1, len(meta["args"])), "N_HV": max(1, len(meta["hv"])), "BLOCK": meta["block"]}
         signature = {p.name: ("constexpr" if p.is_constexpr else FORWARD_TYPES.get(p.name, "*fp32")) for p in fn.params}
@@ -84,21 +91,14 @@ SCRIPT = textwrap.dedent(r"""
             # the test does not know would be compiled with a value nobody checked
             taken = set(k for k, v in signature.items() if v == "constexpr")
             assert taken == set(constexprs), (tag, meta["name"], taken ^ set(constexprs))
-            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                      target=GPUTarget("cuda", 90, 32))
-            ptx = compiled.asm["ptx"]
-            kernels[meta["name"]] = {op: len(re.findall(re.escape(op), ptx)) for op in FAST}
+            kernels[meta["name"]] = fast_ops(fn, signature, constexprs)
         listed = [meta["name"] for meta in module.KERNELS]
         if forward is None:  # per-tensor host segments' kernels: the tables run_host passes
             for meta in getattr(module, "HOST_KERNELS", []):
                 fn = getattr(module, meta["name"])
                 params = [p.name for p in fn.params]
                 assert params == list(HOST_TYPES) + ["BLOCK"], (meta["name"], params)
-                signature = dict(HOST_TYPES, BLOCK="constexpr")
-                compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs={"BLOCK": meta["block"]}),
-                                          target=GPUTarget("cuda", 90, 32))
-                ptx = compiled.asm["ptx"]
-                kernels[meta["name"]] = {op: len(re.findall(re.escape(op), ptx)) for op in FAST}
+                kernels[meta["name"]] = fast_ops(fn, dict(HOST_TYPES, BLOCK="constexpr"), {"BLOCK": meta["block"]})
                 listed.append(meta["name"])
         out[tag] = {"kernels": kernels, "listed": listed,
                     "unsupported": {str(k): v for k, v in getattr(module, "UNSUPPORTED", {}).items()}}

@@ -46,7 +46,7 @@ def test_triton_trajectory_with_shape_groups_equals_torch(name):
 def _trajectories_agree(name, shapes, steps, seed, weight_seed, lr=None, non_contiguous=False):
     """In-place steps of the Triton and the torch optimizer from the same start agree: the
     parameters after every step, every state (global ones too) at the end (odd steps may hand
-    the Triton optimizer non-contiguous gradients)."""
+    the Triton optimizer non-contiguous gradients).  ``name``: a shipped spec's name or a spec."""
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=gen) for s in shapes]
     a = [p.clone().requires_grad_() for p in params]
@@ -69,7 +69,7 @@ def _trajectories_agree(name, shapes, steps, seed, weight_seed, lr=None, non_con
     for sa, sb in pairs:
         assert sa.keys() == sb.keys()
         for k in sa:
-            torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=STATE_ATOL.get((name, k), 1e-6), msg=k)
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=STATE_ATOL.get((getattr(name, "name", name), k), 1e-6), msg=k)
     assert ob.backend == "triton" and oa.backend == "torch"
 
 

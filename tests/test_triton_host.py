@@ -24,6 +24,8 @@ from lopt_gen.runtime import triton_runner
 from lopt_gen.runtime.engine import TensorPlan
 from lopt_gen.testing import specs
 
+from .test_triton import _trajectories_agree
+
 # ranks 0 to 4; row or column vectors longer than one block (HOST_BLOCK elements) and not a multiple of it
 SHAPES = [(), (1,), (7,), (3, 5, 7), (2, 3, 4, 5), (257, 129), (40, 700), (1023,), (5, 1)]
 WITH_KERNELS = sorted(n for n in shipped_specs() if get_engine(load_spec(n)).triton_runner().host_kernels)
@@ -185,19 +187,7 @@ def test_where_on_t_keeps_the_dtype_of_its_values_and_conditions_agree():
 def test_spec_names_do_not_clash_with_the_host_kernel_parameters(clash):
     spec = _factored(f"clash_{clash}", f"  {clash}: mean_tensor(af_col) + 1\n  r2: af_row * {clash}",
                      f"g * rsqrt(r2 * af_col + 1e-8) * {clash} * 0.001")
-    gen = torch.Generator().manual_seed(1)
-    params = [torch.randn(s, generator=gen) for s in [(5, 7), (9,), (3, 300)]]
-    a = [p.clone().requires_grad_() for p in params]
-    b = [p.clone().requires_grad_() for p in params]
-    oa, ob = LearnedOptimizer(a, spec, backend="torch"), LearnedOptimizer(b, spec, backend="triton")
-    for _ in range(2):
-        for x, y in zip(a, b):
-            x.grad = torch.randn(x.shape, generator=gen)
-            y.grad = x.grad.clone()
-        oa.step()
-        ob.step()
-    for x, y in zip(a, b):
-        torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-5, atol=1e-6)
+    _trajectories_agree(spec, [(5, 7), (9,), (3, 300)], steps=2, seed=1, weight_seed=0)
 
 
 def test_a_tensor_lr_that_requires_grad_gets_the_torch_gradient():

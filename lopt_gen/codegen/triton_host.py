@@ -41,6 +41,11 @@ HOST_BLOCK = 256
 _F64_INPUTS = ("t", "lr", "wd")
 
 
+def _is_condition(e) -> bool:
+    """Whether ``e`` is a comparison or a logical combination of them (a bool in torch)."""
+    return isinstance(e, (sympy.core.relational.Relational, sympy.logic.boolalg.Boolean))
+
+
 def value_dtypes(prog) -> dict[str, str]:
     """``{value: "f64" | "f32" | "bool"}``: the dtype the torch host code gives each value
     computed on the host when it runs for one tensor.  The runtime hands ``t``, ``lr``, ``wd``
@@ -53,7 +58,7 @@ def value_dtypes(prog) -> dict[str, str]:
             f64 = n.kind == "hyper" or (n.kind == "input" and n.name in _F64_INPUTS)
             out[n.name] = "f64" if f64 else "f32"
         elif isinstance(n, Let):
-            if isinstance(n.expr, (sympy.core.relational.Relational, sympy.logic.boolalg.Boolean)):
+            if _is_condition(n.expr):
                 out[n.name] = "bool"
             elif n.level in ("const", "global", "tensor") and any(out.get(d) == "f64" for d in _value_symbols(n.expr)):
                 out[n.name] = "f64"
@@ -103,8 +108,7 @@ def eligible(seg) -> bool:
         if isinstance(n, Let):
             if n.level not in ("tensor", "row", "col"):
                 return False
-            if n.level != "tensor" and isinstance(n.expr, (sympy.core.relational.Relational,
-                                                           sympy.logic.boolalg.Boolean)):
+            if n.level != "tensor" and _is_condition(n.expr):
                 return False  # a boolean row or column vector
         elif isinstance(n, Reduce):
             if n.level != "tensor" or n.arg_level not in ("row", "col"):
@@ -139,7 +143,7 @@ def _host_printer(base):
 
 class _HostBody:
     def __init__(self, prog, seg, levels, dtypes, printer_cls):
-        self.prog, self.seg, self.levels, self.dtypes = prog, seg, levels, dtypes
+        self.seg, self.levels, self.dtypes = seg, levels, dtypes
         self.printer_cls = printer_cls
         self.defined = {o for n in seg.nodes for o in n.outs}
         self.node_of = {o: n for n in seg.nodes for o in n.outs}
@@ -149,6 +153,7 @@ class _HostBody:
         self.rc_in: list[tuple[str, str]] = []  # (level, value): row/column inputs (columns of rc_in)
         self.scalars: dict[str, str] = {}  # value -> register holding it
         self.f32_alias: dict[str, str] = {}  # float64 scalar -> its float32 copy (for row/column math)
+        self.loops: set[str] = set()  # the levels ("row", "col") the kernel loops over
         self.taken = {local(o) for n in prog.nodes for o in n.outs}
         self.n = 0
 
@@ -190,11 +195,8 @@ class _HostBody:
             self.f32_alias[v] = alias
         return self.f32_alias[v]
 
-    def printer(self, names: dict):
-        return self.printer_cls(names)
-
     def print_let(self, n: Let, names: dict) -> str:
-        text = self.printer(names).doprint(n.expr)
+        text = self.printer_cls(names).doprint(n.expr)
         if self.dtypes.get(n.name) == "bool":
             return f"tl.where({text}, 1.0, 0.0)"
         return text
@@ -228,17 +230,15 @@ def host_kernel(prog, stage_index: int, j: int, seg, levels, dtypes) -> dict | N
     outs_rc = {lv: [n.name for n in lets if n.level == lv and n.name in outside] for lv in ("row", "col")}
     stores: list[str] = []
 
-    def scalar_names() -> dict:
-        class _Names(dict):
-            def get(self, k, default=None):
-                return body.scalar(k)
+    class _ScalarNames(dict):  # a per-tensor Let's symbols: registers, loaded on first use
+        def get(self, k, default=None):
+            return body.scalar(k)
 
-        return _Names()
-
+    scalar_names = _ScalarNames()
     for p in range(last + 1):
         for n in lets:
             if n.level == "tensor" and phase[n.name] == p:
-                text = body.print_let(n, scalar_names())
+                text = body.print_let(n, scalar_names)
                 var = local(n.name)
                 body.lines.append(f"{var} = {text}")
                 body.scalars[n.name] = var
@@ -252,9 +252,9 @@ def host_kernel(prog, stage_index: int, j: int, seg, levels, dtypes) -> dict | N
         stores.append(f"tl.store(_s_out64 + _t * {max(1, len(out64))} + {k}, {body.scalar(v)})")
     for k, v in enumerate(out32):
         stores.append(f"tl.store(_s_out32 + _t * {max(1, len(out32))} + {k}, {body.scalar(v)}.to(tl.float32))")
-    lines = body.lines + stores
-    uses = {lv: any(f"_{lv}_" in ln for ln in lines) for lv in ("row", "col")}
-    return dict(name=f"host_{stage_index}_{j}_kernel", fn=f"host_{stage_index}_{j}", lines=lines, uses=uses,
+    uses = {lv: lv in body.loops for lv in ("row", "col")}
+    return dict(name=f"host_{stage_index}_{j}_kernel", fn=f"host_{stage_index}_{j}", lines=body.lines + stores,
+                uses=uses,
                 s_in=list(body.s_in), g_in=list(body.g_in), rc_in=[list(x) for x in body.rc_in],
                 out64=out64, out32=out32, bool_out=[v for v in out32 if dtypes[v] == "bool"],
                 row_out=outs_rc["row"], col_out=outs_rc["col"], block=HOST_BLOCK)
@@ -289,6 +289,7 @@ def _row_loop(body: _HostBody, lv: str, sums, stored, all_stored) -> None:
         acc = body.fresh(f"sum_{local(r.name)}_")
         body.lines.append(f"{acc} = tl.zeros([BLOCK], dtype=tl.float32)")
         accs.append((r, acc))
+    body.loops.add(lv)
     n_var, off_var = f"_{lv}_n", f"_{lv}_off"
     loop: list[str] = [f"for _start in range(0, {n_var}, BLOCK):",
                        "    _i = _start + tl.arange(0, BLOCK)",

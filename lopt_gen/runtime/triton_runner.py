@@ -193,63 +193,55 @@ def _launch_block(meta, items) -> int:
     return max(meta["block"], INTERPRETER_BLOCK) if INTERPRETED else meta["block"]
 
 
-def _reduced_value(it, name: str, level: str, device) -> torch.Tensor:
-    """Item ``it``'s row or column value ``name`` as a contiguous float32 tensor of its reduced shape."""
-    v = _as_f32(it.V[name], device)
-    shape = it.pl.reduced_shape(level)
+def _reduced(v, shape, device) -> torch.Tensor:
+    """A row or column value as a contiguous float32 tensor of the reduced ``shape``."""
+    v = _as_f32(v, device)
     return v if v.shape == shape and v.is_contiguous() else torch.broadcast_to(v, shape).contiguous()
 
 
-def _host_values_table(items, names, device) -> torch.Tensor:
-    """``(tensors, max(1, len(names)))`` float32: the per-tensor scalar values a kernel reads
-    (one column per name, each stacked over the tensors at once)."""
-    if not names:
-        return torch.zeros((len(items), 1), dtype=torch.float32, device=device)
-    cols = []
-    for n in names:
-        vals = [it.V[n] for it in items]
-        if all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in vals):
-            cols.append(torch.stack(vals).to(device=device, dtype=torch.float32))
-        else:
-            cols.append(torch.stack([_as_f32(v, device).reshape(()) for v in vals]))
-    return torch.stack(cols, 1)
+def _reduced_value(it, name: str, level: str, device) -> torch.Tensor:
+    """Item ``it``'s row or column value ``name`` (see :func:`_reduced`)."""
+    return _reduced(it.V[name], it.pl.reduced_shape(level), device)
 
 
-class _NotScalar(Exception):
-    """A value a host kernel reads as one number per tensor (or per step) is not one."""
+class _NotScalar(ValueError):
+    """A value a kernel reads as one number per tensor (or per step) is not one."""
 
 
-def _scalar_table(rows, device) -> torch.Tensor:
-    """``(len(rows), max(1, width))`` float64: one row of scalar values per tensor, one column
-    stacked at a time (float64 holds the float32 values exactly).  Raises :class:`_NotScalar`
-    for a value that is not a number or a one-element tensor."""
+def _scalar_table(rows, device, dtype=torch.float32) -> torch.Tensor:
+    """``(len(rows), max(1, width))`` of ``dtype``: one row of scalar values per tensor, one
+    column stacked over the tensors at a time.  Raises :class:`_NotScalar` for a value that is
+    not a number or a one-element tensor."""
     width = len(rows[0]) if rows else 0
     if not width:
-        return torch.zeros((max(1, len(rows)), 1), dtype=torch.float64, device=device)
+        return torch.zeros((max(1, len(rows)), 1), dtype=dtype, device=device)
     cols = []
     for j in range(width):
         vals = [r[j] for r in rows]
         if all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in vals):
-            cols.append(torch.stack(vals).to(device=device, dtype=torch.float64))
+            cols.append(torch.stack(vals).to(device=device, dtype=dtype))
             continue
         col = []
         for v in vals:
             if isinstance(v, torch.Tensor):
                 if v.numel() != 1:
-                    raise _NotScalar
-                col.append(v.reshape(()).to(device=device, dtype=torch.float64))
-            elif isinstance(v, (int, float, bool)):
-                col.append(torch.full((), float(v), dtype=torch.float64, device=device))
+                    raise _NotScalar(f"a per-tensor value of shape {tuple(v.shape)} where a kernel reads one number")
+                col.append(v.reshape(()).to(device=device, dtype=dtype))
             else:
-                raise _NotScalar
+                try:
+                    x = float(v)
+                except (TypeError, ValueError):
+                    raise _NotScalar(f"a per-tensor value of type {type(v).__name__} where a kernel reads a number") \
+                        from None
+                col.append(torch.full((), x, dtype=dtype, device=device))
         cols.append(torch.stack(col))
     return torch.stack(cols, 1)
 
 
-def _rowcol_input(v, shape, device) -> torch.Tensor:
-    """A row or column input of a host kernel: float32, contiguous, of the tensor's reduced shape."""
-    v = _as_f32(v, device)
-    return v if v.shape == shape and v.is_contiguous() else torch.broadcast_to(v, shape).contiguous()
+def _host_values_table(items, names, device) -> torch.Tensor:
+    """``(tensors, max(1, len(names)))`` float32: the per-tensor scalar values a stage kernel
+    reads (one column per name)."""
+    return _scalar_table([[it.V[n] for n in names] for it in items], device)
 
 
 _HOST_SIZES: dict = {}
@@ -432,8 +424,9 @@ class TritonRunner:
         meta, kernel = entry
         n = len(T)
         try:
-            s_in = _scalar_table([[Ti[v] for v in meta["s_in"]] for Ti in T], device)
-            g_in = _scalar_table([[G[v] for v in meta["g_in"]]], device).reshape(-1)
+            # float64: it holds the float32 values exactly, and the float64 ones (t, lr, ...)
+            s_in = _scalar_table([[Ti[v] for v in meta["s_in"]] for Ti in T], device, torch.float64)
+            g_in = _scalar_table([[G[v] for v in meta["g_in"]]], device, torch.float64).reshape(-1)
         except _NotScalar:
             return False
         sizes, totals, spans = host_sizes(plans, device)
@@ -441,7 +434,7 @@ class TritonRunner:
         for Ti, pl in zip(T, plans):
             row = []
             for level, v in meta["rc_in"]:
-                x = _rowcol_input(Ti[v], pl.reduced_shape(level), device)
+                x = _reduced(Ti[v], pl.reduced_shape(level), device)
                 keep.append(x)
                 row.append(x.data_ptr())
             ptr_rows.append(row or [0])
@@ -456,13 +449,11 @@ class TritonRunner:
         kernel[(n,)](s_in, g_in, rc_in, sizes, out64, out32, rc_out["row"], rc_out["col"],
                      max(1, totals["row"]), max(1, totals["col"]), BLOCK=block)
         bools = set(meta["bool_out"])
-        for k, v in enumerate(meta["out64"]):
-            for Ti, x in zip(T, out64[:, k].unbind(0)):
-                Ti[v] = x
-        for k, v in enumerate(meta["out32"]):
-            col = out32[:, k]
-            for Ti, x in zip(T, (col != 0 if v in bools else col).unbind(0)):
-                Ti[v] = x
+        for table, names in ((out64, meta["out64"]), (out32, meta["out32"])):
+            for k, v in enumerate(names):
+                col = table[:, k]
+                for Ti, x in zip(T, (col != 0 if v in bools else col).unbind(0)):
+                    Ti[v] = x
         for lv in ("row", "col"):
             names = meta[f"{lv}_out"]
             if not names:
