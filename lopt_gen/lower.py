@@ -128,7 +128,7 @@ class Builder:
         return [self.leaf(n, level, "state", key, i) for i, n in enumerate(_channel_names(f"_{safe}_old", width))]
 
     def declare_meta(self, name: str, shape, init: str, value: float, doc="") -> None:
-        self.meta[name] = MetaDecl(name, tuple(shape), init, float(value), doc)
+        self.meta[name] = MetaDecl(name, tuple(shape), init, float(value), doc=doc)
 
     def write_state(self, key: str, values: list) -> None:
         decl = self.states[key]

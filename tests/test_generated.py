@@ -52,3 +52,16 @@ def test_spec_file_name_cannot_inject_code(tmp_path):
     text = render(spec, evil)["torch_step.py"]
     compile(text, "torch_step.py", "exec")
     assert "import os" not in text
+
+
+def test_meta_parameter_docs_reach_the_generated_info():
+    """A learnable decay's meta-parameter keeps its documentation (and no init values: it is a
+    constant init); the doc once landed in ``values`` one character at a time."""
+    from lopt_gen.lower import lower
+
+    prog = lower(load_spec("small_fc_lopt"))
+    decl = prog.meta["decay.m"]
+    assert decl.init == "const" and decl.values == ()
+    assert decl.doc.startswith("learnable decay")
+    info = render(load_spec("small_fc_lopt"))["torch_step.py"]
+    assert "'doc': 'learnable decay" in info
