@@ -5,7 +5,12 @@ operation at all costs Python and dispatcher time in an eager step; a CUDA graph
 second cost but not the first.  This script counts both for ``backend="triton"`` steps in the
 Triton interpreter (``TRITON_INTERPRET=1``), so the launch count can be tracked on a machine
 without a GPU.  Operations issued from inside an interpreted kernel are not counted (on a GPU
-the kernel is one launch); the generated kernels' own launches are counted separately.
+the kernel is one launch); the generated kernels' own launches are counted separately, and so
+are the runtime's scalar-table gathers (``lopt_gen.runtime.triton_tables``: one launch each,
+after one host-to-device copy of its address table, which the CPU count cannot see, as it
+cannot see the launches' pointer tables).  One aten operation is not always one launch on a
+GPU: a ``cat``/``stack`` of inputs that are not contiguous or not of one dtype copies them one
+by one there.
 
     python benchmarks/triton_host_ops.py --specs small_fc_lopt,hrnn,mulo --tensors 98
 
@@ -79,8 +84,10 @@ def transformer_shapes(n: int, d: int) -> list[tuple[int, ...]]:
 def count_step(opt) -> dict:
     """aten operations of one step (outside kernels), kernel-launching ones, and launches of the
     generated kernels (stage kernels, and the host kernels of per-tensor host segments)."""
+    from lopt_gen.runtime import triton_tables
+
     runner = opt.engine.triton_runner()
-    launches = {"stage": 0, "host": 0}
+    launches = {"stage": 0, "host": 0, "table": 0}
 
     class _Counted:
         def __init__(self, k, kind):
@@ -95,16 +102,24 @@ def count_step(opt) -> dict:
     for kind, table in tables.items():
         for key, (meta, kernel) in list(table.items()):
             table[key] = (meta, _Counted(kernel, kind))
+    gather = triton_tables.gather
+
+    def counted_gather(*args):
+        launches["table"] += 1
+        return gather(*args)
+
+    triton_tables.gather = counted_gather
     try:
         with _Count() as c:
             opt.step()
     finally:
+        triton_tables.gather = gather
         for kind, table in tables.items():
             table.update(originals[kind])
     total = sum(c.ops.values())
     kernels = sum(v for k, v in c.ops.items() if k not in NO_KERNEL)
     return {"aten": total, "aten_kernels": kernels, "stage_launches": launches["stage"],
-            "host_launches": launches["host"], "top": c.ops.most_common(8)}
+            "host_launches": launches["host"], "table_launches": launches["table"], "top": c.ops.most_common(8)}
 
 
 def main(argv=None):
@@ -117,17 +132,19 @@ def main(argv=None):
                          "shape pattern of step_bench.py (seven shapes)")
     ap.add_argument("--top", action="store_true", help="also list the most frequent operations")
     args = ap.parse_args(argv)
-    print("| spec | tensors | aten ops/step | of which launch a kernel | stage-kernel launches | host-kernel launches |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| spec | tensors | aten ops/step | of which launch a kernel | stage-kernel launches | host-kernel launches "
+          "| table gathers |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for spec in args.specs.split(","):
         for n in (int(x) for x in args.tensors.split(",")):
             opt = _optimizer(spec, n, args.size, args.layout)
             for _ in range(2):
                 opt.step()
             c = count_step(opt)
-            print(f"| {spec} | {n} | {c['aten']} | {c['aten_kernels']} | {c['stage_launches']} | {c['host_launches']} |")
+            print(f"| {spec} | {n} | {c['aten']} | {c['aten_kernels']} | {c['stage_launches']} | {c['host_launches']} "
+                  f"| {c['table_launches']} |")
             if args.top:
-                print("|  | most frequent: " + ", ".join(f"{k} {v}" for k, v in c["top"]) + " | | | | |")
+                print("|  | most frequent: " + ", ".join(f"{k} {v}" for k, v in c["top"]) + " | | | | | |")
 
 
 if __name__ == "__main__":

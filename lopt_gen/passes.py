@@ -191,6 +191,38 @@ def _scope(node) -> str:
     return "global" if node.level in ("const", "global") else "tensor"
 
 
+def _segment_key(node) -> tuple[str, bool]:
+    """Host nodes with the same key and next to each other form one segment: the same scope,
+    and recurrent cells apart from the math around them (a segment of math alone can be one
+    Triton kernel; see lopt_gen.codegen.triton_host)."""
+    return _scope(node), isinstance(node, Cell)
+
+
+def _grouped(nodes: list) -> list:
+    """``nodes`` (in an order that computes every value before its use) reordered so that runs
+    of one segment key (see :func:`_segment_key`) are as long as dependencies allow: while a
+    node of the current key is ready, it goes next (in the given order).  Independent
+    per-tensor and per-step values then share segments instead of alternating (one segment,
+    one function call or kernel launch, per run)."""
+    made = {o for n in nodes for o in n.outs}
+    done: set[str] = set()
+    pending = list(nodes)
+    out: list = []
+    key = None
+    while pending:
+        ready = [n for n in pending if all(d in done or d not in made for d in n.deps)]
+        same = [n for n in ready if key is not None and key[0] in ("tensor", "global") and _segment_key(n) == key]
+        if not same:
+            same = ready[:1]
+            key = _segment_key(same[0])
+        for n in same:
+            out.append(n)
+            done.update(n.outs)
+        taken = {id(n) for n in same}
+        pending = [n for n in pending if id(n) not in taken]
+    return out
+
+
 def plan(prog: Program) -> list[Stage]:
     """Split a scheduled program into stages (host segments + per-element closure)."""
     node_of = prog.node_of()
@@ -205,9 +237,9 @@ def plan(prog: Program) -> list[Stage]:
         # reductions finalised from the previous stage's partial sums depend on nothing in
         # this host phase: run them all first, so the rest forms few, long segments
         host.sort(key=lambda n: 0 if _scope(n) == "finalize" else 1)
-        for n in host:
+        for n in _grouped(host):
             kind = _scope(n)
-            if segs and segs[-1].kind == kind and kind in ("tensor", "global"):
+            if segs and kind in ("tensor", "global") and _segment_key(segs[-1].nodes[-1]) == _segment_key(n):
                 segs[-1] = Segment(kind, segs[-1].nodes + (n,))
             else:
                 segs.append(Segment(kind, (n,)))

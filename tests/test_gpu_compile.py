@@ -5,7 +5,7 @@ only the GPU compiler rejects would first fail in a GPU session. Triton can comp
 time for a target it is given (``triton.compile`` with a ``GPUTarget``) with its bundled
 ``ptxas`` and no device, so these tests do that in a subprocess started without
 ``TRITON_INTERPRET``, for the forward kernels (``triton_kernels.py``, with the host kernels of
-per-tensor host segments) and the backward kernels (``triton_backward.py``) of every shipped
+host segments, with their dense layers' weight pointers) and the backward kernels (``triton_backward.py``) of every shipped
 spec. Each kernel gets the signature and constexprs
 its launcher in ``lopt_gen.runtime.triton_runner`` passes: pointer types by parameter name,
 ``N_PTR`` and ``N_HV`` from its ``KERNELS`` entry, and ``BLOCK`` from the forward stage's
@@ -97,8 +97,11 @@ SCRIPT = textwrap.dedent(r"""
             for meta in getattr(module, "HOST_KERNELS", []):
                 fn = getattr(module, meta["name"])
                 params = [p.name for p in fn.params]
-                assert params == list(HOST_TYPES) + ["BLOCK"], (meta["name"], params)
-                kernels[meta["name"]] = fast_ops(fn, dict(HOST_TYPES, BLOCK="constexpr"), {"BLOCK": meta["block"]})
+                # then the dense layers' weights, fp32, in the order of the entry's "weights"
+                weights = {f"_w{k}": "*fp32" for k in range(len(meta["weights"]))}
+                assert params == list(HOST_TYPES) + list(weights) + ["BLOCK"], (meta["name"], params)
+                kernels[meta["name"]] = fast_ops(fn, dict(HOST_TYPES, **weights, BLOCK="constexpr"),
+                                                 {"BLOCK": meta["block"]})
                 listed.append(meta["name"])
         out[tag] = {"kernels": kernels, "listed": listed,
                     "unsupported": {str(k): v for k, v in getattr(module, "UNSUPPORTED", {}).items()}}
@@ -159,3 +162,38 @@ def test_backward_kernels_compile_for_sm90(name):
                                        "forward": directory / "triton_kernels.py"}})[name]
     if not result["listed"]:
         pytest.skip(f"{name} has no backward kernels (UNSUPPORTED: {result['unsupported']})")
+
+
+RUNTIME_SCRIPT = textwrap.dedent(r"""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lopt_gen.runtime.triton_segments import segment_sum_kernel
+    from lopt_gen.runtime.triton_tables import gather_kernel
+
+    jobs = [
+        (segment_sum_kernel, {"part_ptr": "*fp32", "spans_ptr": "*i64", "out_ptr": "*fp32"},
+         {"SLOTS": 5, "SLOTS_P2": 8, "ROWS": 64}),
+        (gather_kernel, {"src_ptr": "*i64", "out_ptr": "*fp32", "n": "i64"}, {"BLOCK": 256}),
+        (gather_kernel, {"src_ptr": "*i64", "out_ptr": "*fp64", "n": "i64"}, {"BLOCK": 256}),
+    ]
+    for fn, types, constexprs in jobs:
+        signature = dict(types, **{k: "constexpr" for k in constexprs})
+        assert [p.name for p in fn.params] == list(signature), (fn.__name__, [p.name for p in fn.params])
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32))
+        assert ".entry" in compiled.asm["ptx"], fn.__name__
+        print("compiled", fn.__name__, types["out_ptr"])
+""")
+
+
+def test_runtime_kernels_compile_for_sm90():
+    """The runtime's own kernels (the reductions' second pass, the scalar-table gather with its
+    float32 and float64 outputs) compile for sm_90 with the argument types their launchers pass."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", RUNTIME_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("this Triton installation has no ptxas to compile with")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("compiled") == 3, proc.stdout

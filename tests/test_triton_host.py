@@ -1,9 +1,10 @@
-"""Per-tensor host segments as Triton kernels (``HOST_KERNELS``, run in the Triton interpreter).
+"""Host segments as Triton kernels (``HOST_KERNELS``, run in the Triton interpreter).
 
-Each host kernel must compute what the torch host function of the same name computes for each
-tensor on its own: every value it hands on, with the torch code's dtype (float64 where that
-computes from ``t``, ``lr``, ``wd`` or hyper-parameters, bool for conditions), for tensors of
-every rank and for row and column vectors longer than one block.  Its output buffers are
+Each per-tensor host kernel must compute what the torch host function of the same name
+computes for each tensor on its own, and each per-step one what it computes once: every value
+it hands on, with the torch code's dtype (float64 where that computes from ``t``, ``lr``,
+``wd`` or hyper-parameters, bool for conditions), for tensors of every rank and for row and
+column vectors longer than one block, with random meta-parameters for the dense layers.  Its output buffers are
 poisoned (``LOPT_GEN_POISON=1``, tests/conftest.py), so an element it fails to write shows up.
 """
 
@@ -20,6 +21,8 @@ import lopt_gen
 from lopt_gen import LearnedOptimizer, get_engine, load_spec, shipped_specs, spec_from_dict
 from lopt_gen.codegen.triton_host import HOST_BLOCK, value_dtypes
 from lopt_gen.compiler import compile_program
+from lopt_gen.ir import Cell
+from lopt_gen.passes import plan
 from lopt_gen.runtime import triton_runner
 from lopt_gen.runtime.engine import TensorPlan
 from lopt_gen.testing import specs
@@ -57,17 +60,25 @@ def assert_host_kernels_match(spec, shapes, seed=0):
     dtypes = value_dtypes(compile_program(spec))
     plans = [TensorPlan(s, 1 << 18) for s in shapes]
     gen = torch.Generator().manual_seed(seed)
+    phi = engine.init_weights(seed=seed)  # the dense layers' weights and biases
     for fn, (meta, _) in runner.host_kernels.items():
         T, G = _inputs(meta, dtypes, plans, gen)
+        names = meta["out64"] + meta["out32"] + meta["row_out"] + meta["col_out"]
+        assert names, fn
+        if meta["per"] == "step":  # one program: its results land in G
+            want = dict(G)
+            getattr(engine.module, fn)(want, phi)
+            got = dict(G)
+            assert runner.run_host(fn, [], got, phi, plans, torch.device("cpu")), fn
+            _assert_same(want, got, names, f"{spec.name} {fn}")
+            continue
         want = []
         for Ti in T:
             V = ChainMap(dict(Ti), G)
-            getattr(engine.module, fn)(V, {})
+            getattr(engine.module, fn)(V, phi)
             want.append(V.maps[0])
         got = [dict(Ti) for Ti in T]
-        assert runner.run_host(fn, got, G, plans, torch.device("cpu")), fn
-        names = meta["out64"] + meta["out32"] + meta["row_out"] + meta["col_out"]
-        assert names, fn
+        assert runner.run_host(fn, got, G, phi, plans, torch.device("cpu")), fn
         for i, (pl, w, g) in enumerate(zip(plans, want, got)):
             for v in names:
                 a, b = w[v], g[v]
@@ -85,18 +96,37 @@ def assert_host_kernels_match(spec, shapes, seed=0):
                     torch.testing.assert_close(b, a, rtol=2e-6, atol=1e-7, equal_nan=True, msg=msg)
 
 
+def _assert_same(want: dict, got: dict, names, what: str) -> None:
+    for v in names:
+        a, b = want[v], got[v]
+        msg = f"{what} {v}"
+        assert b.dtype == a.dtype and b.dim() == 0, msg
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b), msg
+        else:
+            torch.testing.assert_close(b, a, rtol=2e-6, atol=1e-6, equal_nan=True, msg=msg)
+
+
 @pytest.mark.parametrize("name", WITH_KERNELS)
 def test_host_kernels_equal_the_torch_host_functions(name):
     assert_host_kernels_match(load_spec(name), SHAPES, seed=len(name))
 
 
 def test_shipped_specs_with_per_tensor_math_have_host_kernels():
-    """Every per-tensor segment without a dense layer or a cell is a kernel (for small_fc_lopt:
-    the Adafactor row and column updates and the per-tensor normalisers, not the folded
-    time-feature layer)."""
+    """Every per-tensor and per-step segment without a recurrent cell is a kernel (for
+    small_fc_lopt: the learnable decays, the time features with the folded time-feature layer,
+    the Adafactor row and column updates and the per-tensor normalisers); only hrnn's tensor
+    and global RNN cells stay torch code."""
     assert {"adam", "adamw", "hrnn", "mulo", "small_fc_lopt", "rmsprop", "l2l_lstm"} <= set(WITH_KERNELS)
     fns = get_engine(load_spec("small_fc_lopt")).triton_runner().host_kernels
-    assert set(fns) == {"host_1_12", "host_2_6"}
+    assert set(fns) == {"host_0_0", "host_0_1", "host_1_12", "host_2_6"}
+    for name in sorted(shipped_specs()):
+        kernels = get_engine(load_spec(name)).triton_runner().host_kernels
+        for st in plan(compile_program(load_spec(name))):
+            for j, seg in enumerate(st.host):
+                if seg.kind in ("tensor", "global"):
+                    has_cell = any(isinstance(n, Cell) for n in seg.nodes)
+                    assert (f"host_{st.index}_{j}" in kernels) == (not has_cell), (name, st.index, j)
     assert HOST_BLOCK < 257  # SHAPES has row and column vectors of more than one block
 
 
@@ -110,8 +140,8 @@ def _spy(monkeypatch):
     calls = {"kernel": [], "fallback": []}
     real = triton_runner.TritonRunner.run_host
 
-    def run_host(self, fn, T, G, plans, device):
-        ok = real(self, fn, T, G, plans, device)
+    def run_host(self, fn, T, G, phi, plans, device):
+        ok = real(self, fn, T, G, phi, plans, device)
         calls["kernel" if ok else "fallback"].append(fn)
         return ok
 
@@ -127,8 +157,9 @@ def test_the_optimizer_step_runs_host_kernels_once_per_segment(monkeypatch):
     for p in params:
         p.grad = torch.randn(p.shape)
     opt.step()
-    assert sorted(calls["kernel"]) == ["host_1_12", "host_2_6"]  # one launch each, five tensors of four shapes
-    assert calls["fallback"] == ["host_0_1"]  # the folded time-feature layer stays torch code
+    # one launch each, five tensors of four shapes; the folded time-feature layer included
+    assert sorted(calls["kernel"]) == ["host_0_0", "host_0_1", "host_1_12", "host_2_6"]
+    assert calls["fallback"] == []
 
 
 def test_differentiated_steps_run_the_torch_host_functions(monkeypatch):
@@ -153,9 +184,9 @@ def test_a_value_that_is_not_a_scalar_falls_back_without_writing():
     T = [{v: torch.tensor(1.0) for v in meta["s_in"]} for _ in plans]
     T[1][meta["s_in"][0]] = torch.ones(3)  # a per-tensor value that is a vector: not this kernel's layout
     before = [dict(Ti) for Ti in T]
-    assert not runner.run_host("host_2_6", T, {}, plans, torch.device("cpu"))
+    assert not runner.run_host("host_2_6", T, {}, {}, plans, torch.device("cpu"))
     assert [set(Ti) for Ti in T] == [set(b) for b in before]
-    assert not runner.run_host("no_such_segment", T, {}, plans, torch.device("cpu"))
+    assert not runner.run_host("no_such_segment", T, {}, {}, plans, torch.device("cpu"))
 
 
 def _factored(name: str, let: str, update: str):

@@ -39,9 +39,11 @@ HOST_KERNELS = [{'block': 256,
                  'name': 'host_0_0_kernel',
                  'out32': [],
                  'out64': ['_u1', '_u2', '_u3', '_u4'],
+                 'per': 'tensor',
                  'rc_in': [],
                  'row_out': [],
-                 's_in': ['beta1', 'beta2', 't']}]
+                 's_in': ['beta1', 'beta2', 't'],
+                 'weights': []}]
 
 
 @triton.jit

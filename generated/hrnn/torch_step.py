@@ -457,20 +457,7 @@ INFO = {'features': [['scaled_grads', 4, False, 'elem'],
                                     'g',
                                     'ms_decay'],
                     'elem_nodes': 20,
-                    'host': [{'fn': 'host_0_0', 'kind': 'global'},
-                             {'fn': 'host_0_1', 'kind': 'tensor'},
-                             {'fn': 'host_0_2', 'kind': 'global'},
-                             {'fn': 'host_0_3', 'kind': 'tensor'},
-                             {'fn': 'host_0_4', 'kind': 'global'},
-                             {'fn': 'host_0_5', 'kind': 'tensor'},
-                             {'fn': 'host_0_6', 'kind': 'global'},
-                             {'fn': 'host_0_7', 'kind': 'tensor'},
-                             {'fn': 'host_0_8', 'kind': 'global'},
-                             {'fn': 'host_0_9', 'kind': 'tensor'},
-                             {'fn': 'host_0_10', 'kind': 'global'},
-                             {'fn': 'host_0_11', 'kind': 'tensor'},
-                             {'fn': 'host_0_12', 'kind': 'global'},
-                             {'fn': 'host_0_13', 'kind': 'tensor'}],
+                    'host': [{'fn': 'host_0_0', 'kind': 'global'}, {'fn': 'host_0_1', 'kind': 'tensor'}],
                     'index': 0,
                     'outputs': [],
                     'reductions': [{'arg': '_log_lr_old',
@@ -1060,129 +1047,6 @@ INFO = {'features': [['scaled_grads', 4, False, 'elem'],
 def host_0_0(V, phi):
     """Stage 0, host segment 0: once per step."""
     _phi_ms_decay_logit = V["_phi_ms_decay_logit"]
-    ms_decay = torch.sigmoid(_phi_ms_decay_logit)
-    V["ms_decay"] = ms_decay
-
-
-def host_0_1(V, phi):
-    """Stage 0, host segment 1: once per tensor."""
-    t = V["t"]
-    _u1 = t == 0.0
-    V["_u1"] = _u1
-
-
-def host_0_2(V, phi):
-    """Stage 0, host segment 2: once per step."""
-    ms_decay = V["ms_decay"]
-    _u2 = 1.0 - ms_decay
-    V["_u2"] = _u2
-
-
-def host_0_3(V, phi):
-    """Stage 0, host segment 3: once per tensor."""
-    t = V["t"]
-    _u3 = t == 0.0
-    V["_u3"] = _u3
-
-
-def host_0_4(V, phi):
-    """Stage 0, host segment 4: once per step."""
-    ms_decay = V["ms_decay"]
-    _u4 = 1.0 - ms_decay
-    V["_u4"] = _u4
-
-
-def host_0_5(V, phi):
-    """Stage 0, host segment 5: once per tensor."""
-    t = V["t"]
-    _u5 = t == 0.0
-    V["_u5"] = _u5
-
-
-def host_0_6(V, phi):
-    """Stage 0, host segment 6: once per step."""
-    ms_decay = V["ms_decay"]
-    _u6 = 1.0 - ms_decay
-    V["_u6"] = _u6
-
-
-def host_0_7(V, phi):
-    """Stage 0, host segment 7: once per tensor."""
-    t = V["t"]
-    _u7 = t == 0.0
-    V["_u7"] = _u7
-
-
-def host_0_8(V, phi):
-    """Stage 0, host segment 8: once per step."""
-    ms_decay = V["ms_decay"]
-    _u8 = 1.0 - ms_decay
-    V["_u8"] = _u8
-
-
-def host_0_9(V, phi):
-    """Stage 0, host segment 9: once per tensor."""
-    _tensor_rnn_h_old_0 = V["_tensor_rnn_h_old_0"]
-    _tensor_rnn_h_old_1 = V["_tensor_rnn_h_old_1"]
-    _tensor_rnn_h_old_2 = V["_tensor_rnn_h_old_2"]
-    _tensor_rnn_h_old_3 = V["_tensor_rnn_h_old_3"]
-    _tensor_rnn_h_old_4 = V["_tensor_rnn_h_old_4"]
-    _tensor_rnn_h_old_5 = V["_tensor_rnn_h_old_5"]
-    _tensor_rnn_h_old_6 = V["_tensor_rnn_h_old_6"]
-    _tensor_rnn_h_old_7 = V["_tensor_rnn_h_old_7"]
-    _tensor_rnn_h_old_8 = V["_tensor_rnn_h_old_8"]
-    _tensor_rnn_h_old_9 = V["_tensor_rnn_h_old_9"]
-    _tensor_rnn_h_old_10 = V["_tensor_rnn_h_old_10"]
-    _tensor_rnn_h_old_11 = V["_tensor_rnn_h_old_11"]
-    _tensor_rnn_h_old_12 = V["_tensor_rnn_h_old_12"]
-    _tensor_rnn_h_old_13 = V["_tensor_rnn_h_old_13"]
-    _tensor_rnn_h_old_14 = V["_tensor_rnn_h_old_14"]
-    _tensor_rnn_h_old_15 = V["_tensor_rnn_h_old_15"]
-    _tensor_rnn_h_old_16 = V["_tensor_rnn_h_old_16"]
-    _tensor_rnn_h_old_17 = V["_tensor_rnn_h_old_17"]
-    _tensor_rnn_h_old_18 = V["_tensor_rnn_h_old_18"]
-    _tensor_rnn_h_old_19 = V["_tensor_rnn_h_old_19"]
-    _x1 = ops.features(
-        [_tensor_rnn_h_old_0, _tensor_rnn_h_old_1, _tensor_rnn_h_old_2, _tensor_rnn_h_old_3, _tensor_rnn_h_old_4,
-         _tensor_rnn_h_old_5, _tensor_rnn_h_old_6, _tensor_rnn_h_old_7, _tensor_rnn_h_old_8, _tensor_rnn_h_old_9,
-         _tensor_rnn_h_old_10, _tensor_rnn_h_old_11, _tensor_rnn_h_old_12, _tensor_rnn_h_old_13, _tensor_rnn_h_old_14,
-         _tensor_rnn_h_old_15, _tensor_rnn_h_old_16, _tensor_rnn_h_old_17, _tensor_rnn_h_old_18, _tensor_rnn_h_old_19],
-    )
-    _dense2 = ops.linear(_x1, phi["tensor_to_param.weight"], cols=slice(0, 20), bias=phi["tensor_to_param.bias"])
-    V["_tensor_to_param_out7"] = _dense2[0]
-    V["_tensor_to_param_out8"] = _dense2[1]
-    V["_tensor_to_param_out9"] = _dense2[2]
-    V["_tensor_to_param_out10"] = _dense2[3]
-    V["_tensor_to_param_out11"] = _dense2[4]
-    V["_tensor_to_param_out12"] = _dense2[5]
-    V["_tensor_to_param_out13"] = _dense2[6]
-    V["_tensor_to_param_out14"] = _dense2[7]
-    V["_tensor_to_param_out15"] = _dense2[8]
-    V["_tensor_to_param_out16"] = _dense2[9]
-    V["_tensor_to_param_out17"] = _dense2[10]
-    V["_tensor_to_param_out18"] = _dense2[11]
-    V["_tensor_to_param_out19"] = _dense2[12]
-    V["_tensor_to_param_out20"] = _dense2[13]
-    V["_tensor_to_param_out21"] = _dense2[14]
-    V["_tensor_to_param_out22"] = _dense2[15]
-    V["_tensor_to_param_out23"] = _dense2[16]
-    V["_tensor_to_param_out24"] = _dense2[17]
-    V["_tensor_to_param_out25"] = _dense2[18]
-    V["_tensor_to_param_out26"] = _dense2[19]
-    V["_tensor_to_param_out27"] = _dense2[20]
-    V["_tensor_to_param_out28"] = _dense2[21]
-    V["_tensor_to_param_out29"] = _dense2[22]
-    V["_tensor_to_param_out30"] = _dense2[23]
-    V["_tensor_to_param_out31"] = _dense2[24]
-    V["_tensor_to_param_out32"] = _dense2[25]
-    V["_tensor_to_param_out33"] = _dense2[26]
-    V["_tensor_to_param_out34"] = _dense2[27]
-    V["_tensor_to_param_out35"] = _dense2[28]
-    V["_tensor_to_param_out36"] = _dense2[29]
-
-
-def host_0_10(V, phi):
-    """Stage 0, host segment 10: once per step."""
     _global_rnn_h_old_0 = V["_global_rnn_h_old_0"]
     _global_rnn_h_old_1 = V["_global_rnn_h_old_1"]
     _global_rnn_h_old_2 = V["_global_rnn_h_old_2"]
@@ -1203,6 +1067,9 @@ def host_0_10(V, phi):
     _global_rnn_h_old_17 = V["_global_rnn_h_old_17"]
     _global_rnn_h_old_18 = V["_global_rnn_h_old_18"]
     _global_rnn_h_old_19 = V["_global_rnn_h_old_19"]
+    _phi_lr_ema_logit = V["_phi_lr_ema_logit"]
+    ms_decay = torch.sigmoid(_phi_ms_decay_logit)
+    _ms_decay_scaled_shift = 1.0 - ms_decay
     _x1 = ops.features(
         [_global_rnn_h_old_0, _global_rnn_h_old_1, _global_rnn_h_old_2, _global_rnn_h_old_3, _global_rnn_h_old_4,
          _global_rnn_h_old_5, _global_rnn_h_old_6, _global_rnn_h_old_7, _global_rnn_h_old_8, _global_rnn_h_old_9,
@@ -1210,6 +1077,14 @@ def host_0_10(V, phi):
          _global_rnn_h_old_15, _global_rnn_h_old_16, _global_rnn_h_old_17, _global_rnn_h_old_18, _global_rnn_h_old_19],
     )
     _dense2 = ops.linear(_x1, phi["global_to_param.weight"], cols=slice(0, 20), bias=phi["global_to_param.bias"])
+    _dense3 = ops.linear(_x1, phi["global_to_tensor.weight"], cols=slice(0, 20), bias=phi["global_to_tensor.bias"])
+    lr_ema = torch.sigmoid(_phi_lr_ema_logit)
+    _u10 = 1.0 - lr_ema
+    V["ms_decay"] = ms_decay
+    V["_u2"] = _ms_decay_scaled_shift
+    V["_u4"] = _ms_decay_scaled_shift
+    V["_u6"] = _ms_decay_scaled_shift
+    V["_u8"] = _ms_decay_scaled_shift
     V["_global_to_param_out37"] = _dense2[0]
     V["_global_to_param_out38"] = _dense2[1]
     V["_global_to_param_out39"] = _dense2[2]
@@ -1240,100 +1115,199 @@ def host_0_10(V, phi):
     V["_global_to_param_out64"] = _dense2[27]
     V["_global_to_param_out65"] = _dense2[28]
     V["_global_to_param_out66"] = _dense2[29]
+    V["_global_to_tensor_out155"] = _dense3[0]
+    V["_global_to_tensor_out156"] = _dense3[1]
+    V["_global_to_tensor_out157"] = _dense3[2]
+    V["_global_to_tensor_out158"] = _dense3[3]
+    V["_global_to_tensor_out159"] = _dense3[4]
+    V["_global_to_tensor_out160"] = _dense3[5]
+    V["_global_to_tensor_out161"] = _dense3[6]
+    V["_global_to_tensor_out162"] = _dense3[7]
+    V["_global_to_tensor_out163"] = _dense3[8]
+    V["_global_to_tensor_out164"] = _dense3[9]
+    V["_global_to_tensor_out165"] = _dense3[10]
+    V["_global_to_tensor_out166"] = _dense3[11]
+    V["_global_to_tensor_out167"] = _dense3[12]
+    V["_global_to_tensor_out168"] = _dense3[13]
+    V["_global_to_tensor_out169"] = _dense3[14]
+    V["_global_to_tensor_out170"] = _dense3[15]
+    V["_global_to_tensor_out171"] = _dense3[16]
+    V["_global_to_tensor_out172"] = _dense3[17]
+    V["_global_to_tensor_out173"] = _dense3[18]
+    V["_global_to_tensor_out174"] = _dense3[19]
+    V["_global_to_tensor_out175"] = _dense3[20]
+    V["_global_to_tensor_out176"] = _dense3[21]
+    V["_global_to_tensor_out177"] = _dense3[22]
+    V["_global_to_tensor_out178"] = _dense3[23]
+    V["_global_to_tensor_out179"] = _dense3[24]
+    V["_global_to_tensor_out180"] = _dense3[25]
+    V["_global_to_tensor_out181"] = _dense3[26]
+    V["_global_to_tensor_out182"] = _dense3[27]
+    V["_global_to_tensor_out183"] = _dense3[28]
+    V["_global_to_tensor_out184"] = _dense3[29]
+    V["_global_to_tensor_out185"] = _dense3[30]
+    V["_global_to_tensor_out186"] = _dense3[31]
+    V["_global_to_tensor_out187"] = _dense3[32]
+    V["_global_to_tensor_out188"] = _dense3[33]
+    V["_global_to_tensor_out189"] = _dense3[34]
+    V["_global_to_tensor_out190"] = _dense3[35]
+    V["_global_to_tensor_out191"] = _dense3[36]
+    V["_global_to_tensor_out192"] = _dense3[37]
+    V["_global_to_tensor_out193"] = _dense3[38]
+    V["_global_to_tensor_out194"] = _dense3[39]
+    V["_global_to_tensor_out195"] = _dense3[40]
+    V["_global_to_tensor_out196"] = _dense3[41]
+    V["_global_to_tensor_out197"] = _dense3[42]
+    V["_global_to_tensor_out198"] = _dense3[43]
+    V["_global_to_tensor_out199"] = _dense3[44]
+    V["_global_to_tensor_out200"] = _dense3[45]
+    V["_global_to_tensor_out201"] = _dense3[46]
+    V["_global_to_tensor_out202"] = _dense3[47]
+    V["_global_to_tensor_out203"] = _dense3[48]
+    V["_global_to_tensor_out204"] = _dense3[49]
+    V["_global_to_tensor_out205"] = _dense3[50]
+    V["_global_to_tensor_out206"] = _dense3[51]
+    V["_global_to_tensor_out207"] = _dense3[52]
+    V["_global_to_tensor_out208"] = _dense3[53]
+    V["_global_to_tensor_out209"] = _dense3[54]
+    V["_global_to_tensor_out210"] = _dense3[55]
+    V["_global_to_tensor_out211"] = _dense3[56]
+    V["_global_to_tensor_out212"] = _dense3[57]
+    V["_global_to_tensor_out213"] = _dense3[58]
+    V["_global_to_tensor_out214"] = _dense3[59]
+    V["lr_ema"] = lr_ema
+    V["_u10"] = _u10
 
 
-def host_0_11(V, phi):
-    """Stage 0, host segment 11: once per tensor."""
+def host_0_1(V, phi):
+    """Stage 0, host segment 1: once per tensor."""
+    t = V["t"]
+    _tensor_rnn_h_old_0 = V["_tensor_rnn_h_old_0"]
+    _tensor_rnn_h_old_1 = V["_tensor_rnn_h_old_1"]
+    _tensor_rnn_h_old_2 = V["_tensor_rnn_h_old_2"]
+    _tensor_rnn_h_old_3 = V["_tensor_rnn_h_old_3"]
+    _tensor_rnn_h_old_4 = V["_tensor_rnn_h_old_4"]
+    _tensor_rnn_h_old_5 = V["_tensor_rnn_h_old_5"]
+    _tensor_rnn_h_old_6 = V["_tensor_rnn_h_old_6"]
+    _tensor_rnn_h_old_7 = V["_tensor_rnn_h_old_7"]
+    _tensor_rnn_h_old_8 = V["_tensor_rnn_h_old_8"]
+    _tensor_rnn_h_old_9 = V["_tensor_rnn_h_old_9"]
+    _tensor_rnn_h_old_10 = V["_tensor_rnn_h_old_10"]
+    _tensor_rnn_h_old_11 = V["_tensor_rnn_h_old_11"]
+    _tensor_rnn_h_old_12 = V["_tensor_rnn_h_old_12"]
+    _tensor_rnn_h_old_13 = V["_tensor_rnn_h_old_13"]
+    _tensor_rnn_h_old_14 = V["_tensor_rnn_h_old_14"]
+    _tensor_rnn_h_old_15 = V["_tensor_rnn_h_old_15"]
+    _tensor_rnn_h_old_16 = V["_tensor_rnn_h_old_16"]
+    _tensor_rnn_h_old_17 = V["_tensor_rnn_h_old_17"]
+    _tensor_rnn_h_old_18 = V["_tensor_rnn_h_old_18"]
+    _tensor_rnn_h_old_19 = V["_tensor_rnn_h_old_19"]
+    lr = V["lr"]
+    wd = V["wd"]
     _global_to_param_out37 = V["_global_to_param_out37"]
-    _tensor_to_param_out7 = V["_tensor_to_param_out7"]
     _global_to_param_out38 = V["_global_to_param_out38"]
-    _tensor_to_param_out8 = V["_tensor_to_param_out8"]
     _global_to_param_out39 = V["_global_to_param_out39"]
-    _tensor_to_param_out9 = V["_tensor_to_param_out9"]
     _global_to_param_out40 = V["_global_to_param_out40"]
-    _tensor_to_param_out10 = V["_tensor_to_param_out10"]
     _global_to_param_out41 = V["_global_to_param_out41"]
-    _tensor_to_param_out11 = V["_tensor_to_param_out11"]
     _global_to_param_out42 = V["_global_to_param_out42"]
-    _tensor_to_param_out12 = V["_tensor_to_param_out12"]
     _global_to_param_out43 = V["_global_to_param_out43"]
-    _tensor_to_param_out13 = V["_tensor_to_param_out13"]
     _global_to_param_out44 = V["_global_to_param_out44"]
-    _tensor_to_param_out14 = V["_tensor_to_param_out14"]
     _global_to_param_out45 = V["_global_to_param_out45"]
-    _tensor_to_param_out15 = V["_tensor_to_param_out15"]
     _global_to_param_out46 = V["_global_to_param_out46"]
-    _tensor_to_param_out16 = V["_tensor_to_param_out16"]
     _global_to_param_out47 = V["_global_to_param_out47"]
-    _tensor_to_param_out17 = V["_tensor_to_param_out17"]
     _global_to_param_out48 = V["_global_to_param_out48"]
-    _tensor_to_param_out18 = V["_tensor_to_param_out18"]
     _global_to_param_out49 = V["_global_to_param_out49"]
-    _tensor_to_param_out19 = V["_tensor_to_param_out19"]
     _global_to_param_out50 = V["_global_to_param_out50"]
-    _tensor_to_param_out20 = V["_tensor_to_param_out20"]
     _global_to_param_out51 = V["_global_to_param_out51"]
-    _tensor_to_param_out21 = V["_tensor_to_param_out21"]
     _global_to_param_out52 = V["_global_to_param_out52"]
-    _tensor_to_param_out22 = V["_tensor_to_param_out22"]
     _global_to_param_out53 = V["_global_to_param_out53"]
-    _tensor_to_param_out23 = V["_tensor_to_param_out23"]
     _global_to_param_out54 = V["_global_to_param_out54"]
-    _tensor_to_param_out24 = V["_tensor_to_param_out24"]
     _global_to_param_out55 = V["_global_to_param_out55"]
-    _tensor_to_param_out25 = V["_tensor_to_param_out25"]
     _global_to_param_out56 = V["_global_to_param_out56"]
-    _tensor_to_param_out26 = V["_tensor_to_param_out26"]
     _global_to_param_out57 = V["_global_to_param_out57"]
-    _tensor_to_param_out27 = V["_tensor_to_param_out27"]
     _global_to_param_out58 = V["_global_to_param_out58"]
-    _tensor_to_param_out28 = V["_tensor_to_param_out28"]
     _global_to_param_out59 = V["_global_to_param_out59"]
-    _tensor_to_param_out29 = V["_tensor_to_param_out29"]
     _global_to_param_out60 = V["_global_to_param_out60"]
-    _tensor_to_param_out30 = V["_tensor_to_param_out30"]
     _global_to_param_out61 = V["_global_to_param_out61"]
-    _tensor_to_param_out31 = V["_tensor_to_param_out31"]
     _global_to_param_out62 = V["_global_to_param_out62"]
-    _tensor_to_param_out32 = V["_tensor_to_param_out32"]
     _global_to_param_out63 = V["_global_to_param_out63"]
-    _tensor_to_param_out33 = V["_tensor_to_param_out33"]
     _global_to_param_out64 = V["_global_to_param_out64"]
-    _tensor_to_param_out34 = V["_tensor_to_param_out34"]
     _global_to_param_out65 = V["_global_to_param_out65"]
-    _tensor_to_param_out35 = V["_tensor_to_param_out35"]
     _global_to_param_out66 = V["_global_to_param_out66"]
-    _tensor_to_param_out36 = V["_tensor_to_param_out36"]
-    _param_rnn_bias67 = _global_to_param_out37 + _tensor_to_param_out7
-    _param_rnn_bias68 = _global_to_param_out38 + _tensor_to_param_out8
-    _param_rnn_bias69 = _global_to_param_out39 + _tensor_to_param_out9
-    _param_rnn_bias70 = _global_to_param_out40 + _tensor_to_param_out10
-    _param_rnn_bias71 = _global_to_param_out41 + _tensor_to_param_out11
-    _param_rnn_bias72 = _global_to_param_out42 + _tensor_to_param_out12
-    _param_rnn_bias73 = _global_to_param_out43 + _tensor_to_param_out13
-    _param_rnn_bias74 = _global_to_param_out44 + _tensor_to_param_out14
-    _param_rnn_bias75 = _global_to_param_out45 + _tensor_to_param_out15
-    _param_rnn_bias76 = _global_to_param_out46 + _tensor_to_param_out16
-    _param_rnn_bias77 = _global_to_param_out47 + _tensor_to_param_out17
-    _param_rnn_bias78 = _global_to_param_out48 + _tensor_to_param_out18
-    _param_rnn_bias79 = _global_to_param_out49 + _tensor_to_param_out19
-    _param_rnn_bias80 = _global_to_param_out50 + _tensor_to_param_out20
-    _param_rnn_bias81 = _global_to_param_out51 + _tensor_to_param_out21
-    _param_rnn_bias82 = _global_to_param_out52 + _tensor_to_param_out22
-    _param_rnn_bias83 = _global_to_param_out53 + _tensor_to_param_out23
-    _param_rnn_bias84 = _global_to_param_out54 + _tensor_to_param_out24
-    _param_rnn_bias85 = _global_to_param_out55 + _tensor_to_param_out25
-    _param_rnn_bias86 = _global_to_param_out56 + _tensor_to_param_out26
-    _param_rnn_bias87 = _global_to_param_out57 + _tensor_to_param_out27
-    _param_rnn_bias88 = _global_to_param_out58 + _tensor_to_param_out28
-    _param_rnn_bias89 = _global_to_param_out59 + _tensor_to_param_out29
-    _param_rnn_bias90 = _global_to_param_out60 + _tensor_to_param_out30
-    _param_rnn_bias91 = _global_to_param_out61 + _tensor_to_param_out31
-    _param_rnn_bias92 = _global_to_param_out62 + _tensor_to_param_out32
-    _param_rnn_bias93 = _global_to_param_out63 + _tensor_to_param_out33
-    _param_rnn_bias94 = _global_to_param_out64 + _tensor_to_param_out34
-    _param_rnn_bias95 = _global_to_param_out65 + _tensor_to_param_out35
-    _param_rnn_bias96 = _global_to_param_out66 + _tensor_to_param_out36
+    _t_eq = t == 0.0
+    _x1 = ops.features(
+        [_tensor_rnn_h_old_0, _tensor_rnn_h_old_1, _tensor_rnn_h_old_2, _tensor_rnn_h_old_3, _tensor_rnn_h_old_4,
+         _tensor_rnn_h_old_5, _tensor_rnn_h_old_6, _tensor_rnn_h_old_7, _tensor_rnn_h_old_8, _tensor_rnn_h_old_9,
+         _tensor_rnn_h_old_10, _tensor_rnn_h_old_11, _tensor_rnn_h_old_12, _tensor_rnn_h_old_13, _tensor_rnn_h_old_14,
+         _tensor_rnn_h_old_15, _tensor_rnn_h_old_16, _tensor_rnn_h_old_17, _tensor_rnn_h_old_18, _tensor_rnn_h_old_19],
+    )
+    _dense2 = ops.linear(_x1, phi["tensor_to_param.weight"], cols=slice(0, 20), bias=phi["tensor_to_param.bias"])
+    _u12 = -lr * wd + 1.0
+    _param_rnn_bias67 = _global_to_param_out37 + _dense2[0]
+    _param_rnn_bias68 = _global_to_param_out38 + _dense2[1]
+    _param_rnn_bias69 = _global_to_param_out39 + _dense2[2]
+    _param_rnn_bias70 = _global_to_param_out40 + _dense2[3]
+    _param_rnn_bias71 = _global_to_param_out41 + _dense2[4]
+    _param_rnn_bias72 = _global_to_param_out42 + _dense2[5]
+    _param_rnn_bias73 = _global_to_param_out43 + _dense2[6]
+    _param_rnn_bias74 = _global_to_param_out44 + _dense2[7]
+    _param_rnn_bias75 = _global_to_param_out45 + _dense2[8]
+    _param_rnn_bias76 = _global_to_param_out46 + _dense2[9]
+    _param_rnn_bias77 = _global_to_param_out47 + _dense2[10]
+    _param_rnn_bias78 = _global_to_param_out48 + _dense2[11]
+    _param_rnn_bias79 = _global_to_param_out49 + _dense2[12]
+    _param_rnn_bias80 = _global_to_param_out50 + _dense2[13]
+    _param_rnn_bias81 = _global_to_param_out51 + _dense2[14]
+    _param_rnn_bias82 = _global_to_param_out52 + _dense2[15]
+    _param_rnn_bias83 = _global_to_param_out53 + _dense2[16]
+    _param_rnn_bias84 = _global_to_param_out54 + _dense2[17]
+    _param_rnn_bias85 = _global_to_param_out55 + _dense2[18]
+    _param_rnn_bias86 = _global_to_param_out56 + _dense2[19]
+    _param_rnn_bias87 = _global_to_param_out57 + _dense2[20]
+    _param_rnn_bias88 = _global_to_param_out58 + _dense2[21]
+    _param_rnn_bias89 = _global_to_param_out59 + _dense2[22]
+    _param_rnn_bias90 = _global_to_param_out60 + _dense2[23]
+    _param_rnn_bias91 = _global_to_param_out61 + _dense2[24]
+    _param_rnn_bias92 = _global_to_param_out62 + _dense2[25]
+    _param_rnn_bias93 = _global_to_param_out63 + _dense2[26]
+    _param_rnn_bias94 = _global_to_param_out64 + _dense2[27]
+    _param_rnn_bias95 = _global_to_param_out65 + _dense2[28]
+    _param_rnn_bias96 = _global_to_param_out66 + _dense2[29]
+    V["_u1"] = _t_eq
+    V["_u3"] = _t_eq
+    V["_u5"] = _t_eq
+    V["_u7"] = _t_eq
+    V["_tensor_to_param_out7"] = _dense2[0]
+    V["_tensor_to_param_out8"] = _dense2[1]
+    V["_tensor_to_param_out9"] = _dense2[2]
+    V["_tensor_to_param_out10"] = _dense2[3]
+    V["_tensor_to_param_out11"] = _dense2[4]
+    V["_tensor_to_param_out12"] = _dense2[5]
+    V["_tensor_to_param_out13"] = _dense2[6]
+    V["_tensor_to_param_out14"] = _dense2[7]
+    V["_tensor_to_param_out15"] = _dense2[8]
+    V["_tensor_to_param_out16"] = _dense2[9]
+    V["_tensor_to_param_out17"] = _dense2[10]
+    V["_tensor_to_param_out18"] = _dense2[11]
+    V["_tensor_to_param_out19"] = _dense2[12]
+    V["_tensor_to_param_out20"] = _dense2[13]
+    V["_tensor_to_param_out21"] = _dense2[14]
+    V["_tensor_to_param_out22"] = _dense2[15]
+    V["_tensor_to_param_out23"] = _dense2[16]
+    V["_tensor_to_param_out24"] = _dense2[17]
+    V["_tensor_to_param_out25"] = _dense2[18]
+    V["_tensor_to_param_out26"] = _dense2[19]
+    V["_tensor_to_param_out27"] = _dense2[20]
+    V["_tensor_to_param_out28"] = _dense2[21]
+    V["_tensor_to_param_out29"] = _dense2[22]
+    V["_tensor_to_param_out30"] = _dense2[23]
+    V["_tensor_to_param_out31"] = _dense2[24]
+    V["_tensor_to_param_out32"] = _dense2[25]
+    V["_tensor_to_param_out33"] = _dense2[26]
+    V["_tensor_to_param_out34"] = _dense2[27]
+    V["_tensor_to_param_out35"] = _dense2[28]
+    V["_tensor_to_param_out36"] = _dense2[29]
+    V["_u12"] = _u12
     V["_param_rnn_bias67"] = _param_rnn_bias67
     V["_param_rnn_bias68"] = _param_rnn_bias68
     V["_param_rnn_bias69"] = _param_rnn_bias69
@@ -1364,110 +1338,6 @@ def host_0_11(V, phi):
     V["_param_rnn_bias94"] = _param_rnn_bias94
     V["_param_rnn_bias95"] = _param_rnn_bias95
     V["_param_rnn_bias96"] = _param_rnn_bias96
-
-
-def host_0_12(V, phi):
-    """Stage 0, host segment 12: once per step."""
-    _global_rnn_h_old_0 = V["_global_rnn_h_old_0"]
-    _global_rnn_h_old_1 = V["_global_rnn_h_old_1"]
-    _global_rnn_h_old_2 = V["_global_rnn_h_old_2"]
-    _global_rnn_h_old_3 = V["_global_rnn_h_old_3"]
-    _global_rnn_h_old_4 = V["_global_rnn_h_old_4"]
-    _global_rnn_h_old_5 = V["_global_rnn_h_old_5"]
-    _global_rnn_h_old_6 = V["_global_rnn_h_old_6"]
-    _global_rnn_h_old_7 = V["_global_rnn_h_old_7"]
-    _global_rnn_h_old_8 = V["_global_rnn_h_old_8"]
-    _global_rnn_h_old_9 = V["_global_rnn_h_old_9"]
-    _global_rnn_h_old_10 = V["_global_rnn_h_old_10"]
-    _global_rnn_h_old_11 = V["_global_rnn_h_old_11"]
-    _global_rnn_h_old_12 = V["_global_rnn_h_old_12"]
-    _global_rnn_h_old_13 = V["_global_rnn_h_old_13"]
-    _global_rnn_h_old_14 = V["_global_rnn_h_old_14"]
-    _global_rnn_h_old_15 = V["_global_rnn_h_old_15"]
-    _global_rnn_h_old_16 = V["_global_rnn_h_old_16"]
-    _global_rnn_h_old_17 = V["_global_rnn_h_old_17"]
-    _global_rnn_h_old_18 = V["_global_rnn_h_old_18"]
-    _global_rnn_h_old_19 = V["_global_rnn_h_old_19"]
-    _phi_lr_ema_logit = V["_phi_lr_ema_logit"]
-    _x1 = ops.features(
-        [_global_rnn_h_old_0, _global_rnn_h_old_1, _global_rnn_h_old_2, _global_rnn_h_old_3, _global_rnn_h_old_4,
-         _global_rnn_h_old_5, _global_rnn_h_old_6, _global_rnn_h_old_7, _global_rnn_h_old_8, _global_rnn_h_old_9,
-         _global_rnn_h_old_10, _global_rnn_h_old_11, _global_rnn_h_old_12, _global_rnn_h_old_13, _global_rnn_h_old_14,
-         _global_rnn_h_old_15, _global_rnn_h_old_16, _global_rnn_h_old_17, _global_rnn_h_old_18, _global_rnn_h_old_19],
-    )
-    _dense2 = ops.linear(_x1, phi["global_to_tensor.weight"], cols=slice(0, 20), bias=phi["global_to_tensor.bias"])
-    lr_ema = torch.sigmoid(_phi_lr_ema_logit)
-    _u10 = 1.0 - lr_ema
-    V["_global_to_tensor_out155"] = _dense2[0]
-    V["_global_to_tensor_out156"] = _dense2[1]
-    V["_global_to_tensor_out157"] = _dense2[2]
-    V["_global_to_tensor_out158"] = _dense2[3]
-    V["_global_to_tensor_out159"] = _dense2[4]
-    V["_global_to_tensor_out160"] = _dense2[5]
-    V["_global_to_tensor_out161"] = _dense2[6]
-    V["_global_to_tensor_out162"] = _dense2[7]
-    V["_global_to_tensor_out163"] = _dense2[8]
-    V["_global_to_tensor_out164"] = _dense2[9]
-    V["_global_to_tensor_out165"] = _dense2[10]
-    V["_global_to_tensor_out166"] = _dense2[11]
-    V["_global_to_tensor_out167"] = _dense2[12]
-    V["_global_to_tensor_out168"] = _dense2[13]
-    V["_global_to_tensor_out169"] = _dense2[14]
-    V["_global_to_tensor_out170"] = _dense2[15]
-    V["_global_to_tensor_out171"] = _dense2[16]
-    V["_global_to_tensor_out172"] = _dense2[17]
-    V["_global_to_tensor_out173"] = _dense2[18]
-    V["_global_to_tensor_out174"] = _dense2[19]
-    V["_global_to_tensor_out175"] = _dense2[20]
-    V["_global_to_tensor_out176"] = _dense2[21]
-    V["_global_to_tensor_out177"] = _dense2[22]
-    V["_global_to_tensor_out178"] = _dense2[23]
-    V["_global_to_tensor_out179"] = _dense2[24]
-    V["_global_to_tensor_out180"] = _dense2[25]
-    V["_global_to_tensor_out181"] = _dense2[26]
-    V["_global_to_tensor_out182"] = _dense2[27]
-    V["_global_to_tensor_out183"] = _dense2[28]
-    V["_global_to_tensor_out184"] = _dense2[29]
-    V["_global_to_tensor_out185"] = _dense2[30]
-    V["_global_to_tensor_out186"] = _dense2[31]
-    V["_global_to_tensor_out187"] = _dense2[32]
-    V["_global_to_tensor_out188"] = _dense2[33]
-    V["_global_to_tensor_out189"] = _dense2[34]
-    V["_global_to_tensor_out190"] = _dense2[35]
-    V["_global_to_tensor_out191"] = _dense2[36]
-    V["_global_to_tensor_out192"] = _dense2[37]
-    V["_global_to_tensor_out193"] = _dense2[38]
-    V["_global_to_tensor_out194"] = _dense2[39]
-    V["_global_to_tensor_out195"] = _dense2[40]
-    V["_global_to_tensor_out196"] = _dense2[41]
-    V["_global_to_tensor_out197"] = _dense2[42]
-    V["_global_to_tensor_out198"] = _dense2[43]
-    V["_global_to_tensor_out199"] = _dense2[44]
-    V["_global_to_tensor_out200"] = _dense2[45]
-    V["_global_to_tensor_out201"] = _dense2[46]
-    V["_global_to_tensor_out202"] = _dense2[47]
-    V["_global_to_tensor_out203"] = _dense2[48]
-    V["_global_to_tensor_out204"] = _dense2[49]
-    V["_global_to_tensor_out205"] = _dense2[50]
-    V["_global_to_tensor_out206"] = _dense2[51]
-    V["_global_to_tensor_out207"] = _dense2[52]
-    V["_global_to_tensor_out208"] = _dense2[53]
-    V["_global_to_tensor_out209"] = _dense2[54]
-    V["_global_to_tensor_out210"] = _dense2[55]
-    V["_global_to_tensor_out211"] = _dense2[56]
-    V["_global_to_tensor_out212"] = _dense2[57]
-    V["_global_to_tensor_out213"] = _dense2[58]
-    V["_global_to_tensor_out214"] = _dense2[59]
-    V["lr_ema"] = lr_ema
-    V["_u10"] = _u10
-
-
-def host_0_13(V, phi):
-    """Stage 0, host segment 13: once per tensor."""
-    lr = V["lr"]
-    wd = V["wd"]
-    _u12 = -lr * wd + 1.0
-    V["_u12"] = _u12
 
 
 def host_1_12(V, phi):

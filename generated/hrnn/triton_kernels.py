@@ -177,53 +177,142 @@ KERNELS = [{'args': [('state', 'net.h0'),
             'weights': ['gru.0.bias', 'gru.0.weight_hh', 'gru.0.weight_ih', 'head.bias', 'head.weight']}]
 
 HOST_KERNELS = [{'block': 256,
-                 'bool_out': ['_u1'],
-                 'col_out': [],
-                 'fn': 'host_0_1',
-                 'g_in': [],
-                 'name': 'host_0_1_kernel',
-                 'out32': ['_u1'],
-                 'out64': [],
-                 'rc_in': [],
-                 'row_out': [],
-                 's_in': ['t']},
-                {'block': 256,
-                 'bool_out': ['_u3'],
-                 'col_out': [],
-                 'fn': 'host_0_3',
-                 'g_in': [],
-                 'name': 'host_0_3_kernel',
-                 'out32': ['_u3'],
-                 'out64': [],
-                 'rc_in': [],
-                 'row_out': [],
-                 's_in': ['t']},
-                {'block': 256,
-                 'bool_out': ['_u5'],
-                 'col_out': [],
-                 'fn': 'host_0_5',
-                 'g_in': [],
-                 'name': 'host_0_5_kernel',
-                 'out32': ['_u5'],
-                 'out64': [],
-                 'rc_in': [],
-                 'row_out': [],
-                 's_in': ['t']},
-                {'block': 256,
-                 'bool_out': ['_u7'],
-                 'col_out': [],
-                 'fn': 'host_0_7',
-                 'g_in': [],
-                 'name': 'host_0_7_kernel',
-                 'out32': ['_u7'],
-                 'out64': [],
-                 'rc_in': [],
-                 'row_out': [],
-                 's_in': ['t']},
-                {'block': 256,
                  'bool_out': [],
                  'col_out': [],
-                 'fn': 'host_0_11',
+                 'fn': 'host_0_0',
+                 'g_in': ['_phi_ms_decay_logit',
+                          '_global_rnn_h_old_0',
+                          '_global_rnn_h_old_1',
+                          '_global_rnn_h_old_2',
+                          '_global_rnn_h_old_3',
+                          '_global_rnn_h_old_4',
+                          '_global_rnn_h_old_5',
+                          '_global_rnn_h_old_6',
+                          '_global_rnn_h_old_7',
+                          '_global_rnn_h_old_8',
+                          '_global_rnn_h_old_9',
+                          '_global_rnn_h_old_10',
+                          '_global_rnn_h_old_11',
+                          '_global_rnn_h_old_12',
+                          '_global_rnn_h_old_13',
+                          '_global_rnn_h_old_14',
+                          '_global_rnn_h_old_15',
+                          '_global_rnn_h_old_16',
+                          '_global_rnn_h_old_17',
+                          '_global_rnn_h_old_18',
+                          '_global_rnn_h_old_19',
+                          '_phi_lr_ema_logit'],
+                 'name': 'host_0_0_kernel',
+                 'out32': ['ms_decay',
+                           '_u2',
+                           '_u4',
+                           '_u6',
+                           '_u8',
+                           '_global_to_param_out37',
+                           '_global_to_param_out38',
+                           '_global_to_param_out39',
+                           '_global_to_param_out40',
+                           '_global_to_param_out41',
+                           '_global_to_param_out42',
+                           '_global_to_param_out43',
+                           '_global_to_param_out44',
+                           '_global_to_param_out45',
+                           '_global_to_param_out46',
+                           '_global_to_param_out47',
+                           '_global_to_param_out48',
+                           '_global_to_param_out49',
+                           '_global_to_param_out50',
+                           '_global_to_param_out51',
+                           '_global_to_param_out52',
+                           '_global_to_param_out53',
+                           '_global_to_param_out54',
+                           '_global_to_param_out55',
+                           '_global_to_param_out56',
+                           '_global_to_param_out57',
+                           '_global_to_param_out58',
+                           '_global_to_param_out59',
+                           '_global_to_param_out60',
+                           '_global_to_param_out61',
+                           '_global_to_param_out62',
+                           '_global_to_param_out63',
+                           '_global_to_param_out64',
+                           '_global_to_param_out65',
+                           '_global_to_param_out66',
+                           '_global_to_tensor_out155',
+                           '_global_to_tensor_out156',
+                           '_global_to_tensor_out157',
+                           '_global_to_tensor_out158',
+                           '_global_to_tensor_out159',
+                           '_global_to_tensor_out160',
+                           '_global_to_tensor_out161',
+                           '_global_to_tensor_out162',
+                           '_global_to_tensor_out163',
+                           '_global_to_tensor_out164',
+                           '_global_to_tensor_out165',
+                           '_global_to_tensor_out166',
+                           '_global_to_tensor_out167',
+                           '_global_to_tensor_out168',
+                           '_global_to_tensor_out169',
+                           '_global_to_tensor_out170',
+                           '_global_to_tensor_out171',
+                           '_global_to_tensor_out172',
+                           '_global_to_tensor_out173',
+                           '_global_to_tensor_out174',
+                           '_global_to_tensor_out175',
+                           '_global_to_tensor_out176',
+                           '_global_to_tensor_out177',
+                           '_global_to_tensor_out178',
+                           '_global_to_tensor_out179',
+                           '_global_to_tensor_out180',
+                           '_global_to_tensor_out181',
+                           '_global_to_tensor_out182',
+                           '_global_to_tensor_out183',
+                           '_global_to_tensor_out184',
+                           '_global_to_tensor_out185',
+                           '_global_to_tensor_out186',
+                           '_global_to_tensor_out187',
+                           '_global_to_tensor_out188',
+                           '_global_to_tensor_out189',
+                           '_global_to_tensor_out190',
+                           '_global_to_tensor_out191',
+                           '_global_to_tensor_out192',
+                           '_global_to_tensor_out193',
+                           '_global_to_tensor_out194',
+                           '_global_to_tensor_out195',
+                           '_global_to_tensor_out196',
+                           '_global_to_tensor_out197',
+                           '_global_to_tensor_out198',
+                           '_global_to_tensor_out199',
+                           '_global_to_tensor_out200',
+                           '_global_to_tensor_out201',
+                           '_global_to_tensor_out202',
+                           '_global_to_tensor_out203',
+                           '_global_to_tensor_out204',
+                           '_global_to_tensor_out205',
+                           '_global_to_tensor_out206',
+                           '_global_to_tensor_out207',
+                           '_global_to_tensor_out208',
+                           '_global_to_tensor_out209',
+                           '_global_to_tensor_out210',
+                           '_global_to_tensor_out211',
+                           '_global_to_tensor_out212',
+                           '_global_to_tensor_out213',
+                           '_global_to_tensor_out214',
+                           'lr_ema',
+                           '_u10'],
+                 'out64': [],
+                 'per': 'step',
+                 'rc_in': [],
+                 'row_out': [],
+                 's_in': [],
+                 'weights': ['global_to_param.weight',
+                             'global_to_param.bias',
+                             'global_to_tensor.weight',
+                             'global_to_tensor.bias']},
+                {'block': 256,
+                 'bool_out': ['_u1', '_u3', '_u5', '_u7'],
+                 'col_out': [],
+                 'fn': 'host_0_1',
                  'g_in': ['_global_to_param_out37',
                           '_global_to_param_out38',
                           '_global_to_param_out39',
@@ -254,8 +343,12 @@ HOST_KERNELS = [{'block': 256,
                           '_global_to_param_out64',
                           '_global_to_param_out65',
                           '_global_to_param_out66'],
-                 'name': 'host_0_11_kernel',
-                 'out32': ['_param_rnn_bias67',
+                 'name': 'host_0_1_kernel',
+                 'out32': ['_u1',
+                           '_u3',
+                           '_u5',
+                           '_u7',
+                           '_param_rnn_bias67',
                            '_param_rnn_bias68',
                            '_param_rnn_bias69',
                            '_param_rnn_bias70',
@@ -285,50 +378,47 @@ HOST_KERNELS = [{'block': 256,
                            '_param_rnn_bias94',
                            '_param_rnn_bias95',
                            '_param_rnn_bias96'],
-                 'out64': [],
+                 'out64': ['_u12'],
+                 'per': 'tensor',
                  'rc_in': [],
                  'row_out': [],
-                 's_in': ['_tensor_to_param_out7',
-                          '_tensor_to_param_out8',
-                          '_tensor_to_param_out9',
-                          '_tensor_to_param_out10',
-                          '_tensor_to_param_out11',
-                          '_tensor_to_param_out12',
-                          '_tensor_to_param_out13',
-                          '_tensor_to_param_out14',
-                          '_tensor_to_param_out15',
-                          '_tensor_to_param_out16',
-                          '_tensor_to_param_out17',
-                          '_tensor_to_param_out18',
-                          '_tensor_to_param_out19',
-                          '_tensor_to_param_out20',
-                          '_tensor_to_param_out21',
-                          '_tensor_to_param_out22',
-                          '_tensor_to_param_out23',
-                          '_tensor_to_param_out24',
-                          '_tensor_to_param_out25',
-                          '_tensor_to_param_out26',
-                          '_tensor_to_param_out27',
-                          '_tensor_to_param_out28',
-                          '_tensor_to_param_out29',
-                          '_tensor_to_param_out30',
-                          '_tensor_to_param_out31',
-                          '_tensor_to_param_out32',
-                          '_tensor_to_param_out33',
-                          '_tensor_to_param_out34',
-                          '_tensor_to_param_out35',
-                          '_tensor_to_param_out36']},
+                 's_in': ['t',
+                          '_tensor_rnn_h_old_0',
+                          '_tensor_rnn_h_old_1',
+                          '_tensor_rnn_h_old_2',
+                          '_tensor_rnn_h_old_3',
+                          '_tensor_rnn_h_old_4',
+                          '_tensor_rnn_h_old_5',
+                          '_tensor_rnn_h_old_6',
+                          '_tensor_rnn_h_old_7',
+                          '_tensor_rnn_h_old_8',
+                          '_tensor_rnn_h_old_9',
+                          '_tensor_rnn_h_old_10',
+                          '_tensor_rnn_h_old_11',
+                          '_tensor_rnn_h_old_12',
+                          '_tensor_rnn_h_old_13',
+                          '_tensor_rnn_h_old_14',
+                          '_tensor_rnn_h_old_15',
+                          '_tensor_rnn_h_old_16',
+                          '_tensor_rnn_h_old_17',
+                          '_tensor_rnn_h_old_18',
+                          '_tensor_rnn_h_old_19',
+                          'lr',
+                          'wd'],
+                 'weights': ['tensor_to_param.weight', 'tensor_to_param.bias']},
                 {'block': 256,
                  'bool_out': [],
                  'col_out': [],
-                 'fn': 'host_0_13',
-                 'g_in': [],
-                 'name': 'host_0_13_kernel',
-                 'out32': [],
-                 'out64': ['_u12'],
+                 'fn': 'host_1_12',
+                 'g_in': ['_mean_all6'],
+                 'name': 'host_1_12_kernel',
+                 'out32': ['_u9'],
+                 'out64': [],
+                 'per': 'step',
                  'rc_in': [],
                  'row_out': [],
-                 's_in': ['lr', 'wd']},
+                 's_in': [],
+                 'weights': []},
                 {'block': 256,
                  'bool_out': [],
                  'col_out': [],
@@ -337,9 +427,11 @@ HOST_KERNELS = [{'block': 256,
                  'name': 'host_2_35_kernel',
                  'out32': ['_u11', '_u13'],
                  'out64': [],
+                 'per': 'tensor',
                  'rc_in': [],
                  'row_out': [],
-                 's_in': ['_mean_tensor296', '_mean_tensor298']}]
+                 's_in': ['_mean_tensor296', '_mean_tensor298'],
+                 'weights': []}]
 
 
 @triton.jit
@@ -754,6 +846,293 @@ def stage2_kernel(
 
 
 @triton.jit
+def host_0_0_kernel(
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
+    _w0,  # global_to_param.weight
+    _w1,  # global_to_param.bias
+    _w2,  # global_to_tensor.weight
+    _w3,  # global_to_tensor.bias
+    BLOCK: tl.constexpr,
+):
+    _t = tl.program_id(0)
+    _phi_ms_decay_logit = tl.load(_g_in + 0).to(tl.float32)
+    ms_decay = tops.sigmoid(_phi_ms_decay_logit)
+    _u2 = 1.0 - ms_decay
+    _u4 = 1.0 - ms_decay
+    _u6 = 1.0 - ms_decay
+    _u8 = 1.0 - ms_decay
+    _dense_col_2 = tl.arange(0, 32)
+    _dense_row_3 = tl.arange(0, 32)
+    _dense_in_1 = tl.zeros([32], dtype=tl.float32)
+    _global_rnn_h_old_0 = tl.load(_g_in + 1).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 0, _global_rnn_h_old_0, _dense_in_1)
+    _global_rnn_h_old_1 = tl.load(_g_in + 2).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 1, _global_rnn_h_old_1, _dense_in_1)
+    _global_rnn_h_old_2 = tl.load(_g_in + 3).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 2, _global_rnn_h_old_2, _dense_in_1)
+    _global_rnn_h_old_3 = tl.load(_g_in + 4).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 3, _global_rnn_h_old_3, _dense_in_1)
+    _global_rnn_h_old_4 = tl.load(_g_in + 5).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 4, _global_rnn_h_old_4, _dense_in_1)
+    _global_rnn_h_old_5 = tl.load(_g_in + 6).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 5, _global_rnn_h_old_5, _dense_in_1)
+    _global_rnn_h_old_6 = tl.load(_g_in + 7).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 6, _global_rnn_h_old_6, _dense_in_1)
+    _global_rnn_h_old_7 = tl.load(_g_in + 8).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 7, _global_rnn_h_old_7, _dense_in_1)
+    _global_rnn_h_old_8 = tl.load(_g_in + 9).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 8, _global_rnn_h_old_8, _dense_in_1)
+    _global_rnn_h_old_9 = tl.load(_g_in + 10).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 9, _global_rnn_h_old_9, _dense_in_1)
+    _global_rnn_h_old_10 = tl.load(_g_in + 11).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 10, _global_rnn_h_old_10, _dense_in_1)
+    _global_rnn_h_old_11 = tl.load(_g_in + 12).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 11, _global_rnn_h_old_11, _dense_in_1)
+    _global_rnn_h_old_12 = tl.load(_g_in + 13).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 12, _global_rnn_h_old_12, _dense_in_1)
+    _global_rnn_h_old_13 = tl.load(_g_in + 14).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 13, _global_rnn_h_old_13, _dense_in_1)
+    _global_rnn_h_old_14 = tl.load(_g_in + 15).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 14, _global_rnn_h_old_14, _dense_in_1)
+    _global_rnn_h_old_15 = tl.load(_g_in + 16).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 15, _global_rnn_h_old_15, _dense_in_1)
+    _global_rnn_h_old_16 = tl.load(_g_in + 17).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 16, _global_rnn_h_old_16, _dense_in_1)
+    _global_rnn_h_old_17 = tl.load(_g_in + 18).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 17, _global_rnn_h_old_17, _dense_in_1)
+    _global_rnn_h_old_18 = tl.load(_g_in + 19).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 18, _global_rnn_h_old_18, _dense_in_1)
+    _global_rnn_h_old_19 = tl.load(_g_in + 20).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 19, _global_rnn_h_old_19, _dense_in_1)
+    _dense_4 = tl.sum(tl.load(_w0 + (0 + _dense_row_3[:, None]) * 20 + (_dense_col_2)[None, :], mask=(_dense_row_3[:, None] < 30) & (_dense_col_2[None, :] < 20), other=0.0) * _dense_in_1[None, :], axis=1)
+    _dense_4 += tl.load(_w1 + 0 + _dense_row_3, mask=_dense_row_3 < 30, other=0.0)
+    _global_to_param_out37 = tl.sum(tl.where(_dense_row_3 == 0, _dense_4, 0.0), axis=0)
+    _global_to_param_out38 = tl.sum(tl.where(_dense_row_3 == 1, _dense_4, 0.0), axis=0)
+    _global_to_param_out39 = tl.sum(tl.where(_dense_row_3 == 2, _dense_4, 0.0), axis=0)
+    _global_to_param_out40 = tl.sum(tl.where(_dense_row_3 == 3, _dense_4, 0.0), axis=0)
+    _global_to_param_out41 = tl.sum(tl.where(_dense_row_3 == 4, _dense_4, 0.0), axis=0)
+    _global_to_param_out42 = tl.sum(tl.where(_dense_row_3 == 5, _dense_4, 0.0), axis=0)
+    _global_to_param_out43 = tl.sum(tl.where(_dense_row_3 == 6, _dense_4, 0.0), axis=0)
+    _global_to_param_out44 = tl.sum(tl.where(_dense_row_3 == 7, _dense_4, 0.0), axis=0)
+    _global_to_param_out45 = tl.sum(tl.where(_dense_row_3 == 8, _dense_4, 0.0), axis=0)
+    _global_to_param_out46 = tl.sum(tl.where(_dense_row_3 == 9, _dense_4, 0.0), axis=0)
+    _global_to_param_out47 = tl.sum(tl.where(_dense_row_3 == 10, _dense_4, 0.0), axis=0)
+    _global_to_param_out48 = tl.sum(tl.where(_dense_row_3 == 11, _dense_4, 0.0), axis=0)
+    _global_to_param_out49 = tl.sum(tl.where(_dense_row_3 == 12, _dense_4, 0.0), axis=0)
+    _global_to_param_out50 = tl.sum(tl.where(_dense_row_3 == 13, _dense_4, 0.0), axis=0)
+    _global_to_param_out51 = tl.sum(tl.where(_dense_row_3 == 14, _dense_4, 0.0), axis=0)
+    _global_to_param_out52 = tl.sum(tl.where(_dense_row_3 == 15, _dense_4, 0.0), axis=0)
+    _global_to_param_out53 = tl.sum(tl.where(_dense_row_3 == 16, _dense_4, 0.0), axis=0)
+    _global_to_param_out54 = tl.sum(tl.where(_dense_row_3 == 17, _dense_4, 0.0), axis=0)
+    _global_to_param_out55 = tl.sum(tl.where(_dense_row_3 == 18, _dense_4, 0.0), axis=0)
+    _global_to_param_out56 = tl.sum(tl.where(_dense_row_3 == 19, _dense_4, 0.0), axis=0)
+    _global_to_param_out57 = tl.sum(tl.where(_dense_row_3 == 20, _dense_4, 0.0), axis=0)
+    _global_to_param_out58 = tl.sum(tl.where(_dense_row_3 == 21, _dense_4, 0.0), axis=0)
+    _global_to_param_out59 = tl.sum(tl.where(_dense_row_3 == 22, _dense_4, 0.0), axis=0)
+    _global_to_param_out60 = tl.sum(tl.where(_dense_row_3 == 23, _dense_4, 0.0), axis=0)
+    _global_to_param_out61 = tl.sum(tl.where(_dense_row_3 == 24, _dense_4, 0.0), axis=0)
+    _global_to_param_out62 = tl.sum(tl.where(_dense_row_3 == 25, _dense_4, 0.0), axis=0)
+    _global_to_param_out63 = tl.sum(tl.where(_dense_row_3 == 26, _dense_4, 0.0), axis=0)
+    _global_to_param_out64 = tl.sum(tl.where(_dense_row_3 == 27, _dense_4, 0.0), axis=0)
+    _global_to_param_out65 = tl.sum(tl.where(_dense_row_3 == 28, _dense_4, 0.0), axis=0)
+    _global_to_param_out66 = tl.sum(tl.where(_dense_row_3 == 29, _dense_4, 0.0), axis=0)
+    _dense_col_6 = tl.arange(0, 32)
+    _dense_row_7 = tl.arange(0, 64)
+    _dense_in_5 = tl.zeros([32], dtype=tl.float32)
+    _dense_in_5 = tl.where(_dense_col_6 == 0, _global_rnn_h_old_0, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 1, _global_rnn_h_old_1, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 2, _global_rnn_h_old_2, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 3, _global_rnn_h_old_3, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 4, _global_rnn_h_old_4, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 5, _global_rnn_h_old_5, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 6, _global_rnn_h_old_6, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 7, _global_rnn_h_old_7, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 8, _global_rnn_h_old_8, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 9, _global_rnn_h_old_9, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 10, _global_rnn_h_old_10, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 11, _global_rnn_h_old_11, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 12, _global_rnn_h_old_12, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 13, _global_rnn_h_old_13, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 14, _global_rnn_h_old_14, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 15, _global_rnn_h_old_15, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 16, _global_rnn_h_old_16, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 17, _global_rnn_h_old_17, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 18, _global_rnn_h_old_18, _dense_in_5)
+    _dense_in_5 = tl.where(_dense_col_6 == 19, _global_rnn_h_old_19, _dense_in_5)
+    _dense_8 = tl.sum(tl.load(_w2 + (0 + _dense_row_7[:, None]) * 20 + (_dense_col_6)[None, :], mask=(_dense_row_7[:, None] < 60) & (_dense_col_6[None, :] < 20), other=0.0) * _dense_in_5[None, :], axis=1)
+    _dense_8 += tl.load(_w3 + 0 + _dense_row_7, mask=_dense_row_7 < 60, other=0.0)
+    _global_to_tensor_out155 = tl.sum(tl.where(_dense_row_7 == 0, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out156 = tl.sum(tl.where(_dense_row_7 == 1, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out157 = tl.sum(tl.where(_dense_row_7 == 2, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out158 = tl.sum(tl.where(_dense_row_7 == 3, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out159 = tl.sum(tl.where(_dense_row_7 == 4, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out160 = tl.sum(tl.where(_dense_row_7 == 5, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out161 = tl.sum(tl.where(_dense_row_7 == 6, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out162 = tl.sum(tl.where(_dense_row_7 == 7, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out163 = tl.sum(tl.where(_dense_row_7 == 8, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out164 = tl.sum(tl.where(_dense_row_7 == 9, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out165 = tl.sum(tl.where(_dense_row_7 == 10, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out166 = tl.sum(tl.where(_dense_row_7 == 11, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out167 = tl.sum(tl.where(_dense_row_7 == 12, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out168 = tl.sum(tl.where(_dense_row_7 == 13, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out169 = tl.sum(tl.where(_dense_row_7 == 14, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out170 = tl.sum(tl.where(_dense_row_7 == 15, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out171 = tl.sum(tl.where(_dense_row_7 == 16, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out172 = tl.sum(tl.where(_dense_row_7 == 17, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out173 = tl.sum(tl.where(_dense_row_7 == 18, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out174 = tl.sum(tl.where(_dense_row_7 == 19, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out175 = tl.sum(tl.where(_dense_row_7 == 20, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out176 = tl.sum(tl.where(_dense_row_7 == 21, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out177 = tl.sum(tl.where(_dense_row_7 == 22, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out178 = tl.sum(tl.where(_dense_row_7 == 23, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out179 = tl.sum(tl.where(_dense_row_7 == 24, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out180 = tl.sum(tl.where(_dense_row_7 == 25, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out181 = tl.sum(tl.where(_dense_row_7 == 26, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out182 = tl.sum(tl.where(_dense_row_7 == 27, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out183 = tl.sum(tl.where(_dense_row_7 == 28, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out184 = tl.sum(tl.where(_dense_row_7 == 29, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out185 = tl.sum(tl.where(_dense_row_7 == 30, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out186 = tl.sum(tl.where(_dense_row_7 == 31, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out187 = tl.sum(tl.where(_dense_row_7 == 32, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out188 = tl.sum(tl.where(_dense_row_7 == 33, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out189 = tl.sum(tl.where(_dense_row_7 == 34, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out190 = tl.sum(tl.where(_dense_row_7 == 35, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out191 = tl.sum(tl.where(_dense_row_7 == 36, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out192 = tl.sum(tl.where(_dense_row_7 == 37, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out193 = tl.sum(tl.where(_dense_row_7 == 38, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out194 = tl.sum(tl.where(_dense_row_7 == 39, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out195 = tl.sum(tl.where(_dense_row_7 == 40, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out196 = tl.sum(tl.where(_dense_row_7 == 41, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out197 = tl.sum(tl.where(_dense_row_7 == 42, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out198 = tl.sum(tl.where(_dense_row_7 == 43, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out199 = tl.sum(tl.where(_dense_row_7 == 44, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out200 = tl.sum(tl.where(_dense_row_7 == 45, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out201 = tl.sum(tl.where(_dense_row_7 == 46, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out202 = tl.sum(tl.where(_dense_row_7 == 47, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out203 = tl.sum(tl.where(_dense_row_7 == 48, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out204 = tl.sum(tl.where(_dense_row_7 == 49, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out205 = tl.sum(tl.where(_dense_row_7 == 50, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out206 = tl.sum(tl.where(_dense_row_7 == 51, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out207 = tl.sum(tl.where(_dense_row_7 == 52, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out208 = tl.sum(tl.where(_dense_row_7 == 53, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out209 = tl.sum(tl.where(_dense_row_7 == 54, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out210 = tl.sum(tl.where(_dense_row_7 == 55, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out211 = tl.sum(tl.where(_dense_row_7 == 56, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out212 = tl.sum(tl.where(_dense_row_7 == 57, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out213 = tl.sum(tl.where(_dense_row_7 == 58, _dense_8, 0.0), axis=0)
+    _global_to_tensor_out214 = tl.sum(tl.where(_dense_row_7 == 59, _dense_8, 0.0), axis=0)
+    _phi_lr_ema_logit = tl.load(_g_in + 21).to(tl.float32)
+    lr_ema = tops.sigmoid(_phi_lr_ema_logit)
+    _u10 = 1.0 - lr_ema
+    tl.store(_s_out32 + _t * 97 + 0, ms_decay.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 1, _u2.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 2, _u4.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 3, _u6.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 4, _u8.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 5, _global_to_param_out37.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 6, _global_to_param_out38.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 7, _global_to_param_out39.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 8, _global_to_param_out40.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 9, _global_to_param_out41.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 10, _global_to_param_out42.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 11, _global_to_param_out43.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 12, _global_to_param_out44.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 13, _global_to_param_out45.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 14, _global_to_param_out46.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 15, _global_to_param_out47.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 16, _global_to_param_out48.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 17, _global_to_param_out49.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 18, _global_to_param_out50.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 19, _global_to_param_out51.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 20, _global_to_param_out52.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 21, _global_to_param_out53.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 22, _global_to_param_out54.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 23, _global_to_param_out55.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 24, _global_to_param_out56.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 25, _global_to_param_out57.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 26, _global_to_param_out58.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 27, _global_to_param_out59.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 28, _global_to_param_out60.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 29, _global_to_param_out61.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 30, _global_to_param_out62.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 31, _global_to_param_out63.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 32, _global_to_param_out64.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 33, _global_to_param_out65.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 34, _global_to_param_out66.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 35, _global_to_tensor_out155.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 36, _global_to_tensor_out156.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 37, _global_to_tensor_out157.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 38, _global_to_tensor_out158.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 39, _global_to_tensor_out159.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 40, _global_to_tensor_out160.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 41, _global_to_tensor_out161.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 42, _global_to_tensor_out162.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 43, _global_to_tensor_out163.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 44, _global_to_tensor_out164.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 45, _global_to_tensor_out165.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 46, _global_to_tensor_out166.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 47, _global_to_tensor_out167.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 48, _global_to_tensor_out168.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 49, _global_to_tensor_out169.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 50, _global_to_tensor_out170.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 51, _global_to_tensor_out171.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 52, _global_to_tensor_out172.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 53, _global_to_tensor_out173.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 54, _global_to_tensor_out174.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 55, _global_to_tensor_out175.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 56, _global_to_tensor_out176.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 57, _global_to_tensor_out177.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 58, _global_to_tensor_out178.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 59, _global_to_tensor_out179.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 60, _global_to_tensor_out180.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 61, _global_to_tensor_out181.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 62, _global_to_tensor_out182.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 63, _global_to_tensor_out183.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 64, _global_to_tensor_out184.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 65, _global_to_tensor_out185.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 66, _global_to_tensor_out186.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 67, _global_to_tensor_out187.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 68, _global_to_tensor_out188.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 69, _global_to_tensor_out189.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 70, _global_to_tensor_out190.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 71, _global_to_tensor_out191.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 72, _global_to_tensor_out192.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 73, _global_to_tensor_out193.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 74, _global_to_tensor_out194.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 75, _global_to_tensor_out195.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 76, _global_to_tensor_out196.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 77, _global_to_tensor_out197.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 78, _global_to_tensor_out198.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 79, _global_to_tensor_out199.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 80, _global_to_tensor_out200.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 81, _global_to_tensor_out201.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 82, _global_to_tensor_out202.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 83, _global_to_tensor_out203.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 84, _global_to_tensor_out204.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 85, _global_to_tensor_out205.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 86, _global_to_tensor_out206.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 87, _global_to_tensor_out207.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 88, _global_to_tensor_out208.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 89, _global_to_tensor_out209.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 90, _global_to_tensor_out210.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 91, _global_to_tensor_out211.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 92, _global_to_tensor_out212.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 93, _global_to_tensor_out213.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 94, _global_to_tensor_out214.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 95, lr_ema.to(tl.float32))
+    tl.store(_s_out32 + _t * 97 + 96, _u10.to(tl.float32))
+
+
+@triton.jit
 def host_0_1_kernel(
     _s_in,
     _g_in,
@@ -765,218 +1144,194 @@ def host_0_1_kernel(
     _col_out,
     _row_total,
     _col_total,
+    _w0,  # tensor_to_param.weight
+    _w1,  # tensor_to_param.bias
     BLOCK: tl.constexpr,
 ):
     _t = tl.program_id(0)
-    _s_row = _s_in + _t * 1
+    _s_row = _s_in + _t * 23
     t = tl.load(_s_row + 0)
     _u1 = tl.where(t == 0.0, 1.0, 0.0)
-    tl.store(_s_out32 + _t * 1 + 0, _u1.to(tl.float32))
-
-
-@triton.jit
-def host_0_3_kernel(
-    _s_in,
-    _g_in,
-    _rc_in,
-    _sizes,
-    _s_out64,
-    _s_out32,
-    _row_out,
-    _col_out,
-    _row_total,
-    _col_total,
-    BLOCK: tl.constexpr,
-):
-    _t = tl.program_id(0)
-    _s_row = _s_in + _t * 1
-    t = tl.load(_s_row + 0)
     _u3 = tl.where(t == 0.0, 1.0, 0.0)
-    tl.store(_s_out32 + _t * 1 + 0, _u3.to(tl.float32))
-
-
-@triton.jit
-def host_0_5_kernel(
-    _s_in,
-    _g_in,
-    _rc_in,
-    _sizes,
-    _s_out64,
-    _s_out32,
-    _row_out,
-    _col_out,
-    _row_total,
-    _col_total,
-    BLOCK: tl.constexpr,
-):
-    _t = tl.program_id(0)
-    _s_row = _s_in + _t * 1
-    t = tl.load(_s_row + 0)
     _u5 = tl.where(t == 0.0, 1.0, 0.0)
-    tl.store(_s_out32 + _t * 1 + 0, _u5.to(tl.float32))
-
-
-@triton.jit
-def host_0_7_kernel(
-    _s_in,
-    _g_in,
-    _rc_in,
-    _sizes,
-    _s_out64,
-    _s_out32,
-    _row_out,
-    _col_out,
-    _row_total,
-    _col_total,
-    BLOCK: tl.constexpr,
-):
-    _t = tl.program_id(0)
-    _s_row = _s_in + _t * 1
-    t = tl.load(_s_row + 0)
     _u7 = tl.where(t == 0.0, 1.0, 0.0)
-    tl.store(_s_out32 + _t * 1 + 0, _u7.to(tl.float32))
-
-
-@triton.jit
-def host_0_11_kernel(
-    _s_in,
-    _g_in,
-    _rc_in,
-    _sizes,
-    _s_out64,
-    _s_out32,
-    _row_out,
-    _col_out,
-    _row_total,
-    _col_total,
-    BLOCK: tl.constexpr,
-):
-    _t = tl.program_id(0)
-    _s_row = _s_in + _t * 30
+    _dense_col_2 = tl.arange(0, 32)
+    _dense_row_3 = tl.arange(0, 32)
+    _dense_in_1 = tl.zeros([32], dtype=tl.float32)
+    _tensor_rnn_h_old_0 = tl.load(_s_row + 1).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 0, _tensor_rnn_h_old_0, _dense_in_1)
+    _tensor_rnn_h_old_1 = tl.load(_s_row + 2).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 1, _tensor_rnn_h_old_1, _dense_in_1)
+    _tensor_rnn_h_old_2 = tl.load(_s_row + 3).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 2, _tensor_rnn_h_old_2, _dense_in_1)
+    _tensor_rnn_h_old_3 = tl.load(_s_row + 4).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 3, _tensor_rnn_h_old_3, _dense_in_1)
+    _tensor_rnn_h_old_4 = tl.load(_s_row + 5).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 4, _tensor_rnn_h_old_4, _dense_in_1)
+    _tensor_rnn_h_old_5 = tl.load(_s_row + 6).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 5, _tensor_rnn_h_old_5, _dense_in_1)
+    _tensor_rnn_h_old_6 = tl.load(_s_row + 7).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 6, _tensor_rnn_h_old_6, _dense_in_1)
+    _tensor_rnn_h_old_7 = tl.load(_s_row + 8).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 7, _tensor_rnn_h_old_7, _dense_in_1)
+    _tensor_rnn_h_old_8 = tl.load(_s_row + 9).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 8, _tensor_rnn_h_old_8, _dense_in_1)
+    _tensor_rnn_h_old_9 = tl.load(_s_row + 10).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 9, _tensor_rnn_h_old_9, _dense_in_1)
+    _tensor_rnn_h_old_10 = tl.load(_s_row + 11).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 10, _tensor_rnn_h_old_10, _dense_in_1)
+    _tensor_rnn_h_old_11 = tl.load(_s_row + 12).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 11, _tensor_rnn_h_old_11, _dense_in_1)
+    _tensor_rnn_h_old_12 = tl.load(_s_row + 13).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 12, _tensor_rnn_h_old_12, _dense_in_1)
+    _tensor_rnn_h_old_13 = tl.load(_s_row + 14).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 13, _tensor_rnn_h_old_13, _dense_in_1)
+    _tensor_rnn_h_old_14 = tl.load(_s_row + 15).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 14, _tensor_rnn_h_old_14, _dense_in_1)
+    _tensor_rnn_h_old_15 = tl.load(_s_row + 16).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 15, _tensor_rnn_h_old_15, _dense_in_1)
+    _tensor_rnn_h_old_16 = tl.load(_s_row + 17).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 16, _tensor_rnn_h_old_16, _dense_in_1)
+    _tensor_rnn_h_old_17 = tl.load(_s_row + 18).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 17, _tensor_rnn_h_old_17, _dense_in_1)
+    _tensor_rnn_h_old_18 = tl.load(_s_row + 19).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 18, _tensor_rnn_h_old_18, _dense_in_1)
+    _tensor_rnn_h_old_19 = tl.load(_s_row + 20).to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 19, _tensor_rnn_h_old_19, _dense_in_1)
+    _dense_4 = tl.sum(tl.load(_w0 + (0 + _dense_row_3[:, None]) * 20 + (_dense_col_2)[None, :], mask=(_dense_row_3[:, None] < 30) & (_dense_col_2[None, :] < 20), other=0.0) * _dense_in_1[None, :], axis=1)
+    _dense_4 += tl.load(_w1 + 0 + _dense_row_3, mask=_dense_row_3 < 30, other=0.0)
+    _tensor_to_param_out7 = tl.sum(tl.where(_dense_row_3 == 0, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out8 = tl.sum(tl.where(_dense_row_3 == 1, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out9 = tl.sum(tl.where(_dense_row_3 == 2, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out10 = tl.sum(tl.where(_dense_row_3 == 3, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out11 = tl.sum(tl.where(_dense_row_3 == 4, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out12 = tl.sum(tl.where(_dense_row_3 == 5, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out13 = tl.sum(tl.where(_dense_row_3 == 6, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out14 = tl.sum(tl.where(_dense_row_3 == 7, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out15 = tl.sum(tl.where(_dense_row_3 == 8, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out16 = tl.sum(tl.where(_dense_row_3 == 9, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out17 = tl.sum(tl.where(_dense_row_3 == 10, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out18 = tl.sum(tl.where(_dense_row_3 == 11, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out19 = tl.sum(tl.where(_dense_row_3 == 12, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out20 = tl.sum(tl.where(_dense_row_3 == 13, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out21 = tl.sum(tl.where(_dense_row_3 == 14, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out22 = tl.sum(tl.where(_dense_row_3 == 15, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out23 = tl.sum(tl.where(_dense_row_3 == 16, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out24 = tl.sum(tl.where(_dense_row_3 == 17, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out25 = tl.sum(tl.where(_dense_row_3 == 18, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out26 = tl.sum(tl.where(_dense_row_3 == 19, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out27 = tl.sum(tl.where(_dense_row_3 == 20, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out28 = tl.sum(tl.where(_dense_row_3 == 21, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out29 = tl.sum(tl.where(_dense_row_3 == 22, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out30 = tl.sum(tl.where(_dense_row_3 == 23, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out31 = tl.sum(tl.where(_dense_row_3 == 24, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out32 = tl.sum(tl.where(_dense_row_3 == 25, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out33 = tl.sum(tl.where(_dense_row_3 == 26, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out34 = tl.sum(tl.where(_dense_row_3 == 27, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out35 = tl.sum(tl.where(_dense_row_3 == 28, _dense_4, 0.0), axis=0)
+    _tensor_to_param_out36 = tl.sum(tl.where(_dense_row_3 == 29, _dense_4, 0.0), axis=0)
+    lr = tl.load(_s_row + 21)
+    wd = tl.load(_s_row + 22)
+    _u12 = -lr * wd + 1.0
     _global_to_param_out37 = tl.load(_g_in + 0).to(tl.float32)
-    _tensor_to_param_out7 = tl.load(_s_row + 0).to(tl.float32)
     _param_rnn_bias67 = _global_to_param_out37 + _tensor_to_param_out7
     _global_to_param_out38 = tl.load(_g_in + 1).to(tl.float32)
-    _tensor_to_param_out8 = tl.load(_s_row + 1).to(tl.float32)
     _param_rnn_bias68 = _global_to_param_out38 + _tensor_to_param_out8
     _global_to_param_out39 = tl.load(_g_in + 2).to(tl.float32)
-    _tensor_to_param_out9 = tl.load(_s_row + 2).to(tl.float32)
     _param_rnn_bias69 = _global_to_param_out39 + _tensor_to_param_out9
     _global_to_param_out40 = tl.load(_g_in + 3).to(tl.float32)
-    _tensor_to_param_out10 = tl.load(_s_row + 3).to(tl.float32)
     _param_rnn_bias70 = _global_to_param_out40 + _tensor_to_param_out10
     _global_to_param_out41 = tl.load(_g_in + 4).to(tl.float32)
-    _tensor_to_param_out11 = tl.load(_s_row + 4).to(tl.float32)
     _param_rnn_bias71 = _global_to_param_out41 + _tensor_to_param_out11
     _global_to_param_out42 = tl.load(_g_in + 5).to(tl.float32)
-    _tensor_to_param_out12 = tl.load(_s_row + 5).to(tl.float32)
     _param_rnn_bias72 = _global_to_param_out42 + _tensor_to_param_out12
     _global_to_param_out43 = tl.load(_g_in + 6).to(tl.float32)
-    _tensor_to_param_out13 = tl.load(_s_row + 6).to(tl.float32)
     _param_rnn_bias73 = _global_to_param_out43 + _tensor_to_param_out13
     _global_to_param_out44 = tl.load(_g_in + 7).to(tl.float32)
-    _tensor_to_param_out14 = tl.load(_s_row + 7).to(tl.float32)
     _param_rnn_bias74 = _global_to_param_out44 + _tensor_to_param_out14
     _global_to_param_out45 = tl.load(_g_in + 8).to(tl.float32)
-    _tensor_to_param_out15 = tl.load(_s_row + 8).to(tl.float32)
     _param_rnn_bias75 = _global_to_param_out45 + _tensor_to_param_out15
     _global_to_param_out46 = tl.load(_g_in + 9).to(tl.float32)
-    _tensor_to_param_out16 = tl.load(_s_row + 9).to(tl.float32)
     _param_rnn_bias76 = _global_to_param_out46 + _tensor_to_param_out16
     _global_to_param_out47 = tl.load(_g_in + 10).to(tl.float32)
-    _tensor_to_param_out17 = tl.load(_s_row + 10).to(tl.float32)
     _param_rnn_bias77 = _global_to_param_out47 + _tensor_to_param_out17
     _global_to_param_out48 = tl.load(_g_in + 11).to(tl.float32)
-    _tensor_to_param_out18 = tl.load(_s_row + 11).to(tl.float32)
     _param_rnn_bias78 = _global_to_param_out48 + _tensor_to_param_out18
     _global_to_param_out49 = tl.load(_g_in + 12).to(tl.float32)
-    _tensor_to_param_out19 = tl.load(_s_row + 12).to(tl.float32)
     _param_rnn_bias79 = _global_to_param_out49 + _tensor_to_param_out19
     _global_to_param_out50 = tl.load(_g_in + 13).to(tl.float32)
-    _tensor_to_param_out20 = tl.load(_s_row + 13).to(tl.float32)
     _param_rnn_bias80 = _global_to_param_out50 + _tensor_to_param_out20
     _global_to_param_out51 = tl.load(_g_in + 14).to(tl.float32)
-    _tensor_to_param_out21 = tl.load(_s_row + 14).to(tl.float32)
     _param_rnn_bias81 = _global_to_param_out51 + _tensor_to_param_out21
     _global_to_param_out52 = tl.load(_g_in + 15).to(tl.float32)
-    _tensor_to_param_out22 = tl.load(_s_row + 15).to(tl.float32)
     _param_rnn_bias82 = _global_to_param_out52 + _tensor_to_param_out22
     _global_to_param_out53 = tl.load(_g_in + 16).to(tl.float32)
-    _tensor_to_param_out23 = tl.load(_s_row + 16).to(tl.float32)
     _param_rnn_bias83 = _global_to_param_out53 + _tensor_to_param_out23
     _global_to_param_out54 = tl.load(_g_in + 17).to(tl.float32)
-    _tensor_to_param_out24 = tl.load(_s_row + 17).to(tl.float32)
     _param_rnn_bias84 = _global_to_param_out54 + _tensor_to_param_out24
     _global_to_param_out55 = tl.load(_g_in + 18).to(tl.float32)
-    _tensor_to_param_out25 = tl.load(_s_row + 18).to(tl.float32)
     _param_rnn_bias85 = _global_to_param_out55 + _tensor_to_param_out25
     _global_to_param_out56 = tl.load(_g_in + 19).to(tl.float32)
-    _tensor_to_param_out26 = tl.load(_s_row + 19).to(tl.float32)
     _param_rnn_bias86 = _global_to_param_out56 + _tensor_to_param_out26
     _global_to_param_out57 = tl.load(_g_in + 20).to(tl.float32)
-    _tensor_to_param_out27 = tl.load(_s_row + 20).to(tl.float32)
     _param_rnn_bias87 = _global_to_param_out57 + _tensor_to_param_out27
     _global_to_param_out58 = tl.load(_g_in + 21).to(tl.float32)
-    _tensor_to_param_out28 = tl.load(_s_row + 21).to(tl.float32)
     _param_rnn_bias88 = _global_to_param_out58 + _tensor_to_param_out28
     _global_to_param_out59 = tl.load(_g_in + 22).to(tl.float32)
-    _tensor_to_param_out29 = tl.load(_s_row + 22).to(tl.float32)
     _param_rnn_bias89 = _global_to_param_out59 + _tensor_to_param_out29
     _global_to_param_out60 = tl.load(_g_in + 23).to(tl.float32)
-    _tensor_to_param_out30 = tl.load(_s_row + 23).to(tl.float32)
     _param_rnn_bias90 = _global_to_param_out60 + _tensor_to_param_out30
     _global_to_param_out61 = tl.load(_g_in + 24).to(tl.float32)
-    _tensor_to_param_out31 = tl.load(_s_row + 24).to(tl.float32)
     _param_rnn_bias91 = _global_to_param_out61 + _tensor_to_param_out31
     _global_to_param_out62 = tl.load(_g_in + 25).to(tl.float32)
-    _tensor_to_param_out32 = tl.load(_s_row + 25).to(tl.float32)
     _param_rnn_bias92 = _global_to_param_out62 + _tensor_to_param_out32
     _global_to_param_out63 = tl.load(_g_in + 26).to(tl.float32)
-    _tensor_to_param_out33 = tl.load(_s_row + 26).to(tl.float32)
     _param_rnn_bias93 = _global_to_param_out63 + _tensor_to_param_out33
     _global_to_param_out64 = tl.load(_g_in + 27).to(tl.float32)
-    _tensor_to_param_out34 = tl.load(_s_row + 27).to(tl.float32)
     _param_rnn_bias94 = _global_to_param_out64 + _tensor_to_param_out34
     _global_to_param_out65 = tl.load(_g_in + 28).to(tl.float32)
-    _tensor_to_param_out35 = tl.load(_s_row + 28).to(tl.float32)
     _param_rnn_bias95 = _global_to_param_out65 + _tensor_to_param_out35
     _global_to_param_out66 = tl.load(_g_in + 29).to(tl.float32)
-    _tensor_to_param_out36 = tl.load(_s_row + 29).to(tl.float32)
     _param_rnn_bias96 = _global_to_param_out66 + _tensor_to_param_out36
-    tl.store(_s_out32 + _t * 30 + 0, _param_rnn_bias67.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 1, _param_rnn_bias68.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 2, _param_rnn_bias69.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 3, _param_rnn_bias70.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 4, _param_rnn_bias71.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 5, _param_rnn_bias72.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 6, _param_rnn_bias73.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 7, _param_rnn_bias74.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 8, _param_rnn_bias75.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 9, _param_rnn_bias76.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 10, _param_rnn_bias77.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 11, _param_rnn_bias78.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 12, _param_rnn_bias79.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 13, _param_rnn_bias80.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 14, _param_rnn_bias81.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 15, _param_rnn_bias82.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 16, _param_rnn_bias83.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 17, _param_rnn_bias84.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 18, _param_rnn_bias85.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 19, _param_rnn_bias86.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 20, _param_rnn_bias87.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 21, _param_rnn_bias88.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 22, _param_rnn_bias89.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 23, _param_rnn_bias90.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 24, _param_rnn_bias91.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 25, _param_rnn_bias92.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 26, _param_rnn_bias93.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 27, _param_rnn_bias94.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 28, _param_rnn_bias95.to(tl.float32))
-    tl.store(_s_out32 + _t * 30 + 29, _param_rnn_bias96.to(tl.float32))
+    tl.store(_s_out64 + _t * 1 + 0, _u12)
+    tl.store(_s_out32 + _t * 34 + 0, _u1.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 1, _u3.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 2, _u5.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 3, _u7.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 4, _param_rnn_bias67.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 5, _param_rnn_bias68.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 6, _param_rnn_bias69.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 7, _param_rnn_bias70.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 8, _param_rnn_bias71.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 9, _param_rnn_bias72.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 10, _param_rnn_bias73.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 11, _param_rnn_bias74.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 12, _param_rnn_bias75.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 13, _param_rnn_bias76.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 14, _param_rnn_bias77.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 15, _param_rnn_bias78.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 16, _param_rnn_bias79.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 17, _param_rnn_bias80.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 18, _param_rnn_bias81.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 19, _param_rnn_bias82.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 20, _param_rnn_bias83.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 21, _param_rnn_bias84.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 22, _param_rnn_bias85.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 23, _param_rnn_bias86.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 24, _param_rnn_bias87.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 25, _param_rnn_bias88.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 26, _param_rnn_bias89.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 27, _param_rnn_bias90.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 28, _param_rnn_bias91.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 29, _param_rnn_bias92.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 30, _param_rnn_bias93.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 31, _param_rnn_bias94.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 32, _param_rnn_bias95.to(tl.float32))
+    tl.store(_s_out32 + _t * 34 + 33, _param_rnn_bias96.to(tl.float32))
 
 
 @triton.jit
-def host_0_13_kernel(
+def host_1_12_kernel(
     _s_in,
     _g_in,
     _rc_in,
@@ -990,11 +1345,9 @@ def host_0_13_kernel(
     BLOCK: tl.constexpr,
 ):
     _t = tl.program_id(0)
-    _s_row = _s_in + _t * 2
-    lr = tl.load(_s_row + 0)
-    wd = tl.load(_s_row + 1)
-    _u12 = -lr * wd + 1.0
-    tl.store(_s_out64 + _t * 1 + 0, _u12)
+    _mean_all6 = tl.load(_g_in + 0).to(tl.float32)
+    _u9 = -_mean_all6
+    tl.store(_s_out32 + _t * 1 + 0, _u9.to(tl.float32))
 
 
 @triton.jit

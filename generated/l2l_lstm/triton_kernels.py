@@ -50,9 +50,11 @@ HOST_KERNELS = [{'block': 256,
                  'name': 'host_0_0_kernel',
                  'out32': [],
                  'out64': ['_u1'],
+                 'per': 'tensor',
                  'rc_in': [],
                  'row_out': [],
-                 's_in': ['lr', 'wd']}]
+                 's_in': ['lr', 'wd'],
+                 'weights': []}]
 
 
 @triton.jit

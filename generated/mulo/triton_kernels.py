@@ -150,6 +150,50 @@ KERNELS = [{'args': [('input', 'g'),
 
 HOST_KERNELS = [{'block': 256,
                  'bool_out': [],
+                 'col_out': [],
+                 'fn': 'host_0_0',
+                 'g_in': [],
+                 'name': 'host_0_0_kernel',
+                 'out32': ['_mlp_0_out67_bias',
+                           '_mlp_0_out68_bias',
+                           '_mlp_0_out69_bias',
+                           '_mlp_0_out70_bias',
+                           '_mlp_0_out71_bias',
+                           '_mlp_0_out72_bias',
+                           '_mlp_0_out73_bias',
+                           '_mlp_0_out74_bias',
+                           '_mlp_0_out75_bias',
+                           '_mlp_0_out76_bias',
+                           '_mlp_0_out77_bias',
+                           '_mlp_0_out78_bias',
+                           '_mlp_0_out79_bias',
+                           '_mlp_0_out80_bias',
+                           '_mlp_0_out81_bias',
+                           '_mlp_0_out82_bias',
+                           '_mlp_0_out83_bias',
+                           '_mlp_0_out84_bias',
+                           '_mlp_0_out85_bias',
+                           '_mlp_0_out86_bias',
+                           '_mlp_0_out87_bias',
+                           '_mlp_0_out88_bias',
+                           '_mlp_0_out89_bias',
+                           '_mlp_0_out90_bias',
+                           '_mlp_0_out91_bias',
+                           '_mlp_0_out92_bias',
+                           '_mlp_0_out93_bias',
+                           '_mlp_0_out94_bias',
+                           '_mlp_0_out95_bias',
+                           '_mlp_0_out96_bias',
+                           '_mlp_0_out97_bias',
+                           '_mlp_0_out98_bias'],
+                 'out64': ['_u44'],
+                 'per': 'tensor',
+                 'rc_in': [],
+                 'row_out': [],
+                 's_in': ['t', 'lr', 'wd'],
+                 'weights': ['mlp.0.weight', 'mlp.0.bias']},
+                {'block': 256,
+                 'bool_out': [],
                  'col_out': ['af_col_0',
                              'af_col_1',
                              'af_col_2',
@@ -159,20 +203,21 @@ HOST_KERNELS = [{'block': 256,
                              '_u14',
                              '_u16',
                              '_u18',
+                             '_u35',
+                             '_u37',
+                             '_u39',
                              'f_col_0',
                              'f_col_1',
                              'f_col_2',
                              'f_col_rsqrt_0',
                              'f_col_rsqrt_1',
-                             'f_col_rsqrt_2',
-                             '_u35',
-                             '_u37',
-                             '_u39'],
+                             'f_col_rsqrt_2'],
                  'fn': 'host_1_12',
                  'g_in': [],
                  'name': 'host_1_12_kernel',
                  'out32': ['_u1', '_u2', '_u3', '_u4', '_u5', '_u6', '_u7', '_u8', '_u9', '_u10'],
                  'out64': [],
+                 'per': 'tensor',
                  'rc_in': [['row', '_af_row_old_0'],
                            ['row', '_mean_row22'],
                            ['row', '_af_row_old_1'],
@@ -208,7 +253,8 @@ HOST_KERNELS = [{'block': 256,
                           '_mean_tensor14',
                           '_mean_tensor16',
                           '_mean_tensor18',
-                          '_mean_tensor20']},
+                          '_mean_tensor20'],
+                 'weights': []},
                 {'block': 256,
                  'bool_out': [],
                  'col_out': [],
@@ -217,6 +263,7 @@ HOST_KERNELS = [{'block': 256,
                  'name': 'host_2_6_kernel',
                  'out32': ['_u20', '_u21', '_u22', '_u41', '_u42', '_u43'],
                  'out64': [],
+                 'per': 'tensor',
                  'rc_in': [],
                  'row_out': [],
                  's_in': ['_mean_tensor32',
@@ -224,7 +271,8 @@ HOST_KERNELS = [{'block': 256,
                           '_mean_tensor36',
                           '_mean_tensor62',
                           '_mean_tensor64',
-                          '_mean_tensor66']}]
+                          '_mean_tensor66'],
+                 'weights': []}]
 
 
 @triton.jit
@@ -537,6 +585,133 @@ def stage2_kernel(
 
 
 @triton.jit
+def host_0_0_kernel(
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
+    _w0,  # mlp.0.weight
+    _w1,  # mlp.0.bias
+    BLOCK: tl.constexpr,
+):
+    _t = tl.program_id(0)
+    _s_row = _s_in + _t * 3
+    t = tl.load(_s_row + 0)
+    f_time_0 = tops.tanh(t - 1.0)
+    f_time_1 = tops.tanh(0.3333333333333333 * t - 1.0)
+    f_time_2 = tops.tanh(0.1 * t - 1.0)
+    f_time_3 = tops.tanh(0.03333333333333333 * t - 1.0)
+    f_time_4 = tops.tanh(0.01 * t - 1.0)
+    f_time_5 = tops.tanh(0.0033333333333333335 * t - 1.0)
+    f_time_6 = tops.tanh(0.001 * t - 1.0)
+    f_time_7 = tops.tanh(0.0003333333333333333 * t - 1.0)
+    f_time_8 = tops.tanh(0.0001 * t - 1.0)
+    f_time_9 = tops.tanh(3.3333333333333335e-05 * t - 1.0)
+    f_time_10 = tops.tanh(1e-05 * t - 1.0)
+    lr = tl.load(_s_row + 1)
+    wd = tl.load(_s_row + 2)
+    _u44 = -lr * wd + 1.0
+    _dense_col_2 = tl.arange(0, 16)
+    _dense_row_3 = tl.arange(0, 32)
+    _dense_in_1 = tl.zeros([16], dtype=tl.float32)
+    _f_time_0_f32_5 = f_time_0.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 0, _f_time_0_f32_5, _dense_in_1)
+    _f_time_1_f32_6 = f_time_1.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 1, _f_time_1_f32_6, _dense_in_1)
+    _f_time_2_f32_7 = f_time_2.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 2, _f_time_2_f32_7, _dense_in_1)
+    _f_time_3_f32_8 = f_time_3.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 3, _f_time_3_f32_8, _dense_in_1)
+    _f_time_4_f32_9 = f_time_4.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 4, _f_time_4_f32_9, _dense_in_1)
+    _f_time_5_f32_10 = f_time_5.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 5, _f_time_5_f32_10, _dense_in_1)
+    _f_time_6_f32_11 = f_time_6.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 6, _f_time_6_f32_11, _dense_in_1)
+    _f_time_7_f32_12 = f_time_7.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 7, _f_time_7_f32_12, _dense_in_1)
+    _f_time_8_f32_13 = f_time_8.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 8, _f_time_8_f32_13, _dense_in_1)
+    _f_time_9_f32_14 = f_time_9.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 9, _f_time_9_f32_14, _dense_in_1)
+    _f_time_10_f32_15 = f_time_10.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 10, _f_time_10_f32_15, _dense_in_1)
+    _dense_4 = tl.sum(tl.load(_w0 + (0 + _dense_row_3[:, None]) * 39 + (28 + _dense_col_2)[None, :], mask=(_dense_row_3[:, None] < 32) & (_dense_col_2[None, :] < 11), other=0.0) * _dense_in_1[None, :], axis=1)
+    _dense_4 += tl.load(_w1 + 0 + _dense_row_3, mask=_dense_row_3 < 32, other=0.0)
+    _mlp_0_out67_bias = tl.sum(tl.where(_dense_row_3 == 0, _dense_4, 0.0), axis=0)
+    _mlp_0_out68_bias = tl.sum(tl.where(_dense_row_3 == 1, _dense_4, 0.0), axis=0)
+    _mlp_0_out69_bias = tl.sum(tl.where(_dense_row_3 == 2, _dense_4, 0.0), axis=0)
+    _mlp_0_out70_bias = tl.sum(tl.where(_dense_row_3 == 3, _dense_4, 0.0), axis=0)
+    _mlp_0_out71_bias = tl.sum(tl.where(_dense_row_3 == 4, _dense_4, 0.0), axis=0)
+    _mlp_0_out72_bias = tl.sum(tl.where(_dense_row_3 == 5, _dense_4, 0.0), axis=0)
+    _mlp_0_out73_bias = tl.sum(tl.where(_dense_row_3 == 6, _dense_4, 0.0), axis=0)
+    _mlp_0_out74_bias = tl.sum(tl.where(_dense_row_3 == 7, _dense_4, 0.0), axis=0)
+    _mlp_0_out75_bias = tl.sum(tl.where(_dense_row_3 == 8, _dense_4, 0.0), axis=0)
+    _mlp_0_out76_bias = tl.sum(tl.where(_dense_row_3 == 9, _dense_4, 0.0), axis=0)
+    _mlp_0_out77_bias = tl.sum(tl.where(_dense_row_3 == 10, _dense_4, 0.0), axis=0)
+    _mlp_0_out78_bias = tl.sum(tl.where(_dense_row_3 == 11, _dense_4, 0.0), axis=0)
+    _mlp_0_out79_bias = tl.sum(tl.where(_dense_row_3 == 12, _dense_4, 0.0), axis=0)
+    _mlp_0_out80_bias = tl.sum(tl.where(_dense_row_3 == 13, _dense_4, 0.0), axis=0)
+    _mlp_0_out81_bias = tl.sum(tl.where(_dense_row_3 == 14, _dense_4, 0.0), axis=0)
+    _mlp_0_out82_bias = tl.sum(tl.where(_dense_row_3 == 15, _dense_4, 0.0), axis=0)
+    _mlp_0_out83_bias = tl.sum(tl.where(_dense_row_3 == 16, _dense_4, 0.0), axis=0)
+    _mlp_0_out84_bias = tl.sum(tl.where(_dense_row_3 == 17, _dense_4, 0.0), axis=0)
+    _mlp_0_out85_bias = tl.sum(tl.where(_dense_row_3 == 18, _dense_4, 0.0), axis=0)
+    _mlp_0_out86_bias = tl.sum(tl.where(_dense_row_3 == 19, _dense_4, 0.0), axis=0)
+    _mlp_0_out87_bias = tl.sum(tl.where(_dense_row_3 == 20, _dense_4, 0.0), axis=0)
+    _mlp_0_out88_bias = tl.sum(tl.where(_dense_row_3 == 21, _dense_4, 0.0), axis=0)
+    _mlp_0_out89_bias = tl.sum(tl.where(_dense_row_3 == 22, _dense_4, 0.0), axis=0)
+    _mlp_0_out90_bias = tl.sum(tl.where(_dense_row_3 == 23, _dense_4, 0.0), axis=0)
+    _mlp_0_out91_bias = tl.sum(tl.where(_dense_row_3 == 24, _dense_4, 0.0), axis=0)
+    _mlp_0_out92_bias = tl.sum(tl.where(_dense_row_3 == 25, _dense_4, 0.0), axis=0)
+    _mlp_0_out93_bias = tl.sum(tl.where(_dense_row_3 == 26, _dense_4, 0.0), axis=0)
+    _mlp_0_out94_bias = tl.sum(tl.where(_dense_row_3 == 27, _dense_4, 0.0), axis=0)
+    _mlp_0_out95_bias = tl.sum(tl.where(_dense_row_3 == 28, _dense_4, 0.0), axis=0)
+    _mlp_0_out96_bias = tl.sum(tl.where(_dense_row_3 == 29, _dense_4, 0.0), axis=0)
+    _mlp_0_out97_bias = tl.sum(tl.where(_dense_row_3 == 30, _dense_4, 0.0), axis=0)
+    _mlp_0_out98_bias = tl.sum(tl.where(_dense_row_3 == 31, _dense_4, 0.0), axis=0)
+    tl.store(_s_out64 + _t * 1 + 0, _u44)
+    tl.store(_s_out32 + _t * 32 + 0, _mlp_0_out67_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 1, _mlp_0_out68_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 2, _mlp_0_out69_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 3, _mlp_0_out70_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 4, _mlp_0_out71_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 5, _mlp_0_out72_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 6, _mlp_0_out73_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 7, _mlp_0_out74_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 8, _mlp_0_out75_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 9, _mlp_0_out76_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 10, _mlp_0_out77_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 11, _mlp_0_out78_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 12, _mlp_0_out79_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 13, _mlp_0_out80_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 14, _mlp_0_out81_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 15, _mlp_0_out82_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 16, _mlp_0_out83_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 17, _mlp_0_out84_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 18, _mlp_0_out85_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 19, _mlp_0_out86_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 20, _mlp_0_out87_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 21, _mlp_0_out88_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 22, _mlp_0_out89_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 23, _mlp_0_out90_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 24, _mlp_0_out91_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 25, _mlp_0_out92_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 26, _mlp_0_out93_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 27, _mlp_0_out94_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 28, _mlp_0_out95_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 29, _mlp_0_out96_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 30, _mlp_0_out97_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 32 + 31, _mlp_0_out98_bias.to(tl.float32))
+
+
+@triton.jit
 def host_1_12_kernel(
     _s_in,
     _g_in,
@@ -649,15 +824,15 @@ def host_1_12_kernel(
         colfac_0 = tl.rsqrt(tops.maximum(af_col_0, 1e-09))
         colfac_1 = tl.rsqrt(tops.maximum(af_col_1, 1e-09))
         colfac_2 = tl.rsqrt(tops.maximum(af_col_2, 1e-09))
-        _u14 = colfac_0 * colfac_0
-        _u16 = colfac_1 * colfac_1
-        _u18 = colfac_2 * colfac_2
         _mean_tensor_arg43 = af_col_0 * af_col_0
         _mean_tensor_arg45 = af_col_1 * af_col_1
         _mean_tensor_arg47 = af_col_2 * af_col_2
         _mean_tensor_arg55 = 1.0 / (af_col_0 + 1e-08)
         _mean_tensor_arg57 = 1.0 / (af_col_1 + 1e-08)
         _mean_tensor_arg59 = 1.0 / (af_col_2 + 1e-08)
+        _u14 = colfac_0 * colfac_0
+        _u16 = colfac_1 * colfac_1
+        _u18 = colfac_2 * colfac_2
         _u35 = colfac_0 * colfac_0
         _u37 = colfac_1 * colfac_1
         _u39 = colfac_2 * colfac_2
@@ -676,9 +851,9 @@ def host_1_12_kernel(
         tl.store(_col_out + 6 * _col_total + _col_off + _i, _u14, mask=_m)
         tl.store(_col_out + 7 * _col_total + _col_off + _i, _u16, mask=_m)
         tl.store(_col_out + 8 * _col_total + _col_off + _i, _u18, mask=_m)
-        tl.store(_col_out + 15 * _col_total + _col_off + _i, _u35, mask=_m)
-        tl.store(_col_out + 16 * _col_total + _col_off + _i, _u37, mask=_m)
-        tl.store(_col_out + 17 * _col_total + _col_off + _i, _u39, mask=_m)
+        tl.store(_col_out + 9 * _col_total + _col_off + _i, _u35, mask=_m)
+        tl.store(_col_out + 10 * _col_total + _col_off + _i, _u37, mask=_m)
+        tl.store(_col_out + 11 * _col_total + _col_off + _i, _u39, mask=_m)
     _mean_tensor44 = tl.sum(_sum__mean_tensor44_10, axis=0) / _col_n.to(tl.float32)
     _mean_tensor46 = tl.sum(_sum__mean_tensor46_11, axis=0) / _col_n.to(tl.float32)
     _mean_tensor48 = tl.sum(_sum__mean_tensor48_12, axis=0) / _col_n.to(tl.float32)
@@ -756,12 +931,12 @@ def host_1_12_kernel(
         f_col_rsqrt_0 = _u32 * tl.rsqrt(af_col_0 + 1e-08)
         f_col_rsqrt_1 = _u33 * tl.rsqrt(af_col_1 + 1e-08)
         f_col_rsqrt_2 = _u34 * tl.rsqrt(af_col_2 + 1e-08)
-        tl.store(_col_out + 9 * _col_total + _col_off + _i, f_col_0, mask=_m)
-        tl.store(_col_out + 10 * _col_total + _col_off + _i, f_col_1, mask=_m)
-        tl.store(_col_out + 11 * _col_total + _col_off + _i, f_col_2, mask=_m)
-        tl.store(_col_out + 12 * _col_total + _col_off + _i, f_col_rsqrt_0, mask=_m)
-        tl.store(_col_out + 13 * _col_total + _col_off + _i, f_col_rsqrt_1, mask=_m)
-        tl.store(_col_out + 14 * _col_total + _col_off + _i, f_col_rsqrt_2, mask=_m)
+        tl.store(_col_out + 12 * _col_total + _col_off + _i, f_col_0, mask=_m)
+        tl.store(_col_out + 13 * _col_total + _col_off + _i, f_col_1, mask=_m)
+        tl.store(_col_out + 14 * _col_total + _col_off + _i, f_col_2, mask=_m)
+        tl.store(_col_out + 15 * _col_total + _col_off + _i, f_col_rsqrt_0, mask=_m)
+        tl.store(_col_out + 16 * _col_total + _col_off + _i, f_col_rsqrt_1, mask=_m)
+        tl.store(_col_out + 17 * _col_total + _col_off + _i, f_col_rsqrt_2, mask=_m)
     tl.store(_s_out32 + _t * 10 + 0, _u1.to(tl.float32))
     tl.store(_s_out32 + _t * 10 + 1, _u2.to(tl.float32))
     tl.store(_s_out32 + _t * 10 + 2, _u3.to(tl.float32))

@@ -33,9 +33,11 @@ HOST_KERNELS = [{'block': 256,
                  'name': 'host_0_0_kernel',
                  'out32': [],
                  'out64': ['_u1'],
+                 'per': 'tensor',
                  'rc_in': [],
                  'row_out': [],
-                 's_in': ['alpha']}]
+                 's_in': ['alpha'],
+                 'weights': []}]
 
 
 @triton.jit

@@ -130,6 +130,54 @@ KERNELS = [{'args': [('input', 'g'),
 
 HOST_KERNELS = [{'block': 256,
                  'bool_out': [],
+                 'col_out': [],
+                 'fn': 'host_0_0',
+                 'g_in': ['_phi_decay_m_0',
+                          '_phi_decay_m_1',
+                          '_phi_decay_m_2',
+                          '_phi_decay_v_0',
+                          '_phi_decay_af_0',
+                          '_phi_decay_af_1',
+                          '_phi_decay_af_2'],
+                 'name': 'host_0_0_kernel',
+                 'out32': ['_decay_m_0',
+                           '_decay_m_1',
+                           '_decay_m_2',
+                           '_u3',
+                           '_decay_v_0',
+                           '_decay_af_0',
+                           '_decay_af_1',
+                           '_decay_af_2',
+                           '_u4',
+                           '_u5',
+                           '_u9',
+                           '_u15',
+                           '_u16',
+                           '_u17',
+                           '_u18',
+                           '_u19',
+                           '_u20'],
+                 'out64': [],
+                 'per': 'step',
+                 'rc_in': [],
+                 'row_out': [],
+                 's_in': [],
+                 'weights': []},
+                {'block': 256,
+                 'bool_out': [],
+                 'col_out': [],
+                 'fn': 'host_0_1',
+                 'g_in': [],
+                 'name': 'host_0_1_kernel',
+                 'out32': ['_mlp_0_out67_bias', '_mlp_0_out68_bias', '_mlp_0_out69_bias', '_mlp_0_out70_bias'],
+                 'out64': ['_u54'],
+                 'per': 'tensor',
+                 'rc_in': [],
+                 'row_out': [],
+                 's_in': ['t', 'lr', 'wd'],
+                 'weights': ['mlp.0.weight', 'mlp.0.bias']},
+                {'block': 256,
+                 'bool_out': [],
                  'col_out': ['af_col_0',
                              'af_col_1',
                              'af_col_2',
@@ -139,15 +187,15 @@ HOST_KERNELS = [{'block': 256,
                              '_u24',
                              '_u26',
                              '_u28',
+                             '_u45',
+                             '_u47',
+                             '_u49',
                              'f_col_0',
                              'f_col_1',
                              'f_col_2',
                              'f_col_rsqrt_0',
                              'f_col_rsqrt_1',
-                             'f_col_rsqrt_2',
-                             '_u45',
-                             '_u47',
-                             '_u49'],
+                             'f_col_rsqrt_2'],
                  'fn': 'host_1_12',
                  'g_in': ['_decay_af_0',
                           '_u15',
@@ -161,6 +209,7 @@ HOST_KERNELS = [{'block': 256,
                  'name': 'host_1_12_kernel',
                  'out32': ['_u1', '_u2', '_u6', '_u7', '_u8', '_u10', '_u11', '_u12', '_u13', '_u14'],
                  'out64': [],
+                 'per': 'tensor',
                  'rc_in': [['row', '_af_row_old_0'],
                            ['row', '_mean_row22'],
                            ['row', '_af_row_old_1'],
@@ -196,7 +245,8 @@ HOST_KERNELS = [{'block': 256,
                           '_mean_tensor14',
                           '_mean_tensor16',
                           '_mean_tensor18',
-                          '_mean_tensor20']},
+                          '_mean_tensor20'],
+                 'weights': []},
                 {'block': 256,
                  'bool_out': [],
                  'col_out': [],
@@ -205,6 +255,7 @@ HOST_KERNELS = [{'block': 256,
                  'name': 'host_2_6_kernel',
                  'out32': ['_u30', '_u31', '_u32', '_u51', '_u52', '_u53'],
                  'out64': [],
+                 'per': 'tensor',
                  'rc_in': [],
                  'row_out': [],
                  's_in': ['_mean_tensor32',
@@ -212,7 +263,8 @@ HOST_KERNELS = [{'block': 256,
                           '_mean_tensor36',
                           '_mean_tensor62',
                           '_mean_tensor64',
-                          '_mean_tensor66']}]
+                          '_mean_tensor66'],
+                 'weights': []}]
 
 
 @triton.jit
@@ -675,6 +727,135 @@ def stage2_kernel(
 
 
 @triton.jit
+def host_0_0_kernel(
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
+    BLOCK: tl.constexpr,
+):
+    _t = tl.program_id(0)
+    _phi_decay_m_0 = tl.load(_g_in + 0).to(tl.float32)
+    _decay_m_0 = 1.0 - 0.09999999999999998 * tl.exp(10.0 * _phi_decay_m_0)
+    _phi_decay_m_1 = tl.load(_g_in + 1).to(tl.float32)
+    _decay_m_1 = 1.0 - 0.010000000000000009 * tl.exp(10.0 * _phi_decay_m_1)
+    _phi_decay_m_2 = tl.load(_g_in + 2).to(tl.float32)
+    _decay_m_2 = 1.0 - 0.0010000000000000009 * tl.exp(10.0 * _phi_decay_m_2)
+    _u3 = 1.0 - _decay_m_0
+    _phi_decay_v_0 = tl.load(_g_in + 3).to(tl.float32)
+    _decay_v_0 = 1.0 - 0.0010000000000000009 * tl.exp(10.0 * _phi_decay_v_0)
+    _phi_decay_af_0 = tl.load(_g_in + 4).to(tl.float32)
+    _decay_af_0 = 1.0 - 0.09999999999999998 * tl.exp(10.0 * _phi_decay_af_0)
+    _phi_decay_af_1 = tl.load(_g_in + 5).to(tl.float32)
+    _decay_af_1 = 1.0 - 0.010000000000000009 * tl.exp(10.0 * _phi_decay_af_1)
+    _phi_decay_af_2 = tl.load(_g_in + 6).to(tl.float32)
+    _decay_af_2 = 1.0 - 0.0010000000000000009 * tl.exp(10.0 * _phi_decay_af_2)
+    _u4 = 1.0 - _decay_m_1
+    _u5 = 1.0 - _decay_m_2
+    _u9 = 1.0 - _decay_v_0
+    _u15 = 1.0 - _decay_af_0
+    _u16 = 1.0 - _decay_af_1
+    _u17 = 1.0 - _decay_af_2
+    _u18 = 1.0 - _decay_af_0
+    _u19 = 1.0 - _decay_af_1
+    _u20 = 1.0 - _decay_af_2
+    tl.store(_s_out32 + _t * 17 + 0, _decay_m_0.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 1, _decay_m_1.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 2, _decay_m_2.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 3, _u3.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 4, _decay_v_0.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 5, _decay_af_0.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 6, _decay_af_1.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 7, _decay_af_2.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 8, _u4.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 9, _u5.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 10, _u9.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 11, _u15.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 12, _u16.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 13, _u17.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 14, _u18.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 15, _u19.to(tl.float32))
+    tl.store(_s_out32 + _t * 17 + 16, _u20.to(tl.float32))
+
+
+@triton.jit
+def host_0_1_kernel(
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
+    _w0,  # mlp.0.weight
+    _w1,  # mlp.0.bias
+    BLOCK: tl.constexpr,
+):
+    _t = tl.program_id(0)
+    _s_row = _s_in + _t * 3
+    t = tl.load(_s_row + 0)
+    f_time_0 = tops.tanh(t - 1.0)
+    f_time_1 = tops.tanh(0.3333333333333333 * t - 1.0)
+    f_time_2 = tops.tanh(0.1 * t - 1.0)
+    f_time_3 = tops.tanh(0.03333333333333333 * t - 1.0)
+    f_time_4 = tops.tanh(0.01 * t - 1.0)
+    f_time_5 = tops.tanh(0.0033333333333333335 * t - 1.0)
+    f_time_6 = tops.tanh(0.001 * t - 1.0)
+    f_time_7 = tops.tanh(0.0003333333333333333 * t - 1.0)
+    f_time_8 = tops.tanh(0.0001 * t - 1.0)
+    f_time_9 = tops.tanh(3.3333333333333335e-05 * t - 1.0)
+    f_time_10 = tops.tanh(1e-05 * t - 1.0)
+    lr = tl.load(_s_row + 1)
+    wd = tl.load(_s_row + 2)
+    _u54 = -lr * wd + 1.0
+    _dense_col_2 = tl.arange(0, 16)
+    _dense_row_3 = tl.arange(0, 4)
+    _dense_in_1 = tl.zeros([16], dtype=tl.float32)
+    _f_time_0_f32_5 = f_time_0.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 0, _f_time_0_f32_5, _dense_in_1)
+    _f_time_1_f32_6 = f_time_1.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 1, _f_time_1_f32_6, _dense_in_1)
+    _f_time_2_f32_7 = f_time_2.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 2, _f_time_2_f32_7, _dense_in_1)
+    _f_time_3_f32_8 = f_time_3.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 3, _f_time_3_f32_8, _dense_in_1)
+    _f_time_4_f32_9 = f_time_4.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 4, _f_time_4_f32_9, _dense_in_1)
+    _f_time_5_f32_10 = f_time_5.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 5, _f_time_5_f32_10, _dense_in_1)
+    _f_time_6_f32_11 = f_time_6.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 6, _f_time_6_f32_11, _dense_in_1)
+    _f_time_7_f32_12 = f_time_7.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 7, _f_time_7_f32_12, _dense_in_1)
+    _f_time_8_f32_13 = f_time_8.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 8, _f_time_8_f32_13, _dense_in_1)
+    _f_time_9_f32_14 = f_time_9.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 9, _f_time_9_f32_14, _dense_in_1)
+    _f_time_10_f32_15 = f_time_10.to(tl.float32)
+    _dense_in_1 = tl.where(_dense_col_2 == 10, _f_time_10_f32_15, _dense_in_1)
+    _dense_4 = tl.sum(tl.load(_w0 + (0 + _dense_row_3[:, None]) * 39 + (28 + _dense_col_2)[None, :], mask=(_dense_row_3[:, None] < 4) & (_dense_col_2[None, :] < 11), other=0.0) * _dense_in_1[None, :], axis=1)
+    _dense_4 += tl.load(_w1 + 0 + _dense_row_3, mask=_dense_row_3 < 4, other=0.0)
+    _mlp_0_out67_bias = tl.sum(tl.where(_dense_row_3 == 0, _dense_4, 0.0), axis=0)
+    _mlp_0_out68_bias = tl.sum(tl.where(_dense_row_3 == 1, _dense_4, 0.0), axis=0)
+    _mlp_0_out69_bias = tl.sum(tl.where(_dense_row_3 == 2, _dense_4, 0.0), axis=0)
+    _mlp_0_out70_bias = tl.sum(tl.where(_dense_row_3 == 3, _dense_4, 0.0), axis=0)
+    tl.store(_s_out64 + _t * 1 + 0, _u54)
+    tl.store(_s_out32 + _t * 4 + 0, _mlp_0_out67_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 4 + 1, _mlp_0_out68_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 4 + 2, _mlp_0_out69_bias.to(tl.float32))
+    tl.store(_s_out32 + _t * 4 + 3, _mlp_0_out70_bias.to(tl.float32))
+
+
+@triton.jit
 def host_1_12_kernel(
     _s_in,
     _g_in,
@@ -796,15 +977,15 @@ def host_1_12_kernel(
         colfac_0 = tl.rsqrt(tops.maximum(af_col_0, 1e-09))
         colfac_1 = tl.rsqrt(tops.maximum(af_col_1, 1e-09))
         colfac_2 = tl.rsqrt(tops.maximum(af_col_2, 1e-09))
-        _u24 = colfac_0 * colfac_0
-        _u26 = colfac_1 * colfac_1
-        _u28 = colfac_2 * colfac_2
         _mean_tensor_arg43 = af_col_0 * af_col_0
         _mean_tensor_arg45 = af_col_1 * af_col_1
         _mean_tensor_arg47 = af_col_2 * af_col_2
         _mean_tensor_arg55 = 1.0 / (af_col_0 + 1e-08)
         _mean_tensor_arg57 = 1.0 / (af_col_1 + 1e-08)
         _mean_tensor_arg59 = 1.0 / (af_col_2 + 1e-08)
+        _u24 = colfac_0 * colfac_0
+        _u26 = colfac_1 * colfac_1
+        _u28 = colfac_2 * colfac_2
         _u45 = colfac_0 * colfac_0
         _u47 = colfac_1 * colfac_1
         _u49 = colfac_2 * colfac_2
@@ -823,9 +1004,9 @@ def host_1_12_kernel(
         tl.store(_col_out + 6 * _col_total + _col_off + _i, _u24, mask=_m)
         tl.store(_col_out + 7 * _col_total + _col_off + _i, _u26, mask=_m)
         tl.store(_col_out + 8 * _col_total + _col_off + _i, _u28, mask=_m)
-        tl.store(_col_out + 15 * _col_total + _col_off + _i, _u45, mask=_m)
-        tl.store(_col_out + 16 * _col_total + _col_off + _i, _u47, mask=_m)
-        tl.store(_col_out + 17 * _col_total + _col_off + _i, _u49, mask=_m)
+        tl.store(_col_out + 9 * _col_total + _col_off + _i, _u45, mask=_m)
+        tl.store(_col_out + 10 * _col_total + _col_off + _i, _u47, mask=_m)
+        tl.store(_col_out + 11 * _col_total + _col_off + _i, _u49, mask=_m)
     _mean_tensor44 = tl.sum(_sum__mean_tensor44_10, axis=0) / _col_n.to(tl.float32)
     _mean_tensor46 = tl.sum(_sum__mean_tensor46_11, axis=0) / _col_n.to(tl.float32)
     _mean_tensor48 = tl.sum(_sum__mean_tensor48_12, axis=0) / _col_n.to(tl.float32)
@@ -903,12 +1084,12 @@ def host_1_12_kernel(
         f_col_rsqrt_0 = _u42 * tl.rsqrt(af_col_0 + 1e-08)
         f_col_rsqrt_1 = _u43 * tl.rsqrt(af_col_1 + 1e-08)
         f_col_rsqrt_2 = _u44 * tl.rsqrt(af_col_2 + 1e-08)
-        tl.store(_col_out + 9 * _col_total + _col_off + _i, f_col_0, mask=_m)
-        tl.store(_col_out + 10 * _col_total + _col_off + _i, f_col_1, mask=_m)
-        tl.store(_col_out + 11 * _col_total + _col_off + _i, f_col_2, mask=_m)
-        tl.store(_col_out + 12 * _col_total + _col_off + _i, f_col_rsqrt_0, mask=_m)
-        tl.store(_col_out + 13 * _col_total + _col_off + _i, f_col_rsqrt_1, mask=_m)
-        tl.store(_col_out + 14 * _col_total + _col_off + _i, f_col_rsqrt_2, mask=_m)
+        tl.store(_col_out + 12 * _col_total + _col_off + _i, f_col_0, mask=_m)
+        tl.store(_col_out + 13 * _col_total + _col_off + _i, f_col_1, mask=_m)
+        tl.store(_col_out + 14 * _col_total + _col_off + _i, f_col_2, mask=_m)
+        tl.store(_col_out + 15 * _col_total + _col_off + _i, f_col_rsqrt_0, mask=_m)
+        tl.store(_col_out + 16 * _col_total + _col_off + _i, f_col_rsqrt_1, mask=_m)
+        tl.store(_col_out + 17 * _col_total + _col_off + _i, f_col_rsqrt_2, mask=_m)
     tl.store(_s_out32 + _t * 10 + 0, _u1.to(tl.float32))
     tl.store(_s_out32 + _t * 10 + 1, _u2.to(tl.float32))
     tl.store(_s_out32 + _t * 10 + 2, _u6.to(tl.float32))

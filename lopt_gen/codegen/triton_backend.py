@@ -412,8 +412,8 @@ def render_triton(prog, spec_source: str) -> str:
     # the rounded experiment keeps the host code in torch, whose math is accurate (the rounded
     # helpers take float32 only, and host code computes in float64 too)
     hosts = host_kernels(prog) if MATH == "fast" else []
-    host_meta = [{k: h[k] for k in ("name", "fn", "s_in", "g_in", "rc_in", "out64", "out32", "bool_out", "row_out",
-                                     "col_out", "block")} for h in hosts]
+    host_meta = [{k: h[k] for k in ("name", "fn", "per", "s_in", "g_in", "rc_in", "out64", "out32", "bool_out",
+                                     "row_out", "col_out", "weights", "block")} for h in hosts]
     return _env().get_template("triton_kernels.py.j2").render(
         version=__version__, spec_source=spec_source, spec_name=prog.spec_name, spec_hash=prog.spec_hash,
         kernels=kernels, kernels_text=pprint.pformat(meta, width=100, sort_dicts=True),

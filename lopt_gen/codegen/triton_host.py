@@ -18,6 +18,9 @@ per tensor, whatever the tensors' shapes:
 * row and column results are written to one flat buffer per value, each tensor's part
   contiguous and of its reduced shape.
 
+A per-step ("global") segment of scalar math (learnable decays from their meta-parameters,
+global schedules) is one kernel of one program in the same way, its results stored once.
+
 Segments with a dense layer or a recurrent cell (hrnn's tensor RNN, the folded time-feature
 layer) stay torch code.  The kernels compute what the torch code computes up to rounding (the
 order of a mean's sum, device math); they are used for steps that nothing differentiates.
@@ -29,7 +32,7 @@ import math
 
 import sympy
 
-from ..ir import Leaf, Let, Reduce, StateWrite
+from ..ir import Dense, Leaf, Let, Reduce, StateWrite
 from ..passes import plan, roots
 from .printer import TritonPrinter, fmt_float
 from .torch_backend import local
@@ -100,12 +103,18 @@ def _read_outside(prog, seg_nodes) -> set[str]:
 
 
 def eligible(seg) -> bool:
-    """Whether a host segment can be a host kernel: per-tensor, scalar and row/column math and
-    means only."""
+    """Whether a host segment can be a host kernel: per-step scalar math (a "global" segment,
+    one program), or per-tensor scalar and row/column math and means (one program per
+    tensor)."""
+    if seg.kind == "global":
+        return all(isinstance(n, (Let, Dense)) and n.level in ("const", "global") for n in seg.nodes)
     if seg.kind != "tensor":
         return False
     for n in seg.nodes:
-        if isinstance(n, Let):
+        if isinstance(n, Dense):
+            if n.level != "tensor":
+                return False
+        elif isinstance(n, Let):
             if n.level not in ("tensor", "row", "col"):
                 return False
             if n.level != "tensor" and _is_condition(n.expr):
@@ -113,9 +122,14 @@ def eligible(seg) -> bool:
         elif isinstance(n, Reduce):
             if n.level != "tensor" or n.arg_level not in ("row", "col"):
                 return False
-        else:  # Dense, Cell
+        else:  # Cell
             return False
     return True
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` and 2 (a ``tl.arange`` length)."""
+    return max(2, 1 << max(0, n - 1).bit_length())
 
 
 class _NotHostable(Exception):
@@ -154,6 +168,7 @@ class _HostBody:
         self.scalars: dict[str, str] = {}  # value -> register holding it
         self.f32_alias: dict[str, str] = {}  # float64 scalar -> its float32 copy (for row/column math)
         self.loops: set[str] = set()  # the levels ("row", "col") the kernel loops over
+        self.weights: list[str] = []  # meta-parameters the kernel reads (its trailing pointer parameters)
         self.taken = {local(o) for n in prog.nodes for o in n.outs}
         self.n = 0
 
@@ -195,6 +210,48 @@ class _HostBody:
             self.f32_alias[v] = alias
         return self.f32_alias[v]
 
+    def weight(self, name: str) -> str:
+        """The pointer parameter of meta-parameter ``name``."""
+        return f"_w{self._index(self.weights, name)}"
+
+    def dense(self, n: Dense, names: dict, prog) -> None:
+        """A dense layer on per-tensor (or per-step) scalars: the inputs placed in a vector, one
+        2-D load of the weight block, one row-sum; each output taken back out as a scalar."""
+        ld = prog.meta[n.weight].shape[1]
+        row0 = n.rows[0] if n.rows else 0
+        n_in, n_out = len(n.ins), len(n.outs)
+        ipad, opad = _pow2(n_in), _pow2(n_out)
+        x, ci, ro, y = (self.fresh(h) for h in ("dense_in_", "dense_col_", "dense_row_", "dense_"))
+        self.lines.append(f"{ci} = tl.arange(0, {ipad})")
+        self.lines.append(f"{ro} = tl.arange(0, {opad})")
+        self.lines.append(f"{x} = tl.zeros([{ipad}], dtype=tl.float32)")
+        for j, v in enumerate(n.ins):
+            self.lines.append(f"{x} = tl.where({ci} == {j}, {names.get(v)}, {x})")
+        cols = list(n.cols)
+        if cols == list(range(cols[0], cols[0] + n_in)):
+            col = f"{cols[0]} + {ci}" if cols[0] else ci
+        else:  # columns picked one by one
+            col = self.fresh("dense_cols_")
+            self.lines.append(f"{col} = tl.zeros([{ipad}], dtype=tl.int32)")
+            for j, c in enumerate(cols):
+                self.lines.append(f"{col} = tl.where({ci} == {j}, {c}, {col})")
+        w = self.weight(n.weight)
+        self.lines.append(f"{y} = tl.sum(tl.load({w} + ({row0} + {ro}[:, None]) * {ld} + ({col})[None, :], "
+                          f"mask=({ro}[:, None] < {n_out}) & ({ci}[None, :] < {n_in}), other=0.0) * {x}[None, :], "
+                          f"axis=1)")
+        if n.bias:
+            self.lines.append(f"{y} += tl.load({self.weight(n.bias)} + {row0} + {ro}, mask={ro} < {n_out}, other=0.0)")
+        for o, e in enumerate(n.extra_bias):
+            self.lines.append(f"{y} = tl.where({ro} == {o}, {y} + {names.get(e)}, {y})")
+        if n.act != "none":
+            helpers = self.printer_cls.HELPERS
+            fn = {"relu": "tops.relu", "gelu": "tops.gelu"}.get(n.act) or helpers[n.act]
+            self.lines.append(f"{y} = {fn}({y})")
+        for o, out in enumerate(n.outs):
+            var = local(out)
+            self.lines.append(f"{var} = tl.sum(tl.where({ro} == {o}, {y}, 0.0), axis=0)")
+            self.scalars[out] = var
+
     def print_let(self, n: Let, names: dict) -> str:
         text = self.printer_cls(names).doprint(n.expr)
         if self.dtypes.get(n.name) == "bool":
@@ -209,7 +266,9 @@ def _phases(seg) -> dict[str, int]:
         if isinstance(n, Reduce):
             phase[n.name] = phase.get(n.arg, 0) + 1
         else:
-            phase[n.name] = max((phase.get(d, 0) for d in n.deps), default=0)
+            p = max((phase.get(d, 0) for d in n.deps), default=0)
+            for o in n.outs:
+                phase[o] = p
     return phase
 
 
@@ -225,8 +284,9 @@ def host_kernel(prog, stage_index: int, j: int, seg, levels, dtypes) -> dict | N
     last = max(phase.values(), default=0)
     lets = [n for n in seg.nodes if isinstance(n, Let)]
     reduces = [n for n in seg.nodes if isinstance(n, Reduce)]
-    out64 = [n.name for n in seg.nodes if n.level == "tensor" and n.name in outside and dtypes[n.name] == "f64"]
-    out32 = [n.name for n in seg.nodes if n.level == "tensor" and n.name in outside and dtypes[n.name] != "f64"]
+    scalar = [o for n in seg.nodes if n.level in ("const", "global", "tensor") for o in n.outs if o in outside]
+    out64 = [v for v in scalar if dtypes[v] == "f64"]
+    out32 = [v for v in scalar if dtypes[v] != "f64"]
     outs_rc = {lv: [n.name for n in lets if n.level == lv and n.name in outside] for lv in ("row", "col")}
     stores: list[str] = []
 
@@ -235,13 +295,21 @@ def host_kernel(prog, stage_index: int, j: int, seg, levels, dtypes) -> dict | N
             return body.scalar(k)
 
     scalar_names = _ScalarNames()
+    class _F32Names(dict):  # a dense layer's inputs: float32 registers (torch converts them to W's dtype)
+        def get(self, k, default=None):
+            return body.scalar_f32(k)
+
     for p in range(last + 1):
-        for n in lets:
-            if n.level == "tensor" and phase[n.name] == p:
-                text = body.print_let(n, scalar_names)
-                var = local(n.name)
-                body.lines.append(f"{var} = {text}")
-                body.scalars[n.name] = var
+        for n in seg.nodes:
+            if isinstance(n, Dense) and phase[n.outs[0]] == p:
+                body.dense(n, _F32Names(), prog)
+                continue
+            if not isinstance(n, Let) or n.level not in ("const", "global", "tensor") or phase[n.name] != p:
+                continue
+            text = body.print_let(n, scalar_names)
+            var = local(n.name)
+            body.lines.append(f"{var} = {text}")
+            body.scalars[n.name] = var
         for lv in ("row", "col"):
             sums = [r for r in reduces if r.arg_level == lv and phase.get(r.arg, 0) == p]
             stored = [v for v in outs_rc[lv] if phase[v] == p]
@@ -254,10 +322,10 @@ def host_kernel(prog, stage_index: int, j: int, seg, levels, dtypes) -> dict | N
         stores.append(f"tl.store(_s_out32 + _t * {max(1, len(out32))} + {k}, {body.scalar(v)}.to(tl.float32))")
     uses = {lv: lv in body.loops for lv in ("row", "col")}
     return dict(name=f"host_{stage_index}_{j}_kernel", fn=f"host_{stage_index}_{j}", lines=body.lines + stores,
-                uses=uses,
+                uses=uses, per="step" if seg.kind == "global" else "tensor",
                 s_in=list(body.s_in), g_in=list(body.g_in), rc_in=[list(x) for x in body.rc_in],
                 out64=out64, out32=out32, bool_out=[v for v in out32 if dtypes[v] == "bool"],
-                row_out=outs_rc["row"], col_out=outs_rc["col"], block=HOST_BLOCK)
+                row_out=outs_rc["row"], col_out=outs_rc["col"], weights=list(body.weights), block=HOST_BLOCK)
 
 
 def _row_loop(body: _HostBody, lv: str, sums, stored, all_stored) -> None:

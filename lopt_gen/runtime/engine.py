@@ -562,7 +562,7 @@ class Engine:
         for seg in stage["host"]:
             kind = seg["kind"]
             if kind == "tensor":
-                if host_runner is not None and host_runner.run_host(seg["fn"], T, G, plans, device):
+                if host_runner is not None and host_runner.run_host(seg["fn"], T, G, phi, plans, device):
                     continue
                 fn = getattr(self.module, seg["fn"])
                 for idx in _shape_groups(plans):
@@ -570,11 +570,13 @@ class Engine:
                         for i in idx:
                             fn(ChainMap(T[i], G), phi)
             elif kind == "global":
+                if host_runner is not None and host_runner.run_host(seg["fn"], T, G, phi, plans, device):
+                    continue
                 getattr(self.module, seg["fn"])(G, phi)
             elif kind == "finalize":
                 for r in seg["reductions"]:
                     if launched is not None and r["name"] in launched[1]:
-                        self._finalize_launched(r, launched, T, G, plans, done)
+                        self._finalize_launched(r, launched, T, G, plans)
                         continue
                     if r["over"] == "all":
                         G[r["name"]] = sum(torch.stack(partials[i][r["name"]]).sum() for i in range(n)) \
@@ -603,25 +605,21 @@ class Engine:
                         torch.zeros(())
 
     @staticmethod
-    def _finalize_launched(r, launched, T, G, plans, done):
-        """Divide reduction ``r`` of a Triton launch by its counts, for every tensor at once:
-        one operation per reduction (per shape group for row and column ones), not per tensor."""
+    def _finalize_launched(r, launched, T, G, plans):
+        """Reduction ``r`` of a Triton launch as every tensor's mean, divided for all tensors at
+        once (whole-tensor means: one division for all of a launch's reductions; row and column
+        means: already averaged per shape group by the runner), not per tensor."""
         idx, sums = launched
         name, over = r["name"], r["over"]
         if over == "all":
             G[name] = sums.tensor[name].sum() / _total_numel(plans)
             return
         if over == "tensor":
-            vec = sums.tensor[name]
-            key = ("tensor", id(vec))  # reductions sharing a slot share the result
-            if key not in done:
-                done[key] = (vec / sums.numel).unbind(0)
-            for i, v in zip(idx, done[key]):
+            for i, v in zip(idx, sums.tensor_means(name)):
                 T[i][name] = v
             return
         for positions, x in sums.rowcol[name]:
-            res = (x / plans[idx[positions[0]]].count[over]).unbind(0)
-            for pos, v in zip(positions, res):
+            for pos, v in zip(positions, x.unbind(0)):
                 T[idx[pos]][name] = v
 
     @staticmethod

@@ -209,12 +209,22 @@ class _NotScalar(ValueError):
 
 
 def _scalar_table(rows, device, dtype=torch.float32) -> torch.Tensor:
-    """``(len(rows), max(1, width))`` of ``dtype``: one row of scalar values per tensor, one
-    column stacked over the tensors at a time.  Raises :class:`_NotScalar` for a value that is
-    not a number or a one-element tensor."""
+    """``(len(rows), max(1, width))`` of ``dtype``: one row of scalar values per tensor.
+    Gathered by one kernel launch from the values' addresses (:mod:`.triton_tables`) unless a
+    value requires grad or lies elsewhere; then stacked column by column, differentiably.
+    Raises :class:`_NotScalar` for a value that is not a number or a one-element tensor."""
     width = len(rows[0]) if rows else 0
     if not width:
         return torch.zeros((max(1, len(rows)), 1), dtype=dtype, device=device)
+    if not torch.compiler.is_compiling():
+        from .triton_tables import NotGatherable, gather, source_table
+
+        try:
+            src = source_table(rows, device)
+        except NotGatherable:
+            pass
+        else:
+            return gather(_send(src, device), (len(rows), width), dtype)
     cols = []
     for j in range(width):
         vals = [r[j] for r in rows]
@@ -269,28 +279,43 @@ def host_sizes(plans, device) -> tuple[torch.Tensor, dict, dict]:
 
 
 class LaunchSums:
-    """A launch's reductions, summed over their axes but not yet divided by their counts.
+    """A launch's reductions.
 
     ``tensor``: ``{name: (items,) float32}`` for whole-tensor and whole-model reductions, from
-    one second pass over the per-program partial sums (:mod:`.triton_segments`);
-    ``rowcol``: ``{name: [(positions, sums)]}`` for row and column reductions, one entry per
-    group of same-shaped items: ``sums[b]`` is item ``positions[b]``'s sum, of its reduced shape;
+    one second pass over the per-program partial sums (:mod:`.triton_segments`), summed but not
+    yet divided by their counts (:meth:`tensor_means` divides them);
+    ``rowcol``: ``{name: [(positions, means)]}`` for row and column reductions, one entry per
+    group of same-shaped items: ``means[b]`` is item ``positions[b]``'s mean, of its reduced
+    shape (one ``mean`` per group, not a sum and a division);
     ``numel``: ``(items,)`` int64, each item's element count (the whole-tensor count)."""
 
-    __slots__ = ("tensor", "rowcol", "numel")
+    __slots__ = ("tensor", "rowcol", "numel", "_seg", "_slot", "_means")
 
     def __init__(self, numel):
         self.tensor: dict = {}
         self.rowcol: dict = {}
         self.numel = numel
+        self._seg = None  # (items, slots): the second pass's sums, one column per slot
+        self._slot: dict = {}  # whole-tensor reduction -> its column of _seg
+        self._means: dict = {}  # slot -> the items' means, one 0-dim tensor each
 
     def __contains__(self, name) -> bool:
         return name in self.tensor or name in self.rowcol
 
+    def tensor_means(self, name) -> tuple:
+        """Whole-tensor reduction ``name`` divided by each item's element count, one 0-dim tensor
+        per item.  Every slot is divided by one operation, on first use (on a GPU one launch
+        per launch's reductions, not one per reduction)."""
+        slot = self._slot[name]
+        if not self._means:
+            means = self._seg / self.numel.unsqueeze(1)
+            self._means = {s: means[:, s].unbind(0) for s in set(self._slot.values())}
+        return self._means[slot]
+
 
 def _launch_sums(meta, part, items, numel, spans, tensor_of, rowcol_groups, differentiable=False) -> LaunchSums:
     """Every reduction of a launch: whole-tensor and whole-model ones from one deterministic
-    second pass over ``part``; row and column ones summed group by group from the per-element
+    second pass over ``part``; row and column ones averaged group by group from the per-element
     scratch values, ``rowcol_groups(name)`` giving ``[(positions, (len(positions), numel) values)]``."""
     out = LaunchSums(numel)
     slots = [(r["name"], r["slot"]) for r in meta["reductions"] if r["over"] in ("tensor", "all")]
@@ -298,9 +323,11 @@ def _launch_sums(meta, part, items, numel, spans, tensor_of, rowcol_groups, diff
         from .triton_segments import SegmentSums, segment_sums
 
         seg = SegmentSums.apply(part, spans, tensor_of) if differentiable else segment_sums(part, spans)
+        out._seg = seg
         columns: dict = {}
         for name, slot in slots:  # reductions of one slot share one column (and its division)
             out.tensor[name] = columns.setdefault(slot, seg[:, slot])
+            out._slot[name] = slot
     for r in meta["reductions"]:
         if r["over"] in ("tensor", "all"):
             continue
@@ -309,7 +336,7 @@ def _launch_sums(meta, part, items, numel, spans, tensor_of, rowcol_groups, diff
             pl = items[positions[0]].pl
             x = x.view((len(positions),) + pl.shape)
             dims = pl.dims[r["over"]]
-            groups.append((positions, x.sum(dim=tuple(d + 1 for d in dims), keepdim=True) if dims else x))
+            groups.append((positions, x.mean(dim=tuple(d + 1 for d in dims), keepdim=True) if dims else x))
         out.rowcol[r["name"]] = groups
     return out
 
@@ -412,16 +439,21 @@ class TritonRunner:
             torch._foreach_copy_([dst for _, dst in pairs], [tmp.view(dst.shape) for tmp, dst in pairs])
         return _launch_sums(meta, part, items, info[:, 0], spans, None, group_scratch.__getitem__)
 
-    def run_host(self, fn: str, T: list, G, plans, device) -> bool:
-        """Run per-tensor host segment ``fn`` as its kernel, once for every tensor, writing its
-        results into each ``T[i]``.  False (nothing written) when the segment has no kernel or
+    def run_host(self, fn: str, T: list, G, phi, plans, device) -> bool:
+        """Run host segment ``fn`` as its kernel: a per-tensor one once for every tensor, writing
+        its results into each ``T[i]``; a per-step one once, writing into ``G``.  False (nothing written) when the segment has no kernel or
         a value does not fit it (a per-tensor value that is not a scalar, a per-step value that
         is not one number); the caller then runs the torch function.  Not differentiable: the
         engine uses it only for steps that nothing differentiates."""
         entry = self.host_kernels.get(fn)
-        if entry is None or not T:
+        if entry is None:
             return False
         meta, kernel = entry
+        weights = [phi[m] for m in meta.get("weights", ())]  # dense layers' weights and biases
+        if meta.get("per") == "step":
+            return self._run_step_host(meta, kernel, G, weights, device)
+        if not T:
+            return False
         n = len(T)
         try:
             # float64: it holds the float32 values exactly, and the float64 ones (t, lr, ...)
@@ -447,7 +479,7 @@ class TritonRunner:
             CAPTURE_KEEP.extend((sizes, s_in, g_in, rc_in, *keep))
         block = meta["block"]
         kernel[(n,)](s_in, g_in, rc_in, sizes, out64, out32, rc_out["row"], rc_out["col"],
-                     max(1, totals["row"]), max(1, totals["col"]), BLOCK=block)
+                     max(1, totals["row"]), max(1, totals["col"]), *weights, BLOCK=block)
         bools = set(meta["bool_out"])
         for table, names in ((out64, meta["out64"]), (out32, meta["out32"])):
             for k, v in enumerate(names):
@@ -463,6 +495,25 @@ class TritonRunner:
             for Ti, pl, part in zip(T, plans, rc_out[lv].split(spans[lv], dim=1)):
                 for v, x in zip(names, part.view((part.shape[0],) + pl.reduced_shape(lv)).unbind(0)):
                     Ti[v] = x
+        return True
+
+    @staticmethod
+    def _run_step_host(meta, kernel, G, weights, device) -> bool:
+        """A per-step host segment's kernel: one program, its results written into ``G``."""
+        try:
+            g_in = _scalar_table([[G[v] for v in meta["g_in"]]], device, torch.float64).reshape(-1)
+        except _NotScalar:
+            return False
+        out64 = kernel_buffer((1, max(1, len(meta["out64"]))), torch.float64, device)
+        out32 = kernel_buffer((1, max(1, len(meta["out32"]))), torch.float32, device)
+        if _capturing(device):
+            CAPTURE_KEEP.append(g_in)
+        # no per-tensor tables: the kernel reads none of them (any pointer stands in)
+        kernel[(1,)](g_in, g_in, g_in, g_in, out64, out32, out32, out32, 1, 1, *weights, BLOCK=meta["block"])
+        bools = set(meta["bool_out"])
+        for table, names in ((out64, meta["out64"]), (out32, meta["out32"])):
+            for v, x in zip(names, table[0].unbind(0)):
+                G[v] = x != 0 if v in bools else x
         return True
 
     def _run_differentiable(self, stage_index, items, phi):

@@ -1,0 +1,95 @@
+"""Scalar tables gathered by one kernel launch.
+
+The kernels of a step read their per-tensor scalars (step counts, learning rates, bias
+corrections, means, ...) from a table with one row per tensor.  Those values are 0-dim tensors
+scattered over many allocations: a host kernel's output table, the second pass's means, the
+step counters of each tensor's state, one fill shared by every tensor.  Stacking them column by
+column costs one device operation per column and another per conversion (on a GPU, launches
+that grow with the number of values a kernel reads).  Here the table is gathered in one launch
+of :func:`gather_kernel`: the host writes each value's address and dtype into an int64 table,
+sends it to the device, and every element is loaded from its own address and converted there.
+Plain numbers travel inside the address table (their float64 bits).
+
+Not differentiable: the Triton runner uses it only where nothing requires grad.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from .engine import kernel_buffer
+
+#: elements of the table per program
+BLOCK = 256
+
+#: dtype code of each source the kernel reads (``NUMBER``: the address slot holds float64 bits).
+#: Half-precision values are not read here (they reach the tables rarely, and the interpreter
+#: converts subnormal bfloat16 inexactly): a table holding one is stacked instead.
+CODES = {torch.float32: 0, torch.float64: 1, torch.bool: 2, torch.int64: 5, torch.int32: 6}
+NUMBER = 7
+
+
+@triton.jit
+def gather_kernel(src_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    addr = tl.load(src_ptr + i, mask=m, other=0)
+    code = tl.load(src_ptr + n + i, mask=m, other=0)
+    v = tl.load(addr.to(tl.pointer_type(tl.float32)), mask=m & (code == 0), other=0.0).to(tl.float64)
+    v = tl.where(code == 1, tl.load(addr.to(tl.pointer_type(tl.float64)), mask=m & (code == 1), other=0.0), v)
+    b = tl.load(addr.to(tl.pointer_type(tl.uint8)), mask=m & (code == 2), other=0)
+    v = tl.where(code == 2, (b != 0).to(tl.float64), v)
+    k = tl.load(addr.to(tl.pointer_type(tl.int64)), mask=m & (code == 5), other=0)
+    v = tl.where(code == 5, k.to(tl.float64), v)
+    j = tl.load(addr.to(tl.pointer_type(tl.int32)), mask=m & (code == 6), other=0)
+    v = tl.where(code == 6, j.to(tl.float64), v)
+    v = tl.where(code == 7, addr.to(tl.float64, bitcast=True), v)  # NUMBER: the bits themselves
+    tl.store(out_ptr + i, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+
+class NotGatherable(ValueError):
+    """A value the gather kernel cannot read (the caller builds the table another way)."""
+
+
+def _bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def source_table(rows, device) -> torch.Tensor:
+    """``(2 · len(rows) · width,)`` int64, on the host: every value's address (or a number's
+    float64 bits), row by row, then every value's dtype code.  Raises :class:`NotGatherable`
+    for a value of another device or dtype, one that requires grad, or one that is not a
+    number or a one-element tensor."""
+    device = torch.device(device)
+    addrs, codes = [], []
+    for row in rows:
+        for v in row:
+            if isinstance(v, torch.Tensor):
+                code = CODES.get(v.dtype)
+                if code is None or v.numel() != 1 or v.requires_grad or v.device != device:
+                    raise NotGatherable(f"a value of dtype {v.dtype}, shape {tuple(v.shape)} on {v.device}")
+                addrs.append(v.data_ptr())
+                codes.append(code)
+            else:
+                try:
+                    x = float(v)
+                except (TypeError, ValueError):
+                    raise NotGatherable(f"a value of type {type(v).__name__}") from None
+                addrs.append(_bits(x))
+                codes.append(NUMBER)
+    return torch.tensor(addrs + codes, dtype=torch.int64)
+
+
+def gather(src: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """The table of ``shape`` (rows × width) and ``dtype`` whose elements the device table
+    ``src`` (from :func:`source_table`) describes: one launch."""
+    n = src.numel() // 2
+    out = kernel_buffer(shape, dtype, src.device)
+    if n:
+        gather_kernel[(triton.cdiv(n, BLOCK),)](src, out, n, BLOCK=BLOCK)
+    return out
