@@ -116,6 +116,32 @@ def test_triton_step_launches_do_not_grow_with_the_number_of_tensors(spec_name, 
     assert f"| {spec_name} | 14 |" in capsys.readouterr().out
 
 
+def test_triton_step_launches_barely_grow_with_the_number_of_shapes(monkeypatch):
+    """small_fc_lopt and mulo: every host segment is a kernel and every scalar table one
+    gather, so going from 2 to 7 distinct shapes adds at most two operations per shape (the
+    row and column means of each shape group), and the whole step stays within a few dozen
+    launches (it was 474 + 5 for small_fc_lopt with 7 shapes before).  Counted as a user's step
+    runs: without the suite's poisoning of kernel outputs (a fill per buffer)."""
+    from lopt_gen.runtime import engine
+
+    monkeypatch.setattr(engine, "POISON_KERNEL_OUTPUTS", False)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("triton_host_ops", ROOT / "benchmarks" / "triton_host_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("small_fc_lopt", "mulo"):
+        counts = {}
+        for layout in ("alternating", "transformer"):
+            opt = module._optimizer(name, 14, 4, layout)
+            opt.step()
+            counts[layout] = module.count_step(opt)
+        two, seven = counts["alternating"], counts["transformer"]
+        assert two["table_launches"] == seven["table_launches"] > 0
+        assert 0 <= seven["aten_kernels"] - two["aten_kernels"] <= 2 * 5, (name, two, seven)
+        total = seven["aten_kernels"] + seven["stage_launches"] + seven["host_launches"] + seven["table_launches"]
+        assert total <= 60, (name, seven)
+
+
 def test_backward_bench_tiny_run_writes_both_modes(tmp_path, monkeypatch):
     """benchmarks/backward_bench.py in the interpreter: every spec and mode gets a timed row,
     a spec's kernels row says when it has none, and the table pairs the two modes."""

@@ -113,3 +113,18 @@ def test_unreadable_values_fall_back_or_raise_cleanly():
     # what no table can hold: the runner's own error, naming the value's shape
     with pytest.raises(tr._NotScalar, match=r"shape \(2,\)"):
         tr._scalar_table([[torch.ones(2)]], "cpu")
+
+
+def test_means_over_tensors_and_prefetched_inputs_equal_the_stacks():
+    gen = torch.Generator().manual_seed(3)
+    T = [{"a": torch.rand((), generator=gen), "b": torch.rand((), generator=gen),
+          "t": torch.tensor(float(i), dtype=torch.float64), "row": torch.rand(3, generator=gen)} for i in range(7)]
+    means = tr.TritonRunner.means_over_tensors([[Ti["a"], Ti["b"]] for Ti in T], "cpu")
+    for k, name in enumerate("ab"):
+        torch.testing.assert_close(means[k], torch.stack([Ti[name] for Ti in T]).mean(0))
+    # a float64 value: the caller keeps its own stack (and the value's dtype)
+    assert tr.TritonRunner.means_over_tensors([[Ti["a"], Ti["t"]] for Ti in T], "cpu") is None
+    got = tr.TritonRunner.stacked_scalars(["a", "t", "row", "b", "missing"], T, "cpu")
+    assert set(got) == {"a", "b"}  # float32 scalars only
+    for name, v in got.items():
+        assert torch.equal(v, torch.stack([Ti[name] for Ti in T], dim=-1))

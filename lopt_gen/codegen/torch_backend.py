@@ -609,7 +609,11 @@ def describe(prog) -> dict:
     for st in stages:
         segs = []
         for j, seg in enumerate(st.host):
-            if seg.kind in ("tensor", "global"):
+            if seg.kind == "tensor":  # with the values it reads from outside (gathered at once)
+                made = {o for n in seg.nodes for o in n.outs}
+                reads = list(dict.fromkeys(d for n in seg.nodes for d in n.deps if d not in made))
+                segs.append(dict(kind=seg.kind, fn=f"host_{st.index}_{j}", reads=reads))
+            elif seg.kind == "global":
                 segs.append(dict(kind=seg.kind, fn=f"host_{st.index}_{j}"))
             else:
                 segs.append(dict(kind=seg.kind, reductions=[dict(name=r.name, arg=r.arg, over=r.over, level=r.level)

@@ -32,6 +32,7 @@ overflow, is re-checked element by element) and one device synchronisation.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -193,9 +194,9 @@ class _BatchedValues:
 
     __slots__ = ("Ts", "G", "read", "out")
 
-    def __init__(self, Ts, G):
+    def __init__(self, Ts, G, read=None):
         self.Ts, self.G = Ts, G
-        self.read: dict = {}
+        self.read: dict = dict(read or {})  # values stacked ahead (see _run_batched's ``prefetch``)
         self.out: dict = {}
 
     def __getitem__(self, name):
@@ -219,11 +220,13 @@ class _BatchedValues:
         self.out[name] = value
 
 
-def _run_batched(fn, Ts, G, phi) -> bool:
+def _run_batched(fn, Ts, G, phi, prefetch=None) -> bool:
     """Run the per-tensor host function ``fn`` once for the same-shaped tensors whose values
     are ``Ts``, writing each output back into every ``Ts[j]``.  False (nothing written) when a
-    value does not fit the batched layout; the caller then runs ``fn`` per tensor."""
-    V = _BatchedValues(Ts, G)
+    value does not fit the batched layout; the caller then runs ``fn`` per tensor.
+    ``prefetch(Ts)``, if given, returns some of the values ``fn`` reads already stacked
+    (``{name: (len(Ts),) tensor}``, made in one operation instead of one stack per value)."""
+    V = _BatchedValues(Ts, G, prefetch(Ts) if prefetch is not None else None)
     B = len(Ts)
     try:
         with ops.batched_over_tensors():
@@ -559,14 +562,20 @@ class Engine:
     def _host_phase(self, stage, T, G, phi, plans, partials, launched=None, host_runner=None, device=None):
         n = len(T)
         done: dict = {}  # reductions of the same partial sums (shared by the generated code)
+        pending: list = []  # "tensors" reductions not yet computed
         for seg in stage["host"]:
             kind = seg["kind"]
+            if kind != "tensors":  # what follows may read them
+                self._means_over_tensors(pending, T, G, host_runner, device)
             if kind == "tensor":
                 if host_runner is not None and host_runner.run_host(seg["fn"], T, G, phi, plans, device):
                     continue
                 fn = getattr(self.module, seg["fn"])
+                prefetch = None
+                if host_runner is not None and seg.get("reads"):
+                    prefetch = functools.partial(host_runner.stacked_scalars, seg["reads"], device=device)
                 for idx in _shape_groups(plans):
-                    if len(idx) < MIN_BATCHED_TENSORS or not _run_batched(fn, [T[i] for i in idx], G, phi):
+                    if len(idx) < MIN_BATCHED_TENSORS or not _run_batched(fn, [T[i] for i in idx], G, phi, prefetch):
                         for i in idx:
                             fn(ChainMap(T[i], G), phi)
             elif kind == "global":
@@ -600,9 +609,27 @@ class Engine:
                                              for x, (_, length) in zip(parts, pl.chunks)], pl.cd)
                         T[i][r["name"]] = done[key] = acc / pl.count[r["over"]]
             elif kind == "tensors":
-                for r in seg["reductions"]:
-                    G[r["name"]] = torch.stack([T[i][r["arg"]] for i in range(n)]).mean(0) if n else \
-                        torch.zeros(())
+                pending.extend(seg["reductions"])
+        self._means_over_tensors(pending, T, G, host_runner, device)
+
+    @staticmethod
+    def _means_over_tensors(reductions, T, G, host_runner, device):
+        """Means over the tensors of per-tensor values (consecutive "tensors" segments, which
+        depend on none of each other): one gathered table and one mean for all of them when
+        the Triton runner can (float32 scalars), else one stack and mean each.  Empties
+        ``reductions``."""
+        if not reductions:
+            return
+        n = len(T)
+        means = None
+        if host_runner is not None and n:
+            means = host_runner.means_over_tensors([[Ti[r["arg"]] for r in reductions] for Ti in T], device)
+        for k, r in enumerate(reductions):
+            if means is not None:
+                G[r["name"]] = means[k]
+            else:
+                G[r["name"]] = torch.stack([Ti[r["arg"]] for Ti in T]).mean(0) if n else torch.zeros(())
+        reductions.clear()
 
     @staticmethod
     def _finalize_launched(r, launched, T, G, plans):

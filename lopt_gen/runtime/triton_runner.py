@@ -498,6 +498,28 @@ class TritonRunner:
         return True
 
     @staticmethod
+    def means_over_tensors(rows, device):
+        """``(width,)`` float32: the column means of ``rows`` (one row of per-tensor values per
+        tensor), from one gathered table; None unless every value is a float32 0-dim tensor."""
+        if not all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.dim() == 0 for r in rows for v in r):
+            return None
+        return _scalar_table(rows, device).mean(0)
+
+    @staticmethod
+    def stacked_scalars(names, Ts, device) -> dict:
+        """``{name: (len(Ts),) float32}`` for those of ``names`` that are float32 0-dim tensors in
+        every ``Ts[j]``, stacked by one gathered table (the batched host functions' inputs)."""
+        take = [v for v in names if all(isinstance(Ti.get(v), torch.Tensor) and Ti[v].dtype == torch.float32
+                                        and Ti[v].dim() == 0 for Ti in Ts)]
+        if not take:
+            return {}
+        try:
+            table = _scalar_table([[Ti[v] for v in take] for Ti in Ts], device)
+        except _NotScalar:
+            return {}
+        return dict(zip(take, table.unbind(1)))
+
+    @staticmethod
     def _run_step_host(meta, kernel, G, weights, device) -> bool:
         """A per-step host segment's kernel: one program, its results written into ``G``."""
         try:
