@@ -237,3 +237,21 @@ def test_a_tensor_lr_that_requires_grad_gets_the_torch_gradient():
         sum((p * p).sum() for p in new_p).backward()
         grads_of[backend] = lr.grad
     torch.testing.assert_close(grads_of["triton"], grads_of["torch"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_dense_layer_without_inputs_keeps_its_torch_code():
+    """A dense layer with no inputs (its bias alone: a hand-built network with zero features)
+    is not a host kernel; code generation falls back instead of failing."""
+    import types
+
+    from lopt_gen.codegen import triton_host
+    from lopt_gen.codegen.printer import TritonPrinter
+    from lopt_gen.ir import Dense
+
+    node = Dense(outs=("y0", "y1"), level="tensor", ins=(), weight="w", cols=(), bias="b")
+    prog = types.SimpleNamespace(nodes=[node], meta={"w": types.SimpleNamespace(shape=(2, 0))})
+    seg = types.SimpleNamespace(kind="tensor", nodes=(node,))
+    assert triton_host.eligible(seg)
+    body = triton_host._HostBody(prog, seg, {"y0": "tensor", "y1": "tensor"}, {}, TritonPrinter)
+    with pytest.raises(triton_host._NotHostable, match="without inputs"):
+        body.dense(node, {}, prog)

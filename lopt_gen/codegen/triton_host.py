@@ -217,6 +217,8 @@ class _HostBody:
     def dense(self, n: Dense, names: dict, prog) -> None:
         """A dense layer on per-tensor (or per-step) scalars: the inputs placed in a vector, one
         2-D load of the weight block, one row-sum; each output taken back out as a scalar."""
+        if not n.ins:
+            raise _NotHostable("a dense layer without inputs")
         ld = prog.meta[n.weight].shape[1]
         row0 = n.rows[0] if n.rows else 0
         n_in, n_out = len(n.ins), len(n.outs)

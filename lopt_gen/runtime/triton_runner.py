@@ -449,7 +449,8 @@ class TritonRunner:
         if entry is None:
             return False
         meta, kernel = entry
-        weights = [phi[m] for m in meta.get("weights", ())]  # dense layers' weights and biases
+        # dense layers' weights and biases, as the stage launches pass them (fp32, row-major)
+        weights = [phi[m].detach().float().contiguous() for m in meta.get("weights", ())]
         if meta.get("per") == "step":
             return self._run_step_host(meta, kernel, G, weights, device)
         if not T:
