@@ -90,10 +90,7 @@ def assert_host_kernels_match(spec, shapes, seed=0):
                     a = torch.broadcast_to(a, b.shape)
                 else:
                     assert b.dim() == 0, msg
-                if a.dtype == torch.bool:
-                    assert torch.equal(a, b), msg
-                else:
-                    torch.testing.assert_close(b, a, rtol=2e-6, atol=1e-7, equal_nan=True, msg=msg)
+                _assert_value(a, b, msg, atol=1e-7)
 
 
 def _assert_same(want: dict, got: dict, names, what: str) -> None:
@@ -101,10 +98,15 @@ def _assert_same(want: dict, got: dict, names, what: str) -> None:
         a, b = want[v], got[v]
         msg = f"{what} {v}"
         assert b.dtype == a.dtype and b.dim() == 0, msg
-        if a.dtype == torch.bool:
-            assert torch.equal(a, b), msg
-        else:
-            torch.testing.assert_close(b, a, rtol=2e-6, atol=1e-6, equal_nan=True, msg=msg)
+        _assert_value(a, b, msg, atol=1e-6)
+
+
+def _assert_value(a, b, msg: str, atol: float) -> None:
+    """``b`` (the kernel's) equals ``a`` (torch's): exactly for a condition, else to rounding."""
+    if a.dtype == torch.bool:
+        assert torch.equal(a, b), msg
+    else:
+        torch.testing.assert_close(b, a, rtol=2e-6, atol=atol, equal_nan=True, msg=msg)
 
 
 @pytest.mark.parametrize("name", WITH_KERNELS)

@@ -555,16 +555,23 @@ def _program_names(prog) -> set[str]:
     return {o for n in prog.nodes for o in n.outs}
 
 
-def _host_fn(name: str, nodes, doc: str, levels, taken) -> dict:
-    body = _Body(levels, [n for n in nodes if isinstance(n, Let)], taken)
+def _outside_reads(nodes) -> list[str]:
+    """The values a host segment's ``nodes`` read that they do not compute, in order of first use."""
     defined: set[str] = set()
     reads: list[str] = []
     for n in nodes:
         for d in n.deps:
             if d not in defined and d not in reads:
                 reads.append(d)
-        body.emit(n)
         defined.update(n.outs)
+    return reads
+
+
+def _host_fn(name: str, nodes, doc: str, levels, taken) -> dict:
+    body = _Body(levels, [n for n in nodes if isinstance(n, Let)], taken)
+    reads = _outside_reads(nodes)
+    for n in nodes:
+        body.emit(n)
     stores = []
     for n in nodes:
         for o in n.outs:
@@ -610,9 +617,7 @@ def describe(prog) -> dict:
         segs = []
         for j, seg in enumerate(st.host):
             if seg.kind == "tensor":  # with the values it reads from outside (gathered at once)
-                made = {o for n in seg.nodes for o in n.outs}
-                reads = list(dict.fromkeys(d for n in seg.nodes for d in n.deps if d not in made))
-                segs.append(dict(kind=seg.kind, fn=f"host_{st.index}_{j}", reads=reads))
+                segs.append(dict(kind=seg.kind, fn=f"host_{st.index}_{j}", reads=_outside_reads(seg.nodes)))
             elif seg.kind == "global":
                 segs.append(dict(kind=seg.kind, fn=f"host_{st.index}_{j}"))
             else:

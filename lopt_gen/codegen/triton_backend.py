@@ -45,6 +45,14 @@ def _safe(name: str) -> str:
 #: :class:`~lopt_gen.codegen.printer.RoundedTritonPrinter`)
 MATH = "fast"
 
+def activation(x: str, act: str, helpers: dict) -> str:
+    """``x`` through a layer's activation ``act``: sigmoid, tanh and silu by the printer's
+    ``helpers`` (fast or rounded), relu and gelu by their one device helper."""
+    if act == "none":
+        return x
+    return f"{helpers.get(act) or {'relu': 'tops.relu', 'gelu': 'tops.gelu'}[act]}({x})"
+
+
 #: ``tops.matmul``'s DOT argument per ``network.matmul_precision`` (True is exact fp32)
 DOT_MODES = {"ieee": "True", "tf32x3": "3", "tf32": "2"}
 
@@ -235,9 +243,7 @@ class _KBody:
             raise TypeError(f"no Triton rule for {type(node).__name__} in per-element code")
 
     def _act(self, x: str, act: str) -> str:
-        return {"none": x, "relu": f"tops.relu({x})", "tanh": f"{self.fn('tanh')}({x})",
-                "sigmoid": f"{self.fn('sigmoid')}({x})", "silu": f"{self.fn('silu')}({x})",
-                "gelu": f"tops.gelu({x})"}[act]
+        return activation(x, act, self._printer_class().HELPERS)
 
     def emit_dense(self, n: Dense) -> None:
         meta = self.prog.meta[n.weight]

@@ -36,7 +36,7 @@ from ..ir import Dense, Leaf, Let, Reduce, StateWrite
 from ..passes import plan, roots
 from .printer import TritonPrinter, fmt_float
 from .torch_backend import local
-from .triton_backend import _KBody
+from .triton_backend import _KBody, activation
 
 #: elements of a row or column vector per loop iteration
 HOST_BLOCK = 256
@@ -246,9 +246,7 @@ class _HostBody:
         for o, e in enumerate(n.extra_bias):
             self.lines.append(f"{y} = tl.where({ro} == {o}, {y} + {names.get(e)}, {y})")
         if n.act != "none":
-            helpers = self.printer_cls.HELPERS
-            fn = {"relu": "tops.relu", "gelu": "tops.gelu"}.get(n.act) or helpers[n.act]
-            self.lines.append(f"{y} = {fn}({y})")
+            self.lines.append(f"{y} = {activation(y, n.act, self.printer_cls.HELPERS)}")
         for o, out in enumerate(n.outs):
             var = local(out)
             self.lines.append(f"{var} = tl.sum(tl.where({ro} == {o}, {y}, 0.0), axis=0)")

@@ -254,6 +254,32 @@ def _host_values_table(items, names, device) -> torch.Tensor:
     return _scalar_table([[it.V[n] for n in names] for it in items], device)
 
 
+def _is_f32_scalar(v) -> bool:
+    return isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.dim() == 0
+
+
+def _step_values(meta, G, device) -> torch.Tensor:
+    """A host kernel's per-step inputs (``g_in``), float64."""
+    return _scalar_table([[G[v] for v in meta["g_in"]]], device, torch.float64).reshape(-1)
+
+
+def _scalar_outputs(meta, n, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A host kernel's float64 and float32 result tables for ``n`` programs."""
+    return (kernel_buffer((n, max(1, len(meta["out64"]))), torch.float64, device),
+            kernel_buffer((n, max(1, len(meta["out32"]))), torch.float32, device))
+
+
+def _hand_out_scalars(meta, out64, out32, targets) -> None:
+    """Program ``i``'s scalar results into ``targets[i]`` (a tensor's values, or the step's):
+    views of the result tables, conditions as bools."""
+    bools = set(meta["bool_out"])
+    for table, names in ((out64, meta["out64"]), (out32, meta["out32"])):
+        for k, v in enumerate(names):
+            col = table[:, k]
+            for target, x in zip(targets, (col != 0 if v in bools else col).unbind(0)):
+                target[v] = x
+
+
 _HOST_SIZES: dict = {}
 
 
@@ -459,7 +485,7 @@ class TritonRunner:
         try:
             # float64: it holds the float32 values exactly, and the float64 ones (t, lr, ...)
             s_in = _scalar_table([[Ti[v] for v in meta["s_in"]] for Ti in T], device, torch.float64)
-            g_in = _scalar_table([[G[v] for v in meta["g_in"]]], device, torch.float64).reshape(-1)
+            g_in = _step_values(meta, G, device)
         except _NotScalar:
             return False
         sizes, totals, spans = host_sizes(plans, device)
@@ -472,8 +498,7 @@ class TritonRunner:
                 row.append(x.data_ptr())
             ptr_rows.append(row or [0])
         rc_in = _to_device_table(ptr_rows, device)
-        out64 = kernel_buffer((n, max(1, len(meta["out64"]))), torch.float64, device)
-        out32 = kernel_buffer((n, max(1, len(meta["out32"]))), torch.float32, device)
+        out64, out32 = _scalar_outputs(meta, n, device)
         rc_out = {lv: kernel_buffer((max(1, len(meta[f"{lv}_out"])), max(1, totals[lv])), torch.float32, device)
                   for lv in ("row", "col")}
         if _capturing(device):
@@ -481,12 +506,7 @@ class TritonRunner:
         block = meta["block"]
         kernel[(n,)](s_in, g_in, rc_in, sizes, out64, out32, rc_out["row"], rc_out["col"],
                      max(1, totals["row"]), max(1, totals["col"]), *weights, BLOCK=block)
-        bools = set(meta["bool_out"])
-        for table, names in ((out64, meta["out64"]), (out32, meta["out32"])):
-            for k, v in enumerate(names):
-                col = table[:, k]
-                for Ti, x in zip(T, (col != 0 if v in bools else col).unbind(0)):
-                    Ti[v] = x
+        _hand_out_scalars(meta, out64, out32, T)
         for lv in ("row", "col"):
             names = meta[f"{lv}_out"]
             if not names:
@@ -502,7 +522,7 @@ class TritonRunner:
     def means_over_tensors(rows, device):
         """``(width,)`` float32: the column means of ``rows`` (one row of per-tensor values per
         tensor), from one gathered table; None unless every value is a float32 0-dim tensor."""
-        if not all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.dim() == 0 for r in rows for v in r):
+        if not all(_is_f32_scalar(v) for r in rows for v in r):
             return None
         return _scalar_table(rows, device).mean(0)
 
@@ -510,33 +530,24 @@ class TritonRunner:
     def stacked_scalars(names, Ts, device) -> dict:
         """``{name: (len(Ts),) float32}`` for those of ``names`` that are float32 0-dim tensors in
         every ``Ts[j]``, stacked by one gathered table (the batched host functions' inputs)."""
-        take = [v for v in names if all(isinstance(Ti.get(v), torch.Tensor) and Ti[v].dtype == torch.float32
-                                        and Ti[v].dim() == 0 for Ti in Ts)]
+        take = [v for v in names if all(_is_f32_scalar(Ti.get(v)) for Ti in Ts)]
         if not take:
             return {}
-        try:
-            table = _scalar_table([[Ti[v] for v in take] for Ti in Ts], device)
-        except _NotScalar:
-            return {}
-        return dict(zip(take, table.unbind(1)))
+        return dict(zip(take, _scalar_table([[Ti[v] for v in take] for Ti in Ts], device).unbind(1)))
 
     @staticmethod
     def _run_step_host(meta, kernel, G, weights, device) -> bool:
         """A per-step host segment's kernel: one program, its results written into ``G``."""
         try:
-            g_in = _scalar_table([[G[v] for v in meta["g_in"]]], device, torch.float64).reshape(-1)
+            g_in = _step_values(meta, G, device)
         except _NotScalar:
             return False
-        out64 = kernel_buffer((1, max(1, len(meta["out64"]))), torch.float64, device)
-        out32 = kernel_buffer((1, max(1, len(meta["out32"]))), torch.float32, device)
+        out64, out32 = _scalar_outputs(meta, 1, device)
         if _capturing(device):
             CAPTURE_KEEP.append(g_in)
         # no per-tensor tables: the kernel reads none of them (any pointer stands in)
         kernel[(1,)](g_in, g_in, g_in, g_in, out64, out32, out32, out32, 1, 1, *weights, BLOCK=meta["block"])
-        bools = set(meta["bool_out"])
-        for table, names in ((out64, meta["out64"]), (out32, meta["out32"])):
-            for v, x in zip(names, table[0].unbind(0)):
-                G[v] = x != 0 if v in bools else x
+        _hand_out_scalars(meta, out64, out32, [G])
         return True
 
     def _run_differentiable(self, stage_index, items, phi):
