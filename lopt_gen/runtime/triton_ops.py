@@ -12,7 +12,11 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from . import interpreter_fixes
 from .triton_runner import interpret_requested
+
+if interpret_requested():
+    interpreter_fixes.apply()  # the GPU's bfloat16 rounding in the interpreter too
 
 #: whether these helpers run in the Triton interpreter, where libdevice's functions do not run
 #: (the rounded helpers then use ``tl`` functions and closed forms, which numpy computes there)

@@ -47,6 +47,10 @@ def ensure_triton(device: torch.device) -> None:
         import triton  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise RuntimeError("backend='triton' needs the triton package: pip install 'lopt_gen[triton]'") from exc
+    if INTERPRETED:
+        from . import interpreter_fixes
+
+        interpreter_fixes.apply()  # the interpreter's bfloat16 conversions made the GPU's
 
 
 def auto_backend(device: torch.device) -> str:

@@ -21,14 +21,19 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreter_fixes
 from .engine import kernel_buffer
+from .triton_runner import interpret_requested
+
+if interpret_requested():
+    interpreter_fixes.apply()  # the GPU's bfloat16 rounding in the interpreter too
 
 #: elements of the table per program
 BLOCK = 256
 
 #: dtype code of each source the kernel reads (``NUMBER``: the address slot holds float64 bits).
-#: Half-precision values are not read here (they reach the tables rarely, and the interpreter
-#: converts subnormal bfloat16 inexactly): a table holding one is stacked instead.
+#: Half-precision values are not read here (they reach the tables rarely: the engine widens
+#: bfloat16 states to float32 first): a table holding one is stacked instead.
 CODES = {torch.float32: 0, torch.float64: 1, torch.bool: 2, torch.int64: 5, torch.int32: 6}
 NUMBER = 7
 
