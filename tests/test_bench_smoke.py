@@ -117,11 +117,12 @@ def test_triton_step_launches_do_not_grow_with_the_number_of_tensors(spec_name, 
 
 
 def test_triton_step_launches_barely_grow_with_the_number_of_shapes(monkeypatch):
-    """small_fc_lopt and mulo: every host segment is a kernel and every scalar table one
-    gather, so going from 2 to 7 distinct shapes adds at most two operations per shape (the
-    row and column means of each shape group), and the whole step stays within a few dozen
-    launches (it was 474 + 5 for small_fc_lopt with 7 shapes before).  Counted as a user's step
-    runs: without the suite's poisoning of kernel outputs (a fill per buffer)."""
+    """small_fc_lopt, mulo and hrnn: every host segment is a kernel (hrnn's recurrent cells
+    included) and every scalar table one gather, so going from 2 to 7 distinct shapes adds at
+    most two operations per shape (the row and column means of each shape group; none for
+    hrnn), and the whole step stays within a few dozen launches (it was 474 + 5 for
+    small_fc_lopt and 815 + 10 for hrnn with 7 shapes before).  Counted as a user's step runs:
+    without the suite's poisoning of kernel outputs (a fill per buffer)."""
     from lopt_gen.runtime import engine
 
     monkeypatch.setattr(engine, "POISON_KERNEL_OUTPUTS", False)
@@ -129,7 +130,7 @@ def test_triton_step_launches_barely_grow_with_the_number_of_shapes(monkeypatch)
     spec = importlib.util.spec_from_file_location("triton_host_ops", ROOT / "benchmarks" / "triton_host_ops.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    for name in ("small_fc_lopt", "mulo"):
+    for name in ("small_fc_lopt", "mulo", "hrnn"):
         counts = {}
         for layout in ("alternating", "transformer"):
             opt = module._optimizer(name, 14, 4, layout)
@@ -137,7 +138,7 @@ def test_triton_step_launches_barely_grow_with_the_number_of_shapes(monkeypatch)
             counts[layout] = module.count_step(opt)
         two, seven = counts["alternating"], counts["transformer"]
         assert two["table_launches"] == seven["table_launches"] > 0
-        assert 0 <= seven["aten_kernels"] - two["aten_kernels"] <= 2 * 5, (name, two, seven)
+        assert 0 <= seven["aten_kernels"] - two["aten_kernels"] <= (0 if name == "hrnn" else 2 * 5), (name, two, seven)
         total = seven["aten_kernels"] + seven["stage_launches"] + seven["host_launches"] + seven["table_launches"]
         assert total <= 60, (name, seven)
 

@@ -57,7 +57,11 @@ def assert_host_kernels_match(spec, shapes, seed=0):
     """Every host kernel of ``spec`` against its torch host function, tensor by tensor."""
     engine = get_engine(spec)
     runner = engine.triton_runner()
-    dtypes = value_dtypes(compile_program(spec))
+    prog = compile_program(spec)
+    dtypes = value_dtypes(prog)
+    # a recurrent cell's new state is a sum of ~(inputs + hidden) products of O(1) terms in
+    # each gate: its rounding is relative to those terms, not to the (possibly small) result
+    summed = {o for n in prog.nodes if isinstance(n, Cell) for o in n.outs}
     plans = [TensorPlan(s, 1 << 18) for s in shapes]
     gen = torch.Generator().manual_seed(seed)
     phi = engine.init_weights(seed=seed)  # the dense layers' weights and biases
@@ -70,7 +74,7 @@ def assert_host_kernels_match(spec, shapes, seed=0):
             getattr(engine.module, fn)(want, phi)
             got = dict(G)
             assert runner.run_host(fn, [], got, phi, plans, torch.device("cpu")), fn
-            _assert_same(want, got, names, f"{spec.name} {fn}")
+            _assert_same(want, got, names, f"{spec.name} {fn}", summed)
             continue
         want = []
         for Ti in T:
@@ -90,15 +94,15 @@ def assert_host_kernels_match(spec, shapes, seed=0):
                     a = torch.broadcast_to(a, b.shape)
                 else:
                     assert b.dim() == 0, msg
-                _assert_value(a, b, msg, atol=1e-7)
+                _assert_value(a, b, msg, atol=2e-6 if v in summed else 1e-7)
 
 
-def _assert_same(want: dict, got: dict, names, what: str) -> None:
+def _assert_same(want: dict, got: dict, names, what: str, summed) -> None:
     for v in names:
         a, b = want[v], got[v]
         msg = f"{what} {v}"
         assert b.dtype == a.dtype and b.dim() == 0, msg
-        _assert_value(a, b, msg, atol=1e-6)
+        _assert_value(a, b, msg, atol=2e-6 if v in summed else 1e-6)
 
 
 def _assert_value(a, b, msg: str, atol: float) -> None:
@@ -115,20 +119,23 @@ def test_host_kernels_equal_the_torch_host_functions(name):
 
 
 def test_shipped_specs_with_per_tensor_math_have_host_kernels():
-    """Every per-tensor and per-step segment without a recurrent cell is a kernel (for
+    """Every per-tensor and per-step segment of the shipped specs is a kernel (for
     small_fc_lopt: the learnable decays, the time features with the folded time-feature layer,
-    the Adafactor row and column updates and the per-tensor normalisers); only hrnn's tensor
-    and global RNN cells stay torch code."""
+    the Adafactor row and column updates and the per-tensor normalisers; for hrnn also its
+    tensor and global GRU cells and output heads)."""
     assert {"adam", "adamw", "hrnn", "mulo", "small_fc_lopt", "rmsprop", "l2l_lstm"} <= set(WITH_KERNELS)
     fns = get_engine(load_spec("small_fc_lopt")).triton_runner().host_kernels
     assert set(fns) == {"host_0_0", "host_0_1", "host_1_12", "host_2_6"}
+    cells = set()
     for name in sorted(shipped_specs()):
         kernels = get_engine(load_spec(name)).triton_runner().host_kernels
         for st in plan(compile_program(load_spec(name))):
             for j, seg in enumerate(st.host):
                 if seg.kind in ("tensor", "global"):
-                    has_cell = any(isinstance(n, Cell) for n in seg.nodes)
-                    assert (f"host_{st.index}_{j}" in kernels) == (not has_cell), (name, st.index, j)
+                    assert f"host_{st.index}_{j}" in kernels, (name, st.index, j)
+                    if any(isinstance(n, Cell) for n in seg.nodes):
+                        cells.add((name, seg.kind))
+    assert cells == {("hrnn", "tensor"), ("hrnn", "global")}
     assert HOST_BLOCK < 257  # SHAPES has row and column vectors of more than one block
 
 
@@ -257,3 +264,31 @@ def test_a_dense_layer_without_inputs_keeps_its_torch_code():
     body = triton_host._HostBody(prog, seg, {"y0": "tensor", "y1": "tensor"}, {}, TritonPrinter)
     with pytest.raises(triton_host._NotHostable, match="without inputs"):
         body.dense(node, {}, prog)
+
+
+def _hierarchy(tensor_cell: str, global_cell: str, hidden: int):
+    return spec_from_dict({
+        "name": f"cells_{tensor_cell}_{global_cell}_{hidden}",
+        "accumulators": [{"name": "m", "decay": [0.9, 0.5], "ema": "g"}],
+        "features": [{"name": "mom", "expr": "m"}, {"name": "grad", "expr": "g", "normalize": True}],
+        "network": {"kind": "gru", "hidden": [3], "outputs": {"d": 1, "s": 1}, "init_scale": 1.0,
+                    "hierarchy": {"tensor": {"cell": tensor_cell, "hidden": hidden},
+                                  "global": {"cell": global_cell, "hidden": hidden + 1}}},
+        "update": "0.01 * d * exp(0.1 * s)",
+    })
+
+
+@pytest.mark.parametrize("tensor_cell,global_cell,hidden", [("lstm", "lstm", 3), ("gru", "lstm", 1),
+                                                            ("lstm", "gru", 6)])
+def test_tensor_and_global_cells_are_host_kernels(tensor_cell, global_cell, hidden):
+    """GRU and LSTM cells at the tensor and global level, of widths 1 (a padded tile) to 7: each
+    is part of a host kernel, which computes what the torch cell computes, and the in-place
+    Triton optimizer follows the torch one."""
+    spec = _hierarchy(tensor_cell, global_cell, hidden)
+    prog = compile_program(spec)
+    kernels = get_engine(spec).triton_runner().host_kernels
+    kinds = {seg.kind for st in plan(prog) for j, seg in enumerate(st.host)
+             if any(isinstance(n, Cell) and n.level != "elem" for n in seg.nodes) and f"host_{st.index}_{j}" in kernels}
+    assert kinds == {"tensor", "global"}
+    assert_host_kernels_match(spec, SHAPES[:6], seed=hidden)
+    _trajectories_agree(spec, [(5, 7), (9,), ()], steps=3, seed=hidden, weight_seed=1)

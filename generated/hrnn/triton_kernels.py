@@ -422,6 +422,209 @@ HOST_KERNELS = [{'block': 256,
                 {'block': 256,
                  'bool_out': [],
                  'col_out': [],
+                 'fn': 'host_2_13',
+                 'g_in': ['_global_to_tensor_out155',
+                          '_global_to_tensor_out156',
+                          '_global_to_tensor_out157',
+                          '_global_to_tensor_out158',
+                          '_global_to_tensor_out159',
+                          '_global_to_tensor_out160',
+                          '_global_to_tensor_out161',
+                          '_global_to_tensor_out162',
+                          '_global_to_tensor_out163',
+                          '_global_to_tensor_out164',
+                          '_global_to_tensor_out165',
+                          '_global_to_tensor_out166',
+                          '_global_to_tensor_out167',
+                          '_global_to_tensor_out168',
+                          '_global_to_tensor_out169',
+                          '_global_to_tensor_out170',
+                          '_global_to_tensor_out171',
+                          '_global_to_tensor_out172',
+                          '_global_to_tensor_out173',
+                          '_global_to_tensor_out174',
+                          '_global_to_tensor_out175',
+                          '_global_to_tensor_out176',
+                          '_global_to_tensor_out177',
+                          '_global_to_tensor_out178',
+                          '_global_to_tensor_out179',
+                          '_global_to_tensor_out180',
+                          '_global_to_tensor_out181',
+                          '_global_to_tensor_out182',
+                          '_global_to_tensor_out183',
+                          '_global_to_tensor_out184',
+                          '_global_to_tensor_out185',
+                          '_global_to_tensor_out186',
+                          '_global_to_tensor_out187',
+                          '_global_to_tensor_out188',
+                          '_global_to_tensor_out189',
+                          '_global_to_tensor_out190',
+                          '_global_to_tensor_out191',
+                          '_global_to_tensor_out192',
+                          '_global_to_tensor_out193',
+                          '_global_to_tensor_out194',
+                          '_global_to_tensor_out195',
+                          '_global_to_tensor_out196',
+                          '_global_to_tensor_out197',
+                          '_global_to_tensor_out198',
+                          '_global_to_tensor_out199',
+                          '_global_to_tensor_out200',
+                          '_global_to_tensor_out201',
+                          '_global_to_tensor_out202',
+                          '_global_to_tensor_out203',
+                          '_global_to_tensor_out204',
+                          '_global_to_tensor_out205',
+                          '_global_to_tensor_out206',
+                          '_global_to_tensor_out207',
+                          '_global_to_tensor_out208',
+                          '_global_to_tensor_out209',
+                          '_global_to_tensor_out210',
+                          '_global_to_tensor_out211',
+                          '_global_to_tensor_out212',
+                          '_global_to_tensor_out213',
+                          '_global_to_tensor_out214'],
+                 'name': 'host_2_13_kernel',
+                 'out32': ['_tensor_rnn_h215',
+                           '_tensor_rnn_h216',
+                           '_tensor_rnn_h217',
+                           '_tensor_rnn_h218',
+                           '_tensor_rnn_h219',
+                           '_tensor_rnn_h220',
+                           '_tensor_rnn_h221',
+                           '_tensor_rnn_h222',
+                           '_tensor_rnn_h223',
+                           '_tensor_rnn_h224',
+                           '_tensor_rnn_h225',
+                           '_tensor_rnn_h226',
+                           '_tensor_rnn_h227',
+                           '_tensor_rnn_h228',
+                           '_tensor_rnn_h229',
+                           '_tensor_rnn_h230',
+                           '_tensor_rnn_h231',
+                           '_tensor_rnn_h232',
+                           '_tensor_rnn_h233',
+                           '_tensor_rnn_h234'],
+                 'out64': [],
+                 'per': 'tensor',
+                 'rc_in': [],
+                 'row_out': [],
+                 's_in': ['_mean_tensor112',
+                          '_mean_tensor114',
+                          '_mean_tensor116',
+                          '_mean_tensor118',
+                          '_mean_tensor120',
+                          '_mean_tensor122',
+                          '_mean_tensor124',
+                          '_mean_tensor126',
+                          '_mean_tensor128',
+                          '_mean_tensor130',
+                          '_mean_tensor132',
+                          '_mean_tensor134',
+                          '_mean_tensor136',
+                          '_mean_tensor138',
+                          '_mean_tensor140',
+                          '_mean_tensor142',
+                          '_mean_tensor144',
+                          '_mean_tensor146',
+                          '_mean_tensor148',
+                          '_mean_tensor150',
+                          '_mean_tensor152',
+                          '_mean_tensor154',
+                          '_tensor_rnn_h_old_0',
+                          '_tensor_rnn_h_old_1',
+                          '_tensor_rnn_h_old_2',
+                          '_tensor_rnn_h_old_3',
+                          '_tensor_rnn_h_old_4',
+                          '_tensor_rnn_h_old_5',
+                          '_tensor_rnn_h_old_6',
+                          '_tensor_rnn_h_old_7',
+                          '_tensor_rnn_h_old_8',
+                          '_tensor_rnn_h_old_9',
+                          '_tensor_rnn_h_old_10',
+                          '_tensor_rnn_h_old_11',
+                          '_tensor_rnn_h_old_12',
+                          '_tensor_rnn_h_old_13',
+                          '_tensor_rnn_h_old_14',
+                          '_tensor_rnn_h_old_15',
+                          '_tensor_rnn_h_old_16',
+                          '_tensor_rnn_h_old_17',
+                          '_tensor_rnn_h_old_18',
+                          '_tensor_rnn_h_old_19'],
+                 'weights': ['tensor_rnn.weight_ih', 'tensor_rnn.weight_hh', 'tensor_rnn.bias']},
+                {'block': 256,
+                 'bool_out': [],
+                 'col_out': [],
+                 'fn': 'host_2_34',
+                 'g_in': ['_mean_tensors236',
+                          '_mean_tensors238',
+                          '_mean_tensors240',
+                          '_mean_tensors242',
+                          '_mean_tensors244',
+                          '_mean_tensors246',
+                          '_mean_tensors248',
+                          '_mean_tensors250',
+                          '_mean_tensors252',
+                          '_mean_tensors254',
+                          '_mean_tensors256',
+                          '_mean_tensors258',
+                          '_mean_tensors260',
+                          '_mean_tensors262',
+                          '_mean_tensors264',
+                          '_mean_tensors266',
+                          '_mean_tensors268',
+                          '_mean_tensors270',
+                          '_mean_tensors272',
+                          '_mean_tensors274',
+                          '_global_rnn_h_old_0',
+                          '_global_rnn_h_old_1',
+                          '_global_rnn_h_old_2',
+                          '_global_rnn_h_old_3',
+                          '_global_rnn_h_old_4',
+                          '_global_rnn_h_old_5',
+                          '_global_rnn_h_old_6',
+                          '_global_rnn_h_old_7',
+                          '_global_rnn_h_old_8',
+                          '_global_rnn_h_old_9',
+                          '_global_rnn_h_old_10',
+                          '_global_rnn_h_old_11',
+                          '_global_rnn_h_old_12',
+                          '_global_rnn_h_old_13',
+                          '_global_rnn_h_old_14',
+                          '_global_rnn_h_old_15',
+                          '_global_rnn_h_old_16',
+                          '_global_rnn_h_old_17',
+                          '_global_rnn_h_old_18',
+                          '_global_rnn_h_old_19'],
+                 'name': 'host_2_34_kernel',
+                 'out32': ['_global_rnn_h275',
+                           '_global_rnn_h276',
+                           '_global_rnn_h277',
+                           '_global_rnn_h278',
+                           '_global_rnn_h279',
+                           '_global_rnn_h280',
+                           '_global_rnn_h281',
+                           '_global_rnn_h282',
+                           '_global_rnn_h283',
+                           '_global_rnn_h284',
+                           '_global_rnn_h285',
+                           '_global_rnn_h286',
+                           '_global_rnn_h287',
+                           '_global_rnn_h288',
+                           '_global_rnn_h289',
+                           '_global_rnn_h290',
+                           '_global_rnn_h291',
+                           '_global_rnn_h292',
+                           '_global_rnn_h293',
+                           '_global_rnn_h294'],
+                 'out64': [],
+                 'per': 'step',
+                 'rc_in': [],
+                 'row_out': [],
+                 's_in': [],
+                 'weights': ['global_rnn.weight_ih', 'global_rnn.weight_hh', 'global_rnn.bias']},
+                {'block': 256,
+                 'bool_out': [],
+                 'col_out': [],
                  'fn': 'host_2_35',
                  'g_in': [],
                  'name': 'host_2_35_kernel',
@@ -870,166 +1073,146 @@ def host_0_0_kernel(
     _u4 = 1.0 - ms_decay
     _u6 = 1.0 - ms_decay
     _u8 = 1.0 - ms_decay
-    _dense_col_2 = tl.arange(0, 32)
-    _dense_row_3 = tl.arange(0, 32)
-    _dense_in_1 = tl.zeros([32], dtype=tl.float32)
+    _dense_col_1 = tl.arange(0, 32)
+    _dense_row_2 = tl.arange(0, 32)
+    _dense_in_4 = tl.load(_g_in + 1 + _dense_col_1, mask=_dense_col_1 < 20, other=0.0).to(tl.float32)
+    _dense_3 = tl.sum(tl.load(_w0 + (0 + _dense_row_2[:, None]) * 20 + (_dense_col_1)[None, :], mask=(_dense_row_2[:, None] < 30) & (_dense_col_1[None, :] < 20), other=0.0) * _dense_in_4[None, :], axis=1)
+    _dense_3 += tl.load(_w1 + 0 + _dense_row_2, mask=_dense_row_2 < 30, other=0.0)
+    _global_to_param_out37 = tl.sum(tl.where(_dense_row_2 == 0, _dense_3, 0.0), axis=0)
+    _global_to_param_out38 = tl.sum(tl.where(_dense_row_2 == 1, _dense_3, 0.0), axis=0)
+    _global_to_param_out39 = tl.sum(tl.where(_dense_row_2 == 2, _dense_3, 0.0), axis=0)
+    _global_to_param_out40 = tl.sum(tl.where(_dense_row_2 == 3, _dense_3, 0.0), axis=0)
+    _global_to_param_out41 = tl.sum(tl.where(_dense_row_2 == 4, _dense_3, 0.0), axis=0)
+    _global_to_param_out42 = tl.sum(tl.where(_dense_row_2 == 5, _dense_3, 0.0), axis=0)
+    _global_to_param_out43 = tl.sum(tl.where(_dense_row_2 == 6, _dense_3, 0.0), axis=0)
+    _global_to_param_out44 = tl.sum(tl.where(_dense_row_2 == 7, _dense_3, 0.0), axis=0)
+    _global_to_param_out45 = tl.sum(tl.where(_dense_row_2 == 8, _dense_3, 0.0), axis=0)
+    _global_to_param_out46 = tl.sum(tl.where(_dense_row_2 == 9, _dense_3, 0.0), axis=0)
+    _global_to_param_out47 = tl.sum(tl.where(_dense_row_2 == 10, _dense_3, 0.0), axis=0)
+    _global_to_param_out48 = tl.sum(tl.where(_dense_row_2 == 11, _dense_3, 0.0), axis=0)
+    _global_to_param_out49 = tl.sum(tl.where(_dense_row_2 == 12, _dense_3, 0.0), axis=0)
+    _global_to_param_out50 = tl.sum(tl.where(_dense_row_2 == 13, _dense_3, 0.0), axis=0)
+    _global_to_param_out51 = tl.sum(tl.where(_dense_row_2 == 14, _dense_3, 0.0), axis=0)
+    _global_to_param_out52 = tl.sum(tl.where(_dense_row_2 == 15, _dense_3, 0.0), axis=0)
+    _global_to_param_out53 = tl.sum(tl.where(_dense_row_2 == 16, _dense_3, 0.0), axis=0)
+    _global_to_param_out54 = tl.sum(tl.where(_dense_row_2 == 17, _dense_3, 0.0), axis=0)
+    _global_to_param_out55 = tl.sum(tl.where(_dense_row_2 == 18, _dense_3, 0.0), axis=0)
+    _global_to_param_out56 = tl.sum(tl.where(_dense_row_2 == 19, _dense_3, 0.0), axis=0)
+    _global_to_param_out57 = tl.sum(tl.where(_dense_row_2 == 20, _dense_3, 0.0), axis=0)
+    _global_to_param_out58 = tl.sum(tl.where(_dense_row_2 == 21, _dense_3, 0.0), axis=0)
+    _global_to_param_out59 = tl.sum(tl.where(_dense_row_2 == 22, _dense_3, 0.0), axis=0)
+    _global_to_param_out60 = tl.sum(tl.where(_dense_row_2 == 23, _dense_3, 0.0), axis=0)
+    _global_to_param_out61 = tl.sum(tl.where(_dense_row_2 == 24, _dense_3, 0.0), axis=0)
+    _global_to_param_out62 = tl.sum(tl.where(_dense_row_2 == 25, _dense_3, 0.0), axis=0)
+    _global_to_param_out63 = tl.sum(tl.where(_dense_row_2 == 26, _dense_3, 0.0), axis=0)
+    _global_to_param_out64 = tl.sum(tl.where(_dense_row_2 == 27, _dense_3, 0.0), axis=0)
+    _global_to_param_out65 = tl.sum(tl.where(_dense_row_2 == 28, _dense_3, 0.0), axis=0)
+    _global_to_param_out66 = tl.sum(tl.where(_dense_row_2 == 29, _dense_3, 0.0), axis=0)
+    _dense_col_5 = tl.arange(0, 32)
+    _dense_row_6 = tl.arange(0, 64)
+    _dense_in_8 = tl.zeros([32], dtype=tl.float32)
     _global_rnn_h_old_0 = tl.load(_g_in + 1).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 0, _global_rnn_h_old_0, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 0, _global_rnn_h_old_0, _dense_in_8)
     _global_rnn_h_old_1 = tl.load(_g_in + 2).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 1, _global_rnn_h_old_1, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 1, _global_rnn_h_old_1, _dense_in_8)
     _global_rnn_h_old_2 = tl.load(_g_in + 3).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 2, _global_rnn_h_old_2, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 2, _global_rnn_h_old_2, _dense_in_8)
     _global_rnn_h_old_3 = tl.load(_g_in + 4).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 3, _global_rnn_h_old_3, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 3, _global_rnn_h_old_3, _dense_in_8)
     _global_rnn_h_old_4 = tl.load(_g_in + 5).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 4, _global_rnn_h_old_4, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 4, _global_rnn_h_old_4, _dense_in_8)
     _global_rnn_h_old_5 = tl.load(_g_in + 6).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 5, _global_rnn_h_old_5, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 5, _global_rnn_h_old_5, _dense_in_8)
     _global_rnn_h_old_6 = tl.load(_g_in + 7).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 6, _global_rnn_h_old_6, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 6, _global_rnn_h_old_6, _dense_in_8)
     _global_rnn_h_old_7 = tl.load(_g_in + 8).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 7, _global_rnn_h_old_7, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 7, _global_rnn_h_old_7, _dense_in_8)
     _global_rnn_h_old_8 = tl.load(_g_in + 9).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 8, _global_rnn_h_old_8, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 8, _global_rnn_h_old_8, _dense_in_8)
     _global_rnn_h_old_9 = tl.load(_g_in + 10).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 9, _global_rnn_h_old_9, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 9, _global_rnn_h_old_9, _dense_in_8)
     _global_rnn_h_old_10 = tl.load(_g_in + 11).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 10, _global_rnn_h_old_10, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 10, _global_rnn_h_old_10, _dense_in_8)
     _global_rnn_h_old_11 = tl.load(_g_in + 12).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 11, _global_rnn_h_old_11, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 11, _global_rnn_h_old_11, _dense_in_8)
     _global_rnn_h_old_12 = tl.load(_g_in + 13).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 12, _global_rnn_h_old_12, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 12, _global_rnn_h_old_12, _dense_in_8)
     _global_rnn_h_old_13 = tl.load(_g_in + 14).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 13, _global_rnn_h_old_13, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 13, _global_rnn_h_old_13, _dense_in_8)
     _global_rnn_h_old_14 = tl.load(_g_in + 15).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 14, _global_rnn_h_old_14, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 14, _global_rnn_h_old_14, _dense_in_8)
     _global_rnn_h_old_15 = tl.load(_g_in + 16).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 15, _global_rnn_h_old_15, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 15, _global_rnn_h_old_15, _dense_in_8)
     _global_rnn_h_old_16 = tl.load(_g_in + 17).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 16, _global_rnn_h_old_16, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 16, _global_rnn_h_old_16, _dense_in_8)
     _global_rnn_h_old_17 = tl.load(_g_in + 18).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 17, _global_rnn_h_old_17, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 17, _global_rnn_h_old_17, _dense_in_8)
     _global_rnn_h_old_18 = tl.load(_g_in + 19).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 18, _global_rnn_h_old_18, _dense_in_1)
+    _dense_in_8 = tl.where(_dense_col_5 == 18, _global_rnn_h_old_18, _dense_in_8)
     _global_rnn_h_old_19 = tl.load(_g_in + 20).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 19, _global_rnn_h_old_19, _dense_in_1)
-    _dense_4 = tl.sum(tl.load(_w0 + (0 + _dense_row_3[:, None]) * 20 + (_dense_col_2)[None, :], mask=(_dense_row_3[:, None] < 30) & (_dense_col_2[None, :] < 20), other=0.0) * _dense_in_1[None, :], axis=1)
-    _dense_4 += tl.load(_w1 + 0 + _dense_row_3, mask=_dense_row_3 < 30, other=0.0)
-    _global_to_param_out37 = tl.sum(tl.where(_dense_row_3 == 0, _dense_4, 0.0), axis=0)
-    _global_to_param_out38 = tl.sum(tl.where(_dense_row_3 == 1, _dense_4, 0.0), axis=0)
-    _global_to_param_out39 = tl.sum(tl.where(_dense_row_3 == 2, _dense_4, 0.0), axis=0)
-    _global_to_param_out40 = tl.sum(tl.where(_dense_row_3 == 3, _dense_4, 0.0), axis=0)
-    _global_to_param_out41 = tl.sum(tl.where(_dense_row_3 == 4, _dense_4, 0.0), axis=0)
-    _global_to_param_out42 = tl.sum(tl.where(_dense_row_3 == 5, _dense_4, 0.0), axis=0)
-    _global_to_param_out43 = tl.sum(tl.where(_dense_row_3 == 6, _dense_4, 0.0), axis=0)
-    _global_to_param_out44 = tl.sum(tl.where(_dense_row_3 == 7, _dense_4, 0.0), axis=0)
-    _global_to_param_out45 = tl.sum(tl.where(_dense_row_3 == 8, _dense_4, 0.0), axis=0)
-    _global_to_param_out46 = tl.sum(tl.where(_dense_row_3 == 9, _dense_4, 0.0), axis=0)
-    _global_to_param_out47 = tl.sum(tl.where(_dense_row_3 == 10, _dense_4, 0.0), axis=0)
-    _global_to_param_out48 = tl.sum(tl.where(_dense_row_3 == 11, _dense_4, 0.0), axis=0)
-    _global_to_param_out49 = tl.sum(tl.where(_dense_row_3 == 12, _dense_4, 0.0), axis=0)
-    _global_to_param_out50 = tl.sum(tl.where(_dense_row_3 == 13, _dense_4, 0.0), axis=0)
-    _global_to_param_out51 = tl.sum(tl.where(_dense_row_3 == 14, _dense_4, 0.0), axis=0)
-    _global_to_param_out52 = tl.sum(tl.where(_dense_row_3 == 15, _dense_4, 0.0), axis=0)
-    _global_to_param_out53 = tl.sum(tl.where(_dense_row_3 == 16, _dense_4, 0.0), axis=0)
-    _global_to_param_out54 = tl.sum(tl.where(_dense_row_3 == 17, _dense_4, 0.0), axis=0)
-    _global_to_param_out55 = tl.sum(tl.where(_dense_row_3 == 18, _dense_4, 0.0), axis=0)
-    _global_to_param_out56 = tl.sum(tl.where(_dense_row_3 == 19, _dense_4, 0.0), axis=0)
-    _global_to_param_out57 = tl.sum(tl.where(_dense_row_3 == 20, _dense_4, 0.0), axis=0)
-    _global_to_param_out58 = tl.sum(tl.where(_dense_row_3 == 21, _dense_4, 0.0), axis=0)
-    _global_to_param_out59 = tl.sum(tl.where(_dense_row_3 == 22, _dense_4, 0.0), axis=0)
-    _global_to_param_out60 = tl.sum(tl.where(_dense_row_3 == 23, _dense_4, 0.0), axis=0)
-    _global_to_param_out61 = tl.sum(tl.where(_dense_row_3 == 24, _dense_4, 0.0), axis=0)
-    _global_to_param_out62 = tl.sum(tl.where(_dense_row_3 == 25, _dense_4, 0.0), axis=0)
-    _global_to_param_out63 = tl.sum(tl.where(_dense_row_3 == 26, _dense_4, 0.0), axis=0)
-    _global_to_param_out64 = tl.sum(tl.where(_dense_row_3 == 27, _dense_4, 0.0), axis=0)
-    _global_to_param_out65 = tl.sum(tl.where(_dense_row_3 == 28, _dense_4, 0.0), axis=0)
-    _global_to_param_out66 = tl.sum(tl.where(_dense_row_3 == 29, _dense_4, 0.0), axis=0)
-    _dense_col_6 = tl.arange(0, 32)
-    _dense_row_7 = tl.arange(0, 64)
-    _dense_in_5 = tl.zeros([32], dtype=tl.float32)
-    _dense_in_5 = tl.where(_dense_col_6 == 0, _global_rnn_h_old_0, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 1, _global_rnn_h_old_1, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 2, _global_rnn_h_old_2, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 3, _global_rnn_h_old_3, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 4, _global_rnn_h_old_4, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 5, _global_rnn_h_old_5, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 6, _global_rnn_h_old_6, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 7, _global_rnn_h_old_7, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 8, _global_rnn_h_old_8, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 9, _global_rnn_h_old_9, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 10, _global_rnn_h_old_10, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 11, _global_rnn_h_old_11, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 12, _global_rnn_h_old_12, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 13, _global_rnn_h_old_13, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 14, _global_rnn_h_old_14, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 15, _global_rnn_h_old_15, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 16, _global_rnn_h_old_16, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 17, _global_rnn_h_old_17, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 18, _global_rnn_h_old_18, _dense_in_5)
-    _dense_in_5 = tl.where(_dense_col_6 == 19, _global_rnn_h_old_19, _dense_in_5)
-    _dense_8 = tl.sum(tl.load(_w2 + (0 + _dense_row_7[:, None]) * 20 + (_dense_col_6)[None, :], mask=(_dense_row_7[:, None] < 60) & (_dense_col_6[None, :] < 20), other=0.0) * _dense_in_5[None, :], axis=1)
-    _dense_8 += tl.load(_w3 + 0 + _dense_row_7, mask=_dense_row_7 < 60, other=0.0)
-    _global_to_tensor_out155 = tl.sum(tl.where(_dense_row_7 == 0, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out156 = tl.sum(tl.where(_dense_row_7 == 1, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out157 = tl.sum(tl.where(_dense_row_7 == 2, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out158 = tl.sum(tl.where(_dense_row_7 == 3, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out159 = tl.sum(tl.where(_dense_row_7 == 4, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out160 = tl.sum(tl.where(_dense_row_7 == 5, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out161 = tl.sum(tl.where(_dense_row_7 == 6, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out162 = tl.sum(tl.where(_dense_row_7 == 7, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out163 = tl.sum(tl.where(_dense_row_7 == 8, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out164 = tl.sum(tl.where(_dense_row_7 == 9, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out165 = tl.sum(tl.where(_dense_row_7 == 10, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out166 = tl.sum(tl.where(_dense_row_7 == 11, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out167 = tl.sum(tl.where(_dense_row_7 == 12, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out168 = tl.sum(tl.where(_dense_row_7 == 13, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out169 = tl.sum(tl.where(_dense_row_7 == 14, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out170 = tl.sum(tl.where(_dense_row_7 == 15, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out171 = tl.sum(tl.where(_dense_row_7 == 16, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out172 = tl.sum(tl.where(_dense_row_7 == 17, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out173 = tl.sum(tl.where(_dense_row_7 == 18, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out174 = tl.sum(tl.where(_dense_row_7 == 19, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out175 = tl.sum(tl.where(_dense_row_7 == 20, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out176 = tl.sum(tl.where(_dense_row_7 == 21, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out177 = tl.sum(tl.where(_dense_row_7 == 22, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out178 = tl.sum(tl.where(_dense_row_7 == 23, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out179 = tl.sum(tl.where(_dense_row_7 == 24, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out180 = tl.sum(tl.where(_dense_row_7 == 25, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out181 = tl.sum(tl.where(_dense_row_7 == 26, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out182 = tl.sum(tl.where(_dense_row_7 == 27, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out183 = tl.sum(tl.where(_dense_row_7 == 28, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out184 = tl.sum(tl.where(_dense_row_7 == 29, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out185 = tl.sum(tl.where(_dense_row_7 == 30, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out186 = tl.sum(tl.where(_dense_row_7 == 31, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out187 = tl.sum(tl.where(_dense_row_7 == 32, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out188 = tl.sum(tl.where(_dense_row_7 == 33, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out189 = tl.sum(tl.where(_dense_row_7 == 34, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out190 = tl.sum(tl.where(_dense_row_7 == 35, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out191 = tl.sum(tl.where(_dense_row_7 == 36, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out192 = tl.sum(tl.where(_dense_row_7 == 37, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out193 = tl.sum(tl.where(_dense_row_7 == 38, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out194 = tl.sum(tl.where(_dense_row_7 == 39, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out195 = tl.sum(tl.where(_dense_row_7 == 40, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out196 = tl.sum(tl.where(_dense_row_7 == 41, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out197 = tl.sum(tl.where(_dense_row_7 == 42, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out198 = tl.sum(tl.where(_dense_row_7 == 43, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out199 = tl.sum(tl.where(_dense_row_7 == 44, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out200 = tl.sum(tl.where(_dense_row_7 == 45, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out201 = tl.sum(tl.where(_dense_row_7 == 46, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out202 = tl.sum(tl.where(_dense_row_7 == 47, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out203 = tl.sum(tl.where(_dense_row_7 == 48, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out204 = tl.sum(tl.where(_dense_row_7 == 49, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out205 = tl.sum(tl.where(_dense_row_7 == 50, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out206 = tl.sum(tl.where(_dense_row_7 == 51, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out207 = tl.sum(tl.where(_dense_row_7 == 52, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out208 = tl.sum(tl.where(_dense_row_7 == 53, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out209 = tl.sum(tl.where(_dense_row_7 == 54, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out210 = tl.sum(tl.where(_dense_row_7 == 55, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out211 = tl.sum(tl.where(_dense_row_7 == 56, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out212 = tl.sum(tl.where(_dense_row_7 == 57, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out213 = tl.sum(tl.where(_dense_row_7 == 58, _dense_8, 0.0), axis=0)
-    _global_to_tensor_out214 = tl.sum(tl.where(_dense_row_7 == 59, _dense_8, 0.0), axis=0)
+    _dense_in_8 = tl.where(_dense_col_5 == 19, _global_rnn_h_old_19, _dense_in_8)
+    _dense_7 = tl.sum(tl.load(_w2 + (0 + _dense_row_6[:, None]) * 20 + (_dense_col_5)[None, :], mask=(_dense_row_6[:, None] < 60) & (_dense_col_5[None, :] < 20), other=0.0) * _dense_in_8[None, :], axis=1)
+    _dense_7 += tl.load(_w3 + 0 + _dense_row_6, mask=_dense_row_6 < 60, other=0.0)
+    _global_to_tensor_out155 = tl.sum(tl.where(_dense_row_6 == 0, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out156 = tl.sum(tl.where(_dense_row_6 == 1, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out157 = tl.sum(tl.where(_dense_row_6 == 2, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out158 = tl.sum(tl.where(_dense_row_6 == 3, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out159 = tl.sum(tl.where(_dense_row_6 == 4, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out160 = tl.sum(tl.where(_dense_row_6 == 5, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out161 = tl.sum(tl.where(_dense_row_6 == 6, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out162 = tl.sum(tl.where(_dense_row_6 == 7, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out163 = tl.sum(tl.where(_dense_row_6 == 8, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out164 = tl.sum(tl.where(_dense_row_6 == 9, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out165 = tl.sum(tl.where(_dense_row_6 == 10, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out166 = tl.sum(tl.where(_dense_row_6 == 11, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out167 = tl.sum(tl.where(_dense_row_6 == 12, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out168 = tl.sum(tl.where(_dense_row_6 == 13, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out169 = tl.sum(tl.where(_dense_row_6 == 14, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out170 = tl.sum(tl.where(_dense_row_6 == 15, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out171 = tl.sum(tl.where(_dense_row_6 == 16, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out172 = tl.sum(tl.where(_dense_row_6 == 17, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out173 = tl.sum(tl.where(_dense_row_6 == 18, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out174 = tl.sum(tl.where(_dense_row_6 == 19, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out175 = tl.sum(tl.where(_dense_row_6 == 20, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out176 = tl.sum(tl.where(_dense_row_6 == 21, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out177 = tl.sum(tl.where(_dense_row_6 == 22, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out178 = tl.sum(tl.where(_dense_row_6 == 23, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out179 = tl.sum(tl.where(_dense_row_6 == 24, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out180 = tl.sum(tl.where(_dense_row_6 == 25, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out181 = tl.sum(tl.where(_dense_row_6 == 26, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out182 = tl.sum(tl.where(_dense_row_6 == 27, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out183 = tl.sum(tl.where(_dense_row_6 == 28, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out184 = tl.sum(tl.where(_dense_row_6 == 29, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out185 = tl.sum(tl.where(_dense_row_6 == 30, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out186 = tl.sum(tl.where(_dense_row_6 == 31, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out187 = tl.sum(tl.where(_dense_row_6 == 32, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out188 = tl.sum(tl.where(_dense_row_6 == 33, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out189 = tl.sum(tl.where(_dense_row_6 == 34, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out190 = tl.sum(tl.where(_dense_row_6 == 35, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out191 = tl.sum(tl.where(_dense_row_6 == 36, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out192 = tl.sum(tl.where(_dense_row_6 == 37, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out193 = tl.sum(tl.where(_dense_row_6 == 38, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out194 = tl.sum(tl.where(_dense_row_6 == 39, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out195 = tl.sum(tl.where(_dense_row_6 == 40, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out196 = tl.sum(tl.where(_dense_row_6 == 41, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out197 = tl.sum(tl.where(_dense_row_6 == 42, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out198 = tl.sum(tl.where(_dense_row_6 == 43, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out199 = tl.sum(tl.where(_dense_row_6 == 44, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out200 = tl.sum(tl.where(_dense_row_6 == 45, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out201 = tl.sum(tl.where(_dense_row_6 == 46, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out202 = tl.sum(tl.where(_dense_row_6 == 47, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out203 = tl.sum(tl.where(_dense_row_6 == 48, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out204 = tl.sum(tl.where(_dense_row_6 == 49, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out205 = tl.sum(tl.where(_dense_row_6 == 50, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out206 = tl.sum(tl.where(_dense_row_6 == 51, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out207 = tl.sum(tl.where(_dense_row_6 == 52, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out208 = tl.sum(tl.where(_dense_row_6 == 53, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out209 = tl.sum(tl.where(_dense_row_6 == 54, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out210 = tl.sum(tl.where(_dense_row_6 == 55, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out211 = tl.sum(tl.where(_dense_row_6 == 56, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out212 = tl.sum(tl.where(_dense_row_6 == 57, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out213 = tl.sum(tl.where(_dense_row_6 == 58, _dense_7, 0.0), axis=0)
+    _global_to_tensor_out214 = tl.sum(tl.where(_dense_row_6 == 59, _dense_7, 0.0), axis=0)
     _phi_lr_ema_logit = tl.load(_g_in + 21).to(tl.float32)
     lr_ema = tops.sigmoid(_phi_lr_ema_logit)
     _u10 = 1.0 - lr_ema
@@ -1155,81 +1338,41 @@ def host_0_1_kernel(
     _u3 = tl.where(t == 0.0, 1.0, 0.0)
     _u5 = tl.where(t == 0.0, 1.0, 0.0)
     _u7 = tl.where(t == 0.0, 1.0, 0.0)
-    _dense_col_2 = tl.arange(0, 32)
-    _dense_row_3 = tl.arange(0, 32)
-    _dense_in_1 = tl.zeros([32], dtype=tl.float32)
-    _tensor_rnn_h_old_0 = tl.load(_s_row + 1).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 0, _tensor_rnn_h_old_0, _dense_in_1)
-    _tensor_rnn_h_old_1 = tl.load(_s_row + 2).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 1, _tensor_rnn_h_old_1, _dense_in_1)
-    _tensor_rnn_h_old_2 = tl.load(_s_row + 3).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 2, _tensor_rnn_h_old_2, _dense_in_1)
-    _tensor_rnn_h_old_3 = tl.load(_s_row + 4).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 3, _tensor_rnn_h_old_3, _dense_in_1)
-    _tensor_rnn_h_old_4 = tl.load(_s_row + 5).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 4, _tensor_rnn_h_old_4, _dense_in_1)
-    _tensor_rnn_h_old_5 = tl.load(_s_row + 6).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 5, _tensor_rnn_h_old_5, _dense_in_1)
-    _tensor_rnn_h_old_6 = tl.load(_s_row + 7).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 6, _tensor_rnn_h_old_6, _dense_in_1)
-    _tensor_rnn_h_old_7 = tl.load(_s_row + 8).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 7, _tensor_rnn_h_old_7, _dense_in_1)
-    _tensor_rnn_h_old_8 = tl.load(_s_row + 9).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 8, _tensor_rnn_h_old_8, _dense_in_1)
-    _tensor_rnn_h_old_9 = tl.load(_s_row + 10).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 9, _tensor_rnn_h_old_9, _dense_in_1)
-    _tensor_rnn_h_old_10 = tl.load(_s_row + 11).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 10, _tensor_rnn_h_old_10, _dense_in_1)
-    _tensor_rnn_h_old_11 = tl.load(_s_row + 12).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 11, _tensor_rnn_h_old_11, _dense_in_1)
-    _tensor_rnn_h_old_12 = tl.load(_s_row + 13).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 12, _tensor_rnn_h_old_12, _dense_in_1)
-    _tensor_rnn_h_old_13 = tl.load(_s_row + 14).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 13, _tensor_rnn_h_old_13, _dense_in_1)
-    _tensor_rnn_h_old_14 = tl.load(_s_row + 15).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 14, _tensor_rnn_h_old_14, _dense_in_1)
-    _tensor_rnn_h_old_15 = tl.load(_s_row + 16).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 15, _tensor_rnn_h_old_15, _dense_in_1)
-    _tensor_rnn_h_old_16 = tl.load(_s_row + 17).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 16, _tensor_rnn_h_old_16, _dense_in_1)
-    _tensor_rnn_h_old_17 = tl.load(_s_row + 18).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 17, _tensor_rnn_h_old_17, _dense_in_1)
-    _tensor_rnn_h_old_18 = tl.load(_s_row + 19).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 18, _tensor_rnn_h_old_18, _dense_in_1)
-    _tensor_rnn_h_old_19 = tl.load(_s_row + 20).to(tl.float32)
-    _dense_in_1 = tl.where(_dense_col_2 == 19, _tensor_rnn_h_old_19, _dense_in_1)
-    _dense_4 = tl.sum(tl.load(_w0 + (0 + _dense_row_3[:, None]) * 20 + (_dense_col_2)[None, :], mask=(_dense_row_3[:, None] < 30) & (_dense_col_2[None, :] < 20), other=0.0) * _dense_in_1[None, :], axis=1)
-    _dense_4 += tl.load(_w1 + 0 + _dense_row_3, mask=_dense_row_3 < 30, other=0.0)
-    _tensor_to_param_out7 = tl.sum(tl.where(_dense_row_3 == 0, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out8 = tl.sum(tl.where(_dense_row_3 == 1, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out9 = tl.sum(tl.where(_dense_row_3 == 2, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out10 = tl.sum(tl.where(_dense_row_3 == 3, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out11 = tl.sum(tl.where(_dense_row_3 == 4, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out12 = tl.sum(tl.where(_dense_row_3 == 5, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out13 = tl.sum(tl.where(_dense_row_3 == 6, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out14 = tl.sum(tl.where(_dense_row_3 == 7, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out15 = tl.sum(tl.where(_dense_row_3 == 8, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out16 = tl.sum(tl.where(_dense_row_3 == 9, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out17 = tl.sum(tl.where(_dense_row_3 == 10, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out18 = tl.sum(tl.where(_dense_row_3 == 11, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out19 = tl.sum(tl.where(_dense_row_3 == 12, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out20 = tl.sum(tl.where(_dense_row_3 == 13, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out21 = tl.sum(tl.where(_dense_row_3 == 14, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out22 = tl.sum(tl.where(_dense_row_3 == 15, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out23 = tl.sum(tl.where(_dense_row_3 == 16, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out24 = tl.sum(tl.where(_dense_row_3 == 17, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out25 = tl.sum(tl.where(_dense_row_3 == 18, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out26 = tl.sum(tl.where(_dense_row_3 == 19, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out27 = tl.sum(tl.where(_dense_row_3 == 20, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out28 = tl.sum(tl.where(_dense_row_3 == 21, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out29 = tl.sum(tl.where(_dense_row_3 == 22, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out30 = tl.sum(tl.where(_dense_row_3 == 23, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out31 = tl.sum(tl.where(_dense_row_3 == 24, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out32 = tl.sum(tl.where(_dense_row_3 == 25, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out33 = tl.sum(tl.where(_dense_row_3 == 26, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out34 = tl.sum(tl.where(_dense_row_3 == 27, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out35 = tl.sum(tl.where(_dense_row_3 == 28, _dense_4, 0.0), axis=0)
-    _tensor_to_param_out36 = tl.sum(tl.where(_dense_row_3 == 29, _dense_4, 0.0), axis=0)
+    _dense_col_1 = tl.arange(0, 32)
+    _dense_row_2 = tl.arange(0, 32)
+    _dense_in_4 = tl.load(_s_row + 1 + _dense_col_1, mask=_dense_col_1 < 20, other=0.0).to(tl.float32)
+    _dense_3 = tl.sum(tl.load(_w0 + (0 + _dense_row_2[:, None]) * 20 + (_dense_col_1)[None, :], mask=(_dense_row_2[:, None] < 30) & (_dense_col_1[None, :] < 20), other=0.0) * _dense_in_4[None, :], axis=1)
+    _dense_3 += tl.load(_w1 + 0 + _dense_row_2, mask=_dense_row_2 < 30, other=0.0)
+    _tensor_to_param_out7 = tl.sum(tl.where(_dense_row_2 == 0, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out8 = tl.sum(tl.where(_dense_row_2 == 1, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out9 = tl.sum(tl.where(_dense_row_2 == 2, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out10 = tl.sum(tl.where(_dense_row_2 == 3, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out11 = tl.sum(tl.where(_dense_row_2 == 4, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out12 = tl.sum(tl.where(_dense_row_2 == 5, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out13 = tl.sum(tl.where(_dense_row_2 == 6, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out14 = tl.sum(tl.where(_dense_row_2 == 7, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out15 = tl.sum(tl.where(_dense_row_2 == 8, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out16 = tl.sum(tl.where(_dense_row_2 == 9, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out17 = tl.sum(tl.where(_dense_row_2 == 10, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out18 = tl.sum(tl.where(_dense_row_2 == 11, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out19 = tl.sum(tl.where(_dense_row_2 == 12, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out20 = tl.sum(tl.where(_dense_row_2 == 13, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out21 = tl.sum(tl.where(_dense_row_2 == 14, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out22 = tl.sum(tl.where(_dense_row_2 == 15, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out23 = tl.sum(tl.where(_dense_row_2 == 16, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out24 = tl.sum(tl.where(_dense_row_2 == 17, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out25 = tl.sum(tl.where(_dense_row_2 == 18, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out26 = tl.sum(tl.where(_dense_row_2 == 19, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out27 = tl.sum(tl.where(_dense_row_2 == 20, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out28 = tl.sum(tl.where(_dense_row_2 == 21, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out29 = tl.sum(tl.where(_dense_row_2 == 22, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out30 = tl.sum(tl.where(_dense_row_2 == 23, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out31 = tl.sum(tl.where(_dense_row_2 == 24, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out32 = tl.sum(tl.where(_dense_row_2 == 25, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out33 = tl.sum(tl.where(_dense_row_2 == 26, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out34 = tl.sum(tl.where(_dense_row_2 == 27, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out35 = tl.sum(tl.where(_dense_row_2 == 28, _dense_3, 0.0), axis=0)
+    _tensor_to_param_out36 = tl.sum(tl.where(_dense_row_2 == 29, _dense_3, 0.0), axis=0)
     lr = tl.load(_s_row + 21)
     wd = tl.load(_s_row + 22)
     _u12 = -lr * wd + 1.0
@@ -1348,6 +1491,157 @@ def host_1_12_kernel(
     _mean_all6 = tl.load(_g_in + 0).to(tl.float32)
     _u9 = -_mean_all6
     tl.store(_s_out32 + _t * 1 + 0, _u9.to(tl.float32))
+
+
+@triton.jit
+def host_2_13_kernel(
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
+    _w0,  # tensor_rnn.weight_ih
+    _w1,  # tensor_rnn.weight_hh
+    _w2,  # tensor_rnn.bias
+    BLOCK: tl.constexpr,
+):
+    _t = tl.program_id(0)
+    _s_row = _s_in + _t * 42
+    _tile_col_1 = tl.arange(0, 32)[None, :]
+    _cell_x_2 = tl.load(_s_row + _tile_col_1, mask=_tile_col_1 < 22, other=0.0).to(tl.float32)
+    _tile_col_3 = tl.arange(0, 32)[None, :]
+    _cell_h_4 = tl.load(_s_row + 22 + _tile_col_3, mask=_tile_col_3 < 20, other=0.0).to(tl.float32)
+    _tile_col_6 = tl.arange(0, 32)[None, :]
+    _cell_extra_r_7 = tl.load(_g_in + _tile_col_6, mask=_tile_col_6 < 20, other=0.0).to(tl.float32)
+    _gate_r_5 = tops.weight_vec(_w2, 0, 20, 32)[None, :] + tops.matmul(_cell_x_2, _w0, 22, 0, 0, 20, 22, 32, 32, False) + _cell_extra_r_7
+    _tile_col_9 = tl.arange(0, 32)[None, :]
+    _cell_extra_u_10 = tl.load(_g_in + 20 + _tile_col_9, mask=_tile_col_9 < 20, other=0.0).to(tl.float32)
+    _gate_u_8 = tops.weight_vec(_w2, 20, 20, 32)[None, :] + tops.matmul(_cell_x_2, _w0, 22, 20, 0, 20, 22, 32, 32, False) + _cell_extra_u_10
+    _tile_col_12 = tl.arange(0, 32)[None, :]
+    _cell_extra_c_13 = tl.load(_g_in + 40 + _tile_col_12, mask=_tile_col_12 < 20, other=0.0).to(tl.float32)
+    _gate_c_11 = tops.weight_vec(_w2, 40, 20, 32)[None, :] + tops.matmul(_cell_x_2, _w0, 22, 40, 0, 20, 22, 32, 32, False) + _cell_extra_c_13
+    _gate_r_14 = tops.sigmoid(_gate_r_5 + tops.matmul(_cell_h_4, _w1, 20, 0, 0, 20, 20, 32, 32, False))
+    _gate_u_15 = tops.sigmoid(_gate_u_8 + tops.matmul(_cell_h_4, _w1, 20, 20, 0, 20, 20, 32, 32, False))
+    _cand_16 = tops.tanh(_gate_c_11 + tops.matmul((_gate_r_14 * _cell_h_4), _w1, 20, 40, 0, 20, 20, 32, 32, False))
+    _h_new_17 = _gate_u_15 * _cell_h_4 + (1.0 - _gate_u_15) * _cand_16
+    _tile_col_18 = tl.arange(0, 32)[None, :]
+    _tensor_rnn_h215 = tl.sum(tl.where(_tile_col_18 == 0, _h_new_17, 0.0))
+    _tensor_rnn_h216 = tl.sum(tl.where(_tile_col_18 == 1, _h_new_17, 0.0))
+    _tensor_rnn_h217 = tl.sum(tl.where(_tile_col_18 == 2, _h_new_17, 0.0))
+    _tensor_rnn_h218 = tl.sum(tl.where(_tile_col_18 == 3, _h_new_17, 0.0))
+    _tensor_rnn_h219 = tl.sum(tl.where(_tile_col_18 == 4, _h_new_17, 0.0))
+    _tensor_rnn_h220 = tl.sum(tl.where(_tile_col_18 == 5, _h_new_17, 0.0))
+    _tensor_rnn_h221 = tl.sum(tl.where(_tile_col_18 == 6, _h_new_17, 0.0))
+    _tensor_rnn_h222 = tl.sum(tl.where(_tile_col_18 == 7, _h_new_17, 0.0))
+    _tensor_rnn_h223 = tl.sum(tl.where(_tile_col_18 == 8, _h_new_17, 0.0))
+    _tensor_rnn_h224 = tl.sum(tl.where(_tile_col_18 == 9, _h_new_17, 0.0))
+    _tensor_rnn_h225 = tl.sum(tl.where(_tile_col_18 == 10, _h_new_17, 0.0))
+    _tensor_rnn_h226 = tl.sum(tl.where(_tile_col_18 == 11, _h_new_17, 0.0))
+    _tensor_rnn_h227 = tl.sum(tl.where(_tile_col_18 == 12, _h_new_17, 0.0))
+    _tensor_rnn_h228 = tl.sum(tl.where(_tile_col_18 == 13, _h_new_17, 0.0))
+    _tensor_rnn_h229 = tl.sum(tl.where(_tile_col_18 == 14, _h_new_17, 0.0))
+    _tensor_rnn_h230 = tl.sum(tl.where(_tile_col_18 == 15, _h_new_17, 0.0))
+    _tensor_rnn_h231 = tl.sum(tl.where(_tile_col_18 == 16, _h_new_17, 0.0))
+    _tensor_rnn_h232 = tl.sum(tl.where(_tile_col_18 == 17, _h_new_17, 0.0))
+    _tensor_rnn_h233 = tl.sum(tl.where(_tile_col_18 == 18, _h_new_17, 0.0))
+    _tensor_rnn_h234 = tl.sum(tl.where(_tile_col_18 == 19, _h_new_17, 0.0))
+    tl.store(_s_out32 + _t * 20 + 0, _tensor_rnn_h215.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 1, _tensor_rnn_h216.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 2, _tensor_rnn_h217.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 3, _tensor_rnn_h218.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 4, _tensor_rnn_h219.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 5, _tensor_rnn_h220.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 6, _tensor_rnn_h221.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 7, _tensor_rnn_h222.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 8, _tensor_rnn_h223.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 9, _tensor_rnn_h224.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 10, _tensor_rnn_h225.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 11, _tensor_rnn_h226.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 12, _tensor_rnn_h227.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 13, _tensor_rnn_h228.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 14, _tensor_rnn_h229.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 15, _tensor_rnn_h230.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 16, _tensor_rnn_h231.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 17, _tensor_rnn_h232.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 18, _tensor_rnn_h233.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 19, _tensor_rnn_h234.to(tl.float32))
+
+
+@triton.jit
+def host_2_34_kernel(
+    _s_in,
+    _g_in,
+    _rc_in,
+    _sizes,
+    _s_out64,
+    _s_out32,
+    _row_out,
+    _col_out,
+    _row_total,
+    _col_total,
+    _w0,  # global_rnn.weight_ih
+    _w1,  # global_rnn.weight_hh
+    _w2,  # global_rnn.bias
+    BLOCK: tl.constexpr,
+):
+    _t = tl.program_id(0)
+    _tile_col_1 = tl.arange(0, 32)[None, :]
+    _cell_x_2 = tl.load(_g_in + _tile_col_1, mask=_tile_col_1 < 20, other=0.0).to(tl.float32)
+    _tile_col_3 = tl.arange(0, 32)[None, :]
+    _cell_h_4 = tl.load(_g_in + 20 + _tile_col_3, mask=_tile_col_3 < 20, other=0.0).to(tl.float32)
+    _gate_r_5 = tops.weight_vec(_w2, 0, 20, 32)[None, :] + tops.matmul(_cell_x_2, _w0, 20, 0, 0, 20, 20, 32, 32, False)
+    _gate_u_6 = tops.weight_vec(_w2, 20, 20, 32)[None, :] + tops.matmul(_cell_x_2, _w0, 20, 20, 0, 20, 20, 32, 32, False)
+    _gate_c_7 = tops.weight_vec(_w2, 40, 20, 32)[None, :] + tops.matmul(_cell_x_2, _w0, 20, 40, 0, 20, 20, 32, 32, False)
+    _gate_r_8 = tops.sigmoid(_gate_r_5 + tops.matmul(_cell_h_4, _w1, 20, 0, 0, 20, 20, 32, 32, False))
+    _gate_u_9 = tops.sigmoid(_gate_u_6 + tops.matmul(_cell_h_4, _w1, 20, 20, 0, 20, 20, 32, 32, False))
+    _cand_10 = tops.tanh(_gate_c_7 + tops.matmul((_gate_r_8 * _cell_h_4), _w1, 20, 40, 0, 20, 20, 32, 32, False))
+    _h_new_11 = _gate_u_9 * _cell_h_4 + (1.0 - _gate_u_9) * _cand_10
+    _tile_col_12 = tl.arange(0, 32)[None, :]
+    _global_rnn_h275 = tl.sum(tl.where(_tile_col_12 == 0, _h_new_11, 0.0))
+    _global_rnn_h276 = tl.sum(tl.where(_tile_col_12 == 1, _h_new_11, 0.0))
+    _global_rnn_h277 = tl.sum(tl.where(_tile_col_12 == 2, _h_new_11, 0.0))
+    _global_rnn_h278 = tl.sum(tl.where(_tile_col_12 == 3, _h_new_11, 0.0))
+    _global_rnn_h279 = tl.sum(tl.where(_tile_col_12 == 4, _h_new_11, 0.0))
+    _global_rnn_h280 = tl.sum(tl.where(_tile_col_12 == 5, _h_new_11, 0.0))
+    _global_rnn_h281 = tl.sum(tl.where(_tile_col_12 == 6, _h_new_11, 0.0))
+    _global_rnn_h282 = tl.sum(tl.where(_tile_col_12 == 7, _h_new_11, 0.0))
+    _global_rnn_h283 = tl.sum(tl.where(_tile_col_12 == 8, _h_new_11, 0.0))
+    _global_rnn_h284 = tl.sum(tl.where(_tile_col_12 == 9, _h_new_11, 0.0))
+    _global_rnn_h285 = tl.sum(tl.where(_tile_col_12 == 10, _h_new_11, 0.0))
+    _global_rnn_h286 = tl.sum(tl.where(_tile_col_12 == 11, _h_new_11, 0.0))
+    _global_rnn_h287 = tl.sum(tl.where(_tile_col_12 == 12, _h_new_11, 0.0))
+    _global_rnn_h288 = tl.sum(tl.where(_tile_col_12 == 13, _h_new_11, 0.0))
+    _global_rnn_h289 = tl.sum(tl.where(_tile_col_12 == 14, _h_new_11, 0.0))
+    _global_rnn_h290 = tl.sum(tl.where(_tile_col_12 == 15, _h_new_11, 0.0))
+    _global_rnn_h291 = tl.sum(tl.where(_tile_col_12 == 16, _h_new_11, 0.0))
+    _global_rnn_h292 = tl.sum(tl.where(_tile_col_12 == 17, _h_new_11, 0.0))
+    _global_rnn_h293 = tl.sum(tl.where(_tile_col_12 == 18, _h_new_11, 0.0))
+    _global_rnn_h294 = tl.sum(tl.where(_tile_col_12 == 19, _h_new_11, 0.0))
+    tl.store(_s_out32 + _t * 20 + 0, _global_rnn_h275.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 1, _global_rnn_h276.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 2, _global_rnn_h277.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 3, _global_rnn_h278.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 4, _global_rnn_h279.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 5, _global_rnn_h280.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 6, _global_rnn_h281.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 7, _global_rnn_h282.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 8, _global_rnn_h283.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 9, _global_rnn_h284.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 10, _global_rnn_h285.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 11, _global_rnn_h286.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 12, _global_rnn_h287.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 13, _global_rnn_h288.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 14, _global_rnn_h289.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 15, _global_rnn_h290.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 16, _global_rnn_h291.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 17, _global_rnn_h292.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 18, _global_rnn_h293.to(tl.float32))
+    tl.store(_s_out32 + _t * 20 + 19, _global_rnn_h294.to(tl.float32))
 
 
 @triton.jit

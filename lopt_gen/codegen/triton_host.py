@@ -21,9 +21,11 @@ per tensor, whatever the tensors' shapes:
 A per-step ("global") segment of scalar math (learnable decays from their meta-parameters,
 global schedules) is one kernel of one program in the same way, its results stored once.
 
-Segments with a dense layer or a recurrent cell (hrnn's tensor RNN, the folded time-feature
-layer) stay torch code.  The kernels compute what the torch code computes up to rounding (the
-order of a mean's sum, device math); they are used for steps that nothing differentiates.
+Dense layers and recurrent cells on such scalars (the folded time-feature layer, hrnn's output
+heads and its tensor and global GRUs) are part of these kernels: the operands are placed in a
+small vector, the weights loaded as one block per layer (per gate), and each result taken back
+out as a scalar.  The kernels compute what the torch code computes up to rounding (the order of
+a sum, device math); they are used for steps that nothing differentiates.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import math
 
 import sympy
 
-from ..ir import Dense, Leaf, Let, Reduce, StateWrite
+from ..ir import Cell, Dense, Leaf, Let, Reduce, StateWrite
 from ..passes import plan, roots
 from .printer import TritonPrinter, fmt_float
 from .torch_backend import local
@@ -107,11 +109,11 @@ def eligible(seg) -> bool:
     one program), or per-tensor scalar and row/column math and means (one program per
     tensor)."""
     if seg.kind == "global":
-        return all(isinstance(n, (Let, Dense)) and n.level in ("const", "global") for n in seg.nodes)
+        return all(isinstance(n, (Let, Dense, Cell)) and n.level in ("const", "global") for n in seg.nodes)
     if seg.kind != "tensor":
         return False
     for n in seg.nodes:
-        if isinstance(n, Dense):
+        if isinstance(n, (Dense, Cell)):
             if n.level != "tensor":
                 return False
         elif isinstance(n, Let):
@@ -122,7 +124,7 @@ def eligible(seg) -> bool:
         elif isinstance(n, Reduce):
             if n.level != "tensor" or n.arg_level not in ("row", "col"):
                 return False
-        else:  # Cell
+        else:
             return False
     return True
 
@@ -223,12 +225,10 @@ class _HostBody:
         row0 = n.rows[0] if n.rows else 0
         n_in, n_out = len(n.ins), len(n.outs)
         ipad, opad = _pow2(n_in), _pow2(n_out)
-        x, ci, ro, y = (self.fresh(h) for h in ("dense_in_", "dense_col_", "dense_row_", "dense_"))
+        ci, ro, y = (self.fresh(h) for h in ("dense_col_", "dense_row_", "dense_"))
         self.lines.append(f"{ci} = tl.arange(0, {ipad})")
         self.lines.append(f"{ro} = tl.arange(0, {opad})")
-        self.lines.append(f"{x} = tl.zeros([{ipad}], dtype=tl.float32)")
-        for j, v in enumerate(n.ins):
-            self.lines.append(f"{x} = tl.where({ci} == {j}, {names.get(v)}, {x})")
+        x = self.placed(n.ins, names, ci, f"[{ipad}]", "dense_in_")
         cols = list(n.cols)
         if cols == list(range(cols[0], cols[0] + n_in)):
             col = f"{cols[0]} + {ci}" if cols[0] else ci
@@ -251,6 +251,92 @@ class _HostBody:
             var = local(out)
             self.lines.append(f"{var} = tl.sum(tl.where({ro} == {o}, {y}, 0.0), axis=0)")
             self.scalars[out] = var
+
+    def tile(self, values, names: dict, pad: int, hint: str) -> str:
+        """Scalars ``values`` placed in a ``[1, pad]`` tile, zero padded (a cell's operand, in the
+        form the stage kernels' matrix helpers take)."""
+        k = self.fresh("tile_col_")
+        self.lines.append(f"{k} = tl.arange(0, {pad})[None, :]")
+        return self.placed(values, names, k, f"[1, {pad}]", hint)
+
+    def placed(self, values, names: dict, idx: str, shape: str, hint: str) -> str:
+        """Scalars ``values`` at positions ``0, 1, ...`` of index ``idx`` (a ``tl.arange`` of
+        ``shape``), zero elsewhere.  Inputs that nothing has loaded yet, all per-tensor or all
+        per-step, get consecutive columns of their input table and arrive in one vector load;
+        anything else is placed value by value."""
+        t = self.fresh(hint)
+        levels = {self.levels[v] for v in values}
+        table = None
+        if levels <= {"tensor"}:
+            table, base = self.s_in, "_s_row"
+        elif levels <= {"const", "global"}:
+            table, base = self.g_in, "_g_in"
+        if (table is not None and len(set(values)) == len(values)
+                and not any(v in self.defined or v in self.scalars or v in table for v in values)):
+            start = len(table)
+            table.extend(values)
+            at = f"{start} + {idx}" if start else idx
+            self.lines.append(f"{t} = tl.load({base} + {at}, mask={idx} < {len(values)}, other=0.0).to(tl.float32)")
+            return t
+        self.lines.append(f"{t} = tl.zeros({shape}, dtype=tl.float32)")
+        for j, v in enumerate(values):
+            self.lines.append(f"{t} = tl.where({idx} == {j}, {names.get(v)}, {t})")
+        return t
+
+    def cell(self, n: Cell, names: dict) -> None:
+        """A recurrent cell on per-tensor (or per-step) scalars, as ``ops.gru_cell`` /
+        ``ops.lstm_cell`` compute it: its input, hidden (and cell) state in ``[1, pad]`` tiles,
+        each gate one broadcast matrix-vector product per weight (``tops.matmul``); each new
+        state taken back out as a scalar."""
+        if not n.x:
+            raise _NotHostable("a recurrent cell without inputs")
+        hid, n_in = len(n.h), len(n.x)
+        hpad, ipad = _pow2(hid), _pow2(n_in)
+        w_ih, w_hh, bias = (self.weight(f"{n.prefix}.{w}") for w in ("weight_ih", "weight_hh", "bias"))
+        x = self.tile(n.x, names, ipad, "cell_x_")
+        h = self.tile(n.h, names, hpad, "cell_h_")
+        gates = ("r", "u", "c") if n.kind == "gru" else ("i", "f", "g", "o")
+        pre = {}
+        for gi, g in enumerate(gates):
+            acc = self.fresh(f"gate_{g}_")
+            text = (f"tops.weight_vec({bias}, {gi * hid}, {hid}, {hpad})[None, :] + "
+                    f"tops.matmul({x}, {w_ih}, {n_in}, {gi * hid}, 0, {hid}, {n_in}, {ipad}, {hpad}, False)")
+            if n.extra_bias:
+                text += " + " + self.tile(n.extra_bias[gi * hid:(gi + 1) * hid], names, hpad, f"cell_extra_{g}_")
+            self.lines.append(f"{acc} = {text}")
+            pre[g] = acc
+        helpers = self.printer_cls.HELPERS
+
+        def hh(t, gi):  # W_hh's rows of gate gi times the [1, hpad] tile t
+            return f"tops.matmul({t}, {w_hh}, {hid}, {gi * hid}, 0, {hid}, {hid}, {hpad}, {hpad}, False)"
+
+        def let(hint, text):
+            var = self.fresh(hint)
+            self.lines.append(f"{var} = {text}")
+            return var
+
+        if n.kind == "gru":
+            r = let("gate_r_", activation(f"{pre['r']} + {hh(h, 0)}", "sigmoid", helpers))
+            u = let("gate_u_", activation(f"{pre['u']} + {hh(h, 1)}", "sigmoid", helpers))
+            c = let("cand_", activation(f"{pre['c']} + {hh(f'({r} * {h})', 2)}", "tanh", helpers))
+            new = {"h": let("h_new_", f"{u} * {h} + (1.0 - {u}) * {c}")}
+        else:
+            if len(n.c) == 1:  # one cell value shared by every hidden unit
+                c_old = let("cell_c_", f"{names.get(n.c[0])} + tl.zeros([1, {hpad}], dtype=tl.float32)")
+            else:
+                c_old = self.tile(n.c, names, hpad, "cell_c_")
+            i, f, o = (let(f"gate_{g}_", activation(f"{pre[g]} + {hh(h, k)}", "sigmoid", helpers))
+                       for g, k in (("i", 0), ("f", 1), ("o", 3)))
+            g = let("gate_g_", activation(f"{pre['g']} + {hh(h, 2)}", "tanh", helpers))
+            c_new = let("c_new_", f"{f} * {c_old} + {i} * {g}")
+            new = {"h": let("h_new_", f"{o} * {activation(c_new, 'tanh', helpers)}"), "c": c_new}
+        k = self.fresh("tile_col_")
+        self.lines.append(f"{k} = tl.arange(0, {hpad})[None, :]")
+        for part, outs in (("h", n.out_h), ("c", n.out_c)):
+            for j, out in enumerate(outs):
+                var = local(out)
+                self.lines.append(f"{var} = tl.sum(tl.where({k} == {j}, {new[part]}, 0.0))")
+                self.scalars[out] = var
 
     def print_let(self, n: Let, names: dict) -> str:
         text = self.printer_cls(names).doprint(n.expr)
@@ -303,6 +389,9 @@ def host_kernel(prog, stage_index: int, j: int, seg, levels, dtypes) -> dict | N
         for n in seg.nodes:
             if isinstance(n, Dense) and phase[n.outs[0]] == p:
                 body.dense(n, _F32Names(), prog)
+                continue
+            if isinstance(n, Cell) and phase[n.outs[0]] == p:
+                body.cell(n, _F32Names())
                 continue
             if not isinstance(n, Let) or n.level not in ("const", "global", "tensor") or phase[n.name] != p:
                 continue

@@ -1,12 +1,12 @@
 """Launching generated Triton stage kernels.
 
 The per-element work of each stage runs in a kernel.  The host phases (per-tensor scalars,
-reductions, the tiny per-tensor and global RNNs) run as the same generated torch code as the
-torch backend, on the parameters' device, except that a per-tensor segment with a host kernel
-runs as one launch for every tensor in steps that nothing differentiates
-(:meth:`TritonRunner.run_host`).  On CPU tensors the kernels run in the
-Triton interpreter, which must be selected before Triton is first imported
-(``TRITON_INTERPRET=1``).
+reductions, the tiny per-tensor and global RNNs) run as host kernels, one launch for every
+tensor (or one program per step), in steps that nothing differentiates
+(:meth:`TritonRunner.run_host`); under autograd, and for a segment without a host kernel, they
+run as the same generated torch code as the torch backend, on the parameters' device.  On
+CPU tensors the kernels run in the Triton interpreter, which must be selected before Triton is
+first imported (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
