@@ -122,6 +122,44 @@ def count_step(opt) -> dict:
             "host_launches": launches["host"], "table_launches": launches["table"], "top": c.ops.most_common(8)}
 
 
+def host_time(opt, steps: int) -> dict:
+    """Milliseconds per step of the host work alone: ``steps`` steps with every interpreted
+    kernel's body skipped (its launch is still prepared: tables, buffers, arguments), so what
+    is timed is the Python and aten work a step does around its kernels, which an eager GPU
+    step pays on the CPU as well.  ``median`` and ``mean`` with Python's garbage collector on
+    (its full collections, which the objects a step keeps alive trigger every few steps, land
+    in some steps), ``mean_no_gc`` with it off."""
+    import gc
+    import statistics
+    import time
+
+    from triton.runtime import interpreter
+
+    real = interpreter.InterpretedFunction.run
+    interpreter.InterpretedFunction.run = lambda self, *a, grid, warmup, **k: None
+    out = {}
+    try:
+        opt.step()
+        for mode in ("gc", "no_gc"):
+            if mode == "no_gc":
+                gc.disable()
+            ts = []
+            try:
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    opt.step()
+                    ts.append(time.perf_counter() - t0)
+            finally:
+                gc.enable()
+            if mode == "gc":
+                out["median"], out["mean"] = statistics.median(ts) * 1e3, statistics.mean(ts) * 1e3
+            else:
+                out["mean_no_gc"] = statistics.mean(ts) * 1e3
+    finally:
+        interpreter.InterpretedFunction.run = real
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--specs", default="small_fc_lopt,hrnn,mulo")
@@ -131,7 +169,10 @@ def main(argv=None):
                     help="alternately a matrix and a vector (two shapes), or the transformer-like "
                          "shape pattern of step_bench.py (seven shapes)")
     ap.add_argument("--top", action="store_true", help="also list the most frequent operations")
+    ap.add_argument("--host-time", type=int, default=0, metavar="STEPS",
+                    help="also time STEPS steps of host work alone (kernel bodies skipped), in a second table")
     args = ap.parse_args(argv)
+    timed = []
     print("| spec | tensors | aten ops/step | of which launch a kernel | stage-kernel launches | host-kernel launches "
           "| table gathers |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -145,6 +186,14 @@ def main(argv=None):
                   f"| {c['table_launches']} |")
             if args.top:
                 print("|  | most frequent: " + ", ".join(f"{k} {v}" for k, v in c["top"]) + " | | | | | |")
+            if args.host_time:
+                timed.append((spec, n, host_time(opt, args.host_time)))
+    if timed:
+        print(f"\nhost work per step, kernel bodies skipped ({args.host_time} steps; ms)\n")
+        print("| spec | tensors | median | mean | mean, garbage collector off |")
+        print("|---|---:|---:|---:|---:|")
+        for spec, n, t in timed:
+            print(f"| {spec} | {n} | {t['median']:.2f} | {t['mean']:.2f} | {t['mean_no_gc']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,34 @@ def test_triton_step_launches_do_not_grow_with_the_number_of_tensors(spec_name, 
     assert f"| {spec_name} | 14 |" in capsys.readouterr().out
 
 
+def test_host_time_skips_the_kernels_and_restores_them(monkeypatch, capsys):
+    """``--host-time``: steps with the interpreted kernels' bodies skipped, a table of their
+    times, and the kernels run again afterwards (the parameters move on the next step)."""
+    import torch
+    from triton.runtime import interpreter
+
+    from lopt_gen.runtime import engine
+
+    # as a user's step runs: in place, without the suite's poisoned copies of the outputs
+    monkeypatch.setattr(engine, "POISON_KERNEL_OUTPUTS", False)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("triton_host_ops", ROOT / "benchmarks" / "triton_host_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    real = interpreter.InterpretedFunction.run
+    opt = module._optimizer("adam", 4, 4)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in params]
+    t = module.host_time(opt, 2)
+    assert set(t) == {"median", "mean", "mean_no_gc"} and all(v > 0 for v in t.values())
+    assert all(torch.equal(a, p) for a, p in zip(before, params))  # no kernel ran
+    assert interpreter.InterpretedFunction.run is real
+    opt.step()
+    assert not all(torch.equal(a, p) for a, p in zip(before, params))
+    module.main(["--specs", "adam", "--tensors", "4", "--host-time", "2"])
+    assert "| adam | 4 |" in capsys.readouterr().out.split("host work per step")[1]
+
+
 def test_triton_step_launches_barely_grow_with_the_number_of_shapes(monkeypatch):
     """small_fc_lopt, mulo and hrnn: every host segment is a kernel (hrnn's recurrent cells
     included) and every scalar table one gather, so going from 2 to 7 distinct shapes adds at

@@ -119,11 +119,11 @@ def test_means_over_tensors_and_prefetched_inputs_equal_the_stacks():
     gen = torch.Generator().manual_seed(3)
     T = [{"a": torch.rand((), generator=gen), "b": torch.rand((), generator=gen),
           "t": torch.tensor(float(i), dtype=torch.float64), "row": torch.rand(3, generator=gen)} for i in range(7)]
-    means = tr.TritonRunner.means_over_tensors([[Ti["a"], Ti["b"]] for Ti in T], "cpu")
+    means = tr.TritonRunner.means_over_tensors(T, ["a", "b"], "cpu")
     for k, name in enumerate("ab"):
         torch.testing.assert_close(means[k], torch.stack([Ti[name] for Ti in T]).mean(0))
     # a float64 value: the caller keeps its own stack (and the value's dtype)
-    assert tr.TritonRunner.means_over_tensors([[Ti["a"], Ti["t"]] for Ti in T], "cpu") is None
+    assert tr.TritonRunner.means_over_tensors(T, ["a", "t"], "cpu") is None
     got = tr.TritonRunner.stacked_scalars(["a", "t", "row", "b", "missing"], T, "cpu")
     assert set(got) == {"a", "b"}  # float32 scalars only
     for name, v in got.items():

@@ -175,6 +175,98 @@ def _total_numel(plans) -> int:
     return sum(pl.numel for pl in plans)
 
 
+class Scope:
+    """Tensor ``i``'s values with the per-step values behind them, for reading: what
+    ``ChainMap(T[i], G)`` reads, without its cost per lookup (a raised and caught KeyError for
+    every name that lives in ``G``), which was the largest single cost of a Triton step's host
+    work (the kernels' value tables read every per-tensor and per-step name of every tensor)."""
+
+    __slots__ = ("t", "g")
+
+    def __init__(self, t: dict, g: dict):
+        self.t, self.g = t, g
+
+    def __getitem__(self, name):
+        t = self.t
+        return t[name] if name in t else self.g[name]
+
+
+class TensorValues(dict):
+    """One tensor's host values, a dict, except that values the runtime holds as columns of a
+    per-step table (``columns``: ``{name: (column, rows)}``, shared by every tensor's
+    ``TensorValues`` of the step) become 0-dim tensors only when read one by one.
+
+    A host kernel hands out each result for all tensors as one column of its output table, and
+    the next launch's tables are gathered from the columns' addresses (:func:`column_of`), so
+    most per-tensor values never exist as tensors of their own: a step over many tensors no
+    longer creates one tensor object per value and tensor (84 per tensor for small_fc_lopt).
+    ``rows`` maps a tensor's index to its row of ``column`` (None: the same index)."""
+
+    __slots__ = ("columns", "index")
+
+    def __init__(self, columns: dict, index: int):
+        super().__init__()
+        self.columns, self.index = columns, index
+
+    def _row(self, name):
+        c = self.columns.get(name)
+        if c is None:
+            return None
+        return self.index if c[1] is None else c[1].get(self.index)
+
+    def __missing__(self, name):
+        k = self._row(name)
+        if k is None:
+            raise KeyError(name)
+        v = self.columns[name][0][k]
+        dict.__setitem__(self, name, v)
+        return v
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name) or self._row(name) is not None
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+
+def column_of(Ts, name):
+    """``(column, rows)``: value ``name`` of the tensors ``Ts`` as one column of a table
+    (``column[rows[j]]`` is ``Ts[j]``'s value), or None when some tensor holds it on its own."""
+    first = Ts[0] if Ts else None
+    if not isinstance(first, TensorValues):
+        return None
+    columns = first.columns
+    c = columns.get(name)
+    if c is None:
+        return None
+    rows = []
+    for Ti in Ts:
+        if not isinstance(Ti, TensorValues) or Ti.columns is not columns:
+            return None
+        k = Ti._row(name)
+        if k is None:
+            return None
+        rows.append(k)
+    return c[0], rows
+
+
+def hand_out_column(Ts, name, column, rows=None) -> None:
+    """Give value ``name`` of each tensor ``Ts[j]`` as ``column[rows[j]]`` (``rows`` None: row
+    ``j``): registered as one column when ``Ts`` are a step's ``TensorValues``, else written
+    as 0-dim views one by one."""
+    first = Ts[0] if Ts else None
+    if isinstance(first, TensorValues) and all(isinstance(Ti, TensorValues) and Ti.columns is first.columns
+                                               for Ti in Ts):
+        k = list(range(len(Ts))) if rows is None else rows
+        first.columns[name] = (column, None if all(Ti.index == j for Ti, j in zip(Ts, k))
+                               else {Ti.index: j for Ti, j in zip(Ts, k)})
+        for Ti in Ts:  # a value written before (not in a step: names are defined once) is dropped
+            dict.pop(Ti, name, None)
+        return
+    for j, Ti in enumerate(Ts):
+        Ti[name] = column[j if rows is None else rows[j]]
+
+
 def _shape_groups(plans) -> list[list[int]]:
     """Indices of the tensors grouped by shape (first appearance order)."""
     groups: dict = {}
@@ -300,12 +392,13 @@ class TensorPlan:
         per_slice = self.numel // self.shape[cd]
         step = max(1, chunk_elems // max(per_slice, 1))
         self.chunks = [(s, min(step, self.shape[cd] - s)) for s in range(0, self.shape[cd], step)]
+        self._reduced = {lv: () if dims is None else tuple(1 if d in dims else n for d, n in enumerate(self.shape))
+                         for lv, dims in self.dims.items()}
 
     def reduced_shape(self, level: str) -> tuple:
-        dims = self.dims[level]
-        if dims is None:
-            return ()
-        return tuple(1 if d in dims else n for d, n in enumerate(self.shape))
+        """The shape of a ``level`` ("row", "col", "tensor", "all") reduction's result, its
+        reduced axes kept as 1 (``()`` for a whole-tensor one)."""
+        return self._reduced[level]
 
     def sums_over_chunks(self, over: str) -> bool:
         dims = self.dims[over]
@@ -413,7 +506,8 @@ class Engine:
         ok = self._finite_flags(grads, nonfinite, self._warn_state if warn_state is None else warn_state)
 
         G: dict = {}
-        T: list[dict] = [dict() for _ in range(n)]
+        columns: dict = {}  # per-tensor values held as table columns (see TensorValues)
+        T: list[dict] = [TensorValues(columns, i) for i in range(n)]
         fills: dict = {}  # one fill per distinct number (tensors of a group share lr, wd, ...)
 
         def scalar(value):
@@ -433,8 +527,7 @@ class Engine:
                 G[name] = torch.as_tensor(loss, dtype=torch.float32, device=dev).detach().reshape(())
             elif kind == "input" and name == "t":
                 if n:  # one conversion for all tensors
-                    for i, t in enumerate(torch.stack([st["step"] for st in tstates]).to(torch.float64).unbind(0)):
-                        T[i][name] = t
+                    hand_out_column(T, name, torch.stack([st["step"] for st in tstates]).to(torch.float64))
             elif kind == "input" and name in ("lr", "wd"):
                 for i in range(n):
                     T[i][name] = scalar(scalars[i].get(name, 0.0 if name == "wd" else 1.0))
@@ -478,7 +571,7 @@ class Engine:
                         continue
                     outs = self._triton_outputs(i, plans[i], params, tstates, inplace, collected[i]) \
                         if final_now else (None, None)
-                    items.append(StageItem(plans[i], ChainMap(T[i], G), flat_g[i], flat_p[i], tstates[i], *outs))
+                    items.append(StageItem(plans[i], Scope(T[i], G), flat_g[i], flat_p[i], tstates[i], *outs))
                     idx.append(i)
                 launched = (idx, self.triton_runner().run(stage["index"], items, phi))
                 continue
@@ -623,7 +716,7 @@ class Engine:
         n = len(T)
         means = None
         if host_runner is not None and n:
-            means = host_runner.means_over_tensors([[Ti[r["arg"]] for r in reductions] for Ti in T], device)
+            means = host_runner.means_over_tensors(T, [r["arg"] for r in reductions], device)
         for k, r in enumerate(reductions):
             if means is not None:
                 G[r["name"]] = means[k]
@@ -642,8 +735,7 @@ class Engine:
             G[name] = sums.tensor[name].sum() / _total_numel(plans)
             return
         if over == "tensor":
-            for i, v in zip(idx, sums.tensor_means(name)):
-                T[i][name] = v
+            hand_out_column([T[i] for i in idx], name, sums.tensor_means(name))
             return
         for positions, x in sums.rowcol[name]:
             for pos, v in zip(positions, x.unbind(0)):
@@ -687,20 +779,52 @@ class Engine:
                 coll.setdefault(w["state"], []).append(
                     torch.stack([torch.broadcast_to(out[v], cshape) for v in w["values"]]))
 
+    def _column_writes(self, T, tstates, live) -> dict:
+        """``{state: {tensor index: (channels,) new values}}`` for the per-tensor states (one
+        number per channel) whose new values every tensor of ``live`` holds as table columns
+        (:class:`TensorValues`): the channels stacked once for all tensors, then one row per
+        tensor, instead of a view, a broadcast and a conversion per channel and tensor."""
+        out: dict = {}
+        if not live:
+            return out
+        Ts = [T[i] for i in live]
+        for w in self.info["writes"]:
+            if w["level"] in ("global", "elem"):
+                continue
+            dsts = [tstates[i][w["state"]] for i in live]
+            if any(d.dim() != 1 or d.dtype != torch.float32 or d.shape[0] != len(w["values"]) for d in dsts):
+                continue
+            cols = [column_of(Ts, v) for v in w["values"]]
+            if any(c is None or c[0].dtype != torch.float32 or c[0].device != dsts[0].device for c in cols):
+                continue
+            rows = cols[0][1]
+            if all(r == rows for _, r in cols) and len({c.shape[0] for c, _ in cols}) == 1:
+                table = torch.stack([c for c, _ in cols], 1)  # (rows of the columns' tables, channels)
+                if rows != list(range(table.shape[0])):
+                    table = table[rows]
+            else:  # columns of different tables or row orders: each picked on its own
+                table = torch.stack([c[r] for c, r in cols], 1)
+            out[w["state"]] = dict(zip(live, table.unbind(0)))
+        return out
+
     def _finish(self, params, tstates, gstate, T, G, plans, collected, inplace, ok):
         info = self.info
         n = len(params)
         new_params, new_tstates = [], []
         if inplace:  # every tensor's state written by one multi-tensor copy, its step by one add
             dsts, srcs, steps = [], [], []
-            for i in range(n):
-                if not ok[i]:
-                    continue
+            live = [i for i in range(n) if ok[i]]
+            by_column = self._column_writes(T, tstates, live)
+            for i in live:
                 st = tstates[i]
                 for w in info["writes"]:
                     if w["level"] in ("global", "elem"):
                         continue
                     dst = st[w["state"]]
+                    if w["state"] in by_column:  # the whole state from one row of a table
+                        dsts.append(dst)
+                        srcs.append(by_column[w["state"]][i])
+                        continue
                     for j, v in enumerate(w["values"]):
                         dsts.append(dst[j])
                         srcs.append(torch.broadcast_to(T[i][v], dst.shape[1:]).to(dst.dtype))

@@ -199,6 +199,9 @@ def _launch_block(meta, items) -> int:
 
 def _reduced(v, shape, device) -> torch.Tensor:
     """A row or column value as a contiguous float32 tensor of the reduced ``shape``."""
+    if type(v) is torch.Tensor and v.dtype == torch.float32 and v.shape == shape and v.device == device \
+            and v.is_contiguous():
+        return v  # the usual case, without a call to `to`
     v = _as_f32(v, device)
     return v if v.shape == shape and v.is_contiguous() else torch.broadcast_to(v, shape).contiguous()
 
@@ -229,6 +232,46 @@ def _scalar_table(rows, device, dtype=torch.float32) -> torch.Tensor:
             pass
         else:
             return gather(_send(src, device), (len(rows), width), dtype)
+    return _stacked_table(rows, device, dtype)
+
+
+def _values_table(Ts, names, device, dtype=torch.float32, G=None) -> torch.Tensor:
+    """:func:`_scalar_table` of value ``names[k]`` of each tensor ``Ts[j]`` (of ``G`` where a
+    tensor has no such value, if ``G`` is given).  A value the tensors hold as one column of a
+    table (:class:`~.engine.TensorValues`) is gathered from the column's address and stride,
+    without a 0-dim tensor per tensor."""
+    n = len(Ts)
+    if not names or not n:
+        return torch.zeros((max(1, n), 1), dtype=dtype, device=device)
+    if not torch.compiler.is_compiling():
+        from .triton_tables import NotGatherable, column_source_table, gather
+
+        cols = []
+        for name in names:
+            c = _engine.column_of(Ts, name)
+            cols.append(c if c is not None else [Ti[name] if G is None or name in Ti else G[name] for Ti in Ts])
+        try:
+            src = column_source_table(cols, n, device)
+        except NotGatherable:
+            pass
+        else:
+            return gather(_send(src, device), (n, len(names)), dtype)
+    rows = [[Ti[name] if G is None or name in Ti else G[name] for name in names] for Ti in Ts]
+    return _stacked_table(rows, device, dtype)
+
+
+def _all_f32_scalars(Ts, name) -> bool:
+    """Whether value ``name`` is a float32 0-dim tensor in every ``Ts[j]`` (a column of a
+    float32 table counts without reading its elements one by one)."""
+    c = _engine.column_of(Ts, name)
+    if c is not None:
+        return c[0].dtype == torch.float32
+    return all(_is_f32_scalar(Ti.get(name)) for Ti in Ts)
+
+
+def _stacked_table(rows, device, dtype) -> torch.Tensor:
+    """:func:`_scalar_table` by stacking, column by column (differentiable)."""
+    width = len(rows[0])
     cols = []
     for j in range(width):
         vals = [r[j] for r in rows]
@@ -255,6 +298,9 @@ def _scalar_table(rows, device, dtype=torch.float32) -> torch.Tensor:
 def _host_values_table(items, names, device) -> torch.Tensor:
     """``(tensors, max(1, len(names)))`` float32: the per-tensor scalar values a stage kernel
     reads (one column per name)."""
+    scopes = [it.V for it in items]
+    if all(type(V) is _engine.Scope and V.g is scopes[0].g for V in scopes):
+        return _values_table([V.t for V in scopes], names, device, G=scopes[0].g)
     return _scalar_table([[it.V[n] for n in names] for it in items], device)
 
 
@@ -275,13 +321,12 @@ def _scalar_outputs(meta, n, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _hand_out_scalars(meta, out64, out32, targets) -> None:
     """Program ``i``'s scalar results into ``targets[i]`` (a tensor's values, or the step's):
-    views of the result tables, conditions as bools."""
+    columns of the result tables (:func:`~.engine.hand_out_column`), conditions as bools."""
     bools = set(meta["bool_out"])
     for table, names in ((out64, meta["out64"]), (out32, meta["out32"])):
         for k, v in enumerate(names):
             col = table[:, k]
-            for target, x in zip(targets, (col != 0 if v in bools else col).unbind(0)):
-                target[v] = x
+            _engine.hand_out_column(targets, v, col != 0 if v in bools else col)
 
 
 _HOST_SIZES: dict = {}
@@ -327,20 +372,19 @@ class LaunchSums:
         self.numel = numel
         self._seg = None  # (items, slots): the second pass's sums, one column per slot
         self._slot: dict = {}  # whole-tensor reduction -> its column of _seg
-        self._means: dict = {}  # slot -> the items' means, one 0-dim tensor each
+        self._means = None  # (items, slots): the sums divided by the items' element counts
 
     def __contains__(self, name) -> bool:
         return name in self.tensor or name in self.rowcol
 
-    def tensor_means(self, name) -> tuple:
-        """Whole-tensor reduction ``name`` divided by each item's element count, one 0-dim tensor
-        per item.  Every slot is divided by one operation, on first use (on a GPU one launch
-        per launch's reductions, not one per reduction)."""
+    def tensor_means(self, name) -> torch.Tensor:
+        """Whole-tensor reduction ``name`` divided by each item's element count: ``(items,)``, a
+        column of one table.  Every slot is divided by one operation, on first use (on a GPU one
+        launch per launch's reductions, not one per reduction)."""
         slot = self._slot[name]
-        if not self._means:
-            means = self._seg / self.numel.unsqueeze(1)
-            self._means = {s: means[:, s].unbind(0) for s in set(self._slot.values())}
-        return self._means[slot]
+        if self._means is None:
+            self._means = self._seg / self.numel.unsqueeze(1)
+        return self._means[:, slot]
 
 
 def _launch_sums(meta, part, items, numel, spans, tensor_of, rowcol_groups, differentiable=False) -> LaunchSums:
@@ -488,7 +532,7 @@ class TritonRunner:
         n = len(T)
         try:
             # float64: it holds the float32 values exactly, and the float64 ones (t, lr, ...)
-            s_in = _scalar_table([[Ti[v] for v in meta["s_in"]] for Ti in T], device, torch.float64)
+            s_in = _values_table(T, meta["s_in"], device, torch.float64)
             g_in = _step_values(meta, G, device)
         except _NotScalar:
             return False
@@ -523,21 +567,21 @@ class TritonRunner:
         return True
 
     @staticmethod
-    def means_over_tensors(rows, device):
-        """``(width,)`` float32: the column means of ``rows`` (one row of per-tensor values per
-        tensor), from one gathered table; None unless every value is a float32 0-dim tensor."""
-        if not all(_is_f32_scalar(v) for r in rows for v in r):
+    def means_over_tensors(Ts, names, device):
+        """``(len(names),)`` float32: the mean over the tensors ``Ts`` of each value of ``names``,
+        from one gathered table; None unless every value is a float32 0-dim tensor."""
+        if not all(_all_f32_scalars(Ts, v) for v in names):
             return None
-        return _scalar_table(rows, device).mean(0)
+        return _values_table(Ts, names, device).mean(0)
 
     @staticmethod
     def stacked_scalars(names, Ts, device) -> dict:
         """``{name: (len(Ts),) float32}`` for those of ``names`` that are float32 0-dim tensors in
         every ``Ts[j]``, stacked by one gathered table (the batched host functions' inputs)."""
-        take = [v for v in names if all(_is_f32_scalar(Ti.get(v)) for Ti in Ts)]
+        take = [v for v in names if _all_f32_scalars(Ts, v)]
         if not take:
             return {}
-        return dict(zip(take, _scalar_table([[Ti[v] for v in take] for Ti in Ts], device).unbind(1)))
+        return dict(zip(take, _values_table(Ts, take, device).unbind(1)))
 
     @staticmethod
     def _run_step_host(meta, kernel, G, weights, device) -> bool:

@@ -65,28 +65,77 @@ def _bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
+def _device_number(device: torch.device) -> int | None:
+    """``device`` as ``Tensor.get_device()`` numbers it (-1: the CPU; None: neither CPU nor
+    CUDA), cheaper to compare per value than a ``torch.device``."""
+    if device.type == "cpu":
+        return -1
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return None
+
+
+def _on(v: torch.Tensor, want) -> bool:
+    """Whether ``v`` lies on the device :func:`_device_number` gave ``want`` for."""
+    if want == -1:
+        return v.is_cpu
+    return want is not None and v.is_cuda and v.get_device() == want
+
+
+def _value_sources(values, want) -> tuple[list, list]:
+    """Addresses (or a number's float64 bits) and dtype codes of ``values``, one by one."""
+    addrs, codes = [], []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            code = CODES.get(v.dtype)
+            if code is None or v.numel() != 1 or v.requires_grad or not _on(v, want):
+                raise NotGatherable(f"a value of dtype {v.dtype}, shape {tuple(v.shape)} on {v.device}")
+            addrs.append(v.data_ptr())
+            codes.append(code)
+        else:
+            try:
+                x = float(v)
+            except (TypeError, ValueError):
+                raise NotGatherable(f"a value of type {type(v).__name__}") from None
+            addrs.append(_bits(x))
+            codes.append(NUMBER)
+    return addrs, codes
+
+
+def _column_sources(column: torch.Tensor, rows, want) -> tuple[list, list]:
+    """Addresses and dtype codes of ``column[rows[0]], column[rows[1]], ...`` (``column`` 1-D),
+    computed from its address and stride, without a tensor per element."""
+    code = CODES.get(column.dtype)
+    if code is None or column.dim() != 1 or column.requires_grad or not _on(column, want):
+        raise NotGatherable(f"a column of dtype {column.dtype}, shape {tuple(column.shape)} on {column.device}")
+    n = column.shape[0]
+    if any(not 0 <= k < n for k in rows):
+        raise IndexError(f"a row index outside a column of {n}")  # pragma: no cover - a runtime bug
+    base, step = column.data_ptr(), column.stride(0) * column.element_size()
+    return [base + k * step for k in rows], [code] * len(rows)
+
+
 def source_table(rows, device) -> torch.Tensor:
     """``(2 · len(rows) · width,)`` int64, on the host: every value's address (or a number's
     float64 bits), row by row, then every value's dtype code.  Raises :class:`NotGatherable`
     for a value of another device or dtype, one that requires grad, or one that is not a
     number or a one-element tensor."""
-    device = torch.device(device)
-    addrs, codes = [], []
-    for row in rows:
-        for v in row:
-            if isinstance(v, torch.Tensor):
-                code = CODES.get(v.dtype)
-                if code is None or v.numel() != 1 or v.requires_grad or v.device != device:
-                    raise NotGatherable(f"a value of dtype {v.dtype}, shape {tuple(v.shape)} on {v.device}")
-                addrs.append(v.data_ptr())
-                codes.append(code)
-            else:
-                try:
-                    x = float(v)
-                except (TypeError, ValueError):
-                    raise NotGatherable(f"a value of type {type(v).__name__}") from None
-                addrs.append(_bits(x))
-                codes.append(NUMBER)
+    addrs, codes = _value_sources([v for row in rows for v in row], _device_number(torch.device(device)))
+    return torch.tensor(addrs + codes, dtype=torch.int64)
+
+
+def column_source_table(columns, n: int, device) -> torch.Tensor:
+    """:func:`source_table` of an ``n``-row table given column by column: each column a list of
+    ``n`` values, or a pair ``(column, rows)`` (the values ``column[rows[j]]`` of a 1-D tensor,
+    whose addresses come from its own address and stride)."""
+    want = _device_number(torch.device(device))
+    addr_cols, code_cols = [], []
+    for c in columns:
+        a, k = _column_sources(*c, want) if isinstance(c, tuple) else _value_sources(c, want)
+        addr_cols.append(a)
+        code_cols.append(k)
+    addrs = [a for row in zip(*addr_cols) for a in row] if n else []
+    codes = [k for row in zip(*code_cols) for k in row] if n else []
     return torch.tensor(addrs + codes, dtype=torch.int64)
 
 
