@@ -40,6 +40,13 @@ def test_a_column_reads_like_values_of_their_own():
     E.hand_out_column([T[3], T[1]], "m", torch.tensor([30.0, 10.0]))
     assert float(T[3]["m"]) == 30.0 and float(T[1]["m"]) == 10.0 and "m" not in T[0]
     assert E.column_of([T[3], T[1]], "m")[1] == [0, 1] and E.column_of(T, "m") is None
+    # a column for the first tensors only: the others do not claim it
+    E.hand_out_column(T[:2], "p", torch.tensor([1.0, 2.0, 99.0]))
+    assert "p" not in T[2] and E.column_of(T, "p") is None and E.column_of(T[:2], "p")[1] == [0, 1]
+    # a value written after a hand-out replaces the tensor's column entry, for reads and gathers
+    T[0]["a"] = torch.tensor(-1.0)
+    assert float(T[0]["a"]) == -1.0 and E.column_of(T, "a") is None
+    assert tr._values_table(T, ["a"], "cpu")[:, 0].tolist() == [-1.0, 4.0, 7.0, 10.0]
     # plain dicts (the step's own values, a test's) get 0-dim views as before
     d = [{}, {}]
     E.hand_out_column(d, "x", torch.tensor([1.0, 2.0]))

@@ -200,7 +200,11 @@ class TensorValues(dict):
     the next launch's tables are gathered from the columns' addresses (:func:`column_of`), so
     most per-tensor values never exist as tensors of their own: a step over many tensors no
     longer creates one tensor object per value and tensor (84 per tensor for small_fc_lopt).
-    ``rows`` maps a tensor's index to its row of ``column`` (None: the same index)."""
+    ``rows`` maps a tensor's index to its row of ``column``; a tensor not in it does not hold
+    the value.  Reading (``[]``, ``in``, ``get``) sees column values; writing a value replaces
+    the tensor's column entry; the other dict operations (``keys``, iteration, ``len``,
+    ``dict(...)``, ``pop``) see only the values held on their own, which nothing in a step
+    uses."""
 
     __slots__ = ("columns", "index")
 
@@ -210,9 +214,13 @@ class TensorValues(dict):
 
     def _row(self, name):
         c = self.columns.get(name)
-        if c is None:
-            return None
-        return self.index if c[1] is None else c[1].get(self.index)
+        return None if c is None else c[1].get(self.index)
+
+    def __setitem__(self, name, value):
+        c = self.columns.get(name)
+        if c is not None:
+            c[1].pop(self.index, None)
+        dict.__setitem__(self, name, value)
 
     def __missing__(self, name):
         k = self._row(name)
@@ -257,9 +265,8 @@ def hand_out_column(Ts, name, column, rows=None) -> None:
     first = Ts[0] if Ts else None
     if isinstance(first, TensorValues) and all(isinstance(Ti, TensorValues) and Ti.columns is first.columns
                                                for Ti in Ts):
-        k = list(range(len(Ts))) if rows is None else rows
-        first.columns[name] = (column, None if all(Ti.index == j for Ti, j in zip(Ts, k))
-                               else {Ti.index: j for Ti, j in zip(Ts, k)})
+        k = range(len(Ts)) if rows is None else rows
+        first.columns[name] = (column, {Ti.index: j for Ti, j in zip(Ts, k)})
         for Ti in Ts:  # a value written before (not in a step: names are defined once) is dropped
             dict.pop(Ti, name, None)
         return
