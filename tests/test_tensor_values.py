@@ -99,13 +99,32 @@ def test_a_column_the_gather_cannot_read_falls_back_to_the_stack():
     assert torch.equal(got.detach(), torch.tensor([[2.0], [4.0], [6.0]])) and got.requires_grad
 
 
+def _both_backends(name, shapes, steps, seed):
+    """``[(parameters, optimizer)]`` for the torch and the Triton backend, after ``steps`` in-place
+    steps from the same start with the same gradients."""
+    import lopt_gen
+    from lopt_gen import LearnedOptimizer
+
+    w = lopt_gen.init_weights(name, seed=0)
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    out = []
+    for backend in ("torch", "triton"):
+        ps = [p.clone().requires_grad_() for p in params]
+        out.append((ps, LearnedOptimizer(ps, name, weights=w, backend=backend)))
+    for _ in range(steps):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for ps, opt in out:
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    return out
+
+
 def test_states_are_written_from_columns_in_one_copy(monkeypatch):
     """hrnn's tensor RNN state (20 numbers per tensor): written from its columns, one row per
     tensor, and equal to the torch backend's (the trajectory tests check the values over many
     steps; this checks the path is taken)."""
-    import lopt_gen
-    from lopt_gen import LearnedOptimizer
-
     seen = []
     real = E.Engine._column_writes
 
@@ -115,22 +134,46 @@ def test_states_are_written_from_columns_in_one_copy(monkeypatch):
         return out
 
     monkeypatch.setattr(E.Engine, "_column_writes", spy)
-    shapes = [(5, 7), (9,), (), (5, 7)]
-    w = lopt_gen.init_weights("hrnn", seed=0)
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=gen) for s in shapes]
-    opts = {}
-    for backend in ("torch", "triton"):
-        ps = [p.clone().requires_grad_() for p in params]
-        opts[backend] = (ps, LearnedOptimizer(ps, "hrnn", weights=w, backend=backend))
-    for _ in range(2):
-        grads = [torch.randn(s, generator=gen) for s in shapes]
-        for ps, opt in opts.values():
-            for p, g in zip(ps, grads):
-                p.grad = g.clone()
-            opt.step()
+    (pa, oa), (pb, ob) = _both_backends("hrnn", [(5, 7), (9,), (), (5, 7)], steps=2, seed=0)
     assert any("tensor_rnn.h" in s for s in seen), seen
-    (pa, oa), (pb, ob) = opts["torch"], opts["triton"]
     for x, y in zip(pa, pb):
         # the tolerance of the trajectory tests for this state (tests/test_triton.py, STATE_ATOL)
         torch.testing.assert_close(ob.state[y]["tensor_rnn.h"], oa.state[x]["tensor_rnn.h"], rtol=1e-5, atol=1e-5)
+
+
+def test_row_and_column_values_are_parts_of_one_table():
+    """A host kernel's row (column) value k: row k of its flat output, each tensor's part at its
+    offset.  Read on its own it is a view of the tensor's reduced shape; a kernel gets its
+    address without one; a tensor that has read it on its own keeps its view."""
+    table = torch.arange(30.0).reshape(2, 15)
+    shapes = [(3, 1), (1,), (2, 1, 4)]  # 3 + 1 + 8 elements, at offsets 0, 3, 4
+    T = _rows(3)
+    E.hand_out_column(T, "r", E.Segments(table, 1, [0, 3, 4], shapes))
+    assert torch.equal(T[2]["r"], table[1, 4:12].view(2, 1, 4)) and T[0]["r"].shape == (3, 1)
+    assert E.segment_at(T[2], "r") is None  # read on its own: its view is what a kernel reads
+    at = E.segment_at(T[1], "r")
+    assert at.data_ptr() == table[1, 3:].data_ptr() == T[1]["r"].data_ptr()
+    assert E.column_of(T, "r") is None  # not a column of scalars
+    d = [{}, {}, {}]
+    E.hand_out_column(d, "r", E.Segments(table, 0, [0, 3, 4], shapes))
+    assert torch.equal(d[1]["r"], table[0, 3:4])
+
+
+def test_row_and_column_states_are_written_from_the_host_kernels_output(monkeypatch):
+    """small_fc_lopt's Adafactor row and column states: each tensor's new state one view of the
+    host kernel's output, and equal to the torch backend's after three steps."""
+    taken = []
+    real = E.Engine._segment_writes
+
+    def spy(Ts, w, dsts):
+        out = real(Ts, w, dsts)
+        taken.append((w["state"], out is not None))
+        return out
+
+    monkeypatch.setattr(E.Engine, "_segment_writes", staticmethod(spy))
+    (pa, oa), (pb, ob) = _both_backends("small_fc_lopt", [(5, 7), (9,), (), (3, 4, 2), (5, 7)], steps=3, seed=1)
+    assert ("af_row", True) in taken and ("af_col", True) in taken, taken
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-5, atol=1e-6)
+        for key in ("af_row", "af_col"):
+            torch.testing.assert_close(ob.state[y][key], oa.state[x][key], rtol=1e-5, atol=1e-6)

@@ -237,15 +237,61 @@ class TensorValues(dict):
         return self[name] if name in self else default
 
 
+class Segments:
+    """Row (or column) value ``k`` of every tensor as one row of a host kernel's flat output
+    ``table`` (``(values, total)`` float32): tensor ``j``'s part starts at ``offsets[j]`` and has
+    the tensor's reduced ``shapes[j]``.  ``self[j]`` is that part as a view; :meth:`at` its
+    address without one."""
+
+    __slots__ = ("table", "k", "offsets", "shapes", "sizes")
+
+    def __init__(self, table, k, offsets, shapes):
+        self.table, self.k, self.offsets, self.shapes = table, k, offsets, shapes
+        self.sizes = [math.prod(s) for s in shapes]
+
+    def __getitem__(self, j):
+        o = self.offsets[j]
+        return self.table[self.k, o:o + self.sizes[j]].view(self.shapes[j])
+
+    def at(self, j) -> "Address":
+        return Address(self.table, (self.k * self.table.stride(0) + self.offsets[j]) * self.table.element_size())
+
+
+class Address:
+    """A place in a tensor's storage that a kernel reads (``data_ptr()``), holding the tensor
+    alive, without a view of its own."""
+
+    __slots__ = ("base", "offset")
+
+    def __init__(self, base: torch.Tensor, offset: int):
+        self.base, self.offset = base, offset
+
+    def data_ptr(self) -> int:
+        return self.base.data_ptr() + self.offset
+
+
+def segment_at(Ti, name):
+    """The :class:`Address` of tensor values ``Ti``'s row or column value ``name`` when it is
+    a part of a host kernel's output (:class:`Segments`) not read on its own yet; else None."""
+    if not isinstance(Ti, TensorValues) or dict.__contains__(Ti, name):
+        return None
+    c = Ti.columns.get(name)
+    if c is None or not isinstance(c[0], Segments):
+        return None
+    j = c[1].get(Ti.index)
+    return None if j is None else c[0].at(j)
+
+
 def column_of(Ts, name):
     """``(column, rows)``: value ``name`` of the tensors ``Ts`` as one column of a table
-    (``column[rows[j]]`` is ``Ts[j]``'s value), or None when some tensor holds it on its own."""
+    (``column[rows[j]]`` is ``Ts[j]``'s value), or None when some tensor holds it on its own
+    (or it is a row or column value, :class:`Segments`)."""
     first = Ts[0] if Ts else None
     if not isinstance(first, TensorValues):
         return None
     columns = first.columns
     c = columns.get(name)
-    if c is None:
+    if c is None or not isinstance(c[0], torch.Tensor):
         return None
     rows = []
     for Ti in Ts:
@@ -260,8 +306,8 @@ def column_of(Ts, name):
 
 def hand_out_column(Ts, name, column, rows=None) -> None:
     """Give value ``name`` of each tensor ``Ts[j]`` as ``column[rows[j]]`` (``rows`` None: row
-    ``j``): registered as one column when ``Ts`` are a step's ``TensorValues``, else written
-    as 0-dim views one by one."""
+    ``j``; ``column`` a 1-D tensor, or :class:`Segments`): registered as one column when ``Ts``
+    are a step's ``TensorValues``, else written as views one by one."""
     first = Ts[0] if Ts else None
     if isinstance(first, TensorValues) and all(isinstance(Ti, TensorValues) and Ti.columns is first.columns
                                                for Ti in Ts):
@@ -799,6 +845,11 @@ class Engine:
             if w["level"] in ("global", "elem"):
                 continue
             dsts = [tstates[i][w["state"]] for i in live]
+            if w["level"] in ("row", "col"):
+                parts = self._segment_writes(Ts, w, dsts)
+                if parts is not None:
+                    out[w["state"]] = dict(zip(live, parts))
+                continue
             if any(d.dim() != 1 or d.dtype != torch.float32 or d.shape[0] != len(w["values"]) for d in dsts):
                 continue
             cols = [column_of(Ts, v) for v in w["values"]]
@@ -812,6 +863,31 @@ class Engine:
             else:  # columns of different tables or row orders: each picked on its own
                 table = torch.stack([c[r] for c, r in cols], 1)
             out[w["state"]] = dict(zip(live, table.unbind(0)))
+        return out
+
+    @staticmethod
+    def _segment_writes(Ts, w, dsts):
+        """Each tensor's new row (column) state ``w`` as one view of a host kernel's output
+        table, when its channels are consecutive rows of one table (:class:`Segments`) that no
+        one has read on their own; else None."""
+        segs = []
+        for v in w["values"]:
+            c = Ts[0].columns.get(v) if isinstance(Ts[0], TensorValues) else None
+            if c is None or not isinstance(c[0], Segments):
+                return None
+            segs.append(c)
+        seg0, rows = segs[0]
+        if any(c[0].table is not seg0.table or c[0].k != seg0.k + j or c[1] is not rows and c[1] != rows
+               for j, c in enumerate(segs)):
+            return None
+        out = []
+        for Ti, d in zip(Ts, dsts):
+            j = rows.get(Ti.index)
+            if (j is None or any(dict.__contains__(Ti, v) for v in w["values"]) or d.dtype != torch.float32
+                    or tuple(d.shape) != (len(segs),) + tuple(seg0.shapes[j])):
+                return None
+            o = seg0.offsets[j]
+            out.append(seg0.table[seg0.k:seg0.k + len(segs), o:o + seg0.sizes[j]].view(d.shape))
         return out
 
     def _finish(self, params, tstates, gstate, T, G, plans, collected, inplace, ok):

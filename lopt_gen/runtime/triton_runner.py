@@ -11,6 +11,7 @@ first imported (``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -541,7 +542,7 @@ class TritonRunner:
         for Ti, pl in zip(T, plans):
             row = []
             for level, v in meta["rc_in"]:
-                x = _reduced(Ti[v], pl.reduced_shape(level), device)
+                x = _engine.segment_at(Ti, v) or _reduced(Ti[v], pl.reduced_shape(level), device)
                 keep.append(x)
                 row.append(x.data_ptr())
             ptr_rows.append(row or [0])
@@ -550,7 +551,7 @@ class TritonRunner:
         rc_out = {lv: kernel_buffer((max(1, len(meta[f"{lv}_out"])), max(1, totals[lv])), torch.float32, device)
                   for lv in ("row", "col")}
         if _capturing(device):
-            CAPTURE_KEEP.extend((sizes, s_in, g_in, rc_in, *keep))
+            CAPTURE_KEEP.extend((sizes, s_in, g_in, rc_in, *(getattr(x, "base", x) for x in keep)))
         block = meta["block"]
         kernel[(n,)](s_in, g_in, rc_in, sizes, out64, out32, rc_out["row"], rc_out["col"],
                      max(1, totals["row"]), max(1, totals["col"]), *weights, BLOCK=block)
@@ -559,11 +560,12 @@ class TritonRunner:
             names = meta[f"{lv}_out"]
             if not names:
                 continue
-            # each tensor's columns of the buffer, as (values, *reduced shape): one view and one
-            # unbind per tensor, whatever the number of values
-            for Ti, pl, part in zip(T, plans, rc_out[lv].split(spans[lv], dim=1)):
-                for v, x in zip(names, part.view((part.shape[0],) + pl.reduced_shape(lv)).unbind(0)):
-                    Ti[v] = x
+            # value k of every tensor: row k of the buffer, each tensor's part at its offset,
+            # handed out as one entry (a view per tensor only when read on its own)
+            offsets = list(itertools.accumulate(spans[lv], initial=0))[:-1]
+            shapes = [pl.reduced_shape(lv) for pl in plans]
+            for k, v in enumerate(names):
+                _engine.hand_out_column(T, v, _engine.Segments(rc_out[lv], k, offsets, shapes))
         return True
 
     @staticmethod
@@ -644,7 +646,9 @@ class TritonRunner:
         if kind == "state":
             return it.tstate[desc[1]].contiguous()
         if kind in ("row", "col"):
-            return _reduced_value(it, desc[1], kind, device)
+            V = it.V
+            at = _engine.segment_at(V.t, desc[1]) if type(V) is _engine.Scope else None
+            return at or _reduced_value(it, desc[1], kind, device)
         if kind == "scratch":
             return scratch[desc[1]]
         if kind in ("out_param", "out_state"):
