@@ -177,3 +177,23 @@ def test_row_and_column_states_are_written_from_the_host_kernels_output(monkeypa
         torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-5, atol=1e-6)
         for key in ("af_row", "af_col"):
             torch.testing.assert_close(ob.state[y][key], oa.state[x][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["small_fc_lopt", "hrnn"])
+def test_state_copies_are_dense_pairs_of_equal_layout(monkeypatch, name):
+    """Every pair the step's multi-tensor copies write is contiguous on both sides and of one
+    shape: on a GPU ``_foreach_copy_`` takes its fast path (one launch for all pairs) only for
+    dense pairs of equal strides, and one strided pair sends the whole list pair by pair."""
+    pairs = []
+    real = torch._foreach_copy_
+
+    def spy(dsts, srcs, *a, **k):
+        pairs.extend(zip(dsts, srcs))
+        return real(dsts, srcs, *a, **k)
+
+    monkeypatch.setattr(E, "POISON_KERNEL_OUTPUTS", False)  # as a user's step runs
+    monkeypatch.setattr(torch, "_foreach_copy_", spy)
+    _both_backends(name, [(5, 7), (9,), (), (3, 4, 2), (5, 7)], steps=2, seed=2)
+    assert pairs
+    for d, s in pairs:
+        assert d.is_contiguous() and s.is_contiguous() and d.shape == s.shape, (d.shape, d.stride(), s.stride())

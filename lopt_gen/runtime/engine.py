@@ -833,10 +833,11 @@ class Engine:
                     torch.stack([torch.broadcast_to(out[v], cshape) for v in w["values"]]))
 
     def _column_writes(self, T, tstates, live) -> dict:
-        """``{state: {tensor index: (channels,) new values}}`` for the per-tensor states (one
-        number per channel) whose new values every tensor of ``live`` holds as table columns
-        (:class:`TensorValues`): the channels stacked once for all tensors, then one row per
-        tensor, instead of a view, a broadcast and a conversion per channel and tensor."""
+        """``{state: {tensor index: [(destination, source)]}}``, the copies that write the states
+        whose new values every tensor of ``live`` holds as table columns (:class:`TensorValues`)
+        or row and column segments (:meth:`_segment_writes`).  A per-tensor state (one number
+        per channel) has its channels stacked once for all tensors and is written from one row
+        per tensor, instead of a view, a broadcast and a conversion per channel and tensor."""
         out: dict = {}
         if not live:
             return out
@@ -862,32 +863,33 @@ class Engine:
                     table = table[rows]
             else:  # columns of different tables or row orders: each picked on its own
                 table = torch.stack([c[r] for c, r in cols], 1)
-            out[w["state"]] = dict(zip(live, table.unbind(0)))
+            out[w["state"]] = {i: [(d, row)] for i, d, row in zip(live, dsts, table.unbind(0))}
         return out
 
     @staticmethod
     def _segment_writes(Ts, w, dsts):
-        """Each tensor's new row (column) state ``w`` as one view of a host kernel's output
-        table, when its channels are consecutive rows of one table (:class:`Segments`) that no
-        one has read on their own; else None."""
+        """Each tensor's new row (column) state ``w`` as ``[(channel of the state, its new
+        values)]``, the new values a part of a host kernel's output (:class:`Segments`) that no
+        one has read on their own; None unless every channel of every tensor is one.  One pair
+        per channel, both contiguous: a GPU's multi-tensor copy takes its fast path only for
+        dense pairs of equal strides."""
         segs = []
         for v in w["values"]:
             c = Ts[0].columns.get(v) if isinstance(Ts[0], TensorValues) else None
             if c is None or not isinstance(c[0], Segments):
                 return None
             segs.append(c)
-        seg0, rows = segs[0]
-        if any(c[0].table is not seg0.table or c[0].k != seg0.k + j or c[1] is not rows and c[1] != rows
-               for j, c in enumerate(segs)):
-            return None
         out = []
         for Ti, d in zip(Ts, dsts):
-            j = rows.get(Ti.index)
-            if (j is None or any(dict.__contains__(Ti, v) for v in w["values"]) or d.dtype != torch.float32
-                    or tuple(d.shape) != (len(segs),) + tuple(seg0.shapes[j])):
+            if d.dtype != torch.float32 or d.shape[0] != len(segs) or not d.is_contiguous():
                 return None
-            o = seg0.offsets[j]
-            out.append(seg0.table[seg0.k:seg0.k + len(segs), o:o + seg0.sizes[j]].view(d.shape))
+            pairs = []
+            for ch, (seg, rows) in enumerate(segs):
+                j = rows.get(Ti.index)
+                if j is None or dict.__contains__(Ti, w["values"][ch]) or tuple(d.shape[1:]) != tuple(seg.shapes[j]):
+                    return None
+                pairs.append((d[ch], seg[j]))
+            out.append(pairs)
         return out
 
     def _finish(self, params, tstates, gstate, T, G, plans, collected, inplace, ok):
@@ -904,9 +906,10 @@ class Engine:
                     if w["level"] in ("global", "elem"):
                         continue
                     dst = st[w["state"]]
-                    if w["state"] in by_column:  # the whole state from one row of a table
-                        dsts.append(dst)
-                        srcs.append(by_column[w["state"]][i])
+                    if w["state"] in by_column:  # from the host kernels' output tables
+                        for d, src in by_column[w["state"]][i]:
+                            dsts.append(d)
+                            srcs.append(src)
                         continue
                     for j, v in enumerate(w["values"]):
                         dsts.append(dst[j])
