@@ -262,3 +262,28 @@ def test_chunking_does_not_change_results():
         outs.append([p.detach().clone() for p in ps])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_parameter_without_elements_is_left_out(backend):
+    """A parameter with no elements (an empty embedding, a zero-width layer) has nothing to
+    update: it gets no state, and the other parameters step as they would without it."""
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 3), torch.randn(5)
+    runs = []
+    for with_empty in (True, False):
+        ps = [a.clone().requires_grad_(), torch.empty(0, 3).requires_grad_(), b.clone().requires_grad_()]
+        if not with_empty:
+            ps = [ps[0], ps[2]]
+        opt = LearnedOptimizer(ps, "small_fc_lopt", weights=lopt_gen.init_weights("small_fc_lopt", seed=0),
+                               backend=backend)
+        for step in range(2):
+            for p in ps:
+                p.grad = torch.full_like(p, 0.5) * (step + 1) + p.detach()
+            opt.step()
+        if with_empty:
+            assert ps[1].shape == (0, 3) and len(opt.state[ps[1]]) == 0
+            ps = [ps[0], ps[2]]
+        runs.append([p.detach().clone() for p in ps])
+    for x, y in zip(*runs):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)

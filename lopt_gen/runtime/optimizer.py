@@ -104,14 +104,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, loss=None):
-        """One step for every parameter with a gradient.  Returns the closure's loss, if any."""
+        """One step for every parameter with a gradient (a parameter with no elements has
+        nothing to update and is left out).  Returns the closure's loss, if any."""
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         params, grads, tstates, scalars = [], [], [], []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or p.numel() == 0:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("LearnedOptimizer does not support sparse gradients")
