@@ -11,8 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("step_bench", ROOT / "benchmarks" / "step_bench.py")
+def _load_bench(name: str = "step_bench"):
+    """The module ``benchmarks/<name>.py``, freshly loaded."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -79,9 +80,7 @@ def test_failures_become_notes(bench, tmp_path):
 
 
 def test_host_batching_bench_counts_fewer_host_operations(capsys):
-    spec = importlib.util.spec_from_file_location("host_batching", ROOT / "benchmarks" / "host_batching.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_bench("host_batching")
     import lopt_gen.runtime.engine as E
 
     before = E.MIN_BATCHED_TENSORS
@@ -99,9 +98,7 @@ def test_host_batching_bench_counts_fewer_host_operations(capsys):
 def test_triton_step_launches_do_not_grow_with_the_number_of_tensors(spec_name, capsys):
     """Host operations that launch a kernel, per Triton step: the same for 8 and for 16
     tensors of the same two shapes (they grow with the number of shapes, not of tensors)."""
-    spec = importlib.util.spec_from_file_location("triton_host_ops", ROOT / "benchmarks" / "triton_host_ops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_bench("triton_host_ops")
     counts = {}
     for n in (8, 16):
         opt = module._optimizer(spec_name, n, 4)
@@ -127,9 +124,7 @@ def test_host_time_skips_the_kernels_and_restores_them(monkeypatch, capsys):
     # as a user's step runs: in place, without the suite's poisoned copies of the outputs
     monkeypatch.setattr(engine, "POISON_KERNEL_OUTPUTS", False)
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("triton_host_ops", ROOT / "benchmarks" / "triton_host_ops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_bench("triton_host_ops")
     real = interpreter.InterpretedFunction.run
     opt = module._optimizer("adam", 4, 4)
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -155,9 +150,7 @@ def test_triton_step_launches_barely_grow_with_the_number_of_shapes(monkeypatch)
 
     monkeypatch.setattr(engine, "POISON_KERNEL_OUTPUTS", False)
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("triton_host_ops", ROOT / "benchmarks" / "triton_host_ops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_bench("triton_host_ops")
     for name in ("small_fc_lopt", "mulo", "hrnn"):
         counts = {}
         for layout in ("alternating", "transformer"):
@@ -177,9 +170,7 @@ def test_backward_bench_tiny_run_writes_both_modes(tmp_path, monkeypatch):
     import types
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("backward_bench", ROOT / "benchmarks" / "backward_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_bench("backward_bench")
     assert module.main(["--sizes", "256", "--specs", "small_fc_lopt,l2l_lstm", "--device", "cpu", "--steps", "1",
                         "--warmup", "0", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "backward_bench.csv", newline="") as f:
@@ -213,9 +204,7 @@ def test_mlp_layout_bench_times_both_layouts_and_restores_the_setting(capsys, mo
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ on it
     threads = torch.get_num_threads()
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # --threads must not outlive the test
-    spec = importlib.util.spec_from_file_location("mlp_layout", ROOT / "benchmarks" / "mlp_layout.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_bench("mlp_layout")
     before = ops.ELEMENT_MAJOR_MIN_WIDTH
     rows = module.main(["--widths", "4,24", "--rows", "6", "--cols", "7", "--reps", "1", "--threads", "1"])
     assert [r["width"] for r in rows] == [4, 24]
@@ -244,9 +233,7 @@ def test_gpu_check_runs_in_the_interpreter(tmp_path, monkeypatch, capsys):
     import json
 
     monkeypatch.setattr(sys, "path", list(sys.path))
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_bench("gpu_check")
     monkeypatch.setattr(module, "SHAPES", [(1,), (7,), (3, 5, 7), (), (33, 17)])
     code = module.main(["--device", "cpu", "--specs", "adam,small_fc_lopt", "--checks",
                         "trajectory,poisoned,gradients,graph", "--random-specs", "1", "--out", str(tmp_path)])

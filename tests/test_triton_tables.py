@@ -103,7 +103,7 @@ def test_values_that_require_grad_keep_the_differentiable_stack(monkeypatch):
 ])
 def test_values_the_gather_cannot_read_are_named(value, why):
     with pytest.raises(tt.NotGatherable, match=why.replace("(", r"\(").replace(")", r"\)")):
-        tt.source_table([[1.0, value]], "cpu")
+        tt.column_source_table([[1.0], [value]], 1, "cpu")
 
 
 def test_unreadable_values_fall_back_or_raise_cleanly():

@@ -175,6 +175,7 @@ class _HostBody:
         self.n = 0
 
     fresh = _KBody.fresh  # a kernel-local name no value of the program has
+    let = _KBody.let  # a fresh kernel-local name bound to an expression
 
     # -- scalars ----------------------------------------------------------------------------------
     def scalar(self, v: str) -> str:
@@ -310,26 +311,21 @@ class _HostBody:
         def hh(t, gi):  # W_hh's rows of gate gi times the [1, hpad] tile t
             return f"tops.matmul({t}, {w_hh}, {hid}, {gi * hid}, 0, {hid}, {hid}, {hpad}, {hpad}, False)"
 
-        def let(hint, text):
-            var = self.fresh(hint)
-            self.lines.append(f"{var} = {text}")
-            return var
-
         if n.kind == "gru":
-            r = let("gate_r_", activation(f"{pre['r']} + {hh(h, 0)}", "sigmoid", helpers))
-            u = let("gate_u_", activation(f"{pre['u']} + {hh(h, 1)}", "sigmoid", helpers))
-            c = let("cand_", activation(f"{pre['c']} + {hh(f'({r} * {h})', 2)}", "tanh", helpers))
-            new = {"h": let("h_new_", f"{u} * {h} + (1.0 - {u}) * {c}")}
+            r = self.let("gate_r_", activation(f"{pre['r']} + {hh(h, 0)}", "sigmoid", helpers))
+            u = self.let("gate_u_", activation(f"{pre['u']} + {hh(h, 1)}", "sigmoid", helpers))
+            c = self.let("cand_", activation(f"{pre['c']} + {hh(f'({r} * {h})', 2)}", "tanh", helpers))
+            new = {"h": self.let("h_new_", f"{u} * {h} + (1.0 - {u}) * {c}")}
         else:
             if len(n.c) == 1:  # one cell value shared by every hidden unit
-                c_old = let("cell_c_", f"{names.get(n.c[0])} + tl.zeros([1, {hpad}], dtype=tl.float32)")
+                c_old = self.let("cell_c_", f"{names.get(n.c[0])} + tl.zeros([1, {hpad}], dtype=tl.float32)")
             else:
                 c_old = self.tile(n.c, names, hpad, "cell_c_")
-            i, f, o = (let(f"gate_{g}_", activation(f"{pre[g]} + {hh(h, k)}", "sigmoid", helpers))
+            i, f, o = (self.let(f"gate_{g}_", activation(f"{pre[g]} + {hh(h, k)}", "sigmoid", helpers))
                        for g, k in (("i", 0), ("f", 1), ("o", 3)))
-            g = let("gate_g_", activation(f"{pre['g']} + {hh(h, 2)}", "tanh", helpers))
-            c_new = let("c_new_", f"{f} * {c_old} + {i} * {g}")
-            new = {"h": let("h_new_", f"{o} * {activation(c_new, 'tanh', helpers)}"), "c": c_new}
+            g = self.let("gate_g_", activation(f"{pre['g']} + {hh(h, 2)}", "tanh", helpers))
+            c_new = self.let("c_new_", f"{f} * {c_old} + {i} * {g}")
+            new = {"h": self.let("h_new_", f"{o} * {activation(c_new, 'tanh', helpers)}"), "c": c_new}
         k = self.fresh("tile_col_")
         self.lines.append(f"{k} = tl.arange(0, {hpad})[None, :]")
         for part, outs in (("h", n.out_h), ("c", n.out_c)):

@@ -212,53 +212,55 @@ def _reduced_value(it, name: str, level: str, device) -> torch.Tensor:
     return _reduced(it.V[name], it.pl.reduced_shape(level), device)
 
 
+def _rowcol_pointer(values, name: str, shape, device):
+    """What a kernel's pointer table holds for row or column value ``name`` of one tensor
+    (``values``: its :class:`~.engine.TensorValues`, or a :class:`~.engine.Scope` over them):
+    its place in a host kernel's output when it is one (:func:`~.engine.segment_at`, no view),
+    else a contiguous float32 tensor of the reduced ``shape`` (:func:`_reduced`)."""
+    t = values.t if type(values) is _engine.Scope else values
+    return _engine.segment_at(t, name) or _reduced(values[name], shape, device)
+
+
 class _NotScalar(ValueError):
     """A value a kernel reads as one number per tensor (or per step) is not one."""
 
 
-def _scalar_table(rows, device, dtype=torch.float32) -> torch.Tensor:
-    """``(len(rows), max(1, width))`` of ``dtype``: one row of scalar values per tensor.
+def _table(cols, n: int, device, dtype) -> torch.Tensor:
+    """``(n, max(1, len(cols)))`` of ``dtype``: column ``k`` holds ``cols[k]``, a list of ``n``
+    scalar values or a pair ``(column, rows)`` (``column[rows[j]]``, a column of a table).
     Gathered by one kernel launch from the values' addresses (:mod:`.triton_tables`) unless a
     value requires grad or lies elsewhere; then stacked column by column, differentiably.
     Raises :class:`_NotScalar` for a value that is not a number or a one-element tensor."""
-    width = len(rows[0]) if rows else 0
-    if not width:
-        return torch.zeros((max(1, len(rows)), 1), dtype=dtype, device=device)
-    if not torch.compiler.is_compiling():
-        from .triton_tables import NotGatherable, gather, source_table
-
-        try:
-            src = source_table(rows, device)
-        except NotGatherable:
-            pass
-        else:
-            return gather(_send(src, device), (len(rows), width), dtype)
-    return _stacked_table(rows, device, dtype)
-
-
-def _values_table(Ts, names, device, dtype=torch.float32, G=None) -> torch.Tensor:
-    """:func:`_scalar_table` of value ``names[k]`` of each tensor ``Ts[j]`` (of ``G`` where a
-    tensor has no such value, if ``G`` is given).  A value the tensors hold as one column of a
-    table (:class:`~.engine.TensorValues`) is gathered from the column's address and stride,
-    without a 0-dim tensor per tensor."""
-    n = len(Ts)
-    if not names or not n:
+    if not cols or not n:
         return torch.zeros((max(1, n), 1), dtype=dtype, device=device)
     if not torch.compiler.is_compiling():
         from .triton_tables import NotGatherable, column_source_table, gather
 
-        cols = []
-        for name in names:
-            c = _engine.column_of(Ts, name)
-            cols.append(c if c is not None else [Ti[name] if G is None or name in Ti else G[name] for Ti in Ts])
         try:
             src = column_source_table(cols, n, device)
         except NotGatherable:
             pass
         else:
-            return gather(_send(src, device), (n, len(names)), dtype)
-    rows = [[Ti[name] if G is None or name in Ti else G[name] for name in names] for Ti in Ts]
-    return _stacked_table(rows, device, dtype)
+            return gather(_send(src, device), (n, len(cols)), dtype)
+    return _stacked_table([[c[0][k] for k in c[1]] if isinstance(c, tuple) else c for c in cols], device, dtype)
+
+
+def _scalar_table(rows, device, dtype=torch.float32) -> torch.Tensor:
+    """:func:`_table` of ``rows``, one row of scalar values per tensor."""
+    width = len(rows[0]) if rows else 0
+    return _table([[r[j] for r in rows] for j in range(width)], len(rows), device, dtype)
+
+
+def _values_table(Ts, names, device, dtype=torch.float32, G=None) -> torch.Tensor:
+    """:func:`_table` of value ``names[k]`` of each tensor ``Ts[j]`` (of ``G`` where a tensor
+    has no such value, if ``G`` is given).  A value the tensors hold as one column of a table
+    (:class:`~.engine.TensorValues`) is gathered from the column's address and stride, without
+    a 0-dim tensor per tensor."""
+    cols = []
+    for name in names:
+        c = _engine.column_of(Ts, name)
+        cols.append(c if c is not None else [Ti[name] if G is None or name in Ti else G[name] for Ti in Ts])
+    return _table(cols, len(Ts), device, dtype)
 
 
 def _all_f32_scalars(Ts, name) -> bool:
@@ -270,12 +272,10 @@ def _all_f32_scalars(Ts, name) -> bool:
     return all(_is_f32_scalar(Ti.get(name)) for Ti in Ts)
 
 
-def _stacked_table(rows, device, dtype) -> torch.Tensor:
-    """:func:`_scalar_table` by stacking, column by column (differentiable)."""
-    width = len(rows[0])
+def _stacked_table(columns, device, dtype) -> torch.Tensor:
+    """:func:`_table` by stacking ``columns`` (lists of values), one by one (differentiable)."""
     cols = []
-    for j in range(width):
-        vals = [r[j] for r in rows]
+    for vals in columns:
         if all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in vals):
             cols.append(torch.stack(vals).to(device=device, dtype=dtype))
             continue
@@ -542,7 +542,7 @@ class TritonRunner:
         for Ti, pl in zip(T, plans):
             row = []
             for level, v in meta["rc_in"]:
-                x = _engine.segment_at(Ti, v) or _reduced(Ti[v], pl.reduced_shape(level), device)
+                x = _rowcol_pointer(Ti, v, pl.reduced_shape(level), device)
                 keep.append(x)
                 row.append(x.data_ptr())
             ptr_rows.append(row or [0])
@@ -646,9 +646,7 @@ class TritonRunner:
         if kind == "state":
             return it.tstate[desc[1]].contiguous()
         if kind in ("row", "col"):
-            V = it.V
-            at = _engine.segment_at(V.t, desc[1]) if type(V) is _engine.Scope else None
-            return at or _reduced_value(it, desc[1], kind, device)
+            return _rowcol_pointer(it.V, desc[1], pl.reduced_shape(kind), device)
         if kind == "scratch":
             return scratch[desc[1]]
         if kind in ("out_param", "out_state"):

@@ -115,19 +115,13 @@ def _column_sources(column: torch.Tensor, rows, want) -> tuple[list, list]:
     return [base + k * step for k in rows], [code] * len(rows)
 
 
-def source_table(rows, device) -> torch.Tensor:
-    """``(2 · len(rows) · width,)`` int64, on the host: every value's address (or a number's
-    float64 bits), row by row, then every value's dtype code.  Raises :class:`NotGatherable`
-    for a value of another device or dtype, one that requires grad, or one that is not a
-    number or a one-element tensor."""
-    addrs, codes = _value_sources([v for row in rows for v in row], _device_number(torch.device(device)))
-    return torch.tensor(addrs + codes, dtype=torch.int64)
-
-
 def column_source_table(columns, n: int, device) -> torch.Tensor:
-    """:func:`source_table` of an ``n``-row table given column by column: each column a list of
-    ``n`` values, or a pair ``(column, rows)`` (the values ``column[rows[j]]`` of a 1-D tensor,
-    whose addresses come from its own address and stride)."""
+    """``(2 · n · len(columns),)`` int64, on the host: the addresses of the values of an
+    ``n``-row table (a number's float64 bits in its place), row by row, then their dtype codes.
+    Each column is a list of ``n`` values, or a pair ``(column, rows)``: the values
+    ``column[rows[j]]`` of a 1-D tensor, whose addresses come from its own address and stride.
+    Raises :class:`NotGatherable` for a value of another device or dtype, one that requires
+    grad, or one that is not a number or a one-element tensor."""
     want = _device_number(torch.device(device))
     addr_cols, code_cols = [], []
     for c in columns:
@@ -141,7 +135,7 @@ def column_source_table(columns, n: int, device) -> torch.Tensor:
 
 def gather(src: torch.Tensor, shape, dtype) -> torch.Tensor:
     """The table of ``shape`` (rows × width) and ``dtype`` whose elements the device table
-    ``src`` (from :func:`source_table`) describes: one launch."""
+    ``src`` (from :func:`column_source_table`) describes: one launch."""
     n = src.numel() // 2
     out = kernel_buffer(shape, dtype, src.device)
     if n:
