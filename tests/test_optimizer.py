@@ -287,3 +287,70 @@ def test_a_parameter_without_elements_is_left_out(backend):
         runs.append([p.detach().clone() for p in ps])
     for x, y in zip(*runs):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("spec", ["small_fc_lopt", "hrnn"])
+def test_engine_step_leaves_a_tensor_without_elements_out(backend, spec):
+    """``Engine.step`` (the functional API meta-training calls) treats a tensor with no elements
+    as the optimizer does: it comes back unchanged, state and step counter included, and the
+    others (and the global state, whose means over tensors hrnn reads) step as they would
+    without it, in place and functionally, and with meta-gradients flowing."""
+    engine = lopt_gen.get_engine(lopt_gen.load_spec(spec))
+    phi = engine.init_weights(0)
+    torch.manual_seed(1)
+    full = [torch.randn(4, 3), torch.empty(0, 3), torch.randn(5), torch.empty(0)]
+    grads = [torch.randn_like(p) for p in full]
+    keep = [0, 2]
+
+    def run(indices, inplace, differentiable=False):
+        ps = [full[i].clone() for i in indices]
+        ts = [engine.init_tensor_state(p) for p in ps]
+        gs = engine.init_global_state(torch.device("cpu"))
+        w = {k: v.clone().requires_grad_(differentiable) for k, v in phi.items()}
+        with torch.set_grad_enabled(differentiable):
+            out = None
+            for _ in range(2):
+                out = engine.step(w, ps if out is None else out[0], [grads[i] for i in indices],
+                                  ts if out is None else out[1], gs if out is None else out[2],
+                                  [{"lr": 0.1} for _ in indices], inplace=inplace, backend=backend)
+        return w, ps, ts, out
+
+    for inplace in (True, False):
+        _, ps, ts, out = run(range(len(full)), inplace)
+        _, ps_ref, ts_ref, out_ref = run(keep, inplace)
+        for j, i in enumerate(keep):
+            torch.testing.assert_close(out[0][i], out_ref[0][j], rtol=0, atol=0)
+            for k in out_ref[1][j]:
+                torch.testing.assert_close(out[1][i][k], out_ref[1][j][k], rtol=0, atol=0)
+        for i in (1, 3):
+            assert out[0][i].shape == full[i].shape
+            assert int(out[1][i]["step"]) == 0
+        for k in out_ref[2]:
+            torch.testing.assert_close(out[2][k], out_ref[2][k], rtol=0, atol=0)
+        if inplace:
+            assert out[0] == ps or all(a is b for a, b in zip(out[0], ps))
+    if backend == "torch":  # the differentiable path (meta-training) runs on the torch backend on the CPU
+        w, _, _, out = run(range(len(full)), False, differentiable=True)
+        loss = sum((p ** 2).sum() for p in out[0])
+        g = torch.autograd.grad(loss, [w[k] for k in sorted(w)], allow_unused=True)
+        w_ref, _, _, out_ref = run(keep, False, differentiable=True)
+        loss_ref = sum((p ** 2).sum() for p in out_ref[0])
+        g_ref = torch.autograd.grad(loss_ref, [w_ref[k] for k in sorted(w_ref)], allow_unused=True)
+        for a, b in zip(g, g_ref):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_engine_step_with_only_empty_tensors_changes_nothing():
+    engine = lopt_gen.get_engine(lopt_gen.load_spec("hrnn"))
+    phi = engine.init_weights(0)
+    ps = [torch.empty(0, 2)]
+    ts = [engine.init_tensor_state(ps[0])]
+    gs = engine.init_global_state(torch.device("cpu"))
+    before = {k: v.clone() for k, v in gs.items()}
+    new_p, new_t, new_g = engine.step(phi, ps, [torch.empty(0, 2)], ts, gs, [{}])
+    assert new_p[0].shape == (0, 2) and int(new_t[0]["step"]) == 0
+    for k in before:
+        torch.testing.assert_close(new_g[k], before[k], rtol=0, atol=0)

@@ -442,7 +442,7 @@ class TensorPlan:
             "col": self.shape[second] if second is not None else self.numel,
             "tensor": self.numel,
         }
-        per_slice = self.numel // self.shape[cd]
+        per_slice = math.prod(n for d, n in enumerate(self.shape) if d != cd)  # (a tensor may have no elements)
         step = max(1, chunk_elems // max(per_slice, 1))
         self.chunks = [(s, min(step, self.shape[cd] - s)) for s in range(0, self.shape[cd], step)]
         self._reduced = {lv: () if dims is None else tuple(1 if d in dims else n for d, n in enumerate(self.shape))
@@ -542,7 +542,15 @@ class Engine:
         differentiated; False never does (every temporary is a fresh tensor).
         Returns ``(new_params, new_tstates, new_gstate)``; with ``inplace`` the inputs
         are updated and returned.
+
+        A tensor with no elements takes no part in the step (as in the optimizer, which leaves
+        it out): it comes back unchanged, its state too (its step counter included), and the
+        means over tensors that some specs take do not count it.
         """
+        if any(p.numel() == 0 for p in params):
+            return self._step_without_empty(phi, params, grads, tstates, gstate, scalars, loss, inplace=inplace,
+                                            nonfinite=nonfinite, chunk_elems=chunk_elems, backend=backend,
+                                            warn_state=warn_state, workspace=workspace)
         info = self.info
         n = len(params)
         if info["uses_loss"] and loss is None:
@@ -645,6 +653,22 @@ class Engine:
                     if stage["index"] == final:
                         self._sink(i, pl, s, length, out, params, tstates, inplace, ok[i], collected[i])
         return self._finish(params, tstates, gstate, T, G, plans, collected, inplace, ok)
+
+    def _step_without_empty(self, phi, params, grads, tstates, gstate, scalars, loss, *, inplace, **options):
+        """:meth:`step` over the tensors that have elements; the others come back as they were
+        (their states as copies of the dicts when not ``inplace``, as :meth:`step` returns a
+        skipped tensor's)."""
+        keep = [i for i, p in enumerate(params) if p.numel()]
+        out_p = list(params)
+        out_t = list(tstates) if inplace else [dict(st) for st in tstates]
+        if not keep:
+            return out_p, out_t, gstate if inplace else dict(gstate)
+        new_p, new_t, new_g = self.step(phi, [params[i] for i in keep], [grads[i] for i in keep],
+                                        [tstates[i] for i in keep], gstate, [scalars[i] for i in keep], loss,
+                                        inplace=inplace, **options)
+        for j, i in enumerate(keep):
+            out_p[i], out_t[i] = new_p[j], new_t[j]
+        return out_p, out_t, new_g
 
     def _triton_outputs(self, i, pl, params, tstates, inplace, coll):
         """Where the final Triton kernel writes: in place, or into new tensors (functional)."""
