@@ -64,7 +64,7 @@ def test_gathered_tables_from_columns_equal_the_stacked_values(n, width, stride,
     for k in range(width):
         name = f"v{k}"
         names.append(name)
-        kind = data.draw(st.sampled_from(["column", "shuffled", "own", "number"]))
+        kind = data.draw(st.sampled_from(["column", "shuffled", "own", "number", "shared"]))
         dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
         big = torch.randn(n + 3, stride * 2, generator=gen).to(dtype)
         col = big[:, stride - 1][1:n + 1] if stride > 1 else big[1:n + 1, 0]
@@ -76,6 +76,9 @@ def test_gathered_tables_from_columns_equal_the_stacked_values(n, width, stride,
         elif kind == "own":
             for i, Ti in enumerate(T):
                 Ti[name] = col[i].clone()
+        elif kind == "shared":  # one object for every tensor (a group's learning rate), looked at once
+            for Ti in T:
+                Ti[name] = col[0].clone() if Ti is T[0] else T[0][name]
         else:
             for i, Ti in enumerate(T):
                 Ti[name] = float(i) / 3
@@ -148,14 +151,14 @@ def test_row_and_column_values_are_parts_of_one_table():
     table = torch.arange(30.0).reshape(2, 15)
     shapes = [(3, 1), (1,), (2, 1, 4)]  # 3 + 1 + 8 elements, at offsets 0, 3, 4
     T = _rows(3)
-    E.hand_out_column(T, "r", E.Segments(table, 1, [0, 3, 4], shapes))
+    E.hand_out_column(T, "r", E.Segments.table_row(table, 1, [0, 3, 4], shapes))
     assert torch.equal(T[2]["r"], table[1, 4:12].view(2, 1, 4)) and T[0]["r"].shape == (3, 1)
     assert E.segment_at(T[2], "r") is None  # read on its own: its view is what a kernel reads
     at = E.segment_at(T[1], "r")
     assert at.data_ptr() == table[1, 3:].data_ptr() == T[1]["r"].data_ptr()
     assert E.column_of(T, "r") is None  # not a column of scalars
     d = [{}, {}, {}]
-    E.hand_out_column(d, "r", E.Segments(table, 0, [0, 3, 4], shapes))
+    E.hand_out_column(d, "r", E.Segments.table_row(table, 0, [0, 3, 4], shapes))
     assert torch.equal(d[1]["r"], table[0, 3:4])
 
 
@@ -197,3 +200,87 @@ def test_state_copies_are_dense_pairs_of_equal_layout(monkeypatch, name):
     assert pairs
     for d, s in pairs:
         assert d.is_contiguous() and s.is_contiguous() and d.shape == s.shape, (d.shape, d.stride(), s.stride())
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(shapes=st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple), min_size=1, max_size=6),
+       width=st.integers(1, 3), data=st.data())
+def test_parts_have_the_addresses_of_their_views(shapes, width, data):
+    """Parts of one table (a host kernel's output) and parts of one tensor each (old states, a
+    shape group's means): the addresses computed at once, the 1-D parts of the state copies and
+    the views read on their own all point at the same elements."""
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+    table = torch.randn(width, sum(sizes) + 2)
+    k = data.draw(st.integers(0, width - 1))
+    states = [torch.randn((width,) + s) for s in shapes]
+    for seg in (E.Segments.table_row(table, k, offsets, shapes),
+                E.Segments(states, [k * x.stride(0) for x in states], shapes)):
+        n = len(shapes)
+        order = data.draw(st.permutations(range(n)))
+        assert seg.addresses(order) == [seg[j].data_ptr() for j in order] == [seg.at(j).data_ptr() for j in order]
+        for j, part in enumerate(seg.flat_parts()):
+            assert part.is_contiguous() and part.data_ptr() == seg[j].data_ptr()
+            assert torch.equal(part, seg[j].reshape(-1))
+        T = _rows(n)
+        E.hand_out_column(T, "r", seg, order)
+        assert E.segment_addresses(T, "r") == [seg[order[i]].data_ptr() for i in range(n)]
+        if n > 1:
+            assert E.segment_addresses(T[1:], "r") == [seg[order[i]].data_ptr() for i in range(1, n)]
+        T[-1]["r"]  # read on its own: no longer a part the kernels get by address
+        assert E.segment_addresses(T, "r") is None
+        assert E.segment_addresses([{}], "r") is None and E.segment_addresses(T, "other") is None
+
+
+def test_old_states_are_handed_out_without_a_view_per_tensor():
+    """Per-tensor states stacked once and handed out as a column; row and column states as parts
+    of the states themselves, read by kernels in place; a state of another dtype or layout one
+    value per tensor, converted to float32, as before."""
+    n = 3
+    plans = [E.TensorPlan(s, 1 << 20) for s in [(4, 3), (5,), (2, 2)]]
+    tstates = [{"h": torch.randn(4), "r": torch.randn((2,) + pl.reduced_shape("row"))} for pl in plans]
+    T = _rows(n)
+    cache: dict = {}
+    for i in range(4):
+        E.Engine._state_leaf({"name": f"h{i}", "source": "h", "index": i, "level": "tensor"}, T, tstates, plans,
+                             cache, torch.device("cpu"))
+    E.Engine._state_leaf({"name": "r1", "source": "r", "index": 1, "level": "row"}, T, tstates, plans, cache,
+                         torch.device("cpu"))
+    assert list(cache) == ["h"]  # stacked once for the four channels
+    assert E.column_of(T, "h2")[0].data_ptr() == cache["h"][:, 2].data_ptr()
+    assert E.segment_addresses(T, "r1") == [st["r"][1].data_ptr() for st in tstates]
+    for Ti, st in zip(T, tstates):
+        assert torch.equal(Ti["h3"], st["h"][3]) and torch.equal(Ti["r1"], st["r"][1])
+    # another dtype, or a layout a kernel cannot read in place: one value each, in float32
+    tstates[1]["r"] = tstates[1]["r"].double()
+    tstates[2]["h"] = torch.randn(5)
+    T = _rows(n)
+    E.Engine._state_leaf({"name": "r0", "source": "r", "index": 0, "level": "row"}, T, tstates, plans, {},
+                         torch.device("cpu"))
+    E.Engine._state_leaf({"name": "h0", "source": "h", "index": 0, "level": "tensor"}, T, tstates, plans, {},
+                         torch.device("cpu"))
+    assert E.segment_addresses(T, "r0") is None and E.column_of(T, "h0") is None
+    for Ti, st in zip(T, tstates):
+        assert Ti["r0"].dtype == torch.float32 and torch.equal(Ti["r0"], st["r"][0].float())
+        assert torch.equal(Ti["h0"], st["h"][0])
+
+
+def test_a_row_state_of_another_dtype_steps_as_on_the_torch_backend():
+    """small_fc_lopt with one tensor's Adafactor row state in float64 (a loaded checkpoint can
+    hold one): its old values are read one by one and its new ones written without the
+    host-output copy path, and both backends still agree."""
+    (pa, oa), (pb, ob) = _both_backends("small_fc_lopt", [(5, 7), (9,), (3, 4, 2)], steps=1, seed=3)
+    for opt, ps in ((oa, pa), (ob, pb)):
+        opt.state[ps[0]]["af_row"] = opt.state[ps[0]]["af_row"].double()
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        grads = [torch.randn(p.shape, generator=gen) for p in pa]
+        for ps, opt in ((pa, oa), (pb, ob)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    assert ob.state[pb[0]]["af_row"].dtype == torch.float64
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(y.detach(), x.detach(), rtol=1e-5, atol=1e-6)
+        for key in ("af_row", "af_col"):
+            torch.testing.assert_close(ob.state[y][key], oa.state[x][key], rtol=1e-5, atol=1e-6)

@@ -238,23 +238,58 @@ class TensorValues(dict):
 
 
 class Segments:
-    """Row (or column) value ``k`` of every tensor as one row of a host kernel's flat output
-    ``table`` (``(values, total)`` float32): tensor ``j``'s part starts at ``offsets[j]`` and has
-    the tensor's reduced ``shapes[j]``.  ``self[j]`` is that part as a view; :meth:`at` its
-    address without one."""
+    """One value of every tensor as a part of a float32 tensor, without a view per tensor:
+    tensor ``j``'s part begins ``offsets[j]`` elements into ``bases`` (one contiguous tensor for
+    every part, such as a host kernel's flat output, :meth:`table_row`) or into ``bases[j]`` (a
+    list, one contiguous tensor per part: a tensor's state, a shape group's means) and has the
+    tensor's reduced ``shapes[j]``.  ``self[j]`` is that part as a view; :meth:`at` and
+    :meth:`addresses` give its address without one."""
 
-    __slots__ = ("table", "k", "offsets", "shapes", "sizes")
+    __slots__ = ("bases", "offsets", "shapes", "sizes", "_flat")
 
-    def __init__(self, table, k, offsets, shapes):
-        self.table, self.k, self.offsets, self.shapes = table, k, offsets, shapes
+    def __init__(self, bases, offsets, shapes):
+        self.bases, self.offsets, self.shapes = bases, offsets, shapes
         self.sizes = [math.prod(s) for s in shapes]
+        self._flat = None
+
+    @classmethod
+    def table_row(cls, table, k, offsets, shapes) -> "Segments":
+        """Row ``k`` of a ``(values, total)`` table, tensor ``j``'s part at ``offsets[j]`` in it."""
+        start = k * table.stride(0)
+        return cls(table, [start + o for o in offsets], shapes)
+
+    def base(self, j) -> torch.Tensor:
+        b = self.bases
+        return b if isinstance(b, torch.Tensor) else b[j]
 
     def __getitem__(self, j):
         o = self.offsets[j]
-        return self.table[self.k, o:o + self.sizes[j]].view(self.shapes[j])
+        return self.base(j).view(-1)[o:o + self.sizes[j]].view(self.shapes[j])
+
+    def flat_parts(self) -> list:
+        """Every part as a 1-D view, made by one ``split`` when the parts follow one another in
+        one base (a host kernel's output), else one by one."""
+        if self._flat is None:
+            b, offsets, sizes = self.bases, self.offsets, self.sizes
+            if isinstance(b, torch.Tensor) and all(offsets[j + 1] == offsets[j] + sizes[j]
+                                                   for j in range(len(sizes) - 1)):
+                start = offsets[0] if offsets else 0
+                self._flat = list(b.view(-1)[start:start + sum(sizes)].split(sizes))
+            else:
+                self._flat = [self.base(j).view(-1)[o:o + n] for j, (o, n) in enumerate(zip(offsets, sizes))]
+        return self._flat
 
     def at(self, j) -> "Address":
-        return Address(self.table, (self.k * self.table.stride(0) + self.offsets[j]) * self.table.element_size())
+        b = self.base(j)
+        return Address(b, self.offsets[j] * b.element_size())
+
+    def addresses(self, js) -> list[int]:
+        """The addresses of parts ``js`` (what :meth:`at` gives, as numbers)."""
+        b, offsets = self.bases, self.offsets
+        if isinstance(b, torch.Tensor):
+            size, base = b.element_size(), b.data_ptr()
+            return [base + offsets[j] * size for j in js]
+        return [b[j].data_ptr() + offsets[j] * b[j].element_size() for j in js]
 
 
 class Address:
@@ -282,6 +317,30 @@ def segment_at(Ti, name):
     return None if j is None else c[0].at(j)
 
 
+def segment_addresses(Ts, name):
+    """The addresses (numbers) of value ``name`` of the tensors ``Ts`` when every one of them is a
+    part of one :class:`Segments` not read on its own (:func:`segment_at` for all at once, without
+    an :class:`Address` per tensor); else None.  The segments' table stays alive in the step's
+    columns."""
+    first = Ts[0] if Ts else None
+    if type(first) is not TensorValues:
+        return None
+    columns = first.columns
+    c = columns.get(name)
+    if c is None or not isinstance(c[0], Segments):
+        return None
+    rows = c[1]
+    js = []
+    for Ti in Ts:
+        if type(Ti) is not TensorValues or Ti.columns is not columns or dict.__contains__(Ti, name):
+            return None
+        j = rows.get(Ti.index)
+        if j is None:
+            return None
+        js.append(j)
+    return c[0].addresses(js)
+
+
 def column_of(Ts, name):
     """``(column, rows)``: value ``name`` of the tensors ``Ts`` as one column of a table
     (``column[rows[j]]`` is ``Ts[j]``'s value), or None when some tensor holds it on its own
@@ -293,15 +352,12 @@ def column_of(Ts, name):
     c = columns.get(name)
     if c is None or not isinstance(c[0], torch.Tensor):
         return None
-    rows = []
-    for Ti in Ts:
-        if not isinstance(Ti, TensorValues) or Ti.columns is not columns:
-            return None
-        k = Ti._row(name)
-        if k is None:
-            return None
-        rows.append(k)
-    return c[0], rows
+    rowmap = c[1]
+    try:  # (one comprehension: this runs for every value of every launch)
+        rows = [rowmap[Ti.index] for Ti in Ts if type(Ti) is TensorValues and Ti.columns is columns]
+    except KeyError:
+        return None
+    return (c[0], rows) if len(rows) == len(Ts) else None
 
 
 def hand_out_column(Ts, name, column, rows=None) -> None:
@@ -309,13 +365,15 @@ def hand_out_column(Ts, name, column, rows=None) -> None:
     ``j``; ``column`` a 1-D tensor, or :class:`Segments`): registered as one column when ``Ts``
     are a step's ``TensorValues``, else written as views one by one."""
     first = Ts[0] if Ts else None
-    if isinstance(first, TensorValues) and all(isinstance(Ti, TensorValues) and Ti.columns is first.columns
-                                               for Ti in Ts):
-        k = range(len(Ts)) if rows is None else rows
-        first.columns[name] = (column, {Ti.index: j for Ti, j in zip(Ts, k)})
-        for Ti in Ts:  # a value written before (not in a step: names are defined once) is dropped
-            dict.pop(Ti, name, None)
-        return
+    if type(first) is TensorValues:
+        columns = first.columns
+        mapping = {Ti.index: j for Ti, j in zip(Ts, range(len(Ts)) if rows is None else rows)
+                   if type(Ti) is TensorValues and Ti.columns is columns}
+        if len(mapping) == len(Ts):
+            columns[name] = (column, mapping)
+            for Ti in Ts:  # a value written before (not in a step: names are defined once) is dropped
+                dict.pop(Ti, name, None)
+            return
     for j, Ti in enumerate(Ts):
         Ti[name] = column[j if rows is None else rows[j]]
 
@@ -570,6 +628,7 @@ class Engine:
         columns: dict = {}  # per-tensor values held as table columns (see TensorValues)
         T: list[dict] = [TensorValues(columns, i) for i in range(n)]
         fills: dict = {}  # one fill per distinct number (tensors of a group share lr, wd, ...)
+        stacked_states: dict = {}  # per-tensor states stacked over the tensors (see _state_leaf)
 
         def scalar(value):
             if isinstance(value, torch.Tensor):
@@ -599,8 +658,7 @@ class Engine:
             elif kind == "state" and level == "global":
                 G[name] = gstate[leaf["source"]][leaf["index"]]
             elif kind == "state" and level != "elem":
-                for i in range(n):
-                    T[i][name] = tstates[i][leaf["source"]][leaf["index"]].float()
+                self._state_leaf(leaf, T, tstates, plans, stacked_states, dev, in_place=backend == "triton")
 
         differentiated = torch.is_grad_enabled() and _requires_grad(phi, params, grads, tstates, gstate, [loss],
                                                                   scalars)
@@ -653,6 +711,33 @@ class Engine:
                     if stage["index"] == final:
                         self._sink(i, pl, s, length, out, params, tstates, inplace, ok[i], collected[i])
         return self._finish(params, tstates, gstate, T, G, plans, collected, inplace, ok)
+
+    @staticmethod
+    def _state_leaf(leaf, T, tstates, plans, stacked, dev, in_place=True) -> None:
+        """Channel ``leaf["index"]`` of every tensor's per-tensor, row or column state
+        ``leaf["source"]`` as value ``leaf["name"]``, in float32.  Without a view per tensor where
+        it can: a per-tensor state (``(width,)``) is stacked once over the tensors (``stacked``
+        caches it by state) and handed out as a column of that table; with ``in_place`` (the
+        Triton backend, whose kernels read them by address) a row or column state (``(width,
+        *reduced shape)``, float32, contiguous) as :class:`Segments` of the states themselves.
+        Otherwise one view (or conversion) each: the torch backend reads every one on its own."""
+        name, src, index, level = leaf["name"], leaf["source"], leaf["index"], leaf["level"]
+        sts = [st[src] for st in tstates]
+        if sts and level == "tensor":
+            table = stacked.get(src)
+            if table is None and all(x.dim() == 1 and x.shape == sts[0].shape and x.device == dev for x in sts):
+                table = stacked[src] = torch.stack(sts).to(torch.float32)
+            if table is not None:
+                hand_out_column(T, name, table[:, index])
+                return
+        if sts and in_place and level in ("row", "col"):
+            shapes = [pl.reduced_shape(level) for pl in plans]
+            if all(x.dtype == torch.float32 and x.device == dev and x.is_contiguous() and x.shape[1:] == shape
+                   for x, shape in zip(sts, shapes)):
+                hand_out_column(T, name, Segments(sts, [index * x.stride(0) for x in sts], shapes))
+                return
+        for Ti, x in zip(T, sts):
+            Ti[name] = x[index].float()
 
     def _step_without_empty(self, phi, params, grads, tstates, gstate, scalars, loss, *, inplace, **options):
         """:meth:`step` over the tensors that have elements; the others come back as they were
@@ -814,9 +899,7 @@ class Engine:
         if over == "tensor":
             hand_out_column([T[i] for i in idx], name, sums.tensor_means(name))
             return
-        for positions, x in sums.rowcol[name]:
-            for pos, v in zip(positions, x.unbind(0)):
-                T[idx[pos]][name] = v
+        hand_out_column([T[i] for i in idx], name, sums.rowcol[name])
 
     @staticmethod
     def _chunk_shape(pl, length, over):
@@ -904,15 +987,16 @@ class Engine:
                 return None
             segs.append(c)
         out = []
+        parts = [seg.flat_parts() for seg, _ in segs]
         for Ti, d in zip(Ts, dsts):
             if d.dtype != torch.float32 or d.shape[0] != len(segs) or not d.is_contiguous():
                 return None
             pairs = []
-            for ch, (seg, rows) in enumerate(segs):
+            for ch, ((seg, rows), dst) in enumerate(zip(segs, d.view(len(segs), -1).unbind(0))):
                 j = rows.get(Ti.index)
-                if j is None or dict.__contains__(Ti, w["values"][ch]) or tuple(d.shape[1:]) != tuple(seg.shapes[j]):
+                if j is None or dict.__contains__(Ti, w["values"][ch]) or d.shape[1:] != seg.shapes[j]:
                     return None
-                pairs.append((d[ch], seg[j]))
+                pairs.append((dst, parts[ch][j]))  # both 1-D and contiguous, of one length
             out.append(pairs)
         return out
 

@@ -221,6 +221,22 @@ def _rowcol_pointer(values, name: str, shape, device):
     return _engine.segment_at(t, name) or _reduced(values[name], shape, device)
 
 
+def _rowcol_pointers(values, name: str, level: str, plans, device, keep) -> list[int]:
+    """:func:`_rowcol_pointer` for every tensor (``values[j]``, ``plans[j]``) as addresses:
+    computed at once when the values are parts of one host kernel output
+    (:func:`~.engine.segment_addresses`), else one by one (what must stay alive until the
+    launch goes into ``keep``)."""
+    at = _engine.segment_addresses([V.t if type(V) is _engine.Scope else V for V in values], name)
+    if at is not None:
+        return at
+    out = []
+    for V, pl in zip(values, plans):
+        x = _rowcol_pointer(V, name, pl.reduced_shape(level), device)
+        keep.append(x)
+        out.append(x.data_ptr())
+    return out
+
+
 class _NotScalar(ValueError):
     """A value a kernel reads as one number per tensor (or per step) is not one."""
 
@@ -360,9 +376,9 @@ class LaunchSums:
     ``tensor``: ``{name: (items,) float32}`` for whole-tensor and whole-model reductions, from
     one second pass over the per-program partial sums (:mod:`.triton_segments`), summed but not
     yet divided by their counts (:meth:`tensor_means` divides them);
-    ``rowcol``: ``{name: [(positions, means)]}`` for row and column reductions, one entry per
-    group of same-shaped items: ``means[b]`` is item ``positions[b]``'s mean, of its reduced
-    shape (one ``mean`` per group, not a sum and a division);
+    ``rowcol``: ``{name: Segments}`` for row and column reductions, part ``j`` item ``j``'s
+    mean, of its reduced shape: parts of one tensor per group of same-shaped items (one
+    ``mean`` per group, not a sum and a division);
     ``numel``: ``(items,)`` int64, each item's element count (the whole-tensor count)."""
 
     __slots__ = ("tensor", "rowcol", "numel", "_seg", "_slot", "_means")
@@ -406,13 +422,15 @@ def _launch_sums(meta, part, items, numel, spans, tensor_of, rowcol_groups, diff
     for r in meta["reductions"]:
         if r["over"] in ("tensor", "all"):
             continue
-        groups = []
+        bases, offsets = [None] * len(items), [0] * len(items)
         for positions, x in rowcol_groups(r["name"]):
             pl = items[positions[0]].pl
             x = x.view((len(positions),) + pl.shape)
             dims = pl.dims[r["over"]]
-            groups.append((positions, x.mean(dim=tuple(d + 1 for d in dims), keepdim=True) if dims else x))
-        out.rowcol[r["name"]] = groups
+            means = (x.mean(dim=tuple(d + 1 for d in dims), keepdim=True) if dims else x).contiguous()
+            for b, pos in enumerate(positions):
+                bases[pos], offsets[pos] = means, b * means.stride(0)
+        out.rowcol[r["name"]] = _engine.Segments(bases, offsets, [it.pl.reduced_shape(r["over"]) for it in items])
     return out
 
 
@@ -470,7 +488,7 @@ class TritonRunner:
         block = _launch_block(meta, items)
         n_ptr = max(1, len(meta["args"]))
         n_hv = max(1, len(meta["hv"]))
-        keep, fixups, ptr_rows = [], [], []
+        keep, fixups = [], []
         # scratch (per-element values of row/column reductions): one buffer per group of
         # same-shaped tensors, so that each group is reduced at once after the launch
         groups = _shape_groups([it.pl for it in items])
@@ -487,13 +505,20 @@ class TritonRunner:
         # poisoning (tests): every output is written through a poisoned copy, cut from one
         # buffer per dtype, so that the fills do not grow with the number of tensors
         pooled = _poisoned_outputs(items, meta, device) if _engine.POISON_KERNEL_OUTPUTS else None
-        for k, (it, scratch) in enumerate(zip(items, scratches)):
-            row = []
-            for desc in meta["args"]:
+        # the pointer table column by column: a row or column value's addresses at once
+        columns = []
+        for desc in meta["args"]:
+            if desc[0] in ("row", "col"):
+                columns.append(_rowcol_pointers([it.V for it in items], desc[1], desc[0], [it.pl for it in items],
+                                                device, keep))
+                continue
+            column = []
+            for k, (it, scratch) in enumerate(zip(items, scratches)):
                 buf = self._buffer(desc, it, scratch, fixups, None if pooled is None else pooled.get((k, desc)))
                 keep.append(buf)
-                row.append(buf.data_ptr())
-            ptr_rows.append(row or [0])
+                column.append(buf.data_ptr())
+            columns.append(column)
+        ptr_rows = [list(row) for row in zip(*columns)] if columns else [[0] for _ in items]
         numels = [it.pl.numel for it in items]
         prog_table, _ = program_table(numels, block, device)
         spans = span_table(numels, block, device)
@@ -538,15 +563,9 @@ class TritonRunner:
         except _NotScalar:
             return False
         sizes, totals, spans = host_sizes(plans, device)
-        ptr_rows, keep = [], []
-        for Ti, pl in zip(T, plans):
-            row = []
-            for level, v in meta["rc_in"]:
-                x = _rowcol_pointer(Ti, v, pl.reduced_shape(level), device)
-                keep.append(x)
-                row.append(x.data_ptr())
-            ptr_rows.append(row or [0])
-        rc_in = _to_device_table(ptr_rows, device)
+        keep: list = []
+        columns = [_rowcol_pointers(T, v, level, plans, device, keep) for level, v in meta["rc_in"]]
+        rc_in = _to_device_table([list(row) for row in zip(*columns)] if columns else [[0] for _ in T], device)
         out64, out32 = _scalar_outputs(meta, n, device)
         rc_out = {lv: kernel_buffer((max(1, len(meta[f"{lv}_out"])), max(1, totals[lv])), torch.float32, device)
                   for lv in ("row", "col")}
@@ -565,7 +584,7 @@ class TritonRunner:
             offsets = list(itertools.accumulate(spans[lv], initial=0))[:-1]
             shapes = [pl.reduced_shape(lv) for pl in plans]
             for k, v in enumerate(names):
-                _engine.hand_out_column(T, v, _engine.Segments(rc_out[lv], k, offsets, shapes))
+                _engine.hand_out_column(T, v, _engine.Segments.table_row(rc_out[lv], k, offsets, shapes))
         return True
 
     @staticmethod

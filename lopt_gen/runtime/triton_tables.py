@@ -83,9 +83,16 @@ def _on(v: torch.Tensor, want) -> bool:
 
 
 def _value_sources(values, want) -> tuple[list, list]:
-    """Addresses (or a number's float64 bits) and dtype codes of ``values``, one by one."""
+    """Addresses (or a number's float64 bits) and dtype codes of ``values``, one by one (a value
+    that recurs, such as the learning rate every tensor of a group shares, is looked at once)."""
     addrs, codes = [], []
+    seen: dict = {}
     for v in values:
+        known = seen.get(id(v))
+        if known is not None:
+            addrs.append(known[0])
+            codes.append(known[1])
+            continue
         if isinstance(v, torch.Tensor):
             code = CODES.get(v.dtype)
             if code is None or v.numel() != 1 or v.requires_grad or not _on(v, want):
@@ -99,6 +106,7 @@ def _value_sources(values, want) -> tuple[list, list]:
                 raise NotGatherable(f"a value of type {type(v).__name__}") from None
             addrs.append(_bits(x))
             codes.append(NUMBER)
+        seen[id(v)] = (addrs[-1], codes[-1])
     return addrs, codes
 
 
@@ -109,7 +117,7 @@ def _column_sources(column: torch.Tensor, rows, want) -> tuple[list, list]:
     if code is None or column.dim() != 1 or column.requires_grad or not _on(column, want):
         raise NotGatherable(f"a column of dtype {column.dtype}, shape {tuple(column.shape)} on {column.device}")
     n = column.shape[0]
-    if any(not 0 <= k < n for k in rows):
+    if rows and (min(rows) < 0 or max(rows) >= n):
         raise IndexError(f"a row index outside a column of {n}")  # pragma: no cover - a runtime bug
     base, step = column.data_ptr(), column.stride(0) * column.element_size()
     return [base + k * step for k in rows], [code] * len(rows)
