@@ -23,6 +23,7 @@ Run ``python benchmarks/step_bench.py --help`` for the options; see benchmarks/R
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import gc
@@ -482,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=None, help="lr for the lopt_gen contenders (default: the spec's)")
     ap.add_argument("--nonfinite", default="skip", choices=("skip", "raise", "ignore"),
                     help="non-finite gradient handling of the lopt_gen contenders")
+    ap.add_argument("--block", action="append", default=[], metavar="SPEC:KERNEL=N",
+                    help="launch a stage or backward kernel of SPEC at N elements per program instead of "
+                         "its entry's block (repeatable; e.g. mulo:stage2_kernel=128; "
+                         "benchmarks/kernel_resources.py lists registers and spills per block)")
     ap.add_argument("--chunk-elems", type=int, default=None,
                     help="chunk size of the lopt_gen torch engine (default: the engine's)")
     ap.add_argument("--mlp-tile", type=int, default=None,
@@ -778,9 +783,27 @@ def main(argv=None) -> list[dict]:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _run(args, device)
+        with contextlib.ExitStack() as blocks:
+            import lopt_gen
+
+            for spec, overrides in _block_overrides(args.block).items():
+                blocks.enter_context(lopt_gen.get_engine(lopt_gen.load_spec(spec)).triton_runner()
+                                     .kernel_blocks(overrides))
+            return _run(args, device)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _block_overrides(items) -> dict:
+    """``{spec: {kernel: block}}`` from ``--block SPEC:KERNEL=N`` options."""
+    out: dict = {}
+    for item in items:
+        head, sep, n = item.partition("=")
+        spec, colon, kernel = head.partition(":")
+        if not (sep and colon and spec and kernel and n.isdigit()):
+            raise SystemExit(f"--block {item!r}: expected SPEC:KERNEL=N, e.g. mulo:stage2_kernel=128")
+        out.setdefault(spec, {})[kernel] = int(n)
+    return out
 
 
 def _run(args, device) -> list[dict]:

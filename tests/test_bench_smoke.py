@@ -253,3 +253,22 @@ def test_gpu_check_runs_in_the_interpreter(tmp_path, monkeypatch, capsys):
 
     runner = get_engine(load_spec("l2l_lstm")).triton_runner()  # the generated kernels again afterwards
     assert Path(runner.module.__file__).name == "triton_kernels.py"
+
+
+def test_step_bench_block_option_sets_and_restores_kernel_blocks(bench, tmp_path, monkeypatch):
+    """``--block SPEC:KERNEL=N`` launches that kernel at N elements per program during the run
+    (a GPU tuning experiment) and restores its entry afterwards; a malformed one is refused."""
+    import lopt_gen
+
+    runner = lopt_gen.get_engine(lopt_gen.load_spec("mulo")).triton_runner()
+    stage = {m["name"]: m for m, _ in runner.kernels.values()}["stage2_kernel"]
+    before = stage["block"]
+    seen = []
+    real = bench._run
+    monkeypatch.setattr(bench, "_run", lambda args, device: seen.append(stage["block"]) or real(args, device))
+    bench.main(["--sizes", "10k", "--specs", "mulo", "--contenders", "adamw-foreach", "--device", "cpu",
+                "--threads", "1", "--steps", "1", "--warmup", "0", "--no-compile", "--no-plot", "--no-floor",
+                "--copy-bytes", "1M", "--out", str(tmp_path), "--quiet", "--block", "mulo:stage2_kernel=128"])
+    assert seen == [128] and stage["block"] == before
+    with pytest.raises(SystemExit, match="expected SPEC:KERNEL=N"):
+        bench.main(["--sizes", "10k", "--device", "cpu", "--out", str(tmp_path), "--block", "mulo=128"])

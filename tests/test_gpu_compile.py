@@ -7,13 +7,13 @@ time for a target it is given (``triton.compile`` with a ``GPUTarget``) with its
 ``TRITON_INTERPRET``, for the forward kernels (``triton_kernels.py``, with the host kernels of
 host segments, with their dense layers' weight pointers) and the backward kernels (``triton_backward.py``) of every shipped
 spec. Each kernel gets the signature and constexprs
-its launcher in ``lopt_gen.runtime.triton_runner`` passes: pointer types by parameter name,
-``N_PTR`` and ``N_HV`` from its ``KERNELS`` entry, and ``BLOCK`` from the forward stage's
-entry (a backward launch reuses that stage's program table). A constexpr the test does not
+its launcher in ``lopt_gen.runtime.triton_runner`` passes (``lopt_gen.codegen.resources.kernel_jobs``):
+pointer types by parameter name, ``N_PTR``, ``N_HV`` and ``BLOCK`` from its ``KERNELS`` entry
+(a backward launch runs at its own entry's block). A constexpr the launcher does not
 pass, or one it passes that the kernel lacks, fails it, and so does a backward kernel whose
 leading parameters or number of weights differ from what the launcher passes. The backward
 kernels of a spec whose compile takes over half a minute on two CPU cores (l2l_lstm's unrolled
-LSTM, small_fc_lopt's and mulo's per-element MLPs at 512 elements per program) are marked slow. The tests
+LSTM, small_fc_lopt's and mulo's per-element MLPs) are marked slow. The tests
 also read the PTX: the generated kernels use Triton's fast fp32 forms (``sqrt.approx``,
 ``div.full``), and the kernels rendered with ``triton_backend.MATH = "rounded"`` must contain
 none of them (docs/DESIGN.md, "hrnn on the GPU").
@@ -34,75 +34,28 @@ from lopt_gen.codegen import triton_backend
 from lopt_gen.compiler import GENERATED_DIR, compile_program
 
 SCRIPT = textwrap.dedent(r"""
-    import importlib.util, json, re, sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import json, re, sys
+    from lopt_gen.codegen.resources import compile_job, kernel_jobs, load_module
 
     FAST = ["div.full.f32", "sqrt.approx", "rsqrt.approx", "ex2.approx"]
-    FORWARD_TYPES = {"ptrs": "*i64", "info": "*i64", "progs": "*i32"}
-    HOST_TYPES = {"_s_in": "*fp64", "_g_in": "*fp64", "_rc_in": "*i64", "_sizes": "*i64", "_s_out64": "*fp64",
-                  "_s_out32": "*fp32", "_row_out": "*fp32", "_col_out": "*fp32", "_row_total": "i64",
-                  "_col_total": "i64"}
-    # a backward kernel's leading parameters, in the order the launcher passes them; the
-    # weights (fp32, in the order of the entry's "weights") follow
-    BACKWARD_LEAD = {"ptrs": "*i64", "info": "*i64", "progs": "*i32", "hv": "*fp32",
-                     "_dpart_ptr": "*fp32", "_gpart_ptr": "*fp32"}
-
-    def load(name, path):
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    def fast_ops(fn, signature, constexprs):
-        # compile fn for sm_90 and count the fast fp32 instructions in its PTX
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32))
-        ptx = compiled.asm["ptx"]
-        return {op: len(re.findall(re.escape(op), ptx)) for op in FAST}
-
-    def forward_signature(fn, meta):
-        constexprs = {"N_PTR": max(1, len(meta["args"])), "N_HV": max(1, len(meta["hv"])), "BLOCK": meta["block"]}
-        signature = {p.name: ("constexpr" if p.is_constexpr else FORWARD_TYPES.get(p.name, "*fp32")) for p in fn.params}
-        return signature, constexprs
-
-    def backward_signature(fn, meta, forward):
-        block = {k["index"]: k["block"] for k in forward.KERNELS}[meta["index"]]
-        constexprs = {"N_PTR": max(1, len(meta["args"])), "N_HV": max(1, len(meta["hv"])), "BLOCK": block}
-        runtime = [p.name for p in fn.params if not p.is_constexpr]
-        assert runtime[:len(BACKWARD_LEAD)] == list(BACKWARD_LEAD), (meta["name"], runtime)
-        assert len(runtime) == len(BACKWARD_LEAD) + len(meta["weights"]), (meta["name"], runtime, meta["weights"])
-        signature = {p.name: ("constexpr" if p.is_constexpr else BACKWARD_LEAD.get(p.name, "*fp32")) for p in fn.params}
-        return signature, constexprs
 
     out = {}
     for tag, job in json.loads(sys.argv[1]).items():
-        module = load(f"aot_{tag}", job["path"])
-        forward = load(f"aot_{tag}_forward", job["forward"]) if job.get("forward") else None
+        # the launchers' signatures; a kernel whose constexprs or leading parameters differ
+        # from what its launcher passes raises here
+        if job.get("forward"):
+            module = load_module(job["path"], f"aot_{tag}")
+            jobs = kernel_jobs(load_module(job["forward"], f"aot_{tag}_forward"), module)
+        else:
+            module = load_module(job["path"], f"aot_{tag}")
+            jobs = kernel_jobs(module)
         kernels = {}
-        for meta in module.KERNELS:
-            fn = getattr(module, meta["name"])
-            if forward is None:
-                signature, constexprs = forward_signature(fn, meta)
-            else:
-                signature, constexprs = backward_signature(fn, meta, forward)
-            # the launcher passes exactly these: one the kernel lacks fails its launch, and one
-            # the test does not know would be compiled with a value nobody checked
-            taken = set(k for k, v in signature.items() if v == "constexpr")
-            assert taken == set(constexprs), (tag, meta["name"], taken ^ set(constexprs))
-            kernels[meta["name"]] = fast_ops(fn, signature, constexprs)
+        for j in jobs:
+            ptx = compile_job(j).asm["ptx"]  # sm_90, no device
+            kernels[j.name] = {op: len(re.findall(re.escape(op), ptx)) for op in FAST}
         listed = [meta["name"] for meta in module.KERNELS]
-        if forward is None:  # per-tensor host segments' kernels: the tables run_host passes
-            for meta in getattr(module, "HOST_KERNELS", []):
-                fn = getattr(module, meta["name"])
-                params = [p.name for p in fn.params]
-                # then the dense layers' weights, fp32, in the order of the entry's "weights"
-                weights = {f"_w{k}": "*fp32" for k in range(len(meta["weights"]))}
-                assert params == list(HOST_TYPES) + list(weights) + ["BLOCK"], (meta["name"], params)
-                kernels[meta["name"]] = fast_ops(fn, dict(HOST_TYPES, **weights, BLOCK="constexpr"),
-                                                 {"BLOCK": meta["block"]})
-                listed.append(meta["name"])
+        if not job.get("forward"):
+            listed += [meta["name"] for meta in getattr(module, "HOST_KERNELS", [])]
         out[tag] = {"kernels": kernels, "listed": listed,
                     "unsupported": {str(k): v for k, v in getattr(module, "UNSUPPORTED", {}).items()}}
     print(json.dumps(out))
@@ -197,3 +150,38 @@ def test_runtime_kernels_compile_for_sm90():
         pytest.skip("this Triton installation has no ptxas to compile with")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("compiled") == 3, proc.stdout
+
+
+def test_ptxas_resource_lines_are_read():
+    from lopt_gen.codegen.resources import parse_ptxas
+
+    text = ("ptxas info    : Compiling entry function 'stage2_kernel' for 'sm_90a'\n"
+            "ptxas info    : Function properties for stage2_kernel\n"
+            "    1296 bytes stack frame, 1688 bytes spill stores, 2068 bytes spill loads\n"
+            "ptxas info    : Used 255 registers, used 0 barriers\n")
+    assert parse_ptxas(text) == {"registers": 255, "stack": 1296, "spill_stores": 1688, "spill_loads": 2068}
+    with pytest.raises(ValueError, match="no resource lines"):
+        parse_ptxas("ptxas fatal   : Unsupported .version 9.4")
+
+
+def test_kernel_resources_bench_reports_registers_per_block(tmp_path):
+    """``benchmarks/kernel_resources.py`` compiles each kernel at each block asked for and reads
+    its registers and spills from ptxas (a subprocess: it compiles for the GPU target, not the
+    interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "res.md"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernel_resources.py")
+    proc = subprocess.run([sys.executable, script, "--specs", "adam", "--kinds", "forward,host", "--blocks",
+                           "entry,128", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("this Triton installation has no ptxas to compile with")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()[2:]]
+    assert {(r[1].strip(), r[3].strip()) for r in rows} == {("forward", "512"), ("forward", "128"),
+                                                            ("host", "256"), ("host", "128")}
+    for r in rows:
+        regs, spills = int(r[6]), int(r[8])
+        assert 0 < regs <= 255 and spills == 0, r  # adam's kernels are small
+    bad = subprocess.run([sys.executable, script, "--specs", "no_such_spec"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert bad.returncode == 2 and "no generated kernels" in bad.stderr

@@ -344,3 +344,54 @@ def test_state_channels_a_stage_does_not_read_get_a_zero_gradient():
     got = _grads(spec, shapes, steps=2, backend="triton", triton_backward="kernels")
     assert all(v is None or torch.isfinite(v).all() for v in got.values())
     _assert_close(ref, got)
+
+
+@pytest.mark.parametrize("name,backward_block", [("adam", None), ("small_fc_lopt", None), ("mulo", 128)])
+def test_backward_kernels_at_their_own_block(monkeypatch, name, backward_block):
+    """A backward launch runs at its own block over a program table of its own, not at its
+    forward stage's (where a backward program can run out of registers): each backward program
+    takes its tensor's adjoint of the forward partial sums, and the gradients equal torch
+    autograd's, with more backward programs than forward ones (the entries' blocks: forward 512,
+    backward 256) and with fewer (mulo's final stage: forward 64, backward 128 here)."""
+    from lopt_gen.runtime import triton_runner
+
+    monkeypatch.setattr(triton_runner, "INTERPRETER_BLOCK", 1)  # every launch at its entry's block
+    runner = get_engine(load_spec(name)).triton_runner()
+    if backward_block is not None:
+        for meta in runner.backward_module.KERNELS:
+            monkeypatch.setitem(meta, "block", backward_block)
+    blocks = []
+    real = triton_runner._Launch.backward
+
+    def spy(self, *args):
+        blocks.append((self.block, self.bblock, self.n_progs, self.n_bprogs))
+        return real(self, *args)
+
+    monkeypatch.setattr(triton_runner._Launch, "backward", spy)
+    shapes = [(700,), (3, 5), (9, 40)]
+    ref = _grads(name, shapes, steps=1, backend="torch")
+    got = _grads(name, shapes, steps=1, backend="triton", triton_backward="kernels")
+    assert any(f != b and nf != nb for f, b, nf, nb in blocks), blocks
+    assert set(ref) == set(got)
+    _assert_close(ref, got)
+
+
+def test_kernel_blocks_are_set_for_a_while_and_restored():
+    """``TritonRunner.kernel_blocks``: named kernels launch at another block inside, their entries
+    are restored on exit (also after an error), and a wrong name or block is refused."""
+    runner = get_engine(load_spec("mulo")).triton_runner()
+    stage = {m["name"]: m for m, _ in runner.kernels.values()}["stage2_kernel"]
+    back = {m["name"]: m for m in runner.backward_module.KERNELS}["stage2_backward_kernel"]
+    before = (stage["block"], back["block"])
+    with pytest.raises(RuntimeError):
+        with runner.kernel_blocks({"stage2_kernel": 128, "stage2_backward_kernel": 32}):
+            assert (stage["block"], back["block"]) == (128, 32)
+            raise RuntimeError("inside")
+    assert (stage["block"], back["block"]) == before
+    with pytest.raises(ValueError, match="no kernel 'stage9_kernel'"):
+        with runner.kernel_blocks({"stage9_kernel": 64}):
+            pass
+    with pytest.raises(ValueError, match="power of two"):
+        with runner.kernel_blocks({"stage2_kernel": 96}):
+            pass
+    assert (stage["block"], back["block"]) == before

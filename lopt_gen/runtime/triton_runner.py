@@ -11,6 +11,7 @@ first imported (``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -473,6 +474,30 @@ class TritonRunner:
     def backward_available(self) -> bool:
         return not self.backward_unsupported()
 
+    @contextlib.contextmanager
+    def kernel_blocks(self, blocks: dict):
+        """Launch the stage or backward kernels named in ``blocks`` (``{name: elements per
+        program}``, powers of two) at those blocks instead of their entries' while inside, for
+        tuning experiments on a GPU (``benchmarks/kernel_resources.py`` lists each kernel's
+        registers and spills per block).  The entries are shared by every runner of the same
+        generated module, and restored on exit."""
+        metas = {m["name"]: m for m, _ in self.kernels.values()}
+        if self.backward_module:
+            metas.update({m["name"]: m for m in self.backward_module.KERNELS})
+        for name, block in blocks.items():
+            if name not in metas:
+                raise ValueError(f"no kernel {name!r} (this spec's: {', '.join(sorted(metas))})")
+            if not isinstance(block, int) or block < 1 or block & (block - 1):
+                raise ValueError(f"block {block!r} for {name}: a power of two is needed (Triton's tl.arange)")
+        saved = {name: metas[name]["block"] for name in blocks}
+        try:
+            for name, block in blocks.items():
+                metas[name]["block"] = block
+            yield self
+        finally:
+            for name, block in saved.items():
+                metas[name]["block"] = block
+
     def run(self, stage_index: int, items: list, phi) -> list[dict]:
         """Launch stage ``stage_index`` once over every tensor in ``items``.
 
@@ -793,6 +818,19 @@ class _Launch:
         self.tensor_of = self.prog_table[:, 0].contiguous()
         self.n_progs = self.prog_table.shape[0]
         self.n_in = len(self.in_descs)
+        # the backward kernel runs at its own block (its entry's: a backward program holds more
+        # values per element than a forward one, and at the forward's block it can spill), over
+        # a program table of its own.  The adjoint of a forward program's partial sum is its
+        # tensor's (the second pass only adds a tensor's partial sums), so each backward program
+        # reads the row of its tensor's first forward program.
+        self.bblock = _launch_block(self.bmeta, items)
+        if self.bblock == block:
+            self.bprog_table, self.bspans, self.dpart_rows = self.prog_table, self.spans, None
+        else:
+            self.bprog_table, self.bspans = program_table(numels, self.bblock, self.device)
+            rows = [a for (a, _), (c, d) in zip(self.spans, self.bspans) for _ in range(d - c)]
+            self.dpart_rows = _send(torch.tensor(rows, dtype=torch.int64), self.device)
+        self.n_bprogs = self.bprog_table.shape[0]
 
     def split(self, flat):
         n = len(self.plans) * self.n_in
@@ -800,8 +838,9 @@ class _Launch:
         weights = dict(zip(self.weights, flat[n:]))
         return per_item, weights
 
-    def _tables(self, rows):
-        return (*launch_tables(rows, self.plans, self.prog_table, self.device), self.prog_table)
+    def _tables(self, rows, prog_table=None):
+        prog_table = self.prog_table if prog_table is None else prog_table
+        return (*launch_tables(rows, self.plans, prog_table, self.device), prog_table)
 
     def forward(self, hv, flat):
         per_item, weights = self.split(flat)
@@ -838,7 +877,10 @@ class _Launch:
         gpart_slots = self.slots
         nred = max(1, len(self.meta["reductions"]))
         dpart = gouts[0] if gouts[0] is not None else torch.zeros((self.n_progs, nred), device=dev)
-        dpart = dpart.float().contiguous()
+        dpart = dpart.float()
+        if self.dpart_rows is not None:  # one row per backward program (see __init__)
+            dpart = dpart.index_select(0, self.dpart_rows)
+        dpart = dpart.contiguous()
         n_out = len(self.out_descs)
         keep, rows, grads_out = [], [], []
         for t, pl in enumerate(self.plans):
@@ -865,7 +907,7 @@ class _Launch:
                 row.append(buf.data_ptr())
             rows.append(row or [0])
             grads_out.append(mine)
-        ptrs, info, prog_table = self._tables(rows)
+        ptrs, info, prog_table = self._tables(rows, self.bprog_table)
         ws = [weights[m].detach().float().contiguous() for m in self.bmeta["weights"]]
         hv_names = self.bmeta["hv"]
         cols = [(k, hv_names.index(s[1])) for k, s in enumerate(gpart_slots) if s[0] == "hv"]
@@ -873,15 +915,16 @@ class _Launch:
         # every program writes one partial sum per slot; past GPART_BUDGET numbers the programs
         # run in consecutive chunks, each chunk's sums added to the totals in order
         nslot = max(1, len(gpart_slots))
-        chunk = max(1, min(self.n_progs, GPART_BUDGET // nslot))
-        hv_part = kernel_buffer((self.n_progs, len(cols)), torch.float32, dev)
+        n_progs = self.n_bprogs
+        chunk = max(1, min(n_progs, GPART_BUDGET // nslot))
+        hv_part = kernel_buffer((n_progs, len(cols)), torch.float32, dev)
         totals = torch.zeros(nslot, dtype=torch.float32, device=dev)
         hv_c = hv.detach().contiguous()
-        for a in range(0, self.n_progs, chunk):
-            b = min(self.n_progs, a + chunk)
+        for a in range(0, n_progs, chunk):
+            b = min(n_progs, a + chunk)
             gpart = kernel_buffer((b - a, nslot), torch.float32, dev)
             self.bkernel[(b - a,)](ptrs, info, prog_table[a:b], hv_c, dpart[a:b], gpart, *ws,
-                                   N_PTR=max(1, len(self.bmeta["args"])), N_HV=hv.shape[1], BLOCK=self.block)
+                                   N_PTR=max(1, len(self.bmeta["args"])), N_HV=hv.shape[1], BLOCK=self.bblock)
             if cols:
                 hv_part[a:b] = gpart.index_select(1, src)
             totals += gpart.sum(0)
@@ -905,7 +948,7 @@ class _Launch:
         d_hv = torch.zeros((len(self.plans), hv.shape[1]), dtype=torch.float32, device=dev)
         if cols:
             dst = [j for _, j in cols]
-            for t, (a, b) in enumerate(self.spans):
+            for t, (a, b) in enumerate(self.bspans):
                 d_hv[t, dst] = hv_part[a:b].sum(0)
         # meta-parameters: every program's partial sums, summed in a fixed order (totals)
         d_weights = []
