@@ -64,7 +64,7 @@ def test_gathered_tables_from_columns_equal_the_stacked_values(n, width, stride,
     for k in range(width):
         name = f"v{k}"
         names.append(name)
-        kind = data.draw(st.sampled_from(["column", "shuffled", "own", "number", "shared"]))
+        kind = data.draw(st.sampled_from(["column", "shuffled", "own", "number", "shared", "shared number"]))
         dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
         big = torch.randn(n + 3, stride * 2, generator=gen).to(dtype)
         col = big[:, stride - 1][1:n + 1] if stride > 1 else big[1:n + 1, 0]
@@ -79,6 +79,10 @@ def test_gathered_tables_from_columns_equal_the_stacked_values(n, width, stride,
         elif kind == "shared":  # one object for every tensor (a group's learning rate), looked at once
             for Ti in T:
                 Ti[name] = col[0].clone() if Ti is T[0] else T[0][name]
+        elif kind == "shared number":
+            x = float(col[0]) / 7
+            for Ti in T:
+                Ti[name] = x
         else:
             for i, Ti in enumerate(T):
                 Ti[name] = float(i) / 3
@@ -260,9 +264,19 @@ def test_old_states_are_handed_out_without_a_view_per_tensor():
     E.Engine._state_leaf({"name": "h0", "source": "h", "index": 0, "level": "tensor"}, T, tstates, plans, {},
                          torch.device("cpu"))
     assert E.segment_addresses(T, "r0") is None and E.column_of(T, "h0") is None
+
     for Ti, st in zip(T, tstates):
         assert Ti["r0"].dtype == torch.float32 and torch.equal(Ti["r0"], st["r"][0].float())
         assert torch.equal(Ti["h0"], st["h"][0])
+    # the torch backend (in_place=False) reads every row value on its own: one view each
+    tstates[1]["r"] = tstates[1]["r"].float()
+    T2 = _rows(n)
+    E.Engine._state_leaf({"name": "r1", "source": "r", "index": 1, "level": "row"}, T2, tstates, plans, {},
+                         torch.device("cpu"), in_place=False)
+    assert E.segment_addresses(T2, "r1") is None
+    assert all(dict.__contains__(Ti, "r1") and torch.equal(Ti["r1"], st["r"][1]) for Ti, st in zip(T2, tstates))
+    with pytest.raises(ValueError, match="contiguous base"):
+        E.Segments.table_row(torch.zeros(2, 20)[:, :15], 0, [0], [(15,)])
 
 
 def test_a_row_state_of_another_dtype_steps_as_on_the_torch_backend():

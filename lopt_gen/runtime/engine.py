@@ -248,6 +248,10 @@ class Segments:
     __slots__ = ("bases", "offsets", "shapes", "sizes", "_flat")
 
     def __init__(self, bases, offsets, shapes):
+        if isinstance(bases, torch.Tensor) and not bases.is_contiguous():
+            # parts are read as views of the flat base: a padded table would give views that
+            # disagree with the addresses
+            raise ValueError("Segments need a contiguous base")
         self.bases, self.offsets, self.shapes = bases, offsets, shapes
         self.sizes = [math.prod(s) for s in shapes]
         self._flat = None

@@ -679,8 +679,9 @@ class TritonRunner:
 
     @staticmethod
     def _buffer(desc, it, scratch, fixups, poisoned=None):
-        """The buffer behind one pointer slot: fp32 and contiguous, or a copy that is written back
-        (``poisoned``, the poisoned copy of an output, if given)."""
+        """The buffer behind one pointer slot other than a row or column value (those come from
+        :func:`_rowcol_pointers`, for all tensors at once): fp32 and contiguous, or a copy that is
+        written back (``poisoned``, the poisoned copy of an output, if given)."""
         kind = desc[0]
         pl = it.pl
         device = it.p.device
@@ -689,8 +690,6 @@ class TritonRunner:
             return x.contiguous().float()
         if kind == "state":
             return it.tstate[desc[1]].contiguous()
-        if kind in ("row", "col"):
-            return _rowcol_pointer(it.V, desc[1], pl.reduced_shape(kind), device)
         if kind == "scratch":
             return scratch[desc[1]]
         if kind in ("out_param", "out_state"):
