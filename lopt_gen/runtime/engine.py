@@ -309,23 +309,10 @@ class Address:
         return self.base.data_ptr() + self.offset
 
 
-def segment_at(Ti, name):
-    """The :class:`Address` of tensor values ``Ti``'s row or column value ``name`` when it is
-    a part of a host kernel's output (:class:`Segments`) not read on its own yet; else None."""
-    if not isinstance(Ti, TensorValues) or dict.__contains__(Ti, name):
-        return None
-    c = Ti.columns.get(name)
-    if c is None or not isinstance(c[0], Segments):
-        return None
-    j = c[1].get(Ti.index)
-    return None if j is None else c[0].at(j)
-
-
-def segment_addresses(Ts, name):
-    """The addresses (numbers) of value ``name`` of the tensors ``Ts`` when every one of them is a
-    part of one :class:`Segments` not read on its own (:func:`segment_at` for all at once, without
-    an :class:`Address` per tensor); else None.  The segments' table stays alive in the step's
-    columns."""
+def _segment_parts(Ts, name):
+    """``(segments, parts)`` when value ``name`` of every tensor values ``Ts[j]`` is part
+    ``parts[j]`` of one :class:`Segments` and none has been read on its own (a view read on its
+    own is what a kernel then reads); else None."""
     first = Ts[0] if Ts else None
     if type(first) is not TensorValues:
         return None
@@ -335,14 +322,30 @@ def segment_addresses(Ts, name):
         return None
     rows = c[1]
     js = []
-    for Ti in Ts:
+    for Ti in Ts:  # (one loop: this runs for every row and column value of every launch)
         if type(Ti) is not TensorValues or Ti.columns is not columns or dict.__contains__(Ti, name):
             return None
         j = rows.get(Ti.index)
         if j is None:
             return None
         js.append(j)
-    return c[0].addresses(js)
+    return c[0], js
+
+
+def segment_at(Ti, name):
+    """The :class:`Address` of tensor values ``Ti``'s row or column value ``name`` when it is
+    a part of a host kernel's output (:class:`Segments`) not read on its own yet; else None."""
+    p = _segment_parts([Ti], name)
+    return None if p is None else p[0].at(p[1][0])
+
+
+def segment_addresses(Ts, name):
+    """The addresses (numbers) of value ``name`` of the tensors ``Ts`` when every one of them is a
+    part of one :class:`Segments` not read on its own (:func:`segment_at` for all at once, without
+    an :class:`Address` per tensor); else None.  The segments' table stays alive in the step's
+    columns."""
+    p = _segment_parts(Ts, name)
+    return None if p is None else p[0].addresses(p[1])
 
 
 def column_of(Ts, name):
@@ -984,23 +987,20 @@ class Engine:
         one has read on their own; None unless every channel of every tensor is one.  One pair
         per channel, both contiguous: a GPU's multi-tensor copy takes its fast path only for
         dense pairs of equal strides."""
-        segs = []
-        for v in w["values"]:
-            c = Ts[0].columns.get(v) if isinstance(Ts[0], TensorValues) else None
-            if c is None or not isinstance(c[0], Segments):
-                return None
-            segs.append(c)
+        names = w["values"]
+        found = [_segment_parts(Ts, v) for v in names]
+        if any(f is None for f in found):
+            return None
+        flats = [seg.flat_parts() for seg, _ in found]
         out = []
-        parts = [seg.flat_parts() for seg, _ in segs]
-        for Ti, d in zip(Ts, dsts):
-            if d.dtype != torch.float32 or d.shape[0] != len(segs) or not d.is_contiguous():
+        for t, d in enumerate(dsts):
+            if d.dtype != torch.float32 or d.shape[0] != len(names) or not d.is_contiguous():
                 return None
             pairs = []
-            for ch, ((seg, rows), dst) in enumerate(zip(segs, d.view(len(segs), -1).unbind(0))):
-                j = rows.get(Ti.index)
-                if j is None or dict.__contains__(Ti, w["values"][ch]) or d.shape[1:] != seg.shapes[j]:
+            for (seg, js), flat, dst in zip(found, flats, d.view(len(names), -1).unbind(0)):
+                if d.shape[1:] != seg.shapes[js[t]]:
                     return None
-                pairs.append((dst, parts[ch][j]))  # both 1-D and contiguous, of one length
+                pairs.append((dst, flat[js[t]]))  # both 1-D and contiguous, of one length
             out.append(pairs)
         return out
 

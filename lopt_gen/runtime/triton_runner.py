@@ -238,6 +238,12 @@ def _rowcol_pointers(values, name: str, level: str, plans, device, keep) -> list
     return out
 
 
+def _pointer_rows(columns, n: int) -> list[list[int]]:
+    """A pointer table's rows (one per tensor) from its columns (one per slot); a launch without
+    slots gets one placeholder slot per tensor."""
+    return [list(row) for row in zip(*columns)] if columns else [[0] for _ in range(n)]
+
+
 class _NotScalar(ValueError):
     """A value a kernel reads as one number per tensor (or per step) is not one."""
 
@@ -543,7 +549,7 @@ class TritonRunner:
                 keep.append(buf)
                 column.append(buf.data_ptr())
             columns.append(column)
-        ptr_rows = [list(row) for row in zip(*columns)] if columns else [[0] for _ in items]
+        ptr_rows = _pointer_rows(columns, len(items))
         numels = [it.pl.numel for it in items]
         prog_table, _ = program_table(numels, block, device)
         spans = span_table(numels, block, device)
@@ -590,7 +596,7 @@ class TritonRunner:
         sizes, totals, spans = host_sizes(plans, device)
         keep: list = []
         columns = [_rowcol_pointers(T, v, level, plans, device, keep) for level, v in meta["rc_in"]]
-        rc_in = _to_device_table([list(row) for row in zip(*columns)] if columns else [[0] for _ in T], device)
+        rc_in = _to_device_table(_pointer_rows(columns, n), device)
         out64, out32 = _scalar_outputs(meta, n, device)
         rc_out = {lv: kernel_buffer((max(1, len(meta[f"{lv}_out"])), max(1, totals[lv])), torch.float32, device)
                   for lv in ("row", "col")}
