@@ -53,6 +53,25 @@ def activation(x: str, act: str, helpers: dict) -> str:
     return f"{helpers.get(act) or {'relu': 'tops.relu', 'gelu': 'tops.gelu'}[act]}({x})"
 
 
+def cell_recurrence(kind: str, pre: dict, hh, h: str, c: str | None, let, helpers: dict) -> dict:
+    """A GRU's or LSTM's gates and new state, as ``ops.gru_cell`` / ``ops.lstm_cell`` compute
+    them, emitted as kernel lines through ``let(hint, text)`` (which binds a fresh name):
+    ``pre[g]`` is gate ``g``'s input part (bias and ``W_ih x``), ``hh(t, k)`` the product of
+    ``W_hh``'s rows of gate ``k`` with tile ``t``, ``h`` (and ``c``) the old state.  Returns the
+    bound names: ``r, u, c, h_new`` for a GRU, ``i, f, g, o, c_new, h_new`` for an LSTM.  The
+    stage kernels (per element) and the host kernels (per tensor) share it."""
+    def gate(g, k, act):
+        return let(g, activation(f"{pre[g]} + {hh(h, k)}", act, helpers))
+
+    if kind == "gru":
+        r, u = gate("r", 0, "sigmoid"), gate("u", 1, "sigmoid")
+        cand = let("c", activation(f"{pre['c']} + {hh(f'({r} * {h})', 2)}", "tanh", helpers))
+        return dict(r=r, u=u, c=cand, h_new=let("h_new", f"{u} * {h} + (1.0 - {u}) * {cand}"))
+    i, f, g, o = gate("i", 0, "sigmoid"), gate("f", 1, "sigmoid"), gate("g", 2, "tanh"), gate("o", 3, "sigmoid")
+    c_new = let("c_new", f"{f} * {c} + {i} * {g}")
+    return dict(i=i, f=f, g=g, o=o, c_new=c_new, h_new=let("h_new", f"{o} * {activation(c_new, 'tanh', helpers)}"))
+
+
 #: ``tops.matmul``'s DOT argument per ``network.matmul_precision`` (True is exact fp32)
 DOT_MODES = {"ieee": "True", "tf32x3": "3", "tf32": "2"}
 
@@ -330,26 +349,14 @@ class _KBody:
         def hmm(tile, gi):
             return f"tops.matmul({tile}, {w_hh}, {hid}, {gi * hid}, 0, {hid}, {hid}, {pad}, {pad}, {dot})"
 
+        ct = self.tile_of(n.c)[0] if n.kind == "lstm" else None
+        new = cell_recurrence(n.kind, pre, hmm, ht, ct, self.let, self._printer_class().HELPERS)
+        self.bind_tile(n.out_h, new["h_new"], pad)
         if n.kind == "gru":
-            sig, tanh = self.fn("sigmoid"), self.fn("tanh")
-            r = self.let("r", f"{sig}({pre['r']} + {hmm(ht, 0)})")
-            u = self.let("u", f"{sig}({pre['u']} + {hmm(ht, 1)})")
-            c = self.let("c", f"{tanh}({pre['c']} + {hmm(f'({r} * {ht})', 2)})")
-            hn = self.let("h_new", f"{u} * {ht} + (1.0 - {u}) * {c}")
-            self.bind_tile(n.out_h, hn, pad)
-            self.cell_tiles[tuple(n.out_h)] = dict(h=ht, r=r, u=u, c=c)
+            self.cell_tiles[tuple(n.out_h)] = dict(h=ht, r=new["r"], u=new["u"], c=new["c"])
         else:
-            ct, _ = self.tile_of(n.c)
-            sig, tanh = self.fn("sigmoid"), self.fn("tanh")
-            i = self.let("i", f"{sig}({pre['i']} + {hmm(ht, 0)})")
-            f = self.let("f", f"{sig}({pre['f']} + {hmm(ht, 1)})")
-            g = self.let("g", f"{tanh}({pre['g']} + {hmm(ht, 2)})")
-            o = self.let("o", f"{sig}({pre['o']} + {hmm(ht, 3)})")
-            cn = self.let("c_new", f"{f} * {ct} + {i} * {g}")
-            hn = self.let("h_new", f"{o} * {tanh}({cn})")
-            self.bind_tile(n.out_h, hn, pad)
-            self.bind_tile(n.out_c, cn, pad)
-            self.cell_tiles[tuple(n.out_h)] = dict(h=ht, c=ct, i=i, f=f, g=g, o=o, c_new=cn)
+            self.bind_tile(n.out_c, new["c_new"], pad)
+            self.cell_tiles[tuple(n.out_h)] = dict(h=ht, c=ct, **{k: new[k] for k in ("i", "f", "g", "o", "c_new")})
 
 
 def _kernel(prog, stage, levels, leaves, final: bool) -> dict:

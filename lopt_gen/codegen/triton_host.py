@@ -38,7 +38,7 @@ from ..ir import Cell, Dense, Leaf, Let, Reduce, StateWrite
 from ..passes import plan, roots
 from .printer import TritonPrinter, fmt_float
 from .torch_backend import local
-from .triton_backend import _KBody, activation
+from .triton_backend import _KBody, activation, cell_recurrence
 
 #: elements of a row or column vector per loop iteration
 HOST_BLOCK = 256
@@ -306,26 +306,17 @@ class _HostBody:
                 text += " + " + self.tile(n.extra_bias[gi * hid:(gi + 1) * hid], names, hpad, f"cell_extra_{g}_")
             self.lines.append(f"{acc} = {text}")
             pre[g] = acc
-        helpers = self.printer_cls.HELPERS
-
         def hh(t, gi):  # W_hh's rows of gate gi times the [1, hpad] tile t
             return f"tops.matmul({t}, {w_hh}, {hid}, {gi * hid}, 0, {hid}, {hid}, {hpad}, {hpad}, False)"
 
-        if n.kind == "gru":
-            r = self.let("gate_r_", activation(f"{pre['r']} + {hh(h, 0)}", "sigmoid", helpers))
-            u = self.let("gate_u_", activation(f"{pre['u']} + {hh(h, 1)}", "sigmoid", helpers))
-            c = self.let("cand_", activation(f"{pre['c']} + {hh(f'({r} * {h})', 2)}", "tanh", helpers))
-            new = {"h": self.let("h_new_", f"{u} * {h} + (1.0 - {u}) * {c}")}
-        else:
+        c_old = None
+        if n.kind == "lstm":
             if len(n.c) == 1:  # one cell value shared by every hidden unit
                 c_old = self.let("cell_c_", f"{names.get(n.c[0])} + tl.zeros([1, {hpad}], dtype=tl.float32)")
             else:
                 c_old = self.tile(n.c, names, hpad, "cell_c_")
-            i, f, o = (self.let(f"gate_{g}_", activation(f"{pre[g]} + {hh(h, k)}", "sigmoid", helpers))
-                       for g, k in (("i", 0), ("f", 1), ("o", 3)))
-            g = self.let("gate_g_", activation(f"{pre['g']} + {hh(h, 2)}", "tanh", helpers))
-            c_new = self.let("c_new_", f"{f} * {c_old} + {i} * {g}")
-            new = {"h": self.let("h_new_", f"{o} * {activation(c_new, 'tanh', helpers)}"), "c": c_new}
+        out = cell_recurrence(n.kind, pre, hh, h, c_old, self.let, self.printer_cls.HELPERS)
+        new = {"h": out["h_new"], "c": out.get("c_new")}
         k = self.fresh("tile_col_")
         self.lines.append(f"{k} = tl.arange(0, {hpad})[None, :]")
         for part, outs in (("h", n.out_h), ("c", n.out_c)):
