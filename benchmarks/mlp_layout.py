@@ -17,6 +17,9 @@ the feature rows in place (its products computed apart, then stacked into the ma
     python benchmarks/mlp_layout.py --widths 16,32 --rows 1024 --cols 1024 --threads 1
     python benchmarks/mlp_layout.py --step mulo@4M --rounds 5
     python benchmarks/mlp_layout.py --step mulo@4M --rounds 8 --vs copied-rows
+    python benchmarks/mlp_layout.py --step mulo@4M --rounds 5 --vs last-layer
+    python benchmarks/mlp_layout.py --step mulo@4M --rounds 5 --vs tile-8192
+    python benchmarks/mlp_layout.py --step mulo@4M --rounds 8 --vs last-layer-and-tile
 """
 
 from __future__ import annotations
@@ -56,9 +59,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--step", default=None, metavar="SPEC@SIZE", help="time whole steps (e.g. mulo@4M)")
     ap.add_argument("--rounds", type=int, default=5, help="--step: rounds per layout")
     ap.add_argument("--steps", type=int, default=4, help="--step: timed steps per round")
-    ap.add_argument("--vs", default="feature-major", choices=("feature-major", "copied-rows"),
-                    help="--step: compare the current step with the feature-major MLP layout, or with "
-                         "the feature rows computed apart and stacked (torch_backend.WRITE_FEATURE_ROWS off)")
+    ap.add_argument("--vs", default="feature-major", choices=VERSUS,
+                    help="--step: compare the current step with the feature-major MLP layout; with "
+                         "the feature rows computed apart and stacked (torch_backend.WRITE_FEATURE_ROWS off); "
+                         "with the last layer as W @ H.T (ops.LAST_LAYER_ELEMENT_MAJOR False); with "
+                         "8192 elements per thread in a tile (ops.MLP_TILE_PER_THREAD); or with both")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,22 +114,26 @@ def time_steps(args) -> list[dict]:
         p.grad = torch.randn(p.shape, generator=gen)
     opt = LearnedOptimizer(params, spec=spec)
     engine = opt.engine
-    saved_width, saved_module = ops.ELEMENT_MAJOR_MIN_WIDTH, engine.module
-    current = ("element-major" if args.vs == "feature-major" else "rows written in place", saved_width, saved_module)
-    if args.vs == "feature-major":
-        other = ("feature-major", None, saved_module)
-    else:  # the same spec rendered without WRITE_FEATURE_ROWS: its feature rows are computed apart and stacked
-        other = ("rows copied by stacking", saved_width, _module_without_feature_rows(engine.spec))
-    variants = (current, other)
-    rounds: dict = {name: [] for name, _, _ in variants}
+    knobs = ("ELEMENT_MAJOR_MIN_WIDTH", "LAST_LAYER_ELEMENT_MAJOR", "MLP_TILE_PER_THREAD")
+    saved = {k: getattr(ops, k) for k in knobs}
+    saved_module = engine.module
+    name, other_name, other_settings = VERSUS[args.vs]
+    other_module = saved_module
+    if args.vs == "copied-rows":  # the same spec rendered without WRITE_FEATURE_ROWS
+        other_module = _module_without_feature_rows(engine.spec)
+    variants = ((name, {}, saved_module), (other_name, other_settings, other_module))
+    rounds: dict = {v[0]: [] for v in variants}
     try:
         for _ in range(args.rounds):
-            for name, width, module in variants:
-                ops.ELEMENT_MAJOR_MIN_WIDTH = width
+            for vname, settings, module in variants:
+                for k in knobs:
+                    setattr(ops, k, settings.get(k, saved[k]))
                 engine.module = module
-                rounds[name].append(_median_ms(opt.step, args.steps))
+                rounds[vname].append(_median_ms(opt.step, args.steps))
     finally:
-        ops.ELEMENT_MAJOR_MIN_WIDTH, engine.module = saved_width, saved_module
+        for k, v in saved.items():
+            setattr(ops, k, v)
+        engine.module = saved_module
     print(f"# {spec} torch step, {step_bench.size_label(n)} parameters ({len(params)} tensors), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| variant | median ms per round | median of rounds |")
@@ -132,6 +141,17 @@ def time_steps(args) -> list[dict]:
     for name, values in rounds.items():
         print(f"| {name} | {', '.join(f'{v:.0f}' for v in values)} | {statistics.median(values):.0f} |")
     return [{"layout": k, "rounds": v} for k, v in rounds.items()]
+
+
+#: ``--vs`` choices: (the current step's name, the other's name, the ``ops`` settings it takes)
+VERSUS = {
+    "feature-major": ("element-major", "feature-major", {"ELEMENT_MAJOR_MIN_WIDTH": None}),
+    "copied-rows": ("rows written in place", "rows copied by stacking", {}),
+    "last-layer": ("last layer as the threads choose", "last layer as W @ H.T", {"LAST_LAYER_ELEMENT_MAJOR": False}),
+    "tile-8192": ("tiles as set", "8192 elements per thread in a tile", {"MLP_TILE_PER_THREAD": 8192}),
+    "last-layer-and-tile": ("last layer and tiles as set", "last layer as W @ H.T, 8192 per thread",
+                            {"LAST_LAYER_ELEMENT_MAJOR": False, "MLP_TILE_PER_THREAD": 8192}),
+}
 
 
 def _module_without_feature_rows(spec):

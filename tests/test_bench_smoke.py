@@ -218,6 +218,27 @@ def test_mlp_layout_bench_times_both_layouts_and_restores_the_setting(capsys, mo
     assert "| 24 |" in out and "| element-major |" in out
     assert torch.get_num_threads() == threads
 
+    # --vs last-layer / tile-8192: the other variant runs with that ops setting, and it is restored
+    seen = []
+
+    def median_ms(fn, reps):
+        fn()
+        seen.append((ops.LAST_LAYER_ELEMENT_MAJOR, ops.MLP_TILE_PER_THREAD))
+        return 1.0
+
+    monkeypatch.setattr(module, "_median_ms", median_ms)
+    saved = (ops.LAST_LAYER_ELEMENT_MAJOR, ops.MLP_TILE_PER_THREAD)
+    rows = module.main(["--step", "mulo@20k", "--rounds", "1", "--steps", "1", "--threads", "1", "--vs", "last-layer"])
+    assert [r["layout"] for r in rows] == ["last layer as the threads choose", "last layer as W @ H.T"]
+    assert seen == [saved, (False, saved[1])]
+    seen.clear()
+    rows = module.main(["--step", "mulo@20k", "--rounds", "1", "--steps", "1", "--threads", "1", "--vs", "tile-8192"])
+    assert seen == [saved, (saved[0], 8192)]
+    seen.clear()
+    module.main(["--step", "mulo@20k", "--rounds", "1", "--steps", "1", "--threads", "1", "--vs", "last-layer-and-tile"])
+    assert seen == [saved, (False, 8192)]
+    assert (ops.LAST_LAYER_ELEMENT_MAJOR, ops.MLP_TILE_PER_THREAD) == saved
+
 
 def test_step_bench_feature_major_option(bench, monkeypatch):
     from lopt_gen.runtime import ops

@@ -328,11 +328,16 @@ def test_tiles_cover_the_chunk_in_order(shape, target):
     assert seen == list(range(math.prod(shape)))
 
 
+LAYOUTS = [(1, True), (1, False), (None, None)]
+LAYOUT_IDS = ["element-major", "element-major-last-layer-transposed", "feature-major"]
+
+
 @pytest.mark.parametrize("shape", [(6, 50), (300,), (4, 3, 20), ()])
 @pytest.mark.parametrize("tile", [1, 7, 64, None])
-@pytest.mark.parametrize("min_width", [1, None], ids=["element-major", "feature-major"])
-def test_tiled_mlp_matches_the_layers_one_by_one(shape, tile, min_width, monkeypatch):
+@pytest.mark.parametrize("min_width,last_em", LAYOUTS, ids=LAYOUT_IDS)
+def test_tiled_mlp_matches_the_layers_one_by_one(shape, tile, min_width, last_em, monkeypatch):
     monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", min_width)
+    monkeypatch.setattr(ops, "LAST_LAYER_ELEMENT_MAJOR", last_em)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((5,) + shape, generator=gen)
     w1, w2, w3 = (torch.randn(s, generator=gen) for s in [(7, 9), (7, 7), (2, 7)])
@@ -359,12 +364,13 @@ def test_tiled_mlp_matches_the_layers_one_by_one(shape, tile, min_width, monkeyp
     torch.testing.assert_close(ops.mlp(x, layers, extra=extra), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("min_width", [1, None], ids=["element-major", "feature-major"])
+@pytest.mark.parametrize("min_width,last_em", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("act", ["tanh", "gelu"])
-def test_tiled_mlp_without_biases_and_with_four_layers(min_width, act, monkeypatch):
+def test_tiled_mlp_without_biases_and_with_four_layers(min_width, last_em, act, monkeypatch):
     """Layers without a bias (the first one with no extra terms either), an activation that is
-    not applied in place (gelu), and two middle layers: both tile layouts against einsum."""
+    not applied in place (gelu), and two middle layers: every tile layout against einsum."""
     monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", min_width)
+    monkeypatch.setattr(ops, "LAST_LAYER_ELEMENT_MAJOR", last_em)
     gen = torch.Generator().manual_seed(5)
     shape = (9, 13)
     x = torch.randn((4,) + shape, generator=gen)
@@ -381,9 +387,9 @@ def test_tiled_mlp_without_biases_and_with_four_layers(min_width, act, monkeypat
         torch.testing.assert_close(ops.mlp(x, layers, ws=ws, tile=tile), h, rtol=1e-5, atol=1e-5)
 
 
-def test_element_major_layout_is_chosen_by_hidden_width(monkeypatch):
-    """mulo's hidden layers (32 wide) take the element-major buffers, small_fc_lopt's (4 wide)
-    the feature-major ones; either way the step is the same to float rounding."""
+@pytest.fixture
+def taken_keys(monkeypatch):
+    """The keys of every ``Workspace.take`` call while the test runs, in order."""
     seen = []
     take = ops.Workspace.take
 
@@ -392,6 +398,13 @@ def test_element_major_layout_is_chosen_by_hidden_width(monkeypatch):
         return take(self, key, *a, **k)
 
     monkeypatch.setattr(ops.Workspace, "take", spy)
+    return seen
+
+
+def test_element_major_layout_is_chosen_by_hidden_width(taken_keys, monkeypatch):
+    """mulo's hidden layers (32 wide) take the element-major buffers, small_fc_lopt's (4 wide)
+    the feature-major ones; either way the step is the same to float rounding."""
+    seen = taken_keys
     for name, prefix in (("mulo", "mlp.e"), ("small_fc_lopt", "mlp.h")):
         engine = lopt_gen.get_engine(load_spec(name))
         phi = engine.init_weights(seed=2)
@@ -404,6 +417,28 @@ def test_element_major_layout_is_chosen_by_hidden_width(monkeypatch):
         want = _run(engine, phi, [p.clone() for p in params], grads, steps=2)
         monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", 24)
         _assert_same(got, want)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_last_layer_layout_follows_the_thread_count(threads, taken_keys, monkeypatch):
+    """By default the last layer goes element-major (its own workspace buffer) only with more
+    than one intra-op thread; the mulo step is the same to float rounding either way."""
+    seen = taken_keys
+    engine = lopt_gen.get_engine(load_spec("mulo"))
+    phi = engine.init_weights(seed=4)
+    params, grads = _problem(engine, [(40, 30), (9,)], seed=3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _run(engine, phi, [p.clone() for p in params], grads, steps=2)
+    finally:
+        torch.set_num_threads(before)
+    assert ("mlp.last" in seen) == (threads > 1), sorted(set(seen))
+    monkeypatch.setattr(ops, "LAST_LAYER_ELEMENT_MAJOR", threads == 1)  # the other layout
+    seen.clear()
+    want = _run(engine, phi, [p.clone() for p in params], grads, steps=2)
+    assert ("mlp.last" in seen) == (threads == 1)
+    _assert_same(got, want)
 
 
 def test_features_of_state_channels_are_a_view_with_a_workspace():

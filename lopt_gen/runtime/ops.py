@@ -44,9 +44,13 @@ _ACT_INPLACE = {
     "sigmoid": torch.sigmoid_,
 }
 
-#: elements per tile of :func:`mlp` on the workspace path, per intra-op thread: a
-#: ``[32, 8192]`` fp32 activation is 1 MiB, so each thread's share of a tile stays in its cache.
-MLP_TILE_PER_THREAD = 8192
+#: elements per tile of :func:`mlp` on the workspace path, per intra-op thread.  Larger
+#: tiles cost fewer calls and split better between threads; a tile's ``[32, length]``
+#: activations then no longer fit in a core's cache, and on a 2-core AVX-512 CPU that cost
+#: less than the calls saved: the mulo step at 4M parameters took 216 ms with 32768 elements
+#: per thread against 225 ms with 8192 (two threads), 282 against 288 ms with one thread
+#: (benchmarks/RESULTS.md, "The MLP's last layer element-major").
+MLP_TILE_PER_THREAD = 32768
 #: elements per tile; None means ``MLP_TILE_PER_THREAD * torch.get_num_threads()``
 MLP_TILE: int | None = None
 #: On CPU tensors, :func:`mlp`'s tiles keep their hidden activations element-major (``[length,
@@ -55,6 +59,15 @@ MLP_TILE: int | None = None
 #: AVX-512 CPU a 16 -> h -> h -> 2 chain took the same time both ways at h = 16, 20% less
 #: element-major at h = 32 and 2.4 times as long at h = 4 (benchmarks/RESULTS.md).
 ELEMENT_MAJOR_MIN_WIDTH: int | None = 24
+#: With element-major activations, the last layer (a few outputs) is computed element-major
+#: too when this is True, ``[length, width] @ [width, out]`` into a workspace buffer, and
+#: written out transposed with its bias; when False it is ``W @ H.T`` straight into the
+#: output; None (the default) takes the first with more than one intra-op thread.  MKL
+#: splits ``W @ H.T`` with two output rows badly between threads: on the 2-core CPU the
+#: element-major form took the mulo step at 4M parameters from 241 to 235 ms with two
+#: threads (from 240 to 222 ms together with the larger tiles); with one thread it took 283
+#: against 284 ms in one run and 310 against 293 in another, so one thread keeps ``W @ H.T``.
+LAST_LAYER_ELEMENT_MAJOR: bool | None = None
 
 #: below this many elements per value, :func:`features` always copies (checking whether the
 #: values are already one strided block costs more than copying them)
@@ -338,9 +351,11 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
     :data:`ELEMENT_MAJOR_MIN_WIDTH` wide, the hidden activations of a tile are element-major,
     ``[length, width]``: the first layer reads the feature-major input through its transpose
     (``X.T @ W.T``), the middle layers multiply element-major matrices, and the last layer
-    writes its feature-major output as ``W @ H.T``.  The ``[length, 32] @ [32, 32]`` products
-    run at about the speed of a large matrix multiply, where the same products laid out
-    ``[32, 32] @ [32, length]`` reach little more than half of it (benchmarks/RESULTS.md, "Element-major hidden activations")."""
+    writes its feature-major output as ``W @ H.T`` (with several threads, see
+    :data:`LAST_LAYER_ELEMENT_MAJOR`: as ``H @ W.T``, transposed on the way out).  The
+    ``[length, 32] @ [32, 32]`` products run at about the speed of a large matrix multiply,
+    where the same products laid out ``[32, 32] @ [32, length]`` reach little more than half
+    of it (benchmarks/RESULTS.md, "Element-major hidden activations")."""
     n = x2.shape[1]
     out_last = layers[-1][0].shape[0]
     dev, dtype = x2.device, x2.dtype
@@ -359,6 +374,8 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
                                                                for _, b, _ in layers[1:-1]]
         b_last = layers[-1][1]
         b_last = None if b_last is None else b_last.reshape(-1, 1).to(dtype)
+        last_em = torch.get_num_threads() > 1 if LAST_LAYER_ELEMENT_MAJOR is None else LAST_LAYER_ELEMENT_MAJOR
+        w_last_t = layers[-1][0].t().contiguous() if last_em else None
     else:
         expanded = [t.to(dtype).expand((t.shape[0],) + shape) for t in varying]
         biases = [col] + [None if b is None else b.reshape(-1, 1).to(dtype) for _, b, _ in layers[1:]]
@@ -367,7 +384,15 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
         h = x2[:, first:last]
         for i, (w, _, act) in enumerate(layers):
             is_last = i == len(layers) - 1
-            if em and is_last:
+            if em and is_last and last_em:
+                dst = result[:, first:last]
+                tmp = ws.take("mlp.last", (length, out_last), dtype, dev)
+                torch.mm(h, w_last_t, out=tmp)
+                if b_last is not None:
+                    torch.add(tmp.t(), b_last, out=dst)
+                else:
+                    dst.copy_(tmp.t())
+            elif em and is_last:
                 dst = result[:, first:last]
                 if b_last is not None:
                     torch.addmm(b_last, w, h.t(), out=dst)
