@@ -329,7 +329,7 @@ def test_tiles_cover_the_chunk_in_order(shape, target):
 
 
 LAYOUTS = [(1, True), (1, False), (None, None)]
-LAYOUT_IDS = ["element-major", "element-major-last-layer-transposed", "feature-major"]
+LAYOUT_IDS = ["element-major-last-layer-element-major", "element-major-last-layer-W-HT", "feature-major"]
 
 
 @pytest.mark.parametrize("shape", [(6, 50), (300,), (4, 3, 20), ()])
@@ -399,6 +399,30 @@ def taken_keys(monkeypatch):
 
     monkeypatch.setattr(ops.Workspace, "take", spy)
     return seen
+
+
+@pytest.mark.parametrize("min_width,last_em", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("shape", [(), (1,), (3, 7)])
+@pytest.mark.parametrize("out,bias", [(1, True), (3, False)])
+def test_tiled_mlp_last_layer_with_an_activation(min_width, last_em, shape, out, bias, monkeypatch):
+    """A last layer with an activation (applied to the strided output slice), one or several
+    outputs, with and without a bias, on 0-dim, one-element and 2-D shapes: every layout
+    against einsum."""
+    monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", min_width)
+    monkeypatch.setattr(ops, "LAST_LAYER_ELEMENT_MAJOR", last_em)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn((3,) + shape, generator=gen)
+    w1, w2 = torch.randn(5, 3, generator=gen), torch.randn(out, 5, generator=gen)
+    b2 = torch.randn(out, generator=gen) if bias else None
+    h = torch.relu(torch.einsum("of,f...->o...", w1, x))
+    want = torch.einsum("of,f...->o...", w2, h)
+    if bias:
+        want = want + ops._lead(b2, want.dim())
+    want = torch.tanh(want)
+    layers = [ops.layer(w1, act="relu"), ops.layer(w2, bias=b2, act="tanh")]
+    ws = ops.Workspace()
+    for tile in (1, 4, None):
+        torch.testing.assert_close(ops.mlp(x, layers, ws=ws, tile=tile), want, rtol=1e-5, atol=1e-5)
 
 
 def test_element_major_layout_is_chosen_by_hidden_width(taken_keys, monkeypatch):

@@ -65,8 +65,8 @@ ELEMENT_MAJOR_MIN_WIDTH: int | None = 24
 #: output; None (the default) takes the first with more than one intra-op thread.  MKL
 #: splits ``W @ H.T`` with two output rows badly between threads: on the 2-core CPU the
 #: element-major form took the mulo step at 4M parameters from 241 to 235 ms with two
-#: threads (from 240 to 222 ms together with the larger tiles); with one thread it took 283
-#: against 284 ms in one run and 310 against 293 in another, so one thread keeps ``W @ H.T``.
+#: threads (from 241 to 221 ms together with the larger tiles); with one thread it took 310
+#: against 293 ms in an alternating run, so one thread keeps ``W @ H.T``.
 LAST_LAYER_ELEMENT_MAJOR: bool | None = None
 
 #: below this many elements per value, :func:`features` always copies (checking whether the
@@ -367,6 +367,7 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
         col = None
     em = (ELEMENT_MAJOR_MIN_WIDTH is not None and dev.type == "cpu" and len(layers) > 1
           and min(w.shape[0] for w, _, _ in layers[:-1]) >= ELEMENT_MAJOR_MIN_WIDTH)
+    last_em = False
     if em:  # the terms with their output axis last (one copy per call; row and column terms are small)
         expanded = [t.to(dtype).movedim(0, -1).contiguous().expand(shape + (t.shape[0],)) for t in varying]
         wts = [w.t().contiguous() for w, _, _ in layers[:-1]]
