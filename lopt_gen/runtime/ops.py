@@ -367,7 +367,7 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
         col = None
     em = (ELEMENT_MAJOR_MIN_WIDTH is not None and dev.type == "cpu" and len(layers) > 1
           and min(w.shape[0] for w, _, _ in layers[:-1]) >= ELEMENT_MAJOR_MIN_WIDTH)
-    last_em = False
+    last_em = em and (torch.get_num_threads() > 1 if LAST_LAYER_ELEMENT_MAJOR is None else LAST_LAYER_ELEMENT_MAJOR)
     if em:  # the terms with their output axis last (one copy per call; row and column terms are small)
         expanded = [t.to(dtype).movedim(0, -1).contiguous().expand(shape + (t.shape[0],)) for t in varying]
         wts = [w.t().contiguous() for w, _, _ in layers[:-1]]
@@ -375,7 +375,6 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
                                                                for _, b, _ in layers[1:-1]]
         b_last = layers[-1][1]
         b_last = None if b_last is None else b_last.reshape(-1, 1).to(dtype)
-        last_em = torch.get_num_threads() > 1 if LAST_LAYER_ELEMENT_MAJOR is None else LAST_LAYER_ELEMENT_MAJOR
         w_last_t = layers[-1][0].t().contiguous() if last_em else None
     else:
         expanded = [t.to(dtype).expand((t.shape[0],) + shape) for t in varying]
@@ -385,7 +384,7 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
         h = x2[:, first:last]
         for i, (w, _, act) in enumerate(layers):
             is_last = i == len(layers) - 1
-            if em and is_last and last_em:
+            if is_last and last_em:
                 dst = result[:, first:last]
                 tmp = ws.take("mlp.last", (length, out_last), dtype, dev)
                 torch.mm(h, w_last_t, out=tmp)
