@@ -20,8 +20,9 @@ from lopt_gen.runtime.engine import get_engine
 from lopt_gen.spec import load_spec, shipped_specs
 from lopt_gen.testing import specs
 
-# four tensors of each shape (ranks 0 to 3, and both 1×n and n×1), interleaved
-SHAPES = [s for _ in range(4) for s in [(5, 7), (3,), (), (2, 3, 4), (1, 9), (9, 1)]]
+# four tensors of each shape (ranks 0 to 3, and both 1×n and n×1), interleaved, and two shapes
+# with too few tensors to batch (their values are their own, the others' columns of a table)
+SHAPES = [s for _ in range(4) for s in [(5, 7), (3,), (), (2, 3, 4), (1, 9), (9, 1)]] + [(4, 6), (3,), (2,)]
 
 
 @pytest.fixture
@@ -31,9 +32,9 @@ def batching(monkeypatch):
     runs = []
 
     def counting(*args):
-        ok = real(*args)
-        runs.append(ok)
-        return ok
+        tables = real(*args)
+        runs.append(tables is not None)
+        return tables
 
     monkeypatch.setattr(E, "_run_batched", counting)
 
@@ -129,18 +130,102 @@ def test_a_value_outside_the_layout_falls_back_and_writes_nothing():
     def host(V, phi):
         V["y"] = V["x"] * V["vec"].sum()
 
-    assert E._run_batched(host, Ts, G, {}) is False
+    assert E._run_batched(host, Ts, G, {}) is None
     assert all(set(T) == {"x"} for T in Ts)
 
     def fine(V, phi):
         V["y"] = V["x"] * 2.0 + V["s"]
+        V["k"] = V["s"] * 3.0  # the same for every tensor: written into each, not a table
 
-    assert E._run_batched(fine, Ts, {"s": torch.tensor(1.0)}, {}) is True
+    tables = E._run_batched(fine, Ts, {"s": torch.tensor(1.0)}, {})
+    assert set(tables) == {"y"} and tables["y"].tolist() == [1.0, 3.0, 5.0, 7.0]
+    assert all(float(T["k"]) == 3.0 and "y" not in T for T in Ts)
+    E._hand_out_tables(Ts, [(range(4), tables)])
     assert [float(T["y"]) for T in Ts] == [1.0, 3.0, 5.0, 7.0]
     assert all(T["y"].dim() == 0 for T in Ts)
     # values of different shapes in one group are not stacked
     odd = [{"x": torch.zeros(2)}, {"x": torch.zeros(3)}, {"x": torch.zeros(2)}, {"x": torch.zeros(2)}]
-    assert E._run_batched(fine, odd, {"s": torch.tensor(1.0)}, {}) is False
+    assert E._run_batched(fine, odd, {"s": torch.tensor(1.0)}, {}) is None
+
+
+def _values(n):
+    columns: dict = {}
+    return [E.TensorValues(columns, i) for i in range(n)]
+
+
+def test_tables_of_several_groups_become_one_column_or_views():
+    """Per-tensor scalars of every group: one column over the groups' tensors (in the groups'
+    order, so a later batched read takes one slice of it); a row value whose shape differs
+    between groups: one view per tensor; a tensor outside the groups keeps its own value."""
+    T = _values(7)
+    T[3]["s"] = torch.tensor(-1.0)  # ran on its own
+    T[3]["r"] = torch.full((1, 2), -1.0)
+    groups = [([0, 2, 4], {"s": torch.tensor([0.0, 2.0, 4.0]), "r": torch.arange(6.0).reshape(3, 2, 1),
+                           "only": torch.tensor([5.0, 6.0, 7.0])}),
+              ([1, 5, 6], {"s": torch.tensor([1.0, 5.0, 6.0]), "r": torch.arange(9.0).reshape(3, 3, 1) + 10})]
+    E._hand_out_tables(T, groups)
+    assert [float(Ti["s"]) for Ti in T] == [0.0, 1.0, 2.0, -1.0, 4.0, 5.0, 6.0]
+    col, rows = E.column_of([T[i] for i in (0, 2, 4, 1, 5, 6)], "s")
+    assert col.tolist() == [0.0, 2.0, 4.0, 1.0, 5.0, 6.0] and rows == [0, 1, 2, 3, 4, 5]
+    assert E.column_of(T, "s") is None  # tensor 3 holds its own
+    assert T[2]["r"].tolist() == [[2.0], [3.0]] and T[5]["r"].tolist() == [[13.0], [14.0], [15.0]]
+    assert T[3]["r"].tolist() == [[-1.0, -1.0]]
+    assert [float(T[i]["only"]) for i in (0, 2, 4)] == [5.0, 6.0, 7.0] and "only" not in T[1]
+    # a batched read of a column takes the group's rows: a slice when they are consecutive,
+    # a gather otherwise
+    V = E._BatchedValues([T[2], T[4]], {})
+    assert V["s"].tolist() == [2.0, 4.0] and V["s"]._base is not None
+    V = E._BatchedValues([T[5], T[0]], {})
+    assert V["s"].tolist() == [5.0, 0.0]
+
+
+def test_whole_tensor_means_equal_the_sums_tensor_by_tensor():
+    """The means of every tensor's chunk partial sums, computed for all tensors at once, equal
+    (bitwise) the chunk-by-chunk sums of one tensor at a time divided by its element count."""
+    gen = torch.Generator().manual_seed(3)
+    chunks = [1, 3, 1, 2, 3, 5, 1]
+    T = _values(len(chunks))
+    plans = [E.TensorPlan((2 ** 18 * k - 7,), 2 ** 18) for k in chunks]
+    assert [len(pl.chunks) for pl in plans] == chunks
+    partials = [{"m": [torch.randn((), generator=gen) * 1e3 for _ in range(k)]} for k in chunks]
+    done: dict = {}
+    assert E._tensor_means("m", T, plans, partials, done)
+    for Ti, pl, part in zip(T, plans, partials):
+        acc = part["m"][0]
+        for x in part["m"][1:]:
+            acc = acc + x
+        assert torch.equal(Ti["m"], acc / pl.count["tensor"])
+    # the same partial sums under another name are divided once
+    T2 = _values(len(chunks))
+    partials2 = [{"n": p["m"]} for p in partials]
+    assert E._tensor_means("n", T2, plans, partials2, done) and len(done) == 1
+    # a partial sum that is not a 0-dim float32 tensor: left to the per-tensor code
+    partials[2]["m"] = [torch.zeros((), dtype=torch.float64)]
+    assert not E._tensor_means("m", _values(len(chunks)), plans, partials, {})
+
+
+def test_every_tensors_host_values_at_once_equal_one_at_a_time():
+    """What a stage's per-element function reads for each tensor: the same objects' values
+    whether looked up for all tensors at once or one tensor at a time, for columns, columns of
+    some tensors, values of their own, per-step values, float64 scalars and sliced values."""
+    T = _values(5)
+    plans = [E.TensorPlan(s, 4) for s in [(3,), (4, 2), (5,), (), (2, 6)]]
+    E.hand_out_column(T[:4], "col", torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    T[4]["col"] = torch.tensor(9.0)
+    E.hand_out_column(T, "all", torch.arange(5.0))
+    for Ti, pl in zip(T, plans):
+        Ti["row"] = torch.randn(pl.reduced_shape("col"))
+    G = {"step": torch.tensor(7.0, dtype=torch.float64), "vec": torch.randn(3), "lr": torch.tensor(0.5)}
+    names = ["col", "all", "row", "step", "lr"]
+    got = E.Engine._host_values_all(names, T, G, plans)
+    for Ti, pl, (host, sliced) in zip(T, plans, got):
+        want, want_sliced = E.Engine._host_values(names, Ti, G, pl)
+        assert sorted(host) == sorted(want) and sliced == want_sliced
+        for k in names:
+            assert host[k].dtype == want[k].dtype == torch.float32 and torch.equal(host[k], want[k])
+    assert [s for _, s in got] == [[], ["row"], [], [], ["row"]]
+    with pytest.raises(KeyError):
+        E.Engine._host_values_all(["nowhere"], T, G, plans)
 
 
 def test_ops_follow_the_trailing_tensor_axis():

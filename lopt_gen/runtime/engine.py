@@ -420,6 +420,16 @@ class _BatchedValues:
             if isinstance(v, torch.Tensor) and v.dim() > 0:
                 raise _Unbatchable(name)
             return v
+        c = column_of(self.Ts, name)
+        if c is not None and c[0].dim() == 1:  # a per-tensor scalar held as a column: no stack
+            col, rows = c
+            start = rows[0]
+            if rows == list(range(start, start + len(rows))):
+                v = col.narrow(0, start, len(rows))
+            else:
+                v = col[torch.tensor(rows, device=col.device)]
+            self.read[name] = v
+            return v
         vals = [T[name] for T in self.Ts]
         if not all(isinstance(v, torch.Tensor) and v.shape == vals[0].shape for v in vals):
             raise _Unbatchable(name)
@@ -430,10 +440,12 @@ class _BatchedValues:
         self.out[name] = value
 
 
-def _run_batched(fn, Ts, G, phi, prefetch=None) -> bool:
+def _run_batched(fn, Ts, G, phi, prefetch=None) -> dict | None:
     """Run the per-tensor host function ``fn`` once for the same-shaped tensors whose values
-    are ``Ts``, writing each output back into every ``Ts[j]``.  False (nothing written) when a
-    value does not fit the batched layout; the caller then runs ``fn`` per tensor.
+    are ``Ts``.  Returns the outputs that differ between the tensors as tables, ``{name:
+    table}`` with ``Ts[j]``'s value in row ``j`` (for :func:`_hand_out_tables`), and writes
+    those shared by all into every ``Ts[j]``.  None (nothing written) when a value does not
+    fit the batched layout; the caller then runs ``fn`` per tensor.
     ``prefetch(Ts)``, if given, returns some of the values ``fn`` reads already stacked
     (``{name: (len(Ts),) tensor}``, made in one operation instead of one stack per value)."""
     V = _BatchedValues(Ts, G, prefetch(Ts) if prefetch is not None else None)
@@ -442,20 +454,76 @@ def _run_batched(fn, Ts, G, phi, prefetch=None) -> bool:
         with ops.batched_over_tensors():
             fn(V, phi)
     except _Unbatchable:
-        return False
-    split = {}
+        return None
+    shared, tables = {}, {}
     for name, v in V.out.items():
         if not isinstance(v, torch.Tensor) or v.dim() == 0:  # computed from values shared by every tensor
-            split[name] = [v] * B
+            shared[name] = v
         elif v.shape[-1] == B:
             # row/column values: one copy for the group makes each tensor's part contiguous,
             # the layout a kernel reads (instead of one copy per tensor there)
-            split[name] = v.unbind(-1) if v.dim() == 1 else v.movedim(-1, 0).contiguous().unbind(0)
+            tables[name] = v if v.dim() == 1 else v.movedim(-1, 0).contiguous()
         else:
+            return None
+    for name, v in shared.items():
+        for T in Ts:
+            T[name] = v
+    return tables
+
+
+def _hand_out_tables(T, groups) -> None:
+    """Give the tensors the outputs of batched host functions, ``groups`` a list of
+    ``(tensor indices, {name: table})`` with tensor ``idx[j]``'s value in row ``j`` of a
+    table.  Per-tensor scalars of all groups become one column per name (a view per tensor
+    made only when it is read on its own: splitting every output into views cost more than
+    the batched host code itself); a row or column value, whose shape differs between groups,
+    one view per tensor unless a single group holds it."""
+    by_name: dict = {}
+    for idx, tables in groups:
+        for name, table in tables.items():
+            by_name.setdefault(name, []).append((idx, table))
+    for name, parts in by_name.items():
+        if len(parts) == 1:
+            idx, table = parts[0]
+            hand_out_column([T[i] for i in idx], name, table)
+        elif all(table.dim() == 1 for _, table in parts):
+            Ts = [T[i] for idx, _ in parts for i in idx]
+            hand_out_column(Ts, name, torch.cat([table for _, table in parts]))
+        else:
+            for idx, table in parts:
+                for i, part in zip(idx, table.unbind(0)):
+                    T[i][name] = part
+
+
+def _tensor_means(name, T, plans, partials, done) -> bool:
+    """Every tensor's mean of its chunks' whole-tensor partial sums ``name`` (0-dim each), for
+    all tensors at once: handed out as one column (see :func:`hand_out_column`), not one
+    addition per chunk and one division per tensor each made into a tensor of its own.  The
+    chunks are added in order, as one tensor at a time would, so the sums are the same.  False
+    (nothing done) when some partial sum is not a 0-dim float32 tensor."""
+    n = len(T)
+    parts = [partials[i][name] for i in range(n)]
+    key = ("tensor", tuple(id(x) for ps in parts for x in ps))
+    got = done.get(key)
+    if got is None:
+        flat = [x for ps in parts for x in ps]
+        if not all(type(x) is torch.Tensor and x.dim() == 0 and x.dtype == torch.float32 for x in flat):
             return False
-    for name, parts in split.items():
-        for T, part in zip(Ts, parts):
-            T[name] = part
+        by_chunks: dict = {}  # tensors grouped by their number of chunks
+        for i, ps in enumerate(parts):
+            by_chunks.setdefault(len(ps), []).append(i)
+        order, sums = [], []
+        for k, idx in by_chunks.items():
+            grid = torch.stack([x for i in idx for x in parts[i]]).view(len(idx), k)
+            acc = grid[:, 0]
+            for j in range(1, k):
+                acc = acc + grid[:, j]
+            order += idx
+            sums.append(acc)
+        counts = torch.tensor([plans[i].count["tensor"] for i in order], dtype=torch.float32, device=flat[0].device)
+        got = done[key] = (order, (sums[0] if len(sums) == 1 else torch.cat(sums)) / counts)
+    order, means = got
+    hand_out_column([T[i] for i in order], name, means)
     return True
 
 
@@ -703,10 +771,10 @@ class Engine:
                 continue
             fn = getattr(self.module, stage["elem_fn"])
             fn_ws = ws if ws is not None and _takes_workspace(fn) else None
-            host_names = self._host_inputs(stage)
+            hosts = self._host_values_all(self._host_inputs(stage), T, G, plans)
             for i in range(n):
                 pl = plans[i]
-                host, sliced = self._host_values(host_names, T[i], G, pl)
+                host, sliced = hosts[i]
                 for (s, length) in pl.chunks:
                     V = self._chunk_leaves(i, pl, s, length, flat_p, flat_g, tstates)
                     V.update(host)
@@ -821,6 +889,45 @@ class Engine:
             host[name] = v
         return host, sliced
 
+    @classmethod
+    def _host_values_all(cls, names, T, G, plans) -> list[tuple[dict, list]]:
+        """:meth:`_host_values` of every tensor: a per-tensor scalar held as a column (see
+        :class:`TensorValues`) split into its views by one ``unbind`` (and made float32 once),
+        and a per-step value looked up once, not once per tensor."""
+        n = len(T)
+        hosts: list[dict] = [{} for _ in range(n)]
+        own: list[list] = [[] for _ in range(n)]  # names each tensor looks up on its own
+        columns = T[0].columns if n and all(type(Ti) is TensorValues for Ti in T) else {}
+        for name in names:
+            c = columns.get(name)
+            if c is not None and isinstance(c[0], torch.Tensor) and c[0].dim() == 1:
+                col, rowmap = c
+                if col.dtype == torch.float64:
+                    col = col.float()
+                views = col.unbind(0)
+                for Ti, h, mine in zip(T, hosts, own):
+                    r = rowmap.get(Ti.index) if Ti.columns is columns else None
+                    if r is None:
+                        mine.append(name)
+                    else:
+                        h[name] = views[r]
+                continue
+            v = G.get(name) if n and not any(name in Ti for Ti in T) else None
+            if isinstance(v, torch.Tensor) and v.dim() == 0:
+                if v.dtype == torch.float64:
+                    v = v.float()
+                for h in hosts:
+                    h[name] = v
+                continue
+            for mine in own:
+                mine.append(name)
+        out = []
+        for i in range(n):
+            host, sliced = cls._host_values(own[i], T[i], G, plans[i])
+            hosts[i].update(host)
+            out.append((hosts[i], sliced))
+        return out
+
     def _host_phase(self, stage, T, G, phi, plans, partials, launched=None, host_runner=None, device=None):
         n = len(T)
         done: dict = {}  # reductions of the same partial sums (shared by the generated code)
@@ -836,10 +943,17 @@ class Engine:
                 prefetch = None
                 if host_runner is not None and seg.get("reads"):
                     prefetch = functools.partial(host_runner.stacked_scalars, seg["reads"], device=device)
+                batched = []
                 for idx in _shape_groups(plans):
-                    if len(idx) < MIN_BATCHED_TENSORS or not _run_batched(fn, [T[i] for i in idx], G, phi, prefetch):
+                    tables = None
+                    if len(idx) >= MIN_BATCHED_TENSORS:
+                        tables = _run_batched(fn, [T[i] for i in idx], G, phi, prefetch)
+                    if tables is None:
                         for i in idx:
                             fn(ChainMap(T[i], G), phi)
+                    else:
+                        batched.append((idx, tables))
+                _hand_out_tables(T, batched)
             elif kind == "global":
                 if host_runner is not None and host_runner.run_host(seg["fn"], T, G, phi, plans, device):
                     continue
@@ -852,6 +966,8 @@ class Engine:
                     if r["over"] == "all":
                         G[r["name"]] = sum(torch.stack(partials[i][r["name"]]).sum() for i in range(n)) \
                             / _total_numel(plans)
+                        continue
+                    if r["over"] == "tensor" and n and _tensor_means(r["name"], T, plans, partials, done):
                         continue
                     for i in range(n):
                         pl = plans[i]
