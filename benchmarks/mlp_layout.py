@@ -19,7 +19,9 @@ the feature rows in place (its products computed apart, then stacked into the ma
     python benchmarks/mlp_layout.py --step mulo@4M --rounds 8 --vs copied-rows
     python benchmarks/mlp_layout.py --step mulo@4M --rounds 5 --vs last-layer
     python benchmarks/mlp_layout.py --step mulo@4M --rounds 5 --vs tile-8192
+    python benchmarks/mlp_layout.py --step mulo@4M --rounds 8 --vs tile-32768
     python benchmarks/mlp_layout.py --step mulo@4M --rounds 8 --vs last-layer-and-tile
+    python benchmarks/mlp_layout.py --last-layer-forms --rows 65536 --reps 40
 """
 
 from __future__ import annotations
@@ -63,12 +65,17 @@ def main(argv=None) -> list[dict]:
                     help="--step: compare the current step with the feature-major MLP layout; with "
                          "the feature rows computed apart and stacked (torch_backend.WRITE_FEATURE_ROWS off); "
                          "with the last layer as W @ H.T (ops.LAST_LAYER_ELEMENT_MAJOR False); with "
-                         "8192 elements per thread in a tile (ops.MLP_TILE_PER_THREAD); or with both")
+                         "8192 or 32768 elements per thread in a tile (ops.MLP_TILE_PER_THREAD); or with "
+                         "W @ H.T and 8192 per thread")
+    ap.add_argument("--last-layer-forms", action="store_true",
+                    help="time the last layer's product (32 -> 2 on a tile of --rows elements) in its forms")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.step:
         return time_steps(args)
+    if args.last_layer_forms:
+        return last_layer_forms(args)
     gen = torch.Generator().manual_seed(0)
     shape = (args.rows, args.cols)
     x = torch.randn((args.inputs,) + shape, generator=gen)
@@ -149,9 +156,38 @@ VERSUS = {
     "copied-rows": ("rows written in place", "rows copied by stacking", {}),
     "last-layer": ("last layer as the threads choose", "last layer as W @ H.T", {"LAST_LAYER_ELEMENT_MAJOR": False}),
     "tile-8192": ("tiles as set", "8192 elements per thread in a tile", {"MLP_TILE_PER_THREAD": 8192}),
+    "tile-32768": ("tiles as set", "32768 elements per thread in a tile", {"MLP_TILE_PER_THREAD": 32768}),
     "last-layer-and-tile": ("last layer and tiles as set", "last layer as W @ H.T, 8192 per thread",
                             {"LAST_LAYER_ELEMENT_MAJOR": False, "MLP_TILE_PER_THREAD": 8192}),
 }
+
+
+def last_layer_forms(args) -> list[dict]:
+    """The last layer's product on one tile, ``[rows, 32]`` activations to 2 outputs, in the
+    forms ``_tiled_chain`` could take: element-major with ``W.T`` a transposed view of the
+    ``[2, 32]`` weight (what it does), element-major with ``W.T`` copied contiguous, and
+    feature-major ``W @ H.T``.  The same numbers come out of each."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(args.rows, 32, generator=gen)
+    w = torch.randn(2, 32, generator=gen)
+    w_t_copy = w.t().contiguous()
+    em, fm = torch.empty(args.rows, 2), torch.empty(2, args.rows)
+    forms = {
+        "H @ W.T, W.T a view": lambda: torch.mm(h, w.t(), out=em),
+        "H @ W.T, W.T contiguous": lambda: torch.mm(h, w_t_copy, out=em),
+        "W @ H.T": lambda: torch.mm(w, h.t(), out=fm),
+    }
+    print(f"# last layer 32 -> 2 on {args.rows} elements, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| form | ms | G multiply-adds/s |")
+    print("|---|---:|---:|")
+    rows = []
+    for name, fn in forms.items():
+        ms = _median_ms(fn, args.reps)
+        rate = args.rows * 64 / (ms * 1e-3) / 1e9
+        rows.append({"form": name, "ms": ms, "gmacs": rate})
+        print(f"| {name} | {ms:.3f} | {rate:.1f} |")
+    torch.testing.assert_close(em, fm.t(), rtol=1e-5, atol=1e-5)
+    return rows
 
 
 def _module_without_feature_rows(spec):

@@ -491,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="chunk size of the lopt_gen torch engine (default: the engine's)")
     ap.add_argument("--mlp-tile", type=int, default=None,
                     help="elements per tile of the torch step's MLP chains (lopt_gen.runtime.ops.MLP_TILE; "
-                         "default: ops.MLP_TILE_PER_THREAD, 32768, per thread)")
+                         "default: ops.MLP_TILE_PER_THREAD, 16384, per thread)")
     ap.add_argument("--feature-major", action="store_true",
                     help="keep the torch step's MLP activations feature-major on the CPU too "
                          "(lopt_gen.runtime.ops.ELEMENT_MAJOR_MIN_WIDTH = None: the layout before 2026-11-23)")

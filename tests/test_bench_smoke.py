@@ -237,7 +237,48 @@ def test_mlp_layout_bench_times_both_layouts_and_restores_the_setting(capsys, mo
     seen.clear()
     module.main(["--step", "mulo@20k", "--rounds", "1", "--steps", "1", "--threads", "1", "--vs", "last-layer-and-tile"])
     assert seen == [saved, (False, 8192)]
+    seen.clear()
+    module.main(["--step", "mulo@20k", "--rounds", "1", "--steps", "1", "--threads", "1", "--vs", "tile-32768"])
+    assert seen == [saved, (saved[0], 32768)]
     assert (ops.LAST_LAYER_ELEMENT_MAJOR, ops.MLP_TILE_PER_THREAD) == saved
+    forms = module.main(["--last-layer-forms", "--rows", "300", "--reps", "1"])
+    assert [r["form"] for r in forms] == ["H @ W.T, W.T a view", "H @ W.T, W.T contiguous", "W @ H.T"]
+    assert all(r["ms"] > 0 and r["gmacs"] > 0 for r in forms)
+
+
+def test_versus_revision_alternates_the_old_runtime_with_the_current(monkeypatch, capsys, tmp_path):
+    """Against HEAD: both optimizers step (the old one through the runtime loaded from git, with
+    the generated module bound to the old ops), the table and the CSV name both, and a change
+    to the current ops shows up as a difference between their parameters."""
+    import subprocess
+
+    from lopt_gen.runtime import ops
+
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    module = _load_bench("versus_revision")
+    rows = module.main(["HEAD", "--step", "mulo@20k", "--rounds", "2", "--steps", "1", "--out", str(tmp_path)])
+    assert [r["runtime"] for r in rows] == ["revision", "working tree"]
+    assert all(r["median_ms"] > 0 and len(r["rounds_ms"].split()) == 2 for r in rows)
+    out = capsys.readouterr().out
+    assert "| revision |" in out and "| working tree |" in out
+    assert (tmp_path / "versus_revision_mulo_20k.csv").read_text().count("\n") == 3
+
+    # the old runtime really is another module: scaling the current mlp's output changes only
+    # the working tree's steps
+    real = ops.mlp
+    monkeypatch.setattr(ops, "mlp", lambda *a, **k: real(*a, **k) * 2)
+    module.main(["HEAD", "--step", "mulo@20k", "--rounds", "1", "--steps", "1"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert float(last.rsplit(":", 1)[1]) > 1e-3, last
+    monkeypatch.setattr(ops, "mlp", real)
+    module.main(["HEAD", "--step", "mulo@20k", "--rounds", "1", "--steps", "1"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert float(last.rsplit(":", 1)[1]) < 1e-6, last  # (float rounding where the runtimes differ)
+    with pytest.raises(SystemExit, match="cannot read"):
+        module.main(["no-such-revision", "--step", "mulo@20k", "--rounds", "1", "--steps", "1"])
 
 
 def test_step_bench_feature_major_option(bench, monkeypatch):

@@ -465,6 +465,33 @@ def test_last_layer_layout_follows_the_thread_count(threads, taken_keys, monkeyp
     _assert_same(got, want)
 
 
+def test_element_major_last_layer_reads_the_weight_through_a_transposed_view(monkeypatch):
+    """The element-major last layer multiplies by ``W.T`` as a view of the contiguous ``[out,
+    width]`` weight (MKL's fast path for a product with two output columns; a contiguous copy
+    of ``W.T`` ran 2.7x slower), also when the layer's weight is a column selection of a
+    larger matrix."""
+    monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", 1)
+    monkeypatch.setattr(ops, "LAST_LAYER_ELEMENT_MAJOR", True)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 40, generator=gen)
+    w1, big = torch.randn(8, 3, generator=gen), torch.randn(2, 12, generator=gen)
+    layers = [ops.layer(w1, act="relu"), ops.layer(big, cols=list(range(2, 10)))]
+    seen = []
+    mm = torch.mm
+
+    def spy(a, b, **kw):
+        seen.append((tuple(b.shape), b.stride()))
+        return mm(a, b, **kw)
+
+    monkeypatch.setattr(torch, "mm", spy)
+    got = ops.mlp(x, layers, ws=ops.Workspace(), tile=16)
+    monkeypatch.setattr(torch, "mm", mm)
+    last = [stride for shape, stride in seen if shape == (8, 2)]  # the first layer's are (3, 8)
+    assert len(last) == 3 and all(stride == (1, 8) for stride in last), seen
+    want = big[:, 2:10] @ torch.relu(w1 @ x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_features_of_state_channels_are_a_view_with_a_workspace():
     state = torch.randn(6, 80, 70)
     chunk = state.narrow(2, 10, 60)

@@ -45,12 +45,12 @@ _ACT_INPLACE = {
 }
 
 #: elements per tile of :func:`mlp` on the workspace path, per intra-op thread.  Larger
-#: tiles cost fewer calls and split better between threads; a tile's ``[32, length]``
-#: activations then no longer fit in a core's cache, and on a 2-core AVX-512 CPU that cost
-#: less than the calls saved: the mulo step at 4M parameters took 216 ms with 32768 elements
-#: per thread against 225 ms with 8192 (two threads), 282 against 288 ms with one thread
-#: (benchmarks/RESULTS.md, "The MLP's last layer element-major").
-MLP_TILE_PER_THREAD = 32768
+#: tiles cost fewer calls and split better between threads; smaller ones keep a tile's
+#: activations in cache.  On a 2-core AVX-512 CPU (1 MiB L2 per core, 32 MiB L3), the mulo
+#: step at 4M parameters took 182.5 ms with 16384 elements per thread against 202.9 ms with
+#: 32768 and 189.5 with 4096 (two threads, alternating in one process); with one thread
+#: 282 against 285 ms (benchmarks/RESULTS.md, "The last layer's weight as a transposed view").
+MLP_TILE_PER_THREAD = 16384
 #: elements per tile; None means ``MLP_TILE_PER_THREAD * torch.get_num_threads()``
 MLP_TILE: int | None = None
 #: On CPU tensors, :func:`mlp`'s tiles keep their hidden activations element-major (``[length,
@@ -60,13 +60,14 @@ MLP_TILE: int | None = None
 #: element-major at h = 32 and 2.4 times as long at h = 4 (benchmarks/RESULTS.md).
 ELEMENT_MAJOR_MIN_WIDTH: int | None = 24
 #: With element-major activations, the last layer (a few outputs) is computed element-major
-#: too when this is True, ``[length, width] @ [width, out]`` into a workspace buffer, and
+#: too when this is True, ``H @ W.T`` (``[length, width] @ [width, out]``, ``W.T`` a
+#: transposed view of the contiguous ``[out, width]`` weight) into a workspace buffer, and
 #: written out transposed with its bias; when False it is ``W @ H.T`` straight into the
-#: output; None (the default) takes the first with more than one intra-op thread.  MKL
-#: splits ``W @ H.T`` with two output rows badly between threads: on the 2-core CPU the
-#: element-major form took the mulo step at 4M parameters from 241 to 235 ms with two
-#: threads (from 241 to 221 ms together with the larger tiles); with one thread it took 310
-#: against 293 ms in an alternating run, so one thread keeps ``W @ H.T``.
+#: output; None (the default) takes the first with more than one intra-op thread.  On the
+#: 2-core CPU with two threads the mulo step at 4M parameters took 213 ms the first way and
+#: 255 ms the second; with one thread 295 against 285 ms, so one thread keeps ``W @ H.T``.
+#: (With ``W.T`` made contiguous, ``[65536, 32] @ [32, 2]`` ran at 7 G multiply-adds/s
+#: against 19 G/s with the transposed view: MKL takes another path for it.)
 LAST_LAYER_ELEMENT_MAJOR: bool | None = None
 
 #: below this many elements per value, :func:`features` always copies (checking whether the
@@ -375,7 +376,7 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
                                                                for _, b, _ in layers[1:-1]]
         b_last = layers[-1][1]
         b_last = None if b_last is None else b_last.reshape(-1, 1).to(dtype)
-        w_last_t = layers[-1][0].t().contiguous() if last_em else None
+        w_last_t = layers[-1][0].contiguous().t() if last_em else None
     else:
         expanded = [t.to(dtype).expand((t.shape[0],) + shape) for t in varying]
         biases = [col] + [None if b is None else b.reshape(-1, 1).to(dtype) for _, b, _ in layers[1:]]
