@@ -513,13 +513,38 @@ def lstm_cell(x, h, c, w_ih, w_hh, bias, extra=None):
     return (o * torch.tanh(c_new)).reshape((hid,) + shape), c_new.reshape((hid,) + shape)
 
 
+class PackedSums:
+    """The whole-tensor reduction axes of a pack: several small 1-D tensors laid end to end
+    (lengths ``lengths``) and run through a per-element function as one (see
+    ``Engine.step``).  :func:`partial_sum` over it gives one sum per member tensor, ``[k]``,
+    each the sum of that member's run of elements."""
+
+    __slots__ = ("lengths", "count", "width", "index")
+
+    def __init__(self, lengths, device=None):
+        self.lengths = list(lengths)
+        self.count = sum(self.lengths)
+        self.width = max(self.lengths)
+        # each element's place in a [members, width] grid, padded with zeros
+        self.index = torch.cat([torch.arange(m, device=device) + j * self.width for j, m in enumerate(self.lengths)])
+
+    def sums(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.count:  # constant over the pack
+            x = x.reshape(()).expand(self.count)
+        grid = torch.zeros(len(self.lengths) * self.width, dtype=x.dtype, device=x.device)
+        grid[self.index] = x.reshape(-1)
+        return grid.view(len(self.lengths), self.width).sum(1)
+
+
 def partial_sum(x, dims):
     """Sum of ``x`` over ``dims`` (kept), the per-chunk part of a mean reduction.
 
     ``dims`` is a tuple of axes; ``()`` means no reduction (the identity) and ``None``
-    a sum over every element."""
+    a sum over every element; a :class:`PackedSums`, one sum per tensor of a pack."""
     if not isinstance(x, torch.Tensor):
         x = torch.tensor(float(x))
+    if isinstance(dims, PackedSums):
+        return dims.sums(x)
     if dims is None:
         return x.sum()
     if len(dims) == 0:
