@@ -3,6 +3,7 @@
 import csv
 import importlib.util
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -334,3 +335,20 @@ def test_step_bench_block_option_sets_and_restores_kernel_blocks(bench, tmp_path
     assert seen == [128] and stage["block"] == before
     with pytest.raises(SystemExit, match="expected SPEC:KERNEL=N"):
         bench.main(["--sizes", "10k", "--device", "cpu", "--out", str(tmp_path), "--block", "mulo=128"])
+
+
+def test_versus_naive_alternates_and_reports_the_ratio(monkeypatch, capsys, tmp_path):
+    """Both contenders step every round, the ratio is the naive port's time over the torch
+    step's round by round, and the CSV holds the medians."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    module = _load_bench("versus_naive")
+    row = module.main(["--step", "mulo@20k", "--rounds", "2", "--steps", "1", "--out", str(tmp_path)])
+    assert row["spec"] == "mulo" and row["size"] == "20k"
+    assert row["lopt_torch_ms"] > 0 and row["naive_ms"] > 0
+    lopt = [float(x) for x in row["rounds_lopt_torch_ms"].split()]
+    naive = [float(x) for x in row["rounds_naive_ms"].split()]
+    assert len(lopt) == len(naive) == 2
+    assert row["ratio"] == pytest.approx(statistics.median([b / a for a, b in zip(lopt, naive)]), rel=1e-2)
+    out = capsys.readouterr().out
+    assert "| naive / lopt-torch |" in out and "| lopt-torch |" in out
+    assert (tmp_path / "versus_naive_mulo_20k.csv").read_text().count("\n") == 2

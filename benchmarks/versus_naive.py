@@ -1,0 +1,97 @@
+"""The CPU target's ratio, the naive eager port's step time over lopt_gen's torch step, with
+the two alternating round by round in one process.
+
+``step_bench.py`` times its contenders one after the other. On a small shared CPU either
+can land in a slower stretch (benchmarks/RESULTS.md, "Two speeds in one process"): the naive
+port of mulo at 4M took 1,087 ms in one run and 889 ms in another with the same code, which
+moves the ratio by a fifth. Here each round times ``--steps`` steps of each (after one
+untimed step), the order reversed every other round, and the ratio is taken round by round;
+the figure is the median of the rounds' ratios.
+
+    python benchmarks/versus_naive.py --step mulo@4M --rounds 6
+    python benchmarks/versus_naive.py --step mulo@16M --rounds 3 --steps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+CONTENDERS = ("lopt-torch", "naive-eager")
+
+
+def run(args) -> dict:
+    import step_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec, _, size = args.step.partition("@")
+    n = step_bench.parse_size(size or "4M")
+    prob = step_bench.Problem(n, torch.device("cpu"))
+    opts = argparse.Namespace(lr=None, nonfinite="skip", chunk_elems=None)
+    steps = {c: step_bench.make_step_fn(c, spec, prob, opts)[0] for c in CONTENDERS}
+    for fn in steps.values():
+        fn()
+    gc.collect()
+    gc.freeze()  # no collection pauses inside the timed steps
+    rounds: dict = {c: [] for c in CONTENDERS}
+    try:
+        for r in range(args.rounds):
+            for c in CONTENDERS if r % 2 == 0 else CONTENDERS[::-1]:
+                steps[c]()
+                times = []
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    steps[c]()
+                    times.append(time.perf_counter() - t0)
+                rounds[c].append(statistics.median(times) * 1e3)
+    finally:
+        gc.unfreeze()
+    ratios = [b / a for a, b in zip(rounds["lopt-torch"], rounds["naive-eager"])]
+    print(f"# {spec} at {step_bench.size_label(n)} parameters ({len(prob.shapes)} tensors), "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| | ms per round | median |")
+    print("|---|---|---:|")
+    for c, values in rounds.items():
+        print(f"| {c} | {', '.join(f'{v:.0f}' for v in values)} | {statistics.median(values):.1f} |")
+    print(f"| naive / lopt-torch | {', '.join(f'{x:.2f}' for x in ratios)} | **{statistics.median(ratios):.2f}x** |")
+    row = {"spec": spec, "size": step_bench.size_label(n), "threads": torch.get_num_threads(),
+           "lopt_torch_ms": round(statistics.median(rounds["lopt-torch"]), 2),
+           "naive_ms": round(statistics.median(rounds["naive-eager"]), 2),
+           "ratio": round(statistics.median(ratios), 3),
+           "rounds_lopt_torch_ms": " ".join(f"{v:.2f}" for v in rounds["lopt-torch"]),
+           "rounds_naive_ms": " ".join(f"{v:.2f}" for v in rounds["naive-eager"])}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / f"versus_naive_{spec}_{row['size']}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            w.writeheader()
+            w.writerow(row)
+    return row
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--step", default="mulo@4M", metavar="SPEC@SIZE", help="spec and parameter count (default mulo@4M)")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds (default 6)")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps of each contender per round (default 2)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default=None, help="folder for a CSV of the rounds")
+    return run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
