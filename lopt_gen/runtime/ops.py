@@ -49,7 +49,8 @@ _ACT_INPLACE = {
 #: activations in cache.  On a 2-core AVX-512 CPU (1 MiB L2 per core, 32 MiB L3), the mulo
 #: step at 4M parameters took 182.5 ms with 16384 elements per thread against 202.9 ms with
 #: 32768 and 189.5 with 4096 (two threads, alternating in one process); with one thread
-#: 282 against 285 ms (benchmarks/RESULTS.md, "The last layer's weight as a transposed view").
+#: 282 against 285 ms (benchmarks/RESULTS.md, "Host values as columns, the last layer's
+#: weight, tiles, packed vectors").
 MLP_TILE_PER_THREAD = 16384
 #: elements per tile; None means ``MLP_TILE_PER_THREAD * torch.get_num_threads()``
 MLP_TILE: int | None = None
