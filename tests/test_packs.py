@@ -131,9 +131,30 @@ def test_packed_sums_are_each_members_sum():
     xs = [torch.randn(m, generator=gen) for m in lengths]
     got = ops.partial_sum(torch.cat(xs), sums)
     torch.testing.assert_close(got, torch.stack([x.sum() for x in xs]), rtol=1e-6, atol=1e-5)
-    # a value constant over the pack (a number, a 0-dim tensor)
-    torch.testing.assert_close(ops.partial_sum(2.0, sums), 2.0 * torch.tensor(lengths, dtype=torch.float32))
-    torch.testing.assert_close(ops.partial_sum(torch.tensor(0.5), sums), 0.5 * torch.tensor(lengths, dtype=torch.float32))
+    # a value constant over the pack (a number, a 0-dim tensor): as partial_sum gives it for one tensor
+    assert ops.partial_sum(2.0, sums).tolist() == [2.0] * len(lengths) == [float(ops.partial_sum(2.0, None))] * 6
+    assert ops.partial_sum(torch.tensor(0.5), sums).tolist() == [0.5] * len(lengths)
+    # lengths far apart (a grid would be mostly padding): summed member by member, no grid
+    lengths = [1] * 300 + [60_000]
+    far = ops.PackedSums(lengths)
+    assert far.index is None
+    xs = [torch.randn(m, generator=gen) for m in lengths]
+    torch.testing.assert_close(far.sums(torch.cat(xs)), torch.stack([x.sum() for x in xs]), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(shipped_specs()))
+def test_packs_of_vectors_whose_values_are_columns_of_a_batched_group(name, packs):
+    """Four vectors of each of two shapes: their host values come from the batched host code as one
+    column each (hrnn's per-tensor first-step flag a bool column among them), gathered for the
+    pack in one operation; two such groups (one column over both) next to a matrix."""
+    spec = load_spec(name)
+    shapes = [(8,)] * 4 + [(3,)] * 4 + [(5, 7)]
+    packs(True)
+    a = _trajectory(spec, shapes=shapes, steps=3, inplace=True)
+    assert packs.runs and all(r == list(range(8)) for r in packs.runs)
+    packs(False)
+    b = _trajectory(spec, shapes=shapes, steps=3, inplace=True)
+    _close(a, b, atol=2e-6 if name == "hrnn" else 1e-6)
 
 
 def test_the_optimizer_packs_and_matches_itself_unpacked(packs):

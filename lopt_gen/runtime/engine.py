@@ -845,7 +845,9 @@ class Engine:
             c = column_of(Tm, name)
             if c is not None and c[0].dim() == 1:  # per-tensor scalars in one column: one gather
                 col, rows = c
-                picked = col[torch.tensor(rows, device=col.device)].to(device=dev, dtype=torch.float32)
+                picked = col[torch.tensor(rows, device=col.device)].to(dev)
+                if picked.dtype == torch.float64:  # as _host_values_all makes it (a bool stays a bool)
+                    picked = picked.float()
                 V[name] = torch.repeat_interleave(picked, counts, output_size=total)
                 continue
             vals = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=dev) for v in vals]

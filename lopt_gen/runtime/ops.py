@@ -526,15 +526,22 @@ class PackedSums:
         self.lengths = list(lengths)
         self.count = sum(self.lengths)
         self.width = max(self.lengths)
-        # each element's place in a [members, width] grid, padded with zeros
-        self.index = torch.cat([torch.arange(m, device=device) + j * self.width for j, m in enumerate(self.lengths)])
+        # each element's place in a [members, width] grid, padded with zeros (used when the
+        # padding is at most three times the elements)
+        self.index = None
+        if len(self.lengths) * self.width <= 4 * self.count:
+            self.index = torch.cat([torch.arange(m, device=device) + j * self.width
+                                    for j, m in enumerate(self.lengths)])
 
     def sums(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != self.count:  # constant over the pack
-            x = x.reshape(()).expand(self.count)
-        grid = torch.zeros(len(self.lengths) * self.width, dtype=x.dtype, device=x.device)
+        k = len(self.lengths)
+        if x.numel() != self.count:  # constant over the pack: what one tensor's sum of it gives
+            return x.reshape(()).expand(k)
+        if k * self.width > 4 * self.count:  # lengths far apart: the grid would be mostly padding
+            return torch.stack([part.sum() for part in x.reshape(-1).split(self.lengths)])
+        grid = torch.zeros(k * self.width, dtype=x.dtype, device=x.device)
         grid[self.index] = x.reshape(-1)
-        return grid.view(len(self.lengths), self.width).sum(1)
+        return grid.view(k, self.width).sum(1)
 
 
 def partial_sum(x, dims):
