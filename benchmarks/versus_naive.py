@@ -15,11 +15,8 @@ the figure is the median of the rounds' ratios.
 from __future__ import annotations
 
 import argparse
-import csv
-import gc
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +30,7 @@ CONTENDERS = ("lopt-torch", "naive-eager")
 
 def run(args) -> dict:
     import step_bench
+    from versus_revision import alternate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,21 +41,7 @@ def run(args) -> dict:
     steps = {c: step_bench.make_step_fn(c, spec, prob, opts)[0] for c in CONTENDERS}
     for fn in steps.values():
         fn()
-    gc.collect()
-    gc.freeze()  # no collection pauses inside the timed steps
-    rounds: dict = {c: [] for c in CONTENDERS}
-    try:
-        for r in range(args.rounds):
-            for c in CONTENDERS if r % 2 == 0 else CONTENDERS[::-1]:
-                steps[c]()
-                times = []
-                for _ in range(args.steps):
-                    t0 = time.perf_counter()
-                    steps[c]()
-                    times.append(time.perf_counter() - t0)
-                rounds[c].append(statistics.median(times) * 1e3)
-    finally:
-        gc.unfreeze()
+    rounds = alternate(steps, args.rounds, args.steps)
     ratios = [b / a for a, b in zip(rounds["lopt-torch"], rounds["naive-eager"])]
     print(f"# {spec} at {step_bench.size_label(n)} parameters ({len(prob.shapes)} tensors), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -75,10 +59,7 @@ def run(args) -> dict:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / f"versus_naive_{spec}_{row['size']}.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            w.writeheader()
-            w.writerow(row)
+        step_bench.write_csv([row], out / f"versus_naive_{spec}_{row['size']}.csv", list(row))
     return row
 
 

@@ -21,14 +21,12 @@ the change keeps every value).
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import importlib.util
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -94,6 +92,25 @@ def _params(opt):
     return [p for g in opt.param_groups for p in g["params"]]
 
 
+def alternate(steps: dict, rounds: int, steps_per_round: int) -> dict:
+    """``{label: [ms per round]}``: each round runs every step function once untimed and
+    ``steps_per_round`` times timed (the median kept), the order of the labels reversed every
+    other round, with Python's collector frozen (no collection pauses inside timed steps)."""
+    from mlp_layout import _median_ms  # one untimed call, then the median of the timed ones
+
+    gc.collect()
+    gc.freeze()
+    try:
+        labels = list(steps)
+        out: dict = {k: [] for k in labels}
+        for r in range(rounds):
+            for label in labels if r % 2 == 0 else labels[::-1]:
+                out[label].append(_median_ms(steps[label], steps_per_round))
+    finally:
+        gc.unfreeze()
+    return out
+
+
 def run(args) -> list[dict]:
     import step_bench
 
@@ -106,23 +123,7 @@ def run(args) -> list[dict]:
     for opt in opts.values():
         for _ in range(2):
             opt.step()
-    gc.collect()
-    gc.freeze()  # no collection pauses inside the timed steps
-    try:
-        labels = list(opts)
-        rounds: dict = {k: [] for k in labels}
-        for r in range(args.rounds):
-            for label in labels if r % 2 == 0 else labels[::-1]:
-                opt = opts[label]
-                opt.step()
-                times = []
-                for _ in range(args.steps):
-                    t0 = time.perf_counter()
-                    opt.step()
-                    times.append(time.perf_counter() - t0)
-                rounds[label].append(statistics.median(times) * 1e3)
-    finally:
-        gc.unfreeze()
+    rounds = alternate({label: opt.step for label, opt in opts.items()}, args.rounds, args.steps)
     with torch.no_grad():
         diff = max(float((a - b).abs().max()) for a, b in zip(*(_params(o) for o in opts.values())))
     tensors = len(_params(opts["working tree"]))
@@ -140,10 +141,7 @@ def run(args) -> list[dict]:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / f"versus_revision_{spec}_{step_bench.size_label(n)}.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        step_bench.write_csv(rows, out / f"versus_revision_{spec}_{step_bench.size_label(n)}.csv", list(rows[0]))
     return rows
 
 

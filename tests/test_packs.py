@@ -8,6 +8,7 @@ order than one tensor's sum (an ulp), and for the matrix products of a longer ru
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -21,6 +22,7 @@ from lopt_gen.runtime import ops
 from lopt_gen.runtime.engine import get_engine
 from lopt_gen.spec import load_spec, shipped_specs
 from lopt_gen.testing import specs
+from tests.test_batched_host import _close as _trees_close
 
 # 1-D tensors of several lengths, 0-dim ones and one-element ones between matrices, so packs
 # hold members of different lengths in parameter order around tensors that are not packed
@@ -66,18 +68,8 @@ def _trajectory(spec, shapes=SHAPES, steps=4, seed=0, inplace=False, poison=None
     return {"params": params, "tstates": tstates, "gstate": gstate}
 
 
-def _close(a, b, rtol=1e-5, atol=1e-6):
-    if isinstance(a, dict):
-        assert sorted(a) == sorted(b)
-        for k in a:
-            _close(a[k], b[k], rtol, atol)
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _close(x, y, rtol, atol)
-    elif isinstance(a, torch.Tensor):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol, equal_nan=True)
+# parameters and states: 1e-5 relative, 1e-6 absolute unless a test says otherwise
+_close = functools.partial(_trees_close, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["functional", "in-place"])

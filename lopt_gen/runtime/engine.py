@@ -380,6 +380,15 @@ def column_of(Ts, name):
     return (c[0], rows) if len(rows) == len(Ts) else None
 
 
+def column_rows(column, rows) -> torch.Tensor:
+    """``column[rows]`` for a 1-D ``column``: a slice when the rows are consecutive, else a
+    gather."""
+    start = rows[0]
+    if rows == list(range(start, start + len(rows))):
+        return column.narrow(0, start, len(rows))
+    return column[torch.tensor(rows, device=column.device)]
+
+
 def hand_out_column(Ts, name, column, rows=None) -> None:
     """Give value ``name`` of each tensor ``Ts[j]`` as ``column[rows[j]]`` (``rows`` None: row
     ``j``; ``column`` a 1-D tensor, or :class:`Segments`): registered as one column when ``Ts``
@@ -435,13 +444,7 @@ class _BatchedValues:
             return v
         c = column_of(self.Ts, name)
         if c is not None and c[0].dim() == 1:  # a per-tensor scalar held as a column: no stack
-            col, rows = c
-            start = rows[0]
-            if rows == list(range(start, start + len(rows))):
-                v = col.narrow(0, start, len(rows))
-            else:
-                v = col[torch.tensor(rows, device=col.device)]
-            self.read[name] = v
+            v = self.read[name] = column_rows(*c)
             return v
         vals = [T[name] for T in self.Ts]
         if not all(isinstance(v, torch.Tensor) and v.shape == vals[0].shape for v in vals):
@@ -844,8 +847,7 @@ class Engine:
                 continue
             c = column_of(Tm, name)
             if c is not None and c[0].dim() == 1:  # per-tensor scalars in one column: one gather
-                col, rows = c
-                picked = col[torch.tensor(rows, device=col.device)].to(dev)
+                picked = column_rows(*c).to(dev)
                 if picked.dtype == torch.float64:  # as _host_values_all makes it (a bool stays a bool)
                     picked = picked.float()
                 V[name] = torch.repeat_interleave(picked, counts, output_size=total)

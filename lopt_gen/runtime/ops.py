@@ -537,7 +537,7 @@ class PackedSums:
         k = len(self.lengths)
         if x.numel() != self.count:  # constant over the pack: what one tensor's sum of it gives
             return x.reshape(()).expand(k)
-        if k * self.width > 4 * self.count:  # lengths far apart: the grid would be mostly padding
+        if self.index is None:  # lengths far apart: the grid would be mostly padding
             return torch.stack([part.sum() for part in x.reshape(-1).split(self.lengths)])
         grid = torch.zeros(k * self.width, dtype=x.dtype, device=x.device)
         grid[self.index] = x.reshape(-1)
