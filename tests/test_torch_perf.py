@@ -328,16 +328,25 @@ def test_tiles_cover_the_chunk_in_order(shape, target):
     assert seen == list(range(math.prod(shape)))
 
 
-LAYOUTS = [(1, True), (1, False), (None, None)]
-LAYOUT_IDS = ["element-major-last-layer-element-major", "element-major-last-layer-W-HT", "feature-major"]
+HAS_ONEDNN = ops.onednn_linear("relu") is not None
+# (ELEMENT_MAJOR_MIN_WIDTH, LAST_LAYER_ELEMENT_MAJOR, ONEDNN_LINEAR)
+LAYOUTS = [(1, True, False), (1, False, False), (None, None, None)] + (
+    [(1, True, True), (1, False, True)] if HAS_ONEDNN else [])
+LAYOUT_IDS = ["element-major-last-layer-element-major", "element-major-last-layer-W-HT", "feature-major"] + (
+    ["element-major-onednn-last-layer-element-major", "element-major-onednn-last-layer-W-HT"] if HAS_ONEDNN else [])
+
+
+def _layout(monkeypatch, min_width, last_em, onednn):
+    monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", min_width)
+    monkeypatch.setattr(ops, "LAST_LAYER_ELEMENT_MAJOR", last_em)
+    monkeypatch.setattr(ops, "ONEDNN_LINEAR", onednn)
 
 
 @pytest.mark.parametrize("shape", [(6, 50), (300,), (4, 3, 20), ()])
 @pytest.mark.parametrize("tile", [1, 7, 64, None])
-@pytest.mark.parametrize("min_width,last_em", LAYOUTS, ids=LAYOUT_IDS)
-def test_tiled_mlp_matches_the_layers_one_by_one(shape, tile, min_width, last_em, monkeypatch):
-    monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", min_width)
-    monkeypatch.setattr(ops, "LAST_LAYER_ELEMENT_MAJOR", last_em)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_tiled_mlp_matches_the_layers_one_by_one(shape, tile, layout, monkeypatch):
+    _layout(monkeypatch, *layout)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((5,) + shape, generator=gen)
     w1, w2, w3 = (torch.randn(s, generator=gen) for s in [(7, 9), (7, 7), (2, 7)])
@@ -364,13 +373,12 @@ def test_tiled_mlp_matches_the_layers_one_by_one(shape, tile, min_width, last_em
     torch.testing.assert_close(ops.mlp(x, layers, extra=extra), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("min_width,last_em", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("act", ["tanh", "gelu"])
-def test_tiled_mlp_without_biases_and_with_four_layers(min_width, last_em, act, monkeypatch):
+def test_tiled_mlp_without_biases_and_with_four_layers(layout, act, monkeypatch):
     """Layers without a bias (the first one with no extra terms either), an activation that is
     not applied in place (gelu), and two middle layers: every tile layout against einsum."""
-    monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", min_width)
-    monkeypatch.setattr(ops, "LAST_LAYER_ELEMENT_MAJOR", last_em)
+    _layout(monkeypatch, *layout)
     gen = torch.Generator().manual_seed(5)
     shape = (9, 13)
     x = torch.randn((4,) + shape, generator=gen)
@@ -401,15 +409,14 @@ def taken_keys(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("min_width,last_em", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("shape", [(), (1,), (3, 7)])
 @pytest.mark.parametrize("out,bias", [(1, True), (3, False)])
-def test_tiled_mlp_last_layer_with_an_activation(min_width, last_em, shape, out, bias, monkeypatch):
+def test_tiled_mlp_last_layer_with_an_activation(layout, shape, out, bias, monkeypatch):
     """A last layer with an activation (applied to the strided output slice), one or several
     outputs, with and without a bias, on 0-dim, one-element and 2-D shapes: every layout
     against einsum."""
-    monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", min_width)
-    monkeypatch.setattr(ops, "LAST_LAYER_ELEMENT_MAJOR", last_em)
+    _layout(monkeypatch, *layout)
     gen = torch.Generator().manual_seed(11)
     x = torch.randn((3,) + shape, generator=gen)
     w1, w2 = torch.randn(5, 3, generator=gen), torch.randn(out, 5, generator=gen)
@@ -603,3 +610,63 @@ def test_cpu_allocator_priming_sets_glibc_thresholds_once_and_can_be_switched_of
     # without glibc the call reports failure instead of raising
     monkeypatch.setattr(E.sys, "platform", "darwin")
     assert real_mallopt(-1, 1) is False
+
+
+@pytest.mark.skipif(not HAS_ONEDNN, reason="this torch build has no oneDNN fused linear layer")
+@pytest.mark.parametrize("act", sorted(ops._ONEDNN_POSTOPS))
+def test_onednn_linear_matches_addmm_for_every_activation(act):
+    """Each activation's oneDNN post-op is the activation the layer names: a wrong mapping
+    (gelu's tanh approximation, sigmoid for silu) fails here."""
+    f = ops.onednn_linear(act)
+    assert f is not None
+    gen = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(300, 24, generator=gen), torch.randn(17, 24, generator=gen), torch.randn(17, generator=gen)
+    torch.testing.assert_close(f(x, w, b), ops._ACT[act](torch.addmm(b, x, w.t())), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f(x, w, None), ops._ACT[act](x @ w.t()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_ONEDNN, reason="this torch build has no oneDNN fused linear layer")
+def test_middle_layers_go_through_onednn_and_the_step_is_unchanged(monkeypatch):
+    """By default mulo's middle layer (32 -> 32 with its ReLU) runs through oneDNN, once per
+    tile; the step equals the one with ``torch.addmm`` for it (``ONEDNN_LINEAR = False``)."""
+    calls = []
+    real = ops._onednn_op()
+
+    def spy(*args):
+        calls.append(tuple(args[0].shape))
+        return real(*args)
+
+    monkeypatch.setattr(ops, "_onednn_op", lambda: spy)
+    monkeypatch.setattr(ops, "_ONEDNN_CHECKED", {})
+    engine = lopt_gen.get_engine(load_spec("mulo"))
+    phi = engine.init_weights(seed=6)
+    params, grads = _problem(engine, [(40, 30), (9,), (3, 4, 5)], seed=2)
+    got = _run(engine, phi, [p.clone() for p in params], grads, steps=2)
+    step_calls = [s for s in calls if s[0] != 37]  # the agreement check multiplies 37 rows
+    assert step_calls and all(s[1] == 32 for s in step_calls), calls
+    monkeypatch.setattr(ops, "ONEDNN_LINEAR", False)
+    calls.clear()
+    want = _run(engine, phi, [p.clone() for p in params], grads, steps=2)
+    assert calls == []
+    _assert_same(got, want)
+
+
+def test_onednn_that_disagrees_or_is_missing_falls_back_to_addmm(monkeypatch):
+    """An operator that computes something else (or none at all) is not used by default, the
+    layers fall back to ``addmm`` and agree with einsum; ``ONEDNN_LINEAR = True`` then says why
+    it cannot be honoured instead of computing wrong values."""
+    monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", 1)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 50, generator=gen)
+    w1, w2, w3 = torch.randn(6, 3, generator=gen), torch.randn(6, 6, generator=gen), torch.randn(2, 6, generator=gen)
+    layers = [ops.layer(w1, act="relu"), ops.layer(w2, act="relu"), ops.layer(w3)]
+    want = w3 @ torch.relu(w2 @ torch.relu(w1 @ x))
+    for fake in (lambda x, w, b, *rest: torch.zeros(x.shape[0], w.shape[0]), None):
+        monkeypatch.setattr(ops, "_onednn_op", lambda fake=fake: fake)
+        monkeypatch.setattr(ops, "_ONEDNN_CHECKED", {})
+        monkeypatch.setattr(ops, "ONEDNN_LINEAR", None)
+        assert ops.onednn_linear("relu") is None
+        torch.testing.assert_close(ops.mlp(x, layers, ws=ops.Workspace(), tile=16), want, rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(ops, "ONEDNN_LINEAR", True)
+        with pytest.raises(RuntimeError, match="ONEDNN_LINEAR is True"):
+            ops.mlp(x, layers, ws=ops.Workspace(), tile=16)

@@ -70,6 +70,18 @@ ELEMENT_MAJOR_MIN_WIDTH: int | None = 24
 #: (With ``W.T`` made contiguous, ``[65536, 32] @ [32, 2]`` ran at 7 G multiply-adds/s
 #: against 19 G/s with the transposed view: MKL takes another path for it.)
 LAST_LAYER_ELEMENT_MAJOR: bool | None = None
+#: With element-major activations on the CPU in float32, the middle layers (``[length, width]
+#: @ W.T + b`` with their activation) run through oneDNN's matrix multiply with the bias and
+#: the activation fused (``torch.ops.mkldnn._linear_pointwise``, the operator behind
+#: ``torch.compile``'s CPU linear layers) instead of ``torch.addmm`` (MKL) and an in-place
+#: activation.  On the 2-core AVX-512 CPU a ``[32768, 32] @ [32, 32]`` layer with its ReLU
+#: took 25.5 against 47.4 ms per 4M elements with two threads and 38 against 88 with one
+#: (benchmarks/RESULTS.md, "oneDNN for the middle layers").  None (the default) uses it when
+#: the operator exists and agrees with ``addmm`` on a small product (checked once per
+#: activation, see :func:`onednn_linear`); True requires it; False never uses it.  The first
+#: layer (it reads the feature-major input through a transpose, which oneDNN copies) and the
+#: last (a few outputs, no faster) stay with ``torch.mm``/``addmm``.
+ONEDNN_LINEAR: bool | None = None
 
 #: below this many elements per value, :func:`features` always copies (checking whether the
 #: values are already one strided block costs more than copying them)
@@ -311,6 +323,72 @@ def _mm_bias(col, w, x2, n):
     return torch.addmm(col.to(w.dtype), w, x2)
 
 
+# activation name -> (oneDNN post-op, its scalars, its algorithm)
+_ONEDNN_POSTOPS = {
+    "none": ("none", [], ""),
+    "relu": ("relu", [], ""),
+    "tanh": ("tanh", [], ""),
+    "sigmoid": ("sigmoid", [], ""),
+    "gelu": ("gelu", [], "none"),
+    "silu": ("swish", [], ""),
+}
+_ONEDNN_CHECKED: dict[str, bool] = {}
+
+
+def _onednn_op():
+    """oneDNN's fused linear operator, or None where this torch build has none."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _onednn_agrees(act: str) -> bool:
+    """Whether oneDNN's fused linear layer runs here and matches ``act(x @ W.T + b)`` computed
+    with ``addmm`` on a small random product (with and without a bias)."""
+    op = _onednn_op()
+    if op is None:
+        return False
+    attr, scalars, algorithm = _ONEDNN_POSTOPS[act]
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(s, generator=gen) for s in [(37, 9), (5, 9), (5,)])
+    try:
+        for bias in (b, None):
+            got = op(x, w, bias, attr, scalars, algorithm)
+            want = _ACT[act](x @ w.t() if bias is None else torch.addmm(bias, x, w.t()))
+            if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+                return False
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def onednn_linear(act: str):
+    """``f(x, w, b) = act(x @ w.T + b)`` through oneDNN for a contiguous float32 ``x``
+    (``[length, in]``), ``w`` (``[out, in]``) and ``b`` (``[out]`` or None), as a fresh
+    tensor; or None when :data:`ONEDNN_LINEAR` is False, or is None and the operator is
+    missing or disagrees with ``addmm`` (see :func:`_onednn_agrees`)."""
+    if ONEDNN_LINEAR is False or act not in _ONEDNN_POSTOPS:
+        return None
+    ok = _ONEDNN_CHECKED.get(act)
+    if ok is None:
+        ok = _ONEDNN_CHECKED[act] = _onednn_agrees(act)
+    if not ok:
+        if ONEDNN_LINEAR:
+            raise RuntimeError(f"ops.ONEDNN_LINEAR is True but oneDNN's fused linear layer ({act}) "
+                               "is not available or does not match torch.addmm on this machine")
+        return None
+    attr, scalars, algorithm = _ONEDNN_POSTOPS[act]
+    op = _onednn_op()
+
+    def linear_act(x, w, b):
+        return op(x, w, b, attr, scalars, algorithm)
+
+    return linear_act
+
+
 def _tiles(shape, target):
     """Boxes of at most ``target`` elements that cover ``shape`` and are contiguous runs of
     its row-major order: ``(first, last, index)`` with ``index`` a tuple of ints and one slice
@@ -378,9 +456,14 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
         b_last = layers[-1][1]
         b_last = None if b_last is None else b_last.reshape(-1, 1).to(dtype)
         w_last_t = layers[-1][0].contiguous().t() if last_em else None
+        # the middle layers through oneDNN, bias and activation fused (None: addmm)
+        fused = ([None] + [onednn_linear(act) if dtype == torch.float32 else None for _, _, act in layers[1:-1]]
+                 + [None])
+        w_mid = [None] + [w.to(dtype).contiguous() for w, _, _ in layers[1:-1]]
     else:
         expanded = [t.to(dtype).expand((t.shape[0],) + shape) for t in varying]
         biases = [col] + [None if b is None else b.reshape(-1, 1).to(dtype) for _, b, _ in layers[1:]]
+        fused = [None] * len(layers)
     for first, last, index in _tiles(shape, tile):
         length = last - first
         h = x2[:, first:last]
@@ -400,6 +483,9 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
                     torch.addmm(b_last, w, h.t(), out=dst)
                 else:
                     torch.mm(w, h.t(), out=dst)
+            elif em and fused[i] is not None:  # a fresh tensor with the activation applied
+                h = fused[i](h, w_mid[i], biases[i])
+                continue
             elif em:
                 dst = ws.take(f"mlp.e{i}", (length, w.shape[0]), dtype, dev)
                 a = h.t() if i == 0 else h  # the first layer reads the feature-major input transposed
