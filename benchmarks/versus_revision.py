@@ -5,11 +5,12 @@ On a small shared CPU one process can run the same code at two speeds for stretc
 several steps (benchmarks/RESULTS.md, "Two speeds in one process"), so a figure taken in one
 process and compared with one taken in another can mislead by 10-20%.  This script loads
 ``lopt_gen/runtime/ops.py`` and ``lopt_gen/runtime/engine.py`` as they were at ``REV`` next to
-the current ones, binds a second copy of the spec's generated step module to the old ``ops``,
-and alternates rounds of steps of two ``LearnedOptimizer``s on the same parameters and
-gradients (the order of the two reversed every other round).  Each round is one untimed
-step and the median of ``--steps`` timed ones.  Everything else (the generated code, the
-other runtime modules) comes from the working tree: a change there is not compared.
+the current ones, and the spec's generated torch step (``generated/SPEC/torch_step.py``) as it
+was at ``REV`` bound to the old ``ops``, and alternates rounds of steps of two
+``LearnedOptimizer``s on the same parameters and gradients (the order of the two reversed
+every other round).  Each round is one untimed step and the median of ``--steps`` timed
+ones.  Everything else (the other runtime modules, the compiler) comes from the working
+tree: a change there is not compared.
 
     python benchmarks/versus_revision.py HEAD --step mulo@4M --rounds 8
     python benchmarks/versus_revision.py 7db454d --step small_fc_lopt@4M --rounds 8 --threads 1
@@ -70,8 +71,10 @@ def old_runtime(rev: str, folder: Path) -> dict:
     return mods
 
 
-def build(spec: str, n: int, old: dict):
-    """``{"revision": optimizer, "working tree": optimizer}`` on equal parameters and gradients."""
+def build(spec: str, n: int, old: dict, rev: str | None = None, folder: Path | None = None):
+    """``{"revision": optimizer, "working tree": optimizer}`` on equal parameters and gradients;
+    with ``rev`` (and a ``folder`` to write it to) the revision's generated step module, else
+    a second copy of the working tree's."""
     import step_bench
 
     from lopt_gen import LearnedOptimizer
@@ -81,7 +84,12 @@ def build(spec: str, n: int, old: dict):
     for label in ("revision", "working tree"):
         opt = LearnedOptimizer(prob.fresh_params(), spec)
         if label == "revision":
-            module = _load("_step_module_at_revision", Path(opt.engine.module.__file__))
+            path = Path(opt.engine.module.__file__)
+            if rev is not None and path.resolve().is_relative_to(ROOT):  # a shipped spec's committed step
+                text = _source_at(rev, path.resolve().relative_to(ROOT).as_posix())
+                path = folder / "torch_step_at_revision.py"
+                path.write_text(text)
+            module = _load("_step_module_at_revision", path)
             module.ops = old["ops"]
             opt.engine = old["engine"].Engine(opt.engine.spec, module)
         opts[label] = opt
@@ -119,7 +127,7 @@ def run(args) -> list[dict]:
     spec, _, size = args.step.partition("@")
     n = step_bench.parse_size(size or "4M")
     with tempfile.TemporaryDirectory() as tmp:
-        opts = build(spec, n, old_runtime(args.rev, Path(tmp)))
+        opts = build(spec, n, old_runtime(args.rev, Path(tmp)), args.rev, Path(tmp))
     for opt in opts.values():
         for _ in range(2):
             opt.step()

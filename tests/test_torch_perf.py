@@ -266,6 +266,41 @@ def test_split_products_round_as_the_printed_ones():
     assert torch_backend._mul_operands(sympy.Symbol("u", real=True) * a**2) is None
 
 
+def test_moving_averages_print_as_one_lerp():
+    """``d * a + (1 - d) * b`` with numeric weights adding up to one prints as one
+    ``ops.lerp`` (the smaller weight towards its operand), which computes the printed sum to
+    float rounding for tensors, Python numbers and mixed dtypes; any other sum prints as
+    before."""
+    import sympy
+
+    from lopt_gen.codegen.printer import TorchPrinter, convex_pair
+
+    a, b, c = sympy.symbols("a b c", real=True)
+    pr = TorchPrinter({})
+    gen = torch.Generator().manual_seed(1)
+    for d in (0.9, 0.99, 0.999, 0.5, 0.3):
+        e = d * a + (1 - d) * b * c
+        start, end, w = convex_pair(e)
+        assert w == min(d, 1 - d) and w <= 0.5
+        text = pr.doprint(e)
+        assert text.startswith("ops.lerp(") and text.count("ops.lerp") == 1, text
+        for av, bv in [(torch.randn(300, generator=gen), torch.randn(300, generator=gen)),
+                       (torch.randn(3, 1, generator=gen), torch.randn(1, 5, generator=gen)),
+                       (torch.randn(7, generator=gen, dtype=torch.float64), torch.randn(7, generator=gen)),
+                       (1.5, torch.randn(4, generator=gen)), (2.0, -3.0)]:
+            env = {"ops": ops, "torch": torch, "a": av, "b": bv, "c": 2.0}
+            got = eval(text, env)
+            want = d * av + (1 - d) * bv * 2.0
+            if isinstance(want, torch.Tensor):
+                assert got.shape == want.shape and got.dtype == want.dtype
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            else:
+                assert abs(got - want) < 1e-12
+    for e in (0.9 * a + 0.2 * b, 0.9 * a + 0.1 * b + c, a + b, 0.5 * a + 0.5, -0.1 * a + 1.1 * b, 0.9 * a - 0.1 * b):
+        assert convex_pair(e) is None, e
+        assert "lerp" not in pr.doprint(e)
+
+
 def test_rows_write_in_place_and_fall_back():
     ws = ops.Workspace()
     a, b = torch.randn(64, 80), torch.randn(64, 80)  # above features()' copy-always size

@@ -23,6 +23,27 @@ def fmt_float(x) -> str:
     return r if ("e" in r or "." in r or "inf" in r or "nan" in r) else r + ".0"
 
 
+def convex_pair(e):
+    """``(a, b, w)`` when ``e`` is ``c1 * a + c2 * b`` with numbers ``0 < c1, c2 < 1`` that add
+    up to one in floating point (an exponential moving average ``d * old + (1 - d) * new``),
+    ``w`` the smaller of the two and ``b`` its operand; otherwise None."""
+    if not isinstance(e, sympy.Add) or len(e.args) != 2:
+        return None
+    pairs = []
+    for t in e.as_ordered_terms():
+        c, rest = t.as_coeff_Mul()
+        if not c.is_Number or not rest.free_symbols:
+            return None
+        c = float(c)
+        if not 0.0 < c < 1.0:
+            return None
+        pairs.append((c, rest))
+    (c1, a), (c2, b) = pairs
+    if c1 + c2 != 1.0:
+        return None
+    return (a, b, c2) if c2 <= c1 else (b, a, c1)
+
+
 class ExprPrinter:
     """sympy -> source text for one target.  ``names`` maps symbol names to source text.
 
@@ -191,6 +212,13 @@ class TorchPrinter(ExprPrinter):
 
     def clip_st(self, x, lo, hi):
         return f"ops.clip_st({x}, {lo}, {hi})"
+
+    def _add(self, e) -> str:
+        mix = convex_pair(e)
+        if mix is None:
+            return super()._add(e)
+        start, end, w = mix
+        return f"ops.lerp({self.doprint(start)}, {self.doprint(end)}, {fmt_float(w)})"
 
 
 class TritonPrinter(ExprPrinter):

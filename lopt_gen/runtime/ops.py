@@ -600,6 +600,18 @@ def lstm_cell(x, h, c, w_ih, w_hh, bias, extra=None):
     return (o * torch.tanh(c_new)).reshape((hid,) + shape), c_new.reshape((hid,) + shape)
 
 
+def lerp(start, end, weight: float):
+    """``start + weight * (end - start)``, what the torch printer writes for a two-term sum
+    ``(1 - w) * a + w * b`` with numeric weights adding up to one (an exponential moving
+    average): one ``torch.lerp`` where the three operations ``c1 * a + c2 * b`` each write a
+    full temporary.  With a Python number among the operands, or operands of different
+    dtypes (``torch.lerp`` promotes neither), the sum itself."""
+    if (isinstance(start, torch.Tensor) and isinstance(end, torch.Tensor) and start.dtype == end.dtype
+            and start.dtype.is_floating_point):
+        return torch.lerp(start, end, weight)
+    return (1.0 - weight) * start + weight * end
+
+
 class PackedSums:
     """The whole-tensor reduction axes of a pack: several small 1-D tensors laid end to end
     (lengths ``lengths``) and run through a per-element function as one (see
