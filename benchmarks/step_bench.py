@@ -52,7 +52,7 @@ CSV_COLUMNS = [
     "n_tensors", "contender", "spec", "status", "step_ms", "step_ms_min", "step_ms_max",
     "steps_timed", "cpu_ms", "params_per_s", "bytes_per_param", "bandwidth_gbs", "copy_bw_gbs",
     "frac_copy_bw", "ratio_to_adamw", "ratio_to_fused_adamw", "speedup_vs_compile", "speedup_vs_naive", "mlp_floor_ms", "step_over_floor", "floor_others_busy",
-    "mlp_floor_tiled_ms", "step_over_tiled_floor",
+    "mlp_floor_tiled_ms", "step_over_tiled_floor", "mlp_floor_onednn_ms", "step_over_onednn_floor",
     "load1_before", "load1_after", "busy_before", "others_busy", "attempts", "note",
 ]
 
@@ -284,21 +284,33 @@ def mlp_widths(engine) -> list[int] | None:
     return [int(net["inputs"])] + [int(h) for h in net["hidden"]] + [int(sum(net["outputs"].values()))]
 
 
-def matmul_floor_ms(widths: list[int], n: int, device: torch.device, sync, chunk_rows: int, args):
-    """Median time (ms) of the MLP's matmuls alone, (n, w0)@(w0, w1), (n, w1)@(w1, w2), ...
+def matmul_floor_ms(widths: list[int], n: int, device: torch.device, sync, chunk_rows: int, args,
+                    onednn: bool = False):
+    """Median time (ms) of the MLP's matmuls alone, (n, w0)@(w0, w1), (n, w1)@(w1, w2), ...;
+    with ``onednn`` through oneDNN's linear operator (``ops.onednn_linear``) instead of
+    ``torch.mm`` (MKL on the CPU).
 
     Rows are processed in blocks of at most ``chunk_rows`` (time is linear in rows at these
     sizes), so the floor also fits in memory at hundreds of millions of parameters."""
+    from lopt_gen.runtime import ops
+
     rows = min(n, chunk_rows)
     xs = [torch.randn(rows, w, device=device) for w in widths[:-1]]
     ws = [torch.randn(a, b, device=device) / math.sqrt(a) for a, b in zip(widths[:-1], widths[1:])]
     outs = [torch.empty(rows, b, device=device) for b in widths[1:]]
     blocks = [(s, min(rows, n - s)) for s in range(0, n, rows)]
+    linear = ops.onednn_linear("none") if onednn else None
+    if onednn and (linear is None or device.type != "cpu"):
+        raise RuntimeError("no oneDNN linear operator here")
+    wts = [w.t().contiguous() for w in ws]  # [out, in], the operator's weight layout
 
     def run():
         for _, length in blocks:
-            for x, w, o in zip(xs, ws, outs):
-                torch.mm(x[:length], w, out=o[:length])
+            for x, w, wt, o in zip(xs, ws, wts, outs):
+                if linear is None:
+                    torch.mm(x[:length], w, out=o[:length])
+                else:
+                    linear(x[:length], wt, None)
 
     times, others, _, _, _, _ = time_quietly(run, sync, args, args.warmup)
     del xs, ws, outs
@@ -572,6 +584,7 @@ def markdown_table(rows: list[dict], cuda: bool) -> str:
             ("Mparam/s", "mparams"), ("B/param", "bytes_per_param"), ("GB/s", "bandwidth_gbs"),
             ("x AdamW", "ratio_to_adamw"), ("speed-up vs naive", "speedup_vs_naive"),
             ("step/floor", "step_over_floor"), ("step/tiled floor", "step_over_tiled_floor"),
+            ("step/oneDNN floor", "step_over_onednn_floor"),
             ("load1", "load1_before")]
     if cuda or any(r.get("frac_copy_bw") not in ("", None) for r in rows):
         cols.insert(7, ("frac copy BW", "frac_copy_bw"))
@@ -924,6 +937,16 @@ def _run(args, device) -> list[dict]:
                         r["mlp_floor_ms"] = floor
                         r["floor_others_busy"] = floor_others
                         r["step_over_floor"] = r["step_ms"] / floor
+                if device.type == "cpu":
+                    try:
+                        dnn, _ = matmul_floor_ms(widths, n, device, sync, args.floor_chunk_rows, args, onednn=True)
+                    except Exception as exc:
+                        print(f"note: oneDNN matmul floor of {s} at {label} failed: {exc}", file=sys.stderr)
+                    else:
+                        for r in size_rows:
+                            if r["spec"] == s and r["status"] == "ok":
+                                r["mlp_floor_onednn_ms"] = dnn
+                                r["step_over_onednn_floor"] = r["step_ms"] / dnn
                 try:
                     tiled, _ = matmul_floor_tiled_ms(widths, n, device, sync, args)
                 except Exception as exc:

@@ -10,6 +10,12 @@ the figure is the median of the rounds' ratios.
 
     python benchmarks/versus_naive.py --step mulo@4M --rounds 6
     python benchmarks/versus_naive.py --step mulo@16M --rounds 3 --steps 1
+    python benchmarks/versus_naive.py --step mulo@4M --rounds 6 --naive-onednn
+
+``--naive-onednn`` adds a third contender: the naive port with its three dense layers run
+through oneDNN (``ops.onednn_linear``, bias and activation fused) instead of ``x @ W.T + b``
+(MKL), which the torch step uses for its middle layer.  It shows how much of the ratio comes
+from the choice of matrix-multiply library rather than from the step's schedule.
 """
 
 from __future__ import annotations
@@ -28,6 +34,32 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 CONTENDERS = ("lopt-torch", "naive-eager")
 
 
+def naive_onednn_step(step):
+    """``step`` (the naive port's) with ``tests.reference._mlp`` swapped, while it runs, for the
+    same three layers through oneDNN."""
+    from lopt_gen.runtime import ops
+    from tests import reference
+
+    relu, plain = ops.onednn_linear("relu"), ops.onednn_linear("none")
+    if relu is None or plain is None:
+        raise SystemExit("--naive-onednn: this torch build has no usable oneDNN fused linear layer")
+
+    def mlp(weights, x):
+        w = {k: v.to(reference.DTYPE).contiguous() for k, v in weights.items()}
+        h = relu(x.contiguous(), w["mlp.0.weight"], w["mlp.0.bias"])
+        h = relu(h, w["mlp.1.weight"], w["mlp.1.bias"])
+        return plain(h, w["mlp.2.weight"], w["mlp.2.bias"])
+
+    def run():
+        saved, reference._mlp = reference._mlp, mlp
+        try:
+            step()
+        finally:
+            reference._mlp = saved
+
+    return run
+
+
 def run(args) -> dict:
     import step_bench
     from versus_revision import alternate
@@ -39,6 +71,8 @@ def run(args) -> dict:
     prob = step_bench.Problem(n, torch.device("cpu"))
     opts = argparse.Namespace(lr=None, nonfinite="skip", chunk_elems=None)
     steps = {c: step_bench.make_step_fn(c, spec, prob, opts)[0] for c in CONTENDERS}
+    if args.naive_onednn:
+        steps["naive-onednn"] = naive_onednn_step(step_bench.make_step_fn("naive-eager", spec, prob, opts)[0])
     for fn in steps.values():
         fn()
     rounds = alternate(steps, args.rounds, args.steps)
@@ -50,12 +84,19 @@ def run(args) -> dict:
     for c, values in rounds.items():
         print(f"| {c} | {', '.join(f'{v:.0f}' for v in values)} | {statistics.median(values):.1f} |")
     print(f"| naive / lopt-torch | {', '.join(f'{x:.2f}' for x in ratios)} | **{statistics.median(ratios):.2f}x** |")
+    if args.naive_onednn:
+        dnn = [b / a for a, b in zip(rounds["lopt-torch"], rounds["naive-onednn"])]
+        print(f"| naive-onednn / lopt-torch | {', '.join(f'{x:.2f}' for x in dnn)} | {statistics.median(dnn):.2f}x |")
     row = {"spec": spec, "size": step_bench.size_label(n), "threads": torch.get_num_threads(),
            "lopt_torch_ms": round(statistics.median(rounds["lopt-torch"]), 2),
            "naive_ms": round(statistics.median(rounds["naive-eager"]), 2),
            "ratio": round(statistics.median(ratios), 3),
            "rounds_lopt_torch_ms": " ".join(f"{v:.2f}" for v in rounds["lopt-torch"]),
            "rounds_naive_ms": " ".join(f"{v:.2f}" for v in rounds["naive-eager"])}
+    if args.naive_onednn:
+        row.update({"naive_onednn_ms": round(statistics.median(rounds["naive-onednn"]), 2),
+                    "ratio_onednn": round(statistics.median(dnn), 3),
+                    "rounds_naive_onednn_ms": " ".join(f"{v:.2f}" for v in rounds["naive-onednn"])})
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -71,6 +112,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=2, help="timed steps of each contender per round (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None, help="folder for a CSV of the rounds")
+    ap.add_argument("--naive-onednn", action="store_true",
+                    help="also time the naive port with its dense layers through oneDNN")
     return run(ap.parse_args(argv))
 
 

@@ -1,5 +1,6 @@
 """Smoke tests of the benchmarks: tiny runs on the CPU write complete CSVs, tables and plots."""
 
+import argparse
 import csv
 import importlib.util
 import math
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +68,16 @@ def test_tiny_cpu_run_writes_csv_and_png(bench, tmp_path):
     assert int(by_key[("lopt-torch", "mulo")]["bytes_per_param"]) == 84
     assert float(by_key[("lopt-torch", "mulo")]["speedup_vs_naive"]) > 0
     assert float(by_key[("lopt-torch", "mulo")]["step_over_floor"]) > 0
+    r = by_key[("lopt-torch", "mulo")]
+    if ops_onednn_available():
+        assert float(r["step_over_onednn_floor"]) == pytest.approx(float(r["step_ms"]) / float(r["mlp_floor_onednn_ms"]))
     assert float(by_key[("adamw-foreach", "adamw")]["ratio_to_adamw"]) == pytest.approx(1.0)
+
+
+def ops_onednn_available() -> bool:
+    from lopt_gen.runtime import ops
+
+    return ops.onednn_linear("none") is not None
 
 
 def test_failures_become_notes(bench, tmp_path):
@@ -352,3 +363,35 @@ def test_versus_naive_alternates_and_reports_the_ratio(monkeypatch, capsys, tmp_
     out = capsys.readouterr().out
     assert "| naive / lopt-torch |" in out and "| lopt-torch |" in out
     assert (tmp_path / "versus_naive_mulo_20k.csv").read_text().count("\n") == 2
+
+
+def test_versus_naive_with_the_naive_port_through_onednn(monkeypatch, capsys, tmp_path):
+    """``--naive-onednn`` times a third contender, the naive port with its dense layers through
+    oneDNN, whose steps give the parameters of the plain naive port; its module-level MLP is
+    restored after each of its steps."""
+    from lopt_gen.runtime import ops
+    from tests import reference
+
+    if ops.onednn_linear("relu") is None:
+        pytest.skip("this torch build has no oneDNN fused linear layer")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    module = _load_bench("versus_naive")
+    import step_bench
+
+    prob = step_bench.Problem(step_bench.parse_size("20k"), torch.device("cpu"))
+    opts = argparse.Namespace(lr=None, nonfinite="skip", chunk_elems=None)
+    plain, box_a = step_bench.make_step_fn("naive-eager", "mulo", prob, opts)
+    fast, box_b = step_bench.make_step_fn("naive-eager", "mulo", prob, opts)
+    fast = module.naive_onednn_step(fast)
+    mlp = reference._mlp
+    for _ in range(2):
+        plain()
+        fast()
+    assert reference._mlp is mlp
+    for a, b in zip(box_a["params"], box_b["params"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a, p) for a, p in zip(box_a["params"], prob.params))
+    row = module.main(["--step", "mulo@20k", "--rounds", "2", "--steps", "1", "--naive-onednn", "--out", str(tmp_path)])
+    dnn = [float(x) for x in row["rounds_naive_onednn_ms"].split()]
+    assert len(dnn) == 2 and row["naive_onednn_ms"] > 0 and row["ratio_onednn"] > 0
+    assert "| naive-onednn / lopt-torch |" in capsys.readouterr().out
