@@ -366,15 +366,18 @@ def test_tiles_cover_the_chunk_in_order(shape, target):
 HAS_ONEDNN = ops.onednn_linear("relu") is not None
 # (ELEMENT_MAJOR_MIN_WIDTH, LAST_LAYER_ELEMENT_MAJOR, ONEDNN_LINEAR)
 LAYOUTS = [(1, True, False), (1, False, False), (None, None, None)] + (
-    [(1, True, True), (1, False, True)] if HAS_ONEDNN else [])
+    [(1, None, True), (1, True, True), (1, False, True)] if HAS_ONEDNN else [])
 LAYOUT_IDS = ["element-major-last-layer-element-major", "element-major-last-layer-W-HT", "feature-major"] + (
-    ["element-major-onednn-last-layer-element-major", "element-major-onednn-last-layer-W-HT"] if HAS_ONEDNN else [])
+    ["element-major-onednn-last-layer-onednn", "element-major-onednn-last-layer-element-major",
+     "element-major-onednn-last-layer-W-HT"] if HAS_ONEDNN else [])
 
 
 def _layout(monkeypatch, min_width, last_em, onednn):
     monkeypatch.setattr(ops, "ELEMENT_MAJOR_MIN_WIDTH", min_width)
     monkeypatch.setattr(ops, "LAST_LAYER_ELEMENT_MAJOR", last_em)
     monkeypatch.setattr(ops, "ONEDNN_LINEAR", onednn)
+    if onednn and last_em is None:  # the oneDNN last layer is taken with more than one thread
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
 
 
 @pytest.mark.parametrize("shape", [(6, 50), (300,), (4, 3, 20), ()])
@@ -487,8 +490,9 @@ def test_element_major_layout_is_chosen_by_hidden_width(taken_keys, monkeypatch)
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_last_layer_layout_follows_the_thread_count(threads, taken_keys, monkeypatch):
-    """By default the last layer goes element-major (its own workspace buffer) only with more
-    than one intra-op thread; the mulo step is the same to float rounding either way."""
+    """Without oneDNN the last layer goes element-major (its own workspace buffer) only with
+    more than one intra-op thread; the mulo step is the same to float rounding either way."""
+    monkeypatch.setattr(ops, "ONEDNN_LINEAR", False)
     seen = taken_keys
     engine = lopt_gen.get_engine(load_spec("mulo"))
     phi = engine.init_weights(seed=4)
@@ -705,3 +709,40 @@ def test_onednn_that_disagrees_or_is_missing_falls_back_to_addmm(monkeypatch):
         monkeypatch.setattr(ops, "ONEDNN_LINEAR", True)
         with pytest.raises(RuntimeError, match="ONEDNN_LINEAR is True"):
             ops.mlp(x, layers, ws=ops.Workspace(), tile=16)
+
+
+
+@pytest.mark.skipif(not HAS_ONEDNN, reason="this torch build has no oneDNN fused linear layer")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_last_layer_through_onednn_takes_the_activations_as_its_weight(threads, taken_keys, monkeypatch):
+    """With oneDNN, two threads and no last-layer form asked for, the last layer is ``W @ H.T``
+    with the tile's ``[length, 32]`` activations as the operator's weight operand, and no
+    ``mlp.last`` buffer; with one thread it stays with MKL's ``W @ H.T``.  Either way the step
+    equals the ``addmm`` one to float rounding."""
+    calls = []
+    real = ops._onednn_op()
+
+    def spy(*args):
+        calls.append((tuple(args[0].shape), tuple(args[1].shape)))
+        return real(*args)
+
+    monkeypatch.setattr(ops, "_onednn_op", lambda: spy)
+    monkeypatch.setattr(ops, "_ONEDNN_CHECKED", {})
+    engine = lopt_gen.get_engine(load_spec("mulo"))
+    phi = engine.init_weights(seed=8)
+    params, grads = _problem(engine, [(40, 30), (9,)], seed=5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _run(engine, phi, [p.clone() for p in params], grads, steps=2)
+    finally:
+        torch.set_num_threads(before)
+    last = [c for c in calls if c[0] == (2, 32)]
+    if threads > 1:
+        assert last and all(w[1] == 32 for _, w in last), calls
+    else:
+        assert not last and any(c[1] == (32, 32) for c in calls), calls  # the middle layer still is
+    assert "mlp.last" not in taken_keys
+    monkeypatch.setattr(ops, "ONEDNN_LINEAR", False)
+    want = _run(engine, phi, [p.clone() for p in params], grads, steps=2)
+    _assert_same(got, want)

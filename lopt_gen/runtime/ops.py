@@ -68,7 +68,12 @@ ELEMENT_MAJOR_MIN_WIDTH: int | None = 24
 #: 2-core CPU with two threads the mulo step at 4M parameters took 213 ms the first way and
 #: 255 ms the second; with one thread 295 against 285 ms, so one thread keeps ``W @ H.T``.
 #: (With ``W.T`` made contiguous, ``[65536, 32] @ [32, 2]`` ran at 7 G multiply-adds/s
-#: against 19 G/s with the transposed view: MKL takes another path for it.)
+#: against 19 G/s with the transposed view: MKL takes another path for it.)  With None, more
+#: than one thread and oneDNN in use (:data:`ONEDNN_LINEAR`), the last layer is ``W @ H.T``
+#: through oneDNN instead, the ``[length, width]`` activations passed as the operator's weight
+#: operand: 9.4 against 19.2 ms per 4M elements for ``H @ W.T`` and its transposed write (two
+#: threads); the mulo step at 4M 185.9 -> 177.2 ms.  With one thread the step did not gain
+#: (262.5 against 267.5 ms), so one thread keeps ``W @ H.T`` through MKL.
 LAST_LAYER_ELEMENT_MAJOR: bool | None = None
 #: With element-major activations on the CPU in float32, the middle layers (``[length, width]
 #: @ W.T + b`` with their activation) run through oneDNN's matrix multiply with the bias and
@@ -455,6 +460,13 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
                                                                for _, b, _ in layers[1:-1]]
         b_last = layers[-1][1]
         b_last = None if b_last is None else b_last.reshape(-1, 1).to(dtype)
+        # with oneDNN, more than one thread and no last-layer form asked for: W @ H.T with the
+        # tile's activations as the operator's weight operand, the feature-major output straight
+        # out (see LAST_LAYER_ELEMENT_MAJOR)
+        last_dnn = (onednn_linear("none") if LAST_LAYER_ELEMENT_MAJOR is None and dtype == torch.float32
+                    and torch.get_num_threads() > 1 else None)
+        w_last = layers[-1][0].to(dtype).contiguous() if last_dnn is not None else None
+        last_em = last_em and last_dnn is None
         w_last_t = layers[-1][0].contiguous().t() if last_em else None
         # the middle layers through oneDNN, bias and activation fused (None: addmm)
         fused = ([None] + [onednn_linear(act) if dtype == torch.float32 else None for _, _, act in layers[1:-1]]
@@ -464,12 +476,20 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
         expanded = [t.to(dtype).expand((t.shape[0],) + shape) for t in varying]
         biases = [col] + [None if b is None else b.reshape(-1, 1).to(dtype) for _, b, _ in layers[1:]]
         fused = [None] * len(layers)
+        last_dnn = None
     for first, last, index in _tiles(shape, tile):
         length = last - first
         h = x2[:, first:last]
         for i, (w, _, act) in enumerate(layers):
             is_last = i == len(layers) - 1
-            if is_last and last_em:
+            if is_last and last_dnn is not None:
+                dst = result[:, first:last]
+                y = last_dnn(w_last, h, None)  # [out, length]
+                if b_last is not None:
+                    torch.add(y, b_last, out=dst)
+                else:
+                    dst.copy_(y)
+            elif is_last and last_em:
                 dst = result[:, first:last]
                 tmp = ws.take("mlp.last", (length, out_last), dtype, dev)
                 torch.mm(h, w_last_t, out=tmp)
