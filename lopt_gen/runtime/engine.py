@@ -560,6 +560,31 @@ def _takes_workspace(fn) -> bool:
     return code is not None and "ws" in code.co_varnames[:code.co_argcount]
 
 
+def _compiled_elem_fn(fn, label: str):
+    """``fn`` (a generated per-element function) through ``torch.compile`` (inductor, dynamic
+    shapes), with the same signature.  The first call of a new input shape or rank compiles
+    (seconds); when compiling or running the compiled code raises, a warning says why and
+    ``fn`` runs eagerly from then on.  That retry is safe: a per-element function writes only
+    its workspace buffers and returns fresh tensors, and its outputs are stored only after
+    it returns."""
+    compiled = torch.compile(fn, dynamic=True)
+    failed: list = []
+
+    def elem(V, phi, dims, ws=None):
+        if not failed:
+            try:
+                return compiled(V, phi, dims, ws)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back
+                failed.append(exc)
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                warnings.warn(f"compile_elementwise: compiling {label} failed ({type(exc).__name__}: {first}); "
+                              "it runs eagerly from now on", RuntimeWarning, stacklevel=3)
+        return fn(V, phi, dims, ws)
+
+    elem.failed = failed
+    return elem
+
+
 def _dims_of(shape) -> tuple[int, int | None, int | None]:
     """(chunk axis, largest axis, second-largest axis) of a shape of rank >= 1."""
     rank = len(shape)
@@ -620,6 +645,7 @@ class Engine:
         self._runner = None
         self._local = threading.local()
         self._cache: dict = {}
+        self._compiled: dict = {}  # elem function name -> its compiled form (compile_elementwise)
         self._leaf_by_kind: dict[str, list] = {}
         for leaf in self.info["leaves"]:
             self._leaf_by_kind.setdefault(leaf["kind"], []).append(leaf)
@@ -679,8 +705,18 @@ class Engine:
             self._runner = TritonRunner(load_kernel_module(self.spec))
         return self._runner
 
+    def compiled_elem_fn(self, name: str):
+        """The generated per-element function ``name`` through ``torch.compile`` (made once per
+        engine; see :func:`_compiled_elem_fn`)."""
+        fn = self._compiled.get(name)
+        if fn is None:
+            fn = self._compiled[name] = _compiled_elem_fn(getattr(self.module, name),
+                                                          f"{self.info['spec_name']}.{name}")
+        return fn
+
     def step(self, phi, params, grads, tstates, gstate, scalars, loss=None, *, inplace=False,
-             nonfinite="skip", chunk_elems=None, backend="torch", warn_state=None, workspace=None):
+             nonfinite="skip", chunk_elems=None, backend="torch", warn_state=None, workspace=None,
+             compile_elementwise=False):
         """One optimizer step over ``params`` (a list of tensors).
 
         ``warn_state`` is a dict that remembers whether the non-finite warning was shown (one per
@@ -689,6 +725,9 @@ class Engine:
         tensor ``i`` (a missing one takes the spec's value).
         ``workspace``: None uses this thread's reusable buffers whenever nothing is
         differentiated; False never does (every temporary is a fresh tensor).
+        ``compile_elementwise``: with the torch backend and a workspace in use, run each stage's
+        per-element function through ``torch.compile`` (see :meth:`compiled_elem_fn`; packed
+        small vectors stay eager).
         Returns ``(new_params, new_tstates, new_gstate)``; with ``inplace`` the inputs
         are updated and returned.
 
@@ -699,7 +738,8 @@ class Engine:
         if any(p.numel() == 0 for p in params):
             return self._step_without_empty(phi, params, grads, tstates, gstate, scalars, loss, inplace=inplace,
                                             nonfinite=nonfinite, chunk_elems=chunk_elems, backend=backend,
-                                            warn_state=warn_state, workspace=workspace)
+                                            warn_state=warn_state, workspace=workspace,
+                                            compile_elementwise=compile_elementwise)
         info = self.info
         n = len(params)
         if info["uses_loss"] and loss is None:
@@ -793,6 +833,8 @@ class Engine:
             for members in packs:
                 self._run_pack(members, stage, fn, fn_ws, T, hosts, plans, flat_p, flat_g, tstates, partials, phi,
                                params, inplace, ok, collected)
+            if compile_elementwise and fn_ws is not None:
+                fn = self.compiled_elem_fn(stage["elem_fn"])
             for i in range(n):
                 if i in packed:
                     continue

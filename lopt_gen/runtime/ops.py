@@ -173,7 +173,7 @@ def features(values, ws=None, key="features") -> torch.Tensor:
         vals = torch.broadcast_tensors(*vals)
     if any(v.dtype != dtype for v in vals):
         vals = [v.to(dtype) for v in vals]
-    if ws is None:
+    if ws is None or torch.compiler.is_compiling():  # compiled: one fused write of the matrix
         return torch.stack(vals, 0)
     block = _as_block(vals)
     if block is not None:
@@ -199,7 +199,7 @@ class Rows:
         self.buf = None
 
     def _row(self, i, a, b):
-        if self.ws is None:
+        if self.ws is None or torch.compiler.is_compiling():  # compiled: features() stacks in the graph
             return None
         buf = self.buf
         if buf is not None:  # the common case, checked cheaply: an operand of the row's shape and dtype
@@ -232,7 +232,8 @@ def _broadcasts_into(small, big) -> bool:
 
 def mul_into(rows: Rows, i: int, a, b):
     """``a * b``, written into row ``i`` of ``rows`` where it fits (see :class:`Rows`)."""
-    return torch.mul(a, b, out=rows._row(i, a, b))
+    row = rows._row(i, a, b)
+    return torch.mul(a, b) if row is None else torch.mul(a, b, out=row)
 
 
 def _weight(weight, rows, cols):
@@ -571,11 +572,24 @@ def mlp(x, layers, extra=None, ws=None, tile=None):
     With ``ws`` the chain runs tile by tile (``tile`` elements at a time, default
     :data:`MLP_TILE`, see there): every layer's
     activation of one tile stays in a workspace buffer, in cache, until the next layer reads
-    it; only the last layer's output is written out."""
+    it; only the last layer's output is written out.
+
+    Inside a compiled per-element function (``compile_elementwise``), the tiled chain runs
+    eagerly between two compiled graphs: its workspace buffers and oneDNN products are
+    outside what the compiler traces."""
+    if ws is not None and torch.compiler.is_compiling():
+        return _tiled_mlp_outside_the_graph(x, layers, extra, ws, tile)
+    return _mlp(x, layers, extra, ws, tile)
+
+
+def _mlp(x, layers, extra, ws, tile):
     extras = [] if extra is None else (list(extra) if isinstance(extra, (list, tuple)) else [extra])
     if tile is None:
         tile = MLP_TILE if MLP_TILE is not None else MLP_TILE_PER_THREAD * torch.get_num_threads()
     return _layer_chain(x, list(layers), extras, ws, tile)
+
+
+_tiled_mlp_outside_the_graph = torch.compiler.disable(_mlp)
 
 
 def gru_cell(x, h, w_ih, w_hh, bias, extra=None):

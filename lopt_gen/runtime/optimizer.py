@@ -36,13 +36,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
             with a gradient, a loaded state) captures again.  Gradients are copied into
             buffers the graph owns.  Unless ``nonfinite="ignore"``, every step first checks its
             gradients (one device synchronisation) and runs eagerly when one is not finite.
+        compile_elementwise: with the torch backend, run the per-element work of each stage
+            through ``torch.compile`` (inductor; needs a C++ compiler on the CPU).  The first
+            step compiles, for seconds to a minute, and so does the first step with a new
+            tensor rank; the matrix products stay as they are.  A compiler failure warns and
+            falls back to the eager step.  Off by default.
         nonfinite: what a NaN/Inf gradient does: ``"skip"`` (that tensor's step is skipped,
             its state left unchanged, a warning shown once), ``"raise"``, or ``"ignore"``.
         **hyper: values for the spec's hyper-parameters (e.g. ``beta1=0.95``).
     """
 
     def __init__(self, params, spec, weights=None, backend="auto", lr=None, weight_decay=None,
-                 nonfinite="skip", chunk_elems=None, cuda_graph=False, **hyper):
+                 nonfinite="skip", chunk_elems=None, cuda_graph=False, compile_elementwise=False, **hyper):
         self.spec = load_spec(spec)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -59,6 +64,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._warn_state: dict = {}
         self.chunk_elems = None if chunk_elems is None else int(chunk_elems)
         self.cuda_graph = bool(cuda_graph)
+        self.compile_elementwise = bool(compile_elementwise)
         self._graph = None  # (key, graph, static grads, static loss, kept buffers)
         self._graph_seen = None  # (key, static grads, static loss) of the last eager step
         self.graph_captures = 0
@@ -144,8 +150,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def _engine_step(self, weights, params, grads, tstates, gstate, scalars, loss, nonfinite):
         """The engine's in-place step with this optimizer's options."""
+        # passed only when on, so that an engine of an earlier revision (versus_revision.py) still runs
+        extra = {"compile_elementwise": True} if self.compile_elementwise else {}
         self.engine.step(weights, params, grads, tstates, gstate, scalars, loss, inplace=True, nonfinite=nonfinite,
-                         chunk_elems=self.chunk_elems, backend=self.backend, warn_state=self._warn_state)
+                         chunk_elems=self.chunk_elems, backend=self.backend, warn_state=self._warn_state, **extra)
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graph_key(self, weights, params, grads, tstates, scalars, loss, gstate):
