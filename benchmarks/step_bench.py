@@ -6,6 +6,8 @@ attention matrices, (4d, d) / (d, 4d) MLP matrices, an embedding-like matrix and
 (4d,) vectors) scaled to a target parameter count, for these contenders:
 
 * ``lopt-torch``   -- ``LearnedOptimizer(..., backend="torch")`` for each ``--specs`` entry
+* ``lopt-torch-compiled`` -- the same with ``compile_elementwise=True`` (the per-element
+  functions through ``torch.compile``; skipped with ``--no-compile``)
 * ``lopt-triton``  -- ``LearnedOptimizer(..., backend="triton")`` (CUDA only)
 * ``lopt-compile`` -- ``torch.compile`` of the engine's functional step (``Engine.step``)
 * ``naive-eager``  -- the eager reference port in ``tests/reference.py`` (small_fc_lopt, mulo)
@@ -43,9 +45,9 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 NAIVE_SPECS = ("small_fc_lopt", "mulo")
-ALL_CONTENDERS = ("lopt-torch", "lopt-triton", "lopt-triton-graph", "lopt-compile", "naive-eager", "adamw-foreach",
-                  "adamw-fused")
-LOPT_CONTENDERS = ("lopt-torch", "lopt-triton", "lopt-triton-graph", "lopt-compile")
+ALL_CONTENDERS = ("lopt-torch", "lopt-torch-compiled", "lopt-triton", "lopt-triton-graph", "lopt-compile",
+                  "naive-eager", "adamw-foreach", "adamw-fused")
+LOPT_CONTENDERS = ("lopt-torch", "lopt-torch-compiled", "lopt-triton", "lopt-triton-graph", "lopt-compile")
 
 CSV_COLUMNS = [
     "date_utc", "device", "device_name", "torch_version", "threads", "size_label", "n_params",
@@ -381,11 +383,12 @@ def make_step_fn(contender: str, spec: str | None, prob: Problem, args):
     import lopt_gen
 
     dev = prob.device
-    if contender in ("lopt-torch", "lopt-triton", "lopt-triton-graph"):
-        backend = "torch" if contender == "lopt-torch" else "triton"
+    if contender in ("lopt-torch", "lopt-torch-compiled", "lopt-triton", "lopt-triton-graph"):
+        backend = "torch" if contender.startswith("lopt-torch") else "triton"
         params = prob.fresh_params()
         opt = lopt_gen.LearnedOptimizer(params, spec, backend=backend, lr=args.lr, nonfinite=args.nonfinite,
-                                        chunk_elems=args.chunk_elems, cuda_graph=contender.endswith("-graph"))
+                                        chunk_elems=args.chunk_elems, cuda_graph=contender.endswith("-graph"),
+                                        compile_elementwise=contender == "lopt-torch-compiled")
         return opt.step, (opt, params)
     if contender == "lopt-compile":
         engine = lopt_gen.get_engine(lopt_gen.load_spec(spec))
@@ -448,7 +451,7 @@ def plan_runs(args, device: torch.device) -> list[tuple[str, str | None]]:
 def skip_reason(contender: str, device: torch.device, args) -> str | None:
     if contender in ("lopt-triton", "lopt-triton-graph") and device.type != "cuda":
         return "triton backend runs on CUDA only"
-    if contender == "lopt-compile" and args.no_compile:
+    if contender in ("lopt-compile", "lopt-torch-compiled") and args.no_compile:
         return "skipped: --no-compile"
     if contender == "adamw-fused" and device.type != "cuda" and not args.cpu_fused:
         return "fused AdamW measured on CUDA only (--cpu-fused to run it on CPU)"
@@ -643,7 +646,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     specs = sorted({spec for spec, _ in series if spec != "adamw"})
     colour = {spec: palette[i % len(palette)] for i, spec in enumerate(specs)}
     colour["adamw"] = "black"
-    style = {"lopt-torch": ("-", "o"), "lopt-triton": (":", "s"), "lopt-triton-graph": ("--", "D"),
+    style = {"lopt-torch": ("-", "o"), "lopt-torch-compiled": ("-", "^"), "lopt-triton": (":", "s"), "lopt-triton-graph": ("--", "D"),
              "lopt-compile": ("-.", "^"),
              "naive-eager": ("--", "x"), "adamw-foreach": ("-", "."), "adamw-fused": (":", ".")}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
@@ -904,6 +907,8 @@ def _run(args, device) -> list[dict]:
                         row["frac_copy_bw"] = row["bandwidth_gbs"] / copy_bw
                 if c == "lopt-compile":
                     row["note"] = "torch.compile of Engine.step (inplace); warm-up includes compilation"
+                elif c == "lopt-torch-compiled":
+                    row["note"] = "compile_elementwise=True; warm-up includes compilation"
             except Exception as exc:
                 msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                 row.update(status="failed", note=msg[:300])

@@ -11,11 +11,15 @@ the figure is the median of the rounds' ratios.
     python benchmarks/versus_naive.py --step mulo@4M --rounds 6
     python benchmarks/versus_naive.py --step mulo@16M --rounds 3 --steps 1
     python benchmarks/versus_naive.py --step mulo@4M --rounds 6 --naive-onednn
+    python benchmarks/versus_naive.py --step mulo@4M --rounds 6 --compile-elementwise
 
 ``--naive-onednn`` adds a third contender: the naive port with its three dense layers run
 through oneDNN (``ops.onednn_linear``, bias and activation fused) instead of ``x @ W.T + b``
 (MKL), which the torch step uses for its middle layer.  It shows how much of the ratio comes
 from the choice of matrix-multiply library rather than from the step's schedule.
+``--compile-elementwise`` adds the torch step with ``compile_elementwise=True`` (step_bench's
+``lopt-torch-compiled``; its first, untimed step compiles) to the alternation, with its own
+ratios.
 """
 
 from __future__ import annotations
@@ -30,9 +34,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-CONTENDERS = ("lopt-torch", "naive-eager")
-
 
 def naive_onednn_step(step):
     """``step`` (the naive port's) with ``tests.reference._mlp`` swapped, while it runs, for the
@@ -70,33 +71,34 @@ def run(args) -> dict:
     n = step_bench.parse_size(size or "4M")
     prob = step_bench.Problem(n, torch.device("cpu"))
     opts = argparse.Namespace(lr=None, nonfinite="skip", chunk_elems=None)
-    steps = {c: step_bench.make_step_fn(c, spec, prob, opts)[0] for c in CONTENDERS}
+    ours = ["lopt-torch"] + (["lopt-torch-compiled"] if args.compile_elementwise else [])
+    steps = {c: step_bench.make_step_fn(c, spec, prob, opts)[0] for c in ours + ["naive-eager"]}
     if args.naive_onednn:
         steps["naive-onednn"] = naive_onednn_step(step_bench.make_step_fn("naive-eager", spec, prob, opts)[0])
     for fn in steps.values():
         fn()
     rounds = alternate(steps, args.rounds, args.steps)
-    ratios = [b / a for a, b in zip(rounds["lopt-torch"], rounds["naive-eager"])]
     print(f"# {spec} at {step_bench.size_label(n)} parameters ({len(prob.shapes)} tensors), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| | ms per round | median |")
     print("|---|---|---:|")
     for c, values in rounds.items():
         print(f"| {c} | {', '.join(f'{v:.0f}' for v in values)} | {statistics.median(values):.1f} |")
-    print(f"| naive / lopt-torch | {', '.join(f'{x:.2f}' for x in ratios)} | **{statistics.median(ratios):.2f}x** |")
-    if args.naive_onednn:
-        dnn = [b / a for a, b in zip(rounds["lopt-torch"], rounds["naive-onednn"])]
-        print(f"| naive-onednn / lopt-torch | {', '.join(f'{x:.2f}' for x in dnn)} | {statistics.median(dnn):.2f}x |")
-    row = {"spec": spec, "size": step_bench.size_label(n), "threads": torch.get_num_threads(),
-           "lopt_torch_ms": round(statistics.median(rounds["lopt-torch"]), 2),
-           "naive_ms": round(statistics.median(rounds["naive-eager"]), 2),
-           "ratio": round(statistics.median(ratios), 3),
-           "rounds_lopt_torch_ms": " ".join(f"{v:.2f}" for v in rounds["lopt-torch"]),
-           "rounds_naive_ms": " ".join(f"{v:.2f}" for v in rounds["naive-eager"])}
-    if args.naive_onednn:
-        row.update({"naive_onednn_ms": round(statistics.median(rounds["naive-onednn"]), 2),
-                    "ratio_onednn": round(statistics.median(dnn), 3),
-                    "rounds_naive_onednn_ms": " ".join(f"{v:.2f}" for v in rounds["naive-onednn"])})
+    row = {"spec": spec, "size": step_bench.size_label(n), "threads": torch.get_num_threads()}
+    # (column prefix, torch step, naive contender)
+    pairs = [(c.replace("lopt-torch", "").replace("-", "_"), c, naive)
+             for naive in ["naive-eager"] + (["naive-onednn"] if args.naive_onednn else []) for c in ours]
+    for prefix, c, naive in pairs:
+        ratios = [b / a for a, b in zip(rounds[c], rounds[naive])]
+        bold = "**" if (c, naive) == ("lopt-torch", "naive-eager") else ""
+        print(f"| {naive} / {c} | {', '.join(f'{x:.2f}' for x in ratios)} | {bold}{statistics.median(ratios):.2f}x{bold} |")
+        key = "ratio" + prefix + ("" if naive == "naive-eager" else "_onednn")
+        row[key] = round(statistics.median(ratios), 3)
+    for c in rounds:
+        key = {"lopt-torch": "lopt_torch", "lopt-torch-compiled": "lopt_torch_compiled", "naive-eager": "naive",
+               "naive-onednn": "naive_onednn"}[c]
+        row[f"{key}_ms"] = round(statistics.median(rounds[c]), 2)
+        row[f"rounds_{key}_ms"] = " ".join(f"{v:.2f}" for v in rounds[c])
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +114,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=2, help="timed steps of each contender per round (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None, help="folder for a CSV of the rounds")
+    ap.add_argument("--compile-elementwise", action="store_true",
+                    help="also time the torch step with compile_elementwise=True")
     ap.add_argument("--naive-onednn", action="store_true",
                     help="also time the naive port with its dense layers through oneDNN")
     return run(ap.parse_args(argv))

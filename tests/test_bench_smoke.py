@@ -54,7 +54,8 @@ def test_tiny_cpu_run_writes_csv_and_png(bench, tmp_path):
     assert len(got) == len(rows)
     by_key = {(r["contender"], r["spec"]): r for r in got}
     expected = {("lopt-torch", "mulo"), ("lopt-torch", "adam"), ("lopt-triton", "mulo"), ("lopt-triton", "adam"),
-                ("lopt-triton-graph", "mulo"), ("lopt-triton-graph", "adam"), ("lopt-compile", "mulo"), ("lopt-compile", "adam"), ("naive-eager", "mulo"),
+                ("lopt-triton-graph", "mulo"), ("lopt-triton-graph", "adam"), ("lopt-compile", "mulo"), ("lopt-compile", "adam"),
+                ("lopt-torch-compiled", "mulo"), ("lopt-torch-compiled", "adam"), ("naive-eager", "mulo"),
                 ("adamw-foreach", "adamw"), ("adamw-fused", "adamw")}
     assert set(by_key) == expected
     for key in [("lopt-torch", "mulo"), ("lopt-torch", "adam"), ("naive-eager", "mulo"), ("adamw-foreach", "adamw")]:
@@ -64,6 +65,7 @@ def test_tiny_cpu_run_writes_csv_and_png(bench, tmp_path):
         assert int(r["steps_timed"]) == 2
         assert int(r["n_params"]) == 10_000 and r["threads"] == "1"
     assert by_key[("lopt-compile", "mulo")]["status"] == "skipped"
+    assert by_key[("lopt-torch-compiled", "mulo")]["status"] == "skipped"
     assert by_key[("lopt-triton", "mulo")]["status"] == "skipped"
     assert int(by_key[("lopt-torch", "mulo")]["bytes_per_param"]) == 84
     assert float(by_key[("lopt-torch", "mulo")]["speedup_vs_naive"]) > 0
@@ -361,7 +363,7 @@ def test_versus_naive_alternates_and_reports_the_ratio(monkeypatch, capsys, tmp_
     assert len(lopt) == len(naive) == 2
     assert row["ratio"] == pytest.approx(statistics.median([b / a for a, b in zip(lopt, naive)]), rel=1e-2)
     out = capsys.readouterr().out
-    assert "| naive / lopt-torch |" in out and "| lopt-torch |" in out
+    assert "| naive-eager / lopt-torch |" in out and "| lopt-torch |" in out
     assert (tmp_path / "versus_naive_mulo_20k.csv").read_text().count("\n") == 2
 
 
@@ -395,3 +397,21 @@ def test_versus_naive_with_the_naive_port_through_onednn(monkeypatch, capsys, tm
     dnn = [float(x) for x in row["rounds_naive_onednn_ms"].split()]
     assert len(dnn) == 2 and row["naive_onednn_ms"] > 0 and row["ratio_onednn"] > 0
     assert "| naive-onednn / lopt-torch |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not any(__import__("shutil").which(c) for c in ("g++", "c++", "clang++")),
+                    reason="inductor needs a C++ compiler on the CPU")
+def test_versus_naive_with_the_compiled_torch_step(monkeypatch, capsys, tmp_path):
+    """``--compile-elementwise`` adds the torch step with its per-element functions compiled to
+    the alternation, with its own time and ratio beside the eager step's."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    module = _load_bench("versus_naive")
+    row = module.main(["--step", "mulo@20k", "--rounds", "2", "--steps", "1", "--compile-elementwise",
+                       "--out", str(tmp_path)])
+    compiled = [float(x) for x in row["rounds_lopt_torch_compiled_ms"].split()]
+    naive = [float(x) for x in row["rounds_naive_ms"].split()]
+    assert len(compiled) == 2 and row["lopt_torch_ms"] > 0
+    assert row["ratio_compiled"] == pytest.approx(statistics.median([b / a for a, b in zip(compiled, naive)]),
+                                                  rel=1e-2)
+    out = capsys.readouterr().out
+    assert "| naive-eager / lopt-torch-compiled |" in out and "| naive-eager / lopt-torch |" in out
