@@ -293,9 +293,14 @@ def matmul_floor_ms(widths: list[int], n: int, device: torch.device, sync, chunk
     ``torch.mm`` (MKL on the CPU).
 
     Rows are processed in blocks of at most ``chunk_rows`` (time is linear in rows at these
-    sizes), so the floor also fits in memory at hundreds of millions of parameters."""
+    sizes), so the floor also fits in memory at hundreds of millions of parameters.  The
+    oneDNN operator returns a fresh output, so its blocks are the torch step's MLP tile
+    (``ops.MLP_TILE_PER_THREAD`` rows per thread) whatever ``chunk_rows`` says: allocating
+    outputs of millions of rows would time page faults, not products."""
     from lopt_gen.runtime import ops
 
+    if onednn:
+        chunk_rows = min(chunk_rows, ops.MLP_TILE or ops.MLP_TILE_PER_THREAD * torch.get_num_threads())
     rows = min(n, chunk_rows)
     xs = [torch.randn(rows, w, device=device) for w in widths[:-1]]
     ws = [torch.randn(a, b, device=device) / math.sqrt(a) for a, b in zip(widths[:-1], widths[1:])]

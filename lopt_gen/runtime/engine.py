@@ -563,23 +563,27 @@ def _takes_workspace(fn) -> bool:
 def _compiled_elem_fn(fn, label: str):
     """``fn`` (a generated per-element function) through ``torch.compile`` (inductor, dynamic
     shapes), with the same signature.  The first call of a new input shape or rank compiles
-    (seconds); when compiling or running the compiled code raises, a warning says why and
-    ``fn`` runs eagerly from then on.  That retry is safe: a per-element function writes only
-    its workspace buffers and returns fresh tensors, and its outputs are stored only after
-    it returns."""
+    (seconds).  When the compiled call raises, ``fn`` runs eagerly on the same inputs: if that
+    succeeds, the failure was the compiler's, a warning says why and ``fn`` runs eagerly from
+    then on; if it raises too, its error propagates and nothing is switched off.  The retry is
+    safe: a per-element function writes only its workspace buffers and returns fresh tensors,
+    and its outputs are stored only after it returns."""
+    ops.keep_mlp_outside_compiled_graphs()
     compiled = torch.compile(fn, dynamic=True)
     failed: list = []
 
     def elem(V, phi, dims, ws=None):
-        if not failed:
-            try:
-                return compiled(V, phi, dims, ws)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back
-                failed.append(exc)
-                first = (str(exc).strip().splitlines() or [""])[0][:200]
-                warnings.warn(f"compile_elementwise: compiling {label} failed ({type(exc).__name__}: {first}); "
-                              "it runs eagerly from now on", RuntimeWarning, stacklevel=3)
-        return fn(V, phi, dims, ws)
+        if failed:
+            return fn(V, phi, dims, ws)
+        try:
+            return compiled(V, phi, dims, ws)
+        except Exception as exc:  # noqa: BLE001 - decided below by the eager retry
+            out = fn(V, phi, dims, ws)  # raises when the error was not the compiler's
+            failed.append(exc)
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"compile_elementwise: compiling {label} failed ({type(exc).__name__}: {first}); "
+                          "it runs eagerly from now on", RuntimeWarning, stacklevel=3)
+            return out
 
     elem.failed = failed
     return elem

@@ -81,11 +81,14 @@ LAST_LAYER_ELEMENT_MAJOR: bool | None = None
 #: ``torch.compile``'s CPU linear layers) instead of ``torch.addmm`` (MKL) and an in-place
 #: activation.  On the 2-core AVX-512 CPU a ``[32768, 32] @ [32, 32]`` layer with its ReLU
 #: took 25.5 against 47.4 ms per 4M elements with two threads and 38 against 88 with one
-#: (benchmarks/RESULTS.md, "oneDNN for the middle layers").  None (the default) uses it when
-#: the operator exists and agrees with ``addmm`` on a small product (checked once per
-#: activation, see :func:`onednn_linear`); True requires it; False never uses it.  The first
-#: layer (it reads the feature-major input through a transpose, which oneDNN copies) and the
-#: last (a few outputs, no faster) stay with ``torch.mm``/``addmm``.
+#: (benchmarks/RESULTS.md, "oneDNN, lerp and compiled per-element functions").  With more than one thread the
+#: last layer goes through it too (see :data:`LAST_LAYER_ELEMENT_MAJOR`).  The first layer
+#: stays with ``addmm``: it reads the feature-major input through a transpose, which oneDNN
+#: would copy first.  None (the default) uses oneDNN when ``torch.backends.mkldnn`` is
+#: available and enabled and the operator agrees with ``addmm`` on a small product (checked
+#: once per activation and matmul precision, see :func:`onednn_linear`); True raises where it
+#: cannot be used that way instead of falling back; False never uses it.  Tiles of another
+#: dtype than float32 always take ``addmm``.
 ONEDNN_LINEAR: bool | None = None
 
 #: below this many elements per value, :func:`features` always copies (checking whether the
@@ -338,7 +341,7 @@ _ONEDNN_POSTOPS = {
     "gelu": ("gelu", [], "none"),
     "silu": ("swish", [], ""),
 }
-_ONEDNN_CHECKED: dict[str, bool] = {}
+_ONEDNN_CHECKED: dict[tuple, bool] = {}  # (activation, float32 matmul precision) -> agrees
 
 
 def _onednn_op():
@@ -353,19 +356,22 @@ def _onednn_op():
 
 def _onednn_agrees(act: str) -> bool:
     """Whether oneDNN's fused linear layer runs here and matches ``act(x @ W.T + b)`` computed
-    with ``addmm`` on a small random product (with and without a bias)."""
+    with ``addmm`` on random products of the widths the step uses (with and without a bias,
+    and with the activations as the weight operand, as the last layer passes them), outside
+    any autocast region."""
     op = _onednn_op()
     if op is None:
         return False
     attr, scalars, algorithm = _ONEDNN_POSTOPS[act]
     gen = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(s, generator=gen) for s in [(37, 9), (5, 9), (5,)])
+    x, w, b = (torch.randn(s, generator=gen) for s in [(67, 32), (32, 32), (32,)])
     try:
-        for bias in (b, None):
-            got = op(x, w, bias, attr, scalars, algorithm)
-            want = _ACT[act](x @ w.t() if bias is None else torch.addmm(bias, x, w.t()))
-            if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
-                return False
+        with torch.autocast("cpu", enabled=False), torch.no_grad():
+            for a, m, bias in ((x, w, b), (x, w, None), (w[:2].contiguous(), x, None)):
+                got = op(a, m, bias, attr, scalars, algorithm)
+                want = _ACT[act](a @ m.t() if bias is None else torch.addmm(bias, a, m.t()))
+                if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+                    return False
     except (RuntimeError, TypeError, NotImplementedError):
         return False
     return True
@@ -378,13 +384,15 @@ def onednn_linear(act: str):
     missing or disagrees with ``addmm`` (see :func:`_onednn_agrees`)."""
     if ONEDNN_LINEAR is False or act not in _ONEDNN_POSTOPS:
         return None
-    ok = _ONEDNN_CHECKED.get(act)
+    key = (act, torch.get_float32_matmul_precision())
+    ok = torch.backends.mkldnn.enabled and _ONEDNN_CHECKED.get(key)
     if ok is None:
-        ok = _ONEDNN_CHECKED[act] = _onednn_agrees(act)
+        ok = _ONEDNN_CHECKED[key] = _onednn_agrees(act)
     if not ok:
         if ONEDNN_LINEAR:
             raise RuntimeError(f"ops.ONEDNN_LINEAR is True but oneDNN's fused linear layer ({act}) "
-                               "is not available or does not match torch.addmm on this machine")
+                               "is not available here (or torch.backends.mkldnn is disabled) or does not "
+                               "match torch.addmm")
         return None
     attr, scalars, algorithm = _ONEDNN_POSTOPS[act]
     op = _onednn_op()
@@ -436,9 +444,10 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
     On the CPU, when there are two or more layers and every hidden one is at least
     :data:`ELEMENT_MAJOR_MIN_WIDTH` wide, the hidden activations of a tile are element-major,
     ``[length, width]``: the first layer reads the feature-major input through its transpose
-    (``X.T @ W.T``), the middle layers multiply element-major matrices, and the last layer
-    writes its feature-major output as ``W @ H.T`` (with several threads, see
-    :data:`LAST_LAYER_ELEMENT_MAJOR`: as ``H @ W.T``, transposed on the way out).  The
+    (``X.T @ W.T``), the middle layers multiply element-major matrices (through oneDNN, see
+    :data:`ONEDNN_LINEAR`), and the last layer writes its feature-major output as ``W @ H.T``
+    (with several threads through oneDNN, or else as ``H @ W.T`` transposed on the way out;
+    see :data:`LAST_LAYER_ELEMENT_MAJOR`).  The
     ``[length, 32] @ [32, 32]`` products run at about the speed of a large matrix multiply,
     where the same products laid out ``[32, 32] @ [32, length]`` reach little more than half
     of it (benchmarks/RESULTS.md, "Element-major hidden activations")."""
@@ -577,8 +586,8 @@ def mlp(x, layers, extra=None, ws=None, tile=None):
     Inside a compiled per-element function (``compile_elementwise``), the tiled chain runs
     eagerly between two compiled graphs: its workspace buffers and oneDNN products are
     outside what the compiler traces."""
-    if ws is not None and torch.compiler.is_compiling():
-        return _tiled_mlp_outside_the_graph(x, layers, extra, ws, tile)
+    if ws is not None and _MLP_OUTSIDE_THE_GRAPH and torch.compiler.is_compiling():
+        return _MLP_OUTSIDE_THE_GRAPH[0](x, layers, extra, ws, tile)
     return _mlp(x, layers, extra, ws, tile)
 
 
@@ -589,7 +598,16 @@ def _mlp(x, layers, extra, ws, tile):
     return _layer_chain(x, list(layers), extras, ws, tile)
 
 
-_tiled_mlp_outside_the_graph = torch.compiler.disable(_mlp)
+# ``_mlp`` behind ``torch.compiler.disable``, made by :func:`keep_mlp_outside_compiled_graphs`
+# (not at import: that would import the compiler for every user of this module)
+_MLP_OUTSIDE_THE_GRAPH: list = []
+
+
+def keep_mlp_outside_compiled_graphs() -> None:
+    """From now on, :func:`mlp` with a workspace runs outside any graph that ``torch.compile``
+    traces (the engine calls this before it compiles a per-element function)."""
+    if not _MLP_OUTSIDE_THE_GRAPH:
+        _MLP_OUTSIDE_THE_GRAPH.append(torch.compiler.disable(_mlp))
 
 
 def gru_cell(x, h, w_ih, w_hh, bias, extra=None):
@@ -639,7 +657,13 @@ def lerp(start, end, weight: float):
     ``(1 - w) * a + w * b`` with numeric weights adding up to one (an exponential moving
     average): one ``torch.lerp`` where the three operations ``c1 * a + c2 * b`` each write a
     full temporary.  With a Python number among the operands, or operands of different
-    dtypes (``torch.lerp`` promotes neither), the sum itself."""
+    dtypes (``torch.lerp`` promotes neither), the sum itself.
+
+    Where ``start`` is infinite the result is NaN (``inf + w * (x - inf)``), where the sum
+    gives an infinity: a moving average that has overflowed (a finite gradient above about
+    1.8e19 squared) becomes NaN at the next step instead of staying infinite.  For the shipped
+    specs the step that overflows already turns the parameter NaN, through the features
+    normalised by that state's mean square (docs/DESIGN.md, "Moving averages as one lerp")."""
     if (isinstance(start, torch.Tensor) and isinstance(end, torch.Tensor) and start.dtype == end.dtype
             and start.dtype.is_floating_point):
         return torch.lerp(start, end, weight)

@@ -39,8 +39,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         compile_elementwise: with the torch backend, run the per-element work of each stage
             through ``torch.compile`` (inductor; needs a C++ compiler on the CPU).  The first
             step compiles, for seconds to a minute, and so does the first step with a new
-            tensor rank; the matrix products stay as they are.  A compiler failure warns and
-            falls back to the eager step.  Off by default.
+            tensor rank.  The MLP chain's tiled products run eagerly between the compiled
+            parts; everything else (small row and column products, recurrent cells) is
+            compiled.  A compiler failure warns and falls back to the eager step.  Steps that
+            autograd differentiates are never compiled.  Off by default.
         nonfinite: what a NaN/Inf gradient does: ``"skip"`` (that tensor's step is skipped,
             its state left unchanged, a warning shown once), ``"raise"``, or ``"ignore"``.
         **hyper: values for the spec's hyper-parameters (e.g. ``beta1=0.95``).
