@@ -415,3 +415,27 @@ def test_versus_naive_with_the_compiled_torch_step(monkeypatch, capsys, tmp_path
                                                   rel=1e-2)
     out = capsys.readouterr().out
     assert "| naive-eager / lopt-torch-compiled |" in out and "| naive-eager / lopt-torch |" in out
+
+
+@pytest.mark.parametrize("with_adamw", [True, False])
+def test_plot_right_panel_shows_adamw_ratio_or_speed_up_over_the_naive_port(bench, tmp_path, monkeypatch, with_adamw):
+    """The right panel plots step time over AdamW's when AdamW ran; without it (a CPU run
+    against the naive port) the speed-up over the naive port, with the 5x target drawn."""
+    import matplotlib.axes
+
+    titles = []
+    real = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, text, *a, **k: (titles.append(text), real(self, text, *a, **k))[1])
+    rows = []
+    for n in (1_000_000, 4_000_000):
+        rows.append(dict(status="ok", spec="mulo", contender="lopt-torch", n_params=n, step_ms=n / 2e4,
+                         speedup_vs_naive=5.5, ratio_to_adamw=3.0 if with_adamw else None))
+        rows.append(dict(status="ok", spec="mulo", contender="naive-eager", n_params=n, step_ms=n / 4e3))
+        if with_adamw:
+            rows.append(dict(status="ok", spec="adamw", contender="adamw-foreach", n_params=n, step_ms=n / 1e5,
+                             ratio_to_adamw=1.0))
+    bench.plot(rows, tmp_path / "p.png", "test")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    want = "ratio to torch.optim.AdamW(foreach=True)" if with_adamw else "speed-up over the naive eager port"
+    assert want in titles, titles
