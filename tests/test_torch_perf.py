@@ -488,6 +488,16 @@ def test_element_major_layout_is_chosen_by_hidden_width(taken_keys, monkeypatch)
         _assert_same(got, want)
 
 
+def _run_with_threads(threads, *args, **kwargs):
+    """:func:`_run` with ``threads`` intra-op threads (the previous count restored)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(*args, **kwargs)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_last_layer_layout_follows_the_thread_count(threads, taken_keys, monkeypatch):
     """Without oneDNN the last layer goes element-major (its own workspace buffer) only with
@@ -497,12 +507,7 @@ def test_last_layer_layout_follows_the_thread_count(threads, taken_keys, monkeyp
     engine = lopt_gen.get_engine(load_spec("mulo"))
     phi = engine.init_weights(seed=4)
     params, grads = _problem(engine, [(40, 30), (9,)], seed=3)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = _run(engine, phi, [p.clone() for p in params], grads, steps=2)
-    finally:
-        torch.set_num_threads(before)
+    got = _run_with_threads(threads, engine, phi, [p.clone() for p in params], grads, steps=2)
     assert ("mlp.last" in seen) == (threads > 1), sorted(set(seen))
     monkeypatch.setattr(ops, "LAST_LAYER_ELEMENT_MAJOR", threads == 1)  # the other layout
     seen.clear()
@@ -664,24 +669,34 @@ def test_onednn_linear_matches_addmm_for_every_activation(act):
     torch.testing.assert_close(f(x, w, None), ops._ACT[act](x @ w.t()), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not HAS_ONEDNN, reason="this torch build has no oneDNN fused linear layer")
-def test_middle_layers_go_through_onednn_and_the_step_is_unchanged(monkeypatch):
-    """By default mulo's middle layer (32 -> 32 with its ReLU) runs through oneDNN, once per
-    tile; the step equals the one with ``torch.addmm`` for it (``ONEDNN_LINEAR = False``)."""
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """``(input shape, weight shape)`` of every oneDNN linear call of the steps while the test
+    runs (the agreement check, which runs afresh and multiplies 67 rows, left out)."""
     calls = []
     real = ops._onednn_op()
 
     def spy(*args):
-        calls.append((tuple(args[0].shape), tuple(args[1].shape)))
+        shapes = (tuple(args[0].shape), tuple(args[1].shape))
+        if 67 not in (shapes[0][0], shapes[1][0]):
+            calls.append(shapes)
         return real(*args)
 
     monkeypatch.setattr(ops, "_onednn_op", lambda: spy)
     monkeypatch.setattr(ops, "_ONEDNN_CHECKED", {})
+    return calls
+
+
+@pytest.mark.skipif(not HAS_ONEDNN, reason="this torch build has no oneDNN fused linear layer")
+def test_middle_layers_go_through_onednn_and_the_step_is_unchanged(onednn_calls, monkeypatch):
+    """By default mulo's middle layer (32 -> 32 with its ReLU) runs through oneDNN, once per
+    tile; the step equals the one with ``torch.addmm`` for it (``ONEDNN_LINEAR = False``)."""
+    calls = onednn_calls
     engine = lopt_gen.get_engine(load_spec("mulo"))
     phi = engine.init_weights(seed=6)
     params, grads = _problem(engine, [(40, 30), (9,), (3, 4, 5)], seed=2)
     got = _run(engine, phi, [p.clone() for p in params], grads, steps=2)
-    middle = [s for s in calls if s[1] == (32, 32) and s[0][0] != 67]  # (the agreement check has 67 rows)
+    middle = [s for s in calls if s[1] == (32, 32)]
     assert middle and all(s[0][1] == 32 for s in middle), calls
     monkeypatch.setattr(ops, "ONEDNN_LINEAR", False)
     calls.clear()
@@ -714,30 +729,17 @@ def test_onednn_that_disagrees_or_is_missing_falls_back_to_addmm(monkeypatch):
 
 @pytest.mark.skipif(not HAS_ONEDNN, reason="this torch build has no oneDNN fused linear layer")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_last_layer_through_onednn_takes_the_activations_as_its_weight(threads, taken_keys, monkeypatch):
+def test_last_layer_through_onednn_takes_the_activations_as_its_weight(threads, taken_keys, onednn_calls,
+                                                                       monkeypatch):
     """With oneDNN, two threads and no last-layer form asked for, the last layer is ``W @ H.T``
     with the tile's ``[length, 32]`` activations as the operator's weight operand, and no
     ``mlp.last`` buffer; with one thread it stays with MKL's ``W @ H.T``.  Either way the step
     equals the ``addmm`` one to float rounding."""
-    calls = []
-    real = ops._onednn_op()
-
-    def spy(*args):
-        calls.append((tuple(args[0].shape), tuple(args[1].shape)))
-        return real(*args)
-
-    monkeypatch.setattr(ops, "_onednn_op", lambda: spy)
-    monkeypatch.setattr(ops, "_ONEDNN_CHECKED", {})
+    calls = onednn_calls
     engine = lopt_gen.get_engine(load_spec("mulo"))
     phi = engine.init_weights(seed=8)
     params, grads = _problem(engine, [(40, 30), (9,)], seed=5)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = _run(engine, phi, [p.clone() for p in params], grads, steps=2)
-    finally:
-        torch.set_num_threads(before)
-    calls = [c for c in calls if 67 not in (c[0][0], c[1][0])]  # (the agreement check multiplies 67 rows)
+    got = _run_with_threads(threads, engine, phi, [p.clone() for p in params], grads, steps=2)
     last = [c for c in calls if c[0] == (2, 32)]
     assert any(c[1] == (32, 32) for c in calls), calls  # the middle layer, either way
     if threads > 1:
