@@ -80,3 +80,33 @@ def test_a_nan_gradient_stays_nan_through_a_relu_network():
         torch.testing.assert_close(b, a, equal_nan=True)
     assert torch.isnan(out["torch"][0]).all() and torch.isnan(out["triton"][0]).all()
     assert torch.isfinite(out["triton"][1]).all()
+
+
+def test_a_nan_gradient_stays_nan_through_mulos_wide_relu_network():
+    """mulo's hidden layers are 32 wide, so on the CPU its torch step runs them element-major
+    through oneDNN (whose fused ReLU would turn NaN into 0): one NaN gradient must make the
+    whole tensor NaN there too, as in the Triton step and the step without a workspace."""
+    shapes = [(40, 30), (7,)]
+    grads = [torch.randn(s, generator=torch.Generator().manual_seed(3)) for s in shapes]
+    grads[0][1, 2] = float("nan")
+    out = _step_both("mulo", grads, shapes)
+    for a, b in zip(out["torch"], out["triton"]):
+        torch.testing.assert_close(b, a, equal_nan=True)
+    assert torch.isnan(out["torch"][0]).all() and torch.isnan(out["triton"][0]).all()
+    assert torch.isfinite(out["torch"][1]).all()
+
+
+def test_an_overflowing_gradient_makes_the_mulo_step_nan_at_once():
+    """A finite gradient whose square overflows (1e20) passes the non-finite check; mulo's second
+    moment becomes infinite and the features it normalises NaN, so the parameter is NaN after
+    that very step (docs/DESIGN.md, "Moving averages as one lerp") and stays so."""
+    gen = torch.Generator().manual_seed(4)
+    p = torch.randn(20, 12, generator=gen).requires_grad_()
+    opt = LearnedOptimizer([p], "mulo", backend="torch", lr=0.1)
+    p.grad = torch.randn(20, 12, generator=gen)
+    p.grad[3, 4] = 1e20
+    opt.step()
+    assert torch.isnan(p).all()
+    p.grad = torch.randn(20, 12, generator=gen)
+    opt.step()
+    assert torch.isnan(p).all()

@@ -659,14 +659,19 @@ def test_cpu_allocator_priming_sets_glibc_thresholds_once_and_can_be_switched_of
 @pytest.mark.skipif(not HAS_ONEDNN, reason="this torch build has no oneDNN fused linear layer")
 @pytest.mark.parametrize("act", sorted(ops._ONEDNN_POSTOPS))
 def test_onednn_linear_matches_addmm_for_every_activation(act):
-    """Each activation's oneDNN post-op is the activation the layer names: a wrong mapping
-    (gelu's tanh approximation, sigmoid for silu) fails here."""
+    """Each activation's oneDNN post-op is the activation the layer names, and a NaN or an
+    infinity in an input row comes out where ``addmm`` and torch's activation put it: a wrong
+    mapping (gelu's tanh approximation, sigmoid for silu) or oneDNN's fused ReLU (which turns
+    NaN into 0) fails here."""
     f = ops.onednn_linear(act)
     assert f is not None
     gen = torch.Generator().manual_seed(3)
     x, w, b = torch.randn(300, 24, generator=gen), torch.randn(17, 24, generator=gen), torch.randn(17, generator=gen)
-    torch.testing.assert_close(f(x, w, b), ops._ACT[act](torch.addmm(b, x, w.t())), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(f(x, w, None), ops._ACT[act](x @ w.t()), rtol=1e-5, atol=1e-5)
+    x[7, 4], x[11, 0], x[12, 1] = float("nan"), float("inf"), -float("inf")
+    want = ops._ACT[act](torch.addmm(b, x, w.t()))
+    assert want[7].isnan().all()
+    torch.testing.assert_close(f(x, w, b), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(f(x, w, None), ops._ACT[act](x @ w.t()), rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 @pytest.fixture
@@ -749,4 +754,23 @@ def test_last_layer_through_onednn_takes_the_activations_as_its_weight(threads, 
     assert "mlp.last" not in taken_keys
     monkeypatch.setattr(ops, "ONEDNN_LINEAR", False)
     want = _run(engine, phi, [p.clone() for p in params], grads, steps=2)
+    _assert_same(got, want)
+
+
+def test_the_newer_precision_settings_do_not_break_the_cpu_step():
+    """Once a per-backend ``fp32_precision`` is set, torch's legacy
+    ``get_float32_matmul_precision`` raises; the oneDNN check's cache key must not, and the
+    mulo step on the CPU runs as before."""
+    engine = lopt_gen.get_engine(load_spec("mulo"))
+    phi = engine.init_weights(seed=1)
+    params, grads = _problem(engine, [(40, 30)], seed=1)
+    want = _run(engine, phi, [p.clone() for p in params], grads, steps=1)
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        with pytest.raises(RuntimeError):
+            torch.get_float32_matmul_precision()  # the situation this test is about
+        got = _run(engine, phi, [p.clone() for p in params], grads, steps=1)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
     _assert_same(got, want)

@@ -76,10 +76,10 @@ ELEMENT_MAJOR_MIN_WIDTH: int | None = 24
 #: (262.5 against 267.5 ms), so one thread keeps ``W @ H.T`` through MKL.
 LAST_LAYER_ELEMENT_MAJOR: bool | None = None
 #: With element-major activations on the CPU in float32, the middle layers (``[length, width]
-#: @ W.T + b`` with their activation) run through oneDNN's matrix multiply with the bias and
-#: the activation fused (``torch.ops.mkldnn._linear_pointwise``, the operator behind
-#: ``torch.compile``'s CPU linear layers) instead of ``torch.addmm`` (MKL) and an in-place
-#: activation.  On the 2-core AVX-512 CPU a ``[32768, 32] @ [32, 32]`` layer with its ReLU
+#: @ W.T + b`` with their activation) run through oneDNN's matrix multiply with the bias fused
+#: (``torch.ops.mkldnn._linear_pointwise``, the operator behind ``torch.compile``'s CPU linear
+#: layers) instead of ``torch.addmm`` (MKL); tanh, sigmoid, gelu and silu are fused too, ReLU
+#: is applied in place after it (oneDNN's ReLU post-op turns NaN into 0).  On the 2-core AVX-512 CPU a ``[32768, 32] @ [32, 32]`` layer with its ReLU
 #: took 25.5 against 47.4 ms per 4M elements with two threads and 38 against 88 with one
 #: (benchmarks/RESULTS.md, "oneDNN, lerp and compiled per-element functions").  With more than one thread the
 #: last layer goes through it too (see :data:`LAST_LAYER_ELEMENT_MAJOR`).  The first layer
@@ -332,16 +332,31 @@ def _mm_bias(col, w, x2, n):
     return torch.addmm(col.to(w.dtype), w, x2)
 
 
-# activation name -> (oneDNN post-op, its scalars, its algorithm)
+# activation name -> (oneDNN post-op, its scalars, its algorithm, an in-place op applied after).
+# ReLU is not fused: oneDNN's ReLU post-op turns NaN into 0, where torch.relu keeps it (a NaN
+# must reach the update, docs/DESIGN.md "NaN and Inf gradients"); the others keep NaN.
 _ONEDNN_POSTOPS = {
-    "none": ("none", [], ""),
-    "relu": ("relu", [], ""),
-    "tanh": ("tanh", [], ""),
-    "sigmoid": ("sigmoid", [], ""),
-    "gelu": ("gelu", [], "none"),
-    "silu": ("swish", [], ""),
+    "none": ("none", [], "", None),
+    "relu": ("none", [], "", torch.relu_),
+    "tanh": ("tanh", [], "", None),
+    "sigmoid": ("sigmoid", [], "", None),
+    "gelu": ("gelu", [], "none", None),
+    "silu": ("swish", [], "", None),
 }
 _ONEDNN_CHECKED: dict[tuple, bool] = {}  # (activation, float32 matmul precision) -> agrees
+
+
+def _matmul_precision() -> str:
+    """The float32 matmul precision setting, for the agreement check's cache key; torch raises
+    on the legacy getter once the newer per-backend settings are mixed in, so those are read
+    then."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        try:
+            return f"mkldnn:{torch.backends.mkldnn.matmul.fp32_precision}"
+        except (AttributeError, RuntimeError):
+            return "unknown"
 
 
 def _onednn_op():
@@ -355,26 +370,43 @@ def _onednn_op():
 
 
 def _onednn_agrees(act: str) -> bool:
-    """Whether oneDNN's fused linear layer runs here and matches ``act(x @ W.T + b)`` computed
-    with ``addmm`` on random products of the widths the step uses (with and without a bias,
-    and with the activations as the weight operand, as the last layer passes them), outside
-    any autocast region."""
-    op = _onednn_op()
-    if op is None:
+    """Whether oneDNN's linear layer (through :func:`onednn_linear`'s ``act``) runs here and
+    matches ``act(x @ W.T + b)`` computed with ``addmm`` on random ``[67, 32] @ [32, 32]``
+    products (mulo's hidden width), with and without a bias and with the operands swapped as
+    the last layer passes them, outside any autocast region; one input row holds a NaN and
+    another an infinity, which must come out where ``addmm`` puts them."""
+    f = _onednn_call(act)
+    if f is None:
         return False
-    attr, scalars, algorithm = _ONEDNN_POSTOPS[act]
     gen = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(s, generator=gen) for s in [(67, 32), (32, 32), (32,)])
+    x[5, 3], x[9, 0] = float("nan"), float("inf")
     try:
         with torch.autocast("cpu", enabled=False), torch.no_grad():
             for a, m, bias in ((x, w, b), (x, w, None), (w[:2].contiguous(), x, None)):
-                got = op(a, m, bias, attr, scalars, algorithm)
+                got = f(a, m, bias)
                 want = _ACT[act](a @ m.t() if bias is None else torch.addmm(bias, a, m.t()))
-                if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+                if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True):
                     return False
     except (RuntimeError, TypeError, NotImplementedError):
         return False
     return True
+
+
+def _onednn_call(act: str):
+    """``f(x, w, b)``: oneDNN's linear operator with ``act`` as a post-op (or, for ReLU, applied
+    in place after it); None without the operator."""
+    op = _onednn_op()
+    if op is None:
+        return None
+    attr, scalars, algorithm, after = _ONEDNN_POSTOPS[act]
+    if after is None:
+        def linear_act(x, w, b):
+            return op(x, w, b, attr, scalars, algorithm)
+    else:
+        def linear_act(x, w, b):
+            return after(op(x, w, b, attr, scalars, algorithm))
+    return linear_act
 
 
 def onednn_linear(act: str):
@@ -384,7 +416,7 @@ def onednn_linear(act: str):
     missing or disagrees with ``addmm`` (see :func:`_onednn_agrees`)."""
     if ONEDNN_LINEAR is False or act not in _ONEDNN_POSTOPS:
         return None
-    key = (act, torch.get_float32_matmul_precision())
+    key = (act, _matmul_precision())
     ok = torch.backends.mkldnn.enabled and _ONEDNN_CHECKED.get(key)
     if ok is None:
         ok = _ONEDNN_CHECKED[key] = _onednn_agrees(act)
@@ -394,13 +426,7 @@ def onednn_linear(act: str):
                                "is not available here (or torch.backends.mkldnn is disabled) or does not "
                                "match torch.addmm")
         return None
-    attr, scalars, algorithm = _ONEDNN_POSTOPS[act]
-    op = _onednn_op()
-
-    def linear_act(x, w, b):
-        return op(x, w, b, attr, scalars, algorithm)
-
-    return linear_act
+    return _onednn_call(act)
 
 
 def _tiles(shape, target):
@@ -482,6 +508,7 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
         fused = ([None] + [onednn_linear(act) if dtype == torch.float32 else None for _, _, act in layers[1:-1]]
                  + [None])
         w_mid = [None] + [w.to(dtype).contiguous() for w, _, _ in layers[1:-1]]
+        b_mid = [None if b is None else b.contiguous() for b in biases]
     else:
         expanded = [t.to(dtype).expand((t.shape[0],) + shape) for t in varying]
         biases = [col] + [None if b is None else b.reshape(-1, 1).to(dtype) for _, b, _ in layers[1:]]
@@ -514,7 +541,7 @@ def _tiled_chain(x2, shape, layers, col, varying, ws, tile):
                 else:
                     torch.mm(w, h.t(), out=dst)
             elif em and fused[i] is not None:  # a fresh tensor with the activation applied
-                h = fused[i](h, w_mid[i], biases[i])
+                h = fused[i](h, w_mid[i], b_mid[i])
                 continue
             elif em:
                 dst = ws.take(f"mlp.e{i}", (length, w.shape[0]), dtype, dev)
