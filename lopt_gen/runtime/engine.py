@@ -589,6 +589,23 @@ def _compiled_elem_fn(fn, label: str):
     return elem
 
 
+class _PackLayout:
+    """What every stage of a step needs of one pack (see ``Engine._run_pack``): its members'
+    lengths, their total and offsets, the lengths as a tensor (for ``repeat_interleave``) and
+    the members' sums (:class:`~lopt_gen.runtime.ops.PackedSums`)."""
+
+    __slots__ = ("lengths", "total", "offsets", "counts", "sums")
+
+    def __init__(self, lengths, device):
+        self.lengths = list(lengths)
+        self.total = sum(self.lengths)
+        self.offsets = [0]
+        for m in self.lengths[:-1]:
+            self.offsets.append(self.offsets[-1] + m)
+        self.counts = torch.tensor(self.lengths, device=device)
+        self.sums = ops.PackedSums(self.lengths, device)
+
+
 def _dims_of(shape) -> tuple[int, int | None, int | None]:
     """(chunk axis, largest axis, second-largest axis) of a shape of rank >= 1."""
     rank = len(shape)
@@ -811,6 +828,8 @@ class Engine:
         final = info["num_stages"] - 1
         packs = self._packs(plans, chunk_elems) if ws is not None else []
         packed = {i for members in packs for i in members}
+        layouts = [_PackLayout([plans[i].numel for i in members], flat_g[members[0]].device)  # one per step
+                   for members in packs]
         partials: list[dict] = [dict() for _ in range(n)]
         launched = None  # (tensor indices, LaunchSums) of the previous stage's Triton launch
         for stage in info["stages"]:
@@ -834,9 +853,9 @@ class Engine:
             fn = getattr(self.module, stage["elem_fn"])
             fn_ws = ws if ws is not None and _takes_workspace(fn) else None
             hosts = self._host_values_all(self._host_inputs(stage), T, G, plans)
-            for members in packs:
-                self._run_pack(members, stage, fn, fn_ws, T, hosts, plans, flat_p, flat_g, tstates, partials, phi,
-                               params, inplace, ok, collected)
+            for members, layout in zip(packs, layouts):
+                self._run_pack(members, layout, stage, fn, fn_ws, T, hosts, plans, flat_p, flat_g, tstates, partials,
+                               phi, params, inplace, ok, collected)
             if compile_elementwise and fn_ws is not None:
                 fn = self.compiled_elem_fn(stage["elem_fn"])
             for i in range(n):
@@ -872,19 +891,18 @@ class Engine:
         packs.append(cur)
         return [p for p in packs if len(p) > 1]
 
-    def _run_pack(self, members, stage, fn, fn_ws, T, hosts, plans, flat_p, flat_g, tstates, partials, phi,
-                  params, inplace, ok, collected) -> None:
+    def _run_pack(self, members, layout, stage, fn, fn_ws, T, hosts, plans, flat_p, flat_g, tstates, partials,
+                  phi, params, inplace, ok, collected) -> None:
         """A stage's per-element function on the tensors ``members`` laid end to end: their
         per-element values concatenated, a per-tensor (or, on a 1-D tensor, per-column) value
         repeated over its tensor's elements, a row value (one per element on a 1-D tensor)
         concatenated, a value shared by all passed as it is; then the whole-tensor and column
-        sums split per tensor, and on the last stage the outputs sunk tensor by tensor."""
-        lengths = [plans[i].numel for i in members]
-        total = sum(lengths)
+        sums split per tensor, and on the last stage the outputs sunk tensor by tensor.  ``layout``
+        (a :class:`_PackLayout`) is the pack's lengths and sums, made once per step."""
+        lengths, total, offsets, counts = layout.lengths, layout.total, layout.offsets, layout.counts
         leaves = [self._chunk_leaves(i, plans[i], 0, m, flat_p, flat_g, tstates) for i, m in zip(members, lengths)]
         V = {name: torch.cat([lv[name] for lv in leaves]) for name in leaves[0]}
         dev = flat_g[members[0]].device
-        counts = torch.tensor(lengths, device=dev)
         Tm = [T[i] for i in members]
         for name, v0 in hosts[members[0]][0].items():
             vals = [hosts[i][0][name] for i in members]
@@ -909,12 +927,8 @@ class Engine:
                 raise RuntimeError(f"pack: value {name!r} has {sizes} elements for tensors of {lengths}")
             V[name] = torch.repeat_interleave(torch.stack([v if v.dim() == 0 else v.reshape(()) for v in vals]),
                                               counts, output_size=total)
-        sums = ops.PackedSums(lengths, dev)
-        dims = {"tensor": sums, "all": sums, "row": (), "col": sums}
+        dims = {"tensor": layout.sums, "all": layout.sums, "row": (), "col": layout.sums}
         out = fn(V, phi, dims) if fn_ws is None else fn(V, phi, dims, fn_ws)
-        offsets = [0]
-        for m in lengths[:-1]:
-            offsets.append(offsets[-1] + m)
         for r in stage["reductions"]:
             x = out[r["name"]]
             for j, i in enumerate(members):
