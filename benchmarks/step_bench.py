@@ -309,7 +309,7 @@ def matmul_floor_ms(widths: list[int], n: int, device: torch.device, sync, chunk
     linear = ops.onednn_linear("none") if onednn else None
     if onednn and (linear is None or device.type != "cpu"):
         raise RuntimeError("no oneDNN linear operator here")
-    wts = [w.t().contiguous() for w in ws]  # [out, in], the operator's weight layout
+    wts = [w.t().contiguous() if onednn else None for w in ws]  # [out, in], the operator's weight layout
 
     def run():
         for _, length in blocks:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import inspect
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,23 @@ def old_runtime(rev: str, folder: Path) -> dict:
     return mods
 
 
+def _without_newer_options(engine):
+    """``engine`` (of an earlier revision) with its ``step`` taking, and dropping, keyword
+    options that ``LearnedOptimizer`` passes now but its revision did not know, at their
+    defaults (an option set otherwise cannot be compared)."""
+    known = set(inspect.signature(engine.step).parameters)
+    step = engine.step
+
+    def step_with_known_options(*args, **kwargs):
+        for name in [k for k in kwargs if k not in known]:
+            if kwargs.pop(name) not in (None, False):
+                raise SystemExit(f"versus_revision: the revision's engine has no option {name!r}")
+        return step(*args, **kwargs)
+
+    engine.step = step_with_known_options
+    return engine
+
+
 def build(spec: str, n: int, old: dict, rev: str | None = None, folder: Path | None = None):
     """``{"revision": optimizer, "working tree": optimizer}`` on equal parameters and gradients;
     with ``rev`` (and a ``folder`` to write it to) the revision's generated step module, else
@@ -91,7 +109,7 @@ def build(spec: str, n: int, old: dict, rev: str | None = None, folder: Path | N
                 path.write_text(text)
             module = _load("_step_module_at_revision", path)
             module.ops = old["ops"]
-            opt.engine = old["engine"].Engine(opt.engine.spec, module)
+            opt.engine = _without_newer_options(old["engine"].Engine(opt.engine.spec, module))
         opts[label] = opt
     return opts
 

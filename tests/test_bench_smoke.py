@@ -439,3 +439,22 @@ def test_plot_right_panel_shows_adamw_ratio_or_speed_up_over_the_naive_port(benc
     assert (tmp_path / "p.png").stat().st_size > 0
     want = "ratio to torch.optim.AdamW(foreach=True)" if with_adamw else "speed-up over the naive eager port"
     assert want in titles, titles
+
+
+def test_versus_revision_drops_options_an_older_engine_does_not_know(monkeypatch):
+    """An engine of an earlier revision gets the current optimizer's keyword options that it
+    knows; one it does not know is dropped at its default and refused otherwise."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    module = _load_bench("versus_revision")
+    seen = []
+
+    class OldEngine:
+        def step(self, phi, params, *, inplace=False, backend="torch"):
+            seen.append((inplace, backend))
+            return "stepped"
+
+    engine = module._without_newer_options(OldEngine())
+    assert engine.step({}, [], inplace=True, backend="torch", compile_elementwise=False) == "stepped"
+    assert seen == [(True, "torch")]
+    with pytest.raises(SystemExit, match="no option 'compile_elementwise'"):
+        engine.step({}, [], inplace=True, compile_elementwise=True)

@@ -152,10 +152,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def _engine_step(self, weights, params, grads, tstates, gstate, scalars, loss, nonfinite):
         """The engine's in-place step with this optimizer's options."""
-        # passed only when on, so that an engine of an earlier revision (versus_revision.py) still runs
-        extra = {"compile_elementwise": True} if self.compile_elementwise else {}
         self.engine.step(weights, params, grads, tstates, gstate, scalars, loss, inplace=True, nonfinite=nonfinite,
-                         chunk_elems=self.chunk_elems, backend=self.backend, warn_state=self._warn_state, **extra)
+                         chunk_elems=self.chunk_elems, backend=self.backend, warn_state=self._warn_state,
+                         compile_elementwise=self.compile_elementwise)
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graph_key(self, weights, params, grads, tstates, scalars, loss, gstate):
