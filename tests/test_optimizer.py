@@ -142,6 +142,56 @@ def test_load_state_dict_from_another_spec_fails_clearly():
         b.load_state_dict(torch.optim.SGD([p], lr=1).state_dict())
 
 
+def _stepped(shapes, spec, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    opt = LearnedOptimizer(ps, spec)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("name", ["adam", "mulo", "hrnn"])
+@pytest.mark.parametrize("saved_shapes, match", [
+    ([(4, 3), (5,)], r"state '\w+' of parameter 0 of group 0 \(shape \(3, 4\)\) has shape"),
+    ([(3, 4), (2,)], r"parameter 1 of group 0 \(shape \(5,\)\)"),  # a shorter vector
+    ([(5,), (3, 4)], r"parameter 0 of group 0"),  # the same parameters in another order
+], ids=["transposed", "shorter", "swapped"])
+def test_load_state_dict_of_other_shapes_fails_clearly_and_loads_nothing(name, saved_shapes, match):
+    """A checkpoint of parameters of other shapes is refused when it is loaded, naming the
+    parameter and the state, not at the next step from deep inside it (or, for a parameter
+    whose saved state broadcasts, never); the optimizer's own state stays as it was."""
+    _, other = _stepped(saved_shapes, name, seed=1)
+    ps, opt = _stepped([(3, 4), (5,)], name)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match) as err:
+        opt.load_state_dict(other.state_dict())
+    assert "nothing was loaded" in str(err.value)
+    after = opt.state_dict()
+    for k, st in before["state"].items():
+        for key, v in st.items():
+            assert torch.equal(after["state"][k][key], v), (k, key)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()  # still steps with its own state
+
+
+def test_load_state_dict_with_missing_or_misshapen_entries_fails_clearly():
+    ps, opt = _stepped([(3, 4), (5,)], "hrnn")
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"][1]["step"]
+    with pytest.raises(ValueError, match=r"parameter 1 of group 0 \(shape \(5,\)\) has entries .* expected"):
+        opt.load_state_dict(sd)
+    sd = copy.deepcopy(opt.state_dict())
+    glob = next(k for k, v in sd["state"].items() if not isinstance(k, int))
+    name = next(iter(sd["state"][glob]))
+    sd["state"][glob][name] = sd["state"][glob][name][:-1]
+    with pytest.raises(ValueError, match=rf"state '{name}' of the global state has shape"):
+        opt.load_state_dict(sd)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # its own checkpoint still loads
+
+
 @pytest.mark.parametrize("name", ["adam", "small_fc_lopt", "hrnn"])
 def test_nonfinite_gradient_skips_that_tensor_and_warns_once(name):
     gen = torch.Generator().manual_seed(5)

@@ -677,21 +677,32 @@ class Engine:
     def state_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.info["state_dtype"] == "bfloat16" else torch.float32
 
+    def tensor_state_shapes(self, shape) -> dict[str, tuple]:
+        """The shape of each per-tensor state entry (``"step"`` included) of a parameter of
+        ``shape``, as :meth:`init_tensor_state` makes them."""
+        plan = TensorPlan(tuple(shape), DEFAULT_CHUNK_ELEMS)
+        out: dict[str, tuple] = {"step": ()}
+        for key, d in self.states.items():
+            if d["level"] == "global":
+                continue
+            if d["level"] == "tensor":
+                out[key] = (d["width"],)
+            elif d["level"] == "elem":
+                out[key] = (d["width"],) + plan.shape
+            else:
+                out[key] = (d["width"],) + plan.reduced_shape(d["level"])
+        return out
+
     def init_tensor_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        plan = TensorPlan(p.shape, DEFAULT_CHUNK_ELEMS)
+        shapes = self.tensor_state_shapes(p.shape)
         st: dict[str, torch.Tensor] = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
         dt = self.state_dtype()
         for key, d in self.states.items():
             if d["level"] == "global":
                 continue
-            if d["level"] == "tensor":
-                shape = (d["width"],)
-            elif d["level"] == "elem":
-                shape = (d["width"],) + plan.shape
-            else:
-                shape = (d["width"],) + plan.reduced_shape(d["level"])
+            shape = shapes[key]
             if d["init"] == "param":
-                st[key] = p.detach().reshape(plan.shape).to(torch.float32).clone().unsqueeze(0)
+                st[key] = p.detach().reshape(shape[1:]).to(torch.float32).clone().unsqueeze(0)
             else:
                 st[key] = torch.full(shape, float(d["init"]), dtype=dt if d["level"] == "elem" else torch.float32,
                                      device=p.device)

@@ -241,6 +241,41 @@ class LearnedOptimizer(torch.optim.Optimizer):
         sd["lopt_gen"] = {"spec_name": self.spec.name, "spec_hash": self.spec.spec_hash()}
         return sd
 
+    def _check_state_shapes(self, state_dict) -> None:
+        """Raise ValueError, before anything is loaded, when a parameter's saved state does not
+        fit that parameter (entries missing, unknown or of another shape: a checkpoint of other
+        parameters, or of the same ones in another order), or the global state's entries have
+        other shapes.  What torch's own loader checks (the groups and their sizes) is left to it."""
+        groups, saved = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or not isinstance(saved, dict):
+            return
+        ids = [i for g in groups if isinstance(g, dict) for i in g.get("params", [])]
+        ours = [(gi, j, p) for gi, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])]
+        if len(ids) != len(ours):
+            return
+        by_id = dict(zip(ids, ours))
+        for key, st in saved.items():
+            if key == GLOBAL_KEY:
+                want = {k: (d["width"],) for k, d in self.engine.states.items() if d["level"] == "global"}
+                where = "the global state"
+            elif key in by_id and isinstance(st, dict) and st:
+                gi, j, p = by_id[key]
+                want = self.engine.tensor_state_shapes(p.shape)
+                where = f"parameter {j} of group {gi} (shape {tuple(p.shape)})"
+            else:
+                continue
+            if not isinstance(st, dict) or set(st) != set(want):
+                found = sorted(st) if isinstance(st, dict) else type(st).__name__
+                raise ValueError(f"state_dict: the state of {where} has entries {found}, expected "
+                                 f"{sorted(want)}: this checkpoint does not fit these parameters; nothing was loaded")
+            for name, shape in want.items():
+                v = st[name]
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                if got != shape:
+                    raise ValueError(f"state_dict: state {name!r} of {where} has shape {got}, expected {shape}: "
+                                     f"this checkpoint was saved for parameters of other shapes (or in "
+                                     f"another order); nothing was loaded")
+
     def load_state_dict(self, state_dict):
         info = state_dict.get("lopt_gen")
         if info is None:
@@ -250,6 +285,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                              f"(hash {str(info.get('spec_hash'))[:12]}), not to spec {self.spec.name!r} "
                              f"(hash {self.spec.spec_hash()[:12]})")
         state_dict = {k: v for k, v in state_dict.items() if k != "lopt_gen"}
+        self._check_state_shapes(state_dict)
         super().load_state_dict(state_dict)
         # torch casts state to the parameter's dtype; states keep their own dtype here
         elem_dtype = self.engine.state_dtype()
