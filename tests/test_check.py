@@ -65,6 +65,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from lopt_gen.check import BackendMismatch, _close, assert_backends_agree  # noqa: E402
 from lopt_gen.testing import specs  # noqa: E402
+from lopt_gen.runtime.engine import get_engine  # noqa: E402
 
 
 def _agree(d, seed):
@@ -76,6 +77,29 @@ def _agree(d, seed):
 def test_random_specs_triton_equals_torch(d, seed):
     """Any valid spec: Triton kernels (interpreted) and the torch step agree, values and gradients."""
     _agree(d, seed)
+
+
+@pytest.mark.parametrize("kind, hidden", [("gru", [3]), ("lstm", [3]), ("lstm", [2, 3])])
+@pytest.mark.parametrize("features", [["p - p"], ["0 * g", "1 + 0 * p"], ["0 * g", "g"]],
+                         ids=["one-constant", "all-constant", "constant-and-not"])
+def test_recurrent_networks_with_constant_features_agree(kind, hidden, features):
+    """A GRU or LSTM network whose features simplify to constants gets them as ``[F]`` (one
+    value per feature), not ``[F, *S]``: the torch step broadcasts them over the elements
+    (it used to fail reshaping them), matching the Triton kernels, forward and gradients;
+    and the eager step with packs and workspaces runs too."""
+    d = {"name": f"const_{kind}", "defaults": {"lr": 0.1},
+         "features": [{"name": f"f{i}", "expr": e} for i, e in enumerate(features)],
+         "network": {"kind": kind, "hidden": hidden, "outputs": {"out": 1}},
+         "update": "out * g"}
+    spec = spec_from_dict(d)
+    assert_backends_agree(spec, [(7,), (3, 5), (), (2, 3, 4)], seed=1, steps=2, gradients=True)
+    eng = get_engine(spec)
+    params = [torch.randn(s) for s in [(4, 4), (5,), (3,), (2, 3, 4)]]
+    with torch.no_grad():
+        new, _, _ = eng.step(eng.init_weights(0), params, [torch.randn_like(p) for p in params],
+                             [eng.init_tensor_state(p) for p in params], eng.init_global_state("cpu"),
+                             [{}] * len(params))
+    assert all(n.shape == p.shape and torch.isfinite(n).all() for n, p in zip(new, params))
 
 
 def _fp32_exact(d) -> bool:

@@ -637,6 +637,18 @@ def keep_mlp_outside_compiled_graphs() -> None:
         _MLP_OUTSIDE_THE_GRAPH.append(torch.compiler.disable(_mlp))
 
 
+def _feature_rows(x: torch.Tensor, shape: tuple, n: int) -> torch.Tensor:
+    """Feature-major inputs ``x`` (``[F, *Sx]``, ``Sx`` broadcasting to ``shape``; features that
+    are constant over the elements come as ``[F]``) as ``[F, n]``, ``n`` the elements of
+    ``shape``."""
+    if x.dim() == 0:
+        x = x.reshape(1)
+    x = _lead(x, 1 + len(shape))
+    if tuple(x.shape[1:]) != shape:
+        x = torch.broadcast_to(x, (x.shape[0],) + shape)
+    return x.reshape(x.shape[0], n)
+
+
 def gru_cell(x, h, w_ih, w_hh, bias, extra=None):
     """GRU with gate order (r, u, c) on feature-major ``x`` ``[in, *S]`` and ``h`` ``[H, *S]``;
     ``extra`` is an additional bias for the gates (``[3H, *Sb]``).
@@ -649,7 +661,7 @@ def gru_cell(x, h, w_ih, w_hh, bias, extra=None):
     hid = h.shape[0]
     n = math.prod(shape)
     h2 = h.reshape(hid, n).to(w_ih.dtype)
-    gi = _mm_bias(bias.reshape(-1, 1), w_ih, x.reshape(x.shape[0], n).to(w_ih.dtype), n)
+    gi = _mm_bias(bias.reshape(-1, 1), w_ih, _feature_rows(x, shape, n).to(w_ih.dtype), n)
     if extra is not None:
         gi = (gi.reshape((gi.shape[0],) + shape) + _lead(extra, 1 + len(shape)).to(gi.dtype)).reshape(gi.shape[0], n)
     gh = w_hh[: 2 * hid] @ h2
@@ -667,7 +679,7 @@ def lstm_cell(x, h, c, w_ih, w_hh, bias, extra=None):
     n = math.prod(shape)
     h2 = h.reshape(hid, n).to(w_ih.dtype)
     c2 = torch.broadcast_to(c, (hid,) + shape).reshape(hid, n).to(w_ih.dtype)
-    gates = _mm_bias(bias.reshape(-1, 1), w_ih, x.reshape(x.shape[0], n).to(w_ih.dtype), n) + w_hh @ h2
+    gates = _mm_bias(bias.reshape(-1, 1), w_ih, _feature_rows(x, shape, n).to(w_ih.dtype), n) + w_hh @ h2
     if extra is not None:
         gates = (gates.reshape((gates.shape[0],) + shape)
                  + _lead(extra, 1 + len(shape)).to(gates.dtype)).reshape(gates.shape[0], n)
