@@ -628,7 +628,9 @@ def markdown_table(rows: list[dict], cuda: bool) -> str:
 
 
 def write_csv(rows: list[dict], path: Path, columns: list[str] = CSV_COLUMNS) -> None:
-    """``rows`` as CSV with ``columns`` (other keys dropped, missing or None values empty)."""
+    """``rows`` as CSV with ``columns`` (other keys dropped, missing or None values empty); the
+    folder is made if need be."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()

@@ -100,9 +100,7 @@ def run(args) -> dict:
         row[f"{key}_ms"] = round(statistics.median(rounds[c]), 2)
         row[f"rounds_{key}_ms"] = " ".join(f"{v:.2f}" for v in rounds[c])
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        step_bench.write_csv([row], out / f"versus_naive_{spec}_{row['size']}.csv", list(row))
+        step_bench.write_csv([row], Path(args.out) / f"versus_naive_{spec}_{row['size']}.csv", list(row))
     return row
 
 

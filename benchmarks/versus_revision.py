@@ -165,9 +165,8 @@ def run(args) -> list[dict]:
                      "rounds_ms": " ".join(f"{v:.2f}" for v in values)})
     print(f"largest parameter difference after {2 + args.rounds * (args.steps + 1)} steps each: {diff:.3g}")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        step_bench.write_csv(rows, out / f"versus_revision_{spec}_{step_bench.size_label(n)}.csv", list(rows[0]))
+        step_bench.write_csv(rows, Path(args.out) / f"versus_revision_{spec}_{step_bench.size_label(n)}.csv",
+                             list(rows[0]))
     return rows
 
 

@@ -458,3 +458,43 @@ def test_versus_revision_drops_options_an_older_engine_does_not_know(monkeypatch
     assert seen == [(True, "torch")]
     with pytest.raises(SystemExit, match="no option 'compile_elementwise'"):
         engine.step({}, [], inplace=True, compile_elementwise=True)
+
+
+def test_step_breakdown_times_the_parts_and_unwraps_them(monkeypatch, capsys, tmp_path):
+    """Every stage's per-element function, the host phase, the packs and the MLP get a row with
+    calls; the parts add up to the step (the remainder is its own row); the engine, its step
+    module and ops are the same objects after the run; the workspace path is the one timed
+    (the wrapped per-element functions still take ``ws``)."""
+    from lopt_gen.runtime import engine as E
+    from lopt_gen.runtime import ops
+    from lopt_gen.runtime.engine import get_engine
+    from lopt_gen.spec import load_spec
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    module = _load_bench("step_breakdown")
+    eng = get_engine(load_spec("mulo"))
+    mlp_ws = []  # whether each MLP call got a workspace
+    real_mlp = ops.mlp
+    monkeypatch.setattr(ops, "mlp", lambda *a, **k: mlp_ws.append(k.get("ws") is not None) or real_mlp(*a, **k))
+    before = {k: E.Engine.__dict__[k] for k, _ in module.ENGINE_PARTS}
+    before_ops = {k: getattr(ops, k) for k, _ in module.OPS_PARTS}
+    before_elem = {s["elem_fn"]: getattr(eng.module, s["elem_fn"]) for s in eng.info["stages"]}
+
+    rows = module.main(["--step", "mulo@20k", "--steps", "2", "--threads", "1", "--out", str(tmp_path)])
+    parts = {r["part"]: r for r in rows}
+    for stage in range(3):
+        assert any(k.startswith(f"stage {stage} per-element") and parts[k]["calls"] > 0 for k in parts), parts
+    for label in ("the MLP (ops.mlp)", "host phase (per-tensor and global host code, reductions)",
+                  "packs of small vectors (their per-element calls included)"):
+        assert parts[label]["ms"] > 0 and parts[label]["calls"] > 0
+    step = rows[0]["step_ms"]
+    tops = [r["ms"] for r in rows if r["level"] == "part"]
+    assert sum(tops) == pytest.approx(step, rel=1e-3, abs=1e-3)
+    assert mlp_ws and all(mlp_ws), "the timed steps did not use the workspace"
+    out = capsys.readouterr().out
+    assert "| part | ms per step | share | calls per step |" in out and "|   of which: the MLP (ops.mlp) |" in out
+    assert (tmp_path / "step_breakdown_mulo_20k.csv").read_text().count("\n") == len(rows) + 1
+
+    assert {k: E.Engine.__dict__[k] for k in before} == before
+    assert {k: getattr(ops, k) for k in before_ops} == before_ops
+    assert {k: getattr(eng.module, k) for k in before_elem} == before_elem
