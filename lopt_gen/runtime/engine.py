@@ -637,7 +637,7 @@ class TensorPlan:
             "col": self.shape[second] if second is not None else self.numel,
             "tensor": self.numel,
         }
-        per_slice = math.prod(n for d, n in enumerate(self.shape) if d != cd)  # (a tensor may have no elements)
+        per_slice = math.prod([n for d, n in enumerate(self.shape) if d != cd])  # (a tensor may have no elements)
         step = max(1, chunk_elems // max(per_slice, 1))
         self.chunks = [(s, min(step, self.shape[cd] - s)) for s in range(0, self.shape[cd], step)]
         self._reduced = {lv: () if dims is None else tuple(1 if d in dims else n for d, n in enumerate(self.shape))

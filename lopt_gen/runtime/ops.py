@@ -21,8 +21,8 @@ its inputs), so nothing a generated function hands back can be overwritten later
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,20 @@ _ACT = {
     "gelu": F.gelu,
     "silu": F.silu,
 }
-# set while host code runs batched over tensors (see batched_over_tensors)
-_BATCHED: contextvars.ContextVar[bool] = contextvars.ContextVar("lopt_gen_batched_host", default=False)
+
+
+class _BatchedFlag(threading.local):
+    """``on`` while host code runs batched over tensors (see :func:`batched_over_tensors`),
+    per thread.  A thread-local attribute rather than a ``ContextVar``: ``torch.compile``
+    traces reads and writes of it, where a ``ContextVar`` broke the graph at every read.
+    ``on`` is set on the instance in every thread (``__init__`` runs once per thread), never
+    read from the class: the compiler guards on the instance's own attributes."""
+
+    def __init__(self):
+        self.on = False
+
+
+_BATCHED = _BatchedFlag()
 # activations that may overwrite their argument (the argument is a buffer nobody else reads)
 _ACT_INPLACE = {
     "relu": torch.relu_,
@@ -254,7 +266,7 @@ def _lead(t: torch.Tensor, ndim: int) -> torch.Tensor:
     :func:`batched_over_tensors` the per-tensor terms are ``[out, B]``, and the axes go
     before the tensor axis ``B``."""
     if t.dim() < ndim:
-        if _BATCHED.get() and t.dim() > 1:
+        if _BATCHED.on and t.dim() > 1:
             return t.reshape((t.shape[0],) + (1,) * (ndim - t.dim()) + tuple(t.shape[1:]))
         return t.reshape(tuple(t.shape) + (1,) * (ndim - t.dim()))
     return t
@@ -620,7 +632,7 @@ def mlp(x, layers, extra=None, ws=None, tile=None):
 
 def _mlp(x, layers, extra, ws, tile):
     extras = [] if extra is None else (list(extra) if isinstance(extra, (list, tuple)) else [extra])
-    if tile is None:
+    if tile is None and ws is not None:  # (without a workspace there are no tiles)
         tile = MLP_TILE if MLP_TILE is not None else MLP_TILE_PER_THREAD * torch.get_num_threads()
     return _layer_chain(x, list(layers), extras, ws, tile)
 
@@ -760,7 +772,7 @@ def mean(x):
     axis inside :func:`batched_over_tensors`)."""
     if not isinstance(x, torch.Tensor):
         return torch.tensor(float(x))
-    if _BATCHED.get():
+    if _BATCHED.on:
         return x if x.dim() <= 1 else x.mean(dim=tuple(range(x.dim() - 1)))
     return x.mean()
 
@@ -772,11 +784,12 @@ def batched_over_tensors():
     becomes a vector ``[B]``, a row statistic ``[rows, 1]`` becomes ``[rows, 1, B]``), so
     elementwise broadcasting is exactly that of one tensor.  :func:`mean` and the padding of
     per-tensor terms in :func:`linear` and the cells follow that layout."""
-    token = _BATCHED.set(True)
+    before = _BATCHED.on
+    _BATCHED.on = True
     try:
         yield
     finally:
-        _BATCHED.reset(token)
+        _BATCHED.on = before
 
 
 def clip_st(x, lo, hi):
