@@ -65,9 +65,26 @@ class NonFiniteGradientError(FloatingPointError):
     pass
 
 
-def finite_flags(grads) -> list[bool]:
-    """Per tensor, whether every element of it is finite (one fused pass, one sync)."""
+def write_param(dst: torch.Tensor, new: torch.Tensor) -> None:
+    """Write a step's new parameter values ``new`` (float32) into the parameter ``dst``.  A
+    float64 parameter moves by the step instead of being replaced by its float32 rounding:
+    ``new - float32(dst)`` is the step exactly (the two are close), and adding it in float64
+    keeps the digits float32 cannot hold, so a zero step leaves the parameter as it was."""
+    if dst.dtype == torch.float64:
+        dst.add_(new - dst.to(new.dtype))
+    else:
+        dst.copy_(new)
+
+
+def finite_flags(grads, loss=None) -> list[bool]:
+    """Per tensor, whether every element of it is finite (one fused pass, one sync).  With a
+    ``loss`` (a number or a one-element tensor), one more flag at the end says whether it is
+    finite, from the same synchronisation."""
     gs = [g.detach() for g in grads]
+    if loss is not None:
+        if not isinstance(loss, torch.Tensor):
+            return finite_flags(gs) + [math.isfinite(float(loss))]
+        gs.append(loss.detach().reshape(-1).float())
     if not gs:
         return []
     if len({g.device for g in gs}) == 1 and all(g.is_floating_point() for g in gs):
@@ -774,6 +791,7 @@ class Engine:
                                             compile_elementwise=compile_elementwise)
         info = self.info
         n = len(params)
+        self._check_step_inputs(params, grads, tstates, scalars)
         if info["uses_loss"] and loss is None:
             raise ValueError(f"the {info['spec_name']} spec reads the loss: call step(loss=...)")
         dev = params[0].device if n else torch.device("cpu")
@@ -785,7 +803,10 @@ class Engine:
                     raise ValueError(f"{what} {k!r} is on {v.device} but the parameters are on {dev}: move it "
                                      f"there (engine.init_weights(..., device=...), engine.init_global_state(device))")
         plans = [TensorPlan(p.shape, chunk_elems) for p in params]
-        ok = self._finite_flags(grads, nonfinite, self._warn_state if warn_state is None else warn_state)
+        ok = self._finite_flags(grads, nonfinite, self._warn_state if warn_state is None else warn_state,
+                                loss if info["uses_loss"] else None)
+        if ok is None:  # a non-finite loss: nothing steps, no state advances
+            return params, tstates, gstate
 
         G: dict = {}
         columns: dict = {}  # per-tensor values held as table columns (see TensorValues)
@@ -1016,10 +1037,40 @@ class Engine:
             coll[k] = [v]
         return out_p, outs
 
-    def _finite_flags(self, grads, mode, warn_state):
-        if mode == "ignore" or not grads:
+    def _check_step_inputs(self, params, grads, tstates, scalars):
+        """One entry per tensor in each list, each gradient of its parameter's shape, and no
+        scalar the spec does not know (a misspelt ``"learning_rate"`` would otherwise be
+        ignored and the step run with ``lr`` 1)."""
+        n = len(params)
+        if not len(grads) == len(tstates) == len(scalars) == n:
+            raise ValueError(f"step() takes one gradient, state and scalars dict per parameter tensor: got {n} "
+                             f"parameters, {len(grads)} gradients, {len(tstates)} states, {len(scalars)} scalars")
+        known = self._cache.get("scalar_names")
+        if known is None:
+            known = self._cache["scalar_names"] = frozenset(("lr", "wd", *self.info["hyper"]))
+        for i, (p, g, sc) in enumerate(zip(params, grads, scalars)):
+            if g.shape != p.shape:
+                raise ValueError(f"the gradient of parameter tensor {i} has shape {tuple(g.shape)}, "
+                                 f"the parameter {tuple(p.shape)}")
+            if not known.issuperset(sc):
+                raise ValueError(f"scalars of parameter tensor {i}: {sorted(set(sc) - known)} unknown to the "
+                                 f"{self.info['spec_name']} spec (it takes {sorted(known)})")
+
+    def _finite_flags(self, grads, mode, warn_state, loss=None):
+        """Per tensor, whether it steps (see README, "NaN and Inf gradients"); with a ``loss``
+        the spec reads, ``None`` when the loss is not finite and the step is skipped whole."""
+        if mode == "ignore" or (not grads and loss is None):
             return [True] * len(grads)
-        flags = finite_flags(grads)
+        flags = finite_flags(grads, loss)
+        if loss is not None and not flags.pop():
+            msg = f"non-finite loss ({float(loss)}) given to a step of the {self.info['spec_name']} spec, which reads it"
+            if mode == "raise":
+                raise NonFiniteGradientError(msg + "; pass nonfinite='skip' to skip such steps")
+            if not warn_state.get("warned_loss"):
+                warnings.warn(msg + ": the whole step was skipped (parameters and every state left unchanged). "
+                              "This warning is shown once.", RuntimeWarning, stacklevel=4)
+                warn_state["warned_loss"] = True
+            return None
         if not all(flags):
             bad = [i for i, f in enumerate(flags) if not f]
             msg = (f"non-finite gradient in parameter tensor(s) {bad}: "
@@ -1217,8 +1268,7 @@ class Engine:
         if inplace:
             if not ok:
                 return
-            p = params[i]
-            p.view(pl.shape).narrow(pl.cd, s, length).copy_(torch.broadcast_to(out[target], cshape))
+            write_param(params[i].view(pl.shape).narrow(pl.cd, s, length), torch.broadcast_to(out[target], cshape))
             for w in info["writes"]:
                 if w["level"] != "elem":
                     continue

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from . import engine as _engine
-from .engine import _shape_groups, kernel_buffer
+from .engine import _shape_groups, kernel_buffer, write_param
 
 MAX_RANK = 4
 INTERPRETER_BLOCK = 1024
@@ -566,7 +566,11 @@ class TritonRunner:
         by_dtype: dict = {}
         for tmp, dst in fixups:
             by_dtype.setdefault(dst.dtype, []).append((tmp, dst))
-        for pairs in by_dtype.values():
+        for dtype, pairs in by_dtype.items():
+            if dtype == torch.float64:  # only parameters: each moves by its float32 step (see write_param)
+                for tmp, dst in pairs:
+                    write_param(dst, tmp.view(dst.shape))
+                continue
             torch._foreach_copy_([dst for _, dst in pairs], [tmp.view(dst.shape) for tmp, dst in pairs])
         return _launch_sums(meta, part, items, info[:, 0], spans, None, group_scratch.__getitem__)
 
