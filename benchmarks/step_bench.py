@@ -9,7 +9,8 @@ attention matrices, (4d, d) / (d, 4d) MLP matrices, an embedding-like matrix and
 * ``lopt-torch-compiled`` -- the same with ``compile_elementwise=True`` (the per-element
   functions through ``torch.compile``; skipped with ``--no-compile``)
 * ``lopt-triton``  -- ``LearnedOptimizer(..., backend="triton")`` (CUDA only)
-* ``lopt-compile`` -- ``torch.compile`` of the engine's functional step (``Engine.step``)
+* ``lopt-compile`` -- ``torch.compile`` of the engine's functional step (``Engine.step``), once per
+  group of same-shaped tensors by default (``--compile-groups``)
 * ``naive-eager``  -- the eager reference port in ``tests/reference.py`` (small_fc_lopt, mulo)
 * ``adamw-foreach`` / ``adamw-fused`` -- ``torch.optim.AdamW``
 
@@ -383,6 +384,13 @@ class Problem:
         return ps
 
 
+def _combines_tensors(engine) -> bool:
+    """Whether a spec's step couples tensors (a global state, or a mean over tensors), so that
+    stepping groups of them apart would change it."""
+    text = engine.spec.model_dump_json()
+    return bool(engine.init_global_state()) or "mean_all(" in text or "mean_tensors(" in text
+
+
 def make_step_fn(contender: str, spec: str | None, prob: Problem, args):
     """(step function, cleanup state) for one contender; raises on failure."""
     import lopt_gen
@@ -405,16 +413,31 @@ def make_step_fn(contender: str, spec: str | None, prob: Problem, args):
         scalars = [{"lr": args.lr if args.lr is not None else engine.spec.defaults.lr, "wd": 0.0}
                    for _ in params]
 
-        def functional_step(phi, params, grads, tstates, gstate):
+        def functional_step(phi, params, grads, tstates, gstate, scalars):
             return engine.step(phi, params, grads, tstates, gstate, scalars, inplace=True,
                                nonfinite=args.nonfinite, chunk_elems=args.chunk_elems, backend="torch")
 
         torch._dynamo.reset()
-        compiled = torch.compile(functional_step, mode=args.compile_mode)
+        compiled = torch.compile(functional_step, mode=args.compile_mode, backend=args.compile_backend)
+        if args.compile_groups == "all":
+            groups = [list(range(len(params)))]
+        else:  # one graph per distinct shape (the same step for specs that do not combine tensors)
+            if _combines_tensors(engine):
+                raise ValueError(f"--compile-groups shape: the {spec} spec combines tensors (a global state or "
+                                 f"means over tensors); use --compile-groups all")
+            by_shape: dict = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault(tuple(p.shape), []).append(i)
+            groups = list(by_shape.values())
+            # one compiled graph per group: more than dynamo's default allowance of recompiles
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(groups) + 1)
+        parts = [([params[i] for i in g], [grads[i] for i in g], [tstates[i] for i in g], [scalars[i] for i in g])
+                 for g in groups]
 
         def step():
             with torch.no_grad():
-                compiled(phi, params, grads, tstates, gstate)
+                for ps, gs, ts, sc in parts:
+                    compiled(phi, ps, gs, ts, gstate, sc)
 
         return step, (params, tstates, gstate)
     if contender == "naive-eager":
@@ -494,6 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of all CPUs used by other processes above which a figure is re-timed")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="lopt-compile: torch.compile's backend (\"eager\" traces without generating code: for tests)")
+    ap.add_argument("--compile-groups", default="shape", choices=("shape", "all"),
+                    help="lopt-compile: one compiled step per group of same-shaped tensors (default; 7 graphs "
+                         "for the model lists here) or one graph over every tensor (compiles for minutes "
+                         "on the CPU at 1M; did not finish within 200 s at 64M on an H100)")
     ap.add_argument("--cpu-fused", action="store_true", help="also time AdamW(fused=True) on CPU")
     ap.add_argument("--no-floor", action="store_true", help="skip the MLP matrix-multiply floor")
     ap.add_argument("--floor-chunk-rows", type=int, default=1 << 24,
@@ -925,7 +954,9 @@ def _run(args, device) -> list[dict]:
                     if copy_bw:
                         row["frac_copy_bw"] = row["bandwidth_gbs"] / copy_bw
                 if c == "lopt-compile":
-                    row["note"] = "torch.compile of Engine.step (inplace); warm-up includes compilation"
+                    row["note"] = (f"torch.compile of Engine.step (inplace), one graph "
+                                       f"{'per shape' if args.compile_groups == 'shape' else 'over all tensors'}; "
+                                       "warm-up includes compilation")
                 elif c == "lopt-torch-compiled":
                     row["note"] = "compile_elementwise=True; warm-up includes compilation"
             except Exception as exc:

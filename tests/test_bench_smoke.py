@@ -498,3 +498,18 @@ def test_step_breakdown_times_the_parts_and_unwraps_them(monkeypatch, capsys, tm
     assert {k: E.Engine.__dict__[k] for k in before} == before
     assert {k: getattr(ops, k) for k in before_ops} == before_ops
     assert {k: getattr(eng.module, k) for k in before_elem} == before_elem
+
+
+def test_lopt_compile_groups_by_shape_and_refuses_specs_that_combine_tensors(bench, tmp_path):
+    """``lopt-compile`` compiles ``Engine.step`` once per group of same-shaped tensors (traced
+    with the ``eager`` backend here: no code generation); a spec whose step couples tensors
+    (hrnn: a global RNN and ``mean_all``) is refused per shape and runs as one graph."""
+    common = ["--sizes", "10k", "--contenders", "lopt-compile", "--device", "cpu", "--threads", "1",
+              "--steps", "1", "--warmup", "1", "--no-plot", "--no-floor", "--copy-bytes", "1M",
+              "--compile-backend", "eager", "--quiet"]
+    rows = bench.main(common + ["--specs", "adam,hrnn", "--out", str(tmp_path / "shape")])
+    by_spec = {r["spec"]: r for r in rows}
+    assert by_spec["adam"]["status"] == "ok" and "per shape" in by_spec["adam"]["note"], by_spec["adam"]
+    assert by_spec["hrnn"]["status"] == "failed" and "combines tensors" in by_spec["hrnn"]["note"]
+    rows = bench.main(common + ["--specs", "hrnn", "--compile-groups", "all", "--out", str(tmp_path / "all")])
+    assert rows[0]["status"] == "ok" and "over all tensors" in rows[0]["note"], rows[0]
