@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .meta.cli import OUT_DIR, POSITIVE, SEED, check_out_dir
 
 
 def _fail(msg: str, code: int = 2):
@@ -58,18 +59,28 @@ def show(spec):
 
 @main.command("compile")
 @click.argument("specs", nargs=-1)
-@click.option("--out", "out", type=click.Path(file_okay=False), default=None,
-              help="output folder (default: the project's generated/)")
+@click.option("--out", "out", type=click.Path(), default=None,
+              help="output folder (default: the project's generated/, which holds the shipped specs only)")
 @click.option("--check", is_flag=True, help="write nothing; exit 1 if the output folder is stale")
 def compile_cmd(specs, out, check):
-    """Compile SPECS (default: every shipped spec) into OUT/<name>/."""
+    """Compile SPECS (default: every shipped spec) into OUT/<name>/.
+
+    Without --out the output is the project's generated/, which holds the shipped specs only:
+    compile your own spec files with --out DIR.  Every spec is checked before anything is written."""
     from .compiler import GENERATED_DIR, render, stale_files, write_files
     from .spec import SpecError, load_spec, shipped_specs
 
     out_dir = Path(out) if out else GENERATED_DIR
-    sources = list(specs) or [str(p) for p in shipped_specs().values()]
-    stale, names = [], set()
-    for src in sources:
+    if check:
+        if out_dir.exists() and not out_dir.is_dir():
+            _fail(f"error: --out {out_dir}: exists and is not a folder")
+    else:
+        check_out_dir(out_dir)
+    into_shipped = out_dir.resolve() == GENERATED_DIR.resolve()
+    shipped = shipped_specs()
+    sources = list(specs) or [str(p) for p in shipped.values()]
+    jobs, names = [], set()
+    for src in sources:  # every spec is loaded and rendered before anything is written
         try:
             spec = load_spec(src)
         except SpecError as exc:
@@ -77,14 +88,30 @@ def compile_cmd(specs, out, check):
         if spec.name in names:
             _fail(f"{src}: two specs are named {spec.name!r}; names must be unique")
         names.add(spec.name)
-        path = Path(src) if Path(src).exists() else shipped_specs().get(src)
-        files = render(spec, path)
+        path = Path(src) if Path(src).exists() else shipped.get(src)
+        own = shipped.get(spec.name)
+        is_shipped = own is not None and path is not None and Path(path).resolve() == own.resolve()
+        if into_shipped and not is_shipped:
+            why = (f"; its name {spec.name!r} is a shipped spec's, whose folder it would overwrite"
+                   if own is not None else "")
+            _fail(f"error: {src}: not a shipped spec file, and {out_dir} (the default --out) holds the shipped "
+                  f"specs only{why}; write your own specs elsewhere with --out DIR")
+        try:
+            files = render(spec, path)
+        except SpecError as exc:
+            _fail(str(exc))
+        jobs.append((spec, files))
+    stale = []
+    for spec, files in jobs:
         target = out_dir / spec.name
         if check:
             stale += stale_files(files, target)
-        else:
+            continue
+        try:
             changed = write_files(files, target)
-            click.echo(f"{spec.name}: {target} ({len(changed)} file(s) changed)")
+        except OSError as exc:
+            _fail(f"error: --out {out_dir}: cannot write {target} ({exc.strerror or exc})")
+        click.echo(f"{spec.name}: {target} ({len(changed)} file(s) changed)")
     if check:
         if not specs and out_dir.exists():
             extra = sorted(d.name for d in out_dir.iterdir() if d.is_dir() and d.name not in names
@@ -103,7 +130,7 @@ def compile_cmd(specs, out, check):
 @click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, help="optimizer steps per example")
 @click.option("--no-gradients", is_flag=True, help="compare forward values only")
 @click.option("--bf16", is_flag=True, help="draw bfloat16 parameters and gradients too, not float32 only")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True,
               help="where both backends run: cpu (Triton interpreter) or cuda[:N] (compiled kernels)")
 def check(spec, examples, steps, no_gradients, bf16, seed, device):
@@ -144,11 +171,11 @@ def check(spec, examples, steps, no_gradients, bf16, seed, device):
 @click.option("--baselines", default="adam,rmsprop,sgd", show_default=True, help="comma-separated, or 'none'")
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True, help="training steps per run")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="seeds per optimizer")
-@click.option("--lr", type=float, default=None, help="lr multiplier of the evaluated optimizer")
+@click.option("--lr", type=POSITIVE, default=None, help="lr multiplier of the evaluated optimizer (> 0)")
 @click.option("--lr-grid", is_flag=True,
               help="run every baseline over a 7-point learning-rate grid (rows NAME@LR); the speed-up "
                    "is still against Adam at lr 1e-3 (adam@0.001)")
-@click.option("--out", type=click.Path(file_okay=False), default="out/eval", show_default=True)
+@click.option("--out", type=OUT_DIR, default="out/eval", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch intra-op threads")
 def eval_cmd(optimizer, task, baselines, steps, seeds, lr, lr_grid, out, threads):
     """Train TASK with OPTIMIZER beside baselines; print a table and save a plot of the loss curves.
@@ -183,9 +210,12 @@ def eval_cmd(optimizer, task, baselines, steps, seeds, lr, lr_grid, out, threads
                   f"(0: no seed reached it within {steps} steps)")
     click.echo(table)
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.md").write_text(table + "\n")
-    (out_dir / "runs.json").write_text(json.dumps({k: [r.__dict__ for r in v] for k, v in runs.items()}))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "summary.md").write_text(table + "\n")
+        (out_dir / "runs.json").write_text(json.dumps({k: [r.__dict__ for r in v] for k, v in runs.items()}))
+    except OSError as exc:
+        _fail(f"error: --out {out}: cannot write the results there ({exc.strerror or exc})")
     try:
         plot(runs, out_dir / f"{task}.png", title=f"{task}: {steps} steps, {seeds} seed(s)")
         click.echo(f"plot: {out_dir / (task + '.png')}")

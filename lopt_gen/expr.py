@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+import struct
 
 MAX_LENGTH = 4000
 MAX_DEPTH = 64
@@ -68,6 +69,25 @@ class ExprError(ValueError):
     """A spec expression that the grammar does not accept."""
 
 
+#: the largest finite float32: the step computes in float32, so no constant may exceed it
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def float32_problem(value: float) -> str | None:
+    """Why ``value`` (a finite float) cannot be used as a constant of the float32 step, or None.
+
+    A number larger in magnitude than float32's largest finite value would become ±inf, and a
+    nonzero number smaller than float32's smallest subnormal (about 1.4e-45) would become 0
+    (so that, say, ``g / 1e-46`` divides by zero): both are refused."""
+    if abs(value) > FLOAT32_MAX:
+        return (f"{value!r} overflows float32, the step's arithmetic type "
+                f"(largest finite value {FLOAT32_MAX:.8g})")
+    if value != 0.0 and struct.unpack("f", struct.pack("f", value))[0] == 0.0:
+        return (f"{value!r} is not zero but rounds to 0 in float32, the step's arithmetic type "
+                f"(smallest nonzero value about 1.4e-45)")
+    return None
+
+
 def _number(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ExprError(f"only numbers are allowed as constants, got {value!r}")
@@ -77,6 +97,9 @@ def _number(value: object) -> float:
         raise ExprError(f"constant {value} is too large") from None
     if not math.isfinite(f):
         raise ExprError(f"constant {value!r} is not finite")
+    why = float32_problem(f)
+    if why is not None:
+        raise ExprError(f"constant {why}")
     return f
 
 

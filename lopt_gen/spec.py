@@ -80,6 +80,9 @@ def _identifier(value: str) -> str:
 def _finite(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError("must be a finite number")
+    why = E.float32_problem(value)
+    if why is not None:
+        raise ValueError(f"the value {why}")
     return value
 
 
@@ -102,7 +105,11 @@ def _check_expr(value: Any) -> str:
             f = float(value)
         except OverflowError:
             raise ValueError(f"number {value} is too large") from None
-        _finite(f)
+        if not math.isfinite(f):
+            raise ValueError("must be a finite number")
+        why = E.float32_problem(f)
+        if why is not None:
+            raise ValueError(f"constant {why}")
         return repr(f)
     if not isinstance(value, str):
         raise ValueError(f"expected an expression string, got {type(value).__name__}")
@@ -211,6 +218,11 @@ class Feature(_Strict):
     def _name(cls, v):
         return _identifier(v)
 
+    @field_validator("normalize_eps")
+    @classmethod
+    def _eps(cls, v):
+        return _finite(v)
+
     @field_validator("expr", mode="before")
     @classmethod
     def _e(cls, v):
@@ -223,6 +235,11 @@ class Head(_Strict):
     width: int = Field(default=1, ge=1, le=256)
     bias_init: float = 0.0
     weight_scale: float = Field(default=1.0, ge=0.0)
+
+    @field_validator("bias_init", "weight_scale")
+    @classmethod
+    def _f32(cls, v):
+        return _finite(v)
 
 
 class LevelRNN(_Strict):
@@ -252,6 +269,11 @@ class Network(_Strict):
     init_scale: float = Field(default=1.0, gt=0.0)
     head_scale: float = Field(default=1.0, ge=0.0)
     matmul_precision: Literal["ieee", "tf32x3", "tf32"] = "ieee"
+
+    @field_validator("init_scale", "head_scale")
+    @classmethod
+    def _f32(cls, v):
+        return _finite(v)
 
     @field_validator("outputs", mode="before")
     @classmethod
@@ -291,6 +313,11 @@ class Defaults(_Strict):
     lr: float = Field(default=1.0, gt=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
 
+    @field_validator("lr", "weight_decay")
+    @classmethod
+    def _f32(cls, v):
+        return _finite(v)
+
 
 class Spec(_Strict):
     """A whole optimizer.  See the README's "Spec language" section for every field."""
@@ -319,7 +346,10 @@ class Spec(_Strict):
     def _h(cls, v):
         for k, x in v.items():
             _identifier(k)
-            _finite(x)
+            try:
+                _finite(x)
+            except ValueError as exc:
+                raise ValueError(f"{k}: {exc}") from None
         return v
 
     @field_validator("params")
@@ -461,10 +491,83 @@ def spec_from_dict(data: Any, source: str | None = None, check: bool = True) -> 
         from .lower import LowerError, lower
 
         try:
-            lower(spec)
+            prog = lower(spec)
         except LowerError as exc:
             raise SpecError(exc.problems, source) from None
+        problems = _float32_constant_problems(spec, prog)
+        if problems:
+            raise SpecError(problems, source)
     return spec
+
+
+def _field_of_name(spec: Spec) -> dict[str, str]:
+    """The spec field each name the lowering defines comes from (for error paths)."""
+    out = {"_update": "update", "_lookahead": "lookahead"}
+    for k in spec.let:
+        out[k] = f"let.{k}"
+    for i, a in enumerate(spec.accumulators):
+        kind = next(k for k in ("ema", "sum", "update") if getattr(a, k) is not None)
+        for n in ((f"{a.name}_row", f"{a.name}_col") if a.reduce == "factored" else (a.name,)):
+            out[n] = f"accumulators[{i}].{kind}"
+        out[f"_decay_{a.name}"] = f"accumulators[{i}].decay"
+    for i, f in enumerate(spec.features):
+        out[f.name] = f"features[{i}].expr"
+    return out
+
+
+def _float32_constant_problems(spec: Spec, prog) -> list[tuple[str, str]]:
+    """Every constant the generated step uses must be a float32 number: after the lowering has
+    folded constants (``exp(89)``, ``2 ** 1000``, ``g * 1e20 * 1e20``), a constant above float32's
+    largest finite value would become ±inf in the step, and a nonzero one below its smallest
+    subnormal would become 0."""
+    import sympy
+
+    from .ir import Let
+
+    fields = _field_of_name(spec)
+
+    def path_of(name: str) -> str:
+        if name in fields:
+            return fields[name]
+        m = re.fullmatch(r"(.+)_(\d+)", name)  # a channel of a vector
+        if m and m.group(1) in fields:
+            return fields[m.group(1)]
+        return ""
+
+    def value(e) -> float | None:
+        try:
+            if isinstance(e, (sympy.Float, sympy.Rational)):
+                return float(e)
+            v = complex(e.evalf(30))
+        except (TypeError, ValueError, OverflowError):
+            return None  # the lowering has already judged what cannot be evaluated
+        return v.real if v.imag == 0 else None
+
+    problems: list[tuple[str, str]] = []
+
+    def visit(e, path: str) -> None:
+        # the printers fold each constant sub-expression that holds no symbol to one number
+        if isinstance(e, sympy.Expr) and e.is_number and not e.free_symbols:
+            v = value(e)
+            if v is not None and math.isfinite(v):
+                why = E.float32_problem(v)
+                if why is not None:
+                    shown = repr(v) if isinstance(e, (sympy.Float, sympy.Integer)) else f"{e} = {v!r}"
+                    problems.append((path, f"constant {why.replace(repr(v), shown, 1)}"))
+            return
+        for a in getattr(e, "args", ()):
+            if isinstance(a, sympy.Basic):
+                visit(a, path)
+
+    for node in prog.nodes:
+        if isinstance(node, Let) and isinstance(node.expr, sympy.Basic):
+            name = node.name
+            path = path_of(name)
+            if not path and name.startswith("_decay_"):
+                path = path_of(name.rsplit("_", 1)[0])
+            visit(node.expr, path)
+    seen: set = set()
+    return [p for p in problems if not (p in seen or seen.add(p))]
 
 
 def shipped_specs() -> dict[str, Path]:

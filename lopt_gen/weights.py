@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -47,6 +48,13 @@ def check_weights(spec: Spec, weights: dict[str, torch.Tensor], where: str = "we
     """Raise :class:`WeightsError` unless ``weights`` has exactly the names and shapes ``spec`` needs."""
     from .runtime.engine import get_engine
 
+    if not isinstance(weights, dict):
+        raise WeightsError(f"{where} must be a dict of tensors by name, got {type(weights).__name__}")
+    bad = [f"{k!r} is a {type(v).__name__}" for k, v in weights.items() if not isinstance(v, torch.Tensor)]
+    bad += [f"the key {k!r} is a {type(k).__name__}, not a name" for k in weights if not isinstance(k, str)]
+    if bad:
+        raise WeightsError(f"{where} must map names to torch tensors: " + "; ".join(bad[:8])
+                           + (f" (and {len(bad) - 8} more)" if len(bad) > 8 else ""))
     meta = get_engine(spec).meta
     want = {k: tuple(v["shape"]) for k, v in meta.items()}
     have = {k: tuple(v.shape) for k, v in weights.items()}
@@ -76,14 +84,40 @@ def save_weights(path, spec, weights: dict[str, torch.Tensor], extra: dict | Non
     spec = load_spec(spec)
     check_weights(spec, weights)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "lopt_gen.weights/1", "spec_name": spec.name, "spec_hash": spec.spec_hash(),
             "spec": spec.to_json()}
     if extra:
-        meta["extra"] = json.dumps(extra, sort_keys=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to(torch.float32).contiguous().cpu() for k, v in weights.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+        try:
+            meta["extra"] = json.dumps(extra, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise WeightsError(f"cannot save {path}: extra= must be JSON-serializable "
+                               f"(strings, numbers, lists, dicts with string keys): {exc}") from None
+    if path.is_dir():
+        raise WeightsError(f"cannot save weights to {path}: it is a directory (give a file path, "
+                           f"e.g. {path / 'weights.safetensors'})")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise WeightsError(f"cannot save weights to {path}: {parent} is a file, not a directory")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsError(f"cannot save weights to {path}: cannot create {path.parent} "
+                           f"({exc.strerror or exc})") from None
+    tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in weights.items()}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: concurrent saves never share it
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+    except OSError as exc:
+        raise WeightsError(f"cannot save weights to {path}: {exc.strerror or exc}") from None
+    finally:
+        # on any failure (including an interruption) no temporary file is left behind
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
     return path
 
 
@@ -105,7 +139,11 @@ def load_weights(path, spec=None) -> tuple[Spec, dict[str, torch.Tensor]]:
         raise WeightsError(f"{path} is not a readable safetensors weights file ({exc})") from None
     if meta.get("format") != "lopt_gen.weights/1" or "spec" not in meta:
         raise WeightsError(f"{path} is a safetensors file but not lopt_gen weights (no embedded spec)")
-    embedded = spec_from_dict(json.loads(meta["spec"]), source=f"{path} (embedded spec)")
+    try:
+        data = json.loads(meta["spec"])
+    except (ValueError, RecursionError) as exc:
+        raise WeightsError(f"{path}: the spec embedded in the file's metadata is not valid JSON ({exc})") from None
+    embedded = spec_from_dict(data, source=f"{path} (embedded spec)")
     if spec is not None:
         spec = load_spec(spec)
         if spec.spec_hash() != embedded.spec_hash():

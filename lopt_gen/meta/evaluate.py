@@ -191,6 +191,8 @@ def learned_factory(spec_or_path, lr: float | None = None, **options):
     ``options`` (``backend``, ``cuda_graph``, ...) go to :class:`LearnedOptimizer`."""
     from ..runtime.optimizer import LearnedOptimizer
 
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be > 0 and finite, got {lr!r}")
     text = str(spec_or_path)
     path = pretrained_file(text)
     if path is None and (text.endswith(".safetensors") or Path(text).is_dir()):

@@ -358,6 +358,12 @@ class _Trainer:
             raise ValueError("tasks_per_step and unroll_length must be >= 1")
         if clip_mode not in ("norm", "value"):
             raise ValueError("clip_mode must be 'norm' or 'value'")
+        for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr), ("sigma", sigma),
+                            ("schedule_scale", schedule_scale)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
+        if int(seed) != seed or not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed must be an integer from 0 to {2**63 - 1}, got {seed!r}")
         self.out_dir = Path(out_dir)
         self.seed = int(seed)
         self.source = resolve_tasks(tasks)
@@ -368,8 +374,8 @@ class _Trainer:
             lr=inner_lr, backend=backend, seed=self.seed, num_particles=num_particles, sigma=sigma)
         self.tasks_per_step = int(tasks_per_step)
         self.outer_lr, self.outer_name = float(outer_lr), str(outer_optimizer).lower()
-        if clip is not None and not clip >= 0:  # also NaN
-            raise ValueError(f"clip must be >= 0 (0 or None: no clipping), got {clip}")
+        if clip is not None and not (clip >= 0 and math.isfinite(clip)):  # also NaN
+            raise ValueError(f"clip must be >= 0 and finite (0 or None: no clipping), got {clip}")
         self.clip, self.clip_mode = (None if clip is None or clip <= 0 else float(clip)), clip_mode
         self.checkpoint_every = max(1, int(checkpoint_every))
         self.keep = max(1, int(keep_checkpoints))
@@ -547,6 +553,9 @@ class _Trainer:
         gen = torch.Generator().manual_seed(self.seed)
         if has_ckpt:
             step, phi, state = load_checkpoint(out, self.spec)
+            if steps < step:  # checked before anything in the run folder changes
+                raise CheckpointError(f"the run in {out} is already at step {step}; --steps {steps} is below it "
+                                      f"(continue it with --steps {step} or more)")
             if state.get("spec_hash") != self.spec.spec_hash():
                 raise CheckpointError(f"the checkpoint state in {out} was made for another spec")
             self._check_config(state["config"])

@@ -26,6 +26,7 @@ from pathlib import Path
 import click
 import torch
 
+from .cli import OUT_DIR, POSITIVE, SEED
 from .evaluate import _smooth_final, learned_factory, pretrained_file, run_task
 from .tasks import mlp_classifiers, synthetic_mix
 
@@ -283,9 +284,9 @@ def plot_validation(rows: list[dict], path, title: str = "") -> bool:
 @click.option("--tasks", "n_tasks", type=click.IntRange(min=1), default=12, show_default=True,
               help="held-out tasks per candidate")
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True, help="steps per task")
-@click.option("--seed", type=int, default=VALIDATION_SEED, show_default=True, help="seed of the task draws")
-@click.option("--lr", type=float, default=None, help="lr multiplier of the learned optimizers")
-@click.option("--out", type=click.Path(file_okay=False), default="out/select", show_default=True,
+@click.option("--seed", type=SEED, default=VALIDATION_SEED, show_default=True, help="seed of the task draws")
+@click.option("--lr", type=POSITIVE, default=None, help="lr multiplier of the learned optimizers (> 0)")
+@click.option("--out", type=OUT_DIR, default="out/select", show_default=True,
               help="folder for validation.md, validation.json, the plot and the score cache")
 @click.option("--every", type=click.IntRange(min=1), default=None,
               help="score only the snapshots of a run folder whose meta-step is a multiple of N")

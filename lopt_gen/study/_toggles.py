@@ -27,6 +27,7 @@ Only a toggle that cannot even be read (bad syntax, unknown preset) raises
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -120,8 +121,8 @@ def _integer(low: int) -> Callable[[Any], Any]:
 
 
 def _positive(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-        raise ValueError(f"expected a number > 0, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"expected a finite number > 0, got {v!r}")
     return float(v)
 
 

@@ -44,6 +44,7 @@ from typing import Any, Callable
 import click
 import torch
 
+from ..meta.cli import POSITIVE
 from ..meta.evaluate import Run, run_task, summarize
 from ..meta.train import meta_train
 from ..spec import Spec
@@ -657,14 +658,14 @@ def _check_out_dir(path: Path) -> None:
               help=f"inner episodes per meta-step [default: {DEFAULT_TRAIN['tasks_per_step']}]")
 @click.option("--objective", type=click.Choice(["log_relative", "mean", "final"]), default=None,
               help=f"meta-objective [default: {DEFAULT_TRAIN['objective']}]")
-@click.option("--outer-lr", type=float, default=None, help=f"outer Adam lr [default: {DEFAULT_TRAIN['outer_lr']}]")
+@click.option("--outer-lr", type=POSITIVE, default=None, help=f"outer Adam lr [default: {DEFAULT_TRAIN['outer_lr']}]")
 @click.option("--train", "train_items", multiple=True, metavar="NAME=VALUE",
               help="any other training option for every variant (e.g. first_order=true, clip=0.5)")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--eval-task", default="digits_mlp", show_default=True, help="held-out task (lopt_gen.meta.TASKS)")
 @click.option("--eval-steps", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--eval-seeds", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--adam-lr", type=float, default=1e-3, show_default=True, help="lr of the Adam reference")
+@click.option("--adam-lr", type=POSITIVE, default=1e-3, show_default=True, help="lr of the Adam reference")
 @click.option("--threads", "num_threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch intra-op threads")
 @click.option("--list-presets", is_flag=True, help="print SPEC's presets and exit")

@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 import click
 import torch
 
+from ..meta.cli import OUT_DIR, FiniteFloat
 from ..meta.evaluate import BASELINES, DEFAULT_LR, Run, _smooth_final, learned_factory, run_task, summarize
 from ..meta.tasks import TASKS, make_task
 
@@ -522,10 +523,10 @@ def _names(text: str) -> list[str]:
               help=f"comma-separated torch.optim baselines ({', '.join(BASELINES)}), or 'none'")
 @click.option("--steps", type=click.IntRange(min=1), default=500, show_default=True, help="training steps per run")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True, help="seeds per multiplier")
-@click.option("--tolerance", type=float, default=DEFAULT_TOLERANCE, show_default=True,
+@click.option("--tolerance", type=FiniteFloat(1.0, low_open=True), default=DEFAULT_TOLERANCE, show_default=True,
               help="robustness: a multiplier counts while its final loss is within this factor of the best "
                    "(the optimizer's own, and the whole sweep's)")
-@click.option("--out", type=click.Path(file_okay=False), default="out/lr_sweep", show_default=True)
+@click.option("--out", type=OUT_DIR, default="out/lr_sweep", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch intra-op threads")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def lr_sweep_cmd(optimizers, task, multipliers, baselines, steps, seeds, tolerance, out, threads, no_progress):
@@ -544,8 +545,11 @@ def lr_sweep_cmd(optimizers, task, multipliers, baselines, steps, seeds, toleran
                           steps=steps, seeds=seeds, tolerance=tolerance, progress=not no_progress)
     except ValueError as exc:  # SpecError and WeightsError are ValueErrors
         _fail(f"error: {exc}")
-    paths = write_outputs(result, out)
     click.echo(format_summary(result))
+    try:
+        paths = write_outputs(result, out)
+    except OSError as exc:
+        _fail(f"error: --out {out}: cannot write the results there ({exc.strerror or exc})")
     click.echo(f"\nwritten: {paths['summary']}, {paths['json']}" + (f", {paths['plot']}" if paths["plot"] else ""))
     if paths["note"]:
         click.echo(f"(no plot: {paths['note']})", err=True)

@@ -49,6 +49,7 @@ from typing import Callable, Sequence
 import click
 import torch
 
+from ..meta.cli import OUT_DIR, SEED
 from ..meta.evaluate import BASELINES, DEFAULT_LR
 from ..meta.tasks import TASKS, make_task
 
@@ -408,8 +409,8 @@ def write_outputs(rows: Sequence[Timing], out_dir) -> dict:
 @click.option("--cuda-graph", is_flag=True, help="learned optimizers replay their step as a CUDA graph (--device cuda)")
 @click.option("--hidden", default=None, help="hidden widths of an MLP task, e.g. 256,256 (a wider model)")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch intra-op threads")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False), default="out/wallclock", show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--out", type=OUT_DIR, default="out/wallclock", show_default=True)
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def wallclock_cmd(task, batch_sizes, optimizers, steps, warmup, device, backend, cuda_graph, hidden, threads, seed,
                   out, no_progress):
@@ -427,8 +428,11 @@ def wallclock_cmd(task, batch_sizes, optimizers, steps, warmup, device, backend,
                          progress=not no_progress, cuda_graph=cuda_graph)
     except ValueError as exc:  # SpecError and WeightsError are ValueErrors
         _fail(f"error: {exc}")
-    paths = write_outputs(rows, out)
     click.echo(format_summary(rows))
+    try:
+        paths = write_outputs(rows, out)
+    except OSError as exc:
+        _fail(f"error: --out {out}: cannot write the results there ({exc.strerror or exc})")
     click.echo(f"\nwritten: {paths['summary']}, {paths['csv']}" + (f", {paths['plot']}" if paths["plot"] else ""))
     if paths["note"]:
         click.echo(f"(no plot: {paths['note']})", err=True)
