@@ -171,28 +171,18 @@ def _new_process(monkeypatch):
     monkeypatch.setattr(loader, "_VERIFIED", set(), raising=False)
 
 
-def test_damaged_cached_file_is_rebuilt(fresh_loader, monkeypatch):
+@pytest.mark.parametrize("tail", ["\n)))garbage(((\n", "\nEDITED = True\n"], ids=["damaged", "edited"])
+def test_a_damaged_or_edited_cached_file_is_rebuilt(fresh_loader, monkeypatch, tail):
     spec = _spec("0.25 * g")
     path = Path(loader.load_step_module(spec).__file__)
     good = path.read_text()
-    path.write_text(good + "\n)))garbage(((\n")
+    path.write_text(good + tail)
     _new_process(monkeypatch)
     module = loader.load_step_module(spec)
-    assert Path(module.__file__) == path
+    assert Path(module.__file__) == path and not hasattr(module, "EDITED")
     assert path.read_text() == good
     # only the folder and its lock: no temporary or old folder is left behind
     assert sorted(p.name for p in fresh_loader.iterdir()) == [path.parent.name, path.parent.name + ".lock"]
-
-
-def test_edited_cached_file_is_not_used(fresh_loader, monkeypatch):
-    spec = _spec("0.25 * g")
-    path = Path(loader.load_step_module(spec).__file__)
-    good = path.read_text()
-    path.write_text(good + "\nEDITED = True\n")
-    _new_process(monkeypatch)
-    module = loader.load_step_module(spec)
-    assert not hasattr(module, "EDITED")
-    assert path.read_text() == good
 
 
 def test_damaged_manifest_is_rebuilt(fresh_loader, monkeypatch):
