@@ -33,16 +33,26 @@ def source_label(path: str | Path | None) -> str:
     return re.sub(r"[^A-Za-z0-9_./+-]", "_", label)
 
 
-def render(spec: Spec, source: str | Path | None = None, prog=None) -> dict[str, str]:
-    """Every generated file of one spec, name -> text."""
+#: the generated modules of a spec, in the order they are rendered
+MODULE_FILES = ("torch_step.py", "triton_kernels.py", "triton_backward.py")
+
+
+def render(spec: Spec, source: str | Path | None = None, prog=None, only=None) -> dict[str, str]:
+    """Every generated file of one spec (or the modules named in ``only``, with a manifest
+    listing just those), name -> text."""
     from .codegen.torch_backend import render_torch
     from .codegen.triton_backend import render_triton
     from .codegen.triton_backward import render_triton_backward
 
+    renderers = {"torch_step.py": render_torch, "triton_kernels.py": render_triton,
+                 "triton_backward.py": render_triton_backward}
+    wanted = MODULE_FILES if only is None else tuple(only)
+    unknown = sorted(set(wanted) - set(renderers))
+    if unknown:
+        raise ValueError(f"no generated module named {unknown}; there are {list(MODULE_FILES)}")
     prog = prog if prog is not None else compile_program(spec)
     label = source_label(source)
-    files = {"torch_step.py": render_torch(prog, label), "triton_kernels.py": render_triton(prog, label),
-             "triton_backward.py": render_triton_backward(prog, label)}
+    files = {name: renderers[name](prog, label) for name in MODULE_FILES if name in wanted}
     manifest = {
         "spec": spec.name,
         "spec_hash": spec.spec_hash(),

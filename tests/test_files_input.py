@@ -232,3 +232,32 @@ def test_damaged_shipped_folder_falls_back_to_the_cache(fresh_loader, tmp_path, 
         module = loader.load_step_module(spec)
     assert Path(module.__file__).parent.parent == fresh_loader
     assert step.read_text().endswith(")))garbage(((\n")  # the source tree is never rewritten
+
+
+def test_the_backward_kernels_are_rendered_only_when_first_used(fresh_loader, monkeypatch):
+    """The compile cache renders a spec's torch step and forward kernels together and its
+    backward kernels (most of the rendering time of a wide network) apart, on first use."""
+    import lopt_gen.codegen.triton_backward as tb
+    from lopt_gen.runtime.engine import Engine
+
+    spec = _spec("0.5 * g")
+    real = tb.render_triton_backward
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tb, "render_triton_backward", counted)
+    step_file = Path(loader.load_step_module(spec).__file__)
+    kernel_file = Path(loader.load_kernel_module(spec).__file__)
+    assert calls == [] and kernel_file.parent == step_file.parent
+    assert not (step_file.parent / "triton_backward.py").exists()
+    runner = Engine(spec).triton_runner()
+    assert runner.backward_available() and calls == [1]
+    backward_file = Path(runner.backward_module.__file__)
+    assert backward_file.parent.name == step_file.parent.name + "-backward"
+    manifest = json.loads((backward_file.parent / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["triton_backward.py"]
+    _new_process(monkeypatch)
+    assert Path(loader.load_backward_module(spec).__file__) == backward_file and calls == [1]  # cached

@@ -748,10 +748,11 @@ class Engine:
     def triton_runner(self):
         """The Triton kernels of this spec (compiled on first use)."""
         if self._runner is None:
-            from .loader import load_kernel_module
+            from .loader import load_backward_module, load_kernel_module
             from .triton_runner import TritonRunner
 
-            self._runner = TritonRunner(load_kernel_module(self.spec))
+            spec = self.spec
+            self._runner = TritonRunner(load_kernel_module(spec), backward_loader=lambda: load_backward_module(spec))
         return self._runner
 
     def compiled_elem_fn(self, name: str):

@@ -95,12 +95,20 @@ def _intact(d: Path, filename: str) -> bool:
     return True
 
 
-def _build(spec, d: Path) -> None:
-    """Compile ``spec`` into a fresh folder and rename it to ``d`` (whose old copy, if any, is
-    moved aside first and deleted).  The caller holds ``d``'s lock."""
+#: the cached modules, by folder: the backward kernels apart, rendered only when first used
+#: (their derivatives are most of the rendering time of a wide network)
+_PARTS = {"torch_step.py": ("", ("torch_step.py", "triton_kernels.py")),
+          "triton_kernels.py": ("", ("torch_step.py", "triton_kernels.py")),
+          "triton_backward.py": ("-backward", ("triton_backward.py",))}
+
+
+def _build(spec, d: Path, only=None) -> None:
+    """Compile ``spec`` (the modules ``only``, default all) into a fresh folder and rename it to
+    ``d`` (whose old copy, if any, is moved aside first and deleted).  The caller holds ``d``'s
+    lock."""
     from ..compiler import render, write_files
 
-    files = render(spec, None)
+    files = render(spec, None, only=only)
     tmp = d.with_name(f".{d.name}.tmp-{os.getpid()}")
     old = d.with_name(f".{d.name}.old-{os.getpid()}")
     try:
@@ -159,12 +167,13 @@ def _load(spec, filename: str):
         except OSError as exc:
             raise CacheError(f"cannot create the compile cache {root} (LOPT_GEN_CACHE): "
                              f"{exc.strerror or exc}") from None
-        d = root / f"{spec.name}-{h[:16]}-{__version__}-{generator_fingerprint()}"
+        suffix, part = _PARTS[filename]
+        d = root / f"{spec.name}-{h[:16]}-{__version__}-{generator_fingerprint()}{suffix}"
         # checking, (re)building and importing all happen under the lock, so that no process
         # reads a folder another one is replacing
         with FileLock(str(d) + ".lock"):
             if not _intact(d, filename):
-                _build(spec, d)
+                _build(spec, d, only=part)
                 if not _intact(d, filename):
                     raise CacheError(f"the compiled folder {d} does not match its own manifest "
                                      f"right after it was written (is the disk full?)")
@@ -181,3 +190,9 @@ def load_step_module(spec):
 def load_kernel_module(spec):
     """The generated Triton kernels of ``spec`` (compiled on first use; needs triton)."""
     return _load(spec, "triton_kernels.py")
+
+
+def load_backward_module(spec):
+    """The generated Triton backward kernels of ``spec`` (rendered on first use, apart from the
+    forward modules; needs triton)."""
+    return _load(spec, "triton_backward.py")

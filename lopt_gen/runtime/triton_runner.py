@@ -452,20 +452,26 @@ class StageItem:
 
 
 class TritonRunner:
-    def __init__(self, kernel_module, backward_module=None):
+    def __init__(self, kernel_module, backward_module=None, backward_loader=None):
         self.module = kernel_module
         self.kernels = {k["index"]: (k, getattr(kernel_module, k["name"])) for k in kernel_module.KERNELS}
         #: host segment function name -> (metadata, kernel): see :meth:`run_host`
         self.host_kernels = {k["fn"]: (k, getattr(kernel_module, k["name"]))
                              for k in getattr(kernel_module, "HOST_KERNELS", ())}
         self._backward_module = backward_module
+        #: loads the backward kernels when no ``triton_backward.py`` lies beside the forward ones
+        #: (the compile cache renders them apart, on first use)
+        self._backward_loader = backward_loader
 
     # ------------------------------------------------------------------ backward kernels
     @property
     def backward_module(self):
         """The generated backward kernels (``triton_backward.py`` beside the forward kernels)."""
         if self._backward_module is None:
-            self._backward_module = _load_sibling(self.module, "triton_backward.py")
+            mod = _load_sibling(self.module, "triton_backward.py")
+            if mod is False and self._backward_loader is not None:
+                mod = self._backward_loader()
+            self._backward_module = mod
         return self._backward_module
 
     def backward_unsupported(self) -> dict:
