@@ -385,10 +385,12 @@ class Problem:
 
 
 def _combines_tensors(engine) -> bool:
-    """Whether a spec's step couples tensors (a global state, or a mean over tensors), so that
-    stepping groups of them apart would change it."""
-    text = engine.spec.model_dump_json()
-    return bool(engine.init_global_state()) or "mean_all(" in text or "mean_tensors(" in text
+    """Whether a spec's step couples tensors (a global state, a mean over all elements or over
+    tensors), so that stepping groups of them apart would change it."""
+    stages = engine.info["stages"]
+    return (bool(engine.init_global_state())
+            or any(r["over"] == "all" for st in stages for r in st["reductions"])
+            or any(h["kind"] == "tensors" for st in stages for h in st["host"]))
 
 
 def make_step_fn(contender: str, spec: str | None, prob: Problem, args):

@@ -513,3 +513,22 @@ def test_lopt_compile_groups_by_shape_and_refuses_specs_that_combine_tensors(ben
     assert by_spec["hrnn"]["status"] == "failed" and "combines tensors" in by_spec["hrnn"]["note"]
     rows = bench.main(common + ["--specs", "hrnn", "--compile-groups", "all", "--out", str(tmp_path / "all")])
     assert rows[0]["status"] == "ok" and "over all tensors" in rows[0]["note"], rows[0]
+
+
+def test_combines_tensors_reads_the_compiled_step(bench):
+    """Which specs ``--compile-groups shape`` refuses: a global state, a mean over all
+    elements (however it is spelt) or over tensors couple the tensors; per-tensor means do not."""
+    import lopt_gen
+    from lopt_gen.spec import spec_from_dict
+
+    def combines(spec):
+        return bench._combines_tensors(lopt_gen.get_engine(spec))
+
+    assert combines(lopt_gen.load_spec("hrnn"))
+    assert not any(combines(lopt_gen.load_spec(n)) for n in ("adam", "mulo", "small_fc_lopt", "l2l_lstm"))
+    acc = [{"name": "v", "ema": "g * g", "decay": 0.9}]
+    assert combines(spec_from_dict({"name": "all_spaced", "update": "g / sqrt(mean_all (g * g) + 1e-8)"}))
+    assert combines(spec_from_dict({"name": "over_tensors", "accumulators": acc, "let": {"s": "mean_tensor(v)"},
+                                    "update": "g / sqrt(mean_tensors(s) + 1e-8)"}))
+    assert not combines(spec_from_dict({"name": "per_tensor", "accumulators": acc,
+                                        "update": "g / sqrt(mean_tensor(v) + 1e-8)"}))
