@@ -68,8 +68,9 @@ class NonFiniteGradientError(FloatingPointError):
 def write_param(dst: torch.Tensor, new: torch.Tensor) -> None:
     """Write a step's new parameter values ``new`` (float32) into the parameter ``dst``.  A
     float64 parameter moves by the step instead of being replaced by its float32 rounding:
-    ``new - float32(dst)`` is the step (exactly when the two are within a factor of two), and adding it in float64
-    keeps the digits float32 cannot hold, so a zero step leaves the parameter as it was."""
+    ``new - float32(dst)`` is the step (exactly when the two are within a factor of two), and
+    adding it in float64 keeps the digits float32 cannot hold, so a zero step leaves the
+    parameter as it was."""
     if dst.dtype == torch.float64:
         dst.add_(new - dst.to(new.dtype))
     else:

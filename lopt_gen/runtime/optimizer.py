@@ -89,7 +89,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     hyper-parameter that is an accumulator's decay (``decay: beta1``) must lie in [0, 1).
     They are checked here, by :meth:`add_param_group`, and again at each step (so that a
     value edited in ``param_groups`` is too), before anything changes.  A group key that
-    neither the spec nor torch knows (``"learning_rate"``) is refused.
+    neither the spec nor torch knows (``"learning_rate"``) gives a warning; ``maximize=True``
+    is refused.
     """
 
     def __init__(self, params, spec, weights=None, backend="auto", lr=None, weight_decay=None,
